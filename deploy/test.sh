@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# test.sh: Warren's test command (see README.md). Makes sure a RabbitMQ broker is up
+# (deploy/ensure-broker.sh), builds the workspace binaries that the integration tests
+# spawn (target/debug/warren, target/debug/warren-worker), then runs the whole test
+# suite. Extra arguments go to `cargo test`, e.g.:
+#   deploy/test.sh -p warren-tests -- --nocapture
+# AMQP_URL selects the broker (default amqp://guest:guest@127.0.0.1:5672/%2f).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+export AMQP_URL="${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
+
+bash deploy/ensure-broker.sh
+
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "test.sh: cargo not found. Install Rust with rustup (https://rustup.rs):" >&2
+    echo "  curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh" >&2
+    echo "then open a new shell (or: . \"\$HOME/.cargo/env\") and run this script again." >&2
+    exit 1
+fi
+
+# Browser for the gateway page test (issue 5) is installed here.
+
+cargo build --workspace --bins --locked
+cargo test --workspace --locked "$@"

@@ -1,0 +1,179 @@
+//! The `warren` command line: `call`, `enqueue` and `demo`.
+//!
+//! Results go to stdout (JSON, one line); errors go to stderr as `error: <kind>: <message>`,
+//! with a non-zero exit status, so scripts can tell the two apart.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::Value;
+use warren_shared::broker::{BrokerSettings, DEFAULT_AMQP_URL};
+use warren_shared::topology::DEFAULT_QUEUE;
+
+use crate::client::{CallOptions, Client, ClientSettings};
+use crate::demo::{self, DemoOptions};
+use crate::error::Error;
+
+/// Warren: call and enqueue tasks on RabbitMQ-backed workers.
+#[derive(Debug, Parser)]
+#[command(name = "warren", version)]
+pub struct Cli {
+    /// Broker URL (the vhost `/` is `%2f`).
+    #[arg(long, global = true, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
+    pub amqp_url: String,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a task and print its JSON result.
+    Call {
+        /// Function name, e.g. `echo`.
+        function: String,
+        /// JSON arguments, e.g. '{"x":1}' (default: null).
+        args: Option<String>,
+        /// Queue and timeout.
+        #[command(flatten)]
+        target: Target,
+        /// How long to wait for the result (e.g. `500ms`, `30s`).
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Queue a task without waiting; print its id once the broker holds it.
+    Enqueue {
+        /// Function name, e.g. `send_mail`.
+        function: String,
+        /// JSON arguments (default: null).
+        args: Option<String>,
+        /// Queue.
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Mail 1000 users through workers, without blocking, and report how it went.
+    Demo {
+        /// Queue.
+        #[command(flatten)]
+        target: Target,
+        /// How many send_mail tasks to send.
+        #[arg(long, default_value_t = 1000)]
+        tasks: usize,
+        /// Worker processes to start when none consume the queue.
+        #[arg(long, default_value_t = 4)]
+        workers: usize,
+        /// Where the workers started by the demo write the mail.
+        #[arg(long, default_value = "outbox")]
+        outbox: PathBuf,
+        /// How long each call may wait for its result.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+}
+
+/// The queue flag shared by every subcommand.
+#[derive(Debug, Args)]
+pub struct Target {
+    /// Work queue.
+    #[arg(long, env = "WARREN_QUEUE", default_value = DEFAULT_QUEUE)]
+    pub queue: String,
+}
+
+/// Runs the parsed command line and returns the process exit status.
+pub async fn run(cli: Cli) -> ExitCode {
+    match execute(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn execute(cli: Cli) -> Result<(), String> {
+    let settings = |queue: &str| ClientSettings {
+        broker: BrokerSettings::new(cli.amqp_url.clone()),
+        queue: queue.to_owned(),
+        ..ClientSettings::default()
+    };
+    match &cli.command {
+        Command::Call {
+            function,
+            args,
+            target,
+            timeout,
+        } => {
+            let args = parse_args(args.as_deref())?;
+            let client = Client::connect(settings(&target.queue))
+                .await
+                .map_err(describe)?;
+            let options = CallOptions::default().timeout(*timeout);
+            let result = client.call_json_with(function, args, &options).await;
+            client.close().await;
+            println!("{}", result.map_err(describe)?);
+        }
+        Command::Enqueue {
+            function,
+            args,
+            target,
+        } => {
+            let args = parse_args(args.as_deref())?;
+            let client = Client::connect(settings(&target.queue))
+                .await
+                .map_err(describe)?;
+            let id = client.enqueue_json(function, args).await;
+            client.close().await;
+            println!("{}", id.map_err(describe)?);
+        }
+        Command::Demo {
+            target,
+            tasks,
+            workers,
+            outbox,
+            timeout,
+        } => {
+            let client = Client::connect(settings(&target.queue))
+                .await
+                .map_err(describe)?;
+            let options = DemoOptions {
+                amqp_url: cli.amqp_url.clone(),
+                queue: target.queue.clone(),
+                tasks: *tasks,
+                workers: *workers,
+                outbox: outbox.clone(),
+                timeout: *timeout,
+            };
+            let outcome = demo::run(&client, &options).await;
+            client.close().await;
+            let summary = outcome.map_err(|e| format!("{e:#}"))?;
+            if summary.failures > 0 {
+                return Err(format!(
+                    "{} of {} tasks failed",
+                    summary.failures, summary.tasks
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn parse_args(args: Option<&str>) -> Result<Value, String> {
+    match args {
+        None => Ok(Value::Null),
+        Some(text) => serde_json::from_str(text).map_err(|e| {
+            format!("ARGS is not valid JSON ({e}); quote it for the shell, e.g. '{{\"x\":1}}'")
+        }),
+    }
+}
+
+/// One line for stderr: the task's kind and message, or what failed before it could run.
+fn describe(error: Error) -> String {
+    match error {
+        Error::Failed(failure) => format!("{}: {}", failure.kind, failure.message),
+        Error::Timeout(_) => format!("timeout: {error}"),
+        other => other.to_string(),
+    }
+}

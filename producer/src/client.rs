@@ -1,0 +1,467 @@
+//! The async client: `call` a task and await its result, or `enqueue` it and move on.
+//!
+//! One [`Client`] owns one publishing connection and a pool of confirm-mode channels on it. Each
+//! pooled channel also consumes `amq.rabbitmq.reply-to` (direct reply-to needs requests and the
+//! reply consumer on the same channel), and a dispatcher per channel hands each reply to the
+//! call waiting for its correlation id. A call registers its id *before* publishing, so even an
+//! instant reply finds it, and removes it when it returns, times out or is dropped.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use futures_lite::StreamExt;
+use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection};
+use serde_json::Value;
+use tokio::sync::{OnceCell, oneshot};
+use warren_shared::broker::{self, BrokerError, BrokerSettings, Purpose};
+use warren_shared::pool::{self, ChannelSetup, Publication, publish_confirmed};
+use warren_shared::protocol::{self, DIRECT_REPLY_TO, headers};
+use warren_shared::{ChannelPool, Reply, Request, Task, TaskId, topology};
+
+use crate::error::Error;
+
+/// How a client connects and behaves by default.
+#[derive(Debug, Clone)]
+pub struct ClientSettings {
+    /// Where the broker is.
+    pub broker: BrokerSettings,
+    /// Queue used when a call does not name one.
+    pub queue: String,
+    /// How long `call` waits for a reply unless told otherwise.
+    pub call_timeout: Duration,
+    /// Bound on one publish, broker confirm included.
+    pub publish_timeout: Duration,
+    /// Pooled channels on the publishing connection.
+    pub channels: usize,
+    /// How this process appears in the management UI.
+    pub name: String,
+}
+
+impl Default for ClientSettings {
+    fn default() -> Self {
+        Self {
+            broker: BrokerSettings::default(),
+            queue: topology::DEFAULT_QUEUE.to_owned(),
+            call_timeout: Duration::from_secs(30),
+            publish_timeout: Duration::from_secs(10),
+            channels: 4,
+            name: broker::process_name("warren-client"),
+        }
+    }
+}
+
+/// Per-call options; unset fields take the client's defaults.
+#[derive(Debug, Clone, Default)]
+pub struct CallOptions {
+    /// The queue to send to.
+    pub queue: Option<String>,
+    /// For `call`: how long to wait for the reply. For both `call` and `enqueue`: the task's
+    /// deadline is now + this, and a worker that gets it later answers `expired` instead of
+    /// running it. `enqueue` sets no deadline unless this is set.
+    pub timeout: Option<Duration>,
+}
+
+impl CallOptions {
+    /// Sends to `queue`.
+    #[must_use]
+    pub fn queue(mut self, queue: impl Into<String>) -> Self {
+        self.queue = Some(queue.into());
+        self
+    }
+
+    /// Waits at most `timeout` (and sets the deadline accordingly).
+    #[must_use]
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+}
+
+type ReplySender = oneshot::Sender<Result<Reply, String>>;
+
+/// Calls waiting for their reply, by correlation id.
+#[derive(Debug, Default)]
+struct Pending(Mutex<HashMap<String, ReplySender>>);
+
+impl Pending {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, ReplySender>> {
+        // A panic while holding this lock cannot leave the map inconsistent (single inserts
+        // and removes), so a poisoned lock is still usable.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn deliver(&self, correlation_id: &str, reply: Result<Reply, String>) {
+        match self.lock().remove(correlation_id) {
+            Some(tx) => {
+                let _ = tx.send(reply);
+            }
+            None => tracing::debug!(correlation_id, "reply for a call that is no longer waiting"),
+        }
+    }
+}
+
+/// Removes a call's entry when the call ends, however it ends.
+struct PendingGuard<'a> {
+    pending: &'a Pending,
+    id: &'a str,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.pending.lock().remove(self.id);
+    }
+}
+
+struct Inner {
+    settings: ClientSettings,
+    connection: Arc<Connection>,
+    pool: ChannelPool,
+    pending: Arc<Pending>,
+    declared: Mutex<HashMap<String, Arc<OnceCell<()>>>>,
+}
+
+/// A handle to Warren: cheap to clone, `Send + Sync`, made for thousands of concurrent calls.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("settings", &self.inner.settings)
+            .field("pending_calls", &self.pending_calls())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// Connects to the broker. Queues are declared on first use.
+    ///
+    /// # Errors
+    /// [`Error::Broker`] when the broker cannot be reached, naming it and what to do;
+    /// [`Error::InvalidQueue`] for an unusable default queue.
+    pub async fn connect(settings: ClientSettings) -> Result<Self, Error> {
+        topology::validate_queue_name(&settings.queue).map_err(Error::InvalidQueue)?;
+        let connection =
+            Arc::new(broker::connect(&settings.broker, &settings.name, Purpose::Publish).await?);
+        let pending = Arc::new(Pending::default());
+        let setup: ChannelSetup = {
+            let pending = pending.clone();
+            Arc::new(move |channel: Channel| {
+                let pending = pending.clone();
+                Box::pin(async move { start_reply_consumer(channel, pending).await })
+            })
+        };
+        let pool = pool::channel_pool(
+            connection.clone(),
+            settings.channels,
+            settings.publish_timeout,
+            Some(setup),
+        );
+        Ok(Self {
+            inner: Arc::new(Inner {
+                settings,
+                connection,
+                pool,
+                pending,
+                declared: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// The settings this client was made with.
+    pub fn settings(&self) -> &ClientSettings {
+        &self.inner.settings
+    }
+
+    /// Calls awaiting a reply right now.
+    pub fn pending_calls(&self) -> usize {
+        self.inner.pending.lock().len()
+    }
+
+    /// Runs a typed task and returns its result.
+    ///
+    /// # Errors
+    /// See [`Error`]: a worker's failure, a timeout, a publish the broker did not accept.
+    pub async fn call<T: Task>(&self, task: &T) -> Result<T::Output, Error> {
+        self.call_with(task, &CallOptions::default()).await
+    }
+
+    /// [`Client::call`] with options.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub async fn call_with<T: Task>(
+        &self,
+        task: &T,
+        options: &CallOptions,
+    ) -> Result<T::Output, Error> {
+        let args = serde_json::to_value(task).map_err(Error::Encode)?;
+        let result = self.call_json_with(T::NAME, args, options).await?;
+        serde_json::from_value(result)
+            .map_err(|e| Error::BadReply(format!("result of {:?} does not decode: {e}", T::NAME)))
+    }
+
+    /// Runs `function` with JSON `args` and returns its JSON result.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub async fn call_json(&self, function: &str, args: Value) -> Result<Value, Error> {
+        self.call_json_with(function, args, &CallOptions::default())
+            .await
+    }
+
+    /// [`Client::call_json`] with options.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub async fn call_json_with(
+        &self,
+        function: &str,
+        args: Value,
+        options: &CallOptions,
+    ) -> Result<Value, Error> {
+        let timeout = options.timeout.unwrap_or(self.inner.settings.call_timeout);
+        let give_up = tokio::time::Instant::now() + timeout;
+        let deadline = SystemTime::now() + timeout;
+        let id = TaskId::new();
+        let (tx, rx) = oneshot::channel();
+        self.inner.pending.lock().insert(id.as_str().to_owned(), tx);
+        let _guard = PendingGuard {
+            pending: &self.inner.pending,
+            id: id.as_str(),
+        };
+
+        let request = Request {
+            function: function.to_owned(),
+            args,
+        };
+        let publish = self.publish(&request, &id, options, Some(deadline), true);
+        match tokio::time::timeout_at(give_up, publish).await {
+            Ok(published) => published?,
+            Err(_) => return Err(Error::Timeout(timeout)),
+        }
+        match tokio::time::timeout_at(give_up, rx).await {
+            Ok(Ok(Ok(reply))) => reply.into_result().map_err(Error::Failed),
+            Ok(Ok(Err(malformed))) => Err(Error::BadReply(malformed)),
+            Ok(Err(_)) => Err(Error::ConnectionLost),
+            Err(_) => Err(Error::Timeout(timeout)),
+        }
+    }
+
+    /// Queues a typed task without waiting for it to run. Returns once the broker has
+    /// confirmed it holds the task durably.
+    ///
+    /// # Errors
+    /// As [`Client::enqueue_json`].
+    pub async fn enqueue<T: Task>(&self, task: &T) -> Result<TaskId, Error> {
+        self.enqueue_with(task, &CallOptions::default()).await
+    }
+
+    /// [`Client::enqueue`] with options.
+    ///
+    /// # Errors
+    /// As [`Client::enqueue_json`].
+    pub async fn enqueue_with<T: Task>(
+        &self,
+        task: &T,
+        options: &CallOptions,
+    ) -> Result<TaskId, Error> {
+        let args = serde_json::to_value(task).map_err(Error::Encode)?;
+        self.enqueue_json_with(T::NAME, args, options).await
+    }
+
+    /// Queues `function` with JSON `args`; see [`Client::enqueue`].
+    ///
+    /// # Errors
+    /// [`Error::Publish`] when the broker did not confirm the task, [`Error::Broker`] when the
+    /// queue could not be declared, [`Error::InvalidQueue`].
+    pub async fn enqueue_json(&self, function: &str, args: Value) -> Result<TaskId, Error> {
+        self.enqueue_json_with(function, args, &CallOptions::default())
+            .await
+    }
+
+    /// [`Client::enqueue_json`] with options.
+    ///
+    /// # Errors
+    /// As [`Client::enqueue_json`].
+    pub async fn enqueue_json_with(
+        &self,
+        function: &str,
+        args: Value,
+        options: &CallOptions,
+    ) -> Result<TaskId, Error> {
+        let id = TaskId::new();
+        let deadline = options.timeout.map(|t| SystemTime::now() + t);
+        let request = Request {
+            function: function.to_owned(),
+            args,
+        };
+        self.publish(&request, &id, options, deadline, false)
+            .await?;
+        Ok(id)
+    }
+
+    /// Ready messages and consumers of `queue` right now (declaring it if needed).
+    ///
+    /// # Errors
+    /// [`Error::Broker`] or [`Error::InvalidQueue`].
+    pub async fn queue_stats(&self, queue: &str) -> Result<QueueStats, Error> {
+        self.ensure_queue(queue).await?;
+        let channel = self.channel().await?;
+        let q = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(BrokerError::from)?;
+        Ok(QueueStats {
+            ready: q.message_count(),
+            consumers: q.consumer_count(),
+        })
+    }
+
+    /// Closes the connection. Calls still waiting fail with [`Error::ConnectionLost`].
+    pub async fn close(&self) {
+        let _ = self
+            .inner
+            .connection
+            .close(200, "client closing".into())
+            .await;
+    }
+
+    async fn channel(&self) -> Result<deadpool::managed::Object<pool::ChannelManager>, Error> {
+        self.inner
+            .pool
+            .get()
+            .await
+            .map_err(|e| Error::Publish(warren_shared::PublishError::NoChannel(e.to_string())))
+    }
+
+    async fn ensure_queue(&self, queue: &str) -> Result<(), Error> {
+        let cell = {
+            let mut declared = self
+                .inner
+                .declared
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            declared.entry(queue.to_owned()).or_default().clone()
+        };
+        cell.get_or_try_init(|| async {
+            topology::validate_queue_name(queue).map_err(Error::InvalidQueue)?;
+            let channel = self.channel().await?;
+            topology::declare(&channel, queue)
+                .await
+                .map_err(BrokerError::from)?;
+            Ok::<(), Error>(())
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn publish(
+        &self,
+        request: &Request,
+        id: &TaskId,
+        options: &CallOptions,
+        deadline: Option<SystemTime>,
+        wants_reply: bool,
+    ) -> Result<(), Error> {
+        let queue = options
+            .queue
+            .as_deref()
+            .unwrap_or(&self.inner.settings.queue);
+        self.ensure_queue(queue).await?;
+        let mut h = FieldTable::default();
+        protocol::set_header_int(&mut h, headers::PROTOCOL, protocol::PROTOCOL_VERSION);
+        protocol::set_header_int(&mut h, headers::ATTEMPT, 1);
+        if let Some(deadline) = deadline {
+            protocol::set_header_int(&mut h, headers::DEADLINE, protocol::epoch_millis(deadline));
+        }
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        let mut properties = BasicProperties::default()
+            .with_message_id(id.as_str().into())
+            .with_content_type(protocol::CONTENT_TYPE.into())
+            .with_delivery_mode(2)
+            .with_type(request.function.as_str().into())
+            .with_timestamp(now.as_secs())
+            .with_app_id("warren".into())
+            .with_headers(h);
+        if wants_reply {
+            properties = properties
+                .with_correlation_id(id.as_str().into())
+                .with_reply_to(DIRECT_REPLY_TO.into());
+        }
+        publish_confirmed(
+            &self.inner.pool,
+            Publication {
+                exchange: topology::EXCHANGE,
+                routing_key: queue,
+                body: &request.encode(),
+                properties,
+                mandatory: true,
+            },
+            self.inner.settings.publish_timeout,
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+/// A queue's depth and consumers, from a passive declare (exact, unlike the management API's
+/// sampled numbers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Messages ready for delivery (not counting those delivered and not yet acked).
+    pub ready: u32,
+    /// Consumers attached.
+    pub consumers: u32,
+}
+
+/// Starts the direct reply-to consumer of a new pooled channel and its dispatcher.
+async fn start_reply_consumer(channel: Channel, pending: Arc<Pending>) -> Result<(), lapin::Error> {
+    let mut replies = channel
+        .basic_consume(
+            DIRECT_REPLY_TO.into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    tokio::spawn(async move {
+        while let Some(next) = replies.next().await {
+            let delivery = match next {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reply consumer failed");
+                    break;
+                }
+            };
+            let Some(correlation_id) = delivery.properties.correlation_id().as_ref() else {
+                tracing::warn!("reply without correlation_id ignored");
+                continue;
+            };
+            let reply =
+                Reply::decode(&delivery.data).map_err(|e| format!("malformed reply body: {e}"));
+            pending.deliver(correlation_id.as_str(), reply);
+        }
+        tracing::debug!(channel = channel.id(), "reply consumer ended");
+    });
+    Ok(())
+}

@@ -1,0 +1,262 @@
+//! Broker settings and named connections.
+//!
+//! Every process opens its connections here, so they all get the same treatment: a name the
+//! management UI shows (`warren-worker@host:pid/consume`), a heartbeat (15 s unless the URL says
+//! otherwise), lapin's auto-recovery, a bounded connect time, and an error that names the broker
+//! (password hidden) and says what to do.
+
+use std::time::Duration;
+
+use lapin::uri::AMQPUri;
+use lapin::{Connection, ConnectionProperties};
+
+/// The broker URL used when `AMQP_URL` is not set. The vhost `/` is written `%2f`.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// Heartbeat interval when the URL does not set one. RabbitMQ recommends 5 to 20 s; a dead peer
+/// is noticed after two missed heartbeats.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(15);
+
+/// How to reach the broker.
+#[derive(Clone)]
+pub struct BrokerSettings {
+    /// `amqp://user:password@host:port/vhost[?heartbeat=N]`. Never logged with its password.
+    pub url: String,
+    /// Used when the URL has no `heartbeat` parameter.
+    pub heartbeat: Duration,
+    /// Bound on establishing one connection (TCP, TLS, AMQP handshake).
+    pub connect_timeout: Duration,
+}
+
+impl Default for BrokerSettings {
+    fn default() -> Self {
+        Self {
+            url: DEFAULT_AMQP_URL.to_owned(),
+            heartbeat: DEFAULT_HEARTBEAT,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl std::fmt::Debug for BrokerSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerSettings")
+            .field("url", &redact_url(&self.url))
+            .field("heartbeat", &self.heartbeat)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
+}
+
+impl BrokerSettings {
+    /// Settings for `url`, other fields default.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            ..Self::default()
+        }
+    }
+
+    /// The URL with its password replaced by `***`, safe to print.
+    pub fn redacted_url(&self) -> String {
+        redact_url(&self.url)
+    }
+}
+
+/// Why a connection could not be made.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BrokerError {
+    /// The URL does not parse.
+    #[error("invalid broker URL {url}: {reason} (expected amqp://user:password@host:5672/%2f)")]
+    InvalidUrl {
+        /// The URL, password hidden.
+        url: String,
+        /// What the parser said.
+        reason: String,
+    },
+    /// The broker did not accept a connection.
+    #[error(
+        "cannot connect to RabbitMQ at {url}: {source}. Is the broker running? Start one with \
+         `deploy/ensure-broker.sh`, or point AMQP_URL at yours"
+    )]
+    Connect {
+        /// The URL, password hidden.
+        url: String,
+        /// lapin's error.
+        #[source]
+        source: lapin::Error,
+    },
+    /// Nothing accepts TCP connections at the broker's address.
+    #[error(
+        "cannot reach RabbitMQ at {url}: {source}. Is the broker running? Start one with \
+         `deploy/ensure-broker.sh`, or point AMQP_URL at yours"
+    )]
+    Unreachable {
+        /// The URL, password hidden.
+        url: String,
+        /// The socket error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The broker did not answer in time.
+    #[error(
+        "timed out after {timeout:?} connecting to RabbitMQ at {url}. Is the broker running and \
+         reachable? Start one with `deploy/ensure-broker.sh`, or point AMQP_URL at yours"
+    )]
+    ConnectTimeout {
+        /// The URL, password hidden.
+        url: String,
+        /// The bound that ran out.
+        timeout: Duration,
+    },
+    /// An AMQP operation failed after connecting (declaring topology, opening a channel, ...).
+    #[error("broker operation failed: {0}")]
+    Amqp(#[from] lapin::Error),
+}
+
+/// `amqp://user:secret@host/` becomes `amqp://user:***@host/`.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &rest[..at];
+    match userinfo.find(':') {
+        Some(colon) => format!(
+            "{}{}:***{}",
+            &url[..scheme_end],
+            &userinfo[..colon],
+            &rest[at..]
+        ),
+        None => url.to_owned(),
+    }
+}
+
+/// What a connection is for, part of its name in the management UI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// Consumes deliveries and acks them.
+    Consume,
+    /// Publishes tasks or replies (and receives direct replies).
+    Publish,
+}
+
+impl Purpose {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Consume => "consume",
+            Self::Publish => "publish",
+        }
+    }
+}
+
+/// `role@host:pid`, how this process shows up in the management UI.
+pub fn process_name(role: &str) -> String {
+    let host = gethostname::gethostname();
+    format!("{role}@{}:{}", host.to_string_lossy(), std::process::id())
+}
+
+/// Opens a named connection with heartbeat and auto-recovery.
+///
+/// `name` is what the management UI shows as the connection's name (see [`process_name`]); the
+/// purpose is appended.
+///
+/// # Errors
+/// [`BrokerError::InvalidUrl`], [`BrokerError::Connect`] or [`BrokerError::ConnectTimeout`], each
+/// naming the broker with the password hidden.
+pub async fn connect(
+    settings: &BrokerSettings,
+    name: &str,
+    purpose: Purpose,
+) -> Result<Connection, BrokerError> {
+    let url = settings.redacted_url();
+    let mut uri: AMQPUri =
+        settings
+            .url
+            .parse()
+            .map_err(|reason: String| BrokerError::InvalidUrl {
+                url: url.clone(),
+                reason,
+            })?;
+    if uri.query.heartbeat.is_none() {
+        uri.query.heartbeat = Some(u16::try_from(settings.heartbeat.as_secs()).unwrap_or(u16::MAX));
+    }
+    if uri.query.connection_timeout.is_none() {
+        uri.query.connection_timeout =
+            Some(u64::try_from(settings.connect_timeout.as_millis()).unwrap_or(u64::MAX));
+    }
+    // Fail fast when nothing listens: lapin's recovery would otherwise retry the first
+    // connect until the timeout runs out.
+    let address = (uri.authority.host.clone(), uri.authority.port);
+    match tokio::time::timeout(
+        settings.connect_timeout,
+        tokio::net::TcpStream::connect(address),
+    )
+    .await
+    {
+        Ok(Ok(_probe)) => {}
+        Ok(Err(e)) => {
+            return Err(BrokerError::Unreachable { url, source: e });
+        }
+        Err(_) => {
+            return Err(BrokerError::ConnectTimeout {
+                url,
+                timeout: settings.connect_timeout,
+            });
+        }
+    }
+    let properties = ConnectionProperties::default()
+        .with_connection_name(format!("{name}/{}", purpose.as_str()).into())
+        .enable_auto_recover();
+    match tokio::time::timeout(
+        settings.connect_timeout,
+        Connection::connect_uri(uri, properties),
+    )
+    .await
+    {
+        Ok(Ok(connection)) => Ok(connection),
+        Ok(Err(source)) => Err(BrokerError::Connect { url, source }),
+        Err(_) => Err(BrokerError::ConnectTimeout {
+            url,
+            timeout: settings.connect_timeout,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url(DEFAULT_AMQP_URL),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(
+            redact_url("amqps://u:p%40ss@h/v?x=1"),
+            "amqps://u:***@h/v?x=1"
+        );
+        assert_eq!(redact_url("amqp://host:5672/%2f"), "amqp://host:5672/%2f");
+        assert_eq!(redact_url("amqp://user@host"), "amqp://user@host");
+        assert_eq!(redact_url("not a url"), "not a url");
+    }
+
+    #[test]
+    fn debug_output_hides_the_password() {
+        let s = BrokerSettings::new("amqp://u:hunter2@h:5672/%2f");
+        assert!(!format!("{s:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn process_names_carry_role_and_pid() {
+        let name = process_name("warren-worker");
+        assert!(name.starts_with("warren-worker@"));
+        assert!(name.ends_with(&format!(":{}", std::process::id())));
+    }
+}

@@ -1,0 +1,31 @@
+//! # warren-shared
+//!
+//! What producers and workers must agree on, in one place:
+//!
+//! - [`protocol`]: the wire format (request and reply bodies, headers, error kinds), version 1.
+//!   `docs/protocol.md` is the same contract written for people using other languages.
+//! - [`task`]: the [`Task`] trait that names a task type and its result, and the built-in task
+//!   argument types ([`tasks`]).
+//! - [`topology`]: exchange and queue names, and the one idempotent declaration both sides run.
+//! - [`broker`]: broker settings and named connections with heartbeats and auto-recovery.
+//! - [`pool`]: a `deadpool` pool of confirm-mode channels over one publishing connection, and the
+//!   only publish path ([`pool::publish_confirmed`]) that treats a nack or a return as an error.
+//! - [`telemetry`]: tracing set-up shared by the binaries.
+//!
+//! This crate is `warren-shared`, the project's own library; it is not the team notes folder.
+
+pub mod broker;
+pub mod pool;
+pub mod protocol;
+pub mod task;
+pub mod tasks;
+pub mod telemetry;
+pub mod topology;
+
+pub use broker::{BrokerError, BrokerSettings};
+pub use pool::{ChannelPool, PublishError};
+pub use protocol::{ErrorKind, Reply, Request, TaskFailure, TaskId};
+pub use task::Task;
+
+/// The lapin version Warren is built on, re-exported so users need not pin it themselves.
+pub use lapin;

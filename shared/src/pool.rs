@@ -1,0 +1,196 @@
+//! A pool of confirm-mode channels over one long-lived publishing connection.
+//!
+//! `deadpool` hands out channels, creates them on demand up to a fixed size and drops closed ones
+//! on checkout (a channel closed by a soft error stays closed; lapin 4 no longer recovers it).
+//! A caller holds a channel only while its publish frame is written, then awaits the broker's
+//! confirm without it, so a few channels carry thousands of publishes in flight.
+//!
+//! [`publish_confirmed`] is the only way Warren publishes: it waits for the broker's confirm and
+//! turns a `basic.nack`, a `basic.return` (mandatory and unroutable) or silence into an error.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
+
+/// A boxed future, as returned by a [`ChannelSetup`].
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// Runs once on every new pooled channel, after `confirm.select` (e.g. to start a reply consumer).
+pub type ChannelSetup = Arc<dyn Fn(Channel) -> BoxFuture<Result<(), lapin::Error>> + Send + Sync>;
+
+/// Creates and recycles confirm-mode channels on one connection.
+pub struct ChannelManager {
+    connection: Arc<Connection>,
+    setup: Option<ChannelSetup>,
+}
+
+impl std::fmt::Debug for ChannelManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChannelManager")
+            .field("setup", &self.setup.is_some())
+            .finish()
+    }
+}
+
+impl managed::Manager for ChannelManager {
+    type Type = Channel;
+    type Error = lapin::Error;
+
+    async fn create(&self) -> Result<Channel, lapin::Error> {
+        let channel = self.connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        if let Some(setup) = &self.setup {
+            setup(channel.clone()).await?;
+        }
+        Ok(channel)
+    }
+
+    async fn recycle(&self, channel: &mut Channel, _: &Metrics) -> RecycleResult<lapin::Error> {
+        if channel.status().connected() {
+            Ok(())
+        } else {
+            Err(RecycleError::message("channel is no longer open"))
+        }
+    }
+}
+
+/// A pool of confirm-mode channels; see the module docs.
+pub type ChannelPool = managed::Pool<ChannelManager>;
+
+/// Builds a pool of at most `size` channels over `connection`, each prepared by `setup`.
+///
+/// Waiting for, creating and recycling a channel are bounded by `timeout`.
+pub fn channel_pool(
+    connection: Arc<Connection>,
+    size: usize,
+    timeout: Duration,
+    setup: Option<ChannelSetup>,
+) -> ChannelPool {
+    let manager = ChannelManager { connection, setup };
+    managed::Pool::builder(manager)
+        .max_size(size.max(1))
+        .runtime(deadpool::Runtime::Tokio1)
+        .wait_timeout(Some(timeout))
+        .create_timeout(Some(timeout))
+        .recycle_timeout(Some(timeout))
+        .build()
+        // `build` fails only when a timeout is set without a runtime; both are set above.
+        .unwrap_or_else(|e| unreachable!("deadpool configuration is static: {e}"))
+}
+
+/// One message to publish.
+#[derive(Debug)]
+pub struct Publication<'a> {
+    /// Exchange name (`""` is the default exchange).
+    pub exchange: &'a str,
+    /// Routing key (the queue name for [`crate::topology::EXCHANGE`] and the default exchange).
+    pub routing_key: &'a str,
+    /// Message body.
+    pub body: &'a [u8],
+    /// AMQP properties and headers.
+    pub properties: BasicProperties,
+    /// Ask the broker to return the message when no queue takes it.
+    pub mandatory: bool,
+}
+
+/// Why a publish did not end in the broker's hands.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PublishError {
+    /// No open channel could be had (the connection is closed or recovering).
+    #[error("no channel to the broker: {0}")]
+    NoChannel(String),
+    /// The channel failed while publishing or before confirming.
+    #[error("publish failed: {0}")]
+    Channel(#[from] lapin::Error),
+    /// The broker refused the message (`basic.nack`), e.g. a queue at its length limit.
+    #[error("the broker refused the message (nack) for {exchange:?}/{routing_key:?}")]
+    Nacked {
+        /// Exchange published to.
+        exchange: String,
+        /// Routing key used.
+        routing_key: String,
+    },
+    /// No queue is bound for the routing key (`basic.return`, e.g. 312 NO_ROUTE).
+    #[error(
+        "no queue takes {exchange:?}/{routing_key:?} ({code} {reason}); is the queue declared?"
+    )]
+    Unroutable {
+        /// Exchange published to.
+        exchange: String,
+        /// Routing key used.
+        routing_key: String,
+        /// AMQP reply code.
+        code: u16,
+        /// AMQP reply text.
+        reason: String,
+    },
+    /// The broker did not confirm in time.
+    #[error("the broker did not confirm the publish within {0:?}")]
+    Timeout(Duration),
+}
+
+/// Publishes and waits for the broker's confirm, within `timeout` for the whole operation.
+///
+/// # Errors
+/// See [`PublishError`]: anything but a plain confirm is an error.
+pub async fn publish_confirmed(
+    pool: &ChannelPool,
+    publication: Publication<'_>,
+    timeout: Duration,
+) -> Result<(), PublishError> {
+    tokio::time::timeout(timeout, publish_inner(pool, publication))
+        .await
+        .unwrap_or(Err(PublishError::Timeout(timeout)))
+}
+
+async fn publish_inner(pool: &ChannelPool, p: Publication<'_>) -> Result<(), PublishError> {
+    let confirm = {
+        let channel = pool
+            .get()
+            .await
+            .map_err(|e| PublishError::NoChannel(e.to_string()))?;
+        channel
+            .basic_publish(
+                p.exchange.into(),
+                p.routing_key.into(),
+                BasicPublishOptions {
+                    mandatory: p.mandatory,
+                    immediate: false,
+                },
+                p.body,
+                p.properties,
+            )
+            .await?
+        // The channel goes back to the pool here; the confirm is awaited without holding it.
+    };
+    match confirm.await? {
+        Confirmation::Ack(None) => Ok(()),
+        Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
+            Err(PublishError::Unroutable {
+                exchange: p.exchange.to_owned(),
+                routing_key: p.routing_key.to_owned(),
+                code: returned.reply_code,
+                reason: returned.reply_text.to_string(),
+            })
+        }
+        Confirmation::Nack(None) => Err(PublishError::Nacked {
+            exchange: p.exchange.to_owned(),
+            routing_key: p.routing_key.to_owned(),
+        }),
+        Confirmation::NotRequested => {
+            // Pooled channels are always in confirm mode; treat the impossible as a failure
+            // rather than as a silent success.
+            Err(PublishError::NoChannel(
+                "channel is not in confirm mode".into(),
+            ))
+        }
+    }
+}

@@ -1,0 +1,477 @@
+//! Wire protocol v1: what travels between callers and workers.
+//!
+//! A task is an AMQP message whose body is `{"function": "...", "args": ...}` (the shape a
+//! Workerman task client sends) and whose properties and headers carry the task id, the reply
+//! address, the attempt and the deadline. A reply is `{"ok": true, "result": ...}` or
+//! `{"ok": false, "error": {"kind": "...", "message": "..."}}`. `docs/protocol.md` is the
+//! normative description; this module is its only implementation, and its unit tests pin the
+//! encodings down.
+
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+/// The protocol version this build speaks, sent in [`headers::PROTOCOL`].
+pub const PROTOCOL_VERSION: i64 = 1;
+
+/// `content_type` of every request and reply.
+pub const CONTENT_TYPE: &str = "application/json";
+
+/// The `reply_to` value that asks RabbitMQ for direct reply-to.
+pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
+/// `type` property of replies (requests carry the function name there).
+pub const REPLY_TYPE: &str = "warren.reply";
+
+/// Header names. All are optional for a sender; a worker reads a missing one as its default.
+pub mod headers {
+    /// Protocol version (integer). Missing means 1. Any other value is answered
+    /// `unsupported_version`.
+    pub const PROTOCOL: &str = "x-warren-protocol";
+    /// 1-based attempt number (integer). Missing means 1.
+    pub const ATTEMPT: &str = "x-warren-attempt";
+    /// Absolute deadline, milliseconds since the Unix epoch (integer). A worker that receives the
+    /// task after it answers `expired` without running it.
+    pub const DEADLINE: &str = "x-warren-deadline";
+    /// Why a task was parked in the dead-letter queue (an error kind, e.g. `bad_request`).
+    pub const DEAD_REASON: &str = "x-warren-dead-reason";
+    /// The last error message of a dead-lettered task.
+    pub const DEAD_ERROR: &str = "x-warren-dead-error";
+    /// The worker (connection name) that dead-lettered the task.
+    pub const DEAD_BY: &str = "x-warren-dead-by";
+    /// When the task was dead-lettered, milliseconds since the Unix epoch.
+    pub const DEAD_AT: &str = "x-warren-dead-at";
+}
+
+/// A task's id: the AMQP `message_id` (and, for calls, the `correlation_id`).
+///
+/// Warren generates UUIDv4 ids; tasks published by other clients may carry any string.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct TaskId(String);
+
+impl TaskId {
+    /// A fresh random id.
+    pub fn new() -> Self {
+        Self(Uuid::new_v4().to_string())
+    }
+
+    /// The id as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for TaskId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<String> for TaskId {
+    fn from(id: String) -> Self {
+        Self(id)
+    }
+}
+
+impl From<&str> for TaskId {
+    fn from(id: &str) -> Self {
+        Self(id.to_owned())
+    }
+}
+
+/// A request body: which function to run, with which arguments.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    /// The registered function name, e.g. `send_mail`.
+    pub function: String,
+    /// The function's arguments; any JSON value. Missing means `null`.
+    #[serde(default)]
+    pub args: Value,
+}
+
+impl Request {
+    /// Serializes the request body.
+    pub fn encode(&self) -> Vec<u8> {
+        // A struct of a String and a Value always serializes.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Parses a request body, saying precisely what is wrong with one that does not parse.
+    ///
+    /// # Errors
+    /// [`ErrorKind::BadRequest`] when the body is not JSON, not an object, or has no string
+    /// `function`.
+    pub fn decode(body: &[u8]) -> Result<Self, TaskFailure> {
+        let value: Value = serde_json::from_slice(body).map_err(|e| {
+            TaskFailure::new(
+                ErrorKind::BadRequest,
+                format!("body is not valid JSON: {e}"),
+            )
+        })?;
+        let Value::Object(mut object) = value else {
+            return Err(TaskFailure::new(
+                ErrorKind::BadRequest,
+                format!(
+                    "body must be a JSON object {{\"function\": ..., \"args\": ...}}, got {}",
+                    json_type(&value)
+                ),
+            ));
+        };
+        let function = match object.remove("function") {
+            Some(Value::String(f)) if !f.is_empty() => f,
+            Some(Value::String(_)) => {
+                return Err(TaskFailure::new(
+                    ErrorKind::BadRequest,
+                    "\"function\" is empty",
+                ));
+            }
+            Some(other) => {
+                return Err(TaskFailure::new(
+                    ErrorKind::BadRequest,
+                    format!("\"function\" must be a string, got {}", json_type(&other)),
+                ));
+            }
+            None => {
+                return Err(TaskFailure::new(
+                    ErrorKind::BadRequest,
+                    "body has no \"function\" field",
+                ));
+            }
+        };
+        let args = object.remove("args").unwrap_or(Value::Null);
+        Ok(Self { function, args })
+    }
+}
+
+fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Machine-readable reason of a failed task, the `kind` of an error reply.
+///
+/// New kinds may be added in later protocol versions; an older client reads them as
+/// [`ErrorKind::Other`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The body is not a JSON object with a string `function`.
+    BadRequest,
+    /// No handler is registered for the function on the worker that received it.
+    UnknownFunction,
+    /// The arguments do not match what the function takes (or fail its own validation).
+    InvalidArgs,
+    /// The handler ran and returned an error.
+    HandlerFailed,
+    /// The handler panicked; the worker caught it and goes on serving.
+    Panicked,
+    /// The handler ran past its execution time limit.
+    Timeout,
+    /// The task's deadline had passed before a worker could start it.
+    Expired,
+    /// The body is larger than the worker accepts.
+    TooLarge,
+    /// The `x-warren-protocol` header names a version this worker does not speak.
+    UnsupportedVersion,
+    /// A kind this build does not know (sent by a newer worker).
+    #[serde(other)]
+    Other,
+}
+
+impl ErrorKind {
+    /// The wire name, e.g. `unknown_function`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BadRequest => "bad_request",
+            Self::UnknownFunction => "unknown_function",
+            Self::InvalidArgs => "invalid_args",
+            Self::HandlerFailed => "handler_failed",
+            Self::Panicked => "panicked",
+            Self::Timeout => "timeout",
+            Self::Expired => "expired",
+            Self::TooLarge => "too_large",
+            Self::UnsupportedVersion => "unsupported_version",
+            Self::Other => "other",
+        }
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A failed task as reported by a worker: a kind and a human-readable message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{kind}: {message}")]
+pub struct TaskFailure {
+    /// What went wrong, for programs.
+    pub kind: ErrorKind,
+    /// What went wrong, for people.
+    pub message: String,
+}
+
+impl TaskFailure {
+    /// A failure of `kind` with `message`.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// A reply body: the result, or the failure.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    /// The task succeeded with this result.
+    Ok(Value),
+    /// The task failed.
+    Err(TaskFailure),
+}
+
+#[derive(Serialize, Deserialize)]
+struct WireReply {
+    ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    result: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    error: Option<TaskFailure>,
+}
+
+impl Reply {
+    /// Serializes the reply body.
+    pub fn encode(&self) -> Vec<u8> {
+        let wire = match self {
+            Self::Ok(result) => WireReply {
+                ok: true,
+                result: Some(result.clone()),
+                error: None,
+            },
+            Self::Err(failure) => WireReply {
+                ok: false,
+                result: None,
+                error: Some(failure.clone()),
+            },
+        };
+        serde_json::to_vec(&wire).unwrap_or_default()
+    }
+
+    /// Parses a reply body.
+    ///
+    /// # Errors
+    /// A [`serde_json::Error`] when the body is not a reply (not JSON, no `ok`, or `ok: false`
+    /// without an `error`).
+    pub fn decode(body: &[u8]) -> Result<Self, serde_json::Error> {
+        let wire: WireReply = serde_json::from_slice(body)?;
+        match (wire.ok, wire.error) {
+            (true, _) => Ok(Self::Ok(wire.result.unwrap_or(Value::Null))),
+            (false, Some(failure)) => Ok(Self::Err(failure)),
+            (false, None) => Err(serde::de::Error::missing_field("error")),
+        }
+    }
+
+    /// `Ok(result)` or `Err(failure)`.
+    pub fn into_result(self) -> Result<Value, TaskFailure> {
+        match self {
+            Self::Ok(v) => Ok(v),
+            Self::Err(f) => Err(f),
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch, as used in deadline headers.
+pub fn epoch_millis(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// The [`SystemTime`] of an epoch-milliseconds header value.
+pub fn from_epoch_millis(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+/// Reads an integer header, whatever integer width the sender chose.
+pub fn header_int(headers: Option<&FieldTable>, name: &str) -> Option<i64> {
+    let value = headers?.inner().get(name)?;
+    match value {
+        AMQPValue::ShortShortInt(v) => Some((*v).into()),
+        AMQPValue::ShortShortUInt(v) => Some((*v).into()),
+        AMQPValue::ShortInt(v) => Some((*v).into()),
+        AMQPValue::ShortUInt(v) => Some((*v).into()),
+        AMQPValue::LongInt(v) => Some((*v).into()),
+        AMQPValue::LongUInt(v) => Some((*v).into()),
+        AMQPValue::LongLongInt(v) => Some(*v),
+        AMQPValue::Timestamp(v) => i64::try_from(*v).ok(),
+        AMQPValue::ShortString(s) => s.as_str().trim().parse().ok(),
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+/// Reads a string header.
+pub fn header_str(headers: Option<&FieldTable>, name: &str) -> Option<String> {
+    match headers?.inner().get(name)? {
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        _ => None,
+    }
+}
+
+/// Sets an integer header.
+pub fn set_header_int(headers: &mut FieldTable, name: &str, value: i64) {
+    headers.insert(ShortString::from(name), AMQPValue::LongLongInt(value));
+}
+
+/// Sets a string header.
+pub fn set_header_str(headers: &mut FieldTable, name: &str, value: &str) {
+    headers.insert(ShortString::from(name), AMQPValue::LongString(value.into()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn request_round_trips_in_workerman_shape() {
+        let req = Request {
+            function: "send_mail".into(),
+            args: json!({"to": "a@b.c"}),
+        };
+        let body = req.encode();
+        assert_eq!(
+            serde_json::from_slice::<Value>(&body).unwrap(),
+            json!({"function": "send_mail", "args": {"to": "a@b.c"}})
+        );
+        assert_eq!(Request::decode(&body).unwrap(), req);
+    }
+
+    #[test]
+    fn request_without_args_means_null() {
+        let req = Request::decode(br#"{"function":"ping"}"#).unwrap();
+        assert_eq!(req.args, Value::Null);
+    }
+
+    #[test]
+    fn bad_requests_say_what_is_wrong() {
+        let cases: [(&[u8], &str); 6] = [
+            (b"{not json", "not valid JSON"),
+            (b"[1,2]", "got an array"),
+            (b"\"echo\"", "got a string"),
+            (br#"{"args": {}}"#, "no \"function\""),
+            (br#"{"function": 7}"#, "must be a string, got a number"),
+            (br#"{"function": ""}"#, "is empty"),
+        ];
+        for (body, needle) in cases {
+            let err = Request::decode(body).unwrap_err();
+            assert_eq!(err.kind, ErrorKind::BadRequest);
+            assert!(
+                err.message.contains(needle),
+                "{:?} -> {}",
+                body,
+                err.message
+            );
+        }
+    }
+
+    #[test]
+    fn ok_reply_round_trips_including_null() {
+        for result in [json!({"x": 1}), Value::Null, json!([1, "two"])] {
+            let reply = Reply::Ok(result.clone());
+            let body = reply.encode();
+            assert_eq!(
+                serde_json::from_slice::<Value>(&body).unwrap(),
+                json!({"ok": true, "result": result})
+            );
+            assert_eq!(Reply::decode(&body).unwrap(), reply);
+        }
+    }
+
+    #[test]
+    fn error_reply_round_trips_with_snake_case_kind() {
+        let reply = Reply::Err(TaskFailure::new(
+            ErrorKind::UnknownFunction,
+            "no handler for \"x\"",
+        ));
+        let body = reply.encode();
+        assert_eq!(
+            serde_json::from_slice::<Value>(&body).unwrap(),
+            json!({"ok": false, "error": {"kind": "unknown_function", "message": "no handler for \"x\""}})
+        );
+        assert_eq!(Reply::decode(&body).unwrap(), reply);
+    }
+
+    #[test]
+    fn unknown_error_kind_from_a_newer_worker_is_other() {
+        let reply = Reply::decode(br#"{"ok":false,"error":{"kind":"rate_limited","message":"m"}}"#);
+        assert_eq!(
+            reply.unwrap(),
+            Reply::Err(TaskFailure::new(ErrorKind::Other, "m"))
+        );
+    }
+
+    #[test]
+    fn error_reply_without_error_is_rejected() {
+        assert!(Reply::decode(br#"{"ok":false}"#).is_err());
+        assert!(Reply::decode(b"garbage").is_err());
+    }
+
+    #[test]
+    fn every_kind_serializes_as_its_wire_name() {
+        for kind in [
+            ErrorKind::BadRequest,
+            ErrorKind::UnknownFunction,
+            ErrorKind::InvalidArgs,
+            ErrorKind::HandlerFailed,
+            ErrorKind::Panicked,
+            ErrorKind::Timeout,
+            ErrorKind::Expired,
+            ErrorKind::TooLarge,
+            ErrorKind::UnsupportedVersion,
+        ] {
+            assert_eq!(serde_json::to_value(kind).unwrap(), json!(kind.as_str()));
+        }
+    }
+
+    #[test]
+    fn integer_headers_of_any_width_are_read() {
+        let mut h = FieldTable::default();
+        h.insert("a".into(), AMQPValue::ShortShortUInt(3));
+        h.insert("b".into(), AMQPValue::LongInt(-4));
+        h.insert("c".into(), AMQPValue::LongString("12".into()));
+        set_header_int(&mut h, "d", 1_700_000_000_000);
+        assert_eq!(header_int(Some(&h), "a"), Some(3));
+        assert_eq!(header_int(Some(&h), "b"), Some(-4));
+        assert_eq!(header_int(Some(&h), "c"), Some(12));
+        assert_eq!(header_int(Some(&h), "d"), Some(1_700_000_000_000));
+        assert_eq!(header_int(Some(&h), "missing"), None);
+        assert_eq!(header_int(None, "a"), None);
+    }
+
+    #[test]
+    fn deadline_millis_round_trip() {
+        let t = UNIX_EPOCH + Duration::from_millis(1_763_700_000_123);
+        assert_eq!(from_epoch_millis(epoch_millis(t)), t);
+    }
+}

@@ -1,0 +1,185 @@
+//! Exchange and queue names, and the idempotent declaration that producers and workers share.
+//!
+//! For a work queue `Q` (default [`DEFAULT_QUEUE`]):
+//!
+//! | name | what |
+//! |---|---|
+//! | exchange [`EXCHANGE`] | durable direct exchange; `Q` is bound to it with routing key `Q` |
+//! | `Q` | durable quorum queue; `x-delivery-limit` guards against crash loops; dead-letters to `Q.dead` |
+//! | `Q.dead` | durable quorum queue: tasks that will not run again, with the reason in headers |
+//!
+//! Queue arguments are fixed when a queue is created: RabbitMQ refuses a redeclaration with other
+//! arguments (`406 PRECONDITION_FAILED - inequivalent arg`). So every argument the queue will ever
+//! need is declared from the start, and changing one means deleting the queue.
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{Channel, ExchangeKind};
+
+/// The exchange tasks are published to; the routing key is the queue name.
+pub const EXCHANGE: &str = "warren";
+
+/// The queue producers and workers use unless told otherwise.
+pub const DEFAULT_QUEUE: &str = "warren.tasks";
+
+/// Deliveries of one message (including redeliveries after a worker crash) before the broker
+/// dead-letters it: the guard against a task that kills every worker that takes it.
+pub const DELIVERY_LIMIT: i64 = 10;
+
+/// The names of the queues that belong to one work queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueNames {
+    /// The work queue.
+    pub work: String,
+    /// Its dead-letter queue.
+    pub dead: String,
+}
+
+impl QueueNames {
+    /// The names for work queue `queue`.
+    pub fn new(queue: &str) -> Self {
+        Self {
+            work: queue.to_owned(),
+            dead: format!("{queue}.dead"),
+        }
+    }
+}
+
+/// Checks a queue name before it reaches the broker (which would close the channel instead).
+///
+/// # Errors
+/// A message saying what is wrong: empty, longer than 200 bytes (room for suffixes within
+/// AMQP's 255), the reserved `amq.` prefix, or control characters.
+pub fn validate_queue_name(queue: &str) -> Result<(), String> {
+    if queue.is_empty() {
+        return Err("queue name is empty".into());
+    }
+    if queue.len() > 200 {
+        return Err(format!(
+            "queue name is {} bytes long; the limit is 200",
+            queue.len()
+        ));
+    }
+    if queue.starts_with("amq.") {
+        return Err(format!(
+            "queue name {queue:?} uses the reserved prefix \"amq.\""
+        ));
+    }
+    if queue.chars().any(char::is_control) {
+        return Err(format!("queue name {queue:?} contains control characters"));
+    }
+    Ok(())
+}
+
+fn quorum_args() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    args
+}
+
+/// The arguments of work queue `names.work`.
+pub fn work_queue_args(names: &QueueNames) -> FieldTable {
+    let mut args = quorum_args();
+    args.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongLongInt(DELIVERY_LIMIT),
+    );
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString("".into()),
+    );
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(names.dead.as_str().into()),
+    );
+    // Dead-letter through the broker with confirms, so a poison task is never dropped on the
+    // way to `.dead` (needs reject-publish overflow).
+    args.insert(
+        "x-dead-letter-strategy".into(),
+        AMQPValue::LongString("at-least-once".into()),
+    );
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    args
+}
+
+/// Declares the exchange, the work queue, its dead-letter queue and the binding. Idempotent.
+///
+/// # Errors
+/// The broker's error; an `inequivalent arg` error means `queue` exists with other arguments
+/// (for example as a classic queue) and must be deleted before Warren can use the name.
+pub async fn declare(channel: &Channel, queue: &str) -> Result<QueueNames, lapin::Error> {
+    let names = QueueNames::new(queue);
+    let durable = QueueDeclareOptions::durable();
+    channel
+        .exchange_declare(
+            EXCHANGE.into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_declare(names.dead.as_str().into(), durable, quorum_args())
+        .await?;
+    channel
+        .queue_declare(names.work.as_str().into(), durable, work_queue_args(&names))
+        .await?;
+    channel
+        .queue_bind(
+            names.work.as_str().into(),
+            EXCHANGE.into(),
+            ShortString::from(names.work.as_str()),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_queue() {
+        let n = QueueNames::new("mail");
+        assert_eq!(n.work, "mail");
+        assert_eq!(n.dead, "mail.dead");
+    }
+
+    #[test]
+    fn work_queue_dead_letters_to_its_dead_queue() {
+        let args = work_queue_args(&QueueNames::new("q"));
+        let get = |k: &str| args.inner().get(k).cloned();
+        assert_eq!(
+            get("x-queue-type"),
+            Some(AMQPValue::LongString("quorum".into()))
+        );
+        assert_eq!(
+            get("x-dead-letter-routing-key"),
+            Some(AMQPValue::LongString("q.dead".into()))
+        );
+        assert_eq!(
+            get("x-delivery-limit"),
+            Some(AMQPValue::LongLongInt(DELIVERY_LIMIT))
+        );
+    }
+
+    #[test]
+    fn queue_names_are_checked() {
+        assert!(validate_queue_name("warren.tasks").is_ok());
+        assert!(validate_queue_name("").is_err());
+        assert!(validate_queue_name("amq.gen-1").is_err());
+        assert!(validate_queue_name(&"x".repeat(201)).is_err());
+        assert!(validate_queue_name("a\nb").is_err());
+    }
+}

@@ -1,0 +1,98 @@
+//! `warren-worker`: consume a Warren queue and run the built-in tasks.
+//!
+//! Flags and environment only; the runtime is the `warren_worker` library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use warren_shared::broker::{BrokerSettings, DEFAULT_AMQP_URL};
+use warren_shared::topology::DEFAULT_QUEUE;
+use warren_worker::{Mailer, WorkerSettings, builtin_registry};
+
+/// Runs Warren tasks from a RabbitMQ queue: echo, sleep, fail, send_mail.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Broker URL (the vhost `/` is `%2f`).
+    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
+    amqp_url: String,
+    /// Work queue to consume.
+    #[arg(long, env = "WARREN_QUEUE", default_value = DEFAULT_QUEUE)]
+    queue: String,
+    /// Tasks run at once (and the consumer's prefetch).
+    #[arg(long, env = "WARREN_CONCURRENCY", default_value_t = 16,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    concurrency: u16,
+    /// Execution time limit of one task (e.g. `30s`, `5m`). Keep it below RabbitMQ's
+    /// consumer_timeout (30 min by default).
+    #[arg(long, env = "WARREN_TIME_LIMIT", default_value = "5m", value_parser = humantime::parse_duration)]
+    time_limit: Duration,
+    /// On SIGTERM, how long in-flight tasks may take to finish before they are handed back.
+    #[arg(long, env = "WARREN_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+    shutdown_grace: Duration,
+    /// Largest task body accepted, in bytes.
+    #[arg(long, env = "WARREN_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    max_body_bytes: usize,
+    /// Directory where send_mail writes .eml files when no SMTP relay is set.
+    #[arg(long, env = "WARREN_OUTBOX", default_value = "outbox")]
+    outbox: PathBuf,
+    /// SMTP relay for send_mail, e.g. `smtp://relay:25` or `smtps://user:pass@host:465`.
+    #[arg(long, env = "WARREN_SMTP_URL", hide_env_values = true)]
+    smtp_url: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    warren_shared::telemetry::init("info");
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("warren-worker: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let mailer = match &args.smtp_url {
+        Some(url) => Mailer::smtp(url).map_err(anyhow::Error::msg)?,
+        None => Mailer::outbox(&args.outbox),
+    };
+    let settings = WorkerSettings {
+        broker: BrokerSettings::new(args.amqp_url),
+        queue: args.queue,
+        concurrency: args.concurrency,
+        time_limit: args.time_limit,
+        max_body_bytes: args.max_body_bytes,
+        shutdown_grace: args.shutdown_grace,
+        ..WorkerSettings::default()
+    };
+    let shutdown = CancellationToken::new();
+    let worker = warren_worker::start(settings, builtin_registry(mailer), shutdown.clone()).await?;
+    tokio::spawn(stop_on_signals(shutdown));
+    worker.wait().await?;
+    Ok(())
+}
+
+/// The first SIGTERM or SIGINT starts a graceful stop; a second one exits at once (the broker
+/// redelivers whatever was not acked).
+async fn stop_on_signals(shutdown: CancellationToken) {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop the worker with SIGKILL");
+        return;
+    };
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    tracing::info!("stopping: no new tasks; finishing the ones in flight (signal again to force)");
+    shutdown.cancel();
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    tracing::warn!("second signal: exiting now; unfinished tasks will be redelivered");
+    std::process::exit(130);
+}
