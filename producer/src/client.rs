@@ -308,12 +308,21 @@ impl Client {
         Ok(id)
     }
 
-    /// Ready messages and consumers of `queue` right now (declaring it if needed).
+    /// Declares work queue `queue` and its dead-letter queue, once per client. Calls and
+    /// enqueues do this themselves; use it to create a queue before anything is sent to it.
     ///
     /// # Errors
-    /// [`Error::Broker`] or [`Error::InvalidQueue`].
+    /// [`Error::Broker`] (for instance when the queue exists with other arguments) or
+    /// [`Error::InvalidQueue`].
+    pub async fn declare_queue(&self, queue: &str) -> Result<(), Error> {
+        self.ensure_queue(queue).await
+    }
+
+    /// Ready messages and consumers of an existing queue right now (a passive declare).
+    ///
+    /// # Errors
+    /// [`Error::Broker`] when the queue does not exist or the broker cannot be asked.
     pub async fn queue_stats(&self, queue: &str) -> Result<QueueStats, Error> {
-        self.ensure_queue(queue).await?;
         let channel = self.channel().await?;
         let q = channel
             .queue_declare(

@@ -62,6 +62,7 @@ pub struct Summary {
 /// When workers cannot be started or the queue cannot be reached; task failures are counted in
 /// the summary instead.
 pub async fn run(client: &Client, options: &DemoOptions) -> anyhow::Result<Summary> {
+    client.declare_queue(&options.queue).await?;
     let stats = client.queue_stats(&options.queue).await?;
     let mut pool = None;
     if stats.consumers == 0 {

@@ -1,1 +1,7 @@
-fn main() {}
+//! Warren end to end, against a real RabbitMQ. One test binary; every test has its own queues.
+
+// A failed unwrap is how a test says what went wrong.
+#![allow(clippy::unwrap_used)]
+
+mod cli;
+mod core;

@@ -1,1 +1,282 @@
-//! placeholder
+//! # warren-tests
+//!
+//! Helpers for Warren's integration tests and benchmarks, which talk to a real RabbitMQ
+//! (`AMQP_URL`, default `amqp://guest:guest@127.0.0.1:5672/%2f`):
+//!
+//! - unique queue names per test, deleted again by a guard even when the test fails;
+//! - in-process workers and clients on those queues;
+//! - the built binaries (`warren`, `warren-worker`) as child processes that are always stopped;
+//! - polling a real broker condition with a bound, for the few places where no event exists.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lapin::options::QueueDeleteOptions;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio_util::sync::CancellationToken;
+use warren_producer::{Client, ClientSettings};
+use warren_shared::BrokerSettings;
+use warren_shared::broker::DEFAULT_AMQP_URL;
+use warren_worker::{Registry, RunningWorker, WorkerSettings};
+
+/// The broker under test.
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.to_owned())
+}
+
+/// Installs a test subscriber once (`RUST_LOG` to see worker logs).
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// A queue name of its own for one test, deleted (with its `.dead` queue) when dropped.
+#[derive(Debug)]
+pub struct TestQueue {
+    /// The work queue's name, `test.<label>.<uuid>`.
+    pub name: String,
+}
+
+impl TestQueue {
+    /// A fresh name for the test `label`.
+    pub fn new(label: &str) -> Self {
+        init_tracing();
+        Self {
+            name: format!("test.{label}.{}", uuid::Uuid::new_v4().simple()),
+        }
+    }
+
+    /// Every queue Warren may declare for this work queue.
+    pub fn all_names(&self) -> Vec<String> {
+        vec![self.name.clone(), format!("{}.dead", self.name)]
+    }
+
+    /// A client whose default queue is this one.
+    pub async fn client(&self) -> Client {
+        self.client_with(|_| {}).await
+    }
+
+    /// A client whose default queue is this one, with settings adjusted by `adjust`.
+    pub async fn client_with(&self, adjust: impl FnOnce(&mut ClientSettings)) -> Client {
+        let mut settings = ClientSettings {
+            broker: BrokerSettings::new(amqp_url()),
+            queue: self.name.clone(),
+            ..ClientSettings::default()
+        };
+        adjust(&mut settings);
+        match Client::connect(settings).await {
+            Ok(client) => client,
+            Err(e) => panic!("test client cannot connect: {e}"),
+        }
+    }
+
+    /// Worker settings for this queue.
+    pub fn worker_settings(&self, concurrency: u16) -> WorkerSettings {
+        WorkerSettings {
+            broker: BrokerSettings::new(amqp_url()),
+            queue: self.name.clone(),
+            concurrency,
+            ..WorkerSettings::default()
+        }
+    }
+
+    /// Starts an in-process worker on this queue; it is consuming when this returns.
+    pub async fn worker(&self, registry: Registry, concurrency: u16) -> RunningWorker {
+        self.worker_with(registry, self.worker_settings(concurrency))
+            .await
+    }
+
+    /// Starts an in-process worker with explicit settings.
+    pub async fn worker_with(&self, registry: Registry, settings: WorkerSettings) -> RunningWorker {
+        match warren_worker::start(settings, registry, CancellationToken::new()).await {
+            Ok(worker) => worker,
+            Err(e) => panic!("test worker cannot start: {e}"),
+        }
+    }
+
+    /// Messages ready in the dead-letter queue.
+    pub async fn dead_count(&self, client: &Client) -> u32 {
+        match client.queue_stats(&format!("{}.dead", self.name)).await {
+            Ok(stats) => stats.ready,
+            Err(e) => panic!("cannot read the dead-letter queue: {e}"),
+        }
+    }
+}
+
+impl Drop for TestQueue {
+    fn drop(&mut self) {
+        let names = self.all_names();
+        // Drop cannot be async and may run inside a runtime: delete from a thread of its own.
+        let cleanup = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async move {
+                let props = lapin::ConnectionProperties::default();
+                let Ok(conn) = lapin::Connection::connect(&amqp_url(), props).await else {
+                    return;
+                };
+                for name in names {
+                    // A channel per delete: deleting a missing queue is fine, but an error
+                    // would close a shared channel.
+                    if let Ok(channel) = conn.create_channel().await {
+                        let _ = channel
+                            .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+                            .await;
+                    }
+                }
+                let _ = conn.close(200, "test cleanup".into()).await;
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+/// A temporary directory removed when dropped.
+#[derive(Debug)]
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// A new empty directory under the system's temp dir.
+    pub fn new(label: &str) -> Self {
+        let path =
+            std::env::temp_dir().join(format!("warren-{label}-{}", uuid::Uuid::new_v4().simple()));
+        if let Err(e) = std::fs::create_dir_all(&path) {
+            panic!("cannot create {}: {e}", path.display());
+        }
+        Self(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A built binary of the workspace (`warren`, `warren-worker`), next to the test executable's
+/// target directory. `deploy/test.sh` builds them before running the tests.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/debug/deps/e2e-<hash> -> target/debug/<name>
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (`cargo build --workspace --bins`, as deploy/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// A child process that is stopped when dropped: SIGTERM, then SIGKILL if it lingers.
+#[derive(Debug)]
+pub struct ChildGuard {
+    child: Option<Child>,
+}
+
+impl ChildGuard {
+    /// Starts `command` with stdin closed.
+    pub fn spawn(mut command: Command) -> Self {
+        command.stdin(Stdio::null());
+        match command.spawn() {
+            Ok(child) => Self { child: Some(child) },
+            Err(e) => panic!("cannot start {command:?}: {e}"),
+        }
+    }
+
+    /// Starts `warren-worker` on `queue` with extra arguments; logs go to the test's stderr.
+    pub fn worker(queue: &str, extra: &[&str]) -> Self {
+        let mut command = Command::new(binary("warren-worker"));
+        command
+            .args(["--queue", queue])
+            .args(extra)
+            .env("AMQP_URL", amqp_url())
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::null());
+        Self::spawn(command)
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> Pid {
+        let id = self.child.as_ref().map_or(0, Child::id);
+        Pid::from_raw(i32::try_from(id).unwrap_or(0))
+    }
+
+    /// Sends `signal` to the process.
+    pub fn signal(&self, signal: Signal) {
+        let _ = kill(self.pid(), signal);
+    }
+
+    /// Waits for the process to exit, at most `timeout`; `None` if it is still running.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        let until = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > until {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if let Ok(None) = child.try_wait() {
+                let _ = kill(
+                    Pid::from_raw(i32::try_from(child.id()).unwrap_or(0)),
+                    Signal::SIGTERM,
+                );
+                let until = Instant::now() + Duration::from_secs(5);
+                while Instant::now() < until {
+                    if let Ok(Some(_)) = child.try_wait() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Polls `condition` every 20 ms until it holds, for broker state that has no event to await
+/// (a consumer count, a queue depth). Panics with `what` after `timeout`.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let until = Instant::now() + timeout;
+    while !condition().await {
+        assert!(
+            Instant::now() < until,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,94 @@
+//! The `warren` command line against a `warren-worker` process started by the test.
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use warren_tests::{ChildGuard, TempDir, TestQueue, amqp_url, binary, eventually};
+
+fn warren(args: &[&str]) -> Output {
+    let output = Command::new(binary("warren"))
+        .args(args)
+        .env("AMQP_URL", amqp_url())
+        .output();
+    match output {
+        Ok(output) => output,
+        Err(e) => panic!("cannot run warren: {e}"),
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[tokio::test]
+async fn cli_call_and_enqueue_against_a_worker_process() {
+    let q = TestQueue::new("cli");
+    let outbox = TempDir::new("cli-outbox");
+    let outbox_arg = outbox.0.to_string_lossy().into_owned();
+    let _worker = ChildGuard::worker(&q.name, &["--outbox", &outbox_arg, "--concurrency", "4"]);
+    let client = q.client().await;
+    eventually(
+        "the worker process to consume",
+        Duration::from_secs(20),
+        || async {
+            client
+                .queue_stats(&q.name)
+                .await
+                .map(|s| s.consumers)
+                .unwrap_or(0)
+                >= 1
+        },
+    )
+    .await;
+
+    let out = warren(&["call", "echo", r#"{"x":1}"#, "--queue", &q.name]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "{\"x\":1}\n");
+
+    let out = warren(&["call", "no_such_function", "{}", "--queue", &q.name]);
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty());
+    assert!(
+        text(&out.stderr).starts_with("error: unknown_function: "),
+        "stderr: {}",
+        text(&out.stderr)
+    );
+
+    let out = warren(&["call", "echo", "{not json", "--queue", &q.name]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("ARGS is not valid JSON"),
+        "stderr: {}",
+        text(&out.stderr)
+    );
+
+    let mail = r#"{"from":"a@shop.example","to":"b@example.com","subject":"hi","body":"hello"}"#;
+    let out = warren(&["enqueue", "send_mail", mail, "--queue", &q.name]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let id = text(&out.stdout).trim().to_owned();
+    assert!(uuid::Uuid::parse_str(&id).is_ok(), "not a task id: {id:?}");
+    let eml = outbox.0.join(format!("{id}.eml"));
+    eventually(
+        "the enqueued mail in the outbox",
+        Duration::from_secs(20),
+        || async { eml.exists() },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn cli_reports_an_unreachable_broker_clearly() {
+    let out = Command::new(binary("warren"))
+        .args(["call", "echo", "1"])
+        .env("AMQP_URL", "amqp://guest:secret@127.0.0.1:1/%2f")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("cannot reach RabbitMQ at amqp://guest:***@127.0.0.1:1/%2f"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("secret"));
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
