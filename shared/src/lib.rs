@@ -10,11 +10,13 @@
 //! - [`broker`]: broker settings and named connections with heartbeats and auto-recovery.
 //! - [`pool`]: a `deadpool` pool of confirm-mode channels over one publishing connection, and the
 //!   only publish path ([`pool::publish_confirmed`]) that treats a nack or a return as an error.
+//! - [`policy`]: attempts, backoff and time limit of a task, and their per-task headers.
 //! - [`telemetry`]: tracing set-up shared by the binaries.
 //!
 //! This crate is `warren-shared`, the project's own library; it is not the team notes folder.
 
 pub mod broker;
+pub mod policy;
 pub mod pool;
 pub mod protocol;
 pub mod task;
@@ -23,6 +25,7 @@ pub mod telemetry;
 pub mod topology;
 
 pub use broker::{BrokerError, BrokerSettings};
+pub use policy::Policy;
 pub use pool::{ChannelPool, PublishError};
 pub use protocol::{ErrorKind, Reply, Request, TaskFailure, TaskId};
 pub use task::Task;

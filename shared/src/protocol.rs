@@ -37,8 +37,21 @@ pub mod headers {
     /// Absolute deadline, milliseconds since the Unix epoch (integer). A worker that receives the
     /// task after it answers `expired` without running it.
     pub const DEADLINE: &str = "x-warren-deadline";
-    /// Why a task was parked in the dead-letter queue (an error kind, e.g. `bad_request`).
+    /// Attempts the task gets in all (integer, the first included); overrides the worker's
+    /// policy for this task.
+    pub const MAX_ATTEMPTS: &str = "x-warren-max-attempts";
+    /// Delays between attempts, comma-separated milliseconds (`"1000,10000"`); overrides the
+    /// worker's policy for this task.
+    pub const BACKOFF: &str = "x-warren-backoff";
+    /// Execution time limit of one attempt in milliseconds; overrides the worker's policy.
+    pub const TIME_LIMIT: &str = "x-warren-time-limit";
+    /// The error of the previous attempt, on a retried copy.
+    pub const LAST_ERROR: &str = "x-warren-last-error";
+    /// Why a task was parked in the dead-letter queue: `rejected` (bad input),
+    /// `permanent_failure` or `attempts_exhausted`.
     pub const DEAD_REASON: &str = "x-warren-dead-reason";
+    /// The error kind of the failure that parked the task (e.g. `bad_request`).
+    pub const DEAD_KIND: &str = "x-warren-dead-kind";
     /// The last error message of a dead-lettered task.
     pub const DEAD_ERROR: &str = "x-warren-dead-error";
     /// The worker (connection name) that dead-lettered the task.

@@ -7,10 +7,16 @@
 //! | exchange [`EXCHANGE`] | durable direct exchange; `Q` is bound to it with routing key `Q` |
 //! | `Q` | durable quorum queue; `x-delivery-limit` guards against crash loops; dead-letters to `Q.dead` |
 //! | `Q.dead` | durable quorum queue: tasks that will not run again, with the reason in headers |
+//! | `Q.retry.<delay>` | durable quorum queue, one per backoff delay, message TTL = delay, dead-letters back to `Q`; nobody consumes it |
+//!
+//! Each delay has a queue of its own, so every message in it expires in arrival order: no retry
+//! waits behind a longer one (per-message TTLs in one queue would block at the head).
 //!
 //! Queue arguments are fixed when a queue is created: RabbitMQ refuses a redeclaration with other
 //! arguments (`406 PRECONDITION_FAILED - inequivalent arg`). So every argument the queue will ever
 //! need is declared from the start, and changing one means deleting the queue.
+
+use std::time::Duration;
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
@@ -43,6 +49,43 @@ impl QueueNames {
             dead: format!("{queue}.dead"),
         }
     }
+}
+
+/// The delay queue for retries after `delay`: `<queue>.retry.1s`, `.retry.250ms`, `.retry.2m`.
+pub fn retry_queue_name(queue: &str, delay: Duration) -> String {
+    let ms = delay.as_millis();
+    let label = if ms > 0 && ms % 60_000 == 0 {
+        format!("{}m", ms / 60_000)
+    } else if ms > 0 && ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    };
+    format!("{queue}.retry.{label}")
+}
+
+/// Declares the delay queue for retries of `queue` after `delay` (idempotent) and returns its
+/// name. Expired messages go back to `queue` through the default exchange.
+///
+/// # Errors
+/// The broker's error.
+pub async fn declare_retry_queue(
+    channel: &Channel,
+    queue: &str,
+    delay: Duration,
+) -> Result<String, lapin::Error> {
+    let name = retry_queue_name(queue, delay);
+    let mut args = quorum_args();
+    args.insert(
+        "x-message-ttl".into(),
+        AMQPValue::LongLongInt(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
+    );
+    args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
+    args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(queue.into()));
+    args.insert("x-dead-letter-strategy".into(), AMQPValue::LongString("at-least-once".into()));
+    args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+    channel.queue_declare(name.as_str().into(), QueueDeclareOptions::durable(), args).await?;
+    Ok(name)
 }
 
 /// Checks a queue name before it reaches the broker (which would close the channel instead).
@@ -172,6 +215,14 @@ mod tests {
             get("x-delivery-limit"),
             Some(AMQPValue::LongLongInt(DELIVERY_LIMIT))
         );
+    }
+
+    #[test]
+    fn retry_queues_are_named_by_their_delay() {
+        assert_eq!(retry_queue_name("q", Duration::from_millis(250)), "q.retry.250ms");
+        assert_eq!(retry_queue_name("q", Duration::from_secs(10)), "q.retry.10s");
+        assert_eq!(retry_queue_name("q", Duration::from_secs(120)), "q.retry.2m");
+        assert_eq!(retry_queue_name("q", Duration::from_millis(1500)), "q.retry.1500ms");
     }
 
     #[test]

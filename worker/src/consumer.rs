@@ -17,10 +17,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use warren_shared::broker::{self, BrokerError, BrokerSettings, Purpose};
-use warren_shared::{pool, topology};
+use warren_shared::{Policy, pool, topology};
 
 use crate::execute::Executor;
-use crate::outcome::{Envelope, Outcome, Settler};
+use crate::outcome::{DeadReason, Envelope, Outcome, Settler};
 use crate::registry::Registry;
 
 /// How a worker runs.
@@ -32,9 +32,10 @@ pub struct WorkerSettings {
     pub queue: String,
     /// Tasks run at once; also the consumer's prefetch.
     pub concurrency: u16,
-    /// How long one attempt may run. Keep it well below RabbitMQ's `consumer_timeout`
-    /// (30 minutes by default), past which the broker closes the consuming channel.
-    pub time_limit: Duration,
+    /// Attempts, backoff and time limit of functions registered without a policy of their own.
+    /// Keep the time limit well below RabbitMQ's `consumer_timeout` (30 minutes by default),
+    /// past which the broker closes the consuming channel.
+    pub policy: Policy,
     /// Larger bodies are refused as `too_large` without being parsed.
     pub max_body_bytes: usize,
     /// On shutdown, how long in-flight tasks may take to finish before they are handed back.
@@ -51,7 +52,7 @@ impl Default for WorkerSettings {
             broker: BrokerSettings::default(),
             queue: topology::DEFAULT_QUEUE.to_owned(),
             concurrency: 16,
-            time_limit: Duration::from_secs(300),
+            policy: Policy::default(),
             max_body_bytes: 4 * 1024 * 1024,
             shutdown_grace: Duration::from_secs(30),
             publish_timeout: Duration::from_secs(10),
@@ -175,13 +176,15 @@ pub async fn start(
     let executor = Executor {
         state: registry.state(),
         registry,
-        time_limit: settings.time_limit,
+        policy: settings.policy.clone(),
         max_body_bytes: settings.max_body_bytes,
         abort: abort.clone(),
     };
     let settler = Settler {
         pool: pool::channel_pool(publish_conn.clone(), 4, settings.publish_timeout, None),
+        queue: settings.queue.clone(),
         dead_queue: names.dead,
+        retry_queues: Arc::default(),
         worker_name: settings.name.clone(),
         publish_timeout: settings.publish_timeout,
     };
@@ -239,8 +242,8 @@ impl ConsumeLoop {
                     tracker.spawn(async move {
                         let envelope = Envelope::of(&delivery);
                         let outcome = executor.execute(&delivery, &envelope).await;
-                        if let Outcome::DeadLetter(f) = &outcome {
-                            tracing::warn!(task.id = %envelope.id, kind = %f.kind, error = %f.message, "dead-lettering task");
+                        if let Outcome::DeadLetter { reason: DeadReason::Rejected, failure } = &outcome {
+                            tracing::warn!(task.id = %envelope.id, kind = %failure.kind, error = %failure.message, "rejected task dead-lettered");
                         }
                         settler.settle(&delivery, &envelope, &outcome).await;
                     });

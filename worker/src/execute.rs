@@ -1,17 +1,27 @@
-//! Judging one delivery: decode it, check it, run its handler in isolation, and say what the
-//! [`Outcome`] is. Nothing here talks to the broker; `outcome.rs` acts on the verdict.
+//! Judging one delivery: decode it, check it, run its handler in isolation, and decide the
+//! [`Outcome`]. Nothing here talks to the broker; `outcome.rs` acts on the verdict.
+//!
+//! | what happened | outcome |
+//! |---|---|
+//! | bad input: protocol version, size, body, `reply_to`, unknown function, arguments | dead letter (`rejected`) + error reply |
+//! | deadline passed before the start | `expired` reply |
+//! | handler succeeded | result reply |
+//! | retryable failure, panic or time limit, attempts left | retry copy after the backoff delay |
+//! | the same with no attempts (or no time before the deadline) left | dead letter (`attempts_exhausted`) + error reply |
+//! | permanent failure | dead letter (`permanent_failure`) + error reply |
+//! | worker forced to stop mid-task | handed back to the queue |
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use lapin::message::Delivery;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use warren_shared::protocol::{self, headers};
-use warren_shared::{ErrorKind, Reply, Request, TaskFailure};
+use warren_shared::{ErrorKind, Policy, Reply, Request, TaskFailure};
 
-use crate::handler::{StateMap, TaskContext};
-use crate::outcome::{Envelope, Outcome};
+use crate::handler::{Retry, StateMap, TaskContext};
+use crate::outcome::{DeadReason, Envelope, Outcome};
 use crate::registry::{HandlerFailure, Registry};
 
 /// What the executor needs besides the delivery.
@@ -19,7 +29,8 @@ use crate::registry::{HandlerFailure, Registry};
 pub(crate) struct Executor {
     pub(crate) registry: Registry,
     pub(crate) state: Arc<StateMap>,
-    pub(crate) time_limit: Duration,
+    /// Policy of functions registered without one of their own.
+    pub(crate) policy: Policy,
     pub(crate) max_body_bytes: usize,
     /// Cancelled when the worker gives up on running tasks (forced shutdown).
     pub(crate) abort: CancellationToken,
@@ -31,127 +42,167 @@ impl std::fmt::Debug for StateMap {
     }
 }
 
+fn rejected(kind: ErrorKind, message: impl Into<String>) -> Outcome {
+    Outcome::DeadLetter { reason: DeadReason::Rejected, failure: TaskFailure::new(kind, message) }
+}
+
+/// Checks what must hold before a body is even parsed.
+fn check_envelope(delivery: &Delivery, max_body_bytes: usize) -> Result<(), Outcome> {
+    let h = delivery.properties.headers().as_ref();
+    if let Some(version) = protocol::header_int(h, headers::PROTOCOL)
+        && version != protocol::PROTOCOL_VERSION
+    {
+        return Err(rejected(
+            ErrorKind::UnsupportedVersion,
+            format!(
+                "protocol version {version} is not supported; this worker speaks {}",
+                protocol::PROTOCOL_VERSION
+            ),
+        ));
+    }
+    if delivery.data.len() > max_body_bytes {
+        return Err(rejected(
+            ErrorKind::TooLarge,
+            format!("body is {} bytes; this worker accepts at most {max_body_bytes}", delivery.data.len()),
+        ));
+    }
+    if let Some(reply_to) = delivery.properties.reply_to().as_ref()
+        && reply_to.as_str().chars().any(char::is_control)
+    {
+        return Err(rejected(ErrorKind::BadRequest, "reply_to contains control characters"));
+    }
+    Ok(())
+}
+
 impl Executor {
-    /// Judges `delivery`; the returned span covers the task's whole life in the logs.
+    /// Judges `delivery`, inside a span that names the task.
     pub(crate) async fn execute(&self, delivery: &Delivery, envelope: &Envelope) -> Outcome {
         let h = delivery.properties.headers().as_ref();
         let attempt = protocol::header_int(h, headers::ATTEMPT)
             .and_then(|a| u32::try_from(a).ok())
             .filter(|a| *a >= 1)
             .unwrap_or(1);
-
-        if let Some(version) = protocol::header_int(h, headers::PROTOCOL)
-            && version != protocol::PROTOCOL_VERSION
-        {
-            return Outcome::DeadLetter(TaskFailure::new(
-                ErrorKind::UnsupportedVersion,
-                format!(
-                    "protocol version {version} is not supported; this worker speaks {}",
-                    protocol::PROTOCOL_VERSION
-                ),
-            ));
-        }
-        if delivery.data.len() > self.max_body_bytes {
-            return Outcome::DeadLetter(TaskFailure::new(
-                ErrorKind::TooLarge,
-                format!(
-                    "body is {} bytes; this worker accepts at most {}",
-                    delivery.data.len(),
-                    self.max_body_bytes
-                ),
-            ));
+        if let Err(outcome) = check_envelope(delivery, self.max_body_bytes) {
+            return outcome;
         }
         let request = match Request::decode(&delivery.data) {
             Ok(r) => r,
-            Err(failure) => return Outcome::DeadLetter(failure),
+            Err(failure) => return Outcome::DeadLetter { reason: DeadReason::Rejected, failure },
         };
-        let deadline = protocol::header_int(h, headers::DEADLINE).map(protocol::from_epoch_millis);
         let span = tracing::info_span!(
             "task",
             task.id = %envelope.id,
             task.function = %request.function,
             attempt,
         );
-        async {
-            if let Some(deadline) = deadline
-                && deadline <= SystemTime::now()
-            {
-                tracing::info!("deadline passed before the task started; not running it");
-                return Outcome::Reply(Reply::Err(TaskFailure::new(
-                    ErrorKind::Expired,
-                    "the task's deadline passed before a worker could start it",
-                )));
-            }
-            let Some(handler) = self.registry.get(&request.function) else {
-                return Outcome::DeadLetter(TaskFailure::new(
-                    ErrorKind::UnknownFunction,
-                    format!(
-                        "no handler for {:?} on this worker (it serves {})",
-                        request.function,
-                        self.registry.functions().join(", ")
-                    ),
-                ));
-            };
-            let cancel = self.abort.child_token();
-            let ctx = TaskContext {
-                id: envelope.id.clone(),
-                function: request.function.as_str().into(),
-                attempt,
-                redelivered: delivery.redelivered,
-                deadline,
-                cancel: cancel.clone(),
-                state: self.state.clone(),
-            };
-            let started = std::time::Instant::now();
-            // Its own tokio task: a panic stays there and comes back as a JoinError.
-            let mut run = tokio::spawn(handler(request.args, ctx).in_current_span());
-            let outcome = tokio::select! {
-                joined = &mut run => match joined {
-                    Ok(Ok(value)) => Outcome::Reply(Reply::Ok(value)),
-                    Ok(Err(HandlerFailure::InvalidArgs(m))) => {
-                        Outcome::DeadLetter(TaskFailure::new(ErrorKind::InvalidArgs, m))
-                    }
-                    Ok(Err(failure)) => Outcome::Reply(Reply::Err(failure.to_failure())),
-                    Err(e) if e.is_panic() => Outcome::Reply(Reply::Err(TaskFailure::new(
-                        ErrorKind::Panicked,
-                        format!("handler panicked: {}", panic_message(e.into_panic())),
-                    ))),
-                    Err(e) => Outcome::Reply(Reply::Err(TaskFailure::new(
-                        ErrorKind::HandlerFailed,
-                        format!("handler was cancelled: {e}"),
-                    ))),
-                },
-                () = self.abort.cancelled() => {
-                    run.abort();
-                    tracing::info!("worker stopping; handing the unfinished task back");
-                    return Outcome::HandBack;
-                }
-                () = tokio::time::sleep(self.time_limit) => {
-                    cancel.cancel();
-                    run.abort();
-                    Outcome::Reply(Reply::Err(TaskFailure::new(
-                        ErrorKind::Timeout,
-                        format!("handler ran past its time limit of {:?}", self.time_limit),
-                    )))
-                }
-            };
-            match &outcome {
-                Outcome::Reply(Reply::Ok(_)) => {
-                    tracing::debug!(
-                        elapsed_ms = started.elapsed().as_millis() as u64,
-                        "task done"
-                    );
-                }
-                Outcome::Reply(Reply::Err(f)) | Outcome::DeadLetter(f) => {
-                    tracing::warn!(kind = %f.kind, error = %f.message, "task failed");
-                }
-                Outcome::HandBack => {}
-            }
-            outcome
-        }
-        .instrument(span)
-        .await
+        self.run(delivery, envelope, request, attempt).instrument(span).await
     }
+
+    async fn run(&self, delivery: &Delivery, envelope: &Envelope, request: Request, attempt: u32) -> Outcome {
+        let h = delivery.properties.headers().as_ref();
+        let deadline = protocol::header_int(h, headers::DEADLINE).map(protocol::from_epoch_millis);
+        if let Some(deadline) = deadline
+            && deadline <= SystemTime::now()
+        {
+            tracing::info!("deadline passed before the task started; not running it");
+            return Outcome::Reply(Reply::Err(TaskFailure::new(
+                ErrorKind::Expired,
+                "the task's deadline passed before a worker could start it",
+            )));
+        }
+        let Some(entry) = self.registry.get(&request.function) else {
+            return rejected(
+                ErrorKind::UnknownFunction,
+                format!(
+                    "no handler for {:?} on this worker (it serves {})",
+                    request.function,
+                    self.registry.functions().join(", ")
+                ),
+            );
+        };
+        let policy = entry.policy.as_ref().unwrap_or(&self.policy).overridden_by(h);
+        let cancel = self.abort.child_token();
+        let ctx = TaskContext {
+            id: envelope.id.clone(),
+            function: request.function.as_str().into(),
+            attempt,
+            max_attempts: policy.max_attempts,
+            redelivered: delivery.redelivered,
+            deadline,
+            cancel: cancel.clone(),
+            state: self.state.clone(),
+        };
+        let started = std::time::Instant::now();
+        // Its own tokio task: a panic stays there and comes back as a JoinError.
+        let mut run = tokio::spawn((entry.run)(request.args, ctx).in_current_span());
+        let failed = tokio::select! {
+            joined = &mut run => match joined {
+                Ok(Ok(value)) => {
+                    tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "task done");
+                    return Outcome::Reply(Reply::Ok(value));
+                }
+                Ok(Err(HandlerFailure::InvalidArgs(m))) => {
+                    return rejected(ErrorKind::InvalidArgs, m);
+                }
+                Ok(Err(HandlerFailure::Task(e))) => (e.to_failure(), e.retry()),
+                Err(e) if e.is_panic() => (
+                    TaskFailure::new(ErrorKind::Panicked, format!("handler panicked: {}", panic_message(e.into_panic()))),
+                    Retry::Retryable,
+                ),
+                Err(e) => (TaskFailure::new(ErrorKind::HandlerFailed, format!("handler was cancelled: {e}")), Retry::Retryable),
+            },
+            () = self.abort.cancelled() => {
+                run.abort();
+                tracing::info!("worker stopping; handing the unfinished task back");
+                return Outcome::HandBack;
+            }
+            () = tokio::time::sleep(policy.time_limit) => {
+                // Tell a cooperative handler, then stop waiting for it.
+                cancel.cancel();
+                run.abort();
+                (
+                    TaskFailure::new(ErrorKind::Timeout, format!("handler ran past its time limit of {:?}", policy.time_limit)),
+                    Retry::Retryable,
+                )
+            }
+        };
+        let (failure, retry) = failed;
+        let outcome = after_failure(&policy, attempt, deadline, failure, retry);
+        match &outcome {
+            Outcome::Retry { delay, failure } => {
+                tracing::warn!(kind = %failure.kind, error = %failure.message, retry_in = ?delay, "attempt failed; retrying");
+            }
+            Outcome::DeadLetter { reason, failure } => {
+                tracing::warn!(kind = %failure.kind, error = %failure.message, reason = reason.as_str(), "task failed for good");
+            }
+            _ => {}
+        }
+        outcome
+    }
+}
+
+/// Retry, or give up: the retry decision in one pure function.
+pub(crate) fn after_failure(
+    policy: &Policy,
+    attempt: u32,
+    deadline: Option<SystemTime>,
+    failure: TaskFailure,
+    retry: Retry,
+) -> Outcome {
+    if retry == Retry::Permanent {
+        return Outcome::DeadLetter { reason: DeadReason::PermanentFailure, failure };
+    }
+    if attempt >= policy.max_attempts {
+        return Outcome::DeadLetter { reason: DeadReason::AttemptsExhausted, failure };
+    }
+    let delay = policy.delay_after(attempt);
+    if let Some(deadline) = deadline
+        && SystemTime::now() + delay >= deadline
+    {
+        // The next attempt would start after the caller stopped waiting.
+        return Outcome::DeadLetter { reason: DeadReason::AttemptsExhausted, failure };
+    }
+    Outcome::Retry { delay, failure }
 }
 
 fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
@@ -161,5 +212,59 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
             Ok(s) => (*s).to_owned(),
             Err(_) => "(non-string panic payload)".to_owned(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn failure() -> TaskFailure {
+        TaskFailure::new(ErrorKind::HandlerFailed, "nope")
+    }
+
+    fn policy() -> Policy {
+        Policy {
+            max_attempts: 3,
+            backoff: vec![Duration::from_millis(100), Duration::from_millis(500)],
+            ..Policy::default()
+        }
+    }
+
+    #[test]
+    fn retryable_failures_retry_on_schedule_until_the_budget_is_spent() {
+        let p = policy();
+        assert_eq!(
+            after_failure(&p, 1, None, failure(), Retry::Retryable),
+            Outcome::Retry { delay: Duration::from_millis(100), failure: failure() }
+        );
+        assert_eq!(
+            after_failure(&p, 2, None, failure(), Retry::Retryable),
+            Outcome::Retry { delay: Duration::from_millis(500), failure: failure() }
+        );
+        assert_eq!(
+            after_failure(&p, 3, None, failure(), Retry::Retryable),
+            Outcome::DeadLetter { reason: DeadReason::AttemptsExhausted, failure: failure() }
+        );
+    }
+
+    #[test]
+    fn permanent_failures_are_dead_lettered_at_once() {
+        assert_eq!(
+            after_failure(&policy(), 1, None, failure(), Retry::Permanent),
+            Outcome::DeadLetter { reason: DeadReason::PermanentFailure, failure: failure() }
+        );
+    }
+
+    #[test]
+    fn no_retry_past_the_deadline() {
+        let soon = SystemTime::now() + Duration::from_millis(50);
+        assert_eq!(
+            after_failure(&policy(), 1, Some(soon), failure(), Retry::Retryable),
+            Outcome::DeadLetter { reason: DeadReason::AttemptsExhausted, failure: failure() }
+        );
+        let later = SystemTime::now() + Duration::from_secs(60);
+        assert!(matches!(after_failure(&policy(), 1, Some(later), failure(), Retry::Retryable), Outcome::Retry { .. }));
     }
 }

@@ -127,6 +127,7 @@ pub struct TaskContext {
     pub(crate) id: TaskId,
     pub(crate) function: Arc<str>,
     pub(crate) attempt: u32,
+    pub(crate) max_attempts: u32,
     pub(crate) redelivered: bool,
     pub(crate) deadline: Option<SystemTime>,
     pub(crate) cancel: CancellationToken,
@@ -139,6 +140,7 @@ impl fmt::Debug for TaskContext {
             .field("id", &self.id)
             .field("function", &self.function)
             .field("attempt", &self.attempt)
+            .field("max_attempts", &self.max_attempts)
             .field("redelivered", &self.redelivered)
             .field("deadline", &self.deadline)
             .finish_non_exhaustive()
@@ -159,6 +161,11 @@ impl TaskContext {
     /// 1 for the first attempt.
     pub fn attempt(&self) -> u32 {
         self.attempt
+    }
+
+    /// Attempts this task gets in all; `attempt() == max_attempts()` is the last one.
+    pub fn max_attempts(&self) -> u32 {
+        self.max_attempts
     }
 
     /// True when the broker delivered this message before (a worker died or lost its

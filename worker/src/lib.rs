@@ -33,5 +33,5 @@ pub use builtin::builtin_registry;
 pub use consumer::{RunningWorker, WorkerError, WorkerSettings, run, start};
 pub use handler::{Handler, Retry, TaskContext, TaskError};
 pub use mail::Mailer;
-pub use outcome::Outcome;
+pub use outcome::{DeadReason, Outcome};
 pub use registry::Registry;

@@ -1,29 +1,68 @@
 //! What happens to a delivery once its task has been judged: the only code that acks.
 //!
-//! The order is the delivery contract: first everything the outcome publishes (the dead-letter
-//! copy, the reply) is confirmed by the broker, then the original is acked. A crash in between
-//! means the task is delivered again (at least once), never that it is lost. When a publish
-//! fails the delivery is handed back (`nack` with requeue) so that another attempt can settle it.
+//! The order is the delivery contract: first everything the outcome publishes (the retry copy,
+//! the dead-letter copy, the reply) is confirmed by the broker, then the original is acked. A
+//! crash in between means the task is delivered again (at least once), never that it is lost.
+//! When a publish fails the delivery is handed back (`nack` with requeue) so that another
+//! attempt can settle it; the queue's delivery limit stops that from looping forever.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::FieldTable;
+use tokio::sync::OnceCell;
 use warren_shared::pool::{Publication, PublishError, publish_confirmed};
 use warren_shared::protocol::{self, headers};
-use warren_shared::{ChannelPool, Reply, TaskFailure, TaskId};
+use warren_shared::{ChannelPool, Reply, TaskFailure, TaskId, topology};
+
+/// Why a task was parked in the dead-letter queue (the `x-warren-dead-reason` header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DeadReason {
+    /// The input cannot run as it is (malformed, unknown function, bad arguments, too large...).
+    Rejected,
+    /// The handler failed with a permanent error.
+    PermanentFailure,
+    /// Every attempt failed, or no attempt could start before the deadline.
+    AttemptsExhausted,
+}
+
+impl DeadReason {
+    /// The header value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Rejected => "rejected",
+            Self::PermanentFailure => "permanent_failure",
+            Self::AttemptsExhausted => "attempts_exhausted",
+        }
+    }
+}
 
 /// The verdict on one delivery.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    /// The task ran (or could not run for a reason that is final, such as an expired deadline):
-    /// reply if the caller asked for one, then ack.
+    /// Final: reply if the caller asked for one, then ack.
     Reply(Reply),
-    /// The task must not run as it is (bad input): park a copy in the dead-letter queue with the
-    /// reason, reply with the failure if possible, then ack.
-    DeadLetter(TaskFailure),
+    /// Run it again after `delay`: a copy with the attempt incremented goes to the delay queue;
+    /// the caller keeps waiting.
+    Retry {
+        /// The backoff delay.
+        delay: Duration,
+        /// Why this attempt failed.
+        failure: TaskFailure,
+    },
+    /// Final failure: park a copy in the dead-letter queue with the reason, reply with the
+    /// failure if possible, then ack.
+    DeadLetter {
+        /// Why it is parked.
+        reason: DeadReason,
+        /// The last failure.
+        failure: TaskFailure,
+    },
     /// The worker is stopping and gave up on the task before it finished: hand it back to the
     /// queue (`nack` with requeue) for another worker, without replying.
     HandBack,
@@ -49,12 +88,8 @@ impl Envelope {
             .reply_to()
             .as_ref()
             .map(|s| s.to_string())
-            .filter(|r| !r.is_empty());
-        Self {
-            id,
-            reply_to,
-            correlation_id,
-        }
+            .filter(|r| !r.is_empty() && !r.chars().any(char::is_control));
+        Self { id, reply_to, correlation_id }
     }
 }
 
@@ -62,9 +97,12 @@ impl Envelope {
 #[derive(Debug, Clone)]
 pub(crate) struct Settler {
     pub(crate) pool: ChannelPool,
+    pub(crate) queue: String,
     pub(crate) dead_queue: String,
     pub(crate) worker_name: String,
     pub(crate) publish_timeout: Duration,
+    /// Delay queues declared so far, by delay.
+    pub(crate) retry_queues: Arc<Mutex<HashMap<Duration, Arc<OnceCell<String>>>>>,
 }
 
 /// How settling ended.
@@ -75,59 +113,40 @@ pub(crate) enum Settled {
     /// The ack did not reach the broker (the channel closed or was recovered); the broker
     /// redelivers the task.
     AckLost,
-    /// A publish failed; the delivery was handed back to the queue.
+    /// Handed back to the queue, on purpose or because a publish failed.
     Requeued,
 }
 
 impl Settler {
-    pub(crate) async fn settle(
-        &self,
-        delivery: &Delivery,
-        envelope: &Envelope,
-        outcome: &Outcome,
-    ) -> Settled {
+    pub(crate) async fn settle(&self, delivery: &Delivery, envelope: &Envelope, outcome: &Outcome) -> Settled {
         if *outcome == Outcome::HandBack {
-            let _ = delivery
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    multiple: false,
-                })
-                .await;
+            let _ = delivery.nack(BasicNackOptions { requeue: true, multiple: false }).await;
             return Settled::Requeued;
         }
         if let Err(e) = self.publish_outcome(delivery, envelope, outcome).await {
-            tracing::warn!(error = %e, "could not publish the outcome; handing the task back");
+            tracing::warn!(task.id = %envelope.id, error = %e, "could not publish the outcome; handing the task back");
             // Ok(false) or Err both mean the channel is gone: the broker requeues it anyway.
-            let _ = delivery
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    multiple: false,
-                })
-                .await;
+            let _ = delivery.nack(BasicNackOptions { requeue: true, multiple: false }).await;
             return Settled::Requeued;
         }
         match delivery.ack(BasicAckOptions::default()).await {
             Ok(true) => Settled::Acked,
             Ok(false) | Err(_) => {
-                tracing::warn!("ack lost with the consumer channel; the broker will redeliver");
+                tracing::warn!(task.id = %envelope.id, "ack lost with the consumer channel; the broker will redeliver");
                 Settled::AckLost
             }
         }
     }
 
-    async fn publish_outcome(
-        &self,
-        delivery: &Delivery,
-        envelope: &Envelope,
-        outcome: &Outcome,
-    ) -> Result<(), PublishError> {
+    async fn publish_outcome(&self, delivery: &Delivery, envelope: &Envelope, outcome: &Outcome) -> Result<(), PublishError> {
         let reply = match outcome {
             Outcome::Reply(reply) => reply.clone(),
-            Outcome::HandBack => return Ok(()),
-            Outcome::DeadLetter(failure) => {
-                self.dead_letter(delivery, failure).await?;
+            Outcome::Retry { delay, failure } => return self.retry(delivery, *delay, failure).await,
+            Outcome::DeadLetter { reason, failure } => {
+                self.dead_letter(delivery, *reason, failure).await?;
                 Reply::Err(failure.clone())
             }
+            Outcome::HandBack => return Ok(()),
         };
         if let Some(reply_to) = &envelope.reply_to {
             self.reply(envelope, reply_to, &reply).await?;
@@ -135,49 +154,49 @@ impl Settler {
         Ok(())
     }
 
-    async fn dead_letter(
-        &self,
-        delivery: &Delivery,
-        failure: &TaskFailure,
-    ) -> Result<(), PublishError> {
-        let mut h = delivery.properties.headers().clone().unwrap_or_default();
-        protocol::set_header_str(&mut h, headers::DEAD_REASON, failure.kind.as_str());
-        protocol::set_header_str(&mut h, headers::DEAD_ERROR, &failure.message);
-        protocol::set_header_str(&mut h, headers::DEAD_BY, &self.worker_name);
-        protocol::set_header_int(
-            &mut h,
-            headers::DEAD_AT,
-            protocol::epoch_millis(SystemTime::now()),
-        );
-        let properties = delivery
-            .properties
-            .clone()
-            .with_headers(h)
-            .with_delivery_mode(2);
-        publish_confirmed(
-            &self.pool,
-            Publication {
-                exchange: "",
-                routing_key: &self.dead_queue,
-                body: &delivery.data,
-                properties,
-                mandatory: true,
-            },
-            self.publish_timeout,
-        )
-        .await
+    async fn retry_queue(&self, delay: Duration) -> Result<String, PublishError> {
+        let cell = {
+            let mut queues = self.retry_queues.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            queues.entry(delay).or_default().clone()
+        };
+        let name = cell
+            .get_or_try_init(|| async {
+                let channel = self.pool.get().await.map_err(|e| PublishError::NoChannel(e.to_string()))?;
+                Ok::<_, PublishError>(topology::declare_retry_queue(&channel, &self.queue, delay).await?)
+            })
+            .await?;
+        Ok(name.clone())
     }
 
-    async fn reply(
-        &self,
-        envelope: &Envelope,
-        reply_to: &str,
-        reply: &Reply,
-    ) -> Result<(), PublishError> {
-        let correlation = envelope
-            .correlation_id
-            .as_deref()
-            .unwrap_or(envelope.id.as_str());
+    async fn retry(&self, delivery: &Delivery, delay: Duration, failure: &TaskFailure) -> Result<(), PublishError> {
+        let mut h = delivery.properties.headers().clone().unwrap_or_default();
+        let attempt = protocol::header_int(Some(&h), headers::ATTEMPT).unwrap_or(1).max(1);
+        protocol::set_header_int(&mut h, headers::ATTEMPT, attempt + 1);
+        protocol::set_header_str(&mut h, headers::LAST_ERROR, &failure.to_string());
+        let properties = delivery.properties.clone().with_headers(h).with_delivery_mode(2);
+        let (exchange, routing_key) = if delay.is_zero() {
+            (topology::EXCHANGE.to_owned(), self.queue.clone())
+        } else {
+            (String::new(), self.retry_queue(delay).await?)
+        };
+        let publication = Publication { exchange: &exchange, routing_key: &routing_key, body: &delivery.data, properties, mandatory: true };
+        publish_confirmed(&self.pool, publication, self.publish_timeout).await
+    }
+
+    async fn dead_letter(&self, delivery: &Delivery, reason: DeadReason, failure: &TaskFailure) -> Result<(), PublishError> {
+        let mut h = delivery.properties.headers().clone().unwrap_or_default();
+        protocol::set_header_str(&mut h, headers::DEAD_REASON, reason.as_str());
+        protocol::set_header_str(&mut h, headers::DEAD_KIND, failure.kind.as_str());
+        protocol::set_header_str(&mut h, headers::DEAD_ERROR, &failure.message);
+        protocol::set_header_str(&mut h, headers::DEAD_BY, &self.worker_name);
+        protocol::set_header_int(&mut h, headers::DEAD_AT, protocol::epoch_millis(SystemTime::now()));
+        let properties = delivery.properties.clone().with_headers(h).with_delivery_mode(2);
+        let publication = Publication { exchange: "", routing_key: &self.dead_queue, body: &delivery.data, properties, mandatory: true };
+        publish_confirmed(&self.pool, publication, self.publish_timeout).await
+    }
+
+    async fn reply(&self, envelope: &Envelope, reply_to: &str, reply: &Reply) -> Result<(), PublishError> {
+        let correlation = envelope.correlation_id.as_deref().unwrap_or(envelope.id.as_str());
         let mut h = FieldTable::default();
         protocol::set_header_int(&mut h, headers::PROTOCOL, protocol::PROTOCOL_VERSION);
         let properties = BasicProperties::default()
@@ -189,17 +208,8 @@ impl Settler {
             .with_headers(h);
         // Not mandatory: RabbitMQ 3.10 returns direct replies it has delivered, and a reply to a
         // caller that has gone away has nobody to be returned to anyway.
-        publish_confirmed(
-            &self.pool,
-            Publication {
-                exchange: "",
-                routing_key: reply_to,
-                body: &reply.encode(),
-                properties,
-                mandatory: false,
-            },
-            self.publish_timeout,
-        )
-        .await
+        let body = reply.encode();
+        let publication = Publication { exchange: "", routing_key: reply_to, body: &body, properties, mandatory: false };
+        publish_confirmed(&self.pool, publication, self.publish_timeout).await
     }
 }

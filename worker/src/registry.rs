@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 use warren_shared::pool::BoxFuture;
-use warren_shared::{ErrorKind, TaskFailure};
+use warren_shared::Policy;
 
 use crate::handler::{Handler, StateMap, TaskContext, TaskError};
 
@@ -26,21 +26,21 @@ pub(crate) enum HandlerFailure {
     Task(TaskError),
 }
 
-impl HandlerFailure {
-    pub(crate) fn to_failure(&self) -> TaskFailure {
-        match self {
-            Self::InvalidArgs(m) => TaskFailure::new(ErrorKind::InvalidArgs, m.clone()),
-            Self::Task(e) => e.to_failure(),
-        }
-    }
-}
 
-type ErasedHandler = Arc<dyn Fn(Value, TaskContext) -> BoxFuture<HandlerResult> + Send + Sync>;
+pub(crate) type ErasedHandler =
+    Arc<dyn Fn(Value, TaskContext) -> BoxFuture<HandlerResult> + Send + Sync>;
+
+/// A registered function: how to run it, and its policy when it has one of its own.
+#[derive(Clone)]
+pub(crate) struct Entry {
+    pub(crate) run: ErasedHandler,
+    pub(crate) policy: Option<Policy>,
+}
 
 /// The functions a worker serves, and the state their handlers share.
 #[derive(Clone, Default)]
 pub struct Registry {
-    handlers: HashMap<&'static str, ErasedHandler>,
+    handlers: HashMap<&'static str, Entry>,
     state: StateMap,
 }
 
@@ -58,9 +58,21 @@ impl Registry {
         Self::default()
     }
 
-    /// Serves task type `H` under `H::NAME`. Registering a name twice keeps the last handler.
+    /// Serves task type `H` under `H::NAME` with the worker's default [`Policy`]. Registering a
+    /// name twice keeps the last handler.
     #[must_use]
-    pub fn register<H: Handler>(mut self) -> Self {
+    pub fn register<H: Handler>(self) -> Self {
+        self.insert::<H>(None)
+    }
+
+    /// Serves task type `H` with a [`Policy`] of its own (attempts, backoff, time limit).
+    /// A caller can still override it per task.
+    #[must_use]
+    pub fn register_with<H: Handler>(self, policy: Policy) -> Self {
+        self.insert::<H>(Some(policy))
+    }
+
+    fn insert<H: Handler>(mut self, policy: Option<Policy>) -> Self {
         let run: ErasedHandler = Arc::new(|args: Value, ctx: TaskContext| {
             Box::pin(async move {
                 // Missing arguments (null) also fit a task whose fields all have defaults.
@@ -81,7 +93,7 @@ impl Registry {
                 })
             })
         });
-        if self.handlers.insert(H::NAME, run).is_some() {
+        if self.handlers.insert(H::NAME, Entry { run, policy }).is_some() {
             tracing::warn!(
                 function = H::NAME,
                 "function registered twice; the last one wins"
@@ -104,7 +116,7 @@ impl Registry {
         names
     }
 
-    pub(crate) fn get(&self, function: &str) -> Option<ErasedHandler> {
+    pub(crate) fn get(&self, function: &str) -> Option<Entry> {
         self.handlers.get(function).cloned()
     }
 

@@ -10,6 +10,7 @@ use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use warren_shared::broker::{BrokerSettings, DEFAULT_AMQP_URL};
+use warren_shared::Policy;
 use warren_shared::topology::DEFAULT_QUEUE;
 use warren_worker::{Mailer, WorkerSettings, builtin_registry};
 
@@ -31,6 +32,13 @@ struct Args {
     /// consumer_timeout (30 min by default).
     #[arg(long, env = "WARREN_TIME_LIMIT", default_value = "5m", value_parser = humantime::parse_duration)]
     time_limit: Duration,
+    /// Attempts a task gets in all, unless its caller says otherwise.
+    #[arg(long, env = "WARREN_MAX_ATTEMPTS", default_value_t = 3,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_attempts: u32,
+    /// Delays between attempts, comma-separated (e.g. `1s,10s,1m`); the last one repeats.
+    #[arg(long, env = "WARREN_BACKOFF", default_value = "1s,10s,1m", value_parser = parse_backoff)]
+    backoff: Backoff,
     /// On SIGTERM, how long in-flight tasks may take to finish before they are handed back.
     #[arg(long, env = "WARREN_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
@@ -43,6 +51,17 @@ struct Args {
     /// SMTP relay for send_mail, e.g. `smtp://relay:25` or `smtps://user:pass@host:465`.
     #[arg(long, env = "WARREN_SMTP_URL", hide_env_values = true)]
     smtp_url: Option<String>,
+}
+
+/// A backoff schedule from the command line.
+#[derive(Debug, Clone)]
+struct Backoff(Vec<Duration>);
+
+fn parse_backoff(text: &str) -> Result<Backoff, String> {
+    text.split(',')
+        .map(|part| humantime::parse_duration(part.trim()).map_err(|e| format!("{part:?}: {e}")))
+        .collect::<Result<Vec<_>, _>>()
+        .map(Backoff)
 }
 
 #[tokio::main]
@@ -67,7 +86,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         broker: BrokerSettings::new(args.amqp_url),
         queue: args.queue,
         concurrency: args.concurrency,
-        time_limit: args.time_limit,
+        policy: Policy { max_attempts: args.max_attempts, backoff: args.backoff.0, time_limit: args.time_limit },
         max_body_bytes: args.max_body_bytes,
         shutdown_grace: args.shutdown_grace,
         ..WorkerSettings::default()
