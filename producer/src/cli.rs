@@ -1,4 +1,4 @@
-//! The `warren` command line: `call`, `enqueue` and `demo`.
+//! The `warren` command line: `call`, `enqueue`, `dlq` and `demo`.
 //!
 //! Results go to stdout (JSON, one line); errors go to stderr as `error: <kind>: <message>`,
 //! with a non-zero exit status, so scripts can tell the two apart.
@@ -14,6 +14,7 @@ use warren_shared::topology::DEFAULT_QUEUE;
 
 use crate::client::{CallOptions, Client, ClientSettings};
 use crate::demo::{self, DemoOptions};
+use crate::dlq::Replay;
 use crate::error::Error;
 
 /// Warren: call and enqueue tasks on RabbitMQ-backed workers.
@@ -54,6 +55,15 @@ pub enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Inspect and replay the tasks parked in the dead-letter queue.
+    Dlq {
+        /// What to do with the dead letters.
+        #[command(subcommand)]
+        action: DlqAction,
+        /// Queue.
+        #[command(flatten)]
+        target: Target,
+    },
     /// Mail 1000 users through workers, without blocking, and report how it went.
     Demo {
         /// Queue.
@@ -74,11 +84,38 @@ pub enum Command {
     },
 }
 
+/// `warren dlq ...`.
+#[derive(Debug, Subcommand)]
+pub enum DlqAction {
+    /// One line per parked task: id, function, reason, kind, attempts, when, error.
+    List {
+        /// Show at most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Everything about one parked task, as JSON.
+    Show {
+        /// The task id.
+        id: String,
+    },
+    /// Send parked tasks back to the work queue with a fresh attempt budget.
+    Replay {
+        /// The task id (or --all).
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<String>,
+        /// Replay every parked task.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Delete every parked task.
+    Purge,
+}
+
 /// The queue flag shared by every subcommand.
 #[derive(Debug, Args)]
 pub struct Target {
     /// Work queue.
-    #[arg(long, env = "WARREN_QUEUE", default_value = DEFAULT_QUEUE)]
+    #[arg(long, global = true, env = "WARREN_QUEUE", default_value = DEFAULT_QUEUE)]
     pub queue: String,
 }
 
@@ -128,6 +165,14 @@ async fn execute(cli: Cli) -> Result<(), String> {
             client.close().await;
             println!("{}", id.map_err(describe)?);
         }
+        Command::Dlq { action, target } => {
+            let client = Client::connect(settings(&target.queue))
+                .await
+                .map_err(describe)?;
+            let done = dlq(&client, &target.queue, action).await;
+            client.close().await;
+            done?;
+        }
         Command::Demo {
             target,
             tasks,
@@ -155,6 +200,65 @@ async fn execute(cli: Cli) -> Result<(), String> {
                     summary.failures, summary.tasks
                 ));
             }
+        }
+    }
+    Ok(())
+}
+
+async fn dlq(client: &Client, queue: &str, action: &DlqAction) -> Result<(), String> {
+    match action {
+        DlqAction::List { limit } => {
+            let dead = client.dead_letters(queue, *limit).await.map_err(describe)?;
+            if dead.is_empty() {
+                eprintln!("no dead letters in {queue}.dead");
+            }
+            for d in dead {
+                let when = d
+                    .dead_at
+                    .map(|t| humantime::format_rfc3339_seconds(t).to_string());
+                println!(
+                    "{}  {}  {}  {}  attempts={}  {}  {}",
+                    d.id,
+                    d.function.as_deref().unwrap_or("-"),
+                    d.reason,
+                    d.kind.as_deref().unwrap_or("-"),
+                    d.attempts.map_or_else(|| "-".to_owned(), |a| a.to_string()),
+                    when.as_deref().unwrap_or("-"),
+                    d.error.as_deref().unwrap_or("-"),
+                );
+            }
+        }
+        DlqAction::Show { id } => {
+            let dead = client
+                .dead_letters(queue, usize::MAX)
+                .await
+                .map_err(describe)?;
+            let found = dead
+                .into_iter()
+                .find(|d| &d.id == id)
+                .ok_or_else(|| format!("no dead letter with id {id} in {queue}.dead"))?;
+            let json = serde_json::to_string_pretty(&found).map_err(|e| e.to_string())?;
+            println!("{json}");
+        }
+        DlqAction::Replay { id, all } => {
+            let which = match (id, all) {
+                (Some(id), false) => Replay::One(id.clone()),
+                _ => Replay::All,
+            };
+            let replayed = client
+                .replay_dead_letters(queue, &which)
+                .await
+                .map_err(describe)?;
+            if let Replay::One(id) = &which
+                && replayed == 0
+            {
+                return Err(format!("no dead letter with id {id} in {queue}.dead"));
+            }
+            println!("replayed {replayed}");
+        }
+        DlqAction::Purge => {
+            let purged = client.purge_dead_letters(queue).await.map_err(describe)?;
+            println!("purged {purged}");
         }
     }
     Ok(())

@@ -17,6 +17,7 @@ use lapin::{BasicProperties, Channel, Connection};
 use serde_json::Value;
 use tokio::sync::{OnceCell, oneshot};
 use warren_shared::broker::{self, BrokerError, BrokerSettings, Purpose};
+use warren_shared::policy;
 use warren_shared::pool::{self, ChannelSetup, Publication, publish_confirmed};
 use warren_shared::protocol::{self, DIRECT_REPLY_TO, headers};
 use warren_shared::{ChannelPool, Reply, Request, Task, TaskId, topology};
@@ -62,9 +63,36 @@ pub struct CallOptions {
     /// deadline is now + this, and a worker that gets it later answers `expired` instead of
     /// running it. `enqueue` sets no deadline unless this is set.
     pub timeout: Option<Duration>,
+    /// Attempts the task gets in all (overrides the worker's policy for this task).
+    pub max_attempts: Option<u32>,
+    /// Delays between attempts (overrides the worker's policy for this task).
+    pub backoff: Option<Vec<Duration>>,
+    /// Execution time limit of one attempt (overrides the worker's policy for this task).
+    pub time_limit: Option<Duration>,
 }
 
 impl CallOptions {
+    /// Gives the task `attempts` attempts in all.
+    #[must_use]
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.max_attempts = Some(attempts);
+        self
+    }
+
+    /// Waits `backoff[n-1]` before attempt n+1 (the last delay repeats).
+    #[must_use]
+    pub fn backoff(mut self, backoff: Vec<Duration>) -> Self {
+        self.backoff = Some(backoff);
+        self
+    }
+
+    /// Lets one attempt run at most `limit`.
+    #[must_use]
+    pub fn time_limit(mut self, limit: Duration) -> Self {
+        self.time_limit = Some(limit);
+        self
+    }
+
     /// Sends to `queue`.
     #[must_use]
     pub fn queue(mut self, queue: impl Into<String>) -> Self {
@@ -350,6 +378,14 @@ impl Client {
             .await;
     }
 
+    pub(crate) fn connection(&self) -> &Connection {
+        &self.inner.connection
+    }
+
+    pub(crate) fn pool(&self) -> &ChannelPool {
+        &self.inner.pool
+    }
+
     async fn channel(&self) -> Result<deadpool::managed::Object<pool::ChannelManager>, Error> {
         self.inner
             .pool
@@ -397,6 +433,16 @@ impl Client {
         protocol::set_header_int(&mut h, headers::ATTEMPT, 1);
         if let Some(deadline) = deadline {
             protocol::set_header_int(&mut h, headers::DEADLINE, protocol::epoch_millis(deadline));
+        }
+        if let Some(n) = options.max_attempts {
+            protocol::set_header_int(&mut h, headers::MAX_ATTEMPTS, i64::from(n));
+        }
+        if let Some(backoff) = &options.backoff {
+            protocol::set_header_str(&mut h, headers::BACKOFF, &policy::format_backoff(backoff));
+        }
+        if let Some(limit) = options.time_limit {
+            let ms = i64::try_from(limit.as_millis()).unwrap_or(i64::MAX);
+            protocol::set_header_int(&mut h, headers::TIME_LIMIT, ms);
         }
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)

@@ -6,6 +6,7 @@
 //!   fire-and-forget, with typed tasks ([`warren_shared::Task`]) or plain JSON.
 //! - [`error`]: [`Error`], every way a call can end without a result.
 //! - [`cli`]: the `warren` command line (`call`, `enqueue`, `demo`).
+//! - [`dlq`]: list, show, replay and purge tasks parked in a dead-letter queue.
 //! - [`demo`]: the motivating scenario, mail to 1000 users without blocking.
 //!
 //! ```no_run
@@ -21,7 +22,9 @@
 pub mod cli;
 pub mod client;
 pub mod demo;
+pub mod dlq;
 pub mod error;
 
 pub use client::{CallOptions, Client, ClientSettings, QueueStats};
+pub use dlq::{DeadLetter, Replay};
 pub use error::Error;

@@ -27,7 +27,11 @@ impl Default for Policy {
     fn default() -> Self {
         Self {
             max_attempts: 3,
-            backoff: vec![Duration::from_secs(1), Duration::from_secs(10), Duration::from_secs(60)],
+            backoff: vec![
+                Duration::from_secs(1),
+                Duration::from_secs(10),
+                Duration::from_secs(60),
+            ],
             time_limit: Duration::from_secs(300),
         }
     }
@@ -37,21 +41,29 @@ impl Policy {
     /// The delay before the attempt after `attempt` (1-based); zero when the schedule is empty.
     pub fn delay_after(&self, attempt: u32) -> Duration {
         let index = usize::try_from(attempt.saturating_sub(1)).unwrap_or(usize::MAX);
-        self.backoff.get(index).or_else(|| self.backoff.last()).copied().unwrap_or_default()
+        self.backoff
+            .get(index)
+            .or_else(|| self.backoff.last())
+            .copied()
+            .unwrap_or_default()
     }
 
     /// This policy with the caller's overrides from `h` applied (invalid values are ignored).
     pub fn overridden_by(&self, h: Option<&FieldTable>) -> Self {
         let mut policy = self.clone();
-        if let Some(n) = protocol::header_int(h, headers::MAX_ATTEMPTS).and_then(|n| u32::try_from(n).ok())
+        if let Some(n) =
+            protocol::header_int(h, headers::MAX_ATTEMPTS).and_then(|n| u32::try_from(n).ok())
             && n >= 1
         {
             policy.max_attempts = n;
         }
-        if let Some(backoff) = protocol::header_str(h, headers::BACKOFF).and_then(|s| parse_backoff(&s)) {
+        if let Some(backoff) =
+            protocol::header_str(h, headers::BACKOFF).and_then(|s| parse_backoff(&s))
+        {
             policy.backoff = backoff;
         }
-        if let Some(ms) = protocol::header_int(h, headers::TIME_LIMIT).and_then(|n| u64::try_from(n).ok())
+        if let Some(ms) =
+            protocol::header_int(h, headers::TIME_LIMIT).and_then(|n| u64::try_from(n).ok())
             && ms >= 1
         {
             policy.time_limit = Duration::from_millis(ms);
@@ -76,14 +88,23 @@ impl Policy {
 pub fn parse_backoff(text: &str) -> Option<Vec<Duration>> {
     const DAY_MS: u64 = 24 * 60 * 60 * 1000;
     text.split(',')
-        .map(|part| part.trim().parse::<u64>().ok().filter(|ms| (1..=DAY_MS).contains(ms)))
+        .map(|part| {
+            part.trim()
+                .parse::<u64>()
+                .ok()
+                .filter(|ms| (1..=DAY_MS).contains(ms))
+        })
         .map(|ms| ms.map(Duration::from_millis))
         .collect()
 }
 
 /// Delays as the comma-separated milliseconds of [`headers::BACKOFF`].
 pub fn format_backoff(backoff: &[Duration]) -> String {
-    backoff.iter().map(|d| d.as_millis().to_string()).collect::<Vec<_>>().join(",")
+    backoff
+        .iter()
+        .map(|d| d.as_millis().to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 #[cfg(test)]
@@ -92,11 +113,21 @@ mod tests {
 
     #[test]
     fn delays_follow_the_schedule_then_repeat_the_last() {
-        let p = Policy { backoff: vec![Duration::from_millis(100), Duration::from_millis(300)], ..Policy::default() };
+        let p = Policy {
+            backoff: vec![Duration::from_millis(100), Duration::from_millis(300)],
+            ..Policy::default()
+        };
         assert_eq!(p.delay_after(1), Duration::from_millis(100));
         assert_eq!(p.delay_after(2), Duration::from_millis(300));
         assert_eq!(p.delay_after(7), Duration::from_millis(300));
-        assert_eq!(Policy { backoff: vec![], ..Policy::default() }.delay_after(1), Duration::ZERO);
+        assert_eq!(
+            Policy {
+                backoff: vec![],
+                ..Policy::default()
+            }
+            .delay_after(1),
+            Duration::ZERO
+        );
     }
 
     #[test]
@@ -108,7 +139,10 @@ mod tests {
         protocol::set_header_int(&mut h, headers::TIME_LIMIT, 1500);
         let p = base.overridden_by(Some(&h));
         assert_eq!(p.max_attempts, 5);
-        assert_eq!(p.backoff, vec![Duration::from_millis(200), Duration::from_millis(400)]);
+        assert_eq!(
+            p.backoff,
+            vec![Duration::from_millis(200), Duration::from_millis(400)]
+        );
         assert_eq!(p.time_limit, Duration::from_millis(1500));
 
         let mut bad = FieldTable::default();
@@ -120,7 +154,11 @@ mod tests {
 
     #[test]
     fn headers_round_trip() {
-        let p = Policy { max_attempts: 4, backoff: vec![Duration::from_millis(250)], time_limit: Duration::from_secs(2) };
+        let p = Policy {
+            max_attempts: 4,
+            backoff: vec![Duration::from_millis(250)],
+            time_limit: Duration::from_secs(2),
+        };
         let mut h = FieldTable::default();
         p.write_headers(&mut h);
         assert_eq!(Policy::default().overridden_by(Some(&h)), p);

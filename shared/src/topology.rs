@@ -54,9 +54,9 @@ impl QueueNames {
 /// The delay queue for retries after `delay`: `<queue>.retry.1s`, `.retry.250ms`, `.retry.2m`.
 pub fn retry_queue_name(queue: &str, delay: Duration) -> String {
     let ms = delay.as_millis();
-    let label = if ms > 0 && ms % 60_000 == 0 {
+    let label = if ms > 0 && ms.is_multiple_of(60_000) {
         format!("{}m", ms / 60_000)
-    } else if ms > 0 && ms % 1000 == 0 {
+    } else if ms > 0 && ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
         format!("{ms}ms")
@@ -80,11 +80,25 @@ pub async fn declare_retry_queue(
         "x-message-ttl".into(),
         AMQPValue::LongLongInt(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
     );
-    args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
-    args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(queue.into()));
-    args.insert("x-dead-letter-strategy".into(), AMQPValue::LongString("at-least-once".into()));
-    args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
-    channel.queue_declare(name.as_str().into(), QueueDeclareOptions::durable(), args).await?;
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString("".into()),
+    );
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(queue.into()),
+    );
+    args.insert(
+        "x-dead-letter-strategy".into(),
+        AMQPValue::LongString("at-least-once".into()),
+    );
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    channel
+        .queue_declare(name.as_str().into(), QueueDeclareOptions::durable(), args)
+        .await?;
     Ok(name)
 }
 
@@ -219,10 +233,22 @@ mod tests {
 
     #[test]
     fn retry_queues_are_named_by_their_delay() {
-        assert_eq!(retry_queue_name("q", Duration::from_millis(250)), "q.retry.250ms");
-        assert_eq!(retry_queue_name("q", Duration::from_secs(10)), "q.retry.10s");
-        assert_eq!(retry_queue_name("q", Duration::from_secs(120)), "q.retry.2m");
-        assert_eq!(retry_queue_name("q", Duration::from_millis(1500)), "q.retry.1500ms");
+        assert_eq!(
+            retry_queue_name("q", Duration::from_millis(250)),
+            "q.retry.250ms"
+        );
+        assert_eq!(
+            retry_queue_name("q", Duration::from_secs(10)),
+            "q.retry.10s"
+        );
+        assert_eq!(
+            retry_queue_name("q", Duration::from_secs(120)),
+            "q.retry.2m"
+        );
+        assert_eq!(
+            retry_queue_name("q", Duration::from_millis(1500)),
+            "q.retry.1500ms"
+        );
     }
 
     #[test]

@@ -8,6 +8,9 @@
 //! - the built binaries (`warren`, `warren-worker`) as child processes that are always stopped;
 //! - polling a real broker condition with a bound, for the few places where no event exists.
 
+pub mod raw;
+pub mod tasks;
+
 use std::future::Future;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -43,6 +46,7 @@ pub fn init_tracing() {
 pub struct TestQueue {
     /// The work queue's name, `test.<label>.<uuid>`.
     pub name: String,
+    retry_delays: std::sync::Mutex<Vec<Duration>>,
 }
 
 impl TestQueue {
@@ -51,12 +55,32 @@ impl TestQueue {
         init_tracing();
         Self {
             name: format!("test.{label}.{}", uuid::Uuid::new_v4().simple()),
+            retry_delays: std::sync::Mutex::default(),
         }
+    }
+
+    /// Also deletes the delay queues of these backoff delays at the end.
+    pub fn with_retry_delays(self, delays: &[Duration]) -> Self {
+        self.retry_delays
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend_from_slice(delays);
+        self
     }
 
     /// Every queue Warren may declare for this work queue.
     pub fn all_names(&self) -> Vec<String> {
-        vec![self.name.clone(), format!("{}.dead", self.name)]
+        let mut names = vec![self.name.clone(), format!("{}.dead", self.name)];
+        let delays = self
+            .retry_delays
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        names.extend(
+            delays
+                .iter()
+                .map(|d| warren_shared::topology::retry_queue_name(&self.name, *d)),
+        );
+        names
     }
 
     /// A client whose default queue is this one.

@@ -24,6 +24,10 @@ use crate::handler::{Retry, StateMap, TaskContext};
 use crate::outcome::{DeadReason, Envelope, Outcome};
 use crate::registry::{HandlerFailure, Registry};
 
+/// How long a handler past its time limit has, after its cancellation fires, before the
+/// worker drops it.
+const CANCEL_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// What the executor needs besides the delivery.
 #[derive(Debug, Clone)]
 pub(crate) struct Executor {
@@ -43,7 +47,10 @@ impl std::fmt::Debug for StateMap {
 }
 
 fn rejected(kind: ErrorKind, message: impl Into<String>) -> Outcome {
-    Outcome::DeadLetter { reason: DeadReason::Rejected, failure: TaskFailure::new(kind, message) }
+    Outcome::DeadLetter {
+        reason: DeadReason::Rejected,
+        failure: TaskFailure::new(kind, message),
+    }
 }
 
 /// Checks what must hold before a body is even parsed.
@@ -63,13 +70,19 @@ fn check_envelope(delivery: &Delivery, max_body_bytes: usize) -> Result<(), Outc
     if delivery.data.len() > max_body_bytes {
         return Err(rejected(
             ErrorKind::TooLarge,
-            format!("body is {} bytes; this worker accepts at most {max_body_bytes}", delivery.data.len()),
+            format!(
+                "body is {} bytes; this worker accepts at most {max_body_bytes}",
+                delivery.data.len()
+            ),
         ));
     }
     if let Some(reply_to) = delivery.properties.reply_to().as_ref()
         && reply_to.as_str().chars().any(char::is_control)
     {
-        return Err(rejected(ErrorKind::BadRequest, "reply_to contains control characters"));
+        return Err(rejected(
+            ErrorKind::BadRequest,
+            "reply_to contains control characters",
+        ));
     }
     Ok(())
 }
@@ -87,7 +100,12 @@ impl Executor {
         }
         let request = match Request::decode(&delivery.data) {
             Ok(r) => r,
-            Err(failure) => return Outcome::DeadLetter { reason: DeadReason::Rejected, failure },
+            Err(failure) => {
+                return Outcome::DeadLetter {
+                    reason: DeadReason::Rejected,
+                    failure,
+                };
+            }
         };
         let span = tracing::info_span!(
             "task",
@@ -95,10 +113,18 @@ impl Executor {
             task.function = %request.function,
             attempt,
         );
-        self.run(delivery, envelope, request, attempt).instrument(span).await
+        self.run(delivery, envelope, request, attempt)
+            .instrument(span)
+            .await
     }
 
-    async fn run(&self, delivery: &Delivery, envelope: &Envelope, request: Request, attempt: u32) -> Outcome {
+    async fn run(
+        &self,
+        delivery: &Delivery,
+        envelope: &Envelope,
+        request: Request,
+        attempt: u32,
+    ) -> Outcome {
         let h = delivery.properties.headers().as_ref();
         let deadline = protocol::header_int(h, headers::DEADLINE).map(protocol::from_epoch_millis);
         if let Some(deadline) = deadline
@@ -120,7 +146,11 @@ impl Executor {
                 ),
             );
         };
-        let policy = entry.policy.as_ref().unwrap_or(&self.policy).overridden_by(h);
+        let policy = entry
+            .policy
+            .as_ref()
+            .unwrap_or(&self.policy)
+            .overridden_by(h);
         let cancel = self.abort.child_token();
         let ctx = TaskContext {
             id: envelope.id.clone(),
@@ -157,8 +187,9 @@ impl Executor {
                 return Outcome::HandBack;
             }
             () = tokio::time::sleep(policy.time_limit) => {
-                // Tell a cooperative handler, then stop waiting for it.
+                // Tell a cooperative handler, give it a moment to stop, then drop it.
                 cancel.cancel();
+                let _ = tokio::time::timeout(CANCEL_GRACE, &mut run).await;
                 run.abort();
                 (
                     TaskFailure::new(ErrorKind::Timeout, format!("handler ran past its time limit of {:?}", policy.time_limit)),
@@ -190,17 +221,26 @@ pub(crate) fn after_failure(
     retry: Retry,
 ) -> Outcome {
     if retry == Retry::Permanent {
-        return Outcome::DeadLetter { reason: DeadReason::PermanentFailure, failure };
+        return Outcome::DeadLetter {
+            reason: DeadReason::PermanentFailure,
+            failure,
+        };
     }
     if attempt >= policy.max_attempts {
-        return Outcome::DeadLetter { reason: DeadReason::AttemptsExhausted, failure };
+        return Outcome::DeadLetter {
+            reason: DeadReason::AttemptsExhausted,
+            failure,
+        };
     }
     let delay = policy.delay_after(attempt);
     if let Some(deadline) = deadline
         && SystemTime::now() + delay >= deadline
     {
         // The next attempt would start after the caller stopped waiting.
-        return Outcome::DeadLetter { reason: DeadReason::AttemptsExhausted, failure };
+        return Outcome::DeadLetter {
+            reason: DeadReason::AttemptsExhausted,
+            failure,
+        };
     }
     Outcome::Retry { delay, failure }
 }
@@ -237,15 +277,24 @@ mod tests {
         let p = policy();
         assert_eq!(
             after_failure(&p, 1, None, failure(), Retry::Retryable),
-            Outcome::Retry { delay: Duration::from_millis(100), failure: failure() }
+            Outcome::Retry {
+                delay: Duration::from_millis(100),
+                failure: failure()
+            }
         );
         assert_eq!(
             after_failure(&p, 2, None, failure(), Retry::Retryable),
-            Outcome::Retry { delay: Duration::from_millis(500), failure: failure() }
+            Outcome::Retry {
+                delay: Duration::from_millis(500),
+                failure: failure()
+            }
         );
         assert_eq!(
             after_failure(&p, 3, None, failure(), Retry::Retryable),
-            Outcome::DeadLetter { reason: DeadReason::AttemptsExhausted, failure: failure() }
+            Outcome::DeadLetter {
+                reason: DeadReason::AttemptsExhausted,
+                failure: failure()
+            }
         );
     }
 
@@ -253,7 +302,10 @@ mod tests {
     fn permanent_failures_are_dead_lettered_at_once() {
         assert_eq!(
             after_failure(&policy(), 1, None, failure(), Retry::Permanent),
-            Outcome::DeadLetter { reason: DeadReason::PermanentFailure, failure: failure() }
+            Outcome::DeadLetter {
+                reason: DeadReason::PermanentFailure,
+                failure: failure()
+            }
         );
     }
 
@@ -262,9 +314,15 @@ mod tests {
         let soon = SystemTime::now() + Duration::from_millis(50);
         assert_eq!(
             after_failure(&policy(), 1, Some(soon), failure(), Retry::Retryable),
-            Outcome::DeadLetter { reason: DeadReason::AttemptsExhausted, failure: failure() }
+            Outcome::DeadLetter {
+                reason: DeadReason::AttemptsExhausted,
+                failure: failure()
+            }
         );
         let later = SystemTime::now() + Duration::from_secs(60);
-        assert!(matches!(after_failure(&policy(), 1, Some(later), failure(), Retry::Retryable), Outcome::Retry { .. }));
+        assert!(matches!(
+            after_failure(&policy(), 1, Some(later), failure(), Retry::Retryable),
+            Outcome::Retry { .. }
+        ));
     }
 }

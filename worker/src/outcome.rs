@@ -89,7 +89,11 @@ impl Envelope {
             .as_ref()
             .map(|s| s.to_string())
             .filter(|r| !r.is_empty() && !r.chars().any(char::is_control));
-        Self { id, reply_to, correlation_id }
+        Self {
+            id,
+            reply_to,
+            correlation_id,
+        }
     }
 }
 
@@ -118,15 +122,30 @@ pub(crate) enum Settled {
 }
 
 impl Settler {
-    pub(crate) async fn settle(&self, delivery: &Delivery, envelope: &Envelope, outcome: &Outcome) -> Settled {
+    pub(crate) async fn settle(
+        &self,
+        delivery: &Delivery,
+        envelope: &Envelope,
+        outcome: &Outcome,
+    ) -> Settled {
         if *outcome == Outcome::HandBack {
-            let _ = delivery.nack(BasicNackOptions { requeue: true, multiple: false }).await;
+            let _ = delivery
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    multiple: false,
+                })
+                .await;
             return Settled::Requeued;
         }
         if let Err(e) = self.publish_outcome(delivery, envelope, outcome).await {
             tracing::warn!(task.id = %envelope.id, error = %e, "could not publish the outcome; handing the task back");
             // Ok(false) or Err both mean the channel is gone: the broker requeues it anyway.
-            let _ = delivery.nack(BasicNackOptions { requeue: true, multiple: false }).await;
+            let _ = delivery
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    multiple: false,
+                })
+                .await;
             return Settled::Requeued;
         }
         match delivery.ack(BasicAckOptions::default()).await {
@@ -138,10 +157,17 @@ impl Settler {
         }
     }
 
-    async fn publish_outcome(&self, delivery: &Delivery, envelope: &Envelope, outcome: &Outcome) -> Result<(), PublishError> {
+    async fn publish_outcome(
+        &self,
+        delivery: &Delivery,
+        envelope: &Envelope,
+        outcome: &Outcome,
+    ) -> Result<(), PublishError> {
         let reply = match outcome {
             Outcome::Reply(reply) => reply.clone(),
-            Outcome::Retry { delay, failure } => return self.retry(delivery, *delay, failure).await,
+            Outcome::Retry { delay, failure } => {
+                return self.retry(delivery, *delay, failure).await;
+            }
             Outcome::DeadLetter { reason, failure } => {
                 self.dead_letter(delivery, *reason, failure).await?;
                 Reply::Err(failure.clone())
@@ -156,47 +182,100 @@ impl Settler {
 
     async fn retry_queue(&self, delay: Duration) -> Result<String, PublishError> {
         let cell = {
-            let mut queues = self.retry_queues.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut queues = self
+                .retry_queues
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             queues.entry(delay).or_default().clone()
         };
         let name = cell
             .get_or_try_init(|| async {
-                let channel = self.pool.get().await.map_err(|e| PublishError::NoChannel(e.to_string()))?;
-                Ok::<_, PublishError>(topology::declare_retry_queue(&channel, &self.queue, delay).await?)
+                let channel = self
+                    .pool
+                    .get()
+                    .await
+                    .map_err(|e| PublishError::NoChannel(e.to_string()))?;
+                Ok::<_, PublishError>(
+                    topology::declare_retry_queue(&channel, &self.queue, delay).await?,
+                )
             })
             .await?;
         Ok(name.clone())
     }
 
-    async fn retry(&self, delivery: &Delivery, delay: Duration, failure: &TaskFailure) -> Result<(), PublishError> {
+    async fn retry(
+        &self,
+        delivery: &Delivery,
+        delay: Duration,
+        failure: &TaskFailure,
+    ) -> Result<(), PublishError> {
         let mut h = delivery.properties.headers().clone().unwrap_or_default();
-        let attempt = protocol::header_int(Some(&h), headers::ATTEMPT).unwrap_or(1).max(1);
+        let attempt = protocol::header_int(Some(&h), headers::ATTEMPT)
+            .unwrap_or(1)
+            .max(1);
         protocol::set_header_int(&mut h, headers::ATTEMPT, attempt + 1);
         protocol::set_header_str(&mut h, headers::LAST_ERROR, &failure.to_string());
-        let properties = delivery.properties.clone().with_headers(h).with_delivery_mode(2);
+        let properties = delivery
+            .properties
+            .clone()
+            .with_headers(h)
+            .with_delivery_mode(2);
         let (exchange, routing_key) = if delay.is_zero() {
             (topology::EXCHANGE.to_owned(), self.queue.clone())
         } else {
             (String::new(), self.retry_queue(delay).await?)
         };
-        let publication = Publication { exchange: &exchange, routing_key: &routing_key, body: &delivery.data, properties, mandatory: true };
+        let publication = Publication {
+            exchange: &exchange,
+            routing_key: &routing_key,
+            body: &delivery.data,
+            properties,
+            mandatory: true,
+        };
         publish_confirmed(&self.pool, publication, self.publish_timeout).await
     }
 
-    async fn dead_letter(&self, delivery: &Delivery, reason: DeadReason, failure: &TaskFailure) -> Result<(), PublishError> {
+    async fn dead_letter(
+        &self,
+        delivery: &Delivery,
+        reason: DeadReason,
+        failure: &TaskFailure,
+    ) -> Result<(), PublishError> {
         let mut h = delivery.properties.headers().clone().unwrap_or_default();
         protocol::set_header_str(&mut h, headers::DEAD_REASON, reason.as_str());
         protocol::set_header_str(&mut h, headers::DEAD_KIND, failure.kind.as_str());
         protocol::set_header_str(&mut h, headers::DEAD_ERROR, &failure.message);
         protocol::set_header_str(&mut h, headers::DEAD_BY, &self.worker_name);
-        protocol::set_header_int(&mut h, headers::DEAD_AT, protocol::epoch_millis(SystemTime::now()));
-        let properties = delivery.properties.clone().with_headers(h).with_delivery_mode(2);
-        let publication = Publication { exchange: "", routing_key: &self.dead_queue, body: &delivery.data, properties, mandatory: true };
+        protocol::set_header_int(
+            &mut h,
+            headers::DEAD_AT,
+            protocol::epoch_millis(SystemTime::now()),
+        );
+        let properties = delivery
+            .properties
+            .clone()
+            .with_headers(h)
+            .with_delivery_mode(2);
+        let publication = Publication {
+            exchange: "",
+            routing_key: &self.dead_queue,
+            body: &delivery.data,
+            properties,
+            mandatory: true,
+        };
         publish_confirmed(&self.pool, publication, self.publish_timeout).await
     }
 
-    async fn reply(&self, envelope: &Envelope, reply_to: &str, reply: &Reply) -> Result<(), PublishError> {
-        let correlation = envelope.correlation_id.as_deref().unwrap_or(envelope.id.as_str());
+    async fn reply(
+        &self,
+        envelope: &Envelope,
+        reply_to: &str,
+        reply: &Reply,
+    ) -> Result<(), PublishError> {
+        let correlation = envelope
+            .correlation_id
+            .as_deref()
+            .unwrap_or(envelope.id.as_str());
         let mut h = FieldTable::default();
         protocol::set_header_int(&mut h, headers::PROTOCOL, protocol::PROTOCOL_VERSION);
         let properties = BasicProperties::default()
@@ -209,7 +288,13 @@ impl Settler {
         // Not mandatory: RabbitMQ 3.10 returns direct replies it has delivered, and a reply to a
         // caller that has gone away has nobody to be returned to anyway.
         let body = reply.encode();
-        let publication = Publication { exchange: "", routing_key: reply_to, body: &body, properties, mandatory: false };
+        let publication = Publication {
+            exchange: "",
+            routing_key: reply_to,
+            body: &body,
+            properties,
+            mandatory: false,
+        };
         publish_confirmed(&self.pool, publication, self.publish_timeout).await
     }
 }

@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use serde_json::Value;
-use warren_shared::pool::BoxFuture;
 use warren_shared::Policy;
+use warren_shared::pool::BoxFuture;
 
 use crate::handler::{Handler, StateMap, TaskContext, TaskError};
 
@@ -25,7 +25,6 @@ pub(crate) enum HandlerFailure {
     /// The handler returned an error.
     Task(TaskError),
 }
-
 
 pub(crate) type ErasedHandler =
     Arc<dyn Fn(Value, TaskContext) -> BoxFuture<HandlerResult> + Send + Sync>;
@@ -93,7 +92,11 @@ impl Registry {
                 })
             })
         });
-        if self.handlers.insert(H::NAME, Entry { run, policy }).is_some() {
+        if self
+            .handlers
+            .insert(H::NAME, Entry { run, policy })
+            .is_some()
+        {
             tracing::warn!(
                 function = H::NAME,
                 "function registered twice; the last one wins"

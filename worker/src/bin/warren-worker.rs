@@ -9,8 +9,8 @@ use std::time::Duration;
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
-use warren_shared::broker::{BrokerSettings, DEFAULT_AMQP_URL};
 use warren_shared::Policy;
+use warren_shared::broker::{BrokerSettings, DEFAULT_AMQP_URL};
 use warren_shared::topology::DEFAULT_QUEUE;
 use warren_worker::{Mailer, WorkerSettings, builtin_registry};
 
@@ -86,7 +86,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         broker: BrokerSettings::new(args.amqp_url),
         queue: args.queue,
         concurrency: args.concurrency,
-        policy: Policy { max_attempts: args.max_attempts, backoff: args.backoff.0, time_limit: args.time_limit },
+        policy: Policy {
+            max_attempts: args.max_attempts,
+            backoff: args.backoff.0,
+            time_limit: args.time_limit,
+        },
         max_body_bytes: args.max_body_bytes,
         shutdown_grace: args.shutdown_grace,
         ..WorkerSettings::default()

@@ -1,0 +1,68 @@
+//! A `warren-worker` that also serves the test-only tasks (`record`, `crash`, `flaky`), for
+//! tests that need a worker in a process of its own (to kill it, or to signal it).
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use warren_shared::{BrokerSettings, Policy};
+use warren_tests::tasks::{Crash, Flaky, Record};
+use warren_worker::{Mailer, WorkerSettings, builtin_registry};
+
+/// Test worker.
+#[derive(Debug, Parser)]
+struct Args {
+    #[arg(long, env = "AMQP_URL", default_value = warren_shared::broker::DEFAULT_AMQP_URL)]
+    amqp_url: String,
+    #[arg(long)]
+    queue: String,
+    #[arg(long, default_value_t = 8)]
+    concurrency: u16,
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    shutdown_grace: Duration,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    warren_shared::telemetry::init("warn");
+    let outbox = std::env::temp_dir().join("warren-test-worker-outbox");
+    let registry = builtin_registry(Mailer::outbox(outbox))
+        .register::<Record>()
+        .register::<Crash>()
+        .register::<Flaky>();
+    let settings = WorkerSettings {
+        broker: BrokerSettings::new(args.amqp_url),
+        queue: args.queue,
+        concurrency: args.concurrency,
+        shutdown_grace: args.shutdown_grace,
+        policy: Policy {
+            backoff: vec![Duration::from_millis(100)],
+            ..Policy::default()
+        },
+        ..WorkerSettings::default()
+    };
+    let shutdown = CancellationToken::new();
+    let worker = match warren_worker::start(settings, registry, shutdown.clone()).await {
+        Ok(worker) => worker,
+        Err(e) => {
+            eprintln!("warren-test-worker: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tokio::spawn(async move {
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            term.recv().await;
+            shutdown.cancel();
+        }
+    });
+    match worker.wait().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("warren-test-worker: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

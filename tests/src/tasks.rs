@@ -1,0 +1,88 @@
+//! Task types that only tests need: they record where and how often they ran, fail on purpose,
+//! or kill their process. `warren-test-worker` serves them next to the built-ins.
+
+use std::io::Write;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use warren_shared::Task;
+use warren_worker::{Handler, TaskContext, TaskError};
+
+/// Appends `"<key> <pid> <attempt> <redelivered>"` to the file `log` after `work_ms`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Record {
+    /// What the test counts.
+    pub key: u64,
+    /// The log file (one line per run; short appends are atomic).
+    pub log: String,
+    /// Simulated work before recording.
+    #[serde(default)]
+    pub work_ms: u64,
+}
+
+impl Task for Record {
+    const NAME: &'static str = "record";
+    type Output = u64;
+}
+
+impl Handler for Record {
+    async fn run(self, ctx: TaskContext) -> Result<u64, TaskError> {
+        if self.work_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(self.work_ms)).await;
+        }
+        let line = format!(
+            "{} {} {} {}\n",
+            self.key,
+            std::process::id(),
+            ctx.attempt(),
+            ctx.redelivered()
+        );
+        let append = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+        append.map_err(|e| TaskError::retryable(format!("cannot append to {}: {e}", self.log)))?;
+        Ok(self.key)
+    }
+}
+
+/// Kills the worker process that runs it, every time.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Crash {}
+
+impl Task for Crash {
+    const NAME: &'static str = "crash";
+    type Output = ();
+}
+
+impl Handler for Crash {
+    async fn run(self, _ctx: TaskContext) -> Result<(), TaskError> {
+        std::process::abort()
+    }
+}
+
+/// Fails with a retryable error until attempt `succeed_on`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Flaky {
+    /// The attempt that succeeds (never, when larger than the attempt budget).
+    pub succeed_on: u32,
+}
+
+impl Task for Flaky {
+    const NAME: &'static str = "flaky";
+    type Output = u32;
+}
+
+impl Handler for Flaky {
+    async fn run(self, ctx: TaskContext) -> Result<u32, TaskError> {
+        if ctx.attempt() >= self.succeed_on {
+            Ok(ctx.attempt())
+        } else {
+            Err(TaskError::retryable(format!(
+                "attempt {} fails on purpose",
+                ctx.attempt()
+            )))
+        }
+    }
+}
