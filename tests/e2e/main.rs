@@ -5,4 +5,5 @@
 
 mod cli;
 mod core;
+mod processes;
 mod reliability;

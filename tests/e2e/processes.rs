@@ -1,0 +1,276 @@
+//! The delivery contract where a worker process dies or is told to stop: workers here are
+//! `warren-test-worker` processes, killed with SIGKILL or stopped with SIGTERM by the test.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use warren_producer::Client;
+use warren_tests::tasks::{Crash, Record};
+use warren_tests::{ChildGuard, TempDir, TestQueue, amqp_url, eventually};
+
+fn test_worker(queue: &str, concurrency: u16, grace: &str) -> ChildGuard {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_warren-test-worker"));
+    command
+        .args([
+            "--queue",
+            queue,
+            "--concurrency",
+            &concurrency.to_string(),
+            "--shutdown-grace",
+            grace,
+        ])
+        .env("AMQP_URL", amqp_url())
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "error".into()),
+        );
+    ChildGuard::spawn(command)
+}
+
+/// Lines of a `record` log: key -> (pid, redelivered) of every run.
+fn runs(log: &Path) -> HashMap<u64, Vec<(u32, bool)>> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut runs: HashMap<u64, Vec<(u32, bool)>> = HashMap::new();
+    for line in text.lines() {
+        let parts: Vec<&str> = line.split(' ').collect();
+        if let [key, pid, _attempt, redelivered] = parts[..] {
+            runs.entry(key.parse().unwrap())
+                .or_default()
+                .push((pid.parse().unwrap(), redelivered == "true"));
+        }
+    }
+    runs
+}
+
+async fn consumers(client: &Client, queue: &str) -> u32 {
+    client
+        .queue_stats(queue)
+        .await
+        .map(|s| s.consumers)
+        .unwrap_or(0)
+}
+
+async fn ready(client: &Client, queue: &str) -> u32 {
+    client
+        .queue_stats(queue)
+        .await
+        .map(|s| s.ready)
+        .unwrap_or(u32::MAX)
+}
+
+async fn enqueue_records(client: &Client, log: &Path, keys: std::ops::Range<u64>, work_ms: u64) {
+    let mut enqueues = tokio::task::JoinSet::new();
+    for key in keys {
+        let client = client.clone();
+        let task = Record {
+            key,
+            log: log.to_string_lossy().into_owned(),
+            work_ms,
+        };
+        enqueues.spawn(async move { client.enqueue(&task).await });
+    }
+    while let Some(done) = enqueues.join_next().await {
+        done.unwrap().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_workers_mid_batch_loses_no_task() {
+    const TASKS: u64 = 1000;
+    const CONCURRENCY: u16 = 8;
+    let q = TestQueue::new("kill9");
+    let dir = TempDir::new("kill9");
+    let log = dir.0.join("runs.log");
+    let client = q.client().await;
+    client.declare_queue(&q.name).await.unwrap();
+
+    let mut a = test_worker(&q.name, CONCURRENCY, "10s");
+    let mut b = test_worker(&q.name, CONCURRENCY, "10s");
+    let _c = test_worker(&q.name, CONCURRENCY, "10s");
+    eventually(
+        "three workers consuming",
+        Duration::from_secs(20),
+        || async { consumers(&client, &q.name).await == 3 },
+    )
+    .await;
+    enqueue_records(&client, &log, 0..TASKS, 3).await;
+
+    // Kill one worker while the others keep running, then start a replacement for it.
+    eventually(
+        "a third of the batch done",
+        Duration::from_secs(30),
+        || async { runs(&log).len() as u64 >= TASKS / 3 },
+    )
+    .await;
+    a.signal(Signal::SIGKILL);
+    assert!(
+        a.wait_timeout(Duration::from_secs(5)).is_some(),
+        "worker a survived SIGKILL"
+    );
+    let _a2 = test_worker(&q.name, CONCURRENCY, "10s");
+
+    // Kill a second one and do not replace it.
+    eventually(
+        "two thirds of the batch done",
+        Duration::from_secs(30),
+        || async { runs(&log).len() as u64 >= 2 * TASKS / 3 },
+    )
+    .await;
+    b.signal(Signal::SIGKILL);
+    assert!(
+        b.wait_timeout(Duration::from_secs(5)).is_some(),
+        "worker b survived SIGKILL"
+    );
+
+    eventually("every task to run", Duration::from_secs(60), || async {
+        runs(&log).len() as u64 == TASKS
+    })
+    .await;
+    eventually("the queue to drain", Duration::from_secs(30), || async {
+        ready(&client, &q.name).await == 0
+    })
+    .await;
+
+    let runs = runs(&log);
+    let duplicates: Vec<_> = runs
+        .iter()
+        .filter(|(_, r)| r.len() > 1)
+        .map(|(k, _)| *k)
+        .collect();
+    eprintln!(
+        "kill -9 x2 over {TASKS} tasks: every task ran; {} ran twice: {duplicates:?}",
+        duplicates.len()
+    );
+    assert!((0..TASKS).all(|k| runs.contains_key(&k)));
+    // Only a killed worker's in-flight tasks can run again.
+    assert!(
+        duplicates.len() <= 2 * CONCURRENCY as usize,
+        "{} duplicates",
+        duplicates.len()
+    );
+    assert_eq!(q.dead_count(&client).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_that_kills_every_worker_ends_in_the_dead_letter_queue() {
+    let q = TestQueue::new("crashloop");
+    let client = q.client().await;
+    client.declare_queue(&q.name).await.unwrap();
+    client.enqueue(&Crash {}).await.unwrap();
+
+    // A supervisor, as systemd or Kubernetes would be: restart the worker whenever it dies.
+    let started = Instant::now();
+    let mut worker = test_worker(&q.name, 1, "1s");
+    let mut restarts = 0;
+    while q.dead_count(&client).await == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "still not dead-lettered after {restarts} restarts"
+        );
+        if worker.wait_timeout(Duration::from_millis(50)).is_some() {
+            restarts += 1;
+            worker = test_worker(&q.name, 1, "1s");
+        }
+    }
+    let dead = client.dead_letters(&q.name, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].reason, "delivery_limit");
+    assert_eq!(dead[0].function.as_deref(), Some("crash"));
+    // The queue's delivery limit (10) let it kill a worker at most 11 times, not forever.
+    assert!((1..=11).contains(&restarts), "{restarts} restarts");
+    assert_eq!(ready(&client, &q.name).await, 0);
+    eprintln!("crash loop: dead-lettered after {restarts} worker deaths");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_in_flight_tasks_finish_then_exits_zero() {
+    let q = TestQueue::new("sigterm");
+    let dir = TempDir::new("sigterm");
+    let log = dir.0.join("runs.log");
+    let client = q.client().await;
+    client.declare_queue(&q.name).await.unwrap();
+
+    let mut worker = test_worker(&q.name, 4, "10s");
+    eventually("the worker consuming", Duration::from_secs(20), || async {
+        consumers(&client, &q.name).await == 1
+    })
+    .await;
+    enqueue_records(&client, &log, 0..4, 1500).await;
+    // Prefetch 4: once the queue shows nothing ready, all four are running in the worker.
+    eventually(
+        "all four tasks in flight",
+        Duration::from_secs(10),
+        || async { ready(&client, &q.name).await == 0 },
+    )
+    .await;
+
+    let signalled = Instant::now();
+    worker.signal(Signal::SIGTERM);
+    let status = worker
+        .wait_timeout(Duration::from_secs(10))
+        .expect("worker did not exit within its grace period");
+    assert!(status.success(), "exit status {status}");
+    assert!(signalled.elapsed() < Duration::from_secs(10));
+
+    let runs = runs(&log);
+    assert_eq!(
+        runs.len(),
+        4,
+        "in-flight tasks did not all finish: {runs:?}"
+    );
+    assert!(runs.values().all(|r| r.len() == 1));
+    // Nothing handed back: every task was acked before the worker left.
+    assert_eq!(ready(&client, &q.name).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_still_running_at_the_end_of_the_grace_period_goes_to_another_worker() {
+    let q = TestQueue::new("handback");
+    let dir = TempDir::new("handback");
+    let log = dir.0.join("runs.log");
+    let client = q.client().await;
+    client.declare_queue(&q.name).await.unwrap();
+
+    let mut first = test_worker(&q.name, 1, "300ms");
+    eventually(
+        "the first worker consuming",
+        Duration::from_secs(20),
+        || async { consumers(&client, &q.name).await == 1 },
+    )
+    .await;
+    enqueue_records(&client, &log, 7..8, 2500).await;
+    eventually("the task in flight", Duration::from_secs(10), || async {
+        ready(&client, &q.name).await == 0
+    })
+    .await;
+
+    let second = test_worker(&q.name, 1, "10s");
+    eventually(
+        "the second worker consuming",
+        Duration::from_secs(20),
+        || async { consumers(&client, &q.name).await == 2 },
+    )
+    .await;
+    first.signal(Signal::SIGTERM);
+    let status = first
+        .wait_timeout(Duration::from_secs(5))
+        .expect("first worker did not exit after its grace period");
+    assert!(status.success(), "exit status {status}");
+
+    eventually(
+        "the handed-back task to run",
+        Duration::from_secs(15),
+        || async { runs(&log).contains_key(&7) },
+    )
+    .await;
+    let runs = runs(&log);
+    let second_pid = second.pid().as_raw() as u32;
+    assert_eq!(
+        runs[&7],
+        vec![(second_pid, true)],
+        "expected one run, on the second worker, as a redelivery"
+    );
+}
