@@ -364,6 +364,7 @@ pub fn set_header_str(headers: &mut FieldTable, name: &str, value: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::strategy::Strategy;
     use serde_json::json;
 
     #[test]
@@ -480,6 +481,45 @@ mod tests {
         assert_eq!(header_int(Some(&h), "d"), Some(1_700_000_000_000));
         assert_eq!(header_int(Some(&h), "missing"), None);
         assert_eq!(header_int(None, "a"), None);
+    }
+
+    proptest::proptest! {
+        // The decoding path meets arbitrary bytes from the network: it must answer, not panic.
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(body in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            if let Err(failure) = Request::decode(&body) {
+                proptest::prop_assert_eq!(failure.kind, ErrorKind::BadRequest);
+            }
+            let _ = Reply::decode(&body);
+        }
+
+        #[test]
+        fn any_request_round_trips(function in "[a-z_]{1,20}", n in proptest::num::i64::ANY, s in ".{0,40}") {
+            let req = Request { function, args: json!({"n": n, "s": s}) };
+            proptest::prop_assert_eq!(Request::decode(&req.encode()).unwrap(), req);
+        }
+
+        #[test]
+        fn json_shaped_garbage_gets_bad_request_or_parses(
+            function in proptest::option::of(proptest::prop_oneof![
+                proptest::strategy::Just(json!(null)), proptest::strategy::Just(json!(1)),
+                proptest::strategy::Just(json!("")), "[a-z]{1,8}".prop_map(Value::from),
+                proptest::strategy::Just(json!(["x"])),
+            ]),
+            args in proptest::option::of(proptest::prop_oneof![
+                proptest::strategy::Just(json!(null)), proptest::strategy::Just(json!({})), ".{0,10}".prop_map(Value::from),
+            ]),
+        ) {
+            let mut object = serde_json::Map::new();
+            if let Some(f) = function.clone() { object.insert("function".into(), f); }
+            if let Some(a) = args { object.insert("args".into(), a); }
+            let body = serde_json::to_vec(&Value::Object(object)).unwrap();
+            match (Request::decode(&body), function) {
+                (Ok(req), Some(Value::String(f))) => proptest::prop_assert_eq!(req.function, f),
+                (Ok(req), other) => proptest::prop_assert!(false, "accepted {req:?} from function {other:?}"),
+                (Err(e), _) => proptest::prop_assert_eq!(e.kind, ErrorKind::BadRequest),
+            }
+        }
     }
 
     #[test]

@@ -258,6 +258,8 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lapin::types::FieldTable;
+    use proptest::strategy::Strategy;
     use std::time::Duration;
 
     fn failure() -> TaskFailure {
@@ -307,6 +309,91 @@ mod tests {
                 failure: failure()
             }
         );
+    }
+
+    fn executor() -> Executor {
+        let registry = Registry::new()
+            .register::<warren_shared::tasks::Echo>()
+            .register::<warren_shared::tasks::Sleep>();
+        Executor {
+            state: registry.state(),
+            registry,
+            policy: Policy {
+                time_limit: Duration::from_millis(20),
+                ..Policy::default()
+            },
+            max_body_bytes: 4096,
+            abort: CancellationToken::new(),
+        }
+    }
+
+    fn judge(data: Vec<u8>, h: Option<FieldTable>, reply_to: Option<&str>) -> Outcome {
+        let mut delivery = Delivery::mock(1, "".into(), "q".into(), false, data);
+        let mut properties = lapin::BasicProperties::default();
+        if let Some(h) = h {
+            properties = properties.with_headers(h);
+        }
+        if let Some(r) = reply_to {
+            properties = properties.with_reply_to(r.into());
+        }
+        delivery.properties = properties;
+        let envelope = Envelope::of(&delivery);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(executor().execute(&delivery, &envelope))
+    }
+
+    /// The seed corpus of hostile bodies (kept in `worker/tests/decode-corpus`): each is judged
+    /// without a panic, and none is handed back to loop in the queue.
+    #[test]
+    fn the_decode_corpus_is_judged_without_panics() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/decode-corpus");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let outcome = judge(
+                std::fs::read(&path).unwrap(),
+                None,
+                Some("amq.rabbitmq.reply-to.x"),
+            );
+            assert!(
+                !matches!(outcome, Outcome::HandBack),
+                "{}: {outcome:?}",
+                path.display()
+            );
+            seen += 1;
+        }
+        assert!(seen >= 10);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+
+        #[test]
+        fn arbitrary_deliveries_get_a_verdict(
+            body in proptest::prop_oneof![
+                proptest::collection::vec(proptest::num::u8::ANY, 0..300),
+                ("[a-z_]{0,8}", ".{0,30}").prop_map(|(f, a)| {
+                    serde_json::to_vec(&serde_json::json!({"function": f, "args": a})).unwrap()
+                }),
+                proptest::num::u64::ANY.prop_map(|ms| format!(r#"{{"function":"sleep","args":{{"ms":{ms}}}}}"#).into_bytes()),
+            ],
+            version in proptest::option::of(proptest::num::i64::ANY),
+            attempt in proptest::option::of(proptest::num::i64::ANY),
+            deadline in proptest::option::of(proptest::num::i64::ANY),
+            backoff in proptest::option::of(".{0,20}"),
+            reply_to in proptest::option::of(".{0,40}"),
+        ) {
+            let mut h = FieldTable::default();
+            if let Some(v) = version { protocol::set_header_int(&mut h, headers::PROTOCOL, v); }
+            if let Some(a) = attempt { protocol::set_header_int(&mut h, headers::ATTEMPT, a); }
+            if let Some(d) = deadline { protocol::set_header_int(&mut h, headers::DEADLINE, d); }
+            if let Some(b) = &backoff { protocol::set_header_str(&mut h, headers::BACKOFF, b); }
+            let outcome = judge(body, Some(h), reply_to.as_deref());
+            proptest::prop_assert!(!matches!(outcome, Outcome::HandBack));
+        }
     }
 
     #[test]
