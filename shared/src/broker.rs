@@ -26,6 +26,52 @@ pub struct BrokerSettings {
     pub heartbeat: Duration,
     /// Bound on establishing one connection (TCP, TLS, AMQP handshake).
     pub connect_timeout: Duration,
+    /// How a lost connection is re-established.
+    pub reconnect: Reconnect,
+}
+
+/// Reconnection after a lost connection: exponential backoff with jitter between attempts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reconnect {
+    /// First delay.
+    pub min_delay: Duration,
+    /// Largest delay.
+    pub max_delay: Duration,
+    /// Give up after this many attempts (`None`: never). A worker that gives up exits non-zero
+    /// so that its supervisor (systemd, Kubernetes) restarts it.
+    pub max_attempts: Option<usize>,
+}
+
+impl Default for Reconnect {
+    fn default() -> Self {
+        Self {
+            min_delay: Duration::from_millis(200),
+            max_delay: Duration::from_secs(10),
+            max_attempts: None,
+        }
+    }
+}
+
+impl Reconnect {
+    /// The delay before attempt `attempt` (1-based): exponential, capped, with up to 50 % jitter
+    /// so that a fleet of workers does not reconnect in lockstep.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let exponential = self
+            .min_delay
+            .saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1).min(20)));
+        let capped = exponential.min(self.max_delay);
+        let jitter = capped.mul_f64(0.5 * fastrand_fraction());
+        capped.saturating_sub(jitter)
+    }
+}
+
+/// A fraction in [0, 1) from the clock's low bits: enough to spread reconnects apart.
+fn fastrand_fraction() -> f64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    f64::from(nanos % 1000) / 1000.0
 }
 
 impl Default for BrokerSettings {
@@ -34,6 +80,7 @@ impl Default for BrokerSettings {
             url: DEFAULT_AMQP_URL.to_owned(),
             heartbeat: DEFAULT_HEARTBEAT,
             connect_timeout: Duration::from_secs(10),
+            reconnect: Reconnect::default(),
         }
     }
 }
@@ -44,6 +91,7 @@ impl std::fmt::Debug for BrokerSettings {
             .field("url", &redact_url(&self.url))
             .field("heartbeat", &self.heartbeat)
             .field("connect_timeout", &self.connect_timeout)
+            .field("reconnect", &self.reconnect)
             .finish()
     }
 }
@@ -210,9 +258,20 @@ pub async fn connect(
             });
         }
     }
+    let reconnect = settings.reconnect.clone();
     let properties = ConnectionProperties::default()
         .with_connection_name(format!("{name}/{}", purpose.as_str()).into())
-        .enable_auto_recover();
+        .enable_auto_recover()
+        .configure_backoff(|b| {
+            let b = b
+                .with_min_delay(reconnect.min_delay)
+                .with_max_delay(reconnect.max_delay)
+                .with_jitter();
+            match reconnect.max_attempts {
+                Some(n) => b.with_max_times(n),
+                None => b.without_max_times(),
+            }
+        });
     match tokio::time::timeout(
         settings.connect_timeout,
         Connection::connect_uri(uri, properties),
@@ -251,6 +310,18 @@ mod tests {
     fn debug_output_hides_the_password() {
         let s = BrokerSettings::new("amqp://u:hunter2@h:5672/%2f");
         assert!(!format!("{s:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn reconnect_delays_grow_and_stay_under_the_cap() {
+        let r = Reconnect::default();
+        assert!(
+            r.delay(1) <= Duration::from_millis(200) && r.delay(1) >= Duration::from_millis(100)
+        );
+        assert!(
+            r.delay(3) <= Duration::from_millis(800) && r.delay(3) >= Duration::from_millis(400)
+        );
+        assert!(r.delay(50) <= Duration::from_secs(10) && r.delay(50) >= Duration::from_secs(5));
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //!   argument types ([`tasks`]).
 //! - [`topology`]: exchange and queue names, and the one idempotent declaration both sides run.
 //! - [`broker`]: broker settings and named connections with heartbeats and auto-recovery.
+//! - [`link`]: the live state of a connection (up, down, blocked, closed), for publishers
+//!   that must wait for it and supervisors that must react to it.
 //! - [`pool`]: a `deadpool` pool of confirm-mode channels over one publishing connection, and the
 //!   only publish path ([`pool::publish_confirmed`]) that treats a nack or a return as an error.
 //! - [`policy`]: attempts, backoff and time limit of a task, and their per-task headers.
@@ -16,6 +18,7 @@
 //! This crate is `warren-shared`, the project's own library; it is not the team notes folder.
 
 pub mod broker;
+pub mod link;
 pub mod policy;
 pub mod pool;
 pub mod protocol;
