@@ -7,6 +7,8 @@
 //! - [`error`]: [`Error`], every way a call can end without a result.
 //! - [`cli`]: the `warren` command line (`call`, `enqueue`, `demo`).
 //! - [`demo`]: the motivating scenario, mail to 1000 users without blocking.
+//! - [`gateway`]: the websocket gateway, its web page and the Workerman Text protocol bridge
+//!   (the `warren-gateway` binary).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), warren_producer::Error> {
@@ -22,6 +24,7 @@ pub mod cli;
 pub mod client;
 pub mod demo;
 pub mod error;
+pub mod gateway;
 
 pub use client::{CallOptions, Client, ClientSettings, QueueStats};
 pub use error::Error;
