@@ -1,1 +1,3 @@
-fn main() {}
+//! End-to-end tests against a real RabbitMQ broker.
+
+mod gateway;
