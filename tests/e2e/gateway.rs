@@ -842,3 +842,44 @@ async fn page_runs_the_1000_mail_demo_in_chromium() {
     assert_eq!(mails, 1000, "each mail was written once");
     env.finish().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Shutdown
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_delivers_results_in_flight_then_closes() {
+    let env = spawn(limits_allowing(&["sleep"])).await;
+    let mut ws = ws_connect(&env).await;
+    let mut text = text_connect(&env).await;
+    ws_send(
+        &mut ws,
+        json!({"id": 1, "function": "sleep", "args": {"ms": 500}}),
+    )
+    .await;
+    assert_eq!(ws_next(&mut ws).await["status"], "enqueued");
+    text.send(json!({"function": "sleep", "args": {"ms": 500}}))
+        .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while env.client.pending_calls() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "calls never started"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    env.stop.cancel();
+    let (close, before) = ws_until_close(&mut ws).await;
+    assert_eq!(
+        before,
+        [json!({"id": 1, "ok": true, "result": {"slept_ms": 500}})]
+    );
+    assert_eq!(close.map(|c| c.0), Some(CloseCode::Away));
+    assert_eq!(text.answer().await, json!({"slept_ms": 500}));
+    assert_eq!(text.next().await, None);
+    assert!(
+        TcpStream::connect(env.text).await.is_err(),
+        "no new connections after shutdown"
+    );
+    env.finish().await;
+}

@@ -241,7 +241,7 @@ async fn info(State(shared): State<Arc<Shared>>) -> Response {
 
 /// `GET /api/queue`: the last queue depth read (token required when one is configured).
 async fn queue(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
-    if let Err(refused) = check_bearer(shared.limits(), &headers) {
+    if let Some(refused) = refuse_without_bearer(shared.limits(), &headers) {
         return refused;
     }
     match shared.queue.borrow().clone() {
@@ -262,15 +262,12 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .then_some(token.trim())
 }
 
-/// Refuses a request whose bearer token is missing or wrong, when a token is configured.
-#[allow(clippy::result_large_err)]
-fn check_bearer(limits: &Limits, headers: &HeaderMap) -> Result<(), Response> {
-    if limits.token.is_none() {
-        return Ok(());
-    }
+/// The refusal of a request whose bearer token is missing or wrong, when a token is configured.
+fn refuse_without_bearer(limits: &Limits, headers: &HeaderMap) -> Option<Response> {
+    limits.token.as_ref()?; // no token configured: nothing to check
     match bearer(headers) {
-        Some(token) if limits.token_matches(token) => Ok(()),
-        _ => Err(error_response(
+        Some(token) if limits.token_matches(token) => None,
+        _ => Some(error_response(
             StatusCode::UNAUTHORIZED,
             &GatewayError::unauthorized(),
         )),
