@@ -20,7 +20,24 @@ if ! command -v cargo >/dev/null 2>&1; then
     exit 1
 fi
 
-# Browser for the gateway page test (issue 5) is installed here.
+# Browser for the gateway page test (issue 5): Debian's Chromium, driven by playwright-core
+# (tests/browser). Installed when missing, like the broker above; the test itself skips only when
+# Chromium is absent outside CI (CI=true makes it mandatory).
+if [ ! -x /usr/bin/chromium ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "test.sh: installing chromium for the gateway page test" >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+            || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+    else
+        echo "test.sh: /usr/bin/chromium missing; install Debian's chromium package (as root:" >&2
+        echo "  apt-get install -y chromium) or the gateway page test is skipped outside CI." >&2
+    fi
+fi
+if ! command -v node >/dev/null 2>&1; then
+    echo "test.sh: node not found; the gateway page test needs Node.js 20+ (apt-get install nodejs)" >&2
+elif [ ! -d tests/browser/node_modules/playwright-core ]; then
+    npm ci --prefix tests/browser --no-audit --no-fund
+fi
 
 cargo build --workspace --bins --locked
 cargo test --workspace --locked "$@"

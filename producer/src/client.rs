@@ -255,6 +255,35 @@ impl Client {
         args: Value,
         options: &CallOptions,
     ) -> Result<Value, Error> {
+        self.call_json_inner(function, args, options, None).await
+    }
+
+    /// [`Client::call_json_with`] that also tells `published` the task's id as soon as the
+    /// broker has confirmed the task (it is then durably queued), before the result arrives.
+    ///
+    /// `published` is dropped without a value when the call fails before the confirm. This is
+    /// what lets the gateway acknowledge "enqueued" and later push the result.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub async fn call_json_with_ack(
+        &self,
+        function: &str,
+        args: Value,
+        options: &CallOptions,
+        published: oneshot::Sender<TaskId>,
+    ) -> Result<Value, Error> {
+        self.call_json_inner(function, args, options, Some(published))
+            .await
+    }
+
+    async fn call_json_inner(
+        &self,
+        function: &str,
+        args: Value,
+        options: &CallOptions,
+        published: Option<oneshot::Sender<TaskId>>,
+    ) -> Result<Value, Error> {
         let timeout = options.timeout.unwrap_or(self.inner.settings.call_timeout);
         let give_up = tokio::time::Instant::now() + timeout;
         let deadline = SystemTime::now() + timeout;
@@ -272,8 +301,12 @@ impl Client {
         };
         let publish = self.publish(&request, &id, options, Some(deadline), true);
         match tokio::time::timeout_at(give_up, publish).await {
-            Ok(published) => published?,
+            Ok(confirmed) => confirmed?,
             Err(_) => return Err(Error::Timeout(timeout)),
+        }
+        if let Some(published) = published {
+            // The receiver may have gone away; the call goes on regardless.
+            let _ = published.send(id.clone());
         }
         match tokio::time::timeout_at(give_up, rx).await {
             Ok(Ok(Ok(reply))) => reply.into_result().map_err(Error::Failed),

@@ -8,6 +8,8 @@
 //! - [`cli`]: the `warren` command line (`call`, `enqueue`, `demo`).
 //! - [`dlq`]: list, show, replay and purge tasks parked in a dead-letter queue.
 //! - [`demo`]: the motivating scenario, mail to 1000 users without blocking.
+//! - [`gateway`]: the websocket gateway, its web page and the Workerman Text protocol bridge
+//!   (the `warren-gateway` binary).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), warren_producer::Error> {
@@ -24,6 +26,7 @@ pub mod client;
 pub mod demo;
 pub mod dlq;
 pub mod error;
+pub mod gateway;
 
 pub use client::{CallOptions, Client, ClientSettings, QueueStats};
 pub use dlq::{DeadLetter, Replay};

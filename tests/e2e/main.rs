@@ -5,5 +5,6 @@
 
 mod cli;
 mod core;
+mod gateway;
 mod processes;
 mod reliability;

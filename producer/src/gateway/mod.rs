@@ -1,0 +1,287 @@
+//! The gateway: enqueue from where the users are.
+//!
+//! A websocket service must not block: a client message triggers heavy work, the work runs on
+//! Warren workers, and the client is told when it is done. The gateway offers that on two front
+//! doors, both backed by one [`Client`]:
+//!
+//! - [`ws`]: a websocket endpoint (`/ws`) and a web page (`/`) for new services and browsers;
+//!   many tasks in flight per connection, results in completion order.
+//! - [`text`]: a Workerman Text protocol bridge, a drop-in replacement for a Workerman task
+//!   worker: one JSON request per line in, one JSON line out, in request order.
+//!
+//! Both apply the same [`Limits`] (allowlist, token, sizes, in-flight, idle timeout), described
+//! with the message formats in `docs/gateway.md`. [`serve`] runs everything until its shutdown
+//! token is cancelled, then stops reading, lets calls in flight finish within the grace period
+//! and returns.
+
+pub mod limits;
+pub mod text;
+pub mod ws;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use serde::Serialize;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use limits::{Allowlist, DEMO_FUNCTIONS, GatewayError, Kind, Limits};
+
+use crate::client::{CallOptions, Client};
+
+/// The web page served at `/`: plain HTML and JS, no build step.
+const PAGE: &str = include_str!("page.html");
+
+/// How the gateway behaves. The queue is the [`Client`]'s default queue.
+#[derive(Debug, Clone)]
+pub struct GatewaySettings {
+    /// What callers may do; see [`Limits`].
+    pub limits: Limits,
+    /// How long one task may take, publish to result, before the caller gets `timeout`.
+    pub call_timeout: Duration,
+    /// On shutdown, how long calls in flight may take to deliver their results before their
+    /// connections are closed anyway.
+    pub shutdown_grace: Duration,
+    /// How often the queue depth shown on the page is refreshed.
+    pub queue_poll_interval: Duration,
+}
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            call_timeout: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(10),
+            queue_poll_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The queue's depth as last seen by the gateway, pushed to the page.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct QueueSnapshot {
+    /// The work queue.
+    pub name: String,
+    /// Messages waiting for a worker.
+    pub ready: u32,
+    /// Workers consuming it.
+    pub consumers: u32,
+}
+
+/// What every connection shares.
+#[derive(Debug)]
+struct Shared {
+    settings: GatewaySettings,
+    client: Client,
+    queue: watch::Receiver<Option<QueueSnapshot>>,
+    shutdown: CancellationToken,
+    connections: TaskTracker,
+}
+
+impl Shared {
+    fn call_options(&self) -> CallOptions {
+        CallOptions::default().timeout(self.settings.call_timeout)
+    }
+
+    fn limits(&self) -> &Limits {
+        &self.settings.limits
+    }
+}
+
+/// Serves the websocket endpoint and the page on `http` and the Workerman Text bridge on
+/// `text`, calling tasks through `client`, until `shutdown` is cancelled.
+///
+/// On shutdown it stops accepting and reading, gives calls in flight up to
+/// [`GatewaySettings::shutdown_grace`] to deliver their results, then returns. Pass listeners
+/// bound to `127.0.0.1:0` to run it in tests.
+pub async fn serve(
+    settings: GatewaySettings,
+    client: Client,
+    http: TcpListener,
+    text: TcpListener,
+    shutdown: CancellationToken,
+) {
+    let (queue_tx, queue_rx) = watch::channel(None);
+    let shared = Arc::new(Shared {
+        settings,
+        client,
+        queue: queue_rx,
+        shutdown: shutdown.clone(),
+        connections: TaskTracker::new(),
+    });
+    tracing::info!(
+        http = ?http.local_addr().ok(),
+        text = ?text.local_addr().ok(),
+        queue = %shared.client.settings().queue,
+        limits = ?shared.settings.limits,
+        "gateway serving"
+    );
+    let poller = tokio::spawn(poll_queue(shared.clone(), queue_tx));
+    tokio::join!(
+        accept_http(http, shared.clone()),
+        text::accept(text, shared.clone())
+    );
+    poller.abort();
+    shared.connections.close();
+    // Connections bound their own drain by the grace period; this bounds a stuck write too.
+    let bound = shared.settings.shutdown_grace + Duration::from_secs(1);
+    if tokio::time::timeout(bound, shared.connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after the shutdown grace period; leaving them");
+    }
+    tracing::info!("gateway stopped");
+}
+
+/// The HTTP routes: the page, the websocket and two small JSON endpoints.
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/", get(page))
+        .route("/ws", get(ws::upgrade))
+        .route("/api/info", get(info))
+        .route("/api/queue", get(queue))
+        .with_state(shared)
+}
+
+/// Accepts HTTP connections; each is served by hyper with a header read timeout, so a client
+/// that dribbles its request headers is dropped after the idle timeout.
+async fn accept_http(listener: TcpListener, shared: Arc<Shared>) {
+    let router = router(shared.clone());
+    loop {
+        let stream = tokio::select! {
+            () = shared.shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    accept_failed(&e).await;
+                    continue;
+                }
+            },
+        };
+        let service = TowerToHyperService::new(router.clone());
+        let shutdown = shared.shutdown.clone();
+        let mut builder = http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(shared.limits().idle_timeout);
+        shared.connections.spawn(async move {
+            let connection = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::pin!(connection);
+            let served = tokio::select! {
+                served = connection.as_mut() => served,
+                () = shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = served {
+                tracing::debug!(error = %e, "http connection ended with an error");
+            }
+        });
+    }
+}
+
+/// An `accept` error (out of file descriptors, usually) is logged and retried shortly, without
+/// spinning.
+async fn accept_failed(error: &std::io::Error) {
+    tracing::warn!(error = %error, "accept failed");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+/// Refreshes the queue depth while the gateway runs.
+async fn poll_queue(shared: Arc<Shared>, tx: watch::Sender<Option<QueueSnapshot>>) {
+    let queue = shared.client.settings().queue.clone();
+    let mut every = tokio::time::interval(shared.settings.queue_poll_interval);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        match shared.client.queue_stats(&queue).await {
+            Ok(stats) => {
+                tx.send_replace(Some(QueueSnapshot {
+                    name: queue.clone(),
+                    ready: stats.ready,
+                    consumers: stats.consumers,
+                }));
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot read the queue depth"),
+        }
+    }
+}
+
+async fn page() -> Html<&'static str> {
+    Html(PAGE)
+}
+
+/// `GET /api/info`: what the page needs to know before it connects.
+async fn info(State(shared): State<Arc<Shared>>) -> Response {
+    let limits = shared.limits();
+    axum::Json(json!({
+        "queue": shared.client.settings().queue,
+        "functions": limits.allow.names(),
+        "auth_required": limits.token.is_some(),
+        "max_in_flight": limits.max_in_flight,
+        "max_message_bytes": limits.max_message_bytes,
+    }))
+    .into_response()
+}
+
+/// `GET /api/queue`: the last queue depth read (token required when one is configured).
+async fn queue(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    if let Some(refused) = refuse_without_bearer(shared.limits(), &headers) {
+        return refused;
+    }
+    match shared.queue.borrow().clone() {
+        Some(snapshot) => axum::Json(snapshot).into_response(),
+        None => error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &GatewayError::new(Kind::Unavailable, "queue depth not read yet"),
+        ),
+    }
+}
+
+/// The token of an `Authorization: Bearer <token>` header, if any.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
+}
+
+/// The refusal of a request whose bearer token is missing or wrong, when a token is configured.
+fn refuse_without_bearer(limits: &Limits, headers: &HeaderMap) -> Option<Response> {
+    limits.token.as_ref()?; // no token configured: nothing to check
+    match bearer(headers) {
+        Some(token) if limits.token_matches(token) => None,
+        _ => Some(error_response(
+            StatusCode::UNAUTHORIZED,
+            &GatewayError::unauthorized(),
+        )),
+    }
+}
+
+fn error_response(status: StatusCode, error: &GatewayError) -> Response {
+    (status, axum::Json(json!({ "error": error }))).into_response()
+}
+
+/// Sleeps until `at`, or forever when there is no `at` (a disabled deadline in a `select!`).
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

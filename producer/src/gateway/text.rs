@@ -1,0 +1,362 @@
+//! The Workerman Text protocol bridge: a drop-in replacement for a Workerman task worker.
+//!
+//! A Workerman application hands heavy work to task processes with
+//! `new AsyncTcpConnection('Text://host:12345')` and
+//! `send(json_encode(['function' => ..., 'args' => ...]))`: one JSON document per line. The
+//! bridge speaks exactly that, and answers each request with one line, as a task worker would:
+//! the task's JSON result on success, `{"error": {"kind": "...", "message": "..."}}` otherwise.
+//!
+//! Requests pipelined on one connection run concurrently, but their answers are written in
+//! request order (a [`FuturesOrdered`] bounded by the in-flight limit), because a Text client
+//! has nothing but the order to match answers to requests.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesOrdered;
+use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+use tokio_util::bytes::{Bytes, BytesMut};
+use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, Decoder, FramedRead};
+use warren_shared::Request;
+
+use super::Shared;
+use super::limits::{GatewayError, Kind};
+
+/// Accepts Text connections until shutdown.
+pub(super) async fn accept(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let stream = tokio::select! {
+            () = shared.shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    super::accept_failed(&e).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        shared
+            .connections
+            .spawn(Connection::new(shared.clone()).run(stream));
+    }
+}
+
+/// One decoded unit of the Text protocol.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Frame {
+    /// A complete line, without its `\n` (and without a trailing `\r`).
+    Line(Bytes),
+    /// A line longer than the limit; its bytes were discarded up to the next `\n`.
+    TooLong,
+}
+
+/// Splits a byte stream into lines of at most `max` bytes.
+///
+/// An overlong line becomes [`Frame::TooLong`] and the stream goes on with the next line, so
+/// the client gets a `too_large` answer in order instead of a dropped connection; its bytes are
+/// discarded as they arrive, never buffered. An unterminated line at end of stream is an
+/// incomplete request and is dropped, as Workerman drops an incomplete package.
+#[derive(Debug)]
+pub struct TextCodec {
+    lines: AnyDelimiterCodec,
+}
+
+impl TextCodec {
+    /// A codec for lines of at most `max` bytes (the `\n` not counted).
+    pub fn new(max: usize) -> Self {
+        Self {
+            lines: AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), Vec::new(), max),
+        }
+    }
+}
+
+impl Decoder for TextCodec {
+    type Item = Frame;
+    type Error = io::Error;
+
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, io::Error> {
+        match self.lines.decode(buf) {
+            Ok(Some(mut line)) => {
+                if line.last() == Some(&b'\r') {
+                    line.truncate(line.len() - 1);
+                }
+                Ok(Some(Frame::Line(line)))
+            }
+            Ok(None) => Ok(None),
+            Err(AnyDelimiterCodecError::MaxChunkLengthExceeded) => Ok(Some(Frame::TooLong)),
+            Err(AnyDelimiterCodecError::Io(e)) => Err(e),
+        }
+    }
+
+    fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, io::Error> {
+        let frame = self.decode(buf)?;
+        if frame.is_none() && !buf.is_empty() {
+            tracing::debug!(
+                bytes = buf.len(),
+                "text: dropping an unterminated line at end of stream"
+            );
+            buf.clear();
+        }
+        Ok(frame)
+    }
+}
+
+/// One answer line, and whether it ends a call (as opposed to an immediate refusal).
+type Answer = (String, bool);
+type PendingAnswer = Pin<Box<dyn Future<Output = Answer> + Send>>;
+
+/// One bridge connection.
+struct Connection {
+    shared: Arc<Shared>,
+    authed: bool,
+    /// Answers not yet written, in request order.
+    answers: FuturesOrdered<PendingAnswer>,
+    /// How many of `answers` are calls (the in-flight count the limit applies to).
+    calls: usize,
+    /// When the last complete line was read or answer written.
+    last_activity: Instant,
+}
+
+impl Connection {
+    fn new(shared: Arc<Shared>) -> Self {
+        Self {
+            authed: shared.limits().token.is_none(),
+            shared,
+            answers: FuturesOrdered::new(),
+            calls: 0,
+            last_activity: Instant::now(),
+        }
+    }
+
+    async fn run(mut self, stream: TcpStream) {
+        let limits = self.shared.limits().clone();
+        let (read, mut write) = stream.into_split();
+        let mut lines = FramedRead::new(read, TextCodec::new(limits.max_message_bytes));
+        // Refusals (`busy`) queue up behind calls; past this many unanswered requests the
+        // bridge stops reading and TCP pushes back, so memory stays bounded.
+        let backlog = limits.max_in_flight.saturating_mul(2).max(16);
+        let shutdown = self.shared.shutdown.clone();
+        let mut reading = true;
+        let mut drain_until: Option<Instant> = None;
+        loop {
+            if !reading && self.answers.is_empty() {
+                break;
+            }
+            let idle_at = self.last_activity + limits.idle_timeout;
+            tokio::select! {
+                biased;
+                Some((line, was_call)) = self.answers.next(), if !self.answers.is_empty() => {
+                    if was_call {
+                        self.calls -= 1;
+                    }
+                    let written =
+                        tokio::time::timeout(limits.idle_timeout, write.write_all(line.as_bytes()))
+                            .await;
+                    if !matches!(written, Ok(Ok(()))) {
+                        tracing::debug!("text: client stopped reading; closing");
+                        return;
+                    }
+                    self.last_activity = Instant::now();
+                }
+                frame = lines.next(), if reading && self.answers.len() < backlog => match frame {
+                    Some(Ok(frame)) => {
+                        self.last_activity = Instant::now();
+                        if !self.on_frame(frame, &mut write).await {
+                            return;
+                        }
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "text: read failed");
+                        return;
+                    }
+                    // End of the client's stream: answer what it asked, then close.
+                    None => reading = false,
+                },
+                () = shutdown.cancelled(), if drain_until.is_none() => {
+                    reading = false;
+                    drain_until = Some(Instant::now() + self.shared.settings.shutdown_grace);
+                }
+                () = super::sleep_until_some(drain_until), if drain_until.is_some() => break,
+                () = tokio::time::sleep_until(idle_at), if reading && self.answers.is_empty() => {
+                    tracing::debug!(after = ?limits.idle_timeout, "text: idle connection closed");
+                    break;
+                }
+            }
+        }
+        let _ = write.shutdown().await;
+    }
+
+    /// Handles one frame; returns false when the connection must close.
+    async fn on_frame(&mut self, frame: Frame, write: &mut (impl AsyncWriteExt + Unpin)) -> bool {
+        let limits = self.shared.limits();
+        let line = match frame {
+            Frame::TooLong => {
+                let limit = limits.max_message_bytes;
+                self.refuse(&GatewayError::too_large(limit));
+                return true;
+            }
+            Frame::Line(line) => line,
+        };
+        if line.iter().all(u8::is_ascii_whitespace) {
+            return true; // a blank line is not a request (nor an answerable one)
+        }
+        if let Some(token) = auth_line(&line) {
+            if limits.token_matches(&token) {
+                self.authed = true;
+                return true;
+            }
+            let _ = write
+                .write_all(error_line(&GatewayError::unauthorized()).as_bytes())
+                .await;
+            return false;
+        }
+        if !self.authed {
+            let _ = write
+                .write_all(error_line(&GatewayError::unauthorized()).as_bytes())
+                .await;
+            return false;
+        }
+        let request = match Request::decode(&line) {
+            Ok(request) => request,
+            Err(failure) => {
+                self.refuse(&GatewayError::new(Kind::BadRequest, failure.message));
+                return true;
+            }
+        };
+        if let Err(forbidden) = limits.check_function(&request.function) {
+            self.refuse(&forbidden);
+            return true;
+        }
+        if self.calls >= limits.max_in_flight {
+            self.refuse(&GatewayError::busy(limits.max_in_flight));
+            return true;
+        }
+        let client = self.shared.client.clone();
+        let options = self.shared.call_options();
+        self.calls += 1;
+        self.answers.push_back(Box::pin(async move {
+            let answer = match client
+                .call_json_with(&request.function, request.args, &options)
+                .await
+            {
+                Ok(result) => result_line(&result),
+                Err(e) => error_line(&GatewayError::from(e)),
+            };
+            (answer, true)
+        }));
+        true
+    }
+
+    /// Queues an immediate error answer behind the answers already pending.
+    fn refuse(&mut self, error: &GatewayError) {
+        let line = error_line(error);
+        self.answers
+            .push_back(Box::pin(std::future::ready((line, false))));
+    }
+}
+
+/// The token of an `{"auth": "<token>"}` line.
+fn auth_line(line: &[u8]) -> Option<String> {
+    // Cheap pre-check so that ordinary requests are parsed once only.
+    if !line.windows(6).any(|w| w == b"\"auth\"") {
+        return None;
+    }
+    match serde_json::from_slice::<Value>(line).ok()? {
+        Value::Object(mut o) if !o.contains_key("function") => match o.remove("auth")? {
+            Value::String(token) => Some(token),
+            _ => Some(String::new()),
+        },
+        _ => None,
+    }
+}
+
+/// A success answer: the bare JSON result, as a Workerman task worker sends it.
+fn result_line(result: &Value) -> String {
+    let mut line = result.to_string();
+    line.push('\n');
+    line
+}
+
+/// A failure answer: `{"error": {"kind": "...", "message": "..."}}`.
+fn error_line(error: &GatewayError) -> String {
+    let mut line = json!({ "error": error }).to_string();
+    line.push('\n');
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames(codec: &mut TextCodec, input: &[u8], eof: bool) -> Vec<Frame> {
+        let mut buf = BytesMut::from(input);
+        let mut out = Vec::new();
+        while let Some(frame) = codec.decode(&mut buf).expect("test value") {
+            out.push(frame);
+        }
+        if eof {
+            while let Some(frame) = codec.decode_eof(&mut buf).expect("test value") {
+                out.push(frame);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn lines_are_split_and_crlf_trimmed() {
+        let mut codec = TextCodec::new(64);
+        assert_eq!(
+            frames(&mut codec, b"{\"a\":1}\r\n{\"b\":2}\n", false),
+            [
+                Frame::Line(Bytes::from_static(b"{\"a\":1}")),
+                Frame::Line(Bytes::from_static(b"{\"b\":2}"))
+            ]
+        );
+    }
+
+    #[test]
+    fn an_overlong_line_is_reported_once_and_the_next_line_survives() {
+        let mut codec = TextCodec::new(8);
+        let mut input = vec![b'x'; 100];
+        input.extend_from_slice(b"\nshort\n");
+        assert_eq!(
+            frames(&mut codec, &input, false),
+            [Frame::TooLong, Frame::Line(Bytes::from_static(b"short"))]
+        );
+    }
+
+    #[test]
+    fn an_unterminated_line_at_eof_is_dropped() {
+        let mut codec = TextCodec::new(64);
+        assert_eq!(
+            frames(&mut codec, b"{\"function\":\"echo\"", true),
+            Vec::<Frame>::new()
+        );
+    }
+
+    #[test]
+    fn auth_lines_are_recognised() {
+        assert_eq!(auth_line(br#"{"auth":"t"}"#), Some("t".to_owned()));
+        assert_eq!(auth_line(br#"{"auth":5}"#), Some(String::new()));
+        assert_eq!(
+            auth_line(br#"{"function":"echo","args":{"auth":"t"}}"#),
+            None
+        );
+        assert_eq!(auth_line(br#"{"function":"echo"}"#), None);
+    }
+
+    #[test]
+    fn answers_are_single_lines() {
+        assert_eq!(result_line(&json!("a\nb")), "\"a\\nb\"\n");
+        assert_eq!(
+            error_line(&GatewayError::new(Kind::Busy, "m")),
+            "{\"error\":{\"kind\":\"busy\",\"message\":\"m\"}}\n"
+        );
+    }
+}

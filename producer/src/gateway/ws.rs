@@ -1,0 +1,328 @@
+//! The websocket endpoint (`GET /ws`): many tasks in flight per connection, results pushed in
+//! completion order, each tagged with the client's own id.
+//!
+//! A client sends `{"id": ..., "function": ..., "args": ...}` (or a JSON array of them, a
+//! batch). For each task it gets `{"id": ..., "status": "enqueued", "task_id": ...}` once the
+//! broker holds the task, then `{"id": ..., "ok": true, "result": ...}` or
+//! `{"id": ..., "ok": false, "error": {"kind": ..., "message": ...}}`. `docs/gateway.md` has
+//! the whole protocol, including `{"auth": ...}` and `{"watch": "queue"}`.
+//!
+//! Every call runs on a task of the connection's [`JoinSet`]; when the client goes away the set
+//! is dropped, which aborts the calls and removes them from the client's pending map, so a
+//! disconnect leaks nothing.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use super::limits::{GatewayError, Kind};
+use super::{Shared, bearer, error_response};
+
+/// `GET /ws`: checks an `Authorization: Bearer` header if one is sent, then upgrades.
+pub(super) async fn upgrade(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let authed = match bearer(&headers) {
+        Some(token) if shared.limits().token_matches(token) => true,
+        Some(_) => {
+            return error_response(StatusCode::UNAUTHORIZED, &GatewayError::unauthorized());
+        }
+        None => shared.limits().token.is_none(),
+    };
+    let max = shared.limits().max_message_bytes;
+    let connections = shared.connections.clone();
+    ws.max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| {
+            connections.track_future(Connection::new(shared, authed).run(socket))
+        })
+}
+
+/// One task as a websocket client sends it.
+#[derive(Debug, Deserialize)]
+struct TaskMessage {
+    function: String,
+    #[serde(default)]
+    args: Value,
+}
+
+/// One websocket connection.
+struct Connection {
+    shared: Arc<Shared>,
+    authed: bool,
+    /// Whether the client asked for queue depth updates.
+    watching: bool,
+    /// The calls in flight; dropping the set aborts them.
+    calls: JoinSet<()>,
+    /// One permit per call in flight, up to the limit.
+    permits: Arc<Semaphore>,
+    /// Events from the calls (acknowledgements and results), to be written to the socket.
+    events: mpsc::Sender<String>,
+    inbox: mpsc::Receiver<String>,
+    /// Set when the connection must close once the current replies are written.
+    closing: Option<CloseFrame>,
+}
+
+impl Connection {
+    fn new(shared: Arc<Shared>, authed: bool) -> Self {
+        let limits = shared.limits();
+        let (events, inbox) = mpsc::channel(limits.max_in_flight.clamp(16, 1024));
+        let permits = Arc::new(Semaphore::new(limits.max_in_flight));
+        Self {
+            shared,
+            authed,
+            watching: false,
+            calls: JoinSet::new(),
+            permits,
+            events,
+            inbox,
+            closing: None,
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.shared.limits().max_in_flight - self.permits.available_permits()
+    }
+
+    /// Runs the connection until the client leaves, it idles out, or the gateway shuts down.
+    async fn run(mut self, mut socket: WebSocket) {
+        let limits = self.shared.limits().clone();
+        let shutdown = self.shared.shutdown.clone();
+        let mut queue = self.shared.queue.clone();
+        let mut last_activity = Instant::now();
+        let mut drain_until: Option<Instant> = None;
+        let close_frame = loop {
+            if let Some(frame) = self.closing.take() {
+                break Some(frame);
+            }
+            if drain_until.is_some() && self.in_flight() == 0 && self.inbox.is_empty() {
+                break Some(close(close_code::AWAY, "gateway shutting down"));
+            }
+            let idle_at = last_activity + limits.idle_timeout;
+            let idle = self.in_flight() == 0 && drain_until.is_none();
+            tokio::select! {
+                biased;
+                Some(event) = self.inbox.recv() => {
+                    if socket.send(Message::text(event)).await.is_err() {
+                        break None;
+                    }
+                    last_activity = Instant::now();
+                }
+                received = socket.recv(), if drain_until.is_none() => match received {
+                    Some(Ok(Message::Text(text))) => {
+                        last_activity = Instant::now();
+                        for reply in self.on_text(&text) {
+                            if socket.send(Message::text(reply)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Some(Ok(Message::Binary(_))) => {
+                        last_activity = Instant::now();
+                        let error = GatewayError::new(
+                            Kind::BadRequest,
+                            "binary messages are not accepted; send JSON text",
+                        );
+                        let reply = error_event(&Value::Null, &error);
+                        if socket.send(Message::text(reply)).await.is_err() {
+                            break None;
+                        }
+                    }
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => last_activity = Instant::now(),
+                    Some(Ok(Message::Close(_))) | None => break None,
+                    Some(Err(e)) => break read_error_close(e, limits.max_message_bytes),
+                },
+                Ok(()) = queue.changed(), if self.watching => {
+                    let event = queue_event(&queue.borrow_and_update());
+                    if let Some(event) = event
+                        && socket.send(Message::text(event)).await.is_err()
+                    {
+                        break None;
+                    }
+                }
+                () = shutdown.cancelled(), if drain_until.is_none() => {
+                    drain_until = Some(Instant::now() + self.shared.settings.shutdown_grace);
+                }
+                () = super::sleep_until_some(drain_until), if drain_until.is_some() => {
+                    break Some(close(close_code::AWAY, "gateway shutting down"));
+                }
+                () = tokio::time::sleep_until(idle_at), if idle => {
+                    break Some(close(close_code::NORMAL, "idle timeout"));
+                }
+            }
+        };
+        if let Some(frame) = close_frame {
+            let _ = socket.send(Message::Close(Some(frame))).await;
+        }
+        // Aborting the calls still running drops their futures, which removes them from the
+        // client's pending map: a client that leaves leaks nothing.
+        self.calls.abort_all();
+    }
+
+    /// Handles one text message; returns the immediate replies (errors, auth), in order.
+    fn on_text(&mut self, text: &str) -> Vec<String> {
+        let message: Value = match serde_json::from_str(text) {
+            Ok(message) => message,
+            Err(e) => {
+                let error = GatewayError::new(Kind::BadRequest, format!("not valid JSON: {e}"));
+                return vec![error_event(&Value::Null, &error)];
+            }
+        };
+        if let Some(token) = message.get("auth") {
+            return self.on_auth(token);
+        }
+        if !self.authed {
+            self.closing = Some(close(close_code::POLICY, "unauthorized"));
+            return vec![error_event(&Value::Null, &GatewayError::unauthorized())];
+        }
+        if message.get("watch").and_then(Value::as_str) == Some("queue") {
+            self.watching = true;
+            return queue_event(&self.shared.queue.borrow())
+                .into_iter()
+                .collect();
+        }
+        match message {
+            Value::Array(batch) => batch
+                .into_iter()
+                .filter_map(|task| self.submit(task))
+                .collect(),
+            task @ Value::Object(_) => self.submit(task).into_iter().collect(),
+            _ => {
+                let error = GatewayError::new(
+                    Kind::BadRequest,
+                    "expected {\"id\": ..., \"function\": ..., \"args\": ...} or an array of them",
+                );
+                vec![error_event(&Value::Null, &error)]
+            }
+        }
+    }
+
+    fn on_auth(&mut self, token: &Value) -> Vec<String> {
+        match token.as_str() {
+            Some(token) if self.shared.limits().token_matches(token) => {
+                self.authed = true;
+                vec![json!({"auth": "ok"}).to_string()]
+            }
+            _ => {
+                self.closing = Some(close(close_code::POLICY, "unauthorized"));
+                vec![error_event(&Value::Null, &GatewayError::unauthorized())]
+            }
+        }
+    }
+
+    /// Starts one task, or returns the error to answer at once.
+    fn submit(&mut self, task: Value) -> Option<String> {
+        let id = task.get("id").cloned().unwrap_or(Value::Null);
+        let refuse = |error: GatewayError| Some(error_event(&id, &error));
+        let task: TaskMessage = match serde_json::from_value::<TaskMessage>(task) {
+            Ok(task) if !task.function.is_empty() => task,
+            Ok(_) => return refuse(GatewayError::new(Kind::BadRequest, "\"function\" is empty")),
+            Err(e) => {
+                return refuse(GatewayError::new(
+                    Kind::BadRequest,
+                    format!("not a task {{\"id\", \"function\", \"args\"}}: {e}"),
+                ));
+            }
+        };
+        if let Err(forbidden) = self.shared.limits().check_function(&task.function) {
+            return refuse(forbidden);
+        }
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            return refuse(GatewayError::busy(self.shared.limits().max_in_flight));
+        };
+        self.calls.spawn(call(
+            self.shared.clone(),
+            id,
+            task,
+            self.events.clone(),
+            permit,
+        ));
+        // Reap finished calls so the set does not grow with the connection's lifetime.
+        while self.calls.try_join_next().is_some() {}
+        None
+    }
+}
+
+/// Runs one call: "enqueued" once the broker confirms, then the result or the error.
+async fn call(
+    shared: Arc<Shared>,
+    id: Value,
+    task: TaskMessage,
+    events: mpsc::Sender<String>,
+    permit: OwnedSemaphorePermit,
+) {
+    let options = shared.call_options();
+    let (published_tx, mut published) = oneshot::channel();
+    let call = shared
+        .client
+        .call_json_with_ack(&task.function, task.args, &options, published_tx);
+    tokio::pin!(call);
+    let enqueued = |task_id: warren_shared::TaskId| {
+        json!({"id": id, "status": "enqueued", "task_id": task_id}).to_string()
+    };
+    let result = tokio::select! {
+        biased;
+        Ok(task_id) = &mut published => {
+            let _ = events.send(enqueued(task_id)).await;
+            call.await
+        }
+        result = &mut call => {
+            // The confirm and the reply came in one poll: acknowledge first all the same.
+            if let Ok(task_id) = published.try_recv() {
+                let _ = events.send(enqueued(task_id)).await;
+            }
+            result
+        }
+    };
+    let event = match result {
+        Ok(result) => json!({"id": id, "ok": true, "result": result}).to_string(),
+        Err(e) => error_event(&id, &GatewayError::from(e)),
+    };
+    let _ = events.send(event).await;
+    drop(permit);
+}
+
+/// `{"id": ..., "ok": false, "error": {...}}`.
+fn error_event(id: &Value, error: &GatewayError) -> String {
+    json!({"id": id, "ok": false, "error": error}).to_string()
+}
+
+/// `{"queue": {"name": ..., "ready": ..., "consumers": ...}}`, once the depth is known.
+fn queue_event(snapshot: &Option<super::QueueSnapshot>) -> Option<String> {
+    snapshot.as_ref().map(|s| json!({ "queue": s }).to_string())
+}
+
+fn close(code: u16, reason: &'static str) -> CloseFrame {
+    CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(reason),
+    }
+}
+
+/// The close frame for a read error: 1009 for an oversized message, none otherwise (the
+/// socket is broken, so there is no one to tell).
+fn read_error_close(error: axum::Error, limit: usize) -> Option<CloseFrame> {
+    let too_large = matches!(
+        error.into_inner().downcast_ref::<tungstenite::Error>(),
+        Some(tungstenite::Error::Capacity(_))
+    );
+    if too_large {
+        tracing::debug!(limit, "ws: message over the size limit; closing");
+        Some(CloseFrame {
+            code: close_code::SIZE,
+            reason: Utf8Bytes::from(format!("too_large: message larger than {limit} bytes")),
+        })
+    } else {
+        None
+    }
+}

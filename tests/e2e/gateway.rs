@@ -1,0 +1,885 @@
+//! The gateway (issue 5) against the real broker and a real in-process worker: the websocket
+//! endpoint, the Workerman Text bridge, their limits, and the page in headless Chromium.
+//!
+//! Every test gets its own queue (`test.gw.<uuid>`), worker, gateway on `127.0.0.1:0` and
+//! outbox through [`spawn`]; [`Env::finish`] stops them and deletes the queues, and the
+//! [`Env`] guard does the same from `Drop` when a test fails before reaching it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+use warren_producer::gateway::{self, Allowlist, GatewaySettings, Limits};
+use warren_producer::{Client, ClientSettings};
+use warren_shared::broker::{BrokerSettings, DEFAULT_AMQP_URL};
+use warren_worker::{Mailer, RunningWorker, WorkerSettings, builtin_registry};
+
+/// Bound on any single wait in these tests, so that a bug fails a test instead of hanging it.
+const WAIT: Duration = Duration::from_secs(60);
+
+fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.to_owned())
+}
+
+/// A running gateway with its worker, on a queue of its own.
+struct Env {
+    queue: String,
+    http: SocketAddr,
+    text: SocketAddr,
+    client: Client,
+    outbox: PathBuf,
+    worker: Option<RunningWorker>,
+    stop: CancellationToken,
+    gateway: Option<JoinHandle<()>>,
+}
+
+/// Starts a worker and a gateway with `limits` on a fresh queue.
+async fn spawn(limits: Limits) -> Env {
+    spawn_with(GatewaySettings {
+        limits,
+        call_timeout: Duration::from_secs(30),
+        shutdown_grace: Duration::from_secs(5),
+        ..GatewaySettings::default()
+    })
+    .await
+}
+
+async fn spawn_with(settings: GatewaySettings) -> Env {
+    warren_shared::telemetry::init("warn");
+    let queue = format!("test.gw.{}", uuid::Uuid::new_v4());
+    let outbox = std::env::temp_dir().join(format!("warren-gw-outbox-{}", uuid::Uuid::new_v4()));
+    let broker = BrokerSettings::new(amqp_url());
+    let worker = warren_worker::start(
+        WorkerSettings {
+            broker: broker.clone(),
+            queue: queue.clone(),
+            concurrency: 64,
+            // Tests abandon long sleeps on purpose; don't wait for them when stopping.
+            shutdown_grace: Duration::from_secs(1),
+            ..WorkerSettings::default()
+        },
+        builtin_registry(Mailer::outbox(&outbox)),
+        CancellationToken::new(),
+    )
+    .await
+    .expect("worker starts (is RabbitMQ up? deploy/ensure-broker.sh)");
+    let client = Client::connect(ClientSettings {
+        broker,
+        queue: queue.clone(),
+        ..ClientSettings::default()
+    })
+    .await
+    .expect("client connects");
+    let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
+    let text = TcpListener::bind("127.0.0.1:0").await.expect("bind text");
+    let (http_addr, text_addr) = (
+        http.local_addr().expect("http addr"),
+        text.local_addr().expect("text addr"),
+    );
+    let stop = CancellationToken::new();
+    let gateway = tokio::spawn(gateway::serve(
+        settings,
+        client.clone(),
+        http,
+        text,
+        stop.clone(),
+    ));
+    Env {
+        queue,
+        http: http_addr,
+        text: text_addr,
+        client,
+        outbox,
+        worker: Some(worker),
+        stop,
+        gateway: Some(gateway),
+    }
+}
+
+fn limits_allowing(functions: &[&str]) -> Limits {
+    Limits {
+        allow: Allowlist::of(functions),
+        ..Limits::default()
+    }
+}
+
+impl Env {
+    /// Stops the gateway and the worker, deletes the queues and the outbox.
+    async fn finish(mut self) {
+        self.stop.cancel();
+        if let Some(gateway) = self.gateway.take() {
+            tokio::time::timeout(WAIT, gateway)
+                .await
+                .expect("gateway stops")
+                .expect("gateway task");
+        }
+        if let Some(worker) = self.worker.take() {
+            worker.shutdown().await.expect("worker stops cleanly");
+        }
+        self.client.close().await;
+        delete_queues(&self.queue).await;
+        let _ = std::fs::remove_dir_all(&self.outbox);
+    }
+
+    fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.http)
+    }
+
+    /// Waits until the client has no call pending (bounded by [`WAIT`]).
+    async fn no_pending_calls(&self) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while self.client.pending_calls() > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} calls still pending",
+                self.client.pending_calls()
+            );
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if self.gateway.is_none() {
+            return; // finished normally
+        }
+        // A test failed before `finish`: stop what runs and delete the queues on a runtime of
+        // our own (we may be inside the test's runtime, which is unwinding).
+        self.stop.cancel();
+        if let Some(worker) = self.worker.take() {
+            worker.stop();
+        }
+        let queue = self.queue.clone();
+        let outbox = self.outbox.clone();
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                rt.block_on(delete_queues(&queue));
+            }
+            let _ = std::fs::remove_dir_all(outbox);
+        })
+        .join();
+    }
+}
+
+async fn delete_queues(queue: &str) {
+    let Ok(conn) =
+        lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await
+    else {
+        return;
+    };
+    for name in [queue.to_owned(), format!("{queue}.dead")] {
+        // A fresh channel per delete: a failed delete closes its channel.
+        if let Ok(channel) = conn.create_channel().await {
+            let _ = channel
+                .queue_delete(name.as_str().into(), Default::default())
+                .await;
+        }
+    }
+    let _ = conn.close(200, "test cleanup".into()).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// websocket helpers
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+async fn ws_connect(env: &Env) -> Ws {
+    let (ws, _) = tokio_tungstenite::connect_async(env.ws_url())
+        .await
+        .expect("websocket connects");
+    ws
+}
+
+async fn ws_send(ws: &mut Ws, message: Value) {
+    ws.send(Message::text(message.to_string()))
+        .await
+        .expect("websocket send");
+}
+
+/// The next JSON message; fails on a close.
+async fn ws_next(ws: &mut Ws) -> Value {
+    loop {
+        let message = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a websocket message within the wait bound")
+            .expect("the websocket is still open")
+            .expect("a websocket message");
+        match message {
+            Message::Text(text) => return serde_json::from_str(&text).expect("JSON message"),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("expected a JSON text message, got {other:?}"),
+        }
+    }
+}
+
+/// Reads until the server closes; returns its close code and reason, and the JSON messages
+/// that came before.
+async fn ws_until_close(ws: &mut Ws) -> (Option<(CloseCode, String)>, Vec<Value>) {
+    let mut before = Vec::new();
+    loop {
+        let next = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("the server closes within the wait bound");
+        match next {
+            Some(Ok(Message::Text(text))) => {
+                before.push(serde_json::from_str(&text).expect("JSON message"));
+            }
+            Some(Ok(Message::Close(frame))) => {
+                return (
+                    frame.map(|f| (f.code, f.reason.as_str().to_owned())),
+                    before,
+                );
+            }
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => return (None, before),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Text bridge helpers
+
+struct Text {
+    lines: tokio::io::Lines<BufReader<tokio::net::tcp::OwnedReadHalf>>,
+    write: tokio::net::tcp::OwnedWriteHalf,
+}
+
+async fn text_connect(env: &Env) -> Text {
+    let stream = TcpStream::connect(env.text).await.expect("text connects");
+    let (read, write) = stream.into_split();
+    Text {
+        lines: BufReader::new(read).lines(),
+        write,
+    }
+}
+
+impl Text {
+    async fn send_raw(&mut self, bytes: &[u8]) {
+        self.write.write_all(bytes).await.expect("text write");
+    }
+
+    /// Sends `request` as one line, as Workerman's Text protocol does.
+    async fn send(&mut self, request: Value) {
+        let mut line = request.to_string();
+        line.push('\n');
+        self.send_raw(line.as_bytes()).await;
+    }
+
+    /// The next answer line as JSON; `None` when the server closed the connection.
+    async fn next(&mut self) -> Option<Value> {
+        let line = tokio::time::timeout(WAIT, self.lines.next_line())
+            .await
+            .expect("an answer within the wait bound")
+            .ok()??;
+        Some(serde_json::from_str(&line).expect("the answer is one JSON line"))
+    }
+
+    async fn answer(&mut self) -> Value {
+        self.next()
+            .await
+            .expect("an answer, not a closed connection")
+    }
+}
+
+fn error_kind(answer: &Value) -> &str {
+    answer["error"]["kind"]
+        .as_str()
+        .unwrap_or_else(|| panic!("expected an error object, got {answer}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// websocket
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ws_thousand_tasks_on_one_connection_get_their_results_by_id() {
+    let env = spawn(Limits::default()).await;
+    let mut ws = ws_connect(&env).await;
+    // 500 single messages and one batch of 500: both forms, one connection.
+    for i in 0..500 {
+        ws_send(
+            &mut ws,
+            json!({"id": format!("t{i}"), "function": "echo", "args": {"n": i}}),
+        )
+        .await;
+    }
+    let batch: Vec<Value> = (500..1000)
+        .map(|i| json!({"id": format!("t{i}"), "function": "echo", "args": {"n": i}}))
+        .collect();
+    ws_send(&mut ws, Value::Array(batch)).await;
+
+    let mut enqueued = std::collections::HashSet::new();
+    let mut results = std::collections::HashMap::new();
+    while results.len() < 1000 {
+        let message = ws_next(&mut ws).await;
+        let id = message["id"].as_str().expect("string id").to_owned();
+        if message["status"] == "enqueued" {
+            assert!(message["task_id"].is_string(), "{message}");
+            assert!(enqueued.insert(id), "one acknowledgement per task");
+        } else {
+            assert_eq!(message["ok"], true, "{message}");
+            assert!(
+                enqueued.contains(&id),
+                "the acknowledgement of {id} comes before its result"
+            );
+            assert!(results.insert(id, message["result"].clone()).is_none());
+        }
+    }
+    for i in 0..1000 {
+        assert_eq!(results[&format!("t{i}")], json!({"n": i}));
+    }
+    assert_eq!(enqueued.len(), 1000);
+    ws.close(None).await.expect("close");
+    env.no_pending_calls().await;
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ws_answers_task_errors_and_bad_messages_with_typed_errors() {
+    let env = spawn(limits_allowing(&["echo", "fail", "sleep"])).await;
+    let mut ws = ws_connect(&env).await;
+
+    ws_send(
+        &mut ws,
+        json!({"id": 1, "function": "fail", "args": {"message": "boom"}}),
+    )
+    .await;
+    assert_eq!(ws_next(&mut ws).await["status"], "enqueued");
+    let failed = ws_next(&mut ws).await;
+    assert_eq!(failed["id"], 1);
+    assert_eq!(failed["ok"], false);
+    assert_eq!(
+        failed["error"],
+        json!({"kind": "handler_failed", "message": "boom"})
+    );
+
+    ws_send(
+        &mut ws,
+        json!({"id": "x", "function": "send_mail", "args": {}}),
+    )
+    .await;
+    let forbidden = ws_next(&mut ws).await;
+    assert_eq!(forbidden["id"], "x");
+    assert_eq!(forbidden["error"]["kind"], "forbidden");
+
+    ws.send(Message::text("{not json")).await.expect("send");
+    let malformed = ws_next(&mut ws).await;
+    assert_eq!(malformed["id"], Value::Null);
+    assert_eq!(malformed["error"]["kind"], "bad_request");
+
+    ws_send(&mut ws, json!({"id": "nofn", "args": 1})).await;
+    let no_function = ws_next(&mut ws).await;
+    assert_eq!(no_function["id"], "nofn");
+    assert_eq!(no_function["error"]["kind"], "bad_request");
+
+    ws.send(Message::binary(vec![0xff, 0x00, 0x13]))
+        .await
+        .expect("send");
+    assert_eq!(ws_next(&mut ws).await["error"]["kind"], "bad_request");
+
+    // Results arrive in completion order, not request order.
+    ws_send(
+        &mut ws,
+        json!([
+            {"id": "slow", "function": "sleep", "args": {"ms": 1500}},
+            {"id": "fast", "function": "echo", "args": "hi"}
+        ]),
+    )
+    .await;
+    let mut results = Vec::new();
+    while results.len() < 2 {
+        let message = ws_next(&mut ws).await;
+        if message.get("ok").is_some() {
+            results.push(message["id"].clone());
+        }
+    }
+    assert_eq!(results, [json!("fast"), json!("slow")]);
+
+    // The connection is still good after all of that.
+    ws_send(
+        &mut ws,
+        json!({"id": "after", "function": "echo", "args": 7}),
+    )
+    .await;
+    assert_eq!(ws_next(&mut ws).await["status"], "enqueued");
+    assert_eq!(ws_next(&mut ws).await["result"], 7);
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ws_client_that_disconnects_leaves_no_pending_calls() {
+    let env = spawn(limits_allowing(&["sleep"])).await;
+    let mut ws = ws_connect(&env).await;
+    let batch: Vec<Value> = (0..5)
+        .map(|i| json!({"id": i, "function": "sleep", "args": {"ms": 5_000}}))
+        .collect();
+    ws_send(&mut ws, Value::Array(batch)).await;
+    for _ in 0..5 {
+        assert_eq!(ws_next(&mut ws).await["status"], "enqueued");
+    }
+    assert_eq!(env.client.pending_calls(), 5);
+    drop(ws); // no close handshake: the TCP connection just goes away
+    env.no_pending_calls().await;
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ws_limits_busy_token_size_and_idle() {
+    let env = spawn(Limits {
+        allow: Allowlist::of(["echo", "sleep"]),
+        token: Some("s3cret".into()),
+        max_message_bytes: 4096,
+        max_in_flight: 2,
+        idle_timeout: Duration::from_millis(500),
+    })
+    .await;
+
+    // No token: the first task is refused and the connection closed (policy).
+    let mut ws = ws_connect(&env).await;
+    ws_send(&mut ws, json!({"id": 1, "function": "echo"})).await;
+    let (close, before) = ws_until_close(&mut ws).await;
+    assert_eq!(before[0]["error"]["kind"], "unauthorized");
+    assert_eq!(close.map(|c| c.0), Some(CloseCode::Policy));
+
+    // A wrong token in the header: the upgrade itself is refused.
+    let mut request = env.ws_url().into_client_request().expect("request");
+    request
+        .headers_mut()
+        .insert("authorization", "Bearer nope".parse().expect("header"));
+    let refused = tokio_tungstenite::connect_async(request).await;
+    assert!(
+        matches!(&refused, Err(tokio_tungstenite::tungstenite::Error::Http(r)) if r.status() == 401),
+        "{refused:?}"
+    );
+
+    // The right token in the header works.
+    let mut request = env.ws_url().into_client_request().expect("request");
+    request
+        .headers_mut()
+        .insert("authorization", "Bearer s3cret".parse().expect("header"));
+    let (mut ws, _) = tokio_tungstenite::connect_async(request)
+        .await
+        .expect("connects");
+    ws_send(&mut ws, json!({"id": "h", "function": "echo", "args": 1})).await;
+    assert_eq!(ws_next(&mut ws).await["status"], "enqueued");
+    assert_eq!(ws_next(&mut ws).await["result"], 1);
+    drop(ws);
+
+    // The token as a first message (what a browser does), then the in-flight limit.
+    let mut ws = ws_connect(&env).await;
+    ws_send(&mut ws, json!({"auth": "s3cret"})).await;
+    assert_eq!(ws_next(&mut ws).await, json!({"auth": "ok"}));
+    ws_send(
+        &mut ws,
+        json!([
+            {"id": "a", "function": "sleep", "args": {"ms": 1000}},
+            {"id": "b", "function": "sleep", "args": {"ms": 1000}},
+            {"id": "c", "function": "sleep", "args": {"ms": 1000}}
+        ]),
+    )
+    .await;
+    let busy = ws_next(&mut ws).await;
+    assert_eq!(busy["id"], "c", "the third task is refused at once: {busy}");
+    assert_eq!(busy["error"]["kind"], "busy");
+    let mut done = 0;
+    while done < 2 {
+        if ws_next(&mut ws).await["ok"] == true {
+            done += 1;
+        }
+    }
+    // Once the first two are done, there is room again.
+    ws_send(&mut ws, json!({"id": "d", "function": "echo", "args": 2})).await;
+    assert_eq!(ws_next(&mut ws).await["status"], "enqueued");
+    assert_eq!(ws_next(&mut ws).await["result"], 2);
+
+    // Idle with nothing in flight: closed with a reason.
+    let (close, _) = ws_until_close(&mut ws).await;
+    assert_eq!(close, Some((CloseCode::Normal, "idle timeout".to_owned())));
+
+    // Oversized message: closed with 1009 (message too big).
+    let mut ws = ws_connect(&env).await;
+    ws_send(&mut ws, json!({"auth": "s3cret"})).await;
+    assert_eq!(ws_next(&mut ws).await, json!({"auth": "ok"}));
+    let big = "x".repeat(10_000);
+    ws_send(
+        &mut ws,
+        json!({"id": "big", "function": "echo", "args": big}),
+    )
+    .await;
+    let (close, _) = ws_until_close(&mut ws).await;
+    assert_eq!(close.map(|c| c.0), Some(CloseCode::Size));
+    env.finish().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Text bridge
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_single_request_gets_the_bare_result() {
+    let env = spawn(Limits::default()).await;
+    let mut text = text_connect(&env).await;
+    // Exactly what Workerman's AsyncTcpConnection('Text://...') sends for
+    // json_encode(['function' => 'echo', 'args' => [...]]).
+    text.send_raw(b"{\"function\":\"echo\",\"args\":{\"to\":\"a@b.c\",\"n\":[1,2]}}\n")
+        .await;
+    assert_eq!(text.answer().await, json!({"to": "a@b.c", "n": [1, 2]}));
+    // The motivating task, with a CRLF line end for good measure.
+    text.send_raw(
+        json!({"function": "send_mail", "args": {
+            "from": "Shop <noreply@shop.example>", "to": "user@example.com",
+            "subject": "Hi", "body": "Hello"}})
+        .to_string()
+        .as_bytes(),
+    )
+    .await;
+    text.send_raw(b"\r\n").await;
+    let receipt = text.answer().await;
+    assert!(
+        receipt["delivered_to"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("file://")),
+        "{receipt}"
+    );
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_pipelined_requests_are_answered_in_request_order() {
+    let env = spawn(limits_allowing(&["echo", "sleep"])).await;
+    let mut text = text_connect(&env).await;
+    // Later requests finish first; the answers must still come in request order.
+    let mut batch = String::new();
+    for (i, ms) in [900u64, 600, 300, 0].iter().enumerate() {
+        batch.push_str(&json!({"function": "sleep", "args": {"ms": ms}}).to_string());
+        batch.push('\n');
+        batch.push_str(&json!({"function": "echo", "args": i}).to_string());
+        batch.push('\n');
+    }
+    let started = std::time::Instant::now();
+    text.send_raw(batch.as_bytes()).await;
+    for (i, ms) in [900u64, 600, 300, 0].iter().enumerate() {
+        assert_eq!(text.answer().await, json!({"slept_ms": ms}));
+        assert_eq!(text.answer().await, json!(i));
+    }
+    // They ran concurrently: about the longest, not the sum (1.8 s).
+    assert!(
+        started.elapsed() < Duration::from_millis(1700),
+        "{:?}",
+        started.elapsed()
+    );
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_bad_lines_get_error_objects_and_the_connection_goes_on() {
+    let env = spawn(Limits {
+        max_message_bytes: 1024,
+        ..Limits::default()
+    })
+    .await;
+    let mut text = text_connect(&env).await;
+    text.send_raw(b"{not json\n").await;
+    assert_eq!(error_kind(&text.answer().await), "bad_request");
+    text.send_raw(b"[1,2]\n").await;
+    assert_eq!(error_kind(&text.answer().await), "bad_request");
+    // Binary garbage, invalid UTF-8 included.
+    text.send_raw(&[0xff, 0xfe, 0x00, 0x01, 0x9c, b'\n']).await;
+    assert_eq!(error_kind(&text.answer().await), "bad_request");
+    // Oversized line: too_large, and the next line is still served.
+    let big = json!({"function": "echo", "args": "x".repeat(5000)}).to_string();
+    text.send_raw(format!("{big}\n").as_bytes()).await;
+    assert_eq!(error_kind(&text.answer().await), "too_large");
+    // Not on the allowlist.
+    text.send(json!({"function": "sleep", "args": {"ms": 1}}))
+        .await;
+    assert_eq!(error_kind(&text.answer().await), "forbidden");
+    // Blank lines are not requests and get no answer.
+    text.send_raw(b"\n\r\n").await;
+    text.send(json!({"function": "echo", "args": "still here"}))
+        .await;
+    assert_eq!(text.answer().await, json!("still here"));
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_unknown_function_is_reported_by_the_worker() {
+    let env = spawn(limits_allowing(&["*"])).await;
+    let mut text = text_connect(&env).await;
+    text.send(json!({"function": "no_such_function", "args": {}}))
+        .await;
+    let answer = text.answer().await;
+    assert_eq!(error_kind(&answer), "unknown_function");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("no_such_function")),
+        "{answer}"
+    );
+    text.send(json!({"function": "fail"})).await;
+    assert_eq!(error_kind(&text.answer().await), "handler_failed");
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_connection_closed_mid_request() {
+    let env = spawn(limits_allowing(&["echo", "sleep"])).await;
+
+    // Half a request, then the client goes away: nothing runs, nothing is answered.
+    let mut text = text_connect(&env).await;
+    text.send_raw(b"{\"function\":\"echo\",\"ar").await;
+    text.write.shutdown().await.expect("shutdown");
+    assert_eq!(text.next().await, None, "an incomplete line gets no answer");
+
+    // A whole request, then the client closes its sending side: it still gets its answer.
+    let mut text = text_connect(&env).await;
+    text.send(json!({"function": "sleep", "args": {"ms": 200}}))
+        .await;
+    text.write.shutdown().await.expect("shutdown");
+    assert_eq!(text.answer().await, json!({"slept_ms": 200}));
+    assert_eq!(text.next().await, None);
+
+    // Requests in flight, then the client drops the connection: the calls are abandoned.
+    let mut text = text_connect(&env).await;
+    for _ in 0..3 {
+        text.send(json!({"function": "sleep", "args": {"ms": 5_000}}))
+            .await;
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while env.client.pending_calls() < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "calls never started"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(text);
+    env.no_pending_calls().await;
+
+    // Other connections never noticed.
+    let mut text = text_connect(&env).await;
+    text.send(json!({"function": "echo", "args": 1})).await;
+    assert_eq!(text.answer().await, json!(1));
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_limits_token_busy_and_slowloris() {
+    let env = spawn(Limits {
+        allow: Allowlist::of(["echo", "sleep"]),
+        token: Some("s3cret".into()),
+        max_message_bytes: 4096,
+        max_in_flight: 1,
+        idle_timeout: Duration::from_millis(500),
+    })
+    .await;
+
+    // Without the token: unauthorized, then closed.
+    let mut text = text_connect(&env).await;
+    text.send(json!({"function": "echo", "args": 1})).await;
+    assert_eq!(error_kind(&text.answer().await), "unauthorized");
+    assert_eq!(text.next().await, None);
+
+    // With a wrong token: the same.
+    let mut text = text_connect(&env).await;
+    text.send(json!({"auth": "guess"})).await;
+    assert_eq!(error_kind(&text.answer().await), "unauthorized");
+    assert_eq!(text.next().await, None);
+
+    // With the token (no answer to the auth line itself), then over the in-flight limit.
+    let mut text = text_connect(&env).await;
+    text.send(json!({"auth": "s3cret"})).await;
+    text.send(json!({"function": "sleep", "args": {"ms": 300}}))
+        .await;
+    text.send(json!({"function": "echo", "args": 2})).await;
+    assert_eq!(text.answer().await, json!({"slept_ms": 300}));
+    assert_eq!(error_kind(&text.answer().await), "busy");
+    text.send(json!({"function": "echo", "args": 3})).await;
+    assert_eq!(text.answer().await, json!(3), "room again once answered");
+
+    // Slowloris: a line that never ends is closed by the idle timeout, while another
+    // connection is served normally meanwhile.
+    let mut slow = text_connect(&env).await;
+    slow.send_raw(b"{\"auth\":\"s3cret\"}\n{\"function\":\"echo\",\"args\":\"")
+        .await;
+    text.send(json!({"function": "echo", "args": 4})).await;
+    assert_eq!(text.answer().await, json!(4));
+    assert_eq!(slow.next().await, None, "the slow client is disconnected");
+
+    // The HTTP port too: a request whose headers never end is dropped.
+    let mut http = TcpStream::connect(env.http).await.expect("connect");
+    http.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(WAIT, http.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the server closes a slow HTTP request");
+    env.finish().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP endpoints
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_serves_the_page_and_the_queue_depth() {
+    let env = spawn(Limits::default()).await;
+    let page = http_get(env.http, "/").await;
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(page.contains("<title>Warren"), "the page is served");
+    let info = http_get(env.http, "/api/info").await;
+    assert!(
+        info.contains(&format!("\"queue\":\"{}\"", env.queue)),
+        "{info}"
+    );
+    // The depth appears once the poller has read it; the worker is consuming.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let depth = http_get(env.http, "/api/queue").await;
+        if depth.starts_with("HTTP/1.1 200") {
+            assert!(depth.contains("\"consumers\":1"), "{depth}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{depth}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    env.finish().await;
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("write");
+    let mut response = String::new();
+    tokio::time::timeout(WAIT, stream.read_to_string(&mut response))
+        .await
+        .expect("response within the wait bound")
+        .expect("read");
+    response
+}
+
+// ---------------------------------------------------------------------------------------------
+// The page, in headless Chromium
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_runs_the_1000_mail_demo_in_chromium() {
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".to_owned());
+    let in_ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    if !std::path::Path::new(&chromium).exists() && !in_ci {
+        println!(
+            "SKIPPED page_runs_the_1000_mail_demo_in_chromium: {chromium} is absent \
+             (apt-get install chromium, or run deploy/test.sh, which installs it)"
+        );
+        return;
+    }
+    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate is in the workspace")
+        .to_owned();
+    let browser_dir = workspace.join("tests/browser");
+    assert!(
+        browser_dir.join("node_modules/playwright-core").exists(),
+        "playwright-core is not installed: npm ci --prefix tests/browser (deploy/test.sh does it)"
+    );
+    let output_dir = workspace.join("target/test-output");
+    std::fs::create_dir_all(&output_dir).expect("create target/test-output");
+    let screenshot = output_dir.join("gateway-page.png");
+    let _ = std::fs::remove_file(&screenshot);
+
+    let env = spawn(Limits::default()).await;
+    let url = format!("http://{}/", env.http);
+    let run = tokio::process::Command::new("node")
+        .arg(browser_dir.join("page.mjs"))
+        .arg(&url)
+        .arg(&screenshot)
+        .env("CHROMIUM", &chromium)
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(240), run)
+        .await
+        .expect("the browser run ends within 4 minutes")
+        .expect("node runs (is Node.js installed?)");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!("{stdout}");
+    assert!(
+        output.status.success(),
+        "page.mjs failed ({}):\n{stdout}\n{stderr}",
+        output.status
+    );
+    assert!(
+        stdout.contains("demo: 1000 results, 0 failures"),
+        "{stdout}"
+    );
+    assert!(
+        screenshot.exists(),
+        "screenshot saved to {}",
+        screenshot.display()
+    );
+    let mails = std::fs::read_dir(&env.outbox)
+        .expect("the worker wrote an outbox")
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "eml"))
+        })
+        .count();
+    assert_eq!(mails, 1000, "each mail was written once");
+    env.finish().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shutdown
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_delivers_results_in_flight_then_closes() {
+    let env = spawn(limits_allowing(&["sleep"])).await;
+    let mut ws = ws_connect(&env).await;
+    let mut text = text_connect(&env).await;
+    ws_send(
+        &mut ws,
+        json!({"id": 1, "function": "sleep", "args": {"ms": 500}}),
+    )
+    .await;
+    assert_eq!(ws_next(&mut ws).await["status"], "enqueued");
+    text.send(json!({"function": "sleep", "args": {"ms": 500}}))
+        .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while env.client.pending_calls() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "calls never started"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    env.stop.cancel();
+    let (close, before) = ws_until_close(&mut ws).await;
+    assert_eq!(
+        before,
+        [json!({"id": 1, "ok": true, "result": {"slept_ms": 500}})]
+    );
+    assert_eq!(close.map(|c| c.0), Some(CloseCode::Away));
+    assert_eq!(text.answer().await, json!({"slept_ms": 500}));
+    assert_eq!(text.next().await, None);
+    assert!(
+        TcpStream::connect(env.text).await.is_err(),
+        "no new connections after shutdown"
+    );
+    env.finish().await;
+}
