@@ -1,18 +1,29 @@
-//! The worker runtime: connections, the consumer loop, and shutdown.
+//! The worker runtime: connections, the supervised consumer, the watchdog, and shutdown.
 //!
 //! One connection consumes (so acks keep flowing when the broker blocks publishers), one
-//! publishes replies and dead letters through a pool of confirm-mode channels. The consumer's
-//! prefetch equals the worker's concurrency, so the broker never hands this process more tasks
-//! than it can run at once and the rest stay in the queue for other workers; every delivery
-//! is run on its own tokio task, tracked so that shutdown can wait for it.
+//! publishes replies, retries and dead letters through a pool of confirm-mode channels. The
+//! consumer's prefetch equals the worker's concurrency, so the broker never hands this process
+//! more tasks than it can run at once and the rest stay in the queue for other workers; every
+//! delivery runs on its own tokio task, tracked so that shutdown can wait for it.
+//!
+//! lapin re-establishes a lost connection by itself (and re-registers the consumer). What it
+//! does not repair, a supervisor does: when the consumer's stream ends (the queue was deleted,
+//! the channel was closed by the broker, recovery gave up) or the watchdog finds the worker
+//! starving next to a queue with ready tasks, the session (connections if needed, channel,
+//! topology, consumer) is rebuilt, with backoff and jitter between attempts. A worker that is
+//! configured to give up exits with an error instead of idling as a zombie.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use futures_lite::StreamExt;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -26,7 +37,7 @@ use crate::registry::Registry;
 /// How a worker runs.
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
-    /// Where the broker is.
+    /// Where the broker is, and how to reconnect to it.
     pub broker: BrokerSettings,
     /// The work queue to consume.
     pub queue: String,
@@ -40,8 +51,10 @@ pub struct WorkerSettings {
     pub max_body_bytes: usize,
     /// On shutdown, how long in-flight tasks may take to finish before they are handed back.
     pub shutdown_grace: Duration,
-    /// Bound on publishing one reply or dead letter, confirm included.
+    /// Bound on publishing one reply, retry or dead letter, confirm included.
     pub publish_timeout: Duration,
+    /// How often the watchdog checks that an idle worker is not starving next to ready tasks.
+    pub watchdog_interval: Duration,
     /// How this process appears in the management UI (`warren-worker@host:pid`).
     pub name: String,
 }
@@ -56,6 +69,7 @@ impl Default for WorkerSettings {
             max_body_bytes: 4 * 1024 * 1024,
             shutdown_grace: Duration::from_secs(30),
             publish_timeout: Duration::from_secs(10),
+            watchdog_interval: Duration::from_secs(10),
             name: broker::process_name("warren-worker"),
         }
     }
@@ -71,15 +85,62 @@ pub enum WorkerError {
     /// Connecting or declaring failed.
     #[error(transparent)]
     Broker(#[from] BrokerError),
-    /// The consumer stopped receiving deliveries (channel closed, queue deleted, connection
-    /// lost for good). The process should exit non-zero so its supervisor restarts it.
-    #[error("consumer on {queue:?} ended: {reason}")]
-    ConsumerEnded {
+    /// The consumer could not be re-established within the configured reconnect attempts.
+    /// The process should exit non-zero so its supervisor restarts it.
+    #[error("gave up consuming {queue:?} after {attempts} attempts: {reason}")]
+    GaveUp {
         /// The queue consumed.
         queue: String,
-        /// What ended it.
+        /// Rebuild attempts made.
+        attempts: usize,
+        /// The last error.
         reason: String,
     },
+}
+
+/// What a worker is doing, for logs and health checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerState {
+    /// Receiving deliveries.
+    Consuming,
+    /// Rebuilding its connection, channel or consumer.
+    Recovering,
+    /// Draining in-flight tasks after a stop request.
+    Stopping,
+    /// Stopped.
+    Stopped,
+}
+
+/// A snapshot of a worker's health: cheap to take, meant for a health endpoint.
+#[derive(Debug, Clone)]
+pub struct Health {
+    /// What it is doing.
+    pub state: WorkerState,
+    /// Since when.
+    pub since: Instant,
+    /// Tasks running now.
+    pub in_flight: usize,
+    /// Times the consumer was rebuilt.
+    pub recoveries: usize,
+    /// Why it last had to recover.
+    pub last_problem: Option<String>,
+}
+
+impl Health {
+    fn new(state: WorkerState) -> Self {
+        Self {
+            state,
+            since: Instant::now(),
+            in_flight: 0,
+            recoveries: 0,
+            last_problem: None,
+        }
+    }
+
+    /// Whether it is doing its job (consuming, or running tasks while stopping).
+    pub fn is_healthy(&self) -> bool {
+        matches!(self.state, WorkerState::Consuming)
+    }
 }
 
 /// A started worker: consuming until its shutdown token is cancelled.
@@ -87,12 +148,33 @@ pub enum WorkerError {
 pub struct RunningWorker {
     shutdown: CancellationToken,
     join: JoinHandle<Result<(), WorkerError>>,
+    health: watch::Receiver<Health>,
+    shared: Arc<Shared>,
 }
 
 impl RunningWorker {
     /// Asks the worker to stop (like SIGTERM) without waiting.
     pub fn stop(&self) {
         self.shutdown.cancel();
+    }
+
+    /// Its health now.
+    pub fn health(&self) -> Health {
+        let mut health = self.health.borrow().clone();
+        health.in_flight = self.shared.in_flight.load(Ordering::SeqCst);
+        health
+    }
+
+    /// A receiver that sees every state change.
+    pub fn health_changes(&self) -> watch::Receiver<Health> {
+        self.health.clone()
+    }
+
+    /// Test hook: the consumer stops taking deliveries while staying connected, the way a
+    /// zombie consumer does, so that tests can see the watchdog repair it.
+    #[doc(hidden)]
+    pub fn simulate_stall(&self) {
+        self.shared.stalled.store(true, Ordering::SeqCst);
     }
 
     /// Waits until the worker has stopped.
@@ -102,8 +184,9 @@ impl RunningWorker {
     pub async fn wait(self) -> Result<(), WorkerError> {
         match self.join.await {
             Ok(result) => result,
-            Err(e) => Err(WorkerError::ConsumerEnded {
+            Err(e) => Err(WorkerError::GaveUp {
                 queue: String::new(),
+                attempts: 0,
                 reason: format!("worker task failed: {e}"),
             }),
         }
@@ -116,6 +199,32 @@ impl RunningWorker {
     pub async fn shutdown(self) -> Result<(), WorkerError> {
         self.stop();
         self.wait().await
+    }
+}
+
+/// State shared by the supervisor and the task runners.
+#[derive(Debug, Default)]
+struct Shared {
+    in_flight: AtomicUsize,
+    /// Milliseconds since `epoch` of the last delivery.
+    last_delivery_ms: std::sync::atomic::AtomicU64,
+    epoch: std::sync::OnceLock<Instant>,
+    stalled: AtomicBool,
+}
+
+impl Shared {
+    fn epoch(&self) -> Instant {
+        *self.epoch.get_or_init(Instant::now)
+    }
+
+    fn delivered(&self) {
+        let ms = u64::try_from(self.epoch().elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_delivery_ms.store(ms, Ordering::SeqCst);
+    }
+
+    fn since_last_delivery(&self) -> Duration {
+        let last = Duration::from_millis(self.last_delivery_ms.load(Ordering::SeqCst));
+        self.epoch().elapsed().saturating_sub(last)
     }
 }
 
@@ -139,31 +248,8 @@ pub async fn start(
     }
     topology::validate_queue_name(&settings.queue).map_err(WorkerError::Settings)?;
 
-    let consume_conn = broker::connect(&settings.broker, &settings.name, Purpose::Consume).await?;
-    let publish_conn =
-        Arc::new(broker::connect(&settings.broker, &settings.name, Purpose::Publish).await?);
-    let consume_conn = Arc::new(consume_conn);
-    let channel = consume_conn
-        .create_channel()
-        .await
-        .map_err(BrokerError::from)?;
-    let names = topology::declare(&channel, &settings.queue)
-        .await
-        .map_err(BrokerError::from)?;
-    channel
-        .basic_qos(settings.concurrency, BasicQosOptions { global: false })
-        .await
-        .map_err(BrokerError::from)?;
-    let tag = format!("{}/{}", settings.name, settings.queue);
-    let consumer = channel
-        .basic_consume(
-            settings.queue.as_str().into(),
-            tag.as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(BrokerError::from)?;
+    let connections = Connections::open(&settings).await?;
+    let session = Session::open(&connections, &settings).await?;
     tracing::info!(
         queue = %settings.queue,
         concurrency = settings.concurrency,
@@ -171,7 +257,6 @@ pub async fn start(
         name = %settings.name,
         "worker consuming"
     );
-
     let abort = CancellationToken::new();
     let executor = Executor {
         state: registry.state(),
@@ -180,27 +265,25 @@ pub async fn start(
         max_body_bytes: settings.max_body_bytes,
         abort: abort.clone(),
     };
-    let settler = Settler {
-        pool: pool::channel_pool(publish_conn.clone(), 4, settings.publish_timeout, None),
-        queue: settings.queue.clone(),
-        dead_queue: names.dead,
-        retry_queues: Arc::default(),
-        worker_name: settings.name.clone(),
-        publish_timeout: settings.publish_timeout,
-    };
-    let loop_state = ConsumeLoop {
-        channel,
-        consumer,
-        tag,
+    let shared = Arc::new(Shared::default());
+    shared.delivered();
+    let (health_tx, health) = watch::channel(Health::new(WorkerState::Consuming));
+    let supervisor = Supervisor {
+        settings,
+        connections,
         executor,
-        settler,
         abort,
-        grace: settings.shutdown_grace,
-        queue: settings.queue,
-        connections: [consume_conn, publish_conn],
+        shared: shared.clone(),
+        health: health_tx,
+        tracker: TaskTracker::new(),
     };
-    let join = tokio::spawn(loop_state.run(shutdown.clone()));
-    Ok(RunningWorker { shutdown, join })
+    let join = tokio::spawn(supervisor.run(session, shutdown.clone()));
+    Ok(RunningWorker {
+        shutdown,
+        join,
+        health,
+        shared,
+    })
 }
 
 /// Runs a worker until `shutdown` is cancelled ([`start`], then [`RunningWorker::wait`]).
@@ -215,83 +298,340 @@ pub async fn run(
     start(settings, registry, shutdown).await?.wait().await
 }
 
-struct ConsumeLoop {
+/// The worker's two connections.
+struct Connections {
+    consume: Arc<Connection>,
+    publish: Arc<Connection>,
+}
+
+fn usable(connection: &Connection) -> bool {
+    let status = connection.status();
+    status.connected() || status.reconnecting() || status.connecting()
+}
+
+impl Connections {
+    async fn open(settings: &WorkerSettings) -> Result<Self, BrokerError> {
+        let consume = broker::connect(&settings.broker, &settings.name, Purpose::Consume).await?;
+        let publish = broker::connect(&settings.broker, &settings.name, Purpose::Publish).await?;
+        Ok(Self {
+            consume: Arc::new(consume),
+            publish: Arc::new(publish),
+        })
+    }
+
+    /// Replaces whichever connection lapin has given up on.
+    async fn repair(&mut self, settings: &WorkerSettings) -> Result<(), BrokerError> {
+        if !usable(&self.consume) {
+            self.consume = Arc::new(
+                broker::connect(&settings.broker, &settings.name, Purpose::Consume).await?,
+            );
+        }
+        if !usable(&self.publish) {
+            self.publish = Arc::new(
+                broker::connect(&settings.broker, &settings.name, Purpose::Publish).await?,
+            );
+        }
+        Ok(())
+    }
+
+    async fn close(&self) {
+        for connection in [&self.consume, &self.publish] {
+            let _ = connection.close(200, "worker stopping".into()).await;
+        }
+    }
+}
+
+/// One consumer on one channel, and where its tasks settle.
+struct Session {
     channel: Channel,
     consumer: lapin::Consumer,
     tag: String,
-    executor: Executor,
     settler: Settler,
-    abort: CancellationToken,
-    grace: Duration,
-    queue: String,
-    connections: [Arc<Connection>; 2],
 }
 
-impl ConsumeLoop {
-    async fn run(mut self, shutdown: CancellationToken) -> Result<(), WorkerError> {
-        let tracker = TaskTracker::new();
-        let ended = loop {
+impl Session {
+    async fn open(
+        connections: &Connections,
+        settings: &WorkerSettings,
+    ) -> Result<Self, BrokerError> {
+        let channel = connections.consume.create_channel().await?;
+        let names = topology::declare(&channel, &settings.queue).await?;
+        channel
+            .basic_qos(settings.concurrency, BasicQosOptions { global: false })
+            .await?;
+        let tag = format!(
+            "{}/{}/{}",
+            settings.name,
+            settings.queue,
+            uuid::Uuid::new_v4().simple()
+        );
+        let consumer = channel
+            .basic_consume(
+                settings.queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let settler = Settler {
+            pool: pool::channel_pool(
+                connections.publish.clone(),
+                4,
+                settings.publish_timeout,
+                None,
+            ),
+            queue: settings.queue.clone(),
+            dead_queue: names.dead,
+            worker_name: settings.name.clone(),
+            publish_timeout: settings.publish_timeout,
+            retry_queues: Arc::default(),
+        };
+        Ok(Self {
+            channel,
+            consumer,
+            tag,
+            settler,
+        })
+    }
+
+    async fn close(&self) {
+        let _ = self
+            .channel
+            .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default())
+            .await;
+        let _ = self.channel.close(200, "consumer replaced".into()).await;
+    }
+}
+
+/// How a session ended.
+enum End {
+    Shutdown,
+    Lost(String),
+}
+
+struct Supervisor {
+    settings: WorkerSettings,
+    connections: Connections,
+    executor: Executor,
+    abort: CancellationToken,
+    shared: Arc<Shared>,
+    health: watch::Sender<Health>,
+    tracker: TaskTracker,
+}
+
+impl Supervisor {
+    fn set_state(&self, state: WorkerState, problem: Option<String>) {
+        self.health.send_modify(|h| {
+            if h.state != state {
+                h.state = state;
+                h.since = Instant::now();
+            }
+            if state == WorkerState::Recovering {
+                h.recoveries += 1;
+            }
+            if problem.is_some() {
+                h.last_problem = problem;
+            }
+        });
+    }
+
+    async fn run(
+        mut self,
+        mut session: Session,
+        shutdown: CancellationToken,
+    ) -> Result<(), WorkerError> {
+        loop {
+            let reason = match self.consume(&mut session, &shutdown).await {
+                End::Shutdown => break,
+                End::Lost(reason) => reason,
+            };
+            tracing::warn!(queue = %self.settings.queue, %reason, "consumer lost; rebuilding it");
+            self.set_state(WorkerState::Recovering, Some(reason.clone()));
+            session.close().await;
+            session = match self.rebuild(&shutdown).await {
+                Ok(Some(s)) => s,
+                Ok(None) => break,
+                Err(e) => {
+                    self.drain(None).await;
+                    return Err(e);
+                }
+            };
+            self.shared.stalled.store(false, Ordering::SeqCst);
+            self.shared.delivered();
+            self.set_state(WorkerState::Consuming, None);
+            tracing::info!(queue = %self.settings.queue, "consuming again");
+        }
+        self.drain(Some(&session)).await;
+        Ok(())
+    }
+
+    /// A new session, retried with backoff; `None` when asked to stop meanwhile.
+    async fn rebuild(
+        &mut self,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Session>, WorkerError> {
+        let reconnect = self.settings.broker.reconnect.clone();
+        let mut attempt: u32 = 0;
+        loop {
+            if shutdown.is_cancelled() {
+                return Ok(None);
+            }
+            let opened = match self.connections.repair(&self.settings).await {
+                Ok(()) => Session::open(&self.connections, &self.settings).await,
+                Err(e) => Err(e),
+            };
+            let reason = match opened {
+                Ok(session) => return Ok(Some(session)),
+                Err(e) => e.to_string(),
+            };
+            attempt += 1;
+            if reconnect
+                .max_attempts
+                .is_some_and(|max| attempt as usize >= max)
+            {
+                tracing::error!(queue = %self.settings.queue, %reason, attempts = attempt, "giving up");
+                return Err(WorkerError::GaveUp {
+                    queue: self.settings.queue.clone(),
+                    attempts: attempt as usize,
+                    reason,
+                });
+            }
+            if attempt == 1 {
+                tracing::warn!(error = %reason, "cannot consume yet; retrying with backoff");
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(None),
+                () = tokio::time::sleep(reconnect.delay(attempt)) => {}
+            }
+        }
+    }
+
+    async fn consume(&self, session: &mut Session, shutdown: &CancellationToken) -> End {
+        let mut watchdog = tokio::time::interval(self.settings.watchdog_interval);
+        watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        watchdog.tick().await;
+        let mut suspicious = false;
+        loop {
+            let stalled = self.shared.stalled.load(Ordering::SeqCst);
             let next = tokio::select! {
-                () = shutdown.cancelled() => break None,
-                next = self.consumer.next() => next,
+                biased;
+                () = shutdown.cancelled() => return End::Shutdown,
+                _ = watchdog.tick() => {
+                    match self.starving(session).await {
+                        Some(problem) if suspicious => return End::Lost(format!("watchdog: {problem}")),
+                        Some(_) => suspicious = true,
+                        None => suspicious = false,
+                    }
+                    continue;
+                }
+                next = session.consumer.next(), if !stalled => next,
             };
             match next {
                 Some(Ok(delivery)) => {
-                    let executor = self.executor.clone();
-                    let settler = self.settler.clone();
-                    tracker.spawn(async move {
-                        let envelope = Envelope::of(&delivery);
-                        let outcome = executor.execute(&delivery, &envelope).await;
-                        if let Outcome::DeadLetter { reason: DeadReason::Rejected, failure } = &outcome {
-                            tracing::warn!(task.id = %envelope.id, kind = %failure.kind, error = %failure.message, "rejected task dead-lettered");
-                        }
-                        settler.settle(&delivery, &envelope, &outcome).await;
-                    });
+                    suspicious = false;
+                    self.shared.delivered();
+                    self.spawn_task(delivery, session.settler.clone());
                 }
-                Some(Err(e)) => break Some(e.to_string()),
-                None => break Some("the broker cancelled the consumer".to_owned()),
+                Some(Err(e)) => return End::Lost(e.to_string()),
+                None => {
+                    return End::Lost(
+                        "the broker cancelled the consumer (was the queue deleted?)".into(),
+                    );
+                }
             }
-        };
-        self.drain(tracker).await;
-        match ended {
-            None => Ok(()),
-            Some(reason) => {
-                tracing::error!(queue = %self.queue, %reason, "consumer ended");
-                Err(WorkerError::ConsumerEnded {
-                    queue: self.queue,
-                    reason,
-                })
+        }
+    }
+
+    fn spawn_task(&self, delivery: lapin::message::Delivery, settler: Settler) {
+        let executor = self.executor.clone();
+        let shared = self.shared.clone();
+        shared.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.tracker.spawn(async move {
+            let envelope = Envelope::of(&delivery);
+            let outcome = executor.execute(&delivery, &envelope).await;
+            if let Outcome::DeadLetter { reason: DeadReason::Rejected, failure } = &outcome {
+                tracing::warn!(task.id = %envelope.id, kind = %failure.kind, error = %failure.message, "rejected task dead-lettered");
             }
+            settler.settle(&delivery, &envelope, &outcome).await;
+            shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+
+    /// `Some(problem)` when this worker is idle, connected, and yet receives nothing while its
+    /// queue has ready tasks (or its consumer is gone). Called on every watchdog tick; the
+    /// consumer is rebuilt after two such ticks in a row.
+    async fn starving(&self, session: &Session) -> Option<String> {
+        if self.shared.in_flight.load(Ordering::SeqCst) > 0
+            || self.shared.since_last_delivery() < self.settings.watchdog_interval
+        {
+            return None;
+        }
+        let status = self.connections.consume.status();
+        if !status.connected() {
+            // lapin is reconnecting: not a zombie; a connection it gave up on is.
+            return (!usable(&self.connections.consume))
+                .then(|| "consume connection closed".to_owned());
+        }
+        if !session.channel.status().connected() {
+            return Some("consume channel closed".to_owned());
+        }
+        let probe = self.connections.consume.create_channel().await.ok()?;
+        let declared = probe
+            .queue_declare(
+                self.settings.queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        let _ = probe.close(200, "watchdog probe".into()).await;
+        match declared {
+            Err(e) => Some(format!("queue check failed: {e}")),
+            Ok(q) if q.message_count() > 0 => Some(format!(
+                "{} tasks ready but nothing delivered for {:?}",
+                q.message_count(),
+                self.shared.since_last_delivery()
+            )),
+            Ok(q) if q.consumer_count() == 0 => {
+                Some("the broker lists no consumer on the queue".to_owned())
+            }
+            Ok(_) => None,
         }
     }
 
     /// Stops taking deliveries, waits for in-flight tasks within the grace period, then aborts
     /// the rest and closes: the broker requeues whatever was not acked.
-    async fn drain(&self, tracker: TaskTracker) {
-        let _ = self
-            .channel
-            .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default())
-            .await;
-        tracker.close();
-        if !tracker.is_empty() {
-            tracing::info!(in_flight = tracker.len(), grace = ?self.grace, "draining in-flight tasks");
+    async fn drain(&self, session: Option<&Session>) {
+        self.set_state(WorkerState::Stopping, None);
+        if let Some(session) = session {
+            let _ = session
+                .channel
+                .basic_cancel(session.tag.as_str().into(), BasicCancelOptions::default())
+                .await;
         }
-        if tokio::time::timeout(self.grace, tracker.wait())
+        self.tracker.close();
+        if !self.tracker.is_empty() {
+            tracing::info!(in_flight = self.tracker.len(), grace = ?self.settings.shutdown_grace, "draining in-flight tasks");
+        }
+        if tokio::time::timeout(self.settings.shutdown_grace, self.tracker.wait())
             .await
             .is_err()
         {
             tracing::warn!(
-                unfinished = tracker.len(),
+                unfinished = self.tracker.len(),
                 "grace period over; handing unfinished tasks back to the queue"
             );
             self.abort.cancel();
             // Let the aborted tasks send their nacks before the channel closes.
-            let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await;
         }
-        let _ = self.channel.close(200, "worker stopping".into()).await;
-        for connection in &self.connections {
-            let _ = connection.close(200, "worker stopping".into()).await;
+        if let Some(session) = session {
+            let _ = session.channel.close(200, "worker stopping".into()).await;
         }
+        self.connections.close().await;
+        self.set_state(WorkerState::Stopped, None);
         tracing::info!("worker stopped");
     }
 }

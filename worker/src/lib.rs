@@ -30,7 +30,7 @@ pub mod outcome;
 pub mod registry;
 
 pub use builtin::builtin_registry;
-pub use consumer::{RunningWorker, WorkerError, WorkerSettings, run, start};
+pub use consumer::{Health, RunningWorker, WorkerError, WorkerSettings, WorkerState, run, start};
 pub use handler::{Handler, Retry, TaskContext, TaskError};
 pub use mail::Mailer;
 pub use outcome::{DeadReason, Outcome};

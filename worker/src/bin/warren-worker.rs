@@ -10,7 +10,7 @@ use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use warren_shared::Policy;
-use warren_shared::broker::{BrokerSettings, DEFAULT_AMQP_URL};
+use warren_shared::broker::{BrokerSettings, DEFAULT_AMQP_URL, Reconnect};
 use warren_shared::topology::DEFAULT_QUEUE;
 use warren_worker::{Mailer, WorkerSettings, builtin_registry};
 
@@ -42,6 +42,12 @@ struct Args {
     /// On SIGTERM, how long in-flight tasks may take to finish before they are handed back.
     #[arg(long, env = "WARREN_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
+    /// Give up (exit non-zero) after this many failed attempts to reconnect; default: never.
+    #[arg(long, env = "WARREN_RECONNECT_MAX_ATTEMPTS")]
+    reconnect_max_attempts: Option<usize>,
+    /// How often an idle worker checks that it is not starving next to ready tasks.
+    #[arg(long, env = "WARREN_WATCHDOG_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    watchdog_interval: Duration,
     /// Largest task body accepted, in bytes.
     #[arg(long, env = "WARREN_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     max_body_bytes: usize,
@@ -83,7 +89,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None => Mailer::outbox(&args.outbox),
     };
     let settings = WorkerSettings {
-        broker: BrokerSettings::new(args.amqp_url),
+        broker: BrokerSettings {
+            reconnect: Reconnect {
+                max_attempts: args.reconnect_max_attempts,
+                ..Reconnect::default()
+            },
+            ..BrokerSettings::new(args.amqp_url)
+        },
+        watchdog_interval: args.watchdog_interval,
         queue: args.queue,
         concurrency: args.concurrency,
         policy: Policy {
