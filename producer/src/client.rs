@@ -15,12 +15,13 @@ use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
 use serde_json::Value;
-use tokio::sync::{OnceCell, oneshot};
+use tokio::sync::{OnceCell, Semaphore, oneshot, watch};
 use warren_shared::broker::{self, BrokerError, BrokerSettings, Purpose};
+use warren_shared::link::{Link, LinkState};
 use warren_shared::policy;
 use warren_shared::pool::{self, ChannelSetup, Publication, publish_confirmed};
 use warren_shared::protocol::{self, DIRECT_REPLY_TO, headers};
-use warren_shared::{ChannelPool, Reply, Request, Task, TaskId, topology};
+use warren_shared::{ChannelPool, PublishError, Reply, Request, Task, TaskId, topology};
 
 use crate::error::Error;
 
@@ -37,6 +38,12 @@ pub struct ClientSettings {
     pub publish_timeout: Duration,
     /// Pooled channels on the publishing connection.
     pub channels: usize,
+    /// How long a call or enqueue waits for a lost (or blocked) broker connection to come back
+    /// before failing with [`Error::Unavailable`]. A call also never waits past its timeout.
+    pub reconnect_wait: Duration,
+    /// Publishes awaiting the broker's confirm at once; more wait their turn, so a caller that
+    /// publishes faster than the broker accepts is slowed down instead of buffered without end.
+    pub max_in_flight_publishes: usize,
     /// How this process appears in the management UI.
     pub name: String,
 }
@@ -49,6 +56,8 @@ impl Default for ClientSettings {
             call_timeout: Duration::from_secs(30),
             publish_timeout: Duration::from_secs(10),
             channels: 4,
+            reconnect_wait: Duration::from_secs(30),
+            max_in_flight_publishes: 1024,
             name: broker::process_name("warren-client"),
         }
     }
@@ -123,6 +132,14 @@ impl Pending {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Drops every waiting call's sender: each call ends with [`Error::ConnectionLost`].
+    fn fail_all(&self) -> usize {
+        let mut map = self.lock();
+        let n = map.len();
+        map.clear();
+        n
+    }
+
     fn deliver(&self, correlation_id: &str, reply: Result<Reply, String>) {
         match self.lock().remove(correlation_id) {
             Some(tx) => {
@@ -147,6 +164,8 @@ impl Drop for PendingGuard<'_> {
 
 struct Inner {
     settings: ClientSettings,
+    link: Link,
+    publishing: Semaphore,
     connection: Arc<Connection>,
     pool: ChannelPool,
     pending: Arc<Pending>,
@@ -179,6 +198,11 @@ impl Client {
         let connection =
             Arc::new(broker::connect(&settings.broker, &settings.name, Purpose::Publish).await?);
         let pending = Arc::new(Pending::default());
+        let link = Link::watch(connection.clone(), settings.name.clone());
+        tokio::spawn(fail_calls_on_disconnect(
+            link.subscribe(),
+            Arc::downgrade(&pending),
+        ));
         let setup: ChannelSetup = {
             let pending = pending.clone();
             Arc::new(move |channel: Channel| {
@@ -194,7 +218,9 @@ impl Client {
         );
         Ok(Self {
             inner: Arc::new(Inner {
+                publishing: Semaphore::new(settings.max_in_flight_publishes.max(1)),
                 settings,
+                link,
                 connection,
                 pool,
                 pending,
@@ -288,22 +314,37 @@ impl Client {
         let give_up = tokio::time::Instant::now() + timeout;
         let deadline = SystemTime::now() + timeout;
         let id = TaskId::new();
-        let (tx, rx) = oneshot::channel();
-        self.inner.pending.lock().insert(id.as_str().to_owned(), tx);
-        let _guard = PendingGuard {
-            pending: &self.inner.pending,
-            id: id.as_str(),
-        };
-
         let request = Request {
             function: function.to_owned(),
             args,
         };
-        let publish = self.publish(&request, &id, options, Some(deadline), true);
-        match tokio::time::timeout_at(give_up, publish).await {
-            Ok(confirmed) => confirmed?,
+        let body = request.encode();
+        let work = async {
+            loop {
+                // Register before publishing so that even an instant reply finds the call; and
+                // only once the link is up, so that a disconnect fails exactly the calls whose
+                // requests were already out.
+                self.wait_for_link(give_up).await?;
+                let (tx, rx) = oneshot::channel();
+                self.inner.pending.lock().insert(id.as_str().to_owned(), tx);
+                let guard = PendingGuard {
+                    pending: &self.inner.pending,
+                    id: id.as_str(),
+                };
+                match self
+                    .publish(&request.function, &body, &id, options, Some(deadline), true)
+                    .await
+                {
+                    Ok(()) => return Ok((rx, guard)),
+                    Err(e) if self.retry_after(&e) => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        let (rx, _guard) = match tokio::time::timeout_at(give_up, work).await {
+            Ok(registered) => registered?,
             Err(_) => return Err(Error::Timeout(timeout)),
-        }
+        };
         if let Some(published) = published {
             // The receiver may have gone away; the call goes on regardless.
             let _ = published.send(id.clone());
@@ -364,9 +405,19 @@ impl Client {
             function: function.to_owned(),
             args,
         };
-        self.publish(&request, &id, options, deadline, false)
-            .await?;
-        Ok(id)
+        let body = request.encode();
+        let give_up = tokio::time::Instant::now() + self.inner.settings.reconnect_wait;
+        loop {
+            self.wait_for_link(give_up).await?;
+            match self
+                .publish(&request.function, &body, &id, options, deadline, false)
+                .await
+            {
+                Ok(()) => return Ok(id),
+                Err(e) if self.retry_after(&e) => continue,
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Declares work queue `queue` and its dead-letter queue, once per client. Calls and
@@ -411,6 +462,37 @@ impl Client {
             .await;
     }
 
+    /// The state of the broker connection.
+    pub fn link_state(&self) -> LinkState {
+        self.inner.link.state()
+    }
+
+    /// Waits for the link to be up, until `give_up` and at most `reconnect_wait`.
+    async fn wait_for_link(&self, give_up: tokio::time::Instant) -> Result<(), Error> {
+        let state = self.inner.link.state();
+        if state.is_up() {
+            return Ok(());
+        }
+        let bound = give_up
+            .saturating_duration_since(tokio::time::Instant::now())
+            .min(self.inner.settings.reconnect_wait);
+        self.inner
+            .link
+            .wait_up(bound)
+            .await
+            .map_err(|e| Error::Unavailable(e.to_string()))
+    }
+
+    /// Whether a failed publish is worth another try once the link is back: only failures of
+    /// the connection, never a refusal by the broker.
+    fn retry_after(&self, error: &Error) -> bool {
+        let connection_failure = matches!(
+            error,
+            Error::Publish(PublishError::NoChannel(_) | PublishError::Channel(_))
+        );
+        connection_failure && !self.inner.link.state().is_up()
+    }
+
     pub(crate) fn connection(&self) -> &Connection {
         &self.inner.connection
     }
@@ -450,7 +532,8 @@ impl Client {
 
     async fn publish(
         &self,
-        request: &Request,
+        function: &str,
+        body: &[u8],
         id: &TaskId,
         options: &CallOptions,
         deadline: Option<SystemTime>,
@@ -484,7 +567,7 @@ impl Client {
             .with_message_id(id.as_str().into())
             .with_content_type(protocol::CONTENT_TYPE.into())
             .with_delivery_mode(2)
-            .with_type(request.function.as_str().into())
+            .with_type(function.into())
             .with_timestamp(now.as_secs())
             .with_app_id("warren".into())
             .with_headers(h);
@@ -493,12 +576,19 @@ impl Client {
                 .with_correlation_id(id.as_str().into())
                 .with_reply_to(DIRECT_REPLY_TO.into());
         }
+        // Bounded publishes in flight: past the limit, callers wait here.
+        let _permit = self
+            .inner
+            .publishing
+            .acquire()
+            .await
+            .map_err(|_| Error::Unavailable("client closed".into()))?;
         publish_confirmed(
             &self.inner.pool,
             Publication {
                 exchange: topology::EXCHANGE,
                 routing_key: queue,
-                body: &request.encode(),
+                body,
                 properties,
                 mandatory: true,
             },
@@ -552,4 +642,27 @@ async fn start_reply_consumer(channel: Channel, pending: Arc<Pending>) -> Result
         tracing::debug!(channel = channel.id(), "reply consumer ended");
     });
     Ok(())
+}
+
+/// Ends every waiting call with [`Error::ConnectionLost`] when the connection drops: their
+/// direct replies were addressed to the lost connection and can never arrive.
+async fn fail_calls_on_disconnect(
+    mut link: watch::Receiver<LinkState>,
+    pending: std::sync::Weak<Pending>,
+) {
+    while link.changed().await.is_ok() {
+        let state = link.borrow_and_update().clone();
+        if matches!(state, LinkState::Down { .. } | LinkState::Closed) {
+            let Some(pending) = pending.upgrade() else {
+                return;
+            };
+            let failed = pending.fail_all();
+            if failed > 0 {
+                tracing::warn!(
+                    calls = failed,
+                    "connection lost: failing the calls waiting for a reply"
+                );
+            }
+        }
+    }
 }

@@ -30,6 +30,9 @@ pub enum Error {
     /// The reply is not a Warren reply, or its result does not match the task's output type.
     #[error("unexpected reply: {0}")]
     BadReply(String),
+    /// The broker could not be reached (or blocked publishers) for longer than the client waits.
+    #[error("{0}")]
+    Unavailable(String),
     /// The connection carrying the call's reply was lost; the reply cannot arrive.
     #[error("connection to the broker lost while waiting for the reply")]
     ConnectionLost,

@@ -76,7 +76,8 @@ impl Link {
         };
         let (tx, rx) = watch::channel(initial);
         let mut events = connection.events_listener();
-        let status_of = connection.clone();
+        // Weak: the watcher must not keep a connection alive that its owner dropped.
+        let status_of = Arc::downgrade(&connection);
         tokio::spawn(async move {
             while let Some(event) = events.next().await {
                 let next = match event {
@@ -84,7 +85,10 @@ impl Link {
                     Event::ConnectionUnblocked => LinkState::Up,
                     Event::ConnectionBlocked(reason) => LinkState::Blocked { reason },
                     Event::Error(e) => {
-                        let status = status_of.status();
+                        let Some(connection) = status_of.upgrade() else {
+                            break;
+                        };
+                        let status = connection.status();
                         if status.reconnecting() || status.connecting() {
                             LinkState::Down {
                                 reason: e.to_string(),
