@@ -583,7 +583,7 @@ impl Client {
             .acquire()
             .await
             .map_err(|_| Error::Unavailable("client closed".into()))?;
-        publish_confirmed(
+        let published = publish_confirmed(
             &self.inner.pool,
             Publication {
                 exchange: topology::EXCHANGE,
@@ -594,8 +594,16 @@ impl Client {
             },
             self.inner.settings.publish_timeout,
         )
-        .await?;
-        Ok(())
+        .await;
+        match published {
+            // A broker that blocks publishers never confirms: say so rather than "timeout".
+            Err(PublishError::Timeout(_))
+                if matches!(self.inner.link.state(), LinkState::Blocked { .. }) =>
+            {
+                Err(Error::Unavailable(self.inner.link.state().to_string()))
+            }
+            other => other.map_err(Error::from),
+        }
     }
 }
 

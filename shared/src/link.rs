@@ -12,6 +12,9 @@ use futures_lite::StreamExt;
 use lapin::{Connection, Event};
 use tokio::sync::watch;
 
+/// How often a [`Link`] reads its connection's status.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
+
 /// What a connection can do right now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LinkState {
@@ -68,6 +71,10 @@ impl std::fmt::Display for LinkState {
 
 impl Link {
     /// Starts watching `connection`; `name` labels the log lines.
+    ///
+    /// lapin sends no event when it starts recovering a connection, so besides its events
+    /// (blocked, unblocked) the watcher reads the connection's status every
+    /// [`POLL_INTERVAL`]: a cheap local read, no traffic.
     pub fn watch(connection: Arc<Connection>, name: String) -> Self {
         let initial = if connection.status().connected() {
             LinkState::Up
@@ -77,30 +84,47 @@ impl Link {
         let (tx, rx) = watch::channel(initial);
         let mut events = connection.events_listener();
         // Weak: the watcher must not keep a connection alive that its owner dropped.
-        let status_of = Arc::downgrade(&connection);
+        let weak = Arc::downgrade(&connection);
         tokio::spawn(async move {
-            while let Some(event) = events.next().await {
-                let next = match event {
-                    Event::Connected => LinkState::Up,
-                    Event::ConnectionUnblocked => LinkState::Up,
-                    Event::ConnectionBlocked(reason) => LinkState::Blocked { reason },
-                    Event::Error(e) => {
-                        let Some(connection) = status_of.upgrade() else {
-                            break;
-                        };
-                        let status = connection.status();
-                        if status.reconnecting() || status.connecting() {
-                            LinkState::Down {
-                                reason: e.to_string(),
-                            }
-                        } else if status.connected() {
-                            // A channel-level error reported on the connection: still up.
-                            continue;
-                        } else {
-                            LinkState::Closed
-                        }
+            let mut blocked: Option<String> = None;
+            let mut last_error = String::from("connection lost");
+            let mut poll = tokio::time::interval(POLL_INTERVAL);
+            poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    event = events.next() => match event {
+                        Some(Event::ConnectionBlocked(reason)) => blocked = Some(reason),
+                        Some(Event::ConnectionUnblocked) => blocked = None,
+                        Some(Event::Error(e)) => last_error = e.to_string(),
+                        Some(_) => {}
+                        None => break,
+                    },
+                    _ = poll.tick() => {}
+                }
+                let Some(connection) = weak.upgrade() else {
+                    break;
+                };
+                let status = connection.status();
+                let (connected, recovering) = (
+                    status.connected(),
+                    status.reconnecting() || status.connecting(),
+                );
+                drop(connection);
+                let next = if connected {
+                    match &blocked {
+                        Some(reason) => LinkState::Blocked {
+                            reason: reason.clone(),
+                        },
+                        None => LinkState::Up,
                     }
-                    _ => continue,
+                } else if recovering {
+                    // A blocked connection that is lost is unblocked by its replacement.
+                    blocked = None;
+                    LinkState::Down {
+                        reason: last_error.clone(),
+                    }
+                } else {
+                    LinkState::Closed
                 };
                 let changed = tx.send_if_modified(|state| {
                     let differs = std::mem::discriminant(state) != std::mem::discriminant(&next);

@@ -30,19 +30,8 @@ fn test_worker(queue: &str, concurrency: u16, grace: &str) -> ChildGuard {
     ChildGuard::spawn(command)
 }
 
-/// Lines of a `record` log: key -> (pid, redelivered) of every run.
 fn runs(log: &Path) -> HashMap<u64, Vec<(u32, bool)>> {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let mut runs: HashMap<u64, Vec<(u32, bool)>> = HashMap::new();
-    for line in text.lines() {
-        let parts: Vec<&str> = line.split(' ').collect();
-        if let [key, pid, _attempt, redelivered] = parts[..] {
-            runs.entry(key.parse().unwrap())
-                .or_default()
-                .push((pid.parse().unwrap(), redelivered == "true"));
-        }
-    }
-    runs
+    warren_tests::read_runs(log)
 }
 
 async fn consumers(client: &Client, queue: &str) -> u32 {

@@ -9,6 +9,7 @@
 //! - polling a real broker condition with a bound, for the few places where no event exists.
 
 pub mod raw;
+pub mod relay;
 pub mod tasks;
 
 use std::future::Future;
@@ -286,6 +287,23 @@ impl Drop for ChildGuard {
             let _ = child.wait();
         }
     }
+}
+
+/// Runs recorded by [`tasks::Record`] in `log`: key -> (pid, redelivered) of every run.
+pub fn read_runs(log: &std::path::Path) -> std::collections::HashMap<u64, Vec<(u32, bool)>> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut runs: std::collections::HashMap<u64, Vec<(u32, bool)>> = Default::default();
+    for line in text.lines() {
+        let parts: Vec<&str> = line.split(' ').collect();
+        if let [key, pid, _attempt, redelivered] = parts[..]
+            && let (Ok(key), Ok(pid)) = (key.parse(), pid.parse())
+        {
+            runs.entry(key)
+                .or_default()
+                .push((pid, redelivered == "true"));
+        }
+    }
+    runs
 }
 
 /// Polls `condition` every 20 ms until it holds, for broker state that has no event to await

@@ -511,8 +511,10 @@ impl Supervisor {
         watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         watchdog.tick().await;
         let mut suspicious = false;
+        // Deliveries swallowed while a stall is simulated (a test hook): never run, never acked,
+        // given back by the broker when this session's channel closes.
+        let mut swallowed = Vec::new();
         loop {
-            let stalled = self.shared.stalled.load(Ordering::SeqCst);
             let next = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => return End::Shutdown,
@@ -524,9 +526,12 @@ impl Supervisor {
                     }
                     continue;
                 }
-                next = session.consumer.next(), if !stalled => next,
+                next = session.consumer.next() => next,
             };
             match next {
+                Some(Ok(delivery)) if self.shared.stalled.load(Ordering::SeqCst) => {
+                    swallowed.push(delivery)
+                }
                 Some(Ok(delivery)) => {
                     suspicious = false;
                     self.shared.delivered();
