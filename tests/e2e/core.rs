@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use tokio::sync::Notify;
 use warren_producer::{CallOptions, Error};
 use warren_shared::tasks::{Echo, SendMail};
-use warren_shared::{ErrorKind, Task};
+use warren_shared::{ErrorKind, Policy, Task};
 use warren_tests::{TempDir, TestQueue};
 use warren_worker::{Handler, Mailer, Registry, TaskContext, TaskError, builtin_registry};
 
@@ -323,8 +323,10 @@ async fn a_call_with_no_worker_times_out_and_leaves_nothing_pending() {
 #[tokio::test]
 async fn a_panicking_handler_gets_an_error_reply_and_the_worker_keeps_serving() {
     let q = TestQueue::new("panic");
+    // One attempt: a panic is a failed attempt like any other, and would otherwise be retried.
+    let once = Policy { max_attempts: 1, ..Policy::default() };
     let worker = q
-        .worker(Registry::new().register::<Explode>().register::<Echo>(), 1)
+        .worker(Registry::new().register_with::<Explode>(once).register::<Echo>(), 1)
         .await;
     let client = q.client().await;
 
