@@ -141,8 +141,10 @@ struct Row {
     unit: &'static str,
     warren: f64,
     raw: f64,
-    /// Larger is better (throughput) or smaller is better (latency).
+    /// Larger is better (throughput) or smaller is better (latency, CPU).
     higher_is_better: bool,
+    /// Whether the 0.85 target applies (CPU cost rows are for information).
+    targeted: bool,
 }
 
 impl Row {
@@ -186,17 +188,23 @@ async fn measure(args: &Args, warren: &WarrenSide, raw: &RawSide, payload: &Valu
     }
 
     let mut rows = Vec::new();
+    let mut cpu_rows = Vec::new();
     if wants("rpc") {
-        let (mut w, mut r) = (Vec::new(), Vec::new());
+        let (mut w, mut r, mut wc, mut rc) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let n = args.rpc_calls as f64;
         for round in 1..=args.rounds {
-            let d = timed(warren.rpc(args.rpc_calls, args.in_flight, payload)).await?;
-            w.push(args.rpc_calls as f64 / d.as_secs_f64());
-            let d = timed(raw.rpc(args.rpc_calls, args.in_flight, payload)).await?;
-            r.push(args.rpc_calls as f64 / d.as_secs_f64());
+            let (d, cpu) = timed(warren.rpc(args.rpc_calls, args.in_flight, payload)).await?;
+            w.push(n / d.as_secs_f64());
+            wc.push(cpu / n * 1e6);
+            let (d, cpu) = timed(raw.rpc(args.rpc_calls, args.in_flight, payload)).await?;
+            r.push(n / d.as_secs_f64());
+            rc.push(cpu / n * 1e6);
             println!(
-                "  rpc   round {round}: warren {:>8.0}/s  raw {:>8.0}/s",
+                "  rpc   round {round}: warren {:>8.0}/s ({:.0} us CPU/call)  raw {:>8.0}/s ({:.0} us CPU/call)",
                 w[round - 1],
-                r[round - 1]
+                wc[round - 1],
+                r[round - 1],
+                rc[round - 1]
             );
         }
         rows.push(Row {
@@ -205,6 +213,15 @@ async fn measure(args: &Args, warren: &WarrenSide, raw: &RawSide, payload: &Valu
             warren: median(&w),
             raw: median(&r),
             higher_is_better: true,
+            targeted: true,
+        });
+        cpu_rows.push(Row {
+            name: "(a) bench-process CPU per call",
+            unit: "us",
+            warren: median(&wc),
+            raw: median(&rc),
+            higher_is_better: false,
+            targeted: false,
         });
     }
     if wants("seq") {
@@ -230,6 +247,7 @@ async fn measure(args: &Args, warren: &WarrenSide, raw: &RawSide, payload: &Valu
             warren: median(&w50),
             raw: median(&r50),
             higher_is_better: false,
+            targeted: true,
         });
         rows.push(Row {
             name: "(b) sequential call p99",
@@ -237,19 +255,25 @@ async fn measure(args: &Args, warren: &WarrenSide, raw: &RawSide, payload: &Valu
             warren: median(&w99),
             raw: median(&r99),
             higher_is_better: false,
+            targeted: true,
         });
     }
     if wants("fire") {
-        let (mut w, mut r) = (Vec::new(), Vec::new());
+        let (mut w, mut r, mut wc, mut rc) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let n = args.tasks as f64;
         for round in 1..=args.rounds {
-            let d = timed(warren.fire(args.tasks, args.enqueue_in_flight, payload)).await?;
-            w.push(args.tasks as f64 / d.as_secs_f64());
-            let d = timed(raw.fire(args.tasks, args.enqueue_in_flight, payload)).await?;
-            r.push(args.tasks as f64 / d.as_secs_f64());
+            let (d, cpu) = timed(warren.fire(args.tasks, args.enqueue_in_flight, payload)).await?;
+            w.push(n / d.as_secs_f64());
+            wc.push(cpu / n * 1e6);
+            let (d, cpu) = timed(raw.fire(args.tasks, args.enqueue_in_flight, payload)).await?;
+            r.push(n / d.as_secs_f64());
+            rc.push(cpu / n * 1e6);
             println!(
-                "  fire  round {round}: warren {:>8.0}/s  raw {:>8.0}/s",
+                "  fire  round {round}: warren {:>8.0}/s ({:.0} us CPU/task)  raw {:>8.0}/s ({:.0} us CPU/task)",
                 w[round - 1],
-                r[round - 1]
+                wc[round - 1],
+                r[round - 1],
+                rc[round - 1]
             );
         }
         rows.push(Row {
@@ -258,6 +282,15 @@ async fn measure(args: &Args, warren: &WarrenSide, raw: &RawSide, payload: &Valu
             warren: median(&w),
             raw: median(&r),
             higher_is_better: true,
+            targeted: true,
+        });
+        cpu_rows.push(Row {
+            name: "(c) bench-process CPU per task",
+            unit: "us",
+            warren: median(&wc),
+            raw: median(&rc),
+            higher_is_better: false,
+            targeted: false,
         });
     }
 
@@ -267,11 +300,14 @@ async fn measure(args: &Args, warren: &WarrenSide, raw: &RawSide, payload: &Valu
         "scenario (median of rounds)", "warren", "raw lapin", "unit", "ratio"
     );
     let mut all_met = true;
+    rows.extend(cpu_rows);
     for row in &rows {
         let ratio = row.ratio();
         let met = ratio >= TARGET;
-        all_met &= met;
-        let precision = if row.higher_is_better { 0 } else { 3 };
+        if row.targeted {
+            all_met &= met;
+        }
+        let precision = if row.unit == "ms" { 3 } else { 0 };
         println!(
             "{:<42} {:>12.*} {:>12.*} {:>8}  {:>6.3}  {}",
             row.name,
@@ -281,11 +317,15 @@ async fn measure(args: &Args, warren: &WarrenSide, raw: &RawSide, payload: &Valu
             row.raw,
             row.unit,
             ratio,
-            if met { "MET" } else { "BELOW TARGET" }
+            match (row.targeted, met) {
+                (false, _) => "(information)",
+                (true, true) => "MET",
+                (true, false) => "BELOW TARGET",
+            }
         );
     }
     println!(
-        "ratio = Warren/raw for throughput, raw/Warren for latency (1.0 = as good as raw lapin)."
+        "ratio = Warren/raw for throughput, raw/Warren for latency and CPU (1.0 = as good as raw lapin)."
     );
     println!(
         "{}",
@@ -304,10 +344,31 @@ async fn bounded<T>(work: impl Future<Output = Result<T>>) -> Result<T> {
         .with_context(|| format!("a round took longer than {ROUND_TIMEOUT:?}"))?
 }
 
-async fn timed(work: impl Future<Output = Result<()>>) -> Result<Duration> {
+/// Wall time and this process's CPU time (all threads, user + system) of `work`.
+async fn timed(work: impl Future<Output = Result<()>>) -> Result<(Duration, f64)> {
+    let cpu = process_cpu_seconds();
     let start = Instant::now();
     bounded(work).await?;
-    Ok(start.elapsed())
+    Ok((start.elapsed(), process_cpu_seconds() - cpu))
+}
+
+/// CPU seconds this process has used so far (Linux `/proc/self/stat`, 10 ms resolution);
+/// `NaN` where that is not available.
+fn process_cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return f64::NAN;
+    };
+    // Fields after the command name (which may contain spaces) start at field 3, `state`;
+    // utime and stime are fields 14 and 15, in clock ticks (USER_HZ, 100 on Linux).
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+        return f64::NAN;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+    match (ticks(11), ticks(12)) {
+        (Some(user), Some(system)) => (user + system) / 100.0,
+        _ => f64::NAN,
+    }
 }
 
 fn median(values: &[f64]) -> f64 {
