@@ -53,13 +53,13 @@ struct Args {
     #[arg(long, default_value_t = 100)]
     in_flight: usize,
     /// Calls per round in the `rpc` scenario.
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 30_000)]
     rpc_calls: usize,
     /// Calls per round in the `seq` scenario.
-    #[arg(long, default_value_t = 1_000)]
+    #[arg(long, default_value_t = 2_000)]
     seq_calls: usize,
     /// Tasks per round in the `fire` scenario.
-    #[arg(long, default_value_t = 30_000)]
+    #[arg(long, default_value_t = 50_000)]
     tasks: usize,
     /// Enqueues awaiting their confirm at once in the `fire` scenario.
     #[arg(long, default_value_t = 100)]
@@ -102,7 +102,10 @@ async fn main() -> Result<()> {
         .await
         .context("connecting to the broker")?;
     let admin_channel = admin.create_channel().await?;
-    let result = run(&args, &admin_channel, &warren_queue, &raw_queue).await;
+    let result = tokio::select! {
+        result = run(&args, &admin_channel, &warren_queue, &raw_queue) => result,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
 
     // Clean up whatever happened above.
     for queue in [&warren_queue, &raw_queue] {
