@@ -107,19 +107,56 @@ async fn main() -> Result<()> {
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
     };
 
-    // Clean up whatever happened above.
-    for queue in [&warren_queue, &raw_queue] {
-        for name in [queue.clone(), format!("{queue}.dead")] {
-            if let Err(e) = admin_channel
-                .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
-                .await
-            {
-                eprintln!("warning: could not delete queue {name}: {e}");
+    // Clean up whatever happened above, on a fresh connection if the broker dropped ours
+    // (a broker restart mid-run must not leave durable quorum queues behind).
+    let names: Vec<String> = [&warren_queue, &raw_queue]
+        .iter()
+        .flat_map(|q| [q.to_string(), format!("{q}.dead")])
+        .collect();
+    if delete_queues(&admin_channel, &names).await.is_err() {
+        let _ = admin.close(200, "bench done".into()).await;
+        cleanup_on_new_connection(&args.url, &names).await;
+    } else {
+        let _ = admin.close(200, "bench done".into()).await;
+    }
+    result
+}
+
+/// Deletes `names`; fails on the first error that is not "already gone".
+async fn delete_queues(channel: &Channel, names: &[String]) -> Result<()> {
+    for name in names {
+        channel
+            .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .with_context(|| format!("deleting queue {name}"))?;
+    }
+    Ok(())
+}
+
+/// Retries the clean-up on new connections for up to a minute.
+async fn cleanup_on_new_connection(url: &str, names: &[String]) {
+    let give_up = Instant::now() + Duration::from_secs(60);
+    loop {
+        let attempt = async {
+            let connection = Connection::connect(url, ConnectionProperties::default()).await?;
+            let channel = connection.create_channel().await?;
+            let deleted = delete_queues(&channel, names).await;
+            let _ = connection.close(200, "bench done".into()).await;
+            deleted
+        };
+        match tokio::time::timeout(Duration::from_secs(10), attempt).await {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) if Instant::now() >= give_up => {
+                eprintln!("warning: could not delete the bench queues {names:?}: {e:#}");
+                return;
             }
+            Err(_) if Instant::now() >= give_up => {
+                eprintln!("warning: could not delete the bench queues {names:?}: timed out");
+                return;
+            }
+            _ => tokio::time::sleep(Duration::from_secs(1)).await,
         }
     }
-    let _ = admin.close(200, "bench done".into()).await;
-    result
 }
 
 async fn run(args: &Args, admin: &Channel, warren_queue: &str, raw_queue: &str) -> Result<()> {
