@@ -2,8 +2,9 @@
 //!
 //! `deadpool` hands out channels, creates them on demand up to a fixed size and drops closed ones
 //! on checkout (a channel closed by a soft error stays closed; lapin 4 no longer recovers it).
-//! A caller holds a channel only while its publish frame is written, then awaits the broker's
-//! confirm without it, so a few channels carry thousands of publishes in flight.
+//! A publisher checks a channel out only to pick an open one and returns it at once: lapin
+//! channels take concurrent publishes, so a few channels carry thousands of publishes (and their
+//! awaited confirms) in flight.
 //!
 //! [`publish_confirmed`] is the only way Warren publishes: it waits for the broker's confirm and
 //! turns a `basic.nack`, a `basic.return` (mandatory and unroutable) or silence into an error.
@@ -153,10 +154,15 @@ pub async fn publish_confirmed(
 
 async fn publish_inner(pool: &ChannelPool, p: Publication<'_>) -> Result<(), PublishError> {
     let confirm = {
-        let channel = pool
-            .get()
-            .await
-            .map_err(|e| PublishError::NoChannel(e.to_string()))?;
+        // Checked out only to pick an open channel: lapin channels take concurrent publishes,
+        // and holding the pool object while lapin's I/O thread writes the frame would let at
+        // most `size` publishes be on their way at once.
+        let channel = Channel::clone(
+            &*pool
+                .get()
+                .await
+                .map_err(|e| PublishError::NoChannel(e.to_string()))?,
+        );
         channel
             .basic_publish(
                 p.exchange.into(),
@@ -169,7 +175,6 @@ async fn publish_inner(pool: &ChannelPool, p: Publication<'_>) -> Result<(), Pub
                 p.properties,
             )
             .await?
-        // The channel goes back to the pool here; the confirm is awaited without holding it.
     };
     match confirm.await? {
         Confirmation::Ack(None) => Ok(()),

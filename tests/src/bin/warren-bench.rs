@@ -1,3 +1,964 @@
-//! Benchmark placeholder; the real one lands with the benchmark work.
+//! `warren-bench`: Warren against a raw lapin baseline doing the same AMQP traffic.
+//!
+//! Three scenarios, each run for Warren and for raw lapin, alternately, a few rounds; the median
+//! of each is printed with the ratio Warren/raw (for latencies: raw latency / Warren latency, so
+//! that 1.0 means "as good as raw" everywhere and the 0.85 target reads the same way):
+//!
+//! - `rpc`: calls per second with `--in-flight` calls outstanding at all times;
+//! - `seq`: one call at a time, p50 and p99 latency;
+//! - `fire`: `--tasks` tasks enqueued with confirms (`--enqueue-in-flight` outstanding) until
+//!   the worker has run and acked them all.
+//!
+//! The Warren side is an in-process `warren_worker` and a `warren_producer::Client`; the raw side
+//! is lapin only, on its own queue with the same arguments, the same properties, headers and
+//! bodies, confirms and prefetch. See `docs/benchmarks.md`.
 
-fn main() {}
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use futures_lite::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::{Notify, oneshot};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+use warren_producer::{CallOptions, Client, ClientSettings};
+use warren_shared::{BrokerSettings, Task, topology};
+use warren_worker::{Handler, Registry, TaskContext, TaskError, WorkerSettings};
+
+/// Measures Warren against raw lapin on the same broker; see `docs/benchmarks.md`.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Broker URL (loopback only: the numbers mean nothing across a network you share).
+    #[arg(long, env = "AMQP_URL", default_value = warren_shared::broker::DEFAULT_AMQP_URL)]
+    url: String,
+    /// Rounds per scenario and side; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Worker concurrency, which is also the consumer prefetch (both sides).
+    #[arg(long, default_value_t = 100)]
+    concurrency: u16,
+    /// Calls outstanding at once in the `rpc` scenario.
+    #[arg(long, default_value_t = 100)]
+    in_flight: usize,
+    /// Calls per round in the `rpc` scenario.
+    #[arg(long, default_value_t = 30_000)]
+    rpc_calls: usize,
+    /// Calls per round in the `seq` scenario.
+    #[arg(long, default_value_t = 2_000)]
+    seq_calls: usize,
+    /// Tasks per round in the `fire` scenario.
+    #[arg(long, default_value_t = 50_000)]
+    tasks: usize,
+    /// Enqueues awaiting their confirm at once in the `fire` scenario.
+    #[arg(long, default_value_t = 100)]
+    enqueue_in_flight: usize,
+    /// Calls and tasks per side before the first round (not measured).
+    #[arg(long, default_value_t = 2_000)]
+    warmup: usize,
+    /// Bytes of padding in the task arguments.
+    #[arg(long, default_value_t = 64)]
+    payload_bytes: usize,
+    /// Channels the raw caller publishes on (each with its own direct reply-to consumer), and
+    /// channels the raw consumer replies on. 4 matches Warren's default pools.
+    #[arg(long, default_value_t = 4)]
+    raw_channels: usize,
+    /// Scenarios to run (comma separated): rpc, seq, fire.
+    #[arg(long, value_delimiter = ',', default_value = "rpc,seq,fire")]
+    scenarios: Vec<String>,
+}
+
+/// The ratio every scenario should reach.
+const TARGET: f64 = 0.85;
+
+/// Bound on one measured round, so that a lost message fails the run instead of hanging it.
+const ROUND_TIMEOUT: Duration = Duration::from_secs(300);
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let warren_queue = format!("bench.{}", Uuid::new_v4());
+    let raw_queue = format!("bench.{}", Uuid::new_v4());
+
+    let admin = Connection::connect(&args.url, ConnectionProperties::default())
+        .await
+        .context("connecting to the broker")?;
+    let admin_channel = admin.create_channel().await?;
+    let result = tokio::select! {
+        result = run(&args, &admin_channel, &warren_queue, &raw_queue) => result,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
+
+    // Clean up whatever happened above, on a fresh connection if the broker dropped ours
+    // (a broker restart mid-run must not leave durable quorum queues behind).
+    let names: Vec<String> = [&warren_queue, &raw_queue]
+        .iter()
+        .flat_map(|q| [q.to_string(), format!("{q}.dead")])
+        .collect();
+    if delete_queues(&admin_channel, &names).await.is_err() {
+        let _ = admin.close(200, "bench done".into()).await;
+        cleanup_on_new_connection(&args.url, &names).await;
+    } else {
+        let _ = admin.close(200, "bench done".into()).await;
+    }
+    result
+}
+
+/// Deletes `names`; fails on the first error that is not "already gone".
+async fn delete_queues(channel: &Channel, names: &[String]) -> Result<()> {
+    for name in names {
+        channel
+            .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .with_context(|| format!("deleting queue {name}"))?;
+    }
+    Ok(())
+}
+
+/// Retries the clean-up on new connections for up to a minute.
+async fn cleanup_on_new_connection(url: &str, names: &[String]) {
+    let give_up = Instant::now() + Duration::from_secs(60);
+    loop {
+        let attempt = async {
+            let connection = Connection::connect(url, ConnectionProperties::default()).await?;
+            let channel = connection.create_channel().await?;
+            let deleted = delete_queues(&channel, names).await;
+            let _ = connection.close(200, "bench done".into()).await;
+            deleted
+        };
+        match tokio::time::timeout(Duration::from_secs(10), attempt).await {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) if Instant::now() >= give_up => {
+                eprintln!("warning: could not delete the bench queues {names:?}: {e:#}");
+                return;
+            }
+            Err(_) if Instant::now() >= give_up => {
+                eprintln!("warning: could not delete the bench queues {names:?}: timed out");
+                return;
+            }
+            _ => tokio::time::sleep(Duration::from_secs(1)).await,
+        }
+    }
+}
+
+async fn run(args: &Args, admin: &Channel, warren_queue: &str, raw_queue: &str) -> Result<()> {
+    for queue in [warren_queue, raw_queue] {
+        topology::declare(admin, queue)
+            .await
+            .with_context(|| format!("declaring {queue}"))?;
+    }
+    let args_value = json!({ "user": 42, "pad": "x".repeat(args.payload_bytes) });
+
+    let warren = WarrenSide::start(args, warren_queue).await?;
+    let raw = RawSide::start(args, raw_queue).await?;
+    let result = measure(args, &warren, &raw, &args_value).await;
+    warren.stop().await;
+    raw.stop().await;
+    result
+}
+
+/// One row of the final table.
+struct Row {
+    name: &'static str,
+    unit: &'static str,
+    warren: f64,
+    raw: f64,
+    /// Larger is better (throughput) or smaller is better (latency, CPU).
+    higher_is_better: bool,
+    /// Whether the 0.85 target applies (CPU cost rows are for information).
+    targeted: bool,
+}
+
+impl Row {
+    fn ratio(&self) -> f64 {
+        if self.higher_is_better {
+            self.warren / self.raw
+        } else {
+            self.raw / self.warren
+        }
+    }
+}
+
+async fn measure(args: &Args, warren: &WarrenSide, raw: &RawSide, payload: &Value) -> Result<()> {
+    let wants = |s: &str| args.scenarios.iter().any(|x| x == s);
+    println!(
+        "warren-bench: rounds={} concurrency(prefetch)={} in_flight={} rpc_calls={} seq_calls={} \
+         tasks={} enqueue_in_flight={} payload_bytes={} raw_channels={}",
+        args.rounds,
+        args.concurrency,
+        args.in_flight,
+        args.rpc_calls,
+        args.seq_calls,
+        args.tasks,
+        args.enqueue_in_flight,
+        args.payload_bytes,
+        args.raw_channels
+    );
+
+    // Warm-up: connections, channel pools, queue-declare caches, the JIT-less broker's caches.
+    println!("warming up ({} calls and tasks per side)...", args.warmup);
+    if wants("rpc") || wants("seq") {
+        warren.rpc(args.warmup, args.in_flight, payload).await?;
+        raw.rpc(args.warmup, args.in_flight, payload).await?;
+    }
+    if wants("fire") {
+        warren
+            .fire(args.warmup, args.enqueue_in_flight, payload)
+            .await?;
+        raw.fire(args.warmup, args.enqueue_in_flight, payload)
+            .await?;
+    }
+
+    let mut rows = Vec::new();
+    let mut cpu_rows = Vec::new();
+    if wants("rpc") {
+        let (mut w, mut r, mut wc, mut rc) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let n = args.rpc_calls as f64;
+        for round in 1..=args.rounds {
+            let (d, cpu) = timed(warren.rpc(args.rpc_calls, args.in_flight, payload)).await?;
+            w.push(n / d.as_secs_f64());
+            wc.push(cpu / n * 1e6);
+            let (d, cpu) = timed(raw.rpc(args.rpc_calls, args.in_flight, payload)).await?;
+            r.push(n / d.as_secs_f64());
+            rc.push(cpu / n * 1e6);
+            println!(
+                "  rpc   round {round}: warren {:>8.0}/s ({:.0} us CPU/call)  raw {:>8.0}/s ({:.0} us CPU/call)",
+                w[round - 1],
+                wc[round - 1],
+                r[round - 1],
+                rc[round - 1]
+            );
+        }
+        rows.push(Row {
+            name: "(a) RPC calls/s, in flight",
+            unit: "calls/s",
+            warren: median(&w),
+            raw: median(&r),
+            higher_is_better: true,
+            targeted: true,
+        });
+        cpu_rows.push(Row {
+            name: "(a) bench-process CPU per call",
+            unit: "us",
+            warren: median(&wc),
+            raw: median(&rc),
+            higher_is_better: false,
+            targeted: false,
+        });
+    }
+    if wants("seq") {
+        let (mut w50, mut w99, mut r50, mut r99) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for round in 1..=args.rounds {
+            let lat = bounded(warren.sequential(args.seq_calls, payload)).await?;
+            w50.push(percentile_ms(&lat, 50.0));
+            w99.push(percentile_ms(&lat, 99.0));
+            let lat = bounded(raw.sequential(args.seq_calls, payload)).await?;
+            r50.push(percentile_ms(&lat, 50.0));
+            r99.push(percentile_ms(&lat, 99.0));
+            println!(
+                "  seq   round {round}: warren p50 {:.3} ms p99 {:.3} ms  raw p50 {:.3} ms p99 {:.3} ms",
+                w50[round - 1],
+                w99[round - 1],
+                r50[round - 1],
+                r99[round - 1]
+            );
+        }
+        rows.push(Row {
+            name: "(b) sequential call p50",
+            unit: "ms",
+            warren: median(&w50),
+            raw: median(&r50),
+            higher_is_better: false,
+            targeted: true,
+        });
+        rows.push(Row {
+            name: "(b) sequential call p99",
+            unit: "ms",
+            warren: median(&w99),
+            raw: median(&r99),
+            higher_is_better: false,
+            targeted: true,
+        });
+    }
+    if wants("fire") {
+        let (mut w, mut r, mut wc, mut rc) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let n = args.tasks as f64;
+        for round in 1..=args.rounds {
+            let (d, cpu) = timed(warren.fire(args.tasks, args.enqueue_in_flight, payload)).await?;
+            w.push(n / d.as_secs_f64());
+            wc.push(cpu / n * 1e6);
+            let (d, cpu) = timed(raw.fire(args.tasks, args.enqueue_in_flight, payload)).await?;
+            r.push(n / d.as_secs_f64());
+            rc.push(cpu / n * 1e6);
+            println!(
+                "  fire  round {round}: warren {:>8.0}/s ({:.0} us CPU/task)  raw {:>8.0}/s ({:.0} us CPU/task)",
+                w[round - 1],
+                wc[round - 1],
+                r[round - 1],
+                rc[round - 1]
+            );
+        }
+        rows.push(Row {
+            name: "(c) fire-and-forget tasks/s, end to end",
+            unit: "tasks/s",
+            warren: median(&w),
+            raw: median(&r),
+            higher_is_better: true,
+            targeted: true,
+        });
+        cpu_rows.push(Row {
+            name: "(c) bench-process CPU per task",
+            unit: "us",
+            warren: median(&wc),
+            raw: median(&rc),
+            higher_is_better: false,
+            targeted: false,
+        });
+    }
+
+    println!();
+    println!(
+        "{:<42} {:>12} {:>12} {:>8}  {:>6}  target {TARGET}",
+        "scenario (median of rounds)", "warren", "raw lapin", "unit", "ratio"
+    );
+    let mut all_met = true;
+    rows.extend(cpu_rows);
+    for row in &rows {
+        let ratio = row.ratio();
+        let met = ratio >= TARGET;
+        if row.targeted {
+            all_met &= met;
+        }
+        let precision = if row.unit == "ms" { 3 } else { 0 };
+        println!(
+            "{:<42} {:>12.*} {:>12.*} {:>8}  {:>6.3}  {}",
+            row.name,
+            precision,
+            row.warren,
+            precision,
+            row.raw,
+            row.unit,
+            ratio,
+            match (row.targeted, met) {
+                (false, _) => "(information)",
+                (true, true) => "MET",
+                (true, false) => "BELOW TARGET",
+            }
+        );
+    }
+    println!(
+        "ratio = Warren/raw for throughput, raw/Warren for latency and CPU (1.0 = as good as raw lapin)."
+    );
+    println!(
+        "{}",
+        if all_met {
+            "every ratio meets the 0.85 target"
+        } else {
+            "NOT every ratio meets the 0.85 target"
+        }
+    );
+    Ok(())
+}
+
+async fn bounded<T>(work: impl Future<Output = Result<T>>) -> Result<T> {
+    tokio::time::timeout(ROUND_TIMEOUT, work)
+        .await
+        .with_context(|| format!("a round took longer than {ROUND_TIMEOUT:?}"))?
+}
+
+/// Wall time and this process's CPU time (all threads, user + system) of `work`.
+async fn timed(work: impl Future<Output = Result<()>>) -> Result<(Duration, f64)> {
+    let cpu = process_cpu_seconds();
+    let start = Instant::now();
+    bounded(work).await?;
+    Ok((start.elapsed(), process_cpu_seconds() - cpu))
+}
+
+/// CPU seconds this process has used so far (Linux `/proc/self/stat`, 10 ms resolution);
+/// `NaN` where that is not available.
+fn process_cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return f64::NAN;
+    };
+    // Fields after the command name (which may contain spaces) start at field 3, `state`;
+    // utime and stime are fields 14 and 15, in clock ticks (USER_HZ, 100 on Linux).
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+        return f64::NAN;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+    match (ticks(11), ticks(12)) {
+        (Some(user), Some(system)) => (user + system) / 100.0,
+        _ => f64::NAN,
+    }
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Nearest-rank percentile, in milliseconds.
+fn percentile_ms(latencies: &[Duration], p: f64) -> f64 {
+    let mut v = latencies.to_vec();
+    v.sort_unstable();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1].as_secs_f64() * 1e3
+}
+
+/// Runs `work(i)` for i in 0..n with `parallel` loops pulling from a shared counter.
+async fn fan_out<F, Fut>(n: usize, parallel: usize, work: F) -> Result<()>
+where
+    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Result<()>> + Send,
+{
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..parallel.max(1) {
+        let next = next.clone();
+        let work = work.clone();
+        set.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    return Ok::<(), anyhow::Error>(());
+                }
+                work(i).await?;
+            }
+        });
+    }
+    while let Some(joined) = set.join_next().await {
+        joined.context("a bench task panicked")??;
+    }
+    Ok(())
+}
+
+/// Counts completed tasks and wakes the waiter when a target is reached.
+#[derive(Debug, Default)]
+struct Completions {
+    done: AtomicU64,
+    notify: Notify,
+    target: AtomicU64,
+}
+
+impl Completions {
+    fn reset(&self, target: usize) {
+        self.done.store(0, Ordering::SeqCst);
+        self.target.store(target as u64, Ordering::SeqCst);
+    }
+
+    fn complete_one(&self) {
+        let done = self.done.fetch_add(1, Ordering::SeqCst) + 1;
+        if done == self.target.load(Ordering::SeqCst) {
+            self.notify.notify_waiters();
+        }
+    }
+
+    async fn wait(&self) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.done.load(Ordering::SeqCst) >= self.target.load(Ordering::SeqCst) {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// The task the `fire` scenario enqueues on the Warren side: counts its runs.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(transparent)]
+struct BenchCount(Value);
+
+impl Task for BenchCount {
+    const NAME: &'static str = "bench_count";
+    type Output = ();
+}
+
+impl Handler for BenchCount {
+    async fn run(self, ctx: TaskContext) -> Result<(), TaskError> {
+        ctx.state::<Arc<Completions>>()?.complete_one();
+        Ok(())
+    }
+}
+
+/// Warren: an in-process worker and a client.
+struct WarrenSide {
+    client: Client,
+    worker: warren_worker::RunningWorker,
+    completions: Arc<Completions>,
+    queue: String,
+}
+
+impl WarrenSide {
+    async fn start(args: &Args, queue: &str) -> Result<Self> {
+        let completions = Arc::new(Completions::default());
+        let registry = Registry::new()
+            .register::<warren_shared::tasks::Echo>()
+            .register::<BenchCount>()
+            .with_state(completions.clone());
+        let worker = warren_worker::start(
+            WorkerSettings {
+                broker: BrokerSettings::new(args.url.clone()),
+                queue: queue.to_owned(),
+                concurrency: args.concurrency,
+                ..Default::default()
+            },
+            registry,
+            CancellationToken::new(),
+        )
+        .await
+        .context("starting the Warren worker")?;
+        let client = Client::connect(ClientSettings {
+            broker: BrokerSettings::new(args.url.clone()),
+            queue: queue.to_owned(),
+            ..Default::default()
+        })
+        .await
+        .context("connecting the Warren client")?;
+        Ok(Self {
+            client,
+            worker,
+            completions,
+            queue: queue.to_owned(),
+        })
+    }
+
+    async fn stop(self) {
+        self.client.close().await;
+        if let Err(e) = self.worker.shutdown().await {
+            eprintln!("warning: Warren worker stopped with an error: {e}");
+        }
+    }
+
+    async fn rpc(&self, n: usize, in_flight: usize, payload: &Value) -> Result<()> {
+        let client = self.client.clone();
+        let options = Arc::new(CallOptions::default().queue(self.queue.clone()));
+        let payload = payload.clone();
+        fan_out(n, in_flight, move |_| {
+            let client = client.clone();
+            let options = options.clone();
+            let args = payload.clone();
+            async move {
+                let result = client
+                    .call_json_with("echo", args.clone(), &options)
+                    .await?;
+                if result != args {
+                    bail!("echo returned {result}, expected {args}");
+                }
+                Ok(())
+            }
+        })
+        .await
+    }
+
+    async fn sequential(&self, n: usize, payload: &Value) -> Result<Vec<Duration>> {
+        let options = CallOptions::default().queue(self.queue.clone());
+        let mut latencies = Vec::with_capacity(n);
+        for _ in 0..n {
+            let start = Instant::now();
+            self.client
+                .call_json_with("echo", payload.clone(), &options)
+                .await?;
+            latencies.push(start.elapsed());
+        }
+        Ok(latencies)
+    }
+
+    async fn fire(&self, n: usize, in_flight: usize, payload: &Value) -> Result<()> {
+        self.completions.reset(n);
+        let client = self.client.clone();
+        let options = Arc::new(CallOptions::default().queue(self.queue.clone()));
+        let payload = payload.clone();
+        fan_out(n, in_flight, move |_| {
+            let client = client.clone();
+            let options = options.clone();
+            let args = payload.clone();
+            async move {
+                client
+                    .enqueue_json_with(BenchCount::NAME, args, &options)
+                    .await?;
+                Ok(())
+            }
+        })
+        .await?;
+        self.completions.wait().await;
+        Ok(())
+    }
+}
+
+/// Replies waiting for their caller, by correlation id (raw side).
+type RawPending = Arc<Mutex<HashMap<String, oneshot::Sender<Value>>>>;
+
+/// Raw lapin: the same traffic, no Warren code on the hot path.
+struct RawSide {
+    /// Caller connection: requests, enqueues and the direct reply-to consumer.
+    caller: Connection,
+    caller_channels: Arc<[Channel]>,
+    pending: RawPending,
+    /// Consumer connection, and the publishing connection for replies.
+    consume: Connection,
+    publish: Connection,
+    completions: Arc<Completions>,
+    queue: String,
+    consumer_task: tokio::task::JoinHandle<()>,
+    reply_channels: Vec<Channel>,
+}
+
+fn props_headers(deadline: Option<SystemTime>) -> FieldTable {
+    let mut h = FieldTable::default();
+    h.insert("x-warren-protocol".into(), AMQPValue::LongLongInt(1));
+    h.insert("x-warren-attempt".into(), AMQPValue::LongLongInt(1));
+    if let Some(deadline) = deadline {
+        let ms = deadline
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        h.insert(
+            "x-warren-deadline".into(),
+            AMQPValue::LongLongInt(i64::try_from(ms).unwrap_or(i64::MAX)),
+        );
+    }
+    h
+}
+
+/// The request properties Warren sends, built with lapin alone.
+fn raw_request_properties(id: &str, function: &str, wants_reply: bool) -> BasicProperties {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let deadline = wants_reply.then(|| SystemTime::now() + Duration::from_secs(30));
+    let p = BasicProperties::default()
+        .with_message_id(id.into())
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_type(function.into())
+        .with_timestamp(now.as_secs())
+        .with_app_id("warren".into())
+        .with_headers(props_headers(deadline));
+    if wants_reply {
+        p.with_correlation_id(id.into())
+            .with_reply_to("amq.rabbitmq.reply-to".into())
+    } else {
+        p
+    }
+}
+
+impl RawSide {
+    async fn start(args: &Args, queue: &str) -> Result<Self> {
+        let props = |name: &str| ConnectionProperties::default().with_connection_name(name.into());
+        let consume = Connection::connect(&args.url, props("warren-bench/raw-consume")).await?;
+        let publish = Connection::connect(&args.url, props("warren-bench/raw-publish")).await?;
+        let caller = Connection::connect(&args.url, props("warren-bench/raw-caller")).await?;
+
+        // Consumer: prefetch = concurrency; replies go out on a confirm channel of `publish`.
+        let channel = consume.create_channel().await?;
+        channel
+            .basic_qos(args.concurrency, BasicQosOptions { global: false })
+            .await?;
+        let mut consumer = channel
+            .basic_consume(
+                queue.into(),
+                "raw-consumer".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let mut reply_channels = Vec::new();
+        for _ in 0..args.raw_channels.max(1) {
+            let channel = publish.create_channel().await?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            reply_channels.push(channel);
+        }
+        let completions = Arc::new(Completions::default());
+        let consumer_task = {
+            let completions = completions.clone();
+            let reply_channels = reply_channels.clone();
+            tokio::spawn(async move {
+                let mut turn = 0usize;
+                while let Some(Ok(delivery)) = consumer.next().await {
+                    turn = turn.wrapping_add(1);
+                    let reply_channel = reply_channels[turn % reply_channels.len()].clone();
+                    let completions = completions.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = raw_handle(delivery, &reply_channel, &completions).await {
+                            eprintln!("raw consumer: {e:#}");
+                        }
+                    });
+                }
+            })
+        };
+
+        // Caller: confirm channels, each with a no-ack direct reply-to consumer on it.
+        let pending: RawPending = Arc::default();
+        let mut caller_channels = Vec::new();
+        for _ in 0..args.raw_channels.max(1) {
+            let channel = caller.create_channel().await?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            let mut replies = channel
+                .basic_consume(
+                    "amq.rabbitmq.reply-to".into(),
+                    "".into(),
+                    BasicConsumeOptions {
+                        no_ack: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await?;
+            let pending = pending.clone();
+            tokio::spawn(async move {
+                while let Some(Ok(delivery)) = replies.next().await {
+                    let Some(id) = delivery.properties.correlation_id().as_ref() else {
+                        continue;
+                    };
+                    let Ok(body) = serde_json::from_slice::<Value>(&delivery.data) else {
+                        continue;
+                    };
+                    let waiter = pending
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .remove(id.as_str());
+                    if let Some(tx) = waiter {
+                        let _ = tx.send(body);
+                    }
+                }
+            });
+            caller_channels.push(channel);
+        }
+        Ok(Self {
+            caller,
+            caller_channels: caller_channels.into(),
+            pending,
+            consume,
+            publish,
+            completions,
+            queue: queue.to_owned(),
+            consumer_task,
+            reply_channels,
+        })
+    }
+
+    async fn stop(self) {
+        // Channels first: closing a connection with several open channels makes lapin log a
+        // spurious "invalid channel state: Closing" error.
+        for channel in self
+            .caller_channels
+            .iter()
+            .chain(self.reply_channels.iter())
+        {
+            let _ = channel.close(200, "bench done".into()).await;
+        }
+        for c in [&self.caller, &self.consume, &self.publish] {
+            let _ = c.close(200, "bench done".into()).await;
+        }
+        // The consumer stream ends with its connection.
+        let _ = self.consumer_task.await;
+    }
+
+    /// One call: register, publish (mandatory, persistent), await the confirm, await the reply.
+    async fn call(
+        channel: &Channel,
+        pending: &RawPending,
+        queue: &str,
+        payload: &Value,
+    ) -> Result<Value> {
+        let id = Uuid::new_v4().to_string();
+        let (tx, rx) = oneshot::channel();
+        pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id.clone(), tx);
+        let body = serde_json::to_vec(&json!({ "function": "echo", "args": payload }))?;
+        publish_confirmed(
+            channel,
+            queue,
+            &body,
+            raw_request_properties(&id, "echo", true),
+        )
+        .await?;
+        let reply = tokio::time::timeout(Duration::from_secs(30), rx)
+            .await
+            .context("raw call timed out")?
+            .context("raw reply consumer ended")?;
+        match reply {
+            Value::Object(mut o) if o.get("ok") == Some(&Value::Bool(true)) => {
+                Ok(o.remove("result").unwrap_or(Value::Null))
+            }
+            other => bail!("raw call failed: {other}"),
+        }
+    }
+
+    async fn rpc(&self, n: usize, in_flight: usize, payload: &Value) -> Result<()> {
+        let channels = self.caller_channels.clone();
+        let pending = self.pending.clone();
+        let queue: Arc<str> = self.queue.as_str().into();
+        let payload = payload.clone();
+        fan_out(n, in_flight, move |i| {
+            let channel = channels[i % channels.len()].clone();
+            let pending = pending.clone();
+            let queue = queue.clone();
+            let args = payload.clone();
+            async move {
+                let result = Self::call(&channel, &pending, &queue, &args).await?;
+                if result != args {
+                    bail!("raw echo returned {result}, expected {args}");
+                }
+                Ok(())
+            }
+        })
+        .await
+    }
+
+    async fn sequential(&self, n: usize, payload: &Value) -> Result<Vec<Duration>> {
+        let mut latencies = Vec::with_capacity(n);
+        for _ in 0..n {
+            let start = Instant::now();
+            Self::call(
+                &self.caller_channels[0],
+                &self.pending,
+                &self.queue,
+                payload,
+            )
+            .await?;
+            latencies.push(start.elapsed());
+        }
+        Ok(latencies)
+    }
+
+    async fn fire(&self, n: usize, in_flight: usize, payload: &Value) -> Result<()> {
+        self.completions.reset(n);
+        let channels = self.caller_channels.clone();
+        let queue: Arc<str> = self.queue.as_str().into();
+        let payload = payload.clone();
+        fan_out(n, in_flight, move |i| {
+            let channel = channels[i % channels.len()].clone();
+            let queue = queue.clone();
+            let args = payload.clone();
+            async move {
+                let id = Uuid::new_v4().to_string();
+                let body =
+                    serde_json::to_vec(&json!({ "function": BenchCount::NAME, "args": args }))?;
+                publish_confirmed(
+                    &channel,
+                    &queue,
+                    &body,
+                    raw_request_properties(&id, BenchCount::NAME, false),
+                )
+                .await
+            }
+        })
+        .await?;
+        self.completions.wait().await;
+        Ok(())
+    }
+}
+
+/// Publishes to the `warren` exchange with `mandatory` and awaits a clean confirm.
+async fn publish_confirmed(
+    channel: &Channel,
+    queue: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Result<()> {
+    let confirm = channel
+        .basic_publish(
+            topology::EXCHANGE.into(),
+            ShortString::from(queue),
+            BasicPublishOptions {
+                mandatory: true,
+                immediate: false,
+            },
+            body,
+            properties,
+        )
+        .await?
+        .await?;
+    match confirm {
+        Confirmation::Ack(None) => Ok(()),
+        other => bail!("raw publish not confirmed: {other:?}"),
+    }
+}
+
+/// The raw consumer's work on one delivery: parse, reply (confirmed) if asked to, then ack.
+async fn raw_handle(
+    delivery: lapin::message::Delivery,
+    reply_channel: &Channel,
+    completions: &Completions,
+) -> Result<()> {
+    let mut request: Value = serde_json::from_slice(&delivery.data)?;
+    let reply_to = delivery.properties.reply_to().as_ref();
+    if let Some(reply_to) = reply_to {
+        let args = request
+            .get_mut("args")
+            .map(Value::take)
+            .unwrap_or(Value::Null);
+        let body = serde_json::to_vec(&json!({ "ok": true, "result": args }))?;
+        let mut h = FieldTable::default();
+        h.insert("x-warren-protocol".into(), AMQPValue::LongLongInt(1));
+        let mut properties = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_type("warren.reply".into())
+            .with_delivery_mode(2)
+            .with_headers(h);
+        if let Some(c) = delivery.properties.correlation_id() {
+            properties = properties.with_correlation_id(c.clone());
+        }
+        if let Some(m) = delivery.properties.message_id() {
+            properties = properties.with_message_id(m.clone());
+        }
+        // Not mandatory, like Warren: RabbitMQ 3.10 returns direct replies it delivered.
+        let confirm = reply_channel
+            .basic_publish(
+                "".into(),
+                reply_to.clone(),
+                BasicPublishOptions::default(),
+                &body,
+                properties,
+            )
+            .await?
+            .await?;
+        if !matches!(confirm, Confirmation::Ack(None)) {
+            bail!("raw reply not confirmed: {confirm:?}");
+        }
+    }
+    if !delivery.ack(BasicAckOptions::default()).await? {
+        bail!("raw ack lost");
+    }
+    if reply_to.is_none() {
+        completions.complete_one();
+    }
+    Ok(())
+}
