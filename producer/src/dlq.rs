@@ -85,7 +85,7 @@ impl DeadLetter {
             .and_then(Value::as_str)
             .map(str::to_owned);
         let reason = header_text(h, headers::DEAD_REASON)
-            .or_else(|| header_text(h, "x-first-death-reason"))
+            .or_else(|| broker_reason(h))
             .unwrap_or_else(|| "unknown".to_owned());
         Self {
             id: properties
@@ -102,6 +102,30 @@ impl DeadLetter {
             body,
         }
     }
+}
+
+/// The broker's reason for a message it dead-lettered itself. `x-death` lists every
+/// dead-lettering of the message (a retried task was dead-lettered by its delay queues, reason
+/// `expired`, on the way back); the one that parked it is the `delivery_limit` entry, when there is
+/// one.
+fn broker_reason(h: Option<&FieldTable>) -> Option<String> {
+    let deaths = match h?.inner().get("x-death") {
+        Some(AMQPValue::FieldArray(deaths)) => deaths.as_slice().to_vec(),
+        _ => Vec::new(),
+    };
+    let reasons: Vec<String> = deaths
+        .iter()
+        .filter_map(|d| match d {
+            AMQPValue::FieldTable(t) => header_text(Some(t), "reason"),
+            _ => None,
+        })
+        .collect();
+    reasons
+        .iter()
+        .find(|r| *r == "delivery_limit")
+        .cloned()
+        .or_else(|| header_text(h, "x-first-death-reason"))
+        .or_else(|| reasons.into_iter().next())
 }
 
 /// Headers of a replayed copy: the dead-letter and broker bookkeeping removed, attempt 1.
@@ -258,6 +282,22 @@ mod tests {
         assert!(protocol::header_int(Some(&out), headers::DEADLINE).is_none());
         assert!(protocol::header_str(Some(&out), headers::DEAD_REASON).is_none());
         assert!(protocol::header_str(Some(&out), "x-first-death-reason").is_none());
+    }
+
+    #[test]
+    fn a_delivery_limit_after_retries_is_reported_as_such() {
+        let death = |reason: &str| {
+            let mut t = FieldTable::default();
+            protocol::set_header_str(&mut t, "reason", reason);
+            AMQPValue::FieldTable(t)
+        };
+        let mut h = FieldTable::default();
+        protocol::set_header_str(&mut h, "x-first-death-reason", "expired");
+        h.insert(
+            "x-death".into(),
+            AMQPValue::FieldArray(vec![death("delivery_limit"), death("expired")].into()),
+        );
+        assert_eq!(broker_reason(Some(&h)).as_deref(), Some("delivery_limit"));
     }
 
     #[test]

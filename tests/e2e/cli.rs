@@ -92,3 +92,80 @@ async fn cli_reports_an_unreachable_broker_clearly() {
     assert!(!stderr.contains("secret"));
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[tokio::test]
+async fn cli_dlq_lists_shows_replays_and_purges() {
+    use warren_shared::tasks::Echo;
+    let q = TestQueue::new("cli-dlq");
+    let client = q.client().await;
+    // A worker that does not serve `echo`: both tasks are parked as unknown functions.
+    let wrong = q
+        .worker(
+            warren_worker::Registry::new().register::<warren_shared::tasks::Sleep>(),
+            2,
+        )
+        .await;
+    let first = client.enqueue(&Echo(serde_json::json!(1))).await.unwrap();
+    let second = client.enqueue(&Echo(serde_json::json!(2))).await.unwrap();
+    eventually("two dead letters", Duration::from_secs(10), || async {
+        q.dead_count(&client).await == 2
+    })
+    .await;
+    wrong.shutdown().await.unwrap();
+
+    let out = warren(&["dlq", "list", "--queue", &q.name]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let listing = text(&out.stdout);
+    assert_eq!(listing.lines().count(), 2, "{listing}");
+    for id in [&first, &second] {
+        let line = listing
+            .lines()
+            .find(|l| l.starts_with(id.as_str()))
+            .expect("a line per task");
+        assert!(
+            line.contains("echo  rejected  unknown_function  attempts=1"),
+            "{line}"
+        );
+    }
+
+    let out = warren(&["dlq", "show", first.as_str(), "--queue", &q.name]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown["id"], first.as_str());
+    assert_eq!(shown["reason"], "rejected");
+    assert_eq!(shown["body"]["function"], "echo");
+
+    // Replayed to a worker that serves `echo`, the first task runs and leaves the queue.
+    let right = q
+        .worker(warren_worker::Registry::new().register::<Echo>(), 2)
+        .await;
+    let out = warren(&["dlq", "replay", first.as_str(), "--queue", &q.name]);
+    assert_eq!(
+        text(&out.stdout),
+        "replayed 1\n",
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    eventually("one dead letter left", Duration::from_secs(10), || async {
+        q.dead_count(&client).await == 1
+    })
+    .await;
+
+    let out = warren(&["dlq", "purge", "--queue", &q.name]);
+    assert_eq!(
+        text(&out.stdout),
+        "purged 1\n",
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    assert_eq!(q.dead_count(&client).await, 0);
+
+    let out = warren(&["dlq", "show", "no-such-id", "--queue", &q.name]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("no dead letter with id no-such-id"),
+        "{}",
+        text(&out.stderr)
+    );
+    right.shutdown().await.unwrap();
+}

@@ -324,9 +324,17 @@ async fn a_call_with_no_worker_times_out_and_leaves_nothing_pending() {
 async fn a_panicking_handler_gets_an_error_reply_and_the_worker_keeps_serving() {
     let q = TestQueue::new("panic");
     // One attempt: a panic is a failed attempt like any other, and would otherwise be retried.
-    let once = Policy { max_attempts: 1, ..Policy::default() };
+    let once = Policy {
+        max_attempts: 1,
+        ..Policy::default()
+    };
     let worker = q
-        .worker(Registry::new().register_with::<Explode>(once).register::<Echo>(), 1)
+        .worker(
+            Registry::new()
+                .register_with::<Explode>(once)
+                .register::<Echo>(),
+            1,
+        )
         .await;
     let client = q.client().await;
 
@@ -401,5 +409,68 @@ async fn send_mail_writes_a_parseable_message_to_the_outbox() {
         .await
         .unwrap_err();
     assert_eq!(err.failure().map(|f| f.kind), Some(ErrorKind::InvalidArgs));
+    worker.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn send_mail_goes_through_an_smtp_relay_and_maps_its_refusals() {
+    let sink = warren_tests::smtp::SmtpSink::start().await;
+    let q = TestQueue::new("smtp");
+    let mailer = Mailer::smtp(&sink.url()).unwrap();
+    let policy = Policy {
+        max_attempts: 2,
+        backoff: vec![Duration::from_millis(100)],
+        ..Policy::default()
+    };
+    let q = q.with_retry_delays(&policy.backoff);
+    let registry = Registry::new()
+        .register_with::<SendMail>(policy)
+        .with_state(mailer);
+    let worker = q.worker(registry, 2).await;
+    let client = q.client().await;
+    let mail = |to: &str| SendMail {
+        from: "Shop <noreply@shop.example>".into(),
+        to: to.into(),
+        subject: "Relayed".into(),
+        body: "Through SMTP.".into(),
+    };
+
+    let receipt = client.call(&mail("ada@example.com")).await.unwrap();
+    assert_eq!(receipt.delivered_to, sink.url());
+    let messages = sink.messages();
+    assert_eq!(messages.len(), 1);
+    assert!(
+        messages[0].contains("To: ada@example.com"),
+        "{}",
+        messages[0]
+    );
+    assert!(
+        messages[0].contains(&format!("Message-ID: {}", receipt.message_id)),
+        "{}",
+        messages[0]
+    );
+    assert!(messages[0].contains("Through SMTP."));
+
+    // A permanent refusal (5xx) is not retried; a transient one (4xx) is, then parked.
+    let refused = client.call(&mail("refuse@example.com")).await.unwrap_err();
+    assert!(
+        refused.failure().unwrap().message.contains("refused"),
+        "{refused}"
+    );
+    let later = client.call(&mail("later@example.com")).await.unwrap_err();
+    assert!(
+        later.failure().unwrap().message.contains("failed"),
+        "{later}"
+    );
+    let mut reasons: Vec<String> = client
+        .dead_letters(&q.name, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.reason)
+        .collect();
+    reasons.sort();
+    assert_eq!(reasons, ["attempts_exhausted", "permanent_failure"]);
+    assert_eq!(sink.messages().len(), 1);
     worker.shutdown().await.unwrap();
 }

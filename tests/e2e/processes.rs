@@ -30,6 +30,13 @@ fn test_worker(queue: &str, concurrency: u16, grace: &str) -> ChildGuard {
     ChildGuard::spawn(command)
 }
 
+/// How many `record` tasks have started (see [`enqueue_records`]).
+fn started(path: &Path) -> usize {
+    std::fs::read_to_string(path)
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+}
+
 fn runs(log: &Path) -> HashMap<u64, Vec<(u32, bool)>> {
     warren_tests::read_runs(log)
 }
@@ -50,7 +57,14 @@ async fn ready(client: &Client, queue: &str) -> u32 {
         .unwrap_or(u32::MAX)
 }
 
-async fn enqueue_records(client: &Client, log: &Path, keys: std::ops::Range<u64>, work_ms: u64) {
+/// Enqueues `record` tasks; with `started`, each appends its key there as it starts running.
+async fn enqueue_records(
+    client: &Client,
+    log: &Path,
+    keys: std::ops::Range<u64>,
+    work_ms: u64,
+    started: Option<&Path>,
+) {
     let mut enqueues = tokio::task::JoinSet::new();
     for key in keys {
         let client = client.clone();
@@ -58,6 +72,7 @@ async fn enqueue_records(client: &Client, log: &Path, keys: std::ops::Range<u64>
             key,
             log: log.to_string_lossy().into_owned(),
             work_ms,
+            started: started.map(|p| p.to_string_lossy().into_owned()),
         };
         enqueues.spawn(async move { client.enqueue(&task).await });
     }
@@ -85,7 +100,7 @@ async fn killing_workers_mid_batch_loses_no_task() {
         || async { consumers(&client, &q.name).await == 3 },
     )
     .await;
-    enqueue_records(&client, &log, 0..TASKS, 3).await;
+    enqueue_records(&client, &log, 0..TASKS, 3, None).await;
 
     // Kill one worker while the others keep running, then start a replacement for it.
     eventually(
@@ -187,12 +202,12 @@ async fn sigterm_lets_in_flight_tasks_finish_then_exits_zero() {
         consumers(&client, &q.name).await == 1
     })
     .await;
-    enqueue_records(&client, &log, 0..4, 1500).await;
-    // Prefetch 4: once the queue shows nothing ready, all four are running in the worker.
+    let start_log = dir.0.join("started.log");
+    enqueue_records(&client, &log, 0..4, 1500, Some(&start_log)).await;
     eventually(
-        "all four tasks in flight",
+        "all four tasks running",
         Duration::from_secs(10),
-        || async { ready(&client, &q.name).await == 0 },
+        || async { started(&start_log) == 4 },
     )
     .await;
 
@@ -230,9 +245,10 @@ async fn a_task_still_running_at_the_end_of_the_grace_period_goes_to_another_wor
         || async { consumers(&client, &q.name).await == 1 },
     )
     .await;
-    enqueue_records(&client, &log, 7..8, 2500).await;
-    eventually("the task in flight", Duration::from_secs(10), || async {
-        ready(&client, &q.name).await == 0
+    let start_log = dir.0.join("started.log");
+    enqueue_records(&client, &log, 7..8, 2500, Some(&start_log)).await;
+    eventually("the task running", Duration::from_secs(10), || async {
+        started(&start_log) == 1
     })
     .await;
 

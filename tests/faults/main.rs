@@ -68,6 +68,20 @@ fn rabbitmqctl(args: &[&str]) {
     );
 }
 
+/// The broker's relative memory high watermark now (e.g. `0.4`), to put back after an alarm.
+fn watermark() -> String {
+    let out = Command::new("rabbitmqctl")
+        .args(["eval", "vm_memory_monitor:get_vm_memory_high_watermark()."])
+        .output()
+        .expect("rabbitmqctl");
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(
+        text.parse::<f64>().is_ok(),
+        "unexpected watermark {text:?}; refusing to change it"
+    );
+    text
+}
+
 /// Runs `restore` when dropped, so that a failing test still gives the broker back.
 struct Restore(Option<Box<dyn FnOnce()>>);
 
@@ -88,6 +102,7 @@ async fn enqueue(client: &Client, log: &std::path::Path, keys: std::ops::Range<u
             key,
             log: log.to_string_lossy().into_owned(),
             work_ms,
+            started: None,
         };
         enqueues.spawn(async move { client.enqueue(&task).await });
     }
@@ -355,10 +370,14 @@ async fn a_memory_alarm_fails_publishes_clearly_while_consumers_keep_acking() {
     enqueue(&client, &log, 0..40, 100).await;
     let worker = q.worker(registry(), 1).await;
 
-    let _restore = Restore(Some(Box::new(|| {
-        let _ = Command::new("rabbitmqctl")
-            .args(["set_vm_memory_high_watermark", "0.4"])
-            .output();
+    let original = watermark();
+    let _restore = Restore(Some(Box::new({
+        let original = original.clone();
+        move || {
+            let _ = Command::new("rabbitmqctl")
+                .args(["set_vm_memory_high_watermark", &original])
+                .output();
+        }
     })));
     rabbitmqctl(&["set_vm_memory_high_watermark", "0.0000001"]);
     let done_at_alarm = read_runs(&log).len();
@@ -380,7 +399,7 @@ async fn a_memory_alarm_fails_publishes_clearly_while_consumers_keep_acking() {
         "no task completed during the alarm"
     );
 
-    rabbitmqctl(&["set_vm_memory_high_watermark", "0.4"]);
+    rabbitmqctl(&["set_vm_memory_high_watermark", &original]);
     let client = q.client().await;
     let options = CallOptions::default().timeout(Duration::from_secs(20));
     assert_eq!(

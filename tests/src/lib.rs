@@ -10,6 +10,7 @@
 
 pub mod raw;
 pub mod relay;
+pub mod smtp;
 pub mod tasks;
 
 use std::future::Future;

@@ -18,6 +18,19 @@ pub struct Record {
     /// Simulated work before recording.
     #[serde(default)]
     pub work_ms: u64,
+    /// When set, the key is also appended to this file as the handler starts, so that a test
+    /// can tell when the task is running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started: Option<String>,
+}
+
+fn append(path: &str, line: &str) -> Result<(), TaskError> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(line.as_bytes()))
+        .map_err(|e| TaskError::retryable(format!("cannot append to {path}: {e}")))
 }
 
 impl Task for Record {
@@ -27,6 +40,9 @@ impl Task for Record {
 
 impl Handler for Record {
     async fn run(self, ctx: TaskContext) -> Result<u64, TaskError> {
+        if let Some(started) = &self.started {
+            append(started, &format!("{}\n", self.key))?;
+        }
         if self.work_ms > 0 {
             tokio::time::sleep(Duration::from_millis(self.work_ms)).await;
         }
@@ -37,12 +53,7 @@ impl Handler for Record {
             ctx.attempt(),
             ctx.redelivered()
         );
-        let append = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .and_then(|mut f| f.write_all(line.as_bytes()));
-        append.map_err(|e| TaskError::retryable(format!("cannot append to {}: {e}", self.log)))?;
+        append(&self.log, &line)?;
         Ok(self.key)
     }
 }

@@ -56,7 +56,7 @@ struct Args {
     #[arg(long, env = "WARREN_GATEWAY_CALL_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     call_timeout: Duration,
     /// On SIGTERM, how long calls in flight may take to deliver their results.
-    #[arg(long, env = "WARREN_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "WARREN_GATEWAY_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
 }
 

@@ -37,7 +37,7 @@ struct Args {
           value_parser = clap::value_parser!(u32).range(1..))]
     max_attempts: u32,
     /// Delays between attempts, comma-separated (e.g. `1s,10s,1m`); the last one repeats.
-    #[arg(long, env = "WARREN_BACKOFF", default_value = "1s,10s,1m", value_parser = parse_backoff)]
+    #[arg(long, env = "WARREN_BACKOFF", default_value = "1s,10s", value_parser = parse_backoff)]
     backoff: Backoff,
     /// On SIGTERM, how long in-flight tasks may take to finish before they are handed back.
     #[arg(long, env = "WARREN_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
