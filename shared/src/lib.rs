@@ -13,6 +13,7 @@
 //! - [`pool`]: a `deadpool` pool of confirm-mode channels over one publishing connection, and the
 //!   only publish path ([`pool::publish_confirmed`]) that treats a nack or a return as an error.
 //! - [`policy`]: attempts, backoff and time limit of a task, and their per-task headers.
+//! - [`shutdown`]: SIGTERM/SIGINT handling of the binaries (graceful first, forced second).
 //! - [`telemetry`]: tracing set-up shared by the binaries.
 //!
 //! This crate is `warren-shared`, the project's own library; it is not the team notes folder.
@@ -22,6 +23,7 @@ pub mod link;
 pub mod policy;
 pub mod pool;
 pub mod protocol;
+pub mod shutdown;
 pub mod task;
 pub mod tasks;
 pub mod telemetry;

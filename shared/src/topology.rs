@@ -80,22 +80,7 @@ pub async fn declare_retry_queue(
         "x-message-ttl".into(),
         AMQPValue::LongLongInt(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
     );
-    args.insert(
-        "x-dead-letter-exchange".into(),
-        AMQPValue::LongString("".into()),
-    );
-    args.insert(
-        "x-dead-letter-routing-key".into(),
-        AMQPValue::LongString(queue.into()),
-    );
-    args.insert(
-        "x-dead-letter-strategy".into(),
-        AMQPValue::LongString("at-least-once".into()),
-    );
-    args.insert(
-        "x-overflow".into(),
-        AMQPValue::LongString("reject-publish".into()),
-    );
+    dead_letter_to(&mut args, queue);
     channel
         .queue_declare(name.as_str().into(), QueueDeclareOptions::durable(), args)
         .await?;
@@ -137,6 +122,17 @@ fn quorum_args() -> FieldTable {
     args
 }
 
+/// Dead-letters to queue `target` through the default exchange, with the broker's
+/// at-least-once strategy (publisher confirms inside the broker, so a message is never dropped
+/// on the way; it needs the reject-publish overflow).
+fn dead_letter_to(args: &mut FieldTable, target: &str) {
+    let text = |v: &str| AMQPValue::LongString(v.into());
+    args.insert("x-dead-letter-exchange".into(), text(""));
+    args.insert("x-dead-letter-routing-key".into(), text(target));
+    args.insert("x-dead-letter-strategy".into(), text("at-least-once"));
+    args.insert("x-overflow".into(), text("reject-publish"));
+}
+
 /// The arguments of work queue `names.work`.
 pub fn work_queue_args(names: &QueueNames) -> FieldTable {
     let mut args = quorum_args();
@@ -144,24 +140,7 @@ pub fn work_queue_args(names: &QueueNames) -> FieldTable {
         "x-delivery-limit".into(),
         AMQPValue::LongLongInt(DELIVERY_LIMIT),
     );
-    args.insert(
-        "x-dead-letter-exchange".into(),
-        AMQPValue::LongString("".into()),
-    );
-    args.insert(
-        "x-dead-letter-routing-key".into(),
-        AMQPValue::LongString(names.dead.as_str().into()),
-    );
-    // Dead-letter through the broker with confirms, so a poison task is never dropped on the
-    // way to `.dead` (needs reject-publish overflow).
-    args.insert(
-        "x-dead-letter-strategy".into(),
-        AMQPValue::LongString("at-least-once".into()),
-    );
-    args.insert(
-        "x-overflow".into(),
-        AMQPValue::LongString("reject-publish".into()),
-    );
+    dead_letter_to(&mut args, &names.dead);
     args
 }
 

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use warren_producer::Client;
-use warren_tests::tasks::{Crash, Record};
-use warren_tests::{ChildGuard, TempDir, TestQueue, amqp_url, eventually};
+use warren_tests::tasks::Crash;
+use warren_tests::{ChildGuard, TempDir, TestQueue, amqp_url, enqueue_records, eventually};
 
 fn test_worker(queue: &str, concurrency: u16, grace: &str) -> ChildGuard {
     let mut command = Command::new(env!("CARGO_BIN_EXE_warren-test-worker"));
@@ -55,30 +55,6 @@ async fn ready(client: &Client, queue: &str) -> u32 {
         .await
         .map(|s| s.ready)
         .unwrap_or(u32::MAX)
-}
-
-/// Enqueues `record` tasks; with `started`, each appends its key there as it starts running.
-async fn enqueue_records(
-    client: &Client,
-    log: &Path,
-    keys: std::ops::Range<u64>,
-    work_ms: u64,
-    started: Option<&Path>,
-) {
-    let mut enqueues = tokio::task::JoinSet::new();
-    for key in keys {
-        let client = client.clone();
-        let task = Record {
-            key,
-            log: log.to_string_lossy().into_owned(),
-            work_ms,
-            started: started.map(|p| p.to_string_lossy().into_owned()),
-        };
-        enqueues.spawn(async move { client.enqueue(&task).await });
-    }
-    while let Some(done) = enqueues.join_next().await {
-        done.unwrap().unwrap();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,7 +17,7 @@ use warren_shared::BrokerSettings;
 use warren_shared::tasks::{Echo, Sleep};
 use warren_tests::relay::Relay;
 use warren_tests::tasks::Record;
-use warren_tests::{TempDir, TestQueue, amqp_url, eventually, read_runs};
+use warren_tests::{TempDir, TestQueue, amqp_url, enqueue_records, eventually, read_runs};
 use warren_worker::{Registry, RunningWorker, WorkerSettings, WorkerState};
 
 /// One fault at a time.
@@ -93,24 +93,6 @@ impl Drop for Restore {
     }
 }
 
-/// Enqueues `record` tasks for `keys` through `client`, every one confirmed.
-async fn enqueue(client: &Client, log: &std::path::Path, keys: std::ops::Range<u64>, work_ms: u64) {
-    let mut enqueues = tokio::task::JoinSet::new();
-    for key in keys {
-        let client = client.clone();
-        let task = Record {
-            key,
-            log: log.to_string_lossy().into_owned(),
-            work_ms,
-            started: None,
-        };
-        enqueues.spawn(async move { client.enqueue(&task).await });
-    }
-    while let Some(done) = enqueues.join_next().await {
-        done.unwrap().expect("an enqueue failed during the outage");
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_cut_mid_batch_lose_no_task_and_nobody_restarts() {
     let _serial = SERIAL.lock().await;
@@ -126,7 +108,7 @@ async fn connections_cut_mid_batch_lose_no_task_and_nobody_restarts() {
 
     let producer = {
         let (client, log) = (client.clone(), log.clone());
-        tokio::spawn(async move { enqueue(&client, &log, 0..TASKS, 2).await })
+        tokio::spawn(async move { enqueue_records(&client, &log, 0..TASKS, 2, None).await })
     };
     for fraction in [0.2, 0.5, 0.8] {
         let target = (TASKS as f64 * fraction) as usize;
@@ -321,7 +303,7 @@ async fn a_broker_restart_mid_batch_loses_no_task() {
     let log = dir.0.join("runs.log");
     let worker = q.worker(registry(), 8).await;
     let client = q.client().await;
-    enqueue(&client, &log, 0..TASKS, 5).await;
+    enqueue_records(&client, &log, 0..TASKS, 5, None).await;
 
     eventually(
         "a third of the batch done",
@@ -367,7 +349,7 @@ async fn a_memory_alarm_fails_publishes_clearly_while_consumers_keep_acking() {
         .await;
     client.declare_queue(&q.name).await.unwrap();
     // Work queued before the alarm, slow enough to still be running during it.
-    enqueue(&client, &log, 0..40, 100).await;
+    enqueue_records(&client, &log, 0..40, 100, None).await;
     let worker = q.worker(registry(), 1).await;
 
     let original = watermark();

@@ -307,6 +307,34 @@ pub fn read_runs(log: &std::path::Path) -> std::collections::HashMap<u64, Vec<(u
     runs
 }
 
+/// Enqueues `record` tasks for `keys`, each confirmed; with `started`, each task appends its key
+/// there as it starts running.
+pub async fn enqueue_records(
+    client: &warren_producer::Client,
+    log: &std::path::Path,
+    keys: std::ops::Range<u64>,
+    work_ms: u64,
+    started: Option<&std::path::Path>,
+) {
+    let mut enqueues = tokio::task::JoinSet::new();
+    for key in keys {
+        let client = client.clone();
+        let task = tasks::Record {
+            key,
+            log: log.to_string_lossy().into_owned(),
+            work_ms,
+            started: started.map(|p| p.to_string_lossy().into_owned()),
+        };
+        enqueues.spawn(async move { client.enqueue(&task).await });
+    }
+    while let Some(done) = enqueues.join_next().await {
+        match done {
+            Ok(Ok(_)) => {}
+            other => panic!("an enqueue failed: {other:?}"),
+        }
+    }
+}
+
 /// Polls `condition` every 20 ms until it holds, for broker state that has no event to await
 /// (a consumer count, a queue depth). Panics with `what` after `timeout`.
 pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut condition: F)

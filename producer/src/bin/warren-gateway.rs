@@ -9,7 +9,6 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use tokio::net::TcpListener;
-use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use warren_producer::gateway::{self, Allowlist, GatewaySettings, Limits};
 use warren_producer::{Client, ClientSettings};
@@ -100,27 +99,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ..GatewaySettings::default()
     };
     let shutdown = CancellationToken::new();
-    tokio::spawn(stop_on_signals(shutdown.clone()));
+    tokio::spawn(warren_shared::shutdown::on_signals(
+        shutdown.clone(),
+        "no new connections; delivering results in flight",
+    ));
     gateway::serve(settings, client.clone(), http, text, shutdown).await;
     client.close().await;
     Ok(())
-}
-
-/// The first SIGTERM or SIGINT starts a graceful stop; a second one exits at once.
-async fn stop_on_signals(shutdown: CancellationToken) {
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop the gateway with SIGKILL");
-        return;
-    };
-    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-    tracing::info!(
-        "stopping: no new connections; delivering results in flight (signal again to force)"
-    );
-    shutdown.cancel();
-    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-    tracing::warn!("second signal: exiting now");
-    std::process::exit(130);
 }

@@ -7,7 +7,6 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use warren_shared::Policy;
 use warren_shared::broker::{BrokerSettings, DEFAULT_AMQP_URL, Reconnect};
@@ -110,25 +109,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let shutdown = CancellationToken::new();
     let worker = warren_worker::start(settings, builtin_registry(mailer), shutdown.clone()).await?;
-    tokio::spawn(stop_on_signals(shutdown));
+    tokio::spawn(warren_shared::shutdown::on_signals(
+        shutdown,
+        "no new tasks; finishing the ones in flight",
+    ));
     worker.wait().await?;
     Ok(())
-}
-
-/// The first SIGTERM or SIGINT starts a graceful stop; a second one exits at once (the broker
-/// redelivers whatever was not acked).
-async fn stop_on_signals(shutdown: CancellationToken) {
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop the worker with SIGKILL");
-        return;
-    };
-    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-    tracing::info!("stopping: no new tasks; finishing the ones in flight (signal again to force)");
-    shutdown.cancel();
-    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-    tracing::warn!("second signal: exiting now; unfinished tasks will be redelivered");
-    std::process::exit(130);
 }
