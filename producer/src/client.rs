@@ -46,6 +46,26 @@ pub struct ClientSettings {
     pub max_in_flight_publishes: usize,
     /// How this process appears in the management UI.
     pub name: String,
+    /// Where replies to calls go.
+    pub replies: ReplyMode,
+}
+
+/// Where the replies to a client's calls go, and what a dropped connection does to calls in
+/// flight.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ReplyMode {
+    /// RabbitMQ's direct reply-to: no queue at all, the fastest. Replies are addressed to the
+    /// connection, so when it drops, every call waiting for a reply fails at once with
+    /// [`Error::ConnectionLost`] (the task itself may still run).
+    #[default]
+    Direct,
+    /// A durable queue of this client's own, `warren.reply.<uuid>`, that outlives a dropped
+    /// connection or a broker restart: calls in flight get their replies after the client
+    /// reconnects. The broker deletes the queue once it has had no consumer for `expires`.
+    Queue {
+        /// How long the queue outlives its client.
+        expires: Duration,
+    },
 }
 
 impl Default for ClientSettings {
@@ -58,6 +78,7 @@ impl Default for ClientSettings {
             channels: 4,
             reconnect_wait: Duration::from_secs(30),
             max_in_flight_publishes: 1024,
+            replies: ReplyMode::Direct,
             name: broker::process_name("warren-client"),
         }
     }
@@ -164,6 +185,8 @@ impl Drop for PendingGuard<'_> {
 
 struct Inner {
     settings: ClientSettings,
+    /// The `reply_to` of calls: direct reply-to, or this client's reply queue.
+    reply_to: String,
     link: Link,
     publishing: Semaphore,
     connection: Arc<Connection>,
@@ -199,26 +222,39 @@ impl Client {
             Arc::new(broker::connect(&settings.broker, &settings.name, Purpose::Publish).await?);
         let pending = Arc::new(Pending::default());
         let link = Link::watch(connection.clone(), settings.name.clone());
-        tokio::spawn(fail_calls_on_disconnect(
-            link.subscribe(),
-            Arc::downgrade(&pending),
-        ));
-        let setup: ChannelSetup = {
-            let pending = pending.clone();
-            Arc::new(move |channel: Channel| {
-                let pending = pending.clone();
-                Box::pin(async move { start_reply_consumer(channel, pending).await })
-            })
+        let (reply_to, setup) = match &settings.replies {
+            ReplyMode::Direct => {
+                tokio::spawn(fail_calls_on_disconnect(
+                    link.subscribe(),
+                    Arc::downgrade(&pending),
+                ));
+                // Direct reply-to needs its consumer on the channel that publishes the request:
+                // every pooled channel gets one.
+                let setup: ChannelSetup = {
+                    let pending = pending.clone();
+                    Arc::new(move |channel: Channel| {
+                        let pending = pending.clone();
+                        Box::pin(async move { start_reply_consumer(channel, pending).await })
+                    })
+                };
+                (DIRECT_REPLY_TO.to_owned(), Some(setup))
+            }
+            ReplyMode::Queue { expires } => {
+                let queue = format!("warren.reply.{}", uuid::Uuid::new_v4().simple());
+                start_reply_queue(&connection, &queue, *expires, pending.clone()).await?;
+                (queue, None)
+            }
         };
         let pool = pool::channel_pool(
             connection.clone(),
             settings.channels,
             settings.publish_timeout,
-            Some(setup),
+            setup,
         );
         Ok(Self {
             inner: Arc::new(Inner {
                 publishing: Semaphore::new(settings.max_in_flight_publishes.max(1)),
+                reply_to,
                 settings,
                 link,
                 connection,
@@ -462,6 +498,11 @@ impl Client {
             .await;
     }
 
+    /// The reply queue of a client in [`ReplyMode::Queue`].
+    pub fn reply_queue(&self) -> Option<&str> {
+        (self.inner.settings.replies != ReplyMode::Direct).then_some(self.inner.reply_to.as_str())
+    }
+
     /// The state of the broker connection.
     pub fn link_state(&self) -> LinkState {
         self.inner.link.state()
@@ -574,7 +615,7 @@ impl Client {
         if wants_reply {
             properties = properties
                 .with_correlation_id(id.as_str().into())
-                .with_reply_to(DIRECT_REPLY_TO.into());
+                .with_reply_to(self.inner.reply_to.as_str().into());
         }
         // Bounded publishes in flight: past the limit, callers wait here.
         let _permit = self
@@ -673,4 +714,83 @@ async fn fail_calls_on_disconnect(
             }
         }
     }
+}
+
+/// Declares this client's reply queue and consumes it for as long as the client lives.
+///
+/// The queue is durable (replies are persistent, so they survive a broker restart), not
+/// exclusive (an exclusive queue dies with its connection), and expires once unused. lapin's
+/// recovery re-registers the consumer after a reconnect; should the consumer end for another
+/// reason, it is started again.
+async fn start_reply_queue(
+    connection: &Arc<Connection>,
+    queue: &str,
+    expires: Duration,
+    pending: Arc<Pending>,
+) -> Result<(), Error> {
+    let consume = move |connection: Arc<Connection>, queue: String| async move {
+        let channel = connection.create_channel().await?;
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-expires".into(),
+            lapin::types::AMQPValue::LongLongInt(
+                i64::try_from(expires.as_millis()).unwrap_or(i64::MAX),
+            ),
+        );
+        channel
+            .queue_declare(queue.as_str().into(), QueueDeclareOptions::durable(), args)
+            .await?;
+        let consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok::<_, lapin::Error>(consumer)
+    };
+    let mut replies = consume(connection.clone(), queue.to_owned())
+        .await
+        .map_err(BrokerError::from)?;
+    let weak = Arc::downgrade(connection);
+    let queue = queue.to_owned();
+    tokio::spawn(async move {
+        loop {
+            while let Some(next) = replies.next().await {
+                let Ok(delivery) = next else { break };
+                if let Some(correlation_id) = delivery.properties.correlation_id().as_ref() {
+                    let reply = Reply::decode(&delivery.data)
+                        .map_err(|e| format!("malformed reply body: {e}"));
+                    pending.deliver(correlation_id.as_str(), reply);
+                }
+                // Acked once handed over (or found to be for nobody): a reply is read once.
+                let _ = delivery
+                    .ack(lapin::options::BasicAckOptions::default())
+                    .await;
+            }
+            // The consumer ended: start it again while the client (its connection) lives.
+            let mut attempt = 0;
+            replies = loop {
+                let Some(connection) = weak.upgrade() else {
+                    return;
+                };
+                if connection.status().closed() || connection.status().errored() {
+                    return;
+                }
+                match consume(connection, queue.clone()).await {
+                    Ok(consumer) => break consumer,
+                    Err(e) => {
+                        attempt += 1;
+                        if attempt == 1 {
+                            tracing::warn!(error = %e, queue = %queue, "reply consumer lost; restarting it");
+                        }
+                        let delay = warren_shared::broker::Reconnect::default().delay(attempt);
+                        tokio::time::sleep(delay).await;
+                    }
+                }
+            };
+        }
+    });
+    Ok(())
 }

@@ -28,6 +28,6 @@ pub mod dlq;
 pub mod error;
 pub mod gateway;
 
-pub use client::{CallOptions, Client, ClientSettings, QueueStats};
+pub use client::{CallOptions, Client, ClientSettings, QueueStats, ReplyMode};
 pub use dlq::{DeadLetter, Replay};
 pub use error::Error;

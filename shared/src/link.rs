@@ -46,6 +46,7 @@ impl LinkState {
 pub struct Link {
     state: watch::Receiver<LinkState>,
     connection: Arc<Connection>,
+    changed_at: Arc<std::sync::Mutex<std::time::Instant>>,
 }
 
 /// Why [`Link::wait_up`] gave up.
@@ -85,6 +86,8 @@ impl Link {
         let mut events = connection.events_listener();
         // Weak: the watcher must not keep a connection alive that its owner dropped.
         let weak = Arc::downgrade(&connection);
+        let changed_at = Arc::new(std::sync::Mutex::new(std::time::Instant::now()));
+        let stamp = changed_at.clone();
         tokio::spawn(async move {
             let mut blocked: Option<String> = None;
             let mut last_error = String::from("connection lost");
@@ -132,6 +135,10 @@ impl Link {
                     differs
                 });
                 if changed {
+                    *stamp
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                        std::time::Instant::now();
                     match &next {
                         LinkState::Up => tracing::info!(connection = %name, "broker connection up"),
                         other => {
@@ -149,7 +156,20 @@ impl Link {
         Self {
             state: rx,
             connection,
+            changed_at,
         }
+    }
+
+    /// How long the connection has not been up, or `None` while it is.
+    pub fn down_for(&self) -> Option<Duration> {
+        if self.state().is_up() {
+            return None;
+        }
+        let since = *self
+            .changed_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Some(since.elapsed())
     }
 
     /// The state now.

@@ -474,3 +474,38 @@ async fn send_mail_goes_through_an_smtp_relay_and_maps_its_refusals() {
     assert_eq!(sink.messages().len(), 1);
     worker.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_client_with_its_own_reply_queue_gets_its_results_there() {
+    use warren_producer::ReplyMode;
+    let q = TestQueue::new("reply-queue");
+    let worker = q.worker(Registry::new().register::<Add>(), 4).await;
+    let client = q
+        .client_with(|s| {
+            s.replies = ReplyMode::Queue {
+                expires: Duration::from_secs(30),
+            }
+        })
+        .await;
+    let reply_queue = client.reply_queue().expect("a reply queue").to_owned();
+    q.also_delete(&reply_queue);
+    assert!(reply_queue.starts_with("warren.reply."));
+
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..100i64 {
+        let client = client.clone();
+        calls.spawn(async move { (i, client.call(&Add { a: i, b: 1 }).await) });
+    }
+    while let Some(done) = calls.join_next().await {
+        let (i, result) = done.unwrap();
+        assert_eq!(result.unwrap(), i + 1);
+    }
+    let stats = client.queue_stats(&reply_queue).await.unwrap();
+    assert_eq!(
+        (stats.ready, stats.consumers),
+        (0, 1),
+        "replies consumed from the client's queue"
+    );
+    assert_eq!(client.pending_calls(), 0);
+    worker.shutdown().await.unwrap();
+}

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use lapin::options::QueueDeleteOptions;
 use serde_json::json;
 use tokio::sync::Mutex;
-use warren_producer::{CallOptions, Client, ClientSettings, Error};
+use warren_producer::{CallOptions, Client, ClientSettings, Error, ReplyMode};
 use warren_shared::BrokerSettings;
 use warren_shared::tasks::{Echo, Sleep};
 use warren_tests::relay::Relay;
@@ -224,6 +224,50 @@ async fn a_call_in_flight_across_a_cut_fails_fast() {
             .unwrap(),
         json!("again")
     );
+    worker.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_in_flight_across_a_cut_gets_its_reply_when_it_has_a_reply_queue() {
+    let _serial = SERIAL.lock().await;
+    let relay = Relay::start(broker_addr()).await;
+    let q = TestQueue::new("inflight-queue");
+    let worker = q.worker(registry(), 2).await;
+    let client = q
+        .client_with({
+            let url = relay.url(5);
+            move |s: &mut ClientSettings| {
+                s.broker = BrokerSettings::new(url);
+                s.replies = ReplyMode::Queue {
+                    expires: Duration::from_secs(60),
+                };
+            }
+        })
+        .await;
+    q.also_delete(client.reply_queue().unwrap());
+
+    let call = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            client
+                .call_with(
+                    &Sleep { ms: 1_500 },
+                    &CallOptions::default().timeout(Duration::from_secs(30)),
+                )
+                .await
+        })
+    };
+    eventually(
+        "the call to reach the worker",
+        Duration::from_secs(10),
+        || async { worker.health().in_flight == 1 },
+    )
+    .await;
+    relay.cut();
+    // The reply waits in the client's queue until the client is back, then completes the call.
+    let slept = call.await.unwrap().unwrap();
+    assert_eq!(slept.slept_ms, 1_500);
+    assert_eq!(client.pending_calls(), 0);
     worker.shutdown().await.unwrap();
 }
 

@@ -49,6 +49,7 @@ pub struct TestQueue {
     /// The work queue's name, `test.<label>.<uuid>`.
     pub name: String,
     retry_delays: std::sync::Mutex<Vec<Duration>>,
+    extra: std::sync::Mutex<Vec<String>>,
 }
 
 impl TestQueue {
@@ -58,7 +59,16 @@ impl TestQueue {
         Self {
             name: format!("test.{label}.{}", uuid::Uuid::new_v4().simple()),
             retry_delays: std::sync::Mutex::default(),
+            extra: std::sync::Mutex::default(),
         }
+    }
+
+    /// Also deletes queue `name` at the end (a client's reply queue, say).
+    pub fn also_delete(&self, name: &str) {
+        self.extra
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(name.to_owned());
     }
 
     /// Also deletes the delay queues of these backoff delays at the end.
@@ -82,6 +92,11 @@ impl TestQueue {
                 .iter()
                 .map(|d| warren_shared::topology::retry_queue_name(&self.name, *d)),
         );
+        let extra = self
+            .extra
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        names.extend(extra.iter().cloned());
         names
     }
 

@@ -28,6 +28,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use warren_shared::broker::{self, BrokerError, BrokerSettings, Purpose};
+use warren_shared::link::Link;
 use warren_shared::{Policy, pool, topology};
 
 use crate::execute::Executor;
@@ -298,11 +299,17 @@ pub async fn run(
     start(settings, registry, shutdown).await?.wait().await
 }
 
-/// The worker's two connections.
+/// The worker's two connections, and their watched states.
 struct Connections {
     consume: Arc<Connection>,
     publish: Arc<Connection>,
+    consume_link: Link,
+    publish_link: Link,
 }
+
+/// A connection not up for this many watchdog intervals is taken as stuck in recovery and
+/// replaced (lapin's own backoff tops out at 10 s, so a healthy recovery is well within it).
+const STUCK_INTERVALS: u32 = 3;
 
 fn usable(connection: &Connection) -> bool {
     let status = connection.status();
@@ -311,25 +318,52 @@ fn usable(connection: &Connection) -> bool {
 
 impl Connections {
     async fn open(settings: &WorkerSettings) -> Result<Self, BrokerError> {
-        let consume = broker::connect(&settings.broker, &settings.name, Purpose::Consume).await?;
-        let publish = broker::connect(&settings.broker, &settings.name, Purpose::Publish).await?;
+        let (consume, consume_link) = Self::connect(settings, Purpose::Consume).await?;
+        let (publish, publish_link) = Self::connect(settings, Purpose::Publish).await?;
         Ok(Self {
-            consume: Arc::new(consume),
-            publish: Arc::new(publish),
+            consume,
+            publish,
+            consume_link,
+            publish_link,
         })
     }
 
-    /// Replaces whichever connection lapin has given up on.
-    async fn repair(&mut self, settings: &WorkerSettings) -> Result<(), BrokerError> {
-        if !usable(&self.consume) {
-            self.consume = Arc::new(
-                broker::connect(&settings.broker, &settings.name, Purpose::Consume).await?,
-            );
+    async fn connect(
+        settings: &WorkerSettings,
+        purpose: Purpose,
+    ) -> Result<(Arc<Connection>, Link), BrokerError> {
+        let connection =
+            Arc::new(broker::connect(&settings.broker, &settings.name, purpose).await?);
+        let link = Link::watch(connection.clone(), format!("{}/{purpose:?}", settings.name));
+        Ok((connection, link))
+    }
+
+    /// Whether a connection was given up on, or has been down for too long.
+    fn is_stuck(connection: &Connection, link: &Link, settings: &WorkerSettings) -> bool {
+        let limit = settings.watchdog_interval * STUCK_INTERVALS;
+        !usable(connection) || link.down_for().is_some_and(|d| d > limit)
+    }
+
+    /// Which connection, if any, is stuck.
+    fn stuck(&self, settings: &WorkerSettings) -> Option<&'static str> {
+        if Self::is_stuck(&self.consume, &self.consume_link, settings) {
+            Some("consume")
+        } else if Self::is_stuck(&self.publish, &self.publish_link, settings) {
+            Some("publish")
+        } else {
+            None
         }
-        if !usable(&self.publish) {
-            self.publish = Arc::new(
-                broker::connect(&settings.broker, &settings.name, Purpose::Publish).await?,
-            );
+    }
+
+    /// Replaces whichever connection lapin has given up on or that is stuck recovering.
+    async fn repair(&mut self, settings: &WorkerSettings) -> Result<(), BrokerError> {
+        if Self::is_stuck(&self.consume, &self.consume_link, settings) {
+            let _ = self.consume.close(200, "replaced".into()).await;
+            (self.consume, self.consume_link) = Self::connect(settings, Purpose::Consume).await?;
+        }
+        if Self::is_stuck(&self.publish, &self.publish_link, settings) {
+            let _ = self.publish.close(200, "replaced".into()).await;
+            (self.publish, self.publish_link) = Self::connect(settings, Purpose::Publish).await?;
         }
         Ok(())
     }
@@ -380,6 +414,7 @@ impl Session {
                 settings.publish_timeout,
                 None,
             ),
+            link: connections.publish_link.clone(),
             queue: settings.queue.clone(),
             dead_queue: names.dead,
             worker_name: settings.name.clone(),
@@ -519,6 +554,9 @@ impl Supervisor {
                 biased;
                 () = shutdown.cancelled() => return End::Shutdown,
                 _ = watchdog.tick() => {
+                    if let Some(which) = self.connections.stuck(&self.settings) {
+                        return End::Lost(format!("watchdog: the {which} connection is stuck recovering"));
+                    }
                     match self.starving(session).await {
                         Some(problem) if suspicious => return End::Lost(format!("watchdog: {problem}")),
                         Some(_) => suspicious = true,
@@ -562,11 +600,14 @@ impl Supervisor {
         });
     }
 
-    /// `Some(problem)` when this worker is idle, connected, and yet receives nothing while its
-    /// queue has ready tasks (or its consumer is gone). Called on every watchdog tick; the
+    /// `Some(problem)` when this worker has free slots and is connected, and yet receives nothing
+    /// while its queue has ready tasks (or its consumer is gone). Tasks still running (or stuck)
+    /// do not hide a dead consumer; if the consumer is rebuilt under them, their deliveries come
+    /// back as redeliveries. Called on every watchdog tick; the
     /// consumer is rebuilt after two such ticks in a row.
     async fn starving(&self, session: &Session) -> Option<String> {
-        if self.shared.in_flight.load(Ordering::SeqCst) > 0
+        // Busy on every slot is not starving; neither is a recent delivery.
+        if self.shared.in_flight.load(Ordering::SeqCst) >= usize::from(self.settings.concurrency)
             || self.shared.since_last_delivery() < self.settings.watchdog_interval
         {
             return None;

@@ -15,6 +15,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::FieldTable;
 use tokio::sync::OnceCell;
+use warren_shared::link::Link;
 use warren_shared::pool::{Publication, PublishError, publish_confirmed};
 use warren_shared::protocol::{self, headers};
 use warren_shared::{ChannelPool, Reply, TaskFailure, TaskId, topology};
@@ -101,6 +102,8 @@ impl Envelope {
 #[derive(Debug, Clone)]
 pub(crate) struct Settler {
     pub(crate) pool: ChannelPool,
+    /// The state of the connection `pool` publishes on.
+    pub(crate) link: Link,
     pub(crate) queue: String,
     pub(crate) dead_queue: String,
     pub(crate) worker_name: String,
@@ -129,32 +132,37 @@ impl Settler {
         outcome: &Outcome,
     ) -> Settled {
         if *outcome == Outcome::HandBack {
-            let _ = delivery
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    multiple: false,
-                })
-                .await;
+            self.hand_back(delivery).await;
             return Settled::Requeued;
         }
         if let Err(e) = self.publish_outcome(delivery, envelope, outcome).await {
             tracing::warn!(task.id = %envelope.id, error = %e, "could not publish the outcome; handing the task back");
-            // Ok(false) or Err both mean the channel is gone: the broker requeues it anyway.
-            let _ = delivery
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    multiple: false,
-                })
-                .await;
+            self.hand_back(delivery).await;
             return Settled::Requeued;
         }
-        match delivery.ack(BasicAckOptions::default()).await {
-            Ok(true) => Settled::Acked,
-            Ok(false) | Err(_) => {
+        // Bounded: an ack on a channel that is being recovered must not hold a slot forever.
+        let acked = tokio::time::timeout(
+            self.publish_timeout,
+            delivery.ack(BasicAckOptions::default()),
+        )
+        .await;
+        match acked {
+            Ok(Ok(true)) => Settled::Acked,
+            Ok(Ok(false) | Err(_)) | Err(_) => {
                 tracing::warn!(task.id = %envelope.id, "ack lost with the consumer channel; the broker will redeliver");
                 Settled::AckLost
             }
         }
+    }
+
+    /// `nack` with requeue, bounded in time. `Ok(false)`, an error or silence all mean the
+    /// channel is gone, and the broker requeues the delivery anyway.
+    async fn hand_back(&self, delivery: &Delivery) {
+        let nack = delivery.nack(BasicNackOptions {
+            requeue: true,
+            multiple: false,
+        });
+        let _ = tokio::time::timeout(self.publish_timeout, nack).await;
     }
 
     async fn publish_outcome(
@@ -163,6 +171,14 @@ impl Settler {
         envelope: &Envelope,
         outcome: &Outcome,
     ) -> Result<(), PublishError> {
+        // While the publishing connection recovers, wait for it (bounded) rather than handing
+        // the task straight back: that would only bring it back here at once, over and over.
+        if !self.link.state().is_up() {
+            self.link
+                .wait_up(self.publish_timeout)
+                .await
+                .map_err(|e| PublishError::NoChannel(e.to_string()))?;
+        }
         let reply = match outcome {
             Outcome::Reply(reply) => reply.clone(),
             Outcome::Retry { delay, failure } => {
