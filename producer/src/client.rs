@@ -46,6 +46,9 @@ pub struct ClientSettings {
     pub max_in_flight_publishes: usize,
     /// How this process appears in the management UI.
     pub name: String,
+    /// A connection that lapin's recovery has not brought back within this long is replaced by
+    /// a new one (lapin's recovery can stall; seen after broker restarts).
+    pub stuck_after: Duration,
     /// Where replies to calls go.
     pub replies: ReplyMode,
 }
@@ -79,6 +82,7 @@ impl Default for ClientSettings {
             reconnect_wait: Duration::from_secs(30),
             max_in_flight_publishes: 1024,
             replies: ReplyMode::Direct,
+            stuck_after: Duration::from_secs(30),
             name: broker::process_name("warren-client"),
         }
     }
@@ -185,14 +189,124 @@ impl Drop for PendingGuard<'_> {
 
 struct Inner {
     settings: ClientSettings,
-    /// The `reply_to` of calls: direct reply-to, or this client's reply queue.
+    /// The `reply_to` of calls: direct reply-to, or this client's reply queue (one name for the
+    /// client's whole life, so that replies outlive a replaced connection).
     reply_to: String,
-    link: Link,
+    /// The current connection; replaced by the supervisor when it is stuck recovering.
+    session: std::sync::RwLock<Arc<Session>>,
     publishing: Semaphore,
-    connection: Arc<Connection>,
-    pool: ChannelPool,
     pending: Arc<Pending>,
     declared: Mutex<HashMap<String, Arc<OnceCell<()>>>>,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+/// One connection of a client, with what hangs off it.
+struct Session {
+    connection: Arc<Connection>,
+    link: Link,
+    pool: ChannelPool,
+}
+
+impl Session {
+    async fn open(
+        settings: &ClientSettings,
+        reply_to: &str,
+        pending: &Arc<Pending>,
+    ) -> Result<Self, Error> {
+        let connection =
+            Arc::new(broker::connect(&settings.broker, &settings.name, Purpose::Publish).await?);
+        let link = Link::watch(connection.clone(), settings.name.clone());
+        let setup = match &settings.replies {
+            ReplyMode::Direct => {
+                tokio::spawn(fail_calls_on_disconnect(
+                    link.subscribe(),
+                    Arc::downgrade(pending),
+                ));
+                // Direct reply-to needs its consumer on the channel that publishes the request:
+                // every pooled channel gets one.
+                let setup: ChannelSetup = {
+                    let pending = pending.clone();
+                    Arc::new(move |channel: Channel| {
+                        let pending = pending.clone();
+                        Box::pin(async move { start_reply_consumer(channel, pending).await })
+                    })
+                };
+                Some(setup)
+            }
+            ReplyMode::Queue { expires } => {
+                start_reply_queue(&connection, reply_to, *expires, pending.clone()).await?;
+                None
+            }
+        };
+        let pool = pool::channel_pool(
+            connection.clone(),
+            settings.channels,
+            settings.publish_timeout,
+            setup,
+        );
+        Ok(Self {
+            connection,
+            link,
+            pool,
+        })
+    }
+}
+
+/// How often the client checks that its connection is not stuck recovering.
+const SUPERVISE_EVERY: Duration = Duration::from_secs(1);
+
+/// Replaces the client's connection when lapin's recovery has not brought it back within
+/// `stuck_after` (or gave up), retrying with backoff, for as long as the client lives.
+async fn supervise(inner: std::sync::Weak<Inner>) {
+    let mut failures = 0;
+    loop {
+        tokio::time::sleep(SUPERVISE_EVERY).await;
+        let Some(inner) = inner.upgrade() else { return };
+        if inner.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let current = inner.current();
+        let stuck = current.link.state() == LinkState::Closed
+            || current
+                .link
+                .down_for()
+                .is_some_and(|d| d > inner.settings.stuck_after);
+        if !stuck {
+            failures = 0;
+            continue;
+        }
+        if failures == 0 {
+            tracing::warn!(state = %current.link.state(), "broker connection stuck; replacing it");
+        }
+        match Session::open(&inner.settings, &inner.reply_to, &inner.pending).await {
+            Ok(session) => {
+                *inner
+                    .session
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(session);
+                tracing::info!("broker connection replaced");
+                failures = 0;
+                let old = current.connection.clone();
+                tokio::spawn(async move {
+                    let _ = old.close(200, "replaced".into()).await;
+                });
+            }
+            Err(e) => {
+                failures += 1;
+                tracing::debug!(error = %e, "replacing the broker connection failed; retrying");
+                tokio::time::sleep(inner.settings.broker.reconnect.delay(failures)).await;
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn current(&self) -> Arc<Session> {
+        self.session
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
 }
 
 /// A handle to Warren: cheap to clone, `Send + Sync`, made for thousands of concurrent calls.
@@ -218,51 +332,23 @@ impl Client {
     /// [`Error::InvalidQueue`] for an unusable default queue.
     pub async fn connect(settings: ClientSettings) -> Result<Self, Error> {
         topology::validate_queue_name(&settings.queue).map_err(Error::InvalidQueue)?;
-        let connection =
-            Arc::new(broker::connect(&settings.broker, &settings.name, Purpose::Publish).await?);
         let pending = Arc::new(Pending::default());
-        let link = Link::watch(connection.clone(), settings.name.clone());
-        let (reply_to, setup) = match &settings.replies {
-            ReplyMode::Direct => {
-                tokio::spawn(fail_calls_on_disconnect(
-                    link.subscribe(),
-                    Arc::downgrade(&pending),
-                ));
-                // Direct reply-to needs its consumer on the channel that publishes the request:
-                // every pooled channel gets one.
-                let setup: ChannelSetup = {
-                    let pending = pending.clone();
-                    Arc::new(move |channel: Channel| {
-                        let pending = pending.clone();
-                        Box::pin(async move { start_reply_consumer(channel, pending).await })
-                    })
-                };
-                (DIRECT_REPLY_TO.to_owned(), Some(setup))
-            }
-            ReplyMode::Queue { expires } => {
-                let queue = format!("warren.reply.{}", uuid::Uuid::new_v4().simple());
-                start_reply_queue(&connection, &queue, *expires, pending.clone()).await?;
-                (queue, None)
-            }
+        let reply_to = match &settings.replies {
+            ReplyMode::Direct => DIRECT_REPLY_TO.to_owned(),
+            ReplyMode::Queue { .. } => format!("warren.reply.{}", uuid::Uuid::new_v4().simple()),
         };
-        let pool = pool::channel_pool(
-            connection.clone(),
-            settings.channels,
-            settings.publish_timeout,
-            setup,
-        );
-        Ok(Self {
-            inner: Arc::new(Inner {
-                publishing: Semaphore::new(settings.max_in_flight_publishes.max(1)),
-                reply_to,
-                settings,
-                link,
-                connection,
-                pool,
-                pending,
-                declared: Mutex::new(HashMap::new()),
-            }),
-        })
+        let session = Session::open(&settings, &reply_to, &pending).await?;
+        let inner = Arc::new(Inner {
+            publishing: Semaphore::new(settings.max_in_flight_publishes.max(1)),
+            reply_to,
+            settings,
+            session: std::sync::RwLock::new(Arc::new(session)),
+            pending,
+            declared: Mutex::new(HashMap::new()),
+            closed: std::sync::atomic::AtomicBool::new(false),
+        });
+        tokio::spawn(supervise(Arc::downgrade(&inner)));
+        Ok(Self { inner })
     }
 
     /// The settings this client was made with.
@@ -491,11 +577,10 @@ impl Client {
 
     /// Closes the connection. Calls still waiting fail with [`Error::ConnectionLost`].
     pub async fn close(&self) {
-        let _ = self
-            .inner
-            .connection
-            .close(200, "client closing".into())
-            .await;
+        self.inner
+            .closed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = self.connection().close(200, "client closing".into()).await;
     }
 
     /// The reply queue of a client in [`ReplyMode::Queue`].
@@ -505,23 +590,34 @@ impl Client {
 
     /// The state of the broker connection.
     pub fn link_state(&self) -> LinkState {
-        self.inner.link.state()
+        self.inner.current().link.state()
     }
 
-    /// Waits for the link to be up, until `give_up` and at most `reconnect_wait`.
+    /// Waits for the link to be up, until `give_up` and at most `reconnect_wait`; follows the
+    /// client to a replacement connection.
     async fn wait_for_link(&self, give_up: tokio::time::Instant) -> Result<(), Error> {
-        let state = self.inner.link.state();
-        if state.is_up() {
-            return Ok(());
-        }
         let bound = give_up
             .saturating_duration_since(tokio::time::Instant::now())
             .min(self.inner.settings.reconnect_wait);
-        self.inner
-            .link
-            .wait_up(bound)
-            .await
-            .map_err(|e| Error::Unavailable(e.to_string()))
+        let until = tokio::time::Instant::now() + bound;
+        loop {
+            let link = self.inner.current().link.clone();
+            if link.state().is_up() {
+                return Ok(());
+            }
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(Error::Unavailable(
+                    warren_shared::link::Unavailable {
+                        waited: bound,
+                        state: link.state().to_string(),
+                    }
+                    .to_string(),
+                ));
+            }
+            // In steps, so that a connection replaced meanwhile is noticed.
+            let _ = link.wait_up(left.min(SUPERVISE_EVERY)).await;
+        }
     }
 
     /// Whether a failed publish is worth another try once the link is back: only failures of
@@ -531,20 +627,19 @@ impl Client {
             error,
             Error::Publish(PublishError::NoChannel(_) | PublishError::Channel(_))
         );
-        connection_failure && !self.inner.link.state().is_up()
+        connection_failure && !self.inner.current().link.state().is_up()
     }
 
-    pub(crate) fn connection(&self) -> &Connection {
-        &self.inner.connection
+    pub(crate) fn connection(&self) -> Arc<Connection> {
+        self.inner.current().connection.clone()
     }
 
-    pub(crate) fn pool(&self) -> &ChannelPool {
-        &self.inner.pool
+    pub(crate) fn pool(&self) -> ChannelPool {
+        self.inner.current().pool.clone()
     }
 
     async fn channel(&self) -> Result<deadpool::managed::Object<pool::ChannelManager>, Error> {
-        self.inner
-            .pool
+        self.pool()
             .get()
             .await
             .map_err(|e| Error::Publish(warren_shared::PublishError::NoChannel(e.to_string())))
@@ -625,7 +720,7 @@ impl Client {
             .await
             .map_err(|_| Error::Unavailable("client closed".into()))?;
         let published = publish_confirmed(
-            &self.inner.pool,
+            &self.inner.current().pool,
             Publication {
                 exchange: topology::EXCHANGE,
                 routing_key: queue,
@@ -639,9 +734,11 @@ impl Client {
         match published {
             // A broker that blocks publishers never confirms: say so rather than "timeout".
             Err(PublishError::Timeout(_))
-                if matches!(self.inner.link.state(), LinkState::Blocked { .. }) =>
+                if matches!(self.inner.current().link.state(), LinkState::Blocked { .. }) =>
             {
-                Err(Error::Unavailable(self.inner.link.state().to_string()))
+                Err(Error::Unavailable(
+                    self.inner.current().link.state().to_string(),
+                ))
             }
             other => other.map_err(Error::from),
         }

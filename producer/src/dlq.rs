@@ -229,7 +229,7 @@ impl Client {
                     properties,
                     mandatory: true,
                 };
-                publish_confirmed(self.pool(), publication, self.settings().publish_timeout)
+                publish_confirmed(&self.pool(), publication, self.settings().publish_timeout)
                     .await?;
                 delivery
                     .ack(BasicAckOptions::default())

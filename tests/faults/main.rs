@@ -513,3 +513,70 @@ async fn enqueue_waits_for_a_broker_that_comes_back_and_fails_clearly_for_one_th
     assert!(!id.as_str().is_empty());
     assert_eq!(patient.queue_stats(&q.name).await.unwrap().ready, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_replaces_a_connection_whose_recovery_gave_up() {
+    let _serial = SERIAL.lock().await;
+    let relay = Relay::start(broker_addr()).await;
+    let q = TestQueue::new("client-replace");
+    let worker = q.worker(registry(), 2).await;
+    let client = q
+        .client_with({
+            let url = relay.url(5);
+            move |s: &mut ClientSettings| {
+                s.broker = BrokerSettings::new(url);
+                // lapin tries once, then gives up: the client's own supervisor must take over.
+                s.broker.reconnect.max_attempts = Some(1);
+                s.reconnect_wait = Duration::from_secs(20);
+            }
+        })
+        .await;
+    assert_eq!(client.call(&Echo(json!(1))).await.unwrap(), json!(1));
+
+    relay.refuse();
+    relay.cut();
+    eventually(
+        "lapin to give up on the connection",
+        Duration::from_secs(15),
+        || async { client.link_state() == warren_shared::link::LinkState::Closed },
+    )
+    .await;
+    let call = {
+        let client = client.clone();
+        tokio::spawn(async move { client.call(&Echo(json!(2))).await })
+    };
+    let refused = relay.refused();
+    eventually(
+        "a refused replacement attempt",
+        Duration::from_secs(10),
+        || async { relay.refused() > refused },
+    )
+    .await;
+    relay.accept();
+    assert_eq!(call.await.unwrap().unwrap(), json!(2));
+    assert!(client.link_state().is_up());
+    worker.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_configured_to_give_up_exits_with_an_error() {
+    let _serial = SERIAL.lock().await;
+    let relay = Relay::start(broker_addr()).await;
+    let q = TestQueue::new("give-up");
+    let mut settings = WorkerSettings {
+        broker: BrokerSettings::new(relay.url(5)),
+        watchdog_interval: Duration::from_millis(300),
+        ..q.worker_settings(2)
+    };
+    settings.broker.reconnect.max_attempts = Some(2);
+    let worker = q.worker_with(registry(), settings).await;
+
+    relay.refuse();
+    relay.cut();
+    let ended = tokio::time::timeout(Duration::from_secs(30), worker.wait()).await;
+    let result = ended.expect("the worker kept trying past its configured attempts");
+    assert!(
+        matches!(result, Err(warren_worker::WorkerError::GaveUp { .. })),
+        "{result:?}"
+    );
+}
