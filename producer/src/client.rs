@@ -583,6 +583,13 @@ impl Client {
         let _ = self.connection().close(200, "client closing".into()).await;
     }
 
+    /// Publishes sent and not yet confirmed by the broker; never more than
+    /// [`ClientSettings::max_in_flight_publishes`].
+    pub fn publishes_in_flight(&self) -> usize {
+        self.inner.settings.max_in_flight_publishes.max(1)
+            - self.inner.publishing.available_permits()
+    }
+
     /// The reply queue of a client in [`ReplyMode::Queue`].
     pub fn reply_queue(&self) -> Option<&str> {
         (self.inner.settings.replies != ReplyMode::Direct).then_some(self.inner.reply_to.as_str())

@@ -425,6 +425,33 @@ async fn a_memory_alarm_fails_publishes_clearly_while_consumers_keep_acking() {
         "no task completed during the alarm"
     );
 
+    // A producer faster than the broker accepts is held at its bound of publishes in flight
+    // (the rest wait their turn), not buffered without limit.
+    let bounded = q
+        .client_with(|s: &mut ClientSettings| {
+            s.max_in_flight_publishes = 4;
+            s.publish_timeout = Duration::from_secs(1);
+        })
+        .await;
+    let mut flood = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let bounded = bounded.clone();
+        flood.spawn(async move { bounded.enqueue(&Echo(json!(i))).await });
+    }
+    eventually(
+        "the bound of publishes in flight reached",
+        Duration::from_secs(5),
+        || async { bounded.publishes_in_flight() == 4 },
+    )
+    .await;
+    while let Some(done) = flood.join_next().await {
+        assert!(bounded.publishes_in_flight() <= 4);
+        assert!(
+            done.unwrap().is_err(),
+            "an enqueue succeeded during the alarm"
+        );
+    }
+
     rabbitmqctl(&["set_vm_memory_high_watermark", &original]);
     let client = q.client().await;
     let options = CallOptions::default().timeout(Duration::from_secs(20));
