@@ -8,6 +8,7 @@
 
 use std::time::SystemTime;
 
+use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueuePurgeOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
@@ -150,6 +151,18 @@ fn replay_headers(original: Option<&FieldTable>) -> FieldTable {
     h
 }
 
+/// The next parked message, fetched without acking it (closing `channel` puts it back).
+async fn next_dead(channel: &Channel, names: &QueueNames) -> Result<Option<Delivery>, Error> {
+    let got = channel
+        .basic_get(
+            names.dead.as_str().into(),
+            BasicGetOptions { no_ack: false },
+        )
+        .await
+        .map_err(BrokerError::from)?;
+    Ok(got.map(|message| message.delivery))
+}
+
 impl Client {
     async fn reading_channel(&self) -> Result<Channel, Error> {
         Ok(self
@@ -169,18 +182,10 @@ impl Client {
         let channel = self.reading_channel().await?;
         let mut found = Vec::new();
         while found.len() < limit {
-            let got = channel
-                .basic_get(
-                    names.dead.as_str().into(),
-                    BasicGetOptions { no_ack: false },
-                )
-                .await
-                .map_err(BrokerError::from)?;
-            let Some(message) = got else { break };
-            found.push(DeadLetter::of(
-                &message.delivery.properties,
-                &message.delivery.data,
-            ));
+            let Some(delivery) = next_dead(&channel, &names).await? else {
+                break;
+            };
+            found.push(DeadLetter::of(&delivery.properties, &delivery.data));
         }
         // Not acked: closing the channel puts every message back.
         let _ = channel.close(200, "dead letters read".into()).await;
@@ -199,15 +204,9 @@ impl Client {
         let mut replayed = 0;
         let result = async {
             loop {
-                let got = channel
-                    .basic_get(
-                        names.dead.as_str().into(),
-                        BasicGetOptions { no_ack: false },
-                    )
-                    .await
-                    .map_err(BrokerError::from)?;
-                let Some(message) = got else { break };
-                let delivery = message.delivery;
+                let Some(delivery) = next_dead(&channel, &names).await? else {
+                    break;
+                };
                 let id = delivery
                     .properties
                     .message_id()
