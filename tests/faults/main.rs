@@ -554,7 +554,8 @@ async fn a_client_replaces_a_connection_whose_recovery_gave_up() {
                 s.broker = BrokerSettings::new(url);
                 // lapin tries once, then gives up: the client's own supervisor must take over.
                 s.broker.reconnect.max_attempts = Some(1);
-                s.reconnect_wait = Duration::from_secs(20);
+                // Long enough for the supervisor's backoff (up to 10 s between attempts) twice over.
+                s.reconnect_wait = Duration::from_secs(60);
             }
         })
         .await;
@@ -564,7 +565,7 @@ async fn a_client_replaces_a_connection_whose_recovery_gave_up() {
     relay.cut();
     eventually(
         "lapin to give up on the connection",
-        Duration::from_secs(15),
+        Duration::from_secs(30),
         || async { client.link_state() == warren_shared::link::LinkState::Closed },
     )
     .await;
@@ -575,7 +576,7 @@ async fn a_client_replaces_a_connection_whose_recovery_gave_up() {
     let refused = relay.refused();
     eventually(
         "a refused replacement attempt",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         || async { relay.refused() > refused },
     )
     .await;
