@@ -50,10 +50,14 @@ async fn worker_at(q: &TestQueue, url: &str, concurrency: u16) -> RunningWorker 
     q.worker_with(registry(), settings).await
 }
 
-async fn client_at(q: &TestQueue, url: &str) -> Client {
+/// A client of `q` talking to the broker at `url`, with settings adjusted by `adjust`.
+async fn client_at(q: &TestQueue, url: &str, adjust: impl FnOnce(&mut ClientSettings)) -> Client {
     let url = url.to_owned();
-    q.client_with(move |s: &mut ClientSettings| s.broker = BrokerSettings::new(url))
-        .await
+    q.client_with(move |s: &mut ClientSettings| {
+        s.broker = BrokerSettings::new(url);
+        adjust(s);
+    })
+    .await
 }
 
 fn rabbitmqctl(args: &[&str]) {
@@ -104,7 +108,7 @@ async fn connections_cut_mid_batch_lose_no_task_and_nobody_restarts() {
     let url = relay.url(5);
     let a = worker_at(&q, &url, 8).await;
     let b = worker_at(&q, &url, 8).await;
-    let client = client_at(&q, &url).await;
+    let client = client_at(&q, &url, |_| {}).await;
 
     let producer = {
         let (client, log) = (client.clone(), log.clone());
@@ -150,7 +154,7 @@ async fn a_half_open_connection_is_detected_and_recovered() {
     let heartbeat = 1;
     let url = relay.url(heartbeat);
     let worker = worker_at(&q, &url, 4).await;
-    let client = client_at(&q, &url).await;
+    let client = client_at(&q, &url, |_| {}).await;
     assert_eq!(client.call(&Echo(json!(1))).await.unwrap(), json!(1));
 
     let frozen = Instant::now();
@@ -185,7 +189,7 @@ async fn a_call_in_flight_across_a_cut_fails_fast() {
     let q = TestQueue::new("inflight-cut");
     // The worker talks to the broker directly; only the caller's connection is cut.
     let worker = q.worker(registry(), 2).await;
-    let client = client_at(&q, &relay.url(5)).await;
+    let client = client_at(&q, &relay.url(5), |_| {}).await;
 
     let call = {
         let client = client.clone();
@@ -233,17 +237,12 @@ async fn a_call_in_flight_across_a_cut_gets_its_reply_when_it_has_a_reply_queue(
     let relay = Relay::start(broker_addr()).await;
     let q = TestQueue::new("inflight-queue");
     let worker = q.worker(registry(), 2).await;
-    let client = q
-        .client_with({
-            let url = relay.url(5);
-            move |s: &mut ClientSettings| {
-                s.broker = BrokerSettings::new(url);
-                s.replies = ReplyMode::Queue {
-                    expires: Duration::from_secs(60),
-                };
-            }
-        })
-        .await;
+    let client = client_at(&q, &relay.url(5), |s| {
+        s.replies = ReplyMode::Queue {
+            expires: Duration::from_secs(60),
+        };
+    })
+    .await;
     q.also_delete(client.reply_queue().unwrap());
 
     let call = {
@@ -476,15 +475,10 @@ async fn enqueue_waits_for_a_broker_that_comes_back_and_fails_clearly_for_one_th
     let _serial = SERIAL.lock().await;
     let relay = Relay::start(broker_addr()).await;
     let q = TestQueue::new("outage");
-    let client = q
-        .client_with({
-            let url = relay.url(5);
-            move |s: &mut ClientSettings| {
-                s.broker = BrokerSettings::new(url);
-                s.reconnect_wait = Duration::from_secs(3);
-            }
-        })
-        .await;
+    let client = client_at(&q, &relay.url(5), |s| {
+        s.reconnect_wait = Duration::from_secs(3);
+    })
+    .await;
     client.declare_queue(&q.name).await.unwrap();
 
     // Down for longer than the client waits: a clear `unavailable` error, nothing enqueued.
@@ -507,15 +501,10 @@ async fn enqueue_waits_for_a_broker_that_comes_back_and_fails_clearly_for_one_th
     // Back within the bound: the enqueue waits for the reconnect, then is confirmed. (A client
     // of its own, whose reconnect backoff has not grown during the long outage above.)
     relay.accept();
-    let patient = q
-        .client_with({
-            let url = relay.url(5);
-            move |s: &mut ClientSettings| {
-                s.broker = BrokerSettings::new(url);
-                s.reconnect_wait = Duration::from_secs(20);
-            }
-        })
-        .await;
+    let patient = client_at(&q, &relay.url(5), |s| {
+        s.reconnect_wait = Duration::from_secs(20);
+    })
+    .await;
     relay.refuse();
     relay.cut();
     eventually(
@@ -547,18 +536,13 @@ async fn a_client_replaces_a_connection_whose_recovery_gave_up() {
     let relay = Relay::start(broker_addr()).await;
     let q = TestQueue::new("client-replace");
     let worker = q.worker(registry(), 2).await;
-    let client = q
-        .client_with({
-            let url = relay.url(5);
-            move |s: &mut ClientSettings| {
-                s.broker = BrokerSettings::new(url);
-                // lapin tries once, then gives up: the client's own supervisor must take over.
-                s.broker.reconnect.max_attempts = Some(1);
-                // Long enough for the supervisor's backoff (up to 10 s between attempts) twice over.
-                s.reconnect_wait = Duration::from_secs(60);
-            }
-        })
-        .await;
+    let client = client_at(&q, &relay.url(5), |s| {
+        // lapin tries once, then gives up: the client's own supervisor must take over.
+        s.broker.reconnect.max_attempts = Some(1);
+        // Long enough for the supervisor's backoff (up to 10 s between attempts) twice over.
+        s.reconnect_wait = Duration::from_secs(60);
+    })
+    .await;
     assert_eq!(client.call(&Echo(json!(1))).await.unwrap(), json!(1));
 
     relay.refuse();
