@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::Notify;
-use warren_producer::{CallOptions, Error};
+use warren_client::{CallOptions, Error};
 use warren_shared::tasks::{Echo, SendMail};
 use warren_shared::{ErrorKind, Policy, Task};
 use warren_tests::{TempDir, TestQueue};
@@ -477,7 +477,7 @@ async fn send_mail_goes_through_an_smtp_relay_and_maps_its_refusals() {
 
 #[tokio::test]
 async fn a_client_with_its_own_reply_queue_gets_its_results_there() {
-    use warren_producer::ReplyMode;
+    use warren_client::ReplyMode;
     let q = TestQueue::new("reply-queue");
     let worker = q.worker(Registry::new().register::<Add>(), 4).await;
     let client = q

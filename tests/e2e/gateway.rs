@@ -19,8 +19,8 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
-use warren_producer::gateway::{self, Allowlist, GatewaySettings, Limits};
-use warren_producer::{Client, ClientSettings};
+use warren_client::{Client, ClientSettings};
+use warren_gateway::{Allowlist, GatewaySettings, Limits};
 use warren_shared::broker::{BrokerSettings, DEFAULT_AMQP_URL};
 use warren_worker::{Mailer, RunningWorker, WorkerSettings, builtin_registry};
 
@@ -87,7 +87,7 @@ async fn spawn_with(settings: GatewaySettings) -> Env {
         text.local_addr().expect("text addr"),
     );
     let stop = CancellationToken::new();
-    let gateway = tokio::spawn(gateway::serve(
+    let gateway = tokio::spawn(warren_gateway::serve(
         settings,
         client.clone(),
         http,

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use warren_producer::Client;
+use warren_client::Client;
 use warren_tests::tasks::Crash;
 use warren_tests::{ChildGuard, TempDir, TestQueue, amqp_url, enqueue_records, eventually};
 

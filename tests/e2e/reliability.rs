@@ -9,7 +9,7 @@ use lapin::BasicProperties;
 use lapin::types::FieldTable;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use warren_producer::{CallOptions, Replay};
+use warren_client::{CallOptions, Replay};
 use warren_shared::protocol::{self, headers};
 use warren_shared::tasks::{Echo, Sleep};
 use warren_shared::{ErrorKind, Policy, Reply, Task};

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use lapin::options::QueueDeleteOptions;
 use serde_json::json;
 use tokio::sync::Mutex;
-use warren_producer::{CallOptions, Client, ClientSettings, Error, ReplyMode};
+use warren_client::{CallOptions, Client, ClientSettings, Error, ReplyMode};
 use warren_shared::BrokerSettings;
 use warren_shared::tasks::{Echo, Sleep};
 use warren_tests::relay::Relay;

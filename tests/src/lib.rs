@@ -22,7 +22,7 @@ use lapin::options::QueueDeleteOptions;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio_util::sync::CancellationToken;
-use warren_producer::{Client, ClientSettings};
+use warren_client::{Client, ClientSettings};
 use warren_shared::BrokerSettings;
 use warren_shared::broker::DEFAULT_AMQP_URL;
 use warren_worker::{Registry, RunningWorker, WorkerSettings};
@@ -325,7 +325,7 @@ pub fn read_runs(log: &std::path::Path) -> std::collections::HashMap<u64, Vec<(u
 /// Enqueues `record` tasks for `keys`, each confirmed; with `started`, each task appends its key
 /// there as it starts running.
 pub async fn enqueue_records(
-    client: &warren_producer::Client,
+    client: &warren_client::Client,
     log: &std::path::Path,
     keys: std::ops::Range<u64>,
     work_ms: u64,

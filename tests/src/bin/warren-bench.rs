@@ -9,7 +9,7 @@
 //! - `fire`: `--tasks` tasks enqueued with confirms (`--enqueue-in-flight` outstanding) until
 //!   the worker has run and acked them all.
 //!
-//! The Warren side is an in-process `warren_worker` and a `warren_producer::Client`; the raw side
+//! The Warren side is an in-process `warren_worker` and a `warren_client::Client`; the raw side
 //! is lapin only, on its own queue with the same arguments, the same properties, headers and
 //! bodies, confirms and prefetch. See `docs/benchmarks.md`.
 
@@ -32,7 +32,7 @@ use serde_json::{Value, json};
 use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-use warren_producer::{CallOptions, Client, ClientSettings};
+use warren_client::{CallOptions, Client, ClientSettings};
 use warren_shared::{BrokerSettings, Task, topology};
 use warren_worker::{Handler, Registry, TaskContext, TaskError, WorkerSettings};
 

@@ -38,7 +38,7 @@ use tokio_util::task::TaskTracker;
 
 pub use limits::{Allowlist, DEMO_FUNCTIONS, GatewayError, Kind, Limits};
 
-use crate::client::{CallOptions, Client};
+use warren_client::{CallOptions, Client};
 
 /// The web page served at `/`: plain HTML and JS, no build step.
 const PAGE: &str = include_str!("page.html");

@@ -1,6 +1,6 @@
 //! `warren-gateway`: the websocket gateway, its web page and the Workerman Text protocol bridge.
 //!
-//! Flags and environment only; the server is `warren_producer::gateway`.
+//! Flags and environment only; the server is `warren_gateway`.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -10,8 +10,8 @@ use anyhow::Context;
 use clap::Parser;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use warren_producer::gateway::{self, Allowlist, GatewaySettings, Limits};
-use warren_producer::{Client, ClientSettings};
+use warren_client::{Client, ClientSettings};
+use warren_gateway::{Allowlist, GatewaySettings, Limits};
 use warren_shared::broker::{BrokerSettings, DEFAULT_AMQP_URL};
 use warren_shared::topology::DEFAULT_QUEUE;
 
@@ -35,7 +35,7 @@ struct Args {
     text: SocketAddr,
     /// Functions callers may run, comma-separated; `*` allows any (trusted networks only).
     #[arg(long, env = "WARREN_GATEWAY_ALLOW", value_delimiter = ',',
-          default_values_t = gateway::DEMO_FUNCTIONS.iter().map(|f| (*f).to_owned()))]
+          default_values_t = warren_gateway::DEMO_FUNCTIONS.iter().map(|f| (*f).to_owned()))]
     allow: Vec<String>,
     /// Bearer token callers must present (Authorization header or a first {"auth": ...}
     /// message). No token: anyone who reaches the port may call the allowed functions.
@@ -103,7 +103,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         shutdown.clone(),
         "no new connections; delivering results in flight",
     ));
-    gateway::serve(settings, client.clone(), http, text, shutdown).await;
+    warren_gateway::serve(settings, client.clone(), http, text, shutdown).await;
     client.close().await;
     Ok(())
 }

@@ -13,7 +13,7 @@ use serde::Serialize;
 use serde::ser::Serializer;
 use warren_shared::ErrorKind;
 
-use crate::error::Error;
+use warren_client::Error;
 
 /// The functions the gateway exposes when not told otherwise: enough for the page's demo.
 pub const DEMO_FUNCTIONS: &[&str] = &["echo", "send_mail"];

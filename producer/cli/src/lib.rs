@@ -1,7 +1,12 @@
-//! The `warren` command line: `call`, `enqueue`, `dlq` and `demo`.
+//! # warren-cli
+//!
+//! The `warren` command line: `call`, `enqueue`, `dlq` and `demo` ([`demo`]: the motivating
+//! scenario, mail to 1000 users without blocking).
 //!
 //! Results go to stdout (JSON, one line); errors go to stderr as `error: <kind>: <message>`,
 //! with a non-zero exit status, so scripts can tell the two apart.
+
+pub mod demo;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,10 +17,10 @@ use serde_json::Value;
 use warren_shared::broker::{BrokerSettings, DEFAULT_AMQP_URL};
 use warren_shared::topology::DEFAULT_QUEUE;
 
-use crate::client::{CallOptions, Client, ClientSettings};
-use crate::demo::{self, DemoOptions};
-use crate::dlq::Replay;
-use crate::error::Error;
+use crate::demo::DemoOptions;
+use warren_client::Error;
+use warren_client::Replay;
+use warren_client::{CallOptions, Client, ClientSettings};
 
 /// Warren: call and enqueue tasks on RabbitMQ-backed workers.
 #[derive(Debug, Parser)]

@@ -18,7 +18,7 @@ use tokio::process::{Child, Command};
 use tokio::task::JoinSet;
 use warren_shared::tasks::SendMail;
 
-use crate::client::{CallOptions, Client};
+use warren_client::{CallOptions, Client};
 
 /// What the demo does.
 #[derive(Debug, Clone)]

@@ -3,11 +3,11 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use warren_producer::cli::{self, Cli};
+use warren_cli::Cli;
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     warren_shared::telemetry::init("warn");
-    cli::run(cli).await
+    warren_cli::run(cli).await
 }
