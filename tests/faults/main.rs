@@ -592,3 +592,28 @@ async fn a_worker_configured_to_give_up_exits_with_an_error() {
         "{result:?}"
     );
 }
+
+/// The private-node helper itself: a node of the test's own boots, refuses connections while
+/// its application is stopped, and serves again after it is started.
+#[tokio::test]
+async fn private_node_stops_and_starts() {
+    let node = warren_tests::node::BrokerNode::start("selftest").await;
+    let props = lapin::ConnectionProperties::default;
+    let connection = lapin::Connection::connect(&node.url(), props())
+        .await
+        .unwrap();
+    assert!(connection.status().connected());
+    node.stop_app();
+    assert!(
+        lapin::Connection::connect(&node.url(), props())
+            .await
+            .is_err(),
+        "a stopped node must refuse connections"
+    );
+    node.start_app();
+    let again = lapin::Connection::connect(&node.url(), props())
+        .await
+        .unwrap();
+    assert!(again.status().connected());
+    let _ = again.close(200, "done".into()).await;
+}

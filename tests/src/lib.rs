@@ -6,8 +6,10 @@
 //! - unique queue names per test, deleted again by a guard even when the test fails;
 //! - in-process workers and clients on those queues;
 //! - the built binaries (`warren`, `warren-worker`) as child processes that are always stopped;
+//! - a private RabbitMQ node ([`node`]) for tests that stop a broker or raise an alarm;
 //! - polling a real broker condition with a bound, for the few places where no event exists.
 
+pub mod node;
 pub mod raw;
 pub mod relay;
 pub mod smtp;

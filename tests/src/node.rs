@@ -1,0 +1,245 @@
+//! A private RabbitMQ node, for tests that must stop a broker, raise an alarm on it or cut it
+//! off, without disturbing the shared broker at `AMQP_URL` that every other test uses.
+//!
+//! The node is the machine's installed `rabbitmq-server`, started as a child process in its own
+//! process group with its own node name, ports, data directory and Erlang cookie (all under a
+//! temporary directory). It needs no `rabbitmqctl` set-up and no root-owned files: the test
+//! that starts it owns it, and [`Drop`] kills the whole process group and deletes the
+//! directory, also when the test fails.
+//!
+//! ```no_run
+//! # async fn demo() {
+//! let node = warren_tests::node::BrokerNode::start("outage").await;
+//! let url = node.url(); // amqp://guest:guest@127.0.0.1:<port>/%2f
+//! node.stop_app();      // connections drop, the port refuses
+//! node.start_app();
+//! # }
+//! ```
+
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+
+/// Where Debian's package puts the real scripts (`/usr/sbin/*` are wrappers that switch to the
+/// `rabbitmq` user and the system node's cookie).
+const RABBITMQ_BIN: &str = "/usr/lib/rabbitmq/bin";
+
+/// How long a node may take to boot and accept AMQP connections.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A RabbitMQ node of the test's own, stopped and deleted on drop.
+#[derive(Debug)]
+pub struct BrokerNode {
+    name: String,
+    port: u16,
+    dist_port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl BrokerNode {
+    /// Starts a node for the test `label` and waits until it accepts AMQP connections.
+    ///
+    /// # Panics
+    ///
+    /// When RabbitMQ is not installed or the node does not come up within a minute (the
+    /// node's log is printed then).
+    pub async fn start(label: &str) -> Self {
+        let port = free_port();
+        let mut dist_port = free_port();
+        while dist_port == port {
+            dist_port = free_port();
+        }
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("warren-node-{label}-"))
+            .tempdir()
+            .expect("temporary directory for the node");
+        let name = format!(
+            "warren-{label}-{}@localhost",
+            uuid::Uuid::new_v4()
+                .simple()
+                .to_string()
+                .get(..8)
+                .unwrap_or("node")
+        );
+        std::fs::write(
+            dir.path().join("rabbitmq.conf"),
+            format!(
+                "listeners.tcp.local = 127.0.0.1:{port}\nloopback_users = none\n\
+                 log.console = false\nlog.file.level = info\n"
+            ),
+        )
+        .expect("node config");
+        std::fs::write(dir.path().join("enabled_plugins"), "[].\n").expect("plugins file");
+        let mut node = Self {
+            name,
+            port,
+            dist_port,
+            dir,
+            child: None,
+        };
+        node.boot().await;
+        node
+    }
+
+    /// `amqp://guest:guest@127.0.0.1:<port>/%2f`, this node's URL.
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// The AMQP port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The Erlang node name (`warren-<label>-<id>@localhost`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs `rabbitmqctl -n <node> ARGS` against this node and returns its output.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        self.env(&mut Command::new(
+            Path::new(RABBITMQ_BIN).join("rabbitmqctl"),
+        ))
+        .arg("-n")
+        .arg(&self.name)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run rabbitmqctl")
+    }
+
+    /// Runs `rabbitmqctl ARGS` and panics with its output when it fails.
+    pub fn ctl_ok(&self, args: &[&str]) -> String {
+        let out = self.ctl(args);
+        assert!(
+            out.status.success(),
+            "rabbitmqctl {args:?} on {}: {}{}",
+            self.name,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Stops the RabbitMQ application (the Erlang VM stays up): every connection is closed and
+    /// the port refuses new ones, as in a broker restart.
+    pub fn stop_app(&self) {
+        self.ctl_ok(&["stop_app"]);
+    }
+
+    /// Starts the application again and waits until the port accepts AMQP connections.
+    pub fn start_app(&self) {
+        self.ctl_ok(&["start_app"]);
+        self.ctl_ok(&["await_startup"]);
+    }
+
+    /// Kills the node outright (SIGKILL to its process group), as in a crashed host.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = killpg(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+            let _ = child.wait();
+        }
+    }
+
+    /// Boots the node again after [`kill`](Self::kill), with the same name, port and data.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.boot().await;
+    }
+
+    fn env<'a>(&self, command: &'a mut Command) -> &'a mut Command {
+        let dir = self.dir.path();
+        command
+            // Its own cookie: the node and rabbitmqctl both read $HOME/.erlang.cookie.
+            .env("HOME", dir)
+            .env("RABBITMQ_NODENAME", &self.name)
+            .env("RABBITMQ_NODE_PORT", self.port.to_string())
+            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
+            .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", dir.join("log"))
+            .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq.conf"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
+            .env("RABBITMQ_PID_FILE", dir.join("pid"))
+    }
+
+    async fn boot(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("server.out")).expect("server log");
+        let child = self
+            .env(&mut Command::new(
+                Path::new(RABBITMQ_BIN).join("rabbitmq-server"),
+            ))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("server log"))
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .expect("start rabbitmq-server (is RabbitMQ installed?)");
+        self.child = Some(child);
+        let started = Instant::now();
+        loop {
+            let connected =
+                lapin::Connection::connect(&self.url(), lapin::ConnectionProperties::default())
+                    .await;
+            if let Ok(connection) = connected {
+                let _ = connection.close(200, "ready".into()).await;
+                return;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "node {} exited at start-up ({status}):\n{}",
+                    self.name,
+                    self.logs()
+                );
+            }
+            assert!(
+                started.elapsed() < BOOT_TIMEOUT,
+                "node {} did not accept connections within {BOOT_TIMEOUT:?}:\n{}",
+                self.name,
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The node's start-up output and log, for failure messages.
+    pub fn logs(&self) -> String {
+        let read = |p: PathBuf| std::fs::read_to_string(p).unwrap_or_default();
+        let log = read(
+            self.dir
+                .path()
+                .join("log")
+                .join(format!("{}.log", self.name)),
+        );
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        format!(
+            "{}\n{}",
+            read(self.dir.path().join("server.out")),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )
+    }
+}
+
+impl Drop for BrokerNode {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A TCP port nobody listens on right now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free local port")
+}
