@@ -13,12 +13,16 @@
 //! - [`pool`]: a `deadpool` pool of confirm-mode channels over one publishing connection, and the
 //!   only publish path ([`pool::publish_confirmed`]) that treats a nack or a return as an error.
 //! - [`policy`]: attempts, backoff and time limit of a task, and their per-task headers.
+//! - `config` (feature `config`): the binaries' layered settings (defaults < TOML file <
+//!   environment < flags).
 //! - [`shutdown`]: SIGTERM/SIGINT handling of the binaries (graceful first, forced second).
 //! - [`telemetry`]: tracing set-up shared by the binaries.
 //!
 //! This crate is `warren-shared`, the project's own library; it is not the team notes folder.
 
 pub mod broker;
+#[cfg(feature = "config")]
+pub mod config;
 pub mod link;
 pub mod policy;
 pub mod pool;

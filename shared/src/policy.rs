@@ -27,11 +27,7 @@ impl Default for Policy {
     fn default() -> Self {
         Self {
             max_attempts: 3,
-            backoff: vec![
-                Duration::from_secs(1),
-                Duration::from_secs(10),
-                Duration::from_secs(60),
-            ],
+            backoff: vec![Duration::from_secs(1), Duration::from_secs(10)],
             time_limit: Duration::from_secs(300),
         }
     }

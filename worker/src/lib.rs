@@ -8,6 +8,7 @@
 //! - `execute`: judging one delivery (decode, check, run isolated, time-limit) into an [`Outcome`].
 //! - [`outcome`]: acting on the verdict; the only code that acks.
 //! - [`consumer`]: connections, the consumer loop with prefetch = concurrency, shutdown.
+//! - [`config`]: the `warren-worker` binary's flags, `--config` file and defaults.
 //! - [`builtin`] and [`mail`]: the `echo`, `sleep`, `fail` and `send_mail` tasks.
 //!
 //! ```no_run
@@ -22,6 +23,7 @@
 //! ```
 
 pub mod builtin;
+pub mod config;
 pub mod consumer;
 mod execute;
 pub mod handler;
@@ -30,6 +32,7 @@ pub mod outcome;
 pub mod registry;
 
 pub use builtin::builtin_registry;
+pub use config::WorkerConfig;
 pub use consumer::{Health, RunningWorker, WorkerError, WorkerSettings, WorkerState, run, start};
 pub use handler::{Handler, Retry, TaskContext, TaskError};
 pub use mail::Mailer;

@@ -1,0 +1,380 @@
+//! Layered configuration for the binaries: defaults < TOML file < environment < flags.
+//!
+//! A binary describes its settings once, as one struct that is at the same time its command
+//! line (`clap::Args`: `--flag`, `env = "WARREN_..."`, the doc comment is the help) and its file
+//! format (serde, `deny_unknown_fields`). The struct's `Default` is built from the library's own
+//! settings defaults (`WorkerSettings::default()`, `Limits::default()`, ...), which are the only
+//! place a default value is written: [`command`] copies them into clap, so `--help` shows them,
+//! and [`load_from`] layers
+//!
+//! 1. those defaults,
+//! 2. the TOML file named by `--config FILE` or [`CONFIG_ENV`] (a missing file is an error),
+//! 3. the environment variables of the flags (clap's `env`), and
+//! 4. the flags,
+//!
+//! with figment, each layer only where it says something. The environment and the flags are the
+//! values clap reports as coming from the environment or the command line, never its defaults,
+//! so a file is not overridden by a default. Environment variables are named per flag (they
+//! stay as documented, e.g. `AMQP_URL`, `WARREN_GATEWAY_HTTP`), so an unrelated `WARREN_*`
+//! variable never breaks a start.
+//!
+//! Keys in the file are the struct's field names (`max_attempts`), durations are humantime
+//! strings (`"30s"`, `"5m"`), and an unknown key or a bad value is a [`ConfigError::Setting`]
+//! that names the key and the file.
+//!
+//! Adding a setting: add one field (doc comment, `#[arg(long, env = ...)]`, serde attributes for
+//! its type) to the binary's config struct, and let the compiler show the two conversions (from
+//! the library defaults, into the library settings) that must map it. Field names are the flag
+//! ids and the file keys at once: never rename one on only one side.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::builder::{Resettable, StyledStr};
+use clap::parser::ValueSource;
+use clap::{Arg, ArgMatches, Command};
+use figment::Figment;
+use figment::providers::{Format, Serialized, Toml};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::Value;
+
+use crate::broker::{BrokerSettings, Reconnect};
+
+/// Re-exported for the config structs' duration fields:
+/// `#[serde(with = "warren_shared::config::humantime_serde")]`.
+pub use humantime_serde;
+
+/// The environment variable that names the configuration file, like `--config`.
+pub const CONFIG_ENV: &str = "WARREN_CONFIG";
+
+/// The id (and long name) of the `--config` flag.
+const CONFIG_ARG: &str = "config";
+
+/// A binary's settings: its flags, its file format and its defaults, in one struct.
+///
+/// Implemented for every type that is `clap::Args + Serialize + DeserializeOwned + Default`.
+pub trait Layered: clap::Args + Serialize + DeserializeOwned + Default {}
+
+impl<T> Layered for T where T: clap::Args + Serialize + DeserializeOwned + Default {}
+
+/// Why settings could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The command line is wrong, or asked for `--help` or `--version`: clap's own error,
+    /// which prints itself and exits with the right status (`clap::Error::exit`).
+    #[error(transparent)]
+    Cli(#[from] clap::Error),
+    /// A setting is unknown or has a bad value.
+    #[error("{origin}: {}{message}", keyed(.key))]
+    Setting {
+        /// Where it was set: the file's path, or the layer's name.
+        origin: String,
+        /// The key, dotted for nested tables (`broker.heartbeat`); empty for the whole file.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn keyed(key: &str) -> String {
+    if key.is_empty() {
+        String::new()
+    } else {
+        format!("key `{key}`: ")
+    }
+}
+
+impl ConfigError {
+    fn from_figment(error: figment::Error) -> Self {
+        let origin = match &error.metadata {
+            Some(md) => match md.source.as_ref().and_then(|s| s.file_path()) {
+                Some(path) => path.display().to_string(),
+                None => md.name.to_string(),
+            },
+            None => "settings".to_owned(),
+        };
+        let mut path = error.path.clone();
+        let message = match &error.kind {
+            figment::error::Kind::UnknownField(field, expected) => {
+                if path.last() != Some(field) {
+                    path.push(field.clone());
+                }
+                format!("unknown key (known keys here: {})", expected.join(", "))
+            }
+            kind => kind.to_string().trim_end().to_owned(),
+        };
+        Self::Setting {
+            origin,
+            key: path.join("."),
+            message,
+        }
+    }
+}
+
+/// `cmd` with the flags of `C`, the `--config FILE` flag, and `C::default()`'s values as the
+/// flags' defaults (so that `--help` shows them).
+pub fn command<C: Layered>(cmd: Command) -> Command {
+    // The config struct's doc comment is for Rust readers; the program keeps its own about.
+    let (about, long_about) = (cmd.get_about().cloned(), cmd.get_long_about().cloned());
+    let mut cmd = C::augment_args(cmd);
+    cmd = cmd
+        .about(resettable(about))
+        .long_about(resettable(long_about));
+    let cmd = cmd.arg(
+        Arg::new(CONFIG_ARG)
+            .long(CONFIG_ARG)
+            .env(CONFIG_ENV)
+            .value_name("FILE")
+            .value_parser(clap::value_parser!(PathBuf))
+            .help("TOML file of settings (keys are the flags' names with `_`); the environment and flags override it"),
+    );
+    let mut leaves = Vec::new();
+    collect_leaves(to_json(&C::default()), &mut leaves);
+    leaves.into_iter().fold(cmd, |cmd, (id, value)| {
+        if !has_arg(&cmd, &id) {
+            return cmd;
+        }
+        match value {
+            Value::String(s) => cmd.mut_arg(id, |a| a.default_value(s).required(false)),
+            Value::Number(n) => cmd.mut_arg(id, |a| a.default_value(n.to_string()).required(false)),
+            Value::Bool(b) => cmd.mut_arg(id, |a| a.default_value(b.to_string()).required(false)),
+            Value::Array(items) if !items.is_empty() => {
+                let items: Vec<String> = items.iter().map(scalar_text).collect();
+                cmd.mut_arg(id, |a| a.default_values(items).required(false))
+            }
+            _ => cmd,
+        }
+    })
+}
+
+/// Loads `C` from the process's command line, environment and configuration file.
+///
+/// # Errors
+/// As [`load_from`].
+pub fn load<C: Layered>(cmd: Command) -> Result<C, ConfigError> {
+    load_from(cmd, std::env::args_os())
+}
+
+/// Loads `C` from `args` (the program name first), the environment and the configuration file
+/// they name, layered as the [module](self) describes.
+///
+/// # Errors
+/// [`ConfigError::Cli`] for a bad command line (and `--help`/`--version`),
+/// [`ConfigError::Setting`] for a missing or unreadable file, an unknown key or a bad value.
+pub fn load_from<C, I, T>(cmd: Command, args: I) -> Result<C, ConfigError>
+where
+    C: Layered,
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cmd = command::<C>(cmd);
+    let matches = cmd.clone().try_get_matches_from(args)?;
+    let given = given_only(&cmd, &matches, to_json(&C::from_arg_matches(&matches)?));
+    let mut figment = Figment::from(Serialized::defaults(C::default()));
+    if let Some(file) = matches.get_one::<PathBuf>(CONFIG_ARG) {
+        figment = figment.merge(Toml::file_exact(file));
+    }
+    figment
+        .merge(Serialized::defaults(given))
+        .extract()
+        .map_err(ConfigError::from_figment)
+}
+
+fn to_json<T: Serialize>(value: &T) -> Value {
+    // Settings structs serialize to JSON objects; anything else has no defaults to show.
+    serde_json::to_value(value).unwrap_or(Value::Null)
+}
+
+fn resettable(text: Option<StyledStr>) -> Resettable<StyledStr> {
+    text.map_or(Resettable::Reset, Resettable::Value)
+}
+
+fn has_arg(cmd: &Command, id: &str) -> bool {
+    cmd.get_arguments().any(|a| a.get_id() == id)
+}
+
+/// Every non-table value of `value`, by its key (nested tables are the flattened arg groups).
+fn collect_leaves(value: Value, out: &mut Vec<(String, Value)>) {
+    if let Value::Object(map) = value {
+        for (key, value) in map {
+            if value.is_object() {
+                collect_leaves(value, out);
+            } else {
+                out.push((key, value));
+            }
+        }
+    }
+}
+
+fn scalar_text(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The parts of `value` (the parsed command line) that came from a flag or its environment
+/// variable, not from a default.
+fn given_only(cmd: &Command, matches: &ArgMatches, value: Value) -> Value {
+    let Value::Object(map) = value else {
+        return Value::Object(serde_json::Map::new());
+    };
+    let kept: serde_json::Map<String, Value> = map
+        .into_iter()
+        .filter_map(|(key, value)| {
+            if has_arg(cmd, &key) {
+                matches!(
+                    matches.value_source(&key),
+                    Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+                )
+                .then_some((key, value))
+            } else if value.is_object() {
+                let inner = given_only(cmd, matches, value);
+                let empty = inner.as_object().is_none_or(serde_json::Map::is_empty);
+                (!empty).then_some((key, inner))
+            } else {
+                None
+            }
+        })
+        .collect();
+    Value::Object(kept)
+}
+
+/// A retry backoff schedule: delays between attempts, written `1s,10s` on the command line and
+/// as `"1s,10s"` or `["1s", "10s"]` in a file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backoff(pub Vec<Duration>);
+
+impl FromStr for Backoff {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        text.split(',')
+            .map(|part| {
+                humantime::parse_duration(part.trim()).map_err(|e| format!("{part:?}: {e}"))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Self)
+    }
+}
+
+impl fmt::Display for Backoff {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<String> = self
+            .0
+            .iter()
+            .map(|d| humantime::format_duration(*d).to_string())
+            .collect();
+        f.write_str(&parts.join(","))
+    }
+}
+
+impl Serialize for Backoff {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Backoff {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            Text(String),
+            List(Vec<String>),
+        }
+        let text = match Form::deserialize(deserializer)? {
+            Form::Text(text) => text,
+            Form::List(parts) => parts.join(","),
+        };
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// The broker settings every binary shares: `--amqp-url` and how connections are kept.
+///
+/// In a file they are the `[broker]` table.
+#[derive(Clone, PartialEq, Eq, clap::Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// Broker URL (the vhost `/` is `%2f`); `amqps://` for TLS, `?heartbeat=N` overrides
+    /// --heartbeat.
+    #[arg(long, env = "AMQP_URL", hide_env_values = true)]
+    pub amqp_url: String,
+    /// Heartbeat interval when the URL sets none; a dead peer is noticed after two misses.
+    #[arg(long, env = "WARREN_HEARTBEAT", value_parser = humantime::parse_duration)]
+    #[serde(with = "crate::config::humantime_serde")]
+    pub heartbeat: Duration,
+    /// Bound on establishing one connection (TCP, TLS, AMQP handshake).
+    #[arg(long, env = "WARREN_CONNECT_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[serde(with = "crate::config::humantime_serde")]
+    pub connect_timeout: Duration,
+    /// First delay between reconnection attempts (doubling, with jitter).
+    #[arg(long, env = "WARREN_RECONNECT_MIN_DELAY", value_parser = humantime::parse_duration)]
+    #[serde(with = "crate::config::humantime_serde")]
+    pub reconnect_min_delay: Duration,
+    /// Largest delay between reconnection attempts.
+    #[arg(long, env = "WARREN_RECONNECT_MAX_DELAY", value_parser = humantime::parse_duration)]
+    #[serde(with = "crate::config::humantime_serde")]
+    pub reconnect_max_delay: Duration,
+    /// Give up (exit non-zero) after this many failed attempts to reconnect; default: never.
+    #[arg(long, env = "WARREN_RECONNECT_MAX_ATTEMPTS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reconnect_max_attempts: Option<usize>,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        let BrokerSettings {
+            url,
+            heartbeat,
+            connect_timeout,
+            reconnect,
+            ..
+        } = BrokerSettings::default();
+        Self {
+            amqp_url: url,
+            heartbeat,
+            connect_timeout,
+            reconnect_min_delay: reconnect.min_delay,
+            reconnect_max_delay: reconnect.max_delay,
+            reconnect_max_attempts: reconnect.max_attempts,
+        }
+    }
+}
+
+impl fmt::Debug for BrokerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // BrokerSettings hides the password.
+        fmt::Debug::fmt(&self.to_settings(), f)
+    }
+}
+
+impl BrokerConfig {
+    /// The library's broker settings.
+    pub fn to_settings(&self) -> BrokerSettings {
+        let Self {
+            amqp_url,
+            heartbeat,
+            connect_timeout,
+            reconnect_min_delay,
+            reconnect_max_delay,
+            reconnect_max_attempts,
+        } = self.clone();
+        BrokerSettings {
+            url: amqp_url,
+            heartbeat,
+            connect_timeout,
+            reconnect: Reconnect {
+                min_delay: reconnect_min_delay,
+                max_delay: reconnect_max_delay,
+                max_attempts: reconnect_max_attempts,
+            },
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! The `warren-worker` binary's settings: its flags, its `--config` file and their defaults.
+//!
+//! [`WorkerConfig`] is the one description of every setting of the binary: a field is a flag
+//! (`--max-attempts`), an environment variable (`WARREN_MAX_ATTEMPTS`) and a key of the TOML
+//! file (`max_attempts = 3`) at once, and its default comes from [`WorkerSettings::default`] (or
+//! the type that owns the setting). `warren_shared::config` layers defaults < file <
+//! environment < flags; `deploy/warren-worker.toml` is a commented example.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::num::{NonZeroU16, NonZeroU32};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use warren_shared::Policy;
+use warren_shared::config::{Backoff, BrokerConfig};
+
+use crate::consumer::{WorkerError, WorkerSettings};
+use crate::mail::Mailer;
+
+/// Where `send_mail` writes `.eml` files when no SMTP relay is set.
+pub const DEFAULT_OUTBOX: &str = "outbox";
+
+/// Every setting of `warren-worker`; see the [module](self).
+#[derive(Clone, PartialEq, clap::Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// The broker (`[broker]` in the file).
+    #[command(flatten)]
+    pub broker: BrokerConfig,
+    /// Work queue to consume (`<queue>.dead` and `<queue>.retry.*` go with it).
+    #[arg(long, env = "WARREN_QUEUE")]
+    pub queue: String,
+    /// Tasks run at once (and the consumer's prefetch).
+    #[arg(long, env = "WARREN_CONCURRENCY")]
+    pub concurrency: NonZeroU16,
+    /// Attempts a task gets in all, unless its caller or its registration says otherwise.
+    #[arg(long, env = "WARREN_MAX_ATTEMPTS")]
+    pub max_attempts: NonZeroU32,
+    /// Delays between attempts, comma-separated (e.g. `1s,10s,1m`); the last one repeats.
+    #[arg(long, env = "WARREN_BACKOFF")]
+    pub backoff: Backoff,
+    /// Execution time limit of one attempt (e.g. `30s`, `5m`). Keep it below RabbitMQ's
+    /// consumer_timeout (30 min by default).
+    #[arg(long, env = "WARREN_TIME_LIMIT", value_parser = humantime::parse_duration)]
+    #[serde(with = "warren_shared::config::humantime_serde")]
+    pub time_limit: Duration,
+    /// On SIGTERM, how long in-flight tasks may take to finish before they are handed back.
+    #[arg(long, env = "WARREN_SHUTDOWN_GRACE", value_parser = humantime::parse_duration)]
+    #[serde(with = "warren_shared::config::humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// How often an idle worker checks that it is not starving next to ready tasks.
+    #[arg(long, env = "WARREN_WATCHDOG_INTERVAL", value_parser = humantime::parse_duration)]
+    #[serde(with = "warren_shared::config::humantime_serde")]
+    pub watchdog_interval: Duration,
+    /// Largest task body accepted, in bytes; larger ones are refused as `too_large`.
+    #[arg(long, env = "WARREN_MAX_BODY_BYTES")]
+    pub max_body_bytes: usize,
+    /// Directory where send_mail writes .eml files when no SMTP relay is set.
+    #[arg(long, env = "WARREN_OUTBOX")]
+    pub outbox: PathBuf,
+    /// SMTP relay for send_mail, e.g. `smtp://relay:25` or `smtps://user:pass@host:465`.
+    #[arg(long, env = "WARREN_SMTP_URL", hide_env_values = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub smtp_url: Option<String>,
+    /// Reserved for handler process pools (`[[pool]]` tables, a later version): parsed so that
+    /// the file format has room for them, refused by [`WorkerConfig::settings`] for now.
+    #[arg(skip)]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pool: Vec<PoolConfig>,
+}
+
+/// One `[[pool]]` table of the file. Reserved: its keys are not defined yet, and a worker
+/// refuses to start with one (see [`WorkerConfig::pool`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PoolConfig {
+    /// The table as written.
+    #[serde(flatten)]
+    pub table: BTreeMap<String, serde_json::Value>,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        let WorkerSettings {
+            broker: _,
+            queue,
+            concurrency,
+            policy,
+            max_body_bytes,
+            shutdown_grace,
+            watchdog_interval,
+            ..
+        } = WorkerSettings::default();
+        Self {
+            broker: BrokerConfig::default(),
+            queue,
+            concurrency: NonZeroU16::new(concurrency).unwrap_or(NonZeroU16::MIN),
+            max_attempts: NonZeroU32::new(policy.max_attempts).unwrap_or(NonZeroU32::MIN),
+            backoff: Backoff(policy.backoff),
+            time_limit: policy.time_limit,
+            shutdown_grace,
+            watchdog_interval,
+            max_body_bytes,
+            outbox: PathBuf::from(DEFAULT_OUTBOX),
+            smtp_url: None,
+            pool: Vec::new(),
+        }
+    }
+}
+
+impl fmt::Debug for WorkerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Not derived: the SMTP URL may hold a password.
+        f.debug_struct("WorkerConfig")
+            .field("broker", &self.broker)
+            .field("queue", &self.queue)
+            .field("concurrency", &self.concurrency)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WorkerConfig {
+    /// The runtime's settings.
+    ///
+    /// # Errors
+    /// [`WorkerError::Settings`] when the file has `[[pool]]` tables (not supported yet).
+    pub fn settings(&self) -> Result<WorkerSettings, WorkerError> {
+        let Self {
+            broker,
+            queue,
+            concurrency,
+            max_attempts,
+            backoff,
+            time_limit,
+            shutdown_grace,
+            watchdog_interval,
+            max_body_bytes,
+            outbox: _,
+            smtp_url: _,
+            pool,
+        } = self.clone();
+        if !pool.is_empty() {
+            return Err(WorkerError::Settings(
+                "[[pool]] tables (handler process pools) are reserved for a later version; \
+                 remove them from the configuration file"
+                    .into(),
+            ));
+        }
+        Ok(WorkerSettings {
+            broker: broker.to_settings(),
+            queue,
+            concurrency: concurrency.get(),
+            policy: Policy {
+                max_attempts: max_attempts.get(),
+                backoff: backoff.0,
+                time_limit,
+            },
+            max_body_bytes,
+            shutdown_grace,
+            watchdog_interval,
+            ..WorkerSettings::default()
+        })
+    }
+
+    /// The mailer of the built-in `send_mail`: the SMTP relay if one is set, else the outbox.
+    ///
+    /// # Errors
+    /// The SMTP URL does not parse.
+    pub fn mailer(&self) -> Result<Mailer, String> {
+        match &self.smtp_url {
+            Some(url) => Mailer::smtp(url),
+            None => Ok(Mailer::outbox(&self.outbox)),
+        }
+    }
+}
