@@ -378,3 +378,180 @@ impl BrokerConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    // A failed unwrap is how a test says what went wrong.
+    #![allow(clippy::unwrap_used)]
+
+    use figment::Jail;
+
+    use super::*;
+
+    /// A binary's settings in miniature: a nested broker table and one field of each kind.
+    #[derive(Debug, Clone, PartialEq, clap::Args, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    struct Demo {
+        #[command(flatten)]
+        broker: BrokerConfig,
+        #[arg(long, env = "WARREN_CONFIG_TEST_NAME")]
+        name: String,
+        #[arg(long, env = "WARREN_CONFIG_TEST_COUNT")]
+        count: u32,
+        #[arg(long, env = "WARREN_CONFIG_TEST_LIMIT", value_parser = humantime::parse_duration)]
+        #[serde(with = "crate::config::humantime_serde")]
+        limit: Duration,
+        #[arg(long, env = "WARREN_CONFIG_TEST_BACKOFF")]
+        backoff: Backoff,
+    }
+
+    impl Default for Demo {
+        fn default() -> Self {
+            Self {
+                broker: BrokerConfig::default(),
+                name: "default-name".into(),
+                count: 7,
+                limit: Duration::from_secs(90),
+                backoff: Backoff(vec![Duration::from_secs(1), Duration::from_secs(10)]),
+            }
+        }
+    }
+
+    fn load(args: &[&str]) -> Result<Demo, ConfigError> {
+        load_from(
+            Command::new("demo"),
+            std::iter::once("demo").chain(args.iter().copied()),
+        )
+    }
+
+    fn setting_error(result: Result<Demo, ConfigError>) -> (String, String, String) {
+        match result {
+            Err(ConfigError::Setting {
+                origin,
+                key,
+                message,
+            }) => (origin, key, message),
+            other => panic!("expected a setting error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn file_overrides_defaults_env_overrides_file_flags_override_env() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "warren.toml",
+                "name = \"from-file\"\ncount = 1\nlimit = \"1m\"\n\n[broker]\nheartbeat = \"5s\"\n",
+            )?;
+            jail.set_env("WARREN_CONFIG_TEST_COUNT", "2");
+            jail.set_env("WARREN_CONFIG_TEST_LIMIT", "2m");
+            let demo = load(&["--config", "warren.toml", "--limit", "3m"]).unwrap();
+            assert_eq!(demo.name, "from-file", "file over default");
+            assert_eq!(demo.count, 2, "environment over file");
+            assert_eq!(
+                demo.limit,
+                Duration::from_secs(180),
+                "flag over environment"
+            );
+            assert_eq!(
+                demo.broker.heartbeat,
+                Duration::from_secs(5),
+                "nested table"
+            );
+            assert_eq!(demo.backoff, Demo::default().backoff, "untouched default");
+            assert_eq!(
+                demo.broker.connect_timeout,
+                BrokerSettings::default().connect_timeout
+            );
+
+            // The file may also come from WARREN_CONFIG.
+            jail.set_env(CONFIG_ENV, "warren.toml");
+            assert_eq!(load(&[]).unwrap().name, "from-file");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn help_shows_the_defaults_of_the_library() {
+        let cmd = command::<Demo>(Command::new("demo"));
+        let default_of = |id: &str| -> Vec<String> {
+            cmd.get_arguments()
+                .find(|a| a.get_id() == id)
+                .unwrap()
+                .get_default_values()
+                .iter()
+                .map(|v| v.to_string_lossy().into_owned())
+                .collect()
+        };
+        assert_eq!(default_of("limit"), ["1m 30s"]);
+        assert_eq!(default_of("backoff"), ["1s,10s"]);
+        assert_eq!(default_of("count"), ["7"]);
+        assert_eq!(default_of("heartbeat"), ["15s"]);
+        assert!(
+            default_of("reconnect_max_attempts").is_empty(),
+            "unset means never"
+        );
+        let help = cmd.clone().render_long_help().to_string();
+        assert!(help.contains("[default: \"1m 30s\"]"), "{help}");
+    }
+
+    #[test]
+    fn an_unknown_key_is_named_with_its_file() {
+        Jail::expect_with(|jail| {
+            jail.create_file("typo.toml", "[broker]\nheartbeet = \"1s\"\n")?;
+            let (origin, key, message) = setting_error(load(&["--config", "typo.toml"]));
+            assert!(origin.ends_with("typo.toml"), "{origin}");
+            assert_eq!(key, "broker.heartbeet");
+            assert!(
+                message.contains("heartbeat"),
+                "lists the known keys: {message}"
+            );
+
+            jail.create_file("top.toml", "nmae = \"x\"\n")?;
+            let error = load(&["--config", "top.toml"]).unwrap_err().to_string();
+            assert!(
+                error.contains("top.toml") && error.contains("`nmae`"),
+                "{error}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_bad_duration_names_its_key() {
+        Jail::expect_with(|jail| {
+            jail.create_file("bad.toml", "limit = \"soon\"\n")?;
+            let (origin, key, message) = setting_error(load(&["--config", "bad.toml"]));
+            assert!(origin.ends_with("bad.toml"), "{origin}");
+            assert_eq!(key, "limit");
+            assert!(message.contains("soon"), "{message}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_missing_file_and_a_bad_flag_are_errors() {
+        Jail::expect_with(|_| {
+            let (origin, _, _) = setting_error(load(&["--config", "nowhere.toml"]));
+            assert!(origin.ends_with("nowhere.toml"), "{origin}");
+            assert!(matches!(
+                load(&["--count", "many"]),
+                Err(ConfigError::Cli(_))
+            ));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn backoff_reads_both_forms_and_prints_the_flag_form() {
+        Jail::expect_with(|jail| {
+            jail.create_file("list.toml", "backoff = [\"250ms\", \"1m\"]\n")?;
+            let demo = load(&["--config", "list.toml"]).unwrap();
+            let expected = Backoff(vec![Duration::from_millis(250), Duration::from_secs(60)]);
+            assert_eq!(demo.backoff, expected);
+            assert_eq!(expected.to_string(), "250ms,1m");
+            assert_eq!("250ms, 1m".parse::<Backoff>().unwrap(), expected);
+            assert!("1s,later".parse::<Backoff>().is_err());
+            Ok(())
+        });
+    }
+}

@@ -12,8 +12,9 @@
 //! Both apply the same [`Limits`] (allowlist, token, sizes, in-flight, idle timeout), described
 //! with the message formats in `docs/gateway.md`. [`serve`] runs everything until its shutdown
 //! token is cancelled, then stops reading, lets calls in flight finish within the grace period
-//! and returns.
+//! and returns. [`config`] holds the `warren-gateway` binary's flags, file and defaults.
 
+pub mod config;
 pub mod limits;
 pub mod text;
 pub mod ws;
@@ -36,6 +37,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use config::GatewayConfig;
 pub use limits::{Allowlist, DEMO_FUNCTIONS, GatewayError, Kind, Limits};
 
 use warren_client::{CallOptions, Client};

@@ -1,0 +1,155 @@
+//! The `warren-gateway` binary's settings: its flags, its `--config` file and their defaults.
+//!
+//! [`GatewayConfig`] is the one description of every setting of the binary: a field is a flag
+//! (`--max-in-flight`), an environment variable (`WARREN_GATEWAY_MAX_IN_FLIGHT`) and a key of
+//! the TOML file (`max_in_flight = 1000`) at once, and its default comes from
+//! [`GatewaySettings::default`] and [`Limits::default`] (the addresses from the constants
+//! below). `warren_shared::config` layers defaults < file < environment < flags;
+//! `deploy/warren-gateway.toml` is a commented example.
+
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::num::NonZeroUsize;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use warren_client::ClientSettings;
+use warren_shared::config::BrokerConfig;
+use warren_shared::topology;
+
+use crate::{Allowlist, GatewaySettings, Limits};
+
+/// Where the page (`/`) and the websocket endpoint (`/ws`) listen by default.
+pub const DEFAULT_HTTP: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 8080));
+
+/// Where the Workerman Text protocol bridge listens by default.
+pub const DEFAULT_TEXT: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 12345));
+
+/// Every setting of `warren-gateway`; see the [module](self).
+#[derive(Clone, PartialEq, Eq, clap::Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// The broker (`[broker]` in the file).
+    #[command(flatten)]
+    pub broker: BrokerConfig,
+    /// Work queue the tasks go to.
+    #[arg(long, env = "WARREN_QUEUE")]
+    pub queue: String,
+    /// Address of the web page (/) and the websocket endpoint (/ws).
+    #[arg(long, env = "WARREN_GATEWAY_HTTP")]
+    pub http: SocketAddr,
+    /// Address of the Workerman Text protocol bridge.
+    #[arg(long, env = "WARREN_GATEWAY_TEXT")]
+    pub text: SocketAddr,
+    /// Functions callers may run, comma-separated; `*` allows any (trusted networks only).
+    #[arg(long, env = "WARREN_GATEWAY_ALLOW", value_delimiter = ',')]
+    pub allow: Vec<String>,
+    /// Bearer token callers must present (Authorization header or a first {"auth": ...}
+    /// message). No token: anyone who reaches the port may call the allowed functions.
+    #[arg(long, env = "WARREN_GATEWAY_TOKEN", hide_env_values = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// Largest websocket message or Text line, in bytes.
+    #[arg(long, env = "WARREN_GATEWAY_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: usize,
+    /// Tasks one connection may have in flight; more are answered `busy`.
+    #[arg(long, env = "WARREN_GATEWAY_MAX_IN_FLIGHT")]
+    pub max_in_flight: NonZeroUsize,
+    /// Close connections that send nothing for this long with nothing in flight.
+    #[arg(long, env = "WARREN_GATEWAY_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[serde(with = "warren_shared::config::humantime_serde")]
+    pub idle_timeout: Duration,
+    /// How long a task may take, publish to result, before the caller gets `timeout`.
+    #[arg(long, env = "WARREN_GATEWAY_CALL_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[serde(with = "warren_shared::config::humantime_serde")]
+    pub call_timeout: Duration,
+    /// On SIGTERM, how long calls in flight may take to deliver their results.
+    #[arg(long, env = "WARREN_GATEWAY_SHUTDOWN_GRACE", value_parser = humantime::parse_duration)]
+    #[serde(with = "warren_shared::config::humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        let GatewaySettings {
+            limits,
+            call_timeout,
+            shutdown_grace,
+            ..
+        } = GatewaySettings::default();
+        let Limits {
+            allow,
+            token,
+            max_message_bytes,
+            max_in_flight,
+            idle_timeout,
+        } = limits;
+        Self {
+            broker: BrokerConfig::default(),
+            queue: topology::DEFAULT_QUEUE.to_owned(),
+            http: DEFAULT_HTTP,
+            text: DEFAULT_TEXT,
+            allow: allow.names(),
+            token,
+            max_message_bytes,
+            max_in_flight: NonZeroUsize::new(max_in_flight).unwrap_or(NonZeroUsize::MIN),
+            idle_timeout,
+            call_timeout,
+            shutdown_grace,
+        }
+    }
+}
+
+impl fmt::Debug for GatewayConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Not derived: the token is a secret.
+        f.debug_struct("GatewayConfig")
+            .field("broker", &self.broker)
+            .field("queue", &self.queue)
+            .field("http", &self.http)
+            .field("text", &self.text)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GatewayConfig {
+    /// The gateway's settings.
+    pub fn settings(&self) -> GatewaySettings {
+        let Self {
+            broker: _,
+            queue: _,
+            http: _,
+            text: _,
+            allow,
+            token,
+            max_message_bytes,
+            max_in_flight,
+            idle_timeout,
+            call_timeout,
+            shutdown_grace,
+        } = self.clone();
+        GatewaySettings {
+            limits: Limits {
+                allow: Allowlist::of(&allow),
+                token: token.filter(|t| !t.is_empty()),
+                max_message_bytes,
+                max_in_flight: max_in_flight.get(),
+                idle_timeout,
+            },
+            call_timeout,
+            shutdown_grace,
+            ..GatewaySettings::default()
+        }
+    }
+
+    /// The settings of the gateway's [`Client`](warren_client::Client).
+    pub fn client_settings(&self) -> ClientSettings {
+        ClientSettings {
+            broker: self.broker.to_settings(),
+            queue: self.queue.clone(),
+            name: warren_shared::broker::process_name("warren-gateway"),
+            ..ClientSettings::default()
+        }
+    }
+}
