@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod cli;
+mod config;
 mod core;
 mod gateway;
 mod processes;
