@@ -20,6 +20,15 @@ use warren_shared::tasks::SendMail;
 
 use warren_client::{CallOptions, Client};
 
+/// Mails the demo sends unless told otherwise.
+pub const DEFAULT_TASKS: usize = 1000;
+/// Worker processes the demo starts (when none consume the queue) unless told otherwise.
+pub const DEFAULT_WORKERS: usize = 4;
+/// Outbox of the workers the demo starts unless told otherwise.
+pub const DEFAULT_OUTBOX: &str = "outbox";
+/// How long each demo call may wait unless told otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// What the demo does.
 #[derive(Debug, Clone)]
 pub struct DemoOptions {

@@ -47,7 +47,8 @@ pub enum Command {
         #[command(flatten)]
         target: Target,
         /// How long to wait for the result (e.g. `500ms`, `30s`).
-        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = shown(ClientSettings::default().call_timeout),
+              value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
     /// Queue a task without waiting; print its id once the broker holds it.
@@ -75,16 +76,17 @@ pub enum Command {
         #[command(flatten)]
         target: Target,
         /// How many send_mail tasks to send.
-        #[arg(long, default_value_t = 1000)]
+        #[arg(long, default_value_t = demo::DEFAULT_TASKS)]
         tasks: usize,
         /// Worker processes to start when none consume the queue.
-        #[arg(long, default_value_t = 4)]
+        #[arg(long, default_value_t = demo::DEFAULT_WORKERS)]
         workers: usize,
         /// Where the workers started by the demo write the mail.
-        #[arg(long, default_value = "outbox")]
+        #[arg(long, default_value = demo::DEFAULT_OUTBOX)]
         outbox: PathBuf,
         /// How long each call may wait for its result.
-        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = shown(demo::DEFAULT_TIMEOUT),
+              value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
 }
@@ -95,7 +97,7 @@ pub enum DlqAction {
     /// One line per parked task: id, function, reason, kind, attempts, when, error.
     List {
         /// Show at most this many.
-        #[arg(long, default_value_t = 100)]
+        #[arg(long, default_value_t = DEFAULT_DLQ_LIMIT)]
         limit: usize,
     },
     /// Everything about one parked task, as JSON.
@@ -114,6 +116,14 @@ pub enum DlqAction {
     },
     /// Delete every parked task.
     Purge,
+}
+
+/// How many parked tasks `warren dlq list` shows unless told otherwise.
+pub const DEFAULT_DLQ_LIMIT: usize = 100;
+
+/// A duration default as `--help` shows it (`30s`), from the constant that defines it.
+fn shown(default: Duration) -> String {
+    humantime::format_duration(default).to_string()
 }
 
 /// The queue flag shared by every subcommand.
