@@ -174,3 +174,85 @@ impl WorkerConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    // A failed unwrap is how a test says what went wrong.
+    #![allow(clippy::unwrap_used)]
+
+    use clap::Command;
+    use warren_shared::config::load_from;
+
+    use super::*;
+
+    fn load(file: &str, flags: &[&str]) -> WorkerConfig {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("worker.toml");
+        std::fs::write(&path, file).unwrap();
+        let mut args = vec![
+            "warren-worker".to_owned(),
+            "--config".to_owned(),
+            path.display().to_string(),
+        ];
+        args.extend(flags.iter().map(|f| (*f).to_owned()));
+        load_from(Command::new("warren-worker"), args).unwrap()
+    }
+
+    #[test]
+    fn defaults_are_the_runtimes() {
+        let settings = WorkerConfig::default().settings().unwrap();
+        let library = WorkerSettings::default();
+        assert_eq!(settings.policy, library.policy);
+        assert_eq!(settings.policy, Policy::default());
+        assert_eq!(settings.concurrency, library.concurrency);
+        assert_eq!(settings.queue, library.queue);
+        assert_eq!(settings.shutdown_grace, library.shutdown_grace);
+        assert_eq!(settings.watchdog_interval, library.watchdog_interval);
+        assert_eq!(settings.max_body_bytes, library.max_body_bytes);
+        assert_eq!(
+            format!("{:?}", settings.broker),
+            format!("{:?}", library.broker)
+        );
+    }
+
+    #[test]
+    fn a_file_sets_the_policy_and_a_flag_wins_over_it() {
+        let config = load(
+            "max_attempts = 5\nbackoff = [\"2s\", \"1m\"]\ntime_limit = \"90s\"\n",
+            &["--max-attempts", "6"],
+        );
+        let policy = config.settings().unwrap().policy;
+        assert_eq!(policy.max_attempts, 6);
+        assert_eq!(
+            policy.backoff,
+            [Duration::from_secs(2), Duration::from_secs(60)]
+        );
+        assert_eq!(policy.time_limit, Duration::from_secs(90));
+    }
+
+    #[test]
+    fn pool_tables_are_parsed_but_refused_for_now() {
+        let config = load(
+            "[[pool]]\nfunctions = [\"resize\"]\ncommand = [\"php\", \"tasks.php\"]\n\n[[pool]]\nfunctions = [\"mail\"]\n",
+            &[],
+        );
+        assert_eq!(config.pool.len(), 2);
+        assert!(config.pool[0].table.contains_key("command"));
+        let error = config.settings().unwrap_err().to_string();
+        assert!(error.contains("[[pool]]"), "{error}");
+    }
+
+    #[test]
+    fn a_zero_concurrency_in_the_file_names_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("worker.toml");
+        std::fs::write(&path, "concurrency = 0\n").unwrap();
+        let error = load_from::<WorkerConfig, _, _>(
+            Command::new("warren-worker"),
+            ["warren-worker", "--config", path.to_str().unwrap()],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("`concurrency`"), "{error}");
+    }
+}

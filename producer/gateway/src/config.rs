@@ -153,3 +153,62 @@ impl GatewayConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    // A failed unwrap is how a test says what went wrong.
+    #![allow(clippy::unwrap_used)]
+
+    use std::collections::BTreeSet;
+
+    use clap::Command;
+    use warren_shared::config::load_from;
+
+    use super::*;
+
+    fn load(file: Option<&str>, flags: &[&str]) -> GatewayConfig {
+        let dir = tempfile::tempdir().unwrap();
+        let mut args = vec!["warren-gateway".to_owned()];
+        if let Some(text) = file {
+            let path = dir.path().join("gateway.toml");
+            std::fs::write(&path, text).unwrap();
+            args.extend(["--config".to_owned(), path.display().to_string()]);
+        }
+        args.extend(flags.iter().map(|f| (*f).to_owned()));
+        load_from(Command::new("warren-gateway"), args).unwrap()
+    }
+
+    #[test]
+    fn defaults_are_the_libraries() {
+        let config = GatewayConfig::default();
+        assert_eq!(config.settings().limits, Limits::default());
+        assert_eq!(
+            config.settings().call_timeout,
+            GatewaySettings::default().call_timeout
+        );
+        assert_eq!(config.http, DEFAULT_HTTP);
+        assert_eq!(config.client_settings().queue, topology::DEFAULT_QUEUE);
+    }
+
+    #[test]
+    fn the_allowlist_is_a_list_in_the_file_and_comma_separated_on_the_command_line() {
+        let only = |names: &[&str]| {
+            Allowlist::Only(
+                names
+                    .iter()
+                    .map(|n| (*n).to_owned())
+                    .collect::<BTreeSet<_>>(),
+            )
+        };
+        let file = "allow = [\"echo\", \"resize\"]\nmax_in_flight = 7\n";
+        let config = load(Some(file), &[]);
+        assert_eq!(config.settings().limits.allow, only(&["echo", "resize"]));
+        assert_eq!(config.settings().limits.max_in_flight, 7);
+        let config = load(Some(file), &["--allow", "a,b"]);
+        assert_eq!(config.settings().limits.allow, only(&["a", "b"]));
+        assert_eq!(
+            load(None, &["--allow", "*"]).settings().limits.allow,
+            Allowlist::Any
+        );
+    }
+}
