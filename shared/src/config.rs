@@ -385,6 +385,8 @@ mod tests {
     // figment's own (large) error type.
     #![allow(clippy::unwrap_used, clippy::result_large_err)]
 
+    use std::path::Path;
+
     use figment::Jail;
 
     use super::*;
@@ -404,6 +406,11 @@ mod tests {
         limit: Duration,
         #[arg(long, env = "WARREN_CONFIG_TEST_BACKOFF")]
         backoff: Backoff,
+        #[arg(long, env = "WARREN_CONFIG_TEST_LOUD")]
+        loud: bool,
+        #[arg(long, env = "WARREN_CONFIG_TEST_CA")]
+        #[serde(skip_serializing_if = "Option::is_none")]
+        ca: Option<PathBuf>,
     }
 
     impl Default for Demo {
@@ -414,6 +421,8 @@ mod tests {
                 count: 7,
                 limit: Duration::from_secs(90),
                 backoff: Backoff(vec![Duration::from_secs(1), Duration::from_secs(10)]),
+                loud: false,
+                ca: None,
             }
         }
     }
@@ -467,6 +476,22 @@ mod tests {
             // The file may also come from WARREN_CONFIG.
             jail.set_env(CONFIG_ENV, "warren.toml");
             assert_eq!(load(&[]).unwrap().name, "from-file");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn switches_and_optional_paths_layer_like_the_rest() {
+        Jail::expect_with(|jail| {
+            jail.create_file("on.toml", "loud = true\nca = \"/etc/ca.pem\"\n")?;
+            let demo = load(&["--config", "on.toml"]).unwrap();
+            assert!(demo.loud, "an absent switch leaves the file's value");
+            assert_eq!(demo.ca.as_deref(), Some(Path::new("/etc/ca.pem")));
+            let demo = load(&["--config", "on.toml", "--ca", "/tmp/other.pem"]).unwrap();
+            assert_eq!(demo.ca.as_deref(), Some(Path::new("/tmp/other.pem")));
+            assert!(load(&["--loud"]).unwrap().loud);
+            let demo = load(&[]).unwrap();
+            assert!(!demo.loud && demo.ca.is_none());
             Ok(())
         });
     }
