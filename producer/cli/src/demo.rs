@@ -160,8 +160,12 @@ fn percentile(sorted: &[Duration], p: usize) -> Duration {
     sorted[rank.min(sorted.len()) - 1]
 }
 
-/// `file:///dir/x.eml` becomes `/dir/`; a relay URL stays as it is.
+/// `outbox:x.eml` becomes `outbox`, `file:///dir/x.eml` (older workers) becomes `/dir/`; a
+/// relay URL stays as it is.
 fn destination(delivered_to: &str) -> String {
+    if delivered_to.starts_with("outbox:") {
+        return "outbox".to_owned();
+    }
     match delivered_to.strip_prefix("file://") {
         Some(path) => Path::new(path)
             .parent()
@@ -313,5 +317,6 @@ mod tests {
     fn destinations_group_files_by_directory() {
         assert_eq!(destination("file:///tmp/outbox/a.eml"), "/tmp/outbox/");
         assert_eq!(destination("smtp://relay:25"), "smtp://relay:25");
+        assert_eq!(destination("outbox:a.eml"), "outbox");
     }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use clap::builder::TypedValueParser as _;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use warren_client::{Client, ClientSettings};
@@ -27,12 +28,19 @@ struct Args {
     /// Work queue the tasks go to.
     #[arg(long, env = "WARREN_QUEUE", default_value = DEFAULT_QUEUE)]
     queue: String,
-    /// Address of the web page (/) and the websocket endpoint (/ws).
-    #[arg(long, env = "WARREN_GATEWAY_HTTP", default_value = "0.0.0.0:8080")]
-    http: SocketAddr,
-    /// Address of the Workerman Text protocol bridge.
-    #[arg(long, env = "WARREN_GATEWAY_TEXT", default_value = "0.0.0.0:12345")]
-    text: SocketAddr,
+    /// Address of the web page (/) and the websocket endpoint (/ws). Default: 127.0.0.1:8080,
+    /// or 0.0.0.0:8080 when a token is set (or with --insecure-public). A non-loopback
+    /// address needs a token or --insecure-public.
+    #[arg(long, env = "WARREN_GATEWAY_HTTP")]
+    http: Option<SocketAddr>,
+    /// Address of the Workerman Text protocol bridge. Default: 127.0.0.1:12345, or
+    /// 0.0.0.0:12345 when a token is set (or with --insecure-public).
+    #[arg(long, env = "WARREN_GATEWAY_TEXT")]
+    text: Option<SocketAddr>,
+    /// Allow listening on a non-loopback address without a token: anyone who reaches the
+    /// ports may run the allowed functions. Only for trusted networks.
+    #[arg(long, env = "WARREN_GATEWAY_INSECURE_PUBLIC")]
+    insecure_public: bool,
     /// Functions callers may run, comma-separated; `*` allows any (trusted networks only).
     #[arg(long, env = "WARREN_GATEWAY_ALLOW", value_delimiter = ',',
           default_values_t = warren_gateway::DEMO_FUNCTIONS.iter().map(|f| (*f).to_owned()))]
@@ -54,6 +62,14 @@ struct Args {
     /// How long a task may take, publish to result, before the caller gets `timeout`.
     #[arg(long, env = "WARREN_GATEWAY_CALL_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     call_timeout: Duration,
+    /// Connections (HTTP, websocket and Text together) held open at most; more are refused.
+    #[arg(long, env = "WARREN_GATEWAY_MAX_CONNECTIONS", default_value_t = warren_gateway::DEFAULT_MAX_CONNECTIONS,
+          value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
+    max_connections: usize,
+    /// Connections one peer IP address may hold open at most; more are refused.
+    #[arg(long, env = "WARREN_GATEWAY_MAX_CONNECTIONS_PER_PEER", default_value_t = warren_gateway::DEFAULT_MAX_CONNECTIONS_PER_PEER,
+          value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
+    max_connections_per_peer: usize,
     /// On SIGTERM, how long calls in flight may take to deliver their results.
     #[arg(long, env = "WARREN_GATEWAY_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
@@ -73,12 +89,34 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let http = TcpListener::bind(args.http)
+    let token = args.token.filter(|t| !t.is_empty());
+    let (token_set, public) = (token.is_some(), args.insecure_public);
+    let http_addr = warren_gateway::listen_addr(
+        args.http,
+        warren_gateway::DEFAULT_HTTP_PORT,
+        token_set,
+        public,
+    )
+    .context("--http")?;
+    let text_addr = warren_gateway::listen_addr(
+        args.text,
+        warren_gateway::DEFAULT_TEXT_PORT,
+        token_set,
+        public,
+    )
+    .context("--text")?;
+    if public && !token_set && !(http_addr.ip().is_loopback() && text_addr.ip().is_loopback()) {
+        tracing::warn!(
+            "--insecure-public: listening beyond loopback without a token; anyone who reaches \
+             the ports may run the allowed functions"
+        );
+    }
+    let http = TcpListener::bind(http_addr)
         .await
-        .with_context(|| format!("cannot listen on --http {}", args.http))?;
-    let text = TcpListener::bind(args.text)
+        .with_context(|| format!("cannot listen on --http {http_addr}"))?;
+    let text = TcpListener::bind(text_addr)
         .await
-        .with_context(|| format!("cannot listen on --text {}", args.text))?;
+        .with_context(|| format!("cannot listen on --text {text_addr}"))?;
     let client = Client::connect(ClientSettings {
         broker: BrokerSettings::new(args.amqp_url),
         queue: args.queue,
@@ -89,13 +127,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let settings = GatewaySettings {
         limits: Limits {
             allow: Allowlist::of(&args.allow),
-            token: args.token.filter(|t| !t.is_empty()),
+            token,
             max_message_bytes: args.max_message_bytes,
             max_in_flight: args.max_in_flight as usize,
             idle_timeout: args.idle_timeout,
         },
         call_timeout: args.call_timeout,
         shutdown_grace: args.shutdown_grace,
+        max_connections: args.max_connections,
+        max_connections_per_peer: args.max_connections_per_peer,
         ..GatewaySettings::default()
     };
     let shutdown = CancellationToken::new();
