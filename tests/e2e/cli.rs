@@ -311,3 +311,37 @@ async fn cli_demo_uses_workers_that_are_reconnecting() {
     );
     worker.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_enqueue_during_a_connection_loss_fails_clearly_without_a_panic() {
+    // A private node: the test raises an alarm on it and stops it.
+    let node = warren_tests::node::BrokerNode::start("cli-enqueue").await;
+    node.ctl_ok(&["set_vm_memory_high_watermark", "0.0001"]);
+    let url = node.url();
+    let enqueue = tokio::spawn(async move {
+        warren_within(
+            &["enqueue", "echo", "1", "--queue", "cli.enqueue.lost"],
+            &[("AMQP_URL", url.as_str())],
+            Duration::from_secs(120),
+        )
+        .await
+    });
+    // The publish is held by the alarm: the connection is blocked, the enqueue in progress.
+    eventually(
+        "the enqueue to be blocked",
+        Duration::from_secs(30),
+        || async {
+            let states = node.ctl(&["list_connections", "state"]);
+            String::from_utf8_lossy(&states.stdout).contains("blocked")
+        },
+    )
+    .await;
+    // Now the connection is lost (and the broker refuses new ones).
+    node.stop_app();
+    let out = enqueue.await.expect("the enqueue task");
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "stdout: {}", text(&out.stdout));
+    assert!(stderr.contains("error: "), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!stderr.contains("Tokio context"), "{stderr}");
+}
