@@ -85,7 +85,7 @@ pub enum ListenError {
     /// functions (send mail, for one).
     #[error(
         "refusing to listen on {0} without a token: anyone who reaches it could run the allowed \
-         functions (send_mail makes it an open mail relay). Set --token (or --token-file), \
+         functions (send_mail makes it an open mail relay). Set --token, \
          listen on 127.0.0.1, or pass --insecure-public on a trusted network"
     )]
     PublicWithoutToken(SocketAddr),
