@@ -69,7 +69,8 @@ pub struct SendMail {
 pub struct MailReceipt {
     /// The `Message-ID` header of the message that was written or sent.
     pub message_id: String,
-    /// `file:///path/to/outbox/<task-id>.eml` or `smtp://relay:port`.
+    /// `outbox:<task-id>.eml` (a file in the worker's outbox; the receipt names no server
+    /// path) or `smtp://relay:port` (the relay, password hidden).
     pub delivered_to: String,
 }
 

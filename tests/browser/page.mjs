@@ -1,7 +1,10 @@
 // Loads the gateway page in Debian's headless Chromium, runs the 1000-mail demo and checks that
 // the progress reaches 1000 with 0 failures; saves a screenshot.
 //
-//   node tests/browser/page.mjs URL OUTPUT.png
+//   [WARREN_TOKEN=token] node tests/browser/page.mjs URL OUTPUT.png
+//
+// With WARREN_TOKEN, the gateway is expected to require it: the page must ask for it (its
+// /api/info answers 401 without it), and the script types it in as a user would.
 //
 // Exit status 0 on success; otherwise the reason is printed on stderr. Run by the Rust test
 // gateway::page_runs_the_1000_mail_demo_in_chromium (tests/e2e/gateway.rs).
@@ -26,6 +29,11 @@ try {
   page.on("console", (m) => console.error(`[page ${m.type()}] ${m.text()}`));
   page.on("pageerror", (e) => console.error(`[page error] ${e.message}`));
   await page.goto(url);
+  if (process.env.WARREN_TOKEN) {
+    await page.waitForSelector("#auth-box", { state: "visible", timeout: 30_000 });
+    await page.fill("#token", process.env.WARREN_TOKEN);
+    await page.click("#token-save");
+  }
   await page.waitForSelector("#status.on", { timeout: 30_000 });
   // The live queue view shows the worker.
   await page.waitForFunction(() => Number(document.getElementById("queue-consumers").textContent) >= 1,

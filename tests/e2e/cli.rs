@@ -169,3 +169,179 @@ async fn cli_dlq_lists_shows_replays_and_purges() {
     );
     right.shutdown().await.unwrap();
 }
+
+fn broker_addr() -> std::net::SocketAddr {
+    let url: lapin::uri::AMQPUri = amqp_url().parse().unwrap();
+    format!(
+        "{}:{}",
+        url.authority.host.replace("localhost", "127.0.0.1"),
+        url.authority.port
+    )
+    .parse()
+    .unwrap()
+}
+
+/// Runs `warren` with `args` without blocking the test's runtime, within `bound`.
+async fn warren_within(args: &[&str], envs: &[(&str, &str)], bound: Duration) -> Output {
+    let mut command = tokio::process::Command::new(binary("warren"));
+    command
+        .args(args)
+        .env("AMQP_URL", amqp_url())
+        .envs(envs.iter().copied())
+        .kill_on_drop(true);
+    match tokio::time::timeout(bound, command.output()).await {
+        Ok(Ok(output)) => output,
+        Ok(Err(e)) => panic!("cannot run warren: {e}"),
+        Err(_) => panic!("warren {args:?} did not finish within {bound:?}"),
+    }
+}
+
+#[tokio::test]
+async fn cli_dlq_replay_all_replays_what_was_parked_once_even_if_it_fails_again() {
+    use warren_shared::tasks::Echo;
+    let q = TestQueue::new("cli-replay-all");
+    let client = q.client().await;
+    // A worker that does not serve `echo` keeps running: every replayed copy is parked again
+    // while the replay goes on.
+    let wrong = q
+        .worker(
+            warren_worker::Registry::new().register::<warren_shared::tasks::Sleep>(),
+            4,
+        )
+        .await;
+    for i in 0..5 {
+        client.enqueue(&Echo(serde_json::json!(i))).await.unwrap();
+    }
+    eventually("five dead letters", Duration::from_secs(10), || async {
+        q.dead_count(&client).await == 5
+    })
+    .await;
+
+    let out = warren_within(
+        &["dlq", "replay", "--all", "--queue", &q.name],
+        &[],
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(
+        text(&out.stdout),
+        "replayed 5\n",
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    // They failed again and are parked again, once each.
+    eventually("the five parked again", Duration::from_secs(10), || async {
+        q.dead_count(&client).await == 5
+    })
+    .await;
+    let parked = client.dead_letters(&q.name, 100).await.unwrap();
+    assert_eq!(parked.len(), 5, "{parked:?}");
+    wrong.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn cli_demo_uses_workers_that_are_reconnecting() {
+    let relay = warren_tests::relay::Relay::start(broker_addr()).await;
+    let q = TestQueue::new("cli-demo");
+    let client = q.client().await;
+    let outbox = TempDir::new("demo-outbox");
+    let mut settings = q.worker_settings(4);
+    settings.broker = warren_shared::broker::BrokerSettings::new(relay.url(5));
+    let worker = q
+        .worker_with(
+            warren_worker::builtin_registry(warren_worker::Mailer::outbox(&outbox.0)),
+            settings,
+        )
+        .await;
+    eventually("the worker to consume", Duration::from_secs(20), || async {
+        client
+            .queue_stats(&q.name)
+            .await
+            .map(|s| s.consumers)
+            .unwrap_or(0)
+            == 1
+    })
+    .await;
+    // The worker's connection drops: for a moment the queue has no consumer, then the worker
+    // is back.
+    relay.cut();
+    eventually(
+        "the consumer to be gone",
+        Duration::from_secs(20),
+        || async {
+            client
+                .queue_stats(&q.name)
+                .await
+                .map(|s| s.consumers)
+                .unwrap_or(1)
+                == 0
+        },
+    )
+    .await;
+    let demo_outbox = TempDir::new("demo-own-outbox");
+    let out = warren_within(
+        &[
+            "demo",
+            "--queue",
+            &q.name,
+            "--tasks",
+            "3",
+            "--workers",
+            "1",
+            "--worker-wait",
+            "30s",
+            "--outbox",
+            &demo_outbox.0.to_string_lossy(),
+        ],
+        &[],
+        Duration::from_secs(120),
+    )
+    .await;
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "stderr: {stderr}");
+    assert!(
+        stderr.contains("1 worker(s) already consume"),
+        "the demo must wait for the reconnecting worker: {stderr}"
+    );
+    assert!(!stderr.contains("starting"), "{stderr}");
+    assert!(
+        text(&out.stdout).contains("3 messages -> outbox"),
+        "{}",
+        text(&out.stdout)
+    );
+    worker.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_enqueue_during_a_connection_loss_fails_clearly_without_a_panic() {
+    // A private node: the test raises an alarm on it and stops it.
+    let node = warren_tests::node::BrokerNode::start("cli-enqueue").await;
+    node.ctl_ok(&["set_vm_memory_high_watermark", "0.0001"]);
+    let url = node.url();
+    let enqueue = tokio::spawn(async move {
+        warren_within(
+            &["enqueue", "echo", "1", "--queue", "cli.enqueue.lost"],
+            &[("AMQP_URL", url.as_str())],
+            Duration::from_secs(120),
+        )
+        .await
+    });
+    // The publish is held by the alarm: the connection is blocked, the enqueue in progress.
+    eventually(
+        "the enqueue to be blocked",
+        Duration::from_secs(30),
+        || async {
+            let states = node.ctl(&["list_connections", "state"]);
+            String::from_utf8_lossy(&states.stdout).contains("blocked")
+        },
+    )
+    .await;
+    // Now the connection is lost (and the broker refuses new ones).
+    node.stop_app();
+    let out = enqueue.await.expect("the enqueue task");
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "stdout: {}", text(&out.stdout));
+    assert!(stderr.contains("error: "), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!stderr.contains("Tokio context"), "{stderr}");
+}

@@ -372,11 +372,12 @@ async fn send_mail_writes_a_parseable_message_to_the_outbox() {
         })
         .await
         .unwrap();
-    let path = receipt
+    let name = receipt
         .delivered_to
-        .strip_prefix("file://")
+        .strip_prefix("outbox:")
         .expect("an outbox receipt");
-    let raw = std::fs::read(path).unwrap();
+    assert!(!name.contains('/'), "the receipt names no server path");
+    let raw = std::fs::read(outbox.0.join(name)).unwrap();
     let parsed = mailparse::parse_mail(&raw).unwrap();
     let header = |name: &str| {
         parsed

@@ -548,10 +548,11 @@ async fn text_single_request_gets_the_bare_result() {
     .await;
     text.send_raw(b"\r\n").await;
     let receipt = text.answer().await;
+    // The receipt names the outbox file, never a server path (issue 8).
     assert!(
         receipt["delivered_to"]
             .as_str()
-            .is_some_and(|d| d.starts_with("file://")),
+            .is_some_and(|d| d.starts_with("outbox:") && !d.contains('/')),
         "{receipt}"
     );
     env.finish().await;
@@ -759,13 +760,18 @@ async fn http_serves_the_page_and_the_queue_depth() {
 }
 
 async fn http_get(addr: SocketAddr, path: &str) -> String {
+    http_get_with(addr, path, &[]).await
+}
+
+async fn http_get_with(addr: SocketAddr, path: &str, headers: &[&str]) -> String {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .expect("write");
+    let mut request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+    for header in headers {
+        request.push_str(header);
+        request.push_str("\r\n");
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write");
     let mut response = String::new();
     tokio::time::timeout(WAIT, stream.read_to_string(&mut response))
         .await
@@ -802,13 +808,20 @@ async fn page_runs_the_1000_mail_demo_in_chromium() {
     let screenshot = output_dir.join("gateway-page.png");
     let _ = std::fs::remove_file(&screenshot);
 
-    let env = spawn(Limits::default()).await;
+    // With a token, as a public gateway runs: the page asks for it and uses it for /api/info
+    // and the websocket.
+    let env = spawn(Limits {
+        token: Some("page-s3cret".into()),
+        ..Limits::default()
+    })
+    .await;
     let url = format!("http://{}/", env.http);
     let run = tokio::process::Command::new("node")
         .arg(browser_dir.join("page.mjs"))
         .arg(&url)
         .arg(&screenshot)
         .env("CHROMIUM", &chromium)
+        .env("WARREN_TOKEN", "page-s3cret")
         .kill_on_drop(true)
         .output();
     let output = tokio::time::timeout(Duration::from_secs(240), run)
@@ -881,5 +894,225 @@ async fn shutdown_delivers_results_in_flight_then_closes() {
         TcpStream::connect(env.text).await.is_err(),
         "no new connections after shutdown"
     );
+    env.finish().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Secure defaults and connection limits (issue 8 point 6)
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_endpoints_require_the_token_when_one_is_set() {
+    let env = spawn(Limits {
+        token: Some("s3cret".into()),
+        ..Limits::default()
+    })
+    .await;
+    for path in ["/api/info", "/api/queue"] {
+        let refused = http_get(env.http, path).await;
+        assert!(refused.starts_with("HTTP/1.1 401"), "{path}: {refused}");
+        assert!(refused.contains("\"unauthorized\""), "{refused}");
+        let wrong = http_get_with(env.http, path, &["Authorization: Bearer s3cres"]).await;
+        assert!(wrong.starts_with("HTTP/1.1 401"), "{path}: {wrong}");
+    }
+    let info = http_get_with(env.http, "/api/info", &["Authorization: Bearer s3cret"]).await;
+    assert!(info.starts_with("HTTP/1.1 200"), "{info}");
+    assert!(info.contains("\"auth_required\":true"), "{info}");
+    // The page itself is public: it is what asks for the token.
+    assert!(http_get(env.http, "/").await.starts_with("HTTP/1.1 200"));
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_refuses_a_public_address_without_a_token() {
+    for (flags, expect) in [
+        (
+            &["--http", "0.0.0.0:0", "--text", "127.0.0.1:0"][..],
+            "--http",
+        ),
+        (
+            &["--http", "127.0.0.1:0", "--text", "0.0.0.0:0"][..],
+            "--text",
+        ),
+    ] {
+        let output = tokio::process::Command::new(warren_tests::binary("warren-gateway"))
+            .args(flags)
+            .env("AMQP_URL", amqp_url())
+            .env_remove("WARREN_GATEWAY_TOKEN")
+            .env_remove("WARREN_GATEWAY_INSECURE_PUBLIC")
+            .kill_on_drop(true)
+            .output();
+        let output = tokio::time::timeout(WAIT, output)
+            .await
+            .expect("the gateway exits at once")
+            .expect("the gateway runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{flags:?} was accepted: {stderr}");
+        assert!(
+            stderr.contains(expect) && stderr.contains("without a token"),
+            "{stderr}"
+        );
+        assert!(stderr.contains("--insecure-public"), "{stderr}");
+    }
+    // The policy behind it: loopback by default, every interface with a token or when asked.
+    let (http, text) = (
+        warren_gateway::DEFAULT_HTTP_PORT,
+        warren_gateway::DEFAULT_TEXT_PORT,
+    );
+    let addr = |s: &str| s.parse::<SocketAddr>().expect("address");
+    assert_eq!(
+        warren_gateway::listen_addr(None, http, false, false),
+        Ok(addr("127.0.0.1:8080"))
+    );
+    assert_eq!(
+        warren_gateway::listen_addr(None, text, true, false),
+        Ok(addr("0.0.0.0:12345"))
+    );
+    assert_eq!(
+        warren_gateway::listen_addr(Some(addr("0.0.0.0:9")), http, false, true),
+        Ok(addr("0.0.0.0:9"))
+    );
+    assert!(warren_gateway::listen_addr(Some(addr("[::]:9")), http, false, false).is_err());
+}
+
+/// A connection to `to` from the local address `from` (any 127.x.y.z works on Linux).
+async fn connect_from(from: &str, to: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(format!("{from}:0").parse().expect("address"))
+        .expect("bind the source address");
+    socket.connect(to).await.expect("connect")
+}
+
+/// A Text connection from `from` and the answer to one echo: the echoed value, or the error a
+/// refused connection gets.
+async fn text_echo_from(from: &str, env: &Env) -> (Value, Text) {
+    let (read, write) = connect_from(from, env.text).await.into_split();
+    let mut text = Text {
+        lines: BufReader::new(read).lines(),
+        write,
+    };
+    text.send(json!({"function": "echo", "args": "hi"})).await;
+    let answer = text.answer().await;
+    (answer, text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_capped_in_total_and_per_peer_address() {
+    let env = spawn_with(GatewaySettings {
+        limits: limits_allowing(&["echo"]),
+        max_connections: 3,
+        max_connections_per_peer: 2,
+        ..GatewaySettings::default()
+    })
+    .await;
+    // Two from one address are served; a third from it is refused with a JSON line, then
+    // closed.
+    let (a1, _t1) = text_echo_from("127.0.0.1", &env).await;
+    let (a2, _t2) = text_echo_from("127.0.0.1", &env).await;
+    assert_eq!((a1, a2), (json!("hi"), json!("hi")));
+    let (refused, mut t3) = text_echo_from("127.0.0.1", &env).await;
+    assert_eq!(error_kind(&refused), "too_many_connections", "{refused}");
+    assert_eq!(t3.next().await, None, "a refused connection is closed");
+
+    // Another address still gets the last place in total...
+    let (b1, _u1) = text_echo_from("127.0.0.2", &env).await;
+    assert_eq!(b1, json!("hi"));
+    // ...after which everyone is refused: Text with a line, HTTP and websocket with a 503.
+    let (refused, _) = text_echo_from("127.0.0.3", &env).await;
+    assert_eq!(error_kind(&refused), "too_many_connections", "{refused}");
+    let response = http_get(env.http, "/api/info").await;
+    assert!(response.starts_with("HTTP/1.1 503"), "{response}");
+    assert!(response.contains("too_many_connections"), "{response}");
+    let ws = tokio_tungstenite::connect_async(env.ws_url()).await;
+    assert!(
+        matches!(&ws, Err(tokio_tungstenite::tungstenite::Error::Http(r)) if r.status() == 503),
+        "{ws:?}"
+    );
+
+    // A place freed is a place again.
+    drop(_u1);
+    warren_tests::eventually("a freed place is reused", WAIT, || async {
+        text_echo_from("127.0.0.3", &env).await.0 == json!("hi")
+    })
+    .await;
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ws_client_that_never_reads_is_closed_by_the_write_timeout() {
+    let env = spawn_with(GatewaySettings {
+        limits: Limits {
+            allow: Allowlist::of(["echo"]),
+            idle_timeout: Duration::from_millis(500),
+            ..Limits::default()
+        },
+        call_timeout: Duration::from_secs(30),
+        // The websocket holds the only place: a Text connection is admitted only once the
+        // gateway has closed it.
+        max_connections: 1,
+        ..GatewaySettings::default()
+    })
+    .await;
+    // A small receive buffer, and far more answer bytes than the socket buffers hold.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("rcvbuf");
+    let stream = socket.connect(env.http).await.expect("connect");
+    let (mut ws, _) = tokio_tungstenite::client_async(env.ws_url(), MaybeTlsStream::Plain(stream))
+        .await
+        .expect("websocket handshake");
+    let big = "x".repeat(900 * 1024);
+    for id in 0..24 {
+        let task = json!({"id": id, "function": "echo", "args": big}).to_string();
+        if ws.send(Message::text(task)).await.is_err() {
+            break; // the gateway may close it already while we are still sending
+        }
+    }
+    // Never read `ws` again: the gateway must give up on it and free its place.
+    warren_tests::eventually("the gateway closes the stalled websocket", WAIT, || async {
+        let Ok(stream) = TcpStream::connect(env.text).await else {
+            return false;
+        };
+        let (read, write) = stream.into_split();
+        let mut text = Text {
+            lines: BufReader::new(read).lines(),
+            write,
+        };
+        text.send(json!({"function": "echo", "args": 1})).await;
+        text.next().await == Some(json!(1))
+    })
+    .await;
+    drop(ws);
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ws_pings_do_not_count_as_activity() {
+    let env = spawn(Limits {
+        idle_timeout: Duration::from_millis(500),
+        ..Limits::default()
+    })
+    .await;
+    let mut ws = ws_connect(&env).await;
+    let started = tokio::time::Instant::now();
+    let mut every = tokio::time::interval(Duration::from_millis(100));
+    let close = loop {
+        tokio::select! {
+            _ = every.tick() => {
+                if ws.send(Message::Ping(vec![1].into())).await.is_err() {
+                    break None;
+                }
+            }
+            next = ws.next() => match next {
+                Some(Ok(Message::Close(frame))) => break frame,
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => break None,
+            },
+            () = tokio::time::sleep_until(started + WAIT) => {
+                panic!("a client that only pings was never closed");
+            }
+        }
+    };
+    let close = close.map(|f| (f.code, f.reason.as_str().to_owned()));
+    assert_eq!(close, Some((CloseCode::Normal, "idle timeout".to_owned())));
     env.finish().await;
 }

@@ -69,9 +69,12 @@ impl Mailer {
         match self {
             Self::Outbox(dir) => {
                 let path = write_to_outbox(dir, task_id, &message.formatted()).await?;
+                // The file name only: a receipt goes back to callers (through the gateway, to
+                // strangers), who must not learn the server's paths.
+                let name = path.file_name().unwrap_or_default().to_string_lossy();
                 Ok(MailReceipt {
                     message_id,
-                    delivered_to: format!("file://{}", path.display()),
+                    delivered_to: format!("outbox:{name}"),
                 })
             }
             Self::Smtp { transport, url } => {
@@ -178,7 +181,7 @@ mod tests {
             .await
             .unwrap();
         let path = dir.canonicalize().unwrap().join("task_1.eml");
-        assert_eq!(receipt.delivered_to, format!("file://{}", path.display()));
+        assert_eq!(receipt.delivered_to, "outbox:task_1.eml", "no server path");
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.contains("To: user@example.com\r\n"));
         assert!(text.contains("Message-ID: <task_1@warren>\r\n"));

@@ -4,6 +4,8 @@
 //!
 //! The demo makes sure someone works the queue: when no worker consumes it, it starts a local
 //! pool of `warren-worker` processes (the binary next to `warren`) and stops them at the end.
+//! "No worker" means none seen over a short window ([`DemoOptions::worker_wait`]), not a
+//! single look: workers that are reconnecting have no consumer for a moment.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -44,7 +46,12 @@ pub struct DemoOptions {
     pub outbox: PathBuf,
     /// How long each call may wait.
     pub timeout: Duration,
+    /// How long to look for a consumer before deciding that no worker serves the queue.
+    pub worker_wait: Duration,
 }
+
+/// How often the consumer count is read while looking for workers.
+const WORKER_POLL: Duration = Duration::from_millis(200);
 
 /// How the demo went.
 #[derive(Debug, Clone)]
@@ -72,9 +79,9 @@ pub struct Summary {
 /// the summary instead.
 pub async fn run(client: &Client, options: &DemoOptions) -> anyhow::Result<Summary> {
     client.declare_queue(&options.queue).await?;
-    let stats = client.queue_stats(&options.queue).await?;
+    let consumers = consumers_within(client, &options.queue, options.worker_wait).await?;
     let mut pool = None;
-    if stats.consumers == 0 {
+    if consumers == 0 {
         eprintln!(
             "No worker consumes {:?}; starting {} local warren-worker processes.",
             options.queue, options.workers
@@ -82,8 +89,8 @@ pub async fn run(client: &Client, options: &DemoOptions) -> anyhow::Result<Summa
         pool = Some(WorkerPool::start(client, options).await?);
     } else {
         eprintln!(
-            "{} worker(s) already consume {:?}; using them.",
-            stats.consumers, options.queue
+            "{consumers} worker(s) already consume {:?}; using them.",
+            options.queue
         );
     }
     let summary = send_mail(client, options).await;
@@ -93,6 +100,19 @@ pub async fn run(client: &Client, options: &DemoOptions) -> anyhow::Result<Summa
     let summary = summary?;
     print_summary(&summary);
     Ok(summary)
+}
+
+/// The queue's consumer count, as soon as it is not zero, or zero once `window` has passed
+/// without one (a worker that is reconnecting has no consumer for a moment).
+async fn consumers_within(client: &Client, queue: &str, window: Duration) -> anyhow::Result<u32> {
+    let until = tokio::time::Instant::now() + window;
+    loop {
+        let consumers = client.queue_stats(queue).await?.consumers;
+        if consumers > 0 || tokio::time::Instant::now() >= until {
+            return Ok(consumers);
+        }
+        tokio::time::sleep(WORKER_POLL).await;
+    }
 }
 
 async fn send_mail(client: &Client, options: &DemoOptions) -> anyhow::Result<Summary> {
@@ -169,8 +189,12 @@ fn percentile(sorted: &[Duration], p: usize) -> Duration {
     sorted[rank.min(sorted.len()) - 1]
 }
 
-/// `file:///dir/x.eml` becomes `/dir/`; a relay URL stays as it is.
+/// `outbox:x.eml` becomes `outbox`, `file:///dir/x.eml` (older workers) becomes `/dir/`; a
+/// relay URL stays as it is.
 fn destination(delivered_to: &str) -> String {
+    if delivered_to.starts_with("outbox:") {
+        return "outbox".to_owned();
+    }
     match delivered_to.strip_prefix("file://") {
         Some(path) => Path::new(path)
             .parent()
@@ -322,5 +346,6 @@ mod tests {
     fn destinations_group_files_by_directory() {
         assert_eq!(destination("file:///tmp/outbox/a.eml"), "/tmp/outbox/");
         assert_eq!(destination("smtp://relay:25"), "smtp://relay:25");
+        assert_eq!(destination("outbox:a.eml"), "outbox");
     }
 }

@@ -88,6 +88,10 @@ pub enum Command {
         #[arg(long, default_value = shown(demo::DEFAULT_TIMEOUT),
               value_parser = humantime::parse_duration)]
         timeout: Duration,
+        /// How long to look for a worker consuming the queue before starting local ones
+        /// (workers that are reconnecting have no consumer for a moment).
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        worker_wait: Duration,
     },
 }
 
@@ -194,6 +198,7 @@ async fn execute(cli: Cli) -> Result<(), String> {
             workers,
             outbox,
             timeout,
+            worker_wait,
         } => {
             let client = Client::connect(settings(&target.queue))
                 .await
@@ -205,6 +210,7 @@ async fn execute(cli: Cli) -> Result<(), String> {
                 workers: *workers,
                 outbox: outbox.clone(),
                 timeout: *timeout,
+                worker_wait: *worker_wait,
             };
             let outcome = demo::run(&client, &options).await;
             client.close().await;

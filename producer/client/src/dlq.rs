@@ -195,15 +195,23 @@ impl Client {
     /// Sends parked tasks back to work queue `queue` with a fresh attempt budget; returns how
     /// many were replayed.
     ///
+    /// Only the tasks parked when the replay starts are looked at: the dead-letter queue's
+    /// depth is read first and at most that many messages are fetched, and a message whose id
+    /// this replay already sent back ends it. A replayed task that fails again and is parked
+    /// again during the replay therefore stays parked, instead of being replayed in a loop.
+    ///
     /// # Errors
     /// [`Error::Broker`] or [`Error::Publish`]; a task whose copy was not confirmed stays parked.
     pub async fn replay_dead_letters(&self, queue: &str, which: &Replay) -> Result<usize, Error> {
         self.declare_queue(queue).await?;
         let names = QueueNames::new(queue);
+        // What is parked now; copies parked again during the replay queue up behind these.
+        let parked = self.queue_stats(&names.dead).await?.ready;
         let channel = self.reading_channel().await?;
         let mut replayed = 0;
+        let mut sent_back = std::collections::HashSet::new();
         let result = async {
-            loop {
+            for _ in 0..parked {
                 let Some(delivery) = next_dead(&channel, &names).await? else {
                     break;
                 };
@@ -212,6 +220,11 @@ impl Client {
                     .message_id()
                     .as_ref()
                     .map(|s| s.to_string());
+                if id.as_ref().is_some_and(|id| sent_back.contains(id)) {
+                    // Replayed by this run and parked again: left parked (not acked, so
+                    // closing the channel puts it back).
+                    break;
+                }
                 if let Replay::One(wanted) = which
                     && id.as_deref() != Some(wanted.as_str())
                 {
@@ -235,6 +248,7 @@ impl Client {
                     .await
                     .map_err(BrokerError::from)?;
                 replayed += 1;
+                sent_back.extend(id);
                 if matches!(which, Replay::One(_)) {
                     break;
                 }

@@ -8,7 +8,7 @@
 //! `deploy/warren-gateway.toml` is a commented example.
 
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::time::Duration;
 
@@ -17,14 +17,10 @@ use warren_client::ClientSettings;
 use warren_shared::config::BrokerConfig;
 use warren_shared::topology;
 
-use crate::{Allowlist, GatewaySettings, Limits};
-
-/// Where the page (`/`) and the websocket endpoint (`/ws`) listen by default.
-pub const DEFAULT_HTTP: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 8080));
-
-/// Where the Workerman Text protocol bridge listens by default.
-pub const DEFAULT_TEXT: SocketAddr =
-    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 12345));
+use crate::{
+    Allowlist, DEFAULT_HTTP_PORT, DEFAULT_TEXT_PORT, GatewaySettings, Limits, ListenError,
+    listen_addr,
+};
 
 /// Every setting of `warren-gateway`; see the [module](self).
 #[derive(Clone, PartialEq, Eq, clap::Args, Serialize, Deserialize)]
@@ -36,12 +32,21 @@ pub struct GatewayConfig {
     /// Work queue the tasks go to.
     #[arg(long, env = "WARREN_QUEUE")]
     pub queue: String,
-    /// Address of the web page (/) and the websocket endpoint (/ws).
+    /// Address of the web page (/) and the websocket endpoint (/ws). Default: 127.0.0.1:8080,
+    /// or 0.0.0.0:8080 when a token is set (or with --insecure-public). A non-loopback
+    /// address needs a token or --insecure-public.
     #[arg(long, env = "WARREN_GATEWAY_HTTP")]
-    pub http: SocketAddr,
-    /// Address of the Workerman Text protocol bridge.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http: Option<SocketAddr>,
+    /// Address of the Workerman Text protocol bridge. Default: 127.0.0.1:12345, or
+    /// 0.0.0.0:12345 when a token is set (or with --insecure-public).
     #[arg(long, env = "WARREN_GATEWAY_TEXT")]
-    pub text: SocketAddr,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text: Option<SocketAddr>,
+    /// Allow listening on a non-loopback address without a token: anyone who reaches the
+    /// ports may run the allowed functions. Only for trusted networks.
+    #[arg(long, env = "WARREN_GATEWAY_INSECURE_PUBLIC")]
+    pub insecure_public: bool,
     /// Functions callers may run, comma-separated; `*` allows any (trusted networks only).
     #[arg(long, env = "WARREN_GATEWAY_ALLOW", value_delimiter = ',')]
     pub allow: Vec<String>,
@@ -68,6 +73,12 @@ pub struct GatewayConfig {
     #[arg(long, env = "WARREN_GATEWAY_SHUTDOWN_GRACE", value_parser = humantime::parse_duration)]
     #[serde(with = "warren_shared::config::humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Connections (HTTP, websocket and Text together) held open at most; more are refused.
+    #[arg(long, env = "WARREN_GATEWAY_MAX_CONNECTIONS")]
+    pub max_connections: NonZeroUsize,
+    /// Connections one peer IP address may hold open at most; more are refused.
+    #[arg(long, env = "WARREN_GATEWAY_MAX_CONNECTIONS_PER_PEER")]
+    pub max_connections_per_peer: NonZeroUsize,
 }
 
 impl Default for GatewayConfig {
@@ -76,6 +87,8 @@ impl Default for GatewayConfig {
             limits,
             call_timeout,
             shutdown_grace,
+            max_connections,
+            max_connections_per_peer,
             ..
         } = GatewaySettings::default();
         let Limits {
@@ -88,8 +101,9 @@ impl Default for GatewayConfig {
         Self {
             broker: BrokerConfig::default(),
             queue: topology::DEFAULT_QUEUE.to_owned(),
-            http: DEFAULT_HTTP,
-            text: DEFAULT_TEXT,
+            http: None,
+            text: None,
+            insecure_public: false,
             allow: allow.names(),
             token,
             max_message_bytes,
@@ -97,6 +111,9 @@ impl Default for GatewayConfig {
             idle_timeout,
             call_timeout,
             shutdown_grace,
+            max_connections: NonZeroUsize::new(max_connections).unwrap_or(NonZeroUsize::MIN),
+            max_connections_per_peer: NonZeroUsize::new(max_connections_per_peer)
+                .unwrap_or(NonZeroUsize::MIN),
         }
     }
 }
@@ -121,6 +138,7 @@ impl GatewayConfig {
             queue: _,
             http: _,
             text: _,
+            insecure_public: _,
             allow,
             token,
             max_message_bytes,
@@ -128,6 +146,8 @@ impl GatewayConfig {
             idle_timeout,
             call_timeout,
             shutdown_grace,
+            max_connections,
+            max_connections_per_peer,
         } = self.clone();
         GatewaySettings {
             limits: Limits {
@@ -139,8 +159,24 @@ impl GatewayConfig {
             },
             call_timeout,
             shutdown_grace,
+            max_connections: max_connections.get(),
+            max_connections_per_peer: max_connections_per_peer.get(),
             ..GatewaySettings::default()
         }
+    }
+
+    /// Where the page and the Text bridge listen: the addresses asked for, or the defaults of
+    /// [`listen_addr`] (loopback unless a token is set or `insecure_public`).
+    ///
+    /// # Errors
+    ///
+    /// [`ListenError`] for a non-loopback address without a token or `insecure_public`.
+    pub fn listen_addrs(&self) -> Result<(SocketAddr, SocketAddr), ListenError> {
+        let token_set = self.token.as_deref().is_some_and(|t| !t.is_empty());
+        Ok((
+            listen_addr(self.http, DEFAULT_HTTP_PORT, token_set, self.insecure_public)?,
+            listen_addr(self.text, DEFAULT_TEXT_PORT, token_set, self.insecure_public)?,
+        ))
     }
 
     /// The settings of the gateway's [`Client`](warren_client::Client).
@@ -186,7 +222,10 @@ mod tests {
             config.settings().call_timeout,
             GatewaySettings::default().call_timeout
         );
-        assert_eq!(config.http, DEFAULT_HTTP);
+        assert_eq!(config.http, None);
+        let (http, text) = config.listen_addrs().unwrap();
+        assert!(http.ip().is_loopback() && text.ip().is_loopback());
+        assert_eq!((http.port(), text.port()), (DEFAULT_HTTP_PORT, DEFAULT_TEXT_PORT));
         assert_eq!(config.client_settings().queue, topology::DEFAULT_QUEUE);
     }
 

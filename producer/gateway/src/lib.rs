@@ -9,24 +9,28 @@
 //! - [`text`]: a Workerman Text protocol bridge, a drop-in replacement for a Workerman task
 //!   worker: one JSON request per line in, one JSON line out, in request order.
 //!
-//! Both apply the same [`Limits`] (allowlist, token, sizes, in-flight, idle timeout), described
-//! with the message formats in `docs/gateway.md`. [`serve`] runs everything until its shutdown
+//! Both apply the same [`Limits`] (allowlist, token, sizes, in-flight, idle and write timeout)
+//! and share one cap on open connections, in total and per peer address; all are described
+//! with the message formats in `docs/gateway.md`. [`listen_addr`] is the binding policy: loopback
+//! unless a token is set or public exposure is asked for explicitly. [`serve`] runs everything until its shutdown
 //! token is cancelled, then stops reading, lets calls in flight finish within the grace period
 //! and returns. [`config`] holds the `warren-gateway` binary's flags, file and defaults.
 
+mod admission;
 pub mod config;
 pub mod limits;
 pub mod text;
 pub mod ws;
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
+use axum::{Extension, Router};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
@@ -41,6 +45,8 @@ pub use config::GatewayConfig;
 pub use limits::{Allowlist, DEMO_FUNCTIONS, GatewayError, Kind, Limits};
 
 use warren_client::{CallOptions, Client};
+
+use admission::Gate;
 
 /// The web page served at `/`: plain HTML and JS, no build step.
 const PAGE: &str = include_str!("page.html");
@@ -57,6 +63,63 @@ pub struct GatewaySettings {
     pub shutdown_grace: Duration,
     /// How often the queue depth shown on the page is refreshed.
     pub queue_poll_interval: Duration,
+    /// Connections (HTTP, websocket and Text together) the gateway holds open at most; one
+    /// more is refused at once (HTTP 503, or a `too_many_connections` line on the Text port).
+    pub max_connections: usize,
+    /// Connections one peer IP address may hold open at most, refused the same way.
+    pub max_connections_per_peer: usize,
+}
+
+/// The default of [`GatewaySettings::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// The default of [`GatewaySettings::max_connections_per_peer`].
+pub const DEFAULT_MAX_CONNECTIONS_PER_PEER: usize = 64;
+/// The default port of the web page and websocket endpoint.
+pub const DEFAULT_HTTP_PORT: u16 = 8080;
+/// The default port of the Workerman Text bridge.
+pub const DEFAULT_TEXT_PORT: u16 = 12345;
+
+/// A listening address the gateway refuses to use.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ListenError {
+    /// A non-loopback address without a token: anyone who reaches it could run the allowed
+    /// functions (send mail, for one).
+    #[error(
+        "refusing to listen on {0} without a token: anyone who reaches it could run the allowed \
+         functions (send_mail makes it an open mail relay). Set --token, \
+         listen on 127.0.0.1, or pass --insecure-public on a trusted network"
+    )]
+    PublicWithoutToken(SocketAddr),
+}
+
+/// Where to listen: `requested` if given, otherwise `default_port` on loopback, or on every
+/// interface when a token is set or `insecure_public` is.
+///
+/// # Errors
+/// [`ListenError::PublicWithoutToken`] for a non-loopback `requested` address with neither a
+/// token nor `insecure_public`.
+pub fn listen_addr(
+    requested: Option<SocketAddr>,
+    default_port: u16,
+    token_set: bool,
+    insecure_public: bool,
+) -> Result<SocketAddr, ListenError> {
+    let public_ok = token_set || insecure_public;
+    match requested {
+        Some(addr) if !addr.ip().is_loopback() && !public_ok => {
+            Err(ListenError::PublicWithoutToken(addr))
+        }
+        Some(addr) => Ok(addr),
+        None if public_ok => Ok(SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            default_port,
+        )),
+        None => Ok(SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            default_port,
+        )),
+    }
 }
 
 impl Default for GatewaySettings {
@@ -66,6 +129,8 @@ impl Default for GatewaySettings {
             call_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(10),
             queue_poll_interval: Duration::from_secs(1),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_peer: DEFAULT_MAX_CONNECTIONS_PER_PEER,
         }
     }
 }
@@ -89,6 +154,7 @@ struct Shared {
     queue: watch::Receiver<Option<QueueSnapshot>>,
     shutdown: CancellationToken,
     connections: TaskTracker,
+    gate: Arc<Gate>,
 }
 
 impl Shared {
@@ -115,7 +181,9 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let (queue_tx, queue_rx) = watch::channel(None);
+    let gate = Gate::new(settings.max_connections, settings.max_connections_per_peer);
     let shared = Arc::new(Shared {
+        gate,
         settings,
         client,
         queue: queue_rx,
@@ -127,6 +195,8 @@ pub async fn serve(
         text = ?text.local_addr().ok(),
         queue = %shared.client.settings().queue,
         limits = ?shared.settings.limits,
+        max_connections = shared.settings.max_connections,
+        max_connections_per_peer = shared.settings.max_connections_per_peer,
         "gateway serving"
     );
     let poller = tokio::spawn(poll_queue(shared.clone(), queue_tx));
@@ -158,21 +228,33 @@ fn router(shared: Arc<Shared>) -> Router {
 }
 
 /// Accepts HTTP connections; each is served by hyper with a header read timeout, so a client
-/// that dribbles its request headers is dropped after the idle timeout.
+/// that dribbles its request headers is dropped after the idle timeout. A connection over the
+/// connection limits gets a 503 at once.
 async fn accept_http(listener: TcpListener, shared: Arc<Shared>) {
     let router = router(shared.clone());
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             () = shared.shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     accept_failed(&e).await;
                     continue;
                 }
             },
         };
-        let service = TowerToHyperService::new(router.clone());
+        let admitted = match shared.gate.admit(peer) {
+            Ok(admitted) => Arc::new(admitted),
+            Err(refusal) => {
+                tracing::debug!(%peer, error = %refusal, "http: connection refused");
+                let bytes = admission::http_refusal(&refusal);
+                shared.connections.spawn(admission::refuse(stream, bytes));
+                continue;
+            }
+        };
+        // The ticket travels with the requests, so that a websocket upgraded from this
+        // connection keeps the place after hyper lets go of the connection.
+        let service = TowerToHyperService::new(router.clone().layer(Extension(admitted)));
         let shutdown = shared.shutdown.clone();
         let mut builder = http1::Builder::new();
         builder
@@ -228,8 +310,12 @@ async fn page() -> Html<&'static str> {
     Html(PAGE)
 }
 
-/// `GET /api/info`: what the page needs to know before it connects.
-async fn info(State(shared): State<Arc<Shared>>) -> Response {
+/// `GET /api/info`: what the page needs to know before it connects (token required when one
+/// is configured; the page learns that from the 401).
+async fn info(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    if let Some(refused) = refuse_without_bearer(shared.limits(), &headers) {
+        return refused;
+    }
     let limits = shared.limits();
     axum::Json(json!({
         "queue": shared.client.settings().queue,

@@ -114,13 +114,14 @@ impl Default for Limits {
 
 impl Limits {
     /// Whether `presented` is the configured token (always true when none is configured).
-    /// Compared in constant time for tokens of the same length.
+    ///
+    /// Compared in constant time: the time depends only on the length of `presented` (which
+    /// the caller knows anyway), never on the configured token's length or content.
     pub fn token_matches(&self, presented: &str) -> bool {
-        let Some(expected) = &self.token else {
-            return true;
-        };
-        let (a, b) = (expected.as_bytes(), presented.as_bytes());
-        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        match &self.token {
+            None => true,
+            Some(expected) => constant_time_eq(expected.as_bytes(), presented.as_bytes()),
+        }
     }
 
     /// Checks that `function` may be called.
@@ -137,6 +138,24 @@ impl Limits {
             ))
         }
     }
+}
+
+/// Whether `expected == presented`, in time that depends only on `presented.len()`.
+///
+/// `subtle`'s slice comparison returns early on a length mismatch, which would reveal the
+/// token's length; so every byte of `presented` is compared with the token's bytes, cycled,
+/// and the length check is folded in at the end with `subtle`'s constant-time primitives.
+fn constant_time_eq(expected: &[u8], presented: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    if expected.is_empty() {
+        return presented.is_empty();
+    }
+    let mut diff = 0u8;
+    for (i, byte) in presented.iter().enumerate() {
+        diff |= byte ^ expected[i % expected.len()];
+    }
+    let same_len = (expected.len() as u64).ct_eq(&(presented.len() as u64));
+    bool::from(same_len & diff.ct_eq(&0))
 }
 
 /// The `kind` of an error answered by the gateway.
@@ -156,6 +175,9 @@ pub enum Kind {
     Unauthorized,
     /// The message is larger than the gateway accepts.
     TooLarge,
+    /// The gateway already has its maximum number of open connections, in total or from this
+    /// peer address; the connection is refused at once.
+    TooManyConnections,
     /// No result came within the call timeout.
     Timeout,
     /// The broker could not take the task (down, refusing, or the connection was lost).
@@ -173,6 +195,7 @@ impl Kind {
             Self::Busy => "busy",
             Self::Unauthorized => "unauthorized",
             Self::TooLarge => "too_large",
+            Self::TooManyConnections => "too_many_connections",
             Self::Timeout => "timeout",
             Self::Unavailable => "unavailable",
             Self::Task(kind) => kind.as_str(),
@@ -274,6 +297,11 @@ mod tests {
         assert!(closed.token_matches("s3cret"));
         assert!(!closed.token_matches("s3cre"));
         assert!(!closed.token_matches("s3cres"));
+        assert!(
+            !closed.token_matches("s3crets3cret"),
+            "a repeated token is not the token"
+        );
+        assert!(!closed.token_matches(""));
         assert!(!format!("{closed:?}").contains("s3cret"));
     }
 

@@ -25,15 +25,17 @@ use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, Decoder, Fram
 use warren_shared::Request;
 
 use super::Shared;
+use super::admission::{self, Admitted};
 use super::limits::{GatewayError, Kind};
 
-/// Accepts Text connections until shutdown.
+/// Accepts Text connections until shutdown; one over the connection limits gets a
+/// `too_many_connections` error line and is closed.
 pub(super) async fn accept(listener: TcpListener, shared: Arc<Shared>) {
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             () = shared.shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     super::accept_failed(&e).await;
                     continue;
@@ -41,9 +43,18 @@ pub(super) async fn accept(listener: TcpListener, shared: Arc<Shared>) {
             },
         };
         let _ = stream.set_nodelay(true);
+        let admitted = match shared.gate.admit(peer) {
+            Ok(admitted) => admitted,
+            Err(refusal) => {
+                tracing::debug!(%peer, error = %refusal, "text: connection refused");
+                let line = admission::text_refusal(&refusal);
+                shared.connections.spawn(admission::refuse(stream, line));
+                continue;
+            }
+        };
         shared
             .connections
-            .spawn(Connection::new(shared.clone()).run(stream));
+            .spawn(Connection::new(shared.clone(), admitted).run(stream));
     }
 }
 
@@ -121,16 +132,19 @@ struct Connection {
     calls: usize,
     /// When the last complete line was read or answer written.
     last_activity: Instant,
+    /// This connection's place among the gateway's open connections.
+    _admitted: Admitted,
 }
 
 impl Connection {
-    fn new(shared: Arc<Shared>) -> Self {
+    fn new(shared: Arc<Shared>, admitted: Admitted) -> Self {
         Self {
             authed: shared.limits().token.is_none(),
             shared,
             answers: FuturesOrdered::new(),
             calls: 0,
             last_activity: Instant::now(),
+            _admitted: admitted,
         }
     }
 
@@ -211,15 +225,11 @@ impl Connection {
                 self.authed = true;
                 return true;
             }
-            let _ = write
-                .write_all(error_line(&GatewayError::unauthorized()).as_bytes())
-                .await;
+            write_unauthorized(write, limits.idle_timeout).await;
             return false;
         }
         if !self.authed {
-            let _ = write
-                .write_all(error_line(&GatewayError::unauthorized()).as_bytes())
-                .await;
+            write_unauthorized(write, limits.idle_timeout).await;
             return false;
         }
         let request = match Request::decode(&line) {
@@ -259,6 +269,12 @@ impl Connection {
         self.answers
             .push_back(Box::pin(std::future::ready((line, false))));
     }
+}
+
+/// Writes `unauthorized` before closing, bounded like every write.
+async fn write_unauthorized(write: &mut (impl AsyncWriteExt + Unpin), limit: std::time::Duration) {
+    let line = error_line(&GatewayError::unauthorized());
+    let _ = tokio::time::timeout(limit, write.write_all(line.as_bytes())).await;
 }
 
 /// The token of an `{"auth": "<token>"}` line.

@@ -12,7 +12,9 @@
 //! disconnect leaks nothing.
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use axum::Extension;
 use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
 use axum::http::{HeaderMap, StatusCode};
@@ -23,12 +25,15 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use super::admission::Admitted;
 use super::limits::{GatewayError, Kind};
 use super::{Shared, bearer, error_response};
 
-/// `GET /ws`: checks an `Authorization: Bearer` header if one is sent, then upgrades.
+/// `GET /ws`: checks an `Authorization: Bearer` header if one is sent, then upgrades. The
+/// websocket keeps the HTTP connection's place among the open connections.
 pub(super) async fn upgrade(
     State(shared): State<Arc<Shared>>,
+    Extension(admitted): Extension<Arc<Admitted>>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
@@ -44,7 +49,7 @@ pub(super) async fn upgrade(
     ws.max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| {
-            connections.track_future(Connection::new(shared, authed).run(socket))
+            connections.track_future(Connection::new(shared, authed, admitted).run(socket))
         })
 }
 
@@ -71,10 +76,12 @@ struct Connection {
     inbox: mpsc::Receiver<String>,
     /// Set when the connection must close once the current replies are written.
     closing: Option<CloseFrame>,
+    /// This connection's place among the gateway's open connections.
+    _admitted: Arc<Admitted>,
 }
 
 impl Connection {
-    fn new(shared: Arc<Shared>, authed: bool) -> Self {
+    fn new(shared: Arc<Shared>, authed: bool, admitted: Arc<Admitted>) -> Self {
         let limits = shared.limits();
         let (events, inbox) = mpsc::channel(limits.max_in_flight.clamp(16, 1024));
         let permits = Arc::new(Semaphore::new(limits.max_in_flight));
@@ -87,6 +94,7 @@ impl Connection {
             events,
             inbox,
             closing: None,
+            _admitted: admitted,
         }
     }
 
@@ -94,9 +102,12 @@ impl Connection {
         self.shared.limits().max_in_flight - self.permits.available_permits()
     }
 
-    /// Runs the connection until the client leaves, it idles out, or the gateway shuts down.
+    /// Runs the connection until the client leaves, it idles out, stops reading (a write that
+    /// makes no progress for the idle timeout), or the gateway shuts down. Pings and pongs
+    /// keep nothing alive: only messages and answers are activity.
     async fn run(mut self, mut socket: WebSocket) {
         let limits = self.shared.limits().clone();
+        let write_timeout = limits.idle_timeout;
         let shutdown = self.shared.shutdown.clone();
         let mut queue = self.shared.queue.clone();
         let mut last_activity = Instant::now();
@@ -113,7 +124,7 @@ impl Connection {
             tokio::select! {
                 biased;
                 Some(event) = self.inbox.recv() => {
-                    if socket.send(Message::text(event)).await.is_err() {
+                    if !send(&mut socket, Message::text(event), write_timeout).await {
                         break None;
                     }
                     last_activity = Instant::now();
@@ -122,7 +133,7 @@ impl Connection {
                     Some(Ok(Message::Text(text))) => {
                         last_activity = Instant::now();
                         for reply in self.on_text(&text) {
-                            if socket.send(Message::text(reply)).await.is_err() {
+                            if !send(&mut socket, Message::text(reply), write_timeout).await {
                                 return;
                             }
                         }
@@ -134,18 +145,20 @@ impl Connection {
                             "binary messages are not accepted; send JSON text",
                         );
                         let reply = error_event(&Value::Null, &error);
-                        if socket.send(Message::text(reply)).await.is_err() {
+                        if !send(&mut socket, Message::text(reply), write_timeout).await {
                             break None;
                         }
                     }
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => last_activity = Instant::now(),
+                    // Answered by the websocket layer; not activity (a client that only pings
+                    // must not hold a connection forever).
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                     Some(Ok(Message::Close(_))) | None => break None,
                     Some(Err(e)) => break read_error_close(e, limits.max_message_bytes),
                 },
                 Ok(()) = queue.changed(), if self.watching => {
                     let event = queue_event(&queue.borrow_and_update());
                     if let Some(event) = event
-                        && socket.send(Message::text(event)).await.is_err()
+                        && !send(&mut socket, Message::text(event), write_timeout).await
                     {
                         break None;
                     }
@@ -162,7 +175,7 @@ impl Connection {
             }
         };
         if let Some(frame) = close_frame {
-            let _ = socket.send(Message::Close(Some(frame))).await;
+            let _ = send(&mut socket, Message::Close(Some(frame)), write_timeout).await;
         }
         // Aborting the calls still running drops their futures, which removes them from the
         // client's pending map: a client that leaves leaks nothing.
@@ -290,6 +303,19 @@ async fn call(
     };
     let _ = events.send(event).await;
     drop(permit);
+}
+
+/// Sends `message`; false when the socket is broken or the client has not taken it within
+/// `limit` (it stopped reading: the connection is then closed, as on the Text port).
+async fn send(socket: &mut WebSocket, message: Message, limit: Duration) -> bool {
+    match tokio::time::timeout(limit, socket.send(message)).await {
+        Ok(Ok(())) => true,
+        Ok(Err(_)) => false,
+        Err(_) => {
+            tracing::debug!(after = ?limit, "ws: client stopped reading; closing");
+            false
+        }
+    }
 }
 
 /// `{"id": ..., "ok": false, "error": {...}}`.

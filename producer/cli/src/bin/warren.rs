@@ -1,13 +1,32 @@
 //! `warren`: call and enqueue Warren tasks from the shell, and run the demo.
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
 use warren_cli::Cli;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() {
     let cli = Cli::parse();
     warren_shared::telemetry::init("warn");
-    warren_cli::run(cli).await
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    // `run` closes its client before it returns, whatever happened.
+    let code = runtime.block_on(warren_cli::run(cli));
+    // Then the process ends without tearing the runtime down: after a connection loss, lapin
+    // may still be recovering the connection on tasks of that runtime, and dropping them
+    // during a runtime shutdown makes tokio panic ("Tokio context is being shutdown") on
+    // stderr after Warren's own clear error. Nothing is left to finish: the result is
+    // printed and the client closed.
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    std::process::exit(if code == ExitCode::SUCCESS { 0 } else { 1 })
 }

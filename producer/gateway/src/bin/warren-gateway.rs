@@ -44,12 +44,22 @@ async fn main() -> ExitCode {
 }
 
 async fn run(config: GatewayConfig) -> anyhow::Result<()> {
-    let http = TcpListener::bind(config.http)
+    let (http_addr, text_addr) = config.listen_addrs()?;
+    if config.insecure_public
+        && config.token.is_none()
+        && !(http_addr.ip().is_loopback() && text_addr.ip().is_loopback())
+    {
+        tracing::warn!(
+            "--insecure-public: listening beyond loopback without a token; anyone who reaches \
+             the ports may run the allowed functions"
+        );
+    }
+    let http = TcpListener::bind(http_addr)
         .await
-        .with_context(|| format!("cannot listen on --http {}", config.http))?;
-    let text = TcpListener::bind(config.text)
+        .with_context(|| format!("cannot listen on --http {http_addr}"))?;
+    let text = TcpListener::bind(text_addr)
         .await
-        .with_context(|| format!("cannot listen on --text {}", config.text))?;
+        .with_context(|| format!("cannot listen on --text {text_addr}"))?;
     let client = Client::connect(config.client_settings()).await?;
     let shutdown = CancellationToken::new();
     tokio::spawn(warren_shared::shutdown::on_signals(
