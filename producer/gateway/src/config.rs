@@ -165,18 +165,37 @@ impl GatewayConfig {
         }
     }
 
-    /// Where the page and the Text bridge listen: the addresses asked for, or the defaults of
-    /// [`listen_addr`] (loopback unless a token is set or `insecure_public`).
+    /// Where the page and the websocket listen: `http`, or the default of [`listen_addr`]
+    /// (loopback unless a token is set or `insecure_public`).
     ///
     /// # Errors
     ///
     /// [`ListenError`] for a non-loopback address without a token or `insecure_public`.
-    pub fn listen_addrs(&self) -> Result<(SocketAddr, SocketAddr), ListenError> {
-        let token_set = self.token.as_deref().is_some_and(|t| !t.is_empty());
-        Ok((
-            listen_addr(self.http, DEFAULT_HTTP_PORT, token_set, self.insecure_public)?,
-            listen_addr(self.text, DEFAULT_TEXT_PORT, token_set, self.insecure_public)?,
-        ))
+    pub fn http_addr(&self) -> Result<SocketAddr, ListenError> {
+        listen_addr(
+            self.http,
+            DEFAULT_HTTP_PORT,
+            self.token_set(),
+            self.insecure_public,
+        )
+    }
+
+    /// Where the Text bridge listens; the same rules as [`http_addr`](Self::http_addr).
+    ///
+    /// # Errors
+    ///
+    /// [`ListenError`] for a non-loopback address without a token or `insecure_public`.
+    pub fn text_addr(&self) -> Result<SocketAddr, ListenError> {
+        listen_addr(
+            self.text,
+            DEFAULT_TEXT_PORT,
+            self.token_set(),
+            self.insecure_public,
+        )
+    }
+
+    fn token_set(&self) -> bool {
+        self.token.as_deref().is_some_and(|t| !t.is_empty())
     }
 
     /// The settings of the gateway's [`Client`](warren_client::Client).
@@ -223,9 +242,12 @@ mod tests {
             GatewaySettings::default().call_timeout
         );
         assert_eq!(config.http, None);
-        let (http, text) = config.listen_addrs().unwrap();
+        let (http, text) = (config.http_addr().unwrap(), config.text_addr().unwrap());
         assert!(http.ip().is_loopback() && text.ip().is_loopback());
-        assert_eq!((http.port(), text.port()), (DEFAULT_HTTP_PORT, DEFAULT_TEXT_PORT));
+        assert_eq!(
+            (http.port(), text.port()),
+            (DEFAULT_HTTP_PORT, DEFAULT_TEXT_PORT)
+        );
         assert_eq!(config.client_settings().queue, topology::DEFAULT_QUEUE);
     }
 

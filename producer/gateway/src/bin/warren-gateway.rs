@@ -44,7 +44,8 @@ async fn main() -> ExitCode {
 }
 
 async fn run(config: GatewayConfig) -> anyhow::Result<()> {
-    let (http_addr, text_addr) = config.listen_addrs()?;
+    let http_addr = config.http_addr().context("--http")?;
+    let text_addr = config.text_addr().context("--text")?;
     if config.insecure_public
         && config.token.is_none()
         && !(http_addr.ip().is_loopback() && text_addr.ip().is_loopback())
