@@ -28,6 +28,9 @@ use crate::pending::{Pending, PendingGuard, fail_calls_on_disconnect};
 use crate::publish::lost_connection;
 use crate::replies::{start_reply_consumer, start_reply_queue};
 
+/// Queues declared, by name.
+pub(crate) type Declared = HashMap<String, Arc<OnceCell<()>>>;
+
 pub(crate) struct Inner {
     pub(crate) settings: ClientSettings,
     /// The `reply_to` of calls: direct reply-to, or this client's reply queue (one name for the
@@ -39,7 +42,9 @@ pub(crate) struct Inner {
     pub(crate) pool: LinkPool,
     pub(crate) publishing: Semaphore,
     pub(crate) pending: Arc<Pending>,
-    pub(crate) declared: Mutex<HashMap<String, Arc<OnceCell<()>>>>,
+    /// Queues declared on the connection of this generation (a new connection may be to another
+    /// node, or to a broker that lost them: they are declared again there).
+    pub(crate) declared: Mutex<(u64, Declared)>,
 }
 
 /// A handle to Warren: cheap to clone, `Send + Sync`, made for thousands of concurrent calls.
@@ -109,7 +114,7 @@ impl Client {
             link,
             pool,
             pending,
-            declared: Mutex::new(HashMap::new()),
+            declared: Mutex::new((0, HashMap::new())),
         });
         Ok(Self { inner })
     }
@@ -308,7 +313,7 @@ impl Client {
         }
     }
 
-    /// Declares work queue `queue` and its dead-letter queue, once per client. Calls and
+    /// Declares work queue `queue` and its dead-letter queue, once per connection. Calls and
     /// enqueues do this themselves; use it to create a queue before anything is sent to it.
     ///
     /// # Errors

@@ -1,10 +1,11 @@
-//! Publishing a task: the queue declared once per client, the `x-warren-*` headers and
+//! Publishing a task: the queue declared once per connection, the `x-warren-*` headers and
 //! properties, a bound on publishes in flight, and the confirm awaited.
 //!
 //! A publish that fails because the connection went (lost, or closed under it while the
 //! publish or its confirm was on its way) is not a refusal by the broker: callers resend it on
 //! the link's next connection ([`lost_connection`]), or report the connection lost.
 
+use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
 use lapin::BasicProperties;
@@ -71,7 +72,11 @@ impl Client {
                 .declared
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            declared.entry(queue.to_owned()).or_default().clone()
+            let generation = self.inner.link.generation();
+            if declared.0 != generation {
+                *declared = (generation, HashMap::new());
+            }
+            declared.1.entry(queue.to_owned()).or_default().clone()
         };
         cell.get_or_try_init(|| async {
             topology::validate_queue_name(queue).map_err(Error::InvalidQueue)?;
