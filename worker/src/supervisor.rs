@@ -257,21 +257,34 @@ impl Supervisor {
         let mut delays = reconnect.delays();
         let mut attempts = 0usize;
         loop {
+            // Wait for a connection that is really there: the link may not have noticed yet
+            // that the one the old session died with is gone.
             let mut state = self.consume.subscribe();
-            let settled = tokio::select! {
-                () = shutdown.cancelled() => return Ok(None),
-                settled = state.wait_for(|s| s.is_up() || *s == LinkState::Closed) => settled.map(|s| s.clone()),
-            };
+            let mut generations = self.consume.generations();
+            loop {
+                let now = state.borrow_and_update().clone();
+                if now == LinkState::Closed
+                    || (now.is_up() && self.consume.connection().status().connected())
+                {
+                    break;
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(None),
+                    _ = state.changed() => {}
+                    _ = generations.changed() => {}
+                }
+            }
             if let Some(gave_up) = self.gave_up() {
                 tracing::error!(queue = %self.settings.queue, error = %gave_up, "giving up");
                 return Err(gave_up);
             }
-            let reason = match settled {
-                Ok(LinkState::Closed) | Err(_) => "the consuming connection closed".to_owned(),
-                Ok(_) => match Session::open(&self.consume, &self.settings).await {
+            let reason = if self.consume.state() == LinkState::Closed {
+                "the consuming connection closed".to_owned()
+            } else {
+                match Session::open(&self.consume, &self.settings).await {
                     Ok((session, _)) => return Ok(Some(session)),
                     Err(e) => e.to_string(),
-                },
+                }
             };
             attempts += 1;
             if reconnect.max_attempts.is_some_and(|max| attempts >= max) {
