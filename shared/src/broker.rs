@@ -91,7 +91,7 @@ impl Default for BrokerSettings {
 impl std::fmt::Debug for BrokerSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BrokerSettings")
-            .field("url", &redact_url(&self.url))
+            .field("url", &self.redacted_url())
             .field("heartbeat", &self.heartbeat)
             .field("connect_timeout", &self.connect_timeout)
             .field("reconnect", &self.reconnect)
@@ -347,8 +347,9 @@ mod tests {
 
     #[test]
     fn debug_output_hides_the_password() {
-        let s = BrokerSettings::new("amqp://u:hunter2@h:5672/%2f");
+        let s = BrokerSettings::new("amqp://u:hunter2@h:5672/%2f,amqp://v:swordfish@g/%2f");
         assert!(!format!("{s:?}").contains("hunter2"));
+        assert!(!format!("{s:?}").contains("swordfish"));
     }
 
     #[test]

@@ -87,7 +87,7 @@ pub struct Unavailable {
     pub state: String,
 }
 
-#[derive(Debug)]
+/// Not `Debug`: `addresses` hold passwords.
 struct Inner {
     settings: BrokerSettings,
     name: String,
@@ -104,10 +104,22 @@ struct Inner {
 }
 
 /// A self-healing broker connection; cheap to clone. Dropping the last clone closes it.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Link {
     inner: Arc<Inner>,
     _owner: Arc<DropGuard>,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let generation = self.inner.generation.borrow();
+        f.debug_struct("Link")
+            .field("name", &self.inner.name)
+            .field("state", &self.state())
+            .field("generation", &generation.number)
+            .field("address", &generation.address)
+            .finish()
+    }
 }
 
 impl Link {

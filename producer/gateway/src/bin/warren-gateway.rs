@@ -21,7 +21,8 @@ use warren_shared::topology::DEFAULT_QUEUE;
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// Broker URL (the vhost `/` is `%2f`).
+    /// Broker URL (the vhost `/` is `%2f`), or several separated by commas (cluster nodes,
+    /// tried in a shuffled order on connect and every reconnect).
     #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
     amqp_url: String,
     /// Work queue the tasks go to.
