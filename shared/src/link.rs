@@ -285,6 +285,10 @@ fn set_state(inner: &Inner, next: LinkState) {
         *lock(&inner.changed_at) = Instant::now();
         match &next {
             LinkState::Up => tracing::info!(connection = %inner.name, "broker connection up"),
+            // Closed on purpose, or after giving up (which is logged as an error where it happens).
+            LinkState::Closed => {
+                tracing::info!(connection = %inner.name, "broker connection closed")
+            }
             other => {
                 tracing::warn!(connection = %inner.name, state = %other, "broker connection changed")
             }
