@@ -36,6 +36,11 @@ pub struct BrokerSettings {
     pub connect_timeout: Duration,
     /// How a lost connection is re-established.
     pub reconnect: Reconnect,
+    /// When set, a connection older than a jittered 75-100 % of this is replaced, between
+    /// tasks and without failing a call, by one to a random address of the list, so that
+    /// connections spread back over a cluster after a node returns. `None` (the default): a
+    /// connection lives until it is lost.
+    pub max_lifetime: Option<Duration>,
 }
 
 /// Reconnection after a lost connection: exponential backoff with jitter between attempts.
@@ -84,6 +89,7 @@ impl Default for BrokerSettings {
             heartbeat: DEFAULT_HEARTBEAT,
             connect_timeout: Duration::from_secs(10),
             reconnect: Reconnect::default(),
+            max_lifetime: None,
         }
     }
 }
@@ -95,6 +101,7 @@ impl std::fmt::Debug for BrokerSettings {
             .field("heartbeat", &self.heartbeat)
             .field("connect_timeout", &self.connect_timeout)
             .field("reconnect", &self.reconnect)
+            .field("max_lifetime", &self.max_lifetime)
             .finish()
     }
 }

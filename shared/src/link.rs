@@ -98,6 +98,11 @@ struct Inner {
     gave_up: std::sync::Mutex<Option<String>>,
     reset: Notify,
     stop: CancellationToken,
+    /// When the current connection's lifetime is over (`BrokerSettings::max_lifetime`).
+    due_at: std::sync::Mutex<Option<Instant>>,
+    /// Held while a new connection is made and swapped in (reconnect or rotation), so that
+    /// the two never both replace the same connection.
+    swap: tokio::sync::Mutex<()>,
     /// Index into `addresses` of the current connection's address.
     at: AtomicU64,
     addresses: Vec<String>,
@@ -108,6 +113,7 @@ struct Inner {
 pub struct Link {
     inner: Arc<Inner>,
     _owner: Arc<DropGuard>,
+    process_name: String,
 }
 
 impl std::fmt::Debug for Link {
@@ -187,15 +193,57 @@ impl Link {
             gave_up: std::sync::Mutex::new(None),
             reset: Notify::new(),
             stop: stop.clone(),
+            due_at: std::sync::Mutex::new(None),
+            swap: tokio::sync::Mutex::new(()),
             at: AtomicU64::new(index as u64),
             addresses,
         });
+        renew_lifetime(&inner);
         let process_name = name.to_owned();
-        tokio::spawn(supervise(inner.clone(), process_name));
+        tokio::spawn(supervise(inner.clone(), process_name.clone()));
         Self {
             inner,
             _owner: Arc::new(stop.drop_guard()),
+            process_name,
         }
+    }
+
+    /// Whether the current connection has outlived its (jittered) lifetime and the link is up:
+    /// its owner should call [`Link::rotate`] at the next moment nothing is in flight on it.
+    pub fn rotation_due(&self) -> bool {
+        self.state().is_up() && lock(&self.inner.due_at).is_some_and(|due| due <= Instant::now())
+    }
+
+    /// Replaces a healthy connection by a new one to a random address of the list (make before
+    /// break): the new generation is published, and the old connection is returned for its
+    /// owner to close once nothing it carries is still waiting (`None` when the link was not
+    /// up, so nothing was replaced).
+    ///
+    /// # Errors
+    /// The [`BrokerError`] of the new connection; the current one then stays, and the next
+    /// rotation is due after another lifetime.
+    pub async fn rotate(&self) -> Result<Option<Arc<Connection>>, BrokerError> {
+        let inner = &self.inner;
+        let _swap = inner.swap.lock().await;
+        // A reconnect meanwhile started a new lifetime.
+        if !self.rotation_due() {
+            return Ok(None);
+        }
+        let index = fastrand::usize(..inner.addresses.len());
+        let address = &inner.addresses[index];
+        let connected =
+            broker::connect(&inner.settings, address, &self.process_name, inner.purpose).await;
+        renew_lifetime(inner);
+        let connection = connected?;
+        inner.at.store(index as u64, Ordering::SeqCst);
+        let number = inner.generation.borrow().number + 1;
+        let old = inner.generation.send_replace(Generation {
+            number,
+            connection: Arc::new(connection),
+            address: redact_url(address),
+        });
+        tracing::info!(connection = %inner.name, address = %redact_url(address), generation = number, "connection lifetime over; moved to a new connection");
+        Ok(Some(old.connection))
     }
 
     /// The state now.
@@ -273,6 +321,15 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Starts the lifetime of a new connection: 75-100 % of `max_lifetime`, so that a fleet that
+/// connected together does not move together.
+fn renew_lifetime(inner: &Inner) {
+    *lock(&inner.due_at) = inner
+        .settings
+        .max_lifetime
+        .map(|lifetime| Instant::now() + lifetime.mul_f64(0.75 + 0.25 * fastrand::f64()));
+}
+
 fn set_state(inner: &Inner, next: LinkState) {
     let changed = inner.state.send_if_modified(|state| {
         if *state == LinkState::Closed || *state == next {
@@ -306,8 +363,10 @@ async fn close_connection(connection: &Connection, why: &str) {
 /// The link's life: watch the current connection until it is lost, then replace it.
 async fn supervise(inner: Arc<Inner>, process_name: String) {
     loop {
-        let Some(reason) = watch_until_lost(&inner).await else {
-            return;
+        let reason = match watch_until_lost(&inner).await {
+            Watched::Stopped => return,
+            Watched::Replaced => continue,
+            Watched::Lost(reason) => reason,
         };
         set_state(&inner, LinkState::Down { reason });
         // Whatever is left of the lost connection goes (a reset one is still open).
@@ -320,9 +379,22 @@ async fn supervise(inner: Arc<Inner>, process_name: String) {
     }
 }
 
-/// Follows the current connection; `Some(reason)` once it is lost, `None` when the link stops.
-async fn watch_until_lost(inner: &Inner) -> Option<String> {
-    let connection = inner.generation.borrow().connection.clone();
+/// How watching one connection ended.
+enum Watched {
+    /// The link was closed.
+    Stopped,
+    /// The connection was lost, for this reason.
+    Lost(String),
+    /// A rotation replaced it by a new generation.
+    Replaced,
+}
+
+/// Follows the current connection until it is lost, replaced or the link stops.
+async fn watch_until_lost(inner: &Inner) -> Watched {
+    let (connection, number) = {
+        let generation = inner.generation.borrow();
+        (generation.connection.clone(), generation.number)
+    };
     let mut events = Some(connection.events_listener());
     let mut blocked: Option<String> = connection
         .status()
@@ -341,9 +413,9 @@ async fn watch_until_lost(inner: &Inner) -> Option<String> {
         tokio::select! {
             () = inner.stop.cancelled() => {
                 close_connection(&connection, "closing").await;
-                return None;
+                return Watched::Stopped;
             }
-            () = inner.reset.notified() => return Some("replaced on request".into()),
+            () = inner.reset.notified() => return Watched::Lost("replaced on request".into()),
             event = event => match event {
                 Some(Event::ConnectionBlocked(reason)) => blocked = Some(reason),
                 Some(Event::ConnectionUnblocked) => blocked = None,
@@ -353,8 +425,11 @@ async fn watch_until_lost(inner: &Inner) -> Option<String> {
             },
             _ = poll.tick() => {}
         }
+        if inner.generation.borrow().number != number {
+            return Watched::Replaced;
+        }
         if !connection.status().connected() {
-            return Some(last_error);
+            return Watched::Lost(last_error);
         }
         set_state(
             inner,
@@ -371,6 +446,7 @@ async fn watch_until_lost(inner: &Inner) -> Option<String> {
 /// Connects again, to the next address each attempt, with backoff between attempts. `false`
 /// when the link stopped or gave up.
 async fn reconnect(inner: &Inner, process_name: &str) -> bool {
+    let _swap = inner.swap.lock().await;
     let mut delays = inner.settings.reconnect.delays();
     let mut attempts = 0usize;
     loop {
@@ -390,6 +466,7 @@ async fn reconnect(inner: &Inner, process_name: &str) -> bool {
                     connection: Arc::new(connection),
                     address: redact_url(address),
                 });
+                renew_lifetime(inner);
                 tracing::info!(connection = %inner.name, address = %redact_url(address), generation = number, attempts, "reconnected");
                 set_state(inner, LinkState::Up);
                 return true;

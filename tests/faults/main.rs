@@ -829,3 +829,92 @@ async fn a_worker_that_cannot_settle_during_an_alarm_holds_its_tasks_instead_of_
     assert_eq!(q.dead_count(&client).await, 0);
     worker.shutdown().await.unwrap();
 }
+
+/// The peer ports of the connections on `node` named `prefix` (a new connection, a new port).
+fn connection_ports(node: &BrokerNode, prefix: &str) -> std::collections::HashSet<String> {
+    node.ctl_ok(&[
+        "list_connections",
+        "peer_port",
+        "client_properties",
+        "--no-table-headers",
+        "-q",
+    ])
+    .lines()
+    .filter(|line| line.contains(prefix))
+    .filter_map(|line| line.split_whitespace().next().map(str::to_owned))
+    .collect()
+}
+
+/// Issue 12.2: with a connection lifetime, a worker and a client move to new connections between
+/// tasks (so that connections spread back to a node that returned), and no call fails for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_move_on_after_their_lifetime_without_failing_a_call() {
+    let node = BrokerNode::start("lifetime").await;
+    let q = TestQueue::new("lifetime");
+    let mut broker = BrokerSettings::new(node.url());
+    broker.max_lifetime = Some(Duration::from_secs(1));
+    let (worker_name, client_name) = (unique_name("worker"), unique_name("client"));
+    let worker = q
+        .worker_with(
+            registry(),
+            WorkerSettings {
+                broker: broker.clone(),
+                watchdog_interval: Duration::from_millis(200),
+                name: worker_name.clone(),
+                ..q.worker_settings(2)
+            },
+        )
+        .await;
+    let client = client_at(&q, &node.url(), |s| {
+        s.broker = broker.clone();
+        s.name = client_name.clone();
+    })
+    .await;
+    assert_eq!(client.call(&Echo(json!(0))).await.unwrap(), json!(0));
+    let (worker_before, client_before) = (
+        connection_ports(&node, &worker_name),
+        connection_ports(&node, &client_name),
+    );
+    assert_eq!((worker_before.len(), client_before.len()), (2, 1));
+
+    // Two callers, each a call then a short pause, for a few lifetimes.
+    let until = Instant::now() + Duration::from_secs(6);
+    let mut callers = tokio::task::JoinSet::new();
+    for caller in 0..2 {
+        let client = client.clone();
+        callers.spawn(async move {
+            let mut calls = 0u32;
+            while Instant::now() < until {
+                let echoed = client.call(&Echo(json!([caller, calls]))).await;
+                assert_eq!(echoed.unwrap(), json!([caller, calls]));
+                calls += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            calls
+        });
+    }
+    let mut calls = 0;
+    while let Some(done) = callers.join_next().await {
+        calls += done.unwrap();
+    }
+    eventually(
+        "every connection replaced after its lifetime",
+        Duration::from_secs(20),
+        || async {
+            let worker_now = connection_ports(&node, &worker_name);
+            let client_now = connection_ports(&node, &client_name);
+            worker_now.len() == 2
+                && client_now.len() == 1
+                && worker_now.is_disjoint(&worker_before)
+                && client_now.is_disjoint(&client_before)
+        },
+    )
+    .await;
+    eprintln!("{calls} calls over 6 s of 1 s connection lifetimes: none failed");
+    assert_eq!(consumers_of(&node, &q.name), 1);
+    assert_eq!(
+        client.call(&Echo(json!("end"))).await.unwrap(),
+        json!("end")
+    );
+    worker.shutdown().await.unwrap();
+}

@@ -96,6 +96,8 @@ impl Session {
 pub(crate) enum End {
     Shutdown,
     Lost(String),
+    /// A connection's lifetime is over and nothing is in flight: time to move it.
+    Rotate,
 }
 
 impl Supervisor {
@@ -139,6 +141,11 @@ impl Supervisor {
                 _ = watchdog.tick() => {
                     if holding {
                         continue;
+                    }
+                    if self.shared.in_flight.load(Ordering::SeqCst) == 0
+                        && (self.consume.rotation_due() || self.publish.rotation_due())
+                    {
+                        return End::Rotate;
                     }
                     match self.starving(session).await {
                         Some(problem) if suspicious => return End::Lost(format!("watchdog: {problem}")),

@@ -30,6 +30,18 @@ use crate::outcome::Settler;
 use crate::registry::Registry;
 use crate::settings::{WorkerError, WorkerSettings};
 
+/// Closes a connection a rotation replaced (nothing is in flight on it), bounded.
+async fn retire(rotated: Result<Option<Arc<lapin::Connection>>, warren_shared::BrokerError>) {
+    match rotated {
+        Ok(Some(old)) => {
+            let closing = old.close(200, "connection lifetime over".into());
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), closing).await;
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot open a new connection yet; keeping this one"),
+    }
+}
+
 /// Channels in the pool that publishes outcomes.
 const PUBLISH_CHANNELS: usize = 4;
 
@@ -211,6 +223,12 @@ impl Supervisor {
         loop {
             let reason = match self.consume(&mut session, &shutdown).await {
                 End::Shutdown => break,
+                End::Rotate => {
+                    if self.rotate(&mut session, &shutdown).await? {
+                        continue;
+                    }
+                    break;
+                }
                 End::Lost(reason) => reason,
             };
             tracing::warn!(queue = %self.settings.queue, %reason, "consumer lost; rebuilding it");
@@ -235,6 +253,33 @@ impl Supervisor {
         }
         self.drain(Some(&session)).await;
         Ok(())
+    }
+
+    /// Moves whichever connection has outlived its lifetime to a new one, between tasks (nothing
+    /// is in flight): the publishing one directly, the consuming one with a new session on it.
+    /// `false` when asked to stop meanwhile.
+    async fn rotate(
+        &mut self,
+        session: &mut Session,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, WorkerError> {
+        if self.publish.rotation_due() {
+            retire(self.publish.rotate().await).await;
+        }
+        if self.consume.rotation_due() {
+            session.close().await;
+            retire(self.consume.rotate().await).await;
+            match self.rebuild(shutdown).await {
+                Ok(Some(new)) => *session = new,
+                Ok(None) => return Ok(false),
+                Err(e) => {
+                    self.drain(None).await;
+                    return Err(e);
+                }
+            }
+            self.shared.delivered();
+        }
+        Ok(true)
     }
 
     /// The error of a link that stopped reconnecting.

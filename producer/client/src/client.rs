@@ -47,6 +47,51 @@ pub(crate) struct Inner {
     pub(crate) declared: Mutex<(u64, Declared)>,
 }
 
+/// How often a client with a connection lifetime looks for a moment with nothing in flight.
+const ROTATION_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
+
+impl Inner {
+    fn publishes_in_flight(&self) -> usize {
+        self.settings.max_in_flight_publishes.max(1) - self.publishing.available_permits()
+    }
+}
+
+/// Moves the client to a new connection once the current one has outlived
+/// `broker.max_lifetime`, at a moment when no call waits and no publish is in flight, and closes
+/// the old connection only once the calls that may still get replies on it have ended (within
+/// the call timeout): no call fails because of it.
+async fn rotate_when_idle(inner: std::sync::Weak<Inner>) {
+    loop {
+        tokio::time::sleep(ROTATION_CHECK).await;
+        let Some(inner) = inner.upgrade() else { return };
+        if inner.link.state() == LinkState::Closed {
+            return;
+        }
+        let idle = inner.pending.lock().is_empty() && inner.publishes_in_flight() == 0;
+        if !idle || !inner.link.rotation_due() {
+            continue;
+        }
+        let old = match inner.link.rotate().await {
+            Ok(Some(old)) => old,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot open a new connection yet; keeping this one");
+                continue;
+            }
+        };
+        // Calls that started between the check and the swap may await replies on the old one.
+        let until = tokio::time::Instant::now() + inner.settings.call_timeout;
+        while !inner.pending.lock().is_empty() && tokio::time::Instant::now() < until {
+            tokio::time::sleep(ROTATION_CHECK).await;
+        }
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            old.close(200, "connection lifetime over".into()),
+        )
+        .await;
+    }
+}
+
 /// A handle to Warren: cheap to clone, `Send + Sync`, made for thousands of concurrent calls.
 #[derive(Clone)]
 pub struct Client {
@@ -116,6 +161,9 @@ impl Client {
             pending,
             declared: Mutex::new((0, HashMap::new())),
         });
+        if inner.settings.broker.max_lifetime.is_some() {
+            tokio::spawn(rotate_when_idle(Arc::downgrade(&inner)));
+        }
         Ok(Self { inner })
     }
 
@@ -356,8 +404,7 @@ impl Client {
     /// Publishes sent and not yet confirmed by the broker; never more than
     /// [`ClientSettings::max_in_flight_publishes`].
     pub fn publishes_in_flight(&self) -> usize {
-        self.inner.settings.max_in_flight_publishes.max(1)
-            - self.inner.publishing.available_permits()
+        self.inner.publishes_in_flight()
     }
 
     /// The reply queue of a client in [`ReplyMode::Queue`].
