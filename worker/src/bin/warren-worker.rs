@@ -21,6 +21,11 @@ struct Args {
     /// tried in a shuffled order on connect and every reconnect).
     #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
     amqp_url: String,
+    /// Replace a broker connection older than about this (e.g. `30m`), between tasks, by one
+    /// to a random address, so connections spread back to a cluster node that returned;
+    /// default: keep a connection until it is lost.
+    #[arg(long, env = "WARREN_CONNECTION_LIFETIME", value_parser = humantime::parse_duration)]
+    connection_lifetime: Option<Duration>,
     /// Work queue to consume.
     #[arg(long, env = "WARREN_QUEUE", default_value = DEFAULT_QUEUE)]
     queue: String,
@@ -94,6 +99,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 max_attempts: args.reconnect_max_attempts,
                 ..Reconnect::default()
             },
+            max_lifetime: args.connection_lifetime,
             ..BrokerSettings::new(args.amqp_url)
         },
         watchdog_interval: args.watchdog_interval,

@@ -25,6 +25,11 @@ struct Args {
     /// tried in a shuffled order on connect and every reconnect).
     #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
     amqp_url: String,
+    /// Replace a broker connection older than about this (e.g. `30m`), between tasks, by one
+    /// to a random address, so connections spread back to a cluster node that returned;
+    /// default: keep a connection until it is lost.
+    #[arg(long, env = "WARREN_CONNECTION_LIFETIME", value_parser = humantime::parse_duration)]
+    connection_lifetime: Option<Duration>,
     /// Work queue the tasks go to.
     #[arg(long, env = "WARREN_QUEUE", default_value = DEFAULT_QUEUE)]
     queue: String,
@@ -81,7 +86,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on --text {}", args.text))?;
     let client = Client::connect(ClientSettings {
-        broker: BrokerSettings::new(args.amqp_url),
+        broker: BrokerSettings {
+            max_lifetime: args.connection_lifetime,
+            ..BrokerSettings::new(args.amqp_url)
+        },
         queue: args.queue,
         name: warren_shared::broker::process_name("warren-gateway"),
         ..ClientSettings::default()
