@@ -51,7 +51,7 @@ pub struct Reconnect {
     /// Largest delay.
     pub max_delay: Duration,
     /// Give up after this many attempts (`None`: never). A worker that gives up exits non-zero
-    /// so that its supervisor (systemd, Kubernetes) restarts it.
+    /// so that its supervisor (systemd, Kubernetes) restarts it; a client never gives up.
     pub max_attempts: Option<usize>,
 }
 

@@ -363,16 +363,15 @@ async fn close_connection(connection: &Connection, why: &str) {
 /// The link's life: watch the current connection until it is lost, then replace it.
 async fn supervise(inner: Arc<Inner>, process_name: String) {
     loop {
-        let reason = match watch_until_lost(&inner).await {
+        match watch_until_lost(&inner).await {
             Watched::Stopped => return,
             Watched::Replaced => continue,
-            Watched::Lost(reason) => reason,
+            Watched::Lost(reason, old) => {
+                set_state(&inner, LinkState::Down { reason });
+                // Whatever is left of the lost connection goes (a reset one is still open).
+                close_connection(&old, "replaced").await;
+            }
         };
-        set_state(&inner, LinkState::Down { reason });
-        // Whatever is left of the lost connection goes (a reset one is still open).
-        let old = inner.generation.borrow().connection.clone();
-        close_connection(&old, "replaced").await;
-        drop(old);
         if !reconnect(&inner, &process_name).await {
             return;
         }
@@ -384,7 +383,7 @@ enum Watched {
     /// The link was closed.
     Stopped,
     /// The connection was lost, for this reason.
-    Lost(String),
+    Lost(String, Arc<Connection>),
     /// A rotation replaced it by a new generation.
     Replaced,
 }
@@ -415,7 +414,9 @@ async fn watch_until_lost(inner: &Inner) -> Watched {
                 close_connection(&connection, "closing").await;
                 return Watched::Stopped;
             }
-            () = inner.reset.notified() => return Watched::Lost("replaced on request".into()),
+            () = inner.reset.notified() => {
+                return Watched::Lost("replaced on request".into(), connection);
+            }
             event = event => match event {
                 Some(Event::ConnectionBlocked(reason)) => blocked = Some(reason),
                 Some(Event::ConnectionUnblocked) => blocked = None,
@@ -429,7 +430,7 @@ async fn watch_until_lost(inner: &Inner) -> Watched {
             return Watched::Replaced;
         }
         if !connection.status().connected() {
-            return Watched::Lost(last_error);
+            return Watched::Lost(last_error, connection);
         }
         set_state(
             inner,
