@@ -2,8 +2,14 @@
 //!
 //! Every process opens its connections here, so they all get the same treatment: a name the
 //! management UI shows (`warren-worker@host:pid/consume`), a heartbeat (15 s unless the URL says
-//! otherwise), lapin's auto-recovery, a bounded connect time, and an error that names the broker
-//! (password hidden) and says what to do.
+//! otherwise), a bounded connect time, and an error that names the broker (password hidden) and
+//! says what to do. lapin's own auto-recovery is off: a lost connection is replaced by its
+//! [`Link`](crate::link::Link), the one owner of recovery in a process.
+//!
+//! A broker may be given as several addresses (the nodes of a cluster): `url` holds one AMQP URL
+//! or several separated by commas, each with its own credentials, vhost and TLS server name.
+//! Each process shuffles them once ([`BrokerSettings::shuffled_addresses`]) and its link tries
+//! them in turn, on the first connect and on every reconnect.
 
 use std::time::Duration;
 
@@ -20,7 +26,9 @@ pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(15);
 /// How to reach the broker.
 #[derive(Clone)]
 pub struct BrokerSettings {
-    /// `amqp://user:password@host:port/vhost[?heartbeat=N]`. Never logged with its password.
+    /// `amqp://user:password@host:port/vhost[?heartbeat=N]`, or several such URLs separated by
+    /// commas (the nodes of a cluster, tried in shuffled order; a comma inside a password is
+    /// written `%2C`). Never logged with its password.
     pub url: String,
     /// Used when the URL has no `heartbeat` parameter.
     pub heartbeat: Duration,
@@ -28,6 +36,11 @@ pub struct BrokerSettings {
     pub connect_timeout: Duration,
     /// How a lost connection is re-established.
     pub reconnect: Reconnect,
+    /// When set, a connection older than a jittered 75-100 % of this is replaced, between
+    /// tasks and without failing a call, by one to a random address of the list, so that
+    /// connections spread back over a cluster after a node returns. `None` (the default): a
+    /// connection lives until it is lost.
+    pub max_lifetime: Option<Duration>,
 }
 
 /// Reconnection after a lost connection: exponential backoff with jitter between attempts.
@@ -38,7 +51,7 @@ pub struct Reconnect {
     /// Largest delay.
     pub max_delay: Duration,
     /// Give up after this many attempts (`None`: never). A worker that gives up exits non-zero
-    /// so that its supervisor (systemd, Kubernetes) restarts it.
+    /// so that its supervisor (systemd, Kubernetes) restarts it; a client never gives up.
     pub max_attempts: Option<usize>,
 }
 
@@ -53,25 +66,20 @@ impl Default for Reconnect {
 }
 
 impl Reconnect {
-    /// The delay before attempt `attempt` (1-based): exponential, capped, with up to 50 % jitter
-    /// so that a fleet of workers does not reconnect in lockstep.
-    pub fn delay(&self, attempt: u32) -> Duration {
-        let exponential = self
-            .min_delay
-            .saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1).min(20)));
-        let capped = exponential.min(self.max_delay);
-        let jitter = capped.mul_f64(0.5 * fastrand_fraction());
-        capped.saturating_sub(jitter)
+    /// The delays between reconnect attempts: exponential from `min_delay`, capped at
+    /// `max_delay`, with jitter so that a fleet of workers does not reconnect in lockstep, and
+    /// ending after `max_attempts` (never, when it is `None`).
+    pub fn delays(&self) -> impl Iterator<Item = Duration> + Send + 'static {
+        let builder = backon::ExponentialBuilder::default()
+            .with_min_delay(self.min_delay)
+            .with_max_delay(self.max_delay)
+            .with_jitter();
+        let builder = match self.max_attempts {
+            Some(n) => builder.with_max_times(n),
+            None => builder.without_max_times(),
+        };
+        backon::BackoffBuilder::build(builder)
     }
-}
-
-/// A fraction in [0, 1) from the clock's low bits: enough to spread reconnects apart.
-fn fastrand_fraction() -> f64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    f64::from(nanos % 1000) / 1000.0
 }
 
 impl Default for BrokerSettings {
@@ -81,6 +89,7 @@ impl Default for BrokerSettings {
             heartbeat: DEFAULT_HEARTBEAT,
             connect_timeout: Duration::from_secs(10),
             reconnect: Reconnect::default(),
+            max_lifetime: None,
         }
     }
 }
@@ -88,10 +97,11 @@ impl Default for BrokerSettings {
 impl std::fmt::Debug for BrokerSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BrokerSettings")
-            .field("url", &redact_url(&self.url))
+            .field("url", &self.redacted_url())
             .field("heartbeat", &self.heartbeat)
             .field("connect_timeout", &self.connect_timeout)
             .field("reconnect", &self.reconnect)
+            .field("max_lifetime", &self.max_lifetime)
             .finish()
     }
 }
@@ -105,9 +115,57 @@ impl BrokerSettings {
         }
     }
 
-    /// The URL with its password replaced by `***`, safe to print.
+    /// Settings for several addresses of one broker cluster, other fields default.
+    pub fn from_urls<I, S>(urls: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let urls: Vec<String> = urls.into_iter().map(|u| u.as_ref().to_owned()).collect();
+        Self::new(urls.join(","))
+    }
+
+    /// The URL (every address) with passwords replaced by `***`, safe to print.
     pub fn redacted_url(&self) -> String {
-        redact_url(&self.url)
+        self.urls()
+            .iter()
+            .map(|u| redact_url(u))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The addresses in `url`, in the order given (empty entries skipped).
+    pub fn urls(&self) -> Vec<String> {
+        self.url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The addresses in a random order, for one process: a fleet given the same list spreads
+    /// over the nodes instead of all connecting to the first.
+    ///
+    /// # Errors
+    /// [`BrokerError::InvalidUrl`] when the list is empty or an address does not parse.
+    pub fn shuffled_addresses(&self) -> Result<Vec<String>, BrokerError> {
+        let mut urls = self.urls();
+        if urls.is_empty() {
+            return Err(BrokerError::InvalidUrl {
+                url: self.redacted_url(),
+                reason: "no broker address given".into(),
+            });
+        }
+        for url in &urls {
+            url.parse::<AMQPUri>()
+                .map_err(|reason| BrokerError::InvalidUrl {
+                    url: redact_url(url),
+                    reason,
+                })?;
+        }
+        fastrand::shuffle(&mut urls);
+        Ok(urls)
     }
 }
 
@@ -209,28 +267,29 @@ pub fn process_name(role: &str) -> String {
     format!("{role}@{}:{}", host.to_string_lossy(), std::process::id())
 }
 
-/// Opens a named connection with heartbeat and auto-recovery.
+/// Opens a named connection with a heartbeat to the broker at `address` (one URL of
+/// [`BrokerSettings::url`]). lapin's auto-recovery is left off: the caller's
+/// [`Link`](crate::link::Link) replaces the connection when it is lost.
 ///
 /// `name` is what the management UI shows as the connection's name (see [`process_name`]); the
-/// purpose is appended.
+/// purpose is appended. This is the only place Warren opens a broker connection.
 ///
 /// # Errors
-/// [`BrokerError::InvalidUrl`], [`BrokerError::Connect`] or [`BrokerError::ConnectTimeout`], each
-/// naming the broker with the password hidden.
+/// [`BrokerError::InvalidUrl`], [`BrokerError::Unreachable`], [`BrokerError::Connect`] or
+/// [`BrokerError::ConnectTimeout`], each naming the broker with the password hidden.
 pub async fn connect(
     settings: &BrokerSettings,
+    address: &str,
     name: &str,
     purpose: Purpose,
 ) -> Result<Connection, BrokerError> {
-    let url = settings.redacted_url();
-    let mut uri: AMQPUri =
-        settings
-            .url
-            .parse()
-            .map_err(|reason: String| BrokerError::InvalidUrl {
-                url: url.clone(),
-                reason,
-            })?;
+    let url = redact_url(address);
+    let mut uri: AMQPUri = address
+        .parse()
+        .map_err(|reason: String| BrokerError::InvalidUrl {
+            url: url.clone(),
+            reason,
+        })?;
     if uri.query.heartbeat.is_none() {
         uri.query.heartbeat = Some(u16::try_from(settings.heartbeat.as_secs()).unwrap_or(u16::MAX));
     }
@@ -238,12 +297,11 @@ pub async fn connect(
         uri.query.connection_timeout =
             Some(u64::try_from(settings.connect_timeout.as_millis()).unwrap_or(u64::MAX));
     }
-    // Fail fast when nothing listens: lapin's recovery would otherwise retry the first
-    // connect until the timeout runs out.
-    let address = (uri.authority.host.clone(), uri.authority.port);
+    // Fail fast when nothing listens, with an error that says so.
+    let tcp_address = (uri.authority.host.clone(), uri.authority.port);
     match tokio::time::timeout(
         settings.connect_timeout,
-        tokio::net::TcpStream::connect(address),
+        tokio::net::TcpStream::connect(tcp_address),
     )
     .await
     {
@@ -258,20 +316,8 @@ pub async fn connect(
             });
         }
     }
-    let reconnect = settings.reconnect.clone();
     let properties = ConnectionProperties::default()
-        .with_connection_name(format!("{name}/{}", purpose.as_str()).into())
-        .enable_auto_recover()
-        .configure_backoff(|b| {
-            let b = b
-                .with_min_delay(reconnect.min_delay)
-                .with_max_delay(reconnect.max_delay)
-                .with_jitter();
-            match reconnect.max_attempts {
-                Some(n) => b.with_max_times(n),
-                None => b.without_max_times(),
-            }
-        });
+        .with_connection_name(format!("{name}/{}", purpose.as_str()).into());
     match tokio::time::timeout(
         settings.connect_timeout,
         Connection::connect_uri(uri, properties),
@@ -308,20 +354,52 @@ mod tests {
 
     #[test]
     fn debug_output_hides_the_password() {
-        let s = BrokerSettings::new("amqp://u:hunter2@h:5672/%2f");
+        let s = BrokerSettings::new("amqp://u:hunter2@h:5672/%2f,amqp://v:swordfish@g/%2f");
         assert!(!format!("{s:?}").contains("hunter2"));
+        assert!(!format!("{s:?}").contains("swordfish"));
     }
 
     #[test]
-    fn reconnect_delays_grow_and_stay_under_the_cap() {
+    fn reconnect_delays_grow_stay_under_the_cap_and_end_when_told() {
         let r = Reconnect::default();
+        let delays: Vec<Duration> = r.delays().take(50).collect();
+        assert_eq!(delays.len(), 50, "no attempt limit by default");
+        // Jitter adds up to one delay's worth on top of the exponential step.
+        assert!(delays[0] >= Duration::from_millis(200) && delays[0] <= Duration::from_millis(400));
         assert!(
-            r.delay(1) <= Duration::from_millis(200) && r.delay(1) >= Duration::from_millis(100)
+            delays[2] >= Duration::from_millis(800) && delays[2] <= Duration::from_millis(1600)
         );
-        assert!(
-            r.delay(3) <= Duration::from_millis(800) && r.delay(3) >= Duration::from_millis(400)
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(20)));
+        let limited = Reconnect {
+            max_attempts: Some(3),
+            ..Reconnect::default()
+        };
+        assert_eq!(limited.delays().count(), 3);
+    }
+
+    #[test]
+    fn several_addresses_are_split_shuffled_and_redacted() {
+        let s = BrokerSettings::new("amqp://a:pa@h1:5672/%2f, amqp://b:pb@h2:5673/v,");
+        assert_eq!(
+            s.urls(),
+            vec!["amqp://a:pa@h1:5672/%2f", "amqp://b:pb@h2:5673/v"]
         );
-        assert!(r.delay(50) <= Duration::from_secs(10) && r.delay(50) >= Duration::from_secs(5));
+        assert_eq!(
+            s.redacted_url(),
+            "amqp://a:***@h1:5672/%2f,amqp://b:***@h2:5673/v"
+        );
+        let mut shuffled = s.shuffled_addresses().unwrap();
+        shuffled.sort();
+        assert_eq!(shuffled, s.urls());
+        assert_eq!(BrokerSettings::from_urls(s.urls()).urls(), s.urls());
+        assert!(matches!(
+            BrokerSettings::new(" , ").shuffled_addresses(),
+            Err(BrokerError::InvalidUrl { .. })
+        ));
+        assert!(matches!(
+            BrokerSettings::new("amqp://h1,nonsense://x:y:z").shuffled_addresses(),
+            Err(BrokerError::InvalidUrl { .. })
+        ));
     }
 
     #[test]

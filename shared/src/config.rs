@@ -302,8 +302,9 @@ impl<'de> Deserialize<'de> for Backoff {
 #[derive(Clone, PartialEq, Eq, clap::Args, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerConfig {
-    /// Broker URL (the vhost `/` is `%2f`); `amqps://` for TLS, `?heartbeat=N` overrides
-    /// --heartbeat.
+    /// Broker URL (the vhost `/` is `%2f`), or several separated by commas (cluster nodes,
+    /// tried in a shuffled order on connect and every reconnect); `amqps://` for TLS,
+    /// `?heartbeat=N` overrides --heartbeat.
     #[arg(long, env = "AMQP_URL", hide_env_values = true)]
     pub amqp_url: String,
     /// Heartbeat interval when the URL sets none; a dead peer is noticed after two misses.
@@ -326,6 +327,15 @@ pub struct BrokerConfig {
     #[arg(long, env = "WARREN_RECONNECT_MAX_ATTEMPTS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reconnect_max_attempts: Option<usize>,
+    /// Replace a broker connection older than about this (e.g. `30m`), between tasks, by one
+    /// to a random address, so connections spread back to a cluster node that returned;
+    /// default: keep a connection until it is lost.
+    #[arg(long, env = "WARREN_CONNECTION_LIFETIME", value_parser = humantime::parse_duration)]
+    #[serde(
+        with = "crate::config::humantime_serde::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub connection_lifetime: Option<Duration>,
 }
 
 impl Default for BrokerConfig {
@@ -335,6 +345,7 @@ impl Default for BrokerConfig {
             heartbeat,
             connect_timeout,
             reconnect,
+            max_lifetime,
             ..
         } = BrokerSettings::default();
         Self {
@@ -344,6 +355,7 @@ impl Default for BrokerConfig {
             reconnect_min_delay: reconnect.min_delay,
             reconnect_max_delay: reconnect.max_delay,
             reconnect_max_attempts: reconnect.max_attempts,
+            connection_lifetime: max_lifetime,
         }
     }
 }
@@ -365,6 +377,7 @@ impl BrokerConfig {
             reconnect_min_delay,
             reconnect_max_delay,
             reconnect_max_attempts,
+            connection_lifetime,
         } = self.clone();
         BrokerSettings {
             url: amqp_url,
@@ -375,6 +388,7 @@ impl BrokerConfig {
                 max_delay: reconnect_max_delay,
                 max_attempts: reconnect_max_attempts,
             },
+            max_lifetime: connection_lifetime,
         }
     }
 }

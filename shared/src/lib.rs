@@ -7,10 +7,14 @@
 //! - [`task`]: the [`Task`] trait that names a task type and its result, and the built-in task
 //!   argument types ([`tasks`]).
 //! - [`topology`]: exchange and queue names, and the one idempotent declaration both sides run.
-//! - [`broker`]: broker settings and named connections with heartbeats and auto-recovery.
-//! - [`link`]: the live state of a connection (up, down, blocked, closed), for publishers
-//!   that must wait for it and supervisors that must react to it.
-//! - [`pool`]: a `deadpool` pool of confirm-mode channels over one publishing connection, and the
+//! - [`broker`]: broker settings (one address or several) and named connections with
+//!   heartbeats.
+//! - [`link`]: the one owner of recovery: a connection that is replaced when lost (to the next
+//!   broker address, with jittered backoff), its generations and its live state (up, down,
+//!   blocked, closed), for publishers that must wait for it and for whoever rebuilds channels and
+//!   consumers on each new connection.
+//! - [`pool`]: a `deadpool` pool of confirm-mode channels over one publishing connection (and
+//!   [`pool::LinkPool`], one such pool per generation of a link), and the
 //!   only publish path ([`pool::publish_confirmed`]) that treats a nack or a return as an error.
 //! - [`policy`]: attempts, backoff and time limit of a task, and their per-task headers.
 //! - `config` (feature `config`): the binaries' layered settings (defaults < TOML file <

@@ -18,6 +18,8 @@ use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 
+use crate::link::Link;
+
 /// A boxed future, as returned by a [`ChannelSetup`].
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -84,6 +86,66 @@ pub fn channel_pool(
         .build()
         // `build` fails only when a timeout is set without a runtime; both are set above.
         .unwrap_or_else(|e| unreachable!("deadpool configuration is static: {e}"))
+}
+
+/// A channel pool that follows a [`Link`]: one [`ChannelPool`] per connection generation,
+/// replaced (and the old one dropped with its channels) when the link reconnects.
+pub struct LinkPool {
+    link: Link,
+    size: usize,
+    timeout: Duration,
+    setup: Option<ChannelSetup>,
+    current: std::sync::Mutex<(u64, ChannelPool)>,
+}
+
+impl std::fmt::Debug for LinkPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkPool")
+            .field("size", &self.size)
+            .field("generation", &self.link.generation())
+            .finish_non_exhaustive()
+    }
+}
+
+impl LinkPool {
+    /// A pool of at most `size` channels on the link's current connection, each prepared by
+    /// `setup`; see [`channel_pool`].
+    pub fn new(link: Link, size: usize, timeout: Duration, setup: Option<ChannelSetup>) -> Self {
+        let generation = link.generation();
+        let pool = channel_pool(link.connection(), size, timeout, setup.clone());
+        Self {
+            link,
+            size,
+            timeout,
+            setup,
+            current: std::sync::Mutex::new((generation, pool)),
+        }
+    }
+
+    /// The pool of the link's current connection.
+    pub fn pool(&self) -> ChannelPool {
+        let generation = self.link.generation();
+        let mut current = self
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if current.0 != generation {
+            let pool = channel_pool(
+                self.link.connection(),
+                self.size,
+                self.timeout,
+                self.setup.clone(),
+            );
+            let old = std::mem::replace(&mut *current, (generation, pool));
+            old.1.close();
+        }
+        current.1.clone()
+    }
+
+    /// The link the pool follows.
+    pub fn link(&self) -> &Link {
+        &self.link
+    }
 }
 
 /// One message to publish.

@@ -1,12 +1,12 @@
 //! Warren against broker faults: connections cut and frozen by a relay, a broker restart, a
-//! queue deleted under a worker, a memory alarm. Tests here take turns (a broker restart or an
-//! alarm affects every connection), and each restores the broker even when it fails.
+//! queue deleted under a worker, a memory alarm, a node of several going away. Tests that stop
+//! a broker or raise an alarm do it on a private node of their own ([`BrokerNode`]), never on
+//! the shared broker; relay tests take turns.
 
 // A failed unwrap is how a test says what went wrong.
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use lapin::options::QueueDeleteOptions;
@@ -15,6 +15,7 @@ use tokio::sync::Mutex;
 use warren_client::{CallOptions, Client, ClientSettings, Error, ReplyMode};
 use warren_shared::BrokerSettings;
 use warren_shared::tasks::{Echo, Sleep};
+use warren_tests::node::BrokerNode;
 use warren_tests::relay::Relay;
 use warren_tests::tasks::Record;
 use warren_tests::{TempDir, TestQueue, amqp_url, enqueue_records, eventually, read_runs};
@@ -58,43 +59,6 @@ async fn client_at(q: &TestQueue, url: &str, adjust: impl FnOnce(&mut ClientSett
         adjust(s);
     })
     .await
-}
-
-fn rabbitmqctl(args: &[&str]) {
-    let out = Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl");
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// The broker's relative memory high watermark now (e.g. `0.4`), to put back after an alarm.
-fn watermark() -> String {
-    let out = Command::new("rabbitmqctl")
-        .args(["eval", "vm_memory_monitor:get_vm_memory_high_watermark()."])
-        .output()
-        .expect("rabbitmqctl");
-    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    assert!(
-        text.parse::<f64>().is_ok(),
-        "unexpected watermark {text:?}; refusing to change it"
-    );
-    text
-}
-
-/// Runs `restore` when dropped, so that a failing test still gives the broker back.
-struct Restore(Option<Box<dyn FnOnce()>>);
-
-impl Drop for Restore {
-    fn drop(&mut self) {
-        if let Some(restore) = self.0.take() {
-            restore();
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -339,13 +303,13 @@ async fn the_watchdog_repairs_a_worker_that_stopped_receiving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_restart_mid_batch_loses_no_task() {
-    let _serial = SERIAL.lock().await;
     const TASKS: u64 = 1000;
+    let node = BrokerNode::start("restart").await;
     let q = TestQueue::new("restart");
     let dir = TempDir::new("restart");
     let log = dir.0.join("runs.log");
-    let worker = q.worker(registry(), 8).await;
-    let client = q.client().await;
+    let worker = worker_at(&q, &node.url(), 8).await;
+    let client = client_at(&q, &node.url(), |_| {}).await;
     enqueue_records(&client, &log, 0..TASKS, 5, None).await;
 
     eventually(
@@ -354,11 +318,8 @@ async fn a_broker_restart_mid_batch_loses_no_task() {
         || async { read_runs(&log).len() as u64 >= TASKS / 3 },
     )
     .await;
-    let _restore = Restore(Some(Box::new(|| {
-        let _ = Command::new("rabbitmqctl").arg("start_app").output();
-    })));
-    rabbitmqctl(&["stop_app"]);
-    rabbitmqctl(&["start_app"]);
+    node.stop_app();
+    node.start_app();
 
     eventually("every task to run", Duration::from_secs(120), || async {
         read_runs(&log).len() as u64 == TASKS
@@ -380,31 +341,22 @@ async fn a_broker_restart_mid_batch_loses_no_task() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_memory_alarm_fails_publishes_clearly_while_consumers_keep_acking() {
-    let _serial = SERIAL.lock().await;
+    let node = BrokerNode::start("alarm").await;
     let q = TestQueue::new("alarm");
     let dir = TempDir::new("alarm");
     let log = dir.0.join("runs.log");
-    let client = q
-        .client_with(|s: &mut ClientSettings| {
-            s.reconnect_wait = Duration::from_secs(2);
-            s.publish_timeout = Duration::from_secs(2);
-        })
-        .await;
+    let client = client_at(&q, &node.url(), |s| {
+        s.reconnect_wait = Duration::from_secs(2);
+        s.publish_timeout = Duration::from_secs(2);
+    })
+    .await;
     client.declare_queue(&q.name).await.unwrap();
     // Work queued before the alarm, slow enough to still be running during it.
     enqueue_records(&client, &log, 0..40, 100, None).await;
-    let worker = q.worker(registry(), 1).await;
+    let worker = worker_at(&q, &node.url(), 1).await;
 
-    let original = watermark();
-    let _restore = Restore(Some(Box::new({
-        let original = original.clone();
-        move || {
-            let _ = Command::new("rabbitmqctl")
-                .args(["set_vm_memory_high_watermark", &original])
-                .output();
-        }
-    })));
-    rabbitmqctl(&["set_vm_memory_high_watermark", "0.0000001"]);
+    let original = "0.4";
+    node.ctl_ok(&["set_vm_memory_high_watermark", "0.0000001"]);
     let done_at_alarm = read_runs(&log).len();
 
     let started = Instant::now();
@@ -426,12 +378,11 @@ async fn a_memory_alarm_fails_publishes_clearly_while_consumers_keep_acking() {
 
     // A producer faster than the broker accepts is held at its bound of publishes in flight
     // (the rest wait their turn), not buffered without limit.
-    let bounded = q
-        .client_with(|s: &mut ClientSettings| {
-            s.max_in_flight_publishes = 4;
-            s.publish_timeout = Duration::from_secs(1);
-        })
-        .await;
+    let bounded = client_at(&q, &node.url(), |s| {
+        s.max_in_flight_publishes = 4;
+        s.publish_timeout = Duration::from_secs(1);
+    })
+    .await;
     let mut flood = tokio::task::JoinSet::new();
     for i in 0..20 {
         let bounded = bounded.clone();
@@ -451,8 +402,8 @@ async fn a_memory_alarm_fails_publishes_clearly_while_consumers_keep_acking() {
         );
     }
 
-    rabbitmqctl(&["set_vm_memory_high_watermark", &original]);
-    let client = q.client().await;
+    node.ctl_ok(&["set_vm_memory_high_watermark", original]);
+    let client = client_at(&q, &node.url(), |_| {}).await;
     let options = CallOptions::default().timeout(Duration::from_secs(20));
     assert_eq!(
         client
@@ -537,7 +488,7 @@ async fn a_client_replaces_a_connection_whose_recovery_gave_up() {
     let q = TestQueue::new("client-replace");
     let worker = q.worker(registry(), 2).await;
     let client = client_at(&q, &relay.url(5), |s| {
-        // lapin tries once, then gives up: the client's own supervisor must take over.
+        // An attempt limit is for workers: a client keeps reconnecting for as long as it lives.
         s.broker.reconnect.max_attempts = Some(1);
         // Long enough for the supervisor's backoff (up to 10 s between attempts) twice over.
         s.reconnect_wait = Duration::from_secs(60);
@@ -548,9 +499,9 @@ async fn a_client_replaces_a_connection_whose_recovery_gave_up() {
     relay.refuse();
     relay.cut();
     eventually(
-        "lapin to give up on the connection",
+        "the client to see the connection lost",
         Duration::from_secs(30),
-        || async { client.link_state() == warren_shared::link::LinkState::Closed },
+        || async { !client.link_state().is_up() },
     )
     .await;
     let call = {
@@ -616,4 +567,354 @@ async fn private_node_stops_and_starts() {
         .unwrap();
     assert!(again.status().connected());
     let _ = again.close(200, "done".into()).await;
+}
+
+/// The client properties of the connections on `node` whose client-given name (the process
+/// name given in settings, see `connection_name`) contains `prefix`, one line each.
+fn connections_named(node: &BrokerNode, prefix: &str) -> Vec<String> {
+    node.ctl_ok(&[
+        "list_connections",
+        "client_properties",
+        "--no-table-headers",
+        "-q",
+    ])
+    .lines()
+    .filter(|line| line.contains(prefix))
+    .map(str::to_owned)
+    .collect()
+}
+
+/// Consumers on `node` of the queue `queue`.
+fn consumers_of(node: &BrokerNode, queue: &str) -> usize {
+    node.ctl_ok(&["list_consumers", "queue_name", "--no-table-headers", "-q"])
+        .lines()
+        .filter(|line| line.trim() == queue)
+        .count()
+}
+
+/// A name of the test's own for a process's connections, so they can be counted on the node.
+fn unique_name(role: &str) -> String {
+    format!("fault-{role}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Sends one Workerman Text request to the gateway at `addr` and reads its one-line answer.
+async fn text_call(addr: SocketAddr, request: serde_json::Value) -> serde_json::Value {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (read, mut write) = stream.into_split();
+    write
+        .write_all(format!("{request}\n").as_bytes())
+        .await
+        .unwrap();
+    let mut lines = BufReader::new(read).lines();
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("the gateway answers")
+        .unwrap()
+        .expect("an answer line");
+    serde_json::from_str(&line).unwrap()
+}
+
+/// Issue 8.2: after a 45 s broker outage and 40 s of settling, a worker, a client and the
+/// gateway each hold exactly their own connections (worker: consume + publish; client and
+/// gateway: one publish connection each) and the queue exactly one consumer, and 40 new tasks
+/// are all answered (none stuck on a zombie consumer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_long_outage_each_process_holds_exactly_its_own_connections_and_consumers() {
+    let node = BrokerNode::start("outage45").await;
+    let q = TestQueue::new("outage45");
+    let (worker_name, client_name, gateway_name) = (
+        unique_name("worker"),
+        unique_name("client"),
+        unique_name("gateway"),
+    );
+    let worker = q
+        .worker_with(
+            registry(),
+            WorkerSettings {
+                broker: BrokerSettings::new(node.url()),
+                watchdog_interval: Duration::from_secs(2),
+                name: worker_name.clone(),
+                ..q.worker_settings(4)
+            },
+        )
+        .await;
+    let client = client_at(&q, &node.url(), |s| s.name = client_name.clone()).await;
+    let gateway_client = client_at(&q, &node.url(), |s| s.name = gateway_name.clone()).await;
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let text = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let text_addr = text.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let _stop_gateway = stop.clone().drop_guard();
+    let gateway = tokio::spawn(warren_gateway::serve(
+        warren_gateway::GatewaySettings::default(),
+        gateway_client.clone(),
+        http,
+        text,
+        stop.clone(),
+    ));
+    let call = json!({"function": "echo", "args": "before"});
+    assert_eq!(text_call(text_addr, call).await, json!("before"));
+    assert_eq!(client.call(&Echo(json!(0))).await.unwrap(), json!(0));
+
+    node.stop_app();
+    // The outage itself (what is under test), then the time the issue gives processes to settle.
+    tokio::time::sleep(Duration::from_secs(45)).await;
+    node.start_app();
+    tokio::time::sleep(Duration::from_secs(40)).await;
+
+    let options = CallOptions::default().timeout(Duration::from_secs(30));
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..40 {
+        let (client, options) = (client.clone(), options.clone());
+        calls.spawn(async move { client.call_with(&Echo(json!(i)), &options).await });
+    }
+    let mut answered = 0;
+    while let Some(done) = calls.join_next().await {
+        done.unwrap().unwrap();
+        answered += 1;
+    }
+    assert_eq!(answered, 40);
+    let call = json!({"function": "echo", "args": "after"});
+    assert_eq!(text_call(text_addr, call).await, json!("after"));
+
+    let worker_connections = connections_named(&node, &worker_name);
+    assert_eq!(worker_connections.len(), 2, "{worker_connections:?}");
+    assert!(worker_connections.iter().any(|c| c.contains("/consume")));
+    assert!(worker_connections.iter().any(|c| c.contains("/publish")));
+    assert_eq!(connections_named(&node, &client_name).len(), 1);
+    assert_eq!(connections_named(&node, &gateway_name).len(), 1);
+    assert_eq!(consumers_of(&node, &q.name), 1);
+    assert_eq!(worker.health().state, WorkerState::Consuming);
+
+    stop.cancel();
+    let _ = gateway.await;
+    worker.shutdown().await.unwrap();
+}
+
+/// Issue 12.1: a worker and a client given two addresses skip one that does not answer, and
+/// move to the other node when the one they use is stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_and_a_client_with_two_addresses_move_to_the_live_node() {
+    let a = BrokerNode::start("addr-a").await;
+    let b = BrokerNode::start("addr-b").await;
+    // Only `a` serves at first: whichever order each process shuffles the list into, both end
+    // up on `a`, past the address that refuses.
+    b.stop_app();
+    let q = TestQueue::new("two-addresses");
+    let urls = BrokerSettings::from_urls([a.url(), b.url()]);
+    let (worker_name, client_name) = (unique_name("worker"), unique_name("client"));
+    let worker = q
+        .worker_with(
+            registry(),
+            WorkerSettings {
+                broker: urls.clone(),
+                name: worker_name.clone(),
+                ..q.worker_settings(2)
+            },
+        )
+        .await;
+    let client = client_at(&q, &urls.url, |s| s.name = client_name.clone()).await;
+    assert_eq!(client.call(&Echo(json!(1))).await.unwrap(), json!(1));
+    assert_eq!(connections_named(&a, &worker_name).len(), 2);
+    assert_eq!(connections_named(&a, &client_name).len(), 1);
+
+    b.start_app();
+    let stopped = Instant::now();
+    a.stop_app();
+    let options = CallOptions::default().timeout(Duration::from_secs(30));
+    assert_eq!(
+        client.call_with(&Echo(json!(2)), &options).await.unwrap(),
+        json!(2)
+    );
+    eprintln!(
+        "answered on the other node {:?} after the first stopped",
+        stopped.elapsed()
+    );
+    assert_eq!(connections_named(&b, &worker_name).len(), 2);
+    assert_eq!(connections_named(&b, &client_name).len(), 1);
+    assert_eq!(consumers_of(&b, &q.name), 1);
+    worker.shutdown().await.unwrap();
+}
+
+/// Issue 8.8: publishes in flight when the broker force-closes the connection are sent again on
+/// the next connection (or reported as a lost connection), never as "the broker did not accept
+/// the task".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_racing_a_forced_close_are_resent_not_refused() {
+    let node = BrokerNode::start("forced-close").await;
+    let q = TestQueue::new("forced-close");
+    let client = client_at(&q, &node.url(), |_| {}).await;
+    client.declare_queue(&q.name).await.unwrap();
+    let confirmed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut enqueues = tokio::task::JoinSet::new();
+    for i in 0..600 {
+        let (client, confirmed) = (client.clone(), confirmed.clone());
+        enqueues.spawn(async move {
+            let result = client.enqueue(&Echo(json!(i))).await;
+            if result.is_ok() {
+                confirmed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            result
+        });
+    }
+    eventually(
+        "some enqueues confirmed",
+        Duration::from_secs(30),
+        || async { confirmed.load(std::sync::atomic::Ordering::SeqCst) >= 50 },
+    )
+    .await;
+    node.ctl_ok(&["close_all_connections", "forced by the test"]);
+    let (mut ok, mut lost) = (0, 0);
+    while let Some(done) = enqueues.join_next().await {
+        match done.unwrap() {
+            Ok(_) => ok += 1,
+            Err(Error::ConnectionLost | Error::Unavailable(_)) => lost += 1,
+            Err(other) => panic!("a publish racing the close was reported as {other:?}"),
+        }
+    }
+    eprintln!("forced close during 600 enqueues: {ok} confirmed, {lost} reported lost");
+    assert_eq!(ok + lost, 600);
+    // Every confirmed task is in the queue (resent copies may add a few more).
+    let ready = client.queue_stats(&q.name).await.unwrap().ready;
+    assert!(ready as usize >= ok, "{ready} ready, {ok} confirmed");
+}
+
+/// Issue 8.4: during a 60 s memory alarm, a worker whose replies cannot be published stops
+/// taking tasks and publishes once the alarm ends: no task runs more than twice, none is
+/// parked, and every caller gets its one reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_cannot_settle_during_an_alarm_holds_its_tasks_instead_of_rerunning_them() {
+    const CALLS: u64 = 20;
+    let node = BrokerNode::start("alarm-settle").await;
+    let q = TestQueue::new("alarm-settle");
+    let dir = TempDir::new("alarm-settle");
+    let log = dir.0.join("runs.log");
+    let worker = worker_at(&q, &node.url(), 4).await;
+    let client = client_at(&q, &node.url(), |_| {}).await;
+    let options = CallOptions::default().timeout(Duration::from_secs(150));
+    let mut calls = tokio::task::JoinSet::new();
+    for key in 0..CALLS {
+        let (client, options) = (client.clone(), options.clone());
+        let task = Record {
+            key,
+            log: log.to_string_lossy().into_owned(),
+            work_ms: 500,
+            started: None,
+        };
+        calls.spawn(async move { (key, client.call_with(&task, &options).await) });
+    }
+    eventually(
+        "the first tasks to run",
+        Duration::from_secs(30),
+        || async { !read_runs(&log).is_empty() },
+    )
+    .await;
+    node.ctl_ok(&["set_vm_memory_high_watermark", "0.00001"]);
+    // The alarm itself (what is under test).
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    node.ctl_ok(&["set_vm_memory_high_watermark", "0.4"]);
+
+    let mut answered = std::collections::HashSet::new();
+    while let Some(done) = calls.join_next().await {
+        let (key, result) = done.unwrap();
+        assert_eq!(result.unwrap(), key);
+        assert!(answered.insert(key), "two answers for {key}");
+    }
+    assert_eq!(answered.len() as u64, CALLS);
+    let runs = read_runs(&log);
+    let most = runs.values().map(Vec::len).max().unwrap_or(0);
+    eprintln!("60 s alarm over {CALLS} calls: the most runs of one task: {most}");
+    assert!(most <= 2, "a task ran {most} times: {runs:?}");
+    assert_eq!(q.dead_count(&client).await, 0);
+    worker.shutdown().await.unwrap();
+}
+
+/// The peer ports of the connections on `node` named `prefix` (a new connection, a new port).
+fn connection_ports(node: &BrokerNode, prefix: &str) -> std::collections::HashSet<String> {
+    node.ctl_ok(&[
+        "list_connections",
+        "peer_port",
+        "client_properties",
+        "--no-table-headers",
+        "-q",
+    ])
+    .lines()
+    .filter(|line| line.contains(prefix))
+    .filter_map(|line| line.split_whitespace().next().map(str::to_owned))
+    .collect()
+}
+
+/// Issue 12.2: with a connection lifetime, a worker and a client move to new connections between
+/// tasks (so that connections spread back to a node that returned), and no call fails for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_move_on_after_their_lifetime_without_failing_a_call() {
+    let node = BrokerNode::start("lifetime").await;
+    let q = TestQueue::new("lifetime");
+    let mut broker = BrokerSettings::new(node.url());
+    broker.max_lifetime = Some(Duration::from_secs(1));
+    let (worker_name, client_name) = (unique_name("worker"), unique_name("client"));
+    let worker = q
+        .worker_with(
+            registry(),
+            WorkerSettings {
+                broker: broker.clone(),
+                watchdog_interval: Duration::from_millis(200),
+                name: worker_name.clone(),
+                ..q.worker_settings(2)
+            },
+        )
+        .await;
+    let client = client_at(&q, &node.url(), |s| {
+        s.broker = broker.clone();
+        s.name = client_name.clone();
+    })
+    .await;
+    assert_eq!(client.call(&Echo(json!(0))).await.unwrap(), json!(0));
+    let (worker_before, client_before) = (
+        connection_ports(&node, &worker_name),
+        connection_ports(&node, &client_name),
+    );
+    assert_eq!((worker_before.len(), client_before.len()), (2, 1));
+
+    // Two callers, each a call then a short pause, for a few lifetimes.
+    let until = Instant::now() + Duration::from_secs(6);
+    let mut callers = tokio::task::JoinSet::new();
+    for caller in 0..2 {
+        let client = client.clone();
+        callers.spawn(async move {
+            let mut calls = 0u32;
+            while Instant::now() < until {
+                let echoed = client.call(&Echo(json!([caller, calls]))).await;
+                assert_eq!(echoed.unwrap(), json!([caller, calls]));
+                calls += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            calls
+        });
+    }
+    let mut calls = 0;
+    while let Some(done) = callers.join_next().await {
+        calls += done.unwrap();
+    }
+    eventually(
+        "every connection replaced after its lifetime",
+        Duration::from_secs(20),
+        || async {
+            let worker_now = connection_ports(&node, &worker_name);
+            let client_now = connection_ports(&node, &client_name);
+            worker_now.len() == 2
+                && client_now.len() == 1
+                && worker_now.is_disjoint(&worker_before)
+                && client_now.is_disjoint(&client_before)
+        },
+    )
+    .await;
+    eprintln!("{calls} calls over 6 s of 1 s connection lifetimes: none failed");
+    assert_eq!(consumers_of(&node, &q.name), 1);
+    assert_eq!(
+        client.call(&Echo(json!("end"))).await.unwrap(),
+        json!("end")
+    );
+    worker.shutdown().await.unwrap();
 }

@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 use warren_shared::Policy;
 use warren_shared::config::{Backoff, BrokerConfig};
 
-use crate::consumer::{WorkerError, WorkerSettings};
 use crate::mail::Mailer;
+use crate::settings::{WorkerError, WorkerSettings};
 
 /// Where `send_mail` writes `.eml` files when no SMTP relay is set.
 pub const DEFAULT_OUTBOX: &str = "outbox";

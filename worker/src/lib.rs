@@ -7,7 +7,12 @@
 //! - [`registry`]: explicit registration of handlers and of the state they share.
 //! - `execute`: judging one delivery (decode, check, run isolated, time-limit) into an [`Outcome`].
 //! - [`outcome`]: acting on the verdict; the only code that acks.
-//! - [`consumer`]: connections, the consumer loop with prefetch = concurrency, shutdown.
+//! - [`settings`]: [`WorkerSettings`] and [`WorkerError`].
+//! - [`supervisor`]: [`start`] and [`run`]: the worker's two links (consume, publish) and the
+//!   one recovery path that rebuilds its consumer on each new connection.
+//! - `consumer`: the consumer loop with prefetch = concurrency, held while outcomes cannot be
+//!   published; `watchdog`: the starving check; `drain`: shutdown.
+//! - [`health`]: [`Health`] and [`WorkerState`].
 //! - [`config`]: the `warren-worker` binary's flags, `--config` file and defaults.
 //! - [`builtin`] and [`mail`]: the `echo`, `sleep`, `fail` and `send_mail` tasks.
 //!
@@ -24,17 +29,24 @@
 
 pub mod builtin;
 pub mod config;
-pub mod consumer;
+mod consumer;
+mod drain;
 mod execute;
 pub mod handler;
+pub mod health;
 pub mod mail;
 pub mod outcome;
 pub mod registry;
+pub mod settings;
+pub mod supervisor;
+mod watchdog;
 
 pub use builtin::builtin_registry;
 pub use config::WorkerConfig;
-pub use consumer::{Health, RunningWorker, WorkerError, WorkerSettings, WorkerState, run, start};
 pub use handler::{Handler, Retry, TaskContext, TaskError};
+pub use health::{Health, WorkerState};
 pub use mail::Mailer;
 pub use outcome::{DeadReason, Outcome};
 pub use registry::Registry;
+pub use settings::{WorkerError, WorkerSettings};
+pub use supervisor::{RunningWorker, run, start};

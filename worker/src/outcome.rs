@@ -15,10 +15,11 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::FieldTable;
 use tokio::sync::OnceCell;
-use warren_shared::link::Link;
-use warren_shared::pool::{Publication, PublishError, publish_confirmed};
+use tokio_util::sync::CancellationToken;
+use warren_shared::link::{Link, LinkState};
+use warren_shared::pool::{LinkPool, Publication, PublishError, publish_confirmed};
 use warren_shared::protocol::{self, headers};
-use warren_shared::{ChannelPool, Reply, TaskFailure, TaskId, topology};
+use warren_shared::{Reply, TaskFailure, TaskId, topology};
 
 /// Why a task was parked in the dead-letter queue (the `x-warren-dead-reason` header).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,16 +102,20 @@ impl Envelope {
 /// Where settling publishes, and how long it may take.
 #[derive(Debug, Clone)]
 pub(crate) struct Settler {
-    pub(crate) pool: ChannelPool,
-    /// The state of the connection `pool` publishes on.
-    pub(crate) link: Link,
+    /// Channels of the publishing link, following it across reconnects.
+    pub(crate) pool: Arc<LinkPool>,
     pub(crate) queue: String,
     pub(crate) dead_queue: String,
     pub(crate) worker_name: String,
     pub(crate) publish_timeout: Duration,
     /// Delay queues declared so far, by delay.
     pub(crate) retry_queues: Arc<Mutex<HashMap<Duration, Arc<OnceCell<String>>>>>,
+    /// Cancelled when the worker gives up on tasks still running (end of the shutdown grace).
+    pub(crate) abort: CancellationToken,
 }
+
+/// Times an outcome publish is tried again after it failed while the link could not publish.
+const PUBLISH_TRIES: usize = 4;
 
 /// How settling ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -165,20 +170,69 @@ impl Settler {
         let _ = tokio::time::timeout(self.publish_timeout, nack).await;
     }
 
+    fn link(&self) -> &Link {
+        self.pool.link()
+    }
+
+    /// Waits until the publishing link can publish: without bound while the broker blocks
+    /// publishers (an alarm ends; handing the task back would only run it again), at most
+    /// `publish_timeout` while the link reconnects, not at all once it is closed.
+    async fn wait_publishable(&self) -> Result<(), PublishError> {
+        let mut state = self.link().subscribe();
+        let reconnect_until = tokio::time::Instant::now() + self.publish_timeout;
+        loop {
+            let now = state.borrow_and_update().clone();
+            let bounded = match &now {
+                LinkState::Up => return Ok(()),
+                LinkState::Closed => return Err(PublishError::NoChannel(now.to_string())),
+                LinkState::Blocked { .. } => false,
+                LinkState::Down { .. } => true,
+            };
+            tokio::select! {
+                () = self.abort.cancelled() => return Err(PublishError::NoChannel(now.to_string())),
+                () = tokio::time::sleep_until(reconnect_until), if bounded => {
+                    return Err(PublishError::NoChannel(now.to_string()));
+                }
+                changed = state.changed() => {
+                    if changed.is_err() {
+                        return Err(PublishError::NoChannel(now.to_string()));
+                    }
+                }
+            }
+        }
+    }
+
     async fn publish_outcome(
         &self,
         delivery: &Delivery,
         envelope: &Envelope,
         outcome: &Outcome,
     ) -> Result<(), PublishError> {
-        // While the publishing connection recovers, wait for it (bounded) rather than handing
-        // the task straight back: that would only bring it back here at once, over and over.
-        if !self.link.state().is_up() {
-            self.link
-                .wait_up(self.publish_timeout)
-                .await
-                .map_err(|e| PublishError::NoChannel(e.to_string()))?;
+        let mut tries = 0;
+        loop {
+            // While the link cannot publish, wait for it rather than handing the task straight
+            // back: that would only bring it back here (or to a worker as blocked) at once.
+            self.wait_publishable().await?;
+            match self.publish_outcome_once(delivery, envelope, outcome).await {
+                Ok(()) => return Ok(()),
+                // Failed because the broker blocked publishers or the connection went: once it
+                // publishes again, publish again (a duplicate reply or copy is harmless; a
+                // re-run is what this avoids).
+                Err(e) if tries + 1 < PUBLISH_TRIES && !self.link().state().is_up() => {
+                    tries += 1;
+                    tracing::debug!(task.id = %envelope.id, error = %e, "outcome publish failed while the link could not publish; trying again");
+                }
+                Err(e) => return Err(e),
+            }
         }
+    }
+
+    async fn publish_outcome_once(
+        &self,
+        delivery: &Delivery,
+        envelope: &Envelope,
+        outcome: &Outcome,
+    ) -> Result<(), PublishError> {
         let reply = match outcome {
             Outcome::Reply(reply) => reply.clone(),
             Outcome::Retry { delay, failure } => {
@@ -208,6 +262,7 @@ impl Settler {
             .get_or_try_init(|| async {
                 let channel = self
                     .pool
+                    .pool()
                     .get()
                     .await
                     .map_err(|e| PublishError::NoChannel(e.to_string()))?;
@@ -248,7 +303,7 @@ impl Settler {
             properties,
             mandatory: true,
         };
-        publish_confirmed(&self.pool, publication, self.publish_timeout).await
+        publish_confirmed(&self.pool.pool(), publication, self.publish_timeout).await
     }
 
     async fn dead_letter(
@@ -279,7 +334,7 @@ impl Settler {
             properties,
             mandatory: true,
         };
-        publish_confirmed(&self.pool, publication, self.publish_timeout).await
+        publish_confirmed(&self.pool.pool(), publication, self.publish_timeout).await
     }
 
     async fn reply(
@@ -311,6 +366,6 @@ impl Settler {
             properties,
             mandatory: false,
         };
-        publish_confirmed(&self.pool, publication, self.publish_timeout).await
+        publish_confirmed(&self.pool.pool(), publication, self.publish_timeout).await
     }
 }

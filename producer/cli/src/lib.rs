@@ -26,7 +26,8 @@ use warren_client::{CallOptions, Client, ClientSettings};
 #[derive(Debug, Parser)]
 #[command(name = "warren", version)]
 pub struct Cli {
-    /// Broker URL (the vhost `/` is `%2f`).
+    /// Broker URL (the vhost `/` is `%2f`), or several separated by commas (cluster nodes,
+    /// tried in a shuffled order on connect and every reconnect).
     #[arg(long, global = true, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
     pub amqp_url: String,
     /// What to do.

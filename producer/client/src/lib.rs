@@ -3,7 +3,12 @@
 //! The caller's side of Warren, as a library with no server or command-line dependencies.
 //!
 //! - [`client`]: [`Client`], to `call` a task and await its result or `enqueue` it
-//!   fire-and-forget, with typed tasks ([`warren_shared::Task`]) or plain JSON.
+//!   fire-and-forget, with typed tasks ([`warren_shared::Task`]) or plain JSON; its publishing
+//!   link reconnects (to the next broker address) and its channels and reply consumers are
+//!   rebuilt on each new connection.
+//! - [`options`]: [`ClientSettings`], [`ReplyMode`], [`CallOptions`].
+//! - `pending` (calls waiting for replies), `replies` (the reply consumers), `publish` (the
+//!   publish path and what counts as a publish lost with its connection).
 //! - [`error`]: [`Error`], every way a call can end without a result.
 //! - [`dlq`]: list, show, replay and purge tasks parked in a dead-letter queue.
 //!
@@ -22,7 +27,12 @@
 pub mod client;
 pub mod dlq;
 pub mod error;
+pub mod options;
+mod pending;
+mod publish;
+mod replies;
 
-pub use client::{CallOptions, Client, ClientSettings, QueueStats, ReplyMode};
+pub use client::Client;
 pub use dlq::{DeadLetter, Replay};
 pub use error::Error;
+pub use options::{CallOptions, ClientSettings, QueueStats, ReplyMode};

@@ -1,0 +1,131 @@
+//! What a client is made with ([`ClientSettings`], [`ReplyMode`]) and what one call may
+//! override ([`CallOptions`]).
+
+use std::time::Duration;
+
+use warren_shared::broker::{self, BrokerSettings};
+use warren_shared::topology;
+
+/// How a client connects and behaves by default.
+#[derive(Debug, Clone)]
+pub struct ClientSettings {
+    /// Where the broker is (one address or several). The client reconnects for as long as it
+    /// lives: `broker.reconnect.max_attempts` is for workers and is not used here.
+    pub broker: BrokerSettings,
+    /// Queue used when a call does not name one.
+    pub queue: String,
+    /// How long `call` waits for a reply unless told otherwise.
+    pub call_timeout: Duration,
+    /// Bound on one publish, broker confirm included.
+    pub publish_timeout: Duration,
+    /// Pooled channels on the publishing connection.
+    pub channels: usize,
+    /// How long a call or enqueue waits for a lost (or blocked) broker connection to come back
+    /// before failing with [`Error::Unavailable`]. A call also never waits past its timeout.
+    pub reconnect_wait: Duration,
+    /// Publishes awaiting the broker's confirm at once; more wait their turn, so a caller that
+    /// publishes faster than the broker accepts is slowed down instead of buffered without end.
+    pub max_in_flight_publishes: usize,
+    /// How this process appears in the management UI.
+    pub name: String,
+    /// Where replies to calls go.
+    pub replies: ReplyMode,
+}
+
+/// Where the replies to a client's calls go, and what a dropped connection does to calls in
+/// flight.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ReplyMode {
+    /// RabbitMQ's direct reply-to: no queue at all, the fastest. Replies are addressed to the
+    /// connection, so when it drops, every call waiting for a reply fails at once with
+    /// [`Error::ConnectionLost`] (the task itself may still run).
+    #[default]
+    Direct,
+    /// A durable queue of this client's own, `warren.reply.<uuid>`, that outlives a dropped
+    /// connection or a broker restart: calls in flight get their replies after the client
+    /// reconnects. The broker deletes the queue once it has had no consumer for `expires`.
+    Queue {
+        /// How long the queue outlives its client.
+        expires: Duration,
+    },
+}
+
+impl Default for ClientSettings {
+    fn default() -> Self {
+        Self {
+            broker: BrokerSettings::default(),
+            queue: topology::DEFAULT_QUEUE.to_owned(),
+            call_timeout: Duration::from_secs(30),
+            publish_timeout: Duration::from_secs(10),
+            channels: 4,
+            reconnect_wait: Duration::from_secs(30),
+            max_in_flight_publishes: 1024,
+            replies: ReplyMode::Direct,
+            name: broker::process_name("warren-client"),
+        }
+    }
+}
+
+/// Per-call options; unset fields take the client's defaults.
+#[derive(Debug, Clone, Default)]
+pub struct CallOptions {
+    /// The queue to send to.
+    pub queue: Option<String>,
+    /// For `call`: how long to wait for the reply. For both `call` and `enqueue`: the task's
+    /// deadline is now + this, and a worker that gets it later answers `expired` instead of
+    /// running it. `enqueue` sets no deadline unless this is set.
+    pub timeout: Option<Duration>,
+    /// Attempts the task gets in all (overrides the worker's policy for this task).
+    pub max_attempts: Option<u32>,
+    /// Delays between attempts (overrides the worker's policy for this task).
+    pub backoff: Option<Vec<Duration>>,
+    /// Execution time limit of one attempt (overrides the worker's policy for this task).
+    pub time_limit: Option<Duration>,
+}
+
+impl CallOptions {
+    /// Gives the task `attempts` attempts in all.
+    #[must_use]
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.max_attempts = Some(attempts);
+        self
+    }
+
+    /// Waits `backoff[n-1]` before attempt n+1 (the last delay repeats).
+    #[must_use]
+    pub fn backoff(mut self, backoff: Vec<Duration>) -> Self {
+        self.backoff = Some(backoff);
+        self
+    }
+
+    /// Lets one attempt run at most `limit`.
+    #[must_use]
+    pub fn time_limit(mut self, limit: Duration) -> Self {
+        self.time_limit = Some(limit);
+        self
+    }
+
+    /// Sends to `queue`.
+    #[must_use]
+    pub fn queue(mut self, queue: impl Into<String>) -> Self {
+        self.queue = Some(queue.into());
+        self
+    }
+
+    /// Waits at most `timeout` (and sets the deadline accordingly).
+    #[must_use]
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+}
+
+/// A queue's depth and consumers, from a passive declare (exact, unlike the management API's
+/// sampled numbers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Messages ready for delivery (not counting those delivered and not yet acked).
+    pub ready: u32,
+    /// Consumers attached.
+    pub consumers: u32,
+}

@@ -1,0 +1,82 @@
+//! Calls waiting for their reply, by correlation id.
+//!
+//! A call registers its id *before* publishing, so even an instant reply finds it, and removes
+//! it when it returns, times out or is dropped ([`PendingGuard`]). With direct reply-to, a
+//! reply is addressed to the connection the request went out on: when that connection is lost,
+//! every waiting call fails at once with [`Error::ConnectionLost`](crate::Error::ConnectionLost).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use tokio::sync::{oneshot, watch};
+use warren_shared::Reply;
+use warren_shared::link::LinkState;
+
+pub(crate) type ReplySender = oneshot::Sender<Result<Reply, String>>;
+
+/// Calls waiting for their reply, by correlation id.
+#[derive(Debug, Default)]
+pub(crate) struct Pending(Mutex<HashMap<String, ReplySender>>);
+
+impl Pending {
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, ReplySender>> {
+        // A panic while holding this lock cannot leave the map inconsistent (single inserts
+        // and removes), so a poisoned lock is still usable.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Drops every waiting call's sender: each call ends with [`Error::ConnectionLost`].
+    pub(crate) fn fail_all(&self) -> usize {
+        let mut map = self.lock();
+        let n = map.len();
+        map.clear();
+        n
+    }
+
+    pub(crate) fn deliver(&self, correlation_id: &str, reply: Result<Reply, String>) {
+        match self.lock().remove(correlation_id) {
+            Some(tx) => {
+                let _ = tx.send(reply);
+            }
+            None => tracing::debug!(correlation_id, "reply for a call that is no longer waiting"),
+        }
+    }
+}
+
+/// Removes a call's entry when the call ends, however it ends.
+pub(crate) struct PendingGuard<'a> {
+    pub(crate) pending: &'a Pending,
+    pub(crate) id: &'a str,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.pending.lock().remove(self.id);
+    }
+}
+
+/// Ends every waiting call with [`Error::ConnectionLost`](crate::Error::ConnectionLost) when the
+/// connection drops: their direct replies were addressed to the lost connection and can never
+/// arrive. Ends with the link.
+pub(crate) async fn fail_calls_on_disconnect(
+    mut link: watch::Receiver<LinkState>,
+    pending: std::sync::Weak<Pending>,
+) {
+    while link.changed().await.is_ok() {
+        let state = link.borrow_and_update().clone();
+        if matches!(state, LinkState::Down { .. } | LinkState::Closed) {
+            let Some(pending) = pending.upgrade() else {
+                return;
+            };
+            let failed = pending.fail_all();
+            if failed > 0 {
+                tracing::warn!(
+                    calls = failed,
+                    "connection lost: failing the calls waiting for a reply"
+                );
+            }
+        }
+    }
+}

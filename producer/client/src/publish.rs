@@ -1,0 +1,176 @@
+//! Publishing a task: the queue declared once per connection, the `x-warren-*` headers and
+//! properties, a bound on publishes in flight, and the confirm awaited.
+//!
+//! A publish that fails because the connection went (lost, or closed under it while the
+//! publish or its confirm was on its way) is not a refusal by the broker: callers resend it on
+//! the link's next connection ([`lost_connection`]), or report the connection lost.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
+
+use lapin::BasicProperties;
+use lapin::ErrorKind;
+use lapin::types::FieldTable;
+use warren_shared::broker::BrokerError;
+use warren_shared::link::LinkState;
+use warren_shared::policy;
+use warren_shared::pool::{self, Publication, publish_confirmed};
+use warren_shared::protocol::{self, headers};
+use warren_shared::{PublishError, TaskId, topology};
+
+use crate::client::Client;
+use crate::error::Error;
+use crate::options::CallOptions;
+
+/// After a publish lost with its connection, how long to wait for the link to notice before
+/// trying again (it reads its connection's state every 100 ms).
+const RESEND_PAUSE: Duration = Duration::from_millis(250);
+
+/// Whether a failed publish failed with its connection or channel (lost, closed, or raced a
+/// forced close), worth resending once the link is up; never a refusal by the broker (a nack,
+/// a return, a soft channel error such as a missing exchange).
+pub(crate) fn lost_connection(error: &Error) -> bool {
+    match error {
+        Error::ConnectionLost | Error::Publish(PublishError::NoChannel(_)) => true,
+        Error::Publish(PublishError::Channel(e)) => match e.kind() {
+            ErrorKind::ProtocolError(_) => e.is_amqp_hard_error(),
+            ErrorKind::IOError(_)
+            | ErrorKind::InvalidConnectionState(_)
+            | ErrorKind::InvalidChannelState(..)
+            | ErrorKind::InvalidChannel(_)
+            | ErrorKind::MissingHeartbeatError => true,
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+impl Client {
+    /// Waits a little for the link to notice a lost connection, so that the next attempt
+    /// waits for the new one instead of failing on the old one again.
+    pub(crate) async fn pause_after_lost(&self) {
+        let mut state = self.inner.link.subscribe();
+        state.borrow_and_update();
+        let _ = tokio::time::timeout(RESEND_PAUSE, state.changed()).await;
+    }
+
+    pub(crate) async fn channel(
+        &self,
+    ) -> Result<deadpool::managed::Object<pool::ChannelManager>, Error> {
+        self.inner
+            .pool
+            .pool()
+            .get()
+            .await
+            .map_err(|e| Error::Publish(PublishError::NoChannel(e.to_string())))
+    }
+
+    pub(crate) async fn ensure_queue(&self, queue: &str) -> Result<(), Error> {
+        let cell = {
+            let mut declared = self
+                .inner
+                .declared
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let generation = self.inner.link.generation();
+            if declared.0 != generation {
+                *declared = (generation, HashMap::new());
+            }
+            declared.1.entry(queue.to_owned()).or_default().clone()
+        };
+        cell.get_or_try_init(|| async {
+            topology::validate_queue_name(queue).map_err(Error::InvalidQueue)?;
+            let channel = self.channel().await?;
+            topology::declare(&channel, queue)
+                .await
+                .map_err(BrokerError::from)?;
+            Ok::<(), Error>(())
+        })
+        .await?;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn publish(
+        &self,
+        function: &str,
+        body: &[u8],
+        id: &TaskId,
+        options: &CallOptions,
+        deadline: Option<SystemTime>,
+        wants_reply: bool,
+    ) -> Result<(), Error> {
+        let queue = options
+            .queue
+            .as_deref()
+            .unwrap_or(&self.inner.settings.queue);
+        self.ensure_queue(queue).await?;
+        let mut h = FieldTable::default();
+        protocol::set_header_int(&mut h, headers::PROTOCOL, protocol::PROTOCOL_VERSION);
+        protocol::set_header_int(&mut h, headers::ATTEMPT, 1);
+        if let Some(deadline) = deadline {
+            protocol::set_header_int(&mut h, headers::DEADLINE, protocol::epoch_millis(deadline));
+        }
+        if let Some(n) = options.max_attempts {
+            protocol::set_header_int(&mut h, headers::MAX_ATTEMPTS, i64::from(n));
+        }
+        if let Some(backoff) = &options.backoff {
+            protocol::set_header_str(&mut h, headers::BACKOFF, &policy::format_backoff(backoff));
+        }
+        if let Some(limit) = options.time_limit {
+            let ms = i64::try_from(limit.as_millis()).unwrap_or(i64::MAX);
+            protocol::set_header_int(&mut h, headers::TIME_LIMIT, ms);
+        }
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        let mut properties = BasicProperties::default()
+            .with_message_id(id.as_str().into())
+            .with_content_type(protocol::CONTENT_TYPE.into())
+            .with_delivery_mode(2)
+            .with_type(function.into())
+            .with_timestamp(now.as_secs())
+            .with_app_id("warren".into())
+            .with_headers(h);
+        if wants_reply {
+            properties = properties
+                .with_correlation_id(id.as_str().into())
+                .with_reply_to(self.inner.reply_to.as_str().into());
+        }
+        // Bounded publishes in flight: past the limit, callers wait here.
+        let _permit = self
+            .inner
+            .publishing
+            .acquire()
+            .await
+            .map_err(|_| Error::Unavailable("client closed".into()))?;
+        let generation = self.inner.link.generation();
+        let published = publish_confirmed(
+            &self.inner.pool.pool(),
+            Publication {
+                exchange: topology::EXCHANGE,
+                routing_key: queue,
+                body,
+                properties,
+                mandatory: true,
+            },
+            self.inner.settings.publish_timeout,
+        )
+        .await;
+        let link = &self.inner.link;
+        match published {
+            // A broker that blocks publishers never confirms: say so rather than "timeout".
+            Err(PublishError::Timeout(_)) if matches!(link.state(), LinkState::Blocked { .. }) => {
+                Err(Error::Unavailable(link.state().to_string()))
+            }
+            // The connection went while the confirm was awaited: the task may or may not be
+            // in the broker's hands, which is what "connection lost" says.
+            Err(PublishError::Timeout(_))
+                if !link.state().is_up() || link.generation() != generation =>
+            {
+                Err(Error::ConnectionLost)
+            }
+            other => other.map_err(Error::from),
+        }
+    }
+}

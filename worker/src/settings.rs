@@ -1,0 +1,70 @@
+//! How a worker runs ([`WorkerSettings`]) and why it can stop on its own ([`WorkerError`]).
+
+use std::time::Duration;
+
+use warren_shared::broker::{self, BrokerError, BrokerSettings};
+use warren_shared::{Policy, topology};
+
+/// How a worker runs.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// Where the broker is (one address or several), and how to reconnect to it.
+    pub broker: BrokerSettings,
+    /// The work queue to consume.
+    pub queue: String,
+    /// Tasks run at once; also the consumer's prefetch.
+    pub concurrency: u16,
+    /// Attempts, backoff and time limit of functions registered without a policy of their own.
+    /// Keep the time limit well below RabbitMQ's `consumer_timeout` (30 minutes by default),
+    /// past which the broker closes the consuming channel.
+    pub policy: Policy,
+    /// Larger bodies are refused as `too_large` without being parsed.
+    pub max_body_bytes: usize,
+    /// On shutdown, how long in-flight tasks may take to finish before they are handed back.
+    pub shutdown_grace: Duration,
+    /// Bound on publishing one reply, retry or dead letter, confirm included.
+    pub publish_timeout: Duration,
+    /// How often the watchdog checks that an idle worker is not starving next to ready tasks.
+    pub watchdog_interval: Duration,
+    /// How this process appears in the management UI (`warren-worker@host:pid`).
+    pub name: String,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        Self {
+            broker: BrokerSettings::default(),
+            queue: topology::DEFAULT_QUEUE.to_owned(),
+            concurrency: 16,
+            policy: Policy::default(),
+            max_body_bytes: 4 * 1024 * 1024,
+            shutdown_grace: Duration::from_secs(30),
+            publish_timeout: Duration::from_secs(10),
+            watchdog_interval: Duration::from_secs(10),
+            name: broker::process_name("warren-worker"),
+        }
+    }
+}
+
+/// Why a worker stopped other than by being asked to.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkerError {
+    /// The settings cannot work.
+    #[error("invalid worker settings: {0}")]
+    Settings(String),
+    /// Connecting or declaring failed.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    /// The consumer could not be re-established within the configured reconnect attempts.
+    /// The process should exit non-zero so its supervisor restarts it.
+    #[error("gave up consuming {queue:?} after {attempts} attempts: {reason}")]
+    GaveUp {
+        /// The queue consumed.
+        queue: String,
+        /// Rebuild attempts made.
+        attempts: usize,
+        /// The last error.
+        reason: String,
+    },
+}

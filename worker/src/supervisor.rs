@@ -1,0 +1,353 @@
+//! Starting a worker and keeping its consumer alive: the one owner of the worker's recovery.
+//!
+//! A worker holds two [`Link`]s: one consumes (so acks keep flowing when the broker blocks
+//! publishers), one publishes replies, retries and dead letters. Each link replaces its own lost
+//! connection (lapin's auto-recovery is off). The supervisor builds a session (channel, qos,
+//! topology, consumer) on the consuming link's current connection and builds a new one whenever
+//! that connection is replaced, the consumer ends, or the watchdog finds it starving; the old
+//! session is closed first, so the worker holds exactly two connections and one consumer. A
+//! worker that cannot reconnect within [`Reconnect::max_attempts`] stops with
+//! [`WorkerError::GaveUp`] instead of idling as a zombie.
+//!
+//! [`Reconnect::max_attempts`]: warren_shared::broker::Reconnect::max_attempts
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use warren_shared::broker::Purpose;
+use warren_shared::link::{Link, LinkState};
+use warren_shared::pool::LinkPool;
+use warren_shared::topology;
+
+use crate::consumer::{End, Session};
+use crate::execute::Executor;
+use crate::health::{self, Health, Shared, WorkerState};
+use crate::outcome::Settler;
+use crate::registry::Registry;
+use crate::settings::{WorkerError, WorkerSettings};
+
+/// Closes a connection a rotation replaced (nothing is in flight on it), bounded.
+async fn retire(rotated: Result<Option<Arc<lapin::Connection>>, warren_shared::BrokerError>) {
+    match rotated {
+        Ok(Some(old)) => {
+            let closing = old.close(200, "connection lifetime over".into());
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), closing).await;
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot open a new connection yet; keeping this one"),
+    }
+}
+
+/// Channels in the pool that publishes outcomes.
+const PUBLISH_CHANNELS: usize = 4;
+
+/// A started worker: consuming until its shutdown token is cancelled.
+#[derive(Debug)]
+pub struct RunningWorker {
+    shutdown: CancellationToken,
+    join: JoinHandle<Result<(), WorkerError>>,
+    health: watch::Receiver<Health>,
+    shared: Arc<Shared>,
+}
+
+impl RunningWorker {
+    /// Asks the worker to stop (like SIGTERM) without waiting.
+    pub fn stop(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Its health now.
+    pub fn health(&self) -> Health {
+        let mut health = self.health.borrow().clone();
+        health.in_flight = self.shared.in_flight.load(Ordering::SeqCst);
+        health
+    }
+
+    /// A receiver that sees every state change.
+    pub fn health_changes(&self) -> watch::Receiver<Health> {
+        self.health.clone()
+    }
+
+    /// Test hook: the consumer stops taking deliveries while staying connected, the way a
+    /// zombie consumer does, so that tests can see the watchdog repair it.
+    #[doc(hidden)]
+    pub fn simulate_stall(&self) {
+        self.shared.stalled.send_replace(true);
+    }
+
+    /// Waits until the worker has stopped.
+    ///
+    /// # Errors
+    /// The reason the worker stopped on its own, see [`WorkerError`].
+    ///
+    /// # Panics
+    /// When the worker's supervisor panicked (a bug), the panic is resumed here.
+    pub async fn wait(self) -> Result<(), WorkerError> {
+        match self.join.await {
+            Ok(result) => result,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(WorkerError::GaveUp {
+                queue: String::new(),
+                attempts: 0,
+                reason: format!("worker task cancelled: {e}"),
+            }),
+        }
+    }
+
+    /// Stops the worker and waits for it.
+    ///
+    /// # Errors
+    /// As [`RunningWorker::wait`].
+    pub async fn shutdown(self) -> Result<(), WorkerError> {
+        self.stop();
+        self.wait().await
+    }
+}
+
+/// Connects, declares the topology and starts consuming; returns once deliveries can flow.
+///
+/// The worker stops when `shutdown` is cancelled: it cancels its consumer, lets in-flight tasks
+/// finish within [`WorkerSettings::shutdown_grace`], and closes its connections; whatever did
+/// not finish is redelivered by the broker.
+///
+/// # Errors
+/// [`WorkerError::Settings`] or [`WorkerError::Broker`] when it cannot start.
+pub async fn start(
+    settings: WorkerSettings,
+    registry: Registry,
+    shutdown: CancellationToken,
+) -> Result<RunningWorker, WorkerError> {
+    if settings.concurrency == 0 {
+        return Err(WorkerError::Settings(
+            "concurrency must be at least 1".into(),
+        ));
+    }
+    topology::validate_queue_name(&settings.queue).map_err(WorkerError::Settings)?;
+
+    let consume = Link::open(&settings.broker, &settings.name, Purpose::Consume).await?;
+    let publish = Link::open(&settings.broker, &settings.name, Purpose::Publish).await?;
+    let (session, names) = Session::open(&consume, &settings).await?;
+    tracing::info!(
+        queue = %settings.queue,
+        concurrency = settings.concurrency,
+        functions = ?registry.functions(),
+        name = %settings.name,
+        "worker consuming"
+    );
+    let abort = CancellationToken::new();
+    let executor = Executor {
+        state: registry.state(),
+        registry,
+        policy: settings.policy.clone(),
+        max_body_bytes: settings.max_body_bytes,
+        abort: abort.clone(),
+    };
+    let settler = Settler {
+        pool: Arc::new(LinkPool::new(
+            publish.clone(),
+            PUBLISH_CHANNELS,
+            settings.publish_timeout,
+            None,
+        )),
+        queue: settings.queue.clone(),
+        dead_queue: names.dead,
+        worker_name: settings.name.clone(),
+        publish_timeout: settings.publish_timeout,
+        retry_queues: Arc::default(),
+        abort: abort.clone(),
+    };
+    let shared = Arc::new(Shared::default());
+    shared.delivered();
+    let (health_tx, health) = watch::channel(Health::new(WorkerState::Consuming));
+    let supervisor = Supervisor {
+        settings,
+        consume,
+        publish,
+        executor,
+        settler,
+        abort,
+        shared: shared.clone(),
+        health: health_tx,
+        tracker: TaskTracker::new(),
+    };
+    let join = tokio::spawn(supervisor.run(session, shutdown.clone()));
+    Ok(RunningWorker {
+        shutdown,
+        join,
+        health,
+        shared,
+    })
+}
+
+/// Runs a worker until `shutdown` is cancelled ([`start`], then [`RunningWorker::wait`]).
+///
+/// # Errors
+/// See [`start`] and [`RunningWorker::wait`].
+pub async fn run(
+    settings: WorkerSettings,
+    registry: Registry,
+    shutdown: CancellationToken,
+) -> Result<(), WorkerError> {
+    start(settings, registry, shutdown).await?.wait().await
+}
+
+/// The worker's parts, owned by its supervising task.
+pub(crate) struct Supervisor {
+    pub(crate) settings: WorkerSettings,
+    /// Consumes and acks.
+    pub(crate) consume: Link,
+    /// Publishes outcomes (through `settler`).
+    pub(crate) publish: Link,
+    pub(crate) executor: Executor,
+    pub(crate) settler: Settler,
+    pub(crate) abort: CancellationToken,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) health: watch::Sender<Health>,
+    pub(crate) tracker: TaskTracker,
+}
+
+impl Supervisor {
+    pub(crate) fn set_state(&self, state: WorkerState, problem: Option<String>) {
+        health::set_state(&self.health, state, problem);
+    }
+
+    async fn run(
+        mut self,
+        mut session: Session,
+        shutdown: CancellationToken,
+    ) -> Result<(), WorkerError> {
+        loop {
+            let reason = match self.consume(&mut session, &shutdown).await {
+                End::Shutdown => break,
+                End::Rotate => {
+                    if self.rotate(&mut session, &shutdown).await? {
+                        continue;
+                    }
+                    break;
+                }
+                End::Lost(reason) => reason,
+            };
+            tracing::warn!(queue = %self.settings.queue, %reason, "consumer lost; rebuilding it");
+            self.set_state(WorkerState::Recovering, Some(reason.clone()));
+            if !session.close().await && self.consume.state().is_up() {
+                // The old consumer could not be cancelled on a connection that looks fine:
+                // replace the connection, so no consumer is left behind on it.
+                self.consume.reset();
+            }
+            session = match self.rebuild(&shutdown).await {
+                Ok(Some(s)) => s,
+                Ok(None) => break,
+                Err(e) => {
+                    self.drain(None).await;
+                    return Err(e);
+                }
+            };
+            self.shared.stalled.send_replace(false);
+            self.shared.delivered();
+            self.set_state(WorkerState::Consuming, None);
+            tracing::info!(queue = %self.settings.queue, "consuming again");
+        }
+        self.drain(Some(&session)).await;
+        Ok(())
+    }
+
+    /// Moves whichever connection has outlived its lifetime to a new one, between tasks (nothing
+    /// is in flight): the publishing one directly, the consuming one with a new session on it.
+    /// `false` when asked to stop meanwhile.
+    async fn rotate(
+        &mut self,
+        session: &mut Session,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, WorkerError> {
+        if self.publish.rotation_due() {
+            retire(self.publish.rotate().await).await;
+        }
+        if self.consume.rotation_due() {
+            session.close().await;
+            retire(self.consume.rotate().await).await;
+            match self.rebuild(shutdown).await {
+                Ok(Some(new)) => *session = new,
+                Ok(None) => return Ok(false),
+                Err(e) => {
+                    self.drain(None).await;
+                    return Err(e);
+                }
+            }
+            self.shared.delivered();
+        }
+        Ok(true)
+    }
+
+    /// The error of a link that stopped reconnecting.
+    pub(crate) fn gave_up(&self) -> Option<WorkerError> {
+        let reason = self.consume.gave_up().or_else(|| self.publish.gave_up())?;
+        Some(WorkerError::GaveUp {
+            queue: self.settings.queue.clone(),
+            attempts: self.settings.broker.reconnect.max_attempts.unwrap_or(0),
+            reason,
+        })
+    }
+
+    /// A new session once the consuming link is up, retried with backoff; `None` when asked to
+    /// stop meanwhile.
+    async fn rebuild(
+        &mut self,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Session>, WorkerError> {
+        let reconnect = self.settings.broker.reconnect.clone();
+        let mut delays = reconnect.delays();
+        let mut attempts = 0usize;
+        loop {
+            // Wait for a connection that is really there: the link may not have noticed yet
+            // that the one the old session died with is gone.
+            let mut state = self.consume.subscribe();
+            let mut generations = self.consume.generations();
+            loop {
+                let now = state.borrow_and_update().clone();
+                if now == LinkState::Closed
+                    || (now.is_up() && self.consume.connection().status().connected())
+                {
+                    break;
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(None),
+                    _ = state.changed() => {}
+                    _ = generations.changed() => {}
+                }
+            }
+            if let Some(gave_up) = self.gave_up() {
+                tracing::error!(queue = %self.settings.queue, error = %gave_up, "giving up");
+                return Err(gave_up);
+            }
+            let reason = if self.consume.state() == LinkState::Closed {
+                "the consuming connection closed".to_owned()
+            } else {
+                match Session::open(&self.consume, &self.settings).await {
+                    Ok((session, _)) => return Ok(Some(session)),
+                    Err(e) => e.to_string(),
+                }
+            };
+            attempts += 1;
+            if reconnect.max_attempts.is_some_and(|max| attempts >= max) {
+                tracing::error!(queue = %self.settings.queue, %reason, attempts, "giving up");
+                return Err(WorkerError::GaveUp {
+                    queue: self.settings.queue.clone(),
+                    attempts,
+                    reason,
+                });
+            }
+            if attempts == 1 {
+                tracing::warn!(error = %reason, "cannot consume yet; retrying with backoff");
+            }
+            let delay = delays.next().unwrap_or(reconnect.max_delay);
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(None),
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+}
