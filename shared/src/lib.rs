@@ -7,7 +7,9 @@
 //! - [`task`]: the [`Task`] trait that names a task type and its result, and the built-in task
 //!   argument types ([`tasks`]).
 //! - [`topology`]: exchange and queue names, and the one idempotent declaration both sides run.
-//! - [`broker`]: broker settings and named connections with heartbeats and auto-recovery.
+//! - [`broker`]: broker settings and named connections with heartbeats and auto-recovery, TLS
+//!   for `amqps://`, and errors that say what to fix.
+//! - `cli` (feature `cli`): the broker flags the binaries share (URL file, TLS certificates).
 //! - [`link`]: the live state of a connection (up, down, blocked, closed), for publishers
 //!   that must wait for it and supervisors that must react to it.
 //! - [`pool`]: a `deadpool` pool of confirm-mode channels over one publishing connection, and the
@@ -19,6 +21,8 @@
 //! This crate is `warren-shared`, the project's own library; it is not the team notes folder.
 
 pub mod broker;
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod link;
 pub mod policy;
 pub mod pool;

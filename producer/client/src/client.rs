@@ -51,6 +51,12 @@ pub struct ClientSettings {
     pub stuck_after: Duration,
     /// Where replies to calls go.
     pub replies: ReplyMode,
+    /// Whether the client declares the exchange and the work and dead-letter queues before it
+    /// first sends to a queue (idempotent). Turn it off to run as a broker user without
+    /// `configure` permission, once a worker (or an operator) has declared them; a task sent to
+    /// a queue that does not exist then fails as unroutable. With it on, a user who lacks the
+    /// permission gets [`warren_shared::BrokerError::AccessRefused`] naming it.
+    pub declare: bool,
 }
 
 /// Where the replies to a client's calls go, and what a dropped connection does to calls in
@@ -84,6 +90,7 @@ impl Default for ClientSettings {
             replies: ReplyMode::Direct,
             stuck_after: Duration::from_secs(30),
             name: broker::process_name("warren-client"),
+            declare: true,
         }
     }
 }
@@ -663,6 +670,9 @@ impl Client {
         };
         cell.get_or_try_init(|| async {
             topology::validate_queue_name(queue).map_err(Error::InvalidQueue)?;
+            if !self.inner.settings.declare {
+                return Ok(());
+            }
             let channel = self.channel().await?;
             topology::declare(&channel, queue)
                 .await

@@ -10,6 +10,7 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use warren_shared::Policy;
 use warren_shared::broker::{BrokerSettings, DEFAULT_AMQP_URL, Reconnect};
+use warren_shared::cli::BrokerArgs;
 use warren_shared::topology::DEFAULT_QUEUE;
 use warren_worker::{Mailer, WorkerSettings, builtin_registry};
 
@@ -20,6 +21,9 @@ struct Args {
     /// Broker URL (the vhost `/` is `%2f`).
     #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
     amqp_url: String,
+    /// URL file and TLS certificates.
+    #[command(flatten)]
+    broker: BrokerArgs,
     /// Work queue to consume.
     #[arg(long, env = "WARREN_QUEUE", default_value = DEFAULT_QUEUE)]
     queue: String,
@@ -88,13 +92,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None => Mailer::outbox(&args.outbox),
     };
     let settings = WorkerSettings {
-        broker: BrokerSettings {
+        broker: args.broker.apply(BrokerSettings {
             reconnect: Reconnect {
                 max_attempts: args.reconnect_max_attempts,
                 ..Reconnect::default()
             },
             ..BrokerSettings::new(args.amqp_url)
-        },
+        })?,
         watchdog_interval: args.watchdog_interval,
         queue: args.queue,
         concurrency: args.concurrency,

@@ -3,6 +3,7 @@
 //! Flags and environment only; the server is `warren_gateway`.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -12,7 +13,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use warren_client::{Client, ClientSettings};
 use warren_gateway::{Allowlist, GatewaySettings, Limits};
-use warren_shared::broker::{BrokerSettings, DEFAULT_AMQP_URL};
+use warren_shared::broker::{BrokerSettings, DEFAULT_AMQP_URL, read_secret_file};
+use warren_shared::cli::BrokerArgs;
 use warren_shared::topology::DEFAULT_QUEUE;
 
 /// Serves Warren tasks over a websocket (with a web page at /) and over the Workerman Text
@@ -24,6 +26,13 @@ struct Args {
     /// Broker URL (the vhost `/` is `%2f`).
     #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
     amqp_url: String,
+    /// URL file and TLS certificates.
+    #[command(flatten)]
+    broker: BrokerArgs,
+    /// Do not declare the exchange and queues (they must exist): lets the gateway run as a
+    /// broker user without `configure` permission.
+    #[arg(long, env = "WARREN_NO_DECLARE")]
+    no_declare: bool,
     /// Work queue the tasks go to.
     #[arg(long, env = "WARREN_QUEUE", default_value = DEFAULT_QUEUE)]
     queue: String,
@@ -41,6 +50,10 @@ struct Args {
     /// message). No token: anyone who reaches the port may call the allowed functions.
     #[arg(long, env = "WARREN_GATEWAY_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// File holding the token (overrides --token), so that it is not in argv; surrounding
+    /// whitespace and the trailing newline are ignored.
+    #[arg(long, env = "WARREN_GATEWAY_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     /// Largest websocket message or Text line, in bytes.
     #[arg(long, env = "WARREN_GATEWAY_MAX_MESSAGE_BYTES", default_value_t = 1024 * 1024)]
     max_message_bytes: usize,
@@ -73,6 +86,10 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    let token = match &args.token_file {
+        Some(path) => Some(read_secret_file(path)?),
+        None => args.token.filter(|t| !t.is_empty()),
+    };
     let http = TcpListener::bind(args.http)
         .await
         .with_context(|| format!("cannot listen on --http {}", args.http))?;
@@ -80,7 +97,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on --text {}", args.text))?;
     let client = Client::connect(ClientSettings {
-        broker: BrokerSettings::new(args.amqp_url),
+        broker: args.broker.apply(BrokerSettings::new(args.amqp_url))?,
+        declare: !args.no_declare,
         queue: args.queue,
         name: warren_shared::broker::process_name("warren-gateway"),
         ..ClientSettings::default()
@@ -89,7 +107,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let settings = GatewaySettings {
         limits: Limits {
             allow: Allowlist::of(&args.allow),
-            token: args.token.filter(|t| !t.is_empty()),
+            token,
             max_message_bytes: args.max_message_bytes,
             max_in_flight: args.max_in_flight as usize,
             idle_timeout: args.idle_timeout,
