@@ -351,23 +351,54 @@ impl From<lapin::Error> for BrokerError {
     /// A 403 ACCESS_REFUSED becomes [`BrokerError::AccessRefused`] with the permission, resource
     /// and user read from the broker's message; anything else is [`BrokerError::Amqp`].
     fn from(error: lapin::Error) -> Self {
-        match access_refused(&error) {
-            Some(message) => match parse_refusal(&message) {
-                Some((permission, resource, user)) => Self::AccessRefused {
-                    hint: if permission == "configure" {
-                        ", or, when the topology already exists, stop declaring it \
-                         (--no-declare, WARREN_NO_DECLARE=true, ClientSettings::declare = false)"
-                    } else {
-                        ""
-                    },
-                    permission,
+        let Some(message) = access_refused(&error) else {
+            return Self::Amqp(error);
+        };
+        match parse_refusal(&message) {
+            Some((permission, resource, user)) => Self::AccessRefused {
+                hint: hint_for(permission.as_deref()),
+                permission: permission.unwrap_or_else(|| "configure, write or read".into()),
+                resource,
+                user,
+                message,
+            },
+            None => Self::Amqp(error),
+        }
+    }
+}
+
+fn hint_for(permission: Option<&str>) -> &'static str {
+    match permission {
+        Some("configure") => {
+            ", or, when the topology already exists, stop declaring it (--no-declare, \
+             WARREN_NO_DECLARE=true, ClientSettings::declare = false)"
+        }
+        _ => "",
+    }
+}
+
+impl BrokerError {
+    /// Names the permission of an [`BrokerError::AccessRefused`] whose broker message did not
+    /// (RabbitMQ 3.10 omits it for declarations): the caller knows what it was doing, e.g.
+    /// `needing("configure")` after a failed declare. Other errors are returned unchanged.
+    #[must_use]
+    pub fn needing(self, permission: &str) -> Self {
+        match self {
+            Self::AccessRefused {
+                resource,
+                user,
+                message,
+                ..
+            } if parse_refusal(&message).is_some_and(|(named, _, _)| named.is_none()) => {
+                Self::AccessRefused {
+                    hint: hint_for(Some(permission)),
+                    permission: permission.to_owned(),
                     resource,
                     user,
                     message,
-                },
-                None => Self::Amqp(error),
-            },
-            None => Self::Amqp(error),
+                }
+            }
+            other => other,
         }
     }
 }
@@ -382,14 +413,20 @@ fn access_refused(error: &lapin::Error) -> Option<String> {
     }
 }
 
-/// `configure access to queue 'q' in vhost '/' refused for user 'u'` (RabbitMQ's wording)
-/// becomes `("configure", "queue 'q' in vhost '/'", "u")`.
-fn parse_refusal(message: &str) -> Option<(String, String, String)> {
+/// RabbitMQ's wording, `[configure ]access to queue 'q' in vhost '/' refused for user 'u'`,
+/// becomes `(Some("configure"), "queue 'q' in vhost '/'", "u")`. RabbitMQ 3.10 names the
+/// permission only for some operations; the caller knows it for the others
+/// ([`BrokerError::needing`]).
+fn parse_refusal(message: &str) -> Option<(Option<String>, String, String)> {
     let message = message.strip_prefix("ACCESS_REFUSED - ").unwrap_or(message);
-    let (permission, rest) = message.split_once(" access to ")?;
+    let (permission, rest) = match message.split_once("access to ") {
+        Some(("", rest)) => (None, rest),
+        Some((permission, rest)) => (Some(permission.trim().to_owned()), rest),
+        None => return None,
+    };
     let (resource, user) = rest.split_once(" refused for user ")?;
     Some((
-        permission.trim().to_owned(),
+        permission,
         resource.trim().to_owned(),
         user.trim().trim_matches('\'').to_owned(),
     ))
@@ -610,10 +647,16 @@ mod tests {
                  for user 'app'"
             ),
             Some((
-                "configure".into(),
+                Some("configure".into()),
                 "queue 'warren.tasks' in vhost '/'".into(),
                 "app".into()
             ))
+        );
+        assert_eq!(
+            parse_refusal(
+                "ACCESS_REFUSED - access to exchange 'warren' in vhost '/' refused for user 'app'"
+            ),
+            Some((None, "exchange 'warren' in vhost '/'".into(), "app".into()))
         );
         assert_eq!(parse_refusal("ACCESS_REFUSED - something else"), None);
     }

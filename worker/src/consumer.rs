@@ -389,7 +389,9 @@ impl Session {
         settings: &WorkerSettings,
     ) -> Result<Self, BrokerError> {
         let channel = connections.consume.create_channel().await?;
-        let names = topology::declare(&channel, &settings.queue).await?;
+        let names = topology::declare(&channel, &settings.queue)
+            .await
+            .map_err(|e| BrokerError::from(e).needing("configure"))?;
         channel
             .basic_qos(settings.concurrency, BasicQosOptions { global: false })
             .await?;

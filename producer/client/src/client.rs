@@ -676,7 +676,7 @@ impl Client {
             let channel = self.channel().await?;
             topology::declare(&channel, queue)
                 .await
-                .map_err(BrokerError::from)?;
+                .map_err(|e| BrokerError::from(e).needing("configure"))?;
             Ok::<(), Error>(())
         })
         .await?;
