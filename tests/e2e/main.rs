@@ -3,6 +3,7 @@
 // A failed unwrap is how a test says what went wrong.
 #![allow(clippy::unwrap_used)]
 
+mod access;
 mod cli;
 mod core;
 mod gateway;
