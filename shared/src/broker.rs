@@ -264,8 +264,8 @@ pub enum BrokerError {
     /// The broker refused the login: wrong user or password, no access to the vhost, or
     /// `guest` from another host than localhost.
     #[error(
-        "RabbitMQ at {url} refused the login of user {user:?} to vhost {vhost:?}: the user does \
-         not exist, the password is wrong, or the user has no permissions on that vhost. Note \
+        "RabbitMQ at {url} refused the login of user {user:?}: the user does \
+         not exist, the password is wrong, or the user has no permissions on the URL's vhost. Note \
          that the default user `guest` may only log in from localhost; create a user for remote \
          access (see deploy/rabbitmq/users.sh). Broker said: {source}"
     )]
@@ -274,11 +274,9 @@ pub enum BrokerError {
         url: String,
         /// The user name from the URL.
         user: String,
-        /// The vhost from the URL.
-        vhost: String,
-        /// lapin's error.
+        /// lapin's error (boxed: it is large, and this error is rare).
         #[source]
-        source: lapin::Error,
+        source: Box<lapin::Error>,
     },
     /// The TLS handshake with an `amqps://` broker failed.
     #[error(
@@ -579,7 +577,6 @@ pub async fn connect(
         });
     let tls_url = uri.scheme == AMQPScheme::AMQPS;
     let user = uri.authority.userinfo.username.clone();
-    let vhost = uri.vhost.clone();
     match tokio::time::timeout(
         settings.connect_timeout,
         Connection::connect_uri_with_config(uri, properties, tls, runtime),
@@ -590,8 +587,7 @@ pub async fn connect(
         Ok(Err(source)) if access_refused(&source).is_some() => Err(BrokerError::LoginRefused {
             url,
             user,
-            vhost,
-            source,
+            source: Box::new(source),
         }),
         Ok(Err(source)) if tls_url && source.is_io_error() => Err(BrokerError::Tls { url, source }),
         Ok(Err(source)) => Err(BrokerError::Connect { url, source }),

@@ -198,8 +198,7 @@ async fn a_worker_without_configure_permission_is_told_which_permission() {
     )
     .await;
     let err = started
-        .err()
-        .expect("a worker must declare its queues")
+        .expect_err("a worker must declare its queues")
         .to_string();
     assert!(
         err.contains("`configure`") && err.contains(&producer.name),
@@ -223,8 +222,7 @@ async fn a_wrong_password_is_a_refused_login_not_a_missing_broker() {
         ..ClientSettings::default()
     })
     .await
-    .err()
-    .expect("a wrong password is refused");
+    .expect_err("a wrong password is refused");
     assert!(
         matches!(&err, Error::Broker(BrokerError::LoginRefused { user, .. }) if user == "guest"),
         "{err:?}"

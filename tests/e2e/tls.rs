@@ -51,8 +51,7 @@ async fn amqps_to_the_plaintext_port_fails_fast_with_a_tls_error() {
     let started = Instant::now();
     let err = connect(&queue, settings(plain, TlsSettings::default()))
         .await
-        .err()
-        .expect("a TLS handshake with a plaintext AMQP port must fail");
+        .expect_err("a TLS handshake with a plaintext AMQP port must fail");
     assert!(
         matches!(err, Error::Broker(BrokerError::Tls { .. })),
         "{err}"
@@ -214,8 +213,7 @@ async fn a_server_certificate_from_another_ca_is_refused() {
     let queue = TestQueue::new("tls-other-ca");
     let err = connect(&queue, settings(endpoint.url(), ca_only(&ca_file)))
         .await
-        .err()
-        .expect("a certificate from an untrusted CA must be refused");
+        .expect_err("a certificate from an untrusted CA must be refused");
     assert!(
         matches!(err, Error::Broker(BrokerError::Tls { .. })),
         "{err}"
@@ -225,8 +223,7 @@ async fn a_server_certificate_from_another_ca_is_refused() {
     // And without --tls-ca, the test CA is not trusted either (system roots only).
     let err = connect(&queue, settings(endpoint.url(), TlsSettings::default()))
         .await
-        .err()
-        .expect("a private CA is not in the system roots");
+        .expect_err("a private CA is not in the system roots");
     assert!(
         matches!(err, Error::Broker(BrokerError::Tls { .. })),
         "{err}"
