@@ -99,6 +99,12 @@ async fn producer_and_worker_profiles_are_enough_and_a_refused_declare_names_the
         .await
         .expect("call as producer");
     assert_eq!(answer, serde_json::json!("least privilege"));
+    // The gateway's queue depth (a passive declare) needs no permission either.
+    let stats = client
+        .queue_stats(&queue.name)
+        .await
+        .expect("queue stats as producer");
+    assert_eq!(stats.consumers, 1);
     client
         .enqueue_json("echo", serde_json::json!(1))
         .await
