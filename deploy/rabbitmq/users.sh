@@ -28,7 +28,7 @@
 #   role      configure                              write                          read
 #   producer  ^$                                     ^warren$                       ^$
 #   worker    ^(warren|Q|Q\.dead|Q\.retry\..+)$      ^(warren|amq\.default|Q)$      ^(warren|Q)$
-#   operator  ^$                                     ^(warren|amq\.default)$        ^Q\.dead$
+#   operator  ^$                                     ^warren$                       ^Q\.dead$
 #
 # (Q is the work queue with its dots escaped.) Why each one:
 #   producer write warren      publishing a task to the `warren` exchange
@@ -36,7 +36,9 @@
 #   worker write warren, Q     retrying at once through `warren`; binding Q to `warren`
 #   worker write amq.default   replies, delayed retries and parked tasks (default exchange)
 #   worker read warren, Q      binding (read on the exchange) and consuming Q
-#   operator read Q.dead       listing and taking parked tasks; write: replaying them
+#   operator read Q.dead       listing, replaying and purging parked tasks
+#   operator write warren      replaying them to the work queue
+#   operator tag monitoring    the management UI, showing every connection, channel and queue
 # Direct reply-to (`amq.rabbitmq.reply-to`) needs no permission. A producer using a reply queue
 # of its own (ReplyMode::Queue) also needs configure and read on ^warren\.reply\..+$.
 set -euo pipefail
@@ -58,7 +60,7 @@ case "$role" in
     producer) configure='^$'; write='^warren$'; read_='^$'; tags='' ;;
     worker)   configure="^(warren|$q|$q\\.dead|$q\\.retry\\..+)\$"
               write="^(warren|amq\\.default|$q)\$"; read_="^(warren|$q)\$"; tags='' ;;
-    operator) configure='^$'; write='^(warren|amq\.default)$'; read_="^$q\\.dead\$"; tags='monitoring' ;;
+    operator) configure='^$'; write='^warren$'; read_="^$q\\.dead\$"; tags='monitoring' ;;
     *) die "unknown role '$role' (producer, worker or operator)" ;;
 esac
 

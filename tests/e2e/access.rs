@@ -313,3 +313,57 @@ async fn the_gateway_reads_its_token_from_a_file() {
     worker.stop();
     let _ = worker.wait().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_profile_lists_replays_and_purges_dead_letters() {
+    let dir = TempDir::new("operator");
+    let queue = TestQueue::new("operator");
+    let operator = BrokerUser::create("operator", &queue.name, &dir);
+    let worker = queue
+        .worker(builtin_registry(Mailer::outbox(&dir.0)), 2)
+        .await;
+    let client = queue.client().await;
+    let park = warren_client::CallOptions::default().max_attempts(1);
+    for n in 0..2 {
+        let parked = client
+            .call_json_with(
+                "fail",
+                serde_json::json!({"message": format!("park {n}")}),
+                &park,
+            )
+            .await;
+        assert!(parked.is_err(), "{parked:?}");
+    }
+    worker.stop();
+    let _ = worker.wait().await;
+    warren_tests::eventually("two parked tasks", Duration::from_secs(30), || async {
+        queue.dead_count(&client).await == 2
+    })
+    .await;
+
+    let url_file = dir.0.join("operator-url");
+    std::fs::write(&url_file, format!("{}\n", operator.url())).unwrap();
+    let warren = |args: &[&str]| {
+        let out = Command::new(binary("warren"))
+            .arg("--no-declare")
+            .args(args)
+            .args(["--queue", &queue.name])
+            .env_remove("AMQP_URL")
+            .env("WARREN_AMQP_URL_FILE", &url_file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "warren {args:?} as operator: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let listing = warren(&["dlq", "list"]);
+    assert_eq!(listing.lines().count(), 2, "{listing}");
+    let first = listing.split_whitespace().next().unwrap().to_owned();
+    assert_eq!(warren(&["dlq", "replay", &first]).trim(), "replayed 1");
+    assert_eq!(warren(&["dlq", "purge"]).trim(), "purged 1");
+    assert_eq!(queue.dead_count(&client).await, 0);
+    client.close().await;
+}
