@@ -40,8 +40,8 @@ pub struct BrokerSettings {
     pub tls: TlsSettings,
 }
 
-/// Certificates for `amqps://` connections. All files are PEM and read at each connect, so a
-/// renewed certificate is picked up by the next (re)connection.
+/// Certificates for `amqps://` connections. All files are PEM, read each time [`connect`] opens
+/// a connection (lapin's recovery of that connection reuses what was read).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TlsSettings {
     /// CA certificates trusted to sign the broker's certificate, in addition to the system's
@@ -537,16 +537,31 @@ pub async fn connect(
         }
     }
     let runtime = lapin::runtime::default_runtime().map_err(BrokerError::Amqp)?;
-    // Likewise for a TLS handshake that fails (plaintext port, unknown CA): lapin would retry
-    // it until the timeout and report only "timed out". Same code path as lapin's own.
+    // Likewise for a TLS handshake that fails (plaintext port, unknown CA, missing client
+    // certificate): lapin would retry it until the timeout and report only "timed out". The
+    // probe opens TLS the way lapin does and sends the AMQP protocol header: a broker answers
+    // with its first frame, while an endpoint that refuses the client's certificate (which
+    // TLS 1.3 reports only after the handshake) sends an alert or closes.
     if uri.scheme == AMQPScheme::AMQPS {
-        match tokio::time::timeout(
-            settings.connect_timeout,
-            lapin::tcp::AMQPUriTcpExt::connect_with_config_async(&uri, tls.as_ref(), &runtime),
-        )
-        .await
-        {
-            Ok(Ok(_probe)) => {}
+        let probe = async {
+            use futures_lite::{AsyncReadExt, AsyncWriteExt};
+            let mut stream =
+                lapin::tcp::AMQPUriTcpExt::connect_with_config_async(&uri, tls.as_ref(), &runtime)
+                    .await?;
+            stream.write_all(b"AMQP\x00\x00\x09\x01").await?;
+            stream.flush().await?;
+            let mut first = [0u8; 1];
+            match stream.read(&mut first).await? {
+                0 => Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionAborted,
+                    "the server closed the connection right after the TLS handshake (does it \
+                     require a client certificate?)",
+                )),
+                _ => Ok(()),
+            }
+        };
+        match tokio::time::timeout(settings.connect_timeout, probe).await {
+            Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 return Err(BrokerError::Tls {
                     url,

@@ -265,7 +265,13 @@ async fn a_client_certificate_is_presented_when_the_endpoint_requires_one() {
         connect_timeout: Duration::from_secs(3),
         ..settings(endpoint.url(), ca_only(&ca_file))
     };
-    assert!(connect(&queue, without).await.is_err());
+    let err = connect(&queue, without)
+        .await
+        .expect_err("the endpoint requires a client certificate");
+    assert!(
+        matches!(err, Error::Broker(BrokerError::Tls { .. })),
+        "a TLS error, not a timeout: {err}"
+    );
     assert_eq!(
         endpoint.handshakes(),
         accepted,
