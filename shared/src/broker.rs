@@ -10,10 +10,18 @@
 //! or several separated by commas, each with its own credentials, vhost and TLS server name.
 //! Each process shuffles them once ([`BrokerSettings::shuffled_addresses`]) and its link tries
 //! them in turn, on the first connect and on every reconnect.
+//!
+//! `amqps://` URLs are TLS (lapin's rustls backend, the `tls` feature, on by default): the
+//! broker's certificate is verified against the system's roots plus an optional CA file, and a
+//! client certificate is presented when one is configured ([`TlsSettings`], [`tls_config`]). A
+//! build without the feature refuses `amqps://` ([`BrokerError::TlsUnsupported`]) rather than
+//! connecting in plaintext.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use lapin::uri::AMQPUri;
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
+use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{Connection, ConnectionProperties};
 
 /// The broker URL used when `AMQP_URL` is not set. The vhost `/` is written `%2f`.
@@ -41,6 +49,23 @@ pub struct BrokerSettings {
     /// connections spread back over a cluster after a node returns. `None` (the default): a
     /// connection lives until it is lost.
     pub max_lifetime: Option<Duration>,
+    /// Certificates for `amqps://` URLs (ignored for `amqp://`).
+    pub tls: TlsSettings,
+}
+
+/// Certificates for `amqps://` connections. All files are PEM, read each time [`connect`] opens
+/// a connection (lapin's recovery of that connection reuses what was read).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// CA certificates trusted to sign the broker's certificate, in addition to the system's
+    /// roots (for a broker with a private CA). `--tls-ca`, `WARREN_TLS_CA`.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (chain) presented to a broker that requires one; needs `key_file`.
+    /// `--tls-cert`, `WARREN_TLS_CERT`.
+    pub cert_file: Option<PathBuf>,
+    /// Private key of `cert_file` (PKCS#8, PKCS#1 or SEC1, unencrypted). `--tls-key`,
+    /// `WARREN_TLS_KEY`.
+    pub key_file: Option<PathBuf>,
 }
 
 /// Reconnection after a lost connection: exponential backoff with jitter between attempts.
@@ -90,6 +115,7 @@ impl Default for BrokerSettings {
             connect_timeout: Duration::from_secs(10),
             reconnect: Reconnect::default(),
             max_lifetime: None,
+            tls: TlsSettings::default(),
         }
     }
 }
@@ -102,6 +128,7 @@ impl std::fmt::Debug for BrokerSettings {
             .field("connect_timeout", &self.connect_timeout)
             .field("reconnect", &self.reconnect)
             .field("max_lifetime", &self.max_lifetime)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -167,6 +194,82 @@ impl BrokerSettings {
         fastrand::shuffle(&mut urls);
         Ok(urls)
     }
+
+    /// Replaces the URL with the contents of `path` (surrounding whitespace and the trailing
+    /// newline removed), so that the password need not be on the command line
+    /// (`--amqp-url-file`, `WARREN_AMQP_URL_FILE`).
+    ///
+    /// # Errors
+    /// [`BrokerError::SecretFile`] when the file cannot be read or is empty.
+    pub fn with_url_file(mut self, path: &Path) -> Result<Self, BrokerError> {
+        self.url = read_secret_file(path)?;
+        Ok(self)
+    }
+}
+
+/// The contents of a file holding one secret (a broker URL, a token), trimmed of surrounding
+/// whitespace and the trailing newline that editors and `echo` add.
+///
+/// # Errors
+/// [`BrokerError::SecretFile`] when the file cannot be read or holds only whitespace.
+pub fn read_secret_file(path: &Path) -> Result<String, BrokerError> {
+    let text = std::fs::read_to_string(path).map_err(|source| BrokerError::SecretFile {
+        path: path.to_owned(),
+        reason: source.to_string(),
+    })?;
+    let secret = text.trim();
+    if secret.is_empty() {
+        return Err(BrokerError::SecretFile {
+            path: path.to_owned(),
+            reason: "the file is empty".into(),
+        });
+    }
+    Ok(secret.to_owned())
+}
+
+/// Reads the certificate files of `tls` into lapin's TLS configuration.
+///
+/// # Errors
+/// [`BrokerError::TlsFile`] when a file cannot be read or holds no PEM certificate (or key),
+/// or when only one of `cert_file` and `key_file` is set.
+pub fn tls_config(tls: &TlsSettings) -> Result<OwnedTLSConfig, BrokerError> {
+    let read = |path: &Path, what: &'static str, marker: &str| {
+        let text = std::fs::read_to_string(path).map_err(|e| BrokerError::TlsFile {
+            path: path.to_owned(),
+            what,
+            reason: e.to_string(),
+        })?;
+        if !text.contains(marker) {
+            return Err(BrokerError::TlsFile {
+                path: path.to_owned(),
+                what,
+                reason: format!("no PEM block containing {marker:?}"),
+            });
+        }
+        Ok(text)
+    };
+    let cert_chain = match &tls.ca_file {
+        Some(path) => Some(read(path, "CA certificate", "-----BEGIN CERTIFICATE-----")?),
+        None => None,
+    };
+    let identity = match (&tls.cert_file, &tls.key_file) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => Some(OwnedIdentity::PKCS8 {
+            pem: read(cert, "client certificate", "-----BEGIN CERTIFICATE-----")?.into_bytes(),
+            key: read(key, "client key", "PRIVATE KEY-----")?.into_bytes(),
+        }),
+        (Some(path), None) | (None, Some(path)) => {
+            return Err(BrokerError::TlsFile {
+                path: path.clone(),
+                what: "client certificate",
+                reason: "a client certificate needs both --tls-cert and --tls-key".into(),
+            });
+        }
+    };
+    Ok(OwnedTLSConfig {
+        identity,
+        cert_chain,
+    })
 }
 
 /// Why a connection could not be made.
@@ -216,9 +319,173 @@ pub enum BrokerError {
         /// The bound that ran out.
         timeout: Duration,
     },
+    /// The broker refused the login: wrong user or password, no access to the vhost, or
+    /// `guest` from another host than localhost.
+    #[error(
+        "RabbitMQ at {url} refused the login of user {user:?}: the user does \
+         not exist, the password is wrong, or the user has no permissions on the URL's vhost. Note \
+         that the default user `guest` may only log in from localhost; create a user for remote \
+         access (see deploy/rabbitmq/users.sh). Broker said: {source}"
+    )]
+    LoginRefused {
+        /// The URL, password hidden.
+        url: String,
+        /// The user name from the URL.
+        user: String,
+        /// lapin's error (boxed: it is large, and this error is rare).
+        #[source]
+        source: Box<lapin::Error>,
+    },
+    /// The TLS handshake with an `amqps://` broker failed.
+    #[error(
+        "TLS handshake with {url} failed: {source}. Check that the port is the broker's TLS \
+         listener (usually 5671, not the plaintext 5672), that its certificate names the host in \
+         the URL and is signed by a system root or by the CA given with --tls-ca \
+         (WARREN_TLS_CA), and, if the broker requires client certificates, --tls-cert and \
+         --tls-key"
+    )]
+    Tls {
+        /// The URL, password hidden.
+        url: String,
+        /// lapin's error (the TLS or socket error inside).
+        #[source]
+        source: lapin::Error,
+    },
+    /// An `amqps://` URL, but this build has no TLS (built without warren-shared's `tls`
+    /// feature). Warren refuses rather than connect in plaintext.
+    #[error(
+        "{url} asks for TLS, but this build of Warren has no TLS support (built without the \
+         `tls` feature of warren-shared); rebuild with default features, or use amqp://"
+    )]
+    TlsUnsupported {
+        /// The URL, password hidden.
+        url: String,
+    },
+    /// A TLS certificate or key file cannot be used.
+    #[error("cannot use {what} file {}: {reason}", path.display())]
+    TlsFile {
+        /// The file.
+        path: PathBuf,
+        /// Which file it is (CA certificate, client certificate, client key).
+        what: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A file that should hold a secret (`--amqp-url-file`, `--token-file`) cannot be used.
+    #[error("cannot read the secret file {}: {reason}", path.display())]
+    SecretFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The broker refused an operation for lack of a permission (403 ACCESS_REFUSED), for
+    /// instance declaring a queue as a user without `configure` permission.
+    #[error(
+        "the broker refused user {user:?} `{permission}` access to {resource}: grant it (see \
+         deploy/rabbitmq/users.sh for the permissions producers and workers need){hint}. \
+         Broker said: {message}"
+    )]
+    AccessRefused {
+        /// `configure`, `write` or `read`.
+        permission: String,
+        /// What was refused, e.g. `queue 'warren.tasks' in vhost '/'`.
+        resource: String,
+        /// The broker user.
+        user: String,
+        /// How else to avoid the error, if anything (starts with `, or`); may be empty.
+        hint: &'static str,
+        /// The broker's message.
+        message: String,
+    },
     /// An AMQP operation failed after connecting (declaring topology, opening a channel, ...).
     #[error("broker operation failed: {0}")]
-    Amqp(#[from] lapin::Error),
+    Amqp(lapin::Error),
+}
+
+impl From<lapin::Error> for BrokerError {
+    /// A 403 ACCESS_REFUSED becomes [`BrokerError::AccessRefused`] with the permission, resource
+    /// and user read from the broker's message; anything else is [`BrokerError::Amqp`].
+    fn from(error: lapin::Error) -> Self {
+        let Some(message) = access_refused(&error) else {
+            return Self::Amqp(error);
+        };
+        match parse_refusal(&message) {
+            Some((permission, resource, user)) => Self::AccessRefused {
+                hint: hint_for(permission.as_deref()),
+                permission: permission.unwrap_or_else(|| "configure, write or read".into()),
+                resource,
+                user,
+                message,
+            },
+            None => Self::Amqp(error),
+        }
+    }
+}
+
+fn hint_for(permission: Option<&str>) -> &'static str {
+    match permission {
+        Some("configure") => {
+            ", or, when the topology already exists, stop declaring it (--no-declare, \
+             WARREN_NO_DECLARE=true, ClientSettings::declare = false)"
+        }
+        _ => "",
+    }
+}
+
+impl BrokerError {
+    /// Names the permission of an [`BrokerError::AccessRefused`] whose broker message did not
+    /// (RabbitMQ 3.10 omits it for declarations): the caller knows what it was doing, e.g.
+    /// `needing("configure")` after a failed declare. Other errors are returned unchanged.
+    #[must_use]
+    pub fn needing(self, permission: &str) -> Self {
+        match self {
+            Self::AccessRefused {
+                resource,
+                user,
+                message,
+                ..
+            } if parse_refusal(&message).is_some_and(|(named, _, _)| named.is_none()) => {
+                Self::AccessRefused {
+                    hint: hint_for(Some(permission)),
+                    permission: permission.to_owned(),
+                    resource,
+                    user,
+                    message,
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+/// The broker's message when `error` is a 403 ACCESS_REFUSED.
+fn access_refused(error: &lapin::Error) -> Option<String> {
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(e) if e.get_id() == 403 => {
+            Some(e.get_message().to_string())
+        }
+        _ => None,
+    }
+}
+
+/// RabbitMQ's wording, `[configure ]access to queue 'q' in vhost '/' refused for user 'u'`,
+/// becomes `(Some("configure"), "queue 'q' in vhost '/'", "u")`. RabbitMQ 3.10 names the
+/// permission only for some operations; the caller knows it for the others
+/// ([`BrokerError::needing`]).
+fn parse_refusal(message: &str) -> Option<(Option<String>, String, String)> {
+    let message = message.strip_prefix("ACCESS_REFUSED - ").unwrap_or(message);
+    let (permission, rest) = match message.split_once("access to ") {
+        Some(("", rest)) => (None, rest),
+        Some((permission, rest)) => (Some(permission.trim().to_owned()), rest),
+        None => return None,
+    };
+    let (resource, user) = rest.split_once(" refused for user ")?;
+    Some((
+        permission,
+        resource.trim().to_owned(),
+        user.trim().trim_matches('\'').to_owned(),
+    ))
 }
 
 /// `amqp://user:secret@host/` becomes `amqp://user:***@host/`.
@@ -274,9 +541,13 @@ pub fn process_name(role: &str) -> String {
 /// `name` is what the management UI shows as the connection's name (see [`process_name`]); the
 /// purpose is appended. This is the only place Warren opens a broker connection.
 ///
+/// An `amqps://` URL is TLS with the certificates of [`BrokerSettings::tls`].
+///
 /// # Errors
-/// [`BrokerError::InvalidUrl`], [`BrokerError::Unreachable`], [`BrokerError::Connect`] or
-/// [`BrokerError::ConnectTimeout`], each naming the broker with the password hidden.
+/// [`BrokerError::InvalidUrl`], [`BrokerError::Unreachable`], [`BrokerError::Connect`],
+/// [`BrokerError::ConnectTimeout`], [`BrokerError::LoginRefused`], [`BrokerError::Tls`],
+/// [`BrokerError::TlsFile`] or [`BrokerError::TlsUnsupported`], each naming the broker with the
+/// password hidden.
 pub async fn connect(
     settings: &BrokerSettings,
     address: &str,
@@ -290,6 +561,13 @@ pub async fn connect(
             url: url.clone(),
             reason,
         })?;
+    let tls = match &uri.scheme {
+        AMQPScheme::AMQPS if !cfg!(feature = "tls") => {
+            return Err(BrokerError::TlsUnsupported { url });
+        }
+        AMQPScheme::AMQPS => tls_config(&settings.tls)?,
+        AMQPScheme::AMQP => OwnedTLSConfig::default(),
+    };
     if uri.query.heartbeat.is_none() {
         uri.query.heartbeat = Some(u16::try_from(settings.heartbeat.as_secs()).unwrap_or(u16::MAX));
     }
@@ -316,15 +594,63 @@ pub async fn connect(
             });
         }
     }
+    let runtime = lapin::runtime::default_runtime().map_err(BrokerError::Amqp)?;
+    // Likewise for a TLS handshake that fails (plaintext port, unknown CA, missing client
+    // certificate): lapin would retry it until the timeout and report only "timed out". The
+    // probe opens TLS the way lapin does and sends the AMQP protocol header: a broker answers
+    // with its first frame, while an endpoint that refuses the client's certificate (which
+    // TLS 1.3 reports only after the handshake) sends an alert or closes.
+    if uri.scheme == AMQPScheme::AMQPS {
+        let probe = async {
+            use futures_lite::{AsyncReadExt, AsyncWriteExt};
+            let mut stream =
+                lapin::tcp::AMQPUriTcpExt::connect_with_config_async(&uri, tls.as_ref(), &runtime)
+                    .await?;
+            stream.write_all(b"AMQP\x00\x00\x09\x01").await?;
+            stream.flush().await?;
+            let mut first = [0u8; 1];
+            match stream.read(&mut first).await? {
+                0 => Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionAborted,
+                    "the server closed the connection right after the TLS handshake (does it \
+                     require a client certificate?)",
+                )),
+                _ => Ok(()),
+            }
+        };
+        match tokio::time::timeout(settings.connect_timeout, probe).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(BrokerError::Tls {
+                    url,
+                    source: e.into(),
+                });
+            }
+            Err(_) => {
+                return Err(BrokerError::ConnectTimeout {
+                    url,
+                    timeout: settings.connect_timeout,
+                });
+            }
+        }
+    }
     let properties = ConnectionProperties::default()
         .with_connection_name(format!("{name}/{}", purpose.as_str()).into());
+    let tls_url = uri.scheme == AMQPScheme::AMQPS;
+    let user = uri.authority.userinfo.username.clone();
     match tokio::time::timeout(
         settings.connect_timeout,
-        Connection::connect_uri(uri, properties),
+        Connection::connect_uri_with_config(uri, properties, tls, runtime),
     )
     .await
     {
         Ok(Ok(connection)) => Ok(connection),
+        Ok(Err(source)) if access_refused(&source).is_some() => Err(BrokerError::LoginRefused {
+            url,
+            user,
+            source: Box::new(source),
+        }),
+        Ok(Err(source)) if tls_url && source.is_io_error() => Err(BrokerError::Tls { url, source }),
         Ok(Err(source)) => Err(BrokerError::Connect { url, source }),
         Err(_) => Err(BrokerError::ConnectTimeout {
             url,
@@ -399,6 +725,73 @@ mod tests {
         assert!(matches!(
             BrokerSettings::new("amqp://h1,nonsense://x:y:z").shuffled_addresses(),
             Err(BrokerError::InvalidUrl { .. })
+        ));
+    }
+
+    #[test]
+    fn refusals_name_permission_resource_and_user() {
+        assert_eq!(
+            parse_refusal(
+                "ACCESS_REFUSED - configure access to queue 'warren.tasks' in vhost '/' refused \
+                 for user 'app'"
+            ),
+            Some((
+                Some("configure".into()),
+                "queue 'warren.tasks' in vhost '/'".into(),
+                "app".into()
+            ))
+        );
+        assert_eq!(
+            parse_refusal(
+                "ACCESS_REFUSED - access to exchange 'warren' in vhost '/' refused for user 'app'"
+            ),
+            Some((None, "exchange 'warren' in vhost '/'".into(), "app".into()))
+        );
+        assert_eq!(parse_refusal("ACCESS_REFUSED - something else"), None);
+    }
+
+    #[test]
+    fn secret_files_are_trimmed_and_must_not_be_empty() {
+        let dir = std::env::temp_dir().join(format!("warren-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("url");
+        std::fs::write(&file, "amqp://u:p@h/%2f\n").expect("write");
+        let s = BrokerSettings::default()
+            .with_url_file(&file)
+            .expect("readable");
+        assert_eq!(s.url, "amqp://u:p@h/%2f");
+        std::fs::write(&file, "\n").expect("write");
+        assert!(matches!(
+            read_secret_file(&file),
+            Err(BrokerError::SecretFile { .. })
+        ));
+        assert!(matches!(
+            read_secret_file(&dir.join("missing")),
+            Err(BrokerError::SecretFile { .. })
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_client_certificate_needs_its_key() {
+        let tls = TlsSettings {
+            cert_file: Some("/nonexistent/cert.pem".into()),
+            ..TlsSettings::default()
+        };
+        assert!(matches!(tls_config(&tls), Err(BrokerError::TlsFile { .. })));
+        assert_eq!(
+            tls_config(&TlsSettings::default()).ok(),
+            Some(OwnedTLSConfig::default())
+        );
+    }
+
+    #[cfg(not(feature = "tls"))]
+    #[tokio::test]
+    async fn a_build_without_tls_refuses_amqps() {
+        let s = BrokerSettings::new("amqps://guest:guest@127.0.0.1:5671/%2f");
+        assert!(matches!(
+            connect(&s, &s.url, "test", Purpose::Publish).await,
+            Err(BrokerError::TlsUnsupported { .. })
         ));
     }
 

@@ -42,7 +42,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
 
-use crate::broker::{BrokerSettings, Reconnect};
+use crate::broker::{BrokerError, BrokerSettings, Reconnect};
+use crate::cli::BrokerArgs;
 
 /// Re-exported for the config structs' duration fields:
 /// `#[serde(with = "warren_shared::config::humantime_serde")]`.
@@ -336,6 +337,24 @@ pub struct BrokerConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub connection_lifetime: Option<Duration>,
+    /// File holding the broker URL (overrides amqp_url); keeps the password out of argv and
+    /// the environment. Surrounding whitespace and the trailing newline are ignored.
+    #[arg(long, env = "WARREN_AMQP_URL_FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub amqp_url_file: Option<PathBuf>,
+    /// PEM file of CA certificates that sign the broker's certificate, trusted in addition to
+    /// the system's roots (`amqps://` only).
+    #[arg(long, env = "WARREN_TLS_CA")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate for a broker that requires one (`amqps://` only; needs tls_key).
+    #[arg(long, env = "WARREN_TLS_CERT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of tls_cert (unencrypted).
+    #[arg(long, env = "WARREN_TLS_KEY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for BrokerConfig {
@@ -346,6 +365,7 @@ impl Default for BrokerConfig {
             connect_timeout,
             reconnect,
             max_lifetime,
+            tls,
             ..
         } = BrokerSettings::default();
         Self {
@@ -356,6 +376,10 @@ impl Default for BrokerConfig {
             reconnect_max_delay: reconnect.max_delay,
             reconnect_max_attempts: reconnect.max_attempts,
             connection_lifetime: max_lifetime,
+            amqp_url_file: None,
+            tls_ca: tls.ca_file,
+            tls_cert: tls.cert_file,
+            tls_key: tls.key_file,
         }
     }
 }
@@ -363,13 +387,28 @@ impl Default for BrokerConfig {
 impl fmt::Debug for BrokerConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // BrokerSettings hides the password.
-        fmt::Debug::fmt(&self.to_settings(), f)
+        fmt::Debug::fmt(&self.base_settings(), f)
     }
 }
 
 impl BrokerConfig {
-    /// The library's broker settings.
-    pub fn to_settings(&self) -> BrokerSettings {
+    /// The library's broker settings, with the URL read from `amqp_url_file` when one is set
+    /// and the TLS files applied.
+    ///
+    /// # Errors
+    /// [`BrokerError::SecretFile`] when the URL file cannot be read or is empty.
+    pub fn to_settings(&self) -> Result<BrokerSettings, BrokerError> {
+        BrokerArgs {
+            amqp_url_file: self.amqp_url_file.clone(),
+            tls_ca: self.tls_ca.clone(),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+        }
+        .apply(self.base_settings())
+    }
+
+    /// The settings without reading any file (for `Debug`).
+    fn base_settings(&self) -> BrokerSettings {
         let Self {
             amqp_url,
             heartbeat,
@@ -378,6 +417,10 @@ impl BrokerConfig {
             reconnect_max_delay,
             reconnect_max_attempts,
             connection_lifetime,
+            amqp_url_file: _,
+            tls_ca: _,
+            tls_cert: _,
+            tls_key: _,
         } = self.clone();
         BrokerSettings {
             url: amqp_url,
@@ -389,6 +432,7 @@ impl BrokerConfig {
                 max_attempts: reconnect_max_attempts,
             },
             max_lifetime: connection_lifetime,
+            ..BrokerSettings::default()
         }
     }
 }

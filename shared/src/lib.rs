@@ -8,7 +8,8 @@
 //!   argument types ([`tasks`]).
 //! - [`topology`]: exchange and queue names, and the one idempotent declaration both sides run.
 //! - [`broker`]: broker settings (one address or several) and named connections with
-//!   heartbeats.
+//!   heartbeats, TLS for `amqps://`, and errors that say what to fix.
+//! - `cli` (feature `cli`): the broker flags the binaries share (URL file, TLS certificates).
 //! - [`link`]: the one owner of recovery: a connection that is replaced when lost (to the next
 //!   broker address, with jittered backoff), its generations and its live state (up, down,
 //!   blocked, closed), for publishers that must wait for it and for whoever rebuilds channels and
@@ -25,6 +26,8 @@
 //! This crate is `warren-shared`, the project's own library; it is not the team notes folder.
 
 pub mod broker;
+#[cfg(feature = "cli")]
+pub mod cli;
 #[cfg(feature = "config")]
 pub mod config;
 pub mod link;

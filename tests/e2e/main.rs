@@ -3,9 +3,11 @@
 // A failed unwrap is how a test says what went wrong.
 #![allow(clippy::unwrap_used)]
 
+mod access;
 mod cli;
 mod config;
 mod core;
 mod gateway;
 mod processes;
 mod reliability;
+mod tls;

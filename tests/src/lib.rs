@@ -7,6 +7,7 @@
 //! - in-process workers and clients on those queues;
 //! - the built binaries (`warren`, `warren-worker`) as child processes that are always stopped;
 //! - a private RabbitMQ node ([`node`]) for tests that stop a broker or raise an alarm;
+//! - a test CA and a TLS endpoint in front of the broker ([`tls`]) for `amqps://`;
 //! - polling a real broker condition with a bound, for the few places where no event exists.
 
 pub mod node;
@@ -14,6 +15,7 @@ pub mod raw;
 pub mod relay;
 pub mod smtp;
 pub mod tasks;
+pub mod tls;
 
 use std::future::Future;
 use std::path::PathBuf;

@@ -148,7 +148,7 @@ impl WorkerConfig {
             ));
         }
         Ok(WorkerSettings {
-            broker: broker.to_settings(),
+            broker: broker.to_settings()?,
             queue,
             concurrency: concurrency.get(),
             policy: Policy {

@@ -45,7 +45,9 @@ impl Session {
     ) -> Result<(Self, topology::QueueNames), BrokerError> {
         let generation = link.generation();
         let channel = link.connection().create_channel().await?;
-        let names = topology::declare(&channel, &settings.queue).await?;
+        let names = topology::declare(&channel, &settings.queue)
+            .await
+            .map_err(|e| BrokerError::from(e).needing("configure"))?;
         channel
             .basic_qos(settings.concurrency, BasicQosOptions { global: false })
             .await?;

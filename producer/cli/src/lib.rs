@@ -15,6 +15,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use serde_json::Value;
 use warren_shared::broker::{BrokerSettings, DEFAULT_AMQP_URL};
+use warren_shared::cli::BrokerArgs;
 use warren_shared::topology::DEFAULT_QUEUE;
 
 use crate::demo::DemoOptions;
@@ -30,6 +31,13 @@ pub struct Cli {
     /// tried in a shuffled order on connect and every reconnect).
     #[arg(long, global = true, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
     pub amqp_url: String,
+    /// URL file and TLS certificates.
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// Do not declare the exchange and queues (they must exist): lets `warren` run as a broker
+    /// user without `configure` permission.
+    #[arg(long, global = true, env = "WARREN_NO_DECLARE")]
+    pub no_declare: bool,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -151,9 +159,14 @@ pub async fn run(cli: Cli) -> ExitCode {
 }
 
 async fn execute(cli: Cli) -> Result<(), String> {
+    let broker = cli
+        .broker
+        .apply(BrokerSettings::new(cli.amqp_url.clone()))
+        .map_err(|e| e.to_string())?;
     let settings = |queue: &str| ClientSettings {
-        broker: BrokerSettings::new(cli.amqp_url.clone()),
+        broker: broker.clone(),
         queue: queue.to_owned(),
+        declare: !cli.no_declare,
         ..ClientSettings::default()
     };
     match &cli.command {
@@ -205,7 +218,7 @@ async fn execute(cli: Cli) -> Result<(), String> {
                 .await
                 .map_err(describe)?;
             let options = DemoOptions {
-                amqp_url: cli.amqp_url.clone(),
+                amqp_url: broker.url.clone(),
                 queue: target.queue.clone(),
                 tasks: *tasks,
                 workers: *workers,

@@ -30,6 +30,12 @@ pub struct ClientSettings {
     pub name: String,
     /// Where replies to calls go.
     pub replies: ReplyMode,
+    /// Whether the client declares the exchange and the work and dead-letter queues before it
+    /// first sends to a queue (idempotent). Turn it off to run as a broker user without
+    /// `configure` permission, once a worker (or an operator) has declared them; a task sent to
+    /// a queue that does not exist then fails as unroutable. With it on, a user who lacks the
+    /// permission gets [`warren_shared::BrokerError::AccessRefused`] naming it.
+    pub declare: bool,
 }
 
 /// Where the replies to a client's calls go, and what a dropped connection does to calls in
@@ -62,6 +68,7 @@ impl Default for ClientSettings {
             max_in_flight_publishes: 1024,
             replies: ReplyMode::Direct,
             name: broker::process_name("warren-client"),
+            declare: true,
         }
     }
 }

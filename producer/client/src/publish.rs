@@ -80,10 +80,13 @@ impl Client {
         };
         cell.get_or_try_init(|| async {
             topology::validate_queue_name(queue).map_err(Error::InvalidQueue)?;
+            if !self.inner.settings.declare {
+                return Ok(());
+            }
             let channel = self.channel().await?;
             topology::declare(&channel, queue)
                 .await
-                .map_err(BrokerError::from)?;
+                .map_err(|e| BrokerError::from(e).needing("configure"))?;
             Ok::<(), Error>(())
         })
         .await?;

@@ -10,10 +10,12 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use warren_client::ClientSettings;
+use warren_shared::broker::{BrokerError, read_secret_file};
 use warren_shared::config::BrokerConfig;
 use warren_shared::topology;
 
@@ -55,6 +57,15 @@ pub struct GatewayConfig {
     #[arg(long, env = "WARREN_GATEWAY_TOKEN", hide_env_values = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// File holding the token (read at start-up, overrides token); keeps it out of argv and the
+    /// environment. Surrounding whitespace and the trailing newline are ignored.
+    #[arg(long, env = "WARREN_GATEWAY_TOKEN_FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    /// Do not declare the exchange and queues (they must exist): lets the gateway run as a
+    /// broker user without `configure` permission.
+    #[arg(long, env = "WARREN_NO_DECLARE")]
+    pub no_declare: bool,
     /// Largest websocket message or Text line, in bytes.
     #[arg(long, env = "WARREN_GATEWAY_MAX_MESSAGE_BYTES")]
     pub max_message_bytes: usize,
@@ -106,6 +117,8 @@ impl Default for GatewayConfig {
             insecure_public: false,
             allow: allow.names(),
             token,
+            token_file: None,
+            no_declare: !ClientSettings::default().declare,
             max_message_bytes,
             max_in_flight: NonZeroUsize::new(max_in_flight).unwrap_or(NonZeroUsize::MIN),
             idle_timeout,
@@ -141,6 +154,8 @@ impl GatewayConfig {
             insecure_public: _,
             allow,
             token,
+            token_file: _,
+            no_declare: _,
             max_message_bytes,
             max_in_flight,
             idle_timeout,
@@ -198,14 +213,31 @@ impl GatewayConfig {
         self.token.as_deref().is_some_and(|t| !t.is_empty())
     }
 
+    /// Reads the secrets given as files (`token_file`) into the settings; the binary calls it
+    /// once at start-up, before [`settings`](Self::settings) and the listen addresses use the
+    /// token.
+    ///
+    /// # Errors
+    /// [`BrokerError::SecretFile`] when the file cannot be read or is empty.
+    pub fn read_secret_files(mut self) -> Result<Self, BrokerError> {
+        if let Some(path) = self.token_file.take() {
+            self.token = Some(read_secret_file(&path)?);
+        }
+        Ok(self)
+    }
+
     /// The settings of the gateway's [`Client`](warren_client::Client).
-    pub fn client_settings(&self) -> ClientSettings {
-        ClientSettings {
-            broker: self.broker.to_settings(),
+    ///
+    /// # Errors
+    /// [`BrokerError::SecretFile`] when the broker URL file cannot be read or is empty.
+    pub fn client_settings(&self) -> Result<ClientSettings, BrokerError> {
+        Ok(ClientSettings {
+            broker: self.broker.to_settings()?,
+            declare: !self.no_declare,
             queue: self.queue.clone(),
             name: warren_shared::broker::process_name("warren-gateway"),
             ..ClientSettings::default()
-        }
+        })
     }
 }
 
@@ -248,7 +280,10 @@ mod tests {
             (http.port(), text.port()),
             (DEFAULT_HTTP_PORT, DEFAULT_TEXT_PORT)
         );
-        assert_eq!(config.client_settings().queue, topology::DEFAULT_QUEUE);
+        assert_eq!(
+            config.client_settings().unwrap().queue,
+            topology::DEFAULT_QUEUE
+        );
     }
 
     #[test]

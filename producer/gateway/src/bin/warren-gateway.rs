@@ -44,6 +44,7 @@ async fn main() -> ExitCode {
 }
 
 async fn run(config: GatewayConfig) -> anyhow::Result<()> {
+    let config = config.read_secret_files()?;
     let http_addr = config.http_addr().context("--http")?;
     let text_addr = config.text_addr().context("--text")?;
     if config.insecure_public
@@ -61,7 +62,7 @@ async fn run(config: GatewayConfig) -> anyhow::Result<()> {
     let text = TcpListener::bind(text_addr)
         .await
         .with_context(|| format!("cannot listen on --text {text_addr}"))?;
-    let client = Client::connect(config.client_settings()).await?;
+    let client = Client::connect(config.client_settings()?).await?;
     let shutdown = CancellationToken::new();
     tokio::spawn(warren_shared::shutdown::on_signals(
         shutdown.clone(),

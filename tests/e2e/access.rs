@@ -1,0 +1,369 @@
+//! Least privilege and secrets (issue 8.7, 8.8): the permission profiles of
+//! `deploy/rabbitmq/users.sh` on real broker users, producers that do not declare, typed
+//! refusals that name the permission, a refused login, and secrets read from files.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use warren_client::{Client, ClientSettings, Error};
+use warren_shared::broker::{BrokerError, BrokerSettings};
+use warren_tests::{ChildGuard, TempDir, TestQueue, amqp_url, binary};
+use warren_worker::{Mailer, builtin_registry};
+
+/// A broker user made by `deploy/rabbitmq/users.sh ROLE NAME QUEUE`, deleted when dropped
+/// (also when the test fails).
+struct BrokerUser {
+    name: String,
+    password: String,
+}
+
+fn users_sh() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/rabbitmq/users.sh")
+}
+
+impl BrokerUser {
+    fn create(role: &str, queue: &str, dir: &TempDir) -> Self {
+        let name = format!("warren-test-{role}-{}", uuid::Uuid::new_v4().simple());
+        let password = uuid::Uuid::new_v4().simple().to_string();
+        let password_file = dir.0.join(format!("{role}.password"));
+        std::fs::write(&password_file, format!("{password}\n")).unwrap();
+        let user = Self { name, password };
+        let out = Command::new("bash")
+            .arg(users_sh())
+            .args([role, &user.name, queue])
+            .env("WARREN_USER_PASSWORD_FILE", &password_file)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "users.sh {role}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        user
+    }
+
+    /// The shared broker's URL with this user's credentials.
+    fn url(&self) -> String {
+        let uri: lapin::uri::AMQPUri = amqp_url().parse().unwrap();
+        format!(
+            "amqp://{}:{}@{}:{}/%2f",
+            self.name, self.password, uri.authority.host, uri.authority.port
+        )
+    }
+}
+
+impl Drop for BrokerUser {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["--quiet", "delete_user", &self.name])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+async fn client_as(user: &BrokerUser, queue: &TestQueue, declare: bool) -> Result<Client, Error> {
+    Client::connect(ClientSettings {
+        broker: BrokerSettings::new(user.url()),
+        queue: queue.name.clone(),
+        declare,
+        ..ClientSettings::default()
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producer_and_worker_profiles_are_enough_and_a_refused_declare_names_the_permission() {
+    let dir = TempDir::new("profiles");
+    let queue = TestQueue::new("profiles");
+    let worker_user = BrokerUser::create("worker", &queue.name, &dir);
+    let producer = BrokerUser::create("producer", &queue.name, &dir);
+
+    // The worker profile declares the topology, consumes, replies and retries.
+    let mut settings = queue.worker_settings(4);
+    settings.broker = BrokerSettings::new(worker_user.url());
+    settings.policy.backoff = vec![Duration::ZERO];
+    let worker = queue
+        .worker_with(builtin_registry(Mailer::outbox(&dir.0)), settings)
+        .await;
+
+    // The producer profile (no configure) calls and enqueues with declaring off.
+    let client = client_as(&producer, &queue, false)
+        .await
+        .expect("producer connects");
+    let answer = client
+        .call_json("echo", serde_json::json!("least privilege"))
+        .await
+        .expect("call as producer");
+    assert_eq!(answer, serde_json::json!("least privilege"));
+    // The gateway's queue depth (a passive declare) needs no permission either.
+    let stats = client
+        .queue_stats(&queue.name)
+        .await
+        .expect("queue stats as producer");
+    assert_eq!(stats.consumers, 1);
+    client
+        .enqueue_json("echo", serde_json::json!(1))
+        .await
+        .expect("enqueue as producer");
+    // A failing task is retried (worker writes to `warren`) and its failure replied.
+    let failed = client
+        .call_json_with(
+            "fail",
+            serde_json::json!({"message": "expected"}),
+            &warren_client::CallOptions::default().max_attempts(2),
+        )
+        .await;
+    assert!(
+        failed
+            .as_ref()
+            .err()
+            .and_then(Error::failure)
+            .is_some_and(|f| f.message.contains("expected")),
+        "{failed:?}"
+    );
+    client.close().await;
+
+    // `warren --no-declare` as the producer, the URL from a file.
+    let url_file = dir.0.join("producer-url");
+    std::fs::write(&url_file, format!("{}\n", producer.url())).unwrap();
+    let out = Command::new(binary("warren"))
+        .args(["--no-declare", "call", "echo", "2", "--queue", &queue.name])
+        .arg("--amqp-url-file")
+        .arg(&url_file)
+        .env_remove("AMQP_URL")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "2");
+
+    // Declaring on: a typed error naming the permission, the user, the resource and the fix.
+    let client = client_as(&producer, &queue, true)
+        .await
+        .expect("producer connects");
+    let err = client
+        .enqueue_json("echo", serde_json::json!(3))
+        .await
+        .expect_err("a producer may not declare");
+    match &err {
+        Error::Broker(BrokerError::AccessRefused {
+            permission,
+            user,
+            resource,
+            ..
+        }) => {
+            assert_eq!(permission, "configure");
+            assert_eq!(user, &producer.name);
+            assert!(resource.contains("warren"), "{resource}");
+        }
+        other => panic!("expected AccessRefused, got {other:?}"),
+    }
+    let text = err.to_string();
+    assert!(
+        text.contains("users.sh") && text.contains("--no-declare"),
+        "{text}"
+    );
+    client.close().await;
+
+    // The same from the CLI.
+    let out = Command::new(binary("warren"))
+        .args(["enqueue", "echo", "4", "--queue", &queue.name])
+        .env("AMQP_URL", producer.url())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("`configure`") && stderr.contains(&producer.name),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(&producer.password), "{stderr}");
+
+    worker.stop();
+    let _ = worker.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_without_configure_permission_is_told_which_permission() {
+    let dir = TempDir::new("worker-refused");
+    let queue = TestQueue::new("worker-refused");
+    let producer = BrokerUser::create("producer", &queue.name, &dir);
+    let mut settings = queue.worker_settings(1);
+    settings.broker = BrokerSettings::new(producer.url());
+    let started = warren_worker::start(
+        settings,
+        builtin_registry(Mailer::outbox(&dir.0)),
+        Default::default(),
+    )
+    .await;
+    let err = started
+        .expect_err("a worker must declare its queues")
+        .to_string();
+    assert!(
+        err.contains("`configure`") && err.contains(&producer.name),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_is_a_refused_login_not_a_missing_broker() {
+    let uri: lapin::uri::AMQPUri = amqp_url().parse().unwrap();
+    let url = format!(
+        "amqp://guest:wrong-{}@{}:{}/%2f",
+        uuid::Uuid::new_v4().simple(),
+        uri.authority.host,
+        uri.authority.port
+    );
+    let queue = TestQueue::new("login");
+    let err = Client::connect(ClientSettings {
+        broker: BrokerSettings::new(url),
+        queue: queue.name.clone(),
+        ..ClientSettings::default()
+    })
+    .await
+    .expect_err("a wrong password is refused");
+    assert!(
+        matches!(&err, Error::Broker(BrokerError::LoginRefused { user, .. }) if user == "guest"),
+        "{err:?}"
+    );
+    let text = err.to_string();
+    assert!(text.contains("password is wrong"), "{text}");
+    assert!(
+        text.contains("`guest` may only log in from localhost"),
+        "{text}"
+    );
+    assert!(!text.contains("Is the broker running"), "{text}");
+    assert!(!text.contains("wrong-"), "password hidden: {text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_reads_its_token_from_a_file() {
+    let dir = TempDir::new("token-file");
+    let queue = TestQueue::new("token-file");
+    let worker = queue
+        .worker(builtin_registry(Mailer::outbox(&dir.0)), 2)
+        .await;
+    let token_file = dir.0.join("token");
+    std::fs::write(&token_file, "file-token-123\n").unwrap();
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+    };
+    let (http, text) = (free(), free());
+    let mut gateway = Command::new(binary("warren-gateway"));
+    gateway
+        .args(["--queue", &queue.name])
+        .args(["--http", &http.to_string(), "--text", &text.to_string()])
+        .env("WARREN_GATEWAY_TOKEN_FILE", &token_file)
+        .env("AMQP_URL", amqp_url())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null());
+    let _gateway = ChildGuard::spawn(gateway);
+    let ask = |lines: &'static [&'static str]| async move {
+        let until = Instant::now() + Duration::from_secs(30);
+        let stream = loop {
+            match tokio::net::TcpStream::connect(text).await {
+                Ok(stream) => break stream,
+                Err(e) => assert!(Instant::now() < until, "the gateway never listened: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let (read, mut write) = stream.into_split();
+        for line in lines {
+            write.write_all(line.as_bytes()).await.unwrap();
+        }
+        let mut answers = BufReader::new(read).lines();
+        tokio::time::timeout(Duration::from_secs(30), answers.next_line())
+            .await
+            .expect("an answer")
+            .unwrap()
+            .unwrap_or_default()
+    };
+    // The file's token, without its trailing newline, is the token.
+    let answer = ask(&[
+        "{\"auth\":\"file-token-123\"}\n",
+        "{\"function\":\"echo\",\"args\":5}\n",
+    ])
+    .await;
+    assert_eq!(answer, "5");
+    let refused = ask(&["{\"auth\":\"file-token-123\\n\"}\n"]).await;
+    assert!(refused.contains("unauthorized"), "{refused}");
+    let refused = ask(&["{\"function\":\"echo\",\"args\":6}\n"]).await;
+    assert!(refused.contains("unauthorized"), "{refused}");
+
+    // A missing token file stops the gateway with a clear error.
+    let out = Command::new(binary("warren-gateway"))
+        .args(["--http", "127.0.0.1:0", "--text", "127.0.0.1:0"])
+        .arg("--token-file")
+        .arg(dir.0.join("missing"))
+        .env("AMQP_URL", amqp_url())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot read the secret file"), "{stderr}");
+    worker.stop();
+    let _ = worker.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_profile_lists_replays_and_purges_dead_letters() {
+    let dir = TempDir::new("operator");
+    let queue = TestQueue::new("operator");
+    let operator = BrokerUser::create("operator", &queue.name, &dir);
+    let worker = queue
+        .worker(builtin_registry(Mailer::outbox(&dir.0)), 2)
+        .await;
+    let client = queue.client().await;
+    let park = warren_client::CallOptions::default().max_attempts(1);
+    for n in 0..2 {
+        let parked = client
+            .call_json_with(
+                "fail",
+                serde_json::json!({"message": format!("park {n}")}),
+                &park,
+            )
+            .await;
+        assert!(parked.is_err(), "{parked:?}");
+    }
+    worker.stop();
+    let _ = worker.wait().await;
+    warren_tests::eventually("two parked tasks", Duration::from_secs(30), || async {
+        queue.dead_count(&client).await == 2
+    })
+    .await;
+
+    let url_file = dir.0.join("operator-url");
+    std::fs::write(&url_file, format!("{}\n", operator.url())).unwrap();
+    let warren = |args: &[&str]| {
+        let out = Command::new(binary("warren"))
+            .arg("--no-declare")
+            .args(args)
+            .args(["--queue", &queue.name])
+            .env_remove("AMQP_URL")
+            .env("WARREN_AMQP_URL_FILE", &url_file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "warren {args:?} as operator: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let listing = warren(&["dlq", "list"]);
+    assert_eq!(listing.lines().count(), 2, "{listing}");
+    let first = listing.split_whitespace().next().unwrap().to_owned();
+    assert_eq!(warren(&["dlq", "replay", &first]).trim(), "replayed 1");
+    assert_eq!(warren(&["dlq", "purge"]).trim(), "purged 1");
+    assert_eq!(queue.dead_count(&client).await, 0);
+    client.close().await;
+}
