@@ -10,38 +10,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
-use lapin::types::FieldTable;
-use tokio::sync::OnceCell;
+use warren_shared::envelope::{self, DeadMark};
 use warren_shared::link::Link;
 use warren_shared::pool::{Publication, PublishError, publish_confirmed};
-use warren_shared::protocol::{self, headers};
-use warren_shared::{ChannelPool, Reply, TaskFailure, TaskId, topology};
+use warren_shared::{ChannelPool, Reply, TaskFailure, topology};
 
-/// Why a task was parked in the dead-letter queue (the `x-warren-dead-reason` header).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum DeadReason {
-    /// The input cannot run as it is (malformed, unknown function, bad arguments, too large...).
-    Rejected,
-    /// The handler failed with a permanent error.
-    PermanentFailure,
-    /// Every attempt failed, or no attempt could start before the deadline.
-    AttemptsExhausted,
-}
-
-impl DeadReason {
-    /// The header value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Rejected => "rejected",
-            Self::PermanentFailure => "permanent_failure",
-            Self::AttemptsExhausted => "attempts_exhausted",
-        }
-    }
-}
+pub use warren_shared::envelope::DeadReason;
 
 /// The verdict on one delivery.
 #[derive(Debug, Clone, PartialEq)]
@@ -69,34 +45,8 @@ pub enum Outcome {
     HandBack,
 }
 
-/// The parts of a delivery the outcome needs.
-#[derive(Debug, Clone)]
-pub(crate) struct Envelope {
-    pub(crate) id: TaskId,
-    pub(crate) reply_to: Option<String>,
-    pub(crate) correlation_id: Option<String>,
-}
-
-impl Envelope {
-    pub(crate) fn of(delivery: &Delivery) -> Self {
-        let p = &delivery.properties;
-        let message_id = p.message_id().as_ref().map(|s| s.to_string());
-        let correlation_id = p.correlation_id().as_ref().map(|s| s.to_string());
-        let id = message_id
-            .or_else(|| correlation_id.clone())
-            .map_or_else(TaskId::new, TaskId::from);
-        let reply_to = p
-            .reply_to()
-            .as_ref()
-            .map(|s| s.to_string())
-            .filter(|r| !r.is_empty() && !r.chars().any(char::is_control));
-        Self {
-            id,
-            reply_to,
-            correlation_id,
-        }
-    }
-}
+/// The parts of a delivery the outcome needs: its envelope, read once.
+pub(crate) type Envelope = envelope::Incoming;
 
 /// Where settling publishes, and how long it may take.
 #[derive(Debug, Clone)]
@@ -108,9 +58,13 @@ pub(crate) struct Settler {
     pub(crate) dead_queue: String,
     pub(crate) worker_name: String,
     pub(crate) publish_timeout: Duration,
-    /// Delay queues declared so far, by delay.
-    pub(crate) retry_queues: Arc<Mutex<HashMap<Duration, Arc<OnceCell<String>>>>>,
+    /// When each delay queue was last declared, by delay (declared again every
+    /// [`topology::REDECLARE_RETRY_QUEUE_EVERY`], which keeps it from expiring).
+    pub(crate) retry_queues: Arc<Mutex<HashMap<Duration, RetryQueue>>>,
 }
+
+/// The last declaration of one delay queue.
+pub(crate) type RetryQueue = Arc<tokio::sync::Mutex<Option<std::time::Instant>>>;
 
 /// How settling ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -182,7 +136,7 @@ impl Settler {
         let reply = match outcome {
             Outcome::Reply(reply) => reply.clone(),
             Outcome::Retry { delay, failure } => {
-                return self.retry(delivery, *delay, failure).await;
+                return self.retry(delivery, envelope, *delay, failure).await;
             }
             Outcome::DeadLetter { reason, failure } => {
                 self.dead_letter(delivery, *reason, failure).await?;
@@ -190,52 +144,47 @@ impl Settler {
             }
             Outcome::HandBack => return Ok(()),
         };
-        if let Some(reply_to) = &envelope.reply_to {
+        if let Some(reply_to) = envelope.reply_to.address() {
             self.reply(envelope, reply_to, &reply).await?;
         }
         Ok(())
     }
 
+    /// The delay queue for `delay`, declared if it was not declared recently.
     async fn retry_queue(&self, delay: Duration) -> Result<String, PublishError> {
-        let cell = {
+        let name = topology::retry_queue_name(&self.queue, delay);
+        let entry = {
             let mut queues = self
                 .retry_queues
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             queues.entry(delay).or_default().clone()
         };
-        let name = cell
-            .get_or_try_init(|| async {
-                let channel = self
-                    .pool
-                    .get()
-                    .await
-                    .map_err(|e| PublishError::NoChannel(e.to_string()))?;
-                Ok::<_, PublishError>(
-                    topology::declare_retry_queue(&channel, &self.queue, delay).await?,
-                )
-            })
-            .await?;
-        Ok(name.clone())
+        let mut declared = entry.lock().await;
+        if declared.is_some_and(|at| at.elapsed() < topology::REDECLARE_RETRY_QUEUE_EVERY) {
+            return Ok(name);
+        }
+        let channel = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| PublishError::NoChannel(e.to_string()))?;
+        topology::declare_retry_queue(&channel, &self.queue, delay).await?;
+        *declared = Some(std::time::Instant::now());
+        Ok(name)
     }
 
     async fn retry(
         &self,
         delivery: &Delivery,
+        envelope: &Envelope,
         delay: Duration,
         failure: &TaskFailure,
     ) -> Result<(), PublishError> {
-        let mut h = delivery.properties.headers().clone().unwrap_or_default();
-        let attempt = protocol::header_int(Some(&h), headers::ATTEMPT)
-            .unwrap_or(1)
-            .max(1);
-        protocol::set_header_int(&mut h, headers::ATTEMPT, attempt + 1);
-        protocol::set_header_str(&mut h, headers::LAST_ERROR, &failure.to_string());
-        let properties = delivery
-            .properties
-            .clone()
-            .with_headers(h)
-            .with_delivery_mode(2);
+        // A task with an unusable attempt number is rejected before it runs, so it never gets
+        // here; count up without wrapping anyway.
+        let next = envelope.attempt.clone().unwrap_or(1).saturating_add(1);
+        let properties = envelope::retry_copy(&delivery.properties, next, failure);
         let (exchange, routing_key) = if delay.is_zero() {
             (topology::EXCHANGE.to_owned(), self.queue.clone())
         } else {
@@ -257,21 +206,13 @@ impl Settler {
         reason: DeadReason,
         failure: &TaskFailure,
     ) -> Result<(), PublishError> {
-        let mut h = delivery.properties.headers().clone().unwrap_or_default();
-        protocol::set_header_str(&mut h, headers::DEAD_REASON, reason.as_str());
-        protocol::set_header_str(&mut h, headers::DEAD_KIND, failure.kind.as_str());
-        protocol::set_header_str(&mut h, headers::DEAD_ERROR, &failure.message);
-        protocol::set_header_str(&mut h, headers::DEAD_BY, &self.worker_name);
-        protocol::set_header_int(
-            &mut h,
-            headers::DEAD_AT,
-            protocol::epoch_millis(SystemTime::now()),
-        );
-        let properties = delivery
-            .properties
-            .clone()
-            .with_headers(h)
-            .with_delivery_mode(2);
+        let mark = DeadMark {
+            reason,
+            failure,
+            by: &self.worker_name,
+            at: SystemTime::now(),
+        };
+        let properties = envelope::dead_copy(&delivery.properties, mark);
         let publication = Publication {
             exchange: "",
             routing_key: &self.dead_queue,
@@ -288,19 +229,7 @@ impl Settler {
         reply_to: &str,
         reply: &Reply,
     ) -> Result<(), PublishError> {
-        let correlation = envelope
-            .correlation_id
-            .as_deref()
-            .unwrap_or(envelope.id.as_str());
-        let mut h = FieldTable::default();
-        protocol::set_header_int(&mut h, headers::PROTOCOL, protocol::PROTOCOL_VERSION);
-        let properties = BasicProperties::default()
-            .with_correlation_id(correlation.into())
-            .with_message_id(envelope.id.as_str().into())
-            .with_content_type(protocol::CONTENT_TYPE.into())
-            .with_type(protocol::REPLY_TYPE.into())
-            .with_delivery_mode(2)
-            .with_headers(h);
+        let properties = envelope::reply_properties(envelope);
         // Not mandatory: RabbitMQ 3.10 returns direct replies it has delivered, and a reply to a
         // caller that has gone away has nobody to be returned to anyway.
         let body = reply.encode();
