@@ -8,3 +8,4 @@ mod core;
 mod gateway;
 mod processes;
 mod reliability;
+mod safety;
