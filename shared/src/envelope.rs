@@ -300,6 +300,9 @@ pub enum DeadReason {
     PermanentFailure,
     /// Every attempt failed, or no attempt could start before the deadline.
     AttemptsExhausted,
+    /// The broker refused the task's outcome (its reply, retry copy or dead-letter copy) for
+    /// its content, twice, the second time on a channel of its own.
+    Refused,
 }
 
 impl DeadReason {
@@ -309,6 +312,7 @@ impl DeadReason {
             Self::Rejected => "rejected",
             Self::PermanentFailure => "permanent_failure",
             Self::AttemptsExhausted => "attempts_exhausted",
+            Self::Refused => "refused",
         }
     }
 }
@@ -489,12 +493,16 @@ impl Incoming {
 /// [`MAX_HEADERS_BYTES`]; otherwise only Warren's small request headers and
 /// [`headers::HEADERS_DROPPED`].
 fn carried_headers(original: &BasicProperties) -> FieldTable {
+    carried(original, false)
+}
+
+fn carried(original: &BasicProperties, bare: bool) -> FieldTable {
     let Some(h) = original.headers().as_ref() else {
         return FieldTable::default();
     };
     let size = table_size(h);
     let mut out = FieldTable::default();
-    if size <= MAX_HEADERS_BYTES {
+    if size <= MAX_HEADERS_BYTES && !bare {
         for (key, value) in h.inner() {
             if !ROUTING_HEADERS.contains(&key.as_str()) {
                 out.insert(key.clone(), value.clone());
@@ -553,7 +561,17 @@ pub struct DeadMark<'a> {
 /// The properties of the dead-letter copy of a task: the original's with the dead-letter
 /// headers.
 pub fn dead_copy(original: &BasicProperties, mark: DeadMark<'_>) -> BasicProperties {
-    let mut h = carried_headers(original);
+    dead_copy_of(original, mark, false)
+}
+
+/// [`dead_copy`] with none of the original's headers but Warren's small request headers (and
+/// [`headers::HEADERS_DROPPED`]): the copy that parks a task whose outcome the broker refused.
+pub fn bare_dead_copy(original: &BasicProperties, mark: DeadMark<'_>) -> BasicProperties {
+    dead_copy_of(original, mark, true)
+}
+
+fn dead_copy_of(original: &BasicProperties, mark: DeadMark<'_>, bare: bool) -> BasicProperties {
+    let mut h = carried(original, bare);
     set_header_str(&mut h, headers::DEAD_REASON, mark.reason.as_str());
     set_header_str(&mut h, headers::DEAD_KIND, mark.failure.kind.as_str());
     set_header_str(&mut h, headers::DEAD_ERROR, &mark.failure.message);

@@ -166,6 +166,9 @@ pub enum ErrorKind {
     TooLarge,
     /// The `x-warren-protocol` header names a version this worker does not speak.
     UnsupportedVersion,
+    /// The broker refused the task's outcome for its content (a result larger than its
+    /// `max_message_size`, say); the task is parked with reason `refused`.
+    Refused,
     /// A kind this build does not know (sent by a newer worker).
     #[serde(other)]
     Other,
@@ -184,6 +187,7 @@ impl ErrorKind {
             Self::Expired => "expired",
             Self::TooLarge => "too_large",
             Self::UnsupportedVersion => "unsupported_version",
+            Self::Refused => "refused",
             Self::Other => "other",
         }
     }
@@ -378,6 +382,7 @@ mod tests {
             ErrorKind::Expired,
             ErrorKind::TooLarge,
             ErrorKind::UnsupportedVersion,
+            ErrorKind::Refused,
         ] {
             assert_eq!(serde_json::to_value(kind).unwrap(), json!(kind.as_str()));
         }

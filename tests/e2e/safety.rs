@@ -422,3 +422,79 @@ async fn hostile_backoff_values_create_at_most_the_ladder_of_expiring_delay_queu
     worker.shutdown().await.unwrap();
     peer.close().await;
 }
+
+/// Answers a string of `bytes` bytes.
+#[derive(Debug, Serialize, Deserialize)]
+struct Big {
+    bytes: usize,
+}
+
+impl Task for Big {
+    const NAME: &'static str = "big";
+    type Output = String;
+}
+
+impl Handler for Big {
+    async fn run(self, ctx: TaskContext) -> Result<String, TaskError> {
+        ctx.state::<Arc<Runs>>()?.record("big");
+        Ok("b".repeat(self.bytes))
+    }
+}
+
+/// A result larger than the broker's `max_message_size`: the broker refuses the reply and
+/// closes the worker's channel under it and its neighbours. The neighbours' outcomes go through
+/// again on channels of their own; the big one is refused there too and is parked as `refused`
+/// instead of running again and again. On a private node, whose `max_message_size` is lowered.
+#[tokio::test]
+async fn an_outcome_the_broker_refuses_is_parked_as_refused_not_rerun() {
+    let node = warren_tests::node::BrokerNode::start("refused").await;
+    node.ctl_ok(&[
+        "eval",
+        "application:set_env(rabbit, max_message_size, 1048576).",
+    ]);
+    let q = TestQueue::new("refused");
+    let runs = Arc::new(Runs::default());
+    let registry = Registry::new()
+        .register::<Neighbour>()
+        .register::<Big>()
+        .with_state(runs.clone());
+    let settings = warren_worker::WorkerSettings {
+        broker: warren_shared::BrokerSettings::new(node.url()),
+        ..q.worker_settings(24)
+    };
+    let worker = q.worker_with(registry, settings).await;
+    let client = q
+        .client_with(|s| s.broker = warren_shared::BrokerSettings::new(node.url()))
+        .await;
+
+    let neighbours = start_neighbours(&client);
+    let err = client.call(&Big { bytes: 2_000_000 }).await.unwrap_err();
+    let failure = err.failure().expect("the worker's answer").clone();
+    assert_eq!(failure.kind, ErrorKind::Refused, "{failure:?}");
+    assert!(failure.message.contains("max size"), "{failure:?}");
+    let mut answered = 0;
+    let mut neighbours = neighbours;
+    while let Some(done) = neighbours.join_next().await {
+        done.unwrap();
+        answered += 1;
+    }
+    assert_eq!(answered, NEIGHBOURS);
+    for key in 0..NEIGHBOURS {
+        assert_eq!(
+            runs.count(&format!("neighbour-{key}")),
+            1,
+            "neighbour {key}"
+        );
+    }
+    assert_eq!(runs.count("big"), 1, "the refused task ran again");
+    eventually("the task parked", Duration::from_secs(10), || async {
+        q.dead_count(&client).await >= 1
+    })
+    .await;
+    let dead = client.dead_letters(&q.name, 10).await.unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].reason, "refused");
+    assert_eq!(dead[0].kind.as_deref(), Some("refused"));
+    worker.shutdown().await.unwrap();
+    client.close().await;
+}

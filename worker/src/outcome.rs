@@ -4,7 +4,10 @@
 //! the dead-letter copy, the reply) is confirmed by the broker, then the original is acked. A
 //! crash in between means the task is delivered again (at least once), never that it is lost.
 //! When a publish fails the delivery is handed back (`nack` with requeue) so that another
-//! attempt can settle it; the queue's delivery limit stops that from looping forever.
+//! attempt can settle it; the queue's delivery limit stops that from looping forever. When the
+//! broker refuses a publish by closing the channel, the outcome is published again on a channel
+//! of its own, and an outcome refused there too is parked with reason `refused` instead of
+//! being handed back (it would only be refused again).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -14,8 +17,8 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use warren_shared::envelope::{self, DeadMark};
 use warren_shared::link::Link;
-use warren_shared::pool::{Publication, PublishError, publish_confirmed};
-use warren_shared::{ChannelPool, Reply, TaskFailure, topology};
+use warren_shared::pool::{self, Publication, PublishError, close_isolated, publish_confirmed};
+use warren_shared::{ChannelPool, ErrorKind, Reply, TaskFailure, topology};
 
 pub use warren_shared::envelope::DeadReason;
 
@@ -66,6 +69,26 @@ pub(crate) struct Settler {
 /// The last declaration of one delay queue.
 pub(crate) type RetryQueue = Arc<tokio::sync::Mutex<Option<std::time::Instant>>>;
 
+/// Where publishing an outcome stopped: at its first publish (the retry or dead-letter copy, or
+/// a plain reply), or at the reply after a dead-letter copy went through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Step {
+    First,
+    Reply,
+}
+
+/// Whether the broker closed the channel (or connection) under a publish: a refusal, which may
+/// be of this message's content, as opposed to a timeout, a nack or a lost connection.
+fn refused_by_broker(e: &PublishError) -> bool {
+    matches!(
+        e,
+        PublishError::Channel(e) if matches!(
+            e.kind(),
+            lapin::ErrorKind::ProtocolError(_) | lapin::ErrorKind::InvalidChannelState(..)
+        )
+    )
+}
+
 /// How settling ended.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Settled {
@@ -89,10 +112,19 @@ impl Settler {
             self.hand_back(delivery).await;
             return Settled::Requeued;
         }
-        if let Err(e) = self.publish_outcome(delivery, envelope, outcome).await {
-            tracing::warn!(task.id = %envelope.id, error = %e, "could not publish the outcome; handing the task back");
-            self.hand_back(delivery).await;
-            return Settled::Requeued;
+        let published = self
+            .publish_outcome(&self.pool, delivery, envelope, outcome, Step::First)
+            .await;
+        if let Err((step, e)) = published {
+            let parked_or_published = refused_by_broker(&e)
+                && self
+                    .settle_refused(delivery, envelope, outcome, step, &e)
+                    .await;
+            if !parked_or_published {
+                tracing::warn!(task.id = %envelope.id, error = %e, "could not publish the outcome; handing the task back");
+                self.hand_back(delivery).await;
+                return Settled::Requeued;
+            }
         }
         // Bounded: an ack on a channel that is being recovered must not hold a slot forever.
         let acked = tokio::time::timeout(
@@ -119,35 +151,106 @@ impl Settler {
         let _ = tokio::time::timeout(self.publish_timeout, nack).await;
     }
 
+    /// Publishes what `outcome` publishes, from step `from` on, on `pool`; on failure says at
+    /// which step.
     async fn publish_outcome(
         &self,
+        pool: &ChannelPool,
         delivery: &Delivery,
         envelope: &Envelope,
         outcome: &Outcome,
-    ) -> Result<(), PublishError> {
+        from: Step,
+    ) -> Result<(), (Step, PublishError)> {
         // While the publishing connection recovers, wait for it (bounded) rather than handing
         // the task straight back: that would only bring it back here at once, over and over.
         if !self.link.state().is_up() {
             self.link
                 .wait_up(self.publish_timeout)
                 .await
-                .map_err(|e| PublishError::NoChannel(e.to_string()))?;
+                .map_err(|e| (from, PublishError::NoChannel(e.to_string())))?;
         }
         let reply = match outcome {
             Outcome::Reply(reply) => reply.clone(),
             Outcome::Retry { delay, failure } => {
-                return self.retry(delivery, envelope, *delay, failure).await;
+                return self
+                    .retry(pool, delivery, envelope, *delay, failure)
+                    .await
+                    .map_err(|e| (Step::First, e));
             }
             Outcome::DeadLetter { reason, failure } => {
-                self.dead_letter(delivery, *reason, failure).await?;
+                if from == Step::First {
+                    self.dead_letter(pool, delivery, *reason, failure, false)
+                        .await
+                        .map_err(|e| (Step::First, e))?;
+                }
                 Reply::Err(failure.clone())
             }
             Outcome::HandBack => return Ok(()),
         };
         if let Some(reply_to) = envelope.reply_to.address() {
-            self.reply(envelope, reply_to, &reply).await?;
+            self.reply(pool, envelope, reply_to, &reply)
+                .await
+                .map_err(|e| (Step::Reply, e))?;
         }
         Ok(())
+    }
+
+    /// The broker refused a publish of `outcome` at `step` and closed the channel; neighbours'
+    /// publishes on that channel failed with it, so the refusal may not be this task's. Publish
+    /// again on a channel of its own: if that goes through, settle as usual; if the broker
+    /// refuses it again, it is this task's outcome that it refuses, so park the task with
+    /// reason `refused` (a copy with Warren's headers only) and answer the caller with a small
+    /// error, instead of handing it back to be run again. Returns whether the task may be acked.
+    async fn settle_refused(
+        &self,
+        delivery: &Delivery,
+        envelope: &Envelope,
+        outcome: &Outcome,
+        step: Step,
+        first: &PublishError,
+    ) -> bool {
+        tracing::warn!(task.id = %envelope.id, error = %first, "the broker refused an outcome; publishing it again on a channel of its own");
+        let alone = pool::isolated(&self.pool, self.publish_timeout);
+        let settled = match self
+            .publish_outcome(&alone, delivery, envelope, outcome, step)
+            .await
+        {
+            Ok(()) => true,
+            Err((step, e)) if refused_by_broker(&e) => {
+                close_isolated(alone.clone()).await;
+                let failure = TaskFailure::new(
+                    ErrorKind::Refused,
+                    envelope::bounded(
+                        &format!("the broker refused the task's outcome: {e}"),
+                        envelope::MAX_HEADER_TEXT,
+                    ),
+                );
+                tracing::warn!(task.id = %envelope.id, error = %e, "the broker refuses this task's outcome; parking it");
+                let parked = if step == Step::Reply && matches!(outcome, Outcome::DeadLetter { .. })
+                {
+                    true // already parked; only its reply was refused
+                } else {
+                    let again = pool::isolated(&self.pool, self.publish_timeout);
+                    let parked = self
+                        .dead_letter(&again, delivery, DeadReason::Refused, &failure, true)
+                        .await;
+                    close_isolated(again).await;
+                    parked.is_ok()
+                };
+                if parked && let Some(reply_to) = envelope.reply_to.address() {
+                    let again = pool::isolated(&self.pool, self.publish_timeout);
+                    // The caller may be gone, and the parked task is the record: best effort.
+                    let _ = self
+                        .reply(&again, envelope, reply_to, &Reply::Err(failure))
+                        .await;
+                    close_isolated(again).await;
+                }
+                return parked;
+            }
+            Err(_) => false,
+        };
+        close_isolated(alone).await;
+        settled
     }
 
     /// The delay queue for `delay`, declared if it was not declared recently.
@@ -176,6 +279,7 @@ impl Settler {
 
     async fn retry(
         &self,
+        pool: &ChannelPool,
         delivery: &Delivery,
         envelope: &Envelope,
         delay: Duration,
@@ -197,14 +301,16 @@ impl Settler {
             properties,
             mandatory: true,
         };
-        publish_confirmed(&self.pool, publication, self.publish_timeout).await
+        publish_confirmed(pool, publication, self.publish_timeout).await
     }
 
     async fn dead_letter(
         &self,
+        pool: &ChannelPool,
         delivery: &Delivery,
         reason: DeadReason,
         failure: &TaskFailure,
+        bare: bool,
     ) -> Result<(), PublishError> {
         let mark = DeadMark {
             reason,
@@ -212,7 +318,11 @@ impl Settler {
             by: &self.worker_name,
             at: SystemTime::now(),
         };
-        let properties = envelope::dead_copy(&delivery.properties, mark);
+        let properties = if bare {
+            envelope::bare_dead_copy(&delivery.properties, mark)
+        } else {
+            envelope::dead_copy(&delivery.properties, mark)
+        };
         let publication = Publication {
             exchange: "",
             routing_key: &self.dead_queue,
@@ -220,11 +330,12 @@ impl Settler {
             properties,
             mandatory: true,
         };
-        publish_confirmed(&self.pool, publication, self.publish_timeout).await
+        publish_confirmed(pool, publication, self.publish_timeout).await
     }
 
     async fn reply(
         &self,
+        pool: &ChannelPool,
         envelope: &Envelope,
         reply_to: &str,
         reply: &Reply,
@@ -240,6 +351,6 @@ impl Settler {
             properties,
             mandatory: false,
         };
-        publish_confirmed(&self.pool, publication, self.publish_timeout).await
+        publish_confirmed(pool, publication, self.publish_timeout).await
     }
 }
