@@ -626,6 +626,11 @@ pub fn replay_copy(parked: &BasicProperties) -> BasicProperties {
     parked.clone().with_headers(h)
 }
 
+/// The `correlation_id` of a reply, which names the call it answers.
+pub fn reply_correlation_id(reply: &BasicProperties) -> Option<&str> {
+    reply.correlation_id().as_ref().map(ShortString::as_str)
+}
+
 /// What the dead-letter headers of a parked task say.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DeadInfo {

@@ -17,7 +17,7 @@ use lapin::{Channel, Connection};
 use serde_json::Value;
 use tokio::sync::{OnceCell, Semaphore, oneshot, watch};
 use warren_shared::broker::{self, BrokerError, BrokerSettings, Purpose};
-use warren_shared::envelope::{PolicyOverrides, TaskEnvelope};
+use warren_shared::envelope::{self, PolicyOverrides, TaskEnvelope};
 use warren_shared::link::{Link, LinkState};
 use warren_shared::pool::{self, ChannelSetup, Publication, publish_confirmed};
 use warren_shared::protocol::DIRECT_REPLY_TO;
@@ -764,13 +764,13 @@ async fn start_reply_consumer(channel: Channel, pending: Arc<Pending>) -> Result
                     break;
                 }
             };
-            let Some(correlation_id) = delivery.properties.correlation_id().as_ref() else {
+            let Some(correlation_id) = envelope::reply_correlation_id(&delivery.properties) else {
                 tracing::warn!("reply without correlation_id ignored");
                 continue;
             };
             let reply =
                 Reply::decode(&delivery.data).map_err(|e| format!("malformed reply body: {e}"));
-            pending.deliver(correlation_id.as_str(), reply);
+            pending.deliver(correlation_id, reply);
         }
         tracing::debug!(channel = channel.id(), "reply consumer ended");
     });
@@ -843,10 +843,10 @@ async fn start_reply_queue(
         loop {
             while let Some(next) = replies.next().await {
                 let Ok(delivery) = next else { break };
-                if let Some(correlation_id) = delivery.properties.correlation_id().as_ref() {
+                if let Some(correlation_id) = envelope::reply_correlation_id(&delivery.properties) {
                     let reply = Reply::decode(&delivery.data)
                         .map_err(|e| format!("malformed reply body: {e}"));
-                    pending.deliver(correlation_id.as_str(), reply);
+                    pending.deliver(correlation_id, reply);
                 }
                 // Acked once handed over (or found to be for nobody): a reply is read once.
                 let _ = delivery

@@ -150,11 +150,7 @@ impl Client {
                 let Some(delivery) = next_dead(&channel, &names).await? else {
                     break;
                 };
-                let id = delivery
-                    .properties
-                    .message_id()
-                    .as_ref()
-                    .map(|s| s.to_string());
+                let id = DeadInfo::read(&delivery.properties).id;
                 if let Replay::One(wanted) = which
                     && id.as_deref() != Some(wanted.as_str())
                 {
