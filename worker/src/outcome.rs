@@ -77,16 +77,22 @@ pub(crate) enum Step {
     Reply,
 }
 
-/// Whether the broker closed the channel (or connection) under a publish: a refusal, which may
-/// be of this message's content, as opposed to a timeout, a nack or a lost connection.
-fn refused_by_broker(e: &PublishError) -> bool {
-    matches!(
-        e,
-        PublishError::Channel(e) if matches!(
-            e.kind(),
-            lapin::ErrorKind::ProtocolError(_) | lapin::ErrorKind::InvalidChannelState(..)
-        )
-    )
+/// Whether the broker closed the channel, and only the channel, under a publish (a soft error
+/// such as `406 PRECONDITION_FAILED - message size ... is larger than configured max size`): a
+/// refusal that may be of this message's content. Not a timeout, a nack, a lost connection, or
+/// a connection-level (hard) error: those close the connection for every task, so publishing
+/// again could not tell whose message it was, and the task is handed back instead.
+fn refused_by_broker(e: &PublishError, link: &Link) -> bool {
+    let PublishError::Channel(e) = e else {
+        return false;
+    };
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => {
+            matches!(amqp.kind(), lapin::protocol::AMQPErrorKind::Soft(_)) && link.state().is_up()
+        }
+        lapin::ErrorKind::InvalidChannelState(..) => link.state().is_up(),
+        _ => false,
+    }
 }
 
 /// How settling ended.
@@ -116,7 +122,7 @@ impl Settler {
             .publish_outcome(&self.pool, delivery, envelope, outcome, Step::First)
             .await;
         if let Err((step, e)) = published {
-            let parked_or_published = refused_by_broker(&e)
+            let parked_or_published = refused_by_broker(&e, &self.link)
                 && self
                     .settle_refused(delivery, envelope, outcome, step, &e)
                     .await;
@@ -216,7 +222,7 @@ impl Settler {
             .await
         {
             Ok(()) => true,
-            Err((step, e)) if refused_by_broker(&e) => {
+            Err((step, e)) if refused_by_broker(&e, &self.link) => {
                 close_isolated(alone.clone()).await;
                 let failure = TaskFailure::new(
                     ErrorKind::Refused,
