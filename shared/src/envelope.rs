@@ -466,7 +466,7 @@ impl Incoming {
             Some(address) => match check_reply_to(address) {
                 Ok(()) => ReplyTo::Address(address.to_owned()),
                 Err(reason) => ReplyTo::Invalid {
-                    address: address.escape_debug().to_string(),
+                    address: bounded(address, SHORT_STRING_MAX).into_owned(),
                     reason,
                 },
             },

@@ -93,10 +93,7 @@ fn check_envelope(
     if let ReplyTo::Invalid { address, reason } = &envelope.reply_to {
         return Err(rejected(
             ErrorKind::BadRequest,
-            format!(
-                "reply_to {:?} is unusable: {reason}",
-                envelope::bounded(address, 255)
-            ),
+            format!("reply_to {address:?} is unusable: {reason}"),
         ));
     }
     envelope
