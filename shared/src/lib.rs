@@ -4,6 +4,8 @@
 //!
 //! - [`protocol`]: the wire format (request and reply bodies, headers, error kinds), version 1.
 //!   `docs/protocol.md` is the same contract written for people using other languages.
+//! - [`envelope`]: the only code that writes or reads the AMQP properties and `x-warren-*`
+//!   headers of tasks, replies, retry and dead-letter copies; it bounds what it writes.
 //! - [`task`]: the [`Task`] trait that names a task type and its result, and the built-in task
 //!   argument types ([`tasks`]).
 //! - [`topology`]: exchange and queue names, and the one idempotent declaration both sides run.
@@ -30,6 +32,7 @@ pub mod broker;
 pub mod cli;
 #[cfg(feature = "config")]
 pub mod config;
+pub mod envelope;
 pub mod link;
 pub mod policy;
 pub mod pool;

@@ -2,14 +2,12 @@
 //! attempt may run.
 //!
 //! A worker combines three layers, most specific first: the caller's per-task headers
-//! ([`headers::MAX_ATTEMPTS`], [`headers::BACKOFF`], [`headers::TIME_LIMIT`]), the policy the task
-//! type was registered with, and the worker's defaults.
+//! ([`PolicyOverrides`], read by the envelope), the policy the task type was registered with,
+//! and the worker's defaults.
 
 use std::time::Duration;
 
-use lapin::types::FieldTable;
-
-use crate::protocol::{self, headers};
+use crate::envelope::PolicyOverrides;
 
 /// How a task is retried and bounded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,39 +42,59 @@ impl Policy {
             .unwrap_or_default()
     }
 
-    /// This policy with the caller's overrides from `h` applied (invalid values are ignored).
-    pub fn overridden_by(&self, h: Option<&FieldTable>) -> Self {
+    /// This policy with a caller's per-task overrides applied (read from the task's headers by
+    /// [`PolicyOverrides::read`]; invalid values are already left out there).
+    ///
+    /// A caller's delays are untrusted: each one is rounded up to [`BACKOFF_LADDER`], so that
+    /// publishers cannot make a worker declare a delay queue per distinct value they send.
+    pub fn overridden_by(&self, overrides: &PolicyOverrides) -> Self {
         let mut policy = self.clone();
-        if let Some(n) =
-            protocol::header_int(h, headers::MAX_ATTEMPTS).and_then(|n| u32::try_from(n).ok())
-            && n >= 1
-        {
+        if let Some(n) = overrides.max_attempts {
             policy.max_attempts = n;
         }
-        if let Some(backoff) =
-            protocol::header_str(h, headers::BACKOFF).and_then(|s| parse_backoff(&s))
-        {
-            policy.backoff = backoff;
+        if let Some(backoff) = &overrides.backoff {
+            policy.backoff = backoff.iter().map(|d| round_up_to_ladder(*d)).collect();
         }
-        if let Some(ms) =
-            protocol::header_int(h, headers::TIME_LIMIT).and_then(|n| u64::try_from(n).ok())
-            && ms >= 1
-        {
-            policy.time_limit = Duration::from_millis(ms);
+        if let Some(limit) = overrides.time_limit {
+            policy.time_limit = limit;
         }
         policy
     }
+}
 
-    /// Writes this policy's retry part as per-task headers (what a caller sends).
-    pub fn write_headers(&self, h: &mut FieldTable) {
-        protocol::set_header_int(h, headers::MAX_ATTEMPTS, i64::from(self.max_attempts));
-        protocol::set_header_str(h, headers::BACKOFF, &format_backoff(&self.backoff));
-        protocol::set_header_int(
-            h,
-            headers::TIME_LIMIT,
-            i64::try_from(self.time_limit.as_millis()).unwrap_or(i64::MAX),
-        );
-    }
+/// The delays a per-task backoff header may ask for; any other delay is rounded up to the next
+/// one (and past the last, down to it). A worker's own policy (flags, `register_with`) is not
+/// rounded: it is configuration, not input. 18 rungs, so a work queue has at most 18 delay
+/// queues from headers, plus those of its workers' own policies.
+pub const BACKOFF_LADDER: [Duration; 18] = [
+    Duration::from_millis(100),
+    Duration::from_millis(250),
+    Duration::from_millis(500),
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+    Duration::from_secs(5),
+    Duration::from_secs(10),
+    Duration::from_secs(30),
+    Duration::from_secs(60),
+    Duration::from_secs(2 * 60),
+    Duration::from_secs(5 * 60),
+    Duration::from_secs(10 * 60),
+    Duration::from_secs(30 * 60),
+    Duration::from_secs(60 * 60),
+    Duration::from_secs(2 * 60 * 60),
+    Duration::from_secs(6 * 60 * 60),
+    Duration::from_secs(12 * 60 * 60),
+    Duration::from_secs(24 * 60 * 60),
+];
+
+/// The smallest rung of [`BACKOFF_LADDER`] at least as long as `delay` (the last rung for a
+/// longer one): a retry never starts earlier than the caller asked.
+pub fn round_up_to_ladder(delay: Duration) -> Duration {
+    BACKOFF_LADDER
+        .iter()
+        .copied()
+        .find(|rung| *rung >= delay)
+        .unwrap_or(BACKOFF_LADDER[BACKOFF_LADDER.len() - 1])
 }
 
 /// `"1000,10000"` (milliseconds) to delays; `None` if any part is not a number of
@@ -94,7 +112,7 @@ pub fn parse_backoff(text: &str) -> Option<Vec<Duration>> {
         .collect()
 }
 
-/// Delays as the comma-separated milliseconds of [`headers::BACKOFF`].
+/// Delays as the comma-separated milliseconds of the `x-warren-backoff` header.
 pub fn format_backoff(backoff: &[Duration]) -> String {
     backoff
         .iter()
@@ -127,36 +145,52 @@ mod tests {
     }
 
     #[test]
-    fn caller_headers_override_and_garbage_is_ignored() {
+    fn caller_overrides_apply_and_garbage_is_ignored() {
+        use crate::envelope::{headers, set_header_int, set_header_str};
+        use lapin::types::FieldTable;
         let base = Policy::default();
         let mut h = FieldTable::default();
-        protocol::set_header_int(&mut h, headers::MAX_ATTEMPTS, 5);
-        protocol::set_header_str(&mut h, headers::BACKOFF, "200, 400");
-        protocol::set_header_int(&mut h, headers::TIME_LIMIT, 1500);
-        let p = base.overridden_by(Some(&h));
+        set_header_int(&mut h, headers::MAX_ATTEMPTS, 5);
+        set_header_str(&mut h, headers::BACKOFF, "250, 500");
+        set_header_int(&mut h, headers::TIME_LIMIT, 1500);
+        let p = base.overridden_by(&PolicyOverrides::read(Some(&h)));
         assert_eq!(p.max_attempts, 5);
         assert_eq!(
             p.backoff,
-            vec![Duration::from_millis(200), Duration::from_millis(400)]
+            vec![Duration::from_millis(250), Duration::from_millis(500)]
         );
         assert_eq!(p.time_limit, Duration::from_millis(1500));
 
         let mut bad = FieldTable::default();
-        protocol::set_header_int(&mut bad, headers::MAX_ATTEMPTS, 0);
-        protocol::set_header_str(&mut bad, headers::BACKOFF, "soon");
-        protocol::set_header_int(&mut bad, headers::TIME_LIMIT, -3);
-        assert_eq!(base.overridden_by(Some(&bad)), base);
+        set_header_int(&mut bad, headers::MAX_ATTEMPTS, 0);
+        set_header_str(&mut bad, headers::BACKOFF, "soon");
+        set_header_int(&mut bad, headers::TIME_LIMIT, -3);
+        assert_eq!(base.overridden_by(&PolicyOverrides::read(Some(&bad))), base);
     }
 
     #[test]
-    fn headers_round_trip() {
-        let p = Policy {
-            max_attempts: 4,
-            backoff: vec![Duration::from_millis(250)],
-            time_limit: Duration::from_secs(2),
+    fn caller_delays_round_up_to_the_ladder() {
+        let ms = Duration::from_millis;
+        assert_eq!(round_up_to_ladder(ms(1)), ms(100));
+        assert_eq!(round_up_to_ladder(ms(100)), ms(100));
+        assert_eq!(round_up_to_ladder(ms(101)), ms(250));
+        assert_eq!(round_up_to_ladder(ms(1001)), ms(2000));
+        assert_eq!(round_up_to_ladder(ms(86_400_000)), ms(86_400_000));
+        assert_eq!(round_up_to_ladder(Duration::MAX), ms(86_400_000));
+        // However many distinct delays are asked for, they land on the ladder's rungs.
+        let rungs: std::collections::BTreeSet<Duration> = (1..=200_000u64)
+            .step_by(7)
+            .map(|n| round_up_to_ladder(ms(n * 431)))
+            .collect();
+        assert!(rungs.len() <= BACKOFF_LADDER.len());
+        assert!(rungs.iter().all(|r| BACKOFF_LADDER.contains(r)));
+        let overrides = PolicyOverrides {
+            backoff: Some(vec![ms(300), ms(90_000)]),
+            ..PolicyOverrides::default()
         };
-        let mut h = FieldTable::default();
-        p.write_headers(&mut h);
-        assert_eq!(Policy::default().overridden_by(Some(&h)), p);
+        assert_eq!(
+            Policy::default().overridden_by(&overrides).backoff,
+            vec![ms(500), Duration::from_secs(120)]
+        );
     }
 }

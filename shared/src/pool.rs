@@ -148,6 +148,24 @@ impl LinkPool {
     }
 }
 
+/// A pool of one channel over `pool`'s connection, for a publish that must not share its
+/// channel with anything else (to tell whether the broker refuses this very message). Close it
+/// with [`close_isolated`].
+pub fn isolated(pool: &ChannelPool, timeout: Duration) -> ChannelPool {
+    let connection = pool.manager().connection.clone();
+    channel_pool(connection, 1, timeout, None)
+}
+
+/// Closes the channel of a pool made by [`isolated`], if it opened one.
+pub async fn close_isolated(pool: ChannelPool) {
+    if pool.status().size > 0
+        && let Ok(channel) = pool.get().await
+        && channel.status().connected()
+    {
+        let _ = channel.close(200, "isolated publish done".into()).await;
+    }
+}
+
 /// One message to publish.
 #[derive(Debug)]
 pub struct Publication<'a> {

@@ -4,13 +4,11 @@
 //! Workerman task client sends) and whose properties and headers carry the task id, the reply
 //! address, the attempt and the deadline. A reply is `{"ok": true, "result": ...}` or
 //! `{"ok": false, "error": {"kind": "...", "message": "..."}}`. `docs/protocol.md` is the
-//! normative description; this module is its only implementation, and its unit tests pin the
-//! encodings down.
+//! normative description; this module implements the bodies and error kinds, and
+//! [`crate::envelope`] the properties and headers. Their unit tests pin the encodings down.
 
 use std::fmt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use lapin::types::{AMQPValue, FieldTable, ShortString};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
@@ -18,47 +16,11 @@ use uuid::Uuid;
 /// The protocol version this build speaks, sent in [`headers::PROTOCOL`].
 pub const PROTOCOL_VERSION: i64 = 1;
 
-/// `content_type` of every request and reply.
-pub const CONTENT_TYPE: &str = "application/json";
-
-/// The `reply_to` value that asks RabbitMQ for direct reply-to.
-pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
-
-/// `type` property of replies (requests carry the function name there).
-pub const REPLY_TYPE: &str = "warren.reply";
-
-/// Header names. All are optional for a sender; a worker reads a missing one as its default.
-pub mod headers {
-    /// Protocol version (integer). Missing means 1. Any other value is answered
-    /// `unsupported_version`.
-    pub const PROTOCOL: &str = "x-warren-protocol";
-    /// 1-based attempt number (integer). Missing means 1.
-    pub const ATTEMPT: &str = "x-warren-attempt";
-    /// Absolute deadline, milliseconds since the Unix epoch (integer). A worker that receives the
-    /// task after it answers `expired` without running it.
-    pub const DEADLINE: &str = "x-warren-deadline";
-    /// Attempts the task gets in all (integer, the first included); overrides the worker's
-    /// policy for this task.
-    pub const MAX_ATTEMPTS: &str = "x-warren-max-attempts";
-    /// Delays between attempts, comma-separated milliseconds (`"1000,10000"`); overrides the
-    /// worker's policy for this task.
-    pub const BACKOFF: &str = "x-warren-backoff";
-    /// Execution time limit of one attempt in milliseconds; overrides the worker's policy.
-    pub const TIME_LIMIT: &str = "x-warren-time-limit";
-    /// The error of the previous attempt, on a retried copy.
-    pub const LAST_ERROR: &str = "x-warren-last-error";
-    /// Why a task was parked in the dead-letter queue: `rejected` (bad input),
-    /// `permanent_failure` or `attempts_exhausted`.
-    pub const DEAD_REASON: &str = "x-warren-dead-reason";
-    /// The error kind of the failure that parked the task (e.g. `bad_request`).
-    pub const DEAD_KIND: &str = "x-warren-dead-kind";
-    /// The last error message of a dead-lettered task.
-    pub const DEAD_ERROR: &str = "x-warren-dead-error";
-    /// The worker (connection name) that dead-lettered the task.
-    pub const DEAD_BY: &str = "x-warren-dead-by";
-    /// When the task was dead-lettered, milliseconds since the Unix epoch.
-    pub const DEAD_AT: &str = "x-warren-dead-at";
-}
+// The envelope (properties and headers) lives in `envelope`; these names stay reachable here.
+pub use crate::envelope::{
+    CONTENT_TYPE, DIRECT_REPLY_TO, REPLY_TYPE, epoch_millis, from_epoch_millis, header_int,
+    header_str, headers, set_header_int, set_header_str,
+};
 
 /// A task's id: the AMQP `message_id` (and, for calls, the `correlation_id`).
 ///
@@ -204,6 +166,9 @@ pub enum ErrorKind {
     TooLarge,
     /// The `x-warren-protocol` header names a version this worker does not speak.
     UnsupportedVersion,
+    /// The broker refused the task's outcome for its content (a result larger than its
+    /// `max_message_size`, say); the task is parked with reason `refused`.
+    Refused,
     /// A kind this build does not know (sent by a newer worker).
     #[serde(other)]
     Other,
@@ -222,6 +187,7 @@ impl ErrorKind {
             Self::Expired => "expired",
             Self::TooLarge => "too_large",
             Self::UnsupportedVersion => "unsupported_version",
+            Self::Refused => "refused",
             Self::Other => "other",
         }
     }
@@ -312,60 +278,13 @@ impl Reply {
     }
 }
 
-/// Milliseconds since the Unix epoch, as used in deadline headers.
-pub fn epoch_millis(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
-/// The [`SystemTime`] of an epoch-milliseconds header value.
-pub fn from_epoch_millis(ms: i64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
-}
-
-/// Reads an integer header, whatever integer width the sender chose.
-pub fn header_int(headers: Option<&FieldTable>, name: &str) -> Option<i64> {
-    let value = headers?.inner().get(name)?;
-    match value {
-        AMQPValue::ShortShortInt(v) => Some((*v).into()),
-        AMQPValue::ShortShortUInt(v) => Some((*v).into()),
-        AMQPValue::ShortInt(v) => Some((*v).into()),
-        AMQPValue::ShortUInt(v) => Some((*v).into()),
-        AMQPValue::LongInt(v) => Some((*v).into()),
-        AMQPValue::LongUInt(v) => Some((*v).into()),
-        AMQPValue::LongLongInt(v) => Some(*v),
-        AMQPValue::Timestamp(v) => i64::try_from(*v).ok(),
-        AMQPValue::ShortString(s) => s.as_str().trim().parse().ok(),
-        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?.trim().parse().ok(),
-        _ => None,
-    }
-}
-
-/// Reads a string header.
-pub fn header_str(headers: Option<&FieldTable>, name: &str) -> Option<String> {
-    match headers?.inner().get(name)? {
-        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        _ => None,
-    }
-}
-
-/// Sets an integer header.
-pub fn set_header_int(headers: &mut FieldTable, name: &str, value: i64) {
-    headers.insert(ShortString::from(name), AMQPValue::LongLongInt(value));
-}
-
-/// Sets a string header.
-pub fn set_header_str(headers: &mut FieldTable, name: &str, value: &str) {
-    headers.insert(ShortString::from(name), AMQPValue::LongString(value.into()));
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lapin::types::{AMQPValue, FieldTable};
     use proptest::strategy::Strategy;
     use serde_json::json;
+    use std::time::{Duration, UNIX_EPOCH};
 
     #[test]
     fn request_round_trips_in_workerman_shape() {
@@ -463,6 +382,7 @@ mod tests {
             ErrorKind::Expired,
             ErrorKind::TooLarge,
             ErrorKind::UnsupportedVersion,
+            ErrorKind::Refused,
         ] {
             assert_eq!(serde_json::to_value(kind).unwrap(), json!(kind.as_str()));
         }

@@ -7,10 +7,16 @@
 //! | exchange [`EXCHANGE`] | durable direct exchange; `Q` is bound to it with routing key `Q` |
 //! | `Q` | durable quorum queue; `x-delivery-limit` guards against crash loops; dead-letters to `Q.dead` |
 //! | `Q.dead` | durable quorum queue: tasks that will not run again, with the reason in headers |
-//! | `Q.retry.<delay>` | durable quorum queue, one per backoff delay, message TTL = delay, dead-letters back to `Q`; nobody consumes it |
+//! | `Q.delay.<delay>` | durable quorum queue, one per backoff delay, message TTL = delay, dead-letters back to `Q`, expires when unused; nobody consumes it |
 //!
 //! Each delay has a queue of its own, so every message in it expires in arrival order: no retry
-//! waits behind a longer one (per-message TTLs in one queue would block at the head).
+//! waits behind a longer one (per-message TTLs in one queue would block at the head). A delay
+//! queue expires ([`retry_queue_expires`]) once nobody has declared it for longer than any of its
+//! messages can wait, so the tiers nobody uses any more disappear; a worker redeclares a tier at
+//! least every [`REDECLARE_RETRY_QUEUE_EVERY`] while it publishes to it. (Until the `x-expires`
+//! argument came, delay queues were named `Q.retry.<delay>`; new names mean that the old queues,
+//! declared without it, never make a declaration fail. They drain by themselves and can be
+//! deleted.)
 //!
 //! Queue arguments are fixed when a queue is created: RabbitMQ refuses a redeclaration with other
 //! arguments (`406 PRECONDITION_FAILED - inequivalent arg`). So every argument the queue will ever
@@ -51,7 +57,22 @@ impl QueueNames {
     }
 }
 
-/// The delay queue for retries after `delay`: `<queue>.retry.1s`, `.retry.250ms`, `.retry.2m`.
+/// A worker that publishes to a delay queue declares it again when its last declaration is at
+/// least this old, which keeps the queue from expiring under its messages: a message published
+/// within this time of a declaration expires (and goes back to the work queue) before the queue
+/// can, since [`retry_queue_expires`] exceeds the delay by more than this plus a publish timeout.
+pub const REDECLARE_RETRY_QUEUE_EVERY: Duration = Duration::from_secs(30);
+
+/// The `x-expires` of the delay queue for `delay`: twice the delay plus a minute. A message
+/// waits `delay` in it, so the queue outlives every message published within a minute of its
+/// last declaration (see [`REDECLARE_RETRY_QUEUE_EVERY`]).
+pub fn retry_queue_expires(delay: Duration) -> Duration {
+    delay
+        .saturating_mul(2)
+        .saturating_add(Duration::from_secs(60))
+}
+
+/// The delay queue for retries after `delay`: `<queue>.delay.1s`, `.delay.250ms`, `.delay.2m`.
 pub fn retry_queue_name(queue: &str, delay: Duration) -> String {
     let ms = delay.as_millis();
     let label = if ms > 0 && ms.is_multiple_of(60_000) {
@@ -61,11 +82,13 @@ pub fn retry_queue_name(queue: &str, delay: Duration) -> String {
     } else {
         format!("{ms}ms")
     };
-    format!("{queue}.retry.{label}")
+    format!("{queue}.delay.{label}")
 }
 
 /// Declares the delay queue for retries of `queue` after `delay` (idempotent) and returns its
 /// name. Expired messages go back to `queue` through the default exchange.
+///
+/// Each declaration restarts the queue's expiry clock ([`retry_queue_expires`]).
 ///
 /// # Errors
 /// The broker's error.
@@ -75,16 +98,25 @@ pub async fn declare_retry_queue(
     delay: Duration,
 ) -> Result<String, lapin::Error> {
     let name = retry_queue_name(queue, delay);
-    let mut args = quorum_args();
-    args.insert(
-        "x-message-ttl".into(),
-        AMQPValue::LongLongInt(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
-    );
-    dead_letter_to(&mut args, queue);
     channel
-        .queue_declare(name.as_str().into(), QueueDeclareOptions::durable(), args)
+        .queue_declare(
+            name.as_str().into(),
+            QueueDeclareOptions::durable(),
+            retry_queue_args(queue, delay),
+        )
         .await?;
     Ok(name)
+}
+
+/// The arguments of the delay queue of `queue` for `delay`.
+pub fn retry_queue_args(queue: &str, delay: Duration) -> FieldTable {
+    let millis =
+        |d: Duration| AMQPValue::LongLongInt(i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    let mut args = quorum_args();
+    args.insert("x-message-ttl".into(), millis(delay));
+    args.insert("x-expires".into(), millis(retry_queue_expires(delay)));
+    dead_letter_to(&mut args, queue);
+    args
 }
 
 /// Checks a queue name before it reaches the broker (which would close the channel instead).
@@ -214,20 +246,37 @@ mod tests {
     fn retry_queues_are_named_by_their_delay() {
         assert_eq!(
             retry_queue_name("q", Duration::from_millis(250)),
-            "q.retry.250ms"
+            "q.delay.250ms"
         );
         assert_eq!(
             retry_queue_name("q", Duration::from_secs(10)),
-            "q.retry.10s"
+            "q.delay.10s"
         );
         assert_eq!(
             retry_queue_name("q", Duration::from_secs(120)),
-            "q.retry.2m"
+            "q.delay.2m"
         );
         assert_eq!(
             retry_queue_name("q", Duration::from_millis(1500)),
-            "q.retry.1500ms"
+            "q.delay.1500ms"
         );
+    }
+
+    #[test]
+    fn delay_queues_expire_after_their_messages() {
+        for delay in [Duration::from_millis(100), Duration::from_secs(86_400)] {
+            let args = retry_queue_args("q", delay);
+            let get = |k: &str| match args.inner().get(k) {
+                Some(AMQPValue::LongLongInt(v)) => u64::try_from(*v).ok(),
+                _ => None,
+            };
+            let ttl = get("x-message-ttl").map(Duration::from_millis);
+            let expires = get("x-expires").map(Duration::from_millis);
+            assert_eq!(ttl, Some(delay));
+            assert!(expires.is_some_and(
+                |e| e >= delay + REDECLARE_RETRY_QUEUE_EVERY + Duration::from_secs(30)
+            ));
+        }
     }
 
     #[test]

@@ -10,4 +10,5 @@ mod core;
 mod gateway;
 mod processes;
 mod reliability;
+mod safety;
 mod tls;

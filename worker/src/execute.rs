@@ -17,7 +17,8 @@ use std::time::SystemTime;
 use lapin::message::Delivery;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use warren_shared::protocol::{self, headers};
+use warren_shared::envelope::{self, ReplyTo};
+use warren_shared::protocol;
 use warren_shared::{ErrorKind, Policy, Reply, Request, TaskFailure};
 
 use crate::handler::{Retry, StateMap, TaskContext};
@@ -54,9 +55,12 @@ fn rejected(kind: ErrorKind, message: impl Into<String>) -> Outcome {
 }
 
 /// Checks what must hold before a body is even parsed.
-fn check_envelope(delivery: &Delivery, max_body_bytes: usize) -> Result<(), Outcome> {
-    let h = delivery.properties.headers().as_ref();
-    if let Some(version) = protocol::header_int(h, headers::PROTOCOL)
+fn check_envelope(
+    delivery: &Delivery,
+    envelope: &Envelope,
+    max_body_bytes: usize,
+) -> Result<u32, Outcome> {
+    if let Some(version) = envelope.protocol
         && version != protocol::PROTOCOL_VERSION
     {
         return Err(rejected(
@@ -76,28 +80,40 @@ fn check_envelope(delivery: &Delivery, max_body_bytes: usize) -> Result<(), Outc
             ),
         ));
     }
-    if let Some(reply_to) = delivery.properties.reply_to().as_ref()
-        && reply_to.as_str().chars().any(char::is_control)
-    {
+    if envelope.headers_bytes > envelope::MAX_HEADERS_BYTES {
         return Err(rejected(
-            ErrorKind::BadRequest,
-            "reply_to contains control characters",
+            ErrorKind::TooLarge,
+            format!(
+                "headers are {} bytes; this worker accepts at most {}",
+                envelope.headers_bytes,
+                envelope::MAX_HEADERS_BYTES
+            ),
         ));
     }
-    Ok(())
+    if let ReplyTo::Invalid { address, reason } = &envelope.reply_to {
+        return Err(rejected(
+            ErrorKind::BadRequest,
+            format!("reply_to {address:?} is unusable: {reason}"),
+        ));
+    }
+    envelope
+        .attempt
+        .clone()
+        .map_err(|e| rejected(ErrorKind::BadRequest, e.to_string()))
+}
+
+/// A function name as quoted in messages and logs: at most 200 bytes of it.
+fn quoted(function: &str) -> String {
+    format!("{:?}", envelope::bounded(function, 200))
 }
 
 impl Executor {
     /// Judges `delivery`, inside a span that names the task.
     pub(crate) async fn execute(&self, delivery: &Delivery, envelope: &Envelope) -> Outcome {
-        let h = delivery.properties.headers().as_ref();
-        let attempt = protocol::header_int(h, headers::ATTEMPT)
-            .and_then(|a| u32::try_from(a).ok())
-            .filter(|a| *a >= 1)
-            .unwrap_or(1);
-        if let Err(outcome) = check_envelope(delivery, self.max_body_bytes) {
-            return outcome;
-        }
+        let attempt = match check_envelope(delivery, envelope, self.max_body_bytes) {
+            Ok(attempt) => attempt,
+            Err(outcome) => return outcome,
+        };
         let request = match Request::decode(&delivery.data) {
             Ok(r) => r,
             Err(failure) => {
@@ -110,7 +126,7 @@ impl Executor {
         let span = tracing::info_span!(
             "task",
             task.id = %envelope.id,
-            task.function = %request.function,
+            task.function = %envelope::bounded(&request.function, 200),
             attempt,
         );
         self.run(delivery, envelope, request, attempt)
@@ -125,8 +141,7 @@ impl Executor {
         request: Request,
         attempt: u32,
     ) -> Outcome {
-        let h = delivery.properties.headers().as_ref();
-        let deadline = protocol::header_int(h, headers::DEADLINE).map(protocol::from_epoch_millis);
+        let deadline = envelope.deadline;
         if let Some(deadline) = deadline
             && deadline <= SystemTime::now()
         {
@@ -140,8 +155,8 @@ impl Executor {
             return rejected(
                 ErrorKind::UnknownFunction,
                 format!(
-                    "no handler for {:?} on this worker (it serves {})",
-                    request.function,
+                    "no handler for {} on this worker (it serves {})",
+                    quoted(&request.function),
                     self.registry.functions().join(", ")
                 ),
             );
@@ -150,7 +165,7 @@ impl Executor {
             .policy
             .as_ref()
             .unwrap_or(&self.policy)
-            .overridden_by(h);
+            .overridden_by(&envelope.overrides);
         let cancel = self.abort.child_token();
         let ctx = TaskContext {
             id: envelope.id.clone(),
@@ -261,6 +276,7 @@ mod tests {
     use lapin::types::FieldTable;
     use proptest::strategy::Strategy;
     use std::time::Duration;
+    use warren_shared::envelope::headers;
 
     fn failure() -> TaskFailure {
         TaskFailure::new(ErrorKind::HandlerFailed, "nope")
@@ -387,13 +403,93 @@ mod tests {
             reply_to in proptest::option::of(".{0,40}"),
         ) {
             let mut h = FieldTable::default();
-            if let Some(v) = version { protocol::set_header_int(&mut h, headers::PROTOCOL, v); }
-            if let Some(a) = attempt { protocol::set_header_int(&mut h, headers::ATTEMPT, a); }
-            if let Some(d) = deadline { protocol::set_header_int(&mut h, headers::DEADLINE, d); }
-            if let Some(b) = &backoff { protocol::set_header_str(&mut h, headers::BACKOFF, b); }
+            if let Some(v) = version { envelope::set_header_int(&mut h, headers::PROTOCOL, v); }
+            if let Some(a) = attempt { envelope::set_header_int(&mut h, headers::ATTEMPT, a); }
+            if let Some(d) = deadline { envelope::set_header_int(&mut h, headers::DEADLINE, d); }
+            if let Some(b) = &backoff { envelope::set_header_str(&mut h, headers::BACKOFF, b); }
             let outcome = judge(body, Some(h), reply_to.as_deref());
             proptest::prop_assert!(!matches!(outcome, Outcome::HandBack));
         }
+    }
+
+    fn rejected_as(outcome: &Outcome, kind: ErrorKind) -> bool {
+        matches!(outcome, Outcome::DeadLetter { reason: DeadReason::Rejected, failure } if failure.kind == kind)
+    }
+
+    #[test]
+    fn an_attempt_number_out_of_range_is_rejected_not_wrapped() {
+        let body = br#"{"function":"echo","args":1}"#.to_vec();
+        for hostile in [
+            i64::MAX,
+            i64::MAX - 1,
+            i64::from(u32::MAX) + 1,
+            0,
+            -5,
+            i64::MIN,
+        ] {
+            let mut h = FieldTable::default();
+            envelope::set_header_int(&mut h, headers::ATTEMPT, hostile);
+            let outcome = judge(body.clone(), Some(h), None);
+            assert!(
+                rejected_as(&outcome, ErrorKind::BadRequest),
+                "{hostile}: {outcome:?}"
+            );
+        }
+        let mut h = FieldTable::default();
+        envelope::set_header_str(&mut h, headers::ATTEMPT, "third");
+        assert!(rejected_as(
+            &judge(body.clone(), Some(h), None),
+            ErrorKind::BadRequest
+        ));
+        // The largest attempt there is still runs (and a failure there is never retried).
+        let mut h = FieldTable::default();
+        envelope::set_header_int(&mut h, headers::ATTEMPT, i64::from(u32::MAX));
+        assert_eq!(
+            judge(body, Some(h), None),
+            Outcome::Reply(Reply::Ok(serde_json::json!(1)))
+        );
+        assert!(matches!(
+            after_failure(&policy(), u32::MAX, None, failure(), Retry::Retryable),
+            Outcome::DeadLetter {
+                reason: DeadReason::AttemptsExhausted,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_reply_address_the_broker_would_choke_on_is_rejected() {
+        let body = br#"{"function":"echo","args":1}"#.to_vec();
+        let outcome = judge(body.clone(), None, Some("amq.rabbitmq.reply-to.AAAA.x"));
+        assert!(rejected_as(&outcome, ErrorKind::BadRequest), "{outcome:?}");
+        assert_eq!(
+            judge(body, None, Some("my.replies")),
+            Outcome::Reply(Reply::Ok(serde_json::json!(1)))
+        );
+    }
+
+    #[test]
+    fn oversized_headers_are_rejected_as_too_large() {
+        let mut h = FieldTable::default();
+        envelope::set_header_int(&mut h, headers::ATTEMPT, 1);
+        for i in 0..20 {
+            h.insert(
+                format!("pad-{i}").into(),
+                lapin::types::AMQPValue::LongString("p".repeat(1000).into()),
+            );
+        }
+        let outcome = judge(br#"{"function":"echo"}"#.to_vec(), Some(h), None);
+        assert!(rejected_as(&outcome, ErrorKind::TooLarge), "{outcome:?}");
+    }
+
+    #[test]
+    fn a_huge_unknown_function_name_is_quoted_briefly() {
+        let body = serde_json::to_vec(&serde_json::json!({"function": "f".repeat(3_000)})).unwrap();
+        let Outcome::DeadLetter { failure, .. } = judge(body, None, None) else {
+            panic!("not rejected")
+        };
+        assert_eq!(failure.kind, ErrorKind::UnknownFunction);
+        assert!(failure.message.len() < 1000, "{}", failure.message.len());
     }
 
     #[test]

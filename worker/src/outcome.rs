@@ -4,45 +4,26 @@
 //! the dead-letter copy, the reply) is confirmed by the broker, then the original is acked. A
 //! crash in between means the task is delivered again (at least once), never that it is lost.
 //! When a publish fails the delivery is handed back (`nack` with requeue) so that another
-//! attempt can settle it; the queue's delivery limit stops that from looping forever.
+//! attempt can settle it; the queue's delivery limit stops that from looping forever. When the
+//! broker refuses a publish by closing the channel, the outcome is published again on a channel
+//! of its own, and an outcome refused there too is parked with reason `refused` instead of
+//! being handed back (it would only be refused again).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
-use lapin::types::FieldTable;
-use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
+use warren_shared::envelope::{self, DeadMark};
 use warren_shared::link::{Link, LinkState};
-use warren_shared::pool::{LinkPool, Publication, PublishError, publish_confirmed};
-use warren_shared::protocol::{self, headers};
-use warren_shared::{Reply, TaskFailure, TaskId, topology};
+use warren_shared::pool::{
+    self, LinkPool, Publication, PublishError, close_isolated, publish_confirmed,
+};
+use warren_shared::{ChannelPool, ErrorKind, Reply, TaskFailure, topology};
 
-/// Why a task was parked in the dead-letter queue (the `x-warren-dead-reason` header).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum DeadReason {
-    /// The input cannot run as it is (malformed, unknown function, bad arguments, too large...).
-    Rejected,
-    /// The handler failed with a permanent error.
-    PermanentFailure,
-    /// Every attempt failed, or no attempt could start before the deadline.
-    AttemptsExhausted,
-}
-
-impl DeadReason {
-    /// The header value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Rejected => "rejected",
-            Self::PermanentFailure => "permanent_failure",
-            Self::AttemptsExhausted => "attempts_exhausted",
-        }
-    }
-}
+pub use warren_shared::envelope::DeadReason;
 
 /// The verdict on one delivery.
 #[derive(Debug, Clone, PartialEq)]
@@ -70,34 +51,8 @@ pub enum Outcome {
     HandBack,
 }
 
-/// The parts of a delivery the outcome needs.
-#[derive(Debug, Clone)]
-pub(crate) struct Envelope {
-    pub(crate) id: TaskId,
-    pub(crate) reply_to: Option<String>,
-    pub(crate) correlation_id: Option<String>,
-}
-
-impl Envelope {
-    pub(crate) fn of(delivery: &Delivery) -> Self {
-        let p = &delivery.properties;
-        let message_id = p.message_id().as_ref().map(|s| s.to_string());
-        let correlation_id = p.correlation_id().as_ref().map(|s| s.to_string());
-        let id = message_id
-            .or_else(|| correlation_id.clone())
-            .map_or_else(TaskId::new, TaskId::from);
-        let reply_to = p
-            .reply_to()
-            .as_ref()
-            .map(|s| s.to_string())
-            .filter(|r| !r.is_empty() && !r.chars().any(char::is_control));
-        Self {
-            id,
-            reply_to,
-            correlation_id,
-        }
-    }
-}
+/// The parts of a delivery the outcome needs: its envelope, read once.
+pub(crate) type Envelope = envelope::Incoming;
 
 /// Where settling publishes, and how long it may take.
 #[derive(Debug, Clone)]
@@ -108,14 +63,44 @@ pub(crate) struct Settler {
     pub(crate) dead_queue: String,
     pub(crate) worker_name: String,
     pub(crate) publish_timeout: Duration,
-    /// Delay queues declared so far, by delay.
-    pub(crate) retry_queues: Arc<Mutex<HashMap<Duration, Arc<OnceCell<String>>>>>,
+    /// When each delay queue was last declared, by delay (declared again every
+    /// [`topology::REDECLARE_RETRY_QUEUE_EVERY`], which keeps it from expiring).
+    pub(crate) retry_queues: Arc<Mutex<HashMap<Duration, RetryQueue>>>,
     /// Cancelled when the worker gives up on tasks still running (end of the shutdown grace).
     pub(crate) abort: CancellationToken,
 }
 
 /// Times an outcome publish is tried again after it failed while the link could not publish.
 const PUBLISH_TRIES: usize = 4;
+
+/// The last declaration of one delay queue.
+pub(crate) type RetryQueue = Arc<tokio::sync::Mutex<Option<std::time::Instant>>>;
+
+/// Where publishing an outcome stopped: at its first publish (the retry or dead-letter copy, or
+/// a plain reply), or at the reply after a dead-letter copy went through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Step {
+    First,
+    Reply,
+}
+
+/// Whether the broker closed the channel, and only the channel, under a publish (a soft error
+/// such as `406 PRECONDITION_FAILED - message size ... is larger than configured max size`): a
+/// refusal that may be of this message's content. Not a timeout, a nack, a lost connection, or
+/// a connection-level (hard) error: those close the connection for every task, so publishing
+/// again could not tell whose message it was, and the task is handed back instead.
+fn refused_by_broker(e: &PublishError, link: &Link) -> bool {
+    let PublishError::Channel(e) = e else {
+        return false;
+    };
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => {
+            matches!(amqp.kind(), lapin::protocol::AMQPErrorKind::Soft(_)) && link.state().is_up()
+        }
+        lapin::ErrorKind::InvalidChannelState(..) => link.state().is_up(),
+        _ => false,
+    }
+}
 
 /// How settling ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -140,10 +125,19 @@ impl Settler {
             self.hand_back(delivery).await;
             return Settled::Requeued;
         }
-        if let Err(e) = self.publish_outcome(delivery, envelope, outcome).await {
-            tracing::warn!(task.id = %envelope.id, error = %e, "could not publish the outcome; handing the task back");
-            self.hand_back(delivery).await;
-            return Settled::Requeued;
+        let published = self
+            .publish_outcome(None, delivery, envelope, outcome, Step::First)
+            .await;
+        if let Err((step, e)) = published {
+            let parked_or_published = refused_by_broker(&e, self.link())
+                && self
+                    .settle_refused(delivery, envelope, outcome, step, &e)
+                    .await;
+            if !parked_or_published {
+                tracing::warn!(task.id = %envelope.id, error = %e, "could not publish the outcome; handing the task back");
+                self.hand_back(delivery).await;
+                return Settled::Requeued;
+            }
         }
         // Bounded: an ack on a channel that is being recovered must not hold a slot forever.
         let acked = tokio::time::timeout(
@@ -202,95 +196,173 @@ impl Settler {
         }
     }
 
+    /// Publishes what `outcome` publishes, from step `from` on, on `pool` (the publishing
+    /// link's current pool when `None`); on failure says at which step. While the link cannot
+    /// publish it waits for it rather than handing the task straight back: that would only
+    /// bring it back here (or to a worker as blocked) at once.
     async fn publish_outcome(
         &self,
+        pool: Option<&ChannelPool>,
         delivery: &Delivery,
         envelope: &Envelope,
         outcome: &Outcome,
-    ) -> Result<(), PublishError> {
+        mut from: Step,
+    ) -> Result<(), (Step, PublishError)> {
         let mut tries = 0;
         loop {
-            // While the link cannot publish, wait for it rather than handing the task straight
-            // back: that would only bring it back here (or to a worker as blocked) at once.
-            self.wait_publishable().await?;
-            match self.publish_outcome_once(delivery, envelope, outcome).await {
+            self.wait_publishable().await.map_err(|e| (from, e))?;
+            let current = match pool {
+                Some(pool) => pool.clone(),
+                None => self.pool.pool(),
+            };
+            match self
+                .publish_outcome_once(&current, delivery, envelope, outcome, from)
+                .await
+            {
                 Ok(()) => return Ok(()),
                 // Failed because the broker blocked publishers or the connection went: once it
-                // publishes again, publish again (a duplicate reply or copy is harmless; a
-                // re-run is what this avoids).
-                Err(e) if tries + 1 < PUBLISH_TRIES && !self.link().state().is_up() => {
+                // publishes again, publish again from the step that failed (a duplicate reply
+                // or copy is harmless; a re-run is what this avoids).
+                Err((step, e)) if tries + 1 < PUBLISH_TRIES && !self.link().state().is_up() => {
                     tries += 1;
+                    from = step;
                     tracing::debug!(task.id = %envelope.id, error = %e, "outcome publish failed while the link could not publish; trying again");
                 }
-                Err(e) => return Err(e),
+                Err(failed) => return Err(failed),
             }
         }
     }
 
+    /// One try of [`publish_outcome`](Self::publish_outcome) on `pool`.
     async fn publish_outcome_once(
         &self,
+        pool: &ChannelPool,
         delivery: &Delivery,
         envelope: &Envelope,
         outcome: &Outcome,
-    ) -> Result<(), PublishError> {
+        from: Step,
+    ) -> Result<(), (Step, PublishError)> {
         let reply = match outcome {
             Outcome::Reply(reply) => reply.clone(),
             Outcome::Retry { delay, failure } => {
-                return self.retry(delivery, *delay, failure).await;
+                return self
+                    .retry(pool, delivery, envelope, *delay, failure)
+                    .await
+                    .map_err(|e| (Step::First, e));
             }
             Outcome::DeadLetter { reason, failure } => {
-                self.dead_letter(delivery, *reason, failure).await?;
+                if from == Step::First {
+                    self.dead_letter(pool, delivery, *reason, failure, false)
+                        .await
+                        .map_err(|e| (Step::First, e))?;
+                }
                 Reply::Err(failure.clone())
             }
             Outcome::HandBack => return Ok(()),
         };
-        if let Some(reply_to) = &envelope.reply_to {
-            self.reply(envelope, reply_to, &reply).await?;
+        if let Some(reply_to) = envelope.reply_to.address() {
+            self.reply(pool, envelope, reply_to, &reply)
+                .await
+                .map_err(|e| (Step::Reply, e))?;
         }
         Ok(())
     }
 
+    /// The broker refused a publish of `outcome` at `step` and closed the channel; neighbours'
+    /// publishes on that channel failed with it, so the refusal may not be this task's. Publish
+    /// again on a channel of its own: if that goes through, settle as usual; if the broker
+    /// refuses it again, it is this task's outcome that it refuses, so park the task with
+    /// reason `refused` (a copy with Warren's headers only) and answer the caller with a small
+    /// error, instead of handing it back to be run again. Returns whether the task may be acked.
+    async fn settle_refused(
+        &self,
+        delivery: &Delivery,
+        envelope: &Envelope,
+        outcome: &Outcome,
+        step: Step,
+        first: &PublishError,
+    ) -> bool {
+        tracing::warn!(task.id = %envelope.id, error = %first, "the broker refused an outcome; publishing it again on a channel of its own");
+        let alone = pool::isolated(&self.pool.pool(), self.publish_timeout);
+        let settled = match self
+            .publish_outcome(Some(&alone), delivery, envelope, outcome, step)
+            .await
+        {
+            Ok(()) => true,
+            Err((step, e)) if refused_by_broker(&e, self.link()) => {
+                close_isolated(alone.clone()).await;
+                let failure = TaskFailure::new(
+                    ErrorKind::Refused,
+                    envelope::bounded(
+                        &format!("the broker refused the task's outcome: {e}"),
+                        envelope::MAX_HEADER_TEXT,
+                    ),
+                );
+                tracing::warn!(task.id = %envelope.id, error = %e, "the broker refuses this task's outcome; parking it");
+                let parked = if step == Step::Reply && matches!(outcome, Outcome::DeadLetter { .. })
+                {
+                    true // already parked; only its reply was refused
+                } else {
+                    let again = pool::isolated(&self.pool.pool(), self.publish_timeout);
+                    let parked = self
+                        .dead_letter(&again, delivery, DeadReason::Refused, &failure, true)
+                        .await;
+                    close_isolated(again).await;
+                    parked.is_ok()
+                };
+                if parked && let Some(reply_to) = envelope.reply_to.address() {
+                    let again = pool::isolated(&self.pool.pool(), self.publish_timeout);
+                    // The caller may be gone, and the parked task is the record: best effort.
+                    let _ = self
+                        .reply(&again, envelope, reply_to, &Reply::Err(failure))
+                        .await;
+                    close_isolated(again).await;
+                }
+                return parked;
+            }
+            Err(_) => false,
+        };
+        close_isolated(alone).await;
+        settled
+    }
+
+    /// The delay queue for `delay`, declared if it was not declared recently.
     async fn retry_queue(&self, delay: Duration) -> Result<String, PublishError> {
-        let cell = {
+        let name = topology::retry_queue_name(&self.queue, delay);
+        let entry = {
             let mut queues = self
                 .retry_queues
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             queues.entry(delay).or_default().clone()
         };
-        let name = cell
-            .get_or_try_init(|| async {
-                let channel = self
-                    .pool
-                    .pool()
-                    .get()
-                    .await
-                    .map_err(|e| PublishError::NoChannel(e.to_string()))?;
-                Ok::<_, PublishError>(
-                    topology::declare_retry_queue(&channel, &self.queue, delay).await?,
-                )
-            })
-            .await?;
-        Ok(name.clone())
+        let mut declared = entry.lock().await;
+        if declared.is_some_and(|at| at.elapsed() < topology::REDECLARE_RETRY_QUEUE_EVERY) {
+            return Ok(name);
+        }
+        let channel = self
+            .pool
+            .pool()
+            .get()
+            .await
+            .map_err(|e| PublishError::NoChannel(e.to_string()))?;
+        topology::declare_retry_queue(&channel, &self.queue, delay).await?;
+        *declared = Some(std::time::Instant::now());
+        Ok(name)
     }
 
     async fn retry(
         &self,
+        pool: &ChannelPool,
         delivery: &Delivery,
+        envelope: &Envelope,
         delay: Duration,
         failure: &TaskFailure,
     ) -> Result<(), PublishError> {
-        let mut h = delivery.properties.headers().clone().unwrap_or_default();
-        let attempt = protocol::header_int(Some(&h), headers::ATTEMPT)
-            .unwrap_or(1)
-            .max(1);
-        protocol::set_header_int(&mut h, headers::ATTEMPT, attempt + 1);
-        protocol::set_header_str(&mut h, headers::LAST_ERROR, &failure.to_string());
-        let properties = delivery
-            .properties
-            .clone()
-            .with_headers(h)
-            .with_delivery_mode(2);
+        // A task with an unusable attempt number is rejected before it runs, so it never gets
+        // here; count up without wrapping anyway.
+        let next = envelope.attempt.clone().unwrap_or(1).saturating_add(1);
+        let properties = envelope::retry_copy(&delivery.properties, next, failure);
         let (exchange, routing_key) = if delay.is_zero() {
             (topology::EXCHANGE.to_owned(), self.queue.clone())
         } else {
@@ -303,30 +375,28 @@ impl Settler {
             properties,
             mandatory: true,
         };
-        publish_confirmed(&self.pool.pool(), publication, self.publish_timeout).await
+        publish_confirmed(pool, publication, self.publish_timeout).await
     }
 
     async fn dead_letter(
         &self,
+        pool: &ChannelPool,
         delivery: &Delivery,
         reason: DeadReason,
         failure: &TaskFailure,
+        bare: bool,
     ) -> Result<(), PublishError> {
-        let mut h = delivery.properties.headers().clone().unwrap_or_default();
-        protocol::set_header_str(&mut h, headers::DEAD_REASON, reason.as_str());
-        protocol::set_header_str(&mut h, headers::DEAD_KIND, failure.kind.as_str());
-        protocol::set_header_str(&mut h, headers::DEAD_ERROR, &failure.message);
-        protocol::set_header_str(&mut h, headers::DEAD_BY, &self.worker_name);
-        protocol::set_header_int(
-            &mut h,
-            headers::DEAD_AT,
-            protocol::epoch_millis(SystemTime::now()),
-        );
-        let properties = delivery
-            .properties
-            .clone()
-            .with_headers(h)
-            .with_delivery_mode(2);
+        let mark = DeadMark {
+            reason,
+            failure,
+            by: &self.worker_name,
+            at: SystemTime::now(),
+        };
+        let properties = if bare {
+            envelope::bare_dead_copy(&delivery.properties, mark)
+        } else {
+            envelope::dead_copy(&delivery.properties, mark)
+        };
         let publication = Publication {
             exchange: "",
             routing_key: &self.dead_queue,
@@ -334,28 +404,17 @@ impl Settler {
             properties,
             mandatory: true,
         };
-        publish_confirmed(&self.pool.pool(), publication, self.publish_timeout).await
+        publish_confirmed(pool, publication, self.publish_timeout).await
     }
 
     async fn reply(
         &self,
+        pool: &ChannelPool,
         envelope: &Envelope,
         reply_to: &str,
         reply: &Reply,
     ) -> Result<(), PublishError> {
-        let correlation = envelope
-            .correlation_id
-            .as_deref()
-            .unwrap_or(envelope.id.as_str());
-        let mut h = FieldTable::default();
-        protocol::set_header_int(&mut h, headers::PROTOCOL, protocol::PROTOCOL_VERSION);
-        let properties = BasicProperties::default()
-            .with_correlation_id(correlation.into())
-            .with_message_id(envelope.id.as_str().into())
-            .with_content_type(protocol::CONTENT_TYPE.into())
-            .with_type(protocol::REPLY_TYPE.into())
-            .with_delivery_mode(2)
-            .with_headers(h);
+        let properties = envelope::reply_properties(envelope);
         // Not mandatory: RabbitMQ 3.10 returns direct replies it has delivered, and a reply to a
         // caller that has gone away has nobody to be returned to anyway.
         let body = reply.encode();
@@ -366,6 +425,6 @@ impl Settler {
             properties,
             mandatory: false,
         };
-        publish_confirmed(&self.pool.pool(), publication, self.publish_timeout).await
+        publish_confirmed(pool, publication, self.publish_timeout).await
     }
 }

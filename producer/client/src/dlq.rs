@@ -10,13 +10,12 @@ use std::time::SystemTime;
 
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueuePurgeOptions};
-use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
 use serde::Serialize;
 use serde_json::Value;
 use warren_shared::broker::BrokerError;
+use warren_shared::envelope::{self, DeadInfo};
 use warren_shared::pool::{Publication, publish_confirmed};
-use warren_shared::protocol::{self, headers};
 use warren_shared::topology::{self, QueueNames};
 
 use crate::client::Client;
@@ -57,7 +56,7 @@ mod epoch_ms {
         s: S,
     ) -> Result<S::Ok, S::Error> {
         match t {
-            Some(t) => s.serialize_i64(warren_shared::protocol::epoch_millis(*t)),
+            Some(t) => s.serialize_i64(warren_shared::envelope::epoch_millis(*t)),
             None => s.serialize_none(),
         }
     }
@@ -72,83 +71,27 @@ pub enum Replay {
     All,
 }
 
-fn header_text(h: Option<&FieldTable>, name: &str) -> Option<String> {
-    protocol::header_str(h, name)
-}
-
 impl DeadLetter {
     fn of(properties: &BasicProperties, data: &[u8]) -> Self {
-        let h = properties.headers().as_ref();
+        let info = DeadInfo::read(properties);
         let body = serde_json::from_slice::<Value>(data)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(data).into_owned()));
         let function = body
             .get("function")
             .and_then(Value::as_str)
             .map(str::to_owned);
-        let reason = header_text(h, headers::DEAD_REASON)
-            .or_else(|| broker_reason(h))
-            .unwrap_or_else(|| "unknown".to_owned());
         Self {
-            id: properties
-                .message_id()
-                .as_ref()
-                .map_or_else(|| "-".to_owned(), |s| s.to_string()),
+            id: info.id.unwrap_or_else(|| "-".to_owned()),
             function,
-            reason,
-            kind: header_text(h, headers::DEAD_KIND),
-            error: header_text(h, headers::DEAD_ERROR),
-            attempts: protocol::header_int(h, headers::ATTEMPT),
-            dead_by: header_text(h, headers::DEAD_BY),
-            dead_at: protocol::header_int(h, headers::DEAD_AT).map(protocol::from_epoch_millis),
+            reason: info.reason.unwrap_or_else(|| "unknown".to_owned()),
+            kind: info.kind,
+            error: info.error,
+            attempts: info.attempts,
+            dead_by: info.dead_by,
+            dead_at: info.dead_at,
             body,
         }
     }
-}
-
-/// The broker's reason for a message it dead-lettered itself. `x-death` lists every
-/// dead-lettering of the message (a retried task was dead-lettered by its delay queues, reason
-/// `expired`, on the way back); the one that parked it is the `delivery_limit` entry, when there is
-/// one.
-fn broker_reason(h: Option<&FieldTable>) -> Option<String> {
-    let deaths = match h?.inner().get("x-death") {
-        Some(AMQPValue::FieldArray(deaths)) => deaths.as_slice().to_vec(),
-        _ => Vec::new(),
-    };
-    let reasons: Vec<String> = deaths
-        .iter()
-        .filter_map(|d| match d {
-            AMQPValue::FieldTable(t) => header_text(Some(t), "reason"),
-            _ => None,
-        })
-        .collect();
-    reasons
-        .iter()
-        .find(|r| *r == "delivery_limit")
-        .cloned()
-        .or_else(|| header_text(h, "x-first-death-reason"))
-        .or_else(|| reasons.into_iter().next())
-}
-
-/// Headers of a replayed copy: the dead-letter and broker bookkeeping removed, attempt 1.
-fn replay_headers(original: Option<&FieldTable>) -> FieldTable {
-    let mut h = FieldTable::default();
-    if let Some(original) = original {
-        for (key, value) in original.inner() {
-            let k = key.as_str();
-            let drop = k.starts_with("x-warren-dead-")
-                || k.starts_with("x-death")
-                || k.starts_with("x-first-death-")
-                || k.starts_with("x-last-death-")
-                || k == "x-delivery-count"
-                || k == headers::DEADLINE
-                || k == headers::LAST_ERROR;
-            if !drop {
-                h.insert(key.clone(), value.clone());
-            }
-        }
-    }
-    h.insert(headers::ATTEMPT.into(), AMQPValue::LongLongInt(1));
-    h
 }
 
 /// The next parked message, fetched without acking it (closing `channel` puts it back).
@@ -215,11 +158,7 @@ impl Client {
                 let Some(delivery) = next_dead(&channel, &names).await? else {
                     break;
                 };
-                let id = delivery
-                    .properties
-                    .message_id()
-                    .as_ref()
-                    .map(|s| s.to_string());
+                let id = DeadInfo::read(&delivery.properties).id;
                 if id.as_ref().is_some_and(|id| sent_back.contains(id)) {
                     // Replayed by this run and parked again: left parked (not acked, so
                     // closing the channel puts it back).
@@ -230,10 +169,7 @@ impl Client {
                 {
                     continue;
                 }
-                let properties = delivery
-                    .properties
-                    .clone()
-                    .with_headers(replay_headers(delivery.properties.headers().as_ref()));
+                let properties = envelope::replay_copy(&delivery.properties);
                 let publication = Publication {
                     exchange: topology::EXCHANGE,
                     routing_key: &names.work,
@@ -280,43 +216,13 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn replayed_copies_start_over() {
-        let mut h = FieldTable::default();
-        protocol::set_header_int(&mut h, headers::ATTEMPT, 3);
-        protocol::set_header_int(&mut h, headers::DEADLINE, 1);
-        protocol::set_header_str(&mut h, headers::DEAD_REASON, "attempts_exhausted");
-        protocol::set_header_str(&mut h, "x-first-death-reason", "delivery_limit");
-        protocol::set_header_int(&mut h, headers::PROTOCOL, 1);
-        let out = replay_headers(Some(&h));
-        assert_eq!(protocol::header_int(Some(&out), headers::ATTEMPT), Some(1));
-        assert_eq!(protocol::header_int(Some(&out), headers::PROTOCOL), Some(1));
-        assert!(protocol::header_int(Some(&out), headers::DEADLINE).is_none());
-        assert!(protocol::header_str(Some(&out), headers::DEAD_REASON).is_none());
-        assert!(protocol::header_str(Some(&out), "x-first-death-reason").is_none());
-    }
-
-    #[test]
-    fn a_delivery_limit_after_retries_is_reported_as_such() {
-        let death = |reason: &str| {
-            let mut t = FieldTable::default();
-            protocol::set_header_str(&mut t, "reason", reason);
-            AMQPValue::FieldTable(t)
-        };
-        let mut h = FieldTable::default();
-        protocol::set_header_str(&mut h, "x-first-death-reason", "expired");
-        h.insert(
-            "x-death".into(),
-            AMQPValue::FieldArray(vec![death("delivery_limit"), death("expired")].into()),
-        );
-        assert_eq!(broker_reason(Some(&h)).as_deref(), Some("delivery_limit"));
-    }
+    use lapin::types::FieldTable;
+    use warren_shared::envelope::{headers, set_header_str};
 
     #[test]
     fn broker_dead_letters_report_the_broker_reason() {
         let mut h = FieldTable::default();
-        protocol::set_header_str(&mut h, "x-first-death-reason", "delivery_limit");
+        set_header_str(&mut h, "x-first-death-reason", "delivery_limit");
         let props = BasicProperties::default()
             .with_headers(h)
             .with_message_id("t1".into());
@@ -324,5 +230,17 @@ mod tests {
         assert_eq!(dead.reason, "delivery_limit");
         assert_eq!(dead.function.as_deref(), Some("crash"));
         assert_eq!(dead.id, "t1");
+    }
+
+    #[test]
+    fn worker_dead_letters_report_warren_s_reason() {
+        let mut h = FieldTable::default();
+        set_header_str(&mut h, headers::DEAD_REASON, "rejected");
+        set_header_str(&mut h, headers::DEAD_KIND, "bad_request");
+        let dead = DeadLetter::of(&BasicProperties::default().with_headers(h), b"not json");
+        assert_eq!(dead.reason, "rejected");
+        assert_eq!(dead.kind.as_deref(), Some("bad_request"));
+        assert_eq!(dead.id, "-");
+        assert_eq!(dead.body, Value::String("not json".into()));
     }
 }

@@ -8,14 +8,11 @@
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
-use lapin::BasicProperties;
 use lapin::ErrorKind;
-use lapin::types::FieldTable;
 use warren_shared::broker::BrokerError;
+use warren_shared::envelope::{PolicyOverrides, TaskEnvelope};
 use warren_shared::link::LinkState;
-use warren_shared::policy;
 use warren_shared::pool::{self, Publication, publish_confirmed};
-use warren_shared::protocol::{self, headers};
 use warren_shared::{PublishError, TaskId, topology};
 
 use crate::client::Client;
@@ -108,38 +105,18 @@ impl Client {
             .as_deref()
             .unwrap_or(&self.inner.settings.queue);
         self.ensure_queue(queue).await?;
-        let mut h = FieldTable::default();
-        protocol::set_header_int(&mut h, headers::PROTOCOL, protocol::PROTOCOL_VERSION);
-        protocol::set_header_int(&mut h, headers::ATTEMPT, 1);
-        if let Some(deadline) = deadline {
-            protocol::set_header_int(&mut h, headers::DEADLINE, protocol::epoch_millis(deadline));
+        let properties = TaskEnvelope {
+            id: id.clone(),
+            function: function.to_owned(),
+            reply_to: wants_reply.then(|| self.inner.reply_to.clone()),
+            deadline,
+            overrides: PolicyOverrides {
+                max_attempts: options.max_attempts,
+                backoff: options.backoff.clone(),
+                time_limit: options.time_limit,
+            },
         }
-        if let Some(n) = options.max_attempts {
-            protocol::set_header_int(&mut h, headers::MAX_ATTEMPTS, i64::from(n));
-        }
-        if let Some(backoff) = &options.backoff {
-            protocol::set_header_str(&mut h, headers::BACKOFF, &policy::format_backoff(backoff));
-        }
-        if let Some(limit) = options.time_limit {
-            let ms = i64::try_from(limit.as_millis()).unwrap_or(i64::MAX);
-            protocol::set_header_int(&mut h, headers::TIME_LIMIT, ms);
-        }
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default();
-        let mut properties = BasicProperties::default()
-            .with_message_id(id.as_str().into())
-            .with_content_type(protocol::CONTENT_TYPE.into())
-            .with_delivery_mode(2)
-            .with_type(function.into())
-            .with_timestamp(now.as_secs())
-            .with_app_id("warren".into())
-            .with_headers(h);
-        if wants_reply {
-            properties = properties
-                .with_correlation_id(id.as_str().into())
-                .with_reply_to(self.inner.reply_to.as_str().into());
-        }
+        .properties();
         // Bounded publishes in flight: past the limit, callers wait here.
         let _permit = self
             .inner

@@ -16,6 +16,7 @@ use lapin::{Channel, Connection};
 use tokio::sync::watch;
 use warren_shared::Reply;
 use warren_shared::broker::{BrokerError, Reconnect};
+use warren_shared::envelope;
 use warren_shared::link::{Generation, Link};
 use warren_shared::protocol::DIRECT_REPLY_TO;
 
@@ -46,13 +47,13 @@ pub(crate) async fn start_reply_consumer(
                     break;
                 }
             };
-            let Some(correlation_id) = delivery.properties.correlation_id().as_ref() else {
+            let Some(correlation_id) = envelope::reply_correlation_id(&delivery.properties) else {
                 tracing::warn!("reply without correlation_id ignored");
                 continue;
             };
             let reply =
                 Reply::decode(&delivery.data).map_err(|e| format!("malformed reply body: {e}"));
-            pending.deliver(correlation_id.as_str(), reply);
+            pending.deliver(correlation_id, reply);
         }
         tracing::debug!(channel = channel.id(), "reply consumer ended");
     });
@@ -127,10 +128,10 @@ async fn follow_reply_queue(
                 next = replies.next() => next,
             };
             let Some(Ok(delivery)) = next else { break };
-            if let Some(correlation_id) = delivery.properties.correlation_id().as_ref() {
+            if let Some(correlation_id) = envelope::reply_correlation_id(&delivery.properties) {
                 let reply =
                     Reply::decode(&delivery.data).map_err(|e| format!("malformed reply body: {e}"));
-                pending.deliver(correlation_id.as_str(), reply);
+                pending.deliver(correlation_id, reply);
             }
             // Acked once handed over (or found to be for nobody): a reply is read once.
             let _ = delivery.ack(BasicAckOptions::default()).await;

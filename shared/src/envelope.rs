@@ -1,0 +1,972 @@
+//! The envelope of a task: every AMQP property and `x-warren-*` header Warren writes or reads.
+//!
+//! This module is the only code that touches them. Callers build a [`TaskEnvelope`] and get the
+//! properties of a request; workers read a delivery into an [`Incoming`] and get the properties
+//! of their reply ([`reply_properties`]), retry copy ([`retry_copy`]) and dead-letter copy
+//! ([`dead_copy`]) from here; the dead-letter tools read a parked task with [`DeadInfo::read`]
+//! and replay it with [`replay_copy`]. `docs/protocol.md` describes the same wire format.
+//!
+//! Everything read here comes from any publisher, so nothing written here can hurt the
+//! connection that publishes it:
+//!
+//! - text Warren writes from input is bounded ([`MAX_HEADER_TEXT`] bytes per header, 255 for
+//!   short-string properties), truncated with a marker ([`bounded`]);
+//! - a copy carries the original's headers only when they fit in [`MAX_HEADERS_BYTES`], and never
+//!   the `CC`/`BCC` sender-selected routing headers (they would route the copy elsewhere);
+//! - a reply address is checked the way RabbitMQ decodes it ([`check_reply_to`]), because a
+//!   malformed direct reply-to address makes the broker close the publishing connection;
+//! - the attempt number is read as a bounded integer or refused ([`BadAttempt`]), never wrapped.
+
+use std::borrow::Cow;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use lapin::BasicProperties;
+use lapin::message::Delivery;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+
+use crate::policy;
+use crate::protocol::{self, TaskFailure, TaskId};
+
+/// Header names. All are optional for a sender; a worker reads a missing one as its default.
+pub mod headers {
+    /// Protocol version (integer). Missing means 1. Any other value is answered
+    /// `unsupported_version`.
+    pub const PROTOCOL: &str = "x-warren-protocol";
+    /// 1-based attempt number (integer from 1 to `u32::MAX`). Missing means 1.
+    pub const ATTEMPT: &str = "x-warren-attempt";
+    /// Absolute deadline, milliseconds since the Unix epoch (integer). A worker that receives the
+    /// task after it answers `expired` without running it.
+    pub const DEADLINE: &str = "x-warren-deadline";
+    /// Attempts the task gets in all (integer, the first included); overrides the worker's
+    /// policy for this task.
+    pub const MAX_ATTEMPTS: &str = "x-warren-max-attempts";
+    /// Delays between attempts, comma-separated milliseconds (`"1000,10000"`); overrides the
+    /// worker's policy for this task, each delay rounded up to [`crate::policy::BACKOFF_LADDER`].
+    pub const BACKOFF: &str = "x-warren-backoff";
+    /// Execution time limit of one attempt in milliseconds; overrides the worker's policy.
+    pub const TIME_LIMIT: &str = "x-warren-time-limit";
+    /// The error of the previous attempt, on a retried copy.
+    pub const LAST_ERROR: &str = "x-warren-last-error";
+    /// Why a task was parked in the dead-letter queue: `rejected` (bad input),
+    /// `permanent_failure` or `attempts_exhausted`.
+    pub const DEAD_REASON: &str = "x-warren-dead-reason";
+    /// The error kind of the failure that parked the task (e.g. `bad_request`).
+    pub const DEAD_KIND: &str = "x-warren-dead-kind";
+    /// The last error message of a dead-lettered task.
+    pub const DEAD_ERROR: &str = "x-warren-dead-error";
+    /// The worker (connection name) that dead-lettered the task.
+    pub const DEAD_BY: &str = "x-warren-dead-by";
+    /// When the task was dead-lettered, milliseconds since the Unix epoch.
+    pub const DEAD_AT: &str = "x-warren-dead-at";
+    /// On a copy whose original headers were too large to carry: their encoded size in bytes.
+    pub const HEADERS_DROPPED: &str = "x-warren-headers-dropped";
+}
+
+/// Most bytes of text Warren writes into one header from input (an error message, say).
+/// Longer text is cut at a character boundary and ends with [`TRUNCATED`].
+pub const MAX_HEADER_TEXT: usize = 1024;
+
+/// Most bytes the headers of a task may take on the wire. A copy of a task whose headers are
+/// larger carries only Warren's own headers, so that it always fits in one AMQP frame with the
+/// headers Warren adds; a worker rejects such a task as `too_large`.
+pub const MAX_HEADERS_BYTES: usize = 16 * 1024;
+
+/// Marker that ends truncated text.
+pub const TRUNCATED: &str = "…[truncated]";
+
+/// `content_type` of every request and reply.
+pub const CONTENT_TYPE: &str = "application/json";
+
+/// `app_id` of requests published by Warren.
+pub const APP_ID: &str = "warren";
+
+/// `type` property of replies (requests carry the function name there).
+pub const REPLY_TYPE: &str = "warren.reply";
+
+/// `delivery_mode` of everything Warren publishes: persistent.
+pub const PERSISTENT: u8 = 2;
+
+/// The `reply_to` value that asks RabbitMQ for direct reply-to.
+pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
+/// AMQP short strings (most properties, header names) hold at most this many bytes.
+const SHORT_STRING_MAX: usize = 255;
+
+/// Routing headers that RabbitMQ honours on any publish (sender-selected distribution).
+const ROUTING_HEADERS: [&str; 2] = ["CC", "BCC"];
+
+/// `text`, cut to at most `max` bytes (at a character boundary) and ending with [`TRUNCATED`]
+/// when it was longer.
+pub fn bounded(text: &str, max: usize) -> Cow<'_, str> {
+    if text.len() <= max {
+        return Cow::Borrowed(text);
+    }
+    let mut end = max.saturating_sub(TRUNCATED.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    Cow::Owned(format!("{}{TRUNCATED}", &text[..end]))
+}
+
+fn short(text: &str) -> ShortString {
+    ShortString::from(bounded(text, SHORT_STRING_MAX).as_ref())
+}
+
+/// Reads an integer header, whatever integer width the sender chose (or a decimal string).
+pub fn header_int(headers: Option<&FieldTable>, name: &str) -> Option<i64> {
+    as_int(headers?.inner().get(name)?)
+}
+
+fn as_int(value: &AMQPValue) -> Option<i64> {
+    match value {
+        AMQPValue::ShortShortInt(v) => Some((*v).into()),
+        AMQPValue::ShortShortUInt(v) => Some((*v).into()),
+        AMQPValue::ShortInt(v) => Some((*v).into()),
+        AMQPValue::ShortUInt(v) => Some((*v).into()),
+        AMQPValue::LongInt(v) => Some((*v).into()),
+        AMQPValue::LongUInt(v) => Some((*v).into()),
+        AMQPValue::LongLongInt(v) => Some(*v),
+        AMQPValue::Timestamp(v) => i64::try_from(*v).ok(),
+        AMQPValue::ShortString(s) => s.as_str().trim().parse().ok(),
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+/// Reads a string header.
+pub fn header_str(headers: Option<&FieldTable>, name: &str) -> Option<String> {
+    match headers?.inner().get(name)? {
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        _ => None,
+    }
+}
+
+/// Sets an integer header.
+pub fn set_header_int(headers: &mut FieldTable, name: &str, value: i64) {
+    headers.insert(ShortString::from(name), AMQPValue::LongLongInt(value));
+}
+
+/// Sets a string header, bounded to [`MAX_HEADER_TEXT`] bytes.
+pub fn set_header_str(headers: &mut FieldTable, name: &str, value: &str) {
+    let value = bounded(value, MAX_HEADER_TEXT);
+    headers.insert(
+        ShortString::from(name),
+        AMQPValue::LongString(value.as_ref().into()),
+    );
+}
+
+/// Milliseconds since the Unix epoch, as used in deadline headers (saturating).
+pub fn epoch_millis(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// The [`SystemTime`] of an epoch-milliseconds header value (before the epoch reads as the
+/// epoch).
+pub fn from_epoch_millis(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+fn duration_millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The encoded size of a field table on the wire, in bytes (its 4-byte length included).
+pub fn table_size(table: &FieldTable) -> usize {
+    4 + table
+        .inner()
+        .iter()
+        .map(|(k, v)| 1 + k.as_str().len() + 1 + value_size(v))
+        .sum::<usize>()
+}
+
+fn value_size(value: &AMQPValue) -> usize {
+    match value {
+        AMQPValue::Boolean(_) | AMQPValue::ShortShortInt(_) | AMQPValue::ShortShortUInt(_) => 1,
+        AMQPValue::ShortInt(_) | AMQPValue::ShortUInt(_) => 2,
+        AMQPValue::LongInt(_) | AMQPValue::LongUInt(_) | AMQPValue::Float(_) => 4,
+        AMQPValue::DecimalValue(_) => 5,
+        AMQPValue::LongLongInt(_) | AMQPValue::Double(_) | AMQPValue::Timestamp(_) => 8,
+        AMQPValue::ShortString(s) => 1 + s.as_str().len(),
+        AMQPValue::LongString(s) => 4 + s.as_bytes().len(),
+        AMQPValue::ByteArray(b) => 4 + b.as_slice().len(),
+        AMQPValue::FieldArray(a) => {
+            4 + a
+                .as_slice()
+                .iter()
+                .map(|v| 1 + value_size(v))
+                .sum::<usize>()
+        }
+        AMQPValue::FieldTable(t) => table_size(t),
+        AMQPValue::Void => 0,
+    }
+}
+
+/// Per-task policy overrides, as a caller sends them (see [`crate::Policy::overridden_by`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicyOverrides {
+    /// Attempts in all, the first included (at least 1).
+    pub max_attempts: Option<u32>,
+    /// Delays between attempts.
+    pub backoff: Option<Vec<Duration>>,
+    /// How long one attempt may run (at least 1 ms).
+    pub time_limit: Option<Duration>,
+}
+
+impl PolicyOverrides {
+    /// The overrides in `h`; values out of range, or that do not parse, are left out.
+    pub fn read(h: Option<&FieldTable>) -> Self {
+        Self {
+            max_attempts: header_int(h, headers::MAX_ATTEMPTS)
+                .and_then(|n| u32::try_from(n).ok())
+                .filter(|n| *n >= 1),
+            backoff: header_str(h, headers::BACKOFF).and_then(|s| policy::parse_backoff(&s)),
+            time_limit: header_int(h, headers::TIME_LIMIT)
+                .and_then(|n| u64::try_from(n).ok())
+                .filter(|ms| *ms >= 1)
+                .map(Duration::from_millis),
+        }
+    }
+
+    /// Writes the overrides that are set into `h`.
+    pub fn write(&self, h: &mut FieldTable) {
+        if let Some(n) = self.max_attempts {
+            set_header_int(h, headers::MAX_ATTEMPTS, i64::from(n));
+        }
+        if let Some(backoff) = &self.backoff {
+            set_header_str(h, headers::BACKOFF, &policy::format_backoff(backoff));
+        }
+        if let Some(limit) = self.time_limit {
+            set_header_int(h, headers::TIME_LIMIT, duration_millis(limit));
+        }
+    }
+}
+
+/// What a caller publishes with a task: the properties of a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskEnvelope {
+    /// The task id: `message_id`, and `correlation_id` when a reply is wanted.
+    pub id: TaskId,
+    /// The function name, sent in the informational `type` property (cut to 255 bytes).
+    pub function: String,
+    /// Where the reply goes; `None` for a task nobody waits for.
+    pub reply_to: Option<String>,
+    /// When the caller stops waiting.
+    pub deadline: Option<SystemTime>,
+    /// The caller's retry policy for this task.
+    pub overrides: PolicyOverrides,
+}
+
+impl TaskEnvelope {
+    /// The AMQP properties and headers of the request.
+    pub fn properties(&self) -> BasicProperties {
+        let mut h = FieldTable::default();
+        set_header_int(&mut h, headers::PROTOCOL, protocol::PROTOCOL_VERSION);
+        set_header_int(&mut h, headers::ATTEMPT, 1);
+        if let Some(deadline) = self.deadline {
+            set_header_int(&mut h, headers::DEADLINE, epoch_millis(deadline));
+        }
+        self.overrides.write(&mut h);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let properties = BasicProperties::default()
+            .with_message_id(short(self.id.as_str()))
+            .with_content_type(CONTENT_TYPE.into())
+            .with_delivery_mode(PERSISTENT)
+            .with_type(short(&self.function))
+            .with_timestamp(now.as_secs())
+            .with_app_id(APP_ID.into())
+            .with_headers(h);
+        match &self.reply_to {
+            Some(reply_to) => properties
+                .with_correlation_id(short(self.id.as_str()))
+                .with_reply_to(short(reply_to)),
+            None => properties,
+        }
+    }
+}
+
+/// Why a task was parked in the dead-letter queue (the `x-warren-dead-reason` header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DeadReason {
+    /// The input cannot run as it is (malformed, unknown function, bad arguments, too large...).
+    Rejected,
+    /// The handler failed with a permanent error.
+    PermanentFailure,
+    /// Every attempt failed, or no attempt could start before the deadline.
+    AttemptsExhausted,
+    /// The broker refused the task's outcome (its reply, retry copy or dead-letter copy) for
+    /// its content, twice, the second time on a channel of its own.
+    Refused,
+}
+
+impl DeadReason {
+    /// The header value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Rejected => "rejected",
+            Self::PermanentFailure => "permanent_failure",
+            Self::AttemptsExhausted => "attempts_exhausted",
+            Self::Refused => "refused",
+        }
+    }
+}
+
+/// Where a worker may send a task's reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplyTo {
+    /// No `reply_to` (or an empty one): nobody waits; no reply is sent.
+    None,
+    /// A usable address: a direct reply-to address or a queue name.
+    Address(String),
+    /// An address the broker would refuse, or that would make it close the connection; the task
+    /// is rejected and no reply is sent.
+    Invalid {
+        /// The address, cut to 255 bytes for messages.
+        address: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+impl ReplyTo {
+    /// The usable address, if any.
+    pub fn address(&self) -> Option<&str> {
+        match self {
+            Self::Address(a) => Some(a),
+            Self::None | Self::Invalid { .. } => None,
+        }
+    }
+}
+
+/// Checks a reply address before anything is published to it.
+///
+/// A queue name is fine unless it contains control characters. An address starting with
+/// `amq.rabbitmq.reply-to.` is routed by RabbitMQ's direct reply-to code, which decodes it as
+/// `<base64 of an Erlang pid>.<key>`; on RabbitMQ 3.10.x (and, for a malformed pid, up to 4.0)
+/// an address that does not decode crashes the publisher's channel process and the broker
+/// closes the whole connection (`541 INTERNAL_ERROR`). So only the shape the broker itself
+/// generates (3.10 and later: `reply@<node hash>` pids) is accepted: canonical padded base64 of
+/// `131, 88 (NEW_PID_EXT), 118 (ATOM_UTF8_EXT), u16 length, "reply@<digits>", 12 bytes`, a dot,
+/// and a non-empty base64 key.
+///
+/// # Errors
+/// A sentence saying what is wrong with the address.
+pub fn check_reply_to(address: &str) -> Result<(), String> {
+    if address.chars().any(char::is_control) {
+        return Err("it contains control characters".into());
+    }
+    let Some(rest) = address.strip_prefix("amq.rabbitmq.reply-to.") else {
+        return Ok(());
+    };
+    let bad = |why: &str| -> Result<(), String> {
+        Err(format!(
+            "it is not a direct reply-to address the broker issued ({why})"
+        ))
+    };
+    let mut parts = rest.split('.');
+    let (Some(pid), Some(key), None) = (parts.next(), parts.next(), parts.next()) else {
+        return bad("expected amq.rabbitmq.reply-to.<pid>.<key>");
+    };
+    if key.is_empty()
+        || key.len() > 64
+        || !key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='))
+    {
+        return bad("the key is not base64");
+    }
+    let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(pid) else {
+        return bad("the pid is not canonical base64");
+    };
+    match raw.as_slice() {
+        [131, 88, 118, hi, lo, rest @ ..] => {
+            let len = usize::from(*hi) << 8 | usize::from(*lo);
+            let node = rest.get(..len).unwrap_or_default();
+            let tail = rest.get(len..).unwrap_or_default();
+            let hash = node.strip_prefix(b"reply@").unwrap_or_default();
+            let node_ok = rest.len() >= len
+                && (1..=10).contains(&hash.len())
+                && hash.iter().all(u8::is_ascii_digit);
+            if node_ok && tail.len() == 12 {
+                Ok(())
+            } else {
+                bad("the pid does not name a reply@<hash> node")
+            }
+        }
+        _ => bad("the pid is not an Erlang pid"),
+    }
+}
+
+/// Why an `x-warren-attempt` header cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "x-warren-attempt must be a whole number from 1 to {}, got {got}",
+    u32::MAX
+)]
+pub struct BadAttempt {
+    /// The value as sent (cut to 64 bytes).
+    pub got: String,
+}
+
+fn read_attempt(h: Option<&FieldTable>) -> Result<u32, BadAttempt> {
+    let Some(value) = h.and_then(|h| h.inner().get(headers::ATTEMPT)) else {
+        return Ok(1);
+    };
+    as_int(value)
+        .and_then(|n| u32::try_from(n).ok())
+        .filter(|n| *n >= 1)
+        .ok_or_else(|| BadAttempt {
+            got: bounded(&format!("{value:?}"), 64).into_owned(),
+        })
+}
+
+/// What a worker reads from a delivery before it looks at the body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Incoming {
+    /// `message_id`, else `correlation_id`, else a fresh id.
+    pub id: TaskId,
+    /// `correlation_id` as sent.
+    pub correlation_id: Option<String>,
+    /// Where the reply goes.
+    pub reply_to: ReplyTo,
+    /// `x-warren-protocol`, when sent as an integer.
+    pub protocol: Option<i64>,
+    /// `x-warren-attempt` (1 when missing).
+    pub attempt: Result<u32, BadAttempt>,
+    /// `x-warren-deadline`.
+    pub deadline: Option<SystemTime>,
+    /// The per-task policy headers.
+    pub overrides: PolicyOverrides,
+    /// The encoded size of all headers, in bytes.
+    pub headers_bytes: usize,
+}
+
+impl Incoming {
+    /// Reads the envelope of `delivery`.
+    pub fn of(delivery: &Delivery) -> Self {
+        Self::read(&delivery.properties)
+    }
+
+    /// Reads an envelope from message properties.
+    pub fn read(p: &BasicProperties) -> Self {
+        let h = p.headers().as_ref();
+        let message_id = p.message_id().as_ref().map(|s| s.to_string());
+        let correlation_id = p.correlation_id().as_ref().map(|s| s.to_string());
+        let id = message_id
+            .or_else(|| correlation_id.clone())
+            .map_or_else(TaskId::new, TaskId::from);
+        let reply_to = match p.reply_to().as_ref().map(ShortString::as_str) {
+            None | Some("") => ReplyTo::None,
+            Some(address) => match check_reply_to(address) {
+                Ok(()) => ReplyTo::Address(address.to_owned()),
+                Err(reason) => ReplyTo::Invalid {
+                    address: bounded(address, SHORT_STRING_MAX).into_owned(),
+                    reason,
+                },
+            },
+        };
+        Self {
+            id,
+            correlation_id,
+            reply_to,
+            protocol: header_int(h, headers::PROTOCOL),
+            attempt: read_attempt(h),
+            deadline: header_int(h, headers::DEADLINE).map(from_epoch_millis),
+            overrides: PolicyOverrides::read(h),
+            headers_bytes: h.map_or(0, table_size),
+        }
+    }
+
+    /// The `correlation_id` of the reply: the request's, else its task id.
+    pub fn reply_correlation(&self) -> &str {
+        self.correlation_id.as_deref().unwrap_or(self.id.as_str())
+    }
+}
+
+/// The headers a copy of `original` starts from: all of them but `CC`/`BCC` when they fit in
+/// [`MAX_HEADERS_BYTES`]; otherwise only Warren's small request headers and
+/// [`headers::HEADERS_DROPPED`].
+fn carried_headers(original: &BasicProperties) -> FieldTable {
+    carried(original, false)
+}
+
+fn carried(original: &BasicProperties, bare: bool) -> FieldTable {
+    let Some(h) = original.headers().as_ref() else {
+        return FieldTable::default();
+    };
+    let size = table_size(h);
+    let mut out = FieldTable::default();
+    if size <= MAX_HEADERS_BYTES && !bare {
+        for (key, value) in h.inner() {
+            if !ROUTING_HEADERS.contains(&key.as_str()) {
+                out.insert(key.clone(), value.clone());
+            }
+        }
+        return out;
+    }
+    for name in [
+        headers::PROTOCOL,
+        headers::ATTEMPT,
+        headers::DEADLINE,
+        headers::MAX_ATTEMPTS,
+        headers::TIME_LIMIT,
+    ] {
+        if let Some(n) = header_int(Some(h), name) {
+            set_header_int(&mut out, name, n);
+        }
+    }
+    set_header_int(
+        &mut out,
+        headers::HEADERS_DROPPED,
+        i64::try_from(size).unwrap_or(i64::MAX),
+    );
+    out
+}
+
+/// The properties of the retry copy of a task: the original's, with `attempt` (the next one)
+/// and the failure that caused the retry.
+pub fn retry_copy(
+    original: &BasicProperties,
+    attempt: u32,
+    failure: &TaskFailure,
+) -> BasicProperties {
+    let mut h = carried_headers(original);
+    set_header_int(&mut h, headers::ATTEMPT, i64::from(attempt));
+    set_header_str(&mut h, headers::LAST_ERROR, &failure.to_string());
+    original
+        .clone()
+        .with_headers(h)
+        .with_delivery_mode(PERSISTENT)
+}
+
+/// Why and by whom a task is parked: the `x-warren-dead-*` headers.
+#[derive(Debug, Clone, Copy)]
+pub struct DeadMark<'a> {
+    /// Why it is parked.
+    pub reason: DeadReason,
+    /// The failure that parked it.
+    pub failure: &'a TaskFailure,
+    /// The worker parking it.
+    pub by: &'a str,
+    /// When.
+    pub at: SystemTime,
+}
+
+/// The properties of the dead-letter copy of a task: the original's with the dead-letter
+/// headers.
+pub fn dead_copy(original: &BasicProperties, mark: DeadMark<'_>) -> BasicProperties {
+    dead_copy_of(original, mark, false)
+}
+
+/// [`dead_copy`] with none of the original's headers but Warren's small request headers (and
+/// [`headers::HEADERS_DROPPED`]): the copy that parks a task whose outcome the broker refused.
+pub fn bare_dead_copy(original: &BasicProperties, mark: DeadMark<'_>) -> BasicProperties {
+    dead_copy_of(original, mark, true)
+}
+
+fn dead_copy_of(original: &BasicProperties, mark: DeadMark<'_>, bare: bool) -> BasicProperties {
+    let mut h = carried(original, bare);
+    set_header_str(&mut h, headers::DEAD_REASON, mark.reason.as_str());
+    set_header_str(&mut h, headers::DEAD_KIND, mark.failure.kind.as_str());
+    set_header_str(&mut h, headers::DEAD_ERROR, &mark.failure.message);
+    set_header_str(&mut h, headers::DEAD_BY, mark.by);
+    set_header_int(&mut h, headers::DEAD_AT, epoch_millis(mark.at));
+    original
+        .clone()
+        .with_headers(h)
+        .with_delivery_mode(PERSISTENT)
+}
+
+/// The properties of a reply to the task read as `incoming`.
+pub fn reply_properties(incoming: &Incoming) -> BasicProperties {
+    let mut h = FieldTable::default();
+    set_header_int(&mut h, headers::PROTOCOL, protocol::PROTOCOL_VERSION);
+    BasicProperties::default()
+        .with_correlation_id(short(incoming.reply_correlation()))
+        .with_message_id(short(incoming.id.as_str()))
+        .with_content_type(CONTENT_TYPE.into())
+        .with_type(REPLY_TYPE.into())
+        .with_delivery_mode(PERSISTENT)
+        .with_headers(h)
+}
+
+/// The properties of a replayed copy of a parked task: its dead-letter and the broker's
+/// bookkeeping headers removed, no deadline, attempt 1.
+pub fn replay_copy(parked: &BasicProperties) -> BasicProperties {
+    let mut h = carried_headers(parked);
+    let stale: Vec<ShortString> = h
+        .inner()
+        .keys()
+        .filter(|key| {
+            let k = key.as_str();
+            k.starts_with("x-warren-dead-")
+                || k.starts_with("x-death")
+                || k.starts_with("x-first-death-")
+                || k.starts_with("x-last-death-")
+                || k == "x-delivery-count"
+                || k == headers::DEADLINE
+                || k == headers::LAST_ERROR
+        })
+        .cloned()
+        .collect();
+    let mut kept = FieldTable::default();
+    for (key, value) in h.inner() {
+        if !stale.contains(key) {
+            kept.insert(key.clone(), value.clone());
+        }
+    }
+    h = kept;
+    set_header_int(&mut h, headers::ATTEMPT, 1);
+    parked.clone().with_headers(h)
+}
+
+/// The `correlation_id` of a reply, which names the call it answers.
+pub fn reply_correlation_id(reply: &BasicProperties) -> Option<&str> {
+    reply.correlation_id().as_ref().map(ShortString::as_str)
+}
+
+/// What the dead-letter headers of a parked task say.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeadInfo {
+    /// The task id (`message_id`).
+    pub id: Option<String>,
+    /// Warren's reason, else the broker's own (`delivery_limit`), else `None`.
+    pub reason: Option<String>,
+    /// The error kind of the last failure, when a worker parked it.
+    pub kind: Option<String>,
+    /// The last error message.
+    pub error: Option<String>,
+    /// The attempt that failed last.
+    pub attempts: Option<i64>,
+    /// The worker that parked it.
+    pub dead_by: Option<String>,
+    /// When it was parked.
+    pub dead_at: Option<SystemTime>,
+}
+
+impl DeadInfo {
+    /// Reads the dead-letter headers of `p`.
+    pub fn read(p: &BasicProperties) -> Self {
+        let h = p.headers().as_ref();
+        Self {
+            id: p.message_id().as_ref().map(|s| s.to_string()),
+            reason: header_str(h, headers::DEAD_REASON).or_else(|| broker_reason(h)),
+            kind: header_str(h, headers::DEAD_KIND),
+            error: header_str(h, headers::DEAD_ERROR),
+            attempts: header_int(h, headers::ATTEMPT),
+            dead_by: header_str(h, headers::DEAD_BY),
+            dead_at: header_int(h, headers::DEAD_AT).map(from_epoch_millis),
+        }
+    }
+}
+
+/// The broker's reason for a message it dead-lettered itself. `x-death` lists every
+/// dead-lettering of the message (a retried task was dead-lettered by its delay queues, reason
+/// `expired`, on the way back); the one that parked it is the `delivery_limit` entry, when there
+/// is one.
+fn broker_reason(h: Option<&FieldTable>) -> Option<String> {
+    let deaths = match h?.inner().get("x-death") {
+        Some(AMQPValue::FieldArray(deaths)) => deaths.as_slice().to_vec(),
+        _ => Vec::new(),
+    };
+    let reasons: Vec<String> = deaths
+        .iter()
+        .filter_map(|d| match d {
+            AMQPValue::FieldTable(t) => header_str(Some(t), "reason"),
+            _ => None,
+        })
+        .collect();
+    reasons
+        .iter()
+        .find(|r| *r == "delivery_limit")
+        .cloned()
+        .or_else(|| header_str(h, "x-first-death-reason"))
+        .or_else(|| reasons.into_iter().next())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::ErrorKind;
+
+    /// A direct reply-to address as RabbitMQ 3.10+ issues it.
+    fn issued_address() -> String {
+        let node = b"reply@12345678";
+        let mut raw = vec![131, 88, 118, 0, u8::try_from(node.len()).unwrap()];
+        raw.extend_from_slice(node);
+        raw.extend_from_slice(&[0, 0, 1, 2, 0, 0, 0, 0, 99, 88, 77, 66]);
+        let pid = base64::engine::general_purpose::STANDARD.encode(raw);
+        format!("amq.rabbitmq.reply-to.{pid}.q2K1cm9mZ2Z2aGtleTE2Yg==")
+    }
+
+    #[test]
+    fn a_request_round_trips() {
+        let sent = TaskEnvelope {
+            id: TaskId::from("t-1"),
+            function: "send_mail".into(),
+            reply_to: Some(issued_address()),
+            deadline: Some(UNIX_EPOCH + Duration::from_millis(1_763_700_000_123)),
+            overrides: PolicyOverrides {
+                max_attempts: Some(4),
+                backoff: Some(vec![Duration::from_millis(250), Duration::from_secs(2)]),
+                time_limit: Some(Duration::from_secs(3)),
+            },
+        };
+        let p = sent.properties();
+        assert_eq!(
+            p.kind().as_ref().map(ShortString::as_str),
+            Some("send_mail")
+        );
+        assert_eq!(p.delivery_mode(), &Some(PERSISTENT));
+        let got = Incoming::read(&p);
+        assert_eq!(got.id, sent.id);
+        assert_eq!(got.correlation_id.as_deref(), Some("t-1"));
+        assert_eq!(got.reply_to, ReplyTo::Address(issued_address()));
+        assert_eq!(got.attempt, Ok(1));
+        assert_eq!(got.protocol, Some(protocol::PROTOCOL_VERSION));
+        assert_eq!(got.deadline, sent.deadline);
+        assert_eq!(got.overrides, sent.overrides);
+    }
+
+    #[test]
+    fn an_enqueued_task_has_no_reply_address() {
+        let p = TaskEnvelope {
+            id: TaskId::new(),
+            function: "echo".into(),
+            reply_to: None,
+            deadline: None,
+            overrides: PolicyOverrides::default(),
+        }
+        .properties();
+        let got = Incoming::read(&p);
+        assert_eq!(got.reply_to, ReplyTo::None);
+        assert!(p.correlation_id().is_none());
+        assert_eq!(got.overrides, PolicyOverrides::default());
+    }
+
+    #[test]
+    fn a_huge_function_name_is_cut_to_a_short_string() {
+        let p = TaskEnvelope {
+            id: TaskId::new(),
+            function: "é".repeat(100_000),
+            reply_to: None,
+            deadline: None,
+            overrides: PolicyOverrides::default(),
+        }
+        .properties();
+        let ty = p
+            .kind()
+            .as_ref()
+            .map(ShortString::as_str)
+            .unwrap_or_default();
+        assert!(ty.len() <= 255, "{}", ty.len());
+        assert!(ty.ends_with(TRUNCATED));
+    }
+
+    #[test]
+    fn bounded_text_is_cut_at_a_char_boundary_with_a_marker() {
+        assert_eq!(bounded("short", 10), "short");
+        let long = "ü".repeat(1000);
+        let cut = bounded(&long, 101);
+        assert!(cut.len() <= 101);
+        assert!(cut.ends_with(TRUNCATED));
+        assert!(cut.starts_with("üü"));
+    }
+
+    #[test]
+    fn attempts_are_bounded_integers_or_refused() {
+        let with = |v: AMQPValue| {
+            let mut h = FieldTable::default();
+            h.insert(headers::ATTEMPT.into(), v);
+            read_attempt(Some(&h))
+        };
+        assert_eq!(read_attempt(None), Ok(1));
+        assert_eq!(with(AMQPValue::ShortShortUInt(3)), Ok(3));
+        assert_eq!(with(AMQPValue::LongString("7".into())), Ok(7));
+        assert_eq!(
+            with(AMQPValue::LongLongInt(i64::from(u32::MAX))),
+            Ok(u32::MAX)
+        );
+        for hostile in [
+            AMQPValue::LongLongInt(i64::MAX),
+            AMQPValue::LongLongInt(i64::MAX - 1),
+            AMQPValue::LongLongInt(i64::from(u32::MAX) + 1),
+            AMQPValue::LongLongInt(0),
+            AMQPValue::LongLongInt(-1),
+            AMQPValue::LongLongInt(i64::MIN),
+            AMQPValue::LongString("two".into()),
+            AMQPValue::Boolean(true),
+            AMQPValue::Double(1.5),
+        ] {
+            assert!(with(hostile.clone()).is_err(), "{hostile:?} accepted");
+        }
+    }
+
+    #[test]
+    fn a_retry_copy_counts_up_and_carries_a_bounded_error() {
+        let original = TaskEnvelope {
+            id: TaskId::from("t"),
+            function: "f".into(),
+            reply_to: None,
+            deadline: None,
+            overrides: PolicyOverrides::default(),
+        }
+        .properties();
+        let failure = TaskFailure::new(ErrorKind::HandlerFailed, "x".repeat(200_000));
+        let copy = retry_copy(&original, u32::MAX, &failure);
+        let h = copy.headers().as_ref();
+        assert_eq!(header_int(h, headers::ATTEMPT), Some(i64::from(u32::MAX)));
+        let last = header_str(h, headers::LAST_ERROR).unwrap_or_default();
+        assert!(last.len() <= MAX_HEADER_TEXT && last.ends_with(TRUNCATED));
+        assert!(table_size(copy.headers().as_ref().unwrap()) < 2 * MAX_HEADER_TEXT);
+    }
+
+    #[test]
+    fn a_dead_copy_is_bounded_and_drops_routing_and_oversized_headers() {
+        let mut h = FieldTable::default();
+        set_header_int(&mut h, headers::ATTEMPT, 2);
+        h.insert(
+            "CC".into(),
+            AMQPValue::FieldArray(vec![AMQPValue::LongString("elsewhere".into())].into()),
+        );
+        h.insert("custom".into(), AMQPValue::LongString("keep me".into()));
+        let original = BasicProperties::default().with_headers(h.clone());
+        let failure = TaskFailure::new(ErrorKind::UnknownFunction, "f".repeat(200_000));
+        let mark = DeadMark {
+            reason: DeadReason::Rejected,
+            failure: &failure,
+            by: "w",
+            at: SystemTime::now(),
+        };
+        let copy = dead_copy(&original, mark);
+        let out = copy.headers().as_ref();
+        assert!(out.is_some_and(|t| !t.inner().contains_key("CC")));
+        assert_eq!(header_str(out, "custom").as_deref(), Some("keep me"));
+        let info = DeadInfo::read(&copy);
+        assert_eq!(info.reason.as_deref(), Some("rejected"));
+        assert_eq!(info.kind.as_deref(), Some("unknown_function"));
+        assert_eq!(info.attempts, Some(2));
+        assert!(info.error.is_some_and(|e| e.len() <= MAX_HEADER_TEXT));
+
+        // Headers too large to carry: only Warren's own survive, with a note of the size.
+        h.insert(
+            "junk".into(),
+            AMQPValue::LongString("j".repeat(100_000).into()),
+        );
+        let copy = dead_copy(&BasicProperties::default().with_headers(h), mark);
+        let out = copy.headers().as_ref();
+        assert!(out.is_some_and(|t| !t.inner().contains_key("junk")));
+        assert!(header_int(out, headers::HEADERS_DROPPED).is_some_and(|n| n > 100_000));
+        assert_eq!(header_int(out, headers::ATTEMPT), Some(2));
+        assert!(table_size(out.unwrap()) < 2 * MAX_HEADER_TEXT);
+    }
+
+    #[test]
+    fn replayed_copies_start_over() {
+        let mut h = FieldTable::default();
+        set_header_int(&mut h, headers::ATTEMPT, 3);
+        set_header_int(&mut h, headers::DEADLINE, 1);
+        set_header_str(&mut h, headers::DEAD_REASON, "attempts_exhausted");
+        set_header_str(&mut h, "x-first-death-reason", "delivery_limit");
+        set_header_int(&mut h, headers::PROTOCOL, 1);
+        let out = replay_copy(&BasicProperties::default().with_headers(h));
+        let out = out.headers().as_ref();
+        assert_eq!(header_int(out, headers::ATTEMPT), Some(1));
+        assert_eq!(header_int(out, headers::PROTOCOL), Some(1));
+        assert!(header_int(out, headers::DEADLINE).is_none());
+        assert!(header_str(out, headers::DEAD_REASON).is_none());
+        assert!(header_str(out, "x-first-death-reason").is_none());
+    }
+
+    #[test]
+    fn a_delivery_limit_after_retries_is_reported_as_such() {
+        let death = |reason: &str| {
+            let mut t = FieldTable::default();
+            set_header_str(&mut t, "reason", reason);
+            AMQPValue::FieldTable(t)
+        };
+        let mut h = FieldTable::default();
+        set_header_str(&mut h, "x-first-death-reason", "expired");
+        h.insert(
+            "x-death".into(),
+            AMQPValue::FieldArray(vec![death("delivery_limit"), death("expired")].into()),
+        );
+        assert_eq!(broker_reason(Some(&h)).as_deref(), Some("delivery_limit"));
+    }
+
+    #[test]
+    fn reply_properties_answer_the_caller() {
+        let p = BasicProperties::default()
+            .with_message_id("m".into())
+            .with_reply_to("my.replies".into());
+        let incoming = Incoming::read(&p);
+        assert_eq!(incoming.reply_to.address(), Some("my.replies"));
+        let reply = reply_properties(&incoming);
+        assert_eq!(
+            reply.correlation_id().as_ref().map(ShortString::as_str),
+            Some("m")
+        );
+        assert_eq!(
+            reply.kind().as_ref().map(ShortString::as_str),
+            Some(REPLY_TYPE)
+        );
+    }
+
+    #[test]
+    fn reply_addresses_the_broker_would_choke_on_are_refused() {
+        assert_eq!(check_reply_to(&issued_address()), Ok(()));
+        assert_eq!(check_reply_to("my.reply.queue"), Ok(()));
+        assert_eq!(check_reply_to(DIRECT_REPLY_TO), Ok(()));
+        let issued = issued_address();
+        let pid = issued
+            .trim_start_matches("amq.rabbitmq.reply-to.")
+            .split('.')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        let forged_node = {
+            let node = b"rabbit@host";
+            let mut raw = vec![131, 88, 118, 0, u8::try_from(node.len()).unwrap()];
+            raw.extend_from_slice(node);
+            raw.extend_from_slice(&[0; 12]);
+            base64::engine::general_purpose::STANDARD.encode(raw)
+        };
+        for hostile in [
+            "amq.rabbitmq.reply-to.AAAA.x".to_owned(),
+            "amq.rabbitmq.reply-to.x".to_owned(),
+            "amq.rabbitmq.reply-to.".to_owned(),
+            format!("amq.rabbitmq.reply-to.{pid}"),
+            format!("amq.rabbitmq.reply-to.{pid}.key.more"),
+            format!("amq.rabbitmq.reply-to.{pid}."),
+            format!("amq.rabbitmq.reply-to.{pid}.k!y"),
+            format!("amq.rabbitmq.reply-to.{}.key", pid.trim_end_matches('=')),
+            format!("amq.rabbitmq.reply-to.{forged_node}.key"),
+            "amq.rabbitmq.reply-to.%%%%.key".to_owned(),
+            "bad\u{1}reply".to_owned(),
+        ] {
+            assert!(check_reply_to(&hostile).is_err(), "{hostile} accepted");
+            let incoming =
+                Incoming::read(&BasicProperties::default().with_reply_to(hostile.as_str().into()));
+            assert!(
+                matches!(incoming.reply_to, ReplyTo::Invalid { .. }),
+                "{hostile}"
+            );
+            assert_eq!(incoming.reply_to.address(), None);
+        }
+    }
+
+    #[test]
+    fn table_size_matches_the_encoding() {
+        let mut h = FieldTable::default();
+        set_header_int(&mut h, "ab", 1);
+        set_header_str(&mut h, "c", "xyz");
+        // 4 (table length) + [1+2 name, 1 tag, 8] + [1+1 name, 1 tag, 4+3]
+        assert_eq!(table_size(&h), 4 + 12 + 10);
+    }
+}

@@ -1,0 +1,500 @@
+//! No message can hurt the connection or its neighbours: hostile headers, names, addresses and
+//! attempt numbers are bounded or rejected before anything is published, and untrusted backoff
+//! values create a bounded number of delay queues that expire.
+//!
+//! Each hostile task runs next to a batch of unrelated calls: when an outcome of the hostile
+//! task made the broker close the worker's publishing connection, the neighbours' outcomes in
+//! flight failed and they ran again; here each must run exactly once, the hostile task is parked
+//! once with Warren's reason, and the worker never had to recover.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lapin::BasicProperties;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::{AMQPValue, FieldTable};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use warren_client::Client;
+use warren_shared::envelope::{self, headers};
+use warren_shared::policy::BACKOFF_LADDER;
+use warren_shared::tasks::SendMail;
+use warren_shared::{ErrorKind, Reply, Task, topology};
+use warren_tests::raw::RawPeer;
+use warren_tests::{TempDir, TestQueue, eventually};
+use warren_worker::{Handler, Mailer, Registry, RunningWorker, TaskContext, TaskError};
+
+/// Runs of each task, by key.
+#[derive(Default)]
+struct Runs(Mutex<HashMap<String, u32>>);
+
+impl Runs {
+    fn count(&self, key: &str) -> u32 {
+        self.0.lock().unwrap().get(key).copied().unwrap_or(0)
+    }
+
+    fn record(&self, key: &str) {
+        *self.0.lock().unwrap().entry(key.to_owned()).or_default() += 1;
+    }
+}
+
+/// An unrelated task: records its run, works `ms`, answers its key.
+#[derive(Debug, Serialize, Deserialize)]
+struct Neighbour {
+    key: u64,
+    ms: u64,
+}
+
+impl Task for Neighbour {
+    const NAME: &'static str = "neighbour";
+    type Output = u64;
+}
+
+impl Handler for Neighbour {
+    async fn run(self, ctx: TaskContext) -> Result<u64, TaskError> {
+        ctx.state::<Arc<Runs>>()?
+            .record(&format!("neighbour-{}", self.key));
+        tokio::time::sleep(Duration::from_millis(self.ms)).await;
+        Ok(self.key)
+    }
+}
+
+/// `send_mail` with a run counter in front of the real mailer.
+#[derive(Debug, Serialize, Deserialize)]
+struct CountedMail(SendMail);
+
+impl Task for CountedMail {
+    const NAME: &'static str = "send_mail";
+    type Output = warren_shared::tasks::MailReceipt;
+}
+
+impl Handler for CountedMail {
+    async fn run(self, ctx: TaskContext) -> Result<Self::Output, TaskError> {
+        ctx.state::<Arc<Runs>>()?.record("send_mail");
+        let mailer = ctx.state::<Mailer>()?;
+        mailer.send(ctx.id().as_str(), self.0).await
+    }
+}
+
+const NEIGHBOURS: u64 = 16;
+
+/// A worker serving the neighbours and the counted mailer, and a client.
+async fn setup(q: &TestQueue, runs: &Arc<Runs>, outbox: &TempDir) -> (RunningWorker, Client) {
+    let registry = Registry::new()
+        .register::<Neighbour>()
+        .register::<CountedMail>()
+        .with_state(runs.clone())
+        .with_state(Mailer::outbox(&outbox.0));
+    let worker = q.worker(registry, 24).await;
+    let client = q.client().await;
+    (worker, client)
+}
+
+/// Starts the neighbours' calls, spread over about a second.
+fn start_neighbours(client: &Client) -> tokio::task::JoinSet<u64> {
+    let mut calls = tokio::task::JoinSet::new();
+    for key in 0..NEIGHBOURS {
+        let client = client.clone();
+        calls.spawn(async move {
+            client
+                .call(&Neighbour {
+                    key,
+                    ms: 60 * key + 20,
+                })
+                .await
+                .unwrap()
+        });
+    }
+    calls
+}
+
+/// Every neighbour answered and ran exactly once; the worker never recovered.
+async fn assert_no_harm(mut calls: tokio::task::JoinSet<u64>, runs: &Runs, worker: &RunningWorker) {
+    let mut answered = 0;
+    while let Some(done) = calls.join_next().await {
+        done.unwrap();
+        answered += 1;
+    }
+    assert_eq!(answered, NEIGHBOURS);
+    for key in 0..NEIGHBOURS {
+        assert_eq!(
+            runs.count(&format!("neighbour-{key}")),
+            1,
+            "neighbour {key}"
+        );
+    }
+    let health = worker.health();
+    assert_eq!(health.recoveries, 0, "{:?}", health.last_problem);
+    assert!(health.last_problem.is_none(), "{:?}", health.last_problem);
+}
+
+/// The one parked task: Warren's reason, and its error header bounded.
+async fn assert_parked_once(q: &TestQueue, client: &Client, reason: &str, kind: ErrorKind) {
+    eventually("the task parked", Duration::from_secs(10), || async {
+        q.dead_count(client).await >= 1
+    })
+    .await;
+    let dead = client.dead_letters(&q.name, 10).await.unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].reason, reason);
+    assert_eq!(dead[0].kind.as_deref(), Some(kind.as_str()));
+    assert_eq!(dead[0].attempts, Some(1));
+    let error = dead[0].error.clone().unwrap_or_default();
+    assert!(
+        !error.is_empty() && error.len() <= envelope::MAX_HEADER_TEXT,
+        "{} bytes",
+        error.len()
+    );
+}
+
+#[tokio::test]
+async fn a_200_kb_function_name_is_parked_once_and_harms_no_neighbour() {
+    let q = TestQueue::new("huge-function");
+    let runs = Arc::new(Runs::default());
+    let outbox = TempDir::new("huge-function");
+    let (worker, client) = setup(&q, &runs, &outbox).await;
+
+    let neighbours = start_neighbours(&client);
+    let name = "f".repeat(200 * 1024);
+    let err = client.call_json(&name, json!({})).await.unwrap_err();
+    assert_eq!(
+        err.failure().map(|f| f.kind),
+        Some(ErrorKind::UnknownFunction)
+    );
+    assert_no_harm(neighbours, &runs, &worker).await;
+    assert_parked_once(&q, &client, "rejected", ErrorKind::UnknownFunction).await;
+    worker.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_200_kb_mail_address_runs_once_is_parked_and_harms_no_neighbour() {
+    let q = TestQueue::new("huge-address");
+    let runs = Arc::new(Runs::default());
+    let outbox = TempDir::new("huge-address");
+    let (worker, client) = setup(&q, &runs, &outbox).await;
+
+    let neighbours = start_neighbours(&client);
+    let args = json!({
+        "from": "shop@example.com",
+        "to": format!("{}@example.com", "a".repeat(200 * 1024)),
+        "subject": "s",
+        "body": "b",
+    });
+    let err = client.call_json("send_mail", args).await.unwrap_err();
+    assert_eq!(err.failure().map(|f| f.kind), Some(ErrorKind::InvalidArgs));
+    assert_no_harm(neighbours, &runs, &worker).await;
+    assert_parked_once(&q, &client, "permanent_failure", ErrorKind::InvalidArgs).await;
+    assert_eq!(runs.count("send_mail"), 1);
+    worker.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_reply_address_the_broker_would_choke_on_is_parked_unanswered() {
+    let q = TestQueue::new("bad-reply-to");
+    let runs = Arc::new(Runs::default());
+    let outbox = TempDir::new("bad-reply-to");
+    let (worker, client) = setup(&q, &runs, &outbox).await;
+    let peer = RawPeer::connect().await;
+
+    let neighbours = start_neighbours(&client);
+    let hostile = BasicProperties::default()
+        .with_message_id("bad-reply".into())
+        .with_correlation_id("bad-reply".into())
+        .with_reply_to("amq.rabbitmq.reply-to.AAAA.x".into());
+    let body = json!({"function": "neighbour", "args": {"key": 999, "ms": 1}}).to_string();
+    peer.publish(&q.name, body.as_bytes(), hostile).await;
+    assert_no_harm(neighbours, &runs, &worker).await;
+
+    eventually("the task parked", Duration::from_secs(10), || async {
+        q.dead_count(&client).await >= 1
+    })
+    .await;
+    let dead = client.dead_letters(&q.name, 10).await.unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].reason, "rejected");
+    assert_eq!(dead[0].kind.as_deref(), Some("bad_request"));
+    assert!(
+        dead[0]
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("reply_to")),
+        "{dead:?}"
+    );
+    assert_eq!(runs.count("neighbour-999"), 0, "a rejected task never runs");
+    worker.shutdown().await.unwrap();
+    peer.close().await;
+}
+
+#[tokio::test]
+async fn an_attempt_number_near_i64_max_is_rejected_without_wrapping() {
+    let q = TestQueue::new("attempt-max");
+    let runs = Arc::new(Runs::default());
+    let outbox = TempDir::new("attempt-max");
+    let (worker, client) = setup(&q, &runs, &outbox).await;
+    let mut peer = RawPeer::connect().await;
+
+    let hostile: [(&str, AMQPValue); 4] = [
+        ("max", AMQPValue::LongLongInt(i64::MAX)),
+        ("max-1", AMQPValue::LongLongInt(i64::MAX - 1)),
+        ("negative", AMQPValue::LongLongInt(-1)),
+        ("text", AMQPValue::LongString("9223372036854775807".into())),
+    ];
+    for (id, attempt) in &hostile {
+        let mut h = FieldTable::default();
+        h.insert(headers::ATTEMPT.into(), attempt.clone());
+        let body = json!({"function": "neighbour", "args": {"key": 7, "ms": 1}}).to_string();
+        peer.call(
+            &q.name,
+            id,
+            body.as_bytes(),
+            BasicProperties::default().with_headers(h),
+        )
+        .await;
+    }
+    for _ in 0..hostile.len() {
+        let (id, reply) = peer.next_reply(Duration::from_secs(10)).await;
+        let Reply::Err(failure) = reply else {
+            panic!("{id}: expected an error reply, got {reply:?}")
+        };
+        assert_eq!(failure.kind, ErrorKind::BadRequest, "{id}");
+        assert!(
+            failure.message.contains("x-warren-attempt"),
+            "{id}: {failure:?}"
+        );
+    }
+    eventually(
+        "every hostile task parked",
+        Duration::from_secs(10),
+        || async { q.dead_count(&client).await as usize == hostile.len() },
+    )
+    .await;
+    assert_eq!(runs.count("neighbour-7"), 0);
+    // The worker still serves.
+    assert_eq!(client.call(&Neighbour { key: 1, ms: 1 }).await.unwrap(), 1);
+    worker.shutdown().await.unwrap();
+    peer.close().await;
+}
+
+/// Always fails, so that each task is retried once through its delay queue.
+#[derive(Debug, Serialize, Deserialize)]
+struct Flaky;
+
+impl Task for Flaky {
+    const NAME: &'static str = "flaky";
+    type Output = ();
+}
+
+impl Handler for Flaky {
+    async fn run(self, ctx: TaskContext) -> Result<(), TaskError> {
+        ctx.state::<Arc<Runs>>()?
+            .record(&format!("flaky-{}", ctx.attempt()));
+        Err(TaskError::retryable("try later"))
+    }
+}
+
+/// Whether queue `name` exists (a passive declare on a channel of its own).
+async fn exists(connection: &lapin::Connection, name: &str) -> Option<u32> {
+    let channel = connection.create_channel().await.ok()?;
+    let declared = channel
+        .queue_declare(
+            name.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .ok()
+        .map(|q| q.message_count());
+    let _ = channel.close(200, "checked".into()).await;
+    declared
+}
+
+#[tokio::test]
+async fn hostile_backoff_values_create_at_most_the_ladder_of_expiring_delay_queues() {
+    let q = TestQueue::new("backoff-ladder").with_retry_delays(&BACKOFF_LADDER);
+    let runs = Arc::new(Runs::default());
+    let worker = q
+        .worker(
+            Registry::new().register::<Flaky>().with_state(runs.clone()),
+            8,
+        )
+        .await;
+    let client = q.client().await;
+    client.declare_queue(&q.name).await.unwrap();
+    let peer = RawPeer::connect().await;
+
+    // 50 distinct delays from 7 ms to about 23 hours, each asked for by one task.
+    let delays: Vec<u64> = (0..50u64).map(|i| 7 + i * i * i * 670 + i * 13).collect();
+    for ms in &delays {
+        let mut h = FieldTable::default();
+        envelope::set_header_str(&mut h, headers::BACKOFF, &ms.to_string());
+        envelope::set_header_int(&mut h, headers::MAX_ATTEMPTS, 2);
+        peer.publish(
+            &q.name,
+            br#"{"function":"flaky"}"#,
+            BasicProperties::default().with_headers(h),
+        )
+        .await;
+    }
+    eventually("50 first attempts", Duration::from_secs(20), || async {
+        runs.count("flaky-1") == 50
+    })
+    .await;
+
+    let connection = lapin::Connection::connect(
+        &warren_tests::amqp_url(),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    // Every retry copy is either waiting in a delay queue, or back and parked after attempt 2.
+    let waiting = || async {
+        let mut n = 0;
+        for rung in BACKOFF_LADDER {
+            n += exists(&connection, &topology::retry_queue_name(&q.name, rung))
+                .await
+                .unwrap_or(0);
+        }
+        n + q.dead_count(&client).await
+    };
+    eventually("50 retry copies", Duration::from_secs(20), || async {
+        waiting().await == 50
+    })
+    .await;
+    let mut queues = Vec::new();
+    for rung in BACKOFF_LADDER {
+        let name = topology::retry_queue_name(&q.name, rung);
+        if exists(&connection, &name).await.is_some() {
+            queues.push(name);
+        }
+    }
+    assert!(
+        !queues.is_empty() && queues.len() <= BACKOFF_LADDER.len(),
+        "{queues:?}"
+    );
+    for ms in &delays {
+        let raw = topology::retry_queue_name(&q.name, Duration::from_millis(*ms));
+        let rounded = topology::retry_queue_name(
+            &q.name,
+            warren_shared::policy::round_up_to_ladder(Duration::from_millis(*ms)),
+        );
+        assert!(
+            raw == rounded || exists(&connection, &raw).await.is_none(),
+            "{raw} was declared"
+        );
+    }
+
+    // A delay queue has x-expires: declaring it without that argument is refused.
+    let delay = BACKOFF_LADDER
+        .iter()
+        .copied()
+        .find(|d| queues.contains(&topology::retry_queue_name(&q.name, *d)))
+        .unwrap();
+    let args = topology::retry_queue_args(&q.name, delay);
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .queue_declare(
+            topology::retry_queue_name(&q.name, delay).as_str().into(),
+            QueueDeclareOptions::durable(),
+            args.clone(),
+        )
+        .await
+        .unwrap();
+    let mut without = FieldTable::default();
+    for (key, value) in args.inner() {
+        if key.as_str() != "x-expires" {
+            without.insert(key.clone(), value.clone());
+        }
+    }
+    let refused = channel
+        .queue_declare(
+            topology::retry_queue_name(&q.name, delay).as_str().into(),
+            QueueDeclareOptions::durable(),
+            without,
+        )
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("x-expires"), "{refused}");
+    let _ = connection.close(200, "done".into()).await;
+    worker.shutdown().await.unwrap();
+    peer.close().await;
+}
+
+/// Answers a string of `bytes` bytes.
+#[derive(Debug, Serialize, Deserialize)]
+struct Big {
+    bytes: usize,
+}
+
+impl Task for Big {
+    const NAME: &'static str = "big";
+    type Output = String;
+}
+
+impl Handler for Big {
+    async fn run(self, ctx: TaskContext) -> Result<String, TaskError> {
+        ctx.state::<Arc<Runs>>()?.record("big");
+        Ok("b".repeat(self.bytes))
+    }
+}
+
+/// A result larger than the broker's `max_message_size`: the broker refuses the reply and
+/// closes the worker's channel under it and its neighbours. The neighbours' outcomes go through
+/// again on channels of their own; the big one is refused there too and is parked as `refused`
+/// instead of running again and again. On a private node, whose `max_message_size` is lowered.
+#[tokio::test]
+async fn an_outcome_the_broker_refuses_is_parked_as_refused_not_rerun() {
+    let node = warren_tests::node::BrokerNode::start("refused").await;
+    node.ctl_ok(&[
+        "eval",
+        "application:set_env(rabbit, max_message_size, 1048576).",
+    ]);
+    let q = TestQueue::new("refused");
+    let runs = Arc::new(Runs::default());
+    let registry = Registry::new()
+        .register::<Neighbour>()
+        .register::<Big>()
+        .with_state(runs.clone());
+    let settings = warren_worker::WorkerSettings {
+        broker: warren_shared::BrokerSettings::new(node.url()),
+        ..q.worker_settings(24)
+    };
+    let worker = q.worker_with(registry, settings).await;
+    let client = q
+        .client_with(|s| s.broker = warren_shared::BrokerSettings::new(node.url()))
+        .await;
+
+    let neighbours = start_neighbours(&client);
+    let err = client.call(&Big { bytes: 2_000_000 }).await.unwrap_err();
+    let failure = err.failure().expect("the worker's answer").clone();
+    assert_eq!(failure.kind, ErrorKind::Refused, "{failure:?}");
+    assert!(failure.message.contains("max size"), "{failure:?}");
+    let mut answered = 0;
+    let mut neighbours = neighbours;
+    while let Some(done) = neighbours.join_next().await {
+        done.unwrap();
+        answered += 1;
+    }
+    assert_eq!(answered, NEIGHBOURS);
+    for key in 0..NEIGHBOURS {
+        assert_eq!(
+            runs.count(&format!("neighbour-{key}")),
+            1,
+            "neighbour {key}"
+        );
+    }
+    assert_eq!(runs.count("big"), 1, "the refused task ran again");
+    eventually("the task parked", Duration::from_secs(10), || async {
+        q.dead_count(&client).await >= 1
+    })
+    .await;
+    let dead = client.dead_letters(&q.name, 10).await.unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].reason, "refused");
+    assert_eq!(dead[0].kind.as_deref(), Some("refused"));
+    worker.shutdown().await.unwrap();
+    client.close().await;
+}
