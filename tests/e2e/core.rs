@@ -12,7 +12,7 @@ use warren_client::{CallOptions, Error};
 use warren_shared::tasks::{Echo, SendMail};
 use warren_shared::{ErrorKind, Policy, Task};
 use warren_tests::{TempDir, TestQueue};
-use warren_worker::{Handler, Mailer, Registry, TaskContext, TaskError, builtin_registry};
+use warren_worker::{Handler, Mailer, Registry, Run, TaskContext, TaskError, builtin_registry};
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Add {
@@ -25,7 +25,7 @@ impl Task for Add {
     type Output = i64;
 }
 
-impl Handler for Add {
+impl Run for Add {
     async fn run(self, _ctx: TaskContext) -> Result<i64, TaskError> {
         self.a
             .checked_add(self.b)
@@ -41,7 +41,7 @@ impl Task for Explode {
     type Output = Value;
 }
 
-impl Handler for Explode {
+impl Run for Explode {
     async fn run(self, _ctx: TaskContext) -> Result<Value, TaskError> {
         panic!("boom on purpose")
     }
@@ -91,19 +91,24 @@ impl Task for Count {
     type Output = ();
 }
 
-impl Handler for Count {
-    async fn run(self, ctx: TaskContext) -> Result<(), TaskError> {
-        if self.work_ms > 0 {
-            tokio::time::sleep(Duration::from_millis(self.work_ms)).await;
+/// Runs `Count` tasks for one named worker: a handler that owns its typed state.
+struct Counter {
+    tally: Arc<Tally>,
+    worker: WorkerName,
+}
+
+impl Handler<Count> for Counter {
+    async fn run(&self, args: Count, _ctx: TaskContext) -> Result<(), TaskError> {
+        if args.work_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(args.work_ms)).await;
         }
-        let tally = ctx.state::<Arc<Tally>>()?;
-        let worker = ctx.state::<WorkerName>()?;
-        *tally.runs.lock().unwrap().entry(self.key).or_default() += 1;
+        let tally = &self.tally;
+        *tally.runs.lock().unwrap().entry(args.key).or_default() += 1;
         *tally
             .by_worker
             .lock()
             .unwrap()
-            .entry(worker.0.clone())
+            .entry(self.worker.0.clone())
             .or_default() += 1;
         tally
             .total
@@ -114,10 +119,10 @@ impl Handler for Count {
 }
 
 fn counting_registry(tally: &Arc<Tally>, name: &str) -> Registry {
-    Registry::new()
-        .register::<Count>()
-        .with_state(tally.clone())
-        .with_state(WorkerName(name.to_owned()))
+    Registry::new().register_handler::<Count>(Counter {
+        tally: tally.clone(),
+        worker: WorkerName(name.to_owned()),
+    })
 }
 
 #[tokio::test]
@@ -423,9 +428,7 @@ async fn send_mail_goes_through_an_smtp_relay_and_maps_its_refusals() {
         ..Policy::default()
     };
     let q = q.with_retry_delays(&policy.backoff);
-    let registry = Registry::new()
-        .register_with::<SendMail>(policy)
-        .with_state(mailer);
+    let registry = Registry::new().register_handler_with::<SendMail>(mailer, policy);
     let worker = q.worker(registry, 2).await;
     let client = q.client().await;
     let mail = |to: &str| SendMail {

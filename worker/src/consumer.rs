@@ -260,7 +260,6 @@ pub async fn start(
     );
     let abort = CancellationToken::new();
     let executor = Executor {
-        state: registry.state(),
         registry,
         policy: settings.policy.clone(),
         max_body_bytes: settings.max_body_bytes,

@@ -11,7 +11,6 @@
 //! | permanent failure | dead letter (`permanent_failure`) + error reply |
 //! | worker forced to stop mid-task | handed back to the queue |
 
-use std::sync::Arc;
 use std::time::SystemTime;
 
 use lapin::message::Delivery;
@@ -20,7 +19,7 @@ use tracing::Instrument;
 use warren_shared::protocol::{self, headers};
 use warren_shared::{ErrorKind, Policy, Reply, Request, TaskFailure};
 
-use crate::handler::{Retry, StateMap, TaskContext};
+use crate::handler::{Retry, TaskContext};
 use crate::outcome::{DeadReason, Envelope, Outcome};
 use crate::registry::{HandlerFailure, Registry};
 
@@ -32,18 +31,11 @@ const CANCEL_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 #[derive(Debug, Clone)]
 pub(crate) struct Executor {
     pub(crate) registry: Registry,
-    pub(crate) state: Arc<StateMap>,
     /// Policy of functions registered without one of their own.
     pub(crate) policy: Policy,
     pub(crate) max_body_bytes: usize,
     /// Cancelled when the worker gives up on running tasks (forced shutdown).
     pub(crate) abort: CancellationToken,
-}
-
-impl std::fmt::Debug for StateMap {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("StateMap")
-    }
 }
 
 fn rejected(kind: ErrorKind, message: impl Into<String>) -> Outcome {
@@ -152,16 +144,11 @@ impl Executor {
             .unwrap_or(&self.policy)
             .overridden_by(h);
         let cancel = self.abort.child_token();
-        let ctx = TaskContext {
-            id: envelope.id.clone(),
-            function: request.function.as_str().into(),
-            attempt,
-            max_attempts: policy.max_attempts,
-            redelivered: delivery.redelivered,
-            deadline,
-            cancel: cancel.clone(),
-            state: self.state.clone(),
-        };
+        let ctx = TaskContext::new(envelope.id.clone(), &request.function)
+            .with_attempt(attempt, policy.max_attempts)
+            .with_redelivered(delivery.redelivered)
+            .with_deadline(deadline)
+            .with_cancellation(cancel.clone());
         let started = std::time::Instant::now();
         // Its own tokio task: a panic stays there and comes back as a JoinError.
         let mut run = tokio::spawn((entry.run)(request.args, ctx).in_current_span());
@@ -312,11 +299,14 @@ mod tests {
     }
 
     fn executor() -> Executor {
+        use warren_shared::tasks::{Echo, Sleep, Slept};
         let registry = Registry::new()
-            .register::<warren_shared::tasks::Echo>()
-            .register::<warren_shared::tasks::Sleep>();
+            .register_fn(|args: Echo, _| async move { Ok(args.0) })
+            .register_fn(|args: Sleep, _| async move {
+                tokio::time::sleep(Duration::from_millis(args.ms)).await;
+                Ok(Slept { slept_ms: args.ms })
+            });
         Executor {
-            state: registry.state(),
             registry,
             policy: Policy {
                 time_limit: Duration::from_millis(20),

@@ -3,35 +3,43 @@
 //! The worker runtime: it consumes a Warren work queue, runs each task's handler and settles the
 //! delivery (reply, dead letter, ack) in that order.
 //!
-//! - [`handler`]: the [`Handler`] trait a task type implements, [`TaskContext`], [`TaskError`].
-//! - [`registry`]: explicit registration of handlers and of the state they share.
+//! - [`handler`]: [`Handler<T>`] (a struct owning its state runs tasks of type `T`), functions as
+//!   handlers, [`Run`] (a task type that runs itself), [`TaskContext`], [`TaskError`].
+//! - [`registry`]: explicit, typed registration of handlers.
 //! - `execute`: judging one delivery (decode, check, run isolated, time-limit) into an [`Outcome`].
 //! - [`outcome`]: acting on the verdict; the only code that acks.
 //! - [`consumer`]: connections, the consumer loop with prefetch = concurrency, shutdown.
-//! - [`builtin`] and [`mail`]: the `echo`, `sleep`, `fail` and `send_mail` tasks.
+//! - `builtin` and `mail`: the `echo`, `sleep`, `fail` and `send_mail` tasks (feature
+//!   `builtins`, on by default; without it the mailer, lettre, is not compiled).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), warren_worker::WorkerError> {
 //! use tokio_util::sync::CancellationToken;
-//! use warren_worker::{Mailer, WorkerSettings, builtin_registry};
+//! use warren_shared::tasks::Echo;
+//! use warren_worker::{Registry, TaskContext, WorkerSettings};
 //!
 //! let shutdown = CancellationToken::new();
-//! let registry = builtin_registry(Mailer::outbox("outbox"));
+//! // or warren_worker::builtin_registry(Mailer::outbox("outbox")), with the `builtins` feature
+//! let registry = Registry::new().register_fn(|args: Echo, _ctx: TaskContext| async move { Ok(args.0) });
 //! warren_worker::run(WorkerSettings::default(), registry, shutdown).await
 //! # }
 //! ```
 
+#[cfg(feature = "builtins")]
 pub mod builtin;
 pub mod consumer;
 mod execute;
 pub mod handler;
+#[cfg(feature = "builtins")]
 pub mod mail;
 pub mod outcome;
 pub mod registry;
 
+#[cfg(feature = "builtins")]
 pub use builtin::builtin_registry;
 pub use consumer::{Health, RunningWorker, WorkerError, WorkerSettings, WorkerState, run, start};
-pub use handler::{Handler, Retry, TaskContext, TaskError};
+pub use handler::{Handler, HandlerFn, ResultExt, Retry, Run, TaskContext, TaskError, handler_fn};
+#[cfg(feature = "builtins")]
 pub use mail::Mailer;
 pub use outcome::{DeadReason, Outcome};
 pub use registry::Registry;

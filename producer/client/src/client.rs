@@ -379,7 +379,9 @@ impl Client {
         options: &CallOptions,
     ) -> Result<T::Output, Error> {
         let args = serde_json::to_value(task).map_err(Error::Encode)?;
-        let result = self.call_json_with(T::NAME, args, options).await?;
+        let result = self
+            .call_json_with(T::NAME, args, &with_task_queue::<T>(options))
+            .await?;
         serde_json::from_value(result)
             .map_err(|e| Error::BadReply(format!("result of {:?} does not decode: {e}", T::NAME)))
     }
@@ -498,7 +500,8 @@ impl Client {
         options: &CallOptions,
     ) -> Result<TaskId, Error> {
         let args = serde_json::to_value(task).map_err(Error::Encode)?;
-        self.enqueue_json_with(T::NAME, args, options).await
+        self.enqueue_json_with(T::NAME, args, &with_task_queue::<T>(options))
+            .await
     }
 
     /// Queues `function` with JSON `args`; see [`Client::enqueue`].
@@ -752,6 +755,14 @@ impl Client {
     }
 }
 
+/// `options`, with the task type's own queue ([`Task::QUEUE`]) when they name none.
+fn with_task_queue<T: Task>(options: &CallOptions) -> std::borrow::Cow<'_, CallOptions> {
+    match (&options.queue, T::QUEUE) {
+        (None, Some(queue)) => std::borrow::Cow::Owned(options.clone().queue(queue)),
+        _ => std::borrow::Cow::Borrowed(options),
+    }
+}
+
 /// A queue's depth and consumers, from a passive declare (exact, unlike the management API's
 /// sampled numbers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -897,4 +908,36 @@ async fn start_reply_queue(
         }
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod task_queue_tests {
+    use super::*;
+
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Billing;
+
+    impl Task for Billing {
+        const NAME: &'static str = "bill";
+        const QUEUE: Option<&'static str> = Some("billing");
+        type Output = ();
+    }
+
+    #[test]
+    fn a_task_type_names_its_queue_unless_the_call_does() {
+        let none = CallOptions::default();
+        assert_eq!(
+            with_task_queue::<Billing>(&none).queue.as_deref(),
+            Some("billing")
+        );
+        let other = CallOptions::default().queue("urgent");
+        assert_eq!(
+            with_task_queue::<Billing>(&other).queue.as_deref(),
+            Some("urgent")
+        );
+        assert_eq!(
+            with_task_queue::<warren_shared::tasks::Echo>(&none).queue,
+            None
+        );
+    }
 }

@@ -503,9 +503,9 @@ impl Task for BenchCount {
     type Output = ();
 }
 
-impl Handler for BenchCount {
-    async fn run(self, ctx: TaskContext) -> Result<(), TaskError> {
-        ctx.state::<Arc<Completions>>()?.complete_one();
+impl Handler<BenchCount> for Arc<Completions> {
+    async fn run(&self, _args: BenchCount, _ctx: TaskContext) -> Result<(), TaskError> {
+        self.complete_one();
         Ok(())
     }
 }
@@ -523,8 +523,7 @@ impl WarrenSide {
         let completions = Arc::new(Completions::default());
         let registry = Registry::new()
             .register::<warren_shared::tasks::Echo>()
-            .register::<BenchCount>()
-            .with_state(completions.clone());
+            .register_handler::<BenchCount>(completions.clone());
         let worker = warren_worker::start(
             WorkerSettings {
                 broker: BrokerSettings::new(args.url.clone()),
