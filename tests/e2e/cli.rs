@@ -3,7 +3,7 @@
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use warren_tests::{ChildGuard, TempDir, TestQueue, amqp_url, binary, eventually};
+use warren_tests::{ChildGuard, TestQueue, amqp_url, binary, eventually, temp_dir};
 
 fn warren(args: &[&str]) -> Output {
     let output = Command::new(binary("warren"))
@@ -23,8 +23,8 @@ fn text(bytes: &[u8]) -> String {
 #[tokio::test]
 async fn cli_call_and_enqueue_against_a_worker_process() {
     let q = TestQueue::new("cli");
-    let outbox = TempDir::new("cli-outbox");
-    let outbox_arg = outbox.0.to_string_lossy().into_owned();
+    let outbox = temp_dir("cli-outbox");
+    let outbox_arg = outbox.path().to_string_lossy().into_owned();
     let _worker = ChildGuard::worker(&q.name, &["--outbox", &outbox_arg, "--concurrency", "4"]);
     let client = q.client().await;
     eventually(
@@ -67,7 +67,7 @@ async fn cli_call_and_enqueue_against_a_worker_process() {
     assert!(out.status.success(), "stderr: {}", text(&out.stderr));
     let id = text(&out.stdout).trim().to_owned();
     assert!(uuid::Uuid::parse_str(&id).is_ok(), "not a task id: {id:?}");
-    let eml = outbox.0.join(format!("{id}.eml"));
+    let eml = outbox.path().join(format!("{id}.eml"));
     eventually(
         "the enqueued mail in the outbox",
         Duration::from_secs(20),
@@ -168,4 +168,56 @@ async fn cli_dlq_lists_shows_replays_and_purges() {
         text(&out.stderr)
     );
     right.shutdown().await.unwrap();
+}
+
+/// `warren dlq list | head`: a reader that closes the pipe early ends the listing quietly
+/// (exit 0, nothing on stderr), not with a "failed printing to stdout" panic.
+#[tokio::test]
+async fn cli_dlq_list_into_a_closed_pipe_exits_quietly() {
+    let q = TestQueue::new("cli-pipe");
+    let client = q.client().await;
+    // A worker that does not serve `echo`: the task is parked as an unknown function.
+    let wrong = q
+        .worker(
+            warren_worker::Registry::new().register::<warren_shared::tasks::Sleep>(),
+            1,
+        )
+        .await;
+    client
+        .enqueue(&warren_shared::tasks::Echo(serde_json::json!(1)))
+        .await
+        .unwrap();
+    eventually("a dead letter", Duration::from_secs(10), || async {
+        q.dead_count(&client).await == 1
+    })
+    .await;
+    wrong.shutdown().await.unwrap();
+
+    let mut child = tokio::process::Command::new(binary("warren"))
+        .args(["dlq", "list", "--queue", &q.name])
+        .env("AMQP_URL", amqp_url())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Close the read end before the listing is written: its first line meets a closed pipe.
+    drop(child.stdout.take());
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("warren dlq list did not exit")
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "status {:?}, stderr: {}",
+        out.status,
+        text(&out.stderr)
+    );
+    assert_eq!(text(&out.stderr), "", "stderr");
+    // The listing left the dead letter where it was (put back as its channel closed).
+    eventually("the dead letter back", Duration::from_secs(10), || async {
+        q.dead_count(&client).await == 1
+    })
+    .await;
 }

@@ -11,7 +11,7 @@ use tokio::sync::Notify;
 use warren_client::{CallOptions, Error};
 use warren_shared::tasks::{Echo, SendMail};
 use warren_shared::{ErrorKind, Policy, Task};
-use warren_tests::{TempDir, TestQueue};
+use warren_tests::{TestQueue, temp_dir};
 use warren_worker::{Handler, Mailer, Registry, Run, TaskContext, TaskError, builtin_registry};
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -362,9 +362,9 @@ async fn a_panicking_handler_gets_an_error_reply_and_the_worker_keeps_serving() 
 #[tokio::test]
 async fn send_mail_writes_a_parseable_message_to_the_outbox() {
     let q = TestQueue::new("mail");
-    let outbox = TempDir::new("outbox");
+    let outbox = temp_dir("outbox");
     let worker = q
-        .worker(builtin_registry(Mailer::outbox(&outbox.0)), 4)
+        .worker(builtin_registry(Mailer::outbox(outbox.path())), 4)
         .await;
     let client = q.client().await;
 

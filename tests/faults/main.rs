@@ -17,7 +17,7 @@ use warren_shared::BrokerSettings;
 use warren_shared::tasks::{Echo, Sleep};
 use warren_tests::relay::Relay;
 use warren_tests::tasks::Record;
-use warren_tests::{TempDir, TestQueue, amqp_url, enqueue_records, eventually, read_runs};
+use warren_tests::{TestQueue, amqp_url, enqueue_records, eventually, read_runs, temp_dir};
 use warren_worker::{Registry, RunningWorker, WorkerSettings, WorkerState};
 
 /// One fault at a time.
@@ -103,8 +103,8 @@ async fn connections_cut_mid_batch_lose_no_task_and_nobody_restarts() {
     const TASKS: u64 = 1000;
     let relay = Relay::start(broker_addr()).await;
     let q = TestQueue::new("cut");
-    let dir = TempDir::new("cut");
-    let log = dir.0.join("runs.log");
+    let dir = temp_dir("cut");
+    let log = dir.path().join("runs.log");
     let url = relay.url(5);
     let a = worker_at(&q, &url, 8).await;
     let b = worker_at(&q, &url, 8).await;
@@ -342,8 +342,8 @@ async fn a_broker_restart_mid_batch_loses_no_task() {
     let _serial = SERIAL.lock().await;
     const TASKS: u64 = 1000;
     let q = TestQueue::new("restart");
-    let dir = TempDir::new("restart");
-    let log = dir.0.join("runs.log");
+    let dir = temp_dir("restart");
+    let log = dir.path().join("runs.log");
     let worker = q.worker(registry(), 8).await;
     let client = q.client().await;
     enqueue_records(&client, &log, 0..TASKS, 5, None).await;
@@ -382,8 +382,8 @@ async fn a_broker_restart_mid_batch_loses_no_task() {
 async fn a_memory_alarm_fails_publishes_clearly_while_consumers_keep_acking() {
     let _serial = SERIAL.lock().await;
     let q = TestQueue::new("alarm");
-    let dir = TempDir::new("alarm");
-    let log = dir.0.join("runs.log");
+    let dir = temp_dir("alarm");
+    let log = dir.path().join("runs.log");
     let client = q
         .client_with(|s: &mut ClientSettings| {
             s.reconnect_wait = Duration::from_secs(2);

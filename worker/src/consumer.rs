@@ -97,6 +97,23 @@ pub enum WorkerError {
         /// The last error.
         reason: String,
     },
+    /// The worker's supervisor panicked (a bug in Warren): the worker is gone. Exit non-zero.
+    #[error("the worker's supervisor panicked: {0}")]
+    Panicked(String),
+    /// The work queue exists with other arguments than Warren declares (for example a plain
+    /// classic queue another application created): the worker cannot use it.
+    #[error(
+        "queue {queue:?} already exists with other arguments: {detail}. Warren needs it as \
+         declared by topology::declare (a quorum queue with a dead-letter queue); move the \
+         other application to another name, or delete the queue if nothing needs its \
+         messages: `rabbitmqctl delete_queue {queue}`"
+    )]
+    QueueMismatch {
+        /// The work queue.
+        queue: String,
+        /// What the broker said, naming the differing argument.
+        detail: String,
+    },
 }
 
 /// What a worker is doing, for logs and health checks.
@@ -185,11 +202,10 @@ impl RunningWorker {
     pub async fn wait(self) -> Result<(), WorkerError> {
         match self.join.await {
             Ok(result) => result,
-            Err(e) => Err(WorkerError::GaveUp {
-                queue: String::new(),
-                attempts: 0,
-                reason: format!("worker task failed: {e}"),
-            }),
+            Err(e) => Err(WorkerError::Panicked(match e.try_into_panic() {
+                Ok(payload) => crate::execute::panic_message(payload),
+                Err(e) => e.to_string(),
+            })),
         }
     }
 
@@ -250,7 +266,9 @@ pub async fn start(
     topology::validate_queue_name(&settings.queue).map_err(WorkerError::Settings)?;
 
     let connections = Connections::open(&settings).await?;
-    let session = Session::open(&connections, &settings).await?;
+    let session = Session::open(&connections, &settings)
+        .await
+        .map_err(|e| queue_mismatch(&settings.queue, e))?;
     tracing::info!(
         queue = %settings.queue,
         concurrency = settings.concurrency,
@@ -284,6 +302,23 @@ pub async fn start(
         health,
         shared,
     })
+}
+
+/// [`WorkerError::QueueMismatch`] when the broker refused a queue's declaration because the
+/// queue exists with other arguments; the error unchanged otherwise.
+fn queue_mismatch(queue: &str, error: BrokerError) -> WorkerError {
+    match &error {
+        BrokerError::Amqp(e) => match topology::inequivalent_arg(e) {
+            Some(detail) => WorkerError::QueueMismatch {
+                queue: topology::inequivalent_queue(&detail)
+                    .unwrap_or(queue)
+                    .to_owned(),
+                detail,
+            },
+            None => error.into(),
+        },
+        _ => error.into(),
+    }
 }
 
 /// Runs a worker until `shutdown` is cancelled ([`start`], then [`RunningWorker::wait`]).
@@ -678,5 +713,25 @@ impl Supervisor {
         self.connections.close().await;
         self.set_state(WorkerState::Stopped, None);
         tracing::info!("worker stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicked_supervisor_is_reported_as_a_panic() {
+        let (_tx, health) = watch::channel(Health::new(WorkerState::Consuming));
+        let worker = RunningWorker {
+            shutdown: CancellationToken::new(),
+            join: tokio::spawn(async { panic!("supervisor bug") }),
+            health,
+            shared: Arc::default(),
+        };
+        match worker.wait().await {
+            Err(WorkerError::Panicked(message)) => assert_eq!(message, "supervisor bug"),
+            other => panic!("expected Panicked, got {other:?}"),
+        }
     }
 }
