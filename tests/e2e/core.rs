@@ -512,3 +512,21 @@ async fn a_client_with_its_own_reply_queue_gets_its_results_there() {
     assert_eq!(client.pending_calls(), 0);
     worker.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_call_after_close_fails_at_once_with_closed() {
+    let q = TestQueue::new("closed");
+    let client = q.client().await;
+    client.close().await;
+    let started = std::time::Instant::now();
+    let err = client.call(&Echo(json!(1))).await.unwrap_err();
+    assert!(matches!(err, Error::Closed), "{err:?}");
+    let err = client.enqueue(&Echo(json!(1))).await.unwrap_err();
+    assert!(matches!(err, Error::Closed), "{err:?}");
+    // Not after waiting out reconnect_wait for a link that will never come back.
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+}

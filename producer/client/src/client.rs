@@ -578,7 +578,8 @@ impl Client {
         })
     }
 
-    /// Closes the connection. Calls still waiting fail with [`Error::ConnectionLost`].
+    /// Closes the connection. Calls still waiting fail with [`Error::ConnectionLost`]; calls
+    /// and enqueues made afterwards fail at once with [`Error::Closed`].
     pub async fn close(&self) {
         self.inner
             .closed
@@ -606,6 +607,9 @@ impl Client {
     /// Waits for the link to be up, until `give_up` and at most `reconnect_wait`; follows the
     /// client to a replacement connection.
     async fn wait_for_link(&self, give_up: tokio::time::Instant) -> Result<(), Error> {
+        if self.inner.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
         let bound = give_up
             .saturating_duration_since(tokio::time::Instant::now())
             .min(self.inner.settings.reconnect_wait);
