@@ -530,3 +530,41 @@ async fn a_call_after_close_fails_at_once_with_closed() {
         started.elapsed()
     );
 }
+
+/// A call whose request the broker returns (no queue bound for it) fails with the broker's
+/// refusal: awaiting the confirm and the reply together does not let it wait for a reply that
+/// cannot come.
+#[tokio::test]
+async fn a_call_whose_request_is_returned_fails_as_unroutable() {
+    let q = TestQueue::new("returned");
+    let client = q.client().await;
+    client.declare_queue(&q.name).await.unwrap();
+    // Deleted behind the client's back: it declared the queue once and does not again.
+    let connection = lapin::Connection::connect(
+        &warren_tests::amqp_url(),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .queue_delete(q.name.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    let _ = connection.close(200, "deleted".into()).await;
+
+    let started = std::time::Instant::now();
+    let err = client.call(&Echo(json!(1))).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Publish(warren_shared::PublishError::Unroutable { .. })
+        ),
+        "{err:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}

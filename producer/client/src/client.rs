@@ -175,6 +175,20 @@ impl Pending {
     }
 }
 
+/// A published call: its reply already in, or still to come.
+enum Waiting {
+    Replied(Result<Reply, String>),
+    Reply(oneshot::Receiver<Result<Reply, String>>),
+}
+
+/// A call's result from its reply.
+fn reply_result(reply: Result<Reply, String>) -> Result<Value, Error> {
+    match reply {
+        Ok(reply) => reply.into_result().map_err(Error::Failed),
+        Err(malformed) => Err(Error::BadReply(malformed)),
+    }
+}
+
 /// Removes a call's entry when the call ends, however it ends.
 struct PendingGuard<'a> {
     pending: &'a Pending,
@@ -409,7 +423,9 @@ impl Client {
     }
 
     /// [`Client::call_json_with`] that also tells `published` the task's id as soon as the
-    /// broker has confirmed the task (it is then durably queued), before the result arrives.
+    /// broker has confirmed the task (it is then durably queued), before the result arrives
+    /// (or with the result, when the reply overtakes the confirm: a reply proves the task was
+    /// queued).
     ///
     /// `published` is dropped without a value when the call fails before the confirm. This is
     /// what lets the gateway acknowledge "enqueued" and later push the result.
@@ -449,23 +465,34 @@ impl Client {
                 // only once the link is up, so that a disconnect fails exactly the calls whose
                 // requests were already out.
                 self.wait_for_link(give_up).await?;
-                let (tx, rx) = oneshot::channel();
+                let (tx, mut rx) = oneshot::channel();
                 self.inner.pending.lock().insert(id.as_str().to_owned(), tx);
                 let guard = PendingGuard {
                     pending: &self.inner.pending,
                     id: id.as_str(),
                 };
-                match self
-                    .publish(&request.function, &body, &id, options, Some(deadline), true)
-                    .await
-                {
-                    Ok(()) => return Ok((rx, guard)),
-                    Err(e) if self.retry_after(&e) => continue,
-                    Err(e) => return Err(e),
+                let publish =
+                    self.publish(&request.function, &body, &id, options, Some(deadline), true);
+                tokio::pin!(publish);
+                // The confirm and the reply are awaited together: the broker often delivers
+                // the reply before the request's confirm. A reply proves the task was routed
+                // and run, so it ends the call; a nack or return that comes first fails it.
+                // (A reply channel closed early, on a disconnect, leaves the publish to say
+                // whether to retry.)
+                let first = tokio::select! {
+                    biased;
+                    published = &mut publish => Err(published),
+                    Ok(reply) = &mut rx => Ok(reply),
+                };
+                match first {
+                    Ok(reply) => return Ok((Waiting::Replied(reply), guard)),
+                    Err(Ok(())) => return Ok((Waiting::Reply(rx), guard)),
+                    Err(Err(e)) if self.retry_after(&e) => continue,
+                    Err(Err(e)) => return Err(e),
                 }
             }
         };
-        let (rx, _guard) = match tokio::time::timeout_at(give_up, work).await {
+        let (waiting, _guard) = match tokio::time::timeout_at(give_up, work).await {
             Ok(registered) => registered?,
             Err(_) => return Err(Error::Timeout(timeout)),
         };
@@ -473,9 +500,12 @@ impl Client {
             // The receiver may have gone away; the call goes on regardless.
             let _ = published.send(id.clone());
         }
+        let rx = match waiting {
+            Waiting::Replied(reply) => return reply_result(reply),
+            Waiting::Reply(rx) => rx,
+        };
         match tokio::time::timeout_at(give_up, rx).await {
-            Ok(Ok(Ok(reply))) => reply.into_result().map_err(Error::Failed),
-            Ok(Ok(Err(malformed))) => Err(Error::BadReply(malformed)),
+            Ok(Ok(reply)) => reply_result(reply),
             Ok(Err(_)) => Err(Error::ConnectionLost),
             Err(_) => Err(Error::Timeout(timeout)),
         }
