@@ -175,10 +175,11 @@ impl Pending {
     }
 }
 
-/// A published call: its reply already in, or still to come.
+/// A published call: its reply already in, still to come, or lost with the connection.
 enum Waiting {
     Replied(Result<Reply, String>),
     Reply(oneshot::Receiver<Result<Reply, String>>),
+    Lost,
 }
 
 /// A call's result from its reply.
@@ -479,13 +480,20 @@ impl Client {
                 // and run, so it ends the call; a nack or return that comes first fails it.
                 // (A reply channel closed early, on a disconnect, leaves the publish to say
                 // whether to retry.)
-                let first = tokio::select! {
-                    biased;
-                    published = &mut publish => Err(published),
-                    Ok(reply) = &mut rx => Ok(reply),
+                let mut reply_lost = false;
+                let first = loop {
+                    tokio::select! {
+                        biased;
+                        published = &mut publish => break Err(published),
+                        reply = &mut rx, if !reply_lost => match reply {
+                            Ok(reply) => break Ok(reply),
+                            Err(_) => reply_lost = true,
+                        },
+                    }
                 };
                 match first {
                     Ok(reply) => return Ok((Waiting::Replied(reply), guard)),
+                    Err(Ok(())) if reply_lost => return Ok((Waiting::Lost, guard)),
                     Err(Ok(())) => return Ok((Waiting::Reply(rx), guard)),
                     Err(Err(e)) if self.retry_after(&e) => continue,
                     Err(Err(e)) => return Err(e),
@@ -502,6 +510,7 @@ impl Client {
         }
         let rx = match waiting {
             Waiting::Replied(reply) => return reply_result(reply),
+            Waiting::Lost => return Err(Error::ConnectionLost),
             Waiting::Reply(rx) => rx,
         };
         match tokio::time::timeout_at(give_up, rx).await {

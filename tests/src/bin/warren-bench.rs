@@ -11,7 +11,10 @@
 //!
 //! The Warren side is an in-process `warren_worker` and a `warren_client::Client`; the raw side
 //! is lapin only, on its own queue with the same arguments, the same properties, headers and
-//! bodies, confirms and prefetch. See `docs/benchmarks.md`.
+//! bodies, confirms and prefetch. It mirrors Warren's design, so a third side, the floor, runs
+//! the same raw code without publisher confirms (requests, enqueues and replies are published
+//! and not waited on, as in RabbitMQ's RPC tutorial): the least the broker allows. The table
+//! gives Warren's ratio to both. See `docs/benchmarks.md`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
