@@ -156,3 +156,71 @@ impl Registry {
         self.handlers.get(function).cloned()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::{Deserialize, Serialize};
+    use serde_json::json;
+    use warren_shared::TaskId;
+
+    #[derive(Serialize, Deserialize)]
+    struct Add {
+        a: i64,
+        b: i64,
+    }
+
+    impl Task for Add {
+        const NAME: &'static str = "add";
+        type Output = i64;
+    }
+
+    /// A handler that owns its typed state.
+    struct Offset(i64);
+
+    impl Handler<Add> for Offset {
+        async fn run(&self, args: Add, _ctx: TaskContext) -> Result<i64, TaskError> {
+            Ok(args.a + args.b + self.0)
+        }
+    }
+
+    async fn run(registry: &Registry, args: Value) -> HandlerResult {
+        let entry = registry.get("add").expect("registered");
+        (entry.run)(args, TaskContext::new(TaskId::new(), "add")).await
+    }
+
+    #[tokio::test]
+    async fn a_struct_handler_runs_with_its_state_and_decodes_its_arguments() {
+        let registry = Registry::new().register_handler::<Add>(Offset(100));
+        assert_eq!(registry.functions(), ["add"]);
+        assert_eq!(
+            run(&registry, json!({"a": 1, "b": 2})).await.unwrap(),
+            json!(103)
+        );
+        assert!(matches!(
+            run(&registry, json!({"a": "x"})).await,
+            Err(HandlerFailure::InvalidArgs(m)) if m.starts_with("arguments of \"add\"")
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_function_handler_and_its_errors_pass_through() {
+        let registry = Registry::new().register_fn(|args: Add, _ctx: TaskContext| async move {
+            if args.b == 0 {
+                return Err(TaskError::permanent("b must not be 0"));
+            }
+            Ok(args.a / args.b)
+        });
+        assert_eq!(
+            run(&registry, json!({"a": 6, "b": 3})).await.unwrap(),
+            json!(2)
+        );
+        match run(&registry, json!({"a": 6, "b": 0})).await {
+            Err(HandlerFailure::Task(e)) => {
+                assert_eq!(e.retry(), crate::Retry::Permanent);
+                assert_eq!(e.message(), "b must not be 0");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
