@@ -26,6 +26,11 @@ pub trait Task: Serialize + DeserializeOwned + Send + 'static {
     /// strands the tasks already queued under the old name.
     const NAME: &'static str;
 
+    /// The work queue this task type goes to when the call names none
+    /// (`CallOptions::queue`); `None`, the default, means the client's own default queue.
+    /// Workers for it consume that queue.
+    const QUEUE: Option<&'static str> = None;
+
     /// What a successful run returns to the caller.
     type Output: Serialize + DeserializeOwned + Send + 'static;
 }

@@ -213,9 +213,33 @@ pub async fn declare(channel: &Channel, queue: &str) -> Result<QueueNames, lapin
     Ok(names)
 }
 
+/// The broker's text when `error` says a queue exists with other arguments (`406
+/// PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'Q' ...`), else `None`.
+pub fn inequivalent_arg(error: &lapin::Error) -> Option<String> {
+    let lapin::ErrorKind::ProtocolError(amqp) = error.kind() else {
+        return None;
+    };
+    let text = amqp.get_message().as_str();
+    (amqp.get_id() == 406 && text.contains("inequivalent arg")).then(|| text.to_owned())
+}
+
+/// The queue an `inequivalent arg` text is about (`... for queue 'Q' in vhost ...`).
+pub fn inequivalent_queue(text: &str) -> Option<&str> {
+    let rest = &text[text.find("for queue '")? + "for queue '".len()..];
+    Some(&rest[..rest.find('\'')?])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_queue_of_an_inequivalent_arg_error_is_found() {
+        let text = "PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'mail.dead' \
+                    in vhost '/': received the value 'quorum' of type 'longstr' but current is none";
+        assert_eq!(inequivalent_queue(text), Some("mail.dead"));
+        assert_eq!(inequivalent_queue("something else"), None);
+    }
 
     #[test]
     fn names_follow_the_queue() {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use warren_client::{Client, ClientSettings, Error};
 use warren_shared::broker::{BrokerError, BrokerSettings};
-use warren_tests::{ChildGuard, TempDir, TestQueue, amqp_url, binary};
+use warren_tests::{ChildGuard, TestQueue, amqp_url, binary, temp_dir};
 use warren_worker::{Mailer, builtin_registry};
 
 /// A broker user made by `deploy/rabbitmq/users.sh ROLE NAME QUEUE`, deleted when dropped
@@ -24,10 +24,10 @@ fn users_sh() -> PathBuf {
 }
 
 impl BrokerUser {
-    fn create(role: &str, queue: &str, dir: &TempDir) -> Self {
+    fn create(role: &str, queue: &str, dir: &tempfile::TempDir) -> Self {
         let name = format!("warren-test-{role}-{}", uuid::Uuid::new_v4().simple());
         let password = uuid::Uuid::new_v4().simple().to_string();
-        let password_file = dir.0.join(format!("{role}.password"));
+        let password_file = dir.path().join(format!("{role}.password"));
         std::fs::write(&password_file, format!("{password}\n")).unwrap();
         let user = Self { name, password };
         let out = Command::new("bash")
@@ -77,7 +77,7 @@ async fn client_as(user: &BrokerUser, queue: &TestQueue, declare: bool) -> Resul
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn producer_and_worker_profiles_are_enough_and_a_refused_declare_names_the_permission() {
-    let dir = TempDir::new("profiles");
+    let dir = temp_dir("profiles");
     let queue = TestQueue::new("profiles");
     let worker_user = BrokerUser::create("worker", &queue.name, &dir);
     let producer = BrokerUser::create("producer", &queue.name, &dir);
@@ -87,7 +87,7 @@ async fn producer_and_worker_profiles_are_enough_and_a_refused_declare_names_the
     settings.broker = BrokerSettings::new(worker_user.url());
     settings.policy.backoff = vec![Duration::ZERO];
     let worker = queue
-        .worker_with(builtin_registry(Mailer::outbox(&dir.0)), settings)
+        .worker_with(builtin_registry(Mailer::outbox(dir.path())), settings)
         .await;
 
     // The producer profile (no configure) calls and enqueues with declaring off.
@@ -128,7 +128,7 @@ async fn producer_and_worker_profiles_are_enough_and_a_refused_declare_names_the
     client.close().await;
 
     // `warren --no-declare` as the producer, the URL from a file.
-    let url_file = dir.0.join("producer-url");
+    let url_file = dir.path().join("producer-url");
     std::fs::write(&url_file, format!("{}\n", producer.url())).unwrap();
     let out = Command::new(binary("warren"))
         .args(["--no-declare", "call", "echo", "2", "--queue", &queue.name])
@@ -192,14 +192,14 @@ async fn producer_and_worker_profiles_are_enough_and_a_refused_declare_names_the
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_without_configure_permission_is_told_which_permission() {
-    let dir = TempDir::new("worker-refused");
+    let dir = temp_dir("worker-refused");
     let queue = TestQueue::new("worker-refused");
     let producer = BrokerUser::create("producer", &queue.name, &dir);
     let mut settings = queue.worker_settings(1);
     settings.broker = BrokerSettings::new(producer.url());
     let started = warren_worker::start(
         settings,
-        builtin_registry(Mailer::outbox(&dir.0)),
+        builtin_registry(Mailer::outbox(dir.path())),
         Default::default(),
     )
     .await;
@@ -245,12 +245,12 @@ async fn a_wrong_password_is_a_refused_login_not_a_missing_broker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_reads_its_token_from_a_file() {
-    let dir = TempDir::new("token-file");
+    let dir = temp_dir("token-file");
     let queue = TestQueue::new("token-file");
     let worker = queue
-        .worker(builtin_registry(Mailer::outbox(&dir.0)), 2)
+        .worker(builtin_registry(Mailer::outbox(dir.path())), 2)
         .await;
-    let token_file = dir.0.join("token");
+    let token_file = dir.path().join("token");
     std::fs::write(&token_file, "file-token-123\n").unwrap();
     let free = || {
         std::net::TcpListener::bind("127.0.0.1:0")
@@ -303,7 +303,7 @@ async fn the_gateway_reads_its_token_from_a_file() {
     let out = Command::new(binary("warren-gateway"))
         .args(["--http", "127.0.0.1:0", "--text", "127.0.0.1:0"])
         .arg("--token-file")
-        .arg(dir.0.join("missing"))
+        .arg(dir.path().join("missing"))
         .env("AMQP_URL", amqp_url())
         .output()
         .unwrap();
@@ -316,11 +316,11 @@ async fn the_gateway_reads_its_token_from_a_file() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operator_profile_lists_replays_and_purges_dead_letters() {
-    let dir = TempDir::new("operator");
+    let dir = temp_dir("operator");
     let queue = TestQueue::new("operator");
     let operator = BrokerUser::create("operator", &queue.name, &dir);
     let worker = queue
-        .worker(builtin_registry(Mailer::outbox(&dir.0)), 2)
+        .worker(builtin_registry(Mailer::outbox(dir.path())), 2)
         .await;
     let client = queue.client().await;
     let park = warren_client::CallOptions::default().max_attempts(1);
@@ -341,7 +341,7 @@ async fn the_operator_profile_lists_replays_and_purges_dead_letters() {
     })
     .await;
 
-    let url_file = dir.0.join("operator-url");
+    let url_file = dir.path().join("operator-url");
     std::fs::write(&url_file, format!("{}\n", operator.url())).unwrap();
     let warren = |args: &[&str]| {
         let out = Command::new(binary("warren"))

@@ -3,7 +3,7 @@
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use warren_tests::{ChildGuard, TempDir, TestQueue, amqp_url, binary, eventually};
+use warren_tests::{ChildGuard, TestQueue, amqp_url, binary, eventually, temp_dir};
 
 fn warren(args: &[&str]) -> Output {
     let output = Command::new(binary("warren"))
@@ -23,8 +23,8 @@ fn text(bytes: &[u8]) -> String {
 #[tokio::test]
 async fn cli_call_and_enqueue_against_a_worker_process() {
     let q = TestQueue::new("cli");
-    let outbox = TempDir::new("cli-outbox");
-    let outbox_arg = outbox.0.to_string_lossy().into_owned();
+    let outbox = temp_dir("cli-outbox");
+    let outbox_arg = outbox.path().to_string_lossy().into_owned();
     let _worker = ChildGuard::worker(&q.name, &["--outbox", &outbox_arg, "--concurrency", "4"]);
     let client = q.client().await;
     eventually(
@@ -67,7 +67,7 @@ async fn cli_call_and_enqueue_against_a_worker_process() {
     assert!(out.status.success(), "stderr: {}", text(&out.stderr));
     let id = text(&out.stdout).trim().to_owned();
     assert!(uuid::Uuid::parse_str(&id).is_ok(), "not a task id: {id:?}");
-    let eml = outbox.0.join(format!("{id}.eml"));
+    let eml = outbox.path().join(format!("{id}.eml"));
     eventually(
         "the enqueued mail in the outbox",
         Duration::from_secs(20),
@@ -244,12 +244,12 @@ async fn cli_demo_uses_workers_that_are_reconnecting() {
     let relay = warren_tests::relay::Relay::start(broker_addr()).await;
     let q = TestQueue::new("cli-demo");
     let client = q.client().await;
-    let outbox = TempDir::new("demo-outbox");
+    let outbox = warren_tests::temp_dir("demo-outbox");
     let mut settings = q.worker_settings(4);
     settings.broker = warren_shared::broker::BrokerSettings::new(relay.url(5));
     let worker = q
         .worker_with(
-            warren_worker::builtin_registry(warren_worker::Mailer::outbox(&outbox.0)),
+            warren_worker::builtin_registry(warren_worker::Mailer::outbox(outbox.path())),
             settings,
         )
         .await;
@@ -278,7 +278,7 @@ async fn cli_demo_uses_workers_that_are_reconnecting() {
         },
     )
     .await;
-    let demo_outbox = TempDir::new("demo-own-outbox");
+    let demo_outbox = warren_tests::temp_dir("demo-own-outbox");
     let out = warren_within(
         &[
             "demo",
@@ -291,7 +291,7 @@ async fn cli_demo_uses_workers_that_are_reconnecting() {
             "--worker-wait",
             "30s",
             "--outbox",
-            &demo_outbox.0.to_string_lossy(),
+            &demo_outbox.path().to_string_lossy(),
         ],
         &[],
         Duration::from_secs(120),
@@ -344,4 +344,56 @@ async fn cli_enqueue_during_a_connection_loss_fails_clearly_without_a_panic() {
     assert!(stderr.contains("error: "), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(!stderr.contains("Tokio context"), "{stderr}");
+}
+
+/// `warren dlq list | head`: a reader that closes the pipe early ends the listing quietly
+/// (exit 0, nothing on stderr), not with a "failed printing to stdout" panic.
+#[tokio::test]
+async fn cli_dlq_list_into_a_closed_pipe_exits_quietly() {
+    let q = TestQueue::new("cli-pipe");
+    let client = q.client().await;
+    // A worker that does not serve `echo`: the task is parked as an unknown function.
+    let wrong = q
+        .worker(
+            warren_worker::Registry::new().register::<warren_shared::tasks::Sleep>(),
+            1,
+        )
+        .await;
+    client
+        .enqueue(&warren_shared::tasks::Echo(serde_json::json!(1)))
+        .await
+        .unwrap();
+    eventually("a dead letter", Duration::from_secs(10), || async {
+        q.dead_count(&client).await == 1
+    })
+    .await;
+    wrong.shutdown().await.unwrap();
+
+    let mut child = tokio::process::Command::new(binary("warren"))
+        .args(["dlq", "list", "--queue", &q.name])
+        .env("AMQP_URL", amqp_url())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Close the read end before the listing is written: its first line meets a closed pipe.
+    drop(child.stdout.take());
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("warren dlq list did not exit")
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "status {:?}, stderr: {}",
+        out.status,
+        text(&out.stderr)
+    );
+    assert_eq!(text(&out.stderr), "", "stderr");
+    // The listing left the dead letter where it was (put back as its channel closed).
+    eventually("the dead letter back", Duration::from_secs(10), || async {
+        q.dead_count(&client).await == 1
+    })
+    .await;
 }

@@ -11,8 +11,8 @@ use tokio::sync::Notify;
 use warren_client::{CallOptions, Error};
 use warren_shared::tasks::{Echo, SendMail};
 use warren_shared::{ErrorKind, Policy, Task};
-use warren_tests::{TempDir, TestQueue};
-use warren_worker::{Handler, Mailer, Registry, TaskContext, TaskError, builtin_registry};
+use warren_tests::{TestQueue, temp_dir};
+use warren_worker::{Handler, Mailer, Registry, Run, TaskContext, TaskError, builtin_registry};
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Add {
@@ -25,7 +25,7 @@ impl Task for Add {
     type Output = i64;
 }
 
-impl Handler for Add {
+impl Run for Add {
     async fn run(self, _ctx: TaskContext) -> Result<i64, TaskError> {
         self.a
             .checked_add(self.b)
@@ -41,7 +41,7 @@ impl Task for Explode {
     type Output = Value;
 }
 
-impl Handler for Explode {
+impl Run for Explode {
     async fn run(self, _ctx: TaskContext) -> Result<Value, TaskError> {
         panic!("boom on purpose")
     }
@@ -91,19 +91,24 @@ impl Task for Count {
     type Output = ();
 }
 
-impl Handler for Count {
-    async fn run(self, ctx: TaskContext) -> Result<(), TaskError> {
-        if self.work_ms > 0 {
-            tokio::time::sleep(Duration::from_millis(self.work_ms)).await;
+/// Runs `Count` tasks for one named worker: a handler that owns its typed state.
+struct Counter {
+    tally: Arc<Tally>,
+    worker: WorkerName,
+}
+
+impl Handler<Count> for Counter {
+    async fn run(&self, args: Count, _ctx: TaskContext) -> Result<(), TaskError> {
+        if args.work_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(args.work_ms)).await;
         }
-        let tally = ctx.state::<Arc<Tally>>()?;
-        let worker = ctx.state::<WorkerName>()?;
-        *tally.runs.lock().unwrap().entry(self.key).or_default() += 1;
+        let tally = &self.tally;
+        *tally.runs.lock().unwrap().entry(args.key).or_default() += 1;
         *tally
             .by_worker
             .lock()
             .unwrap()
-            .entry(worker.0.clone())
+            .entry(self.worker.0.clone())
             .or_default() += 1;
         tally
             .total
@@ -114,10 +119,10 @@ impl Handler for Count {
 }
 
 fn counting_registry(tally: &Arc<Tally>, name: &str) -> Registry {
-    Registry::new()
-        .register::<Count>()
-        .with_state(tally.clone())
-        .with_state(WorkerName(name.to_owned()))
+    Registry::new().register_handler::<Count>(Counter {
+        tally: tally.clone(),
+        worker: WorkerName(name.to_owned()),
+    })
 }
 
 #[tokio::test]
@@ -357,9 +362,9 @@ async fn a_panicking_handler_gets_an_error_reply_and_the_worker_keeps_serving() 
 #[tokio::test]
 async fn send_mail_writes_a_parseable_message_to_the_outbox() {
     let q = TestQueue::new("mail");
-    let outbox = TempDir::new("outbox");
+    let outbox = temp_dir("outbox");
     let worker = q
-        .worker(builtin_registry(Mailer::outbox(&outbox.0)), 4)
+        .worker(builtin_registry(Mailer::outbox(outbox.path())), 4)
         .await;
     let client = q.client().await;
 
@@ -377,7 +382,7 @@ async fn send_mail_writes_a_parseable_message_to_the_outbox() {
         .strip_prefix("outbox:")
         .expect("an outbox receipt");
     assert!(!name.contains('/'), "the receipt names no server path");
-    let raw = std::fs::read(outbox.0.join(name)).unwrap();
+    let raw = std::fs::read(outbox.path().join(name)).unwrap();
     let parsed = mailparse::parse_mail(&raw).unwrap();
     let header = |name: &str| {
         parsed
@@ -424,9 +429,7 @@ async fn send_mail_goes_through_an_smtp_relay_and_maps_its_refusals() {
         ..Policy::default()
     };
     let q = q.with_retry_delays(&policy.backoff);
-    let registry = Registry::new()
-        .register_with::<SendMail>(policy)
-        .with_state(mailer);
+    let registry = Registry::new().register_handler_with::<SendMail>(mailer, policy);
     let worker = q.worker(registry, 2).await;
     let client = q.client().await;
     let mail = |to: &str| SendMail {
@@ -509,4 +512,60 @@ async fn a_client_with_its_own_reply_queue_gets_its_results_there() {
     );
     assert_eq!(client.pending_calls(), 0);
     worker.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_call_after_close_fails_at_once_with_closed() {
+    let q = TestQueue::new("closed");
+    let client = q.client().await;
+    client.close().await;
+    let started = std::time::Instant::now();
+    let err = client.call(&Echo(json!(1))).await.unwrap_err();
+    assert!(matches!(err, Error::Closed), "{err:?}");
+    let err = client.enqueue(&Echo(json!(1))).await.unwrap_err();
+    assert!(matches!(err, Error::Closed), "{err:?}");
+    // Not after waiting out reconnect_wait for a link that will never come back.
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// A call whose request the broker returns (no queue bound for it) fails with the broker's
+/// refusal: awaiting the confirm and the reply together does not let it wait for a reply that
+/// cannot come.
+#[tokio::test]
+async fn a_call_whose_request_is_returned_fails_as_unroutable() {
+    let q = TestQueue::new("returned");
+    let client = q.client().await;
+    client.declare_queue(&q.name).await.unwrap();
+    // Deleted behind the client's back: it declared the queue once and does not again.
+    let connection = lapin::Connection::connect(
+        &warren_tests::amqp_url(),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .queue_delete(q.name.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    let _ = connection.close(200, "deleted".into()).await;
+
+    let started = std::time::Instant::now();
+    let err = client.call(&Echo(json!(1))).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Publish(warren_shared::PublishError::Unroutable { .. })
+        ),
+        "{err:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
 }

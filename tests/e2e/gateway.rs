@@ -2,11 +2,11 @@
 //! endpoint, the Workerman Text bridge, their limits, and the page in headless Chromium.
 //!
 //! Every test gets its own queue (`test.gw.<uuid>`), worker, gateway on `127.0.0.1:0` and
-//! outbox through [`spawn`]; [`Env::finish`] stops them and deletes the queues, and the
-//! [`Env`] guard does the same from `Drop` when a test fails before reaching it.
+//! outbox through [`spawn`]; [`Env::finish`] stops them, and the [`Env`] guard's queue
+//! (a `TestQueue`) and outbox (a temp dir) are removed when it drops, also when a test fails
+//! before reaching `finish`.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -21,23 +21,22 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 use warren_client::{Client, ClientSettings};
 use warren_gateway::{Allowlist, GatewaySettings, Limits};
-use warren_shared::broker::{BrokerSettings, DEFAULT_AMQP_URL};
+use warren_shared::broker::BrokerSettings;
+use warren_tests::{TestQueue, amqp_url, eventually, temp_dir};
 use warren_worker::{Mailer, RunningWorker, WorkerSettings, builtin_registry};
 
 /// Bound on any single wait in these tests, so that a bug fails a test instead of hanging it.
 const WAIT: Duration = Duration::from_secs(60);
 
-fn amqp_url() -> String {
-    std::env::var("AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.to_owned())
-}
-
 /// A running gateway with its worker, on a queue of its own.
 struct Env {
-    queue: String,
+    /// The work queue, deleted (with its dead-letter queue) when dropped.
+    queue: TestQueue,
     http: SocketAddr,
     text: SocketAddr,
     client: Client,
-    outbox: PathBuf,
+    /// Removed when dropped.
+    outbox: tempfile::TempDir,
     worker: Option<RunningWorker>,
     stop: CancellationToken,
     gateway: Option<JoinHandle<()>>,
@@ -56,26 +55,26 @@ async fn spawn(limits: Limits) -> Env {
 
 async fn spawn_with(settings: GatewaySettings) -> Env {
     warren_shared::telemetry::init("warn");
-    let queue = format!("test.gw.{}", uuid::Uuid::new_v4());
-    let outbox = std::env::temp_dir().join(format!("warren-gw-outbox-{}", uuid::Uuid::new_v4()));
+    let queue = TestQueue::new("gw");
+    let outbox = temp_dir("gw-outbox");
     let broker = BrokerSettings::new(amqp_url());
     let worker = warren_worker::start(
         WorkerSettings {
             broker: broker.clone(),
-            queue: queue.clone(),
+            queue: queue.name.clone(),
             concurrency: 64,
             // Tests abandon long sleeps on purpose; don't wait for them when stopping.
             shutdown_grace: Duration::from_secs(1),
             ..WorkerSettings::default()
         },
-        builtin_registry(Mailer::outbox(&outbox)),
+        builtin_registry(Mailer::outbox(outbox.path())),
         CancellationToken::new(),
     )
     .await
     .expect("worker starts (is RabbitMQ up? deploy/ensure-broker.sh)");
     let client = Client::connect(ClientSettings {
         broker,
-        queue: queue.clone(),
+        queue: queue.name.clone(),
         ..ClientSettings::default()
     })
     .await
@@ -127,8 +126,6 @@ impl Env {
             worker.shutdown().await.expect("worker stops cleanly");
         }
         self.client.close().await;
-        delete_queues(&self.queue).await;
-        let _ = std::fs::remove_dir_all(&self.outbox);
     }
 
     fn ws_url(&self) -> String {
@@ -137,16 +134,10 @@ impl Env {
 
     /// Waits until the client has no call pending (bounded by [`WAIT`]).
     async fn no_pending_calls(&self) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while self.client.pending_calls() > 0 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{} calls still pending",
-                self.client.pending_calls()
-            );
-            tokio::task::yield_now().await;
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        eventually("no call pending", WAIT, || async {
+            self.client.pending_calls() == 0
+        })
+        .await;
     }
 }
 
@@ -155,42 +146,13 @@ impl Drop for Env {
         if self.gateway.is_none() {
             return; // finished normally
         }
-        // A test failed before `finish`: stop what runs and delete the queues on a runtime of
-        // our own (we may be inside the test's runtime, which is unwinding).
+        // A test failed before `finish`: stop what runs (the queues and the outbox go when
+        // their guards drop).
         self.stop.cancel();
         if let Some(worker) = self.worker.take() {
             worker.stop();
         }
-        let queue = self.queue.clone();
-        let outbox = self.outbox.clone();
-        let _ = std::thread::spawn(move || {
-            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                rt.block_on(delete_queues(&queue));
-            }
-            let _ = std::fs::remove_dir_all(outbox);
-        })
-        .join();
     }
-}
-
-async fn delete_queues(queue: &str) {
-    let Ok(conn) =
-        lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await
-    else {
-        return;
-    };
-    for name in [queue.to_owned(), format!("{queue}.dead")] {
-        // A fresh channel per delete: a failed delete closes its channel.
-        if let Ok(channel) = conn.create_channel().await {
-            let _ = channel
-                .queue_delete(name.as_str().into(), Default::default())
-                .await;
-        }
-    }
-    let _ = conn.close(200, "test cleanup".into()).await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -659,14 +621,10 @@ async fn text_connection_closed_mid_request() {
         text.send(json!({"function": "sleep", "args": {"ms": 5_000}}))
             .await;
     }
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while env.client.pending_calls() < 3 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "calls never started"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually("the calls to start", WAIT, || async {
+        env.client.pending_calls() >= 3
+    })
+    .await;
     drop(text);
     env.no_pending_calls().await;
 
@@ -742,20 +700,18 @@ async fn http_serves_the_page_and_the_queue_depth() {
     assert!(page.contains("<title>Warren"), "the page is served");
     let info = http_get(env.http, "/api/info").await;
     assert!(
-        info.contains(&format!("\"queue\":\"{}\"", env.queue)),
+        info.contains(&format!("\"queue\":\"{}\"", env.queue.name)),
         "{info}"
     );
     // The depth appears once the poller has read it; the worker is consuming.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let depth = http_get(env.http, "/api/queue").await;
-        if depth.starts_with("HTTP/1.1 200") {
-            assert!(depth.contains("\"consumers\":1"), "{depth}");
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{depth}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("the queue depth to be served", WAIT, || async {
+        http_get(env.http, "/api/queue")
+            .await
+            .starts_with("HTTP/1.1 200")
+    })
+    .await;
+    let depth = http_get(env.http, "/api/queue").await;
+    assert!(depth.contains("\"consumers\":1"), "{depth}");
     env.finish().await;
 }
 
@@ -845,7 +801,7 @@ async fn page_runs_the_1000_mail_demo_in_chromium() {
         "screenshot saved to {}",
         screenshot.display()
     );
-    let mails = std::fs::read_dir(&env.outbox)
+    let mails = std::fs::read_dir(env.outbox.path())
         .expect("the worker wrote an outbox")
         .filter(|e| {
             e.as_ref()

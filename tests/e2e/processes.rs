@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use warren_client::Client;
 use warren_tests::tasks::Crash;
-use warren_tests::{ChildGuard, TempDir, TestQueue, amqp_url, enqueue_records, eventually};
+use warren_tests::{ChildGuard, TestQueue, amqp_url, enqueue_records, eventually, temp_dir};
 
 fn test_worker(queue: &str, concurrency: u16, grace: &str) -> ChildGuard {
     let mut command = Command::new(env!("CARGO_BIN_EXE_warren-test-worker"));
@@ -62,8 +62,8 @@ async fn killing_workers_mid_batch_loses_no_task() {
     const TASKS: u64 = 1000;
     const CONCURRENCY: u16 = 8;
     let q = TestQueue::new("kill9");
-    let dir = TempDir::new("kill9");
-    let log = dir.0.join("runs.log");
+    let dir = temp_dir("kill9");
+    let log = dir.path().join("runs.log");
     let client = q.client().await;
     client.declare_queue(&q.name).await.unwrap();
 
@@ -168,8 +168,8 @@ async fn a_task_that_kills_every_worker_ends_in_the_dead_letter_queue() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_in_flight_tasks_finish_then_exits_zero() {
     let q = TestQueue::new("sigterm");
-    let dir = TempDir::new("sigterm");
-    let log = dir.0.join("runs.log");
+    let dir = temp_dir("sigterm");
+    let log = dir.path().join("runs.log");
     let client = q.client().await;
     client.declare_queue(&q.name).await.unwrap();
 
@@ -178,7 +178,7 @@ async fn sigterm_lets_in_flight_tasks_finish_then_exits_zero() {
         consumers(&client, &q.name).await == 1
     })
     .await;
-    let start_log = dir.0.join("started.log");
+    let start_log = dir.path().join("started.log");
     enqueue_records(&client, &log, 0..4, 1500, Some(&start_log)).await;
     eventually(
         "all four tasks running",
@@ -209,8 +209,8 @@ async fn sigterm_lets_in_flight_tasks_finish_then_exits_zero() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_still_running_at_the_end_of_the_grace_period_goes_to_another_worker() {
     let q = TestQueue::new("handback");
-    let dir = TempDir::new("handback");
-    let log = dir.0.join("runs.log");
+    let dir = temp_dir("handback");
+    let log = dir.path().join("runs.log");
     let client = q.client().await;
     client.declare_queue(&q.name).await.unwrap();
 
@@ -221,7 +221,7 @@ async fn a_task_still_running_at_the_end_of_the_grace_period_goes_to_another_wor
         || async { consumers(&client, &q.name).await == 1 },
     )
     .await;
-    let start_log = dir.0.join("started.log");
+    let start_log = dir.path().join("started.log");
     enqueue_records(&client, &log, 7..8, 2500, Some(&start_log)).await;
     eventually("the task running", Duration::from_secs(10), || async {
         started(&start_log) == 1
@@ -253,5 +253,55 @@ async fn a_task_still_running_at_the_end_of_the_grace_period_goes_to_another_wor
         runs[&7],
         vec![(second_pid, true)],
         "expected one run, on the second worker, as a redelivery"
+    );
+}
+
+/// A queue another application declared plainly (a classic queue, no arguments) cannot be
+/// Warren's work queue: the worker exits at once, non-zero, naming the queue, the differing
+/// argument and the fix, instead of retrying forever.
+#[tokio::test]
+async fn a_worker_exits_once_naming_the_fix_when_its_queue_exists_with_other_arguments() {
+    let q = TestQueue::new("plain");
+    {
+        let connection =
+            lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+                .await
+                .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        channel
+            .queue_declare(
+                q.name.as_str().into(),
+                lapin::options::QueueDeclareOptions::durable(),
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let _ = connection.close(200, "declared".into()).await;
+    }
+    let child = tokio::process::Command::new(warren_tests::binary("warren-worker"))
+        .args(["--queue", &q.name])
+        .env("AMQP_URL", amqp_url())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("the worker kept running on a queue it cannot use")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "stderr: {stderr}");
+    assert!(stderr.contains(&format!("queue {:?}", q.name)), "{stderr}");
+    assert!(stderr.contains("inequivalent arg 'x-"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("rabbitmqctl delete_queue {}", q.name)),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.matches("warren-worker: error").count(),
+        1,
+        "one error, once: {stderr}"
     );
 }

@@ -15,7 +15,7 @@ use warren_shared::tasks::{Echo, Sleep};
 use warren_shared::{ErrorKind, Policy, Reply, Task};
 use warren_tests::raw::RawPeer;
 use warren_tests::{TestQueue, eventually};
-use warren_worker::{Handler, Registry, TaskContext, TaskError, WorkerSettings};
+use warren_worker::{Handler, Registry, Run, TaskContext, TaskError, WorkerSettings};
 
 /// Fails until attempt `succeed_on`, recording when each attempt started.
 #[derive(Debug, Serialize, Deserialize)]
@@ -31,15 +31,13 @@ impl Task for TimedFlaky {
     type Output = u32;
 }
 
-impl Handler for TimedFlaky {
-    async fn run(self, ctx: TaskContext) -> Result<u32, TaskError> {
-        let attempts = ctx.state::<Arc<Attempts>>()?;
-        attempts
-            .0
+impl Handler<TimedFlaky> for Arc<Attempts> {
+    async fn run(&self, args: TimedFlaky, ctx: TaskContext) -> Result<u32, TaskError> {
+        self.0
             .lock()
             .unwrap()
             .push((ctx.attempt(), Instant::now(), ctx.redelivered()));
-        if ctx.attempt() >= self.succeed_on {
+        if ctx.attempt() >= args.succeed_on {
             Ok(ctx.attempt())
         } else {
             Err(TaskError::retryable(format!(
@@ -60,9 +58,7 @@ async fn a_retryable_failure_succeeds_on_the_third_attempt_after_the_backoff_del
         backoff: backoff.clone(),
         ..Policy::default()
     };
-    let registry = Registry::new()
-        .register_with::<TimedFlaky>(policy)
-        .with_state(attempts.clone());
+    let registry = Registry::new().register_handler_with::<TimedFlaky>(attempts.clone(), policy);
     let worker = q.worker(registry, 2).await;
     let client = q.client().await;
 
@@ -101,9 +97,7 @@ async fn exhausted_attempts_are_dead_lettered_with_the_reason_and_replay_runs_th
         ..Policy::default()
     };
     let registry = |max_attempts| {
-        Registry::new()
-            .register_with::<TimedFlaky>(policy(max_attempts))
-            .with_state(attempts.clone())
+        Registry::new().register_handler_with::<TimedFlaky>(attempts.clone(), policy(max_attempts))
     };
     let worker = q.worker(registry(2), 2).await;
     let client = q.client().await;
@@ -193,9 +187,7 @@ async fn an_expired_deadline_is_answered_expired_without_running_the_handler() {
 
     let worker = q
         .worker(
-            Registry::new()
-                .register::<TimedFlaky>()
-                .with_state(attempts.clone()),
+            Registry::new().register_handler::<TimedFlaky>(attempts.clone()),
             1,
         )
         .await;
@@ -222,11 +214,10 @@ impl Task for Overrun {
     type Output = ();
 }
 
-impl Handler for Overrun {
-    async fn run(self, ctx: TaskContext) -> Result<(), TaskError> {
-        let saw = ctx.state::<Arc<SawCancel>>()?;
+impl Handler<Overrun> for Arc<SawCancel> {
+    async fn run(&self, _args: Overrun, ctx: TaskContext) -> Result<(), TaskError> {
         ctx.cancelled().await;
-        saw.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
         // A cooperative handler stops here; the worker stops waiting either way.
         std::future::pending::<()>().await;
         Ok(())
@@ -243,9 +234,8 @@ async fn an_overrunning_handler_gets_timeout_and_sees_its_cancellation() {
         ..Policy::default()
     };
     let registry = Registry::new()
-        .register_with::<Overrun>(policy)
-        .register::<Sleep>()
-        .with_state(saw.clone());
+        .register_handler_with::<Overrun>(saw.clone(), policy)
+        .register::<Sleep>();
     let worker = q.worker(registry, 2).await;
     let client = q.client().await;
 
@@ -390,7 +380,7 @@ async fn the_handler_context_exposes_id_attempt_and_redelivery() {
         const NAME: &'static str = "introspect";
         type Output = Value;
     }
-    impl Handler for Introspect {
+    impl Run for Introspect {
         async fn run(self, ctx: TaskContext) -> Result<Value, TaskError> {
             Ok(json!({
                 "id": ctx.id().as_str(),

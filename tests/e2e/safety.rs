@@ -22,8 +22,8 @@ use warren_shared::policy::BACKOFF_LADDER;
 use warren_shared::tasks::SendMail;
 use warren_shared::{ErrorKind, Reply, Task, topology};
 use warren_tests::raw::RawPeer;
-use warren_tests::{TempDir, TestQueue, eventually};
-use warren_worker::{Handler, Mailer, Registry, RunningWorker, TaskContext, TaskError};
+use warren_tests::{TestQueue, eventually, temp_dir};
+use warren_worker::{Mailer, Registry, RunningWorker, TaskContext, TaskError};
 
 /// Runs of each task, by key.
 #[derive(Default)]
@@ -51,13 +51,17 @@ impl Task for Neighbour {
     type Output = u64;
 }
 
-impl Handler for Neighbour {
-    async fn run(self, ctx: TaskContext) -> Result<u64, TaskError> {
-        ctx.state::<Arc<Runs>>()?
-            .record(&format!("neighbour-{}", self.key));
-        tokio::time::sleep(Duration::from_millis(self.ms)).await;
-        Ok(self.key)
-    }
+/// Registers [`Neighbour`], counting its runs in `runs`.
+fn with_neighbour(registry: Registry, runs: &Arc<Runs>) -> Registry {
+    let runs = runs.clone();
+    registry.register_fn(move |args: Neighbour, _ctx: TaskContext| {
+        let runs = runs.clone();
+        async move {
+            runs.record(&format!("neighbour-{}", args.key));
+            tokio::time::sleep(Duration::from_millis(args.ms)).await;
+            Ok::<_, TaskError>(args.key)
+        }
+    })
 }
 
 /// `send_mail` with a run counter in front of the real mailer.
@@ -69,23 +73,31 @@ impl Task for CountedMail {
     type Output = warren_shared::tasks::MailReceipt;
 }
 
-impl Handler for CountedMail {
-    async fn run(self, ctx: TaskContext) -> Result<Self::Output, TaskError> {
-        ctx.state::<Arc<Runs>>()?.record("send_mail");
-        let mailer = ctx.state::<Mailer>()?;
-        mailer.send(ctx.id().as_str(), self.0).await
-    }
+/// Registers [`CountedMail`]: `mailer`, its runs counted in `runs`.
+fn with_counted_mail(registry: Registry, runs: &Arc<Runs>, mailer: Mailer) -> Registry {
+    let (runs, mailer) = (runs.clone(), Arc::new(mailer));
+    registry.register_fn(move |args: CountedMail, ctx: TaskContext| {
+        let (runs, mailer) = (runs.clone(), mailer.clone());
+        async move {
+            runs.record("send_mail");
+            mailer.send(ctx.id().as_str(), args.0).await
+        }
+    })
 }
 
 const NEIGHBOURS: u64 = 16;
 
 /// A worker serving the neighbours and the counted mailer, and a client.
-async fn setup(q: &TestQueue, runs: &Arc<Runs>, outbox: &TempDir) -> (RunningWorker, Client) {
-    let registry = Registry::new()
-        .register::<Neighbour>()
-        .register::<CountedMail>()
-        .with_state(runs.clone())
-        .with_state(Mailer::outbox(&outbox.0));
+async fn setup(
+    q: &TestQueue,
+    runs: &Arc<Runs>,
+    outbox: &tempfile::TempDir,
+) -> (RunningWorker, Client) {
+    let registry = with_counted_mail(
+        with_neighbour(Registry::new(), runs),
+        runs,
+        Mailer::outbox(outbox.path()),
+    );
     let worker = q.worker(registry, 24).await;
     let client = q.client().await;
     (worker, client)
@@ -152,7 +164,7 @@ async fn assert_parked_once(q: &TestQueue, client: &Client, reason: &str, kind: 
 async fn a_200_kb_function_name_is_parked_once_and_harms_no_neighbour() {
     let q = TestQueue::new("huge-function");
     let runs = Arc::new(Runs::default());
-    let outbox = TempDir::new("huge-function");
+    let outbox = temp_dir("huge-function");
     let (worker, client) = setup(&q, &runs, &outbox).await;
 
     let neighbours = start_neighbours(&client);
@@ -171,7 +183,7 @@ async fn a_200_kb_function_name_is_parked_once_and_harms_no_neighbour() {
 async fn a_200_kb_mail_address_runs_once_is_parked_and_harms_no_neighbour() {
     let q = TestQueue::new("huge-address");
     let runs = Arc::new(Runs::default());
-    let outbox = TempDir::new("huge-address");
+    let outbox = temp_dir("huge-address");
     let (worker, client) = setup(&q, &runs, &outbox).await;
 
     let neighbours = start_neighbours(&client);
@@ -193,7 +205,7 @@ async fn a_200_kb_mail_address_runs_once_is_parked_and_harms_no_neighbour() {
 async fn a_reply_address_the_broker_would_choke_on_is_parked_unanswered() {
     let q = TestQueue::new("bad-reply-to");
     let runs = Arc::new(Runs::default());
-    let outbox = TempDir::new("bad-reply-to");
+    let outbox = temp_dir("bad-reply-to");
     let (worker, client) = setup(&q, &runs, &outbox).await;
     let peer = RawPeer::connect().await;
 
@@ -230,7 +242,7 @@ async fn a_reply_address_the_broker_would_choke_on_is_parked_unanswered() {
 async fn an_attempt_number_near_i64_max_is_rejected_without_wrapping() {
     let q = TestQueue::new("attempt-max");
     let runs = Arc::new(Runs::default());
-    let outbox = TempDir::new("attempt-max");
+    let outbox = temp_dir("attempt-max");
     let (worker, client) = setup(&q, &runs, &outbox).await;
     let mut peer = RawPeer::connect().await;
 
@@ -285,12 +297,16 @@ impl Task for Flaky {
     type Output = ();
 }
 
-impl Handler for Flaky {
-    async fn run(self, ctx: TaskContext) -> Result<(), TaskError> {
-        ctx.state::<Arc<Runs>>()?
-            .record(&format!("flaky-{}", ctx.attempt()));
-        Err(TaskError::retryable("try later"))
-    }
+/// Registers [`Flaky`], counting its runs by attempt in `runs`.
+fn with_flaky(registry: Registry, runs: &Arc<Runs>) -> Registry {
+    let runs = runs.clone();
+    registry.register_fn(move |_args: Flaky, ctx: TaskContext| {
+        let runs = runs.clone();
+        async move {
+            runs.record(&format!("flaky-{}", ctx.attempt()));
+            Err::<(), _>(TaskError::retryable("try later"))
+        }
+    })
 }
 
 /// Whether queue `name` exists (a passive declare on a channel of its own).
@@ -316,12 +332,7 @@ async fn exists(connection: &lapin::Connection, name: &str) -> Option<u32> {
 async fn hostile_backoff_values_create_at_most_the_ladder_of_expiring_delay_queues() {
     let q = TestQueue::new("backoff-ladder").with_retry_delays(&BACKOFF_LADDER);
     let runs = Arc::new(Runs::default());
-    let worker = q
-        .worker(
-            Registry::new().register::<Flaky>().with_state(runs.clone()),
-            8,
-        )
-        .await;
+    let worker = q.worker(with_flaky(Registry::new(), &runs), 8).await;
     let client = q.client().await;
     client.declare_queue(&q.name).await.unwrap();
     let peer = RawPeer::connect().await;
@@ -434,11 +445,16 @@ impl Task for Big {
     type Output = String;
 }
 
-impl Handler for Big {
-    async fn run(self, ctx: TaskContext) -> Result<String, TaskError> {
-        ctx.state::<Arc<Runs>>()?.record("big");
-        Ok("b".repeat(self.bytes))
-    }
+/// Registers [`Big`], counting its runs in `runs`.
+fn with_big(registry: Registry, runs: &Arc<Runs>) -> Registry {
+    let runs = runs.clone();
+    registry.register_fn(move |args: Big, _ctx: TaskContext| {
+        let runs = runs.clone();
+        async move {
+            runs.record("big");
+            Ok::<_, TaskError>("b".repeat(args.bytes))
+        }
+    })
 }
 
 /// A result larger than the broker's `max_message_size`: the broker refuses the reply and
@@ -454,10 +470,7 @@ async fn an_outcome_the_broker_refuses_is_parked_as_refused_not_rerun() {
     ]);
     let q = TestQueue::new("refused");
     let runs = Arc::new(Runs::default());
-    let registry = Registry::new()
-        .register::<Neighbour>()
-        .register::<Big>()
-        .with_state(runs.clone());
+    let registry = with_big(with_neighbour(Registry::new(), &runs), &runs);
     let settings = warren_worker::WorkerSettings {
         broker: warren_shared::BrokerSettings::new(node.url()),
         ..q.worker_settings(24)

@@ -9,7 +9,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use warren_client::{Client, ClientSettings, Error};
 use warren_shared::broker::{BrokerError, BrokerSettings, TlsSettings};
 use warren_tests::tls::{TestCa, TlsEndpoint};
-use warren_tests::{ChildGuard, TempDir, TestQueue, amqp_url, binary, eventually};
+use warren_tests::{ChildGuard, TestQueue, amqp_url, binary, eventually, temp_dir};
 use warren_worker::{Mailer, builtin_registry};
 
 /// The shared broker's plaintext address, from `AMQP_URL`.
@@ -73,9 +73,9 @@ async fn amqps_to_the_plaintext_port_fails_fast_with_a_tls_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqps_through_a_tls_endpoint_serves_an_in_process_worker_and_call() {
-    let dir = TempDir::new("tls-ok");
+    let dir = temp_dir("tls-ok");
     let ca = TestCa::new("warren test CA");
-    let ca_file = ca.write(&dir.0, "ca.crt");
+    let ca_file = ca.write(dir.path(), "ca.crt");
     let endpoint =
         TlsEndpoint::start(&ca.issue(&["127.0.0.1", "localhost"]), None, broker_addr()).await;
     let queue = TestQueue::new("tls-ok");
@@ -83,7 +83,10 @@ async fn amqps_through_a_tls_endpoint_serves_an_in_process_worker_and_call() {
     let mut worker_settings = queue.worker_settings(4);
     worker_settings.broker = broker.clone();
     let worker = queue
-        .worker_with(builtin_registry(Mailer::outbox(&dir.0)), worker_settings)
+        .worker_with(
+            builtin_registry(Mailer::outbox(dir.path())),
+            worker_settings,
+        )
         .await;
     let client = connect(&queue, broker).await.expect("client over TLS");
     let answer = client
@@ -100,13 +103,13 @@ async fn amqps_through_a_tls_endpoint_serves_an_in_process_worker_and_call() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqps_with_tls_ca_serves_the_worker_binary_warren_call_and_the_gateway() {
-    let dir = TempDir::new("tls-bins");
+    let dir = temp_dir("tls-bins");
     let ca = TestCa::new("warren test CA");
-    let ca_file = ca.write(&dir.0, "ca.crt");
+    let ca_file = ca.write(dir.path(), "ca.crt");
     let endpoint = TlsEndpoint::start(&ca.issue(&["127.0.0.1"]), None, broker_addr()).await;
     let queue = TestQueue::new("tls-bins");
     // The URL from a file: no password in any argv.
-    let url_file = dir.0.join("amqp-url");
+    let url_file = dir.path().join("amqp-url");
     std::fs::write(&url_file, format!("{}\n", endpoint.url())).unwrap();
     let ca_arg = ca_file.to_str().unwrap();
     let url_arg = url_file.to_str().unwrap();
@@ -122,7 +125,7 @@ async fn amqps_with_tls_ca_serves_the_worker_binary_warren_call_and_the_gateway(
             url_arg,
         ])
         .arg("--outbox")
-        .arg(&dir.0)
+        .arg(dir.path())
         .env_remove("AMQP_URL")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null());
@@ -205,10 +208,10 @@ async fn amqps_with_tls_ca_serves_the_worker_binary_warren_call_and_the_gateway(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_certificate_from_another_ca_is_refused() {
-    let dir = TempDir::new("tls-other-ca");
+    let dir = temp_dir("tls-other-ca");
     let trusted = TestCa::new("trusted CA");
     let other = TestCa::new("other CA");
-    let ca_file = trusted.write(&dir.0, "ca.crt");
+    let ca_file = trusted.write(dir.path(), "ca.crt");
     let endpoint = TlsEndpoint::start(&other.issue(&["127.0.0.1"]), None, broker_addr()).await;
     let queue = TestQueue::new("tls-other-ca");
     let err = connect(&queue, settings(endpoint.url(), ca_only(&ca_file)))
@@ -232,11 +235,13 @@ async fn a_server_certificate_from_another_ca_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_certificate_is_presented_when_the_endpoint_requires_one() {
-    let dir = TempDir::new("tls-client-cert");
+    let dir = temp_dir("tls-client-cert");
     let ca = TestCa::new("server CA");
     let clients = TestCa::new("client CA");
-    let ca_file = ca.write(&dir.0, "ca.crt");
-    let (cert_file, key_file) = clients.issue(&["warren-client"]).write(&dir.0, "client");
+    let ca_file = ca.write(dir.path(), "ca.crt");
+    let (cert_file, key_file) = clients
+        .issue(&["warren-client"])
+        .write(dir.path(), "client");
     let endpoint =
         TlsEndpoint::start(&ca.issue(&["127.0.0.1"]), Some(&clients), broker_addr()).await;
     let queue = TestQueue::new("tls-client-cert");
@@ -248,7 +253,10 @@ async fn a_client_certificate_is_presented_when_the_endpoint_requires_one() {
     let mut worker_settings = queue.worker_settings(2);
     worker_settings.broker = settings(endpoint.url(), with_cert.clone());
     let worker = queue
-        .worker_with(builtin_registry(Mailer::outbox(&dir.0)), worker_settings)
+        .worker_with(
+            builtin_registry(Mailer::outbox(dir.path())),
+            worker_settings,
+        )
         .await;
     let client = connect(&queue, settings(endpoint.url(), with_cert))
         .await

@@ -18,7 +18,7 @@ use warren_shared::tasks::{Echo, Sleep};
 use warren_tests::node::BrokerNode;
 use warren_tests::relay::Relay;
 use warren_tests::tasks::Record;
-use warren_tests::{TempDir, TestQueue, amqp_url, enqueue_records, eventually, read_runs};
+use warren_tests::{TestQueue, amqp_url, enqueue_records, eventually, read_runs, temp_dir};
 use warren_worker::{Registry, RunningWorker, WorkerSettings, WorkerState};
 
 /// One fault at a time.
@@ -67,8 +67,8 @@ async fn connections_cut_mid_batch_lose_no_task_and_nobody_restarts() {
     const TASKS: u64 = 1000;
     let relay = Relay::start(broker_addr()).await;
     let q = TestQueue::new("cut");
-    let dir = TempDir::new("cut");
-    let log = dir.0.join("runs.log");
+    let dir = temp_dir("cut");
+    let log = dir.path().join("runs.log");
     let url = relay.url(5);
     let a = worker_at(&q, &url, 8).await;
     let b = worker_at(&q, &url, 8).await;
@@ -306,8 +306,8 @@ async fn a_broker_restart_mid_batch_loses_no_task() {
     const TASKS: u64 = 1000;
     let node = BrokerNode::start("restart").await;
     let q = TestQueue::new("restart");
-    let dir = TempDir::new("restart");
-    let log = dir.0.join("runs.log");
+    let dir = temp_dir("restart");
+    let log = dir.path().join("runs.log");
     let worker = worker_at(&q, &node.url(), 8).await;
     let client = client_at(&q, &node.url(), |_| {}).await;
     enqueue_records(&client, &log, 0..TASKS, 5, None).await;
@@ -343,8 +343,8 @@ async fn a_broker_restart_mid_batch_loses_no_task() {
 async fn a_memory_alarm_fails_publishes_clearly_while_consumers_keep_acking() {
     let node = BrokerNode::start("alarm").await;
     let q = TestQueue::new("alarm");
-    let dir = TempDir::new("alarm");
-    let log = dir.0.join("runs.log");
+    let dir = temp_dir("alarm");
+    let log = dir.path().join("runs.log");
     let client = client_at(&q, &node.url(), |s| {
         s.reconnect_wait = Duration::from_secs(2);
         s.publish_timeout = Duration::from_secs(2);
@@ -788,8 +788,8 @@ async fn a_worker_that_cannot_settle_during_an_alarm_holds_its_tasks_instead_of_
     const CALLS: u64 = 20;
     let node = BrokerNode::start("alarm-settle").await;
     let q = TestQueue::new("alarm-settle");
-    let dir = TempDir::new("alarm-settle");
-    let log = dir.0.join("runs.log");
+    let dir = temp_dir("alarm-settle");
+    let log = dir.path().join("runs.log");
     let worker = worker_at(&q, &node.url(), 4).await;
     let client = client_at(&q, &node.url(), |_| {}).await;
     let options = CallOptions::default().timeout(Duration::from_secs(150));

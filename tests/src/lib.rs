@@ -188,25 +188,15 @@ impl Drop for TestQueue {
     }
 }
 
-/// A temporary directory removed when dropped.
-#[derive(Debug)]
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    /// A new empty directory under the system's temp dir.
-    pub fn new(label: &str) -> Self {
-        let path =
-            std::env::temp_dir().join(format!("warren-{label}-{}", uuid::Uuid::new_v4().simple()));
-        if let Err(e) = std::fs::create_dir_all(&path) {
-            panic!("cannot create {}: {e}", path.display());
-        }
-        Self(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+/// A new empty directory `warren-<label>-XXXX` under the system's temp dir, removed when
+/// the returned guard is dropped.
+pub fn temp_dir(label: &str) -> tempfile::TempDir {
+    match tempfile::Builder::new()
+        .prefix(&format!("warren-{label}-"))
+        .tempdir()
+    {
+        Ok(dir) => dir,
+        Err(e) => panic!("cannot create a temp dir for {label}: {e}"),
     }
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use warren_shared::Task;
-use warren_worker::{Handler, TaskContext, TaskError};
+use warren_worker::{Run, TaskContext, TaskError};
 
 /// Appends `"<key> <pid> <attempt> <redelivered>"` to the file `log` after `work_ms`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -38,7 +38,7 @@ impl Task for Record {
     type Output = u64;
 }
 
-impl Handler for Record {
+impl Run for Record {
     async fn run(self, ctx: TaskContext) -> Result<u64, TaskError> {
         if let Some(started) = &self.started {
             append(started, &format!("{}\n", self.key))?;
@@ -67,7 +67,7 @@ impl Task for Crash {
     type Output = ();
 }
 
-impl Handler for Crash {
+impl Run for Crash {
     async fn run(self, _ctx: TaskContext) -> Result<(), TaskError> {
         std::process::abort()
     }
@@ -85,7 +85,7 @@ impl Task for Flaky {
     type Output = u32;
 }
 
-impl Handler for Flaky {
+impl Run for Flaky {
     async fn run(self, ctx: TaskContext) -> Result<u32, TaskError> {
         if ctx.attempt() >= self.succeed_on {
             Ok(ctx.attempt())

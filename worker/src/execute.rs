@@ -11,7 +11,6 @@
 //! | permanent failure | dead letter (`permanent_failure`) + error reply |
 //! | worker forced to stop mid-task | handed back to the queue |
 
-use std::sync::Arc;
 use std::time::SystemTime;
 
 use lapin::message::Delivery;
@@ -21,7 +20,7 @@ use warren_shared::envelope::{self, ReplyTo};
 use warren_shared::protocol;
 use warren_shared::{ErrorKind, Policy, Reply, Request, TaskFailure};
 
-use crate::handler::{Retry, StateMap, TaskContext};
+use crate::handler::{Retry, TaskContext};
 use crate::outcome::{DeadReason, Envelope, Outcome};
 use crate::registry::{HandlerFailure, Registry};
 
@@ -33,18 +32,11 @@ const CANCEL_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 #[derive(Debug, Clone)]
 pub(crate) struct Executor {
     pub(crate) registry: Registry,
-    pub(crate) state: Arc<StateMap>,
     /// Policy of functions registered without one of their own.
     pub(crate) policy: Policy,
     pub(crate) max_body_bytes: usize,
     /// Cancelled when the worker gives up on running tasks (forced shutdown).
     pub(crate) abort: CancellationToken,
-}
-
-impl std::fmt::Debug for StateMap {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("StateMap")
-    }
 }
 
 fn rejected(kind: ErrorKind, message: impl Into<String>) -> Outcome {
@@ -167,16 +159,11 @@ impl Executor {
             .unwrap_or(&self.policy)
             .overridden_by(&envelope.overrides);
         let cancel = self.abort.child_token();
-        let ctx = TaskContext {
-            id: envelope.id.clone(),
-            function: request.function.as_str().into(),
-            attempt,
-            max_attempts: policy.max_attempts,
-            redelivered: delivery.redelivered,
-            deadline,
-            cancel: cancel.clone(),
-            state: self.state.clone(),
-        };
+        let ctx = TaskContext::new(envelope.id.clone(), &request.function)
+            .with_attempt(attempt, policy.max_attempts)
+            .with_redelivered(delivery.redelivered)
+            .with_deadline(deadline)
+            .with_cancellation(cancel.clone());
         let started = std::time::Instant::now();
         // Its own tokio task: a panic stays there and comes back as a JoinError.
         let mut run = tokio::spawn((entry.run)(request.args, ctx).in_current_span());
@@ -260,7 +247,7 @@ pub(crate) fn after_failure(
     Outcome::Retry { delay, failure }
 }
 
-fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+pub(crate) fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
     match payload.downcast::<String>() {
         Ok(s) => *s,
         Err(payload) => match payload.downcast::<&'static str>() {
@@ -328,11 +315,14 @@ mod tests {
     }
 
     fn executor() -> Executor {
+        use warren_shared::tasks::{Echo, Sleep, Slept};
         let registry = Registry::new()
-            .register::<warren_shared::tasks::Echo>()
-            .register::<warren_shared::tasks::Sleep>();
+            .register_fn(|args: Echo, _| async move { Ok(args.0) })
+            .register_fn(|args: Sleep, _| async move {
+                tokio::time::sleep(Duration::from_millis(args.ms)).await;
+                Ok(Slept { slept_ms: args.ms })
+            });
         Executor {
-            state: registry.state(),
             registry,
             policy: Policy {
                 time_limit: Duration::from_millis(20),
@@ -361,27 +351,122 @@ mod tests {
         runtime.block_on(executor().execute(&delivery, &envelope))
     }
 
-    /// The seed corpus of hostile bodies (kept in `worker/tests/decode-corpus`): each is judged
-    /// without a panic, and none is handed back to loop in the queue.
+    /// The seed corpus of hostile bodies (kept in `worker/tests/decode-corpus`): each gets the
+    /// verdict listed here, and every file is listed.
     #[test]
-    fn the_decode_corpus_is_judged_without_panics() {
+    fn the_decode_corpus_is_judged_as_expected() {
+        use ErrorKind::{BadRequest, InvalidArgs, Timeout, TooLarge};
+        let expected: std::collections::HashMap<&str, ErrorKind> = [
+            ("array.json", BadRequest),
+            ("binary.bin", BadRequest),
+            ("deep-nesting.json", BadRequest),
+            ("duplicate-keys.json", InvalidArgs),
+            ("empty-function.json", BadRequest),
+            ("empty.bin", BadRequest),
+            ("huge-sleep.json", Timeout),
+            ("large.json", TooLarge),
+            ("lone-surrogate.json", BadRequest),
+            ("negative-sleep.json", InvalidArgs),
+            ("no-function.json", BadRequest),
+            ("null.json", BadRequest),
+            ("number-function.json", BadRequest),
+            ("truncated-args.json", BadRequest),
+            ("truncated.json", BadRequest),
+        ]
+        .into();
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/decode-corpus");
         let mut seen = 0;
         for entry in std::fs::read_dir(dir).unwrap() {
             let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
             let outcome = judge(
                 std::fs::read(&path).unwrap(),
                 None,
                 Some("amq.rabbitmq.reply-to.x"),
             );
-            assert!(
-                !matches!(outcome, Outcome::HandBack),
-                "{}: {outcome:?}",
-                path.display()
-            );
+            let want = *expected
+                .get(name.as_str())
+                .unwrap_or_else(|| panic!("{name} is not listed in this test"));
+            match &outcome {
+                // A sleep past the 20 ms time limit is a failed attempt, retried.
+                Outcome::Retry { failure, .. } if want == Timeout => {
+                    assert_eq!(failure.kind, Timeout, "{name}");
+                }
+                Outcome::DeadLetter {
+                    reason: DeadReason::Rejected,
+                    failure,
+                } => assert_eq!(failure.kind, want, "{name}: {}", failure.message),
+                other => panic!("{name}: expected {want}, got {other:?}"),
+            }
             seen += 1;
         }
-        assert!(seen >= 10);
+        assert_eq!(seen, expected.len());
+    }
+
+    /// What [`Executor::execute`] must decide for a delivery of the proptest below; `None`
+    /// where only the kind of a failed attempt is fixed (a sleep that may or may not overrun).
+    fn expected(
+        body: &[u8],
+        version: Option<i64>,
+        deadline: Option<i64>,
+        reply_to: Option<&str>,
+    ) -> Result<Outcome, ErrorKind> {
+        if version.is_some_and(|v| v != protocol::PROTOCOL_VERSION) {
+            return Ok(rejected(ErrorKind::UnsupportedVersion, ""));
+        }
+        if reply_to.is_some_and(|r| r.chars().any(char::is_control)) {
+            return Ok(rejected(ErrorKind::BadRequest, ""));
+        }
+        let request = match Request::decode(body) {
+            Ok(r) => r,
+            Err(failure) => return Ok(rejected(failure.kind, "")),
+        };
+        if deadline.is_some_and(|d| protocol::from_epoch_millis(d) <= SystemTime::now()) {
+            return Ok(Outcome::Reply(Reply::Err(TaskFailure::new(
+                ErrorKind::Expired,
+                "",
+            ))));
+        }
+        match request.function.as_str() {
+            "echo" => Ok(Outcome::Reply(Reply::Ok(request.args))),
+            "sleep" => match serde_json::from_value::<warren_shared::tasks::Sleep>(request.args) {
+                Err(_) => Ok(rejected(ErrorKind::InvalidArgs, "")),
+                Ok(s) if s.ms == 0 => Ok(Outcome::Reply(Reply::Ok(
+                    serde_json::json!({ "slept_ms": 0 }),
+                ))),
+                Ok(_) => Err(ErrorKind::Timeout),
+            },
+            _ => Ok(rejected(ErrorKind::UnknownFunction, "")),
+        }
+    }
+
+    /// `got` is `want`, messages aside.
+    fn same_verdict(got: &Outcome, want: &Result<Outcome, ErrorKind>) -> bool {
+        let kind = |reply: &Reply| match reply {
+            Reply::Ok(v) => Ok(v.clone()),
+            Reply::Err(f) => Err(f.kind),
+        };
+        match (got, want) {
+            (
+                Outcome::DeadLetter { reason, failure },
+                Ok(Outcome::DeadLetter {
+                    reason: want_reason,
+                    failure: want_failure,
+                }),
+            ) => reason == want_reason && failure.kind == want_failure.kind,
+            (Outcome::Reply(got), Ok(Outcome::Reply(want))) => kind(got) == kind(want),
+            // A sleep of 1 ms or more may overrun the 20 ms limit on a loaded machine.
+            (Outcome::Reply(Reply::Ok(_)), Err(ErrorKind::Timeout)) => true,
+            (Outcome::Retry { failure, .. }, Err(kind))
+            | (
+                Outcome::DeadLetter {
+                    reason: DeadReason::AttemptsExhausted,
+                    failure,
+                },
+                Err(kind),
+            ) => failure.kind == *kind,
+            _ => false,
+        }
     }
 
     proptest::proptest! {
@@ -407,8 +492,9 @@ mod tests {
             if let Some(a) = attempt { envelope::set_header_int(&mut h, headers::ATTEMPT, a); }
             if let Some(d) = deadline { envelope::set_header_int(&mut h, headers::DEADLINE, d); }
             if let Some(b) = &backoff { envelope::set_header_str(&mut h, headers::BACKOFF, b); }
+            let want = expected(&body, version, deadline, reply_to.as_deref());
             let outcome = judge(body, Some(h), reply_to.as_deref());
-            proptest::prop_assert!(!matches!(outcome, Outcome::HandBack));
+            proptest::prop_assert!(same_verdict(&outcome, &want), "got {outcome:?}, want {want:?}");
         }
     }
 

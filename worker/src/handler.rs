@@ -1,22 +1,28 @@
-//! What a task handler is given and what it may return.
+//! What a task handler is, what it is given and what it may return.
+//!
+//! A handler is registered *for* a task type, so the type may live in another crate (a shared
+//! `myapp-tasks` crate that producers use too): an `async fn` or closure
+//! ([`Registry::register_fn`](crate::Registry::register_fn)), or a struct that owns its typed
+//! state and implements [`Handler<T>`] ([`Registry::register_handler`](crate::Registry::register_handler)).
+//! A task type of the worker's own crate may also run itself ([`Run`]).
 
-use std::any::{Any, TypeId};
-use std::collections::HashMap;
+use std::error::Error as StdError;
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use tokio_util::sync::CancellationToken;
-use warren_shared::{ErrorKind, Task, TaskFailure, TaskId};
+use warren_shared::{ErrorKind, Policy, Task, TaskFailure, TaskId};
 
-/// Runs one task type. Implement it for the task's argument type and register the type with
-/// [`Registry::register`](crate::Registry::register).
+/// Runs tasks of type `T`. Implement it for a struct that owns what the handler needs (a
+/// connection pool, a mailer, settings): the state is typed and in place when the registry is
+/// built, so a wiring mistake does not compile instead of failing at run time.
 ///
 /// ```
 /// use serde::{Deserialize, Serialize};
 /// use warren_shared::Task;
-/// use warren_worker::{Handler, TaskContext, TaskError};
+/// use warren_worker::{Handler, Registry, TaskContext, TaskError};
 ///
 /// #[derive(Serialize, Deserialize)]
 /// struct Add { a: i64, b: i64 }
@@ -26,17 +32,73 @@ use warren_shared::{ErrorKind, Task, TaskFailure, TaskId};
 ///     type Output = i64;
 /// }
 ///
-/// impl Handler for Add {
-///     async fn run(self, _ctx: TaskContext) -> Result<i64, TaskError> {
-///         self.a.checked_add(self.b).ok_or_else(|| TaskError::invalid_args("overflow"))
+/// /// Adds, refusing results above its limit.
+/// struct Adder { limit: i64 }
+///
+/// impl Handler<Add> for Adder {
+///     async fn run(&self, args: Add, _ctx: TaskContext) -> Result<i64, TaskError> {
+///         let sum = args.a.checked_add(args.b).ok_or_else(|| TaskError::invalid_args("overflow"))?;
+///         if sum > self.limit {
+///             return Err(TaskError::invalid_args(format!("{sum} is above {}", self.limit)));
+///         }
+///         Ok(sum)
 ///     }
 /// }
+///
+/// let registry = Registry::new().register_handler::<Add>(Adder { limit: 100 });
+/// # assert_eq!(registry.functions(), ["add"]);
 /// ```
-pub trait Handler: Task {
-    /// Runs the task. The future runs on its own tokio task: a panic in it becomes a `panicked`
+pub trait Handler<T: Task>: Send + Sync + 'static {
+    /// Runs one task. The future runs on its own tokio task: a panic in it becomes a `panicked`
     /// reply, and it is dropped when the execution time limit passes (after `ctx.cancelled()`
     /// fires, for handlers that want to stop cleanly). Put CPU-heavy work in
     /// `tokio::task::spawn_blocking` so heartbeats and acks keep flowing.
+    fn run(
+        &self,
+        args: T,
+        ctx: TaskContext,
+    ) -> impl Future<Output = Result<T::Output, TaskError>> + Send;
+}
+
+/// A handler made of an `async fn` or closure `(args, ctx) -> Result<Output, TaskError>`; see
+/// [`handler_fn`] and [`Registry::register_fn`](crate::Registry::register_fn).
+#[derive(Clone, Copy)]
+pub struct HandlerFn<F>(F);
+
+impl<F> fmt::Debug for HandlerFn<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("HandlerFn")
+    }
+}
+
+/// Makes a [`Handler`] of a function, for
+/// [`Registry::register_handler_with`](crate::Registry::register_handler_with) (a function
+/// with a policy of its own).
+pub fn handler_fn<F>(f: F) -> HandlerFn<F> {
+    HandlerFn(f)
+}
+
+impl<T, F, Fut> Handler<T> for HandlerFn<F>
+where
+    T: Task,
+    F: Fn(T, TaskContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<T::Output, TaskError>> + Send + 'static,
+{
+    fn run(
+        &self,
+        args: T,
+        ctx: TaskContext,
+    ) -> impl Future<Output = Result<T::Output, TaskError>> + Send {
+        (self.0)(args, ctx)
+    }
+}
+
+/// A task type that runs itself, for task types defined in the worker's own crate:
+/// `impl Run for Add { async fn run(self, ctx) ... }` and
+/// [`Registry::register::<Add>()`](crate::Registry::register). A type from another crate
+/// cannot implement it (the orphan rule): register a [`Handler`] for it instead.
+pub trait Run: Task {
+    /// Runs the task; as [`Handler::run`].
     fn run(self, ctx: TaskContext) -> impl Future<Output = Result<Self::Output, TaskError>> + Send;
 }
 
@@ -50,41 +112,74 @@ pub enum Retry {
     Permanent,
 }
 
-/// A handler's failure: a message, whether to retry, and the error kind the caller sees.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A handler's failure: a message, whether to retry, the error kind the caller sees, and the
+/// error that caused it.
+///
+/// Any `std::error::Error` converts into a *retryable* `TaskError`, so handlers use `?` on I/O,
+/// HTTP, database or JSON errors; say `permanent` explicitly ([`TaskError::permanent`],
+/// [`TaskError::into_permanent`], or [`ResultExt::permanent`] on a `Result`). Like
+/// `anyhow::Error`, and for the same reason (that blanket conversion), `TaskError` does not
+/// implement `std::error::Error` itself; [`TaskError::source`] gives the cause.
+///
+/// ```
+/// use warren_worker::{ResultExt, Retry, TaskError};
+///
+/// fn read(path: &str) -> Result<String, TaskError> {
+///     Ok(std::fs::read_to_string(path)?) // retryable: the file may appear
+/// }
+/// fn parse(text: &str) -> Result<u32, TaskError> {
+///     text.trim().parse::<u32>().permanent() // the same text never parses
+/// }
+/// assert_eq!(read("/no/such/file").unwrap_err().retry(), Retry::Retryable);
+/// assert_eq!(parse("x").unwrap_err().retry(), Retry::Permanent);
+/// ```
+#[derive(Clone)]
 pub struct TaskError {
     retry: Retry,
     kind: ErrorKind,
     message: String,
+    source: Option<Arc<dyn StdError + Send + Sync + 'static>>,
 }
 
 impl TaskError {
     /// A transient failure; the caller sees `handler_failed`.
     pub fn retryable(message: impl fmt::Display) -> Self {
-        Self {
-            retry: Retry::Retryable,
-            kind: ErrorKind::HandlerFailed,
-            message: message.to_string(),
-        }
+        Self::new(Retry::Retryable, ErrorKind::HandlerFailed, message)
     }
 
     /// A failure that will not go away; the caller sees `handler_failed`.
     pub fn permanent(message: impl fmt::Display) -> Self {
-        Self {
-            retry: Retry::Permanent,
-            kind: ErrorKind::HandlerFailed,
-            message: message.to_string(),
-        }
+        Self::new(Retry::Permanent, ErrorKind::HandlerFailed, message)
     }
 
     /// The arguments decoded but are not acceptable (an invalid address, a negative size...);
     /// permanent; the caller sees `invalid_args`.
     pub fn invalid_args(message: impl fmt::Display) -> Self {
+        Self::new(Retry::Permanent, ErrorKind::InvalidArgs, message)
+    }
+
+    fn new(retry: Retry, kind: ErrorKind, message: impl fmt::Display) -> Self {
         Self {
-            retry: Retry::Permanent,
-            kind: ErrorKind::InvalidArgs,
+            retry,
+            kind,
             message: message.to_string(),
+            source: None,
         }
+    }
+
+    /// Keeps `source` as the cause of this error (its text is added to the message).
+    #[must_use]
+    pub fn with_source(mut self, source: impl StdError + Send + Sync + 'static) -> Self {
+        self.message = format!("{}: {}", self.message, chain(&source));
+        self.source = Some(Arc::new(source));
+        self
+    }
+
+    /// The same failure, marked permanent (no more attempts).
+    #[must_use]
+    pub fn into_permanent(mut self) -> Self {
+        self.retry = Retry::Permanent;
+        self
     }
 
     /// Whether the task is worth running again.
@@ -92,9 +187,49 @@ impl TaskError {
         self.retry
     }
 
+    /// The error kind the caller sees.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// The message the caller sees.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The error this one was made from, if any.
+    pub fn source(&self) -> Option<&(dyn StdError + Send + Sync + 'static)> {
+        self.source.as_deref()
+    }
+
     /// The failure as the caller sees it.
     pub fn to_failure(&self) -> TaskFailure {
         TaskFailure::new(self.kind, self.message.clone())
+    }
+}
+
+/// `error: its source: its source's source`, as one line.
+fn chain(error: &(dyn StdError + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut next = error.source();
+    while let Some(e) = next {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        next = e.source();
+    }
+    text
+}
+
+/// Any error is a retryable failure whose message is the error's chain, keeping the error as
+/// its source.
+impl<E: StdError + Send + Sync + 'static> From<E> for TaskError {
+    fn from(error: E) -> Self {
+        Self {
+            retry: Retry::Retryable,
+            kind: ErrorKind::HandlerFailed,
+            message: chain(&error),
+            source: Some(Arc::new(error)),
+        }
     }
 }
 
@@ -104,50 +239,120 @@ impl fmt::Display for TaskError {
     }
 }
 
-impl std::error::Error for TaskError {}
+impl fmt::Debug for TaskError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TaskError")
+            .field("retry", &self.retry)
+            .field("kind", &self.kind)
+            .field("message", &self.message)
+            .field("source", &self.source)
+            .finish()
+    }
+}
 
-/// Shared state handed to handlers, one value per type (see
-/// [`Registry::with_state`](crate::Registry::with_state)).
-#[derive(Default, Clone)]
-pub(crate) struct StateMap(HashMap<TypeId, Arc<dyn Any + Send + Sync>>);
+impl PartialEq for TaskError {
+    /// Equal when what the caller and the retry decision see is equal (the sources are not
+    /// compared).
+    fn eq(&self, other: &Self) -> bool {
+        self.retry == other.retry && self.kind == other.kind && self.message == other.message
+    }
+}
 
-impl StateMap {
-    pub(crate) fn insert<T: Send + Sync + 'static>(&mut self, value: T) {
-        self.0.insert(TypeId::of::<T>(), Arc::new(value));
+/// Marks an error of a `Result` as permanent or as invalid arguments, on its way to `?`.
+pub trait ResultExt<T> {
+    /// `Err(e)` becomes a permanent [`TaskError`] with `e` as its source.
+    ///
+    /// # Errors
+    /// The error of `self`, converted.
+    fn permanent(self) -> Result<T, TaskError>;
+
+    /// `Err(e)` becomes an `invalid_args` [`TaskError`] with `e` as its source.
+    ///
+    /// # Errors
+    /// The error of `self`, converted.
+    fn invalid_args(self) -> Result<T, TaskError>;
+}
+
+impl<T, E: Into<TaskError>> ResultExt<T> for Result<T, E> {
+    fn permanent(self) -> Result<T, TaskError> {
+        self.map_err(|e| e.into().into_permanent())
     }
 
-    fn get<T: Send + Sync + 'static>(&self) -> Option<Arc<T>> {
-        self.0.get(&TypeId::of::<T>()).cloned()?.downcast().ok()
+    fn invalid_args(self) -> Result<T, TaskError> {
+        self.map_err(|e| {
+            let mut e = e.into().into_permanent();
+            e.kind = ErrorKind::InvalidArgs;
+            e
+        })
     }
 }
 
 /// Everything a handler may want to know about the task it runs.
-#[derive(Clone)]
+///
+/// The worker builds one per attempt; a unit test builds its own with [`TaskContext::new`] and
+/// calls the handler directly, with no broker:
+///
+/// ```
+/// # use warren_worker::TaskContext;
+/// # use warren_shared::TaskId;
+/// let ctx = TaskContext::new(TaskId::new(), "add").with_attempt(3, 3);
+/// assert_eq!((ctx.attempt(), ctx.max_attempts()), (3, 3));
+/// ```
+#[derive(Debug, Clone)]
 pub struct TaskContext {
-    pub(crate) id: TaskId,
-    pub(crate) function: Arc<str>,
-    pub(crate) attempt: u32,
-    pub(crate) max_attempts: u32,
-    pub(crate) redelivered: bool,
-    pub(crate) deadline: Option<SystemTime>,
-    pub(crate) cancel: CancellationToken,
-    pub(crate) state: Arc<StateMap>,
-}
-
-impl fmt::Debug for TaskContext {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TaskContext")
-            .field("id", &self.id)
-            .field("function", &self.function)
-            .field("attempt", &self.attempt)
-            .field("max_attempts", &self.max_attempts)
-            .field("redelivered", &self.redelivered)
-            .field("deadline", &self.deadline)
-            .finish_non_exhaustive()
-    }
+    id: TaskId,
+    function: Arc<str>,
+    attempt: u32,
+    max_attempts: u32,
+    redelivered: bool,
+    deadline: Option<SystemTime>,
+    cancel: CancellationToken,
 }
 
 impl TaskContext {
+    /// The context of a first attempt of task `id` sent to `function`, out of the default
+    /// [`Policy`]'s attempts, not redelivered, with no deadline, never cancelled.
+    pub fn new(id: TaskId, function: &str) -> Self {
+        Self {
+            id,
+            function: function.into(),
+            attempt: 1,
+            max_attempts: Policy::default().max_attempts,
+            redelivered: false,
+            deadline: None,
+            cancel: CancellationToken::new(),
+        }
+    }
+
+    /// Attempt `attempt` (1 for the first) of `max_attempts`.
+    #[must_use]
+    pub fn with_attempt(mut self, attempt: u32, max_attempts: u32) -> Self {
+        self.attempt = attempt;
+        self.max_attempts = max_attempts;
+        self
+    }
+
+    /// Whether the broker delivered this message before.
+    #[must_use]
+    pub fn with_redelivered(mut self, redelivered: bool) -> Self {
+        self.redelivered = redelivered;
+        self
+    }
+
+    /// The caller's deadline.
+    #[must_use]
+    pub fn with_deadline(mut self, deadline: Option<SystemTime>) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    /// The token whose cancellation [`TaskContext::cancelled`] reports.
+    #[must_use]
+    pub fn with_cancellation(mut self, cancel: CancellationToken) -> Self {
+        self.cancel = cancel;
+        self
+    }
+
     /// The task's id (the AMQP `message_id`): use it as an idempotency key.
     pub fn id(&self) -> &TaskId {
         &self.id
@@ -183,18 +388,40 @@ impl TaskContext {
     pub async fn cancelled(&self) {
         self.cancel.cancelled().await;
     }
+}
 
-    /// Shared state of type `T`, registered with
-    /// [`Registry::with_state`](crate::Registry::with_state).
-    ///
-    /// # Errors
-    /// A permanent [`TaskError`] naming the type when none was registered (a wiring mistake).
-    pub fn state<T: Send + Sync + 'static>(&self) -> Result<Arc<T>, TaskError> {
-        self.state.get::<T>().ok_or_else(|| {
-            TaskError::permanent(format!(
-                "worker misconfigured: no state of type {} registered",
-                std::any::type_name::<T>()
-            ))
-        })
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn any_error_converts_to_a_retryable_failure_that_keeps_its_source() {
+        fn io() -> Result<(), TaskError> {
+            Err(Outer(std::io::Error::other("disk on fire")))?
+        }
+        let e = io().unwrap_err();
+        assert_eq!(e.retry(), Retry::Retryable);
+        assert_eq!(e.kind(), ErrorKind::HandlerFailed);
+        assert_eq!(e.message(), "outer: disk on fire");
+        assert!(e.source().is_some_and(|s| s.is::<Outer>()));
+    }
+
+    #[test]
+    fn permanent_and_invalid_args_are_said_explicitly() {
+        let e = "x".parse::<u32>().permanent().unwrap_err();
+        assert_eq!(e.retry(), Retry::Permanent);
+        assert_eq!(e.kind(), ErrorKind::HandlerFailed);
+        let e = "x".parse::<u32>().invalid_args().unwrap_err();
+        assert_eq!(
+            (e.retry(), e.kind()),
+            (Retry::Permanent, ErrorKind::InvalidArgs)
+        );
+        let e = TaskError::retryable("relay down").with_source(std::io::Error::other("reset"));
+        assert_eq!(e.message(), "relay down: reset");
+        assert_eq!(e.into_permanent().retry(), Retry::Permanent);
     }
 }

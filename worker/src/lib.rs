@@ -3,8 +3,9 @@
 //! The worker runtime: it consumes a Warren work queue, runs each task's handler and settles the
 //! delivery (reply, dead letter, ack) in that order.
 //!
-//! - [`handler`]: the [`Handler`] trait a task type implements, [`TaskContext`], [`TaskError`].
-//! - [`registry`]: explicit registration of handlers and of the state they share.
+//! - [`handler`]: [`Handler<T>`] (a struct owning its state runs tasks of type `T`), functions as
+//!   handlers, [`Run`] (a task type that runs itself), [`TaskContext`], [`TaskError`].
+//! - [`registry`]: explicit, typed registration of handlers.
 //! - `execute`: judging one delivery (decode, check, run isolated, time-limit) into an [`Outcome`].
 //! - [`outcome`]: acting on the verdict; the only code that acks.
 //! - [`settings`]: [`WorkerSettings`] and [`WorkerError`].
@@ -14,19 +15,23 @@
 //!   published; `watchdog`: the starving check; `drain`: shutdown.
 //! - [`health`]: [`Health`] and [`WorkerState`].
 //! - [`config`]: the `warren-worker` binary's flags, `--config` file and defaults.
-//! - [`builtin`] and [`mail`]: the `echo`, `sleep`, `fail` and `send_mail` tasks.
+//! - `builtin` and `mail`: the `echo`, `sleep`, `fail` and `send_mail` tasks (feature
+//!   `builtins`, on by default; without it the mailer, lettre, is not compiled).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), warren_worker::WorkerError> {
 //! use tokio_util::sync::CancellationToken;
-//! use warren_worker::{Mailer, WorkerSettings, builtin_registry};
+//! use warren_shared::tasks::Echo;
+//! use warren_worker::{Registry, TaskContext, WorkerSettings};
 //!
 //! let shutdown = CancellationToken::new();
-//! let registry = builtin_registry(Mailer::outbox("outbox"));
+//! // or warren_worker::builtin_registry(Mailer::outbox("outbox")), with the `builtins` feature
+//! let registry = Registry::new().register_fn(|args: Echo, _ctx: TaskContext| async move { Ok(args.0) });
 //! warren_worker::run(WorkerSettings::default(), registry, shutdown).await
 //! # }
 //! ```
 
+#[cfg(feature = "builtins")]
 pub mod builtin;
 pub mod config;
 mod consumer;
@@ -34,6 +39,7 @@ mod drain;
 mod execute;
 pub mod handler;
 pub mod health;
+#[cfg(feature = "builtins")]
 pub mod mail;
 pub mod outcome;
 pub mod registry;
@@ -41,10 +47,12 @@ pub mod settings;
 pub mod supervisor;
 mod watchdog;
 
+#[cfg(feature = "builtins")]
 pub use builtin::builtin_registry;
 pub use config::WorkerConfig;
-pub use handler::{Handler, Retry, TaskContext, TaskError};
+pub use handler::{Handler, HandlerFn, ResultExt, Retry, Run, TaskContext, TaskError, handler_fn};
 pub use health::{Health, WorkerState};
+#[cfg(feature = "builtins")]
 pub use mail::Mailer;
 pub use outcome::{DeadReason, Outcome};
 pub use registry::Registry;

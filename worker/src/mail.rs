@@ -13,8 +13,8 @@ use warren_shared::tasks::{MailReceipt, SendMail};
 
 use crate::handler::{Handler, TaskContext, TaskError};
 
-/// Where `send_mail` delivers. Register one with
-/// [`Registry::with_state`](crate::Registry::with_state).
+/// Where `send_mail` delivers; it is the `send_mail` handler
+/// (`Registry::new().register_handler::<SendMail>(mailer)`).
 #[derive(Clone)]
 pub enum Mailer {
     /// Write `.eml` files into this directory.
@@ -146,10 +146,9 @@ async fn write_to_outbox(dir: &Path, task_id: &str, bytes: &[u8]) -> Result<Path
     Ok(path)
 }
 
-impl Handler for SendMail {
-    async fn run(self, ctx: TaskContext) -> Result<MailReceipt, TaskError> {
-        let mailer = ctx.state::<Mailer>()?;
-        mailer.send(ctx.id().as_str(), self).await
+impl Handler<SendMail> for Mailer {
+    async fn run(&self, mail: SendMail, ctx: TaskContext) -> Result<MailReceipt, TaskError> {
+        self.send(ctx.id().as_str(), mail).await
     }
 }
 
@@ -175,9 +174,11 @@ mod tests {
 
     #[tokio::test]
     async fn outbox_message_is_rfc5322_and_named_by_task() {
-        let dir = std::env::temp_dir().join(format!("warren-mail-{}", uuid::Uuid::new_v4()));
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("outbox");
+        let ctx = TaskContext::new(warren_shared::TaskId::from("task/1"), "send_mail");
         let receipt = Mailer::outbox(&dir)
-            .send("task/1", mail("user@example.com"))
+            .run(mail("user@example.com"), ctx)
             .await
             .unwrap();
         let path = dir.canonicalize().unwrap().join("task_1.eml");
@@ -186,6 +187,5 @@ mod tests {
         assert!(text.contains("To: user@example.com\r\n"));
         assert!(text.contains("Message-ID: <task_1@warren>\r\n"));
         assert!(text.contains("\r\n\r\nThanks!"));
-        std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -1,17 +1,20 @@
 //! The registry: function name to a type-erased decode-run-encode function.
 //!
-//! Registration is explicit (`Registry::new().register::<SendMail>()`); nothing is discovered by
-//! name or macro. Each entry decodes the arguments into the task type (a mismatch is
-//! `invalid_args`), runs its [`Handler`], and encodes the output back to JSON.
+//! Registration is explicit and typed (`Registry::new().register_handler::<SendMail>(mailer)`,
+//! `.register_fn::<Add, _>(add)`); nothing is discovered by name or macro, and the state a
+//! handler needs is in it when it is registered. Each entry decodes the arguments into the task
+//! type (a mismatch is `invalid_args`), runs its handler, and encodes the output back to JSON.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 
 use serde_json::Value;
 use warren_shared::Policy;
 use warren_shared::pool::BoxFuture;
 
-use crate::handler::{Handler, StateMap, TaskContext, TaskError};
+use crate::handler::{Handler, Run, TaskContext, TaskError, handler_fn};
+use warren_shared::Task;
 
 /// A handler's outcome before it becomes a reply: the result, or the failure with its retry
 /// advice.
@@ -36,11 +39,10 @@ pub(crate) struct Entry {
     pub(crate) policy: Option<Policy>,
 }
 
-/// The functions a worker serves, and the state their handlers share.
+/// The functions a worker serves, each with its handler (and the state the handler owns).
 #[derive(Clone, Default)]
 pub struct Registry {
     handlers: HashMap<&'static str, Entry>,
-    state: StateMap,
 }
 
 impl std::fmt::Debug for Registry {
@@ -57,58 +59,89 @@ impl Registry {
         Self::default()
     }
 
-    /// Serves task type `H` under `H::NAME` with the worker's default [`Policy`]. Registering a
-    /// name twice keeps the last handler.
+    /// Serves task type `T` under `T::NAME` with `handler` and the worker's default [`Policy`].
+    /// Registering a name twice keeps the last handler.
     #[must_use]
-    pub fn register<H: Handler>(self) -> Self {
-        self.insert::<H>(None)
+    pub fn register_handler<T: Task>(self, handler: impl Handler<T>) -> Self {
+        self.insert::<T, _>(handler, None)
     }
 
-    /// Serves task type `H` with a [`Policy`] of its own (attempts, backoff, time limit).
-    /// A caller can still override it per task.
+    /// [`Registry::register_handler`] with a [`Policy`] of its own (attempts, backoff, time
+    /// limit). A caller can still override it per task.
     #[must_use]
-    pub fn register_with<H: Handler>(self, policy: Policy) -> Self {
-        self.insert::<H>(Some(policy))
+    pub fn register_handler_with<T: Task>(self, handler: impl Handler<T>, policy: Policy) -> Self {
+        self.insert::<T, _>(handler, Some(policy))
     }
 
-    fn insert<H: Handler>(mut self, policy: Option<Policy>) -> Self {
-        let run: ErasedHandler = Arc::new(|args: Value, ctx: TaskContext| {
+    /// Serves task type `T` with an `async fn` or closure `(args, ctx) -> Result<Output,
+    /// TaskError>`; what it needs, it captures. The task type is the function's first
+    /// argument type (or `register_fn::<T, _, _>`).
+    ///
+    /// ```
+    /// use warren_shared::tasks::Sleep;
+    /// use warren_worker::{Registry, TaskContext};
+    ///
+    /// let registry = Registry::new().register_fn(|args: Sleep, _ctx: TaskContext| async move {
+    ///     tokio::time::sleep(std::time::Duration::from_millis(args.ms)).await;
+    ///     Ok(warren_shared::tasks::Slept { slept_ms: args.ms })
+    /// });
+    /// # assert_eq!(registry.functions(), ["sleep"]);
+    /// ```
+    #[must_use]
+    pub fn register_fn<T, F, Fut>(self, f: F) -> Self
+    where
+        T: Task,
+        F: Fn(T, TaskContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<T::Output, TaskError>> + Send + 'static,
+    {
+        self.register_handler::<T>(handler_fn(f))
+    }
+
+    /// Serves a task type that runs itself ([`Run`]) with the worker's default [`Policy`].
+    #[must_use]
+    pub fn register<T: Run>(self) -> Self {
+        self.register_fn::<T, _, _>(T::run)
+    }
+
+    /// [`Registry::register`] with a [`Policy`] of its own.
+    #[must_use]
+    pub fn register_with<T: Run>(self, policy: Policy) -> Self {
+        self.register_handler_with::<T>(handler_fn(T::run), policy)
+    }
+
+    fn insert<T: Task, H: Handler<T>>(mut self, handler: H, policy: Option<Policy>) -> Self {
+        let handler = Arc::new(handler);
+        let run: ErasedHandler = Arc::new(move |args: Value, ctx: TaskContext| {
+            let handler = handler.clone();
             Box::pin(async move {
                 // Missing arguments (null) also fit a task whose fields all have defaults.
-                let task: H = match args {
+                let task: T = match args {
                     Value::Null => serde_json::from_value(Value::Null)
                         .or_else(|_| serde_json::from_value(Value::Object(Default::default()))),
                     args => serde_json::from_value(args),
                 }
                 .map_err(|e| {
-                    HandlerFailure::InvalidArgs(format!("arguments of {:?}: {e}", H::NAME))
+                    HandlerFailure::InvalidArgs(format!("arguments of {:?}: {e}", T::NAME))
                 })?;
-                let output = task.run(ctx).await.map_err(HandlerFailure::Task)?;
+                let output = handler.run(task, ctx).await.map_err(HandlerFailure::Task)?;
                 serde_json::to_value(output).map_err(|e| {
                     HandlerFailure::Task(TaskError::permanent(format!(
                         "result of {:?} does not serialize: {e}",
-                        H::NAME
+                        T::NAME
                     )))
                 })
             })
         });
         if self
             .handlers
-            .insert(H::NAME, Entry { run, policy })
+            .insert(T::NAME, Entry { run, policy })
             .is_some()
         {
             tracing::warn!(
-                function = H::NAME,
+                function = T::NAME,
                 "function registered twice; the last one wins"
             );
         }
-        self
-    }
-
-    /// Makes `value` available to handlers through [`TaskContext::state`]. One value per type.
-    #[must_use]
-    pub fn with_state<T: Send + Sync + 'static>(mut self, value: T) -> Self {
-        self.state.insert(value);
         self
     }
 
@@ -122,8 +155,72 @@ impl Registry {
     pub(crate) fn get(&self, function: &str) -> Option<Entry> {
         self.handlers.get(function).cloned()
     }
+}
 
-    pub(crate) fn state(&self) -> Arc<StateMap> {
-        Arc::new(self.state.clone())
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::{Deserialize, Serialize};
+    use serde_json::json;
+    use warren_shared::TaskId;
+
+    #[derive(Serialize, Deserialize)]
+    struct Add {
+        a: i64,
+        b: i64,
+    }
+
+    impl Task for Add {
+        const NAME: &'static str = "add";
+        type Output = i64;
+    }
+
+    /// A handler that owns its typed state.
+    struct Offset(i64);
+
+    impl Handler<Add> for Offset {
+        async fn run(&self, args: Add, _ctx: TaskContext) -> Result<i64, TaskError> {
+            Ok(args.a + args.b + self.0)
+        }
+    }
+
+    async fn run(registry: &Registry, args: Value) -> HandlerResult {
+        let entry = registry.get("add").expect("registered");
+        (entry.run)(args, TaskContext::new(TaskId::new(), "add")).await
+    }
+
+    #[tokio::test]
+    async fn a_struct_handler_runs_with_its_state_and_decodes_its_arguments() {
+        let registry = Registry::new().register_handler::<Add>(Offset(100));
+        assert_eq!(registry.functions(), ["add"]);
+        assert_eq!(
+            run(&registry, json!({"a": 1, "b": 2})).await.unwrap(),
+            json!(103)
+        );
+        assert!(matches!(
+            run(&registry, json!({"a": "x"})).await,
+            Err(HandlerFailure::InvalidArgs(m)) if m.starts_with("arguments of \"add\"")
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_function_handler_and_its_errors_pass_through() {
+        let registry = Registry::new().register_fn(|args: Add, _ctx: TaskContext| async move {
+            if args.b == 0 {
+                return Err(TaskError::permanent("b must not be 0"));
+            }
+            Ok(args.a / args.b)
+        });
+        assert_eq!(
+            run(&registry, json!({"a": 6, "b": 3})).await.unwrap(),
+            json!(2)
+        );
+        match run(&registry, json!({"a": 6, "b": 0})).await {
+            Err(HandlerFailure::Task(e)) => {
+                assert_eq!(e.retry(), crate::Retry::Permanent);
+                assert_eq!(e.message(), "b must not be 0");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -67,4 +67,21 @@ pub enum WorkerError {
         /// The last error.
         reason: String,
     },
+    /// The worker's supervisor panicked (a bug in Warren): the worker is gone. Exit non-zero.
+    #[error("the worker's supervisor panicked: {0}")]
+    Panicked(String),
+    /// The work queue exists with other arguments than Warren declares (for example a plain
+    /// classic queue another application created): the worker cannot use it.
+    #[error(
+        "queue {queue:?} already exists with other arguments: {detail}. Warren needs it as \
+         declared by topology::declare (a quorum queue with a dead-letter queue); move the \
+         other application to another name, or delete the queue if nothing needs its \
+         messages: `rabbitmqctl delete_queue {queue}`"
+    )]
+    QueueMismatch {
+        /// The work queue.
+        queue: String,
+        /// What the broker said, naming the differing argument.
+        detail: String,
+    },
 }

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use warren_shared::broker::Purpose;
+use warren_shared::broker::{BrokerError, Purpose};
 use warren_shared::link::{Link, LinkState};
 use warren_shared::pool::LinkPool;
 use warren_shared::topology;
@@ -89,12 +89,10 @@ impl RunningWorker {
     pub async fn wait(self) -> Result<(), WorkerError> {
         match self.join.await {
             Ok(result) => result,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(e) => Err(WorkerError::GaveUp {
-                queue: String::new(),
-                attempts: 0,
-                reason: format!("worker task cancelled: {e}"),
-            }),
+            Err(e) => Err(WorkerError::Panicked(match e.try_into_panic() {
+                Ok(payload) => crate::execute::panic_message(payload),
+                Err(e) => e.to_string(),
+            })),
         }
     }
 
@@ -130,7 +128,9 @@ pub async fn start(
 
     let consume = Link::open(&settings.broker, &settings.name, Purpose::Consume).await?;
     let publish = Link::open(&settings.broker, &settings.name, Purpose::Publish).await?;
-    let (session, names) = Session::open(&consume, &settings).await?;
+    let (session, names) = Session::open(&consume, &settings)
+        .await
+        .map_err(|e| queue_mismatch(&settings.queue, e))?;
     tracing::info!(
         queue = %settings.queue,
         concurrency = settings.concurrency,
@@ -140,7 +140,6 @@ pub async fn start(
     );
     let abort = CancellationToken::new();
     let executor = Executor {
-        state: registry.state(),
         registry,
         policy: settings.policy.clone(),
         max_body_bytes: settings.max_body_bytes,
@@ -181,6 +180,23 @@ pub async fn start(
         health,
         shared,
     })
+}
+
+/// [`WorkerError::QueueMismatch`] when the broker refused a queue's declaration because the
+/// queue exists with other arguments; the error unchanged otherwise.
+fn queue_mismatch(queue: &str, error: BrokerError) -> WorkerError {
+    match &error {
+        BrokerError::Amqp(e) => match topology::inequivalent_arg(e) {
+            Some(detail) => WorkerError::QueueMismatch {
+                queue: topology::inequivalent_queue(&detail)
+                    .unwrap_or(queue)
+                    .to_owned(),
+                detail,
+            },
+            None => error.into(),
+        },
+        _ => error.into(),
+    }
 }
 
 /// Runs a worker until `shutdown` is cancelled ([`start`], then [`RunningWorker::wait`]).
@@ -348,6 +364,26 @@ impl Supervisor {
                 () = shutdown.cancelled() => return Ok(None),
                 () = tokio::time::sleep(delay) => {}
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicked_supervisor_is_reported_as_a_panic() {
+        let (_tx, health) = watch::channel(Health::new(WorkerState::Consuming));
+        let worker = RunningWorker {
+            shutdown: CancellationToken::new(),
+            join: tokio::spawn(async { panic!("supervisor bug") }),
+            health,
+            shared: Arc::default(),
+        };
+        match worker.wait().await {
+            Err(WorkerError::Panicked(message)) => assert_eq!(message, "supervisor bug"),
+            other => panic!("expected Panicked, got {other:?}"),
         }
     }
 }

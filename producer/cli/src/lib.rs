@@ -8,6 +8,7 @@
 
 pub mod demo;
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -247,11 +248,13 @@ async fn dlq(client: &Client, queue: &str, action: &DlqAction) -> Result<(), Str
             if dead.is_empty() {
                 eprintln!("no dead letters in {queue}.dead");
             }
+            let mut out = std::io::stdout().lock();
             for d in dead {
                 let when = d
                     .dead_at
                     .map(|t| humantime::format_rfc3339_seconds(t).to_string());
-                println!(
+                let written = writeln!(
+                    out,
                     "{}  {}  {}  {}  attempts={}  {}  {}",
                     d.id,
                     d.function.as_deref().unwrap_or("-"),
@@ -261,6 +264,12 @@ async fn dlq(client: &Client, queue: &str, action: &DlqAction) -> Result<(), Str
                     when.as_deref().unwrap_or("-"),
                     d.error.as_deref().unwrap_or("-"),
                 );
+                match written {
+                    Ok(()) => {}
+                    // The reader had enough (`warren dlq list | head`): stop, quietly.
+                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+                    Err(e) => return Err(format!("cannot write to stdout: {e}")),
+                }
             }
         }
         DlqAction::Show { id } => {

@@ -20,7 +20,7 @@ use warren_shared::broker::{BrokerError, Purpose};
 use warren_shared::link::{Link, LinkState};
 use warren_shared::pool::{ChannelSetup, LinkPool};
 use warren_shared::protocol::DIRECT_REPLY_TO;
-use warren_shared::{ChannelPool, Request, Task, TaskId, topology};
+use warren_shared::{ChannelPool, Reply, Request, Task, TaskId, topology};
 
 use crate::error::Error;
 use crate::options::{CallOptions, ClientSettings, QueueStats, ReplyMode};
@@ -195,7 +195,9 @@ impl Client {
         options: &CallOptions,
     ) -> Result<T::Output, Error> {
         let args = serde_json::to_value(task).map_err(Error::Encode)?;
-        let result = self.call_json_with(T::NAME, args, options).await?;
+        let result = self
+            .call_json_with(T::NAME, args, &with_task_queue::<T>(options))
+            .await?;
         serde_json::from_value(result)
             .map_err(|e| Error::BadReply(format!("result of {:?} does not decode: {e}", T::NAME)))
     }
@@ -223,7 +225,9 @@ impl Client {
     }
 
     /// [`Client::call_json_with`] that also tells `published` the task's id as soon as the
-    /// broker has confirmed the task (it is then durably queued), before the result arrives.
+    /// broker has confirmed the task (it is then durably queued), before the result arrives
+    /// (or with the result, when the reply overtakes the confirm: a reply proves the task was
+    /// queued).
     ///
     /// `published` is dropped without a value when the call fails before the confirm. This is
     /// what lets the gateway acknowledge "enqueued" and later push the result.
@@ -263,25 +267,43 @@ impl Client {
                 // only once the link is up, so that a disconnect fails exactly the calls whose
                 // requests were already out.
                 self.wait_for_link(give_up).await?;
-                let (tx, rx) = oneshot::channel();
+                let (tx, mut rx) = oneshot::channel();
                 self.inner.pending.lock().insert(id.as_str().to_owned(), tx);
                 let guard = PendingGuard {
                     pending: &self.inner.pending,
                     id: id.as_str(),
                 };
-                match self
-                    .publish(&request.function, &body, &id, options, Some(deadline), true)
-                    .await
-                {
-                    Ok(()) => return Ok((rx, guard)),
+                let publish =
+                    self.publish(&request.function, &body, &id, options, Some(deadline), true);
+                tokio::pin!(publish);
+                // The confirm and the reply are awaited together: the broker often delivers
+                // the reply before the request's confirm. A reply proves the task was routed
+                // and run, so it ends the call; a nack or return that comes first fails it.
+                // (A reply channel closed early, on a disconnect, leaves the publish to say
+                // whether to retry.)
+                let mut reply_lost = false;
+                let first = loop {
+                    tokio::select! {
+                        biased;
+                        published = &mut publish => break Err(published),
+                        reply = &mut rx, if !reply_lost => match reply {
+                            Ok(reply) => break Ok(reply),
+                            Err(_) => reply_lost = true,
+                        },
+                    }
+                };
+                match first {
+                    Ok(reply) => return Ok((Waiting::Replied(reply), guard)),
+                    Err(Ok(())) if reply_lost => return Ok((Waiting::Lost, guard)),
+                    Err(Ok(())) => return Ok((Waiting::Reply(rx), guard)),
                     // Lost with its connection: send it again on the next one (a reply to
                     // the first copy, if it arrives, completes the call just the same).
-                    Err(e) if lost_connection(&e) => self.pause_after_lost().await,
-                    Err(e) => return Err(e),
+                    Err(Err(e)) if lost_connection(&e) => self.pause_after_lost().await,
+                    Err(Err(e)) => return Err(e),
                 }
             }
         };
-        let (rx, _guard) = match tokio::time::timeout_at(give_up, work).await {
+        let (waiting, _guard) = match tokio::time::timeout_at(give_up, work).await {
             Ok(registered) => registered?,
             Err(_) => return Err(Error::Timeout(timeout)),
         };
@@ -289,9 +311,13 @@ impl Client {
             // The receiver may have gone away; the call goes on regardless.
             let _ = published.send(id.clone());
         }
+        let rx = match waiting {
+            Waiting::Replied(reply) => return reply_result(reply),
+            Waiting::Lost => return Err(Error::ConnectionLost),
+            Waiting::Reply(rx) => rx,
+        };
         match tokio::time::timeout_at(give_up, rx).await {
-            Ok(Ok(Ok(reply))) => reply.into_result().map_err(Error::Failed),
-            Ok(Ok(Err(malformed))) => Err(Error::BadReply(malformed)),
+            Ok(Ok(reply)) => reply_result(reply),
             Ok(Err(_)) => Err(Error::ConnectionLost),
             Err(_) => Err(Error::Timeout(timeout)),
         }
@@ -316,7 +342,8 @@ impl Client {
         options: &CallOptions,
     ) -> Result<TaskId, Error> {
         let args = serde_json::to_value(task).map_err(Error::Encode)?;
-        self.enqueue_json_with(T::NAME, args, options).await
+        self.enqueue_json_with(T::NAME, args, &with_task_queue::<T>(options))
+            .await
     }
 
     /// Queues `function` with JSON `args`; see [`Client::enqueue`].
@@ -395,7 +422,8 @@ impl Client {
     }
 
     /// Closes the connection and stops reconnecting. Calls still waiting fail with
-    /// [`Error::ConnectionLost`]; later calls fail at once with [`Error::Unavailable`].
+    /// [`Error::ConnectionLost`]; calls and enqueues made afterwards fail at once with
+    /// [`Error::Closed`].
     pub async fn close(&self) {
         self.inner.link.close().await;
         self.inner.pending.fail_all();
@@ -419,6 +447,9 @@ impl Client {
 
     /// Waits for the link to be up, until `give_up` and at most `reconnect_wait`.
     async fn wait_for_link(&self, give_up: tokio::time::Instant) -> Result<(), Error> {
+        if matches!(self.inner.link.state(), LinkState::Closed) {
+            return Err(Error::Closed);
+        }
         let bound = give_up
             .saturating_duration_since(tokio::time::Instant::now())
             .min(self.inner.settings.reconnect_wait);
@@ -435,5 +466,60 @@ impl Client {
 
     pub(crate) fn pool(&self) -> ChannelPool {
         self.inner.pool.pool()
+    }
+}
+
+/// A published call: its reply already in, still to come, or lost with the connection.
+enum Waiting {
+    Replied(Result<Reply, String>),
+    Reply(oneshot::Receiver<Result<Reply, String>>),
+    Lost,
+}
+
+/// A call's result from its reply.
+fn reply_result(reply: Result<Reply, String>) -> Result<Value, Error> {
+    match reply {
+        Ok(reply) => reply.into_result().map_err(Error::Failed),
+        Err(malformed) => Err(Error::BadReply(malformed)),
+    }
+}
+
+/// `options`, with the task type's own queue ([`Task::QUEUE`]) when they name none.
+fn with_task_queue<T: Task>(options: &CallOptions) -> std::borrow::Cow<'_, CallOptions> {
+    match (&options.queue, T::QUEUE) {
+        (None, Some(queue)) => std::borrow::Cow::Owned(options.clone().queue(queue)),
+        _ => std::borrow::Cow::Borrowed(options),
+    }
+}
+
+#[cfg(test)]
+mod task_queue_tests {
+    use super::*;
+
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Billing;
+
+    impl Task for Billing {
+        const NAME: &'static str = "bill";
+        const QUEUE: Option<&'static str> = Some("billing");
+        type Output = ();
+    }
+
+    #[test]
+    fn a_task_type_names_its_queue_unless_the_call_does() {
+        let none = CallOptions::default();
+        assert_eq!(
+            with_task_queue::<Billing>(&none).queue.as_deref(),
+            Some("billing")
+        );
+        let other = CallOptions::default().queue("urgent");
+        assert_eq!(
+            with_task_queue::<Billing>(&other).queue.as_deref(),
+            Some("urgent")
+        );
+        assert_eq!(
+            with_task_queue::<warren_shared::tasks::Echo>(&none).queue,
+            None
+        );
     }
 }

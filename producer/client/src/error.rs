@@ -33,6 +33,9 @@ pub enum Error {
     /// The broker could not be reached (or blocked publishers) for longer than the client waits.
     #[error("{0}")]
     Unavailable(String),
+    /// [`Client::close`](crate::Client::close) was called: this client sends nothing more.
+    #[error("the client is closed")]
+    Closed,
     /// The connection carrying the call's reply was lost; the reply cannot arrive.
     #[error("connection to the broker lost while waiting for the reply")]
     ConnectionLost,

@@ -11,7 +11,10 @@
 //!
 //! The Warren side is an in-process `warren_worker` and a `warren_client::Client`; the raw side
 //! is lapin only, on its own queue with the same arguments, the same properties, headers and
-//! bodies, confirms and prefetch. See `docs/benchmarks.md`.
+//! bodies, confirms and prefetch. It mirrors Warren's design, so a third side, the floor, runs
+//! the same raw code without publisher confirms (requests, enqueues and replies are published
+//! and not waited on, as in RabbitMQ's RPC tutorial): the least the broker allows. The table
+//! gives Warren's ratio to both. See `docs/benchmarks.md`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -97,19 +100,20 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     let warren_queue = format!("bench.{}", Uuid::new_v4());
     let raw_queue = format!("bench.{}", Uuid::new_v4());
+    let floor_queue = format!("bench.{}", Uuid::new_v4());
 
     let admin = Connection::connect(&args.url, ConnectionProperties::default())
         .await
         .context("connecting to the broker")?;
     let admin_channel = admin.create_channel().await?;
     let result = tokio::select! {
-        result = run(&args, &admin_channel, &warren_queue, &raw_queue) => result,
+        result = run(&args, &admin_channel, [&warren_queue, &raw_queue, &floor_queue]) => result,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
     };
 
     // Clean up whatever happened above, on a fresh connection if the broker dropped ours
     // (a broker restart mid-run must not leave durable quorum queues behind).
-    let names: Vec<String> = [&warren_queue, &raw_queue]
+    let names: Vec<String> = [&warren_queue, &raw_queue, &floor_queue]
         .iter()
         .flat_map(|q| [q.to_string(), format!("{q}.dead")])
         .collect();
@@ -159,8 +163,9 @@ async fn cleanup_on_new_connection(url: &str, names: &[String]) {
     }
 }
 
-async fn run(args: &Args, admin: &Channel, warren_queue: &str, raw_queue: &str) -> Result<()> {
-    for queue in [warren_queue, raw_queue] {
+async fn run(args: &Args, admin: &Channel, queues: [&str; 3]) -> Result<()> {
+    let [warren_queue, raw_queue, floor_queue] = queues;
+    for queue in queues {
         topology::declare(admin, queue)
             .await
             .with_context(|| format!("declaring {queue}"))?;
@@ -168,10 +173,12 @@ async fn run(args: &Args, admin: &Channel, warren_queue: &str, raw_queue: &str) 
     let args_value = json!({ "user": 42, "pad": "x".repeat(args.payload_bytes) });
 
     let warren = WarrenSide::start(args, warren_queue).await?;
-    let raw = RawSide::start(args, raw_queue).await?;
-    let result = measure(args, &warren, &raw, &args_value).await;
+    let raw = RawSide::start(args, raw_queue, true).await?;
+    let floor = RawSide::start(args, floor_queue, false).await?;
+    let result = measure(args, &warren, &raw, &floor, &args_value).await;
     warren.stop().await;
     raw.stop().await;
+    floor.stop().await;
     result
 }
 
@@ -181,6 +188,8 @@ struct Row {
     unit: &'static str,
     warren: f64,
     raw: f64,
+    /// The floor: raw lapin without publisher confirms.
+    floor: f64,
     /// Larger is better (throughput) or smaller is better (latency, CPU).
     higher_is_better: bool,
     /// Whether the 0.85 target applies (CPU cost rows are for information).
@@ -189,15 +198,26 @@ struct Row {
 
 impl Row {
     fn ratio(&self) -> f64 {
+        self.ratio_to(self.raw)
+    }
+
+    /// Warren against `other`, 1.0 = as good.
+    fn ratio_to(&self, other: f64) -> f64 {
         if self.higher_is_better {
-            self.warren / self.raw
+            self.warren / other
         } else {
-            self.raw / self.warren
+            other / self.warren
         }
     }
 }
 
-async fn measure(args: &Args, warren: &WarrenSide, raw: &RawSide, payload: &Value) -> Result<()> {
+async fn measure(
+    args: &Args,
+    warren: &WarrenSide,
+    raw: &RawSide,
+    floor: &RawSide,
+    payload: &Value,
+) -> Result<()> {
     let wants = |s: &str| args.scenarios.iter().any(|x| x == s);
     println!(
         "warren-bench: rounds={} concurrency(prefetch)={} in_flight={} rpc_calls={} seq_calls={} \
@@ -218,6 +238,7 @@ async fn measure(args: &Args, warren: &WarrenSide, raw: &RawSide, payload: &Valu
     if wants("rpc") || wants("seq") {
         warren.rpc(args.warmup, args.in_flight, payload).await?;
         raw.rpc(args.warmup, args.in_flight, payload).await?;
+        floor.rpc(args.warmup, args.in_flight, payload).await?;
     }
     if wants("fire") {
         warren
@@ -225,12 +246,16 @@ async fn measure(args: &Args, warren: &WarrenSide, raw: &RawSide, payload: &Valu
             .await?;
         raw.fire(args.warmup, args.enqueue_in_flight, payload)
             .await?;
+        floor
+            .fire(args.warmup, args.enqueue_in_flight, payload)
+            .await?;
     }
 
     let mut rows = Vec::new();
     let mut cpu_rows = Vec::new();
     if wants("rpc") {
         let (mut w, mut r, mut wc, mut rc) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut f, mut fc) = (Vec::new(), Vec::new());
         let n = args.rpc_calls as f64;
         for round in 1..=args.rounds {
             let (d, cpu) = timed(warren.rpc(args.rpc_calls, args.in_flight, payload)).await?;
@@ -239,12 +264,17 @@ async fn measure(args: &Args, warren: &WarrenSide, raw: &RawSide, payload: &Valu
             let (d, cpu) = timed(raw.rpc(args.rpc_calls, args.in_flight, payload)).await?;
             r.push(n / d.as_secs_f64());
             rc.push(cpu / n * 1e6);
+            let (d, cpu) = timed(floor.rpc(args.rpc_calls, args.in_flight, payload)).await?;
+            f.push(n / d.as_secs_f64());
+            fc.push(cpu / n * 1e6);
             println!(
-                "  rpc   round {round}: warren {:>8.0}/s ({:.0} us CPU/call)  raw {:>8.0}/s ({:.0} us CPU/call)",
+                "  rpc   round {round}: warren {:>8.0}/s ({:.0} us CPU/call)  raw {:>8.0}/s ({:.0} us CPU/call)  floor {:>8.0}/s ({:.0} us CPU/call)",
                 w[round - 1],
                 wc[round - 1],
                 r[round - 1],
-                rc[round - 1]
+                rc[round - 1],
+                f[round - 1],
+                fc[round - 1]
             );
         }
         rows.push(Row {
@@ -252,6 +282,7 @@ async fn measure(args: &Args, warren: &WarrenSide, raw: &RawSide, payload: &Valu
             unit: "calls/s",
             warren: median(&w),
             raw: median(&r),
+            floor: median(&f),
             higher_is_better: true,
             targeted: true,
         });
@@ -260,12 +291,14 @@ async fn measure(args: &Args, warren: &WarrenSide, raw: &RawSide, payload: &Valu
             unit: "us",
             warren: median(&wc),
             raw: median(&rc),
+            floor: median(&fc),
             higher_is_better: false,
             targeted: false,
         });
     }
     if wants("seq") {
         let (mut w50, mut w99, mut r50, mut r99) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut f50, mut f99) = (Vec::new(), Vec::new());
         for round in 1..=args.rounds {
             let lat = bounded(warren.sequential(args.seq_calls, payload)).await?;
             w50.push(percentile_ms(&lat, 50.0));
@@ -273,12 +306,17 @@ async fn measure(args: &Args, warren: &WarrenSide, raw: &RawSide, payload: &Valu
             let lat = bounded(raw.sequential(args.seq_calls, payload)).await?;
             r50.push(percentile_ms(&lat, 50.0));
             r99.push(percentile_ms(&lat, 99.0));
+            let lat = bounded(floor.sequential(args.seq_calls, payload)).await?;
+            f50.push(percentile_ms(&lat, 50.0));
+            f99.push(percentile_ms(&lat, 99.0));
             println!(
-                "  seq   round {round}: warren p50 {:.3} ms p99 {:.3} ms  raw p50 {:.3} ms p99 {:.3} ms",
+                "  seq   round {round}: warren p50 {:.3} ms p99 {:.3} ms  raw p50 {:.3} ms p99 {:.3} ms  floor p50 {:.3} ms p99 {:.3} ms",
                 w50[round - 1],
                 w99[round - 1],
                 r50[round - 1],
-                r99[round - 1]
+                r99[round - 1],
+                f50[round - 1],
+                f99[round - 1]
             );
         }
         rows.push(Row {
@@ -286,6 +324,7 @@ async fn measure(args: &Args, warren: &WarrenSide, raw: &RawSide, payload: &Valu
             unit: "ms",
             warren: median(&w50),
             raw: median(&r50),
+            floor: median(&f50),
             higher_is_better: false,
             targeted: true,
         });
@@ -294,12 +333,14 @@ async fn measure(args: &Args, warren: &WarrenSide, raw: &RawSide, payload: &Valu
             unit: "ms",
             warren: median(&w99),
             raw: median(&r99),
+            floor: median(&f99),
             higher_is_better: false,
             targeted: true,
         });
     }
     if wants("fire") {
         let (mut w, mut r, mut wc, mut rc) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut f, mut fc) = (Vec::new(), Vec::new());
         let n = args.tasks as f64;
         for round in 1..=args.rounds {
             let (d, cpu) = timed(warren.fire(args.tasks, args.enqueue_in_flight, payload)).await?;
@@ -308,12 +349,17 @@ async fn measure(args: &Args, warren: &WarrenSide, raw: &RawSide, payload: &Valu
             let (d, cpu) = timed(raw.fire(args.tasks, args.enqueue_in_flight, payload)).await?;
             r.push(n / d.as_secs_f64());
             rc.push(cpu / n * 1e6);
+            let (d, cpu) = timed(floor.fire(args.tasks, args.enqueue_in_flight, payload)).await?;
+            f.push(n / d.as_secs_f64());
+            fc.push(cpu / n * 1e6);
             println!(
-                "  fire  round {round}: warren {:>8.0}/s ({:.0} us CPU/task)  raw {:>8.0}/s ({:.0} us CPU/task)",
+                "  fire  round {round}: warren {:>8.0}/s ({:.0} us CPU/task)  raw {:>8.0}/s ({:.0} us CPU/task)  floor {:>8.0}/s ({:.0} us CPU/task)",
                 w[round - 1],
                 wc[round - 1],
                 r[round - 1],
-                rc[round - 1]
+                rc[round - 1],
+                f[round - 1],
+                fc[round - 1]
             );
         }
         rows.push(Row {
@@ -321,6 +367,7 @@ async fn measure(args: &Args, warren: &WarrenSide, raw: &RawSide, payload: &Valu
             unit: "tasks/s",
             warren: median(&w),
             raw: median(&r),
+            floor: median(&f),
             higher_is_better: true,
             targeted: true,
         });
@@ -329,6 +376,7 @@ async fn measure(args: &Args, warren: &WarrenSide, raw: &RawSide, payload: &Valu
             unit: "us",
             warren: median(&wc),
             raw: median(&rc),
+            floor: median(&fc),
             higher_is_better: false,
             targeted: false,
         });
@@ -336,8 +384,8 @@ async fn measure(args: &Args, warren: &WarrenSide, raw: &RawSide, payload: &Valu
 
     println!();
     println!(
-        "{:<42} {:>12} {:>12} {:>8}  {:>6}  target {TARGET}",
-        "scenario (median of rounds)", "warren", "raw lapin", "unit", "ratio"
+        "{:<42} {:>12} {:>12} {:>12} {:>8}  {:>6}  {:>6}  target {TARGET} (vs raw)",
+        "scenario (median of rounds)", "warren", "raw lapin", "floor", "unit", "ratio", "/floor"
     );
     let mut all_met = true;
     rows.extend(cpu_rows);
@@ -349,14 +397,17 @@ async fn measure(args: &Args, warren: &WarrenSide, raw: &RawSide, payload: &Valu
         }
         let precision = if row.unit == "ms" { 3 } else { 0 };
         println!(
-            "{:<42} {:>12.*} {:>12.*} {:>8}  {:>6.3}  {}",
+            "{:<42} {:>12.*} {:>12.*} {:>12.*} {:>8}  {:>6.3}  {:>6.3}  {}",
             row.name,
             precision,
             row.warren,
             precision,
             row.raw,
+            precision,
+            row.floor,
             row.unit,
             ratio,
+            row.ratio_to(row.floor),
             match (row.targeted, met) {
                 (false, _) => "(information)",
                 (true, true) => "MET",
@@ -365,7 +416,8 @@ async fn measure(args: &Args, warren: &WarrenSide, raw: &RawSide, payload: &Valu
         );
     }
     println!(
-        "ratio = Warren/raw for throughput, raw/Warren for latency and CPU (1.0 = as good as raw lapin)."
+        "ratio = Warren/raw for throughput, raw/Warren for latency and CPU (1.0 = as good as raw lapin); \
+         /floor = the same against the floor (raw lapin without publisher confirms)."
     );
     println!(
         "{}",
@@ -503,9 +555,9 @@ impl Task for BenchCount {
     type Output = ();
 }
 
-impl Handler for BenchCount {
-    async fn run(self, ctx: TaskContext) -> Result<(), TaskError> {
-        ctx.state::<Arc<Completions>>()?.complete_one();
+impl Handler<BenchCount> for Arc<Completions> {
+    async fn run(&self, _args: BenchCount, _ctx: TaskContext) -> Result<(), TaskError> {
+        self.complete_one();
         Ok(())
     }
 }
@@ -523,8 +575,7 @@ impl WarrenSide {
         let completions = Arc::new(Completions::default());
         let registry = Registry::new()
             .register::<warren_shared::tasks::Echo>()
-            .register::<BenchCount>()
-            .with_state(completions.clone());
+            .register_handler::<BenchCount>(completions.clone());
         let worker = warren_worker::start(
             WorkerSettings {
                 broker: BrokerSettings::new(args.url.clone()),
@@ -631,6 +682,9 @@ struct RawSide {
     queue: String,
     consumer_task: tokio::task::JoinHandle<()>,
     reply_channels: Vec<Channel>,
+    /// Whether requests, enqueues and replies wait for publisher confirms (the mirror of
+    /// Warren) or not (the floor: RabbitMQ's RPC tutorial).
+    confirms: bool,
 }
 
 fn props_headers(deadline: Option<SystemTime>) -> FieldTable {
@@ -673,7 +727,7 @@ fn raw_request_properties(id: &str, function: &str, wants_reply: bool) -> BasicP
 }
 
 impl RawSide {
-    async fn start(args: &Args, queue: &str) -> Result<Self> {
+    async fn start(args: &Args, queue: &str, confirms: bool) -> Result<Self> {
         let props = |name: &str| ConnectionProperties::default().with_connection_name(name.into());
         let consume = Connection::connect(&args.url, props("warren-bench/raw-consume")).await?;
         let publish = Connection::connect(&args.url, props("warren-bench/raw-publish")).await?;
@@ -695,9 +749,11 @@ impl RawSide {
         let mut reply_channels = Vec::new();
         for _ in 0..args.raw_channels.max(1) {
             let channel = publish.create_channel().await?;
-            channel
-                .confirm_select(ConfirmSelectOptions::default())
-                .await?;
+            if confirms {
+                channel
+                    .confirm_select(ConfirmSelectOptions::default())
+                    .await?;
+            }
             reply_channels.push(channel);
         }
         let completions = Arc::new(Completions::default());
@@ -711,7 +767,9 @@ impl RawSide {
                     let reply_channel = reply_channels[turn % reply_channels.len()].clone();
                     let completions = completions.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = raw_handle(delivery, &reply_channel, &completions).await {
+                        if let Err(e) =
+                            raw_handle(delivery, &reply_channel, &completions, confirms).await
+                        {
                             eprintln!("raw consumer: {e:#}");
                         }
                     });
@@ -724,9 +782,11 @@ impl RawSide {
         let mut caller_channels = Vec::new();
         for _ in 0..args.raw_channels.max(1) {
             let channel = caller.create_channel().await?;
-            channel
-                .confirm_select(ConfirmSelectOptions::default())
-                .await?;
+            if confirms {
+                channel
+                    .confirm_select(ConfirmSelectOptions::default())
+                    .await?;
+            }
             let mut replies = channel
                 .basic_consume(
                     "amq.rabbitmq.reply-to".into(),
@@ -768,6 +828,7 @@ impl RawSide {
             queue: queue.to_owned(),
             consumer_task,
             reply_channels,
+            confirms,
         })
     }
 
@@ -794,6 +855,7 @@ impl RawSide {
         pending: &RawPending,
         queue: &str,
         payload: &Value,
+        confirms: bool,
     ) -> Result<Value> {
         let id = Uuid::new_v4().to_string();
         let (tx, rx) = oneshot::channel();
@@ -802,11 +864,12 @@ impl RawSide {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(id.clone(), tx);
         let body = serde_json::to_vec(&json!({ "function": "echo", "args": payload }))?;
-        publish_confirmed(
+        publish(
             channel,
             queue,
             &body,
             raw_request_properties(&id, "echo", true),
+            confirms,
         )
         .await?;
         let reply = tokio::time::timeout(Duration::from_secs(30), rx)
@@ -826,13 +889,14 @@ impl RawSide {
         let pending = self.pending.clone();
         let queue: Arc<str> = self.queue.as_str().into();
         let payload = payload.clone();
+        let confirms = self.confirms;
         fan_out(n, in_flight, move |i| {
             let channel = channels[i % channels.len()].clone();
             let pending = pending.clone();
             let queue = queue.clone();
             let args = payload.clone();
             async move {
-                let result = Self::call(&channel, &pending, &queue, &args).await?;
+                let result = Self::call(&channel, &pending, &queue, &args, confirms).await?;
                 if result != args {
                     bail!("raw echo returned {result}, expected {args}");
                 }
@@ -851,6 +915,7 @@ impl RawSide {
                 &self.pending,
                 &self.queue,
                 payload,
+                self.confirms,
             )
             .await?;
             latencies.push(start.elapsed());
@@ -863,6 +928,7 @@ impl RawSide {
         let channels = self.caller_channels.clone();
         let queue: Arc<str> = self.queue.as_str().into();
         let payload = payload.clone();
+        let confirms = self.confirms;
         fan_out(n, in_flight, move |i| {
             let channel = channels[i % channels.len()].clone();
             let queue = queue.clone();
@@ -871,11 +937,12 @@ impl RawSide {
                 let id = Uuid::new_v4().to_string();
                 let body =
                     serde_json::to_vec(&json!({ "function": BenchCount::NAME, "args": args }))?;
-                publish_confirmed(
+                publish(
                     &channel,
                     &queue,
                     &body,
                     raw_request_properties(&id, BenchCount::NAME, false),
+                    confirms,
                 )
                 .await
             }
@@ -886,14 +953,16 @@ impl RawSide {
     }
 }
 
-/// Publishes to the `warren` exchange with `mandatory` and awaits a clean confirm.
-async fn publish_confirmed(
+/// Publishes to the `warren` exchange with `mandatory`, and awaits a clean confirm when
+/// `confirms` (the floor does not wait: its channels are not in confirm mode).
+async fn publish(
     channel: &Channel,
     queue: &str,
     body: &[u8],
     properties: BasicProperties,
+    confirms: bool,
 ) -> Result<()> {
-    let confirm = channel
+    let published = channel
         .basic_publish(
             topology::EXCHANGE.into(),
             ShortString::from(queue),
@@ -904,9 +973,11 @@ async fn publish_confirmed(
             body,
             properties,
         )
-        .await?
         .await?;
-    match confirm {
+    if !confirms {
+        return Ok(());
+    }
+    match published.await? {
         Confirmation::Ack(None) => Ok(()),
         other => bail!("raw publish not confirmed: {other:?}"),
     }
@@ -917,6 +988,7 @@ async fn raw_handle(
     delivery: lapin::message::Delivery,
     reply_channel: &Channel,
     completions: &Completions,
+    confirms: bool,
 ) -> Result<()> {
     let mut request: Value = serde_json::from_slice(&delivery.data)?;
     let reply_to = delivery.properties.reply_to().as_ref();
@@ -940,7 +1012,7 @@ async fn raw_handle(
             properties = properties.with_message_id(m.clone());
         }
         // Not mandatory, like Warren: RabbitMQ 3.10 returns direct replies it delivered.
-        let confirm = reply_channel
+        let published = reply_channel
             .basic_publish(
                 "".into(),
                 reply_to.clone(),
@@ -948,10 +1020,12 @@ async fn raw_handle(
                 &body,
                 properties,
             )
-            .await?
             .await?;
-        if !matches!(confirm, Confirmation::Ack(None)) {
-            bail!("raw reply not confirmed: {confirm:?}");
+        if confirms {
+            let confirm = published.await?;
+            if !matches!(confirm, Confirmation::Ack(None)) {
+                bail!("raw reply not confirmed: {confirm:?}");
+            }
         }
     }
     if !delivery.ack(BasicAckOptions::default()).await? {
