@@ -6,5 +6,6 @@
 mod cli;
 mod core;
 mod gateway;
+mod pools;
 mod processes;
 mod reliability;

@@ -87,6 +87,16 @@ impl TaskError {
         }
     }
 
+    /// A failure of any `kind` (`crashed` and `timeout` for a pool's process, a kind reported
+    /// by a runner...), with its retry advice.
+    pub fn with_kind(kind: ErrorKind, retry: Retry, message: impl fmt::Display) -> Self {
+        Self {
+            retry,
+            kind,
+            message: message.to_string(),
+        }
+    }
+
     /// Whether the task is worth running again.
     pub fn retry(&self) -> Retry {
         self.retry

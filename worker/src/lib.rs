@@ -8,6 +8,7 @@
 //! - `execute`: judging one delivery (decode, check, run isolated, time-limit) into an [`Outcome`].
 //! - [`outcome`]: acting on the verdict; the only code that acks.
 //! - [`consumer`]: connections, the consumer loop with prefetch = concurrency, shutdown.
+//! - [`pool`]: handler pools, task code in any language run by supervised processes.
 //! - [`builtin`] and [`mail`]: the `echo`, `sleep`, `fail` and `send_mail` tasks.
 //!
 //! ```no_run
@@ -27,6 +28,7 @@ mod execute;
 pub mod handler;
 pub mod mail;
 pub mod outcome;
+pub mod pool;
 pub mod registry;
 
 pub use builtin::builtin_registry;
@@ -34,4 +36,5 @@ pub use consumer::{Health, RunningWorker, WorkerError, WorkerSettings, WorkerSta
 pub use handler::{Handler, Retry, TaskContext, TaskError};
 pub use mail::Mailer;
 pub use outcome::{DeadReason, Outcome};
+pub use pool::{Pool, PoolConfig, PoolError};
 pub use registry::Registry;

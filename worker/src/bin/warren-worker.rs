@@ -7,13 +7,15 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use warren_shared::Policy;
 use warren_shared::broker::{BrokerSettings, DEFAULT_AMQP_URL, Reconnect};
 use warren_shared::topology::DEFAULT_QUEUE;
-use warren_worker::{Mailer, WorkerSettings, builtin_registry};
+use warren_worker::{Mailer, Pool, PoolConfig, Registry, WorkerSettings, builtin_registry};
 
-/// Runs Warren tasks from a RabbitMQ queue: echo, sleep, fail, send_mail.
+/// Runs Warren tasks from a RabbitMQ queue: echo, sleep, fail, send_mail, and functions served
+/// by a pool of processes in any language (`--exec`).
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
@@ -56,6 +58,30 @@ struct Args {
     /// SMTP relay for send_mail, e.g. `smtp://relay:25` or `smtps://user:pass@host:465`.
     #[arg(long, env = "WARREN_SMTP_URL", hide_env_values = true)]
     smtp_url: Option<String>,
+    /// Serve functions with a pool of processes running this command (split like a shell
+    /// would, no shell runs), e.g. `php tasks.php`; see docs/runners.md. SIGHUP replaces every
+    /// process after its current task.
+    #[arg(long, env = "WARREN_EXEC", requires = "exec_functions")]
+    exec: Option<String>,
+    /// The functions the `--exec` pool serves, comma-separated.
+    #[arg(
+        long,
+        env = "WARREN_EXEC_FUNCTIONS",
+        value_delimiter = ',',
+        requires = "exec"
+    )]
+    exec_functions: Vec<String>,
+    /// Processes of the `--exec` pool.
+    #[arg(long, env = "WARREN_EXEC_PROCESSES", default_value_t = warren_worker::pool::DEFAULT_PROCESSES,
+          value_parser = parse_processes)]
+    exec_processes: usize,
+}
+
+fn parse_processes(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("{text:?} is not a number of processes (1 or more)")),
+    }
 }
 
 /// A backoff schedule from the command line.
@@ -107,12 +133,51 @@ async fn run(args: Args) -> anyhow::Result<()> {
         shutdown_grace: args.shutdown_grace,
         ..WorkerSettings::default()
     };
+    let mut pools = Vec::new();
+    if let Some(command) = &args.exec {
+        let config = PoolConfig::exec(command, args.exec_functions.clone(), args.exec_processes)?;
+        pools.push(Pool::start(config).await?);
+    }
+    let registry = pools
+        .iter()
+        .fold(builtin_registry(mailer), Registry::register_pool);
     let shutdown = CancellationToken::new();
-    let worker = warren_worker::start(settings, builtin_registry(mailer), shutdown.clone()).await?;
+    let worker = match warren_worker::start(settings, registry, shutdown.clone()).await {
+        Ok(worker) => worker,
+        Err(e) => {
+            stop_pools(&pools).await;
+            return Err(e.into());
+        }
+    };
     tokio::spawn(warren_shared::shutdown::on_signals(
         shutdown,
         "no new tasks; finishing the ones in flight",
     ));
-    worker.wait().await?;
+    if !pools.is_empty() {
+        tokio::spawn(reload_on_sighup(pools.clone()));
+    }
+    let result = worker.wait().await;
+    // The worker has drained: the pools' processes are idle now.
+    stop_pools(&pools).await;
+    result?;
     Ok(())
+}
+
+async fn stop_pools(pools: &[Pool]) {
+    for pool in pools {
+        pool.shutdown().await;
+    }
+}
+
+/// SIGHUP: every pool replaces its processes after their current task (a code deploy).
+async fn reload_on_sighup(pools: Vec<Pool>) {
+    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot install the SIGHUP handler; pools cannot be reloaded");
+        return;
+    };
+    while hangup.recv().await.is_some() {
+        for pool in &pools {
+            pool.reload();
+        }
+    }
 }
