@@ -7,12 +7,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use warren_shared::Policy;
 use warren_shared::broker::{BrokerSettings, DEFAULT_AMQP_URL, Reconnect};
 use warren_shared::topology::DEFAULT_QUEUE;
-use warren_worker::{Mailer, Pool, PoolConfig, Registry, WorkerSettings, builtin_registry};
+use warren_worker::pool::{self, PoolConfig};
+use warren_worker::{Mailer, Registry, WorkerSettings, builtin_registry};
 
 /// Runs Warren tasks from a RabbitMQ queue: echo, sleep, fail, send_mail, and functions served
 /// by a pool of processes in any language (`--exec`).
@@ -60,7 +60,8 @@ struct Args {
     smtp_url: Option<String>,
     /// Serve functions with a pool of processes running this command (split like a shell
     /// would, no shell runs), e.g. `php tasks.php`; see docs/runners.md. SIGHUP replaces every
-    /// process after its current task.
+    /// process after its current task. A `text://host:port` URL instead forwards the functions
+    /// to that Workerman-style Text task server (`--exec-processes` connections).
     #[arg(long, env = "WARREN_EXEC", requires = "exec_functions")]
     exec: Option<String>,
     /// The functions the `--exec` pool serves, comma-separated.
@@ -133,11 +134,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         shutdown_grace: args.shutdown_grace,
         ..WorkerSettings::default()
     };
-    let mut pools = Vec::new();
+    let mut configs = Vec::new();
     if let Some(command) = &args.exec {
-        let config = PoolConfig::exec(command, args.exec_functions.clone(), args.exec_processes)?;
-        pools.push(Pool::start(config).await?);
+        configs.push(PoolConfig::exec(
+            command,
+            args.exec_functions.clone(),
+            args.exec_processes,
+        )?);
     }
+    let pools = pool::start_all(configs).await?;
     let registry = pools
         .iter()
         .fold(builtin_registry(mailer), Registry::register_pool);
@@ -145,7 +150,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let worker = match warren_worker::start(settings, registry, shutdown.clone()).await {
         Ok(worker) => worker,
         Err(e) => {
-            stop_pools(&pools).await;
+            pool::shutdown_all(&pools).await;
             return Err(e.into());
         }
     };
@@ -154,30 +159,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "no new tasks; finishing the ones in flight",
     ));
     if !pools.is_empty() {
-        tokio::spawn(reload_on_sighup(pools.clone()));
+        tokio::spawn(pool::reload_on_sighup(pools.clone()));
     }
     let result = worker.wait().await;
     // The worker has drained: the pools' processes are idle now.
-    stop_pools(&pools).await;
+    pool::shutdown_all(&pools).await;
     result?;
     Ok(())
-}
-
-async fn stop_pools(pools: &[Pool]) {
-    for pool in pools {
-        pool.shutdown().await;
-    }
-}
-
-/// SIGHUP: every pool replaces its processes after their current task (a code deploy).
-async fn reload_on_sighup(pools: Vec<Pool>) {
-    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
-        tracing::error!("cannot install the SIGHUP handler; pools cannot be reloaded");
-        return;
-    };
-    while hangup.recv().await.is_some() {
-        for pool in &pools {
-            pool.reload();
-        }
-    }
 }

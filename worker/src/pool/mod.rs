@@ -140,7 +140,8 @@ impl Default for PoolConfig {
 
 impl PoolConfig {
     /// The `--exec` short form: `command_line` split like a POSIX shell would (no shell runs),
-    /// serving `functions` with `processes` processes.
+    /// serving `functions` with `processes` processes; or, when it is a `text://host:port` URL,
+    /// a forwarder to that Text-protocol task server over `processes` connections.
     ///
     /// # Errors
     /// [`PoolError::Config`] when the command line does not split (an open quote) or is empty.
@@ -149,12 +150,22 @@ impl PoolConfig {
         functions: Vec<String>,
         processes: usize,
     ) -> Result<Self, PoolError> {
-        let command = shlex::split(command_line).ok_or_else(|| {
-            PoolError::Config(format!("cannot split the command {command_line:?}"))
-        })?;
+        let trimmed = command_line.trim();
+        let is_url = trimmed
+            .get(..7)
+            .is_some_and(|scheme| scheme.eq_ignore_ascii_case("text://"));
+        let (command, connect) = if is_url {
+            (Vec::new(), Some(trimmed.to_owned()))
+        } else {
+            let command = shlex::split(command_line).ok_or_else(|| {
+                PoolError::Config(format!("cannot split the command {command_line:?}"))
+            })?;
+            (command, None)
+        };
         let config = Self {
             functions,
             command,
+            connect,
             processes,
             ..Self::default()
         };
@@ -399,6 +410,61 @@ impl Pool {
     }
 }
 
+/// Starts every pool of `configs` (the `[[pool]]` tables of a config file, or the `--exec`
+/// short form), refusing a function claimed by two pools. On an error the pools already started
+/// are stopped again.
+///
+/// # Errors
+/// [`PoolError::Config`] for an invalid table or a function in two pools, [`PoolError::Start`]
+/// when a pool's processes cannot start.
+pub async fn start_all(configs: Vec<PoolConfig>) -> Result<Vec<Pool>, PoolError> {
+    let mut owner: BTreeMap<&str, String> = BTreeMap::new();
+    for config in &configs {
+        config.validate()?;
+        for function in &config.functions {
+            if let Some(other) = owner.insert(function, config.name()) {
+                return Err(PoolError::Config(format!(
+                    "function {function:?} is served by two pools ({other:?} and {:?})",
+                    config.name()
+                )));
+            }
+        }
+    }
+    let mut pools = Vec::with_capacity(configs.len());
+    for config in configs {
+        match Pool::start(config).await {
+            Ok(pool) => pools.push(pool),
+            Err(e) => {
+                shutdown_all(&pools).await;
+                return Err(e);
+            }
+        }
+    }
+    Ok(pools)
+}
+
+/// Stops every pool (see [`Pool::shutdown`]); call it once the worker has drained.
+pub async fn shutdown_all(pools: &[Pool]) {
+    for pool in pools {
+        pool.shutdown().await;
+    }
+}
+
+/// Reloads every pool on each SIGHUP (see [`Pool::reload`]): a code deploy without a restart.
+/// Runs until the process exits; spawn it.
+pub async fn reload_on_sighup(pools: Vec<Pool>) {
+    let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    else {
+        tracing::error!("cannot install the SIGHUP handler; pools cannot be reloaded");
+        return;
+    };
+    while hangup.recv().await.is_some() {
+        for pool in &pools {
+            pool.reload();
+        }
+    }
+}
+
 impl Registry {
     /// Serves every function of `pool` by running it there: the raw JSON arguments go to the
     /// pool, its result or typed error comes back, under the worker's default policy (attempts,
@@ -517,6 +583,13 @@ mod tests {
                 .contains("at least one")
         );
         assert_eq!(
+            PoolConfig::exec("Text://127.0.0.1:12345", vec!["a".into()], 2)
+                .unwrap()
+                .connect
+                .as_deref(),
+            Some("Text://127.0.0.1:12345")
+        );
+        assert_eq!(
             PoolConfig::exec("php 'my tasks.php'", vec!["a".into()], 1)
                 .unwrap()
                 .command,
@@ -539,6 +612,22 @@ mod tests {
                 .contains("host and a port")
         );
         assert_eq!(bytes::parse("1G"), Ok(1_000_000_000));
+    }
+
+    #[tokio::test]
+    async fn a_function_in_two_pools_is_refused_before_anything_starts() {
+        let pool = |name: &str, functions: &[&str]| PoolConfig {
+            name: Some(name.into()),
+            functions: functions.iter().map(|f| (*f).to_owned()).collect(),
+            // Would fail to start: the check must come first.
+            command: vec!["/nonexistent".into()],
+            ..PoolConfig::default()
+        };
+        let error = start_all(vec![pool("php", &["a", "b"]), pool("py", &["c", "b"])])
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("\"b\" is served by two pools"), "{error}");
         assert!(bytes::parse("12 parsecs").is_err());
     }
 }
