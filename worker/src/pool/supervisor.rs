@@ -435,11 +435,14 @@ async fn run_job(shared: &Shared, process: &mut Process, mut job: Job) -> Option
                 Output::Frame(Frame::Unknown) => {}
                 Output::Frame(other) => {
                     let reason = format!("sent {other:?} while running task {}", job.id);
+                    // Gone before the task is failed: its retry cannot meet it.
+                    process.terminate(grace).await;
                     let _ = job.reply.send(Err(crashed(format!("pool process {pid} {reason}; it was replaced"))));
                     break Some(End::Broken { reason, startup: false });
                 }
                 Output::Garbage(g) => {
                     let reason = format!("wrote {g}");
+                    process.terminate(grace).await;
                     let _ = job.reply.send(Err(crashed(format!("pool process {pid} {reason}; it was replaced"))));
                     break Some(End::Broken { reason, startup: false });
                 }
@@ -452,12 +455,12 @@ async fn run_job(shared: &Shared, process: &mut Process, mut job: Job) -> Option
             },
             () = &mut limit => {
                 let limit = time_limit.unwrap_or_default();
+                process.terminate(grace).await;
                 let _ = job.reply.send(Err(TaskError::with_kind(
                     ErrorKind::Timeout,
                     Retry::Retryable,
                     format!("task ran past the pool's time limit of {limit:?}; its process {pid} was terminated"),
                 )));
-                process.terminate(grace).await;
                 break Some(End::Broken { reason: format!("ran past the time limit of {limit:?}"), startup: false });
             }
             () = job.reply.closed() => {
