@@ -763,3 +763,42 @@ async fn the_cli_worker_binary_refuses_a_bad_exec_with_a_clear_error() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("cannot split the command"), "{stderr}");
 }
+
+/// Issue 10, point 5: the seed application's `send_mail` messages work unchanged.
+#[tokio::test]
+async fn the_builtin_send_mail_takes_the_seeds_argument_shape() {
+    let q = TestQueue::new("seed-mail");
+    let outbox = TempDir::new("seed-mail");
+    let _w = q
+        .worker(
+            warren_worker::builtin_registry(warren_worker::Mailer::outbox(&outbox.0)),
+            4,
+        )
+        .await;
+    let client = q.client().await;
+    let receipt = client
+        .call_json(
+            "send_mail",
+            json!({"from": "shop@example.com", "to": "ann@example.com", "contents": "Hello Ann"}),
+        )
+        .await
+        .unwrap();
+    let path = receipt["delivered_to"]
+        .as_str()
+        .and_then(|p| p.strip_prefix("file://"))
+        .unwrap();
+    let message = std::fs::read_to_string(path).unwrap();
+    assert!(message.contains("To: ann@example.com\r\n"), "{message}");
+    assert!(message.ends_with("\r\n\r\nHello Ann"), "{message}");
+    let other = client
+        .call_json(
+            "send_mail",
+            json!({"from": "shop@example.com", "to": "ann@example.com", "text": "Hello"}),
+        )
+        .await;
+    assert_eq!(
+        failure_kind(&other),
+        Some(ErrorKind::InvalidArgs),
+        "{other:?}"
+    );
+}

@@ -48,7 +48,7 @@ pub(crate) struct Process {
     pid: i32,
     stdin: Option<ChildStdin>,
     stdout: FramedRead<ChildStdout, LinesCodec>,
-    /// The task it runs, named in its forwarded log lines.
+    /// The task it runs (or ran last), named in its forwarded log lines.
     task: Arc<Mutex<Option<String>>>,
     pub(crate) started: Instant,
     /// Tasks it has answered.
@@ -109,9 +109,9 @@ impl Process {
         self.pid
     }
 
-    /// Names the task it runs in its log lines (`None` between tasks).
-    pub(crate) fn set_task(&self, id: Option<&str>) {
-        *self.task.lock().unwrap_or_else(PoisonError::into_inner) = id.map(str::to_owned);
+    /// Names the task it runs in its log lines, from now until the next one.
+    pub(crate) fn set_task(&self, id: &str) {
+        *self.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(id.to_owned());
     }
 
     /// The next thing on stdout. Cancel-safe.
@@ -261,7 +261,7 @@ async fn forward_log(
             target: "warren_worker::pool::child",
             pool = %pool,
             pid,
-            task = task.as_deref().unwrap_or("-"),
+            task = %task.as_deref().unwrap_or("-"),
             "{line}"
         );
     }

@@ -399,7 +399,7 @@ async fn run_job(shared: &Shared, process: &mut Process, mut job: Job) -> Option
         }
     };
     line.push(b'\n');
-    process.set_task(Some(&job.id));
+    process.set_task(&job.id);
     if let Err(e) = process.send(&line).await {
         let how = process.exit_description(REAP_WAIT).await;
         let reason = format!("could not take the task ({e}); it {how}");
@@ -471,6 +471,7 @@ async fn run_job(shared: &Shared, process: &mut Process, mut job: Job) -> Option
             }
         }
     };
-    process.set_task(None);
+    // The task stays named in the log lines until the next one starts: its stderr is read
+    // concurrently with its answer, and may still be on its way.
     end
 }
