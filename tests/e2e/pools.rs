@@ -802,3 +802,44 @@ async fn the_builtin_send_mail_takes_the_seeds_argument_shape() {
         "{other:?}"
     );
 }
+
+#[tokio::test]
+async fn ttl_recycles_an_idle_process_and_the_pool_keeps_serving() {
+    let config = PoolConfig {
+        ttl: Some(Duration::from_millis(300)),
+        ..php_pool_config(1)
+    };
+    let (_q, pool, _w, client) = php_setup("pool-ttl", config).await;
+    let first = pool.stats().pids[0];
+    eventually(
+        "the idle process recycled twice",
+        Duration::from_secs(10),
+        || async { pool.stats().started >= 3 },
+    )
+    .await;
+    assert!(!alive(first));
+    let answer = client.call_json("pid", json!({})).await.unwrap();
+    assert_ne!(pid_of(&answer), i64::from(first));
+}
+
+#[tokio::test]
+async fn a_process_that_keeps_dying_at_start_up_is_restarted_with_backoff() {
+    // Says it is ready, then exits at once, every time.
+    let ready = r#"{"type":"ready","protocol":1,"functions":["x"]}"#;
+    let began = std::time::Instant::now();
+    let pool = start_pool(PoolConfig {
+        functions: vec!["x".into()],
+        command: vec!["sh".into(), "-c".into(), format!("echo '{ready}'; exit 3")],
+        processes: 1,
+        ..PoolConfig::default()
+    })
+    .await;
+    eventually("three restarts", Duration::from_secs(10), || async {
+        pool.stats().started >= 4
+    })
+    .await;
+    // 100 ms, 200 ms, 400 ms between the starts, not a busy loop.
+    let elapsed = began.elapsed();
+    assert!(elapsed >= Duration::from_millis(700), "{elapsed:?}");
+    assert!(pool.stats().started < 10);
+}
