@@ -334,6 +334,8 @@ async fn serve(shared: &Shared, process: &mut Process) -> End {
         }
         let ttl = shared.config.ttl.map(|ttl| process.started + ttl);
         let job = tokio::select! {
+            // Stopping and reloading come before the next task.
+            biased;
             () = shared.stop.cancelled() => return End::Stop,
             changed = generation_changes.changed() => {
                 if changed.is_err() {
@@ -400,9 +402,19 @@ async fn run_job(shared: &Shared, process: &mut Process, mut job: Job) -> Option
     };
     line.push(b'\n');
     process.set_task(&job.id);
-    if let Err(e) = process.send(&line).await {
+    let time_limit = shared.config.time_limit;
+    let limit = sleep_until(time_limit.map(|t| std::time::Instant::now() + t));
+    tokio::pin!(limit);
+    // A child that does not read its stdin must not hold the slot past the limits either.
+    let sent = tokio::select! {
+        sent = process.send(&line) => sent.map_err(|e| format!("could not take the task ({e})")),
+        () = &mut limit => Err("did not read the task within the time limit".to_owned()),
+        () = job.reply.closed() => Err("did not read the task before the worker gave up on it".to_owned()),
+    };
+    if let Err(problem) = sent {
+        process.terminate(shared.config.stop_grace).await;
         let how = process.exit_description(REAP_WAIT).await;
-        let reason = format!("could not take the task ({e}); it {how}");
+        let reason = format!("{problem}; it {how}");
         let _ = job
             .reply
             .send(Err(crashed(format!("pool process {pid} {reason}"))));
@@ -411,9 +423,6 @@ async fn run_job(shared: &Shared, process: &mut Process, mut job: Job) -> Option
             startup: process.jobs == 0,
         });
     }
-    let time_limit = shared.config.time_limit;
-    let limit = sleep_until(time_limit.map(|t| std::time::Instant::now() + t));
-    tokio::pin!(limit);
     let grace = shared.config.stop_grace;
     let end = loop {
         tokio::select! {
