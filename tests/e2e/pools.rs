@@ -843,3 +843,27 @@ async fn a_process_that_keeps_dying_at_start_up_is_restarted_with_backoff() {
     assert!(elapsed >= Duration::from_millis(700), "{elapsed:?}");
     assert!(pool.stats().started < 10);
 }
+
+#[tokio::test]
+async fn the_cli_reaches_a_php_pool_and_a_rust_handler_in_one_worker_process() {
+    let q = TestQueue::new("pool-cli");
+    let client = q.client().await;
+    client.declare_queue(&q.name).await.unwrap();
+    let _worker = exec_worker(&q.name, 2);
+    eventually("worker consuming", Duration::from_secs(20), || async {
+        consumers(&client, &q.name).await == 1
+    })
+    .await;
+    let warren = |args: &[&str]| {
+        let output = Command::new(binary("warren"))
+            .args(["call", "--queue", &q.name])
+            .args(args)
+            .env("AMQP_URL", warren_tests::amqp_url())
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        serde_json::from_slice::<Value>(&output.stdout).unwrap()
+    };
+    assert_eq!(warren(&["add", r#"{"a":40,"b":2}"#])["sum"], 42);
+    assert_eq!(warren(&["echo", r#"{"x":1}"#]), json!({"x": 1}));
+}
