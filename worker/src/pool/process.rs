@@ -53,6 +53,8 @@ pub(crate) struct Process {
     pub(crate) started: Instant,
     /// Tasks it has answered.
     pub(crate) jobs: u64,
+    /// Its exit status has been collected: its pid may be reused from now on.
+    reaped: bool,
 }
 
 impl Process {
@@ -101,6 +103,7 @@ impl Process {
             task,
             started: Instant::now(),
             jobs: 0,
+            reaped: false,
         })
     }
 
@@ -157,7 +160,7 @@ impl Process {
     /// How it ended, waiting at most `wait` for it to be reaped: `exited with status 1`,
     /// `killed by SIGKILL`, or `still running`.
     pub(crate) async fn exit_description(&mut self, wait: Duration) -> String {
-        match tokio::time::timeout(wait, self.child.wait()).await {
+        match self.wait(wait).await {
             Ok(Ok(status)) => describe(status),
             Ok(Err(e)) => format!("cannot be waited for: {e}"),
             Err(_) => "still running".to_owned(),
@@ -172,24 +175,33 @@ impl Process {
     /// SIGTERM to its group, SIGKILL after `grace`; returns once it is reaped.
     pub(crate) async fn terminate(&mut self, grace: Duration) {
         self.signal_group(Signal::SIGTERM);
-        if tokio::time::timeout(grace, self.child.wait())
-            .await
-            .is_err()
-        {
+        if self.wait(grace).await.is_err() {
             tracing::warn!(pool = %self.pool, pid = self.pid, ?grace, "process ignored SIGTERM; killing it");
         }
         self.signal_group(Signal::SIGKILL);
-        let _ = self.child.wait().await;
+        // SIGKILL cannot be ignored: this returns.
+        if self.child.wait().await.is_ok() {
+            self.reaped = true;
+        }
+    }
+
+    /// Waits at most `limit` for it to exit, and reaps it.
+    async fn wait(
+        &mut self,
+        limit: Duration,
+    ) -> Result<std::io::Result<std::process::ExitStatus>, tokio::time::error::Elapsed> {
+        let waited = tokio::time::timeout(limit, self.child.wait()).await;
+        if matches!(waited, Ok(Ok(_))) {
+            self.reaped = true;
+        }
+        waited
     }
 
     /// The polite stop between tasks: closes its stdin (a runner exits on end of input), then
     /// [`terminate`](Self::terminate) if it is still there after `grace`.
     pub(crate) async fn stop(&mut self, grace: Duration) {
         self.stdin = None;
-        if tokio::time::timeout(grace, self.child.wait())
-            .await
-            .is_err()
-        {
+        if self.wait(grace).await.is_err() {
             self.terminate(grace).await;
         } else {
             // Whatever it started in its group goes with it.
@@ -201,8 +213,11 @@ impl Process {
 impl Drop for Process {
     fn drop(&mut self) {
         // Whatever happened to the supervisor, no child (nor anything it started) outlives its
-        // handle.
-        self.signal_group(Signal::SIGKILL);
+        // handle. Once reaped (and its group killed by terminate/stop), the pid may belong to
+        // someone else: leave it alone.
+        if !self.reaped {
+            self.signal_group(Signal::SIGKILL);
+        }
     }
 }
 
