@@ -187,7 +187,7 @@ async fn run_slot(shared: Arc<Shared>, slot: usize, first: oneshot::Sender<Resul
         let mut process = match start_process(&shared).await {
             Ok(process) => process,
             Err(e) => {
-                failures += 1;
+                failures = failures.saturating_add(1);
                 tracing::error!(pool = %shared.spec.pool, slot, failures, error = %e, "pool process failed to start");
                 if let Some(first) = first.take() {
                     let _ = first.send(Err(e));
@@ -224,7 +224,11 @@ async fn run_slot(shared: Arc<Shared>, slot: usize, first: oneshot::Sender<Resul
                 tracing::warn!(pool = %shared.spec.pool, pid, jobs = process.jobs, %reason, "pool process replaced");
                 // Reaps it (and its group) if it is not gone already.
                 process.terminate(shared.config.stop_grace).await;
-                failures = if startup { failures + 1 } else { 0 };
+                failures = if startup {
+                    failures.saturating_add(1)
+                } else {
+                    0
+                };
             }
         }
     }
