@@ -33,6 +33,18 @@ if [ ! -x /usr/bin/chromium ]; then
         echo "  apt-get install -y chromium) or the gateway page test is skipped outside CI." >&2
     fi
 fi
+# PHP for the handler pool tests (issue 10): Debian's php-cli (8.2 on Debian 12), installed when
+# missing like Chromium above. Python 3 and Node (below) serve the other runner tests.
+if ! command -v php >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "test.sh: installing php-cli for the handler pool tests" >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq php-cli >/dev/null \
+            || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq php-cli >/dev/null; }
+    else
+        echo "test.sh: php missing; install Debian's php-cli package (as root:" >&2
+        echo "  apt-get install -y php-cli) or the handler pool tests fail." >&2
+    fi
+fi
 if ! command -v node >/dev/null 2>&1; then
     echo "test.sh: node not found; the gateway page test needs Node.js 20+ (apt-get install nodejs)" >&2
 elif [ ! -d tests/browser/node_modules/playwright-core ]; then

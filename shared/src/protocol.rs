@@ -160,6 +160,9 @@ pub enum ErrorKind {
     Panicked,
     /// The handler ran past its execution time limit.
     Timeout,
+    /// The process running the task (a handler pool's child) exited, was killed or broke the
+    /// runner protocol while it held the task; retried like any transient failure.
+    Crashed,
     /// The task's deadline had passed before a worker could start it.
     Expired,
     /// The body is larger than the worker accepts.
@@ -184,6 +187,7 @@ impl ErrorKind {
             Self::HandlerFailed => "handler_failed",
             Self::Panicked => "panicked",
             Self::Timeout => "timeout",
+            Self::Crashed => "crashed",
             Self::Expired => "expired",
             Self::TooLarge => "too_large",
             Self::UnsupportedVersion => "unsupported_version",

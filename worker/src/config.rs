@@ -6,9 +6,8 @@
 //! the type that owns the setting). `warren_shared::config` layers defaults < file <
 //! environment < flags; `deploy/warren-worker.toml` is a commented example.
 
-use std::collections::BTreeMap;
 use std::fmt;
-use std::num::{NonZeroU16, NonZeroU32};
+use std::num::{NonZeroU16, NonZeroU32, NonZeroUsize};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -17,6 +16,7 @@ use warren_shared::Policy;
 use warren_shared::config::{Backoff, BrokerConfig};
 
 use crate::mail::Mailer;
+use crate::pool::{self, PoolConfig, PoolError};
 use crate::settings::{WorkerError, WorkerSettings};
 
 /// Where `send_mail` writes `.eml` files when no SMTP relay is set.
@@ -64,20 +64,29 @@ pub struct WorkerConfig {
     #[arg(long, env = "WARREN_SMTP_URL", hide_env_values = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub smtp_url: Option<String>,
-    /// Reserved for handler process pools (`[[pool]]` tables, a later version): parsed so that
-    /// the file format has room for them, refused by [`WorkerConfig::settings`] for now.
+    /// Serve functions with a pool of processes running this command (split like a shell
+    /// would, no shell runs), e.g. `php tasks.php`; see docs/runners.md. SIGHUP replaces every
+    /// process after its current task. A `text://host:port` URL instead forwards the functions
+    /// to that Workerman-style Text task server (`--exec-processes` connections).
+    #[arg(long, env = "WARREN_EXEC", requires = "exec_functions")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exec: Option<String>,
+    /// The functions the `--exec` pool serves, comma-separated.
+    #[arg(
+        long,
+        env = "WARREN_EXEC_FUNCTIONS",
+        value_delimiter = ',',
+        requires = "exec"
+    )]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub exec_functions: Vec<String>,
+    /// Processes of the `--exec` pool.
+    #[arg(long, env = "WARREN_EXEC_PROCESSES")]
+    pub exec_processes: NonZeroUsize,
+    /// Handler process pools (`[[pool]]` tables in the file; see docs/runners.md).
     #[arg(skip)]
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub pool: Vec<PoolConfig>,
-}
-
-/// One `[[pool]]` table of the file. Reserved: its keys are not defined yet, and a worker
-/// refuses to start with one (see [`WorkerConfig::pool`]).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PoolConfig {
-    /// The table as written.
-    #[serde(flatten)]
-    pub table: BTreeMap<String, serde_json::Value>,
 }
 
 impl Default for WorkerConfig {
@@ -104,6 +113,9 @@ impl Default for WorkerConfig {
             max_body_bytes,
             outbox: PathBuf::from(DEFAULT_OUTBOX),
             smtp_url: None,
+            exec: None,
+            exec_functions: Vec::new(),
+            exec_processes: NonZeroUsize::new(pool::DEFAULT_PROCESSES).unwrap_or(NonZeroUsize::MIN),
             pool: Vec::new(),
         }
     }
@@ -121,10 +133,26 @@ impl fmt::Debug for WorkerConfig {
 }
 
 impl WorkerConfig {
+    /// The handler process pools: the file's `[[pool]]` tables, then the `--exec` one.
+    ///
+    /// # Errors
+    /// [`PoolError`] for an `--exec` command line that does not parse.
+    pub fn pools(&self) -> Result<Vec<PoolConfig>, PoolError> {
+        let mut pools = self.pool.clone();
+        if let Some(command) = &self.exec {
+            pools.push(PoolConfig::exec(
+                command,
+                self.exec_functions.clone(),
+                self.exec_processes.get(),
+            )?);
+        }
+        Ok(pools)
+    }
+
     /// The runtime's settings.
     ///
     /// # Errors
-    /// [`WorkerError::Settings`] when the file has `[[pool]]` tables (not supported yet).
+    /// [`WorkerError::Broker`] when the broker URL file cannot be read.
     pub fn settings(&self) -> Result<WorkerSettings, WorkerError> {
         let Self {
             broker,
@@ -138,15 +166,11 @@ impl WorkerConfig {
             max_body_bytes,
             outbox: _,
             smtp_url: _,
-            pool,
+            exec: _,
+            exec_functions: _,
+            exec_processes: _,
+            pool: _,
         } = self.clone();
-        if !pool.is_empty() {
-            return Err(WorkerError::Settings(
-                "[[pool]] tables (handler process pools) are reserved for a later version; \
-                 remove them from the configuration file"
-                    .into(),
-            ));
-        }
         Ok(WorkerSettings {
             broker: broker.to_settings()?,
             queue,
@@ -231,15 +255,19 @@ mod tests {
     }
 
     #[test]
-    fn pool_tables_are_parsed_but_refused_for_now() {
+    fn pool_tables_and_exec_become_the_pools() {
         let config = load(
-            "[[pool]]\nfunctions = [\"resize\"]\ncommand = [\"php\", \"tasks.php\"]\n\n[[pool]]\nfunctions = [\"mail\"]\n",
-            &[],
+            "[[pool]]\nfunctions = [\"resize\"]\ncommand = [\"php\", \"tasks.php\"]\nprocesses = 2\n\n[[pool]]\nfunctions = [\"mail\"]\nconnect = \"text://127.0.0.1:12345\"\n",
+            &["--exec", "python3 tasks.py", "--exec-functions", "a,b"],
         );
-        assert_eq!(config.pool.len(), 2);
-        assert!(config.pool[0].table.contains_key("command"));
-        let error = config.settings().unwrap_err().to_string();
-        assert!(error.contains("[[pool]]"), "{error}");
+        let pools = config.pools().unwrap();
+        assert_eq!(pools.len(), 3);
+        assert_eq!(pools[0].command, ["php", "tasks.php"]);
+        assert_eq!(pools[0].processes, 2);
+        assert_eq!(pools[1].connect.as_deref(), Some("text://127.0.0.1:12345"));
+        assert_eq!(pools[2].functions, ["a", "b"]);
+        assert_eq!(pools[2].processes, pool::DEFAULT_PROCESSES);
+        assert!(config.settings().is_ok());
     }
 
     #[test]

@@ -182,6 +182,12 @@ impl TaskError {
         self
     }
 
+    /// A failure of any `kind` (`crashed` and `timeout` for a pool's process, a kind reported
+    /// by a runner...), with its retry advice.
+    pub fn with_kind(kind: ErrorKind, retry: Retry, message: impl fmt::Display) -> Self {
+        Self::new(retry, kind, message)
+    }
+
     /// Whether the task is worth running again.
     pub fn retry(&self) -> Retry {
         self.retry

@@ -17,6 +17,7 @@
 //! - [`config`]: the `warren-worker` binary's flags, `--config` file and defaults.
 //! - `builtin` and `mail`: the `echo`, `sleep`, `fail` and `send_mail` tasks (feature
 //!   `builtins`, on by default; without it the mailer, lettre, is not compiled).
+//! - [`pool`]: handler pools, task code in any language run by supervised processes.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), warren_worker::WorkerError> {
@@ -42,6 +43,7 @@ pub mod health;
 #[cfg(feature = "builtins")]
 pub mod mail;
 pub mod outcome;
+pub mod pool;
 pub mod registry;
 pub mod settings;
 pub mod supervisor;
@@ -55,6 +57,7 @@ pub use health::{Health, WorkerState};
 #[cfg(feature = "builtins")]
 pub use mail::Mailer;
 pub use outcome::{DeadReason, Outcome};
+pub use pool::{Pool, PoolConfig, PoolError};
 pub use registry::Registry;
 pub use settings::{WorkerError, WorkerSettings};
 pub use supervisor::{RunningWorker, run, start};

@@ -32,6 +32,10 @@ pub(crate) enum HandlerFailure {
 pub(crate) type ErasedHandler =
     Arc<dyn Fn(Value, TaskContext) -> BoxFuture<HandlerResult> + Send + Sync>;
 
+/// A handler on raw JSON: arguments in, a result or a typed error out.
+pub(crate) type DynamicHandler =
+    Arc<dyn Fn(Value, TaskContext) -> BoxFuture<Result<Value, TaskError>> + Send + Sync>;
+
 /// A registered function: how to run it, and its policy when it has one of its own.
 #[derive(Clone)]
 pub(crate) struct Entry {
@@ -141,6 +145,25 @@ impl Registry {
                 function = T::NAME,
                 "function registered twice; the last one wins"
             );
+        }
+        self
+    }
+
+    /// Serves `function` with a handler that takes the raw JSON arguments and returns a JSON
+    /// result or a typed [`TaskError`] (a handler pool, see
+    /// [`Registry::register_pool`](crate::Registry::register_pool)), under the worker's default
+    /// [`Policy`].
+    pub(crate) fn insert_dynamic(mut self, function: &'static str, run: DynamicHandler) -> Self {
+        let run: ErasedHandler = Arc::new(move |args: Value, ctx: TaskContext| {
+            let run = run.clone();
+            Box::pin(async move { run(args, ctx).await.map_err(HandlerFailure::Task) })
+        });
+        if self
+            .handlers
+            .insert(function, Entry { run, policy: None })
+            .is_some()
+        {
+            tracing::warn!(function, "function registered twice; the last one wins");
         }
         self
     }

@@ -1,4 +1,4 @@
-//! `warren-worker`: consume a Warren queue and run the built-in tasks.
+//! `warren-worker`: consume a Warren queue and run the built-in tasks and handler pools.
 //!
 //! Settings come from `warren_worker::WorkerConfig` (flags, environment, `--config FILE`); the
 //! runtime is the `warren_worker` library.
@@ -8,12 +8,16 @@ use std::process::ExitCode;
 use clap::Command;
 use tokio_util::sync::CancellationToken;
 use warren_shared::config::{self, ConfigError};
-use warren_worker::{WorkerConfig, builtin_registry};
+use warren_worker::pool;
+use warren_worker::{Registry, WorkerConfig, builtin_registry};
 
 fn command() -> Command {
     Command::new("warren-worker")
         .version(env!("CARGO_PKG_VERSION"))
-        .about("Runs Warren tasks from a RabbitMQ queue: echo, sleep, fail, send_mail.")
+        .about(
+            "Runs Warren tasks from a RabbitMQ queue: echo, sleep, fail, send_mail, and functions \
+             served by pools of processes in any language (--exec, [[pool]] in --config).",
+        )
 }
 
 #[tokio::main]
@@ -39,12 +43,28 @@ async fn main() -> ExitCode {
 async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     let settings = config.settings()?;
     let mailer = config.mailer().map_err(anyhow::Error::msg)?;
+    let pools = pool::start_all(config.pools()?).await?;
+    let registry = pools
+        .iter()
+        .fold(builtin_registry(mailer), Registry::register_pool);
     let shutdown = CancellationToken::new();
-    let worker = warren_worker::start(settings, builtin_registry(mailer), shutdown.clone()).await?;
+    let worker = match warren_worker::start(settings, registry, shutdown.clone()).await {
+        Ok(worker) => worker,
+        Err(e) => {
+            pool::shutdown_all(&pools).await;
+            return Err(e.into());
+        }
+    };
     tokio::spawn(warren_shared::shutdown::on_signals(
         shutdown,
         "no new tasks; finishing the ones in flight",
     ));
-    worker.wait().await?;
+    if !pools.is_empty() {
+        tokio::spawn(pool::reload_on_sighup(pools.clone()));
+    }
+    let result = worker.wait().await;
+    // The worker has drained: the pools' processes are idle now.
+    pool::shutdown_all(&pools).await;
+    result?;
     Ok(())
 }

@@ -1,0 +1,118 @@
+'use strict';
+/**
+ * Warren runner for Node.js (runner protocol 1, see docs/runners.md). One file, no npm:
+ * copy it next to your task code and
+ *
+ *     const warren = require('./warren.js');
+ *     warren.serve({
+ *       send_mail: async (args, ctx) => { ... },  // return anything JSON.stringify can encode
+ *     });
+ *
+ * then run it in a pool: `warren-worker --exec 'node tasks.js' --exec-functions send_mail`.
+ *
+ * - A thrown error (or a rejected promise) fails the task and is retried (while attempts
+ *   remain). Throw warren.Permanent for a failure another attempt cannot fix, or
+ *   new warren.TaskError(message, { kind, retryable }) to choose the error kind the caller
+ *   sees (e.g. 'invalid_args').
+ * - ctx.id, ctx.function, ctx.attempt, ctx.maxAttempts, ctx.redelivered, ctx.deadline (ms since
+ *   the epoch, or null) and ctx.remaining() (seconds left, or null) describe the task.
+ * - stdout belongs to the protocol: console.log goes to stderr, which the worker logs.
+ * Tasks run one at a time, as the protocol requires.
+ */
+
+const fs = require('fs');
+const readline = require('readline');
+
+const PROTOCOL = 1;
+
+/** A task failure with the error kind and retry advice the caller sees. */
+class TaskError extends Error {
+  constructor(message, { kind = 'handler_failed', retryable = true } = {}) {
+    super(message);
+    this.kind = kind;
+    this.retryable = retryable;
+  }
+}
+
+/** A failure that another attempt cannot fix: the task is dead-lettered at once. */
+class Permanent extends TaskError {
+  constructor(message, kind = 'handler_failed') {
+    super(message, { kind, retryable: false });
+  }
+}
+
+function write(frame) {
+  // Synchronous: a frame is out before the next task starts, even if the process dies then.
+  fs.writeSync(1, JSON.stringify(frame) + '\n');
+}
+
+function error(id, kind, message, retryable) {
+  write({ type: 'error', id, error: { kind, message, retryable } });
+}
+
+/** Serves tasks from the worker until it closes stdin. */
+async function serve(handlers) {
+  // Task code's console output goes to the log, never into the protocol.
+  console.log = console.error;
+  console.info = console.error;
+  console.debug = console.error;
+  write({
+    type: 'ready',
+    protocol: PROTOCOL,
+    functions: Object.keys(handlers),
+    runtime: 'node ' + process.version,
+  });
+  const lines = readline.createInterface({ input: process.stdin, crlfDelay: Infinity });
+  for await (const raw of lines) {
+    const line = raw.trim();
+    if (line === '') continue;
+    let task;
+    try {
+      task = JSON.parse(line);
+    } catch {
+      continue;
+    }
+    if (task === null || typeof task !== 'object' || task.type !== 'task') continue;
+    const id = String(task.id ?? '');
+    const ctx = {
+      id,
+      function: String(task.function ?? ''),
+      attempt: Number(task.attempt ?? 1),
+      maxAttempts: Number(task.max_attempts ?? 1),
+      redelivered: Boolean(task.redelivered),
+      deadline: task.deadline ?? null,
+      remaining() {
+        return this.deadline === null ? null : this.deadline / 1000 - Date.now() / 1000;
+      },
+      progress(progress) {
+        write({ ...progress, type: 'progress', id });
+      },
+    };
+    try {
+      const handler = Object.prototype.hasOwnProperty.call(handlers, ctx.function)
+        ? handlers[ctx.function]
+        : null;
+      if (handler === null) {
+        throw new Permanent(`this runner has no handler for ${ctx.function}`, 'unknown_function');
+      }
+      const result = await handler(task.args ?? null, ctx);
+      let line;
+      try {
+        line = JSON.stringify({ type: 'result', id, result: result === undefined ? null : result });
+      } catch (e) {
+        throw new Permanent(`the result cannot be encoded as JSON: ${e.message}`);
+      }
+      fs.writeSync(1, line + '\n');
+    } catch (e) {
+      if (e instanceof TaskError) {
+        error(id, e.kind, e.message, e.retryable);
+      } else {
+        console.error(e);
+        const name = e && e.constructor ? e.constructor.name : 'Error';
+        error(id, 'handler_failed', `${name}: ${e && e.message !== undefined ? e.message : e}`, true);
+      }
+    }
+  }
+}
+
+module.exports = { serve, TaskError, Permanent, PROTOCOL };

@@ -1,0 +1,79 @@
+<?php
+// Task code of the pool tests (tests/e2e/pools.rs): each function exercises one way a PHP
+// process can succeed, fail or die.
+declare(strict_types=1);
+
+require __DIR__ . '/../../runners/php/warren.php';
+
+$hog = [];
+
+Warren\serve([
+    'add' => fn (array $args) => ['sum' => $args['a'] + $args['b'], 'pid' => getmypid()],
+    'pid' => fn () => getmypid(),
+    'context' => fn ($args, Warren\Context $ctx) => [
+        'id' => $ctx->id,
+        'function' => $ctx->function,
+        'attempt' => $ctx->attempt,
+        'max_attempts' => $ctx->maxAttempts,
+        'has_deadline' => $ctx->deadline !== null,
+    ],
+    'boom' => function () {
+        echo "about to throw\n";
+        throw new RuntimeException('boom');
+    },
+    'refuse' => function () {
+        throw new Warren\Permanent('amount must be positive', 'invalid_args');
+    },
+    // Dies on its first attempt, succeeds on the next one (on a fresh process).
+    'exit_first' => function ($args, Warren\Context $ctx) {
+        if ($ctx->attempt === 1) {
+            exit(1);
+        }
+        return getmypid();
+    },
+    'always_exit' => function () {
+        exit(1);
+    },
+    // A real fatal error (memory exhausted) on the first attempt.
+    'fatal_first' => function ($args, Warren\Context $ctx) {
+        if ($ctx->attempt === 1) {
+            ini_set('memory_limit', '16M');
+            $s = str_repeat('x', 64 << 20);
+            return strlen($s);
+        }
+        return getmypid();
+    },
+    // Writes its pid to a file, then waits to be killed; succeeds on the next attempt.
+    'hang_first' => function (array $args, Warren\Context $ctx) {
+        if ($ctx->attempt === 1) {
+            file_put_contents($args['pidfile'] . '.tmp', (string) getmypid());
+            rename($args['pidfile'] . '.tmp', $args['pidfile']);
+            sleep(60);
+        }
+        return getmypid();
+    },
+    'spin' => function () {
+        while (true) {
+        }
+    },
+    // Keeps 8 MB more per call, so that its process crosses max_memory.
+    'grow' => function (array $args) use (&$hog) {
+        $hog[] = str_repeat(chr(65 + count($hog) % 26), 8 << 20);
+        return ['n' => $args['n'], 'pid' => getmypid()];
+    },
+    // Writes garbage to stdout on its first attempt.
+    'garbage_first' => function ($args, Warren\Context $ctx) {
+        if ($ctx->attempt === 1) {
+            fwrite(STDOUT, "this is not a frame\n");
+            sleep(5);
+        }
+        return getmypid();
+    },
+    'sleep' => function (array $args) {
+        if (isset($args['started'])) {
+            file_put_contents($args['started'], getmypid() . "\n", FILE_APPEND | LOCK_EX);
+        }
+        usleep((int) $args['ms'] * 1000);
+        return getmypid();
+    },
+]);

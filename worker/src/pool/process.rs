@@ -1,0 +1,283 @@
+//! One child process of a pool: started in a process group of its own with a parent-death
+//! signal, its stdout read as runner frames, its stderr forwarded to the worker's log, and its
+//! whole group killed when it is dropped.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use futures_lite::StreamExt;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::io::AsyncWriteExt;
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
+
+use super::protocol::{self, Frame, MAX_FRAME_BYTES, PROTOCOL_ENV, RUNNER_PROTOCOL};
+
+/// Longest stderr line forwarded as one log record.
+const MAX_LOG_LINE: usize = 64 * 1024;
+
+/// How to start a child.
+#[derive(Debug, Clone)]
+pub(crate) struct Spec {
+    pub(crate) pool: Arc<str>,
+    pub(crate) argv: Vec<String>,
+    pub(crate) cwd: Option<PathBuf>,
+    pub(crate) env: BTreeMap<String, String>,
+}
+
+/// What came out of a child's stdout.
+#[derive(Debug)]
+pub(crate) enum Output {
+    /// A frame.
+    Frame(Frame),
+    /// stdout closed: the process exited (or closed it, which is as good as exiting).
+    Closed,
+    /// Something that is not a frame.
+    Garbage(String),
+}
+
+/// A running child.
+#[derive(Debug)]
+pub(crate) struct Process {
+    pool: Arc<str>,
+    child: Child,
+    pid: i32,
+    stdin: Option<ChildStdin>,
+    stdout: FramedRead<ChildStdout, LinesCodec>,
+    /// The task it runs (or ran last), named in its forwarded log lines.
+    task: Arc<Mutex<Option<String>>>,
+    pub(crate) started: Instant,
+    /// Tasks it has answered.
+    pub(crate) jobs: u64,
+    /// Its exit status has been collected: its pid may be reused from now on.
+    reaped: bool,
+}
+
+impl Process {
+    /// Starts a child of `spec`.
+    ///
+    /// # Errors
+    /// The command cannot be started (not found, not executable, bad working directory).
+    pub(crate) fn spawn(spec: &Spec) -> std::io::Result<Self> {
+        let Some((program, args)) = spec.argv.split_first() else {
+            return Err(std::io::Error::other("empty command"));
+        };
+        let mut command = Command::new(program);
+        command
+            .args(args)
+            .envs(&spec.env)
+            .env(PROTOCOL_ENV, RUNNER_PROTOCOL.to_string())
+            .env("WARREN_POOL", &*spec.pool)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            // Its own process group: a time-limit kill reaches whatever the child started.
+            .process_group(0);
+        if let Some(cwd) = &spec.cwd {
+            command.current_dir(cwd);
+        }
+        die_with_parent(&mut command);
+        let mut child = command.spawn()?;
+        let pid = child
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .ok_or_else(|| std::io::Error::other("child exited before its pid was read"))?;
+        let (Some(stdin), Some(stdout), Some(stderr)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            return Err(std::io::Error::other("child pipes missing"));
+        };
+        let task = Arc::new(Mutex::new(None));
+        tokio::spawn(forward_log(stderr, spec.pool.clone(), pid, task.clone()));
+        Ok(Self {
+            pool: spec.pool.clone(),
+            child,
+            pid,
+            stdin: Some(stdin),
+            stdout: FramedRead::new(stdout, LinesCodec::new_with_max_length(MAX_FRAME_BYTES)),
+            task,
+            started: Instant::now(),
+            jobs: 0,
+            reaped: false,
+        })
+    }
+
+    /// The process id (also its process group id).
+    pub(crate) fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Names the task it runs in its log lines, from now until the next one.
+    pub(crate) fn set_task(&self, id: &str) {
+        *self.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(id.to_owned());
+    }
+
+    /// The next thing on stdout. Cancel-safe.
+    pub(crate) async fn next(&mut self) -> Output {
+        match self.stdout.next().await {
+            None => Output::Closed,
+            Some(Ok(line)) => match protocol::parse(&line) {
+                Ok(frame) => Output::Frame(frame),
+                Err(e) => Output::Garbage(e.to_string()),
+            },
+            Some(Err(LinesCodecError::MaxLineLengthExceeded)) => {
+                Output::Garbage(format!("a stdout line longer than {MAX_FRAME_BYTES} bytes"))
+            }
+            Some(Err(LinesCodecError::Io(e))) => Output::Garbage(format!("reading stdout: {e}")),
+        }
+    }
+
+    /// Writes one frame line to its stdin.
+    ///
+    /// # Errors
+    /// The pipe is closed (the process exited).
+    pub(crate) async fn send(&mut self, line: &[u8]) -> std::io::Result<()> {
+        let stdin = self
+            .stdin
+            .as_mut()
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::BrokenPipe))?;
+        stdin.write_all(line).await?;
+        stdin.flush().await
+    }
+
+    /// Resident set size in bytes, from `/proc/<pid>/statm`.
+    pub(crate) fn rss_bytes(&self) -> Option<u64> {
+        let statm = std::fs::read_to_string(format!("/proc/{}/statm", self.pid)).ok()?;
+        let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+        let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten()
+            .and_then(|p| u64::try_from(p).ok())
+            .unwrap_or(4096);
+        Some(pages * page)
+    }
+
+    /// How it ended, waiting at most `wait` for it to be reaped: `exited with status 1`,
+    /// `killed by SIGKILL`, or `still running`.
+    pub(crate) async fn exit_description(&mut self, wait: Duration) -> String {
+        match self.wait(wait).await {
+            Ok(Ok(status)) => describe(status),
+            Ok(Err(e)) => format!("cannot be waited for: {e}"),
+            Err(_) => "still running".to_owned(),
+        }
+    }
+
+    fn signal_group(&self, signal: Signal) {
+        // ESRCH (the group is gone) is what we want anyway.
+        let _ = killpg(Pid::from_raw(self.pid), signal);
+    }
+
+    /// SIGTERM to its group, SIGKILL after `grace`; returns once it is reaped.
+    pub(crate) async fn terminate(&mut self, grace: Duration) {
+        self.signal_group(Signal::SIGTERM);
+        if self.wait(grace).await.is_err() {
+            tracing::warn!(pool = %self.pool, pid = self.pid, ?grace, "process ignored SIGTERM; killing it");
+        }
+        self.signal_group(Signal::SIGKILL);
+        // SIGKILL cannot be ignored: this returns.
+        if self.child.wait().await.is_ok() {
+            self.reaped = true;
+        }
+    }
+
+    /// Waits at most `limit` for it to exit, and reaps it.
+    async fn wait(
+        &mut self,
+        limit: Duration,
+    ) -> Result<std::io::Result<std::process::ExitStatus>, tokio::time::error::Elapsed> {
+        let waited = tokio::time::timeout(limit, self.child.wait()).await;
+        if matches!(waited, Ok(Ok(_))) {
+            self.reaped = true;
+        }
+        waited
+    }
+
+    /// The polite stop between tasks: closes its stdin (a runner exits on end of input), then
+    /// [`terminate`](Self::terminate) if it is still there after `grace`.
+    pub(crate) async fn stop(&mut self, grace: Duration) {
+        self.stdin = None;
+        if self.wait(grace).await.is_err() {
+            self.terminate(grace).await;
+        } else {
+            // Whatever it started in its group goes with it.
+            self.signal_group(Signal::SIGKILL);
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        // Whatever happened to the supervisor, no child (nor anything it started) outlives its
+        // handle. Once reaped (and its group killed by terminate/stop), the pid may belong to
+        // someone else: leave it alone.
+        if !self.reaped {
+            self.signal_group(Signal::SIGKILL);
+        }
+    }
+}
+
+fn describe(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(signal)) => match Signal::try_from(signal) {
+            Ok(s) => format!("was killed by {s}"),
+            Err(_) => format!("was killed by signal {signal}"),
+        },
+        (None, None) => format!("ended ({status})"),
+    }
+}
+
+/// Makes the child die with SIGKILL when the worker dies, even by `kill -9`, so that no pool
+/// process is ever orphaned.
+fn die_with_parent(command: &mut Command) {
+    let parent = nix::unistd::getpid();
+    // SAFETY: the closure runs in the forked child before exec. It calls only prctl(2) and
+    // getppid(2), which are async-signal-safe, and allocates nothing (the error is a raw OS
+    // error). PR_SET_PDEATHSIG is tied to the thread that forks; pools start their processes
+    // from the runtime's worker threads, which live as long as the worker.
+    #[allow(unsafe_code)]
+    unsafe {
+        command.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
+            // The worker died between fork and prctl: the signal will never come.
+            if nix::unistd::getppid() != parent {
+                return Err(std::io::Error::from(nix::errno::Errno::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Forwards the child's stderr to the worker's log, one record per line, naming the pool, the
+/// pid and the task it was running.
+async fn forward_log(
+    stderr: tokio::process::ChildStderr,
+    pool: Arc<str>,
+    pid: i32,
+    task: Arc<Mutex<Option<String>>>,
+) {
+    let mut lines = FramedRead::new(stderr, LinesCodec::new_with_max_length(MAX_LOG_LINE));
+    while let Some(line) = lines.next().await {
+        let line = match line {
+            Ok(line) => line,
+            Err(LinesCodecError::MaxLineLengthExceeded) => {
+                format!("(a log line longer than {MAX_LOG_LINE} bytes was cut)")
+            }
+            Err(LinesCodecError::Io(_)) => break,
+        };
+        let task = task.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        tracing::info!(
+            target: "warren_worker::pool::child",
+            pool = %pool,
+            pid,
+            task = %task.as_deref().unwrap_or("-"),
+            "{line}"
+        );
+    }
+}

@@ -1,0 +1,490 @@
+//! The supervisor of a process pool: one slot per process, each running its child through the
+//! runner protocol one task at a time, and replacing it when it dies, breaks the protocol, runs
+//! past the time limit, or is due for recycling.
+//!
+//! Every slot takes tasks from one shared queue, so a free process takes the next task. A task
+//! whose process dies under it is answered as a retryable `crashed` failure: the worker's normal
+//! retry path runs it again (on a fresh process) and dead-letters it after its attempts.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use warren_shared::ErrorKind;
+
+use super::PoolConfig;
+use super::process::{Output, Process, Spec};
+use super::protocol::{Frame, RUNNER_PROTOCOL, TaskFrame};
+use crate::handler::{Retry, TaskError};
+
+/// First delay before restarting a process that keeps dying at start-up; doubles up to
+/// [`MAX_RESTART_DELAY`].
+const FIRST_RESTART_DELAY: Duration = Duration::from_millis(100);
+const MAX_RESTART_DELAY: Duration = Duration::from_secs(10);
+/// How long to wait for an exited child's status, to name it in the error.
+const REAP_WAIT: Duration = Duration::from_secs(1);
+
+/// One task for a pool process.
+#[derive(Debug)]
+pub(crate) struct Job {
+    pub(crate) id: String,
+    pub(crate) function: String,
+    pub(crate) args: Value,
+    pub(crate) attempt: u32,
+    pub(crate) max_attempts: u32,
+    pub(crate) redelivered: bool,
+    pub(crate) deadline: Option<u64>,
+    pub(crate) reply: oneshot::Sender<Result<Value, TaskError>>,
+}
+
+/// A task failed because its process died or broke the protocol: retried like any transient
+/// failure.
+pub(crate) fn crashed(message: impl std::fmt::Display) -> TaskError {
+    TaskError::with_kind(ErrorKind::Crashed, Retry::Retryable, message)
+}
+
+#[derive(Debug)]
+struct Shared {
+    spec: Spec,
+    config: PoolConfig,
+    queue: tokio::sync::Mutex<mpsc::UnboundedReceiver<Job>>,
+    stop: CancellationToken,
+    generation: watch::Sender<u64>,
+    pids: Mutex<BTreeMap<usize, i32>>,
+    started: AtomicU64,
+}
+
+/// The running pool of processes.
+#[derive(Debug)]
+pub(crate) struct Supervisor {
+    jobs: mpsc::UnboundedSender<Job>,
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+}
+
+/// Why a slot let go of its process.
+enum End {
+    /// The pool is stopping.
+    Stop,
+    /// Due for replacement between tasks (max_jobs, max_memory, ttl, reload).
+    Recycle(String),
+    /// It died, broke the protocol or was killed; `startup` when it never served a task.
+    Broken { reason: String, startup: bool },
+}
+
+impl Supervisor {
+    /// Starts `config.processes` processes and waits until each has said it is ready.
+    ///
+    /// # Errors
+    /// A message naming the first process that could not start or did not serve the
+    /// configured functions; the pool is stopped again.
+    pub(crate) async fn start(spec: Spec, config: PoolConfig) -> Result<Self, String> {
+        let (jobs, queue) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            spec,
+            queue: tokio::sync::Mutex::new(queue),
+            stop: CancellationToken::new(),
+            generation: watch::Sender::new(0),
+            pids: Mutex::default(),
+            started: AtomicU64::new(0),
+            config,
+        });
+        let tracker = TaskTracker::new();
+        let mut firsts = Vec::new();
+        for slot in 0..shared.config.processes {
+            let (tx, rx) = oneshot::channel();
+            firsts.push(rx);
+            tracker.spawn(run_slot(shared.clone(), slot, tx));
+        }
+        tracker.close();
+        let supervisor = Self {
+            jobs,
+            shared,
+            tracker,
+        };
+        for first in firsts {
+            let result = first
+                .await
+                .unwrap_or_else(|_| Err("the pool stopped while starting".to_owned()));
+            if let Err(e) = result {
+                supervisor.shutdown().await;
+                return Err(e);
+            }
+        }
+        Ok(supervisor)
+    }
+
+    /// Queues `job` for the next free process.
+    pub(crate) fn submit(&self, job: Job) -> Result<(), Job> {
+        self.jobs.send(job).map_err(|e| e.0)
+    }
+
+    /// Replaces every process after its current task.
+    pub(crate) fn reload(&self) {
+        self.shared.generation.send_modify(|g| *g += 1);
+    }
+
+    /// The pids of the processes running now.
+    pub(crate) fn pids(&self) -> Vec<i32> {
+        self.shared
+            .pids
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .copied()
+            .collect()
+    }
+
+    /// Processes started since the pool started (replacements included).
+    pub(crate) fn started(&self) -> u64 {
+        self.shared.started.load(Ordering::Relaxed)
+    }
+
+    /// Stops every process (each after its current task), waits for them, and fails the tasks
+    /// still queued as `crashed` (retried elsewhere).
+    pub(crate) async fn shutdown(&self) {
+        self.shared.stop.cancel();
+        self.tracker.wait().await;
+        let mut queue = self.shared.queue.lock().await;
+        queue.close();
+        while let Ok(job) = queue.try_recv() {
+            let _ = job
+                .reply
+                .send(Err(crashed("the pool stopped before running the task")));
+        }
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        // Slots stop their processes; a runtime that goes away drops them, and each process
+        // kills its group on drop.
+        self.shared.stop.cancel();
+    }
+}
+
+async fn run_slot(shared: Arc<Shared>, slot: usize, first: oneshot::Sender<Result<(), String>>) {
+    let mut first = Some(first);
+    let mut failures: u32 = 0;
+    loop {
+        if shared.stop.is_cancelled() {
+            return;
+        }
+        if failures > 0 {
+            let delay = FIRST_RESTART_DELAY
+                .saturating_mul(2u32.saturating_pow(failures - 1))
+                .min(MAX_RESTART_DELAY);
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = shared.stop.cancelled() => return,
+            }
+        }
+        let mut process = match start_process(&shared).await {
+            Ok(process) => process,
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                tracing::error!(pool = %shared.spec.pool, slot, failures, error = %e, "pool process failed to start");
+                if let Some(first) = first.take() {
+                    let _ = first.send(Err(e));
+                }
+                continue;
+            }
+        };
+        if let Some(first) = first.take() {
+            let _ = first.send(Ok(()));
+        }
+        shared
+            .pids
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(slot, process.pid());
+        let end = serve(&shared, &mut process).await;
+        shared
+            .pids
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&slot);
+        let pid = process.pid();
+        match end {
+            End::Stop => {
+                process.stop(shared.config.stop_grace).await;
+                return;
+            }
+            End::Recycle(reason) => {
+                tracing::info!(pool = %shared.spec.pool, pid, jobs = process.jobs, %reason, "recycling pool process");
+                process.stop(shared.config.stop_grace).await;
+                failures = 0;
+            }
+            End::Broken { reason, startup } => {
+                tracing::warn!(pool = %shared.spec.pool, pid, jobs = process.jobs, %reason, "pool process replaced");
+                // Reaps it (and its group) if it is not gone already.
+                process.terminate(shared.config.stop_grace).await;
+                failures = if startup {
+                    failures.saturating_add(1)
+                } else {
+                    0
+                };
+            }
+        }
+    }
+}
+
+/// Starts a process and waits for its ready line, checking its protocol version and functions.
+async fn start_process(shared: &Shared) -> Result<Process, String> {
+    let spec = &shared.spec;
+    let mut process =
+        Process::spawn(spec).map_err(|e| format!("cannot start {:?}: {e}", spec.argv.join(" ")))?;
+    shared.started.fetch_add(1, Ordering::Relaxed);
+    let pid = process.pid();
+    let ready = tokio::time::timeout(shared.config.start_timeout, async {
+        loop {
+            match process.next().await {
+                Output::Frame(Frame::Ready {
+                    protocol,
+                    functions,
+                }) => return Ok((protocol, functions)),
+                Output::Frame(Frame::Unknown) => {}
+                Output::Frame(other) => {
+                    return Err(format!(
+                        "process {pid} sent {other:?} before its ready line"
+                    ));
+                }
+                Output::Garbage(g) => return Err(format!("process {pid} wrote {g}")),
+                Output::Closed => {
+                    let how = process.exit_description(REAP_WAIT).await;
+                    return Err(format!("process {pid} {how} before it was ready"));
+                }
+            }
+        }
+    })
+    .await;
+    let result = match ready {
+        Err(_) => Err(format!(
+            "process {pid} did not send its ready line within {:?}",
+            shared.config.start_timeout
+        )),
+        Ok(Err(e)) => Err(e),
+        Ok(Ok((Some(v), _))) if v != RUNNER_PROTOCOL => Err(format!(
+            "process {pid} speaks runner protocol {v}; this worker speaks {RUNNER_PROTOCOL}"
+        )),
+        Ok(Ok((_, served))) => {
+            let missing: Vec<&str> = shared
+                .config
+                .functions
+                .iter()
+                .filter(|f| !served.contains(f))
+                .map(String::as_str)
+                .collect();
+            if missing.is_empty() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "process {pid} does not serve {} (it serves: {})",
+                    missing.join(", "),
+                    served.join(", ")
+                ))
+            }
+        }
+    };
+    match result {
+        Ok(()) => {
+            tracing::debug!(pool = %spec.pool, pid, "pool process ready");
+            Ok(process)
+        }
+        Err(e) => {
+            process.terminate(shared.config.stop_grace).await;
+            Err(e)
+        }
+    }
+}
+
+/// Why `process` is due for replacement between tasks, if it is.
+fn recycle_reason(shared: &Shared, process: &Process, generation: u64) -> Option<String> {
+    let config = &shared.config;
+    if *shared.generation.borrow() != generation {
+        return Some("reload requested".to_owned());
+    }
+    if let Some(max) = config.max_jobs
+        && process.jobs >= max
+    {
+        return Some(format!("served max_jobs = {max} tasks"));
+    }
+    if let Some(ttl) = config.ttl
+        && process.started.elapsed() >= ttl
+    {
+        return Some(format!("older than ttl = {ttl:?}"));
+    }
+    if let Some(max) = config.max_memory
+        && let Some(rss) = process.rss_bytes()
+        && rss > max
+    {
+        return Some(format!("RSS of {rss} bytes is above max_memory = {max}"));
+    }
+    None
+}
+
+/// Runs tasks on `process` until it must go.
+async fn serve(shared: &Shared, process: &mut Process) -> End {
+    let mut generation_changes = shared.generation.subscribe();
+    let generation = *generation_changes.borrow_and_update();
+    loop {
+        if let Some(reason) = recycle_reason(shared, process, generation) {
+            return End::Recycle(reason);
+        }
+        let ttl = shared.config.ttl.map(|ttl| process.started + ttl);
+        let job = tokio::select! {
+            // Stopping and reloading come before the next task.
+            biased;
+            () = shared.stop.cancelled() => return End::Stop,
+            changed = generation_changes.changed() => {
+                if changed.is_err() {
+                    return End::Stop;
+                }
+                continue;
+            }
+            () = sleep_until(ttl) => continue,
+            output = process.next() => match output {
+                Output::Frame(Frame::Unknown | Frame::Progress { .. }) => continue,
+                Output::Frame(other) => return End::Broken {
+                    reason: format!("sent {other:?} between tasks"),
+                    startup: false,
+                },
+                Output::Garbage(g) => return End::Broken { reason: format!("wrote {g}"), startup: false },
+                Output::Closed => {
+                    let how = process.exit_description(REAP_WAIT).await;
+                    return End::Broken { reason: format!("{how} between tasks"), startup: process.jobs == 0 };
+                }
+            },
+            job = async { shared.queue.lock().await.recv().await } => match job {
+                Some(job) => job,
+                None => return End::Stop,
+            },
+        };
+        if let Some(end) = run_job(shared, process, job).await {
+            return end;
+        }
+    }
+}
+
+async fn sleep_until(at: Option<std::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Runs one task on `process`; `Some` when the process cannot go on.
+async fn run_job(shared: &Shared, process: &mut Process, mut job: Job) -> Option<End> {
+    if job.reply.is_closed() {
+        // Its caller gave up while it waited for a process.
+        return None;
+    }
+    let pid = process.pid();
+    let frame = TaskFrame {
+        kind: "task",
+        id: &job.id,
+        function: &job.function,
+        args: &job.args,
+        attempt: job.attempt,
+        max_attempts: job.max_attempts,
+        redelivered: job.redelivered,
+        deadline: job.deadline,
+    };
+    let mut line = match serde_json::to_vec(&frame) {
+        Ok(line) => line,
+        Err(e) => {
+            let _ = job.reply.send(Err(TaskError::permanent(format!(
+                "cannot encode the task for the runner: {e}"
+            ))));
+            return None;
+        }
+    };
+    line.push(b'\n');
+    process.set_task(&job.id);
+    let time_limit = shared.config.time_limit;
+    let limit = sleep_until(time_limit.map(|t| std::time::Instant::now() + t));
+    tokio::pin!(limit);
+    // A child that does not read its stdin must not hold the slot past the limits either.
+    let sent = tokio::select! {
+        sent = process.send(&line) => sent.map_err(|e| format!("could not take the task ({e})")),
+        () = &mut limit => Err("did not read the task within the time limit".to_owned()),
+        () = job.reply.closed() => Err("did not read the task before the worker gave up on it".to_owned()),
+    };
+    if let Err(problem) = sent {
+        process.terminate(shared.config.stop_grace).await;
+        let how = process.exit_description(REAP_WAIT).await;
+        let reason = format!("{problem}; it {how}");
+        let _ = job
+            .reply
+            .send(Err(crashed(format!("pool process {pid} {reason}"))));
+        return Some(End::Broken {
+            reason,
+            startup: process.jobs == 0,
+        });
+    }
+    let grace = shared.config.stop_grace;
+    let end = loop {
+        tokio::select! {
+            output = process.next() => match output {
+                Output::Frame(Frame::Result { id, result }) if id == job.id => {
+                    process.jobs += 1;
+                    let _ = job.reply.send(Ok(result));
+                    break None;
+                }
+                Output::Frame(Frame::Error { id, error }) if id == job.id => {
+                    process.jobs += 1;
+                    let _ = job.reply.send(Err(error.into_task_error()));
+                    break None;
+                }
+                Output::Frame(Frame::Progress { id, rest }) => {
+                    let progress = Value::Object(rest);
+                    tracing::debug!(pool = %shared.spec.pool, pid, task = %id, %progress, "progress");
+                }
+                Output::Frame(Frame::Unknown) => {}
+                Output::Frame(other) => {
+                    let reason = format!("sent {other:?} while running task {}", job.id);
+                    // Gone before the task is failed: its retry cannot meet it.
+                    process.terminate(grace).await;
+                    let _ = job.reply.send(Err(crashed(format!("pool process {pid} {reason}; it was replaced"))));
+                    break Some(End::Broken { reason, startup: false });
+                }
+                Output::Garbage(g) => {
+                    let reason = format!("wrote {g}");
+                    process.terminate(grace).await;
+                    let _ = job.reply.send(Err(crashed(format!("pool process {pid} {reason}; it was replaced"))));
+                    break Some(End::Broken { reason, startup: false });
+                }
+                Output::Closed => {
+                    let how = process.exit_description(REAP_WAIT).await;
+                    let reason = format!("{how} while running task {}", job.id);
+                    let _ = job.reply.send(Err(crashed(format!("pool process {pid} {reason}"))));
+                    break Some(End::Broken { reason, startup: false });
+                }
+            },
+            () = &mut limit => {
+                let limit = time_limit.unwrap_or_default();
+                process.terminate(grace).await;
+                let _ = job.reply.send(Err(TaskError::with_kind(
+                    ErrorKind::Timeout,
+                    Retry::Retryable,
+                    format!("task ran past the pool's time limit of {limit:?}; its process {pid} was terminated"),
+                )));
+                break Some(End::Broken { reason: format!("ran past the time limit of {limit:?}"), startup: false });
+            }
+            () = job.reply.closed() => {
+                // The worker gave up on the task (its own time limit, or a forced shutdown):
+                // the process may still be running it, so it goes.
+                process.terminate(grace).await;
+                break Some(End::Broken { reason: format!("the worker gave up on task {}", job.id), startup: false });
+            }
+        }
+    };
+    // The task stays named in the log lines until the next one starts: its stderr is read
+    // concurrently with its answer, and may still be on its way.
+    end
+}
