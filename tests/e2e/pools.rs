@@ -783,11 +783,12 @@ async fn the_builtin_send_mail_takes_the_seeds_argument_shape() {
         )
         .await
         .unwrap();
-    let path = receipt["delivered_to"]
+    // The receipt names the file, not the server's path: `outbox:<task-id>.eml`.
+    let name = receipt["delivered_to"]
         .as_str()
-        .and_then(|p| p.strip_prefix("file://"))
+        .and_then(|p| p.strip_prefix("outbox:"))
         .unwrap();
-    let message = std::fs::read_to_string(path).unwrap();
+    let message = std::fs::read_to_string(outbox.path().join(name)).unwrap();
     assert!(message.contains("To: ann@example.com\r\n"), "{message}");
     assert!(message.ends_with("\r\n\r\nHello Ann"), "{message}");
     let other = client
