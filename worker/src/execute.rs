@@ -382,7 +382,7 @@ mod tests {
             let outcome = judge(
                 std::fs::read(&path).unwrap(),
                 None,
-                Some("amq.rabbitmq.reply-to.x"),
+                Some("warren.reply.corpus"),
             );
             let want = *expected
                 .get(name.as_str())
@@ -405,16 +405,19 @@ mod tests {
 
     /// What [`Executor::execute`] must decide for a delivery of the proptest below; `None`
     /// where only the kind of a failed attempt is fixed (a sleep that may or may not overrun).
+    ///
+    /// `unusable_headers` is the envelope's own verdict on the reply address and the attempt
+    /// number (both unit-tested in `warren_shared::envelope`).
     fn expected(
         body: &[u8],
         version: Option<i64>,
         deadline: Option<i64>,
-        reply_to: Option<&str>,
+        unusable_headers: bool,
     ) -> Result<Outcome, ErrorKind> {
         if version.is_some_and(|v| v != protocol::PROTOCOL_VERSION) {
             return Ok(rejected(ErrorKind::UnsupportedVersion, ""));
         }
-        if reply_to.is_some_and(|r| r.chars().any(char::is_control)) {
+        if unusable_headers {
             return Ok(rejected(ErrorKind::BadRequest, ""));
         }
         let request = match Request::decode(body) {
@@ -492,7 +495,15 @@ mod tests {
             if let Some(a) = attempt { envelope::set_header_int(&mut h, headers::ATTEMPT, a); }
             if let Some(d) = deadline { envelope::set_header_int(&mut h, headers::DEADLINE, d); }
             if let Some(b) = &backoff { envelope::set_header_str(&mut h, headers::BACKOFF, b); }
-            let want = expected(&body, version, deadline, reply_to.as_deref());
+            let mut properties = lapin::BasicProperties::default().with_headers(h.clone());
+            if let Some(r) = &reply_to {
+                properties = properties.with_reply_to(r.as_str().into());
+            }
+            let mut probe = Delivery::mock(1, "".into(), "q".into(), false, Vec::new());
+            probe.properties = properties;
+            let read = Envelope::of(&probe);
+            let unusable = matches!(read.reply_to, ReplyTo::Invalid { .. }) || read.attempt.is_err();
+            let want = expected(&body, version, deadline, unusable);
             let outcome = judge(body, Some(h), reply_to.as_deref());
             proptest::prop_assert!(same_verdict(&outcome, &want), "got {outcome:?}, want {want:?}");
         }
