@@ -15,11 +15,13 @@
 //! - [`policy`]: attempts, backoff and time limit of a task, and their per-task headers.
 //! - [`shutdown`]: SIGTERM/SIGINT handling of the binaries (graceful first, forced second).
 //! - [`telemetry`]: tracing set-up shared by the binaries.
+//! - [`metrics`]: the Prometheus series every process records (publish confirms, reconnects).
 //!
 //! This crate is `warren-shared`, the project's own library; it is not the team notes folder.
 
 pub mod broker;
 pub mod link;
+pub mod metrics;
 pub mod policy;
 pub mod pool;
 pub mod protocol;

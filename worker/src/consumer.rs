@@ -28,7 +28,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use warren_shared::broker::{self, BrokerError, BrokerSettings, Purpose};
-use warren_shared::link::Link;
+use warren_shared::link::{Link, LinkState};
 use warren_shared::{Policy, pool, topology};
 
 use crate::execute::Executor;
@@ -125,6 +125,10 @@ pub struct Health {
     pub recoveries: usize,
     /// Why it last had to recover.
     pub last_problem: Option<String>,
+    /// Whether the consuming connection is up now.
+    pub consume_up: bool,
+    /// Whether the publishing connection (replies, retries, dead letters) is up now.
+    pub publish_up: bool,
 }
 
 impl Health {
@@ -135,7 +139,20 @@ impl Health {
             in_flight: 0,
             recoveries: 0,
             last_problem: None,
+            consume_up: true,
+            publish_up: true,
         }
+    }
+
+    /// Whether it can take work: consuming (not recovering, not starving per the watchdog,
+    /// which rebuilds a starving consumer) with both connections up. What `/readyz` answers.
+    pub fn is_ready(&self) -> bool {
+        self.is_healthy() && self.consume_up && self.publish_up
+    }
+
+    /// Whether its supervisor still runs (anything but stopped). What `/healthz` answers.
+    pub fn is_alive(&self) -> bool {
+        self.state != WorkerState::Stopped
     }
 
     /// Whether it is doing its job (consuming, or running tasks while stopping).
@@ -161,9 +178,15 @@ impl RunningWorker {
 
     /// Its health now.
     pub fn health(&self) -> Health {
-        let mut health = self.health.borrow().clone();
-        health.in_flight = self.shared.in_flight.load(Ordering::SeqCst);
-        health
+        self.probe().health()
+    }
+
+    /// A cloneable handle that reads its health, for a health endpoint.
+    pub fn probe(&self) -> HealthProbe {
+        HealthProbe {
+            health: self.health.clone(),
+            shared: self.shared.clone(),
+        }
     }
 
     /// A receiver that sees every state change.
@@ -203,9 +226,37 @@ impl RunningWorker {
     }
 }
 
+/// Reads a running worker's [`Health`]; cheap to clone, usable after the worker has stopped.
+#[derive(Debug, Clone)]
+pub struct HealthProbe {
+    health: watch::Receiver<Health>,
+    shared: Arc<Shared>,
+}
+
+impl HealthProbe {
+    /// The health now.
+    pub fn health(&self) -> Health {
+        let mut health = self.health.borrow().clone();
+        health.in_flight = self.shared.in_flight.load(Ordering::SeqCst);
+        let links = self
+            .shared
+            .links
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((consume, publish)) = links.as_ref() {
+            health.consume_up = consume.state().is_up();
+            health.publish_up =
+                !matches!(publish.state(), LinkState::Down { .. } | LinkState::Closed);
+        }
+        health
+    }
+}
+
 /// State shared by the supervisor and the task runners.
 #[derive(Debug, Default)]
 struct Shared {
+    /// The links of the current connections (consume, publish), for health checks.
+    links: std::sync::Mutex<Option<(Link, Link)>>,
     in_flight: AtomicUsize,
     /// Milliseconds since `epoch` of the last delivery.
     last_delivery_ms: std::sync::atomic::AtomicU64,
@@ -214,6 +265,17 @@ struct Shared {
 }
 
 impl Shared {
+    /// Follows the current connections (after they are opened or replaced).
+    fn track(&self, connections: &Connections) {
+        *self
+            .links
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((
+            connections.consume_link.clone(),
+            connections.publish_link.clone(),
+        ));
+    }
+
     fn epoch(&self) -> Instant {
         *self.epoch.get_or_init(Instant::now)
     }
@@ -267,6 +329,8 @@ pub async fn start(
         abort: abort.clone(),
     };
     let shared = Arc::new(Shared::default());
+    shared.track(&connections);
+    crate::metrics::register_functions(&executor.registry.functions());
     shared.delivered();
     let (health_tx, health) = watch::channel(Health::new(WorkerState::Consuming));
     let supervisor = Supervisor {
@@ -335,6 +399,14 @@ impl Connections {
         let connection =
             Arc::new(broker::connect(&settings.broker, &settings.name, purpose).await?);
         let link = Link::watch(connection.clone(), format!("{}/{purpose:?}", settings.name));
+        warren_shared::metrics::watch_link(
+            &link,
+            if purpose == Purpose::Consume {
+                "consume"
+            } else {
+                "publish"
+            },
+        );
         Ok((connection, link))
     }
 
@@ -482,6 +554,7 @@ impl Supervisor {
             };
             tracing::warn!(queue = %self.settings.queue, %reason, "consumer lost; rebuilding it");
             self.set_state(WorkerState::Recovering, Some(reason.clone()));
+            crate::metrics::recovered(&self.settings.queue);
             session.close().await;
             session = match self.rebuild(&shutdown).await {
                 Ok(Some(s)) => s,
@@ -492,6 +565,7 @@ impl Supervisor {
                 }
             };
             self.shared.stalled.store(false, Ordering::SeqCst);
+            self.shared.track(&self.connections);
             self.shared.delivered();
             self.set_state(WorkerState::Consuming, None);
             tracing::info!(queue = %self.settings.queue, "consuming again");
@@ -589,13 +663,16 @@ impl Supervisor {
         let executor = self.executor.clone();
         let shared = self.shared.clone();
         shared.in_flight.fetch_add(1, Ordering::SeqCst);
+        let measure = crate::metrics::TaskMetrics::started(&self.settings.queue, &delivery);
         self.tracker.spawn(async move {
             let envelope = Envelope::of(&delivery);
             let outcome = executor.execute(&delivery, &envelope).await;
+            let measure = measure.judged();
             if let Outcome::DeadLetter { reason: DeadReason::Rejected, failure } = &outcome {
                 tracing::warn!(task.id = %envelope.id, kind = %failure.kind, error = %failure.message, "rejected task dead-lettered");
             }
-            settler.settle(&delivery, &envelope, &outcome).await;
+            let settled = settler.settle(&delivery, &envelope, &outcome).await;
+            measure.settled(&outcome, &settled);
             shared.in_flight.fetch_sub(1, Ordering::SeqCst);
         });
     }

@@ -8,6 +8,8 @@
 //! - `execute`: judging one delivery (decode, check, run isolated, time-limit) into an [`Outcome`].
 //! - [`outcome`]: acting on the verdict; the only code that acks.
 //! - [`consumer`]: connections, the consumer loop with prefetch = concurrency, shutdown.
+//! - [`metrics`] and [`ops`]: the Prometheus series, and the `/metrics`, `/healthz`, `/readyz`
+//!   listener.
 //! - [`builtin`] and [`mail`]: the `echo`, `sleep`, `fail` and `send_mail` tasks.
 //!
 //! ```no_run
@@ -26,11 +28,15 @@ pub mod consumer;
 mod execute;
 pub mod handler;
 pub mod mail;
+pub mod metrics;
+pub mod ops;
 pub mod outcome;
 pub mod registry;
 
 pub use builtin::builtin_registry;
-pub use consumer::{Health, RunningWorker, WorkerError, WorkerSettings, WorkerState, run, start};
+pub use consumer::{
+    Health, HealthProbe, RunningWorker, WorkerError, WorkerSettings, WorkerState, run, start,
+};
 pub use handler::{Handler, Retry, TaskContext, TaskError};
 pub use mail::Mailer;
 pub use outcome::{DeadReason, Outcome};

@@ -53,6 +53,10 @@ struct Args {
     /// Directory where send_mail writes .eml files when no SMTP relay is set.
     #[arg(long, env = "WARREN_OUTBOX", default_value = "outbox")]
     outbox: PathBuf,
+    /// Serve Prometheus metrics (`/metrics`) and health checks (`/healthz`, `/readyz`) on this
+    /// address, e.g. `127.0.0.1:9464`. Off by default.
+    #[arg(long = "metrics", env = "WARREN_METRICS_ADDR", value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
     /// SMTP relay for send_mail, e.g. `smtp://relay:25` or `smtps://user:pass@host:465`.
     #[arg(long, env = "WARREN_SMTP_URL", hide_env_values = true)]
     smtp_url: Option<String>,
@@ -108,7 +112,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ..WorkerSettings::default()
     };
     let shutdown = CancellationToken::new();
+    // Installed before the worker starts, so that its first tasks are counted.
+    let handle = match args.metrics {
+        Some(_) => Some(warren_worker::metrics::install()?),
+        None => None,
+    };
+    let (queue, concurrency) = (settings.queue.clone(), settings.concurrency);
     let worker = warren_worker::start(settings, builtin_registry(mailer), shutdown.clone()).await?;
+    if let Some(addr) = args.metrics {
+        let ops = warren_worker::ops::Ops {
+            probe: worker.probe(),
+            metrics: handle,
+            queue,
+            concurrency,
+        };
+        // Stops with the process: it must answer (503) while the worker drains.
+        warren_worker::ops::bind(addr, ops, CancellationToken::new())
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
+    }
     tokio::spawn(warren_shared::shutdown::on_signals(
         shutdown,
         "no new tasks; finishing the ones in flight",
