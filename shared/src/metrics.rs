@@ -5,7 +5,11 @@
 //! without `--metrics`) every call here is a cheap no-op. The worker and the gateway install
 //! the recorder and serve it; their own series live in their `metrics` modules.
 
+use std::sync::OnceLock;
 use std::time::Instant;
+
+pub use metrics_exporter_prometheus::{BuildError, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 
 use crate::link::{Link, LinkState};
 use crate::pool::PublishError;
@@ -16,6 +20,44 @@ pub const PUBLISH_CONFIRM_SECONDS: &str = "warren_publish_confirm_duration_secon
 pub const PUBLISH_FAILURES: &str = "warren_publish_failures_total";
 /// Counter: times a connection came back up after being lost, by `connection`.
 pub const RECONNECTS: &str = "warren_reconnects_total";
+
+/// Histogram buckets (seconds) of every `_seconds` histogram: 5 ms to 30 min.
+const BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+    1800.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder (once; later calls return the same handle).
+/// Until then, nothing is recorded.
+///
+/// # Errors
+/// [`BuildError`] when another recorder is already installed in this process.
+pub fn install() -> Result<PrometheusHandle, BuildError> {
+    if let Some(handle) = HANDLE.get() {
+        return Ok(handle.clone());
+    }
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS)?
+        .install_recorder()?;
+    metrics::describe_histogram!(
+        PUBLISH_CONFIRM_SECONDS,
+        metrics::Unit::Seconds,
+        "Publish to broker confirm."
+    );
+    metrics::describe_counter!(
+        PUBLISH_FAILURES,
+        "Publishes that did not end in a confirm, by reason."
+    );
+    metrics::describe_counter!(RECONNECTS, "Times a lost connection came back up.");
+    Ok(HANDLE.get_or_init(|| handle).clone())
+}
+
+/// Whether [`install`] has run: label values that cost work to compute are skipped otherwise.
+pub fn enabled() -> bool {
+    HANDLE.get().is_some()
+}
 
 /// Records one [`crate::pool::publish_confirmed`] call.
 pub fn publish_confirmed(started: Instant, result: &Result<(), PublishError>) {

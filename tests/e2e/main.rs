@@ -6,5 +6,6 @@
 mod cli;
 mod core;
 mod gateway;
+mod operations;
 mod processes;
 mod reliability;

@@ -13,8 +13,8 @@ use std::sync::{OnceLock, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use lapin::message::Delivery;
-use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 use warren_shared::ErrorKind;
+use warren_shared::metrics::{BuildError, PrometheusHandle};
 use warren_shared::protocol::Reply;
 
 use crate::consumer::Health;
@@ -39,28 +39,51 @@ pub const RECOVERIES: &str = "warren_worker_recoveries_total";
 /// Gauge: 1 when the connection is up, by `connection` (`consume`, `publish`).
 pub const CONNECTION_UP: &str = "warren_worker_connection_up";
 
-/// Histogram buckets (seconds) of every `_seconds` histogram: 5 ms to 30 min.
-const BUCKETS: &[f64] = &[
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
-    1800.0,
-];
-
-static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 static FUNCTIONS: OnceLock<RwLock<HashSet<String>>> = OnceLock::new();
 
-/// Installs the process-wide Prometheus recorder (once; later calls return the same handle).
+/// Installs the process-wide Prometheus recorder and describes the worker's series.
 ///
 /// # Errors
 /// [`BuildError`] when another recorder is already installed in this process.
 pub fn install() -> Result<PrometheusHandle, BuildError> {
-    if let Some(handle) = HANDLE.get() {
-        return Ok(handle.clone());
-    }
-    let handle = PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS)?
-        .install_recorder()?;
+    let handle = warren_shared::metrics::install()?;
     describe();
-    Ok(HANDLE.get_or_init(|| handle).clone())
+    Ok(handle)
+}
+
+fn enabled() -> bool {
+    warren_shared::metrics::enabled()
+}
+
+/// Makes `functions` label values (any other function is counted as `other`).
+pub(crate) fn register_functions(functions: &[&str]) {
+    let set = FUNCTIONS.get_or_init(RwLock::default);
+    let mut set = set
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    set.extend(functions.iter().map(|f| (*f).to_owned()));
+}
+
+/// The `function` label of a delivery: its function if registered here, else `other`.
+fn function_label(body: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Head<'a> {
+        #[serde(borrow)]
+        function: std::borrow::Cow<'a, str>,
+    }
+    let Ok(head) = serde_json::from_slice::<Head<'_>>(body) else {
+        return "other".to_owned();
+    };
+    let known = FUNCTIONS.get().is_some_and(|set| {
+        set.read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(head.function.as_ref())
+    });
+    if known {
+        head.function.into_owned()
+    } else {
+        "other".to_owned()
+    }
 }
 
 /// The `# HELP` lines.
@@ -95,54 +118,6 @@ fn describe() {
     );
     describe_counter!(RECOVERIES, "Times the supervisor rebuilt the consumer.");
     describe_gauge!(CONNECTION_UP, "1 while the connection is up.");
-    describe_histogram!(
-        warren_shared::metrics::PUBLISH_CONFIRM_SECONDS,
-        Unit::Seconds,
-        "Publish to broker confirm."
-    );
-    describe_counter!(
-        warren_shared::metrics::PUBLISH_FAILURES,
-        "Publishes that did not end in a confirm, by reason."
-    );
-    describe_counter!(
-        warren_shared::metrics::RECONNECTS,
-        "Times a lost connection came back up."
-    );
-}
-
-fn enabled() -> bool {
-    HANDLE.get().is_some()
-}
-
-/// Makes `functions` label values (any other function is counted as `other`).
-pub(crate) fn register_functions(functions: &[&str]) {
-    let set = FUNCTIONS.get_or_init(RwLock::default);
-    let mut set = set
-        .write()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    set.extend(functions.iter().map(|f| (*f).to_owned()));
-}
-
-/// The `function` label of a delivery: its function if registered here, else `other`.
-fn function_label(body: &[u8]) -> String {
-    #[derive(serde::Deserialize)]
-    struct Head<'a> {
-        #[serde(borrow)]
-        function: std::borrow::Cow<'a, str>,
-    }
-    let Ok(head) = serde_json::from_slice::<Head<'_>>(body) else {
-        return "other".to_owned();
-    };
-    let known = FUNCTIONS.get().is_some_and(|set| {
-        set.read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .contains(head.function.as_ref())
-    });
-    if known {
-        head.function.into_owned()
-    } else {
-        "other".to_owned()
-    }
 }
 
 /// One task being measured, from delivery to settlement.

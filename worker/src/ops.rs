@@ -13,10 +13,10 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use warren_shared::metrics::PrometheusHandle;
 
 use crate::consumer::{Health, HealthProbe, WorkerState};
 

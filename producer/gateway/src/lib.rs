@@ -15,6 +15,7 @@
 //! and returns.
 
 pub mod limits;
+pub mod metrics;
 pub mod text;
 pub mod ws;
 

@@ -96,6 +96,7 @@ impl Connection {
 
     /// Runs the connection until the client leaves, it idles out, or the gateway shuts down.
     async fn run(mut self, mut socket: WebSocket) {
+        let _open = crate::metrics::connection_opened("websocket");
         let limits = self.shared.limits().clone();
         let shutdown = self.shared.shutdown.clone();
         let mut queue = self.shared.queue.clone();
@@ -284,6 +285,10 @@ async fn call(
             result
         }
     };
+    crate::metrics::task_finished(
+        crate::metrics::function_label(&shared.limits().allow, &task.function),
+        &result,
+    );
     let event = match result {
         Ok(result) => json!({"id": id, "ok": true, "result": result}).to_string(),
         Err(e) => error_event(&id, &GatewayError::from(e)),
@@ -317,6 +322,7 @@ fn read_error_close(error: axum::Error, limit: usize) -> Option<CloseFrame> {
         Some(tungstenite::Error::Capacity(_))
     );
     if too_large {
+        crate::metrics::rejected(Kind::TooLarge);
         tracing::debug!(limit, "ws: message over the size limit; closing");
         Some(CloseFrame {
             code: close_code::SIZE,

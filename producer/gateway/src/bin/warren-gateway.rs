@@ -57,6 +57,10 @@ struct Args {
     /// On SIGTERM, how long calls in flight may take to deliver their results.
     #[arg(long, env = "WARREN_GATEWAY_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
+    /// Serve Prometheus metrics (`/metrics`) and health checks (`/healthz`, `/readyz`) on this
+    /// address, e.g. `127.0.0.1:9465`. Off by default.
+    #[arg(long = "metrics", env = "WARREN_METRICS_ADDR", value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
 }
 
 #[tokio::main]
@@ -79,6 +83,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let text = TcpListener::bind(args.text)
         .await
         .with_context(|| format!("cannot listen on --text {}", args.text))?;
+    let handle = match args.metrics {
+        Some(_) => Some(warren_gateway::metrics::install()?),
+        None => None,
+    };
     let client = Client::connect(ClientSettings {
         broker: BrokerSettings::new(args.amqp_url),
         queue: args.queue,
@@ -99,6 +107,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ..GatewaySettings::default()
     };
     let shutdown = CancellationToken::new();
+    if let Some(addr) = args.metrics {
+        // Stops with the process: it answers (503) while the gateway drains.
+        warren_gateway::metrics::serve_ops(addr, client.clone(), handle, CancellationToken::new())
+            .await
+            .with_context(|| format!("cannot serve metrics on {addr}"))?;
+    }
     tokio::spawn(warren_shared::shutdown::on_signals(
         shutdown.clone(),
         "no new connections; delivering results in flight",
