@@ -209,6 +209,33 @@ pub fn process_name(role: &str) -> String {
     format!("{role}@{}:{}", host.to_string_lossy(), std::process::id())
 }
 
+/// The client properties of a connection named `name` (see [`process_name`]): its name, what
+/// it is, and who runs it, for the management UI's Connections page and `warren status`.
+fn client_properties(
+    name: &str,
+    purpose: Purpose,
+    details: &[(&str, String)],
+) -> Vec<(String, String)> {
+    let mut properties = vec![
+        (
+            "connection_name".to_owned(),
+            format!("{name}/{}", purpose.as_str()),
+        ),
+        ("product".to_owned(), "Warren".to_owned()),
+        ("version".to_owned(), env!("CARGO_PKG_VERSION").to_owned()),
+        ("purpose".to_owned(), purpose.as_str().to_owned()),
+    ];
+    if let Some((role, place)) = name.split_once('@') {
+        properties.push(("role".to_owned(), role.to_owned()));
+        if let Some((host, pid)) = place.rsplit_once(':') {
+            properties.push(("host".to_owned(), host.to_owned()));
+            properties.push(("pid".to_owned(), pid.to_owned()));
+        }
+    }
+    properties.extend(details.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
+    properties
+}
+
 /// Opens a named connection with heartbeat and auto-recovery.
 ///
 /// `name` is what the management UI shows as the connection's name (see [`process_name`]); the
@@ -221,6 +248,20 @@ pub async fn connect(
     settings: &BrokerSettings,
     name: &str,
     purpose: Purpose,
+) -> Result<Connection, BrokerError> {
+    connect_as(settings, name, purpose, &[]).await
+}
+
+/// As [`connect`], with `details` (e.g. `queue`, `concurrency`) added to the client properties
+/// the management UI shows beside the product (`Warren`), version, role, host and pid.
+///
+/// # Errors
+/// As [`connect`].
+pub async fn connect_as(
+    settings: &BrokerSettings,
+    name: &str,
+    purpose: Purpose,
+    details: &[(&str, String)],
 ) -> Result<Connection, BrokerError> {
     let url = settings.redacted_url();
     let mut uri: AMQPUri =
@@ -259,8 +300,11 @@ pub async fn connect(
         }
     }
     let reconnect = settings.reconnect.clone();
-    let properties = ConnectionProperties::default()
-        .with_connection_name(format!("{name}/{}", purpose.as_str()).into())
+    let properties = client_properties(name, purpose, details)
+        .into_iter()
+        .fold(ConnectionProperties::default(), |p, (key, value)| {
+            p.with_client_property(key.into(), value.into())
+        })
         .enable_auto_recover()
         .configure_backoff(|b| {
             let b = b
@@ -322,6 +366,27 @@ mod tests {
             r.delay(3) <= Duration::from_millis(800) && r.delay(3) >= Duration::from_millis(400)
         );
         assert!(r.delay(50) <= Duration::from_secs(10) && r.delay(50) >= Duration::from_secs(5));
+    }
+
+    #[test]
+    fn client_properties_name_the_process() {
+        let properties = client_properties(
+            "warren-worker@box:42",
+            Purpose::Consume,
+            &[("queue", "q".to_owned())],
+        );
+        let get = |key: &str| {
+            properties
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(get("connection_name"), Some("warren-worker@box:42/consume"));
+        assert_eq!(get("product"), Some("Warren"));
+        assert_eq!(get("role"), Some("warren-worker"));
+        assert_eq!(get("host"), Some("box"));
+        assert_eq!(get("pid"), Some("42"));
+        assert_eq!(get("queue"), Some("q"));
     }
 
     #[test]

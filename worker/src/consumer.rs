@@ -396,8 +396,13 @@ impl Connections {
         settings: &WorkerSettings,
         purpose: Purpose,
     ) -> Result<(Arc<Connection>, Link), BrokerError> {
-        let connection =
-            Arc::new(broker::connect(&settings.broker, &settings.name, purpose).await?);
+        let details = [
+            ("queue", settings.queue.clone()),
+            ("concurrency", settings.concurrency.to_string()),
+        ];
+        let connection = Arc::new(
+            broker::connect_as(&settings.broker, &settings.name, purpose, &details).await?,
+        );
         let link = Link::watch(connection.clone(), format!("{}/{purpose:?}", settings.name));
         warren_shared::metrics::watch_link(
             &link,
