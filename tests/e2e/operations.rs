@@ -344,3 +344,128 @@ async fn readyz_is_503_while_the_broker_connection_is_cut_and_200_after_recovery
     let (status, _) = http_get(format!("http://{addr}/healthz")).await.unwrap();
     assert_eq!(status, 503, "a stopped worker is not alive");
 }
+
+/// `warren status --queue <queue> [extra]`: (success, stdout, stderr).
+fn warren_status(queue: &str, extra: &[&str]) -> (bool, String, String) {
+    let output = Command::new(binary("warren"))
+        .args(["status", "--queue", queue])
+        .args(extra)
+        .env("AMQP_URL", amqp_url())
+        .env_remove("WARREN_MANAGEMENT_URL")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn status_json(queue: &str) -> Value {
+    let (ok, stdout, stderr) = warren_status(queue, &["--json"]);
+    assert!(ok, "warren status failed: {stderr}");
+    serde_json::from_str(stdout.trim()).unwrap()
+}
+
+fn work_row(status: &Value) -> Value {
+    status["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["role"] == "work")
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warren_status_shows_depth_consumers_and_workers_and_degrades_without_the_api() {
+    const WAITING: u64 = 5;
+    let q = TestQueue::new("status");
+    let client = q.client().await;
+    client.declare_queue(&q.name).await.unwrap();
+    for i in 0..WAITING {
+        client
+            .enqueue(&warren_shared::tasks::Echo(json!(i)))
+            .await
+            .unwrap();
+    }
+
+    // Without the management API: AMQP alone gives depth and consumers, with a note.
+    let nowhere = format!("http://{}", free_addr());
+    let (ok, text, stderr) = warren_status(&q.name, &["--management-url", &nowhere]);
+    assert!(ok, "{stderr}");
+    assert!(text.contains("management API not reachable"), "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&format!("{} ", q.name)))
+        .unwrap();
+    let columns: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(columns[1], WAITING.to_string(), "{line}");
+    assert_eq!(columns[3], "0", "{line}");
+    let (ok, json_out, _) = warren_status(&q.name, &["--management-url", &nowhere, "--json"]);
+    assert!(ok);
+    let degraded: Value = serde_json::from_str(json_out.trim()).unwrap();
+    assert_eq!(degraded["source"], "amqp");
+    assert_eq!(work_row(&degraded)["ready"], WAITING);
+
+    // From the management API (its figures are refreshed every few seconds).
+    eventually(
+        "status to show the waiting tasks",
+        Duration::from_secs(30),
+        || async {
+            let status = status_json(&q.name);
+            status["source"] == "management" && work_row(&status)["ready"] == WAITING
+        },
+    )
+    .await;
+    let status = status_json(&q.name);
+    assert!(status["note"].is_null(), "{status}");
+    assert_eq!(work_row(&status)["consumers"], 0);
+    assert!(
+        status["queues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["role"] == "dead")
+    );
+    assert_eq!(status["workers"], json!([]));
+
+    // A worker drains the queue and shows up with its pid and concurrency.
+    let worker = ChildGuard::worker(&q.name, &["--concurrency", "3"]);
+    let pid = u64::try_from(worker.pid().as_raw()).unwrap();
+    eventually(
+        "status to show the worker and an empty queue",
+        Duration::from_secs(30),
+        || async {
+            let status = status_json(&q.name);
+            let row = work_row(&status);
+            row["ready"] == 0
+                && row["consumers"] == 1
+                && status["workers"].as_array().is_some_and(|w| w.len() == 1)
+        },
+    )
+    .await;
+    let status = status_json(&q.name);
+    let w = &status["workers"][0];
+    assert_eq!(w["pid"], pid, "{status}");
+    assert_eq!(w["concurrency"], 3);
+    assert_eq!(w["queue"], q.name.as_str());
+    assert!(
+        w["connection"]
+            .as_str()
+            .unwrap()
+            .starts_with("warren-worker@")
+    );
+    let (ok, text, _) = warren_status(&q.name, &[]);
+    assert!(ok);
+    assert!(text.contains("WORKERS (1)"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "warren-worker@{}:{pid}/consume",
+            w["host"].as_str().unwrap()
+        )),
+        "{text}"
+    );
+    client.close().await;
+}
