@@ -1,7 +1,7 @@
 //! # warren-cli
 //!
-//! The `warren` command line: `call`, `enqueue`, `dlq`, `status` ([`status`]: is it working?) and `demo` ([`demo`]: the motivating
-//! scenario, mail to 1000 users without blocking).
+//! The `warren` command line: `call`, `enqueue`, `dlq`, `status` ([`status`]: is it working?)
+//! and `demo` ([`demo`]: the motivating scenario, mail to 1000 users without blocking).
 //!
 //! Results go to stdout (JSON, one line); errors go to stderr as `error: <kind>: <message>`,
 //! with a non-zero exit status, so scripts can tell the two apart.
