@@ -15,6 +15,7 @@
 //! - [`policy`]: attempts, backoff and time limit of a task, and their per-task headers.
 //! - [`shutdown`]: SIGTERM/SIGINT handling of the binaries (graceful first, forced second).
 //! - [`telemetry`]: tracing set-up shared by the binaries.
+//! - [`trace`]: W3C trace context (`traceparent`) carried in task headers.
 //! - [`metrics`]: the Prometheus series every process records (publish confirms, reconnects).
 //!
 //! This crate is `warren-shared`, the project's own library; it is not the team notes folder.
@@ -30,6 +31,7 @@ pub mod task;
 pub mod tasks;
 pub mod telemetry;
 pub mod topology;
+pub mod trace;
 
 pub use broker::{BrokerError, BrokerSettings};
 pub use policy::Policy;

@@ -469,3 +469,62 @@ async fn warren_status_shows_depth_consumers_and_workers_and_degrades_without_th
     );
     client.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callers_trace_id_is_on_the_workers_process_span_and_logs_across_a_retry() {
+    let q = TestQueue::new("trace");
+    let dir = TempDir::new("trace");
+    let log_path = dir.0.join("worker.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_warren-test-worker"));
+    command
+        .args(["--queue", &q.name])
+        .env("AMQP_URL", amqp_url())
+        .env("RUST_LOG", "warn,warren_worker=debug")
+        .env("WARREN_LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(log);
+    let _worker = ChildGuard::spawn(command);
+    let client = q.client().await;
+    client.declare_queue(&q.name).await.unwrap();
+    eventually("the worker to consume", Duration::from_secs(20), || async {
+        client
+            .queue_stats(&q.name)
+            .await
+            .is_ok_and(|s| s.consumers == 1)
+    })
+    .await;
+
+    let root = warren_shared::trace::TraceContext::new_root();
+    let options = warren_client::CallOptions::default().trace(root.clone());
+    let attempt = client
+        .call_with(&warren_tests::tasks::Flaky { succeed_on: 2 }, &options)
+        .await
+        .unwrap();
+    assert_eq!(attempt, 2, "the first attempt failed and was retried");
+
+    let lines: Vec<Value> = std::fs::read_to_string(&log_path)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let in_task = |message: &str| {
+        lines
+            .iter()
+            .find(|l| l["fields"]["message"] == message)
+            .unwrap_or_else(|| panic!("no {message:?} line in {lines:#?}"))
+            .clone()
+    };
+    for line in [in_task("attempt failed; retrying"), in_task("task done")] {
+        let span = &line["span"];
+        assert_eq!(span["trace_id"], root.trace_id.as_str(), "{line}");
+        assert_eq!(span["otel.name"], format!("process {}", q.name), "{line}");
+        let parent = span["parent_span_id"].as_str().unwrap();
+        assert_ne!(
+            parent, root.span_id,
+            "the parent is the caller's send span: {line}"
+        );
+        assert_ne!(span["span_id"], parent, "{line}");
+    }
+    client.close().await;
+}

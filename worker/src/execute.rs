@@ -107,11 +107,20 @@ impl Executor {
                 };
             }
         };
+        // OpenTelemetry messaging conventions: a `process {queue}` span, child of the caller's
+        // `send` span when the task carries a `traceparent`; the ids go into every log line.
+        let trace = warren_shared::trace::read(h).map(|parent| (parent.child(), parent.span_id));
         let span = tracing::info_span!(
             "task",
             task.id = %envelope.id,
             task.function = %request.function,
             attempt,
+            otel.name = %format!("process {}", delivery.routing_key),
+            messaging.system = "rabbitmq",
+            messaging.operation = "process",
+            trace_id = trace.as_ref().map(|(t, _)| t.trace_id.as_str()),
+            span_id = trace.as_ref().map(|(t, _)| t.span_id.as_str()),
+            parent_span_id = trace.as_ref().map(|(_, parent)| parent.as_str()),
         );
         self.run(delivery, envelope, request, attempt)
             .instrument(span)

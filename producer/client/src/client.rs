@@ -103,9 +103,20 @@ pub struct CallOptions {
     pub backoff: Option<Vec<Duration>>,
     /// Execution time limit of one attempt (overrides the worker's policy for this task).
     pub time_limit: Option<Duration>,
+    /// The caller's trace context: the task carries a `traceparent` naming a `send` span that
+    /// is its child, so the worker's `process` span joins the same trace (and keeps it across
+    /// retries).
+    pub trace: Option<warren_shared::trace::TraceContext>,
 }
 
 impl CallOptions {
+    /// Continues the trace `context` on the worker (see [`CallOptions::trace`]).
+    #[must_use]
+    pub fn trace(mut self, context: warren_shared::trace::TraceContext) -> Self {
+        self.trace = Some(context);
+        self
+    }
+
     /// Gives the task `attempts` attempts in all.
     #[must_use]
     pub fn max_attempts(mut self, attempts: u32) -> Self {
@@ -702,6 +713,14 @@ impl Client {
         if let Some(limit) = options.time_limit {
             let ms = i64::try_from(limit.as_millis()).unwrap_or(i64::MAX);
             protocol::set_header_int(&mut h, headers::TIME_LIMIT, ms);
+        }
+        if let Some(send) = options
+            .trace
+            .as_ref()
+            .map(warren_shared::trace::TraceContext::child)
+        {
+            tracing::debug!(task.id = %id, trace_id = %send.trace_id, span_id = %send.span_id, "send {queue}");
+            warren_shared::trace::write(&mut h, &send);
         }
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
