@@ -64,8 +64,27 @@ pub(crate) fn register_functions(functions: &[&str]) {
     set.extend(functions.iter().map(|f| (*f).to_owned()));
 }
 
-/// The `function` label of a delivery: its function if registered here, else `other`.
-fn function_label(body: &[u8]) -> String {
+fn registered(function: &str) -> bool {
+    FUNCTIONS.get().is_some_and(|set| {
+        set.read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(function)
+    })
+}
+
+/// The `function` label of a delivery: its function if registered here, else `other`. Read
+/// from the AMQP `type` property, which Warren's client sets to the function, without parsing
+/// the body; from the body when a foreign client did not set it.
+fn function_label(delivery: &Delivery) -> String {
+    if let Some(kind) = delivery.properties.kind()
+        && registered(kind.as_str())
+    {
+        return kind.as_str().to_owned();
+    }
+    function_in_body(&delivery.data)
+}
+
+fn function_in_body(body: &[u8]) -> String {
     #[derive(serde::Deserialize)]
     struct Head<'a> {
         #[serde(borrow)]
@@ -74,12 +93,7 @@ fn function_label(body: &[u8]) -> String {
     let Ok(head) = serde_json::from_slice::<Head<'_>>(body) else {
         return "other".to_owned();
     };
-    let known = FUNCTIONS.get().is_some_and(|set| {
-        set.read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .contains(head.function.as_ref())
-    });
-    if known {
+    if registered(&head.function) {
         head.function.into_owned()
     } else {
         "other".to_owned()
@@ -137,7 +151,7 @@ impl TaskMetrics {
                 started,
             };
         }
-        let function = function_label(&delivery.data);
+        let function = function_label(delivery);
         if delivery.redelivered {
             metrics::counter!(REDELIVERIES, "queue" => queue.to_owned()).increment(1);
         }
@@ -204,5 +218,24 @@ pub(crate) fn refresh(queue: &str, concurrency: u16, health: &Health) {
         ("publish", health.publish_up),
     ] {
         metrics::gauge!(CONNECTION_UP, "connection" => connection).set(if up { 1.0 } else { 0.0 });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_registered_functions_become_labels() {
+        register_functions(&["echo"]);
+        assert_eq!(
+            function_in_body(br#"{"function":"echo","args":[1]}"#),
+            "echo"
+        );
+        assert_eq!(
+            function_in_body(br#"{"args":1,"function":"x\u0041"}"#),
+            "other"
+        );
+        assert_eq!(function_in_body(b"not json"), "other");
     }
 }
