@@ -68,7 +68,7 @@ impl Drop for OpenConnection {
 pub(crate) fn rejected(kind: Kind) {
     if matches!(
         kind,
-        Kind::Forbidden | Kind::Busy | Kind::TooLarge | Kind::Unauthorized | Kind::BadRequest
+        Kind::Forbidden | Kind::Busy | Kind::TooLarge | Kind::Unauthorized
     ) {
         metrics::counter!(REJECTED, "reason" => kind.as_str()).increment(1);
     }
