@@ -29,6 +29,9 @@ const BUCKETS: &[f64] = &[
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
+/// How often buffered histogram samples are folded into buckets when nobody scrapes.
+const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Installs the process-wide Prometheus recorder (once; later calls return the same handle).
 /// Until then, nothing is recorded.
 ///
@@ -41,6 +44,20 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS)?
         .install_recorder()?;
+    // Histogram samples are buffered until folded into their buckets: by a scrape, or by this
+    // upkeep, so that memory stays bounded when nobody scrapes.
+    let upkeep = handle.clone();
+    let spawned = std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(UPKEEP_INTERVAL);
+                upkeep.run_upkeep();
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the metrics upkeep thread; histograms fold on scrape only");
+    }
     metrics::describe_histogram!(
         PUBLISH_CONFIRM_SECONDS,
         metrics::Unit::Seconds,
