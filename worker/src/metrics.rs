@@ -8,8 +8,8 @@
 //! Label cardinality is bounded: no task ids; `function` is one of the functions registered on
 //! this worker or `other` (a caller can put any string in a task).
 
-use std::collections::HashSet;
-use std::sync::{OnceLock, RwLock};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use lapin::message::Delivery;
@@ -72,18 +72,8 @@ fn registered(function: &str) -> bool {
     })
 }
 
-/// The `function` label of a delivery: its function if registered here, else `other`. Read
-/// from the AMQP `type` property, which Warren's client sets to the function, without parsing
-/// the body; from the body when a foreign client did not set it.
-fn function_label(delivery: &Delivery) -> String {
-    if let Some(kind) = delivery.properties.kind()
-        && registered(kind.as_str())
-    {
-        return kind.as_str().to_owned();
-    }
-    function_in_body(&delivery.data)
-}
-
+/// The function named in the body, if registered here; else `other` (a foreign client that
+/// did not set the AMQP `type` property to the function).
 fn function_in_body(body: &[u8]) -> String {
     #[derive(serde::Deserialize)]
     struct Head<'a> {
@@ -134,10 +124,89 @@ fn describe() {
     describe_gauge!(CONNECTION_UP, "1 while the connection is up.");
 }
 
+/// The series of one (queue, function), looked up in the registry once and then shared: the
+/// per-task cost is an atomic add, not a label lookup.
+struct Handles {
+    queue: String,
+    function: String,
+    latency: metrics::Histogram,
+    duration: metrics::Histogram,
+    redeliveries: metrics::Counter,
+    outcomes: Mutex<Vec<(Verdict, metrics::Counter)>>,
+}
+
+impl std::fmt::Debug for Handles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handles")
+            .field("queue", &self.queue)
+            .field("function", &self.function)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `outcome` and, when dead-lettered, `reason`.
+type Verdict = (&'static str, Option<&'static str>);
+
+type HandleMap = HashMap<String, HashMap<String, Arc<Handles>>>;
+static HANDLES: OnceLock<RwLock<HandleMap>> = OnceLock::new();
+
+fn handles(queue: &str, function: &str) -> Arc<Handles> {
+    let map = HANDLES.get_or_init(RwLock::default);
+    if let Some(found) = map
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(queue)
+        .and_then(|by_function| by_function.get(function))
+    {
+        return found.clone();
+    }
+    let mut map = map
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    map.entry(queue.to_owned())
+        .or_default()
+        .entry(function.to_owned())
+        .or_insert_with(|| {
+            let (q, f) = (queue.to_owned(), function.to_owned());
+            Arc::new(Handles {
+                latency: metrics::histogram!(QUEUE_LATENCY_SECONDS, "queue" => q.clone(), "function" => f.clone()),
+                duration: metrics::histogram!(TASK_SECONDS, "queue" => q.clone(), "function" => f.clone()),
+                redeliveries: metrics::counter!(REDELIVERIES, "queue" => q.clone()),
+                outcomes: Mutex::default(),
+                queue: q,
+                function: f,
+            })
+        })
+        .clone()
+}
+
+impl Handles {
+    fn outcome(&self, verdict: Verdict) -> metrics::Counter {
+        let mut outcomes = self
+            .outcomes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, counter)) = outcomes.iter().find(|(v, _)| *v == verdict) {
+            return counter.clone();
+        }
+        let (queue, function) = (self.queue.clone(), self.function.clone());
+        let counter = match verdict {
+            (outcome, Some(reason)) => {
+                metrics::counter!(TASKS, "queue" => queue, "function" => function, "outcome" => outcome, "reason" => reason)
+            }
+            (outcome, None) => {
+                metrics::counter!(TASKS, "queue" => queue, "function" => function, "outcome" => outcome)
+            }
+        };
+        outcomes.push((verdict, counter.clone()));
+        counter
+    }
+}
+
 /// One task being measured, from delivery to settlement.
 #[derive(Debug)]
 pub(crate) struct TaskMetrics {
-    labels: Option<(String, String)>,
+    handles: Option<Arc<Handles>>,
     started: Instant,
 }
 
@@ -147,13 +216,16 @@ impl TaskMetrics {
         let started = Instant::now();
         if !enabled() {
             return Self {
-                labels: None,
+                handles: None,
                 started,
             };
         }
-        let function = function_label(delivery);
+        let handles = match delivery.properties.kind() {
+            Some(kind) if registered(kind.as_str()) => self::handles(queue, kind.as_str()),
+            _ => self::handles(queue, &function_in_body(&delivery.data)),
+        };
         if delivery.redelivered {
-            metrics::counter!(REDELIVERIES, "queue" => queue.to_owned()).increment(1);
+            handles.redeliveries.increment(1);
         }
         // The AMQP timestamp has whole seconds: the latency is over-estimated by under 1 s.
         if let Some(sent) = *delivery.properties.timestamp()
@@ -161,19 +233,19 @@ impl TaskMetrics {
         {
             #[allow(clippy::cast_precision_loss)] // seconds since 1970 fit an f64 exactly
             let latency = (now.as_secs_f64() - sent as f64).max(0.0);
-            metrics::histogram!(QUEUE_LATENCY_SECONDS, "queue" => queue.to_owned(), "function" => function.clone())
-                .record(latency);
+            handles.latency.record(latency);
         }
         Self {
-            labels: Some((queue.to_owned(), function)),
+            handles: Some(handles),
             started,
         }
     }
 
     /// The task has its verdict: records its run time.
     pub(crate) fn judged(self) -> Self {
-        if let Some((queue, function)) = &self.labels {
-            metrics::histogram!(TASK_SECONDS, "queue" => queue.clone(), "function" => function.clone())
+        if let Some(handles) = &self.handles {
+            handles
+                .duration
                 .record(self.started.elapsed().as_secs_f64());
         }
         self
@@ -181,10 +253,10 @@ impl TaskMetrics {
 
     /// The delivery is settled: counts the task under what actually happened to it.
     pub(crate) fn settled(self, outcome: &Outcome, settled: &Settled) {
-        let Some((queue, function)) = self.labels else {
+        let Some(handles) = self.handles else {
             return;
         };
-        let (outcome, reason) = match (outcome, settled) {
+        let verdict = match (outcome, settled) {
             (_, Settled::Requeued) | (Outcome::HandBack, _) => ("handed_back", None),
             (Outcome::Reply(Reply::Ok(_)), _) => ("ok", None),
             (Outcome::Reply(Reply::Err(f)), _) if f.kind == ErrorKind::Expired => ("expired", None),
@@ -192,10 +264,7 @@ impl TaskMetrics {
             (Outcome::Retry { .. }, _) => ("retried", None),
             (Outcome::DeadLetter { reason, .. }, _) => ("dead_lettered", Some(reason.as_str())),
         };
-        match reason {
-            Some(reason) => metrics::counter!(TASKS, "queue" => queue, "function" => function, "outcome" => outcome, "reason" => reason).increment(1),
-            None => metrics::counter!(TASKS, "queue" => queue, "function" => function, "outcome" => outcome).increment(1),
-        }
+        handles.outcome(verdict).increment(1);
     }
 }
 
