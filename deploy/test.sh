@@ -45,6 +45,18 @@ if ! command -v php >/dev/null 2>&1; then
         echo "  apt-get install -y php-cli) or the handler pool tests fail." >&2
     fi
 fi
+# Prometheus for the metrics test (issue 11): Debian's package, only its binary is used (the test
+# starts its own server on a free loopback port with a temporary config and data dir, and kills it).
+if ! command -v prometheus >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "test.sh: installing prometheus for the metrics test" >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null \
+            || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
+    else
+        echo "test.sh: prometheus missing; install Debian's prometheus package (as root:" >&2
+        echo "  apt-get install -y prometheus); the metrics test needs it." >&2
+    fi
+fi
 if ! command -v node >/dev/null 2>&1; then
     echo "test.sh: node not found; the gateway page test needs Node.js 20+ (apt-get install nodejs)" >&2
 elif [ ! -d tests/browser/node_modules/playwright-core ]; then

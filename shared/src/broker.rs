@@ -534,12 +534,41 @@ pub fn process_name(role: &str) -> String {
     format!("{role}@{}:{}", host.to_string_lossy(), std::process::id())
 }
 
+/// The client properties of a connection named `name` (see [`process_name`]): its name, what
+/// it is, and who runs it, for the management UI's Connections page and `warren status`.
+fn client_properties(
+    name: &str,
+    purpose: Purpose,
+    details: &[(String, String)],
+) -> Vec<(String, String)> {
+    let mut properties = vec![
+        (
+            "connection_name".to_owned(),
+            format!("{name}/{}", purpose.as_str()),
+        ),
+        ("product".to_owned(), "Warren".to_owned()),
+        ("version".to_owned(), env!("CARGO_PKG_VERSION").to_owned()),
+        ("purpose".to_owned(), purpose.as_str().to_owned()),
+    ];
+    if let Some((role, place)) = name.split_once('@') {
+        properties.push(("role".to_owned(), role.to_owned()));
+        if let Some((host, pid)) = place.rsplit_once(':') {
+            properties.push(("host".to_owned(), host.to_owned()));
+            properties.push(("pid".to_owned(), pid.to_owned()));
+        }
+    }
+    properties.extend(details.iter().cloned());
+    properties
+}
+
 /// Opens a named connection with a heartbeat to the broker at `address` (one URL of
 /// [`BrokerSettings::url`]). lapin's auto-recovery is left off: the caller's
 /// [`Link`](crate::link::Link) replaces the connection when it is lost.
 ///
 /// `name` is what the management UI shows as the connection's name (see [`process_name`]); the
-/// purpose is appended. This is the only place Warren opens a broker connection.
+/// purpose is appended. `details` (e.g. `queue`, `concurrency`) are added to the client
+/// properties the management UI shows beside the product (`Warren`), version, role, host and
+/// pid. This is the only place Warren opens a broker connection.
 ///
 /// An `amqps://` URL is TLS with the certificates of [`BrokerSettings::tls`].
 ///
@@ -553,6 +582,7 @@ pub async fn connect(
     address: &str,
     name: &str,
     purpose: Purpose,
+    details: &[(String, String)],
 ) -> Result<Connection, BrokerError> {
     let url = redact_url(address);
     let mut uri: AMQPUri = address
@@ -634,8 +664,11 @@ pub async fn connect(
             }
         }
     }
-    let properties = ConnectionProperties::default()
-        .with_connection_name(format!("{name}/{}", purpose.as_str()).into());
+    let properties = client_properties(name, purpose, details)
+        .into_iter()
+        .fold(ConnectionProperties::default(), |p, (key, value)| {
+            p.with_client_property(key.into(), value.into())
+        });
     let tls_url = uri.scheme == AMQPScheme::AMQPS;
     let user = uri.authority.userinfo.username.clone();
     match tokio::time::timeout(
@@ -790,9 +823,30 @@ mod tests {
     async fn a_build_without_tls_refuses_amqps() {
         let s = BrokerSettings::new("amqps://guest:guest@127.0.0.1:5671/%2f");
         assert!(matches!(
-            connect(&s, &s.url, "test", Purpose::Publish).await,
+            connect(&s, &s.url, "test", Purpose::Publish, &[]).await,
             Err(BrokerError::TlsUnsupported { .. })
         ));
+    }
+
+    #[test]
+    fn client_properties_name_the_process() {
+        let properties = client_properties(
+            "warren-worker@box:42",
+            Purpose::Consume,
+            &[("queue".to_owned(), "q".to_owned())],
+        );
+        let get = |key: &str| {
+            properties
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(get("connection_name"), Some("warren-worker@box:42/consume"));
+        assert_eq!(get("product"), Some("Warren"));
+        assert_eq!(get("role"), Some("warren-worker"));
+        assert_eq!(get("host"), Some("box"));
+        assert_eq!(get("pid"), Some("42"));
+        assert_eq!(get("queue"), Some("q"));
     }
 
     #[test]

@@ -27,6 +27,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 
 use crate::policy;
 use crate::protocol::{self, TaskFailure, TaskId};
+use crate::trace::TraceContext;
 
 /// Header names. All are optional for a sender; a worker reads a missing one as its default.
 pub mod headers {
@@ -48,6 +49,10 @@ pub mod headers {
     pub const TIME_LIMIT: &str = "x-warren-time-limit";
     /// The error of the previous attempt, on a retried copy.
     pub const LAST_ERROR: &str = "x-warren-last-error";
+    /// W3C `traceparent` of the sender's `send` span: `00-<trace id>-<span id>-<flags>`.
+    pub const TRACEPARENT: &str = "traceparent";
+    /// W3C `tracestate`: vendor data, passed on unchanged with `traceparent`.
+    pub const TRACESTATE: &str = "tracestate";
     /// Why a task was parked in the dead-letter queue: `rejected` (bad input),
     /// `permanent_failure` or `attempts_exhausted`.
     pub const DEAD_REASON: &str = "x-warren-dead-reason";
@@ -205,6 +210,21 @@ fn value_size(value: &AMQPValue) -> usize {
     }
 }
 
+/// The trace context a task carries, if it carries a valid one (an invalid one is ignored).
+fn read_trace(h: Option<&FieldTable>) -> Option<TraceContext> {
+    let parent = header_str(h, headers::TRACEPARENT)?;
+    let state = header_str(h, headers::TRACESTATE);
+    TraceContext::parse(&parent, state.as_deref())
+}
+
+/// Makes `context` the parent of whoever processes the message with headers `h`.
+fn write_trace(h: &mut FieldTable, context: &TraceContext) {
+    set_header_str(h, headers::TRACEPARENT, &context.traceparent());
+    if let Some(state) = &context.state {
+        set_header_str(h, headers::TRACESTATE, state);
+    }
+}
+
 /// Per-task policy overrides, as a caller sends them (see [`crate::Policy::overridden_by`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PolicyOverrides {
@@ -258,6 +278,9 @@ pub struct TaskEnvelope {
     pub deadline: Option<SystemTime>,
     /// The caller's retry policy for this task.
     pub overrides: PolicyOverrides,
+    /// The caller's `send` span (`traceparent`, `tracestate`), parent of the worker's
+    /// `process` span.
+    pub trace: Option<TraceContext>,
 }
 
 impl TaskEnvelope {
@@ -270,6 +293,9 @@ impl TaskEnvelope {
             set_header_int(&mut h, headers::DEADLINE, epoch_millis(deadline));
         }
         self.overrides.write(&mut h);
+        if let Some(trace) = &self.trace {
+            write_trace(&mut h, trace);
+        }
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
@@ -445,6 +471,8 @@ pub struct Incoming {
     pub overrides: PolicyOverrides,
     /// The encoded size of all headers, in bytes.
     pub headers_bytes: usize,
+    /// The caller's trace context (`traceparent`, `tracestate`), when valid.
+    pub trace: Option<TraceContext>,
 }
 
 impl Incoming {
@@ -480,6 +508,7 @@ impl Incoming {
             deadline: header_int(h, headers::DEADLINE).map(from_epoch_millis),
             overrides: PolicyOverrides::read(h),
             headers_bytes: h.map_or(0, table_size),
+            trace: read_trace(h),
         }
     }
 
@@ -717,6 +746,10 @@ mod tests {
                 backoff: Some(vec![Duration::from_millis(250), Duration::from_secs(2)]),
                 time_limit: Some(Duration::from_secs(3)),
             },
+            trace: crate::trace::TraceContext::parse(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                Some("congo=t61rcWkgMzE"),
+            ),
         };
         let p = sent.properties();
         assert_eq!(
@@ -732,6 +765,8 @@ mod tests {
         assert_eq!(got.protocol, Some(protocol::PROTOCOL_VERSION));
         assert_eq!(got.deadline, sent.deadline);
         assert_eq!(got.overrides, sent.overrides);
+        assert!(got.trace.is_some());
+        assert_eq!(got.trace, sent.trace);
     }
 
     #[test]
@@ -742,6 +777,7 @@ mod tests {
             reply_to: None,
             deadline: None,
             overrides: PolicyOverrides::default(),
+            trace: None,
         }
         .properties();
         let got = Incoming::read(&p);
@@ -758,6 +794,7 @@ mod tests {
             reply_to: None,
             deadline: None,
             overrides: PolicyOverrides::default(),
+            trace: None,
         }
         .properties();
         let ty = p
@@ -816,6 +853,7 @@ mod tests {
             reply_to: None,
             deadline: None,
             overrides: PolicyOverrides::default(),
+            trace: None,
         }
         .properties();
         let failure = TaskFailure::new(ErrorKind::HandlerFailed, "x".repeat(200_000));

@@ -24,6 +24,8 @@
 //!   environment < flags).
 //! - [`shutdown`]: SIGTERM/SIGINT handling of the binaries (graceful first, forced second).
 //! - [`telemetry`]: tracing set-up shared by the binaries.
+//! - [`trace`]: W3C trace context (`traceparent`) carried in task headers.
+//! - [`metrics`]: the Prometheus series every process records (publish confirms, reconnects).
 //!
 //! This crate is `warren-shared`, the project's own library; it is not the team notes folder.
 
@@ -34,6 +36,7 @@ pub mod cli;
 pub mod config;
 pub mod envelope;
 pub mod link;
+pub mod metrics;
 pub mod policy;
 pub mod pool;
 pub mod protocol;
@@ -42,6 +45,7 @@ pub mod task;
 pub mod tasks;
 pub mod telemetry;
 pub mod topology;
+pub mod trace;
 
 pub use broker::{BrokerError, BrokerSettings};
 pub use policy::Policy;

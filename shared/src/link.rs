@@ -92,6 +92,8 @@ struct Inner {
     settings: BrokerSettings,
     name: String,
     purpose: Purpose,
+    /// Extra client properties of every connection (see [`broker::connect`]).
+    details: Vec<(String, String)>,
     state: watch::Sender<LinkState>,
     generation: watch::Sender<Generation>,
     changed_at: std::sync::Mutex<Instant>,
@@ -131,7 +133,8 @@ impl std::fmt::Debug for Link {
 impl Link {
     /// Connects to the first address (of the shuffled list) that answers and starts keeping the
     /// connection alive. `name` is the process name the management UI shows (see
-    /// [`broker::process_name`]); the purpose is appended.
+    /// [`broker::process_name`]); the purpose is appended. `details` (e.g. `queue`,
+    /// `concurrency`) join the connection's client properties (see [`broker::connect`]).
     ///
     /// # Errors
     /// The [`BrokerError`] of the last address tried when none answers, or
@@ -140,16 +143,18 @@ impl Link {
         settings: &BrokerSettings,
         name: &str,
         purpose: Purpose,
+        details: &[(String, String)],
     ) -> Result<Self, BrokerError> {
         let addresses = settings.shuffled_addresses()?;
         let mut last = None;
         for (index, address) in addresses.iter().enumerate() {
-            match broker::connect(settings, address, name, purpose).await {
+            match broker::connect(settings, address, name, purpose, details).await {
                 Ok(connection) => {
                     return Ok(Self::watch(
                         settings.clone(),
                         name,
                         purpose,
+                        details.to_vec(),
                         addresses.clone(),
                         index,
                         connection,
@@ -173,6 +178,7 @@ impl Link {
         settings: BrokerSettings,
         name: &str,
         purpose: Purpose,
+        details: Vec<(String, String)>,
         addresses: Vec<String>,
         index: usize,
         connection: Connection,
@@ -187,6 +193,7 @@ impl Link {
             settings,
             name: format!("{name}/{purpose:?}"),
             purpose,
+            details,
             state: watch::Sender::new(LinkState::Up),
             generation: watch::Sender::new(first),
             changed_at: std::sync::Mutex::new(Instant::now()),
@@ -231,8 +238,14 @@ impl Link {
         }
         let index = fastrand::usize(..inner.addresses.len());
         let address = &inner.addresses[index];
-        let connected =
-            broker::connect(&inner.settings, address, &self.process_name, inner.purpose).await;
+        let connected = broker::connect(
+            &inner.settings,
+            address,
+            &self.process_name,
+            inner.purpose,
+            &inner.details,
+        )
+        .await;
         renew_lifetime(inner);
         let connection = connected?;
         inner.at.store(index as u64, Ordering::SeqCst);
@@ -456,7 +469,7 @@ async fn reconnect(inner: &Inner, process_name: &str) -> bool {
         let address = &inner.addresses[index];
         let connected = tokio::select! {
             () = inner.stop.cancelled() => return false,
-            connected = broker::connect(&inner.settings, address, process_name, inner.purpose) => connected,
+            connected = broker::connect(&inner.settings, address, process_name, inner.purpose, &inner.details) => connected,
         };
         attempts += 1;
         match connected {

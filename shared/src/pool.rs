@@ -227,9 +227,12 @@ pub async fn publish_confirmed(
     publication: Publication<'_>,
     timeout: Duration,
 ) -> Result<(), PublishError> {
-    tokio::time::timeout(timeout, publish_inner(pool, publication))
+    let started = std::time::Instant::now();
+    let result = tokio::time::timeout(timeout, publish_inner(pool, publication))
         .await
-        .unwrap_or(Err(PublishError::Timeout(timeout)))
+        .unwrap_or(Err(PublishError::Timeout(timeout)));
+    crate::metrics::publish_confirmed(started, &result);
+    result
 }
 
 async fn publish_inner(pool: &ChannelPool, p: Publication<'_>) -> Result<(), PublishError> {

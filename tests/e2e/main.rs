@@ -8,6 +8,7 @@ mod cli;
 mod config;
 mod core;
 mod gateway;
+mod operations;
 mod pools;
 mod processes;
 mod reliability;

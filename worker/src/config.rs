@@ -83,6 +83,11 @@ pub struct WorkerConfig {
     /// Processes of the `--exec` pool.
     #[arg(long, env = "WARREN_EXEC_PROCESSES")]
     pub exec_processes: NonZeroUsize,
+    /// Serve Prometheus metrics (`/metrics`) and health checks (`/healthz`, `/readyz`) on this
+    /// address, e.g. `127.0.0.1:9464`. Off by default; see docs/operations.md.
+    #[arg(long, env = "WARREN_METRICS_ADDR", value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<std::net::SocketAddr>,
     /// Handler process pools (`[[pool]]` tables in the file; see docs/runners.md).
     #[arg(skip)]
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -116,6 +121,7 @@ impl Default for WorkerConfig {
             exec: None,
             exec_functions: Vec::new(),
             exec_processes: NonZeroUsize::new(pool::DEFAULT_PROCESSES).unwrap_or(NonZeroUsize::MIN),
+            metrics: None,
             pool: Vec::new(),
         }
     }
@@ -169,6 +175,7 @@ impl WorkerConfig {
             exec: _,
             exec_functions: _,
             exec_processes: _,
+            metrics: _,
             pool: _,
         } = self.clone();
         Ok(WorkerSettings {

@@ -179,13 +179,16 @@ impl Supervisor {
         let settler = self.settler.clone();
         let shared = self.shared.clone();
         shared.in_flight.fetch_add(1, Ordering::SeqCst);
+        let measure = crate::metrics::TaskMetrics::started(&self.settings.queue, &delivery);
         self.tracker.spawn(async move {
             let envelope = Envelope::of(&delivery);
             let outcome = executor.execute(&delivery, &envelope).await;
+            let measure = measure.judged();
             if let Outcome::DeadLetter { reason: DeadReason::Rejected, failure } = &outcome {
                 tracing::warn!(task.id = %envelope.id, kind = %failure.kind, error = %failure.message, "rejected task dead-lettered");
             }
-            settler.settle(&delivery, &envelope, &outcome).await;
+            let settled = settler.settle(&delivery, &envelope, &outcome).await;
+            measure.settled(&outcome, &settled);
             shared.in_flight.fetch_sub(1, Ordering::SeqCst);
         });
     }

@@ -115,11 +115,23 @@ impl Executor {
                 };
             }
         };
+        // OpenTelemetry messaging conventions: a `process {queue}` span, child of the caller's
+        // `send` span when the task carries a `traceparent`; the ids go into every log line.
+        let trace = envelope
+            .trace
+            .as_ref()
+            .map(|parent| (parent.child(), parent.span_id.clone()));
         let span = tracing::info_span!(
             "task",
             task.id = %envelope.id,
             task.function = %envelope::bounded(&request.function, 200),
             attempt,
+            otel.name = %format!("process {}", delivery.routing_key),
+            messaging.system = "rabbitmq",
+            messaging.operation = "process",
+            trace_id = trace.as_ref().map(|(t, _)| t.trace_id.as_str()),
+            span_id = trace.as_ref().map(|(t, _)| t.span_id.as_str()),
+            parent_span_id = trace.as_ref().map(|(_, parent)| parent.as_str()),
         );
         self.run(delivery, envelope, request, attempt)
             .instrument(span)

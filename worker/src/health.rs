@@ -1,9 +1,11 @@
 //! What a worker is doing, for logs and health checks, and the counters its parts share.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
+use warren_shared::link::{Link, LinkState};
 
 /// What a worker is doing, for logs and health checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +33,10 @@ pub struct Health {
     pub recoveries: usize,
     /// Why it last had to recover.
     pub last_problem: Option<String>,
+    /// Whether the consuming connection is up now.
+    pub consume_up: bool,
+    /// Whether the publishing connection (replies, retries, dead letters) is up now.
+    pub publish_up: bool,
 }
 
 impl Health {
@@ -41,12 +47,55 @@ impl Health {
             in_flight: 0,
             recoveries: 0,
             last_problem: None,
+            consume_up: true,
+            publish_up: true,
         }
+    }
+
+    /// Whether it can take work: consuming (not recovering, not starving per the watchdog,
+    /// which rebuilds a starving consumer) with both connections up. What `/readyz` answers.
+    pub fn is_ready(&self) -> bool {
+        self.is_healthy() && self.consume_up && self.publish_up
+    }
+
+    /// Whether its supervisor still runs (anything but stopped). What `/healthz` answers.
+    pub fn is_alive(&self) -> bool {
+        self.state != WorkerState::Stopped
     }
 
     /// Whether it is doing its job (consuming, or running tasks while stopping).
     pub fn is_healthy(&self) -> bool {
         matches!(self.state, WorkerState::Consuming)
+    }
+}
+
+/// Reads a running worker's [`Health`]; cheap to clone, usable after the worker has stopped.
+#[derive(Debug, Clone)]
+pub struct HealthProbe {
+    health: watch::Receiver<Health>,
+    shared: Arc<Shared>,
+}
+
+impl HealthProbe {
+    pub(crate) fn new(health: watch::Receiver<Health>, shared: Arc<Shared>) -> Self {
+        Self { health, shared }
+    }
+
+    /// The health now.
+    pub fn health(&self) -> Health {
+        let mut health = self.health.borrow().clone();
+        health.in_flight = self.shared.in_flight.load(Ordering::SeqCst);
+        let links = self
+            .shared
+            .links
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((consume, publish)) = links.as_ref() {
+            health.consume_up = consume.state().is_up();
+            health.publish_up =
+                !matches!(publish.state(), LinkState::Down { .. } | LinkState::Closed);
+        }
+        health
     }
 }
 
@@ -73,6 +122,8 @@ pub(crate) fn set_state(
 /// State shared by the supervisor, the watchdog and the task runners.
 #[derive(Debug)]
 pub(crate) struct Shared {
+    /// The worker's links (consume, publish), for health checks.
+    links: std::sync::Mutex<Option<(Link, Link)>>,
     pub(crate) in_flight: AtomicUsize,
     /// Milliseconds since `epoch` of the last delivery.
     last_delivery_ms: AtomicU64,
@@ -84,6 +135,7 @@ pub(crate) struct Shared {
 impl Default for Shared {
     fn default() -> Self {
         Self {
+            links: std::sync::Mutex::new(None),
             in_flight: AtomicUsize::new(0),
             last_delivery_ms: AtomicU64::new(0),
             epoch: Instant::now(),
@@ -93,6 +145,15 @@ impl Default for Shared {
 }
 
 impl Shared {
+    /// Follows the worker's links (each keeps itself connected, so once is enough).
+    pub(crate) fn track(&self, consume: &Link, publish: &Link) {
+        *self
+            .links
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some((consume.clone(), publish.clone()));
+    }
+
     pub(crate) fn delivered(&self) {
         let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last_delivery_ms.store(ms, Ordering::SeqCst);

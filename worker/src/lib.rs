@@ -13,7 +13,9 @@
 //!   one recovery path that rebuilds its consumer on each new connection.
 //! - `consumer`: the consumer loop with prefetch = concurrency, held while outcomes cannot be
 //!   published; `watchdog`: the starving check; `drain`: shutdown.
-//! - [`health`]: [`Health`] and [`WorkerState`].
+//! - [`health`]: [`Health`], [`HealthProbe`] and [`WorkerState`].
+//! - [`metrics`] and [`ops`]: the Prometheus series, and the `/metrics`, `/healthz`, `/readyz`
+//!   listener (`--metrics ADDR`).
 //! - [`config`]: the `warren-worker` binary's flags, `--config` file and defaults.
 //! - `builtin` and `mail`: the `echo`, `sleep`, `fail` and `send_mail` tasks (feature
 //!   `builtins`, on by default; without it the mailer, lettre, is not compiled).
@@ -42,6 +44,8 @@ pub mod handler;
 pub mod health;
 #[cfg(feature = "builtins")]
 pub mod mail;
+pub mod metrics;
+pub mod ops;
 pub mod outcome;
 pub mod pool;
 pub mod registry;
@@ -53,7 +57,7 @@ mod watchdog;
 pub use builtin::builtin_registry;
 pub use config::WorkerConfig;
 pub use handler::{Handler, HandlerFn, ResultExt, Retry, Run, TaskContext, TaskError, handler_fn};
-pub use health::{Health, WorkerState};
+pub use health::{Health, HealthProbe, WorkerState};
 #[cfg(feature = "builtins")]
 pub use mail::Mailer;
 pub use outcome::{DeadReason, Outcome};

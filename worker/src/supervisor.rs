@@ -12,7 +12,6 @@
 //! [`Reconnect::max_attempts`]: warren_shared::broker::Reconnect::max_attempts
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -25,7 +24,7 @@ use warren_shared::topology;
 
 use crate::consumer::{End, Session};
 use crate::execute::Executor;
-use crate::health::{self, Health, Shared, WorkerState};
+use crate::health::{self, Health, HealthProbe, Shared, WorkerState};
 use crate::outcome::Settler;
 use crate::registry::Registry;
 use crate::settings::{WorkerError, WorkerSettings};
@@ -62,9 +61,12 @@ impl RunningWorker {
 
     /// Its health now.
     pub fn health(&self) -> Health {
-        let mut health = self.health.borrow().clone();
-        health.in_flight = self.shared.in_flight.load(Ordering::SeqCst);
-        health
+        self.probe().health()
+    }
+
+    /// A cloneable handle that reads its health, for a health endpoint.
+    pub fn probe(&self) -> HealthProbe {
+        HealthProbe::new(self.health.clone(), self.shared.clone())
     }
 
     /// A receiver that sees every state change.
@@ -126,8 +128,14 @@ pub async fn start(
     }
     topology::validate_queue_name(&settings.queue).map_err(WorkerError::Settings)?;
 
-    let consume = Link::open(&settings.broker, &settings.name, Purpose::Consume).await?;
-    let publish = Link::open(&settings.broker, &settings.name, Purpose::Publish).await?;
+    let details = [
+        ("queue".to_owned(), settings.queue.clone()),
+        ("concurrency".to_owned(), settings.concurrency.to_string()),
+    ];
+    let consume = Link::open(&settings.broker, &settings.name, Purpose::Consume, &details).await?;
+    let publish = Link::open(&settings.broker, &settings.name, Purpose::Publish, &details).await?;
+    warren_shared::metrics::watch_link(&consume, "consume");
+    warren_shared::metrics::watch_link(&publish, "publish");
     let (session, names) = Session::open(&consume, &settings)
         .await
         .map_err(|e| queue_mismatch(&settings.queue, e))?;
@@ -160,6 +168,8 @@ pub async fn start(
         abort: abort.clone(),
     };
     let shared = Arc::new(Shared::default());
+    shared.track(&consume, &publish);
+    crate::metrics::register_functions(&executor.registry.functions());
     shared.delivered();
     let (health_tx, health) = watch::channel(Health::new(WorkerState::Consuming));
     let supervisor = Supervisor {
@@ -249,6 +259,7 @@ impl Supervisor {
             };
             tracing::warn!(queue = %self.settings.queue, %reason, "consumer lost; rebuilding it");
             self.set_state(WorkerState::Recovering, Some(reason.clone()));
+            crate::metrics::recovered(&self.settings.queue);
             if !session.close().await && self.consume.state().is_up() {
                 // The old consumer could not be cancelled on a connection that looks fine:
                 // replace the connection, so no consumer is left behind on it.

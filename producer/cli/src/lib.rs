@@ -1,12 +1,13 @@
 //! # warren-cli
 //!
-//! The `warren` command line: `call`, `enqueue`, `dlq` and `demo` ([`demo`]: the motivating
-//! scenario, mail to 1000 users without blocking).
+//! The `warren` command line: `call`, `enqueue`, `dlq`, `status` ([`status`]: is it working?)
+//! and `demo` ([`demo`]: the motivating scenario, mail to 1000 users without blocking).
 //!
 //! Results go to stdout (JSON, one line); errors go to stderr as `error: <kind>: <message>`,
 //! with a non-zero exit status, so scripts can tell the two apart.
 
 pub mod demo;
+pub mod status;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -79,6 +80,25 @@ pub enum Command {
         /// Queue.
         #[command(flatten)]
         target: Target,
+    },
+    /// Is it working? Depth, consumers, rates and workers of a queue, from the management API.
+    Status {
+        /// Queue.
+        #[command(flatten)]
+        target: Target,
+        /// RabbitMQ's management API, e.g. `http://host:15672` (default: the broker's host,
+        /// port 15672, with the broker URL's credentials unless this URL has its own).
+        #[arg(long, env = "WARREN_MANAGEMENT_URL", hide_env_values = true)]
+        management_url: Option<String>,
+        /// Refresh in place until interrupted.
+        #[arg(long)]
+        watch: bool,
+        /// How often `--watch` refreshes.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        interval: Duration,
+        /// Print JSON (one object per refresh) instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Mail 1000 users through workers, without blocking, and report how it went.
     Demo {
@@ -206,6 +226,44 @@ async fn execute(cli: Cli) -> Result<(), String> {
             let done = dlq(&client, &target.queue, action).await;
             client.close().await;
             done?;
+        }
+        Command::Status {
+            target,
+            management_url,
+            watch,
+            interval,
+            json,
+        } => {
+            let source = status::StatusSource {
+                amqp_url: broker
+                    .url
+                    .split(',')
+                    .next()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned(),
+                broker: broker.clone(),
+                management_url: management_url.clone(),
+            };
+            loop {
+                let report = status::read(&source, &target.queue).await?;
+                if *json {
+                    let line = serde_json::to_string(&report).map_err(|e| e.to_string())?;
+                    println!("{line}");
+                } else if *watch {
+                    // Home, clear the screen below: the view refreshes in place.
+                    print!("\x1b[H\x1b[J{}", status::render(&report));
+                } else {
+                    print!("{}", status::render(&report));
+                }
+                if !*watch {
+                    break;
+                }
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => break,
+                    () = tokio::time::sleep(*interval) => {}
+                }
+            }
         }
         Command::Demo {
             target,

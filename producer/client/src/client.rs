@@ -123,7 +123,7 @@ impl Client {
         // A client reconnects for as long as it lives; giving up is for workers.
         let mut broker = settings.broker.clone();
         broker.reconnect.max_attempts = None;
-        let link = Link::open(&broker, &settings.name, Purpose::Publish).await?;
+        let link = Link::open(&broker, &settings.name, Purpose::Publish, &[]).await?;
         let setup = match &settings.replies {
             ReplyMode::Direct => {
                 tokio::spawn(fail_calls_on_disconnect(

@@ -88,9 +88,20 @@ pub struct CallOptions {
     pub backoff: Option<Vec<Duration>>,
     /// Execution time limit of one attempt (overrides the worker's policy for this task).
     pub time_limit: Option<Duration>,
+    /// The caller's trace context: the task carries a `traceparent` naming a `send` span that
+    /// is its child, so the worker's `process` span joins the same trace (and keeps it across
+    /// retries).
+    pub trace: Option<warren_shared::trace::TraceContext>,
 }
 
 impl CallOptions {
+    /// Continues the trace `context` on the worker (see [`CallOptions::trace`]).
+    #[must_use]
+    pub fn trace(mut self, context: warren_shared::trace::TraceContext) -> Self {
+        self.trace = Some(context);
+        self
+    }
+
     /// Gives the task `attempts` attempts in all.
     #[must_use]
     pub fn max_attempts(mut self, attempts: u32) -> Self {

@@ -105,6 +105,13 @@ impl Client {
             .as_deref()
             .unwrap_or(&self.inner.settings.queue);
         self.ensure_queue(queue).await?;
+        let trace = options
+            .trace
+            .as_ref()
+            .map(warren_shared::trace::TraceContext::child);
+        if let Some(send) = &trace {
+            tracing::debug!(task.id = %id, trace_id = %send.trace_id, span_id = %send.span_id, "send {queue}");
+        }
         let properties = TaskEnvelope {
             id: id.clone(),
             function: function.to_owned(),
@@ -115,6 +122,7 @@ impl Client {
                 backoff: options.backoff.clone(),
                 time_limit: options.time_limit,
             },
+            trace,
         }
         .properties();
         // Bounded publishes in flight: past the limit, callers wait here.

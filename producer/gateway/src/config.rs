@@ -90,6 +90,12 @@ pub struct GatewayConfig {
     /// Connections one peer IP address may hold open at most; more are refused.
     #[arg(long, env = "WARREN_GATEWAY_MAX_CONNECTIONS_PER_PEER")]
     pub max_connections_per_peer: NonZeroUsize,
+    /// Serve Prometheus metrics (`/metrics`) and health checks (`/healthz`, `/readyz`: ready
+    /// while the broker connection is up) on this address, e.g. `127.0.0.1:9465`. Off by
+    /// default; see docs/operations.md.
+    #[arg(long, env = "WARREN_METRICS_ADDR", value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Default for GatewayConfig {
@@ -127,6 +133,7 @@ impl Default for GatewayConfig {
             max_connections: NonZeroUsize::new(max_connections).unwrap_or(NonZeroUsize::MIN),
             max_connections_per_peer: NonZeroUsize::new(max_connections_per_peer)
                 .unwrap_or(NonZeroUsize::MIN),
+            metrics: None,
         }
     }
 }
@@ -163,6 +170,7 @@ impl GatewayConfig {
             shutdown_grace,
             max_connections,
             max_connections_per_peer,
+            metrics: _,
         } = self.clone();
         GatewaySettings {
             limits: Limits {

@@ -19,6 +19,7 @@
 mod admission;
 pub mod config;
 pub mod limits;
+pub mod metrics;
 pub mod text;
 pub mod ws;
 

@@ -132,6 +132,7 @@ impl Limits {
         if self.allow.allows(function) {
             Ok(())
         } else {
+            crate::metrics::rejected(Kind::Forbidden);
             Err(GatewayError::new(
                 Kind::Forbidden,
                 format!("function {function:?} is not exposed by this gateway"),
@@ -236,6 +237,7 @@ impl GatewayError {
 
     /// The `busy` answer for a connection at its in-flight limit.
     pub fn busy(limit: usize) -> Self {
+        crate::metrics::rejected(Kind::Busy);
         Self::new(
             Kind::Busy,
             format!("this connection already has {limit} tasks in flight; wait for results"),
@@ -244,11 +246,13 @@ impl GatewayError {
 
     /// The `too_large` answer for a message over the size limit.
     pub fn too_large(limit: usize) -> Self {
+        crate::metrics::rejected(Kind::TooLarge);
         Self::new(Kind::TooLarge, format!("message larger than {limit} bytes"))
     }
 
     /// The `unauthorized` answer.
     pub fn unauthorized() -> Self {
+        crate::metrics::rejected(Kind::Unauthorized);
         Self::new(
             Kind::Unauthorized,
             "a bearer token is required: send {\"auth\": \"<token>\"} first \

@@ -149,6 +149,7 @@ impl Connection {
     }
 
     async fn run(mut self, stream: TcpStream) {
+        let _open = crate::metrics::connection_opened("text");
         let limits = self.shared.limits().clone();
         let (read, mut write) = stream.into_split();
         let mut lines = FramedRead::new(read, TextCodec::new(limits.max_message_bytes));
@@ -249,12 +250,14 @@ impl Connection {
         }
         let client = self.shared.client.clone();
         let options = self.shared.call_options();
+        let label = crate::metrics::function_label(&limits.allow, &request.function);
         self.calls += 1;
         self.answers.push_back(Box::pin(async move {
-            let answer = match client
+            let result = client
                 .call_json_with(&request.function, request.args, &options)
-                .await
-            {
+                .await;
+            crate::metrics::task_finished(label, &result);
+            let answer = match result {
                 Ok(result) => result_line(&result),
                 Err(e) => error_line(&GatewayError::from(e)),
             };

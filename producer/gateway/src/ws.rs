@@ -106,6 +106,7 @@ impl Connection {
     /// makes no progress for the idle timeout), or the gateway shuts down. Pings and pongs
     /// keep nothing alive: only messages and answers are activity.
     async fn run(mut self, mut socket: WebSocket) {
+        let _open = crate::metrics::connection_opened("websocket");
         let limits = self.shared.limits().clone();
         let write_timeout = limits.idle_timeout;
         let shutdown = self.shared.shutdown.clone();
@@ -297,6 +298,10 @@ async fn call(
             result
         }
     };
+    crate::metrics::task_finished(
+        crate::metrics::function_label(&shared.limits().allow, &task.function),
+        &result,
+    );
     let event = match result {
         Ok(result) => json!({"id": id, "ok": true, "result": result}).to_string(),
         Err(e) => error_event(&id, &GatewayError::from(e)),
@@ -343,6 +348,7 @@ fn read_error_close(error: axum::Error, limit: usize) -> Option<CloseFrame> {
         Some(tungstenite::Error::Capacity(_))
     );
     if too_large {
+        crate::metrics::rejected(Kind::TooLarge);
         tracing::debug!(limit, "ws: message over the size limit; closing");
         Some(CloseFrame {
             code: close_code::SIZE,

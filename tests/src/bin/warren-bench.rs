@@ -80,6 +80,10 @@ struct Args {
     /// Scenarios to run (comma separated): rpc, seq, fire.
     #[arg(long, value_delimiter = ',', default_value = "rpc,seq,fire")]
     scenarios: Vec<String>,
+    /// Record Prometheus metrics (as `--metrics` does on the worker and the gateway), to
+    /// measure what they cost: compare the ratios of a run with and a run without.
+    #[arg(long)]
+    metrics: bool,
 }
 
 /// The ratio every scenario should reach.
@@ -98,6 +102,9 @@ async fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    if args.metrics {
+        warren_worker::metrics::install().context("installing the metrics recorder")?;
+    }
     let warren_queue = format!("bench.{}", Uuid::new_v4());
     let raw_queue = format!("bench.{}", Uuid::new_v4());
     let floor_queue = format!("bench.{}", Uuid::new_v4());

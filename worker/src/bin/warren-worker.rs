@@ -48,6 +48,12 @@ async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         .iter()
         .fold(builtin_registry(mailer), Registry::register_pool);
     let shutdown = CancellationToken::new();
+    // Installed before the worker starts, so that its first tasks are counted.
+    let handle = match config.metrics {
+        Some(_) => Some(warren_worker::metrics::install()?),
+        None => None,
+    };
+    let (queue, concurrency) = (settings.queue.clone(), settings.concurrency);
     let worker = match warren_worker::start(settings, registry, shutdown.clone()).await {
         Ok(worker) => worker,
         Err(e) => {
@@ -55,6 +61,21 @@ async fn run(config: WorkerConfig) -> anyhow::Result<()> {
             return Err(e.into());
         }
     };
+    if let Some(addr) = config.metrics {
+        let ops = warren_worker::ops::Ops {
+            probe: worker.probe(),
+            metrics: handle,
+            queue,
+            concurrency,
+        };
+        // Stops with the process: it must answer (503) while the worker drains.
+        if let Err(e) = warren_worker::ops::bind(addr, ops, CancellationToken::new()).await {
+            worker.stop();
+            let _ = worker.wait().await;
+            pool::shutdown_all(&pools).await;
+            anyhow::bail!("cannot serve metrics on {addr}: {e}");
+        }
+    }
     tokio::spawn(warren_shared::shutdown::on_signals(
         shutdown,
         "no new tasks; finishing the ones in flight",

@@ -62,8 +62,18 @@ async fn run(config: GatewayConfig) -> anyhow::Result<()> {
     let text = TcpListener::bind(text_addr)
         .await
         .with_context(|| format!("cannot listen on --text {text_addr}"))?;
+    let handle = match config.metrics {
+        Some(_) => Some(warren_gateway::metrics::install()?),
+        None => None,
+    };
     let client = Client::connect(config.client_settings()?).await?;
     let shutdown = CancellationToken::new();
+    if let Some(addr) = config.metrics {
+        // Stops with the process: it answers (503) while the gateway drains.
+        warren_gateway::metrics::serve_ops(addr, client.clone(), handle, CancellationToken::new())
+            .await
+            .with_context(|| format!("cannot serve metrics on {addr}"))?;
+    }
     tokio::spawn(warren_shared::shutdown::on_signals(
         shutdown.clone(),
         "no new connections; delivering results in flight",

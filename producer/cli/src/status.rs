@@ -1,0 +1,476 @@
+//! `warren status`: is it working? One screen per work queue: its queues (work, retry tiers,
+//! dead letters) with depth, consumers, rates and the age of the oldest ready task, and the
+//! worker processes consuming it.
+//!
+//! It reads RabbitMQ's management HTTP API (credentials from the AMQP URL unless
+//! `--management-url` carries its own). When that API cannot be reached it says so and falls
+//! back to what AMQP alone tells: depth and consumers of the work and dead-letter queues, by
+//! passive declare.
+
+use std::fmt::Write as _;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use lapin::uri::AMQPUri;
+use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+use serde::Serialize;
+use serde_json::Value;
+use warren_client::{Client, ClientSettings};
+use warren_shared::broker::BrokerSettings;
+
+/// The management API's port when `--management-url` is not given.
+pub const DEFAULT_MANAGEMENT_PORT: u16 = 15672;
+
+/// How long one management API request may take.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What `warren status` reports, also its `--json` output.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    /// The work queue.
+    pub queue: String,
+    /// Where the figures come from: `management` or `amqp`.
+    pub source: &'static str,
+    /// Why figures are missing, when they are.
+    pub note: Option<String>,
+    /// The work queue, its retry tiers and its dead-letter queue.
+    pub queues: Vec<QueueRow>,
+    /// Processes consuming the work queue (management API only).
+    pub workers: Vec<WorkerRow>,
+}
+
+/// One queue.
+#[derive(Debug, Clone, Serialize)]
+pub struct QueueRow {
+    /// Its name.
+    pub name: String,
+    /// `work`, `retry` or `dead`.
+    pub role: &'static str,
+    /// Tasks waiting for a worker.
+    pub ready: u64,
+    /// Tasks delivered and not yet acknowledged (management API only).
+    pub unacked: Option<u64>,
+    /// Consumers.
+    pub consumers: u64,
+    /// Publishes per second (management API only).
+    pub publish_rate: Option<f64>,
+    /// Deliveries per second (management API only).
+    pub deliver_rate: Option<f64>,
+    /// Acknowledgements per second (management API only).
+    pub ack_rate: Option<f64>,
+    /// Age of the oldest ready task, where the broker tells (`head_message_timestamp`, which
+    /// RabbitMQ reports for classic queues only; Warren's quorum queues do not have it).
+    pub oldest_ready_seconds: Option<u64>,
+}
+
+/// One worker process (its consuming connection).
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkerRow {
+    /// The connection's name, `warren-worker@host:pid/consume`.
+    pub connection: String,
+    /// Host it runs on.
+    pub host: Option<String>,
+    /// Its process id.
+    pub pid: Option<u32>,
+    /// The queue it consumes.
+    pub queue: String,
+    /// Tasks it runs at once (its prefetch).
+    pub concurrency: Option<u64>,
+    /// Seconds since it connected.
+    pub uptime_seconds: Option<u64>,
+}
+
+/// Where to read from.
+#[derive(Debug, Clone)]
+pub struct StatusSource {
+    /// The broker URL (credentials, host and vhost): the first of `broker`'s addresses.
+    pub amqp_url: String,
+    /// The broker settings (all addresses, TLS), for the AMQP fallback.
+    pub broker: BrokerSettings,
+    /// The management API, e.g. `http://user:pass@host:15672`; default: the AMQP host on
+    /// port 15672 with the AMQP credentials.
+    pub management_url: Option<String>,
+}
+
+/// Why the management API gave no answer.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Unreachable(String);
+
+/// Reads the status of `queue`: from the management API, else (with a note) from AMQP.
+///
+/// # Errors
+/// When neither the management API nor the broker answer.
+pub async fn read(source: &StatusSource, queue: &str) -> Result<Status, String> {
+    let uri: AMQPUri = source
+        .amqp_url
+        .parse()
+        .map_err(|e: String| format!("invalid AMQP URL: {e}"))?;
+    let base = management_base(source, &uri);
+    let shown = redact(&base);
+    let vhost = uri.vhost.clone();
+    let q = queue.to_owned();
+    let from_api = tokio::task::spawn_blocking(move || from_management(&base, &vhost, &q))
+        .await
+        .map_err(|e| e.to_string())?;
+    match from_api {
+        Ok(status) => Ok(status),
+        Err(Unreachable(reason)) => {
+            let mut status = from_amqp(&source.broker, queue).await?;
+            status.note = Some(format!(
+                "management API not reachable at {shown} ({reason}); showing what AMQP tells: \
+                 depth and consumers only (no unacked counts, rates, retry tiers or workers). \
+                 Enable the rabbitmq_management plugin or pass --management-url."
+            ));
+            Ok(status)
+        }
+    }
+}
+
+fn management_base(source: &StatusSource, uri: &AMQPUri) -> String {
+    let encode = |s: &str| utf8_percent_encode(s, NON_ALPHANUMERIC).to_string();
+    let credentials = format!(
+        "{}:{}@",
+        encode(&uri.authority.userinfo.username),
+        encode(&uri.authority.userinfo.password)
+    );
+    match &source.management_url {
+        Some(url) => {
+            let url = url.trim_end_matches('/');
+            match url.split_once("://") {
+                Some((scheme, rest)) if !rest.contains('@') => {
+                    format!("{scheme}://{credentials}{rest}")
+                }
+                _ => url.to_owned(),
+            }
+        }
+        None => format!(
+            "http://{credentials}{}:{DEFAULT_MANAGEMENT_PORT}",
+            uri.authority.host
+        ),
+    }
+}
+
+/// `base` without its password.
+fn redact(base: &str) -> String {
+    match (base.split_once("://"), base.rfind('@')) {
+        (Some((scheme, rest)), Some(_)) => {
+            let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+            format!("{scheme}://{host}")
+        }
+        _ => base.to_owned(),
+    }
+}
+
+fn get_json(agent: &ureq::Agent, url: &str) -> Result<Value, Unreachable> {
+    let mut response = agent
+        .get(url)
+        .call()
+        .map_err(|e| Unreachable(e.to_string()))?;
+    let status = response.status();
+    if !status.is_success() {
+        return Err(Unreachable(format!("HTTP {status}")));
+    }
+    response
+        .body_mut()
+        .read_json()
+        .map_err(|e| Unreachable(format!("unexpected answer: {e}")))
+}
+
+fn from_management(base: &str, vhost: &str, queue: &str) -> Result<Status, Unreachable> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(HTTP_TIMEOUT))
+        .build()
+        .into();
+    let vh = utf8_percent_encode(vhost, NON_ALPHANUMERIC).to_string();
+    let queues = get_json(&agent, &format!("{base}/api/queues/{vh}"))?;
+    let consumers = get_json(&agent, &format!("{base}/api/consumers/{vh}"))?;
+    let connections = get_json(&agent, &format!("{base}/api/connections"))?;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let workers = worker_rows(&consumers, &connections, queue, now);
+    let mut queues = queue_rows(&queues, queue, now);
+    // The queue's own consumer count is refreshed every few seconds; the consumer list may be
+    // newer (a worker that just started).
+    if let Some(work) = queues.iter_mut().find(|q| q.role == "work") {
+        work.consumers = work.consumers.max(workers.len() as u64);
+    }
+    Ok(Status {
+        queue: queue.to_owned(),
+        source: "management",
+        note: None,
+        queues,
+        workers,
+    })
+}
+
+fn role_of(name: &str, queue: &str) -> Option<&'static str> {
+    if name == queue {
+        Some("work")
+    } else if name == format!("{queue}.dead") {
+        Some("dead")
+    } else if name
+        .strip_prefix(queue)
+        .is_some_and(|rest| rest.starts_with(".retry."))
+    {
+        Some("retry")
+    } else {
+        None
+    }
+}
+
+fn rate(stats: &Value, key: &str) -> Option<f64> {
+    stats.get(key)?.get("rate")?.as_f64()
+}
+
+fn queue_rows(queues: &Value, queue: &str, now: Duration) -> Vec<QueueRow> {
+    let mut rows: Vec<QueueRow> = queues
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|q| {
+            let name = q.get("name")?.as_str()?;
+            let role = role_of(name, queue)?;
+            let stats = q.get("message_stats").cloned().unwrap_or(Value::Null);
+            Some(QueueRow {
+                name: name.to_owned(),
+                role,
+                ready: q.get("messages_ready").and_then(Value::as_u64).unwrap_or(0),
+                unacked: Some(
+                    q.get("messages_unacknowledged")
+                        .and_then(Value::as_u64)
+                        .unwrap_or(0),
+                ),
+                consumers: q.get("consumers").and_then(Value::as_u64).unwrap_or(0),
+                publish_rate: Some(rate(&stats, "publish_details").unwrap_or(0.0)),
+                deliver_rate: Some(rate(&stats, "deliver_get_details").unwrap_or(0.0)),
+                ack_rate: Some(rate(&stats, "ack_details").unwrap_or(0.0)),
+                oldest_ready_seconds: q
+                    .get("head_message_timestamp")
+                    .and_then(Value::as_u64)
+                    .map(|sent| now.as_secs().saturating_sub(sent)),
+            })
+        })
+        .collect();
+    let order = |r: &QueueRow| match r.role {
+        "work" => 0,
+        "retry" => 1,
+        _ => 2,
+    };
+    rows.sort_by(|a, b| order(a).cmp(&order(b)).then_with(|| a.name.cmp(&b.name)));
+    rows
+}
+
+fn worker_rows(
+    consumers: &Value,
+    connections: &Value,
+    queue: &str,
+    now: Duration,
+) -> Vec<WorkerRow> {
+    // Consumers name their connection by its internal name (`peer -> broker`); the connection
+    // carries the name Warren gave it and its client properties.
+    let connection_of = |internal: &str| {
+        connections
+            .as_array()?
+            .iter()
+            .find(|c| c.get("name").and_then(Value::as_str) == Some(internal))
+    };
+    let mut rows: Vec<WorkerRow> = consumers
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c.pointer("/queue/name").and_then(Value::as_str) == Some(queue))
+        .filter_map(|c| {
+            let internal = c.pointer("/channel_details/connection_name")?.as_str()?;
+            let connection = connection_of(internal);
+            let property = |key: &str| {
+                connection?
+                    .pointer(&format!("/client_properties/{key}"))?
+                    .as_str()
+                    .map(str::to_owned)
+            };
+            let name = connection
+                .and_then(|c| c.get("user_provided_name"))
+                .and_then(Value::as_str)
+                .unwrap_or(internal)
+                .to_owned();
+            // Older workers without client properties: `role@host:pid/consume`.
+            let place = name
+                .split('/')
+                .next()
+                .and_then(|p| p.split_once('@'))
+                .and_then(|(_, place)| place.rsplit_once(':'));
+            let host = property("host").or_else(|| place.map(|(h, _)| h.to_owned()));
+            let pid = property("pid")
+                .or_else(|| place.map(|(_, p)| p.to_owned()))
+                .and_then(|p| p.parse().ok());
+            let uptime_seconds = connection
+                .and_then(|c| c.get("connected_at"))
+                .and_then(Value::as_u64)
+                .map(|ms| now.as_secs().saturating_sub(ms / 1000));
+            Some(WorkerRow {
+                host,
+                pid,
+                queue: queue.to_owned(),
+                concurrency: c.get("prefetch_count").and_then(Value::as_u64),
+                uptime_seconds,
+                connection: name,
+            })
+        })
+        .collect();
+    rows.sort_by(|a, b| a.connection.cmp(&b.connection));
+    rows
+}
+
+async fn from_amqp(broker: &BrokerSettings, queue: &str) -> Result<Status, String> {
+    let client = Client::connect(ClientSettings {
+        broker: broker.clone(),
+        queue: queue.to_owned(),
+        name: warren_shared::broker::process_name("warren-status"),
+        ..ClientSettings::default()
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let mut queues = Vec::new();
+    for (name, role) in [
+        (queue.to_owned(), "work"),
+        (format!("{queue}.dead"), "dead"),
+    ] {
+        if let Ok(stats) = client.queue_stats(&name).await {
+            queues.push(QueueRow {
+                name,
+                role,
+                ready: u64::from(stats.ready),
+                unacked: None,
+                consumers: u64::from(stats.consumers),
+                publish_rate: None,
+                deliver_rate: None,
+                ack_rate: None,
+                oldest_ready_seconds: None,
+            });
+        }
+    }
+    client.close().await;
+    Ok(Status {
+        queue: queue.to_owned(),
+        source: "amqp",
+        note: None,
+        queues,
+        workers: Vec::new(),
+    })
+}
+
+fn or_dash<T: std::fmt::Display>(value: Option<T>) -> String {
+    value.map_or_else(|| "-".to_owned(), |v| v.to_string())
+}
+
+fn rate_text(value: Option<f64>) -> String {
+    value.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"))
+}
+
+fn age(seconds: Option<u64>) -> String {
+    seconds.map_or_else(
+        || "-".to_owned(),
+        |s| humantime::format_duration(Duration::from_secs(s)).to_string(),
+    )
+}
+
+/// The status as text, for people.
+pub fn render(status: &Status) -> String {
+    let mut out = String::new();
+    let source = match status.source {
+        "management" => "the management API",
+        _ => "AMQP only",
+    };
+    let _ = writeln!(out, "Warren queue {} (figures from {source})", status.queue);
+    if let Some(note) = &status.note {
+        let _ = writeln!(out, "note: {note}");
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "{:<40} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9}  OLDEST",
+        "QUEUE", "READY", "UNACKED", "CONSUMERS", "PUBLISH/s", "DELIVER/s", "ACK/s"
+    );
+    if status.queues.is_empty() {
+        let _ = writeln!(
+            out,
+            "(no such queue: nothing has declared {} yet)",
+            status.queue
+        );
+    }
+    for q in &status.queues {
+        let _ = writeln!(
+            out,
+            "{:<40} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9}  {}",
+            q.name,
+            q.ready,
+            or_dash(q.unacked),
+            q.consumers,
+            rate_text(q.publish_rate),
+            rate_text(q.deliver_rate),
+            rate_text(q.ack_rate),
+            age(q.oldest_ready_seconds),
+        );
+    }
+    let _ = writeln!(out);
+    if status.source == "management" {
+        let _ = writeln!(out, "WORKERS ({})", status.workers.len());
+        let _ = writeln!(
+            out,
+            "{:<24} {:>8} {:>11} {:>10}  CONNECTION",
+            "HOST", "PID", "CONCURRENCY", "UPTIME"
+        );
+        for w in &status.workers {
+            let _ = writeln!(
+                out,
+                "{:<24} {:>8} {:>11} {:>10}  {}",
+                or_dash(w.host.as_deref()),
+                or_dash(w.pid),
+                or_dash(w.concurrency),
+                age(w.uptime_seconds),
+                w.connection,
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queues_of_a_work_queue_are_recognised() {
+        assert_eq!(role_of("q", "q"), Some("work"));
+        assert_eq!(role_of("q.dead", "q"), Some("dead"));
+        assert_eq!(role_of("q.retry.10s", "q"), Some("retry"));
+        assert_eq!(role_of("qq", "q"), None);
+        assert_eq!(role_of("q.other", "q"), None);
+    }
+
+    #[test]
+    fn management_url_gets_the_amqp_credentials_unless_it_has_its_own() {
+        let uri: AMQPUri = "amqp://u:p%40ss@broker:5672/%2f"
+            .parse()
+            .unwrap_or_default();
+        let source = |m: Option<&str>| StatusSource {
+            amqp_url: String::new(),
+            broker: BrokerSettings::new(String::new()),
+            management_url: m.map(str::to_owned),
+        };
+        assert_eq!(
+            management_base(&source(None), &uri),
+            "http://u:p%40ss@broker:15672"
+        );
+        assert_eq!(
+            management_base(&source(Some("https://mgmt:443/")), &uri),
+            "https://u:p%40ss@mgmt:443"
+        );
+        assert_eq!(
+            management_base(&source(Some("http://a:b@mgmt:1")), &uri),
+            "http://a:b@mgmt:1"
+        );
+        assert_eq!(redact("http://a:b@mgmt:1"), "http://mgmt:1");
+    }
+}
