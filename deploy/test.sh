@@ -20,43 +20,28 @@ if ! command -v cargo >/dev/null 2>&1; then
     exit 1
 fi
 
+# install_missing PACKAGE WHY: installs Debian's PACKAGE (as root, with apt-get) for the tests
+# that need it, like the broker above; otherwise says how, and the suite goes on without it.
+install_missing() {
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "test.sh: installing $1 for $2" >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$1" >/dev/null \
+            || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$1" >/dev/null; }
+    else
+        echo "test.sh: $1 missing; install Debian's $1 package (as root: apt-get install -y $1)," >&2
+        echo "  or $2 cannot run." >&2
+    fi
+}
 # Browser for the gateway page test (issue 5): Debian's Chromium, driven by playwright-core
-# (tests/browser). Installed when missing, like the broker above; the test itself skips only when
-# Chromium is absent outside CI (CI=true makes it mandatory).
-if [ ! -x /usr/bin/chromium ]; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "test.sh: installing chromium for the gateway page test" >&2
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
-            || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
-    else
-        echo "test.sh: /usr/bin/chromium missing; install Debian's chromium package (as root:" >&2
-        echo "  apt-get install -y chromium) or the gateway page test is skipped outside CI." >&2
-    fi
-fi
-# PHP for the handler pool tests (issue 10): Debian's php-cli (8.2 on Debian 12), installed when
-# missing like Chromium above. Python 3 and Node (below) serve the other runner tests.
-if ! command -v php >/dev/null 2>&1; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "test.sh: installing php-cli for the handler pool tests" >&2
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq php-cli >/dev/null \
-            || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq php-cli >/dev/null; }
-    else
-        echo "test.sh: php missing; install Debian's php-cli package (as root:" >&2
-        echo "  apt-get install -y php-cli) or the handler pool tests fail." >&2
-    fi
-fi
-# Prometheus for the metrics test (issue 11): Debian's package, only its binary is used (the test
-# starts its own server on a free loopback port with a temporary config and data dir, and kills it).
-if ! command -v prometheus >/dev/null 2>&1; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "test.sh: installing prometheus for the metrics test" >&2
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null \
-            || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
-    else
-        echo "test.sh: prometheus missing; install Debian's prometheus package (as root:" >&2
-        echo "  apt-get install -y prometheus); the metrics test needs it." >&2
-    fi
-fi
+# (tests/browser); the test skips only when Chromium is absent outside CI (CI=true makes it
+# mandatory).
+[ -x /usr/bin/chromium ] || install_missing chromium "the gateway page test"
+# PHP for the handler pool tests (issue 10): Debian's php-cli (8.2 on Debian 12). Python 3 and
+# Node (below) serve the other runner tests.
+command -v php >/dev/null 2>&1 || install_missing php-cli "the handler pool tests"
+# Prometheus for the metrics test (issue 11): only its binary is used (the test starts its own
+# server on a free loopback port with a temporary config and data dir, and kills it).
+command -v prometheus >/dev/null 2>&1 || install_missing prometheus "the metrics test"
 if ! command -v node >/dev/null 2>&1; then
     echo "test.sh: node not found; the gateway page test needs Node.js 20+ (apt-get install nodejs)" >&2
 elif [ ! -d tests/browser/node_modules/playwright-core ]; then

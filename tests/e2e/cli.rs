@@ -170,17 +170,6 @@ async fn cli_dlq_lists_shows_replays_and_purges() {
     right.shutdown().await.unwrap();
 }
 
-fn broker_addr() -> std::net::SocketAddr {
-    let url: lapin::uri::AMQPUri = amqp_url().parse().unwrap();
-    format!(
-        "{}:{}",
-        url.authority.host.replace("localhost", "127.0.0.1"),
-        url.authority.port
-    )
-    .parse()
-    .unwrap()
-}
-
 /// Runs `warren` with `args` without blocking the test's runtime, within `bound`.
 async fn warren_within(args: &[&str], envs: &[(&str, &str)], bound: Duration) -> Output {
     let mut command = tokio::process::Command::new(binary("warren"));
@@ -241,7 +230,7 @@ async fn cli_dlq_replay_all_replays_what_was_parked_once_even_if_it_fails_again(
 
 #[tokio::test]
 async fn cli_demo_uses_workers_that_are_reconnecting() {
-    let relay = warren_tests::relay::Relay::start(broker_addr()).await;
+    let relay = warren_tests::relay::Relay::start(warren_tests::broker_addr()).await;
     let q = TestQueue::new("cli-demo");
     let client = q.client().await;
     let outbox = warren_tests::temp_dir("demo-outbox");

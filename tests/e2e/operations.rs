@@ -11,18 +11,6 @@ use tokio::net::TcpStream;
 use warren_tests::relay::Relay;
 use warren_tests::{ChildGuard, TestQueue, amqp_url, binary, eventually, temp_dir};
 
-/// The shared broker's address, for a relay in front of it.
-fn broker_addr() -> SocketAddr {
-    let url: lapin::uri::AMQPUri = amqp_url().parse().unwrap();
-    format!(
-        "{}:{}",
-        url.authority.host.replace("localhost", "127.0.0.1"),
-        url.authority.port
-    )
-    .parse()
-    .unwrap()
-}
-
 /// A loopback address nobody listens on now (bound, read and released).
 fn free_addr() -> SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -286,7 +274,7 @@ async fn prometheus_scrapes_exact_task_counts_from_a_worker_and_a_gateway() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_is_503_while_the_broker_connection_is_cut_and_200_after_recovery() {
-    let relay = Relay::start(broker_addr()).await;
+    let relay = Relay::start(warren_tests::broker_addr()).await;
     let q = TestQueue::new("readyz");
     let mut settings = q.worker_settings(2);
     settings.broker = warren_shared::BrokerSettings::new(relay.url(5));

@@ -1,7 +1,6 @@
 //! `amqps://` is really TLS (issue 8.1): through a TLS endpoint with a test CA made at test
 //! time, in front of the shared broker's plaintext port.
 
-use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -11,14 +10,6 @@ use warren_shared::broker::{BrokerError, BrokerSettings, TlsSettings};
 use warren_tests::tls::{TestCa, TlsEndpoint};
 use warren_tests::{ChildGuard, TestQueue, amqp_url, binary, eventually, temp_dir};
 use warren_worker::{Mailer, builtin_registry};
-
-/// The shared broker's plaintext address, from `AMQP_URL`.
-fn broker_addr() -> SocketAddr {
-    let uri: lapin::uri::AMQPUri = amqp_url().parse().unwrap();
-    format!("{}:{}", uri.authority.host, uri.authority.port)
-        .parse()
-        .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], uri.authority.port)))
-}
 
 fn settings(url: String, tls: TlsSettings) -> BrokerSettings {
     BrokerSettings {
@@ -76,8 +67,12 @@ async fn amqps_through_a_tls_endpoint_serves_an_in_process_worker_and_call() {
     let dir = temp_dir("tls-ok");
     let ca = TestCa::new("warren test CA");
     let ca_file = ca.write(dir.path(), "ca.crt");
-    let endpoint =
-        TlsEndpoint::start(&ca.issue(&["127.0.0.1", "localhost"]), None, broker_addr()).await;
+    let endpoint = TlsEndpoint::start(
+        &ca.issue(&["127.0.0.1", "localhost"]),
+        None,
+        warren_tests::broker_addr(),
+    )
+    .await;
     let queue = TestQueue::new("tls-ok");
     let broker = settings(endpoint.url(), ca_only(&ca_file));
     let mut worker_settings = queue.worker_settings(4);
@@ -106,7 +101,8 @@ async fn amqps_with_tls_ca_serves_the_worker_binary_warren_call_and_the_gateway(
     let dir = temp_dir("tls-bins");
     let ca = TestCa::new("warren test CA");
     let ca_file = ca.write(dir.path(), "ca.crt");
-    let endpoint = TlsEndpoint::start(&ca.issue(&["127.0.0.1"]), None, broker_addr()).await;
+    let endpoint =
+        TlsEndpoint::start(&ca.issue(&["127.0.0.1"]), None, warren_tests::broker_addr()).await;
     let queue = TestQueue::new("tls-bins");
     // The URL from a file: no password in any argv.
     let url_file = dir.path().join("amqp-url");
@@ -212,7 +208,12 @@ async fn a_server_certificate_from_another_ca_is_refused() {
     let trusted = TestCa::new("trusted CA");
     let other = TestCa::new("other CA");
     let ca_file = trusted.write(dir.path(), "ca.crt");
-    let endpoint = TlsEndpoint::start(&other.issue(&["127.0.0.1"]), None, broker_addr()).await;
+    let endpoint = TlsEndpoint::start(
+        &other.issue(&["127.0.0.1"]),
+        None,
+        warren_tests::broker_addr(),
+    )
+    .await;
     let queue = TestQueue::new("tls-other-ca");
     let err = connect(&queue, settings(endpoint.url(), ca_only(&ca_file)))
         .await
@@ -242,8 +243,12 @@ async fn a_client_certificate_is_presented_when_the_endpoint_requires_one() {
     let (cert_file, key_file) = clients
         .issue(&["warren-client"])
         .write(dir.path(), "client");
-    let endpoint =
-        TlsEndpoint::start(&ca.issue(&["127.0.0.1"]), Some(&clients), broker_addr()).await;
+    let endpoint = TlsEndpoint::start(
+        &ca.issue(&["127.0.0.1"]),
+        Some(&clients),
+        warren_tests::broker_addr(),
+    )
+    .await;
     let queue = TestQueue::new("tls-client-cert");
     let with_cert = TlsSettings {
         ca_file: Some(ca_file.clone()),

@@ -24,17 +24,6 @@ use warren_worker::{Registry, RunningWorker, WorkerSettings, WorkerState};
 /// One fault at a time.
 static SERIAL: Mutex<()> = Mutex::const_new(());
 
-fn broker_addr() -> SocketAddr {
-    let url: lapin::uri::AMQPUri = amqp_url().parse().unwrap();
-    format!(
-        "{}:{}",
-        url.authority.host.replace("localhost", "127.0.0.1"),
-        url.authority.port
-    )
-    .parse()
-    .unwrap()
-}
-
 fn registry() -> Registry {
     Registry::new()
         .register::<Record>()
@@ -65,7 +54,7 @@ async fn client_at(q: &TestQueue, url: &str, adjust: impl FnOnce(&mut ClientSett
 async fn connections_cut_mid_batch_lose_no_task_and_nobody_restarts() {
     let _serial = SERIAL.lock().await;
     const TASKS: u64 = 1000;
-    let relay = Relay::start(broker_addr()).await;
+    let relay = Relay::start(warren_tests::broker_addr()).await;
     let q = TestQueue::new("cut");
     let dir = temp_dir("cut");
     let log = dir.path().join("runs.log");
@@ -113,7 +102,7 @@ async fn connections_cut_mid_batch_lose_no_task_and_nobody_restarts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_open_connection_is_detected_and_recovered() {
     let _serial = SERIAL.lock().await;
-    let relay = Relay::start(broker_addr()).await;
+    let relay = Relay::start(warren_tests::broker_addr()).await;
     let q = TestQueue::new("half-open");
     let heartbeat = 1;
     let url = relay.url(heartbeat);
@@ -149,7 +138,7 @@ async fn a_half_open_connection_is_detected_and_recovered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_in_flight_across_a_cut_fails_fast() {
     let _serial = SERIAL.lock().await;
-    let relay = Relay::start(broker_addr()).await;
+    let relay = Relay::start(warren_tests::broker_addr()).await;
     let q = TestQueue::new("inflight-cut");
     // The worker talks to the broker directly; only the caller's connection is cut.
     let worker = q.worker(registry(), 2).await;
@@ -198,7 +187,7 @@ async fn a_call_in_flight_across_a_cut_fails_fast() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_in_flight_across_a_cut_gets_its_reply_when_it_has_a_reply_queue() {
     let _serial = SERIAL.lock().await;
-    let relay = Relay::start(broker_addr()).await;
+    let relay = Relay::start(warren_tests::broker_addr()).await;
     let q = TestQueue::new("inflight-queue");
     let worker = q.worker(registry(), 2).await;
     let client = client_at(&q, &relay.url(5), |s| {
@@ -424,7 +413,7 @@ async fn a_memory_alarm_fails_publishes_clearly_while_consumers_keep_acking() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enqueue_waits_for_a_broker_that_comes_back_and_fails_clearly_for_one_that_does_not() {
     let _serial = SERIAL.lock().await;
-    let relay = Relay::start(broker_addr()).await;
+    let relay = Relay::start(warren_tests::broker_addr()).await;
     let q = TestQueue::new("outage");
     let client = client_at(&q, &relay.url(5), |s| {
         s.reconnect_wait = Duration::from_secs(3);
@@ -484,7 +473,7 @@ async fn enqueue_waits_for_a_broker_that_comes_back_and_fails_clearly_for_one_th
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_replaces_a_connection_whose_recovery_gave_up() {
     let _serial = SERIAL.lock().await;
-    let relay = Relay::start(broker_addr()).await;
+    let relay = Relay::start(warren_tests::broker_addr()).await;
     let q = TestQueue::new("client-replace");
     let worker = q.worker(registry(), 2).await;
     let client = client_at(&q, &relay.url(5), |s| {
@@ -524,7 +513,7 @@ async fn a_client_replaces_a_connection_whose_recovery_gave_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_configured_to_give_up_exits_with_an_error() {
     let _serial = SERIAL.lock().await;
-    let relay = Relay::start(broker_addr()).await;
+    let relay = Relay::start(warren_tests::broker_addr()).await;
     let q = TestQueue::new("give-up");
     let mut settings = WorkerSettings {
         broker: BrokerSettings::new(relay.url(5)),

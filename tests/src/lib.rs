@@ -36,6 +36,22 @@ pub fn amqp_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.to_owned())
 }
 
+/// The shared broker's TCP address (for relays put in front of it).
+///
+/// # Panics
+///
+/// When `AMQP_URL` does not parse or names no IP address.
+pub fn broker_addr() -> std::net::SocketAddr {
+    let url: lapin::uri::AMQPUri = amqp_url().parse().expect("AMQP_URL parses");
+    format!(
+        "{}:{}",
+        url.authority.host.replace("localhost", "127.0.0.1"),
+        url.authority.port
+    )
+    .parse()
+    .expect("AMQP_URL names an IP address or localhost")
+}
+
 /// Installs a test subscriber once (`RUST_LOG` to see worker logs).
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
