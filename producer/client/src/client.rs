@@ -445,6 +445,13 @@ impl Client {
         self.inner.link.state()
     }
 
+    /// How many connections this client has had: 1 after connecting, one more each time a lost
+    /// connection is replaced. A replacement can take milliseconds, so this is how to tell that
+    /// one happened (the link state may be down only briefly).
+    pub fn connection_generation(&self) -> u64 {
+        self.inner.link.generation()
+    }
+
     /// Waits for the link to be up, until `give_up` and at most `reconnect_wait`.
     async fn wait_for_link(&self, give_up: tokio::time::Instant) -> Result<(), Error> {
         if matches!(self.inner.link.state(), LinkState::Closed) {
