@@ -15,8 +15,10 @@
 #   USER   the user name. The password is read from the file named by WARREN_USER_PASSWORD_FILE
 #          (first line), or from standard input, never from this script's arguments.
 #   QUEUE  the work queue (default warren.tasks); the regexes below cover it, its `.dead` queue
-#          and its `.retry.<delay>` queues.
+#          and its `.delay.<delay>` queues.
 #   VHOST  default /.
+#   WARREN_FUNCTIONS_EXCHANGE (environment) the exchange that routes by function name, as the
+#          binaries take it (default warren.functions; docs/protocol.md §1a).
 #
 # Runs rabbitmqctl (RABBITMQCTL overrides the command, e.g. "sudo rabbitmqctl" or
 # "docker exec rabbit rabbitmqctl"). rabbitmqctl 3.10 takes the password as an argument, so it
@@ -25,17 +27,20 @@
 #
 # The permissions (regexes over exchange and queue names, see https://www.rabbitmq.com/access-control.html):
 #
-#   role      configure                              write                          read
-#   producer  ^$                                     ^warren$                       ^$
-#   worker    ^(warren|Q|Q\.dead|Q\.retry\..+)$      ^(warren|amq\.default|Q)$      ^(warren|Q)$
-#   operator  ^$                                     ^warren$                       ^Q\.dead$
+#   role      configure                                  write                               read
+#   producer  ^$                                         ^(warren|F)$                        ^$
+#   worker    ^(warren|F|F\..+|Q|Q\.dead|Q\.delay\..+)$  ^(warren|amq\.default|Q|F\..+)$     ^(warren|F|F\..+|Q)$
+#   operator  ^$                                         ^warren$                            ^Q\.dead$
 #
-# (Q is the work queue with its dots escaped.) Why each one:
-#   producer write warren      publishing a task to the `warren` exchange
-#   worker configure ...       declaring the exchange, the work, dead-letter and delay queues
-#   worker write warren, Q     retrying at once through `warren`; binding Q to `warren`
+# (Q is the work queue and F the functions exchange, dots escaped.) Why each one:
+#   producer write warren, F   publishing a task to a queue (`warren`) or by function name (F)
+#   worker configure ...       declaring the exchanges, its function exchanges (F.<function>),
+#                              the work, dead-letter and delay queues
+#   worker write warren, Q     retrying at once through `warren`; binding Q to `warren` and to
+#                              its function exchanges
+#   worker write F.<function>  binding a function exchange from F (claiming the function)
 #   worker write amq.default   replies, delayed retries and parked tasks (default exchange)
-#   worker read warren, Q      binding (read on the exchange) and consuming Q
+#   worker read warren, F, Q   binding (read on the source exchange) and consuming Q
 #   operator read Q.dead       listing, replaying and purging parked tasks
 #   operator write warren      replaying them to the work queue
 #   operator tag monitoring    the management UI, showing every connection, channel and queue
@@ -46,6 +51,7 @@ set -euo pipefail
 die() { echo "users.sh: $*" >&2; exit 2; }
 [[ $# -ge 2 && $# -le 4 ]] || die "usage: users.sh producer|worker|operator USER [QUEUE] [VHOST]"
 role="$1"; user="$2"; queue="${3:-warren.tasks}"; vhost="${4:-/}"
+functions="${WARREN_FUNCTIONS_EXCHANGE:-warren.functions}"
 read -r -a ctl <<< "${RABBITMQCTL:-rabbitmqctl}"
 
 if [[ -n "${WARREN_USER_PASSWORD_FILE:-}" ]]; then
@@ -55,11 +61,11 @@ else
 fi
 [[ -n "${password:-}" ]] || die "no password (WARREN_USER_PASSWORD_FILE or standard input)"
 
-q="${queue//./\\.}"
+q="${queue//./\\.}"; f="${functions//./\\.}"
 case "$role" in
-    producer) configure='^$'; write='^warren$'; read_='^$'; tags='' ;;
-    worker)   configure="^(warren|$q|$q\\.dead|$q\\.retry\\..+)\$"
-              write="^(warren|amq\\.default|$q)\$"; read_="^(warren|$q)\$"; tags='' ;;
+    producer) configure='^$'; write="^(warren|$f)\$"; read_='^$'; tags='' ;;
+    worker)   configure="^(warren|$f|$f\\..+|$q|$q\\.dead|$q\\.delay\\..+)\$"
+              write="^(warren|amq\\.default|$q|$f\\..+)\$"; read_="^(warren|$f|$f\\..+|$q)\$"; tags='' ;;
     operator) configure='^$'; write='^warren$'; read_="^$q\\.dead\$"; tags='monitoring' ;;
     *) die "unknown role '$role' (producer, worker or operator)" ;;
 esac

@@ -9,6 +9,17 @@
 //! | `Q.dead` | durable quorum queue: tasks that will not run again, with the reason in headers |
 //! | `Q.delay.<delay>` | durable quorum queue, one per backoff delay, message TTL = delay, dead-letters back to `Q`, expires when unused; nobody consumes it |
 //!
+//! **Routing by function.** A caller may name only a function: it publishes to the direct
+//! exchange [`FUNCTIONS_EXCHANGE`] with the function as routing key (`mandatory`, so a function
+//! nobody serves comes back at once as unroutable). Each worker *claims* the functions it
+//! serves for its queue ([`claim_function`]): an exchange `<functions exchange>.<function>`
+//! (fanout, durable, auto-delete) bound from the functions exchange by the function's name and
+//! bound to the queue. The exchange records its queue in its `alternate-exchange` argument,
+//! the one exchange argument RabbitMQ compares when an exchange is declared again, so a second
+//! queue's claim of the same function fails (`406 inequivalent arg`) instead of routing one task
+//! to two queues. Deleting the queue removes its binding, the function's exchange deletes itself,
+//! and the claim is free again.
+//!
 //! Each delay has a queue of its own, so every message in it expires in arrival order: no retry
 //! waits behind a longer one (per-message TTLs in one queue would block at the head). A delay
 //! queue expires ([`retry_queue_expires`]) once nobody has declared it for longer than any of its
@@ -24,12 +35,18 @@
 
 use std::time::Duration;
 
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, ExchangeKind};
 
 /// The exchange tasks are published to; the routing key is the queue name.
 pub const EXCHANGE: &str = "warren";
+
+/// The exchange that routes tasks by function name, unless a deployment names another (its
+/// functions then live apart from those of other deployments on the same virtual host).
+pub const FUNCTIONS_EXCHANGE: &str = "warren.functions";
 
 /// The queue producers and workers use unless told otherwise.
 pub const DEFAULT_QUEUE: &str = "warren.tasks";
@@ -143,6 +160,127 @@ pub fn validate_queue_name(queue: &str) -> Result<(), String> {
         return Err(format!("queue name {queue:?} contains control characters"));
     }
     Ok(())
+}
+
+/// Checks a function name before it is used as a routing key: not empty, at most
+/// [`MAX_FUNCTION_NAME`] bytes (the per-function exchange name must fit AMQP's 255), no control
+/// characters.
+///
+/// # Errors
+/// A message saying what is wrong.
+pub fn validate_function_name(function: &str) -> Result<(), String> {
+    if function.is_empty() {
+        return Err("function name is empty".into());
+    }
+    if function.len() > MAX_FUNCTION_NAME {
+        return Err(format!(
+            "function name is {} bytes long; the limit is {MAX_FUNCTION_NAME}",
+            function.len()
+        ));
+    }
+    if function.chars().any(char::is_control) {
+        return Err(format!(
+            "function name {function:?} contains control characters"
+        ));
+    }
+    Ok(())
+}
+
+/// The longest function name that can be routed by name, in bytes.
+pub const MAX_FUNCTION_NAME: usize = 180;
+
+/// The exchange through which `function` reaches the queue that claimed it.
+pub fn function_exchange(functions_exchange: &str, function: &str) -> String {
+    format!("{functions_exchange}.{function}")
+}
+
+/// Declares the exchange that routes by function name (durable, direct). Idempotent.
+///
+/// # Errors
+/// The broker's error.
+pub async fn declare_functions_exchange(
+    channel: &Channel,
+    functions_exchange: &str,
+) -> Result<(), lapin::Error> {
+    channel
+        .exchange_declare(
+            functions_exchange.into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+}
+
+/// Routes `function` (published to `functions_exchange`) to `queue`, unless another queue has
+/// claimed it; see the [module](self). Idempotent for the same queue.
+///
+/// # Errors
+/// The broker's error: a `406 inequivalent arg 'alternate-exchange'` when another queue owns
+/// the function ([`claimed_by`] tells which). Such an error closes the channel.
+pub async fn claim_function(
+    channel: &Channel,
+    functions_exchange: &str,
+    function: &str,
+    queue: &str,
+) -> Result<(), lapin::Error> {
+    let exchange = function_exchange(functions_exchange, function);
+    let mut args = FieldTable::default();
+    args.insert(
+        "alternate-exchange".into(),
+        AMQPValue::LongString(queue.into()),
+    );
+    channel
+        .exchange_declare(
+            exchange.as_str().into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                durable: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await?;
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .exchange_bind(
+            exchange.as_str().into(),
+            functions_exchange.into(),
+            function.into(),
+            ExchangeBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+}
+
+/// The queue that owns a function, from the broker's refusal of another queue's claim
+/// (`... inequivalent arg 'alternate-exchange' for exchange 'E' in vhost '/': received 'Q2' but
+/// current is 'Q1'`). AMQP cuts error texts at 255 bytes, so a long name may end in `...`.
+pub fn claimed_by(error: &lapin::Error) -> Option<String> {
+    claimed_by_text(&inequivalent_arg(error)?)
+}
+
+fn claimed_by_text(text: &str) -> Option<String> {
+    if !text.contains("'alternate-exchange'") {
+        return None;
+    }
+    let owner = text
+        .find("current is '")
+        .map_or("", |at| &text[at + "current is '".len()..]);
+    let owner = owner.split_once('\'').map_or(owner, |(name, _)| name);
+    Some(if owner.is_empty() { "?" } else { owner }.to_owned())
 }
 
 fn quorum_args() -> FieldTable {
@@ -301,6 +439,29 @@ mod tests {
                 |e| e >= delay + REDECLARE_RETRY_QUEUE_EVERY + Duration::from_secs(30)
             ));
         }
+    }
+
+    #[test]
+    fn the_owner_of_a_function_is_read_from_the_refusal() {
+        let text = "PRECONDITION_FAILED - inequivalent arg 'alternate-exchange' for exchange \
+                    'warren.functions.echo' in vhost '/': received 'b' but current is 'a'";
+        assert_eq!(claimed_by_text(text).as_deref(), Some("a"));
+        let cut = "PRECONDITION_FAILED - inequivalent arg 'alternate-exchange' for exchange \
+                   'e' in vhost '/': received 'b' but current is 'a-very-long-na...";
+        assert_eq!(claimed_by_text(cut).as_deref(), Some("a-very-long-na..."));
+        let other = "PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'q'";
+        assert_eq!(claimed_by_text(other), None);
+    }
+
+    #[test]
+    fn function_names_are_checked() {
+        assert!(validate_function_name("send_mail").is_ok());
+        assert!(validate_function_name("").is_err());
+        assert!(validate_function_name(&"f".repeat(MAX_FUNCTION_NAME + 1)).is_err());
+        assert!(validate_function_name("a\tb").is_err());
+        // Room for a functions exchange name of 70 bytes.
+        let longest = function_exchange(&"x".repeat(70), &"f".repeat(MAX_FUNCTION_NAME));
+        assert!(longest.len() <= 255);
     }
 
     #[test]

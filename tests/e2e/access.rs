@@ -34,6 +34,10 @@ impl BrokerUser {
             .arg(users_sh())
             .args([role, &user.name, queue])
             .env("WARREN_USER_PASSWORD_FILE", &password_file)
+            .env(
+                "WARREN_FUNCTIONS_EXCHANGE",
+                warren_tests::functions_exchange_of(queue),
+            )
             .stdin(Stdio::null())
             .output()
             .unwrap();
@@ -68,7 +72,7 @@ impl Drop for BrokerUser {
 async fn client_as(user: &BrokerUser, queue: &TestQueue, declare: bool) -> Result<Client, Error> {
     Client::connect(ClientSettings {
         broker: BrokerSettings::new(user.url()),
-        queue: queue.name.clone(),
+        queue: Some(queue.name.clone()),
         declare,
         ..ClientSettings::default()
     })
@@ -224,7 +228,7 @@ async fn a_wrong_password_is_a_refused_login_not_a_missing_broker() {
     let queue = TestQueue::new("login");
     let err = Client::connect(ClientSettings {
         broker: BrokerSettings::new(url),
-        queue: queue.name.clone(),
+        queue: Some(queue.name.clone()),
         ..ClientSettings::default()
     })
     .await

@@ -63,6 +63,7 @@ async fn spawn_with(settings: GatewaySettings) -> Env {
             broker: broker.clone(),
             queue: queue.name.clone(),
             concurrency: 64,
+            functions_exchange: queue.functions_exchange(),
             // Tests abandon long sleeps on purpose; don't wait for them when stopping.
             shutdown_grace: Duration::from_secs(1),
             ..WorkerSettings::default()
@@ -74,7 +75,8 @@ async fn spawn_with(settings: GatewaySettings) -> Env {
     .expect("worker starts (is RabbitMQ up? deploy/ensure-broker.sh)");
     let client = Client::connect(ClientSettings {
         broker,
-        queue: queue.name.clone(),
+        queue: Some(queue.name.clone()),
+        functions_exchange: queue.functions_exchange(),
         ..ClientSettings::default()
     })
     .await

@@ -12,5 +12,6 @@ mod operations;
 mod pools;
 mod processes;
 mod reliability;
+mod routing;
 mod safety;
 mod tls;

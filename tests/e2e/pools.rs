@@ -400,11 +400,14 @@ async fn a_pool_whose_processes_do_not_serve_its_functions_does_not_start() {
     assert!(error.contains("cannot start"), "{error}");
 }
 
-/// `warren-worker --exec` on `queue`, its pool's processes as children.
+/// `warren-worker --exec` on `queue`, its pool's processes as children, and the built-in
+/// `echo` next to them.
 fn exec_worker(queue: &str, processes: usize) -> ChildGuard {
     ChildGuard::worker(
         queue,
         &[
+            "--builtins",
+            "echo",
             "--exec",
             &format!("php {}", tasks_php()),
             "--exec-functions",
@@ -554,10 +557,7 @@ async fn sighup_replaces_every_process_with_no_failed_task() {
 }
 
 /// A free loopback port.
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
-}
+use warren_tests::free_port;
 
 fn text_server(port: u16) -> ChildGuard {
     let mut command = Command::new("php");

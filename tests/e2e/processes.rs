@@ -263,11 +263,7 @@ async fn a_task_still_running_at_the_end_of_the_grace_period_goes_to_another_wor
 async fn a_worker_exits_once_naming_the_fix_when_its_queue_exists_with_other_arguments() {
     let q = TestQueue::new("plain");
     {
-        let connection =
-            lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
-                .await
-                .unwrap();
-        let channel = connection.create_channel().await.unwrap();
+        let (connection, channel) = warren_tests::raw_channel().await;
         channel
             .queue_declare(
                 q.name.as_str().into(),

@@ -29,7 +29,7 @@ fn ca_only(path: &std::path::Path) -> TlsSettings {
 async fn connect(queue: &TestQueue, broker: BrokerSettings) -> Result<Client, Error> {
     Client::connect(ClientSettings {
         broker,
-        queue: queue.name.clone(),
+        queue: Some(queue.name.clone()),
         ..ClientSettings::default()
     })
     .await

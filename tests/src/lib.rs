@@ -120,6 +120,11 @@ impl TestQueue {
         names
     }
 
+    /// The functions exchange of this test's deployment ([`functions_exchange_of`]).
+    pub fn functions_exchange(&self) -> String {
+        functions_exchange_of(&self.name)
+    }
+
     /// A client whose default queue is this one.
     pub async fn client(&self) -> Client {
         self.client_with(|_| {}).await
@@ -129,7 +134,8 @@ impl TestQueue {
     pub async fn client_with(&self, adjust: impl FnOnce(&mut ClientSettings)) -> Client {
         let mut settings = ClientSettings {
             broker: BrokerSettings::new(amqp_url()),
-            queue: self.name.clone(),
+            queue: Some(self.name.clone()),
+            functions_exchange: self.functions_exchange(),
             ..ClientSettings::default()
         };
         adjust(&mut settings);
@@ -145,6 +151,7 @@ impl TestQueue {
             broker: BrokerSettings::new(amqp_url()),
             queue: self.name.clone(),
             concurrency,
+            functions_exchange: self.functions_exchange(),
             ..WorkerSettings::default()
         }
     }
@@ -175,6 +182,7 @@ impl TestQueue {
 impl Drop for TestQueue {
     fn drop(&mut self) {
         let names = self.all_names();
+        let functions_exchange = self.functions_exchange();
         // Drop cannot be async and may run inside a runtime: delete from a thread of its own.
         let cleanup = std::thread::spawn(move || {
             let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
@@ -197,10 +205,48 @@ impl Drop for TestQueue {
                             .await;
                     }
                 }
+                if let Ok(channel) = conn.create_channel().await {
+                    let _ = channel
+                        .exchange_delete(
+                            functions_exchange.as_str().into(),
+                            lapin::options::ExchangeDeleteOptions::default(),
+                        )
+                        .await;
+                }
                 let _ = conn.close(200, "test cleanup".into()).await;
             });
         });
         let _ = cleanup.join();
+    }
+}
+
+/// The functions exchange a test whose queue is `queue` routes by function through, so that
+/// tests running at once each have their own functions (a function is served by one queue per
+/// functions exchange). The per-function exchanges behind it go with the queue; the test queue
+/// deletes this one.
+pub fn functions_exchange_of(queue: &str) -> String {
+    format!("{queue}.functions")
+}
+
+/// A free loopback port (bound, read, released).
+pub fn free_port() -> u16 {
+    match std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()) {
+        Ok(addr) => addr.port(),
+        Err(e) => panic!("no free loopback port: {e}"),
+    }
+}
+
+/// A plain connection to the test broker and a channel on it, for what a test does as an
+/// operator or a foreign client would (declare, delete).
+pub async fn raw_channel() -> (lapin::Connection, lapin::Channel) {
+    let props = lapin::ConnectionProperties::default();
+    let connection = match lapin::Connection::connect(&amqp_url(), props).await {
+        Ok(connection) => connection,
+        Err(e) => panic!("cannot connect to the test broker: {e}"),
+    };
+    match connection.create_channel().await {
+        Ok(channel) => (connection, channel),
+        Err(e) => panic!("cannot open a channel: {e}"),
     }
 }
 
@@ -258,6 +304,7 @@ impl ChildGuard {
             .args(["--queue", queue])
             .args(extra)
             .env("AMQP_URL", amqp_url())
+            .env("WARREN_FUNCTIONS_EXCHANGE", functions_exchange_of(queue))
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),

@@ -6,7 +6,7 @@ use std::time::Duration;
 use futures_lite::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer};
 use warren_shared::Reply;
 use warren_shared::protocol::DIRECT_REPLY_TO;
 
@@ -64,22 +64,56 @@ impl RawPeer {
     /// Publishes `body` with `properties` to `queue` through the default exchange and waits
     /// for the broker's confirm.
     pub async fn publish(&self, queue: &str, body: &[u8], properties: BasicProperties) {
-        let confirmed = async {
-            self.channel
-                .basic_publish(
-                    "".into(),
-                    queue.into(),
-                    BasicPublishOptions::default(),
-                    body,
-                    properties,
-                )
-                .await?
-                .await
-        };
-        match confirmed.await {
+        match self
+            .confirm("", queue, BasicPublishOptions::default(), body, properties)
+            .await
+        {
             Ok(c) if c.is_ack() => {}
             other => panic!("raw publish to {queue} not confirmed: {other:?}"),
         }
+    }
+
+    /// Publishes `body` with `properties` to `exchange` with `routing_key`, `mandatory`, and
+    /// waits for the broker's confirm: `true` when the broker routed it to a queue, `false`
+    /// when it came back unroutable.
+    pub async fn publish_mandatory(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> bool {
+        let options = BasicPublishOptions {
+            mandatory: true,
+            ..Default::default()
+        };
+        match self
+            .confirm(exchange, routing_key, options, body, properties)
+            .await
+        {
+            Ok(Confirmation::Ack(returned)) => returned.is_none(),
+            other => panic!("raw publish to {exchange}/{routing_key} not confirmed: {other:?}"),
+        }
+    }
+
+    async fn confirm(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        options: BasicPublishOptions,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<Confirmation, lapin::Error> {
+        self.channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                options,
+                body,
+                properties,
+            )
+            .await?
+            .await
     }
 
     /// Publishes a call (reply to this peer, correlation id `id`).

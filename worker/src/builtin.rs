@@ -59,6 +59,23 @@ impl Run for Fail {
     }
 }
 
+/// The names of the built-in tasks.
+pub const BUILTINS: [&str; 4] = ["echo", "sleep", "fail", "send_mail"];
+
+/// A registry with the built-in tasks named in `names`, mailing through `mailer`.
+///
+/// # Errors
+/// A name that is not one of [`BUILTINS`].
+pub fn builtin_registry_of(mailer: Mailer, names: &[String]) -> Result<Registry, String> {
+    if let Some(unknown) = names.iter().find(|n| !BUILTINS.contains(&n.as_str())) {
+        return Err(format!(
+            "{unknown:?} is not a built-in function (they are {})",
+            BUILTINS.join(", ")
+        ));
+    }
+    Ok(builtin_registry(mailer).retain(|function| names.iter().any(|n| n == function)))
+}
+
 /// A registry with every built-in task, mailing through `mailer`.
 pub fn builtin_registry(mailer: Mailer) -> Registry {
     Registry::new()
@@ -83,5 +100,21 @@ mod tests {
         assert_eq!(err.retry(), crate::Retry::Permanent);
         assert_eq!(err.message(), "failed on purpose");
         assert_eq!(sleep(Sleep { ms: 1 }, ctx).await, Ok(Slept { slept_ms: 1 }));
+    }
+
+    #[test]
+    fn a_worker_may_serve_some_builtins_only() {
+        let mailer = || Mailer::outbox("outbox");
+        let some = builtin_registry_of(mailer(), &["echo".into(), "send_mail".into()]).unwrap();
+        assert_eq!(some.functions(), ["echo", "send_mail"]);
+        assert_eq!(
+            builtin_registry_of(mailer(), &[])
+                .unwrap()
+                .functions()
+                .len(),
+            0
+        );
+        let error = builtin_registry_of(mailer(), &["resize".into()]).unwrap_err();
+        assert!(error.contains("\"resize\" is not a built-in"), "{error}");
     }
 }

@@ -32,6 +32,11 @@ pub struct WorkerConfig {
     /// Work queue to consume (`<queue>.dead` and `<queue>.retry.*` go with it).
     #[arg(long, env = "WARREN_QUEUE")]
     pub queue: String,
+    /// The exchange through which callers reach this worker's functions by name; the worker
+    /// claims them for its queue there. Empty: reached by queue name only. See
+    /// docs/protocol.md, "Routing by function".
+    #[arg(long, env = "WARREN_FUNCTIONS_EXCHANGE")]
+    pub functions_exchange: String,
     /// Tasks run at once (and the consumer's prefetch).
     #[arg(long, env = "WARREN_CONCURRENCY")]
     pub concurrency: NonZeroU16,
@@ -80,6 +85,13 @@ pub struct WorkerConfig {
     )]
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub exec_functions: Vec<String>,
+    /// Built-in functions to serve (echo, sleep, fail, send_mail), comma-separated, or `all`.
+    /// Default: all of them, unless the worker has handler pools (`--exec`, `[[pool]]`), whose
+    /// workers serve their pools' functions only. Every function served is claimed for the
+    /// queue (see `functions_exchange`).
+    #[arg(long, env = "WARREN_BUILTINS", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub builtins: Option<Vec<String>>,
     /// Processes of the `--exec` pool.
     #[arg(long, env = "WARREN_EXEC_PROCESSES")]
     pub exec_processes: NonZeroUsize,
@@ -104,11 +116,13 @@ impl Default for WorkerConfig {
             max_body_bytes,
             shutdown_grace,
             watchdog_interval,
+            functions_exchange,
             ..
         } = WorkerSettings::default();
         Self {
             broker: BrokerConfig::default(),
             queue,
+            functions_exchange,
             concurrency: NonZeroU16::new(concurrency).unwrap_or(NonZeroU16::MIN),
             max_attempts: NonZeroU32::new(policy.max_attempts).unwrap_or(NonZeroU32::MIN),
             backoff: Backoff(policy.backoff),
@@ -120,6 +134,7 @@ impl Default for WorkerConfig {
             smtp_url: None,
             exec: None,
             exec_functions: Vec::new(),
+            builtins: None,
             exec_processes: NonZeroUsize::new(pool::DEFAULT_PROCESSES).unwrap_or(NonZeroUsize::MIN),
             metrics: None,
             pool: Vec::new(),
@@ -155,6 +170,18 @@ impl WorkerConfig {
         Ok(pools)
     }
 
+    /// The built-in functions to serve: `builtins` as set (`all` for every one), else all of
+    /// them when there are no handler pools and none when there are.
+    pub fn builtin_names(&self) -> Vec<String> {
+        let all = || crate::builtin::BUILTINS.map(str::to_owned).to_vec();
+        match &self.builtins {
+            Some(names) if names.iter().any(|n| n == "all") => all(),
+            Some(names) => names.iter().filter(|n| !n.is_empty()).cloned().collect(),
+            None if self.exec.is_none() && self.pool.is_empty() => all(),
+            None => Vec::new(),
+        }
+    }
+
     /// The runtime's settings.
     ///
     /// # Errors
@@ -163,6 +190,7 @@ impl WorkerConfig {
         let Self {
             broker,
             queue,
+            functions_exchange,
             concurrency,
             max_attempts,
             backoff,
@@ -174,6 +202,7 @@ impl WorkerConfig {
             smtp_url: _,
             exec: _,
             exec_functions: _,
+            builtins: _,
             exec_processes: _,
             metrics: _,
             pool: _,
@@ -190,6 +219,7 @@ impl WorkerConfig {
             max_body_bytes,
             shutdown_grace,
             watchdog_interval,
+            functions_exchange,
             ..WorkerSettings::default()
         })
     }
@@ -237,6 +267,7 @@ mod tests {
         assert_eq!(settings.policy, Policy::default());
         assert_eq!(settings.concurrency, library.concurrency);
         assert_eq!(settings.queue, library.queue);
+        assert_eq!(settings.functions_exchange, library.functions_exchange);
         assert_eq!(settings.shutdown_grace, library.shutdown_grace);
         assert_eq!(settings.watchdog_interval, library.watchdog_interval);
         assert_eq!(settings.max_body_bytes, library.max_body_bytes);
@@ -275,6 +306,18 @@ mod tests {
         assert_eq!(pools[2].functions, ["a", "b"]);
         assert_eq!(pools[2].processes, pool::DEFAULT_PROCESSES);
         assert!(config.settings().is_ok());
+    }
+
+    #[test]
+    fn pools_replace_the_builtins_unless_asked_for() {
+        let all = crate::builtin::BUILTINS.map(str::to_owned).to_vec();
+        assert_eq!(load("", &[]).builtin_names(), all);
+        let pooled = ["--exec", "php tasks.php", "--exec-functions", "a"];
+        assert!(load("", &pooled).builtin_names().is_empty());
+        let mut flags = pooled.to_vec();
+        flags.extend(["--builtins", "echo,send_mail"]);
+        assert_eq!(load("", &flags).builtin_names(), ["echo", "send_mail"]);
+        assert_eq!(load("builtins = [\"all\"]\n", &pooled).builtin_names(), all);
     }
 
     #[test]

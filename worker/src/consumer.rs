@@ -21,11 +21,56 @@ use warren_shared::link::{Link, LinkState};
 use warren_shared::topology;
 
 use crate::outcome::{DeadReason, Envelope, Outcome};
-use crate::settings::WorkerSettings;
+use crate::settings::{WorkerError, WorkerSettings};
 use crate::supervisor::Supervisor;
+use crate::supervisor::queue_mismatch;
 
 /// Bound on cancelling a consumer and closing its channel.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Claims `functions` for the worker's queue on its functions exchange (see
+/// [`topology::claim_function`]); nothing when that is off.
+async fn claim(
+    link: &Link,
+    channel: &Channel,
+    settings: &WorkerSettings,
+    functions: &[&str],
+) -> Result<(), WorkerError> {
+    let exchange = settings.functions_exchange.as_str();
+    if exchange.is_empty() {
+        return Ok(());
+    }
+    topology::declare_functions_exchange(channel, exchange)
+        .await
+        .map_err(|e| BrokerError::from(e).needing("configure"))?;
+    for function in functions {
+        topology::validate_function_name(function).map_err(|e| {
+            WorkerError::Settings(format!("cannot route {function:?} by name: {e}"))
+        })?;
+        // A refused claim closes the channel: claim each on a channel of its own once the first
+        // refusal is possible, i.e. always, so that the error names its function.
+        let claim_channel = link
+            .connection()
+            .create_channel()
+            .await
+            .map_err(BrokerError::from)?;
+        let claimed =
+            topology::claim_function(&claim_channel, exchange, function, &settings.queue).await;
+        let _ = claim_channel.close(200, "claimed".into()).await;
+        if let Err(e) = claimed {
+            return Err(match topology::claimed_by(&e) {
+                Some(owner) => WorkerError::FunctionClaimed {
+                    function: (*function).to_owned(),
+                    queue: settings.queue.clone(),
+                    owner,
+                    exchange: topology::function_exchange(exchange, function),
+                },
+                None => BrokerError::from(e).needing("configure").into(),
+            });
+        }
+    }
+    Ok(())
+}
 
 /// One consumer on one channel of one connection generation.
 pub(crate) struct Session {
@@ -37,20 +82,30 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    /// Opens a channel on the link's current connection, declares the topology, sets the
-    /// prefetch and starts consuming.
+    /// Opens a channel on the link's current connection, declares the topology, claims the
+    /// `functions` for the queue (unless routing by function is off), sets the prefetch and
+    /// starts consuming.
     pub(crate) async fn open(
         link: &Link,
         settings: &WorkerSettings,
-    ) -> Result<(Self, topology::QueueNames), BrokerError> {
+        functions: &[&str],
+    ) -> Result<(Self, topology::QueueNames), WorkerError> {
         let generation = link.generation();
-        let channel = link.connection().create_channel().await?;
+        let channel = link
+            .connection()
+            .create_channel()
+            .await
+            .map_err(BrokerError::from)?;
         let names = topology::declare(&channel, &settings.queue)
             .await
-            .map_err(|e| BrokerError::from(e).needing("configure"))?;
+            .map_err(|e| {
+                queue_mismatch(&settings.queue, BrokerError::from(e).needing("configure"))
+            })?;
+        claim(link, &channel, settings, functions).await?;
         channel
             .basic_qos(settings.concurrency, BasicQosOptions { global: false })
-            .await?;
+            .await
+            .map_err(BrokerError::from)?;
         let tag = format!(
             "{}/{}/{}",
             settings.name,
@@ -64,7 +119,8 @@ impl Session {
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
-            .await?;
+            .await
+            .map_err(BrokerError::from)?;
         Ok((
             Self {
                 channel,

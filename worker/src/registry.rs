@@ -168,6 +168,12 @@ impl Registry {
         self
     }
 
+    /// Keeps only the functions `keep` says yes to.
+    pub(crate) fn retain(mut self, keep: impl Fn(&str) -> bool) -> Self {
+        self.handlers.retain(|function, _| keep(function));
+        self
+    }
+
     /// The registered function names, sorted.
     pub fn functions(&self) -> Vec<&'static str> {
         let mut names: Vec<_> = self.handlers.keys().copied().collect();

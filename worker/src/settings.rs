@@ -28,6 +28,13 @@ pub struct WorkerSettings {
     pub watchdog_interval: Duration,
     /// How this process appears in the management UI (`warren-worker@host:pid`).
     pub name: String,
+    /// The exchange through which callers reach functions by name
+    /// ([`topology::FUNCTIONS_EXCHANGE`] unless a deployment keeps its functions apart). The
+    /// worker claims every function it serves for its queue there at start-up, and fails to
+    /// start with [`WorkerError::FunctionClaimed`] when another queue owns one. Empty: claim
+    /// nothing (the queue is reached by its name only, as a bulk queue next to an interactive
+    /// one would be).
+    pub functions_exchange: String,
 }
 
 impl Default for WorkerSettings {
@@ -42,6 +49,7 @@ impl Default for WorkerSettings {
             publish_timeout: Duration::from_secs(10),
             watchdog_interval: Duration::from_secs(10),
             name: broker::process_name("warren-worker"),
+            functions_exchange: topology::FUNCTIONS_EXCHANGE.to_owned(),
         }
     }
 }
@@ -83,5 +91,23 @@ pub enum WorkerError {
         queue: String,
         /// What the broker said, naming the differing argument.
         detail: String,
+    },
+    /// A function this worker serves is routed to another queue: a task sent by function name
+    /// goes to exactly one queue, so two queues cannot both serve it by name.
+    #[error(
+        "function {function:?} is already served by queue {owner:?}, not {queue:?}: a function \
+         named by callers is routed to one queue. Serve it from {owner:?}, stop serving it here, \
+         or free it by deleting queue {owner:?} (or the exchange {exchange:?}) if nothing \
+         serves it there any more"
+    )]
+    FunctionClaimed {
+        /// The function.
+        function: String,
+        /// This worker's queue.
+        queue: String,
+        /// The queue that owns the function.
+        owner: String,
+        /// The function's exchange, which records the owner.
+        exchange: String,
     },
 }

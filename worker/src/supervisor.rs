@@ -136,9 +136,7 @@ pub async fn start(
     let publish = Link::open(&settings.broker, &settings.name, Purpose::Publish, &details).await?;
     warren_shared::metrics::watch_link(&consume, "consume");
     warren_shared::metrics::watch_link(&publish, "publish");
-    let (session, names) = Session::open(&consume, &settings)
-        .await
-        .map_err(|e| queue_mismatch(&settings.queue, e))?;
+    let (session, names) = Session::open(&consume, &settings, &registry.functions()).await?;
     tracing::info!(
         queue = %settings.queue,
         concurrency = settings.concurrency,
@@ -194,7 +192,7 @@ pub async fn start(
 
 /// [`WorkerError::QueueMismatch`] when the broker refused a queue's declaration because the
 /// queue exists with other arguments; the error unchanged otherwise.
-fn queue_mismatch(queue: &str, error: BrokerError) -> WorkerError {
+pub(crate) fn queue_mismatch(queue: &str, error: BrokerError) -> WorkerError {
     match &error {
         BrokerError::Amqp(e) => match topology::inequivalent_arg(e) {
             Some(detail) => WorkerError::QueueMismatch {
@@ -353,7 +351,8 @@ impl Supervisor {
             let reason = if self.consume.state() == LinkState::Closed {
                 "the consuming connection closed".to_owned()
             } else {
-                match Session::open(&self.consume, &self.settings).await {
+                let functions = self.executor.registry.functions();
+                match Session::open(&self.consume, &self.settings, &functions).await {
                     Ok((session, _)) => return Ok(Some(session)),
                     Err(e) => e.to_string(),
                 }

@@ -18,7 +18,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::Value;
 use warren_shared::broker::{BrokerSettings, DEFAULT_AMQP_URL};
 use warren_shared::cli::BrokerArgs;
-use warren_shared::topology::DEFAULT_QUEUE;
+use warren_shared::topology::{self, DEFAULT_QUEUE};
 
 use crate::demo::DemoOptions;
 use warren_client::Error;
@@ -160,12 +160,25 @@ fn shown(default: Duration) -> String {
     humantime::format_duration(default).to_string()
 }
 
-/// The queue flag shared by every subcommand.
+/// The queue flags shared by every subcommand.
 #[derive(Debug, Args)]
 pub struct Target {
-    /// Work queue.
-    #[arg(long, global = true, env = "WARREN_QUEUE", default_value = DEFAULT_QUEUE)]
-    pub queue: String,
+    /// Work queue. `call` and `enqueue` send to it whatever function it serves; without it they
+    /// send by function name to the queue that serves the function. `dlq`, `status` and `demo`
+    /// use it, or `warren.tasks`.
+    #[arg(long, global = true, env = "WARREN_QUEUE")]
+    pub queue: Option<String>,
+    /// The exchange that routes tasks by function name (the workers' `functions_exchange`).
+    #[arg(long, global = true, env = "WARREN_FUNCTIONS_EXCHANGE",
+          default_value = topology::FUNCTIONS_EXCHANGE)]
+    pub functions_exchange: String,
+}
+
+impl Target {
+    /// The queue named, or the default one.
+    pub fn queue(&self) -> &str {
+        self.queue.as_deref().unwrap_or(DEFAULT_QUEUE)
+    }
 }
 
 /// Runs the parsed command line and returns the process exit status.
@@ -184,9 +197,10 @@ async fn execute(cli: Cli) -> Result<(), String> {
         .broker
         .apply(BrokerSettings::new(cli.amqp_url.clone()))
         .map_err(|e| e.to_string())?;
-    let settings = |queue: &str| ClientSettings {
+    let settings = |target: &Target, queue: Option<&str>| ClientSettings {
         broker: broker.clone(),
-        queue: queue.to_owned(),
+        queue: queue.map(str::to_owned),
+        functions_exchange: target.functions_exchange.clone(),
         declare: !cli.no_declare,
         ..ClientSettings::default()
     };
@@ -198,7 +212,7 @@ async fn execute(cli: Cli) -> Result<(), String> {
             timeout,
         } => {
             let args = parse_args(args.as_deref())?;
-            let client = Client::connect(settings(&target.queue))
+            let client = Client::connect(settings(target, target.queue.as_deref()))
                 .await
                 .map_err(describe)?;
             let options = CallOptions::default().timeout(*timeout);
@@ -212,7 +226,7 @@ async fn execute(cli: Cli) -> Result<(), String> {
             target,
         } => {
             let args = parse_args(args.as_deref())?;
-            let client = Client::connect(settings(&target.queue))
+            let client = Client::connect(settings(target, target.queue.as_deref()))
                 .await
                 .map_err(describe)?;
             let id = client.enqueue_json(function, args).await;
@@ -220,10 +234,10 @@ async fn execute(cli: Cli) -> Result<(), String> {
             println!("{}", id.map_err(describe)?);
         }
         Command::Dlq { action, target } => {
-            let client = Client::connect(settings(&target.queue))
+            let client = Client::connect(settings(target, Some(target.queue())))
                 .await
                 .map_err(describe)?;
-            let done = dlq(&client, &target.queue, action).await;
+            let done = dlq(&client, target.queue(), action).await;
             client.close().await;
             done?;
         }
@@ -246,7 +260,7 @@ async fn execute(cli: Cli) -> Result<(), String> {
                 management_url: management_url.clone(),
             };
             loop {
-                let report = status::read(&source, &target.queue).await?;
+                let report = status::read(&source, target.queue()).await?;
                 if *json {
                     let line = serde_json::to_string(&report).map_err(|e| e.to_string())?;
                     println!("{line}");
@@ -273,12 +287,12 @@ async fn execute(cli: Cli) -> Result<(), String> {
             timeout,
             worker_wait,
         } => {
-            let client = Client::connect(settings(&target.queue))
+            let client = Client::connect(settings(target, Some(target.queue())))
                 .await
                 .map_err(describe)?;
             let options = DemoOptions {
                 amqp_url: broker.url.clone(),
-                queue: target.queue.clone(),
+                queue: target.queue().to_owned(),
                 tasks: *tasks,
                 workers: *workers,
                 outbox: outbox.clone(),

@@ -325,7 +325,7 @@ fn worker_rows(
 async fn from_amqp(broker: &BrokerSettings, queue: &str) -> Result<Status, String> {
     let client = Client::connect(ClientSettings {
         broker: broker.clone(),
-        queue: queue.to_owned(),
+        queue: Some(queue.to_owned()),
         name: warren_shared::broker::process_name("warren-status"),
         ..ClientSettings::default()
     })

@@ -114,7 +114,9 @@ impl Client {
     /// [`Error::Broker`] when the broker cannot be reached, naming it and what to do;
     /// [`Error::InvalidQueue`] for an unusable default queue.
     pub async fn connect(settings: ClientSettings) -> Result<Self, Error> {
-        topology::validate_queue_name(&settings.queue).map_err(Error::InvalidQueue)?;
+        if let Some(queue) = &settings.queue {
+            topology::validate_queue_name(queue).map_err(Error::InvalidQueue)?;
+        }
         let pending = Arc::new(Pending::default());
         let reply_to = match &settings.replies {
             ReplyMode::Direct => DIRECT_REPLY_TO.to_owned(),

@@ -12,8 +12,14 @@ pub struct ClientSettings {
     /// Where the broker is (one address or several). The client reconnects for as long as it
     /// lives: `broker.reconnect.max_attempts` is for workers and is not used here.
     pub broker: BrokerSettings,
-    /// Queue used when a call does not name one.
-    pub queue: String,
+    /// Where tasks go when a call names no queue. `None` (the default): by function name,
+    /// through [`ClientSettings::functions_exchange`], to the queue whose workers serve the
+    /// function; a function nobody serves fails at once with an `unknown_function`
+    /// [`Error::Failed`](crate::Error::Failed). `Some(queue)`: to that queue whatever its
+    /// workers serve (protocol v1's routing, routing key = queue name).
+    pub queue: Option<String>,
+    /// The exchange that routes tasks by function name (the workers' `functions_exchange`).
+    pub functions_exchange: String,
     /// How long `call` waits for a reply unless told otherwise.
     pub call_timeout: Duration,
     /// Bound on one publish, broker confirm included.
@@ -60,7 +66,8 @@ impl Default for ClientSettings {
     fn default() -> Self {
         Self {
             broker: BrokerSettings::default(),
-            queue: topology::DEFAULT_QUEUE.to_owned(),
+            queue: None,
+            functions_exchange: topology::FUNCTIONS_EXCHANGE.to_owned(),
             call_timeout: Duration::from_secs(30),
             publish_timeout: Duration::from_secs(10),
             channels: 4,
@@ -76,7 +83,8 @@ impl Default for ClientSettings {
 /// Per-call options; unset fields take the client's defaults.
 #[derive(Debug, Clone, Default)]
 pub struct CallOptions {
-    /// The queue to send to.
+    /// The queue to send to, whatever function its workers serve; unset: the client's
+    /// [`ClientSettings::queue`], or routing by function when that is unset too.
     pub queue: Option<String>,
     /// For `call`: how long to wait for the reply. For both `call` and `enqueue`: the task's
     /// deadline is now + this, and a worker that gets it later answers `expired` instead of

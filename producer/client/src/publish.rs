@@ -13,7 +13,7 @@ use warren_shared::broker::BrokerError;
 use warren_shared::envelope::{PolicyOverrides, TaskEnvelope};
 use warren_shared::link::LinkState;
 use warren_shared::pool::{self, Publication, publish_confirmed};
-use warren_shared::{PublishError, TaskId, topology};
+use warren_shared::{PublishError, TaskFailure, TaskId, topology};
 
 use crate::client::Client;
 use crate::error::Error;
@@ -62,26 +62,42 @@ impl Client {
             .map_err(|e| Error::Publish(PublishError::NoChannel(e.to_string())))
     }
 
+    /// The once-per-connection cell of a declaration named `what`.
+    fn declared_cell(&self, what: &str) -> std::sync::Arc<tokio::sync::OnceCell<()>> {
+        let mut declared = self
+            .inner
+            .declared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let generation = self.inner.link.generation();
+        if declared.0 != generation {
+            *declared = (generation, HashMap::new());
+        }
+        declared.1.entry(what.to_owned()).or_default().clone()
+    }
+
     pub(crate) async fn ensure_queue(&self, queue: &str) -> Result<(), Error> {
-        let cell = {
-            let mut declared = self
-                .inner
-                .declared
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let generation = self.inner.link.generation();
-            if declared.0 != generation {
-                *declared = (generation, HashMap::new());
-            }
-            declared.1.entry(queue.to_owned()).or_default().clone()
-        };
+        topology::validate_queue_name(queue).map_err(Error::InvalidQueue)?;
+        self.declare_once(format!("queue {queue}"), |channel| async move {
+            topology::declare(&channel, queue).await.map(drop)
+        })
+        .await
+    }
+
+    /// Runs `declare` on a pooled channel once per connection for `key`; nothing when the
+    /// client declares nothing.
+    async fn declare_once<F, Fut>(&self, key: String, declare: F) -> Result<(), Error>
+    where
+        F: FnOnce(lapin::Channel) -> Fut,
+        Fut: Future<Output = Result<(), lapin::Error>>,
+    {
+        let cell = self.declared_cell(&key);
         cell.get_or_try_init(|| async {
-            topology::validate_queue_name(queue).map_err(Error::InvalidQueue)?;
             if !self.inner.settings.declare {
                 return Ok(());
             }
-            let channel = self.channel().await?;
-            topology::declare(&channel, queue)
+            let channel = (*self.channel().await?).clone();
+            declare(channel)
                 .await
                 .map_err(|e| BrokerError::from(e).needing("configure"))?;
             Ok::<(), Error>(())
@@ -100,17 +116,30 @@ impl Client {
         deadline: Option<SystemTime>,
         wants_reply: bool,
     ) -> Result<(), Error> {
-        let queue = options
+        let route = match options
             .queue
             .as_deref()
-            .unwrap_or(&self.inner.settings.queue);
-        self.ensure_queue(queue).await?;
+            .or(self.inner.settings.queue.as_deref())
+        {
+            Some(queue) => {
+                self.ensure_queue(queue).await?;
+                Route::Queue(queue)
+            }
+            None => {
+                let exchange = self.inner.settings.functions_exchange.as_str();
+                topology::validate_function_name(function)
+                    .map_err(|e| unknown_function(function, exchange, &e))?;
+                self.ensure_functions_exchange(exchange).await?;
+                Route::Function(exchange)
+            }
+        };
+        let destination = route.destination(function);
         let trace = options
             .trace
             .as_ref()
             .map(warren_shared::trace::TraceContext::child);
         if let Some(send) = &trace {
-            tracing::debug!(task.id = %id, trace_id = %send.trace_id, span_id = %send.span_id, "send {queue}");
+            tracing::debug!(task.id = %id, trace_id = %send.trace_id, span_id = %send.span_id, "send {destination}");
         }
         let properties = TaskEnvelope {
             id: id.clone(),
@@ -136,8 +165,8 @@ impl Client {
         let published = publish_confirmed(
             &self.inner.pool.pool(),
             Publication {
-                exchange: topology::EXCHANGE,
-                routing_key: queue,
+                exchange: route.exchange(),
+                routing_key: destination,
                 body,
                 properties,
                 mandatory: true,
@@ -158,7 +187,58 @@ impl Client {
             {
                 Err(Error::ConnectionLost)
             }
+            // Nothing is bound to the function's name: no worker has ever served it (or its
+            // queue was deleted). Say so now rather than let the caller wait for a reply.
+            Err(PublishError::Unroutable { .. }) if matches!(route, Route::Function(_)) => {
+                let exchange = route.exchange();
+                Err(unknown_function(function, exchange, "no queue serves it"))
+            }
             other => other.map_err(Error::from),
         }
     }
+
+    /// Declares the functions exchange once per connection (unless the client declares
+    /// nothing), so that an unserved function comes back unroutable instead of closing the
+    /// channel on a missing exchange.
+    async fn ensure_functions_exchange(&self, exchange: &str) -> Result<(), Error> {
+        self.declare_once(format!("exchange {exchange}"), |channel| async move {
+            topology::declare_functions_exchange(&channel, exchange).await
+        })
+        .await
+    }
+}
+
+/// How one task is routed.
+#[derive(Clone, Copy)]
+enum Route<'a> {
+    /// To this queue by name (routing key = queue, exchange `warren`).
+    Queue(&'a str),
+    /// By function name through this exchange.
+    Function(&'a str),
+}
+
+impl<'a> Route<'a> {
+    fn exchange(self) -> &'a str {
+        match self {
+            Self::Queue(_) => topology::EXCHANGE,
+            Self::Function(exchange) => exchange,
+        }
+    }
+
+    /// The routing key: the queue, or the function.
+    fn destination(self, function: &'a str) -> &'a str {
+        match self {
+            Self::Queue(queue) => queue,
+            Self::Function(_) => function,
+        }
+    }
+}
+
+/// The typed error of a function that no queue serves.
+fn unknown_function(function: &str, exchange: &str, why: &str) -> Error {
+    let shown: String = function.chars().take(100).collect();
+    Error::Failed(TaskFailure::new(
+        warren_shared::ErrorKind::UnknownFunction,
+        format!("no worker serves function {shown:?} (exchange {exchange:?}): {why}"),
+    ))
 }

@@ -31,9 +31,15 @@ pub struct GatewayConfig {
     /// The broker (`[broker]` in the file).
     #[command(flatten)]
     pub broker: BrokerConfig,
-    /// Work queue the tasks go to.
+    /// Send every task to this work queue, whatever function it names. Unset (the default):
+    /// each task goes by its function's name to the queue whose workers serve it, and a
+    /// function nobody serves is answered `unknown_function` at once.
     #[arg(long, env = "WARREN_QUEUE")]
-    pub queue: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue: Option<String>,
+    /// The exchange that routes tasks by function name (the workers' `functions_exchange`).
+    #[arg(long, env = "WARREN_FUNCTIONS_EXCHANGE")]
+    pub functions_exchange: String,
     /// Address of the web page (/) and the websocket endpoint (/ws). Default: 127.0.0.1:8080,
     /// or 0.0.0.0:8080 when a token is set (or with --insecure-public). A non-loopback
     /// address needs a token or --insecure-public.
@@ -117,7 +123,8 @@ impl Default for GatewayConfig {
         } = limits;
         Self {
             broker: BrokerConfig::default(),
-            queue: topology::DEFAULT_QUEUE.to_owned(),
+            queue: None,
+            functions_exchange: topology::FUNCTIONS_EXCHANGE.to_owned(),
             http: None,
             text: None,
             insecure_public: false,
@@ -156,6 +163,7 @@ impl GatewayConfig {
         let Self {
             broker: _,
             queue: _,
+            functions_exchange: _,
             http: _,
             text: _,
             insecure_public: _,
@@ -243,6 +251,7 @@ impl GatewayConfig {
             broker: self.broker.to_settings()?,
             declare: !self.no_declare,
             queue: self.queue.clone(),
+            functions_exchange: self.functions_exchange.clone(),
             name: warren_shared::broker::process_name("warren-gateway"),
             ..ClientSettings::default()
         })
@@ -288,10 +297,9 @@ mod tests {
             (http.port(), text.port()),
             (DEFAULT_HTTP_PORT, DEFAULT_TEXT_PORT)
         );
-        assert_eq!(
-            config.client_settings().unwrap().queue,
-            topology::DEFAULT_QUEUE
-        );
+        let client = config.client_settings().unwrap();
+        assert_eq!(client.queue, None, "routes by function");
+        assert_eq!(client.functions_exchange, topology::FUNCTIONS_EXCHANGE);
     }
 
     #[test]

@@ -194,7 +194,8 @@ pub async fn serve(
     tracing::info!(
         http = ?http.local_addr().ok(),
         text = ?text.local_addr().ok(),
-        queue = %shared.client.settings().queue,
+        queue = ?shared.client.settings().queue,
+        functions_exchange = %shared.client.settings().functions_exchange,
         limits = ?shared.settings.limits,
         max_connections = shared.settings.max_connections,
         max_connections_per_peer = shared.settings.max_connections_per_peer,
@@ -287,9 +288,15 @@ async fn accept_failed(error: &std::io::Error) {
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
-/// Refreshes the queue depth while the gateway runs.
+/// Refreshes the queue depth while the gateway runs: of the queue it sends to, or of the
+/// default queue when it routes by function.
 async fn poll_queue(shared: Arc<Shared>, tx: watch::Sender<Option<QueueSnapshot>>) {
-    let queue = shared.client.settings().queue.clone();
+    let queue = shared
+        .client
+        .settings()
+        .queue
+        .clone()
+        .unwrap_or_else(|| warren_shared::topology::DEFAULT_QUEUE.to_owned());
     let mut every = tokio::time::interval(shared.settings.queue_poll_interval);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

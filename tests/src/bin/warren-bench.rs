@@ -588,6 +588,8 @@ impl WarrenSide {
                 broker: BrokerSettings::new(args.url.clone()),
                 queue: queue.to_owned(),
                 concurrency: args.concurrency,
+                // Benchmarks send by queue name and claim no functions.
+                functions_exchange: String::new(),
                 ..Default::default()
             },
             registry,
@@ -597,7 +599,7 @@ impl WarrenSide {
         .context("starting the Warren worker")?;
         let client = Client::connect(ClientSettings {
             broker: BrokerSettings::new(args.url.clone()),
-            queue: queue.to_owned(),
+            queue: Some(queue.to_owned()),
             ..Default::default()
         })
         .await

@@ -35,6 +35,7 @@ async fn main() -> ExitCode {
         .register::<Flaky>();
     let settings = WorkerSettings {
         broker: BrokerSettings::new(args.amqp_url),
+        functions_exchange: warren_tests::functions_exchange_of(&args.queue),
         queue: args.queue,
         concurrency: args.concurrency,
         shutdown_grace: args.shutdown_grace,

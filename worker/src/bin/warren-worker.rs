@@ -8,8 +8,9 @@ use std::process::ExitCode;
 use clap::Command;
 use tokio_util::sync::CancellationToken;
 use warren_shared::config::{self, ConfigError};
+use warren_worker::builtin::builtin_registry_of;
 use warren_worker::pool;
-use warren_worker::{Registry, WorkerConfig, builtin_registry};
+use warren_worker::{Registry, WorkerConfig};
 
 fn command() -> Command {
     Command::new("warren-worker")
@@ -43,10 +44,10 @@ async fn main() -> ExitCode {
 async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     let settings = config.settings()?;
     let mailer = config.mailer().map_err(anyhow::Error::msg)?;
+    let builtins =
+        builtin_registry_of(mailer, &config.builtin_names()).map_err(anyhow::Error::msg)?;
     let pools = pool::start_all(config.pools()?).await?;
-    let registry = pools
-        .iter()
-        .fold(builtin_registry(mailer), Registry::register_pool);
+    let registry = pools.iter().fold(builtins, Registry::register_pool);
     let shutdown = CancellationToken::new();
     // Installed before the worker starts, so that its first tasks are counted.
     let handle = match config.metrics {
