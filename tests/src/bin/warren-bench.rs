@@ -37,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use warren_client::{CallOptions, Client, ClientSettings};
 use warren_shared::{BrokerSettings, Task, topology};
+use warren_worker::pool::{Pool, PoolConfig};
 use warren_worker::{Handler, Registry, TaskContext, TaskError, WorkerSettings};
 
 /// Measures Warren against raw lapin on the same broker; see `docs/benchmarks.md`.
@@ -77,9 +78,17 @@ struct Args {
     /// channels the raw consumer replies on. 4 matches Warren's default pools.
     #[arg(long, default_value_t = 4)]
     raw_channels: usize,
-    /// Scenarios to run (comma separated): rpc, seq, fire.
+    /// Scenarios to run (comma separated): rpc, seq, fire, and `pool` (a handler pool against
+    /// the Rust handler, see `--pool-command`).
     #[arg(long, value_delimiter = ',', default_value = "rpc,seq,fire")]
     scenarios: Vec<String>,
+    /// The `pool` scenario's task processes: a no-op `echo` and `bench_count` in any language
+    /// (run from the repository root for the default).
+    #[arg(long, default_value = "php tests/pools/bench.php")]
+    pool_command: String,
+    /// Processes of the `pool` scenario's pool.
+    #[arg(long, default_value_t = 8)]
+    pool_processes: usize,
     /// Record Prometheus metrics (as `--metrics` does on the worker and the gateway), to
     /// measure what they cost: compare the ratios of a run with and a run without.
     #[arg(long)]
@@ -108,19 +117,21 @@ async fn main() -> Result<()> {
     let warren_queue = format!("bench.{}", Uuid::new_v4());
     let raw_queue = format!("bench.{}", Uuid::new_v4());
     let floor_queue = format!("bench.{}", Uuid::new_v4());
+    let pool_queue = format!("bench.{}", Uuid::new_v4());
+    let queues = [&warren_queue, &raw_queue, &floor_queue, &pool_queue];
 
     let admin = Connection::connect(&args.url, ConnectionProperties::default())
         .await
         .context("connecting to the broker")?;
     let admin_channel = admin.create_channel().await?;
     let result = tokio::select! {
-        result = run(&args, &admin_channel, [&warren_queue, &raw_queue, &floor_queue]) => result,
+        result = run(&args, &admin_channel, queues) => result,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
     };
 
     // Clean up whatever happened above, on a fresh connection if the broker dropped ours
     // (a broker restart mid-run must not leave durable quorum queues behind).
-    let names: Vec<String> = [&warren_queue, &raw_queue, &floor_queue]
+    let names: Vec<String> = queues
         .iter()
         .flat_map(|q| [q.to_string(), format!("{q}.dead")])
         .collect();
@@ -170,8 +181,8 @@ async fn cleanup_on_new_connection(url: &str, names: &[String]) {
     }
 }
 
-async fn run(args: &Args, admin: &Channel, queues: [&str; 3]) -> Result<()> {
-    let [warren_queue, raw_queue, floor_queue] = queues;
+async fn run(args: &Args, admin: &Channel, queues: [&String; 4]) -> Result<()> {
+    let [warren_queue, raw_queue, floor_queue, pool_queue] = queues;
     for queue in queues {
         topology::declare(admin, queue)
             .await
@@ -179,14 +190,130 @@ async fn run(args: &Args, admin: &Channel, queues: [&str; 3]) -> Result<()> {
     }
     let args_value = json!({ "user": 42, "pad": "x".repeat(args.payload_bytes) });
 
-    let warren = WarrenSide::start(args, warren_queue).await?;
+    let warren = WarrenSide::start(args, warren_queue, None).await?;
     let raw = RawSide::start(args, raw_queue, true).await?;
     let floor = RawSide::start(args, floor_queue, false).await?;
-    let result = measure(args, &warren, &raw, &floor, &args_value).await;
+    let mut result = measure(args, &warren, &raw, &floor, &args_value).await;
+    if result.is_ok() && args.scenarios.iter().any(|s| s == "pool") {
+        result = measure_pool(args, &warren, pool_queue, &args_value).await;
+    }
     warren.stop().await;
     raw.stop().await;
     floor.stop().await;
     result
+}
+
+/// The `pool` scenario: fire-and-forget tasks/s and RPC calls/s through a pool of
+/// `--pool-processes` processes running a no-op handler, against the Rust handler in the same
+/// run and at the same concurrency, and the pool processes' CPU per task.
+async fn measure_pool(args: &Args, rust: &WarrenSide, queue: &str, payload: &Value) -> Result<()> {
+    let config = PoolConfig::exec(
+        &args.pool_command,
+        vec![POOL_ECHO.into(), BenchCount::NAME.into()],
+        args.pool_processes,
+    )
+    .context("the pool command")?;
+    let pool = Pool::start(config).await.context("starting the pool")?;
+    let pooled = WarrenSide::start(args, queue, Some(pool.clone())).await?;
+    println!(
+        "pool: {:?}, {} processes, worker concurrency {}, {} calls in flight",
+        args.pool_command, args.pool_processes, args.concurrency, args.in_flight
+    );
+    pooled.rpc(args.warmup, args.in_flight, payload).await?;
+    pooled
+        .fire(args.warmup, args.enqueue_in_flight, payload)
+        .await?;
+    let (mut rust_rpc, mut pool_rpc, mut rust_fire, mut pool_fire) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut pool_cpu_rpc, mut pool_cpu_fire) = (Vec::new(), Vec::new());
+    let (calls, tasks) = (args.rpc_calls as f64, args.tasks as f64);
+    for round in 1..=args.rounds {
+        let (d, _) = timed(rust.rpc(args.rpc_calls, args.in_flight, payload)).await?;
+        rust_rpc.push(calls / d.as_secs_f64());
+        let children = children_cpu_seconds();
+        let (d, _) = timed(pooled.rpc(args.rpc_calls, args.in_flight, payload)).await?;
+        pool_rpc.push(calls / d.as_secs_f64());
+        pool_cpu_rpc.push((children_cpu_seconds() - children) / calls * 1e6);
+        let (d, _) = timed(rust.fire(args.tasks, args.enqueue_in_flight, payload)).await?;
+        rust_fire.push(tasks / d.as_secs_f64());
+        let children = children_cpu_seconds();
+        let (d, _) = timed(pooled.fire(args.tasks, args.enqueue_in_flight, payload)).await?;
+        pool_fire.push(tasks / d.as_secs_f64());
+        pool_cpu_fire.push((children_cpu_seconds() - children) / tasks * 1e6);
+        println!(
+            "  pool  round {round}: rpc rust {:>7.0}/s pool {:>7.0}/s ({:.0} us pool CPU/call)  \
+             fire rust {:>7.0}/s pool {:>7.0}/s ({:.0} us pool CPU/task)",
+            rust_rpc[round - 1],
+            pool_rpc[round - 1],
+            pool_cpu_rpc[round - 1],
+            rust_fire[round - 1],
+            pool_fire[round - 1],
+            pool_cpu_fire[round - 1]
+        );
+    }
+    pooled.stop().await;
+    pool.shutdown().await;
+    println!();
+    println!(
+        "{:<34} {:>10} {:>10} {:>7}  target {POOL_TARGET} (pool/rust)",
+        "pool scenario (median of rounds)", "rust", "pool", "ratio"
+    );
+    let mut met = true;
+    for (name, rust, pool) in [
+        ("RPC calls/s", median(&rust_rpc), median(&pool_rpc)),
+        (
+            "fire-and-forget tasks/s",
+            median(&rust_fire),
+            median(&pool_fire),
+        ),
+    ] {
+        let ratio = pool / rust;
+        met &= ratio >= POOL_TARGET;
+        let verdict = if ratio >= POOL_TARGET {
+            "MET"
+        } else {
+            "not met"
+        };
+        println!("{name:<34} {rust:>10.0} {pool:>10.0} {ratio:>7.3}  {verdict}");
+    }
+    println!(
+        "pool processes' CPU per task: {:.0} us (RPC), {:.0} us (fire-and-forget)",
+        median(&pool_cpu_rpc),
+        median(&pool_cpu_fire)
+    );
+    if !met {
+        println!("pool target NOT met");
+    }
+    Ok(())
+}
+
+/// The ratio a handler pool should reach against the Rust handler.
+const POOL_TARGET: f64 = 0.8;
+
+/// The function the `rpc` and `seq` scenarios call.
+const POOL_ECHO: &str = "echo";
+
+/// CPU seconds used so far by this process's live children (the pool's processes), from
+/// `/proc/<pid>/stat` of every process whose parent is this one; `NaN` without `/proc`.
+fn children_cpu_seconds() -> f64 {
+    let me = std::process::id().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return f64::NAN;
+    };
+    entries
+        .filter_map(|entry| std::fs::read_to_string(entry.ok()?.path().join("stat")).ok())
+        .filter_map(|stat| {
+            let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+            // After the command name: state, ppid, ...; utime and stime are the 12th and 13th.
+            (fields.get(1) == Some(&me.as_str())).then(|| stat_cpu(&fields))?
+        })
+        .sum()
+}
+
+/// utime + stime of a `/proc/<pid>/stat` line's fields after the command name, in seconds.
+fn stat_cpu(fields: &[&str]) -> Option<f64> {
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+    Some((ticks(11)? + ticks(12)?) / 100.0)
 }
 
 /// One row of the final table.
@@ -389,6 +516,9 @@ async fn measure(
         });
     }
 
+    if rows.is_empty() && cpu_rows.is_empty() {
+        return Ok(());
+    }
     println!();
     println!(
         "{:<42} {:>12} {:>12} {:>12} {:>8}  {:>6}  {:>6}  target {TARGET} (vs raw)",
@@ -463,11 +593,7 @@ fn process_cpu_seconds() -> f64 {
         return f64::NAN;
     };
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
-    match (ticks(11), ticks(12)) {
-        (Some(user), Some(system)) => (user + system) / 100.0,
-        _ => f64::NAN,
-    }
+    stat_cpu(&fields).unwrap_or(f64::NAN)
 }
 
 fn median(values: &[f64]) -> f64 {
@@ -569,6 +695,36 @@ impl Handler<BenchCount> for Arc<Completions> {
     }
 }
 
+/// `echo`, served by a handler pool.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(transparent)]
+struct PoolEcho(Value);
+
+impl Task for PoolEcho {
+    const NAME: &'static str = POOL_ECHO;
+    type Output = Value;
+}
+
+impl Handler<PoolEcho> for Pool {
+    async fn run(&self, args: PoolEcho, ctx: TaskContext) -> Result<Value, TaskError> {
+        self.call(POOL_ECHO, args.0, &ctx).await
+    }
+}
+
+/// `bench_count` run by a handler pool, counted once the pool has answered.
+struct PoolCount {
+    pool: Pool,
+    completions: Arc<Completions>,
+}
+
+impl Handler<BenchCount> for PoolCount {
+    async fn run(&self, args: BenchCount, ctx: TaskContext) -> Result<(), TaskError> {
+        self.pool.call(BenchCount::NAME, args.0, &ctx).await?;
+        self.completions.complete_one();
+        Ok(())
+    }
+}
+
 /// Warren: an in-process worker and a client.
 struct WarrenSide {
     client: Client,
@@ -578,11 +734,20 @@ struct WarrenSide {
 }
 
 impl WarrenSide {
-    async fn start(args: &Args, queue: &str) -> Result<Self> {
+    /// The Rust handlers, or with `pool` the same functions served by the pool's processes.
+    async fn start(args: &Args, queue: &str, pool: Option<Pool>) -> Result<Self> {
         let completions = Arc::new(Completions::default());
-        let registry = Registry::new()
-            .register::<warren_shared::tasks::Echo>()
-            .register_handler::<BenchCount>(completions.clone());
+        let registry = match pool {
+            None => Registry::new()
+                .register::<warren_shared::tasks::Echo>()
+                .register_handler::<BenchCount>(completions.clone()),
+            Some(pool) => Registry::new()
+                .register_handler::<PoolEcho>(pool.clone())
+                .register_handler::<BenchCount>(PoolCount {
+                    pool,
+                    completions: completions.clone(),
+                }),
+        };
         let worker = warren_worker::start(
             WorkerSettings {
                 broker: BrokerSettings::new(args.url.clone()),
