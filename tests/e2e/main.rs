@@ -7,6 +7,7 @@ mod access;
 mod cli;
 mod config;
 mod core;
+mod deploy;
 mod gateway;
 mod operations;
 mod pools;
