@@ -9,6 +9,7 @@ mod config;
 mod core;
 mod deploy;
 mod gateway;
+mod interactive;
 mod operations;
 mod pools;
 mod processes;
