@@ -48,6 +48,12 @@ elif [ ! -d tests/browser/node_modules/playwright-core ]; then
     npm ci --prefix tests/browser --no-audit --no-fund
 fi
 
+# The deployment files no test can run here (Kubernetes manifests, compose file, systemd unit):
+# schema validation and rules, see deploy/check-deploy.sh. With the whole suite only.
+if [ "$#" -eq 0 ]; then
+    bash deploy/check-deploy.sh
+fi
+
 cargo build --workspace --bins --locked
 cargo test --workspace --locked "$@"
 # A build without TLS must refuse amqps:// rather than connect in plaintext (issue 8.1): the

@@ -9,6 +9,9 @@
 //! - `fire`: `--tasks` tasks enqueued with confirms (`--enqueue-in-flight` outstanding) until
 //!   the worker has run and acked them all.
 //!
+//! A fourth scenario, `scale` (run on its own), measures how throughput grows with
+//! `warren-worker` processes: see `scale.rs` and `docs/scaling.md`.
+//!
 //! The Warren side is an in-process `warren_worker` and a `warren_client::Client`; the raw side
 //! is lapin only, on its own queue with the same arguments, the same properties, headers and
 //! bodies, confirms and prefetch. It mirrors Warren's design, so a third side, the floor, runs
@@ -39,6 +42,8 @@ use warren_client::{CallOptions, Client, ClientSettings};
 use warren_shared::{BrokerSettings, Task, topology};
 use warren_worker::pool::{Pool, PoolConfig};
 use warren_worker::{Handler, Registry, TaskContext, TaskError, WorkerSettings};
+
+mod scale;
 
 /// Measures Warren against raw lapin on the same broker; see `docs/benchmarks.md`.
 #[derive(Debug, Parser)]
@@ -79,7 +84,7 @@ struct Args {
     #[arg(long, default_value_t = 4)]
     raw_channels: usize,
     /// Scenarios to run (comma separated): rpc, seq, fire, and `pool` (a handler pool against
-    /// the Rust handler, see `--pool-command`).
+    /// the Rust handler, see `--pool-command`); or `scale` alone.
     #[arg(long, value_delimiter = ',', default_value = "rpc,seq,fire")]
     scenarios: Vec<String>,
     /// The `pool` scenario's task processes: a no-op `echo` and `bench_count` in any language
@@ -89,6 +94,26 @@ struct Args {
     /// Processes of the `pool` scenario's pool.
     #[arg(long, default_value_t = 8)]
     pool_processes: usize,
+    /// `scale`: the worker process counts to measure, one after the other.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+    workers: Vec<usize>,
+    /// `scale`: tasks in the backlog for each worker count.
+    #[arg(long, default_value_t = 20_000)]
+    scale_tasks: usize,
+    /// `scale`: the built-in function the tasks run, `echo` (CPU-bound: Warren's own work) or
+    /// `sleep` (I/O-bound: waits `--sleep-ms`).
+    #[arg(long, default_value = "echo")]
+    scale_function: String,
+    /// `scale`: how long each `sleep` task waits, in milliseconds.
+    #[arg(long, default_value_t = 50)]
+    sleep_ms: u64,
+    /// `scale`: each worker process's concurrency (the `warren-worker` default is 16).
+    #[arg(long, default_value_t = 16)]
+    worker_concurrency: u16,
+    /// `scale`: the broker's process id on this host (e.g. `pgrep -f 'rabbit@'`), to report
+    /// its CPU too.
+    #[arg(long)]
+    broker_pid: Option<u32>,
     /// Record Prometheus metrics (as `--metrics` does on the worker and the gateway), to
     /// measure what they cost: compare the ratios of a run with and a run without.
     #[arg(long)]
@@ -124,6 +149,17 @@ async fn main() -> Result<()> {
         .await
         .context("connecting to the broker")?;
     let admin_channel = admin.create_channel().await?;
+    if args.scenarios.iter().any(|s| s == "scale") {
+        if args.scenarios.len() > 1 {
+            bail!("--scenarios scale runs on its own");
+        }
+        let result = tokio::select! {
+            result = scale::run(&args, &admin_channel) => result,
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        };
+        let _ = admin.close(200, "bench done".into()).await;
+        return result;
+    }
     let result = tokio::select! {
         result = run(&args, &admin_channel, queues) => result,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
@@ -575,16 +611,16 @@ async fn bounded<T>(work: impl Future<Output = Result<T>>) -> Result<T> {
 
 /// Wall time and this process's CPU time (all threads, user + system) of `work`.
 async fn timed(work: impl Future<Output = Result<()>>) -> Result<(Duration, f64)> {
-    let cpu = process_cpu_seconds();
+    let cpu = process_cpu_seconds("self");
     let start = Instant::now();
     bounded(work).await?;
-    Ok((start.elapsed(), process_cpu_seconds() - cpu))
+    Ok((start.elapsed(), process_cpu_seconds("self") - cpu))
 }
 
-/// CPU seconds this process has used so far (Linux `/proc/self/stat`, 10 ms resolution);
-/// `NaN` where that is not available.
-fn process_cpu_seconds() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+/// CPU seconds process `pid` (or `self`) has used so far (Linux `/proc/<pid>/stat`, 10 ms
+/// resolution); `NaN` where that is not available.
+fn process_cpu_seconds(pid: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return f64::NAN;
     };
     // Fields after the command name (which may contain spaces) start at field 3, `state`;
@@ -615,6 +651,17 @@ fn percentile_ms(latencies: &[Duration], p: f64) -> f64 {
     }
     let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
     v[rank.clamp(1, v.len()) - 1].as_secs_f64() * 1e3
+}
+
+/// A Warren client whose default queue is `queue`.
+async fn client_for(url: &str, queue: &str) -> Result<Client> {
+    Client::connect(ClientSettings {
+        broker: BrokerSettings::new(url.to_owned()),
+        queue: Some(queue.to_owned()),
+        ..ClientSettings::default()
+    })
+    .await
+    .context("connecting the Warren client")
 }
 
 /// Runs `work(i)` for i in 0..n with `parallel` loops pulling from a shared counter.
@@ -762,13 +809,7 @@ impl WarrenSide {
         )
         .await
         .context("starting the Warren worker")?;
-        let client = Client::connect(ClientSettings {
-            broker: BrokerSettings::new(args.url.clone()),
-            queue: Some(queue.to_owned()),
-            ..Default::default()
-        })
-        .await
-        .context("connecting the Warren client")?;
+        let client = client_for(&args.url, queue).await?;
         Ok(Self {
             client,
             worker,
