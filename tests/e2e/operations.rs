@@ -458,20 +458,46 @@ async fn warren_status_shows_depth_consumers_and_workers_and_degrades_without_th
     client.close().await;
 }
 
+/// `command` (a worker binary) on `queue`, logging its task spans as JSON lines to `log`.
+fn logging_worker(mut command: Command, queue: &str, log: &std::path::Path) -> Command {
+    command
+        .args(["--queue", queue])
+        .env("AMQP_URL", amqp_url())
+        .env("RUST_LOG", "warn,warren_worker=debug")
+        .env("WARREN_LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap());
+    command
+}
+
+/// The JSON log lines in `path`.
+fn json_lines(path: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// The first of `lines` whose message is `message`.
+fn line_saying(lines: &[Value], message: &str) -> Value {
+    lines
+        .iter()
+        .find(|l| l["fields"]["message"] == message)
+        .unwrap_or_else(|| panic!("no {message:?} line in {lines:#?}"))
+        .clone()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_callers_trace_id_is_on_the_workers_process_span_and_logs_across_a_retry() {
     let q = TestQueue::new("trace");
     let dir = temp_dir("trace");
     let log_path = dir.path().join("worker.log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_warren-test-worker"));
-    command
-        .args(["--queue", &q.name])
-        .env("AMQP_URL", amqp_url())
-        .env("RUST_LOG", "warn,warren_worker=debug")
-        .env("WARREN_LOG_FORMAT", "json")
-        .stdout(Stdio::null())
-        .stderr(log);
+    let command = logging_worker(
+        Command::new(env!("CARGO_BIN_EXE_warren-test-worker")),
+        &q.name,
+        &log_path,
+    );
     let _worker = ChildGuard::spawn(command);
     let client = q.client().await;
     client.declare_queue(&q.name).await.unwrap();
@@ -491,19 +517,14 @@ async fn a_callers_trace_id_is_on_the_workers_process_span_and_logs_across_a_ret
         .unwrap();
     assert_eq!(attempt, 2, "the first attempt failed and was retried");
 
-    let lines: Vec<Value> = std::fs::read_to_string(&log_path)
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
-    let in_task = |message: &str| {
-        lines
-            .iter()
-            .find(|l| l["fields"]["message"] == message)
-            .unwrap_or_else(|| panic!("no {message:?} line in {lines:#?}"))
-            .clone()
-    };
-    for line in [in_task("attempt failed; retrying"), in_task("task done")] {
+    let lines = json_lines(&log_path);
+    let in_task = |message: &str| line_saying(&lines, message);
+    let attempts = [in_task("attempt failed; retrying"), in_task("task done")];
+    // Both attempts' lines name the same task: the retry is the same task id, in the same trace.
+    let task_id = attempts[0]["span"]["task.id"].as_str().unwrap();
+    assert_eq!(task_id.len(), 36, "{:?}", attempts[0]);
+    assert_eq!(attempts[1]["span"]["task.id"], task_id, "{:?}", attempts[1]);
+    for line in attempts {
         let span = &line["span"];
         assert_eq!(span["trace_id"], root.trace_id.as_str(), "{line}");
         assert_eq!(span["otel.name"], format!("process {}", q.name), "{line}");
@@ -515,4 +536,194 @@ async fn a_callers_trace_id_is_on_the_workers_process_span_and_logs_across_a_ret
         assert_ne!(span["span_id"], parent, "{line}");
     }
     client.close().await;
+}
+
+/// One span an OTLP exporter sent, with its resource's `service.name`.
+#[derive(Debug, Clone)]
+struct ExportedSpan {
+    service: String,
+    name: String,
+    kind: i32,
+    trace_id: String,
+    span_id: String,
+    parent_span_id: String,
+    attributes: std::collections::HashMap<String, String>,
+}
+
+/// An OTLP/HTTP receiver on loopback (`POST /v1/traces`, protobuf bodies), keeping every span
+/// it is sent; stops when dropped.
+struct OtlpReceiver {
+    addr: SocketAddr,
+    spans: std::sync::Arc<std::sync::Mutex<Vec<ExportedSpan>>>,
+    _stop: tokio_util::sync::DropGuard,
+}
+
+impl OtlpReceiver {
+    async fn start() -> Self {
+        use opentelemetry_proto::tonic::collector::trace::v1::{
+            ExportTraceServiceRequest, ExportTraceServiceResponse,
+        };
+        use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
+        use prost::Message as _;
+
+        type Spans = std::sync::Arc<std::sync::Mutex<Vec<ExportedSpan>>>;
+        async fn traces(
+            axum::extract::State(spans): axum::extract::State<Spans>,
+            body: axum::body::Bytes,
+        ) -> (axum::http::StatusCode, Vec<u8>) {
+            let Ok(request) = ExportTraceServiceRequest::decode(body) else {
+                return (axum::http::StatusCode::BAD_REQUEST, Vec::new());
+            };
+            let text = |value: Option<&Any>| match value {
+                Some(Any::StringValue(s)) => s.clone(),
+                Some(Any::IntValue(i)) => i.to_string(),
+                other => format!("{other:?}"),
+            };
+            let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+            let mut received = spans.lock().unwrap();
+            for resource_spans in request.resource_spans {
+                let service = resource_spans
+                    .resource
+                    .iter()
+                    .flat_map(|r| &r.attributes)
+                    .find(|a| a.key == "service.name")
+                    .map(|a| text(a.value.as_ref().and_then(|v| v.value.as_ref())))
+                    .unwrap_or_default();
+                for span in resource_spans.scope_spans.into_iter().flat_map(|s| s.spans) {
+                    received.push(ExportedSpan {
+                        service: service.clone(),
+                        name: span.name,
+                        kind: span.kind,
+                        trace_id: hex(&span.trace_id),
+                        span_id: hex(&span.span_id),
+                        parent_span_id: hex(&span.parent_span_id),
+                        attributes: span
+                            .attributes
+                            .iter()
+                            .map(|a| {
+                                (
+                                    a.key.clone(),
+                                    text(a.value.as_ref().and_then(|v| v.value.as_ref())),
+                                )
+                            })
+                            .collect(),
+                    });
+                }
+            }
+            (
+                axum::http::StatusCode::OK,
+                ExportTraceServiceResponse::default().encode_to_vec(),
+            )
+        }
+
+        let spans = Spans::default();
+        let app = axum::Router::new()
+            .route("/v1/traces", axum::routing::post(traces))
+            .with_state(spans.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let stopped = stop.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stopped.cancelled_owned())
+                .await
+        });
+        Self {
+            addr,
+            spans,
+            _stop: stop.drop_guard(),
+        }
+    }
+
+    /// The spans received so far named `name`.
+    fn named(&self, name: &str) -> Vec<ExportedSpan> {
+        let spans = self.spans.lock().unwrap();
+        spans.iter().filter(|s| s.name == name).cloned().collect()
+    }
+
+    /// The `OTEL_*` variables that point an exporter here, as service `service`.
+    fn env(&self, command: &mut Command, service: &str) {
+        command
+            .env(
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                format!("http://{}", self.addr),
+            )
+            .env("OTEL_SERVICE_NAME", service)
+            .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .env_remove("OTEL_SDK_DISABLED")
+            .env_remove("OTEL_TRACES_EXPORTER");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_export_joins_the_callers_send_span_and_the_workers_process_span_in_one_trace() {
+    let receiver = OtlpReceiver::start().await;
+    let q = TestQueue::new("otlp");
+    let dir = temp_dir("otlp");
+    let log_path = dir.path().join("worker.log");
+    let mut worker = logging_worker(Command::new(binary("warren-worker")), &q.name, &log_path);
+    receiver.env(&mut worker, "otlp-test-worker");
+    let _worker = ChildGuard::spawn(worker);
+
+    // One call through the CLI, a process of its own that exports its `send` span on exit.
+    let mut call = Command::new(binary("warren"));
+    call.args(["call", "echo", r#"{"traced":true}"#, "--queue", &q.name])
+        .env("AMQP_URL", amqp_url())
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null());
+    receiver.env(&mut call, "otlp-test-caller");
+    let output = tokio::task::spawn_blocking(move || call.output().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        r#"{"traced":true}"#
+    );
+
+    let send_name = format!("send {}", q.name);
+    let process_name = format!("process {}", q.name);
+    eventually(
+        "both spans to be exported",
+        Duration::from_secs(20),
+        || async {
+            !receiver.named(&send_name).is_empty() && !receiver.named(&process_name).is_empty()
+        },
+    )
+    .await;
+    let [send] = receiver.named(&send_name).try_into().unwrap();
+    let [process] = receiver.named(&process_name).try_into().unwrap();
+    assert_eq!(send.service, "otlp-test-caller");
+    assert_eq!(process.service, "otlp-test-worker");
+    // One trace: the worker's span is the child of the caller's (a root: no trace was given).
+    assert_eq!(process.trace_id, send.trace_id);
+    assert_eq!(process.parent_span_id, send.span_id);
+    assert!(send.parent_span_id.is_empty(), "{send:?}");
+    // Span kinds producer (4) and consumer (5), and the messaging attributes.
+    assert_eq!((send.kind, process.kind), (4, 5));
+    let task_id = send.attributes["messaging.message.id"].clone();
+    assert_eq!(task_id.len(), 36, "a task id: {send:?}");
+    for (span, operation) in [(&send, "send"), (&process, "process")] {
+        let a = &span.attributes;
+        assert_eq!(a["messaging.system"], "rabbitmq", "{span:?}");
+        assert_eq!(a["messaging.operation.type"], operation, "{span:?}");
+        assert_eq!(a["messaging.destination.name"], q.name, "{span:?}");
+        assert_eq!(a["messaging.message.id"], task_id, "{span:?}");
+        assert_eq!(a["warren.task.function"], "echo", "{span:?}");
+    }
+    assert_eq!(process.attributes["warren.task.attempt"], "1");
+
+    // The worker's log lines of the task carry the exported ids and the task id.
+    let done = line_saying(&json_lines(&log_path), "task done");
+    let span = &done["span"];
+    assert_eq!(span["trace_id"], process.trace_id.as_str(), "{done}");
+    assert_eq!(span["span_id"], process.span_id.as_str(), "{done}");
+    assert_eq!(span["parent_span_id"], send.span_id.as_str(), "{done}");
+    assert_eq!(span["task.id"], task_id.as_str(), "{done}");
 }
