@@ -118,16 +118,49 @@ fn percent_encode(text: &str) -> String {
         .collect()
 }
 
-fn gateway(queue: &str, http: SocketAddr, text: SocketAddr, metrics: SocketAddr) -> ChildGuard {
+/// A `warren-gateway` on `broker` allowing `echo` and `fail`, its operations listener on
+/// `metrics`.
+fn gateway(
+    broker: &str,
+    queue: &str,
+    http: SocketAddr,
+    text: SocketAddr,
+    metrics: SocketAddr,
+) -> ChildGuard {
     let mut command = Command::new(binary("warren-gateway"));
     command
         .args(["--queue", queue, "--allow", "echo,fail"])
         .args(["--http", &http.to_string(), "--text", &text.to_string()])
         .args(["--metrics", &metrics.to_string()])
-        .env("AMQP_URL", amqp_url())
+        .env("AMQP_URL", broker)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null());
     ChildGuard::spawn(command)
+}
+
+/// A connection to a gateway's Text bridge: one request line, one answer line.
+struct TextSession {
+    lines: tokio::io::Lines<BufReader<tokio::net::tcp::OwnedReadHalf>>,
+    write: tokio::net::tcp::OwnedWriteHalf,
+}
+
+impl TextSession {
+    async fn connect(addr: SocketAddr) -> Self {
+        let (read, write) = TcpStream::connect(addr).await.unwrap().into_split();
+        Self {
+            lines: BufReader::new(read).lines(),
+            write,
+        }
+    }
+
+    /// Sends `request` (a JSON task) and returns the answer line.
+    async fn call(&mut self, request: &Value) -> String {
+        self.write
+            .write_all(format!("{request}\n").as_bytes())
+            .await
+            .unwrap();
+        self.lines.next_line().await.unwrap().unwrap()
+    }
 }
 
 async fn until_ready(addr: SocketAddr) {
@@ -160,35 +193,24 @@ async fn prometheus_scrapes_exact_task_counts_from_a_worker_and_a_gateway() {
         ],
     );
     let (http, text, gateway_metrics) = (free_addr(), free_addr(), free_addr());
-    let _gateway = gateway(&q.name, http, text, gateway_metrics);
+    let _gateway = gateway(&amqp_url(), &q.name, http, text, gateway_metrics);
     until_ready(worker_metrics).await;
     until_ready(gateway_metrics).await;
     let prometheus = Prometheus::start(&[worker_metrics, gateway_metrics]);
 
     // The workload, through the gateway's Text bridge: OK echoes, DEAD failures, one forbidden.
-    let stream = TcpStream::connect(text).await.unwrap();
-    let (read, mut write) = stream.into_split();
-    let mut lines = BufReader::new(read).lines();
+    let mut session = TextSession::connect(text).await;
     for i in 0..OK {
-        write
-            .write_all(format!("{}\n", json!({"function": "echo", "args": i})).as_bytes())
-            .await
-            .unwrap();
-        assert_eq!(lines.next_line().await.unwrap().unwrap(), i.to_string());
+        let answer = session.call(&json!({"function": "echo", "args": i})).await;
+        assert_eq!(answer, i.to_string());
     }
     for _ in 0..DEAD {
-        write
-            .write_all(b"{\"function\":\"fail\",\"args\":{}}\n")
-            .await
-            .unwrap();
-        let answer = lines.next_line().await.unwrap().unwrap();
+        let answer = session.call(&json!({"function": "fail", "args": {}})).await;
         assert!(answer.contains("handler_failed"), "{answer}");
     }
-    write
-        .write_all(b"{\"function\":\"sleep\",\"args\":{\"ms\":1}}\n")
-        .await
-        .unwrap();
-    let answer = lines.next_line().await.unwrap().unwrap();
+    let answer = session
+        .call(&json!({"function": "sleep", "args": {"ms": 1}}))
+        .await;
     assert!(answer.contains("forbidden"), "{answer}");
 
     let queue = &q.name;
@@ -265,8 +287,7 @@ async fn prometheus_scrapes_exact_task_counts_from_a_worker_and_a_gateway() {
     prometheus
         .expect(r#"warren_gateway_connections{protocol="text"}"#, 1.0)
         .await;
-    drop(write);
-    drop(lines);
+    drop(session);
     prometheus
         .expect(r#"warren_gateway_connections{protocol="text"}"#, 0.0)
         .await;
@@ -726,4 +747,135 @@ async fn otlp_export_joins_the_callers_send_span_and_the_workers_process_span_in
     assert_eq!(span["span_id"], process.span_id.as_str(), "{done}");
     assert_eq!(span["parent_span_id"], send.span_id.as_str(), "{done}");
     assert_eq!(span["task.id"], task_id.as_str(), "{done}");
+}
+
+/// `deploy/<path>` in this repository.
+fn deploy_file(path: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(path)
+}
+
+#[test]
+fn alert_rules_pass_promtool_and_fire_only_when_they_should() {
+    let dir = deploy_file("prometheus");
+    for args in [
+        &["check", "rules", "warren-alerts.yml"][..],
+        &["test", "rules", "warren-alerts.test.yml"][..],
+    ] {
+        let output = Command::new("promtool")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .unwrap_or_else(|e| panic!("promtool (Debian's prometheus package) cannot run: {e}"));
+        assert!(
+            output.status.success(),
+            "promtool {args:?}:\n{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+/// The metric names in Prometheus text exposition `text`: every series' name and every name
+/// in a `# TYPE` line (a histogram's own name is only there).
+fn exposed_names(text: &str) -> std::collections::BTreeSet<String> {
+    text.lines()
+        .filter_map(|line| match line.strip_prefix("# TYPE ") {
+            Some(rest) => rest.split_whitespace().next(),
+            None if line.starts_with('#') => None,
+            None => line.split(['{', ' ']).next(),
+        })
+        .filter(|name| !name.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The `warren_*` and `rabbitmq_*` names that `text` mentions.
+fn referenced_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let bytes = text.as_bytes();
+    for prefix in ["warren_", "rabbitmq_"] {
+        for (at, _) in text.match_indices(prefix) {
+            let starts_word =
+                at == 0 || !(bytes[at - 1].is_ascii_alphanumeric() || bytes[at - 1] == b'_');
+            let end = text[at..]
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .map_or(text.len(), |n| at + n);
+            if starts_word {
+                names.insert(text[at..end].to_owned());
+            }
+        }
+    }
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_and_alert_rules_name_only_series_that_a_real_scrape_has() {
+    // Grafana's JSON must parse, and every panel query a series.
+    let dashboard = std::fs::read_to_string(deploy_file("grafana/warren-dashboard.json")).unwrap();
+    let parsed: Value = serde_json::from_str(&dashboard).unwrap();
+    let queries: Vec<&str> = parsed["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["type"] != "row")
+        .flat_map(|p| p["targets"].as_array().unwrap())
+        .map(|t| t["expr"].as_str().unwrap())
+        .collect();
+    assert!(queries.len() >= 20, "{queries:?}");
+    assert!(
+        queries.iter().all(|q| !referenced_names(q).is_empty()),
+        "{queries:?}"
+    );
+    let rules = std::fs::read_to_string(deploy_file("prometheus/warren-alerts.yml")).unwrap();
+    let mut wanted = referenced_names(&dashboard);
+    wanted.extend(referenced_names(&rules));
+
+    // A broker of its own with RabbitMQ's Prometheus plugin, a worker and a gateway on it, and
+    // a little of every kind of traffic: a success, a dead letter, a refusal.
+    let node = warren_tests::node::BrokerNode::start_with_prometheus("dashboard").await;
+    // On the private node, which goes with its queues: no TestQueue clean-up on the shared one.
+    let queue = format!("test.dashboard.{}", uuid::Uuid::new_v4().simple());
+    let worker_metrics = free_addr();
+    let mut worker = Command::new(binary("warren-worker"));
+    worker
+        .args(["--queue", &queue, "--metrics", &worker_metrics.to_string()])
+        .env("AMQP_URL", node.url())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null());
+    let _worker = ChildGuard::spawn(worker);
+    let (http, text, gateway_metrics) = (free_addr(), free_addr(), free_addr());
+    let _gateway = gateway(&node.url(), &queue, http, text, gateway_metrics);
+    until_ready(worker_metrics).await;
+    until_ready(gateway_metrics).await;
+    let mut session = TextSession::connect(text).await;
+    assert_eq!(
+        session.call(&json!({"function": "echo", "args": 1})).await,
+        "1"
+    );
+    let failed = session.call(&json!({"function": "fail", "args": {}})).await;
+    assert!(failed.contains("handler_failed"), "{failed}");
+    let refused = session
+        .call(&json!({"function": "sleep", "args": {}}))
+        .await;
+    assert!(refused.contains("forbidden"), "{refused}");
+
+    let broker_metrics = format!("{}/metrics/per-object", node.prometheus_url().unwrap());
+    let mut exposed = std::collections::BTreeSet::new();
+    for url in [
+        format!("http://{worker_metrics}/metrics"),
+        format!("http://{gateway_metrics}/metrics"),
+        broker_metrics,
+    ] {
+        let (status, body) = http_get(url.clone()).await.unwrap();
+        assert_eq!(status, 200, "{url}: {body}");
+        exposed.extend(exposed_names(&body));
+    }
+    let missing: Vec<&String> = wanted.difference(&exposed).collect();
+    assert!(
+        missing.is_empty(),
+        "the dashboard or the alert rules name series no scrape has: {missing:?}"
+    );
+    assert!(wanted.len() >= 20, "{wanted:?}");
 }
