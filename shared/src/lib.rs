@@ -24,7 +24,9 @@
 //!   environment < flags).
 //! - [`shutdown`]: SIGTERM/SIGINT handling of the binaries (graceful first, forced second).
 //! - [`telemetry`]: tracing set-up shared by the binaries.
-//! - [`trace`]: W3C trace context (`traceparent`) carried in task headers.
+//! - [`trace`]: W3C trace context (`traceparent`) carried in task headers, and the task spans.
+//! - [`otel`]: OTLP export of those spans when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (feature
+//!   `otlp`).
 //! - [`metrics`]: the Prometheus series every process records (publish confirms, reconnects).
 //!
 //! This crate is `warren-shared`, the project's own library; it is not the team notes folder.
@@ -37,6 +39,7 @@ pub mod config;
 pub mod envelope;
 pub mod link;
 pub mod metrics;
+pub mod otel;
 pub mod policy;
 pub mod pool;
 pub mod protocol;

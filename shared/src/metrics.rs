@@ -68,6 +68,10 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
         "Publishes that did not end in a confirm, by reason."
     );
     metrics::describe_counter!(RECONNECTS, "Times a lost connection came back up.");
+    // Every failure reason from 0, so that rates and alerts see the first one.
+    for reason in FAILURE_REASONS {
+        metrics::counter!(PUBLISH_FAILURES, "reason" => reason).increment(0);
+    }
     Ok(HANDLE.get_or_init(|| handle).clone())
 }
 
@@ -76,6 +80,9 @@ pub fn enabled() -> bool {
     HANDLE.get().is_some()
 }
 
+/// The `reason` label values of [`PUBLISH_FAILURES`].
+const FAILURE_REASONS: [&str; 5] = ["timeout", "no_channel", "nacked", "unroutable", "channel"];
+
 /// Records one [`crate::pool::publish_confirmed`] call.
 pub fn publish_confirmed(started: Instant, result: &Result<(), PublishError>) {
     match result {
@@ -83,13 +90,13 @@ pub fn publish_confirmed(started: Instant, result: &Result<(), PublishError>) {
             metrics::histogram!(PUBLISH_CONFIRM_SECONDS).record(started.elapsed().as_secs_f64());
         }
         Err(e) => {
-            let reason = match e {
-                PublishError::Timeout(_) => "timeout",
-                PublishError::NoChannel(_) => "no_channel",
-                PublishError::Nacked { .. } => "nacked",
-                PublishError::Unroutable { .. } => "unroutable",
-                PublishError::Channel(_) => "channel",
-            };
+            let reason = FAILURE_REASONS[match e {
+                PublishError::Timeout(_) => 0,
+                PublishError::NoChannel(_) => 1,
+                PublishError::Nacked { .. } => 2,
+                PublishError::Unroutable { .. } => 3,
+                PublishError::Channel(_) => 4,
+            }];
             metrics::counter!(PUBLISH_FAILURES, "reason" => reason).increment(1);
         }
     }
@@ -98,6 +105,8 @@ pub fn publish_confirmed(started: Instant, result: &Result<(), PublishError>) {
 /// Counts the reconnects of `link` under `connection` (e.g. `consume`, `publish`) for as long
 /// as the link lives: every time it comes back up after being down.
 pub fn watch_link(link: &Link, connection: &'static str) {
+    // From 0, so that `increase()` sees the first reconnect.
+    metrics::counter!(RECONNECTS, "connection" => connection).increment(0);
     let mut states = link.subscribe();
     tokio::spawn(async move {
         // Blocked by an alarm is still connected: only Down (or Closed) to Up is a reconnect.

@@ -118,16 +118,49 @@ fn percent_encode(text: &str) -> String {
         .collect()
 }
 
-fn gateway(queue: &str, http: SocketAddr, text: SocketAddr, metrics: SocketAddr) -> ChildGuard {
+/// A `warren-gateway` on `broker` allowing `echo` and `fail`, its operations listener on
+/// `metrics`.
+fn gateway(
+    broker: &str,
+    queue: &str,
+    http: SocketAddr,
+    text: SocketAddr,
+    metrics: SocketAddr,
+) -> ChildGuard {
     let mut command = Command::new(binary("warren-gateway"));
     command
         .args(["--queue", queue, "--allow", "echo,fail"])
         .args(["--http", &http.to_string(), "--text", &text.to_string()])
         .args(["--metrics", &metrics.to_string()])
-        .env("AMQP_URL", amqp_url())
+        .env("AMQP_URL", broker)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null());
     ChildGuard::spawn(command)
+}
+
+/// A connection to a gateway's Text bridge: one request line, one answer line.
+struct TextSession {
+    lines: tokio::io::Lines<BufReader<tokio::net::tcp::OwnedReadHalf>>,
+    write: tokio::net::tcp::OwnedWriteHalf,
+}
+
+impl TextSession {
+    async fn connect(addr: SocketAddr) -> Self {
+        let (read, write) = TcpStream::connect(addr).await.unwrap().into_split();
+        Self {
+            lines: BufReader::new(read).lines(),
+            write,
+        }
+    }
+
+    /// Sends `request` (a JSON task) and returns the answer line.
+    async fn call(&mut self, request: &Value) -> String {
+        self.write
+            .write_all(format!("{request}\n").as_bytes())
+            .await
+            .unwrap();
+        self.lines.next_line().await.unwrap().unwrap()
+    }
 }
 
 async fn until_ready(addr: SocketAddr) {
@@ -160,35 +193,24 @@ async fn prometheus_scrapes_exact_task_counts_from_a_worker_and_a_gateway() {
         ],
     );
     let (http, text, gateway_metrics) = (free_addr(), free_addr(), free_addr());
-    let _gateway = gateway(&q.name, http, text, gateway_metrics);
+    let _gateway = gateway(&amqp_url(), &q.name, http, text, gateway_metrics);
     until_ready(worker_metrics).await;
     until_ready(gateway_metrics).await;
     let prometheus = Prometheus::start(&[worker_metrics, gateway_metrics]);
 
     // The workload, through the gateway's Text bridge: OK echoes, DEAD failures, one forbidden.
-    let stream = TcpStream::connect(text).await.unwrap();
-    let (read, mut write) = stream.into_split();
-    let mut lines = BufReader::new(read).lines();
+    let mut session = TextSession::connect(text).await;
     for i in 0..OK {
-        write
-            .write_all(format!("{}\n", json!({"function": "echo", "args": i})).as_bytes())
-            .await
-            .unwrap();
-        assert_eq!(lines.next_line().await.unwrap().unwrap(), i.to_string());
+        let answer = session.call(&json!({"function": "echo", "args": i})).await;
+        assert_eq!(answer, i.to_string());
     }
     for _ in 0..DEAD {
-        write
-            .write_all(b"{\"function\":\"fail\",\"args\":{}}\n")
-            .await
-            .unwrap();
-        let answer = lines.next_line().await.unwrap().unwrap();
+        let answer = session.call(&json!({"function": "fail", "args": {}})).await;
         assert!(answer.contains("handler_failed"), "{answer}");
     }
-    write
-        .write_all(b"{\"function\":\"sleep\",\"args\":{\"ms\":1}}\n")
-        .await
-        .unwrap();
-    let answer = lines.next_line().await.unwrap().unwrap();
+    let answer = session
+        .call(&json!({"function": "sleep", "args": {"ms": 1}}))
+        .await;
     assert!(answer.contains("forbidden"), "{answer}");
 
     let queue = &q.name;
@@ -265,8 +287,7 @@ async fn prometheus_scrapes_exact_task_counts_from_a_worker_and_a_gateway() {
     prometheus
         .expect(r#"warren_gateway_connections{protocol="text"}"#, 1.0)
         .await;
-    drop(write);
-    drop(lines);
+    drop(session);
     prometheus
         .expect(r#"warren_gateway_connections{protocol="text"}"#, 0.0)
         .await;
@@ -458,20 +479,46 @@ async fn warren_status_shows_depth_consumers_and_workers_and_degrades_without_th
     client.close().await;
 }
 
+/// `command` (a worker binary) on `queue`, logging its task spans as JSON lines to `log`.
+fn logging_worker(mut command: Command, queue: &str, log: &std::path::Path) -> Command {
+    command
+        .args(["--queue", queue])
+        .env("AMQP_URL", amqp_url())
+        .env("RUST_LOG", "warn,warren_worker=debug")
+        .env("WARREN_LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap());
+    command
+}
+
+/// The JSON log lines in `path`.
+fn json_lines(path: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// The first of `lines` whose message is `message`.
+fn line_saying(lines: &[Value], message: &str) -> Value {
+    lines
+        .iter()
+        .find(|l| l["fields"]["message"] == message)
+        .unwrap_or_else(|| panic!("no {message:?} line in {lines:#?}"))
+        .clone()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_callers_trace_id_is_on_the_workers_process_span_and_logs_across_a_retry() {
     let q = TestQueue::new("trace");
     let dir = temp_dir("trace");
     let log_path = dir.path().join("worker.log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_warren-test-worker"));
-    command
-        .args(["--queue", &q.name])
-        .env("AMQP_URL", amqp_url())
-        .env("RUST_LOG", "warn,warren_worker=debug")
-        .env("WARREN_LOG_FORMAT", "json")
-        .stdout(Stdio::null())
-        .stderr(log);
+    let command = logging_worker(
+        Command::new(env!("CARGO_BIN_EXE_warren-test-worker")),
+        &q.name,
+        &log_path,
+    );
     let _worker = ChildGuard::spawn(command);
     let client = q.client().await;
     client.declare_queue(&q.name).await.unwrap();
@@ -491,19 +538,14 @@ async fn a_callers_trace_id_is_on_the_workers_process_span_and_logs_across_a_ret
         .unwrap();
     assert_eq!(attempt, 2, "the first attempt failed and was retried");
 
-    let lines: Vec<Value> = std::fs::read_to_string(&log_path)
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
-    let in_task = |message: &str| {
-        lines
-            .iter()
-            .find(|l| l["fields"]["message"] == message)
-            .unwrap_or_else(|| panic!("no {message:?} line in {lines:#?}"))
-            .clone()
-    };
-    for line in [in_task("attempt failed; retrying"), in_task("task done")] {
+    let lines = json_lines(&log_path);
+    let in_task = |message: &str| line_saying(&lines, message);
+    let attempts = [in_task("attempt failed; retrying"), in_task("task done")];
+    // Both attempts' lines name the same task: the retry is the same task id, in the same trace.
+    let task_id = attempts[0]["span"]["task.id"].as_str().unwrap();
+    assert_eq!(task_id.len(), 36, "{:?}", attempts[0]);
+    assert_eq!(attempts[1]["span"]["task.id"], task_id, "{:?}", attempts[1]);
+    for line in attempts {
         let span = &line["span"];
         assert_eq!(span["trace_id"], root.trace_id.as_str(), "{line}");
         assert_eq!(span["otel.name"], format!("process {}", q.name), "{line}");
@@ -515,4 +557,325 @@ async fn a_callers_trace_id_is_on_the_workers_process_span_and_logs_across_a_ret
         assert_ne!(span["span_id"], parent, "{line}");
     }
     client.close().await;
+}
+
+/// One span an OTLP exporter sent, with its resource's `service.name`.
+#[derive(Debug, Clone)]
+struct ExportedSpan {
+    service: String,
+    name: String,
+    kind: i32,
+    trace_id: String,
+    span_id: String,
+    parent_span_id: String,
+    attributes: std::collections::HashMap<String, String>,
+}
+
+/// An OTLP/HTTP receiver on loopback (`POST /v1/traces`, protobuf bodies), keeping every span
+/// it is sent; stops when dropped.
+struct OtlpReceiver {
+    addr: SocketAddr,
+    spans: std::sync::Arc<std::sync::Mutex<Vec<ExportedSpan>>>,
+    _stop: tokio_util::sync::DropGuard,
+}
+
+impl OtlpReceiver {
+    async fn start() -> Self {
+        use opentelemetry_proto::tonic::collector::trace::v1::{
+            ExportTraceServiceRequest, ExportTraceServiceResponse,
+        };
+        use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
+        use prost::Message as _;
+
+        type Spans = std::sync::Arc<std::sync::Mutex<Vec<ExportedSpan>>>;
+        async fn traces(
+            axum::extract::State(spans): axum::extract::State<Spans>,
+            body: axum::body::Bytes,
+        ) -> (axum::http::StatusCode, Vec<u8>) {
+            let Ok(request) = ExportTraceServiceRequest::decode(body) else {
+                return (axum::http::StatusCode::BAD_REQUEST, Vec::new());
+            };
+            let text = |value: Option<&Any>| match value {
+                Some(Any::StringValue(s)) => s.clone(),
+                Some(Any::IntValue(i)) => i.to_string(),
+                other => format!("{other:?}"),
+            };
+            let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+            let mut received = spans.lock().unwrap();
+            for resource_spans in request.resource_spans {
+                let service = resource_spans
+                    .resource
+                    .iter()
+                    .flat_map(|r| &r.attributes)
+                    .find(|a| a.key == "service.name")
+                    .map(|a| text(a.value.as_ref().and_then(|v| v.value.as_ref())))
+                    .unwrap_or_default();
+                for span in resource_spans.scope_spans.into_iter().flat_map(|s| s.spans) {
+                    received.push(ExportedSpan {
+                        service: service.clone(),
+                        name: span.name,
+                        kind: span.kind,
+                        trace_id: hex(&span.trace_id),
+                        span_id: hex(&span.span_id),
+                        parent_span_id: hex(&span.parent_span_id),
+                        attributes: span
+                            .attributes
+                            .iter()
+                            .map(|a| {
+                                (
+                                    a.key.clone(),
+                                    text(a.value.as_ref().and_then(|v| v.value.as_ref())),
+                                )
+                            })
+                            .collect(),
+                    });
+                }
+            }
+            (
+                axum::http::StatusCode::OK,
+                ExportTraceServiceResponse::default().encode_to_vec(),
+            )
+        }
+
+        let spans = Spans::default();
+        let app = axum::Router::new()
+            .route("/v1/traces", axum::routing::post(traces))
+            .with_state(spans.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let stopped = stop.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stopped.cancelled_owned())
+                .await
+        });
+        Self {
+            addr,
+            spans,
+            _stop: stop.drop_guard(),
+        }
+    }
+
+    /// The spans received so far named `name`.
+    fn named(&self, name: &str) -> Vec<ExportedSpan> {
+        let spans = self.spans.lock().unwrap();
+        spans.iter().filter(|s| s.name == name).cloned().collect()
+    }
+
+    /// The `OTEL_*` variables that point an exporter here, as service `service`.
+    fn env(&self, command: &mut Command, service: &str) {
+        command
+            .env(
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                format!("http://{}", self.addr),
+            )
+            .env("OTEL_SERVICE_NAME", service)
+            .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .env_remove("OTEL_SDK_DISABLED")
+            .env_remove("OTEL_TRACES_EXPORTER");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_export_joins_the_callers_send_span_and_the_workers_process_span_in_one_trace() {
+    let receiver = OtlpReceiver::start().await;
+    let q = TestQueue::new("otlp");
+    let dir = temp_dir("otlp");
+    let log_path = dir.path().join("worker.log");
+    let mut worker = logging_worker(Command::new(binary("warren-worker")), &q.name, &log_path);
+    receiver.env(&mut worker, "otlp-test-worker");
+    let _worker = ChildGuard::spawn(worker);
+
+    // One call through the CLI, a process of its own that exports its `send` span on exit.
+    let mut call = Command::new(binary("warren"));
+    call.args(["call", "echo", r#"{"traced":true}"#, "--queue", &q.name])
+        .env("AMQP_URL", amqp_url())
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null());
+    receiver.env(&mut call, "otlp-test-caller");
+    let output = tokio::task::spawn_blocking(move || call.output().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        r#"{"traced":true}"#
+    );
+
+    let send_name = format!("send {}", q.name);
+    let process_name = format!("process {}", q.name);
+    eventually(
+        "both spans to be exported",
+        Duration::from_secs(20),
+        || async {
+            !receiver.named(&send_name).is_empty() && !receiver.named(&process_name).is_empty()
+        },
+    )
+    .await;
+    let [send] = receiver.named(&send_name).try_into().unwrap();
+    let [process] = receiver.named(&process_name).try_into().unwrap();
+    assert_eq!(send.service, "otlp-test-caller");
+    assert_eq!(process.service, "otlp-test-worker");
+    // One trace: the worker's span is the child of the caller's (a root: no trace was given).
+    assert_eq!(process.trace_id, send.trace_id);
+    assert_eq!(process.parent_span_id, send.span_id);
+    assert!(send.parent_span_id.is_empty(), "{send:?}");
+    // Span kinds producer (4) and consumer (5), and the messaging attributes.
+    assert_eq!((send.kind, process.kind), (4, 5));
+    let task_id = send.attributes["messaging.message.id"].clone();
+    assert_eq!(task_id.len(), 36, "a task id: {send:?}");
+    for (span, operation) in [(&send, "send"), (&process, "process")] {
+        let a = &span.attributes;
+        assert_eq!(a["messaging.system"], "rabbitmq", "{span:?}");
+        assert_eq!(a["messaging.operation.type"], operation, "{span:?}");
+        assert_eq!(a["messaging.destination.name"], q.name, "{span:?}");
+        assert_eq!(a["messaging.message.id"], task_id, "{span:?}");
+        assert_eq!(a["warren.task.function"], "echo", "{span:?}");
+    }
+    assert_eq!(process.attributes["warren.task.attempt"], "1");
+
+    // The worker's log lines of the task carry the exported ids and the task id.
+    let done = line_saying(&json_lines(&log_path), "task done");
+    let span = &done["span"];
+    assert_eq!(span["trace_id"], process.trace_id.as_str(), "{done}");
+    assert_eq!(span["span_id"], process.span_id.as_str(), "{done}");
+    assert_eq!(span["parent_span_id"], send.span_id.as_str(), "{done}");
+    assert_eq!(span["task.id"], task_id.as_str(), "{done}");
+}
+
+/// `deploy/<path>` in this repository.
+fn deploy_file(path: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(path)
+}
+
+#[test]
+fn alert_rules_pass_promtool_and_fire_only_when_they_should() {
+    let dir = deploy_file("prometheus");
+    for args in [
+        &["check", "rules", "warren-alerts.yml"][..],
+        &["test", "rules", "warren-alerts.test.yml"][..],
+    ] {
+        let output = Command::new("promtool")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .unwrap_or_else(|e| panic!("promtool (Debian's prometheus package) cannot run: {e}"));
+        assert!(
+            output.status.success(),
+            "promtool {args:?}:\n{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+/// The metric names in Prometheus text exposition `text`: every series' name and every name
+/// in a `# TYPE` line (a histogram's own name is only there).
+fn exposed_names(text: &str) -> std::collections::BTreeSet<String> {
+    text.lines()
+        .filter_map(|line| match line.strip_prefix("# TYPE ") {
+            Some(rest) => rest.split_whitespace().next(),
+            None if line.starts_with('#') => None,
+            None => line.split(['{', ' ']).next(),
+        })
+        .filter(|name| !name.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The `warren_*` and `rabbitmq_*` names that `text` mentions.
+fn referenced_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let bytes = text.as_bytes();
+    for prefix in ["warren_", "rabbitmq_"] {
+        for (at, _) in text.match_indices(prefix) {
+            let starts_word =
+                at == 0 || !(bytes[at - 1].is_ascii_alphanumeric() || bytes[at - 1] == b'_');
+            let end = text[at..]
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .map_or(text.len(), |n| at + n);
+            if starts_word {
+                names.insert(text[at..end].to_owned());
+            }
+        }
+    }
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_and_alert_rules_name_only_series_that_a_real_scrape_has() {
+    // Grafana's JSON must parse, and every panel query a series.
+    let dashboard = std::fs::read_to_string(deploy_file("grafana/warren-dashboard.json")).unwrap();
+    let parsed: Value = serde_json::from_str(&dashboard).unwrap();
+    let queries: Vec<&str> = parsed["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["type"] != "row")
+        .flat_map(|p| p["targets"].as_array().unwrap())
+        .map(|t| t["expr"].as_str().unwrap())
+        .collect();
+    assert!(queries.len() >= 20, "{queries:?}");
+    assert!(
+        queries.iter().all(|q| !referenced_names(q).is_empty()),
+        "{queries:?}"
+    );
+    let rules = std::fs::read_to_string(deploy_file("prometheus/warren-alerts.yml")).unwrap();
+    let mut wanted = referenced_names(&dashboard);
+    wanted.extend(referenced_names(&rules));
+
+    // A broker of its own with RabbitMQ's Prometheus plugin, a worker and a gateway on it, and
+    // a little of every kind of traffic: a success, a dead letter, a refusal.
+    let node = warren_tests::node::BrokerNode::start_with_prometheus("dashboard").await;
+    // On the private node, which goes with its queues: no TestQueue clean-up on the shared one.
+    let queue = format!("test.dashboard.{}", uuid::Uuid::new_v4().simple());
+    let worker_metrics = free_addr();
+    let mut worker = Command::new(binary("warren-worker"));
+    worker
+        .args(["--queue", &queue, "--metrics", &worker_metrics.to_string()])
+        .env("AMQP_URL", node.url())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null());
+    let _worker = ChildGuard::spawn(worker);
+    let (http, text, gateway_metrics) = (free_addr(), free_addr(), free_addr());
+    let _gateway = gateway(&node.url(), &queue, http, text, gateway_metrics);
+    until_ready(worker_metrics).await;
+    until_ready(gateway_metrics).await;
+    let mut session = TextSession::connect(text).await;
+    assert_eq!(
+        session.call(&json!({"function": "echo", "args": 1})).await,
+        "1"
+    );
+    let failed = session.call(&json!({"function": "fail", "args": {}})).await;
+    assert!(failed.contains("handler_failed"), "{failed}");
+    let refused = session
+        .call(&json!({"function": "sleep", "args": {}}))
+        .await;
+    assert!(refused.contains("forbidden"), "{refused}");
+
+    let broker_metrics = format!("{}/metrics/per-object", node.prometheus_url().unwrap());
+    let mut exposed = std::collections::BTreeSet::new();
+    for url in [
+        format!("http://{worker_metrics}/metrics"),
+        format!("http://{gateway_metrics}/metrics"),
+        broker_metrics,
+    ] {
+        let (status, body) = http_get(url.clone()).await.unwrap();
+        assert_eq!(status, 200, "{url}: {body}");
+        exposed.extend(exposed_names(&body));
+    }
+    let missing: Vec<&String> = wanted.difference(&exposed).collect();
+    assert!(
+        missing.is_empty(),
+        "the dashboard or the alert rules name series no scrape has: {missing:?}"
+    );
+    assert!(wanted.len() >= 20, "{wanted:?}");
 }

@@ -38,6 +38,7 @@ pub struct BrokerNode {
     name: String,
     port: u16,
     dist_port: u16,
+    prometheus_port: Option<u16>,
     dir: tempfile::TempDir,
     child: Option<Child>,
 }
@@ -50,6 +51,16 @@ impl BrokerNode {
     /// When RabbitMQ is not installed or the node does not come up within a minute (the
     /// node's log is printed then).
     pub async fn start(label: &str) -> Self {
+        Self::start_with(label, false).await
+    }
+
+    /// [`BrokerNode::start`] with RabbitMQ's Prometheus plugin (`rabbitmq_prometheus`) on, its
+    /// endpoint on a loopback port of its own ([`BrokerNode::prometheus_url`]).
+    pub async fn start_with_prometheus(label: &str) -> Self {
+        Self::start_with(label, true).await
+    }
+
+    async fn start_with(label: &str, prometheus: bool) -> Self {
         let port = free_port();
         let mut dist_port = free_port();
         while dist_port == port {
@@ -67,19 +78,25 @@ impl BrokerNode {
                 .get(..8)
                 .unwrap_or("node")
         );
-        std::fs::write(
-            dir.path().join("rabbitmq.conf"),
-            format!(
-                "listeners.tcp.local = 127.0.0.1:{port}\nloopback_users = none\n\
-                 log.console = false\nlog.file.level = info\n"
-            ),
-        )
-        .expect("node config");
-        std::fs::write(dir.path().join("enabled_plugins"), "[].\n").expect("plugins file");
+        let mut config = format!(
+            "listeners.tcp.local = 127.0.0.1:{port}\nloopback_users = none\n\
+             log.console = false\nlog.file.level = info\n"
+        );
+        let mut plugins = "[].\n";
+        let prometheus_port = prometheus.then(free_port);
+        if let Some(metrics_port) = prometheus_port {
+            config.push_str(&format!(
+                "prometheus.tcp.ip = 127.0.0.1\nprometheus.tcp.port = {metrics_port}\n"
+            ));
+            plugins = "[rabbitmq_prometheus].\n";
+        }
+        std::fs::write(dir.path().join("rabbitmq.conf"), config).expect("node config");
+        std::fs::write(dir.path().join("enabled_plugins"), plugins).expect("plugins file");
         let mut node = Self {
             name,
             port,
             dist_port,
+            prometheus_port,
             dir,
             child: None,
         };
@@ -90,6 +107,13 @@ impl BrokerNode {
     /// `amqp://guest:guest@127.0.0.1:<port>/%2f`, this node's URL.
     pub fn url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// `http://127.0.0.1:<port>`, where the Prometheus plugin answers (`/metrics`,
+    /// `/metrics/per-object`), when the node was started with it.
+    pub fn prometheus_url(&self) -> Option<String> {
+        self.prometheus_port
+            .map(|port| format!("http://127.0.0.1:{port}"))
     }
 
     /// The AMQP port.

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use warren_shared::envelope::{self, ReplyTo};
 use warren_shared::protocol;
+use warren_shared::trace::{Operation, SpanTask, TaskSpan};
 use warren_shared::{ErrorKind, Policy, Reply, Request, TaskFailure};
 
 use crate::handler::{Retry, TaskContext};
@@ -94,6 +95,18 @@ fn check_envelope(
         .map_err(|e| rejected(ErrorKind::BadRequest, e.to_string()))
 }
 
+/// The span status of `outcome`: the failure of an attempt that did not succeed.
+fn failure_of(outcome: &Outcome) -> Option<String> {
+    match outcome {
+        Outcome::Reply(Reply::Err(failure))
+        | Outcome::Retry { failure, .. }
+        | Outcome::DeadLetter { failure, .. } => {
+            Some(format!("{}: {}", failure.kind.as_str(), failure.message))
+        }
+        Outcome::Reply(Reply::Ok(_)) | Outcome::HandBack => None,
+    }
+}
+
 /// A function name as quoted in messages and logs: at most 200 bytes of it.
 fn quoted(function: &str) -> String {
     format!("{:?}", envelope::bounded(function, 200))
@@ -116,11 +129,19 @@ impl Executor {
             }
         };
         // OpenTelemetry messaging conventions: a `process {queue}` span, child of the caller's
-        // `send` span when the task carries a `traceparent`; the ids go into every log line.
-        let trace = envelope
-            .trace
-            .as_ref()
-            .map(|parent| (parent.child(), parent.span_id.clone()));
+        // `send` span when the task carries a `traceparent` (a new trace when it does not and
+        // spans are exported); the ids go into every log line.
+        let trace = TaskSpan::start(
+            Operation::Process,
+            SpanTask {
+                queue: delivery.routing_key.as_str(),
+                task_id: envelope.id.as_str(),
+                function: &request.function,
+                attempt: Some(attempt),
+            },
+            envelope.trace.as_ref(),
+        );
+        let ids = trace.as_ref().map(TaskSpan::context);
         let span = tracing::info_span!(
             "task",
             task.id = %envelope.id,
@@ -129,13 +150,18 @@ impl Executor {
             otel.name = %format!("process {}", delivery.routing_key),
             messaging.system = "rabbitmq",
             messaging.operation = "process",
-            trace_id = trace.as_ref().map(|(t, _)| t.trace_id.as_str()),
-            span_id = trace.as_ref().map(|(t, _)| t.span_id.as_str()),
-            parent_span_id = trace.as_ref().map(|(_, parent)| parent.as_str()),
+            trace_id = ids.map(|t| t.trace_id.as_str()),
+            span_id = ids.map(|t| t.span_id.as_str()),
+            parent_span_id = trace.as_ref().and_then(TaskSpan::parent_span_id),
         );
-        self.run(delivery, envelope, request, attempt)
+        let outcome = self
+            .run(delivery, envelope, request, attempt)
             .instrument(span)
-            .await
+            .await;
+        if let Some(trace) = trace {
+            trace.end(failure_of(&outcome));
+        }
+        outcome
     }
 
     async fn run(

@@ -281,7 +281,9 @@ pub(crate) fn refresh(queue: &str, concurrency: u16, health: &Health) {
     metrics::gauge!(IN_FLIGHT, "queue" => queue.clone()).set(in_flight);
     metrics::gauge!(SLOTS_FREE, "queue" => queue.clone())
         .set((f64::from(concurrency) - in_flight).max(0.0));
-    metrics::gauge!(READY, "queue" => queue).set(if health.is_ready() { 1.0 } else { 0.0 });
+    metrics::gauge!(READY, "queue" => queue.clone()).set(if health.is_ready() { 1.0 } else { 0.0 });
+    // Shown from 0, so that `increase()` sees the first recovery.
+    metrics::counter!(RECOVERIES, "queue" => queue).increment(0);
     for (connection, up) in [
         ("consume", health.consume_up),
         ("publish", health.publish_up),

@@ -13,6 +13,7 @@ use warren_shared::broker::BrokerError;
 use warren_shared::envelope::{PolicyOverrides, TaskEnvelope};
 use warren_shared::link::LinkState;
 use warren_shared::pool::{self, Publication, publish_confirmed};
+use warren_shared::trace::{Operation, SpanTask, TaskSpan};
 use warren_shared::{PublishError, TaskFailure, TaskId, topology};
 
 use crate::client::Client;
@@ -134,10 +135,20 @@ impl Client {
             }
         };
         let destination = route.destination(function);
-        let trace = options
-            .trace
-            .as_ref()
-            .map(warren_shared::trace::TraceContext::child);
+        // The `send {destination}` span (the queue, or the function when routed by name): the
+        // task's `traceparent` names it, so the worker's `process` span is its child. Only with
+        // a trace to continue, or when exporting.
+        let span = TaskSpan::start(
+            Operation::Send,
+            SpanTask {
+                queue: destination,
+                task_id: id.as_str(),
+                function,
+                attempt: None,
+            },
+            options.trace.as_ref(),
+        );
+        let trace = span.as_ref().map(|s| s.context().clone());
         if let Some(send) = &trace {
             tracing::debug!(task.id = %id, trace_id = %send.trace_id, span_id = %send.span_id, "send {destination}");
         }
@@ -174,6 +185,9 @@ impl Client {
             self.inner.settings.publish_timeout,
         )
         .await;
+        if let Some(span) = span {
+            span.end(published.as_ref().err().map(ToString::to_string));
+        }
         let link = &self.inner.link;
         match published {
             // A broker that blocks publishers never confirms: say so rather than "timeout".

@@ -44,8 +44,20 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
     metrics::describe_counter!(TASKS, "Tasks called through the gateway, by outcome.");
     metrics::describe_counter!(REJECTED, "Requests the gateway refused, by reason.");
     metrics::describe_gauge!(CONNECTION_UP, "1 while the broker connection is up.");
+    // Every refusal reason from 0, so that rates and alerts see the first one.
+    for kind in REFUSALS {
+        metrics::counter!(REJECTED, "reason" => kind.as_str()).increment(0);
+    }
     Ok(handle)
 }
+
+/// The refusals the gateway counts: its own, not the worker's.
+const REFUSALS: [Kind; 4] = [
+    Kind::Forbidden,
+    Kind::Busy,
+    Kind::TooLarge,
+    Kind::Unauthorized,
+];
 
 /// Counts a connection as open until dropped.
 #[derive(Debug)]
@@ -66,10 +78,7 @@ impl Drop for OpenConnection {
 
 /// The gateway refused a request with `kind` (only its own refusals are counted).
 pub(crate) fn rejected(kind: Kind) {
-    if matches!(
-        kind,
-        Kind::Forbidden | Kind::Busy | Kind::TooLarge | Kind::Unauthorized
-    ) {
+    if REFUSALS.contains(&kind) {
         metrics::counter!(REJECTED, "reason" => kind.as_str()).increment(1);
     }
 }

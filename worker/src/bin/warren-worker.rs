@@ -32,11 +32,16 @@ async fn main() -> ExitCode {
         }
     };
     warren_shared::telemetry::init("info");
-    match run(config).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+    // Spans are exported while it runs (when OTEL_EXPORTER_OTLP_ENDPOINT is set).
+    match warren_shared::otel::exporting_while("warren-worker", run(config)).await {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
             eprintln!("warren-worker: error: {e:#}");
             ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("warren-worker: error: {e}");
+            ExitCode::from(2)
         }
     }
 }

@@ -20,7 +20,17 @@ fn main() {
         }
     };
     // `run` closes its client before it returns, whatever happened.
-    let code = runtime.block_on(warren_cli::run(cli));
+    // The `send` spans of this command are exported before it ends (when
+    // OTEL_EXPORTER_OTLP_ENDPOINT is set).
+    let code = runtime
+        .block_on(warren_shared::otel::exporting_while(
+            "warren",
+            warren_cli::run(cli),
+        ))
+        .unwrap_or_else(|e| {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        });
     // Then the process ends without tearing the runtime down: after a connection loss, lapin
     // may still be recovering the connection on tasks of that runtime, and dropping them
     // during a runtime shutdown makes tokio panic ("Tokio context is being shutdown") on

@@ -114,10 +114,16 @@ struct Args {
     /// its CPU too.
     #[arg(long)]
     broker_pid: Option<u32>,
-    /// Record Prometheus metrics (as `--metrics` does on the worker and the gateway), to
-    /// measure what they cost: compare the ratios of a run with and a run without.
-    #[arg(long)]
-    metrics: bool,
+    /// Measure what metrics and tracing cost: instead of the Warren/raw comparison, run the
+    /// Warren side with operations off and on (Prometheus recorder installed and every task's
+    /// `send`/`process` spans exported over OTLP to a sink in this process), alternately in
+    /// child processes, `--rounds` rounds each, and report the medians.
+    #[arg(long, conflicts_with = "ops_side")]
+    ops_cost: bool,
+    /// One measured round of the Warren side only, with operations `off` or `on`, printed as
+    /// one JSON line: what `--ops-cost` runs in its child processes.
+    #[arg(long, value_parser = ["off", "on"], hide = true)]
+    ops_side: Option<String>,
 }
 
 /// The ratio every scenario should reach.
@@ -136,8 +142,11 @@ async fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    if args.metrics {
-        warren_worker::metrics::install().context("installing the metrics recorder")?;
+    if args.ops_cost {
+        return ops_cost::run(&args).await;
+    }
+    if let Some(side) = &args.ops_side {
+        return ops_cost::side(&args, side == "on").await;
     }
     let warren_queue = format!("bench.{}", Uuid::new_v4());
     let raw_queue = format!("bench.{}", Uuid::new_v4());
@@ -1250,4 +1259,243 @@ async fn raw_handle(
         completions.complete_one();
     }
     Ok(())
+}
+
+/// `--ops-cost`: the Warren side with metrics and tracing off, then on, in child processes (the
+/// recorder and the exporter are process-wide and cannot be taken back), alternating which goes
+/// first in each round so that neither always runs on a warmer or quieter machine.
+mod ops_cost {
+    use std::process::Stdio;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use anyhow::{Context, Result, bail};
+    use serde_json::{Value, json};
+    use uuid::Uuid;
+
+    use super::{Args, WarrenSide, bounded, median, percentile_ms, timed};
+
+    /// The scenario figures of one child, by name (`rpc_per_s`, `rpc_cpu_us`, ...).
+    type Figures = serde_json::Map<String, Value>;
+
+    /// One round of the Warren side in this process, with metrics and tracing `on` or not;
+    /// prints its figures as one JSON line.
+    pub(super) async fn side(args: &Args, on: bool) -> Result<()> {
+        let exporter = if on {
+            warren_worker::metrics::install().context("installing the metrics recorder")?;
+            let exporter = warren_shared::otel::init("warren-bench")?;
+            if !exporter.is_on() {
+                bail!("--ops-side on needs OTEL_EXPORTER_OTLP_ENDPOINT");
+            }
+            Some(exporter)
+        } else {
+            None
+        };
+        let queue = format!("bench.{}", Uuid::new_v4());
+        let admin = lapin::Connection::connect(&args.url, lapin::ConnectionProperties::default())
+            .await
+            .context("connecting to the broker")?;
+        let channel = admin.create_channel().await?;
+        warren_shared::topology::declare(&channel, &queue).await?;
+        let result = async {
+            let warren = WarrenSide::start(args, &queue, None).await?;
+            let figures = measure(args, &warren).await;
+            warren.stop().await;
+            figures
+        }
+        .await;
+        let names = [queue.clone(), format!("{queue}.dead")];
+        if super::delete_queues(&channel, &names).await.is_err() {
+            super::cleanup_on_new_connection(&args.url, &names).await;
+        }
+        let _ = admin.close(200, "bench done".into()).await;
+        if let Some(exporter) = exporter {
+            exporter.shutdown().await;
+        }
+        println!("{}", Value::Object(result?));
+        Ok(())
+    }
+
+    async fn measure(args: &Args, warren: &WarrenSide) -> Result<Figures> {
+        let wants = |s: &str| args.scenarios.iter().any(|x| x == s);
+        let payload = json!({ "user": 42, "pad": "x".repeat(args.payload_bytes) });
+        let mut figures = Figures::new();
+        if wants("rpc") || wants("seq") {
+            warren.rpc(args.warmup, args.in_flight, &payload).await?;
+        }
+        if wants("fire") {
+            warren
+                .fire(args.warmup, args.enqueue_in_flight, &payload)
+                .await?;
+        }
+        if wants("rpc") {
+            let n = args.rpc_calls as f64;
+            let (d, cpu) = timed(warren.rpc(args.rpc_calls, args.in_flight, &payload)).await?;
+            figures.insert("rpc_per_s".into(), json!(n / d.as_secs_f64()));
+            figures.insert("rpc_cpu_us".into(), json!(cpu / n * 1e6));
+        }
+        if wants("seq") {
+            let latencies = bounded(warren.sequential(args.seq_calls, &payload)).await?;
+            figures.insert("seq_p50_ms".into(), json!(percentile_ms(&latencies, 50.0)));
+            figures.insert("seq_p99_ms".into(), json!(percentile_ms(&latencies, 99.0)));
+        }
+        if wants("fire") {
+            let n = args.tasks as f64;
+            let (d, cpu) = timed(warren.fire(args.tasks, args.enqueue_in_flight, &payload)).await?;
+            figures.insert("fire_per_s".into(), json!(n / d.as_secs_f64()));
+            figures.insert("fire_cpu_us".into(), json!(cpu / n * 1e6));
+        }
+        Ok(figures)
+    }
+
+    /// What the OTLP sink received.
+    #[derive(Debug, Default)]
+    struct Received {
+        requests: AtomicU64,
+        bytes: AtomicU64,
+    }
+
+    /// An OTLP/HTTP sink on loopback: answers 200 to every `POST /v1/traces` and counts them.
+    async fn sink() -> Result<(std::net::SocketAddr, Arc<Received>)> {
+        let received = Arc::new(Received::default());
+        let counts = received.clone();
+        let app = axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let counts = counts.clone();
+                async move {
+                    counts.requests.fetch_add(1, Ordering::Relaxed);
+                    counts.bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
+                    axum::http::StatusCode::OK
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Ok((addr, received))
+    }
+
+    /// The flags a child runs with: this run's, for one round.
+    fn child_args(args: &Args, on: bool) -> Vec<String> {
+        let flag = |name: &str, value: String| [format!("--{name}"), value];
+        [
+            flag("url", args.url.clone()),
+            flag("concurrency", args.concurrency.to_string()),
+            flag("in-flight", args.in_flight.to_string()),
+            flag("rpc-calls", args.rpc_calls.to_string()),
+            flag("seq-calls", args.seq_calls.to_string()),
+            flag("tasks", args.tasks.to_string()),
+            flag("enqueue-in-flight", args.enqueue_in_flight.to_string()),
+            flag("warmup", args.warmup.to_string()),
+            flag("payload-bytes", args.payload_bytes.to_string()),
+            flag("scenarios", args.scenarios.join(",")),
+            flag("ops-side", if on { "on" } else { "off" }.to_owned()),
+        ]
+        .concat()
+    }
+
+    async fn child(args: &Args, on: bool, sink: std::net::SocketAddr) -> Result<Figures> {
+        let mut command = tokio::process::Command::new(std::env::current_exe()?);
+        command
+            .args(child_args(args, on))
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT");
+        if on {
+            command
+                .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{sink}"))
+                .env("OTEL_SERVICE_NAME", "warren-bench");
+        }
+        let output = command.output().await.context("running a bench child")?;
+        if !output.status.success() {
+            bail!(
+                "the bench child (ops {}) failed: {}",
+                if on { "on" } else { "off" },
+                output.status
+            );
+        }
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let line = stdout.lines().last().unwrap_or_default();
+        match serde_json::from_str(line) {
+            Ok(Value::Object(figures)) => Ok(figures),
+            _ => bail!("the bench child printed no figures: {stdout}"),
+        }
+    }
+
+    /// What each figure is, and whether larger is better.
+    const FIGURES: [(&str, &str, bool); 6] = [
+        ("rpc_per_s", "(a) RPC calls/s", true),
+        ("rpc_cpu_us", "(a) CPU per call, us", false),
+        ("seq_p50_ms", "(b) sequential p50, ms", false),
+        ("seq_p99_ms", "(b) sequential p99, ms", false),
+        ("fire_per_s", "(c) fire-and-forget tasks/s", true),
+        ("fire_cpu_us", "(c) CPU per task, us", false),
+    ];
+
+    pub(super) async fn run(args: &Args) -> Result<()> {
+        let (addr, received) = sink().await?;
+        println!(
+            "warren-bench --ops-cost: {} rounds of the Warren side with metrics and tracing off \
+             and on (child processes, alternating order); rpc_calls={} seq_calls={} tasks={} \
+             concurrency={} in_flight={}",
+            args.rounds,
+            args.rpc_calls,
+            args.seq_calls,
+            args.tasks,
+            args.concurrency,
+            args.in_flight
+        );
+        let (mut off, mut on) = (Vec::new(), Vec::new());
+        for round in 1..=args.rounds {
+            let on_first = round % 2 == 0;
+            for on_now in [on_first, !on_first] {
+                let figures = child(args, on_now, addr).await?;
+                println!(
+                    "  round {round} ops {:<3}: {}",
+                    if on_now { "on" } else { "off" },
+                    Value::Object(figures.clone())
+                );
+                if on_now {
+                    on.push(figures)
+                } else {
+                    off.push(figures)
+                }
+            }
+        }
+        println!();
+        println!(
+            "{:<32} {:>12} {:>12} {:>8}",
+            "figure (median of rounds)", "ops off", "ops on", "cost"
+        );
+        let pick = |rounds: &[Figures], key: &str| -> Vec<f64> {
+            rounds.iter().filter_map(|f| f.get(key)?.as_f64()).collect()
+        };
+        for (key, name, higher_is_better) in FIGURES {
+            let (a, b) = (pick(&off, key), pick(&on, key));
+            if a.is_empty() || b.is_empty() {
+                continue;
+            }
+            let (a, b) = (median(&a), median(&b));
+            // Cost: the share of throughput lost, or of latency/CPU added.
+            let cost = if higher_is_better {
+                1.0 - b / a
+            } else {
+                b / a - 1.0
+            };
+            let precision = if key.ends_with("_ms") { 3 } else { 0 };
+            println!(
+                "{name:<32} {a:>12.precision$} {b:>12.precision$} {:>7.1}%",
+                cost * 100.0
+            );
+        }
+        println!(
+            "the OTLP sink received {} export requests ({} bytes) from the ops-on rounds",
+            received.requests.load(Ordering::Relaxed),
+            received.bytes.load(Ordering::Relaxed)
+        );
+        Ok(())
+    }
 }
