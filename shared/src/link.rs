@@ -100,6 +100,10 @@ struct Inner {
     gave_up: std::sync::Mutex<Option<String>>,
     reset: Notify,
     stop: CancellationToken,
+    /// Set once the link's last connection is closed for good: `Link::close` and the
+    /// supervisor (when the last clone is dropped) may both get there, and a second
+    /// `connection.close` would have the broker's close-ok arrive unexpected (lapin logs it).
+    closed: tokio::sync::OnceCell<()>,
     /// When the current connection's lifetime is over (`BrokerSettings::max_lifetime`).
     due_at: std::sync::Mutex<Option<Instant>>,
     /// Held while a new connection is made and swapped in (reconnect or rotation), so that
@@ -200,6 +204,7 @@ impl Link {
             gave_up: std::sync::Mutex::new(None),
             reset: Notify::new(),
             stop: stop.clone(),
+            closed: tokio::sync::OnceCell::new(),
             due_at: std::sync::Mutex::new(None),
             swap: tokio::sync::Mutex::new(()),
             at: AtomicU64::new(index as u64),
@@ -308,7 +313,7 @@ impl Link {
     pub async fn close(&self) {
         self.inner.stop.cancel();
         set_state(&self.inner, LinkState::Closed);
-        close_connection(&self.connection(), "closing").await;
+        close_for_good(&self.inner).await;
     }
 
     /// Waits until the link is up, at most `bound`.
@@ -367,6 +372,15 @@ fn set_state(inner: &Inner, next: LinkState) {
 }
 
 /// Closes `connection` if it is still open, within [`CLOSE_TIMEOUT`].
+/// Closes the current connection once, for good; a second caller waits for the first.
+async fn close_for_good(inner: &Inner) {
+    let connection = inner.generation.borrow().connection.clone();
+    inner
+        .closed
+        .get_or_init(|| close_connection(&connection, "closing"))
+        .await;
+}
+
 async fn close_connection(connection: &Connection, why: &str) {
     if connection.status().connected() {
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, connection.close(200, why.into())).await;
@@ -424,7 +438,7 @@ async fn watch_until_lost(inner: &Inner) -> Watched {
         };
         tokio::select! {
             () = inner.stop.cancelled() => {
-                close_connection(&connection, "closing").await;
+                close_for_good(inner).await;
                 return Watched::Stopped;
             }
             () = inner.reset.notified() => {

@@ -160,6 +160,8 @@ fn worker_command(envs: &[(&str, &str)], args: &[&str]) -> Command {
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
         )
+        // Claims nothing, so it never meets another worker's claim of the built-ins.
+        .env("WARREN_FUNCTIONS_EXCHANGE", "")
         .envs(envs.iter().copied())
         .args(args)
         .stdout(Stdio::null());

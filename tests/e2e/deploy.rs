@@ -148,6 +148,10 @@ async fn systemd_unit_takes_every_setting_from_its_env_files() {
         .env_clear()
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .env("RUST_LOG", "warn")
+        .env(
+            "WARREN_FUNCTIONS_EXCHANGE",
+            warren_tests::functions_exchange_of(&q.name),
+        )
         .args(&exec[1..])
         .stdout(Stdio::null());
     let _worker = ChildGuard::spawn(command);

@@ -484,6 +484,10 @@ fn logging_worker(mut command: Command, queue: &str, log: &std::path::Path) -> C
     command
         .args(["--queue", queue])
         .env("AMQP_URL", amqp_url())
+        .env(
+            "WARREN_FUNCTIONS_EXCHANGE",
+            warren_tests::functions_exchange_of(queue),
+        )
         .env("RUST_LOG", "warn,warren_worker=debug")
         .env("WARREN_LOG_FORMAT", "json")
         .stdout(Stdio::null())

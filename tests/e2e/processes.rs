@@ -277,6 +277,10 @@ async fn a_worker_exits_once_naming_the_fix_when_its_queue_exists_with_other_arg
     let child = tokio::process::Command::new(warren_tests::binary("warren-worker"))
         .args(["--queue", &q.name])
         .env("AMQP_URL", amqp_url())
+        .env(
+            "WARREN_FUNCTIONS_EXCHANGE",
+            warren_tests::functions_exchange_of(&q.name),
+        )
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())

@@ -122,6 +122,10 @@ async fn amqps_with_tls_ca_serves_the_worker_binary_warren_call_and_the_gateway(
         ])
         .arg("--outbox")
         .arg(dir.path())
+        .env(
+            "WARREN_FUNCTIONS_EXCHANGE",
+            warren_tests::functions_exchange_of(&queue.name),
+        )
         .env_remove("AMQP_URL")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null());
