@@ -61,8 +61,13 @@ async fn interactive_calls_answer_while_a_bulk_backlog_drains() {
     };
     assert_eq!(depth().await, BACKLOG);
 
-    // One worker per queue: the bulk one, and one for the calls (`--queue`).
-    let _bulk_worker = ChildGuard::worker(&bulk.name, &["--concurrency", "16"]);
+    // One worker per queue: the bulk one, which claims no function (reached by its queue
+    // name only), and one for the calls, which claims the functions it serves
+    // (docs/protocol.md §1a), so interactive callers name only the function.
+    let _bulk_worker = ChildGuard::worker(
+        &bulk.name,
+        &["--concurrency", "16", "--functions-exchange", ""],
+    );
     let _calls_worker = ChildGuard::worker(&calls.name, &["--concurrency", "4"]);
     eventually(
         "the bulk backlog to start draining",
@@ -83,7 +88,7 @@ async fn interactive_calls_answer_while_a_bulk_backlog_drains() {
     )
     .await;
 
-    // While the backlog drains, `warren call` on the calls queue answers each call. A call
+    // While the backlog drains, `warren call` by function name answers each call. A call
     // behind the backlog would wait for thousands of tasks; these must all be answered while
     // most of the backlog is still there.
     let before = depth().await;
@@ -92,7 +97,13 @@ async fn interactive_calls_answer_while_a_bulk_backlog_drains() {
         let args = format!(r#"{{"i":{i}}}"#);
         let started = Instant::now();
         let out = warren(
-            &["call", "echo", &args, "--queue", &calls.name],
+            &[
+                "call",
+                "echo",
+                &args,
+                "--functions-exchange",
+                &calls.functions_exchange(),
+            ],
             Duration::from_secs(10),
         )
         .await;
