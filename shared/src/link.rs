@@ -237,8 +237,8 @@ impl Link {
     pub async fn rotate(&self) -> Result<Option<Arc<Connection>>, BrokerError> {
         let inner = &self.inner;
         let _swap = inner.swap.lock().await;
-        // A reconnect meanwhile started a new lifetime.
-        if !self.rotation_due() {
+        // A reconnect meanwhile started a new lifetime, or the link was closed.
+        if !self.rotation_due() || inner.stop.is_cancelled() {
             return Ok(None);
         }
         let index = fastrand::usize(..inner.addresses.len());
@@ -374,6 +374,9 @@ fn set_state(inner: &Inner, next: LinkState) {
 /// Closes `connection` if it is still open, within [`CLOSE_TIMEOUT`].
 /// Closes the current connection once, for good; a second caller waits for the first.
 async fn close_for_good(inner: &Inner) {
+    // No reconnect or rotation swaps a connection in while the current one is closed (they
+    // check `stop` once they hold the lock, see `reconnect`).
+    let _swap = inner.swap.lock().await;
     let connection = inner.generation.borrow().connection.clone();
     inner
         .closed
@@ -475,6 +478,9 @@ async fn watch_until_lost(inner: &Inner) -> Watched {
 /// when the link stopped or gave up.
 async fn reconnect(inner: &Inner, process_name: &str) -> bool {
     let _swap = inner.swap.lock().await;
+    if inner.stop.is_cancelled() {
+        return false;
+    }
     let mut delays = inner.settings.reconnect.delays();
     let mut attempts = 0usize;
     loop {

@@ -215,8 +215,8 @@ pub async fn declare_functions_exchange(
         .await
 }
 
-/// Routes `function` (published to `functions_exchange`) to `queue`, unless another queue has
-/// claimed it; see the [module](self). Idempotent for the same queue.
+/// Claims `function` for `queue`: declares its exchange with `queue` as owner; see the
+/// [module](self). Idempotent for the same queue. Nothing is routed until [`route_function`].
 ///
 /// # Errors
 /// The broker's error: a `406 inequivalent arg 'alternate-exchange'` when another queue owns
@@ -227,7 +227,6 @@ pub async fn claim_function(
     function: &str,
     queue: &str,
 ) -> Result<(), lapin::Error> {
-    let exchange = function_exchange(functions_exchange, function);
     let mut args = FieldTable::default();
     args.insert(
         "alternate-exchange".into(),
@@ -235,7 +234,9 @@ pub async fn claim_function(
     );
     channel
         .exchange_declare(
-            exchange.as_str().into(),
+            function_exchange(functions_exchange, function)
+                .as_str()
+                .into(),
             ExchangeKind::Fanout,
             ExchangeDeclareOptions {
                 durable: true,
@@ -244,7 +245,44 @@ pub async fn claim_function(
             },
             args,
         )
-        .await?;
+        .await
+}
+
+/// Gives back a claim made by [`claim_function`] that nothing was bound to yet (the exchange
+/// is deleted only if it has no bindings, so an owner's routed function is never touched).
+///
+/// # Errors
+/// The broker's error.
+pub async fn release_unbound_claim(
+    channel: &Channel,
+    functions_exchange: &str,
+    function: &str,
+) -> Result<(), lapin::Error> {
+    channel
+        .exchange_delete(
+            function_exchange(functions_exchange, function)
+                .as_str()
+                .into(),
+            lapin::options::ExchangeDeleteOptions {
+                if_unused: true,
+                ..Default::default()
+            },
+        )
+        .await
+}
+
+/// Routes a claimed `function` (published to `functions_exchange`) to `queue`: binds its
+/// exchange to the queue and from the functions exchange. Idempotent.
+///
+/// # Errors
+/// The broker's error.
+pub async fn route_function(
+    channel: &Channel,
+    functions_exchange: &str,
+    function: &str,
+    queue: &str,
+) -> Result<(), lapin::Error> {
+    let exchange = function_exchange(functions_exchange, function);
     channel
         .queue_bind(
             queue.into(),
@@ -264,6 +302,36 @@ pub async fn claim_function(
         )
         .await
 }
+
+/// Checks a functions exchange name: at most [`MAX_FUNCTIONS_EXCHANGE`] bytes (so that
+/// `<it>.<function>` fits AMQP's 255 for every function name), not `amq.`, no control
+/// characters. Empty is valid: routing by function is off.
+///
+/// # Errors
+/// A message saying what is wrong.
+pub fn validate_functions_exchange(name: &str) -> Result<(), String> {
+    if name.len() > MAX_FUNCTIONS_EXCHANGE {
+        return Err(format!(
+            "functions exchange name is {} bytes long; the limit is {MAX_FUNCTIONS_EXCHANGE}",
+            name.len()
+        ));
+    }
+    if name.starts_with("amq.") {
+        return Err(format!(
+            "functions exchange {name:?} uses the reserved prefix \"amq.\""
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(format!(
+            "functions exchange {name:?} contains control characters"
+        ));
+    }
+    Ok(())
+}
+
+/// The longest functions exchange name, in bytes: with a `.` and a function name of
+/// [`MAX_FUNCTION_NAME`], a function's exchange name stays within AMQP's 255.
+pub const MAX_FUNCTIONS_EXCHANGE: usize = 255 - 1 - MAX_FUNCTION_NAME;
 
 /// The queue that owns a function, from the broker's refusal of another queue's claim
 /// (`... inequivalent arg 'alternate-exchange' for exchange 'E' in vhost '/': received 'Q2' but
@@ -459,9 +527,15 @@ mod tests {
         assert!(validate_function_name("").is_err());
         assert!(validate_function_name(&"f".repeat(MAX_FUNCTION_NAME + 1)).is_err());
         assert!(validate_function_name("a\tb").is_err());
-        // Room for a functions exchange name of 70 bytes.
-        let longest = function_exchange(&"x".repeat(70), &"f".repeat(MAX_FUNCTION_NAME));
-        assert!(longest.len() <= 255);
+        let longest = function_exchange(
+            &"x".repeat(MAX_FUNCTIONS_EXCHANGE),
+            &"f".repeat(MAX_FUNCTION_NAME),
+        );
+        assert_eq!(longest.len(), 255);
+        assert!(validate_functions_exchange(&"x".repeat(MAX_FUNCTIONS_EXCHANGE)).is_ok());
+        assert!(validate_functions_exchange(&"x".repeat(MAX_FUNCTIONS_EXCHANGE + 1)).is_err());
+        assert!(validate_functions_exchange("amq.functions").is_err());
+        assert!(validate_functions_exchange("").is_ok());
     }
 
     #[test]

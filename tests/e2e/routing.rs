@@ -9,7 +9,7 @@ use lapin::BasicProperties;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use warren_client::{Client, ClientSettings, Error};
-use warren_shared::{BrokerSettings, ErrorKind};
+use warren_shared::{BrokerSettings, ErrorKind, Task};
 use warren_tests::raw::RawPeer;
 use warren_tests::{ChildGuard, TestQueue, amqp_url, binary, eventually, free_port, temp_dir};
 use warren_worker::{Mailer, WorkerError, WorkerSettings, builtin_registry};
@@ -279,6 +279,67 @@ async fn a_function_is_claimed_by_one_queue_and_freed_with_it() {
     assert_eq!(echoed.unwrap(), json!(2));
     client.close().await;
     heir.shutdown().await.unwrap();
+}
+
+/// A function only the refused worker serves, sorted before the built-ins it cannot claim.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct OnlyHere;
+
+impl Task for OnlyHere {
+    const NAME: &'static str = "aaa_only_here";
+    type Output = ();
+}
+
+impl warren_worker::Run for OnlyHere {
+    async fn run(self, _ctx: warren_worker::TaskContext) -> Result<(), warren_worker::TaskError> {
+        Ok(())
+    }
+}
+
+/// A worker refused one function claims none: the functions it claimed before the refusal are
+/// given back, so their callers get `unknown_function` at once instead of waiting for a worker
+/// that never started, and another queue can claim them.
+#[tokio::test]
+async fn a_refused_worker_leaves_no_function_claimed() {
+    let owner_q = TestQueue::new("claim-owner");
+    let refused_q = TestQueue::new("claim-refused");
+    let heir_q = TestQueue::new("claim-heir");
+    let functions = owner_q.functions_exchange();
+    let settings = |q: &TestQueue| WorkerSettings {
+        functions_exchange: functions.clone(),
+        ..q.worker_settings(2)
+    };
+    let echo_only = || warren_worker::Registry::new().register::<warren_shared::tasks::Echo>();
+    let owner = owner_q.worker_with(echo_only(), settings(&owner_q)).await;
+    let refused = warren_worker::start(
+        settings(&refused_q),
+        echo_only().register::<OnlyHere>(),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await;
+    assert!(
+        matches!(&refused, Err(WorkerError::FunctionClaimed { function, .. }) if function == "echo"),
+        "{:?}",
+        refused.err()
+    );
+    let client = by_function(&functions).await;
+    let result = client.call_json(OnlyHere::NAME, json!(null)).await;
+    assert_eq!(
+        kind(&result),
+        Some(ErrorKind::UnknownFunction),
+        "{result:?}"
+    );
+    let heir = heir_q
+        .worker_with(
+            warren_worker::Registry::new().register::<OnlyHere>(),
+            settings(&heir_q),
+        )
+        .await;
+    let result = client.call_json(OnlyHere::NAME, json!(null)).await;
+    assert_eq!(result.unwrap(), Value::Null);
+    client.close().await;
+    heir.shutdown().await.unwrap();
+    owner.shutdown().await.unwrap();
 }
 
 /// A worker whose functions exchange is empty claims nothing (a bulk queue next to an

@@ -43,21 +43,27 @@ async fn claim(
     topology::declare_functions_exchange(channel, exchange)
         .await
         .map_err(|e| BrokerError::from(e).needing("configure"))?;
+    // Claim every function before routing any, so that a refused claim leaves nothing routed
+    // to this queue (a caller of a half-claimed worker's function would wait for nobody).
+    let mut claimed = Vec::with_capacity(functions.len());
     for function in functions {
         topology::validate_function_name(function).map_err(|e| {
             WorkerError::Settings(format!("cannot route {function:?} by name: {e}"))
         })?;
-        // A refused claim closes the channel: claim each on a channel of its own once the first
-        // refusal is possible, i.e. always, so that the error names its function.
+        // A refused claim closes its channel: each gets a channel of its own, so that the
+        // error names its function.
         let claim_channel = link
             .connection()
             .create_channel()
             .await
             .map_err(BrokerError::from)?;
-        let claimed =
+        let outcome =
             topology::claim_function(&claim_channel, exchange, function, &settings.queue).await;
         let _ = claim_channel.close(200, "claimed".into()).await;
-        if let Err(e) = claimed {
+        if let Err(e) = outcome {
+            for earlier in claimed {
+                let _ = topology::release_unbound_claim(channel, exchange, earlier).await;
+            }
             return Err(match topology::claimed_by(&e) {
                 Some(owner) => WorkerError::FunctionClaimed {
                     function: (*function).to_owned(),
@@ -68,6 +74,12 @@ async fn claim(
                 None => BrokerError::from(e).needing("configure").into(),
             });
         }
+        claimed.push(*function);
+    }
+    for function in claimed {
+        topology::route_function(channel, exchange, function, &settings.queue)
+            .await
+            .map_err(|e| BrokerError::from(e).needing("configure"))?;
     }
     Ok(())
 }

@@ -127,6 +127,8 @@ pub async fn start(
         ));
     }
     topology::validate_queue_name(&settings.queue).map_err(WorkerError::Settings)?;
+    topology::validate_functions_exchange(&settings.functions_exchange)
+        .map_err(WorkerError::Settings)?;
 
     let details = [
         ("queue".to_owned(), settings.queue.clone()),
@@ -354,6 +356,13 @@ impl Supervisor {
                 let functions = self.executor.registry.functions();
                 match Session::open(&self.consume, &self.settings, &functions).await {
                     Ok((session, _)) => return Ok(Some(session)),
+                    // Another queue took a function while this worker was away (its queue was
+                    // deleted meanwhile): retrying cannot help, and consuming without the claim
+                    // would hide it. Stop, as at start-up, naming the owner.
+                    Err(claimed @ WorkerError::FunctionClaimed { .. }) => {
+                        tracing::error!(queue = %self.settings.queue, error = %claimed, "giving up");
+                        return Err(claimed);
+                    }
                     Err(e) => e.to_string(),
                 }
             };

@@ -117,6 +117,8 @@ impl Client {
         if let Some(queue) = &settings.queue {
             topology::validate_queue_name(queue).map_err(Error::InvalidQueue)?;
         }
+        topology::validate_functions_exchange(&settings.functions_exchange)
+            .map_err(Error::InvalidQueue)?;
         let pending = Arc::new(Pending::default());
         let reply_to = match &settings.replies {
             ReplyMode::Direct => DIRECT_REPLY_TO.to_owned(),

@@ -97,8 +97,10 @@ impl Client {
             if !self.inner.settings.declare {
                 return Ok(());
             }
-            let channel = (*self.channel().await?).clone();
-            declare(channel)
+            // The pooled channel stays checked out until the declaration is over: a refusal
+            // closes it, and no other caller's publish may be on it then.
+            let pooled = self.channel().await?;
+            declare((*pooled).clone())
                 .await
                 .map_err(|e| BrokerError::from(e).needing("configure"))?;
             Ok::<(), Error>(())
