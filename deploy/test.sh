@@ -60,4 +60,7 @@ cargo test --workspace --locked "$@"
 # one test that needs warren-shared without its default `tls` feature.
 if [ "$#" -eq 0 ]; then
     cargo test -p warren-shared --lib --locked --no-default-features broker::
+    # An application embedding the worker runtime builds it without the built-ins, the mailer
+    # and the OTLP exporter (README, Layout).
+    cargo check -p warren-worker --lib --locked --no-default-features
 fi

@@ -36,6 +36,8 @@
 
 #[cfg(feature = "builtins")]
 pub mod builtin;
+// The `warren-worker` binary's settings, built-ins and mailer included.
+#[cfg(feature = "builtins")]
 pub mod config;
 mod consumer;
 mod drain;
@@ -55,6 +57,7 @@ mod watchdog;
 
 #[cfg(feature = "builtins")]
 pub use builtin::builtin_registry;
+#[cfg(feature = "builtins")]
 pub use config::WorkerConfig;
 pub use handler::{Handler, HandlerFn, ResultExt, Retry, Run, TaskContext, TaskError, handler_fn};
 pub use health::{Health, HealthProbe, WorkerState};

@@ -169,6 +169,7 @@ impl Registry {
     }
 
     /// Keeps only the functions `keep` says yes to.
+    #[cfg(feature = "builtins")]
     pub(crate) fn retain(mut self, keep: impl Fn(&str) -> bool) -> Self {
         self.handlers.retain(|function, _| keep(function));
         self
