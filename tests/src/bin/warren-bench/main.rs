@@ -115,16 +115,24 @@ struct Args {
     #[arg(long)]
     broker_pid: Option<u32>,
     /// Measure what metrics and tracing cost: instead of the Warren/raw comparison, run the
-    /// Warren side with operations off and on (Prometheus recorder installed and every task's
-    /// `send`/`process` spans exported over OTLP to a sink in this process), alternately in
-    /// child processes, `--rounds` rounds each, and report the medians.
+    /// Warren side in each of `--ops-modes` (e.g. off, and on: Prometheus recorder installed
+    /// and every task's `send`/`process` spans exported over OTLP to a sink in this process),
+    /// in turn in child processes, `--rounds` rounds each, and report the medians.
     #[arg(long, conflicts_with = "ops_side")]
     ops_cost: bool,
-    /// One measured round of the Warren side only, with operations `off` or `on`, printed as
+    /// `--ops-cost`: the modes compared, the first being the reference the others' cost is
+    /// measured against: `off` (neither), `metrics` (the recorder only), `tracing` (OTLP
+    /// export only), `on` (both).
+    #[arg(long, value_delimiter = ',', default_value = "off,on", value_parser = OPS_MODES)]
+    ops_modes: Vec<String>,
+    /// One measured round of the Warren side only, in one of the `--ops-modes`, printed as
     /// one JSON line: what `--ops-cost` runs in its child processes.
-    #[arg(long, value_parser = ["off", "on"], hide = true)]
+    #[arg(long, value_parser = OPS_MODES, hide = true)]
     ops_side: Option<String>,
 }
+
+/// What `--ops-modes` and `--ops-side` accept.
+const OPS_MODES: [&str; 4] = ["off", "metrics", "tracing", "on"];
 
 /// The ratio every scenario should reach.
 const TARGET: f64 = 0.85;
@@ -146,7 +154,7 @@ async fn main() -> Result<()> {
         return ops_cost::run(&args).await;
     }
     if let Some(side) = &args.ops_side {
-        return ops_cost::side(&args, side == "on").await;
+        return ops_cost::side(&args, ops_cost::Mode::parse(side)).await;
     }
     let warren_queue = format!("bench.{}", Uuid::new_v4());
     let raw_queue = format!("bench.{}", Uuid::new_v4());
@@ -1261,9 +1269,10 @@ async fn raw_handle(
     Ok(())
 }
 
-/// `--ops-cost`: the Warren side with metrics and tracing off, then on, in child processes (the
-/// recorder and the exporter are process-wide and cannot be taken back), alternating which goes
-/// first in each round so that neither always runs on a warmer or quieter machine.
+/// `--ops-cost`: the Warren side in each of `--ops-modes` (metrics and tracing off, on, or one
+/// of them), in child processes (the recorder and the exporter are process-wide and cannot be
+/// taken back), rotating which goes first in each round so that none always runs on a warmer or
+/// quieter machine.
 mod ops_cost {
     use std::process::Stdio;
     use std::sync::Arc;
@@ -1278,14 +1287,45 @@ mod ops_cost {
     /// The scenario figures of one child, by name (`rpc_per_s`, `rpc_cpu_us`, ...).
     type Figures = serde_json::Map<String, Value>;
 
-    /// One round of the Warren side in this process, with metrics and tracing `on` or not;
-    /// prints its figures as one JSON line.
-    pub(super) async fn side(args: &Args, on: bool) -> Result<()> {
-        let exporter = if on {
+    /// Which operations a child runs with.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(super) struct Mode {
+        metrics: bool,
+        tracing: bool,
+    }
+
+    impl Mode {
+        /// One of [`super::OPS_MODES`] (clap has checked it).
+        pub(super) fn parse(name: &str) -> Self {
+            Self {
+                metrics: matches!(name, "metrics" | "on"),
+                tracing: matches!(name, "tracing" | "on"),
+            }
+        }
+
+        fn name(self) -> &'static str {
+            match (self.metrics, self.tracing) {
+                (false, false) => "off",
+                (true, false) => "metrics",
+                (false, true) => "tracing",
+                (true, true) => "on",
+            }
+        }
+    }
+
+    /// One round of the Warren side in this process, with the operations of `mode`; prints
+    /// its figures as one JSON line.
+    pub(super) async fn side(args: &Args, mode: Mode) -> Result<()> {
+        if mode.metrics {
             warren_worker::metrics::install().context("installing the metrics recorder")?;
+        }
+        let exporter = if mode.tracing {
             let exporter = warren_shared::otel::init("warren-bench")?;
             if !exporter.is_on() {
-                bail!("--ops-side on needs OTEL_EXPORTER_OTLP_ENDPOINT");
+                bail!(
+                    "--ops-side {} needs OTEL_EXPORTER_OTLP_ENDPOINT",
+                    mode.name()
+                );
             }
             Some(exporter)
         } else {
@@ -1377,7 +1417,7 @@ mod ops_cost {
     }
 
     /// The flags a child runs with: this run's, for one round.
-    fn child_args(args: &Args, on: bool) -> Vec<String> {
+    fn child_args(args: &Args, mode: Mode) -> Vec<String> {
         let flag = |name: &str, value: String| [format!("--{name}"), value];
         [
             flag("url", args.url.clone()),
@@ -1390,21 +1430,21 @@ mod ops_cost {
             flag("warmup", args.warmup.to_string()),
             flag("payload-bytes", args.payload_bytes.to_string()),
             flag("scenarios", args.scenarios.join(",")),
-            flag("ops-side", if on { "on" } else { "off" }.to_owned()),
+            flag("ops-side", mode.name().to_owned()),
         ]
         .concat()
     }
 
-    async fn child(args: &Args, on: bool, sink: std::net::SocketAddr) -> Result<Figures> {
+    async fn child(args: &Args, mode: Mode, sink: std::net::SocketAddr) -> Result<Figures> {
         let mut command = tokio::process::Command::new(std::env::current_exe()?);
         command
-            .args(child_args(args, on))
+            .args(child_args(args, mode))
             .stdin(Stdio::null())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
             .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT");
-        if on {
+        if mode.tracing {
             command
                 .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{sink}"))
                 .env("OTEL_SERVICE_NAME", "warren-bench");
@@ -1413,7 +1453,7 @@ mod ops_cost {
         if !output.status.success() {
             bail!(
                 "the bench child (ops {}) failed: {}",
-                if on { "on" } else { "off" },
+                mode.name(),
                 output.status
             );
         }
@@ -1436,63 +1476,73 @@ mod ops_cost {
     ];
 
     pub(super) async fn run(args: &Args) -> Result<()> {
+        let modes: Vec<Mode> = args.ops_modes.iter().map(|m| Mode::parse(m)).collect();
+        if modes.len() < 2 {
+            bail!("--ops-modes needs a reference and at least one mode to compare with it");
+        }
         let (addr, received) = sink().await?;
         println!(
-            "warren-bench --ops-cost: {} rounds of the Warren side with metrics and tracing off \
-             and on (child processes, alternating order); rpc_calls={} seq_calls={} tasks={} \
-             concurrency={} in_flight={}",
+            "warren-bench --ops-cost: {} rounds of the Warren side with operations {} (child \
+             processes, rotating order); rpc_calls={} seq_calls={} tasks={} concurrency={} \
+             in_flight={} OTEL_TRACES_SAMPLER={:?} OTEL_TRACES_SAMPLER_ARG={:?}",
             args.rounds,
+            args.ops_modes.join(", "),
             args.rpc_calls,
             args.seq_calls,
             args.tasks,
             args.concurrency,
-            args.in_flight
+            args.in_flight,
+            std::env::var("OTEL_TRACES_SAMPLER").unwrap_or_default(),
+            std::env::var("OTEL_TRACES_SAMPLER_ARG").unwrap_or_default(),
         );
-        let (mut off, mut on) = (Vec::new(), Vec::new());
+        let mut rounds: Vec<Vec<Figures>> = vec![Vec::new(); modes.len()];
         for round in 1..=args.rounds {
-            let on_first = round % 2 == 0;
-            for on_now in [on_first, !on_first] {
-                let figures = child(args, on_now, addr).await?;
+            for i in 0..modes.len() {
+                let at = (i + round - 1) % modes.len();
+                let figures = child(args, modes[at], addr).await?;
                 println!(
-                    "  round {round} ops {:<3}: {}",
-                    if on_now { "on" } else { "off" },
+                    "  round {round} ops {:<7}: {}",
+                    modes[at].name(),
                     Value::Object(figures.clone())
                 );
-                if on_now {
-                    on.push(figures)
-                } else {
-                    off.push(figures)
-                }
+                rounds[at].push(figures);
             }
         }
         println!();
-        println!(
-            "{:<32} {:>12} {:>12} {:>8}",
-            "figure (median of rounds)", "ops off", "ops on", "cost"
-        );
+        print!("{:<32}", "figure (median of rounds)");
+        for (i, mode) in modes.iter().enumerate() {
+            print!(" {:>10}", mode.name());
+            if i > 0 {
+                print!(" {:>8}", "cost");
+            }
+        }
+        println!();
         let pick = |rounds: &[Figures], key: &str| -> Vec<f64> {
             rounds.iter().filter_map(|f| f.get(key)?.as_f64()).collect()
         };
         for (key, name, higher_is_better) in FIGURES {
-            let (a, b) = (pick(&off, key), pick(&on, key));
-            if a.is_empty() || b.is_empty() {
+            let medians: Vec<f64> = rounds.iter().map(|r| median(&pick(r, key))).collect();
+            if medians.iter().any(|m| m.is_nan()) {
                 continue;
             }
-            let (a, b) = (median(&a), median(&b));
-            // Cost: the share of throughput lost, or of latency/CPU added.
-            let cost = if higher_is_better {
-                1.0 - b / a
-            } else {
-                b / a - 1.0
-            };
             let precision = if key.ends_with("_ms") { 3 } else { 0 };
-            println!(
-                "{name:<32} {a:>12.precision$} {b:>12.precision$} {:>7.1}%",
-                cost * 100.0
-            );
+            print!("{name:<32}");
+            for (i, value) in medians.iter().enumerate() {
+                print!(" {value:>10.precision$}");
+                if i > 0 {
+                    // Cost: the share of throughput lost, or of latency/CPU added.
+                    let cost = if higher_is_better {
+                        1.0 - value / medians[0]
+                    } else {
+                        value / medians[0] - 1.0
+                    };
+                    print!(" {:>7.1}%", cost * 100.0);
+                }
+            }
+            println!();
         }
         println!(
-            "the OTLP sink received {} export requests ({} bytes) from the ops-on rounds",
+            "the OTLP sink received {} export requests ({} bytes) from the tracing rounds",
             received.requests.load(Ordering::Relaxed),
             received.bytes.load(Ordering::Relaxed)
         );
