@@ -87,7 +87,14 @@ const FAILURE_REASONS: [&str; 5] = ["timeout", "no_channel", "nacked", "unroutab
 pub fn publish_confirmed(started: Instant, result: &Result<(), PublishError>) {
     match result {
         Ok(()) => {
-            metrics::histogram!(PUBLISH_CONFIRM_SECONDS).record(started.elapsed().as_secs_f64());
+            if !enabled() {
+                return;
+            }
+            // Looked up in the registry once, not on every publish.
+            static CONFIRMS: OnceLock<metrics::Histogram> = OnceLock::new();
+            CONFIRMS
+                .get_or_init(|| metrics::histogram!(PUBLISH_CONFIRM_SECONDS))
+                .record(started.elapsed().as_secs_f64());
         }
         Err(e) => {
             let reason = FAILURE_REASONS[match e {

@@ -100,7 +100,7 @@ pub async fn exporting_while<T>(
 pub fn exporting() -> bool {
     #[cfg(feature = "otlp")]
     {
-        export::tracer().is_some()
+        export::installed().is_some()
     }
     #[cfg(not(feature = "otlp"))]
     {
@@ -155,23 +155,136 @@ pub(crate) mod export {
     use std::sync::OnceLock;
     use std::time::Duration;
 
+    use std::cell::Cell;
+
     use opentelemetry::trace::{
-        Span as _, SpanContext, SpanId, SpanKind, Status, TraceContextExt as _, TraceFlags,
-        TraceId, TraceState, Tracer as _, TracerProvider as _,
+        Span as _, SpanContext, SpanKind, Status, TraceContextExt as _, TraceFlags, TraceState,
+        Tracer as _, TracerProvider as _,
     };
-    use opentelemetry::{Context, KeyValue};
+    use opentelemetry::{Context, KeyValue, StringValue};
     use opentelemetry_otlp::{WithExportConfig as _, WithHttpConfig as _};
     use opentelemetry_sdk::Resource;
-    use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider, Span};
+    use opentelemetry_sdk::trace::{
+        IdGenerator, Sampler, SamplingDecision, SdkTracer, SdkTracerProvider, ShouldSample as _,
+        Span,
+    };
 
     use super::{ExportError, Exporter};
-    use crate::trace::TraceContext;
+    use crate::trace::{SpanId, TraceContext, TraceId};
 
-    static TRACER: OnceLock<SdkTracer> = OnceLock::new();
+    /// The exporter's tracer and the sampler it was built with.
+    #[derive(Debug)]
+    pub(crate) struct Installed {
+        tracer: SdkTracer,
+        sampling: Sampling,
+    }
 
-    /// The installed tracer, if any: one atomic load.
-    pub(crate) fn tracer() -> Option<&'static SdkTracer> {
-        TRACER.get()
+    static INSTALLED: OnceLock<Installed> = OnceLock::new();
+
+    /// The installed exporter, if any: one atomic load.
+    pub(crate) fn installed() -> Option<&'static Installed> {
+        INSTALLED.get()
+    }
+
+    /// `OTEL_TRACES_SAMPLER` (and `_ARG`), read as the SDK reads them, so that Warren can decide
+    /// before building a span, with the very sampler the SDK then applies to it.
+    #[derive(Debug, Clone, PartialEq)]
+    pub(crate) struct Sampling {
+        /// A parent's sampled flag decides, when there is a parent.
+        parent_based: bool,
+        /// What decides otherwise: always (1.0), never (0.0), or the trace id ratio.
+        ratio: f64,
+    }
+
+    impl Sampling {
+        /// From the variables' values (the SDK's default, `parentbased_always_on`, when unset).
+        pub(crate) fn from_values(sampler: Option<&str>, arg: Option<&str>) -> Self {
+            let ratio = || {
+                arg.and_then(|a| a.trim().parse::<f64>().ok())
+                    .unwrap_or_else(|| {
+                        tracing::warn!(
+                            "OTEL_TRACES_SAMPLER_ARG is missing or not a number; sampling every trace"
+                        );
+                        1.0
+                    })
+            };
+            let (parent_based, ratio) = match sampler.map(str::trim) {
+                None | Some("" | "parentbased_always_on") => (true, 1.0),
+                Some("always_on") => (false, 1.0),
+                Some("always_off") => (false, 0.0),
+                Some("traceidratio") => (false, ratio()),
+                Some("parentbased_always_off") => (true, 0.0),
+                Some("parentbased_traceidratio") => (true, ratio()),
+                Some(other) => {
+                    tracing::warn!(
+                        sampler = other,
+                        "OTEL_TRACES_SAMPLER names a sampler Warren does not have; using \
+                         parentbased_always_on"
+                    );
+                    (true, 1.0)
+                }
+            };
+            Self {
+                parent_based,
+                ratio,
+            }
+        }
+
+        fn from_env() -> Self {
+            let sampler = std::env::var("OTEL_TRACES_SAMPLER").ok();
+            let arg = std::env::var("OTEL_TRACES_SAMPLER_ARG").ok();
+            Self::from_values(sampler.as_deref(), arg.as_deref())
+        }
+
+        fn root(&self) -> Sampler {
+            Sampler::TraceIdRatioBased(self.ratio)
+        }
+
+        /// The SDK's sampler for the same decisions.
+        fn sdk(&self) -> Sampler {
+            if self.parent_based {
+                Sampler::ParentBased(Box::new(self.root()))
+            } else {
+                self.root()
+            }
+        }
+
+        /// Whether a span in trace `trace_id`, child of `parent`, is sampled: what [`Self::sdk`]
+        /// decides for it (a parent from a header is remote: its flag decides when parent
+        /// based), without a `Context`, a name or attributes.
+        pub(crate) fn samples(&self, parent: Option<&TraceContext>, trace_id: TraceId) -> bool {
+            if self.parent_based
+                && let Some(parent) = parent
+            {
+                return parent.is_sampled();
+            }
+            let id = opentelemetry::trace::TraceId::from(trace_id.to_u128());
+            let kind = SpanKind::Internal;
+            let result = self.root().should_sample(None, id, "", &kind, &[], &[]);
+            result.decision == SamplingDecision::RecordAndSample
+        }
+    }
+
+    thread_local! {
+        /// The trace id [`Ids`] hands the SDK for the next root span started on this thread:
+        /// the one the sampler was asked about.
+        static NEXT_TRACE_ID: Cell<Option<TraceId>> = const { Cell::new(None) };
+    }
+
+    /// The SDK's id generator: random ids, except a root span's trace id, which Warren chose
+    /// (and sampled on) before starting it.
+    #[derive(Debug)]
+    struct Ids;
+
+    impl IdGenerator for Ids {
+        fn new_trace_id(&self) -> opentelemetry::trace::TraceId {
+            let id = NEXT_TRACE_ID.take().unwrap_or_else(TraceId::random);
+            opentelemetry::trace::TraceId::from(id.to_u128())
+        }
+
+        fn new_span_id(&self) -> opentelemetry::trace::SpanId {
+            opentelemetry::trace::SpanId::from(SpanId::random().to_u64())
+        }
     }
 
     /// The request timeout of one export (the OTLP default).
@@ -221,8 +334,11 @@ pub(crate) mod export {
         if !named {
             resource = resource.with_service_name(default_service_name.to_owned());
         }
+        let sampling = Sampling::from_env();
         let provider = SdkTracerProvider::builder()
             .with_span_processor(processor)
+            .with_sampler(sampling.sdk())
+            .with_id_generator(Ids)
             .with_resource(
                 resource
                     .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
@@ -230,7 +346,7 @@ pub(crate) mod export {
             )
             .build();
         let tracer = provider.tracer("warren");
-        if TRACER.set(tracer).is_err() {
+        if INSTALLED.set(Installed { tracer, sampling }).is_err() {
             // Installed already: keep the first, and let this provider go.
             let _ = provider.shutdown();
             return Ok(Exporter { provider: None });
@@ -241,51 +357,82 @@ pub(crate) mod export {
         })
     }
 
-    /// The caller's context as a remote parent, if its ids parse.
-    fn parent_context(parent: &TraceContext) -> Option<Context> {
+    /// The caller's context as a remote parent.
+    fn parent_context(parent: &TraceContext) -> Context {
         let state = parent
             .state
             .as_deref()
             .and_then(|s| s.parse::<TraceState>().ok())
             .unwrap_or_default();
         let context = SpanContext::new(
-            TraceId::from_hex(&parent.trace_id).ok()?,
-            SpanId::from_hex(&parent.span_id).ok()?,
+            opentelemetry::trace::TraceId::from(parent.trace_id.to_u128()),
+            opentelemetry::trace::SpanId::from(parent.span_id.to_u64()),
             TraceFlags::new(parent.flags),
             true,
             state,
         );
-        Some(Context::new().with_remote_span_context(context))
+        Context::new().with_remote_span_context(context)
     }
 
-    /// Starts an exported span named `name`, child of `parent` (a new trace without one), and
-    /// returns it with its ids as a [`TraceContext`] (the parent's `tracestate` carried on).
-    pub(crate) fn start(
-        tracer: &SdkTracer,
-        name: String,
-        producer: bool,
-        parent: Option<&TraceContext>,
-        attributes: Vec<KeyValue>,
-    ) -> (TraceContext, Span) {
-        let parent_cx = parent.and_then(parent_context).unwrap_or_default();
-        let kind = if producer {
-            SpanKind::Producer
-        } else {
-            SpanKind::Consumer
-        };
-        let span = tracer
-            .span_builder(name)
-            .with_kind(kind)
-            .with_attributes(attributes)
-            .start_with_context(tracer, &parent_cx);
-        let ids = span.span_context();
-        let context = TraceContext {
-            trace_id: format!("{:032x}", ids.trace_id()),
-            span_id: format!("{:016x}", ids.span_id()),
-            flags: ids.trace_flags().to_u8(),
-            state: parent.and_then(|p| p.state.clone()),
-        };
-        (context, span)
+    impl Installed {
+        /// Whether a span in trace `trace_id`, child of `parent`, is sampled.
+        pub(crate) fn samples(&self, parent: Option<&TraceContext>, trace_id: TraceId) -> bool {
+            self.sampling.samples(parent, trace_id)
+        }
+
+        /// Starts an exported span named `name` in trace `trace_id` (the parent's, or a new
+        /// root's that [`Installed::samples`] said yes to), child of `parent`, and returns it
+        /// with its ids as a [`TraceContext`] (the parent's `tracestate` carried on). No span
+        /// when the SDK made none (it is shut down): then only ids, not sampled.
+        pub(crate) fn start(
+            &self,
+            name: String,
+            producer: bool,
+            parent: Option<&TraceContext>,
+            trace_id: TraceId,
+            attributes: Vec<KeyValue>,
+        ) -> (TraceContext, Option<Span>) {
+            let parent_cx = match parent {
+                Some(parent) => parent_context(parent),
+                None => {
+                    NEXT_TRACE_ID.set(Some(trace_id));
+                    Context::new()
+                }
+            };
+            let kind = if producer {
+                SpanKind::Producer
+            } else {
+                SpanKind::Consumer
+            };
+            let span = self
+                .tracer
+                .span_builder(name)
+                .with_kind(kind)
+                .with_attributes(attributes)
+                .start_with_context(&self.tracer, &parent_cx);
+            NEXT_TRACE_ID.set(None);
+            let ids = span.span_context();
+            let state = parent.and_then(|p| p.state.clone());
+            let (Some(trace_id), Some(span_id)) = (
+                TraceId::from_u128(u128::from_be_bytes(ids.trace_id().to_bytes())),
+                SpanId::from_u64(u64::from_be_bytes(ids.span_id().to_bytes())),
+            ) else {
+                let context = TraceContext {
+                    trace_id,
+                    span_id: SpanId::random(),
+                    flags: 0,
+                    state,
+                };
+                return (context, None);
+            };
+            let context = TraceContext {
+                trace_id,
+                span_id,
+                flags: ids.trace_flags().to_u8(),
+                state,
+            };
+            (context, Some(span))
+        }
     }
 
     /// Ends `span`, as failed with `error` when there is one.
@@ -297,12 +444,83 @@ pub(crate) mod export {
     }
 
     /// A string attribute.
-    pub(crate) fn attribute(key: &'static str, value: impl Into<String>) -> KeyValue {
-        KeyValue::new(key, value.into())
+    pub(crate) fn attribute(key: &'static str, value: impl Into<StringValue>) -> KeyValue {
+        KeyValue::new(key, opentelemetry::Value::String(value.into()))
     }
 
     /// An integer attribute.
     pub(crate) fn int_attribute(key: &'static str, value: i64) -> KeyValue {
         KeyValue::new(key, value)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn parent(sampled: bool) -> TraceContext {
+            TraceContext {
+                flags: u8::from(sampled),
+                ..TraceContext::new_root()
+            }
+        }
+
+        #[test]
+        fn the_variables_are_read_as_the_sdk_reads_them() {
+            let read = |sampler, arg| {
+                let s = Sampling::from_values(sampler, arg);
+                (s.parent_based, s.ratio)
+            };
+            assert_eq!(read(None, None), (true, 1.0));
+            assert_eq!(read(Some("always_on"), None), (false, 1.0));
+            assert_eq!(read(Some("always_off"), None), (false, 0.0));
+            assert_eq!(read(Some("traceidratio"), Some("0.25")), (false, 0.25));
+            assert_eq!(read(Some("traceidratio"), Some("x")), (false, 1.0));
+            assert_eq!(read(Some("parentbased_always_off"), None), (true, 0.0));
+            assert_eq!(
+                read(Some("parentbased_traceidratio"), Some("0.01")),
+                (true, 0.01)
+            );
+            assert_eq!(read(Some("xray"), None), (true, 1.0));
+        }
+
+        #[test]
+        fn a_parent_decides_when_parent_based_and_the_ratio_otherwise() {
+            let never = Sampling::from_values(Some("parentbased_always_off"), None);
+            let sampled = parent(true);
+            assert!(never.samples(Some(&sampled), sampled.trace_id));
+            assert!(!never.samples(None, TraceId::random()));
+            let always = Sampling::from_values(None, None);
+            let unsampled = parent(false);
+            assert!(!always.samples(Some(&unsampled), unsampled.trace_id));
+            assert!(always.samples(None, TraceId::random()));
+            let ratio = Sampling::from_values(Some("traceidratio"), Some("0"));
+            assert!(!ratio.samples(Some(&sampled), sampled.trace_id));
+        }
+
+        #[test]
+        fn warrens_decision_is_the_sdks_and_new_trace_ids_sample_at_the_ratio() {
+            let half = Sampling::from_values(Some("parentbased_traceidratio"), Some("0.5"));
+            let sdk = half.sdk();
+            let mut sampled = 0;
+            for _ in 0..10_000 {
+                let id = TraceId::random();
+                let ours = half.samples(None, id);
+                let otel_id = opentelemetry::trace::TraceId::from(id.to_u128());
+                let theirs = sdk
+                    .should_sample(
+                        Some(&Context::new()),
+                        otel_id,
+                        "send q",
+                        &SpanKind::Producer,
+                        &[],
+                        &[],
+                    )
+                    .decision
+                    == SamplingDecision::RecordAndSample;
+                assert_eq!(ours, theirs, "{id}");
+                sampled += usize::from(ours);
+            }
+            assert!((4_000..6_000).contains(&sampled), "{sampled} of 10000");
+        }
     }
 }

@@ -7,40 +7,123 @@
 //! (`TaskEnvelope::trace`, `Incoming::trace`), like every other header. The spans themselves are
 //! [`TaskSpan`]s, exported over OTLP when [`crate::otel`] is configured.
 
-/// One span's place in a trace.
+/// A trace's id: 16 bytes, not all zero, written as 32 lowercase hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TraceId(u128);
+
+/// A span's id: 8 bytes, not all zero, written as 16 lowercase hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SpanId(u64);
+
+impl TraceId {
+    /// A random id (every bit random, as the ratio sampler expects of the low 8 bytes;
+    /// not a secret, so a fast generator).
+    pub fn random() -> Self {
+        Self(fastrand::u128(1..))
+    }
+
+    /// The id as a number (big-endian bytes).
+    pub fn to_u128(self) -> u128 {
+        self.0
+    }
+
+    /// The id `value`, if it is not zero.
+    pub fn from_u128(value: u128) -> Option<Self> {
+        (value != 0).then_some(Self(value))
+    }
+}
+
+impl SpanId {
+    /// A random id.
+    pub fn random() -> Self {
+        Self(fastrand::u64(1..))
+    }
+
+    /// The id as a number (big-endian bytes).
+    pub fn to_u64(self) -> u64 {
+        self.0
+    }
+
+    /// The id `value`, if it is not zero.
+    pub fn from_u64(value: u64) -> Option<Self> {
+        (value != 0).then_some(Self(value))
+    }
+}
+
+impl std::fmt::Display for TraceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+impl std::fmt::Debug for TraceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+impl std::fmt::Display for SpanId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+impl std::fmt::Debug for SpanId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+/// The flag bit that says the trace is sampled (recorded and exported).
+pub const SAMPLED: u8 = 1;
+
+/// One span's place in a trace. The ids are numbers: hex only when a header or a log line is
+/// written ([`TraceContext::traceparent`], their `Display`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TraceContext {
-    /// 32 lowercase hex digits, not all zero.
-    pub trace_id: String,
-    /// 16 lowercase hex digits, not all zero: the span this context names.
-    pub span_id: String,
-    /// Trace flags (bit 0: sampled).
+    /// The trace.
+    pub trace_id: TraceId,
+    /// The span this context names.
+    pub span_id: SpanId,
+    /// Trace flags (bit 0, [`SAMPLED`]: sampled).
     pub flags: u8,
     /// `tracestate`, passed on unchanged.
     pub state: Option<String>,
 }
 
-fn is_hex_id(text: &str, len: usize) -> bool {
-    text.len() == len
-        && text
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        && text.bytes().any(|b| b != b'0')
+/// `text` as a lowercase hex number of exactly `len` (at most 32) digits. By hand: this runs
+/// on every task a worker takes while spans are exported, and `from_str_radix` on a `u128`
+/// costs several times as much.
+fn hex_id(text: &str, len: usize) -> Option<u128> {
+    if text.len() != len {
+        return None;
+    }
+    text.bytes().try_fold(0u128, |value, b| {
+        let digit = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            _ => return None,
+        };
+        Some(value << 4 | u128::from(digit))
+    })
 }
 
-fn random_hex(bytes: usize) -> String {
-    let (a, b) = uuid::Uuid::new_v4().as_u64_pair();
-    let text = format!("{a:016x}{b:016x}");
-    text[..bytes * 2].to_owned()
+/// Writes `bytes` as lowercase hex into `out` (twice as long).
+fn put_hex(out: &mut [u8], bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 0x0f)];
+    }
 }
 
 impl TraceContext {
     /// A new trace (a root span), sampled.
     pub fn new_root() -> Self {
         Self {
-            trace_id: random_hex(16),
-            span_id: random_hex(8),
-            flags: 1,
+            trace_id: TraceId::random(),
+            span_id: SpanId::random(),
+            flags: SAMPLED,
             state: None,
         }
     }
@@ -56,28 +139,41 @@ impl TraceContext {
         if version.len() != 2 || version == "ff" || (version == "00" && parts.next().is_some()) {
             return None;
         }
-        if !is_hex_id(trace_id, 32) || !is_hex_id(span_id, 16) || flags.len() != 2 {
-            return None;
-        }
+        let trace_id = TraceId::from_u128(hex_id(trace_id, 32)?)?;
+        let span_id = SpanId::from_u64(u64::try_from(hex_id(span_id, 16)?).ok()?)?;
         Some(Self {
-            trace_id: trace_id.to_owned(),
-            span_id: span_id.to_owned(),
-            flags: u8::from_str_radix(flags, 16).ok()?,
+            trace_id,
+            span_id,
+            flags: if flags.len() == 2 {
+                u8::from_str_radix(flags, 16).ok()?
+            } else {
+                return None;
+            },
             state: tracestate.map(str::to_owned).filter(|s| !s.is_empty()),
         })
     }
 
-    /// A new span in the same trace, child of this one.
+    /// A new span in the same trace, child of this one, with the same flags.
     pub fn child(&self) -> Self {
         Self {
-            span_id: random_hex(8),
+            span_id: SpanId::random(),
             ..self.clone()
         }
     }
 
-    /// The `traceparent` value naming this span.
+    /// Whether the trace is sampled (flag bit 0).
+    pub fn is_sampled(&self) -> bool {
+        self.flags & SAMPLED != 0
+    }
+
+    /// The `traceparent` value naming this span: `00-{trace id}-{span id}-{flags}`.
     pub fn traceparent(&self) -> String {
-        format!("00-{}-{}-{:02x}", self.trace_id, self.span_id, self.flags)
+        // By hand rather than `format!`: written on every task a client sends while exporting.
+        let mut text = *b"00-________________________________-________________-__";
+        put_hex(&mut text[3..35], &self.trace_id.0.to_be_bytes());
+        put_hex(&mut text[36..52], &self.span_id.0.to_be_bytes());
+        put_hex(&mut text[53..55], &[self.flags]);
+        text.iter().map(|&b| char::from(b)).collect()
     }
 }
 
@@ -117,13 +213,16 @@ pub struct SpanTask<'a> {
 /// `process {queue}` (OpenTelemetry messaging conventions), child of `parent`.
 ///
 /// When spans are exported ([`crate::otel::init`] found an endpoint) it is always started, as a
-/// new trace when the task came without one, and exported when [ended](TaskSpan::end); its ids
-/// are the exported span's. Otherwise it exists only when the task carries a trace (there is a
-/// `parent`), as ids for the task's headers and log lines: nothing else is done or allocated.
+/// new trace when the task came without one. The sampler (`OTEL_TRACES_SAMPLER`) decides first:
+/// a sampled span is recorded and exported when [ended](TaskSpan::end); an unsampled one is
+/// only ids (its flags say "not sampled", so the other end drops it too), built without the
+/// exporter: no name, attributes or allocations beyond the `tracestate`. Without export it
+/// exists only when the task carries a trace (there is a `parent`), as ids for the task's
+/// headers and log lines.
 #[derive(Debug)]
 pub struct TaskSpan {
     context: TraceContext,
-    parent_span_id: Option<String>,
+    parent_span_id: Option<SpanId>,
     #[cfg(feature = "otlp")]
     exported: Option<opentelemetry_sdk::trace::Span>,
 }
@@ -137,14 +236,14 @@ impl TaskSpan {
         parent: Option<&TraceContext>,
     ) -> Option<Self> {
         #[cfg(feature = "otlp")]
-        if let Some(tracer) = crate::otel::export::tracer() {
-            return Some(Self::exported(tracer, operation, task, parent));
+        if let Some(export) = crate::otel::export::installed() {
+            return Some(Self::exported(export, operation, task, parent));
         }
         #[cfg(not(feature = "otlp"))]
         let _ = (operation, task);
         parent.map(|parent| Self {
             context: parent.child(),
-            parent_span_id: Some(parent.span_id.clone()),
+            parent_span_id: Some(parent.span_id),
             #[cfg(feature = "otlp")]
             exported: None,
         })
@@ -152,39 +251,55 @@ impl TaskSpan {
 
     #[cfg(feature = "otlp")]
     fn exported(
-        tracer: &opentelemetry_sdk::trace::SdkTracer,
+        export: &crate::otel::export::Installed,
         operation: Operation,
         task: SpanTask<'_>,
         parent: Option<&TraceContext>,
     ) -> Self {
         use crate::otel::export::{attribute, int_attribute};
+        let trace_id = parent.map_or_else(TraceId::random, |p| p.trace_id);
+        let parent_span_id = parent.map(|p| p.span_id);
+        if !export.samples(parent, trace_id) {
+            // Ids only: what the SDK would make of a dropped span, without the SDK.
+            return Self {
+                context: TraceContext {
+                    trace_id,
+                    span_id: SpanId::random(),
+                    flags: parent.map_or(0, |p| p.flags) & !SAMPLED,
+                    state: parent.and_then(|p| p.state.clone()),
+                },
+                parent_span_id,
+                exported: None,
+            };
+        }
         let op = operation.as_str();
+        let queue: std::sync::Arc<str> = task.queue.into();
         let mut attributes = vec![
             attribute("messaging.system", "rabbitmq"),
             attribute("messaging.operation.type", op),
             attribute("messaging.operation.name", op),
-            attribute("messaging.destination.name", task.queue),
-            attribute("messaging.rabbitmq.destination.routing_key", task.queue),
-            attribute("messaging.message.id", task.task_id),
+            attribute("messaging.destination.name", queue.clone()),
+            attribute("messaging.rabbitmq.destination.routing_key", queue),
+            attribute("messaging.message.id", task.task_id.to_owned()),
             attribute(
                 "warren.task.function",
-                crate::envelope::bounded(task.function, 200),
+                crate::envelope::bounded(task.function, 200).into_owned(),
             ),
         ];
         if let Some(attempt) = task.attempt {
             attributes.push(int_attribute("warren.task.attempt", i64::from(attempt)));
         }
-        let (context, span) = crate::otel::export::start(
-            tracer,
+        let (context, span) = export.start(
             format!("{op} {}", task.queue),
             operation == Operation::Send,
             parent,
+            trace_id,
             attributes,
         );
         Self {
             context,
-            parent_span_id: parent.map(|p| p.span_id.clone()),
-            exported: Some(span),
+            parent_span_id,
+            exported: span,
         }
     }
 
@@ -195,11 +310,23 @@ impl TaskSpan {
     }
 
     /// The parent span's id, when the span continues a trace.
-    pub fn parent_span_id(&self) -> Option<&str> {
-        self.parent_span_id.as_deref()
+    pub fn parent_span_id(&self) -> Option<SpanId> {
+        self.parent_span_id
     }
 
-    /// Ends the span (exporting it, when spans are exported), as failed with `error` if given.
+    /// Whether this span is recorded and exported (sampled while spans are exported).
+    pub fn is_exported(&self) -> bool {
+        #[cfg(feature = "otlp")]
+        {
+            self.exported.is_some()
+        }
+        #[cfg(not(feature = "otlp"))]
+        {
+            false
+        }
+    }
+
+    /// Ends the span (exporting it, when it is exported), as failed with `error` if given.
     pub fn end(self, error: Option<String>) {
         #[cfg(feature = "otlp")]
         if let Some(span) = self.exported {
@@ -230,6 +357,24 @@ mod tests {
     }
 
     #[test]
+    fn the_hand_written_hex_is_the_formatted_hex() {
+        for flags in [0, 1, 0x0f, 0xff] {
+            let context = TraceContext {
+                flags,
+                ..TraceContext::new_root()
+            };
+            let text = context.traceparent();
+            let expected = format!(
+                "00-{:032x}-{:016x}-{flags:02x}",
+                context.trace_id.to_u128(),
+                context.span_id.to_u64()
+            );
+            assert_eq!(text, expected);
+            assert_eq!(TraceContext::parse(&text, None), Some(context));
+        }
+    }
+
+    #[test]
     fn without_an_exporter_only_a_traced_task_gets_a_span() {
         let task = SpanTask {
             queue: "q",
@@ -242,7 +387,8 @@ mod tests {
         let span = TaskSpan::start(Operation::Process, task, Some(&parent));
         let span = span.unwrap_or_else(|| panic!("a traced task has a span"));
         assert_eq!(span.context().trace_id, parent.trace_id);
-        assert_eq!(span.parent_span_id(), Some(parent.span_id.as_str()));
+        assert_eq!(span.parent_span_id(), Some(parent.span_id));
+        assert!(!span.is_exported());
         span.end(None);
     }
 

@@ -551,11 +551,12 @@ async fn a_callers_trace_id_is_on_the_workers_process_span_and_logs_across_a_ret
     assert_eq!(attempts[1]["span"]["task.id"], task_id, "{:?}", attempts[1]);
     for line in attempts {
         let span = &line["span"];
-        assert_eq!(span["trace_id"], root.trace_id.as_str(), "{line}");
+        assert_eq!(span["trace_id"], root.trace_id.to_string(), "{line}");
         assert_eq!(span["otel.name"], format!("process {}", q.name), "{line}");
         let parent = span["parent_span_id"].as_str().unwrap();
         assert_ne!(
-            parent, root.span_id,
+            parent,
+            root.span_id.to_string(),
             "the parent is the caller's send span: {line}"
         );
         assert_ne!(span["span_id"], parent, "{line}");

@@ -150,9 +150,9 @@ impl Executor {
             otel.name = %format!("process {}", delivery.routing_key),
             messaging.system = "rabbitmq",
             messaging.operation = "process",
-            trace_id = ids.map(|t| t.trace_id.as_str()),
-            span_id = ids.map(|t| t.span_id.as_str()),
-            parent_span_id = trace.as_ref().and_then(TaskSpan::parent_span_id),
+            trace_id = ids.map(|t| tracing::field::display(t.trace_id)),
+            span_id = ids.map(|t| tracing::field::display(t.span_id)),
+            parent_span_id = trace.as_ref().and_then(TaskSpan::parent_span_id).map(tracing::field::display),
         );
         let outcome = self
             .run(delivery, envelope, request, attempt)
