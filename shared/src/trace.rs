@@ -91,20 +91,16 @@ pub struct TraceContext {
     pub state: Option<String>,
 }
 
-/// `text` as a lowercase hex number of exactly `len` (at most 32) digits. By hand: this runs
-/// on every task a worker takes while spans are exported, and `from_str_radix` on a `u128`
-/// costs several times as much.
-fn hex_id(text: &str, len: usize) -> Option<u128> {
-    if text.len() != len {
-        return None;
-    }
-    text.bytes().try_fold(0u128, |value, b| {
+/// `digits` (at most 16 of them) as a lowercase hex number. By hand: this runs on every task a
+/// worker takes while spans are exported, and `from_str_radix` costs several times as much.
+fn hex_u64(digits: &[u8]) -> Option<u64> {
+    digits.iter().try_fold(0u64, |value, &b| {
         let digit = match b {
             b'0'..=b'9' => b - b'0',
             b'a'..=b'f' => b - b'a' + 10,
             _ => return None,
         };
-        Some(value << 4 | u128::from(digit))
+        Some(value << 4 | u64::from(digit))
     })
 }
 
@@ -131,24 +127,29 @@ impl TraceContext {
     /// Parses a `traceparent` value (version `00`; later versions are read by their first four
     /// fields, as the spec asks). `None` when it is not valid.
     pub fn parse(traceparent: &str, tracestate: Option<&str>) -> Option<Self> {
-        let mut parts = traceparent.trim().split('-');
-        let version = parts.next()?;
-        let trace_id = parts.next()?;
-        let span_id = parts.next()?;
-        let flags = parts.next()?;
-        if version.len() != 2 || version == "ff" || (version == "00" && parts.next().is_some()) {
+        // `vv-{32 hex}-{16 hex}-ff`, then only for a later version more fields after a `-`.
+        let text = traceparent.trim().as_bytes();
+        let (version, dashes) = (text.get(..2)?, [2, 35, 52]);
+        if text.len() < 55
+            || dashes.iter().any(|&at| text[at] != b'-')
+            || version == b"ff"
+            || (text.len() > 55 && (version == b"00" || text[55] != b'-'))
+        {
             return None;
         }
-        let trace_id = TraceId::from_u128(hex_id(trace_id, 32)?)?;
-        let span_id = SpanId::from_u64(u64::try_from(hex_id(span_id, 16)?).ok()?)?;
+        let trace_high = hex_u64(&text[3..19])?;
+        let trace_low = hex_u64(&text[19..35])?;
+        let trace_id = TraceId::from_u128(u128::from(trace_high) << 64 | u128::from(trace_low))?;
+        let span_id = SpanId::from_u64(hex_u64(&text[36..52])?)?;
+        // The flags as before: two hex digits of either case.
+        let flags = std::str::from_utf8(&text[53..55]).ok()?;
+        if version.contains(&b'-') || flags.starts_with('+') {
+            return None;
+        }
         Some(Self {
             trace_id,
             span_id,
-            flags: if flags.len() == 2 {
-                u8::from_str_radix(flags, 16).ok()?
-            } else {
-                return None;
-            },
+            flags: u8::from_str_radix(flags, 16).ok()?,
             state: tracestate.map(str::to_owned).filter(|s| !s.is_empty()),
         })
     }
@@ -173,7 +174,7 @@ impl TraceContext {
         put_hex(&mut text[3..35], &self.trace_id.0.to_be_bytes());
         put_hex(&mut text[36..52], &self.span_id.0.to_be_bytes());
         put_hex(&mut text[53..55], &[self.flags]);
-        text.iter().map(|&b| char::from(b)).collect()
+        String::from_utf8(text.to_vec()).unwrap_or_default()
     }
 }
 
@@ -402,10 +403,22 @@ mod tests {
             "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
             "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01x",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736x00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-+1",
+            "0-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
         ] {
             assert_eq!(TraceContext::parse(bad, None), None, "{bad}");
         }
         let root = TraceContext::new_root();
         assert!(TraceContext::parse(&root.traceparent(), None).is_some());
+        // A later version: its first four fields, whatever follows.
+        let later = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-what-ever";
+        let parsed = TraceContext::parse(later, None);
+        assert_eq!(
+            parsed.map(|c| c.span_id.to_string()).as_deref(),
+            Some("00f067aa0ba902b7")
+        );
     }
 }
