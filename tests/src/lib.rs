@@ -6,10 +6,15 @@
 //! - unique queue names per test, deleted again by a guard even when the test fails;
 //! - in-process workers and clients on those queues;
 //! - the built binaries (`warren`, `warren-worker`) as child processes that are always stopped;
-//! - a private RabbitMQ node ([`node`]) for tests that stop a broker or raise an alarm;
+//! - a private RabbitMQ node ([`node`]) for tests that stop a broker or raise an alarm, a
+//!   cluster of them ([`cluster`]), and network namespaces that play other hosts ([`netns`]);
+//! - the broker set-up of `deploy/rabbitmq` applied as an operator would ([`deploy`]);
 //! - a test CA and a TLS endpoint in front of the broker ([`tls`]) for `amqps://`;
 //! - polling a real broker condition with a bound, for the few places where no event exists.
 
+pub mod cluster;
+pub mod deploy;
+pub mod netns;
 pub mod node;
 pub mod raw;
 pub mod relay;
@@ -362,19 +367,51 @@ impl Drop for ChildGuard {
     }
 }
 
+/// One run of a [`tasks::Record`] task, as its log line says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordedRun {
+    /// The task's key.
+    pub key: u64,
+    /// The worker process that ran it.
+    pub pid: u32,
+    /// The attempt number.
+    pub attempt: u32,
+    /// Whether the broker had delivered this message before.
+    pub redelivered: bool,
+    /// When the handler started, in milliseconds since the Unix epoch.
+    pub started_ms: u64,
+    /// When it finished (and logged), in milliseconds since the Unix epoch.
+    pub finished_ms: u64,
+}
+
+/// Every run recorded by [`tasks::Record`] in `log`, in the order they finished.
+pub fn read_run_log(log: &std::path::Path) -> Vec<RecordedRun> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .filter_map(|line| {
+            let parts: Vec<&str> = line.split(' ').collect();
+            let [key, pid, attempt, redelivered, started, finished] = parts[..] else {
+                return None;
+            };
+            Some(RecordedRun {
+                key: key.parse().ok()?,
+                pid: pid.parse().ok()?,
+                attempt: attempt.parse().ok()?,
+                redelivered: redelivered == "true",
+                started_ms: started.parse().ok()?,
+                finished_ms: finished.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
 /// Runs recorded by [`tasks::Record`] in `log`: key -> (pid, redelivered) of every run.
 pub fn read_runs(log: &std::path::Path) -> std::collections::HashMap<u64, Vec<(u32, bool)>> {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
     let mut runs: std::collections::HashMap<u64, Vec<(u32, bool)>> = Default::default();
-    for line in text.lines() {
-        let parts: Vec<&str> = line.split(' ').collect();
-        if let [key, pid, _attempt, redelivered] = parts[..]
-            && let (Ok(key), Ok(pid)) = (key.parse(), pid.parse())
-        {
-            runs.entry(key)
-                .or_default()
-                .push((pid, redelivered == "true"));
-        }
+    for run in read_run_log(log) {
+        runs.entry(run.key)
+            .or_default()
+            .push((run.pid, run.redelivered));
     }
     runs
 }

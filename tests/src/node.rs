@@ -5,7 +5,11 @@
 //! process group with its own node name, ports, data directory and Erlang cookie (all under a
 //! temporary directory). It needs no `rabbitmqctl` set-up and no root-owned files: the test
 //! that starts it owns it, and [`Drop`] kills the whole process group and deletes the
-//! directory, also when the test fails.
+//! directory, also when the test fails. [`NodeOptions`] give nodes a shared cookie (to form a
+//! [`Cluster`](crate::cluster::Cluster)), more listening addresses (the host end of a test's
+//! veth pair) and more `rabbitmq.conf` lines (definitions to load, say). With
+//! `WARREN_KEEP_NODE_DIRS=1` in the environment the directory (data and logs) is kept for a
+//! post-mortem.
 //!
 //! ```no_run
 //! # async fn demo() {
@@ -16,7 +20,7 @@
 //! # }
 //! ```
 
-use std::net::TcpListener;
+use std::net::{IpAddr, TcpListener};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -31,6 +35,22 @@ const RABBITMQ_BIN: &str = "/usr/lib/rabbitmq/bin";
 
 /// How long a node may take to boot and accept AMQP connections.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What a node needs beyond [`BrokerNode::start`]'s defaults.
+#[derive(Debug, Clone, Default)]
+pub struct NodeOptions {
+    /// The Erlang cookie. Nodes that form a cluster share one; by default each node gets a
+    /// random cookie of its own.
+    pub cookie: Option<String>,
+    /// Addresses the AMQP listener binds to on the node's port besides 127.0.0.1 (the host end
+    /// of a test's veth pair, say: only test-made namespaces reach it).
+    pub listen: Vec<IpAddr>,
+    /// More `rabbitmq.conf` lines.
+    pub config: Vec<String>,
+    /// RabbitMQ's Prometheus plugin on, its endpoint on a loopback port of its own
+    /// ([`BrokerNode::prometheus_url`]).
+    pub prometheus: bool,
+}
 
 /// A RabbitMQ node of the test's own, stopped and deleted on drop.
 #[derive(Debug)]
@@ -51,16 +71,26 @@ impl BrokerNode {
     /// When RabbitMQ is not installed or the node does not come up within a minute (the
     /// node's log is printed then).
     pub async fn start(label: &str) -> Self {
-        Self::start_with(label, false).await
+        Self::start_with(label, NodeOptions::default()).await
     }
 
     /// [`BrokerNode::start`] with RabbitMQ's Prometheus plugin (`rabbitmq_prometheus`) on, its
     /// endpoint on a loopback port of its own ([`BrokerNode::prometheus_url`]).
     pub async fn start_with_prometheus(label: &str) -> Self {
-        Self::start_with(label, true).await
+        let options = NodeOptions {
+            prometheus: true,
+            ..NodeOptions::default()
+        };
+        Self::start_with(label, options).await
     }
 
-    async fn start_with(label: &str, prometheus: bool) -> Self {
+    /// Starts a node with `options` and waits until it answers AMQP connections (a refused
+    /// login counts: a node that loads definitions has no `guest` user).
+    ///
+    /// # Panics
+    ///
+    /// As [`start`](Self::start).
+    pub async fn start_with(label: &str, options: NodeOptions) -> Self {
         let port = free_port();
         let mut dist_port = free_port();
         while dist_port == port {
@@ -78,19 +108,32 @@ impl BrokerNode {
                 .get(..8)
                 .unwrap_or("node")
         );
-        let mut config = format!(
-            "listeners.tcp.local = 127.0.0.1:{port}\nloopback_users = none\n\
-             log.console = false\nlog.file.level = info\n"
-        );
+        let mut config = vec![
+            format!("listeners.tcp.local = 127.0.0.1:{port}"),
+            "loopback_users = none".to_owned(),
+            "log.console = false".to_owned(),
+            "log.file.level = info".to_owned(),
+        ];
+        for (i, ip) in options.listen.iter().enumerate() {
+            config.push(format!("listeners.tcp.extra{i} = {ip}:{port}"));
+        }
         let mut plugins = "[].\n";
-        let prometheus_port = prometheus.then(free_port);
+        let prometheus_port = options.prometheus.then(free_port);
         if let Some(metrics_port) = prometheus_port {
-            config.push_str(&format!(
-                "prometheus.tcp.ip = 127.0.0.1\nprometheus.tcp.port = {metrics_port}\n"
-            ));
+            config.push("prometheus.tcp.ip = 127.0.0.1".to_owned());
+            config.push(format!("prometheus.tcp.port = {metrics_port}"));
             plugins = "[rabbitmq_prometheus].\n";
         }
-        std::fs::write(dir.path().join("rabbitmq.conf"), config).expect("node config");
+        config.extend(options.config);
+        std::fs::write(dir.path().join("rabbitmq.conf"), config.join("\n") + "\n")
+            .expect("node config");
+        if let Some(cookie) = options.cookie {
+            // Erlang refuses a cookie file that others can read.
+            let path = dir.path().join(".erlang.cookie");
+            std::fs::write(&path, cookie).expect("cookie file");
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o400))
+                .expect("cookie file mode");
+        }
         std::fs::write(dir.path().join("enabled_plugins"), plugins).expect("plugins file");
         let mut node = Self {
             name,
@@ -104,9 +147,16 @@ impl BrokerNode {
         node
     }
 
-    /// `amqp://guest:guest@127.0.0.1:<port>/%2f`, this node's URL.
+    /// `amqp://guest:guest@127.0.0.1:<port>/%2f`, this node's URL (a node that loads
+    /// definitions has no `guest` user).
     pub fn url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+        self.url_as("guest", "guest", "%2f")
+    }
+
+    /// `amqp://<user>:<password>@127.0.0.1:<port>/<vhost>` (`vhost` as it goes in a URL: `%2f`
+    /// for `/`).
+    pub fn url_as(&self, user: &str, password: &str, vhost: &str) -> String {
+        format!("amqp://{user}:{password}@127.0.0.1:{}/{vhost}", self.port)
     }
 
     /// `http://127.0.0.1:<port>`, where the Prometheus plugin answers (`/metrics`,
@@ -124,6 +174,13 @@ impl BrokerNode {
     /// The Erlang node name (`warren-<label>-<id>@localhost`).
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The command line that runs `rabbitmqctl` against this node, for scripts that take one
+    /// (`RABBITMQCTL` of `deploy/rabbitmq/users.sh`); run it with [`env`](Self::env) applied,
+    /// which gives it the node's cookie.
+    pub fn ctl_command_line(&self) -> String {
+        format!("{RABBITMQ_BIN}/rabbitmqctl -n {}", self.name)
     }
 
     /// Runs `rabbitmqctl -n <node> ARGS` against this node and returns its output.
@@ -178,7 +235,9 @@ impl BrokerNode {
         self.boot().await;
     }
 
-    fn env<'a>(&self, command: &'a mut Command) -> &'a mut Command {
+    /// Gives `command` this node's environment: its cookie (through `HOME`), name, ports and
+    /// directories, as `rabbitmq-server` and `rabbitmqctl` read them.
+    pub fn env<'a>(&self, command: &'a mut Command) -> &'a mut Command {
         let dir = self.dir.path();
         command
             // Its own cookie: the node and rabbitmqctl both read $HOME/.erlang.cookie.
@@ -208,11 +267,7 @@ impl BrokerNode {
         self.child = Some(child);
         let started = Instant::now();
         loop {
-            let connected =
-                lapin::Connection::connect(&self.url(), lapin::ConnectionProperties::default())
-                    .await;
-            if let Ok(connection) = connected {
-                let _ = connection.close(200, "ready".into()).await;
+            if self.answers().await {
                 return;
             }
             if let Some(status) = self
@@ -233,6 +288,29 @@ impl BrokerNode {
                 self.logs()
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Whether the node answers AMQP: a connection as `guest`, or a refused login (a node that
+    /// loaded definitions has no `guest`; refusing it means the node is serving).
+    async fn answers(&self) -> bool {
+        let url = self.url();
+        let settings = warren_shared::BrokerSettings::new(&url);
+        let connected = warren_shared::broker::connect(
+            &settings,
+            &url,
+            "warren-test-node-probe",
+            warren_shared::broker::Purpose::Publish,
+            &[],
+        )
+        .await;
+        match connected {
+            Ok(connection) => {
+                let _ = connection.close(200, "ready".into()).await;
+                true
+            }
+            Err(warren_shared::broker::BrokerError::LoginRefused { .. }) => true,
+            Err(_) => false,
         }
     }
 
@@ -257,6 +335,11 @@ impl BrokerNode {
 impl Drop for BrokerNode {
     fn drop(&mut self) {
         self.kill();
+        // For a post-mortem of a failed test: WARREN_KEEP_NODE_DIRS=1 keeps data and logs.
+        if std::env::var_os("WARREN_KEEP_NODE_DIRS").is_some() {
+            self.dir.disable_cleanup(true);
+            eprintln!("kept {} for {}", self.dir.path().display(), self.name);
+        }
     }
 }
 

@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 use warren_shared::Task;
 use warren_worker::{Run, TaskContext, TaskError};
 
-/// Appends `"<key> <pid> <attempt> <redelivered>"` to the file `log` after `work_ms`.
+/// Appends `"<key> <pid> <attempt> <redelivered> <started> <finished>"` to the file `log` after
+/// `work_ms` (the times in milliseconds since the Unix epoch; read back with
+/// [`read_run_log`](crate::read_run_log)).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Record {
     /// What the test counts.
@@ -38,8 +40,16 @@ impl Task for Record {
     type Output = u64;
 }
 
+/// Now, in milliseconds since the Unix epoch (comparable across processes on one machine).
+pub fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 impl Run for Record {
     async fn run(self, ctx: TaskContext) -> Result<u64, TaskError> {
+        let started_at = unix_millis();
         if let Some(started) = &self.started {
             append(started, &format!("{}\n", self.key))?;
         }
@@ -47,11 +57,12 @@ impl Run for Record {
             tokio::time::sleep(Duration::from_millis(self.work_ms)).await;
         }
         let line = format!(
-            "{} {} {} {}\n",
+            "{} {} {} {} {started_at} {}\n",
             self.key,
             std::process::id(),
             ctx.attempt(),
-            ctx.redelivered()
+            ctx.redelivered(),
+            unix_millis()
         );
         append(&self.log, &line)?;
         Ok(self.key)
