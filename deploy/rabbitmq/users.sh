@@ -1,46 +1,49 @@
 #!/usr/bin/env bash
-# users.sh: create a RabbitMQ user with the least permissions one Warren role needs.
+# users.sh: give a RabbitMQ user a password and the least permissions one Warren role needs.
 #
 #   deploy/rabbitmq/users.sh ROLE USER [QUEUE] [VHOST]
 #
 #   ROLE   producer  `warren call|enqueue`, warren-gateway, warren_client::Client run with
 #                    --no-declare (WARREN_NO_DECLARE=true, ClientSettings::declare = false):
-#                    publish to the `warren` exchange, receive replies by direct reply-to.
-#                    No configure permission: a worker (or this script's `worker` user, or an
-#                    operator) must have declared the queue first.
-#          worker    warren-worker: declare its queues, consume the work queue, publish replies,
-#                    retries and delays.
+#                    publish to the `warren` exchange or by function name, receive replies by
+#                    direct reply-to. No configure permission: a worker (or an operator) must
+#                    have declared the queue first.
+#          worker    warren-worker: declare its queues, claim its functions, consume the work
+#                    queue, publish replies, retries and delays.
 #          operator  `warren dlq list|replay|purge` and the management UI (tag `monitoring`):
 #                    read the dead-letter queue, publish replays.
 #   USER   the user name. The password is read from the file named by WARREN_USER_PASSWORD_FILE
 #          (first line), or from standard input, never from this script's arguments.
-#   QUEUE  the work queue (default warren.tasks); the regexes below cover it, its `.dead` queue
-#          and its `.delay.<delay>` queues.
+#   QUEUE  the work queue (default warren.tasks); the permissions cover it, its `.dead` queue
+#          and its `.delay.<delay>` queues (the delay queues of retries).
 #   VHOST  default /.
 #   WARREN_FUNCTIONS_EXCHANGE (environment) the exchange that routes by function name, as the
 #          binaries take it (default warren.functions; docs/protocol.md §1a).
+#
+# The permissions and tags of each role are those of its user in definitions.json next to this
+# script (WARREN_DEFINITIONS names another file), the one place they are written down:
+# producer warren-app, worker warren-worker, operator warren-ops. Their regexes are for the queue
+# warren.tasks and the functions exchange warren.functions; this script puts QUEUE and
+# WARREN_FUNCTIONS_EXCHANGE in their place. So `users.sh worker warren-worker warren.tasks warren`
+# gives the user imported from the definitions its password and exactly the file's permissions.
 #
 # Runs rabbitmqctl (RABBITMQCTL overrides the command, e.g. "sudo rabbitmqctl" or
 # "docker exec rabbit rabbitmqctl"). rabbitmqctl 3.10 takes the password as an argument, so it
 # is briefly visible in the broker host's process list while the user is created. Safe to run
 # again: an existing user gets its password and permissions reset.
 #
-# The permissions (regexes over exchange and queue names, see https://www.rabbitmq.com/access-control.html):
-#
-#   role      configure                                  write                               read
-#   producer  ^$                                         ^(warren|F)$                        ^$
-#   worker    ^(warren|F|F\..+|Q|Q\.dead|Q\.delay\..+)$  ^(warren|amq\.default|Q|F\..+)$     ^(warren|F|F\..+|Q)$
-#   operator  ^$                                         ^warren$                            ^Q\.dead$
-#
-# (Q is the work queue and F the functions exchange, dots escaped.) Why each one:
+# Why each permission of definitions.json (Q is the work queue and F the functions exchange,
+# dots escaped; see https://www.rabbitmq.com/access-control.html):
 #   producer write warren, F   publishing a task to a queue (`warren`) or by function name (F)
 #   worker configure ...       declaring the exchanges, its function exchanges (F.<function>),
-#                              the work, dead-letter and delay queues
+#                              the work, dead-letter and delay queues (Q.delay.<delay>)
 #   worker write warren, Q     retrying at once through `warren`; binding Q to `warren` and to
 #                              its function exchanges
 #   worker write F.<function>  binding a function exchange from F (claiming the function)
 #   worker write amq.default   replies, delayed retries and parked tasks (default exchange)
 #   worker read warren, F, Q   binding (read on the source exchange) and consuming Q
+#   worker read Q.delay.*      declaring a queue that dead-letters (a delay queue dead-letters
+#                              back to Q) needs read on it, and write on amq.default
 #   operator read Q.dead       listing, replaying and purging parked tasks
 #   operator write warren      replaying them to the work queue
 #   operator tag monitoring    the management UI, showing every connection, channel and queue
@@ -61,14 +64,29 @@ else
 fi
 [[ -n "${password:-}" ]] || die "no password (WARREN_USER_PASSWORD_FILE or standard input)"
 
-q="${queue//./\\.}"; f="${functions//./\\.}"
+defs="${WARREN_DEFINITIONS:-$(dirname "${BASH_SOURCE[0]}")/definitions.json}"
+[[ -r "$defs" ]] || die "cannot read $defs (the roles' permissions are read from it)"
 case "$role" in
-    producer) configure='^$'; write="^(warren|$f)\$"; read_='^$'; tags='' ;;
-    worker)   configure="^(warren|$f|$f\\..+|$q|$q\\.dead|$q\\.delay\\..+)\$"
-              write="^(warren|amq\\.default|$q|$f\\..+)\$"; read_="^(warren|$f|$f\\..+|$q)\$"; tags='' ;;
-    operator) configure='^$'; write='^warren$'; read_="^$q\\.dead\$"; tags='monitoring' ;;
+    producer) template_user=warren-app ;;
+    worker)   template_user=warren-worker ;;
+    operator) template_user=warren-ops ;;
     *) die "unknown role '$role' (producer, worker or operator)" ;;
 esac
+# definitions.json has one user and one permission entry per line; its regexes escape only
+# backslashes (\\ in JSON).
+user_line="$(grep -F "\"name\": \"$template_user\"," "$defs")" || die "$defs: no user $template_user"
+perm_line="$(grep -F "\"user\": \"$template_user\"," "$defs")" || die "$defs: no permissions for $template_user"
+# field NAME: the permission NAME of the template user, with QUEUE and the functions exchange.
+q="${queue//./\\.}"; f="${functions//./\\.}"
+field() {
+    local value
+    value="$(sed -E -n "s/.*\"$1\": \"([^\"]*)\".*/\1/p" <<< "$perm_line" | sed 's/\\\\/\\/g')"
+    value="${value//'warren\.tasks'/"$q"}"
+    printf '%s' "${value//'warren\.functions'/"$f"}"
+}
+configure="$(field configure)"; write="$(field write)"; read_="$(field read)"
+[[ -n "$configure" && -n "$write" && -n "$read_" ]] || die "$defs: cannot read the permissions of $template_user"
+tags="$(sed -E -n 's/.*"tags": \[([^]]*)\].*/\1/p' <<< "$user_line" | tr -d '" ' | tr ',' ' ')"
 
 if "${ctl[@]}" --quiet list_users | awk '{print $1}' | grep -qxF -- "$user"; then
     "${ctl[@]}" --quiet change_password "$user" "$password"

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use warren_client::{Client, ClientSettings, Error};
 use warren_shared::broker::{BrokerError, BrokerSettings};
-use warren_tests::{ChildGuard, TestQueue, amqp_url, binary, temp_dir};
+use warren_tests::tasks::Flaky;
+use warren_tests::{ChildGuard, TestQueue, amqp_url, binary, deploy, temp_dir};
 use warren_worker::{Mailer, builtin_registry};
 
 /// A broker user made by `deploy/rabbitmq/users.sh ROLE NAME QUEUE`, deleted when dropped
@@ -82,17 +83,18 @@ async fn client_as(user: &BrokerUser, queue: &TestQueue, declare: bool) -> Resul
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn producer_and_worker_profiles_are_enough_and_a_refused_declare_names_the_permission() {
     let dir = temp_dir("profiles");
-    let queue = TestQueue::new("profiles");
+    // The second retry waits in a delay queue, which the worker profile must let it declare.
+    let delay = Duration::from_millis(200);
+    let queue = TestQueue::new("profiles").with_retry_delays(&[delay]);
     let worker_user = BrokerUser::create("worker", &queue.name, &dir);
     let producer = BrokerUser::create("producer", &queue.name, &dir);
 
     // The worker profile declares the topology, consumes, replies and retries.
     let mut settings = queue.worker_settings(4);
     settings.broker = BrokerSettings::new(worker_user.url());
-    settings.policy.backoff = vec![Duration::ZERO];
-    let worker = queue
-        .worker_with(builtin_registry(Mailer::outbox(dir.path())), settings)
-        .await;
+    settings.policy.backoff = vec![Duration::ZERO, delay];
+    let registry = builtin_registry(Mailer::outbox(dir.path())).register::<Flaky>();
+    let worker = queue.worker_with(registry, settings).await;
 
     // The producer profile (no configure) calls and enqueues with declaring off.
     let client = client_as(&producer, &queue, false)
@@ -113,7 +115,17 @@ async fn producer_and_worker_profiles_are_enough_and_a_refused_declare_names_the
         .enqueue_json("echo", serde_json::json!(1))
         .await
         .expect("enqueue as producer");
-    // A failing task is retried (worker writes to `warren`) and its failure replied.
+    // A task that fails twice is retried at once (the worker publishes to `warren`), then
+    // after a delay (it declares `<queue>.delay.200ms` and publishes to it), then succeeds.
+    let third = client
+        .call_with(
+            &Flaky { succeed_on: 3 },
+            &warren_client::CallOptions::default().max_attempts(3),
+        )
+        .await
+        .expect("the third attempt succeeds");
+    assert_eq!(third, 3);
+    // A task that fails for good is parked and its failure replied.
     let failed = client
         .call_json_with(
             "fail",
@@ -192,6 +204,107 @@ async fn producer_and_worker_profiles_are_enough_and_a_refused_declare_names_the
 
     worker.stop();
     let _ = worker.wait().await;
+}
+
+/// Issue 12.6: `users.sh` takes each role's permissions and tags from `definitions.json`, the one
+/// place they are written, so a user it makes and a user imported from the definitions get the
+/// same (for the file's queue and vhost; the queue name replaced for another queue).
+#[test]
+fn users_sh_gives_each_role_exactly_the_permissions_of_the_definitions() {
+    let dir = temp_dir("users-sh-definitions");
+    let calls = dir.path().join("calls");
+    // A stand-in for rabbitmqctl that records its arguments, one call per line.
+    let fake = dir.path().join("rabbitmqctl");
+    std::fs::write(
+        &fake,
+        format!("#!/bin/sh\necho \"$*\" >> '{}'\n", calls.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let definitions: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(deploy::definitions_path()).unwrap()).unwrap();
+    let users = definitions["users"].as_array().unwrap();
+    let permissions = definitions["permissions"].as_array().unwrap();
+    assert_eq!(users.len(), 3, "{users:?}");
+    for user in users {
+        let name = user["name"].as_str().unwrap();
+        // No usable password ships: an empty hash is a user that cannot log in with one.
+        assert_eq!(user["password_hash"], "", "{name}");
+        let role = match name {
+            "warren-app" => "producer",
+            "warren-worker" => "worker",
+            "warren-ops" => "operator",
+            other => panic!("a user users.sh has no role for: {other}"),
+        };
+        let expected = permissions
+            .iter()
+            .find(|p| p["user"] == name)
+            .unwrap_or_else(|| panic!("no permissions for {name}"));
+        assert_eq!(expected["vhost"], deploy::VHOST);
+        // As the file says, and for another queue and functions exchange.
+        for (queue, functions, q, f) in [
+            (
+                deploy::QUEUE,
+                "warren.functions",
+                r"warren\.tasks",
+                r"warren\.functions",
+            ),
+            (
+                "mail.bulk",
+                "mail.functions",
+                r"mail\.bulk",
+                r"mail\.functions",
+            ),
+        ] {
+            let _ = std::fs::remove_file(&calls);
+            let out = Command::new("bash")
+                .arg(deploy::users_sh_path())
+                .args([role, name, queue, deploy::VHOST])
+                .env("RABBITMQCTL", &fake)
+                .env("WARREN_FUNCTIONS_EXCHANGE", functions)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .spawn()
+                .and_then(|mut child| {
+                    use std::io::Write;
+                    child.stdin.take().unwrap().write_all(b"secret\n")?;
+                    child.wait_with_output()
+                })
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let calls = std::fs::read_to_string(&calls).unwrap();
+            let regex = |field: &str| {
+                expected[field]
+                    .as_str()
+                    .unwrap()
+                    .replace(r"warren\.tasks", q)
+                    .replace(r"warren\.functions", f)
+            };
+            let set = format!(
+                "--quiet set_permissions -p {} {name} {} {} {}",
+                deploy::VHOST,
+                regex("configure"),
+                regex("write"),
+                regex("read")
+            );
+            assert!(calls.lines().any(|l| l == set), "{role} {queue}: {calls}");
+            let tags: Vec<&str> = user["tags"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_str().unwrap())
+                .collect();
+            let set_tags = format!("--quiet set_user_tags {name} {}", tags.join(" "));
+            assert!(
+                calls.lines().any(|l| l.trim_end() == set_tags.trim_end()),
+                "{role}: {calls}"
+            );
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
