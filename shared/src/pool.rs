@@ -8,6 +8,10 @@
 //!
 //! [`publish_confirmed`] is the only way Warren publishes: it waits for the broker's confirm and
 //! turns a `basic.nack`, a `basic.return` (mandatory and unroutable) or silence into an error.
+//! A channel that nacked a publish is closed, so the pool opens a fresh one: on RabbitMQ 3.10 a
+//! channel that first published to a quorum queue while its leader was being elected (a node
+//! of the cluster just died) keeps the dead leader and nacks every later publish to that queue,
+//! for as long as it lives; a new channel finds the new leader.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -218,6 +222,22 @@ pub enum PublishError {
     Timeout(Duration),
 }
 
+/// Closes `channel` in the background (the pool drops closed channels on checkout). Publishes
+/// still in flight on it fail as on a closed channel, which publishers resend or hand back.
+fn retire(channel: Channel) {
+    if channel.status().connected() {
+        tokio::spawn(async move {
+            tracing::debug!(
+                channel = channel.id(),
+                "the broker nacked a publish; replacing the channel"
+            );
+            let _ = channel
+                .close(200, "nacked a publish; replaced".into())
+                .await;
+        });
+    }
+}
+
 /// Publishes and waits for the broker's confirm, within `timeout` for the whole operation.
 ///
 /// # Errors
@@ -236,30 +256,32 @@ pub async fn publish_confirmed(
 }
 
 async fn publish_inner(pool: &ChannelPool, p: Publication<'_>) -> Result<(), PublishError> {
-    let confirm = {
-        // Checked out only to pick an open channel: lapin channels take concurrent publishes,
-        // and holding the pool object while lapin's I/O thread writes the frame would let at
-        // most `size` publishes be on their way at once.
-        let channel = Channel::clone(
-            &*pool
-                .get()
-                .await
-                .map_err(|e| PublishError::NoChannel(e.to_string()))?,
-        );
-        channel
-            .basic_publish(
-                p.exchange.into(),
-                p.routing_key.into(),
-                BasicPublishOptions {
-                    mandatory: p.mandatory,
-                    immediate: false,
-                },
-                p.body,
-                p.properties,
-            )
-            .await?
-    };
-    match confirm.await? {
+    // Checked out only to pick an open channel: lapin channels take concurrent publishes, and
+    // holding the pool object while lapin's I/O thread writes the frame would let at most
+    // `size` publishes be on their way at once.
+    let channel = Channel::clone(
+        &*pool
+            .get()
+            .await
+            .map_err(|e| PublishError::NoChannel(e.to_string()))?,
+    );
+    let confirm = channel
+        .basic_publish(
+            p.exchange.into(),
+            p.routing_key.into(),
+            BasicPublishOptions {
+                mandatory: p.mandatory,
+                immediate: false,
+            },
+            p.body,
+            p.properties,
+        )
+        .await?
+        .await?;
+    if matches!(confirm, Confirmation::Nack(None)) {
+        retire(channel);
+    }
+    match confirm {
         Confirmation::Ack(None) => Ok(()),
         Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
             Err(PublishError::Unroutable {

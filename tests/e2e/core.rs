@@ -569,3 +569,58 @@ async fn a_call_whose_request_is_returned_fails_as_unroutable() {
         started.elapsed()
     );
 }
+
+/// A channel that nacked a publish is replaced: the next publish goes out on a fresh channel
+/// (on RabbitMQ 3.10 a channel that first published to a quorum queue during its leader
+/// election keeps nacking every publish to it; `cluster` shows that case on a real cluster).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_that_nacked_a_publish_is_replaced() {
+    use lapin::types::{AMQPValue, FieldTable};
+    use warren_shared::pool::{Publication, channel_pool, publish_confirmed};
+
+    let q = TestQueue::new("nacked");
+    let connection = lapin::Connection::connect(
+        &warren_tests::amqp_url(),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    // A queue that refuses every message: length limit 0, overflow reject-publish (a nack).
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    let setup = connection.create_channel().await.unwrap();
+    setup
+        .queue_declare(q.name.as_str().into(), Default::default(), args)
+        .await
+        .unwrap();
+    let pool = channel_pool(Arc::new(connection), 1, Duration::from_secs(5), None);
+    let first = pool.get().await.unwrap().id();
+    let publish = || {
+        publish_confirmed(
+            &pool,
+            Publication {
+                exchange: "",
+                routing_key: &q.name,
+                body: b"refused",
+                properties: Default::default(),
+                mandatory: false,
+            },
+            Duration::from_secs(5),
+        )
+    };
+    let refused = publish().await;
+    assert!(
+        matches!(refused, Err(warren_shared::PublishError::Nacked { .. })),
+        "{refused:?}"
+    );
+    warren_tests::eventually(
+        "the nacking channel replaced",
+        Duration::from_secs(5),
+        || async { pool.get().await.unwrap().id() != first },
+    )
+    .await;
+}
