@@ -42,6 +42,10 @@ command -v php >/dev/null 2>&1 || install_missing php-cli "the handler pool test
 # Prometheus for the metrics test (issue 11): only its binary is used (the test starts its own
 # server on a free loopback port with a temporary config and data dir, and kills it).
 command -v prometheus >/dev/null 2>&1 || install_missing prometheus "the metrics test"
+# iproute2 for the worker-host test (issue 12.4): `ip netns` and veth pairs play other hosts
+# (as root; the test skips only when it cannot make namespaces outside CI, CI=true makes it
+# mandatory). The 3-node cluster test needs nothing more than the broker above.
+command -v ip >/dev/null 2>&1 || install_missing iproute2 "the network namespace test"
 if ! command -v node >/dev/null 2>&1; then
     echo "test.sh: node not found; the gateway page test needs Node.js 20+ (apt-get install nodejs)" >&2
 elif [ ! -d tests/browser/node_modules/playwright-core ]; then

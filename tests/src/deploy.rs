@@ -13,6 +13,9 @@ pub const VHOST: &str = "warren";
 /// The work queue its users' permissions are for.
 pub const QUEUE: &str = "warren.tasks";
 
+/// The functions exchange its users' permissions are for.
+pub const FUNCTIONS_EXCHANGE: &str = "warren.functions";
+
 /// `deploy/rabbitmq/definitions.json`.
 pub fn definitions_path() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/rabbitmq/definitions.json")
@@ -41,7 +44,7 @@ pub fn import_definitions(node: &BrokerNode) {
 
 /// Gives `user` (`role`: producer, worker or operator) `password` on `node` with `users.sh`,
 /// the password read from a file as the docs say; the script also sets the role's permissions
-/// on [`VHOST`] for [`QUEUE`].
+/// on [`VHOST`] for [`QUEUE`] and [`FUNCTIONS_EXCHANGE`].
 ///
 /// # Panics
 ///
@@ -54,6 +57,7 @@ pub fn set_password(node: &BrokerNode, role: &str, user: &str, password: &str) {
         .arg(users_sh_path())
         .args([role, user, QUEUE, VHOST])
         .env("RABBITMQCTL", node.ctl_command_line())
+        .env("WARREN_FUNCTIONS_EXCHANGE", FUNCTIONS_EXCHANGE)
         .env("WARREN_USER_PASSWORD_FILE", file.path())
         .stdin(Stdio::null());
     let out = command.output().expect("run users.sh");

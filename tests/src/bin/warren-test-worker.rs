@@ -18,6 +18,10 @@ struct Args {
     amqp_url: String,
     #[arg(long)]
     queue: String,
+    /// The exchange that routes by function name; default: one of the queue's own
+    /// (`<queue>.functions`), so that tests running at once do not claim each other's functions.
+    #[arg(long, env = "WARREN_FUNCTIONS_EXCHANGE")]
+    functions_exchange: Option<String>,
     #[arg(long, default_value_t = 8)]
     concurrency: u16,
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
@@ -35,7 +39,9 @@ async fn main() -> ExitCode {
         .register::<Flaky>();
     let settings = WorkerSettings {
         broker: BrokerSettings::new(args.amqp_url),
-        functions_exchange: warren_tests::functions_exchange_of(&args.queue),
+        functions_exchange: args
+            .functions_exchange
+            .unwrap_or_else(|| warren_tests::functions_exchange_of(&args.queue)),
         queue: args.queue,
         concurrency: args.concurrency,
         shutdown_grace: args.shutdown_grace,
