@@ -202,6 +202,47 @@ async fn a_thousand_concurrent_calls_each_get_their_own_result() {
 }
 
 #[tokio::test]
+async fn asking_for_a_missing_queue_disturbs_no_call_in_flight() {
+    // The gateway polls a queue's depth while it serves calls; a passive declare of a queue
+    // that does not exist closes its channel, which must not be one that calls are using.
+    let q = TestQueue::new("stats");
+    let worker = q.worker(Registry::new().register::<Echo>(), 64).await;
+    let client = q.client().await;
+    let missing = format!("{}.missing", q.name);
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let poller = tokio::spawn({
+        let (client, stop) = (client.clone(), stop.clone());
+        async move {
+            let mut refused = 0;
+            while !stop.is_cancelled() {
+                let stats = client.queue_stats(&missing).await;
+                assert!(matches!(stats, Err(Error::Broker(_))), "{stats:?}");
+                refused += 1;
+            }
+            refused
+        }
+    });
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..2000u32 {
+        let client = client.clone();
+        calls.spawn(async move { (i, client.call_json("echo", json!({"i": i})).await) });
+    }
+    while let Some(joined) = calls.join_next().await {
+        let (i, result) = joined.unwrap();
+        assert_eq!(result.unwrap(), json!({"i": i}), "call {i}");
+    }
+    stop.cancel();
+    let refused = poller.await.unwrap();
+    assert!(
+        refused > 0,
+        "no stats were asked while calls were in flight"
+    );
+    assert_eq!(client.pending_calls(), 0);
+    worker.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn enqueued_tasks_each_run_exactly_once_on_one_worker() {
     let q = TestQueue::new("enqueue");
     let tally = Arc::new(Tally::default());

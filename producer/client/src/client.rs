@@ -92,6 +92,21 @@ async fn rotate_when_idle(inner: std::sync::Weak<Inner>) {
     }
 }
 
+/// A channel of one short exchange with the broker, closed when dropped, also when the future
+/// using it is cancelled, so that an abandoned call leaks no channel.
+struct ClosedOnDrop(Channel);
+
+impl Drop for ClosedOnDrop {
+    fn drop(&mut self) {
+        if self.0.status().connected() {
+            let channel = self.0.clone();
+            tokio::spawn(async move {
+                let _ = channel.close(200, "done".into()).await;
+            });
+        }
+    }
+}
+
 /// A handle to Warren: cheap to clone, `Send + Sync`, made for thousands of concurrent calls.
 #[derive(Clone)]
 pub struct Client {
@@ -407,8 +422,19 @@ impl Client {
     /// # Errors
     /// [`Error::Broker`] when the queue does not exist or the broker cannot be asked.
     pub async fn queue_stats(&self, queue: &str) -> Result<QueueStats, Error> {
-        let channel = self.channel().await?;
-        let q = channel
+        // A channel of its own, never a pooled one: the broker closes the channel of a passive
+        // declare that finds no queue, and a pooled channel may still be awaiting confirms and
+        // direct replies of calls that used it a moment ago.
+        let channel = ClosedOnDrop(
+            self.inner
+                .link
+                .connection()
+                .create_channel()
+                .await
+                .map_err(BrokerError::from)?,
+        );
+        let declared = channel
+            .0
             .queue_declare(
                 queue.into(),
                 QueueDeclareOptions {
@@ -417,8 +443,8 @@ impl Client {
                 },
                 FieldTable::default(),
             )
-            .await
-            .map_err(BrokerError::from)?;
+            .await;
+        let q = declared.map_err(BrokerError::from)?;
         Ok(QueueStats {
             ready: q.message_count(),
             consumers: q.consumer_count(),
