@@ -305,3 +305,130 @@ async fn a_worker_exits_once_naming_the_fix_when_its_queue_exists_with_other_arg
         "one error, once: {stderr}"
     );
 }
+
+/// The seed's `kill -9` of a task process, through the gateway (issue 13 point 4): a worker
+/// process is SIGKILLed while `send_mail` tasks arrive over the Text bridge, each on a new
+/// connection as a Workerman front opens them. Every task is still answered with its receipt,
+/// and every answered mail is in the outbox: none is lost (the killed worker's unacknowledged
+/// tasks go back to the queue when its connection drops, and another worker runs them; a mail
+/// file is named by its task id, so a rerun rewrites its own file).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_worker_mid_load_of_send_mail_through_the_gateway_loses_no_mail() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    const TASKS: usize = 600;
+    const CLIENTS: usize = 10;
+    let q = TestQueue::new("kill9-mail");
+    let outbox = temp_dir("kill9-mail");
+    let client = q.client().await;
+    client.declare_queue(&q.name).await.unwrap();
+    let out = outbox.path().to_string_lossy().into_owned();
+    let worker_flags = ["--outbox", out.as_str(), "--concurrency", "8"];
+    let mut victim = ChildGuard::worker(&q.name, &worker_flags);
+    let _others: Vec<ChildGuard> = (0..2)
+        .map(|_| ChildGuard::worker(&q.name, &worker_flags))
+        .collect();
+    eventually(
+        "three workers consuming",
+        Duration::from_secs(20),
+        || async { consumers(&client, &q.name).await == 3 },
+    )
+    .await;
+
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let text = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = text.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let gateway = tokio::spawn(warren_gateway::serve(
+        warren_gateway::GatewaySettings {
+            call_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(1),
+            ..Default::default()
+        },
+        client.clone(),
+        http,
+        text,
+        stop.clone(),
+    ));
+
+    // CLIENTS loops, one new connection per task; the worker dies after a third are answered.
+    let next = Arc::new(AtomicUsize::new(0));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let victim_pid = victim.pid();
+    let mut loops = tokio::task::JoinSet::new();
+    for _ in 0..CLIENTS {
+        let (next, answered) = (next.clone(), answered.clone());
+        loops.spawn(async move {
+            let mut answers = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= TASKS {
+                    return answers;
+                }
+                let line = serde_json::json!({"function": "send_mail", "args": {
+                    "from": "shop@example.com",
+                    "to": format!("user{i}@example.com"),
+                    "contents": "Your order has shipped.",
+                }});
+                let mut stream =
+                    BufReader::new(tokio::net::TcpStream::connect(addr).await.unwrap());
+                stream
+                    .get_mut()
+                    .write_all(format!("{line}\n").as_bytes())
+                    .await
+                    .unwrap();
+                let mut answer = String::new();
+                tokio::time::timeout(Duration::from_secs(60), stream.read_line(&mut answer))
+                    .await
+                    .expect("an answer within 60 s")
+                    .unwrap();
+                if answered.fetch_add(1, Ordering::SeqCst) + 1 == TASKS / 3 {
+                    let _ = nix::sys::signal::kill(victim_pid, Signal::SIGKILL);
+                }
+                answers.push((i, answer));
+            }
+        });
+    }
+    let mut answers = Vec::new();
+    while let Some(joined) = loops.join_next().await {
+        answers.extend(joined.unwrap());
+    }
+    assert!(
+        victim.wait_timeout(Duration::from_secs(5)).is_some(),
+        "the worker survived SIGKILL"
+    );
+    stop.cancel();
+    gateway.await.unwrap();
+
+    // Every task answered with its receipt, and every receipt's file in the outbox.
+    assert_eq!(answers.len(), TASKS);
+    let files: std::collections::HashSet<String> = std::fs::read_dir(outbox.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".eml") && !name.starts_with('.'))
+        .collect();
+    let mut lost = Vec::new();
+    for (i, answer) in &answers {
+        let receipt: serde_json::Value = serde_json::from_str(answer)
+            .unwrap_or_else(|e| panic!("task {i}: answer {answer:?} is not JSON: {e}"));
+        let file = receipt["delivered_to"]
+            .as_str()
+            .and_then(|d| d.strip_prefix("outbox:"))
+            .unwrap_or_else(|| panic!("task {i} was not delivered: {receipt}"));
+        if !files.contains(file) {
+            lost.push(*i);
+        }
+    }
+    eprintln!(
+        "kill -9 of 1 of 3 workers over {TASKS} send_mail tasks through the gateway: {} answered, {} .eml files, mails lost: {}",
+        answers.len(),
+        files.len(),
+        lost.len()
+    );
+    assert!(lost.is_empty(), "answered but not in the outbox: {lost:?}");
+    assert_eq!(files.len(), TASKS, "one .eml per task");
+    assert_eq!(q.dead_count(&client).await, 0);
+    client.close().await;
+}

@@ -324,6 +324,11 @@ impl ChildGuard {
         Pid::from_raw(i32::try_from(id).unwrap_or(0))
     }
 
+    /// The process's standard output, once, when its command piped it (`Stdio::piped()`).
+    pub fn take_stdout(&mut self) -> Option<std::process::ChildStdout> {
+        self.child.as_mut()?.stdout.take()
+    }
+
     /// Sends `signal` to the process.
     pub fn signal(&self, signal: Signal) {
         let _ = kill(self.pid(), signal);

@@ -10,7 +10,9 @@
 //!   the worker has run and acked them all.
 //!
 //! A fourth scenario, `scale` (run on its own), measures how throughput grows with
-//! `warren-worker` processes: see `scale.rs` and `docs/scaling.md`.
+//! `warren-worker` processes: see `scale.rs` and `docs/scaling.md`. A fifth, `seed` (also on
+//! its own), reproduces the seed's Workerman pattern through `warren-gateway` against a
+//! broker-less floor (issue 13): see `seed.rs` and `floor.rs`.
 //!
 //! The Warren side is an in-process `warren_worker` and a `warren_client::Client`; the raw side
 //! is lapin only, on its own queue with the same arguments, the same properties, headers and
@@ -43,7 +45,9 @@ use warren_shared::{BrokerSettings, Task, topology};
 use warren_worker::pool::{Pool, PoolConfig};
 use warren_worker::{Handler, Registry, TaskContext, TaskError, WorkerSettings};
 
+mod floor;
 mod scale;
+mod seed;
 
 /// Measures Warren against raw lapin on the same broker; see `docs/benchmarks.md`.
 #[derive(Debug, Parser)]
@@ -84,7 +88,7 @@ struct Args {
     #[arg(long, default_value_t = 4)]
     raw_channels: usize,
     /// Scenarios to run (comma separated): rpc, seq, fire, and `pool` (a handler pool against
-    /// the Rust handler, see `--pool-command`); or `scale` alone.
+    /// the Rust handler, see `--pool-command`); or `scale` alone; or `seed` alone.
     #[arg(long, value_delimiter = ',', default_value = "rpc,seq,fire")]
     scenarios: Vec<String>,
     /// The `pool` scenario's task processes: a no-op `echo` and `bench_count` in any language
@@ -107,13 +111,50 @@ struct Args {
     /// `scale`: how long each `sleep` task waits, in milliseconds.
     #[arg(long, default_value_t = 50)]
     sleep_ms: u64,
-    /// `scale`: each worker process's concurrency (the `warren-worker` default is 16).
+    /// `scale` and `seed`: each worker process's concurrency (the `warren-worker` default is 16).
     #[arg(long, default_value_t = 16)]
     worker_concurrency: u16,
-    /// `scale`: the broker's process id on this host (e.g. `pgrep -f 'rabbit@'`), to report
-    /// its CPU too.
+    /// `scale` and `seed`: the broker's process id on this host (e.g. `pgrep -f beam.smp`), to
+    /// report its CPU too; `seed` looks for `beam.smp` itself when it is not given.
     #[arg(long)]
     broker_pid: Option<u32>,
+    /// `seed`: tasks per round of the `conn`, `pipelined` and `ws` patterns.
+    #[arg(long, default_value_t = 5_000)]
+    seed_tasks: usize,
+    /// `seed`: concurrent clients of the `conn` pattern, each opening a new connection per
+    /// task.
+    #[arg(long, default_value_t = 10)]
+    seed_clients: usize,
+    /// `seed`: tasks in flight on the one connection of the `pipelined` and `ws` patterns
+    /// (below the gateway's `--max-in-flight`, 1000).
+    #[arg(long, default_value_t = 500)]
+    seed_window: usize,
+    /// `seed`: calls per round of the `seq` pattern (each side, and the raw lapin RPC).
+    #[arg(long, default_value_t = 500)]
+    seed_seq_calls: usize,
+    /// `seed`: tasks per side and pattern before the first round (not measured).
+    #[arg(long, default_value_t = 200)]
+    seed_warmup: usize,
+    /// `seed`: `warren-worker` processes serving `send_mail`.
+    #[arg(long, default_value_t = 4)]
+    seed_workers: usize,
+    /// `seed`: processes of the floor (the seed's TaskWorker count).
+    #[arg(long, default_value_t = 4)]
+    seed_floor_processes: usize,
+    /// `seed`: the load patterns to run: conn, pipelined, ws, seq.
+    #[arg(long, value_delimiter = ',', default_value = "conn,pipelined,ws,seq")]
+    seed_patterns: Vec<String>,
+    /// `seed`: after the rounds, run the `conn` pattern once more on each side, SIGKILL one
+    /// worker (one floor process) after a third of the tasks are answered, and count the mails
+    /// lost; fails if Warren loses any.
+    #[arg(long)]
+    kill_worker: bool,
+    /// Run one floor process of the `seed` scenario on this address (what `seed` starts).
+    #[arg(long, hide = true, requires = "seed_floor_outbox")]
+    seed_floor_serve: Option<std::net::SocketAddr>,
+    /// The floor process's outbox.
+    #[arg(long, hide = true)]
+    seed_floor_outbox: Option<std::path::PathBuf>,
     /// Measure what metrics and tracing cost: instead of the Warren/raw comparison, run the
     /// Warren side in each of `--ops-modes` (e.g. off, and on: Prometheus recorder installed
     /// and every task's `send`/`process` spans exported over OTLP to a sink in this process),
@@ -140,8 +181,7 @@ const TARGET: f64 = 0.85;
 /// Bound on one measured round, so that a lost message fails the run instead of hanging it.
 const ROUND_TIMEOUT: Duration = Duration::from_secs(300);
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -150,6 +190,18 @@ async fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    if let (Some(addr), Some(outbox)) = (args.seed_floor_serve, &args.seed_floor_outbox) {
+        // One event loop on one thread, like a PHP task process.
+        return floor::serve(addr, outbox.clone());
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?
+        .block_on(run_args(args))
+}
+
+async fn run_args(args: Args) -> Result<()> {
     if args.ops_cost {
         return ops_cost::run(&args).await;
     }
@@ -166,13 +218,21 @@ async fn main() -> Result<()> {
         .await
         .context("connecting to the broker")?;
     let admin_channel = admin.create_channel().await?;
-    if args.scenarios.iter().any(|s| s == "scale") {
+    if let Some(alone) = ["scale", "seed"]
+        .into_iter()
+        .find(|alone| args.scenarios.iter().any(|s| s == alone))
+    {
         if args.scenarios.len() > 1 {
-            bail!("--scenarios scale runs on its own");
+            bail!("--scenarios {alone} runs on its own");
         }
-        let result = tokio::select! {
-            result = scale::run(&args, &admin_channel) => result,
-            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        let result = if alone == "seed" {
+            // Handles Ctrl-C itself, so that it still deletes its queues.
+            seed::run(&args, &admin_channel).await
+        } else {
+            tokio::select! {
+                result = scale::run(&args, &admin_channel) => result,
+                _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+            }
         };
         let _ = admin.close(200, "bench done".into()).await;
         return result;
