@@ -25,7 +25,6 @@ use warren_shared::{ChannelPool, Reply, Request, Task, TaskId, topology};
 use crate::error::Error;
 use crate::options::{CallOptions, ClientSettings, QueueStats, ReplyMode};
 use crate::pending::{Pending, PendingGuard, fail_calls_on_disconnect};
-use crate::publish::lost_connection;
 use crate::replies::{start_reply_consumer, start_reply_queue};
 
 /// Queues declared, by name.
@@ -317,7 +316,9 @@ impl Client {
                     Err(Ok(())) => return Ok((Waiting::Reply(rx), guard)),
                     // Lost with its connection: send it again on the next one (a reply to
                     // the first copy, if it arrives, completes the call just the same).
-                    Err(Err(e)) if lost_connection(&e) => self.pause_after_lost().await,
+                    Err(Err(e)) if self.lost_with_connection(&e).await => {
+                        self.pause_after_lost().await;
+                    }
                     Err(Err(e)) => return Err(e),
                 }
             }
@@ -401,7 +402,7 @@ impl Client {
             {
                 Ok(()) => return Ok(id),
                 // Lost with its connection: send it again on the next one.
-                Err(e) if lost_connection(&e) => self.pause_after_lost().await,
+                Err(e) if self.lost_with_connection(&e).await => self.pause_after_lost().await,
                 Err(e) => return Err(e),
             }
         }

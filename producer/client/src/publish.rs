@@ -52,6 +52,30 @@ impl Client {
         let _ = tokio::time::timeout(RESEND_PAUSE, state.changed()).await;
     }
 
+    /// Whether a failed publish went with its connection ([`lost_connection`]), or was nacked
+    /// by a broker that then dropped the connection: a node being stopped refuses what its
+    /// queues can no longer take just before it closes its connections, and that refusal is
+    /// the node going away, not the task being refused. A nack on a connection that stays up
+    /// is a refusal, reported after at most [`RESEND_PAUSE`].
+    pub(crate) async fn lost_with_connection(&self, error: &Error) -> bool {
+        if lost_connection(error) {
+            return true;
+        }
+        if !matches!(error, Error::Publish(PublishError::Nacked { .. })) {
+            return false;
+        }
+        let mut state = self.inner.link.subscribe();
+        let departing =
+            |state: &LinkState| matches!(state, LinkState::Down { .. } | LinkState::Closed);
+        if departing(&state.borrow_and_update()) {
+            return true;
+        }
+        matches!(
+            tokio::time::timeout(RESEND_PAUSE, state.wait_for(departing)).await,
+            Ok(Ok(_))
+        )
+    }
+
     pub(crate) async fn channel(
         &self,
     ) -> Result<deadpool::managed::Object<pool::ChannelManager>, Error> {

@@ -558,13 +558,11 @@ impl Deployment {
         // Room for every client's connection, also while closed ones are being torn down.
         let connections = (4 * args.seed_clients).max(64).to_string();
         let mut command = Command::new(sibling_binary("warren-gateway")?);
-        // `--queue`: the gateway sends every task to the workers' queue. Routing by function
-        // name (no `--queue`) makes it poll the depth of `warren.tasks` every second, and the
-        // passive declare of that missing queue closes a pooled publishing channel under the
-        // tasks being published on it (`unavailable`, NOT_FOUND): a gateway bug to fix first.
+        // No `--queue`: the gateway routes `send_mail` by its name to the workers' queue, as a
+        // deployment with the defaults does.
         command
             .env("AMQP_URL", &args.url)
-            .args(["--queue", queue, "--functions-exchange", functions])
+            .args(["--functions-exchange", functions])
             .args(["--text", &text.to_string(), "--http", &http.to_string()])
             .args(["--max-connections-per-peer", &connections])
             .args(["--max-connections", &connections])
