@@ -253,6 +253,15 @@ impl Text {
         Some(serde_json::from_str(&line).expect("the answer is one JSON line"))
     }
 
+    /// The next answer line exactly as sent, without its `\n`.
+    async fn raw_answer(&mut self) -> String {
+        tokio::time::timeout(WAIT, self.lines.next_line())
+            .await
+            .expect("an answer within the wait bound")
+            .expect("text read")
+            .expect("an answer, not a closed connection")
+    }
+
     async fn answer(&mut self) -> Value {
         self.next()
             .await
@@ -519,6 +528,19 @@ async fn text_single_request_gets_the_bare_result() {
             .is_some_and(|d| d.starts_with("outbox:") && !d.contains('/')),
         "{receipt}"
     );
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_results_keep_the_order_of_their_keys() {
+    // A PHP caller may compare the answer's text or rely on the order of an object's keys:
+    // the result comes back as the task wrote it, not with its keys sorted.
+    let env = spawn(Limits::default()).await;
+    let mut text = text_connect(&env).await;
+    let args = r#"{"zeta":1,"alpha":{"y":[2,{"b":1,"a":0}],"x":3},"mid":"m"}"#;
+    text.send_raw(format!("{{\"function\":\"echo\",\"args\":{args}}}\n").as_bytes())
+        .await;
+    assert_eq!(text.raw_answer().await, args);
     env.finish().await;
 }
 
