@@ -149,6 +149,12 @@ struct Args {
     /// lost; fails if Warren loses any.
     #[arg(long)]
     kill_worker: bool,
+    /// `seed`: where the run's outboxes (and the processes' logs) go, in a directory of its own
+    /// (default: the system's temporary directory). Creating files costs what the file system
+    /// makes it cost: on an ext4 directory tree with much recent churn, inode allocation alone
+    /// can exceed Warren's own cost per task; `/dev/shm` measures Warren and not the disk.
+    #[arg(long)]
+    seed_outbox_dir: Option<std::path::PathBuf>,
     /// Run one floor process of the `seed` scenario on this address (what `seed` starts).
     #[arg(long, hide = true, requires = "seed_floor_outbox")]
     seed_floor_serve: Option<std::net::SocketAddr>,

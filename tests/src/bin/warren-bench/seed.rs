@@ -746,9 +746,12 @@ pub(crate) async fn run(args: &Args, admin: &Channel) -> Result<()> {
     let queue = format!("bench.seed.{}", Uuid::new_v4());
     let raw_queue = format!("bench.seed.raw.{}", Uuid::new_v4());
     let functions = warren_tests::functions_exchange_of(&queue);
-    let dir = tempfile::Builder::new()
-        .prefix("warren-bench-seed-")
-        .tempdir()?;
+    let mut dir = tempfile::Builder::new();
+    dir.prefix("warren-bench-seed-");
+    let dir = match &args.seed_outbox_dir {
+        Some(base) => dir.tempdir_in(base)?,
+        None => dir.tempdir()?,
+    };
     let result = tokio::select! {
         result = async {
             topology::declare(admin, &queue).await?;
@@ -793,7 +796,7 @@ async fn run_declared(
         .map(|(a, b)| (a.to_owned(), b.to_owned()))
         .unwrap_or_default();
     println!(
-        "warren-bench seed: tasks={} clients={} window={} seq_calls={} workers={} (concurrency {}) floor processes={} rounds={} patterns={} kill_worker={} ({} cores, load average {load} at start)",
+        "warren-bench seed: tasks={} clients={} window={} seq_calls={} workers={} (concurrency {}) floor processes={} rounds={} patterns={} kill_worker={} outboxes in {} ({} cores, load average {load} at start)",
         args.seed_tasks,
         args.seed_clients,
         args.seed_window,
@@ -804,6 +807,7 @@ async fn run_declared(
         args.rounds,
         args.seed_patterns.join(","),
         args.kill_worker,
+        dir.display(),
         std::thread::available_parallelism().map_or(0, usize::from),
     );
     let mut deployment = Deployment::start(args, admin, queue, functions, dir).await?;
