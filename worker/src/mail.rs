@@ -129,9 +129,9 @@ fn sanitize(id: &str) -> String {
 ///
 /// Writing a mail of a few KiB into the page cache (create, write, rename; no sync) takes tens of
 /// microseconds, within tokio's budget between two awaits; the hop to the blocking pool and back
-/// costs more CPU than that (0.05 to 0.09 ms per task in the `seed` benchmark, a quarter to a third of the
-/// worker's whole cost per `send_mail`). The broker connections live on lapin's own threads, so
-/// even a disk that stalls delays this worker's other tasks, never its heartbeats.
+/// costs more CPU than that (0.05 to 0.09 ms per task in the `seed` benchmark, a quarter to a
+/// third of the worker's whole cost per `send_mail`). The broker connections live on lapin's own
+/// threads, so even a disk that stalls delays this worker's other tasks, never its heartbeats.
 const INLINE_WRITE_MAX: usize = 64 * 1024;
 
 /// Writes `bytes` as `<dir>/<task-id>.eml`, atomically (a temporary file renamed into place),
