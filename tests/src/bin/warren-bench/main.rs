@@ -155,6 +155,12 @@ struct Args {
     /// can exceed Warren's own cost per task; `/dev/shm` measures Warren and not the disk.
     #[arg(long)]
     seed_outbox_dir: Option<std::path::PathBuf>,
+    /// `seed`: tokio worker threads of each `warren-worker` and of the gateway (their
+    /// `TOKIO_WORKER_THREADS`); 0 for tokio's default, one per core. One, like the seed's
+    /// single-threaded PHP processes: several processes per host need no more each, and
+    /// fewer threads mean fewer wake-ups handing each message from thread to thread.
+    #[arg(long, default_value_t = 1)]
+    seed_threads: usize,
     /// Run one floor process of the `seed` scenario on this address (what `seed` starts).
     #[arg(long, hide = true, requires = "seed_floor_outbox")]
     seed_floor_serve: Option<std::net::SocketAddr>,

@@ -540,10 +540,18 @@ impl Deployment {
             Ok(std::fs::File::create(dir.join(format!("{name}.log")))?.into())
         };
 
+        // Each process's tokio worker threads (tokio reads TOKIO_WORKER_THREADS); 0 leaves
+        // tokio's default, one per core.
+        let threads = |command: &mut Command| {
+            if args.seed_threads > 0 {
+                command.env("TOKIO_WORKER_THREADS", args.seed_threads.to_string());
+            }
+        };
         let worker_binary = sibling_binary("warren-worker")?;
         let mut workers = Vec::new();
         for i in 0..args.seed_workers {
             let mut command = Command::new(&worker_binary);
+            threads(&mut command);
             command
                 .env("AMQP_URL", &args.url)
                 .args(["--queue", queue, "--functions-exchange", functions])
@@ -558,6 +566,7 @@ impl Deployment {
         // Room for every client's connection, also while closed ones are being torn down.
         let connections = (4 * args.seed_clients).max(64).to_string();
         let mut command = Command::new(sibling_binary("warren-gateway")?);
+        threads(&mut command);
         // No `--queue`: the gateway routes `send_mail` by its name to the workers' queue, as a
         // deployment with the defaults does.
         command
@@ -796,7 +805,7 @@ async fn run_declared(
         .map(|(a, b)| (a.to_owned(), b.to_owned()))
         .unwrap_or_default();
     println!(
-        "warren-bench seed: tasks={} clients={} window={} seq_calls={} workers={} (concurrency {}) floor processes={} rounds={} patterns={} kill_worker={} outboxes in {} ({} cores, load average {load} at start)",
+        "warren-bench seed: tasks={} clients={} window={} seq_calls={} workers={} (concurrency {}) floor processes={} rounds={} patterns={} kill_worker={} threads={} outboxes in {} ({} cores, load average {load} at start)",
         args.seed_tasks,
         args.seed_clients,
         args.seed_window,
@@ -807,6 +816,7 @@ async fn run_declared(
         args.rounds,
         args.seed_patterns.join(","),
         args.kill_worker,
+        args.seed_threads,
         dir.display(),
         std::thread::available_parallelism().map_or(0, usize::from),
     );
