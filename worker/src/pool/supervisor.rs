@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use warren_shared::ErrorKind;
@@ -52,7 +52,9 @@ pub(crate) fn crashed(message: impl std::fmt::Display) -> TaskError {
 struct Shared {
     spec: Spec,
     config: PoolConfig,
-    queue: tokio::sync::Mutex<mpsc::UnboundedReceiver<Job>>,
+    /// The tasks waiting for a process; every idle slot waits on it, and one of them takes
+    /// each task.
+    queue: flume::Receiver<Job>,
     stop: CancellationToken,
     generation: watch::Sender<u64>,
     pids: Mutex<BTreeMap<usize, i32>>,
@@ -62,7 +64,8 @@ struct Shared {
 /// The running pool of processes.
 #[derive(Debug)]
 pub(crate) struct Supervisor {
-    jobs: mpsc::UnboundedSender<Job>,
+    /// Dropped on shutdown, so that no task is queued for slots that have stopped.
+    jobs: Mutex<Option<flume::Sender<Job>>>,
     shared: Arc<Shared>,
     tracker: TaskTracker,
 }
@@ -84,10 +87,10 @@ impl Supervisor {
     /// A message naming the first process that could not start or did not serve the
     /// configured functions; the pool is stopped again.
     pub(crate) async fn start(spec: Spec, config: PoolConfig) -> Result<Self, String> {
-        let (jobs, queue) = mpsc::unbounded_channel();
+        let (jobs, queue) = flume::unbounded();
         let shared = Arc::new(Shared {
             spec,
-            queue: tokio::sync::Mutex::new(queue),
+            queue,
             stop: CancellationToken::new(),
             generation: watch::Sender::new(0),
             pids: Mutex::default(),
@@ -103,7 +106,7 @@ impl Supervisor {
         }
         tracker.close();
         let supervisor = Self {
-            jobs,
+            jobs: Mutex::new(Some(jobs)),
             shared,
             tracker,
         };
@@ -121,7 +124,11 @@ impl Supervisor {
 
     /// Queues `job` for the next free process.
     pub(crate) fn submit(&self, job: Job) -> Result<(), Job> {
-        self.jobs.send(job).map_err(|e| e.0)
+        let jobs = self.jobs.lock().unwrap_or_else(PoisonError::into_inner);
+        match jobs.as_ref() {
+            Some(jobs) => jobs.send(job).map_err(|e| e.0),
+            None => Err(job),
+        }
     }
 
     /// Replaces every process after its current task.
@@ -150,9 +157,11 @@ impl Supervisor {
     pub(crate) async fn shutdown(&self) {
         self.shared.stop.cancel();
         self.tracker.wait().await;
-        let mut queue = self.shared.queue.lock().await;
-        queue.close();
-        while let Ok(job) = queue.try_recv() {
+        self.jobs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        while let Ok(job) = self.shared.queue.try_recv() {
             let _ = job
                 .reply
                 .send(Err(crashed("the pool stopped before running the task")));
@@ -360,9 +369,9 @@ async fn serve(shared: &Shared, process: &mut Process) -> End {
                     return End::Broken { reason: format!("{how} between tasks"), startup: process.jobs == 0 };
                 }
             },
-            job = async { shared.queue.lock().await.recv().await } => match job {
-                Some(job) => job,
-                None => return End::Stop,
+            job = shared.queue.recv_async() => match job {
+                Ok(job) => job,
+                Err(flume::RecvError::Disconnected) => return End::Stop,
             },
         };
         if let Some(end) = run_job(shared, process, job).await {
