@@ -365,7 +365,7 @@ impl Pool {
                         .and_then(|d| u64::try_from(epoch_millis(d)).ok()),
                     reply,
                 };
-                if supervisor.submit(job).is_err() {
+                if !supervisor.submit(job) {
                     return Err(crashed("the pool stopped before running the task"));
                 }
                 answer

@@ -122,13 +122,11 @@ impl Supervisor {
         Ok(supervisor)
     }
 
-    /// Queues `job` for the next free process.
-    pub(crate) fn submit(&self, job: Job) -> Result<(), Job> {
+    /// Queues `job` for the next free process; `false` when the pool has stopped (the job is
+    /// dropped, and its caller sees its reply channel closed).
+    pub(crate) fn submit(&self, job: Job) -> bool {
         let jobs = self.jobs.lock().unwrap_or_else(PoisonError::into_inner);
-        match jobs.as_ref() {
-            Some(jobs) => jobs.send(job).map_err(|e| e.0),
-            None => Err(job),
-        }
+        jobs.as_ref().is_some_and(|jobs| jobs.send(job).is_ok())
     }
 
     /// Replaces every process after its current task.
