@@ -146,13 +146,12 @@ async fn write_to_outbox(dir: &Path, task_id: &str, bytes: Vec<u8>) -> Result<Pa
         };
         let path = dir.join(format!("{name}.eml"));
         let tmp = dir.join(format!(".{name}.eml.tmp"));
-        let write = |tmp: &Path| std::fs::write(tmp, &bytes);
-        if let Err(e) = write(&tmp) {
+        if let Err(e) = std::fs::write(&tmp, &bytes) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 return Err(io("cannot write into outbox", e));
             }
             std::fs::create_dir_all(&dir).map_err(|e| io("cannot create outbox", e))?;
-            write(&tmp).map_err(|e| io("cannot write into outbox", e))?;
+            std::fs::write(&tmp, &bytes).map_err(|e| io("cannot write into outbox", e))?;
         }
         std::fs::rename(&tmp, &path).map_err(|e| io("cannot write into outbox", e))?;
         Ok(path)

@@ -434,7 +434,7 @@ impl Client {
                 .await
                 .map_err(BrokerError::from)?,
         );
-        let declared = channel
+        let q = channel
             .0
             .queue_declare(
                 queue.into(),
@@ -444,8 +444,8 @@ impl Client {
                 },
                 FieldTable::default(),
             )
-            .await;
-        let q = declared.map_err(BrokerError::from)?;
+            .await
+            .map_err(BrokerError::from)?;
         Ok(QueueStats {
             ready: q.message_count(),
             consumers: q.consumer_count(),

@@ -64,12 +64,10 @@ impl Client {
         if !matches!(error, Error::Publish(PublishError::Nacked { .. })) {
             return false;
         }
+        // `wait_for` looks at the current state first.
         let mut state = self.inner.link.subscribe();
         let departing =
             |state: &LinkState| matches!(state, LinkState::Down { .. } | LinkState::Closed);
-        if departing(&state.borrow_and_update()) {
-            return true;
-        }
         matches!(
             tokio::time::timeout(RESEND_PAUSE, state.wait_for(departing)).await,
             Ok(Ok(_))
