@@ -312,15 +312,7 @@ fn with_flaky(registry: Registry, runs: &Arc<Runs>) -> Registry {
 /// Whether queue `name` exists (a passive declare on a channel of its own).
 async fn exists(connection: &lapin::Connection, name: &str) -> Option<u32> {
     let channel = connection.create_channel().await.ok()?;
-    let declared = channel
-        .queue_declare(
-            name.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
+    let declared = warren_tests::inspect_queue(&channel, name)
         .await
         .ok()
         .map(|q| q.message_count());

@@ -255,6 +255,21 @@ pub async fn raw_channel() -> (lapin::Connection, lapin::Channel) {
     }
 }
 
+/// Queue `name` as the broker reports it now (messages ready, consumers), read with a passive
+/// declare on `channel`; an error when it does not exist, which also closes `channel`.
+pub async fn inspect_queue(channel: &lapin::Channel, name: &str) -> lapin::Result<lapin::Queue> {
+    channel
+        .queue_declare(
+            name.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+}
+
 /// A new empty directory `warren-<label>-XXXX` under the system's temp dir, removed when
 /// the returned guard is dropped.
 pub fn temp_dir(label: &str) -> tempfile::TempDir {

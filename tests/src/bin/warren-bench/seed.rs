@@ -36,8 +36,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use futures_util::{SinkExt, StreamExt};
 use lapin::Channel;
-use lapin::options::{ExchangeDeleteOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
+use lapin::options::ExchangeDeleteOptions;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
@@ -612,15 +611,7 @@ impl Deployment {
         // connected to the broker (the warm-up waits for it).
         let give_up = Instant::now() + START_TIMEOUT;
         loop {
-            let consumers = admin
-                .queue_declare(
-                    queue.into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
+            let consumers = warren_tests::inspect_queue(admin, queue)
                 .await?
                 .consumer_count();
             if consumers as usize == args.seed_workers {
@@ -1037,15 +1028,7 @@ async fn kill_run(
                 .unwrap_or_default()
         );
         if side == Side::Warren {
-            let dead = admin
-                .queue_declare(
-                    format!("{queue}.dead").as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
+            let dead = warren_tests::inspect_queue(admin, &format!("{queue}.dead"))
                 .await?
                 .message_count();
             if answered_without_file > 0
