@@ -248,16 +248,24 @@ impl Supervisor {
         let shared = self.shared.clone();
         shared.in_flight.fetch_add(1, Ordering::SeqCst);
         let measure = crate::metrics::TaskMetrics::started(&self.settings.queue, &delivery);
-        self.tracker.spawn(async move {
+        let task = async move {
             let envelope = Envelope::of(&delivery);
             let outcome = executor.execute(&delivery, &envelope).await;
             let measure = measure.judged();
-            if let Outcome::DeadLetter { reason: DeadReason::Rejected, failure } = &outcome {
+            if let Outcome::DeadLetter {
+                reason: DeadReason::Rejected,
+                failure,
+            } = &outcome
+            {
                 tracing::warn!(task.id = %envelope.id, kind = %failure.kind, error = %failure.message, "rejected task dead-lettered");
             }
             let settled = settler.settle(&delivery, &envelope, &outcome).await;
             measure.settled(&outcome, &settled);
             shared.in_flight.fetch_sub(1, Ordering::SeqCst);
-        });
+        };
+        // The task's state machine is about 5 KB (execute and settle, with lapin's publish and
+        // confirm futures inside); boxed, tokio moves a pointer instead of copying it into the
+        // task cell and again when the task finishes.
+        self.tracker.spawn(Box::pin(task));
     }
 }
