@@ -330,7 +330,8 @@ async fn run(args: &Args, admin: &Channel, queues: [&String; 4]) -> Result<()> {
 
 /// The `pool` scenario: fire-and-forget tasks/s and RPC calls/s through a pool of
 /// `--pool-processes` processes running a no-op handler, against the Rust handler in the same
-/// run and at the same concurrency, and the pool processes' CPU per task.
+/// run and at the same concurrency, the pool processes' CPU per task, and this process's CPU per
+/// task on both sides (the worker's and the caller's share of what the pool costs).
 async fn measure_pool(args: &Args, rust: &WarrenSide, queue: &str, payload: &Value) -> Result<()> {
     let config = PoolConfig::exec(
         &args.pool_command,
@@ -348,68 +349,123 @@ async fn measure_pool(args: &Args, rust: &WarrenSide, queue: &str, payload: &Val
     pooled
         .fire(args.warmup, args.enqueue_in_flight, payload)
         .await?;
-    let (mut rust_rpc, mut pool_rpc, mut rust_fire, mut pool_fire) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut pool_cpu_rpc, mut pool_cpu_fire) = (Vec::new(), Vec::new());
-    let (calls, tasks) = (args.rpc_calls as f64, args.tasks as f64);
+    // Per scenario (RPC, fire-and-forget), per round: the Rust handler's figures and the pool's.
+    let mut rounds: [Vec<(PoolFigures, PoolFigures)>; 2] = [Vec::new(), Vec::new()];
     for round in 1..=args.rounds {
-        let (d, _) = timed(rust.rpc(args.rpc_calls, args.in_flight, payload)).await?;
-        rust_rpc.push(calls / d.as_secs_f64());
-        let children = children_cpu_seconds();
-        let (d, _) = timed(pooled.rpc(args.rpc_calls, args.in_flight, payload)).await?;
-        pool_rpc.push(calls / d.as_secs_f64());
-        pool_cpu_rpc.push((children_cpu_seconds() - children) / calls * 1e6);
-        let (d, _) = timed(rust.fire(args.tasks, args.enqueue_in_flight, payload)).await?;
-        rust_fire.push(tasks / d.as_secs_f64());
-        let children = children_cpu_seconds();
-        let (d, _) = timed(pooled.fire(args.tasks, args.enqueue_in_flight, payload)).await?;
-        pool_fire.push(tasks / d.as_secs_f64());
-        pool_cpu_fire.push((children_cpu_seconds() - children) / tasks * 1e6);
+        // Whichever side runs second inherits the broker's deferred work from the first (a
+        // quorum queue's log and segment writes after a burst): odd rounds run the Rust handler
+        // first, even rounds the pool, so that neither side always pays it.
+        let pool_first = round % 2 == 0;
+        for (scenario, fire) in [false, true].into_iter().enumerate() {
+            let figures = if pool_first {
+                let pool = PoolFigures::measure(args, &pooled, fire, payload).await?;
+                (PoolFigures::measure(args, rust, fire, payload).await?, pool)
+            } else {
+                let rust = PoolFigures::measure(args, rust, fire, payload).await?;
+                (
+                    rust,
+                    PoolFigures::measure(args, &pooled, fire, payload).await?,
+                )
+            };
+            rounds[scenario].push(figures);
+        }
+        let [(rust_rpc, pool_rpc), (rust_fire, pool_fire)] = [&rounds[0], &rounds[1]]
+            .map(|r| r.last().expect("this round's figures were just pushed"));
         println!(
-            "  pool  round {round}: rpc rust {:>7.0}/s pool {:>7.0}/s ({:.0} us pool CPU/call)  \
-             fire rust {:>7.0}/s pool {:>7.0}/s ({:.0} us pool CPU/task)",
-            rust_rpc[round - 1],
-            pool_rpc[round - 1],
-            pool_cpu_rpc[round - 1],
-            rust_fire[round - 1],
-            pool_fire[round - 1],
-            pool_cpu_fire[round - 1]
+            "  pool  round {round} ({} first): rpc rust {:>7.0}/s pool {:>7.0}/s ({:.0} us pool \
+             CPU/call)  fire rust {:>7.0}/s pool {:>7.0}/s ({:.0} us pool CPU/task)",
+            if pool_first { "pool" } else { "rust" },
+            rust_rpc.rate,
+            pool_rpc.rate,
+            pool_rpc.children_us,
+            rust_fire.rate,
+            pool_fire.rate,
+            pool_fire.children_us,
+        );
+        println!(
+            "              bench process CPU per call/task: rpc rust {:.0} us pool {:.0} us, \
+             fire rust {:.0} us pool {:.0} us",
+            rust_rpc.own_us, pool_rpc.own_us, rust_fire.own_us, pool_fire.own_us,
         );
     }
     pooled.stop().await;
     pool.shutdown().await;
+    let [rpc, fire] = rounds.map(|rounds| {
+        let rust: Vec<PoolFigures> = rounds.iter().map(|(rust, _)| *rust).collect();
+        let pool: Vec<PoolFigures> = rounds.iter().map(|(_, pool)| *pool).collect();
+        (PoolFigures::median(&rust), PoolFigures::median(&pool))
+    });
     println!();
     println!(
         "{:<34} {:>10} {:>10} {:>7}  target {POOL_TARGET} (pool/rust)",
         "pool scenario (median of rounds)", "rust", "pool", "ratio"
     );
     let mut met = true;
-    for (name, rust, pool) in [
-        ("RPC calls/s", median(&rust_rpc), median(&pool_rpc)),
-        (
-            "fire-and-forget tasks/s",
-            median(&rust_fire),
-            median(&pool_fire),
-        ),
-    ] {
-        let ratio = pool / rust;
+    for (name, (rust, pool)) in [("RPC calls/s", rpc), ("fire-and-forget tasks/s", fire)] {
+        let ratio = pool.rate / rust.rate;
         met &= ratio >= POOL_TARGET;
         let verdict = if ratio >= POOL_TARGET {
             "MET"
         } else {
             "not met"
         };
-        println!("{name:<34} {rust:>10.0} {pool:>10.0} {ratio:>7.3}  {verdict}");
+        println!(
+            "{name:<34} {:>10.0} {:>10.0} {ratio:>7.3}  {verdict}",
+            rust.rate, pool.rate
+        );
     }
     println!(
         "pool processes' CPU per task: {:.0} us (RPC), {:.0} us (fire-and-forget)",
-        median(&pool_cpu_rpc),
-        median(&pool_cpu_fire)
+        rpc.1.children_us, fire.1.children_us
+    );
+    println!(
+        "bench process CPU per task (worker and caller): RPC rust {:.0} us, pool {:.0} us; \
+         fire-and-forget rust {:.0} us, pool {:.0} us",
+        rpc.0.own_us, rpc.1.own_us, fire.0.own_us, fire.1.own_us
     );
     if !met {
         println!("pool target NOT met");
     }
     Ok(())
+}
+
+/// One timed run of the `pool` scenario's RPC or fire-and-forget on one side.
+#[derive(Debug, Clone, Copy)]
+struct PoolFigures {
+    /// Calls or tasks per second.
+    rate: f64,
+    /// This process's CPU per call or task, µs.
+    own_us: f64,
+    /// The pool processes' CPU per call or task, µs (about 0 for the Rust handler).
+    children_us: f64,
+}
+
+impl PoolFigures {
+    async fn measure(args: &Args, side: &WarrenSide, fire: bool, payload: &Value) -> Result<Self> {
+        let n = if fire { args.tasks } else { args.rpc_calls };
+        let children = children_cpu_seconds();
+        let (elapsed, own) = if fire {
+            timed(side.fire(n, args.enqueue_in_flight, payload)).await?
+        } else {
+            timed(side.rpc(n, args.in_flight, payload)).await?
+        };
+        let n = n as f64;
+        Ok(Self {
+            rate: n / elapsed.as_secs_f64(),
+            own_us: own / n * 1e6,
+            children_us: (children_cpu_seconds() - children) / n * 1e6,
+        })
+    }
+
+    /// Each figure's median over `rounds`, separately.
+    fn median(rounds: &[Self]) -> Self {
+        let of = |pick: fn(&Self) -> f64| median(&rounds.iter().map(pick).collect::<Vec<_>>());
+        Self {
+            rate: of(|f| f.rate),
+            own_us: of(|f| f.own_us),
+            children_us: of(|f| f.children_us),
+        }
+    }
 }
 
 /// The ratio a handler pool should reach against the Rust handler.
