@@ -15,7 +15,8 @@
 //!   the `CC`/`BCC` sender-selected routing headers (they would route the copy elsewhere);
 //! - a reply address is checked the way RabbitMQ decodes it ([`check_reply_to`]), because a
 //!   malformed direct reply-to address makes the broker close the publishing connection;
-//! - the attempt number is read as a bounded integer or refused ([`BadAttempt`]), never wrapped.
+//! - the attempt number is read as a bounded integer or refused ([`BadAttempt`]), never wrapped;
+//!   a deadline that is not an integer is refused too ([`BadDeadline`]), never ignored.
 
 use std::borrow::Cow;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -37,7 +38,8 @@ pub mod headers {
     /// 1-based attempt number (integer from 1 to `u32::MAX`). Missing means 1.
     pub const ATTEMPT: &str = "x-warren-attempt";
     /// Absolute deadline, milliseconds since the Unix epoch (integer). A worker that receives the
-    /// task after it answers `expired` without running it.
+    /// task after it answers `expired` without running it; a value that is not an integer is
+    /// answered `bad_request`.
     pub const DEADLINE: &str = "x-warren-deadline";
     /// Attempts the task gets in all (integer, the first included); overrides the worker's
     /// policy for this task.
@@ -137,6 +139,27 @@ fn as_int(value: &AMQPValue) -> Option<i64> {
         AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?.trim().parse().ok(),
         _ => None,
     }
+}
+
+/// A header value as an error message shows it: `2`, `"one"`, `true`, `1.5`, or its AMQP type
+/// for values that have no short form (a table, an array, bytes), at most 64 bytes.
+pub fn describe(value: &AMQPValue) -> String {
+    let text = match value {
+        AMQPValue::Boolean(b) => b.to_string(),
+        AMQPValue::ShortString(s) => format!("{:?}", s.as_str()),
+        AMQPValue::LongString(s) => format!("{:?}", String::from_utf8_lossy(s.as_bytes())),
+        AMQPValue::Float(f) => f.to_string(),
+        AMQPValue::Double(f) => f.to_string(),
+        AMQPValue::DecimalValue(d) => {
+            format!("the decimal {} with scale {}", d.value, d.scale)
+        }
+        AMQPValue::FieldArray(_) => "an array".to_owned(),
+        AMQPValue::FieldTable(_) => "a table".to_owned(),
+        AMQPValue::ByteArray(_) => "a byte array".to_owned(),
+        AMQPValue::Void => "void".to_owned(),
+        integer => as_int(integer).map_or_else(|| format!("{integer:?}"), |n| n.to_string()),
+    };
+    bounded(&text, 64).into_owned()
 }
 
 /// Reads a string header.
@@ -448,8 +471,34 @@ fn read_attempt(h: Option<&FieldTable>) -> Result<u32, BadAttempt> {
         .and_then(|n| u32::try_from(n).ok())
         .filter(|n| *n >= 1)
         .ok_or_else(|| BadAttempt {
-            got: bounded(&format!("{value:?}"), 64).into_owned(),
+            got: describe(value),
         })
+}
+
+/// Why an `x-warren-deadline` header cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("x-warren-deadline must be a whole number of milliseconds since the Unix epoch, got {got}")]
+pub struct BadDeadline {
+    /// The value as sent, described (cut to 64 bytes).
+    pub got: String,
+}
+
+fn read_deadline(h: Option<&FieldTable>) -> Result<Option<SystemTime>, BadDeadline> {
+    let Some(value) = h.and_then(|h| h.inner().get(headers::DEADLINE)) else {
+        return Ok(None);
+    };
+    as_int(value)
+        .map(|ms| Some(from_epoch_millis(ms)))
+        .ok_or_else(|| BadDeadline {
+            got: describe(value),
+        })
+}
+
+/// `x-warren-protocol` as sent: an integer, or the description of a value that is none (which
+/// no worker supports either).
+fn read_protocol(h: Option<&FieldTable>) -> Option<Result<i64, String>> {
+    let value = h?.inner().get(headers::PROTOCOL)?;
+    Some(as_int(value).ok_or_else(|| describe(value)))
 }
 
 /// What a worker reads from a delivery before it looks at the body.
@@ -461,12 +510,12 @@ pub struct Incoming {
     pub correlation_id: Option<String>,
     /// Where the reply goes.
     pub reply_to: ReplyTo,
-    /// `x-warren-protocol`, when sent as an integer.
-    pub protocol: Option<i64>,
+    /// `x-warren-protocol` when sent: an integer, or the description of a value that is not one.
+    pub protocol: Option<Result<i64, String>>,
     /// `x-warren-attempt` (1 when missing).
     pub attempt: Result<u32, BadAttempt>,
-    /// `x-warren-deadline`.
-    pub deadline: Option<SystemTime>,
+    /// `x-warren-deadline` (none when missing).
+    pub deadline: Result<Option<SystemTime>, BadDeadline>,
     /// The per-task policy headers.
     pub overrides: PolicyOverrides,
     /// The encoded size of all headers, in bytes.
@@ -503,9 +552,9 @@ impl Incoming {
             id,
             correlation_id,
             reply_to,
-            protocol: header_int(h, headers::PROTOCOL),
+            protocol: read_protocol(h),
             attempt: read_attempt(h),
-            deadline: header_int(h, headers::DEADLINE).map(from_epoch_millis),
+            deadline: read_deadline(h),
             overrides: PolicyOverrides::read(h),
             headers_bytes: h.map_or(0, table_size),
             trace: read_trace(h),
@@ -762,8 +811,8 @@ mod tests {
         assert_eq!(got.correlation_id.as_deref(), Some("t-1"));
         assert_eq!(got.reply_to, ReplyTo::Address(issued_address()));
         assert_eq!(got.attempt, Ok(1));
-        assert_eq!(got.protocol, Some(protocol::PROTOCOL_VERSION));
-        assert_eq!(got.deadline, sent.deadline);
+        assert_eq!(got.protocol, Some(Ok(protocol::PROTOCOL_VERSION)));
+        assert_eq!(got.deadline, Ok(sent.deadline));
         assert_eq!(got.overrides, sent.overrides);
         assert!(got.trace.is_some());
         assert_eq!(got.trace, sent.trace);
@@ -842,6 +891,49 @@ mod tests {
             AMQPValue::Double(1.5),
         ] {
             assert!(with(hostile.clone()).is_err(), "{hostile:?} accepted");
+        }
+    }
+
+    #[test]
+    fn a_protocol_or_deadline_that_is_not_an_integer_is_kept_as_an_error_not_dropped() {
+        let with = |name: &str, v: AMQPValue| {
+            let mut h = FieldTable::default();
+            h.insert(name.into(), v);
+            Incoming::read(&BasicProperties::default().with_headers(h))
+        };
+        assert_eq!(Incoming::read(&BasicProperties::default()).protocol, None);
+        assert_eq!(
+            Incoming::read(&BasicProperties::default()).deadline,
+            Ok(None)
+        );
+        assert_eq!(
+            with(headers::PROTOCOL, AMQPValue::LongString("1".into())).protocol,
+            Some(Ok(1))
+        );
+        assert_eq!(
+            with(headers::DEADLINE, AMQPValue::LongLongInt(1_000)).deadline,
+            Ok(Some(UNIX_EPOCH + Duration::from_secs(1)))
+        );
+        for (value, described) in [
+            (AMQPValue::LongString("one".into()), r#""one""#),
+            (AMQPValue::Boolean(true), "true"),
+            (
+                AMQPValue::DecimalValue(lapin::types::DecimalValue { scale: 0, value: 2 }),
+                "the decimal 2 with scale 0",
+            ),
+            (AMQPValue::Double(1.5), "1.5"),
+            (AMQPValue::FieldTable(FieldTable::default()), "a table"),
+        ] {
+            let got = with(headers::PROTOCOL, value.clone()).protocol;
+            assert_eq!(got, Some(Err(described.to_owned())), "{value:?}");
+            let got = with(headers::DEADLINE, value.clone()).deadline;
+            assert_eq!(
+                got,
+                Err(BadDeadline {
+                    got: described.to_owned()
+                }),
+                "{value:?}"
+            );
         }
     }
 

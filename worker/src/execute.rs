@@ -3,7 +3,7 @@
 //!
 //! | what happened | outcome |
 //! |---|---|
-//! | bad input: protocol version, size, body, `reply_to`, unknown function, arguments | dead letter (`rejected`) + error reply |
+//! | bad input: protocol version, size, `reply_to`, attempt or deadline header, body, unknown function, arguments | dead letter (`rejected`) + error reply |
 //! | deadline passed before the start | `expired` reply |
 //! | handler succeeded | result reply |
 //! | retryable failure, panic or time limit, attempts left | retry copy after the backoff delay |
@@ -47,15 +47,20 @@ fn rejected(kind: ErrorKind, message: impl Into<String>) -> Outcome {
     }
 }
 
-/// Checks what must hold before a body is even parsed.
+/// Checks what must hold before a body is even parsed; gives the attempt number and the
+/// deadline.
 fn check_envelope(
     delivery: &Delivery,
     envelope: &Envelope,
     max_body_bytes: usize,
-) -> Result<u32, Outcome> {
-    if let Some(version) = envelope.protocol
-        && version != protocol::PROTOCOL_VERSION
-    {
+) -> Result<(u32, Option<SystemTime>), Outcome> {
+    let version = match &envelope.protocol {
+        Some(Ok(version)) if *version == protocol::PROTOCOL_VERSION => None,
+        Some(Ok(version)) => Some(version.to_string()),
+        Some(Err(value)) => Some(value.clone()),
+        None => None,
+    };
+    if let Some(version) = version {
         return Err(rejected(
             ErrorKind::UnsupportedVersion,
             format!(
@@ -89,10 +94,15 @@ fn check_envelope(
             format!("reply_to {address:?} is unusable: {reason}"),
         ));
     }
-    envelope
+    let attempt = envelope
         .attempt
         .clone()
-        .map_err(|e| rejected(ErrorKind::BadRequest, e.to_string()))
+        .map_err(|e| rejected(ErrorKind::BadRequest, e.to_string()))?;
+    let deadline = envelope
+        .deadline
+        .clone()
+        .map_err(|e| rejected(ErrorKind::BadRequest, e.to_string()))?;
+    Ok((attempt, deadline))
 }
 
 /// The span status of `outcome`: the failure of an attempt that did not succeed.
@@ -115,8 +125,8 @@ fn quoted(function: &str) -> String {
 impl Executor {
     /// Judges `delivery`, inside a span that names the task.
     pub(crate) async fn execute(&self, delivery: &Delivery, envelope: &Envelope) -> Outcome {
-        let attempt = match check_envelope(delivery, envelope, self.max_body_bytes) {
-            Ok(attempt) => attempt,
+        let (attempt, deadline) = match check_envelope(delivery, envelope, self.max_body_bytes) {
+            Ok(checked) => checked,
             Err(outcome) => return outcome,
         };
         let request = match Request::decode(&delivery.data) {
@@ -155,7 +165,7 @@ impl Executor {
             parent_span_id = trace.as_ref().and_then(TaskSpan::parent_span_id).map(tracing::field::display),
         );
         let outcome = self
-            .run(delivery, envelope, request, attempt)
+            .run(delivery, envelope, request, attempt, deadline)
             .instrument(span)
             .await;
         if let Some(trace) = trace {
@@ -170,8 +180,8 @@ impl Executor {
         envelope: &Envelope,
         request: Request,
         attempt: u32,
+        deadline: Option<SystemTime>,
     ) -> Outcome {
-        let deadline = envelope.deadline;
         if let Some(deadline) = deadline
             && deadline <= SystemTime::now()
         {
@@ -589,6 +599,54 @@ mod tests {
                 reason: DeadReason::AttemptsExhausted,
                 ..
             }
+        ));
+    }
+
+    #[test]
+    fn a_protocol_or_deadline_header_that_is_not_an_integer_is_refused_not_ignored() {
+        use lapin::types::AMQPValue;
+        let body = br#"{"function":"echo","args":1}"#.to_vec();
+        let with = |name: &str, value: AMQPValue| {
+            let mut h = FieldTable::default();
+            h.insert(name.into(), value);
+            judge(body.clone(), Some(h), None)
+        };
+        for value in [
+            AMQPValue::LongString("one".into()),
+            AMQPValue::Boolean(true),
+            AMQPValue::Double(1.0),
+        ] {
+            let outcome = with(headers::PROTOCOL, value.clone());
+            assert!(
+                rejected_as(&outcome, ErrorKind::UnsupportedVersion),
+                "{value:?}: {outcome:?}"
+            );
+            let outcome = with(headers::DEADLINE, value.clone());
+            let Outcome::DeadLetter { reason, failure } = &outcome else {
+                panic!("{value:?}: {outcome:?}")
+            };
+            assert_eq!(
+                (*reason, failure.kind),
+                (DeadReason::Rejected, ErrorKind::BadRequest),
+                "{value:?}"
+            );
+            assert!(
+                failure.message.contains("x-warren-deadline"),
+                "{}",
+                failure.message
+            );
+        }
+        // The forms that are integers still work: a decimal string, any integer width.
+        assert_eq!(
+            with(headers::PROTOCOL, AMQPValue::ShortString("1".into())),
+            Outcome::Reply(Reply::Ok(serde_json::json!(1)))
+        );
+        assert!(matches!(
+            with(headers::DEADLINE, AMQPValue::LongLongInt(1)),
+            Outcome::Reply(Reply::Err(TaskFailure {
+                kind: ErrorKind::Expired,
+                ..
+            }))
         ));
     }
 
