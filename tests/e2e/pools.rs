@@ -358,6 +358,31 @@ async fn max_memory_recycling_loses_no_task() {
 }
 
 #[tokio::test]
+async fn a_process_that_starts_above_max_memory_still_serves_a_task_each() {
+    // PHP alone is above 1 KiB: each process serves one task, then is replaced.
+    let config = PoolConfig {
+        max_memory: Some(1024),
+        ..php_pool_config(1)
+    };
+    let (_q, pool, _w, client) = php_setup("pool-maxmem-idle", config).await;
+    let mut pids = HashSet::new();
+    for n in 0..3 {
+        let answer = client
+            .call_json_with(
+                "add",
+                json!({"a": n, "b": 1}),
+                &CallOptions::default().max_attempts(1),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("add {n}: {e}"));
+        assert_eq!(answer["sum"], json!(n + 1));
+        pids.insert(pid_of(&answer));
+    }
+    assert_eq!(pids.len(), 3, "one task per process: {pids:?}");
+    assert!(pool.stats().started >= 3);
+}
+
+#[tokio::test]
 async fn garbage_on_stdout_replaces_the_process() {
     let (_q, pool, _w, client) = php_setup("pool-garbage", php_pool_config(1)).await;
     let first = pool.stats().pids[0];

@@ -258,7 +258,8 @@ async fn start_process(shared: &Shared) -> Result<Process, String> {
                 Output::Frame(Frame::Unknown) => {}
                 Output::Frame(other) => {
                     return Err(format!(
-                        "process {pid} sent {other:?} before its ready line"
+                        "process {pid} sent {} before its ready line",
+                        other.describe()
                     ));
                 }
                 Output::Garbage(g) => return Err(format!("process {pid} wrote {g}")),
@@ -326,7 +327,10 @@ fn recycle_reason(shared: &Shared, process: &Process, generation: u64) -> Option
     {
         return Some(format!("older than ttl = {ttl:?}"));
     }
+    // After a task only (docs/runners.md): a process that starts above the limit still serves
+    // one task before it is replaced, instead of being restarted in a loop without serving any.
     if let Some(max) = config.max_memory
+        && process.jobs > 0
         && let Some(rss) = process.rss_bytes()
         && rss > max
     {
@@ -358,7 +362,7 @@ async fn serve(shared: &Shared, process: &mut Process) -> End {
             output = process.next() => match output {
                 Output::Frame(Frame::Unknown | Frame::Progress { .. }) => continue,
                 Output::Frame(other) => return End::Broken {
-                    reason: format!("sent {other:?} between tasks"),
+                    reason: format!("sent {} between tasks", other.describe()),
                     startup: false,
                 },
                 Output::Garbage(g) => return End::Broken { reason: format!("wrote {g}"), startup: false },
@@ -454,7 +458,7 @@ async fn run_job(shared: &Shared, process: &mut Process, mut job: Job) -> Option
                 }
                 Output::Frame(Frame::Unknown) => {}
                 Output::Frame(other) => {
-                    let reason = format!("sent {other:?} while running task {}", job.id);
+                    let reason = format!("sent {} while running task {}", other.describe(), job.id);
                     // Gone before the task is failed: its retry cannot meet it.
                     process.terminate(grace).await;
                     let _ = job.reply.send(Err(crashed(format!("pool process {pid} {reason}; it was replaced"))));
