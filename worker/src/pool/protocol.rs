@@ -103,6 +103,28 @@ pub(crate) enum Frame {
     Unknown,
 }
 
+impl Frame {
+    /// The frame as a log line or an error message names it: `a result for task "…"`.
+    pub(crate) fn describe(&self) -> String {
+        let task = |id: &str| {
+            format!(
+                "{:?}",
+                warren_shared::envelope::bounded(id, MAX_DESCRIBED_ID)
+            )
+        };
+        match self {
+            Self::Ready { .. } => "a ready line".to_owned(),
+            Self::Result { id, .. } => format!("a result for task {}", task(id)),
+            Self::Error { id, .. } => format!("an error for task {}", task(id)),
+            Self::Progress { id, .. } => format!("progress for task {}", task(id)),
+            Self::Unknown => "a frame of a later protocol version".to_owned(),
+        }
+    }
+}
+
+/// Longest task id quoted by [`Frame::describe`].
+const MAX_DESCRIBED_ID: usize = 100;
+
 /// Why a line from a child's stdout is not a frame.
 #[derive(Debug, thiserror::Error)]
 #[error("not a runner frame ({reason}): {excerpt:?}")]
@@ -145,6 +167,22 @@ mod tests {
         for garbage in ["hello", "{}", "[1]", r#"{"type":"result"}"#, "Warning: x"] {
             assert!(parse(garbage).is_err(), "{garbage}");
         }
+    }
+
+    #[test]
+    fn frames_are_described_without_their_contents() {
+        let described = |line: &str| parse(line).unwrap().describe();
+        assert_eq!(
+            described(r#"{"type":"result","id":"x","result":"secret"}"#),
+            r#"a result for task "x""#
+        );
+        assert_eq!(
+            described(r#"{"type":"error","id":"y","error":{}}"#),
+            r#"an error for task "y""#
+        );
+        assert_eq!(described(r#"{"type":"ready"}"#), "a ready line");
+        let long = format!(r#"{{"type":"progress","id":"{}"}}"#, "i".repeat(5000));
+        assert!(described(&long).len() < 200);
     }
 
     #[test]
