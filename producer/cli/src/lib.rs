@@ -40,6 +40,9 @@ pub struct Cli {
     /// user without `configure` permission.
     #[arg(long, global = true, env = "WARREN_NO_DECLARE")]
     pub no_declare: bool,
+    /// Queue and functions exchange, before or after the subcommand.
+    #[command(flatten)]
+    pub target: Target,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -54,9 +57,6 @@ pub enum Command {
         function: String,
         /// JSON arguments, e.g. '{"x":1}' (default: null).
         args: Option<String>,
-        /// Queue and timeout.
-        #[command(flatten)]
-        target: Target,
         /// How long to wait for the result (e.g. `500ms`, `30s`).
         #[arg(long, default_value = shown(ClientSettings::default().call_timeout),
               value_parser = humantime::parse_duration)]
@@ -68,24 +68,15 @@ pub enum Command {
         function: String,
         /// JSON arguments (default: null).
         args: Option<String>,
-        /// Queue.
-        #[command(flatten)]
-        target: Target,
     },
     /// Inspect and replay the tasks parked in the dead-letter queue.
     Dlq {
         /// What to do with the dead letters.
         #[command(subcommand)]
         action: DlqAction,
-        /// Queue.
-        #[command(flatten)]
-        target: Target,
     },
     /// Is it working? Depth, consumers, rates and workers of a queue, from the management API.
     Status {
-        /// Queue.
-        #[command(flatten)]
-        target: Target,
         /// RabbitMQ's management API, e.g. `http://host:15672` (default: the broker's host,
         /// port 15672, with the broker URL's credentials unless this URL has its own).
         #[arg(long, env = "WARREN_MANAGEMENT_URL", hide_env_values = true)]
@@ -102,9 +93,6 @@ pub enum Command {
     },
     /// Mail 1000 users through workers, without blocking, and report how it went.
     Demo {
-        /// Queue.
-        #[command(flatten)]
-        target: Target,
         /// How many send_mail tasks to send.
         #[arg(long, default_value_t = demo::DEFAULT_TASKS)]
         tasks: usize,
@@ -204,11 +192,11 @@ async fn execute(cli: Cli) -> Result<(), String> {
         declare: !cli.no_declare,
         ..ClientSettings::default()
     };
+    let target = &cli.target;
     match &cli.command {
         Command::Call {
             function,
             args,
-            target,
             timeout,
         } => {
             let args = parse_args(args.as_deref())?;
@@ -220,11 +208,7 @@ async fn execute(cli: Cli) -> Result<(), String> {
             client.close().await;
             println!("{}", result.map_err(describe)?);
         }
-        Command::Enqueue {
-            function,
-            args,
-            target,
-        } => {
+        Command::Enqueue { function, args } => {
             let args = parse_args(args.as_deref())?;
             let client = Client::connect(settings(target, target.queue.as_deref()))
                 .await
@@ -233,7 +217,7 @@ async fn execute(cli: Cli) -> Result<(), String> {
             client.close().await;
             println!("{}", id.map_err(describe)?);
         }
-        Command::Dlq { action, target } => {
+        Command::Dlq { action } => {
             let client = Client::connect(settings(target, Some(target.queue())))
                 .await
                 .map_err(describe)?;
@@ -242,7 +226,6 @@ async fn execute(cli: Cli) -> Result<(), String> {
             done?;
         }
         Command::Status {
-            target,
             management_url,
             watch,
             interval,
@@ -280,7 +263,6 @@ async fn execute(cli: Cli) -> Result<(), String> {
             }
         }
         Command::Demo {
-            target,
             tasks,
             workers,
             outbox,
@@ -395,5 +377,28 @@ fn describe(error: Error) -> String {
         Error::Failed(failure) => format!("{}: {}", failure.kind, failure.message),
         Error::Timeout(_) => format!("timeout: {error}"),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_queue_flags_go_before_or_after_the_subcommand() {
+        for argv in [
+            &["warren", "--queue", "q", "dlq", "list"][..],
+            &["warren", "dlq", "--queue", "q", "list"],
+            &["warren", "dlq", "list", "--queue", "q"],
+            &["warren", "--queue", "q", "call", "echo", "1"],
+            &["warren", "call", "echo", "1", "--queue", "q"],
+            &["warren", "--queue", "q", "status"],
+        ] {
+            let cli = Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+            assert_eq!(cli.target.queue(), "q", "{argv:?}");
+        }
+        let cli = Cli::try_parse_from(["warren", "enqueue", "echo"]).unwrap();
+        assert_eq!(cli.target.queue, None);
+        assert_eq!(cli.target.queue(), DEFAULT_QUEUE);
     }
 }
