@@ -232,31 +232,37 @@ async fn worker_takes_its_settings_from_the_file_then_the_environment_then_the_f
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_typo_in_the_file_stops_the_worker_with_the_key_and_the_file() {
     let file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(file.path(), "concurency = 3\n").unwrap();
     let path = file.path().to_str().unwrap();
+    // The worker's exit status and stderr with `contents` as its file.
+    let run = |contents: &'static str| async move {
+        std::fs::write(path, contents).unwrap();
+        let mut command = tokio::process::Command::from(worker_command(&[], &["--config", path]));
+        command.stderr(Stdio::piped()).kill_on_drop(true);
+        let out = tokio::time::timeout(Duration::from_secs(30), command.output())
+            .await
+            .expect("the worker exits on a bad file")
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
 
-    let mut command = tokio::process::Command::from(worker_command(&[], &["--config", path]));
-    command.stderr(Stdio::piped()).kill_on_drop(true);
-    let out = tokio::time::timeout(Duration::from_secs(30), command.output())
-        .await
-        .expect("the worker exits on a bad file")
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let (status, stderr) = run("concurency = 3\n").await;
+    assert_eq!(status, Some(2), "{stderr}");
     assert!(
         stderr.contains("`concurency`") && stderr.contains(path),
         "names the key and the file: {stderr}"
     );
 
     // A bad duration names its key too.
-    std::fs::write(file.path(), "time_limit = \"5 parsecs\"\n").unwrap();
-    let mut command = tokio::process::Command::from(worker_command(&[], &["--config", path]));
-    command.stderr(Stdio::piped()).kill_on_drop(true);
-    let out = tokio::time::timeout(Duration::from_secs(30), command.output())
-        .await
-        .expect("the worker exits on a bad file")
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let (status, stderr) = run("time_limit = \"5 parsecs\"\n").await;
+    assert_eq!(status, Some(2), "{stderr}");
     assert!(stderr.contains("`time_limit`"), "{stderr}");
+
+    // So does a pool table with a value that cannot work, found when the pools start.
+    let (status, stderr) =
+        run("[[pool]]\nfunctions = [\"f\"]\ncommand = [\"true\"]\nmax_jobs = 0\n").await;
+    assert_eq!(status, Some(2), "{stderr}");
+    assert!(stderr.contains("max_jobs"), "{stderr}");
 }

@@ -29,7 +29,7 @@ pub struct WorkerConfig {
     /// The broker (`[broker]` in the file).
     #[command(flatten)]
     pub broker: BrokerConfig,
-    /// Work queue to consume (`<queue>.dead` and `<queue>.retry.*` go with it).
+    /// Work queue to consume (`<queue>.dead` and `<queue>.delay.*` go with it).
     #[arg(long, env = "WARREN_QUEUE")]
     pub queue: String,
     /// The exchange through which callers reach this worker's functions by name; the worker

@@ -37,7 +37,13 @@ async fn main() -> ExitCode {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
             eprintln!("warren-worker: error: {e:#}");
-            ExitCode::FAILURE
+            // A pool table that cannot work is a bad value in the configuration, like the
+            // ones `config::load` refuses: the same status.
+            if matches!(e.downcast_ref(), Some(pool::PoolError::Config(_))) {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
         Err(e) => {
             eprintln!("warren-worker: error: {e}");
