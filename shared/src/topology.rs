@@ -102,6 +102,13 @@ pub fn retry_queue_name(queue: &str, delay: Duration) -> String {
     format!("{queue}.delay.{label}")
 }
 
+/// Whether `name` is one of `queue`'s delay queues ([`retry_queue_name`]), or one of the
+/// `<queue>.retry.<delay>` queues that older versions used for the same purpose.
+pub fn is_retry_queue_of(name: &str, queue: &str) -> bool {
+    name.strip_prefix(queue)
+        .is_some_and(|rest| rest.starts_with(".delay.") || rest.starts_with(".retry."))
+}
+
 /// Declares the delay queue for retries of `queue` after `delay` (idempotent) and returns its
 /// name. Expired messages go back to `queue` through the default exchange.
 ///

@@ -16,6 +16,7 @@ use serde::Serialize;
 use serde_json::Value;
 use warren_client::{Client, ClientSettings};
 use warren_shared::broker::BrokerSettings;
+use warren_shared::topology;
 
 /// The management API's port when `--management-url` is not given.
 pub const DEFAULT_MANAGEMENT_PORT: u16 = 15672;
@@ -209,10 +210,7 @@ fn role_of(name: &str, queue: &str) -> Option<&'static str> {
         Some("work")
     } else if name == format!("{queue}.dead") {
         Some("dead")
-    } else if name
-        .strip_prefix(queue)
-        .is_some_and(|rest| rest.starts_with(".retry."))
-    {
+    } else if topology::is_retry_queue_of(name, queue) {
         Some("retry")
     } else {
         None
@@ -445,6 +443,8 @@ mod tests {
         assert_eq!(role_of("q", "q"), Some("work"));
         assert_eq!(role_of("q.dead", "q"), Some("dead"));
         assert_eq!(role_of("q.retry.10s", "q"), Some("retry"));
+        let delay = topology::retry_queue_name("q", Duration::from_millis(500));
+        assert_eq!(role_of(&delay, "q"), Some("retry"));
         assert_eq!(role_of("qq", "q"), None);
         assert_eq!(role_of("q.other", "q"), None);
     }
