@@ -427,6 +427,14 @@ async fn ws_limits_busy_token_size_and_idle() {
     let (close, before) = ws_until_close(&mut ws).await;
     assert_eq!(before[0]["error"]["kind"], "unauthorized");
     assert_eq!(close.map(|c| c.0), Some(CloseCode::Policy));
+    // So is a first message that is not JSON, or not text at all.
+    for first in [Message::text("hello"), Message::binary(vec![1, 2, 3])] {
+        let mut ws = ws_connect(&env).await;
+        ws.send(first.clone()).await.expect("websocket send");
+        let (close, before) = ws_until_close(&mut ws).await;
+        assert_eq!(before[0]["error"]["kind"], "unauthorized", "{first:?}");
+        assert_eq!(close.map(|c| c.0), Some(CloseCode::Policy), "{first:?}");
+    }
 
     // A wrong token in the header: the upgrade itself is refused.
     let mut request = env.ws_url().into_client_request().expect("request");

@@ -303,11 +303,19 @@ async fn poll_queue(shared: Arc<Shared>, tx: watch::Sender<Option<QueueSnapshot>
         every.tick().await;
         match shared.client.queue_stats(&queue).await {
             Ok(stats) => {
-                tx.send_replace(Some(QueueSnapshot {
+                let now = Some(QueueSnapshot {
                     name: queue.clone(),
                     ready: stats.ready,
                     consumers: stats.consumers,
-                }));
+                });
+                // Watchers hear of a change, not of every poll (docs/gateway.md).
+                tx.send_if_modified(|seen| {
+                    let changed = *seen != now;
+                    if changed {
+                        *seen = now;
+                    }
+                    changed
+                });
             }
             Err(e) => tracing::debug!(error = %e, "cannot read the queue depth"),
         }

@@ -76,13 +76,20 @@ pub enum Frame {
 #[derive(Debug)]
 pub struct TextCodec {
     lines: AnyDelimiterCodec,
+    max: usize,
 }
 
 impl TextCodec {
-    /// A codec for lines of at most `max` bytes (the `\n` not counted).
+    /// A codec for lines of at most `max` bytes (the `\n` and a `\r` before it not counted).
     pub fn new(max: usize) -> Self {
         Self {
-            lines: AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), Vec::new(), max),
+            // One byte more for the `\r` of a `\r\n`, checked once it is gone.
+            lines: AnyDelimiterCodec::new_with_max_length(
+                b"\n".to_vec(),
+                Vec::new(),
+                max.saturating_add(1),
+            ),
+            max,
         }
     }
 }
@@ -96,6 +103,9 @@ impl Decoder for TextCodec {
             Ok(Some(mut line)) => {
                 if line.last() == Some(&b'\r') {
                     line.truncate(line.len() - 1);
+                }
+                if line.len() > self.max {
+                    return Ok(Some(Frame::TooLong));
                 }
                 Ok(Some(Frame::Line(line)))
             }
@@ -347,6 +357,25 @@ mod tests {
         assert_eq!(
             frames(&mut codec, &input, false),
             [Frame::TooLong, Frame::Line(Bytes::from_static(b"short"))]
+        );
+    }
+
+    #[test]
+    fn the_limit_counts_neither_the_newline_nor_a_carriage_return_before_it() {
+        let mut codec = TextCodec::new(8);
+        assert_eq!(
+            frames(
+                &mut codec,
+                b"12345678\r\n12345678\n123456789\n123456789\r\nok\n",
+                false
+            ),
+            [
+                Frame::Line(Bytes::from_static(b"12345678")),
+                Frame::Line(Bytes::from_static(b"12345678")),
+                Frame::TooLong,
+                Frame::TooLong,
+                Frame::Line(Bytes::from_static(b"ok")),
+            ]
         );
     }
 

@@ -141,11 +141,7 @@ impl Connection {
                     }
                     Some(Ok(Message::Binary(_))) => {
                         last_activity = Instant::now();
-                        let error = GatewayError::new(
-                            Kind::BadRequest,
-                            "binary messages are not accepted; send JSON text",
-                        );
-                        let reply = error_event(&Value::Null, &error);
+                        let reply = self.on_binary();
                         if !send(&mut socket, Message::text(reply), write_timeout).await {
                             break None;
                         }
@@ -185,20 +181,24 @@ impl Connection {
 
     /// Handles one text message; returns the immediate replies (errors, auth), in order.
     fn on_text(&mut self, text: &str) -> Vec<String> {
-        let message: Value = match serde_json::from_str(text) {
+        let message = serde_json::from_str::<Value>(text);
+        if let Ok(message) = &message
+            && let Some(token) = message.get("auth")
+        {
+            return self.on_auth(token);
+        }
+        // Before the token, anything else is refused alike, JSON or not (docs/gateway.md).
+        if !self.authed {
+            self.closing = Some(close(close_code::POLICY, "unauthorized"));
+            return vec![error_event(&Value::Null, &GatewayError::unauthorized())];
+        }
+        let message = match message {
             Ok(message) => message,
             Err(e) => {
                 let error = GatewayError::new(Kind::BadRequest, format!("not valid JSON: {e}"));
                 return vec![error_event(&Value::Null, &error)];
             }
         };
-        if let Some(token) = message.get("auth") {
-            return self.on_auth(token);
-        }
-        if !self.authed {
-            self.closing = Some(close(close_code::POLICY, "unauthorized"));
-            return vec![error_event(&Value::Null, &GatewayError::unauthorized())];
-        }
         if message.get("watch").and_then(Value::as_str) == Some("queue") {
             self.watching = true;
             return queue_event(&self.shared.queue.borrow())
@@ -219,6 +219,19 @@ impl Connection {
                 vec![error_event(&Value::Null, &error)]
             }
         }
+    }
+
+    /// Handles one binary message: refused, as anything else before the token.
+    fn on_binary(&mut self) -> String {
+        if !self.authed {
+            self.closing = Some(close(close_code::POLICY, "unauthorized"));
+            return error_event(&Value::Null, &GatewayError::unauthorized());
+        }
+        let error = GatewayError::new(
+            Kind::BadRequest,
+            "binary messages are not accepted; send JSON text",
+        );
+        error_event(&Value::Null, &error)
     }
 
     fn on_auth(&mut self, token: &Value) -> Vec<String> {
