@@ -143,7 +143,7 @@ fn as_int(value: &AMQPValue) -> Option<i64> {
 
 /// A header value as an error message shows it: `2`, `"one"`, `true`, `1.5`, or its AMQP type
 /// for values that have no short form (a table, an array, bytes), at most 64 bytes.
-pub fn describe(value: &AMQPValue) -> String {
+fn describe(value: &AMQPValue) -> String {
     let text = match value {
         AMQPValue::Boolean(b) => b.to_string(),
         AMQPValue::ShortString(s) => format!("{:?}", s.as_str()),

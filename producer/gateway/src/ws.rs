@@ -189,8 +189,7 @@ impl Connection {
         }
         // Before the token, anything else is refused alike, JSON or not (docs/gateway.md).
         if !self.authed {
-            self.closing = Some(close(close_code::POLICY, "unauthorized"));
-            return vec![error_event(&Value::Null, &GatewayError::unauthorized())];
+            return vec![self.unauthorized()];
         }
         let message = match message {
             Ok(message) => message,
@@ -224,8 +223,7 @@ impl Connection {
     /// Handles one binary message: refused, as anything else before the token.
     fn on_binary(&mut self) -> String {
         if !self.authed {
-            self.closing = Some(close(close_code::POLICY, "unauthorized"));
-            return error_event(&Value::Null, &GatewayError::unauthorized());
+            return self.unauthorized();
         }
         let error = GatewayError::new(
             Kind::BadRequest,
@@ -234,16 +232,19 @@ impl Connection {
         error_event(&Value::Null, &error)
     }
 
+    /// The `unauthorized` answer; the socket closes with `1008` after it.
+    fn unauthorized(&mut self) -> String {
+        self.closing = Some(close(close_code::POLICY, "unauthorized"));
+        error_event(&Value::Null, &GatewayError::unauthorized())
+    }
+
     fn on_auth(&mut self, token: &Value) -> Vec<String> {
         match token.as_str() {
             Some(token) if self.shared.limits().token_matches(token) => {
                 self.authed = true;
                 vec![json!({"auth": "ok"}).to_string()]
             }
-            _ => {
-                self.closing = Some(close(close_code::POLICY, "unauthorized"));
-                vec![error_event(&Value::Null, &GatewayError::unauthorized())]
-            }
+            _ => vec![self.unauthorized()],
         }
     }
 
