@@ -35,6 +35,7 @@ const PHP_FUNCTIONS: &[&str] = &[
     "grow",
     "garbage_first",
     "sleep",
+    "next_waiting",
 ];
 
 fn repo() -> PathBuf {
@@ -307,28 +308,134 @@ async fn an_endless_loop_is_cut_at_the_time_limit_and_the_next_task_succeeds() {
     assert_ne!(pid_of(&answer), i64::from(spinner));
 }
 
-#[tokio::test]
-async fn max_jobs_recycling_loses_no_task() {
+/// 60 `add` calls on 2 processes with `max_jobs = 5` and `prefetch`: every answer right, no
+/// process serving more than 5 tasks, and so at least 12 processes started.
+async fn max_jobs_recycling(label: &str, prefetch: usize) {
     let config = PoolConfig {
         max_jobs: Some(5),
+        prefetch,
         ..php_pool_config(2)
     };
-    let (_q, pool, _w, client) = php_setup("pool-maxjobs", config).await;
+    let (_q, pool, _w, client) = php_setup(label, config).await;
     let mut calls = tokio::task::JoinSet::new();
     for i in 0..60_i64 {
         let client = client.clone();
         calls.spawn(async move { (i, client.call_json("add", json!({"a": i, "b": 1})).await) });
     }
-    let mut pids = HashSet::new();
+    let mut served = std::collections::HashMap::<i64, u32>::new();
     while let Some(done) = calls.join_next().await {
         let (i, answer) = done.unwrap();
         let answer = answer.unwrap_or_else(|e| panic!("call {i}: {e}"));
         assert_eq!(answer["sum"], json!(i + 1));
-        pids.insert(pid_of(&answer));
+        *served.entry(pid_of(&answer)).or_default() += 1;
     }
-    // 60 tasks, at most 5 per process.
-    assert!(pids.len() >= 12, "only {} processes served", pids.len());
+    assert!(served.values().all(|&n| n <= 5), "{served:?}");
+    assert!(served.len() >= 12, "only {} processes served", served.len());
     assert!(pool.stats().started >= 12);
+}
+
+#[tokio::test]
+async fn max_jobs_recycling_loses_no_task() {
+    max_jobs_recycling("pool-maxjobs", 0).await;
+}
+
+/// A PHP pool with `prefetch = 1` with one of its processes busy in `next_waiting`.
+struct Busy {
+    _q: TestQueue,
+    _w: RunningWorker,
+    _dir: tempfile::TempDir,
+    pool: Pool,
+    client: Client,
+    /// The `next_waiting` call.
+    first: tokio::task::JoinHandle<Result<Value, warren_client::Error>>,
+}
+
+/// Starts a pool of `processes` with `prefetch = 1` and returns once `next_waiting` (waiting
+/// `seconds` for a line on its stdin, exiting on one with `exit`) runs on one of them.
+async fn busy_with_prefetch(
+    label: &str,
+    processes: usize,
+    seconds: u64,
+    exit: bool,
+    options: CallOptions,
+) -> Busy {
+    let config = PoolConfig {
+        prefetch: 1,
+        ..php_pool_config(processes)
+    };
+    let (q, pool, w, client) = php_setup(label, config).await;
+    let dir = temp_dir(label);
+    let started = dir.path().join("started");
+    let first = {
+        let client = client.clone();
+        let args = json!({ "started": started, "seconds": seconds, "exit": exit });
+        tokio::spawn(async move { client.call_json_with("next_waiting", args, &options).await })
+    };
+    eventually("next_waiting running", Duration::from_secs(10), || async {
+        started.exists()
+    })
+    .await;
+    Busy {
+        _q: q,
+        _w: w,
+        _dir: dir,
+        pool,
+        client,
+        first,
+    }
+}
+
+impl Busy {
+    /// Calls `add` while `next_waiting` runs: the answers of `next_waiting` and of `add`.
+    async fn add_beside(&mut self) -> (Value, Value) {
+        let second = self
+            .client
+            .call_json("add", json!({"a": 2, "b": 3}))
+            .await
+            .unwrap();
+        ((&mut self.first).await.unwrap().unwrap(), second)
+    }
+}
+
+#[tokio::test]
+async fn prefetch_writes_the_next_task_to_a_busy_process_while_it_runs_one() {
+    let mut busy = busy_with_prefetch("pool-prefetch", 1, 20, false, CallOptions::default()).await;
+    let (first, second) = busy.add_beside().await;
+    // Without prefetch the runner sees nothing on its stdin until it answers.
+    assert_eq!(first["waiting"], true, "{first}");
+    assert_eq!(second["sum"], 5);
+    assert_eq!(second["pid"], first["pid"]);
+    assert_eq!(busy.pool.stats().started, 1);
+}
+
+#[tokio::test]
+async fn prefetch_leaves_a_task_to_an_idle_process() {
+    let mut busy =
+        busy_with_prefetch("pool-prefetch-idle", 2, 3, false, CallOptions::default()).await;
+    let (first, second) = busy.add_beside().await;
+    // Nothing was written ahead to the busy process: the other one ran the task.
+    assert_eq!(first["waiting"], false, "{first}");
+    assert_ne!(second["pid"], first["pid"]);
+}
+
+#[tokio::test]
+async fn a_task_written_ahead_to_a_process_that_dies_runs_on_another_without_spending_an_attempt() {
+    let once = CallOptions::default().max_attempts(1);
+    let busy = busy_with_prefetch("pool-prefetch-crash", 1, 20, true, once.clone()).await;
+    let second = busy
+        .client
+        .call_json_with("context", json!({}), &once)
+        .await
+        .unwrap();
+    assert_eq!(second["attempt"], 1, "{second}");
+    let first = busy.first.await.unwrap();
+    assert_eq!(failure_kind(&first), Some(ErrorKind::Crashed), "{first:?}");
+    assert_eq!(busy.pool.stats().started, 2);
+}
+
+#[tokio::test]
+async fn max_jobs_recycling_with_prefetch_loses_no_task_and_keeps_the_limit() {
+    max_jobs_recycling("pool-maxjobs-prefetch", 2).await;
 }
 
 #[tokio::test]
@@ -724,16 +831,29 @@ async fn round_trip(label: &str, command: Vec<String>) {
         functions: vec!["add".into(), "boom".into(), "context".into()],
         command,
         processes: 2,
+        // The helper reads its stdin line by line: tasks written ahead reach it whole.
+        prefetch: 2,
         ..PoolConfig::default()
     })
     .await;
-    let _w = worker(&q, Registry::new().register_pool(&pool), 4).await;
+    let _w = worker(&q, Registry::new().register_pool(&pool), 16).await;
     let client = q.client().await;
     let sum = client
         .call_json("add", json!({"a": 2, "b": 3}))
         .await
         .unwrap();
     assert_eq!(sum["sum"], 5, "{label}");
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..200_i64 {
+        let client = client.clone();
+        calls.spawn(async move { (i, client.call_json("add", json!({"a": i, "b": 1})).await) });
+    }
+    while let Some(done) = calls.join_next().await {
+        let (i, answer) = done.unwrap();
+        let answer = answer.unwrap_or_else(|e| panic!("{label}: call {i}: {e}"));
+        assert_eq!(answer["sum"], json!(i + 1), "{label}");
+    }
+    assert_eq!(pool.stats().started, 2, "{label}: a process was replaced");
     let ctx = client.call_json("context", json!(null)).await.unwrap();
     assert_eq!(ctx["attempt"], 1, "{label}");
     assert_eq!(ctx["function"], "context", "{label}");

@@ -76,4 +76,17 @@ Warren\serve([
         usleep((int) $args['ms'] * 1000);
         return getmypid();
     },
+    // Waits up to `seconds` for the worker to write the next task to this process's stdin while
+    // this one runs (a pool's prefetch); with `exit`, exits once it is there.
+    'next_waiting' => function (array $args) {
+        file_put_contents($args['started'] . '.tmp', (string) getmypid());
+        rename($args['started'] . '.tmp', $args['started']);
+        $read = [STDIN];
+        $none = null;
+        $waiting = stream_select($read, $none, $none, (int) $args['seconds']) === 1;
+        if ($waiting && ($args['exit'] ?? false)) {
+            exit(1);
+        }
+        return ['waiting' => $waiting, 'pid' => getmypid()];
+    },
 ]);

@@ -59,6 +59,7 @@ pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(30);
 /// max_jobs = 1000
 /// max_memory = "256MiB"
 /// ttl = "1h"
+/// prefetch = 1
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -104,6 +105,13 @@ pub struct PoolConfig {
     /// How long a new process has to say it is ready.
     #[serde(default = "default_start_timeout", with = "humantime_serde")]
     pub start_timeout: Duration,
+    /// Tasks written ahead to a busy process, beyond the one it runs, while no process of the
+    /// pool is idle (0: the next task only after the answer). It spares short tasks the wait
+    /// between an answer and the next task; a task written ahead waits for the one before it
+    /// even if another process frees up first. Only for runners that read their stdin line by
+    /// line, as the bundled helpers do (docs/runners.md).
+    #[serde(default)]
+    pub prefetch: usize,
 }
 
 fn default_processes() -> usize {
@@ -134,6 +142,7 @@ impl Default for PoolConfig {
             ttl: None,
             stop_grace: DEFAULT_STOP_GRACE,
             start_timeout: DEFAULT_START_TIMEOUT,
+            prefetch: 0,
         }
     }
 }
@@ -204,6 +213,9 @@ impl PoolConfig {
             (false, Some(_)) => return bad("has both a command and connect; give one".into()),
             (_, Some(url)) => {
                 text_address(url).map_err(|m| PoolError::Config(format!("pool {name:?}: {m}")))?;
+                if self.prefetch > 0 {
+                    return bad("prefetch applies to processes, not to connect".into());
+                }
             }
             (false, None) => {}
         }
@@ -545,9 +557,11 @@ mod tests {
             "max_jobs": 1000,
             "max_memory": "256MiB",
             "ttl": "1h",
+            "prefetch": 1,
         }))
         .unwrap();
         assert_eq!(config.time_limit, Some(Duration::from_secs(30)));
+        assert_eq!(config.prefetch, 1);
         assert_eq!(config.max_memory, Some(256 << 20));
         assert_eq!(config.ttl, Some(Duration::from_secs(3600)));
         assert_eq!(config.stop_grace, DEFAULT_STOP_GRACE);
@@ -610,6 +624,19 @@ mod tests {
             text("text://nohost")
                 .unwrap_err()
                 .contains("host and a port")
+        );
+        let forwarder = PoolConfig {
+            functions: vec!["a".into()],
+            connect: Some("text://127.0.0.1:12345".into()),
+            prefetch: 1,
+            ..PoolConfig::default()
+        };
+        assert!(
+            forwarder
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("prefetch applies to processes")
         );
         assert_eq!(bytes::parse("1G"), Ok(1_000_000_000));
     }

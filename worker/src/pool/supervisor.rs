@@ -2,12 +2,14 @@
 //! runner protocol one task at a time, and replacing it when it dies, breaks the protocol, runs
 //! past the time limit, or is due for recycling.
 //!
-//! Every slot takes tasks from one shared queue, so a free process takes the next task. A task
-//! whose process dies under it is answered as a retryable `crashed` failure: the worker's normal
-//! retry path runs it again (on a fresh process) and dead-letters it after its attempts.
+//! Every slot takes tasks from one shared queue, so a free process takes the next task. With
+//! `prefetch`, a busy process is also written its next tasks while no slot is idle; those it
+//! never started go back to the queue. A task whose process dies under it is answered as a
+//! retryable `crashed` failure: the worker's normal retry path runs it again (on a fresh
+//! process) and dead-letters it after its attempts.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -59,6 +61,10 @@ struct Shared {
     generation: watch::Sender<u64>,
     pids: Mutex<BTreeMap<usize, i32>>,
     started: AtomicU64,
+    /// Slots waiting for a task: a busy process takes its next task early only when this is 0.
+    idle: AtomicUsize,
+    /// Puts back a task that was taken early for a process that went before starting it.
+    requeue: flume::Sender<Job>,
 }
 
 /// The running pool of processes.
@@ -91,6 +97,8 @@ impl Supervisor {
         let shared = Arc::new(Shared {
             spec,
             queue,
+            requeue: jobs.clone(),
+            idle: AtomicUsize::new(0),
             stop: CancellationToken::new(),
             generation: watch::Sender::new(0),
             pids: Mutex::default(),
@@ -339,46 +347,92 @@ fn recycle_reason(shared: &Shared, process: &Process, generation: u64) -> Option
     None
 }
 
+/// A task taken for a process before its current one ended (see [`take_next`]).
+struct Next {
+    job: Job,
+    /// Its line is in the process's stdin already.
+    written: bool,
+}
+
+/// Counts a slot as idle while it lives.
+struct Idle<'a>(&'a AtomicUsize);
+
+impl<'a> Idle<'a> {
+    fn new(idle: &'a AtomicUsize) -> Self {
+        idle.fetch_add(1, Ordering::Relaxed);
+        Self(idle)
+    }
+}
+
+impl Drop for Idle<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Runs tasks on `process` until it must go.
 async fn serve(shared: &Shared, process: &mut Process) -> End {
     let mut generation_changes = shared.generation.subscribe();
     let generation = *generation_changes.borrow_and_update();
-    loop {
-        if let Some(reason) = recycle_reason(shared, process, generation) {
-            return End::Recycle(reason);
-        }
-        let ttl = shared.config.ttl.map(|ttl| process.started + ttl);
-        let job = tokio::select! {
-            // Stopping and reloading come before the next task.
-            biased;
-            () = shared.stop.cancelled() => return End::Stop,
-            changed = generation_changes.changed() => {
-                if changed.is_err() {
-                    return End::Stop;
+    let mut next = VecDeque::new();
+    let end = loop {
+        let (job, written) = match next.pop_front() {
+            Some(Next { job, written }) => (job, written),
+            None => {
+                if let Some(reason) = recycle_reason(shared, process, generation) {
+                    break End::Recycle(reason);
                 }
-                continue;
+                let ttl = shared.config.ttl.map(|ttl| process.started + ttl);
+                let _idle = Idle::new(&shared.idle);
+                let job = tokio::select! {
+                    // Stopping and reloading come before the next task.
+                    biased;
+                    () = shared.stop.cancelled() => break End::Stop,
+                    changed = generation_changes.changed() => {
+                        if changed.is_err() {
+                            break End::Stop;
+                        }
+                        continue;
+                    }
+                    () = sleep_until(ttl) => continue,
+                    output = process.next() => match output {
+                        Output::Frame(Frame::Unknown | Frame::Progress { .. }) => continue,
+                        Output::Frame(other) => break End::Broken {
+                            reason: format!("sent {} between tasks", other.describe()),
+                            startup: false,
+                        },
+                        Output::Garbage(g) => break End::Broken { reason: format!("wrote {g}"), startup: false },
+                        Output::Closed => {
+                            let how = process.exit_description(REAP_WAIT).await;
+                            break End::Broken { reason: format!("{how} between tasks"), startup: process.jobs == 0 };
+                        }
+                    },
+                    job = shared.queue.recv_async() => match job {
+                        Ok(job) => job,
+                        Err(flume::RecvError::Disconnected) => break End::Stop,
+                    },
+                };
+                (job, false)
             }
-            () = sleep_until(ttl) => continue,
-            output = process.next() => match output {
-                Output::Frame(Frame::Unknown | Frame::Progress { .. }) => continue,
-                Output::Frame(other) => return End::Broken {
-                    reason: format!("sent {} between tasks", other.describe()),
-                    startup: false,
-                },
-                Output::Garbage(g) => return End::Broken { reason: format!("wrote {g}"), startup: false },
-                Output::Closed => {
-                    let how = process.exit_description(REAP_WAIT).await;
-                    return End::Broken { reason: format!("{how} between tasks"), startup: process.jobs == 0 };
-                }
-            },
-            job = shared.queue.recv_async() => match job {
-                Ok(job) => job,
-                Err(flume::RecvError::Disconnected) => return End::Stop,
-            },
         };
-        if let Some(end) = run_job(shared, process, job).await {
-            return end;
+        if let Some(end) = run_job(shared, process, job, written, generation, &mut next).await {
+            break end;
         }
+    };
+    for Next { job, .. } in next {
+        // Taken early but never started by this process: it runs on another, as if it had
+        // never left the queue (no attempt spent).
+        requeue(shared, job);
+    }
+    end
+}
+
+/// Puts `job` back in the pool's queue.
+fn requeue(shared: &Shared, job: Job) {
+    if let Err(flume::SendError(job)) = shared.requeue.send(job) {
+        let _ = job
+            .reply
+            .send(Err(crashed("the pool stopped before running the task")));
     }
 }
 
@@ -389,13 +443,8 @@ async fn sleep_until(at: Option<std::time::Instant>) {
     }
 }
 
-/// Runs one task on `process`; `Some` when the process cannot go on.
-async fn run_job(shared: &Shared, process: &mut Process, mut job: Job) -> Option<End> {
-    if job.reply.is_closed() {
-        // Its caller gave up while it waited for a process.
-        return None;
-    }
-    let pid = process.pid();
+/// The line that gives `job` to a runner, or the permanent error when it cannot be encoded.
+fn task_line(job: &Job) -> Result<Vec<u8>, TaskError> {
     let frame = TaskFrame {
         kind: "task",
         id: &job.id,
@@ -406,51 +455,167 @@ async fn run_job(shared: &Shared, process: &mut Process, mut job: Job) -> Option
         redelivered: job.redelivered,
         deadline: job.deadline,
     };
-    let mut line = match serde_json::to_vec(&frame) {
-        Ok(line) => line,
-        Err(e) => {
-            let _ = job.reply.send(Err(TaskError::permanent(format!(
-                "cannot encode the task for the runner: {e}"
-            ))));
-            return None;
-        }
-    };
+    let mut line = serde_json::to_vec(&frame)
+        .map_err(|e| TaskError::permanent(format!("cannot encode the task for the runner: {e}")))?;
     line.push(b'\n');
-    process.set_task(&job.id);
+    Ok(line)
+}
+
+/// Whether `process` may be given its next task while it runs its current one: every slot is
+/// busy (an idle process would start it sooner), and nothing due after the current task
+/// (stopping, recycling) would leave the next one unstarted.
+fn may_take_next(shared: &Shared, process: &Process, generation: u64, held: usize) -> bool {
+    let config = &shared.config;
+    shared.idle.load(Ordering::Relaxed) == 0
+        && !shared.stop.is_cancelled()
+        && *shared.generation.borrow() == generation
+        && config
+            .max_jobs
+            .is_none_or(|max| process.jobs + 2 + held as u64 <= max)
+        && config.ttl.is_none_or(|ttl| process.started.elapsed() < ttl)
+        && config
+            .max_memory
+            .is_none_or(|max| process.rss_bytes().is_none_or(|rss| rss <= max))
+}
+
+/// Whether `process` may hold one more task beyond its current one and those in `next`:
+/// `prefetch` allows it, every held line is written (a line never overtakes an earlier one's),
+/// and [`may_take_next`] holds.
+fn wants_next(shared: &Shared, process: &Process, generation: u64, next: &VecDeque<Next>) -> bool {
+    next.len() < shared.config.prefetch
+        && next.iter().all(|held| held.written)
+        && may_take_next(shared, process, generation, next.len())
+}
+
+/// Writes the lines of the tasks `process` holds and has not written yet, in order, then takes
+/// more from the queue while [`wants_next`] allows. The runner reads each line when it has
+/// answered the task before, without waiting for the worker to see that answer.
+async fn take_next(
+    shared: &Shared,
+    process: &mut Process,
+    generation: u64,
+    next: &mut VecDeque<Next>,
+) {
+    if shared.config.prefetch == 0 {
+        return;
+    }
+    for held in next.iter_mut().filter(|held| !held.written) {
+        held.written = match task_line(&held.job) {
+            Ok(line) => write_now(process, &line).await,
+            Err(_) => false,
+        };
+        if !held.written {
+            return;
+        }
+    }
+    while wants_next(shared, process, generation, next) {
+        let Ok(job) = shared.queue.try_recv() else {
+            return;
+        };
+        hold(process, job, next).await;
+    }
+}
+
+/// Adds `job` to the tasks `process` holds, writing its line if the pipe takes it at once.
+async fn hold(process: &mut Process, job: Job, next: &mut VecDeque<Next>) {
+    match task_line(&job) {
+        Ok(line) => {
+            let written = write_now(process, &line).await;
+            next.push_back(Next { job, written });
+        }
+        Err(e) => {
+            let _ = job.reply.send(Err(e));
+        }
+    }
+}
+
+/// Writes `line` if the pipe takes it whole without waiting. A write of at most PIPE_BUF bytes
+/// is atomic, the whole line or nothing, so a write that would wait is dropped without leaving
+/// half a line behind.
+async fn write_now(process: &mut Process, line: &[u8]) -> bool {
+    line.len() <= PIPE_BUF
+        && matches!(
+            futures_lite::future::poll_once(process.send(line)).await,
+            Some(Ok(()))
+        )
+}
+
+/// Bytes a pipe write takes whole or not at all (POSIX `PIPE_BUF`, 4096 on Linux).
+const PIPE_BUF: usize = 4096;
+
+/// Runs one task on `process`; `Some` when the process cannot go on. `written`: its line is in
+/// the process's stdin already (it was taken as the previous task's next).
+async fn run_job(
+    shared: &Shared,
+    process: &mut Process,
+    mut job: Job,
+    written: bool,
+    generation: u64,
+    next: &mut VecDeque<Next>,
+) -> Option<End> {
+    let pid = process.pid();
     let time_limit = shared.config.time_limit;
     let limit = sleep_until(time_limit.map(|t| std::time::Instant::now() + t));
     tokio::pin!(limit);
-    // A child that does not read its stdin must not hold the slot past the limits either.
-    let sent = tokio::select! {
-        sent = process.send(&line) => sent.map_err(|e| format!("could not take the task ({e})")),
-        () = &mut limit => Err("did not read the task within the time limit".to_owned()),
-        () = job.reply.closed() => Err("did not read the task before the worker gave up on it".to_owned()),
-    };
-    if let Err(problem) = sent {
-        process.terminate(shared.config.stop_grace).await;
-        let how = process.exit_description(REAP_WAIT).await;
-        let reason = format!("{problem}; it {how}");
-        let _ = job
-            .reply
-            .send(Err(crashed(format!("pool process {pid} {reason}"))));
-        return Some(End::Broken {
-            reason,
-            startup: process.jobs == 0,
-        });
+    if !written {
+        if job.reply.is_closed() {
+            // Its caller gave up while it waited for a process.
+            return None;
+        }
+        let line = match task_line(&job) {
+            Ok(line) => line,
+            Err(e) => {
+                let _ = job.reply.send(Err(e));
+                return None;
+            }
+        };
+        process.set_task(&job.id);
+        // A child that does not read its stdin must not hold the slot past the limits either.
+        let sent = tokio::select! {
+            sent = process.send(&line) => sent.map_err(|e| format!("could not take the task ({e})")),
+            () = &mut limit => Err("did not read the task within the time limit".to_owned()),
+            () = job.reply.closed() => Err("did not read the task before the worker gave up on it".to_owned()),
+        };
+        if let Err(problem) = sent {
+            process.terminate(shared.config.stop_grace).await;
+            let how = process.exit_description(REAP_WAIT).await;
+            let reason = format!("{problem}; it {how}");
+            let _ = job
+                .reply
+                .send(Err(crashed(format!("pool process {pid} {reason}"))));
+            return Some(End::Broken {
+                reason,
+                startup: process.jobs == 0,
+            });
+        }
+    } else {
+        process.set_task(&job.id);
     }
+    take_next(shared, process, generation, next).await;
     let grace = shared.config.stop_grace;
-    let end = loop {
+    loop {
+        let more = wants_next(shared, process, generation, next);
         tokio::select! {
+            job = shared.queue.recv_async(), if more => {
+                if let Ok(job) = job {
+                    if shared.idle.load(Ordering::Relaxed) > 0 {
+                        // A process went idle since: it starts the task sooner.
+                        requeue(shared, job);
+                    } else {
+                        hold(process, job, next).await;
+                    }
+                }
+            }
             output = process.next() => match output {
                 Output::Frame(Frame::Result { id, result }) if id == job.id => {
                     process.jobs += 1;
                     let _ = job.reply.send(Ok(result));
-                    break None;
+                    return None;
                 }
                 Output::Frame(Frame::Error { id, error }) if id == job.id => {
                     process.jobs += 1;
                     let _ = job.reply.send(Err(error.into_task_error()));
-                    break None;
+                    return None;
                 }
                 Output::Frame(Frame::Progress { id, rest }) => {
                     let progress = Value::Object(rest);
@@ -462,19 +627,19 @@ async fn run_job(shared: &Shared, process: &mut Process, mut job: Job) -> Option
                     // Gone before the task is failed: its retry cannot meet it.
                     process.terminate(grace).await;
                     let _ = job.reply.send(Err(crashed(format!("pool process {pid} {reason}; it was replaced"))));
-                    break Some(End::Broken { reason, startup: false });
+                    return Some(End::Broken { reason, startup: false });
                 }
                 Output::Garbage(g) => {
                     let reason = format!("wrote {g}");
                     process.terminate(grace).await;
                     let _ = job.reply.send(Err(crashed(format!("pool process {pid} {reason}; it was replaced"))));
-                    break Some(End::Broken { reason, startup: false });
+                    return Some(End::Broken { reason, startup: false });
                 }
                 Output::Closed => {
                     let how = process.exit_description(REAP_WAIT).await;
                     let reason = format!("{how} while running task {}", job.id);
                     let _ = job.reply.send(Err(crashed(format!("pool process {pid} {reason}"))));
-                    break Some(End::Broken { reason, startup: false });
+                    return Some(End::Broken { reason, startup: false });
                 }
             },
             () = &mut limit => {
@@ -485,17 +650,16 @@ async fn run_job(shared: &Shared, process: &mut Process, mut job: Job) -> Option
                     Retry::Retryable,
                     format!("task ran past the pool's time limit of {limit:?}; its process {pid} was terminated"),
                 )));
-                break Some(End::Broken { reason: format!("ran past the time limit of {limit:?}"), startup: false });
+                return Some(End::Broken { reason: format!("ran past the time limit of {limit:?}"), startup: false });
             }
             () = job.reply.closed() => {
                 // The worker gave up on the task (its own time limit, or a forced shutdown):
                 // the process may still be running it, so it goes.
                 process.terminate(grace).await;
-                break Some(End::Broken { reason: format!("the worker gave up on task {}", job.id), startup: false });
+                return Some(End::Broken { reason: format!("the worker gave up on task {}", job.id), startup: false });
             }
         }
-    };
+    }
     // The task stays named in the log lines until the next one starts: its stderr is read
     // concurrently with its answer, and may still be on its way.
-    end
 }

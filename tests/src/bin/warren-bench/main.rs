@@ -98,6 +98,9 @@ struct Args {
     /// Processes of the `pool` scenario's pool.
     #[arg(long, default_value_t = 8)]
     pool_processes: usize,
+    /// The `pool` scenario's `prefetch`: tasks written ahead to a busy process.
+    #[arg(long, default_value_t = 0)]
+    pool_prefetch: usize,
     /// `scale`: the worker process counts to measure, one after the other.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
     workers: Vec<usize>,
@@ -333,17 +336,24 @@ async fn run(args: &Args, admin: &Channel, queues: [&String; 4]) -> Result<()> {
 /// run and at the same concurrency, the pool processes' CPU per task, and this process's CPU per
 /// task on both sides (the worker's and the caller's share of what the pool costs).
 async fn measure_pool(args: &Args, rust: &WarrenSide, queue: &str, payload: &Value) -> Result<()> {
-    let config = PoolConfig::exec(
-        &args.pool_command,
-        vec![POOL_ECHO.into(), BenchCount::NAME.into()],
-        args.pool_processes,
-    )
-    .context("the pool command")?;
+    let config = PoolConfig {
+        prefetch: args.pool_prefetch,
+        ..PoolConfig::exec(
+            &args.pool_command,
+            vec![POOL_ECHO.into(), BenchCount::NAME.into()],
+            args.pool_processes,
+        )
+        .context("the pool command")?
+    };
     let pool = Pool::start(config).await.context("starting the pool")?;
     let pooled = WarrenSide::start(args, queue, Some(pool.clone())).await?;
     println!(
-        "pool: {:?}, {} processes, worker concurrency {}, {} calls in flight",
-        args.pool_command, args.pool_processes, args.concurrency, args.in_flight
+        "pool: {:?}, {} processes, prefetch {}, worker concurrency {}, {} calls in flight",
+        args.pool_command,
+        args.pool_processes,
+        args.pool_prefetch,
+        args.concurrency,
+        args.in_flight
     );
     pooled.rpc(args.warmup, args.in_flight, payload).await?;
     pooled
