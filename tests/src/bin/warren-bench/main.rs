@@ -98,8 +98,9 @@ struct Args {
     /// Processes of the `pool` scenario's pool.
     #[arg(long, default_value_t = 8)]
     pool_processes: usize,
-    /// The `pool` scenario's `prefetch`: tasks written ahead to a busy process.
-    #[arg(long, default_value_t = 0)]
+    /// The `pool` scenario's `prefetch`: tasks written ahead to a busy process (1, the setting
+    /// for pools of short tasks, which a no-op handler is; 0 for the pool's default).
+    #[arg(long, default_value_t = 1)]
     pool_prefetch: usize,
     /// `scale`: the worker process counts to measure, one after the other.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
