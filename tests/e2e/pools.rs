@@ -350,13 +350,21 @@ struct Busy {
     first: tokio::task::JoinHandle<Result<Value, warren_client::Error>>,
 }
 
+/// How `next_waiting` ends once the next task's line is on its stdin.
+#[derive(Clone, Copy)]
+enum Then {
+    Answer,
+    Exit,
+    Fatal,
+}
+
 /// Starts a pool of `processes` with `prefetch = 1` and returns once `next_waiting` (waiting
-/// `seconds` for a line on its stdin, exiting on one with `exit`) runs on one of them.
+/// `seconds` for a line on its stdin, then ending as `then` says) runs on one of them.
 async fn busy_with_prefetch(
     label: &str,
     processes: usize,
     seconds: u64,
-    exit: bool,
+    then: Then,
     options: CallOptions,
 ) -> Busy {
     let config = PoolConfig {
@@ -368,7 +376,12 @@ async fn busy_with_prefetch(
     let started = dir.path().join("started");
     let first = {
         let client = client.clone();
-        let args = json!({ "started": started, "seconds": seconds, "exit": exit });
+        let args = json!({
+            "started": started,
+            "seconds": seconds,
+            "exit": matches!(then, Then::Exit),
+            "fatal": matches!(then, Then::Fatal),
+        });
         tokio::spawn(async move { client.call_json_with("next_waiting", args, &options).await })
     };
     eventually("next_waiting running", Duration::from_secs(10), || async {
@@ -399,7 +412,8 @@ impl Busy {
 
 #[tokio::test]
 async fn prefetch_writes_the_next_task_to_a_busy_process_while_it_runs_one() {
-    let mut busy = busy_with_prefetch("pool-prefetch", 1, 20, false, CallOptions::default()).await;
+    let mut busy =
+        busy_with_prefetch("pool-prefetch", 1, 20, Then::Answer, CallOptions::default()).await;
     let (first, second) = busy.add_beside().await;
     // Without prefetch the runner sees nothing on its stdin until it answers.
     assert_eq!(first["waiting"], true, "{first}");
@@ -410,18 +424,26 @@ async fn prefetch_writes_the_next_task_to_a_busy_process_while_it_runs_one() {
 
 #[tokio::test]
 async fn prefetch_leaves_a_task_to_an_idle_process() {
-    let mut busy =
-        busy_with_prefetch("pool-prefetch-idle", 2, 3, false, CallOptions::default()).await;
+    let mut busy = busy_with_prefetch(
+        "pool-prefetch-idle",
+        2,
+        10,
+        Then::Answer,
+        CallOptions::default(),
+    )
+    .await;
     let (first, second) = busy.add_beside().await;
     // Nothing was written ahead to the busy process: the other one ran the task.
     assert_eq!(first["waiting"], false, "{first}");
     assert_ne!(second["pid"], first["pid"]);
 }
 
-#[tokio::test]
-async fn a_task_written_ahead_to_a_process_that_dies_runs_on_another_without_spending_an_attempt() {
+/// `next_waiting` ends as `then` once a one-attempt `context` is written ahead to its process:
+/// `context` still succeeds on its first attempt, on the replacement process, and
+/// `next_waiting` is `crashed`.
+async fn a_task_written_ahead_survives(label: &str, then: Then) {
     let once = CallOptions::default().max_attempts(1);
-    let busy = busy_with_prefetch("pool-prefetch-crash", 1, 20, true, once.clone()).await;
+    let busy = busy_with_prefetch(label, 1, 20, then, once.clone()).await;
     let second = busy
         .client
         .call_json_with("context", json!({}), &once)
@@ -431,6 +453,18 @@ async fn a_task_written_ahead_to_a_process_that_dies_runs_on_another_without_spe
     let first = busy.first.await.unwrap();
     assert_eq!(failure_kind(&first), Some(ErrorKind::Crashed), "{first:?}");
     assert_eq!(busy.pool.stats().started, 2);
+}
+
+#[tokio::test]
+async fn a_task_written_ahead_to_a_process_that_dies_runs_on_another_without_spending_an_attempt() {
+    a_task_written_ahead_survives("pool-prefetch-crash", Then::Exit).await;
+}
+
+#[tokio::test]
+async fn a_task_written_ahead_to_a_process_that_answers_then_exits_spends_no_attempt() {
+    // The PHP helper answers a fatal error as `crashed` for its task, then PHP exits: the task
+    // written ahead was never read.
+    a_task_written_ahead_survives("pool-prefetch-fatal", Then::Fatal).await;
 }
 
 #[tokio::test]

@@ -77,7 +77,8 @@ Warren\serve([
         return getmypid();
     },
     // Waits up to `seconds` for the worker to write the next task to this process's stdin while
-    // this one runs (a pool's prefetch); with `exit`, exits once it is there.
+    // this one runs (a pool's prefetch); once it is there, with `exit` exits, and with `fatal`
+    // dies of a PHP fatal error (the helper answers `crashed` for this task, then PHP exits).
     'next_waiting' => function (array $args) {
         file_put_contents($args['started'] . '.tmp', (string) getmypid());
         rename($args['started'] . '.tmp', $args['started']);
@@ -86,6 +87,11 @@ Warren\serve([
         $waiting = stream_select($read, $none, $none, (int) $args['seconds']) === 1;
         if ($waiting && ($args['exit'] ?? false)) {
             exit(1);
+        }
+        if ($waiting && ($args['fatal'] ?? false)) {
+            ini_set('memory_limit', '16M');
+            $s = str_repeat('x', 64 << 20);
+            return strlen($s);
         }
         return ['waiting' => $waiting, 'pid' => getmypid()];
     },

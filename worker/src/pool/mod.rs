@@ -375,6 +375,7 @@ impl Pool {
                     deadline: ctx
                         .deadline()
                         .and_then(|d| u64::try_from(epoch_millis(d)).ok()),
+                    spared: false,
                     reply,
                 };
                 if !supervisor.submit(job) {

@@ -4,7 +4,7 @@
 //!
 //! Every slot takes tasks from one shared queue, so a free process takes the next task. With
 //! `prefetch`, a busy process is also written its next tasks while no slot is idle; those it
-//! never started go back to the queue. A task whose process dies under it is answered as a
+//! never answered go back to the queue once its process is gone. A task whose process dies under it is answered as a
 //! retryable `crashed` failure: the worker's normal retry path runs it again (on a fresh
 //! process) and dead-letters it after its attempts.
 
@@ -41,6 +41,9 @@ pub(crate) struct Job {
     pub(crate) max_attempts: u32,
     pub(crate) redelivered: bool,
     pub(crate) deadline: Option<u64>,
+    /// Put back in the queue once already, without an attempt, after the process it was
+    /// written ahead to went before answering it (see [`release`]).
+    pub(crate) spared: bool,
     pub(crate) reply: oneshot::Sender<Result<Value, TaskError>>,
 }
 
@@ -218,7 +221,8 @@ async fn run_slot(shared: Arc<Shared>, slot: usize, first: oneshot::Sender<Resul
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(slot, process.pid());
-        let end = serve(&shared, &mut process).await;
+        let mut held = VecDeque::new();
+        let end = serve(&shared, &mut process, &mut held).await;
         shared
             .pids
             .lock()
@@ -228,17 +232,21 @@ async fn run_slot(shared: Arc<Shared>, slot: usize, first: oneshot::Sender<Resul
         match end {
             End::Stop => {
                 process.stop(shared.config.stop_grace).await;
+                release(&shared, held);
                 return;
             }
             End::Recycle(reason) => {
                 tracing::info!(pool = %shared.spec.pool, pid, jobs = process.jobs, %reason, "recycling pool process");
                 process.stop(shared.config.stop_grace).await;
+                release(&shared, held);
                 failures = 0;
             }
             End::Broken { reason, startup } => {
                 tracing::warn!(pool = %shared.spec.pool, pid, jobs = process.jobs, %reason, "pool process replaced");
                 // Reaps it (and its group) if it is not gone already.
                 process.terminate(shared.config.stop_grace).await;
+                // Only now: a process gone for good cannot start a task it was written.
+                release(&shared, held);
                 failures = if startup {
                     failures.saturating_add(1)
                 } else {
@@ -347,13 +355,6 @@ fn recycle_reason(shared: &Shared, process: &Process, generation: u64) -> Option
     None
 }
 
-/// A task taken for a process before its current one ended (see [`take_next`]).
-struct Next {
-    job: Job,
-    /// Its line is in the process's stdin already.
-    written: bool,
-}
-
 /// Counts a slot as idle while it lives.
 struct Idle<'a>(&'a AtomicUsize);
 
@@ -370,64 +371,78 @@ impl Drop for Idle<'_> {
     }
 }
 
-/// Runs tasks on `process` until it must go.
-async fn serve(shared: &Shared, process: &mut Process) -> End {
+/// Runs tasks on `process` until it must go. `held`: the tasks written ahead to it (`prefetch`),
+/// oldest first; whatever is left there when it goes is for [`release`].
+async fn serve(shared: &Shared, process: &mut Process, held: &mut VecDeque<Job>) -> End {
     let mut generation_changes = shared.generation.subscribe();
     let generation = *generation_changes.borrow_and_update();
-    let mut next = VecDeque::new();
-    let end = loop {
-        let (job, written) = match next.pop_front() {
-            Some(Next { job, written }) => (job, written),
+    loop {
+        let (job, ahead) = match held.pop_front() {
+            Some(job) => (job, true),
             None => {
                 if let Some(reason) = recycle_reason(shared, process, generation) {
-                    break End::Recycle(reason);
+                    return End::Recycle(reason);
                 }
                 let ttl = shared.config.ttl.map(|ttl| process.started + ttl);
-                let _idle = Idle::new(&shared.idle);
+                let idle = Idle::new(&shared.idle);
                 let job = tokio::select! {
                     // Stopping and reloading come before the next task.
                     biased;
-                    () = shared.stop.cancelled() => break End::Stop,
+                    () = shared.stop.cancelled() => return End::Stop,
                     changed = generation_changes.changed() => {
                         if changed.is_err() {
-                            break End::Stop;
+                            return End::Stop;
                         }
                         continue;
                     }
                     () = sleep_until(ttl) => continue,
                     output = process.next() => match output {
                         Output::Frame(Frame::Unknown | Frame::Progress { .. }) => continue,
-                        Output::Frame(other) => break End::Broken {
+                        Output::Frame(other) => return End::Broken {
                             reason: format!("sent {} between tasks", other.describe()),
                             startup: false,
                         },
-                        Output::Garbage(g) => break End::Broken { reason: format!("wrote {g}"), startup: false },
+                        Output::Garbage(g) => return End::Broken { reason: format!("wrote {g}"), startup: false },
                         Output::Closed => {
+                            drop(idle);
                             let how = process.exit_description(REAP_WAIT).await;
-                            break End::Broken { reason: format!("{how} between tasks"), startup: process.jobs == 0 };
+                            return End::Broken { reason: format!("{how} between tasks"), startup: process.jobs == 0 };
                         }
                     },
                     job = shared.queue.recv_async() => match job {
                         Ok(job) => job,
-                        Err(flume::RecvError::Disconnected) => break End::Stop,
+                        Err(flume::RecvError::Disconnected) => return End::Stop,
                     },
                 };
                 (job, false)
             }
         };
-        if let Some(end) = run_job(shared, process, job, written, generation, &mut next).await {
-            break end;
+        if let Some(end) = run_job(shared, process, job, ahead, generation, held).await {
+            return end;
         }
-    };
-    for Next { job, .. } in next {
-        // Taken early but never started by this process: it runs on another, as if it had
-        // never left the queue (no attempt spent).
-        requeue(shared, job);
     }
-    end
 }
 
-/// Puts `job` back in the pool's queue.
+/// Settles the tasks written ahead to a process that has gone for good without answering them.
+/// Nothing says whether it started them: each goes back to the queue once without spending an
+/// attempt (a process that exits right after answering the task before never read it); a task
+/// spared once already is a `crashed` attempt, so a task that kills every process it reaches
+/// still ends in the dead letters.
+fn release(shared: &Shared, held: VecDeque<Job>) {
+    for mut job in held {
+        if job.spared {
+            let _ = job.reply.send(Err(crashed(
+                "its pool process went before answering it, a second time after it was written \
+                 ahead",
+            )));
+        } else {
+            job.spared = true;
+            requeue(shared, job);
+        }
+    }
+}
+
+/// Puts `job` back at the end of the pool's queue.
 fn requeue(shared: &Shared, job: Job) {
     if let Err(flume::SendError(job)) = shared.requeue.send(job) {
         let _ = job
@@ -461,67 +476,66 @@ fn task_line(job: &Job) -> Result<Vec<u8>, TaskError> {
     Ok(line)
 }
 
-/// Whether `process` may be given its next task while it runs its current one: every slot is
-/// busy (an idle process would start it sooner), and nothing due after the current task
-/// (stopping, recycling) would leave the next one unstarted.
-fn may_take_next(shared: &Shared, process: &Process, generation: u64, held: usize) -> bool {
+/// Whether `process`, running a task and holding `held` more, may be written one more: below
+/// `prefetch`, every slot busy (an idle process would start it sooner), and nothing due after
+/// its current task (stopping, a reload, recycling by `max_jobs` or `ttl`) that would leave the
+/// task unstarted. `max_memory` is [`below_max_memory`], kept apart because it reads `/proc`.
+fn wants_next(shared: &Shared, process: &Process, generation: u64, held: usize) -> bool {
     let config = &shared.config;
-    shared.idle.load(Ordering::Relaxed) == 0
+    held < config.prefetch
+        && shared.idle.load(Ordering::Relaxed) == 0
         && !shared.stop.is_cancelled()
         && *shared.generation.borrow() == generation
         && config
             .max_jobs
             .is_none_or(|max| process.jobs + 2 + held as u64 <= max)
         && config.ttl.is_none_or(|ttl| process.started.elapsed() < ttl)
-        && config
-            .max_memory
-            .is_none_or(|max| process.rss_bytes().is_none_or(|rss| rss <= max))
 }
 
-/// Whether `process` may hold one more task beyond its current one and those in `next`:
-/// `prefetch` allows it, every held line is written (a line never overtakes an earlier one's),
-/// and [`may_take_next`] holds.
-fn wants_next(shared: &Shared, process: &Process, generation: u64, next: &VecDeque<Next>) -> bool {
-    next.len() < shared.config.prefetch
-        && next.iter().all(|held| held.written)
-        && may_take_next(shared, process, generation, next.len())
+/// Whether `process` is within `max_memory` (or the pool has none).
+fn below_max_memory(shared: &Shared, process: &Process) -> bool {
+    shared
+        .config
+        .max_memory
+        .is_none_or(|max| process.rss_bytes().is_none_or(|rss| rss <= max))
 }
 
-/// Writes the lines of the tasks `process` holds and has not written yet, in order, then takes
-/// more from the queue while [`wants_next`] allows. The runner reads each line when it has
-/// answered the task before, without waiting for the worker to see that answer.
+/// At the start of a task: writes `process` the queue's next tasks while [`wants_next`] allows.
+/// The runner reads each when it has answered the task before, without waiting for the worker to
+/// see that answer.
 async fn take_next(
     shared: &Shared,
     process: &mut Process,
     generation: u64,
-    next: &mut VecDeque<Next>,
+    held: &mut VecDeque<Job>,
+    blocked: &mut bool,
 ) {
-    if shared.config.prefetch == 0 {
+    if !wants_next(shared, process, generation, held.len()) || !below_max_memory(shared, process) {
         return;
     }
-    for held in next.iter_mut().filter(|held| !held.written) {
-        held.written = match task_line(&held.job) {
-            Ok(line) => write_now(process, &line).await,
-            Err(_) => false,
-        };
-        if !held.written {
-            return;
-        }
-    }
-    while wants_next(shared, process, generation, next) {
+    while !*blocked && wants_next(shared, process, generation, held.len()) {
         let Ok(job) = shared.queue.try_recv() else {
             return;
         };
-        hold(process, job, next).await;
+        hold(shared, process, job, held, blocked).await;
     }
 }
 
-/// Adds `job` to the tasks `process` holds, writing its line if the pipe takes it at once.
-async fn hold(process: &mut Process, job: Job, next: &mut VecDeque<Next>) {
+/// Writes `job` ahead to `process` if the pipe takes its line whole at once; otherwise puts it
+/// back in the queue for another process and sets `blocked`, so that nothing more is written
+/// ahead during the current task.
+async fn hold(
+    shared: &Shared,
+    process: &mut Process,
+    job: Job,
+    held: &mut VecDeque<Job>,
+    blocked: &mut bool,
+) {
     match task_line(&job) {
-        Ok(line) => {
-            let written = write_now(process, &line).await;
-            next.push_back(Next { job, written });
+        Ok(line) if write_now(process, &line).await => held.push_back(job),
+        Ok(_) => {
+            requeue(shared, job);
+            *blocked = true;
         }
         Err(e) => {
             let _ = job.reply.send(Err(e));
@@ -543,21 +557,23 @@ async fn write_now(process: &mut Process, line: &[u8]) -> bool {
 /// Bytes a pipe write takes whole or not at all (POSIX `PIPE_BUF`, 4096 on Linux).
 const PIPE_BUF: usize = 4096;
 
-/// Runs one task on `process`; `Some` when the process cannot go on. `written`: its line is in
-/// the process's stdin already (it was taken as the previous task's next).
+/// Runs one task on `process`; `Some` when the process cannot go on. `ahead`: its line was
+/// written ahead (it is in the process's stdin already).
 async fn run_job(
     shared: &Shared,
     process: &mut Process,
     mut job: Job,
-    written: bool,
+    ahead: bool,
     generation: u64,
-    next: &mut VecDeque<Next>,
+    held: &mut VecDeque<Job>,
 ) -> Option<End> {
     let pid = process.pid();
     let time_limit = shared.config.time_limit;
     let limit = sleep_until(time_limit.map(|t| std::time::Instant::now() + t));
     tokio::pin!(limit);
-    if !written {
+    if ahead {
+        process.set_task(&job.id);
+    } else {
         if job.reply.is_closed() {
             // Its caller gave up while it waited for a process.
             return None;
@@ -588,24 +604,27 @@ async fn run_job(
                 startup: process.jobs == 0,
             });
         }
-    } else {
-        process.set_task(&job.id);
     }
-    take_next(shared, process, generation, next).await;
+    let mut blocked = false;
+    take_next(shared, process, generation, held, &mut blocked).await;
+    // A frame of this task has come: the process has started it.
+    let mut started = !ahead;
     let grace = shared.config.stop_grace;
     loop {
-        let more = wants_next(shared, process, generation, next);
+        let more = !blocked && wants_next(shared, process, generation, held.len());
         tokio::select! {
-            job = shared.queue.recv_async(), if more => {
-                if let Ok(job) = job {
-                    if shared.idle.load(Ordering::Relaxed) > 0 {
-                        // A process went idle since: it starts the task sooner.
-                        requeue(shared, job);
-                    } else {
-                        hold(process, job, next).await;
-                    }
+            next = shared.queue.recv_async(), if more => match next {
+                // Checked again: the state may have changed while this waited.
+                Ok(next) if wants_next(shared, process, generation, held.len())
+                    && below_max_memory(shared, process) => {
+                    hold(shared, process, next, held, &mut blocked).await;
                 }
-            }
+                Ok(next) => {
+                    requeue(shared, next);
+                    blocked = true;
+                }
+                Err(flume::RecvError::Disconnected) => blocked = true,
+            },
             output = process.next() => match output {
                 Output::Frame(Frame::Result { id, result }) if id == job.id => {
                     process.jobs += 1;
@@ -618,6 +637,7 @@ async fn run_job(
                     return None;
                 }
                 Output::Frame(Frame::Progress { id, rest }) => {
+                    started |= id == job.id;
                     let progress = Value::Object(rest);
                     tracing::debug!(pool = %shared.spec.pool, pid, task = %id, %progress, "progress");
                 }
@@ -638,7 +658,13 @@ async fn run_job(
                 Output::Closed => {
                     let how = process.exit_description(REAP_WAIT).await;
                     let reason = format!("{how} while running task {}", job.id);
-                    let _ = job.reply.send(Err(crashed(format!("pool process {pid} {reason}"))));
+                    if started {
+                        let _ = job.reply.send(Err(crashed(format!("pool process {pid} {reason}"))));
+                    } else {
+                        // Written ahead and never heard of: it may not have been read at all
+                        // (a runner that exits right after answering the task before).
+                        held.push_front(job);
+                    }
                     return Some(End::Broken { reason, startup: false });
                 }
             },
