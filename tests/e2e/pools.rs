@@ -438,6 +438,25 @@ async fn prefetch_leaves_a_task_to_an_idle_process() {
     assert_ne!(second["pid"], first["pid"]);
 }
 
+#[tokio::test]
+async fn nothing_is_written_ahead_to_a_process_due_for_a_reload() {
+    let mut busy = busy_with_prefetch(
+        "pool-prefetch-reload",
+        1,
+        3,
+        Then::Answer,
+        CallOptions::default(),
+    )
+    .await;
+    // A code deploy while the process runs a task: the next task is for its replacement.
+    busy.pool.reload();
+    let (first, second) = busy.add_beside().await;
+    assert_eq!(first["waiting"], false, "{first}");
+    assert_eq!(second["sum"], 5);
+    assert_ne!(second["pid"], first["pid"]);
+    assert_eq!(busy.pool.stats().started, 2);
+}
+
 /// `next_waiting` ends as `then` once a one-attempt `context` is written ahead to its process:
 /// `context` still succeeds on its first attempt, on the replacement process, and
 /// `next_waiting` is `crashed`.
