@@ -4,9 +4,9 @@
 //!
 //! Every slot takes tasks from one shared queue, so a free process takes the next task. With
 //! `prefetch`, a busy process is also written its next tasks while no slot is idle; those it
-//! never answered go back to the queue once its process is gone. A task whose process dies under it is answered as a
-//! retryable `crashed` failure: the worker's normal retry path runs it again (on a fresh
-//! process) and dead-letters it after its attempts.
+//! never answered go back to the queue once its process is gone. A task whose process dies
+//! under it is answered as a retryable `crashed` failure: the worker's normal retry path runs
+//! it again (on a fresh process) and dead-letters it after its attempts.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -66,7 +66,8 @@ struct Shared {
     started: AtomicU64,
     /// Slots waiting for a task: a busy process takes its next task early only when this is 0.
     idle: AtomicUsize,
-    /// Puts back a task that was taken early for a process that went before starting it.
+    /// Puts back a task taken for a busy process that could not be written to it, or that it
+    /// went without answering.
     requeue: flume::Sender<Job>,
 }
 
@@ -442,13 +443,10 @@ fn release(shared: &Shared, held: VecDeque<Job>) {
     }
 }
 
-/// Puts `job` back at the end of the pool's queue.
+/// Puts `job` back at the end of the pool's queue. The send cannot fail: the queue's receiver
+/// lives in `shared` too.
 fn requeue(shared: &Shared, job: Job) {
-    if let Err(flume::SendError(job)) = shared.requeue.send(job) {
-        let _ = job
-            .reply
-            .send(Err(crashed("the pool stopped before running the task")));
-    }
+    let _ = shared.requeue.send(job);
 }
 
 async fn sleep_until(at: Option<std::time::Instant>) {
@@ -513,11 +511,11 @@ async fn take_next(
     if !wants_next(shared, process, generation, held.len()) || !below_max_memory(shared, process) {
         return;
     }
-    while !*blocked && wants_next(shared, process, generation, held.len()) {
-        let Ok(job) = shared.queue.try_recv() else {
-            return;
-        };
+    while let Ok(job) = shared.queue.try_recv() {
         hold(shared, process, job, held, blocked).await;
+        if *blocked || !wants_next(shared, process, generation, held.len()) {
+            return;
+        }
     }
 }
 
@@ -571,6 +569,8 @@ async fn run_job(
     let time_limit = shared.config.time_limit;
     let limit = sleep_until(time_limit.map(|t| std::time::Instant::now() + t));
     tokio::pin!(limit);
+    // The task stays named in the log lines until the next one starts: its stderr is read
+    // concurrently with its answer, and may still be on its way.
     if ahead {
         process.set_task(&job.id);
     } else {
@@ -686,6 +686,4 @@ async fn run_job(
             }
         }
     }
-    // The task stays named in the log lines until the next one starts: its stderr is read
-    // concurrently with its answer, and may still be on its way.
 }
