@@ -95,12 +95,13 @@ struct Args {
     /// (run from the repository root for the default).
     #[arg(long, default_value = "php tests/pools/bench.php")]
     pool_command: String,
-    /// Processes of the `pool` scenario's pool.
-    #[arg(long, default_value_t = 8)]
+    /// Processes of the `pool` scenario's pool (default: one per core, the size for short
+    /// CPU-bound tasks, which a no-op handler is).
+    #[arg(long, default_value_t = cores())]
     pool_processes: usize,
-    /// The `pool` scenario's `prefetch`: tasks written ahead to a busy process (1, the setting
-    /// for pools of short tasks, which a no-op handler is; 0 for the pool's default).
-    #[arg(long, default_value_t = 1)]
+    /// The `pool` scenario's `prefetch`: tasks written ahead to a busy process (16, with one
+    /// process per core the setting for pools of short tasks; 0 for the pool's default).
+    #[arg(long, default_value_t = 16)]
     pool_prefetch: usize,
     /// `scale`: the worker process counts to measure, one after the other.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
@@ -190,6 +191,11 @@ struct Args {
 
 /// What `--ops-modes` and `--ops-side` accept.
 const OPS_MODES: [&str; 4] = ["off", "metrics", "tracing", "on"];
+
+/// This machine's cores (1 when it cannot tell).
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
 
 /// The ratio every scenario should reach.
 const TARGET: f64 = 0.85;
