@@ -139,11 +139,14 @@ fn children_of(parent: i32) -> Vec<i32> {
     children
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_php_pool_of_8_answers_1000_concurrent_calls() {
-    let (_q, pool, w, client) = php_setup("pool-1000", php_pool_config(8)).await;
+/// 1000 concurrent `add` calls through a PHP pool of `config`: every answer right, from the
+/// pool's own processes, none of them replaced (a frame answering the wrong task would replace
+/// its process).
+async fn answers_1000_concurrent_calls(label: &str, config: PoolConfig) {
+    let processes = config.processes;
+    let (_q, pool, w, client) = php_setup(label, config).await;
     let pids: HashSet<i64> = pool.stats().pids.iter().map(|p| i64::from(*p)).collect();
-    assert_eq!(pids.len(), 8);
+    assert_eq!(pids.len(), processes);
     let began = std::time::Instant::now();
     let mut calls = tokio::task::JoinSet::new();
     for i in 0..1000_i64 {
@@ -161,15 +164,35 @@ async fn a_php_pool_of_8_answers_1000_concurrent_calls() {
         served_by.insert(pid_of(&answer));
     }
     eprintln!(
-        "1000 concurrent calls through 8 PHP processes: {:?}",
+        "1000 concurrent calls through {processes} PHP processes: {:?}",
         began.elapsed()
     );
     assert!(served_by.is_subset(&pids), "{served_by:?} not in {pids:?}");
     assert!(served_by.len() > 1, "one process served everything");
-    assert_eq!(pool.stats().started, 8, "no process was replaced");
+    assert_eq!(
+        pool.stats().started,
+        processes as u64,
+        "no process was replaced"
+    );
     w.shutdown().await.unwrap();
     pool.shutdown().await;
     assert!(pool.stats().pids.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_php_pool_of_8_answers_1000_concurrent_calls() {
+    answers_1000_concurrent_calls("pool-1000", php_pool_config(8)).await;
+}
+
+/// The setting docs/runners.md gives for short tasks: few processes, each written up to 16
+/// tasks ahead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_of_2_written_16_tasks_ahead_answers_1000_concurrent_calls() {
+    let config = PoolConfig {
+        prefetch: 16,
+        ..php_pool_config(2)
+    };
+    answers_1000_concurrent_calls("pool-1000-prefetch", config).await;
 }
 
 #[tokio::test]
