@@ -84,9 +84,18 @@ async fn worker(q: &TestQueue, registry: Registry, concurrency: u16) -> RunningW
 
 /// A PHP pool of `processes` behind a worker on a fresh queue.
 async fn php_setup(label: &str, config: PoolConfig) -> (TestQueue, Pool, RunningWorker, Client) {
+    php_setup_with(label, config, 16).await
+}
+
+/// [`php_setup`] with a worker of `concurrency`.
+async fn php_setup_with(
+    label: &str,
+    config: PoolConfig,
+    concurrency: u16,
+) -> (TestQueue, Pool, RunningWorker, Client) {
     let q = TestQueue::new(label).with_retry_delays(&[RETRY]);
     let pool = start_pool(config).await;
-    let w = worker(&q, Registry::new().register_pool(&pool), 16).await;
+    let w = worker(&q, Registry::new().register_pool(&pool), concurrency).await;
     let client = q.client().await;
     (q, pool, w, client)
 }
@@ -139,12 +148,13 @@ fn children_of(parent: i32) -> Vec<i32> {
     children
 }
 
-/// 1000 concurrent `add` calls through a PHP pool of `config`: every answer right, from the
-/// pool's own processes, none of them replaced (a frame answering the wrong task would replace
-/// its process).
-async fn answers_1000_concurrent_calls(label: &str, config: PoolConfig) {
+/// 1000 concurrent `add` calls through a PHP pool of `config`, the worker running
+/// `concurrency` at once: every answer right, from the pool's own processes, none of them
+/// replaced (a frame answering the wrong task would replace its process). Returns the tasks
+/// written ahead.
+async fn answers_1000_concurrent_calls(label: &str, config: PoolConfig, concurrency: u16) -> u64 {
     let processes = config.processes;
-    let (_q, pool, w, client) = php_setup(label, config).await;
+    let (_q, pool, w, client) = php_setup_with(label, config, concurrency).await;
     let pids: HashSet<i64> = pool.stats().pids.iter().map(|p| i64::from(*p)).collect();
     assert_eq!(pids.len(), processes);
     let began = std::time::Instant::now();
@@ -177,22 +187,26 @@ async fn answers_1000_concurrent_calls(label: &str, config: PoolConfig) {
     w.shutdown().await.unwrap();
     pool.shutdown().await;
     assert!(pool.stats().pids.is_empty());
+    pool.stats().written_ahead
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_php_pool_of_8_answers_1000_concurrent_calls() {
-    answers_1000_concurrent_calls("pool-1000", php_pool_config(8)).await;
+    let ahead = answers_1000_concurrent_calls("pool-1000", php_pool_config(8), 16).await;
+    assert_eq!(ahead, 0, "nothing is written ahead without prefetch");
 }
 
-/// The setting docs/runners.md gives for short tasks: few processes, each written up to 16
-/// tasks ahead.
+/// The setting docs/runners.md gives for short tasks: one process per core, each written up
+/// to 16 tasks ahead, under the worker's 100 tasks at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pool_of_2_written_16_tasks_ahead_answers_1000_concurrent_calls() {
+async fn a_pool_of_2_with_prefetch_16_answers_1000_concurrent_calls() {
     let config = PoolConfig {
         prefetch: 16,
         ..php_pool_config(2)
     };
-    answers_1000_concurrent_calls("pool-1000-prefetch", config).await;
+    let ahead = answers_1000_concurrent_calls("pool-1000-prefetch", config, 100).await;
+    eprintln!("{ahead} of 1000 tasks written ahead");
+    assert!(ahead > 0, "no task was written ahead");
 }
 
 #[tokio::test]
@@ -443,6 +457,7 @@ async fn prefetch_writes_the_next_task_to_a_busy_process_while_it_runs_one() {
     assert_eq!(second["sum"], 5);
     assert_eq!(second["pid"], first["pid"]);
     assert_eq!(busy.pool.stats().started, 1);
+    assert_eq!(busy.pool.stats().written_ahead, 1);
 }
 
 #[tokio::test]
@@ -459,6 +474,7 @@ async fn prefetch_leaves_a_task_to_an_idle_process() {
     // Nothing was written ahead to the busy process: the other one ran the task.
     assert_eq!(first["waiting"], false, "{first}");
     assert_ne!(second["pid"], first["pid"]);
+    assert_eq!(busy.pool.stats().written_ahead, 0);
 }
 
 #[tokio::test]
@@ -478,6 +494,7 @@ async fn nothing_is_written_ahead_to_a_process_due_for_a_reload() {
     assert_eq!(second["sum"], 5);
     assert_ne!(second["pid"], first["pid"]);
     assert_eq!(busy.pool.stats().started, 2);
+    assert_eq!(busy.pool.stats().written_ahead, 0);
 }
 
 /// `next_waiting` ends as `then` once a one-attempt `context` is written ahead to its process:

@@ -293,6 +293,8 @@ pub struct PoolStats {
     pub pids: Vec<i32>,
     /// Processes started since the pool started, replacements included.
     pub started: u64,
+    /// Tasks written ahead to a busy process (`prefetch`) since the pool started.
+    pub written_ahead: u64,
 }
 
 impl Pool {
@@ -408,16 +410,18 @@ impl Pool {
         tracing::info!(pool = %self.inner.name, "pool stopped");
     }
 
-    /// Its processes now and how many it has started.
+    /// Its processes now, how many it has started and how many tasks it has written ahead.
     pub fn stats(&self) -> PoolStats {
         match &self.inner.backend {
             Backend::Processes(supervisor) => PoolStats {
                 pids: supervisor.pids(),
                 started: supervisor.started(),
+                written_ahead: supervisor.written_ahead(),
             },
             Backend::Text(_) => PoolStats {
                 pids: Vec::new(),
                 started: 0,
+                written_ahead: 0,
             },
         }
     }

@@ -64,6 +64,8 @@ struct Shared {
     generation: watch::Sender<u64>,
     pids: Mutex<BTreeMap<usize, i32>>,
     started: AtomicU64,
+    /// Tasks written ahead to a busy process (`prefetch`).
+    written_ahead: AtomicU64,
     /// Slots waiting for a task: a busy process takes its next task early only when this is 0.
     idle: AtomicUsize,
     /// Puts back a task taken for a busy process that could not be written to it, or that it
@@ -107,6 +109,7 @@ impl Supervisor {
             generation: watch::Sender::new(0),
             pids: Mutex::default(),
             started: AtomicU64::new(0),
+            written_ahead: AtomicU64::new(0),
             config,
         });
         let tracker = TaskTracker::new();
@@ -160,6 +163,11 @@ impl Supervisor {
     /// Processes started since the pool started (replacements included).
     pub(crate) fn started(&self) -> u64 {
         self.shared.started.load(Ordering::Relaxed)
+    }
+
+    /// Tasks written ahead to a busy process since the pool started.
+    pub(crate) fn written_ahead(&self) -> u64 {
+        self.shared.written_ahead.load(Ordering::Relaxed)
     }
 
     /// Stops every process (each after its current task), waits for them, and fails the tasks
@@ -530,7 +538,10 @@ async fn hold(
     blocked: &mut bool,
 ) {
     match task_line(&job) {
-        Ok(line) if write_now(process, &line).await => held.push_back(job),
+        Ok(line) if write_now(process, &line).await => {
+            shared.written_ahead.fetch_add(1, Ordering::Relaxed);
+            held.push_back(job);
+        }
         Ok(_) => {
             requeue(shared, job);
             *blocked = true;

@@ -56,7 +56,7 @@ pub(crate) async fn run(args: &Args, admin: &Channel) -> Result<()> {
         args.scale_tasks,
         args.worker_concurrency,
         args.workers,
-        super::cores()
+        std::thread::available_parallelism().map_or(0, usize::from)
     );
     let mut runs = Vec::new();
     for &workers in &args.workers {

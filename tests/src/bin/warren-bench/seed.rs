@@ -809,7 +809,7 @@ async fn run_declared(
         args.kill_worker,
         args.seed_threads,
         dir.display(),
-        super::cores(),
+        std::thread::available_parallelism().map_or(0, usize::from),
     );
     let mut deployment = Deployment::start(args, admin, queue, functions, dir).await?;
     if deployment.pids.broker.is_none() {
