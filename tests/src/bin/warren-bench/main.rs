@@ -95,12 +95,12 @@ struct Args {
     /// (run from the repository root for the default).
     #[arg(long, default_value = "php tests/pools/bench.php")]
     pool_command: String,
-    /// Processes of the `pool` scenario's pool (default: one per core, the size for short
-    /// CPU-bound tasks, which a no-op handler is).
+    /// Processes of the `pool` scenario's pool (default: one per CPU available to this
+    /// process, 1 if unknown; the size for short CPU-bound tasks, which a no-op handler is).
     #[arg(long, default_value_t = cores())]
     pool_processes: usize,
     /// The `pool` scenario's `prefetch`: tasks written ahead to a busy process (16, with one
-    /// process per core the setting for pools of short tasks; 0 for the pool's default).
+    /// process per CPU the setting for pools of short tasks; 0 for the pool's default).
     #[arg(long, default_value_t = 16)]
     pool_prefetch: usize,
     /// `scale`: the worker process counts to measure, one after the other.
@@ -192,7 +192,8 @@ struct Args {
 /// What `--ops-modes` and `--ops-side` accept.
 const OPS_MODES: [&str; 4] = ["off", "metrics", "tracing", "on"];
 
-/// This machine's cores (1 when it cannot tell).
+/// The CPUs this process may use (`available_parallelism`: affinity and cgroup quota count),
+/// 1 when it cannot tell.
 fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
 }
