@@ -36,6 +36,7 @@ const PHP_FUNCTIONS: &[&str] = &[
     "garbage_first",
     "sleep",
     "next_waiting",
+    "stderr_flood",
 ];
 
 fn repo() -> PathBuf {
@@ -590,6 +591,16 @@ async fn garbage_on_stdout_replaces_the_process() {
     assert_ne!(pid_of(&answer), i64::from(first));
     assert!(!alive(first));
     assert_eq!(pool.stats().started, 2);
+}
+
+#[tokio::test]
+async fn stderr_that_is_not_utf8_is_logged_and_the_process_keeps_writing() {
+    let (_q, pool, _w, client) = php_setup("pool-stderr-bytes", php_pool_config(1)).await;
+    let first = pool.stats().pids[0];
+    let answer = client.call_json("stderr_flood", json!({})).await.unwrap();
+    assert_eq!(answer["ok"], true, "a write to stderr failed: {answer}");
+    assert_eq!(pid_of(&answer), i64::from(first));
+    assert_eq!(pool.stats().started, 1, "the process was replaced");
 }
 
 #[tokio::test]

@@ -95,4 +95,13 @@ Warren\serve([
         }
         return ['waiting' => $waiting, 'pid' => getmypid()];
     },
+    // A line that is not UTF-8 on stderr, then more than a pipe holds: every write must go
+    // through (a worker that stopped reading stderr would close the pipe on it).
+    'stderr_flood' => function () {
+        $ok = fwrite(STDERR, "\xff\xfe not utf-8\n") !== false;
+        for ($i = 0; $i < 100; $i++) {
+            $ok = fwrite(STDERR, str_repeat('x', 1024) . "\n") !== false && $ok;
+        }
+        return ['ok' => $ok, 'pid' => getmypid()];
+    },
 ]);

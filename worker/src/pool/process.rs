@@ -13,7 +13,9 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
-use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
+use tokio_util::codec::{
+    AnyDelimiterCodec, AnyDelimiterCodecError, FramedRead, LinesCodec, LinesCodecError,
+};
 
 use super::protocol::{self, Frame, MAX_FRAME_BYTES, PROTOCOL_ENV, RUNNER_PROTOCOL};
 
@@ -262,14 +264,20 @@ async fn forward_log(
     pid: i32,
     task: Arc<Mutex<Option<String>>>,
 ) {
-    let mut lines = FramedRead::new(stderr, LinesCodec::new_with_max_length(MAX_LOG_LINE));
+    // Bytes, not `LinesCodec`: a line that is not UTF-8 must not stop the reading, or the
+    // child's next write to stderr would meet a closed pipe.
+    let codec = AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), Vec::new(), MAX_LOG_LINE);
+    let mut lines = FramedRead::new(stderr, codec);
     while let Some(line) = lines.next().await {
         let line = match line {
-            Ok(line) => line,
-            Err(LinesCodecError::MaxLineLengthExceeded) => {
+            Ok(line) => {
+                let line = line.strip_suffix(b"\r").unwrap_or(&line);
+                String::from_utf8_lossy(line).into_owned()
+            }
+            Err(AnyDelimiterCodecError::MaxChunkLengthExceeded) => {
                 format!("(a log line longer than {MAX_LOG_LINE} bytes was cut)")
             }
-            Err(LinesCodecError::Io(_)) => break,
+            Err(AnyDelimiterCodecError::Io(_)) => break,
         };
         let task = task.lock().unwrap_or_else(PoisonError::into_inner).clone();
         tracing::info!(
