@@ -37,6 +37,7 @@ const PHP_FUNCTIONS: &[&str] = &[
     "sleep",
     "next_waiting",
     "stderr_flood",
+    "garbage_once",
 ];
 
 fn repo() -> PathBuf {
@@ -512,6 +513,35 @@ async fn a_task_written_ahead_survives(label: &str, then: Then) {
     assert_eq!(second["attempt"], 1, "{second}");
     let first = busy.first.await.unwrap();
     assert_eq!(failure_kind(&first), Some(ErrorKind::Crashed), "{first:?}");
+    assert_eq!(busy.pool.stats().started, 2);
+}
+
+#[tokio::test]
+async fn a_task_written_ahead_that_breaks_the_protocol_before_it_answers_spends_no_attempt() {
+    let mut busy = busy_with_prefetch(
+        "pool-prefetch-garbage",
+        1,
+        20,
+        Then::Answer,
+        CallOptions::default(),
+    )
+    .await;
+    let dir = temp_dir("pool-prefetch-garbage-marker");
+    let marker = dir.path().join("marker");
+    // Written ahead; once it starts it writes garbage before any frame of its own, so the
+    // worker cannot tell it from the task before: it runs again, on the replacement, as the
+    // same attempt.
+    let once = CallOptions::default().max_attempts(1);
+    let second = busy
+        .client
+        .call_json_with("garbage_once", json!({ "marker": marker }), &once)
+        .await
+        .unwrap();
+    assert_eq!(second["attempt"], 1, "{second}");
+    assert!(marker.exists());
+    let first = (&mut busy.first).await.unwrap().unwrap();
+    assert_eq!(first["waiting"], true, "{first}");
+    assert_ne!(second["pid"], first["pid"]);
     assert_eq!(busy.pool.stats().started, 2);
 }
 

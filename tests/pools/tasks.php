@@ -69,6 +69,15 @@ Warren\serve([
         }
         return getmypid();
     },
+    // Garbage on stdout the first time it runs anywhere (`marker` does not exist yet).
+    'garbage_once' => function (array $args, Warren\Context $ctx) {
+        if (!file_exists($args['marker'])) {
+            touch($args['marker']);
+            fwrite(STDOUT, "this is not a frame\n");
+            sleep(5);
+        }
+        return ['attempt' => $ctx->attempt, 'pid' => getmypid()];
+    },
     'sleep' => function (array $args) {
         if (isset($args['started'])) {
             file_put_contents($args['started'], getmypid() . "\n", FILE_APPEND | LOCK_EX);

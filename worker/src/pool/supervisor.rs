@@ -451,6 +451,19 @@ fn release(shared: &Shared, held: VecDeque<Job>) {
     }
 }
 
+/// Settles `job` after its process broke the protocol (and was terminated): a `crashed`
+/// attempt once the process had started it; a task written ahead that it had not started yet
+/// goes with the other held tasks to [`release`], as when its process exits.
+fn broken_during(job: Job, started: bool, held: &mut VecDeque<Job>, pid: i32, reason: &str) {
+    if started {
+        let _ = job.reply.send(Err(crashed(format!(
+            "pool process {pid} {reason}; it was replaced"
+        ))));
+    } else {
+        held.push_front(job);
+    }
+}
+
 /// Puts `job` back at the end of the pool's queue. The send cannot fail: the queue's receiver
 /// lives in `shared` too.
 fn requeue(shared: &Shared, job: Job) {
@@ -657,13 +670,13 @@ async fn run_job(
                     let reason = format!("sent {} while running task {}", other.describe(), job.id);
                     // Gone before the task is failed: its retry cannot meet it.
                     process.terminate(grace).await;
-                    let _ = job.reply.send(Err(crashed(format!("pool process {pid} {reason}; it was replaced"))));
+                    broken_during(job, started, held, pid, &reason);
                     return Some(End::Broken { reason, startup: false });
                 }
                 Output::Garbage(g) => {
                     let reason = format!("wrote {g}");
                     process.terminate(grace).await;
-                    let _ = job.reply.send(Err(crashed(format!("pool process {pid} {reason}; it was replaced"))));
+                    broken_during(job, started, held, pid, &reason);
                     return Some(End::Broken { reason, startup: false });
                 }
                 Output::Closed => {
