@@ -607,20 +607,63 @@ fn carried(original: &BasicProperties, bare: bool) -> FieldTable {
     out
 }
 
-/// The properties of the retry copy of a task: the original's, with `attempt` (the next one)
-/// and the failure that caused the retry.
+/// The properties of the retry copy of task `id`: the original's (see [`copy_properties`]),
+/// with `attempt` (the next one) and the failure that caused the retry.
 pub fn retry_copy(
     original: &BasicProperties,
+    id: &TaskId,
     attempt: u32,
     failure: &TaskFailure,
 ) -> BasicProperties {
     let mut h = carried_headers(original);
     set_header_int(&mut h, headers::ATTEMPT, i64::from(attempt));
     set_header_str(&mut h, headers::LAST_ERROR, &failure.to_string());
-    original
-        .clone()
-        .with_headers(h)
-        .with_delivery_mode(PERSISTENT)
+    copy_properties(original, id, h)
+}
+
+/// The properties of a copy of task `id` that the worker publishes (retry, dead letter): the
+/// original's with `headers`, persistent, and `message_id` = `id`, so that every attempt and
+/// the parked copy keep the id the worker chose (the original's `message_id`, else its
+/// `correlation_id`, else a random one). Without `expiration`, which would expire a retry
+/// early or make a parked copy vanish from `<queue>.dead`, and without `user_id`, which the
+/// broker requires to be the publishing connection's user (the worker's, not the caller's).
+fn copy_properties(
+    original: &BasicProperties,
+    id: &TaskId,
+    headers: FieldTable,
+) -> BasicProperties {
+    let mut copy = BasicProperties::default()
+        .with_message_id(short(id.as_str()))
+        .with_headers(headers)
+        .with_delivery_mode(PERSISTENT);
+    if let Some(v) = original.content_type() {
+        copy = copy.with_content_type(v.clone());
+    }
+    if let Some(v) = original.content_encoding() {
+        copy = copy.with_content_encoding(v.clone());
+    }
+    if let Some(v) = original.priority() {
+        copy = copy.with_priority(*v);
+    }
+    if let Some(v) = original.correlation_id() {
+        copy = copy.with_correlation_id(v.clone());
+    }
+    if let Some(v) = original.reply_to() {
+        copy = copy.with_reply_to(v.clone());
+    }
+    if let Some(v) = original.timestamp() {
+        copy = copy.with_timestamp(*v);
+    }
+    if let Some(v) = original.kind() {
+        copy = copy.with_type(v.clone());
+    }
+    if let Some(v) = original.app_id() {
+        copy = copy.with_app_id(v.clone());
+    }
+    if let Some(v) = original.cluster_id() {
+        copy = copy.with_cluster_id(v.clone());
+    }
+    copy
 }
 
 /// Why and by whom a task is parked: the `x-warren-dead-*` headers.
@@ -636,29 +679,35 @@ pub struct DeadMark<'a> {
     pub at: SystemTime,
 }
 
-/// The properties of the dead-letter copy of a task: the original's with the dead-letter
-/// headers.
-pub fn dead_copy(original: &BasicProperties, mark: DeadMark<'_>) -> BasicProperties {
-    dead_copy_of(original, mark, false)
+/// The properties of the dead-letter copy of task `id`: the original's (see
+/// [`copy_properties`]) with the dead-letter headers.
+pub fn dead_copy(original: &BasicProperties, id: &TaskId, mark: DeadMark<'_>) -> BasicProperties {
+    dead_copy_of(original, id, mark, false)
 }
 
 /// [`dead_copy`] with none of the original's headers but Warren's small request headers (and
 /// [`headers::HEADERS_DROPPED`]): the copy that parks a task whose outcome the broker refused.
-pub fn bare_dead_copy(original: &BasicProperties, mark: DeadMark<'_>) -> BasicProperties {
-    dead_copy_of(original, mark, true)
+pub fn bare_dead_copy(
+    original: &BasicProperties,
+    id: &TaskId,
+    mark: DeadMark<'_>,
+) -> BasicProperties {
+    dead_copy_of(original, id, mark, true)
 }
 
-fn dead_copy_of(original: &BasicProperties, mark: DeadMark<'_>, bare: bool) -> BasicProperties {
+fn dead_copy_of(
+    original: &BasicProperties,
+    id: &TaskId,
+    mark: DeadMark<'_>,
+    bare: bool,
+) -> BasicProperties {
     let mut h = carried(original, bare);
     set_header_str(&mut h, headers::DEAD_REASON, mark.reason.as_str());
     set_header_str(&mut h, headers::DEAD_KIND, mark.failure.kind.as_str());
     set_header_str(&mut h, headers::DEAD_ERROR, &mark.failure.message);
     set_header_str(&mut h, headers::DEAD_BY, mark.by);
     set_header_int(&mut h, headers::DEAD_AT, epoch_millis(mark.at));
-    original
-        .clone()
-        .with_headers(h)
-        .with_delivery_mode(PERSISTENT)
+    copy_properties(original, id, h)
 }
 
 /// The properties of a reply to the task read as `incoming`.
@@ -675,7 +724,8 @@ pub fn reply_properties(incoming: &Incoming) -> BasicProperties {
 }
 
 /// The properties of a replayed copy of a parked task: its dead-letter and the broker's
-/// bookkeeping headers removed, no deadline, attempt 1.
+/// bookkeeping headers removed, no deadline, attempt 1, properties as [`copy_properties`]
+/// gives them.
 pub fn replay_copy(parked: &BasicProperties) -> BasicProperties {
     let mut h = carried_headers(parked);
     let stale: Vec<ShortString> = h
@@ -701,7 +751,8 @@ pub fn replay_copy(parked: &BasicProperties) -> BasicProperties {
     }
     h = kept;
     set_header_int(&mut h, headers::ATTEMPT, 1);
-    parked.clone().with_headers(h)
+    // A copy the broker parked itself may still carry `expiration` and `user_id`.
+    copy_properties(parked, &Incoming::read(parked).id, h)
 }
 
 /// The `correlation_id` of a reply, which names the call it answers.
@@ -949,12 +1000,53 @@ mod tests {
         }
         .properties();
         let failure = TaskFailure::new(ErrorKind::HandlerFailed, "x".repeat(200_000));
-        let copy = retry_copy(&original, u32::MAX, &failure);
+        let copy = retry_copy(&original, &TaskId::from("t"), u32::MAX, &failure);
         let h = copy.headers().as_ref();
         assert_eq!(header_int(h, headers::ATTEMPT), Some(i64::from(u32::MAX)));
         let last = header_str(h, headers::LAST_ERROR).unwrap_or_default();
         assert!(last.len() <= MAX_HEADER_TEXT && last.ends_with(TRUNCATED));
         assert!(table_size(copy.headers().as_ref().unwrap()) < 2 * MAX_HEADER_TEXT);
+    }
+
+    #[test]
+    fn copies_keep_the_chosen_id_and_drop_expiration_and_user_id() {
+        let original = BasicProperties::default()
+            .with_correlation_id("corr".into())
+            .with_reply_to("amq.rabbitmq.reply-to.x".into())
+            .with_content_type("application/json".into())
+            .with_priority(3)
+            .with_app_id("shop".into())
+            .with_expiration("60000".into())
+            .with_user_id("alice".into());
+        // No message_id: the task's id is its correlation_id.
+        let id = Incoming::read(&original).id;
+        assert_eq!(id.as_str(), "corr");
+        let failure = TaskFailure::new(ErrorKind::HandlerFailed, "x");
+        let mark = DeadMark {
+            reason: DeadReason::PermanentFailure,
+            failure: &failure,
+            by: "w",
+            at: SystemTime::now(),
+        };
+        for copy in [
+            retry_copy(&original, &id, 2, &failure),
+            dead_copy(&original, &id, mark),
+            bare_dead_copy(&original, &id, mark),
+        ] {
+            assert_eq!(Incoming::read(&copy).id, id);
+            assert_eq!(
+                copy.message_id().as_ref().map(ShortString::as_str),
+                Some("corr")
+            );
+            assert_eq!(copy.expiration(), &None);
+            assert_eq!(copy.user_id(), &None);
+            assert_eq!(copy.delivery_mode(), &Some(PERSISTENT));
+            assert_eq!(copy.correlation_id(), original.correlation_id());
+            assert_eq!(copy.reply_to(), original.reply_to());
+            assert_eq!(copy.content_type(), original.content_type());
+            assert_eq!(copy.priority(), &Some(3));
+            assert_eq!(copy.app_id(), original.app_id());
+        }
     }
 
     #[test]
@@ -974,7 +1066,7 @@ mod tests {
             by: "w",
             at: SystemTime::now(),
         };
-        let copy = dead_copy(&original, mark);
+        let copy = dead_copy(&original, &TaskId::from("t"), mark);
         let out = copy.headers().as_ref();
         assert!(out.is_some_and(|t| !t.inner().contains_key("CC")));
         assert_eq!(header_str(out, "custom").as_deref(), Some("keep me"));
@@ -989,7 +1081,11 @@ mod tests {
             "junk".into(),
             AMQPValue::LongString("j".repeat(100_000).into()),
         );
-        let copy = dead_copy(&BasicProperties::default().with_headers(h), mark);
+        let copy = dead_copy(
+            &BasicProperties::default().with_headers(h),
+            &TaskId::from("t"),
+            mark,
+        );
         let out = copy.headers().as_ref();
         assert!(out.is_some_and(|t| !t.inner().contains_key("junk")));
         assert!(header_int(out, headers::HEADERS_DROPPED).is_some_and(|n| n > 100_000));

@@ -503,3 +503,69 @@ async fn an_outcome_the_broker_refuses_is_parked_as_refused_not_rerun() {
     worker.shutdown().await.unwrap();
     client.close().await;
 }
+
+/// A foreign publisher's task with no `message_id` and a per-message `expiration`: every
+/// attempt and the parked copy keep one id (its `correlation_id`), and the copies the worker
+/// publishes carry no `expiration`, which would expire a retry early or make the parked copy
+/// vanish from `.dead`.
+#[tokio::test]
+async fn retry_and_dead_letter_copies_keep_the_id_and_drop_expiration() {
+    let q = TestQueue::new("copy-props").with_retry_delays(&[Duration::from_millis(50)]);
+    let client = q.client().await;
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let registry = Registry::new().register_fn({
+        let seen = seen.clone();
+        move |_: warren_tests::tasks::Flaky, ctx: TaskContext| {
+            seen.lock().unwrap().push(ctx.id().to_string());
+            async move { Err::<u32, _>(TaskError::retryable("fails on purpose")) }
+        }
+    });
+    let settings = warren_worker::WorkerSettings {
+        policy: warren_shared::Policy {
+            max_attempts: 2,
+            backoff: vec![Duration::from_millis(50)],
+            ..warren_shared::Policy::default()
+        },
+        ..q.worker_settings(4)
+    };
+    let _worker = q.worker_with(registry, settings).await;
+    let peer = RawPeer::connect().await;
+    let properties = BasicProperties::default()
+        .with_correlation_id("corr-copy-props".into())
+        .with_content_type("application/json".into())
+        .with_expiration("600000".into());
+    let body = json!({"function": "flaky", "args": {"succeed_on": 99}}).to_string();
+    peer.publish(&q.name, body.as_bytes(), properties).await;
+
+    eventually("the task parked", Duration::from_secs(20), || async {
+        q.dead_count(&client).await >= 1
+    })
+    .await;
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(seen.iter().all(|id| id == "corr-copy-props"), "{seen:?}");
+    let dead = client.dead_letters(&q.name, 10).await.unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].id, "corr-copy-props");
+    assert_eq!(dead[0].reason, "attempts_exhausted");
+
+    let (_connection, channel) = warren_tests::raw_channel().await;
+    let parked = channel
+        .basic_get(
+            format!("{}.dead", q.name).as_str().into(),
+            lapin::options::BasicGetOptions::default(),
+        )
+        .await
+        .unwrap()
+        .expect("the parked copy");
+    let props = &parked.delivery.properties;
+    assert_eq!(props.expiration(), &None);
+    assert_eq!(
+        props.message_id().as_ref().map(|id| id.as_str()),
+        Some("corr-copy-props")
+    );
+    assert_eq!(
+        props.correlation_id().as_ref().map(|id| id.as_str()),
+        Some("corr-copy-props")
+    );
+}

@@ -21,7 +21,7 @@ use warren_shared::link::{Link, LinkState};
 use warren_shared::pool::{
     self, LinkPool, Publication, PublishError, close_isolated, publish_confirmed,
 };
-use warren_shared::{ChannelPool, ErrorKind, Reply, TaskFailure, topology};
+use warren_shared::{ChannelPool, ErrorKind, Reply, TaskFailure, TaskId, topology};
 
 pub use warren_shared::envelope::DeadReason;
 
@@ -252,7 +252,7 @@ impl Settler {
             }
             Outcome::DeadLetter { reason, failure } => {
                 if from == Step::First {
-                    self.dead_letter(pool, delivery, *reason, failure, false)
+                    self.dead_letter(pool, delivery, &envelope.id, *reason, failure, false)
                         .await
                         .map_err(|e| (Step::First, e))?;
                 }
@@ -305,7 +305,14 @@ impl Settler {
                 } else {
                     let again = pool::isolated(&self.pool.pool(), self.publish_timeout);
                     let parked = self
-                        .dead_letter(&again, delivery, DeadReason::Refused, &failure, true)
+                        .dead_letter(
+                            &again,
+                            delivery,
+                            &envelope.id,
+                            DeadReason::Refused,
+                            &failure,
+                            true,
+                        )
                         .await;
                     close_isolated(again).await;
                     parked.is_ok()
@@ -362,7 +369,7 @@ impl Settler {
         // A task with an unusable attempt number is rejected before it runs, so it never gets
         // here; count up without wrapping anyway.
         let next = envelope.attempt.clone().unwrap_or(1).saturating_add(1);
-        let properties = envelope::retry_copy(&delivery.properties, next, failure);
+        let properties = envelope::retry_copy(&delivery.properties, &envelope.id, next, failure);
         let (exchange, routing_key) = if delay.is_zero() {
             (topology::EXCHANGE.to_owned(), self.queue.clone())
         } else {
@@ -382,6 +389,7 @@ impl Settler {
         &self,
         pool: &ChannelPool,
         delivery: &Delivery,
+        id: &TaskId,
         reason: DeadReason,
         failure: &TaskFailure,
         bare: bool,
@@ -393,9 +401,9 @@ impl Settler {
             at: SystemTime::now(),
         };
         let properties = if bare {
-            envelope::bare_dead_copy(&delivery.properties, mark)
+            envelope::bare_dead_copy(&delivery.properties, id, mark)
         } else {
-            envelope::dead_copy(&delivery.properties, mark)
+            envelope::dead_copy(&delivery.properties, id, mark)
         };
         let publication = Publication {
             exchange: "",
