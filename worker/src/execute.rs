@@ -11,6 +11,7 @@
 //! | permanent failure | dead letter (`permanent_failure`) + error reply |
 //! | worker forced to stop mid-task | handed back to the queue |
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use lapin::message::Delivery;
@@ -32,6 +33,9 @@ const CANCEL_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 /// What the executor needs besides the delivery.
 #[derive(Debug, Clone)]
 pub(crate) struct Executor {
+    /// The queue the worker consumes: the `process <queue>` span's name, whatever routing key
+    /// (queue or function name) the task was sent with.
+    pub(crate) queue: Arc<str>,
     pub(crate) registry: Registry,
     /// Policy of functions registered without one of their own.
     pub(crate) policy: Policy,
@@ -144,7 +148,7 @@ impl Executor {
         let trace = TaskSpan::start(
             Operation::Process,
             SpanTask {
-                queue: delivery.routing_key.as_str(),
+                queue: &self.queue,
                 task_id: envelope.id.as_str(),
                 function: &request.function,
                 attempt: Some(attempt),
@@ -157,7 +161,7 @@ impl Executor {
             task.id = %envelope.id,
             task.function = %envelope::bounded(&request.function, 200),
             attempt,
-            otel.name = %format!("process {}", delivery.routing_key),
+            otel.name = %format!("process {}", self.queue),
             messaging.system = "rabbitmq",
             messaging.operation = "process",
             trace_id = ids.map(|t| tracing::field::display(t.trace_id)),
@@ -371,6 +375,7 @@ mod tests {
                 Ok(Slept { slept_ms: args.ms })
             });
         Executor {
+            queue: "q".into(),
             registry,
             policy: Policy {
                 time_limit: Duration::from_millis(20),

@@ -148,6 +148,7 @@ pub async fn start(
     );
     let abort = CancellationToken::new();
     let executor = Executor {
+        queue: settings.queue.as_str().into(),
         registry,
         policy: settings.policy.clone(),
         max_body_bytes: settings.max_body_bytes,
