@@ -432,3 +432,32 @@ async fn killing_a_worker_mid_load_of_send_mail_through_the_gateway_loses_no_mai
     assert_eq!(q.dead_count(&client).await, 0);
     client.close().await;
 }
+
+/// SIGHUP is a pool reload (or a closed terminal), never a stop, also for a worker without
+/// pools. Sent before SIGTERM, it is delivered first (Linux delivers pending standard signals
+/// lowest number first): had it stopped the worker, the worker would be killed by SIGHUP
+/// instead of draining on SIGTERM and exiting 0. Then the worker answers a call after the
+/// SIGHUP alone.
+#[tokio::test]
+async fn sighup_does_not_stop_a_worker_without_pools() {
+    let q = TestQueue::new("sighup-plain");
+    let client = q.client().await;
+    client.declare_queue(&q.name).await.unwrap();
+    let mut worker = ChildGuard::worker(&q.name, &[]);
+    eventually("the worker consuming", Duration::from_secs(20), || async {
+        consumers(&client, &q.name).await == 1
+    })
+    .await;
+    worker.signal(Signal::SIGHUP);
+    let echoed = client
+        .call_json("echo", serde_json::json!({"x": 1}))
+        .await
+        .unwrap();
+    assert_eq!(echoed, serde_json::json!({"x": 1}));
+    worker.signal(Signal::SIGHUP);
+    worker.signal(Signal::SIGTERM);
+    let status = worker
+        .wait_timeout(Duration::from_secs(20))
+        .expect("the worker did not exit on SIGTERM");
+    assert!(status.success(), "exit status {status}");
+}

@@ -5,6 +5,7 @@
 
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::Command;
 use tokio_util::sync::CancellationToken;
 use warren_shared::config::{self, ConfigError};
@@ -53,6 +54,9 @@ async fn main() -> ExitCode {
 }
 
 async fn run(config: WorkerConfig) -> anyhow::Result<()> {
+    // Before anything else: a SIGHUP (a reload, or a terminal closing) never stops the worker.
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot install the SIGHUP handler")?;
     let settings = config.settings()?;
     let mailer = config.mailer().map_err(anyhow::Error::msg)?;
     let builtins =
@@ -92,9 +96,7 @@ async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         shutdown,
         "no new tasks; finishing the ones in flight",
     ));
-    if !pools.is_empty() {
-        tokio::spawn(pool::reload_on_sighup(pools.clone()));
-    }
+    tokio::spawn(pool::reload_on_sighup(hangup, pools.clone()));
     let result = worker.wait().await;
     // The worker has drained: the pools' processes are idle now.
     pool::shutdown_all(&pools).await;

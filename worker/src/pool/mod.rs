@@ -467,15 +467,17 @@ pub async fn shutdown_all(pools: &[Pool]) {
     }
 }
 
-/// Reloads every pool on each SIGHUP (see [`Pool::reload`]): a code deploy without a restart.
-/// Runs until the process exits; spawn it.
-pub async fn reload_on_sighup(pools: Vec<Pool>) {
-    let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-    else {
-        tracing::error!("cannot install the SIGHUP handler; pools cannot be reloaded");
-        return;
-    };
+/// Reloads every pool on each SIGHUP received on `hangup` (see [`Pool::reload`]): a code
+/// deploy without a restart. Without pools, a SIGHUP is logged and ignored. Runs until the
+/// process exits; spawn it.
+///
+/// `hangup` is taken rather than made here so that a process can listen before it starts its
+/// pools: from then on SIGHUP no longer has its default action (terminating the process).
+pub async fn reload_on_sighup(mut hangup: tokio::signal::unix::Signal, pools: Vec<Pool>) {
     while hangup.recv().await.is_some() {
+        if pools.is_empty() {
+            tracing::info!("SIGHUP: no handler pools to reload; ignored");
+        }
         for pool in &pools {
             pool.reload();
         }
