@@ -71,7 +71,7 @@ def serve(handlers):
     sys.stdout = sys.stderr
 
     def write(frame):
-        out.write(json.dumps(frame, ensure_ascii=False, default=str) + "\n")
+        out.write(json.dumps(frame, ensure_ascii=False, allow_nan=False, default=str) + "\n")
         out.flush()
 
     def error(task_id, kind, message, retryable):
@@ -98,8 +98,9 @@ def serve(handlers):
                                 "unknown_function")
             result = handler(task.get("args"), Context(task, write))
             try:
+                # NaN and Infinity are not JSON: the worker would take the line for garbage.
                 encoded = json.dumps({"type": "result", "id": task_id, "result": result},
-                                     ensure_ascii=False)
+                                     ensure_ascii=False, allow_nan=False)
             except (TypeError, ValueError) as e:
                 raise Permanent("the result cannot be encoded as JSON: %s" % e)
             out.write(encoded + "\n")

@@ -1022,6 +1022,33 @@ async fn a_python_pool_round_trips() {
     .await;
 }
 
+/// Python's `json.dumps` writes NaN as `NaN`, which is not JSON: the helper must answer a
+/// typed permanent error, not a line the worker takes for garbage (which would replace the
+/// process and retry the task as `crashed` until its attempts ran out).
+#[tokio::test]
+async fn a_python_result_that_is_not_json_is_a_permanent_error() {
+    let script = repo().join("tests/pools/tasks.py");
+    let q = TestQueue::new("pool-python-nan").with_retry_delays(&[RETRY]);
+    let pool = start_pool(PoolConfig {
+        functions: vec!["nan".into()],
+        command: vec!["python3".into(), script.to_string_lossy().into_owned()],
+        processes: 1,
+        ..PoolConfig::default()
+    })
+    .await;
+    let _w = worker(&q, Registry::new().register_pool(&pool), 4).await;
+    let client = q.client().await;
+    let answer = client.call_json("nan", json!({})).await;
+    let failure = answer.as_ref().unwrap_err().failure().unwrap();
+    assert_eq!(failure.kind, ErrorKind::HandlerFailed, "{failure:?}");
+    assert!(failure.message.contains("JSON"), "{}", failure.message);
+    assert_eq!(pool.stats().started, 1, "the process was replaced");
+    eventually("parked at once", Duration::from_secs(5), || async {
+        q.dead_count(&client).await == 1
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_node_pool_round_trips() {
     let script = repo().join("tests/pools/tasks.js");

@@ -22,4 +22,8 @@ def context(args, ctx):
             "max_attempts": ctx.max_attempts, "has_deadline": ctx.deadline is not None}
 
 
-warren.serve({"add": add, "boom": boom, "context": context})
+def nan(args, ctx):
+    return {"value": float("nan"), "pid": os.getpid()}
+
+
+warren.serve({"add": add, "boom": boom, "context": context, "nan": nan})
