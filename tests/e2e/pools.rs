@@ -624,7 +624,7 @@ async fn garbage_on_stdout_replaces_the_process() {
 }
 
 #[tokio::test]
-async fn stderr_that_is_not_utf8_is_logged_and_the_process_keeps_writing() {
+async fn stderr_too_long_or_not_utf8_is_logged_and_the_process_keeps_writing() {
     let (_q, pool, _w, client) = php_setup("pool-stderr-bytes", php_pool_config(1)).await;
     let first = pool.stats().pids[0];
     let answer = client.call_json("stderr_flood", json!({})).await.unwrap();

@@ -104,10 +104,12 @@ Warren\serve([
         }
         return ['waiting' => $waiting, 'pid' => getmypid()];
     },
-    // A line that is not UTF-8 on stderr, then more than a pipe holds: every write must go
-    // through (a worker that stopped reading stderr would close the pipe on it).
+    // A line longer than the worker logs and a line that is not UTF-8 on stderr, then more
+    // than a pipe holds: every write must go through (a worker that stopped reading stderr
+    // would close the pipe on it).
     'stderr_flood' => function () {
-        $ok = fwrite(STDERR, "\xff\xfe not utf-8\n") !== false;
+        $ok = fwrite(STDERR, str_repeat('y', 70000) . "\n") !== false;
+        $ok = fwrite(STDERR, "\xff\xfe not utf-8\n") !== false && $ok;
         for ($i = 0; $i < 100; $i++) {
             $ok = fwrite(STDERR, str_repeat('x', 1024) . "\n") !== false && $ok;
         }

@@ -264,20 +264,28 @@ async fn forward_log(
     pid: i32,
     task: Arc<Mutex<Option<String>>>,
 ) {
-    // Bytes, not `LinesCodec`: a line that is not UTF-8 must not stop the reading, or the
-    // child's next write to stderr would meet a closed pipe.
+    // Nothing a child writes may stop the reading, or its next write to stderr would meet a
+    // closed pipe: lines are bytes (not `LinesCodec`, which fails on bad UTF-8), and after a
+    // line that is too long (the codec skips the rest of it) `FramedRead` ends its stream once
+    // and then reads on.
     let codec = AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), Vec::new(), MAX_LOG_LINE);
     let mut lines = FramedRead::new(stderr, codec);
-    while let Some(line) = lines.next().await {
-        let line = match line {
-            Ok(line) => {
+    let mut after_cut = false;
+    loop {
+        let line = match lines.next().await {
+            Some(Ok(line)) => {
                 let line = line.strip_suffix(b"\r").unwrap_or(&line);
                 String::from_utf8_lossy(line).into_owned()
             }
-            Err(AnyDelimiterCodecError::MaxChunkLengthExceeded) => {
+            Some(Err(AnyDelimiterCodecError::MaxChunkLengthExceeded)) => {
+                after_cut = true;
                 format!("(a log line longer than {MAX_LOG_LINE} bytes was cut)")
             }
-            Err(AnyDelimiterCodecError::Io(_)) => break,
+            None if after_cut => {
+                after_cut = false;
+                continue;
+            }
+            Some(Err(AnyDelimiterCodecError::Io(_))) | None => break,
         };
         let task = task.lock().unwrap_or_else(PoisonError::into_inner).clone();
         tracing::info!(
