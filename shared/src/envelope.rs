@@ -607,8 +607,9 @@ fn carried(original: &BasicProperties, bare: bool) -> FieldTable {
     out
 }
 
-/// The properties of the retry copy of task `id`: the original's (see [`copy_properties`]),
-/// with `attempt` (the next one) and the failure that caused the retry.
+/// The properties of the retry copy of task `id`: the original's without `expiration` and
+/// `user_id`, persistent, with `message_id` = `id`, `attempt` (the next one) and the failure
+/// that caused the retry.
 pub fn retry_copy(
     original: &BasicProperties,
     id: &TaskId,
@@ -679,8 +680,8 @@ pub struct DeadMark<'a> {
     pub at: SystemTime,
 }
 
-/// The properties of the dead-letter copy of task `id`: the original's (see
-/// [`copy_properties`]) with the dead-letter headers.
+/// The properties of the dead-letter copy of task `id`: the original's without `expiration`
+/// and `user_id`, persistent, with `message_id` = `id` and the dead-letter headers.
 pub fn dead_copy(original: &BasicProperties, id: &TaskId, mark: DeadMark<'_>) -> BasicProperties {
     dead_copy_of(original, id, mark, false)
 }
@@ -724,8 +725,8 @@ pub fn reply_properties(incoming: &Incoming) -> BasicProperties {
 }
 
 /// The properties of a replayed copy of a parked task: its dead-letter and the broker's
-/// bookkeeping headers removed, no deadline, attempt 1, properties as [`copy_properties`]
-/// gives them.
+/// bookkeeping headers removed, no deadline, attempt 1, without `expiration` and `user_id`,
+/// persistent, with `message_id` = its task id.
 pub fn replay_copy(parked: &BasicProperties) -> BasicProperties {
     let mut h = carried_headers(parked);
     let stale: Vec<ShortString> = h
@@ -751,7 +752,8 @@ pub fn replay_copy(parked: &BasicProperties) -> BasicProperties {
     }
     h = kept;
     set_header_int(&mut h, headers::ATTEMPT, 1);
-    // A copy the broker parked itself may still carry `expiration` and `user_id`.
+    // A copy the broker parked itself may carry `user_id`; one parked by an older worker,
+    // `expiration` too.
     copy_properties(parked, &Incoming::read(parked).id, h)
 }
 

@@ -504,13 +504,14 @@ async fn an_outcome_the_broker_refuses_is_parked_as_refused_not_rerun() {
     client.close().await;
 }
 
-/// A foreign publisher's task with no `message_id` and a per-message `expiration`: every
-/// attempt and the parked copy keep one id (its `correlation_id`), and the copies the worker
-/// publishes carry no `expiration`, which would expire a retry early or make the parked copy
-/// vanish from `.dead`.
-#[tokio::test]
-async fn retry_and_dead_letter_copies_keep_the_id_and_drop_expiration() {
-    let q = TestQueue::new("copy-props").with_retry_delays(&[Duration::from_millis(50)]);
+/// A foreign publisher's task without `message_id` and with a per-message `expiration`, failed
+/// on both of its 2 attempts: the ids its attempts ran under, the parked copy's id as
+/// `warren dlq` lists it, and the parked copy's properties.
+async fn parked_copy_of(
+    label: &str,
+    properties: BasicProperties,
+) -> (Vec<String>, String, BasicProperties) {
+    let q = TestQueue::new(label).with_retry_delays(&[Duration::from_millis(50)]);
     let client = q.client().await;
     let seen: Arc<Mutex<Vec<String>>> = Arc::default();
     let registry = Registry::new().register_fn({
@@ -530,23 +531,21 @@ async fn retry_and_dead_letter_copies_keep_the_id_and_drop_expiration() {
     };
     let _worker = q.worker_with(registry, settings).await;
     let peer = RawPeer::connect().await;
-    let properties = BasicProperties::default()
-        .with_correlation_id("corr-copy-props".into())
-        .with_content_type("application/json".into())
-        .with_expiration("600000".into());
     let body = json!({"function": "flaky", "args": {"succeed_on": 99}}).to_string();
-    peer.publish(&q.name, body.as_bytes(), properties).await;
+    peer.publish(
+        &q.name,
+        body.as_bytes(),
+        properties.with_expiration("600000".into()),
+    )
+    .await;
 
     eventually("the task parked", Duration::from_secs(20), || async {
         q.dead_count(&client).await >= 1
     })
     .await;
     let seen = seen.lock().unwrap().clone();
-    assert_eq!(seen.len(), 2, "{seen:?}");
-    assert!(seen.iter().all(|id| id == "corr-copy-props"), "{seen:?}");
     let dead = client.dead_letters(&q.name, 10).await.unwrap();
     assert_eq!(dead.len(), 1, "{dead:?}");
-    assert_eq!(dead[0].id, "corr-copy-props");
     assert_eq!(dead[0].reason, "attempts_exhausted");
 
     let (_connection, channel) = warren_tests::raw_channel().await;
@@ -558,14 +557,33 @@ async fn retry_and_dead_letter_copies_keep_the_id_and_drop_expiration() {
         .await
         .unwrap()
         .expect("the parked copy");
-    let props = &parked.delivery.properties;
-    assert_eq!(props.expiration(), &None);
+    (seen, dead[0].id.clone(), parked.delivery.properties.clone())
+}
+
+/// Every attempt and the parked copy keep one id, and the copies the worker publishes carry no
+/// `expiration`, which would cut a retry's delay short or make the parked copy vanish from
+/// `.dead`.
+#[tokio::test]
+async fn retry_and_dead_letter_copies_keep_the_id_and_drop_expiration() {
+    // No ids at all: the worker picks one at the first attempt.
+    let (seen, dead_id, parked) = parked_copy_of("copy-props", BasicProperties::default()).await;
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen[0], seen[1], "the retry ran under another id");
+    assert_eq!(dead_id, seen[0]);
     assert_eq!(
-        props.message_id().as_ref().map(|id| id.as_str()),
+        parked.message_id().as_ref().map(|id| id.as_str()),
+        Some(seen[0].as_str())
+    );
+    assert_eq!(parked.expiration(), &None);
+
+    // A correlation_id and no message_id: the correlation_id is the task id throughout.
+    let properties = BasicProperties::default().with_correlation_id("corr-copy-props".into());
+    let (seen, dead_id, parked) = parked_copy_of("copy-props-corr", properties).await;
+    assert_eq!(seen, ["corr-copy-props", "corr-copy-props"]);
+    assert_eq!(dead_id, "corr-copy-props");
+    assert_eq!(
+        parked.message_id().as_ref().map(|id| id.as_str()),
         Some("corr-copy-props")
     );
-    assert_eq!(
-        props.correlation_id().as_ref().map(|id| id.as_str()),
-        Some("corr-copy-props")
-    );
+    assert_eq!(parked.expiration(), &None);
 }
