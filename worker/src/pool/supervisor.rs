@@ -451,14 +451,14 @@ fn release(shared: &Shared, held: VecDeque<Job>) {
     }
 }
 
-/// Settles `job` after its process broke the protocol (and was terminated): a `crashed`
-/// attempt once the process had started it; a task written ahead that it had not started yet
-/// goes with the other held tasks to [`release`], as when its process exits.
-fn broken_during(job: Job, started: bool, held: &mut VecDeque<Job>, pid: i32, reason: &str) {
+/// Settles `job` after its process went under it (exited, or broke the protocol and was
+/// terminated): a `crashed` attempt with `message` once the process had started it; a task
+/// written ahead of which no frame has come may not even have been read (a runner that exits
+/// right after answering the task before), so it goes with the other held tasks to
+/// [`release`].
+fn gone_during(job: Job, started: bool, held: &mut VecDeque<Job>, message: String) {
     if started {
-        let _ = job.reply.send(Err(crashed(format!(
-            "pool process {pid} {reason}; it was replaced"
-        ))));
+        let _ = job.reply.send(Err(crashed(message)));
     } else {
         held.push_front(job);
     }
@@ -670,25 +670,19 @@ async fn run_job(
                     let reason = format!("sent {} while running task {}", other.describe(), job.id);
                     // Gone before the task is failed: its retry cannot meet it.
                     process.terminate(grace).await;
-                    broken_during(job, started, held, pid, &reason);
+                    gone_during(job, started, held, format!("pool process {pid} {reason}; it was replaced"));
                     return Some(End::Broken { reason, startup: false });
                 }
                 Output::Garbage(g) => {
                     let reason = format!("wrote {g}");
                     process.terminate(grace).await;
-                    broken_during(job, started, held, pid, &reason);
+                    gone_during(job, started, held, format!("pool process {pid} {reason}; it was replaced"));
                     return Some(End::Broken { reason, startup: false });
                 }
                 Output::Closed => {
                     let how = process.exit_description(REAP_WAIT).await;
                     let reason = format!("{how} while running task {}", job.id);
-                    if started {
-                        let _ = job.reply.send(Err(crashed(format!("pool process {pid} {reason}"))));
-                    } else {
-                        // Written ahead and never heard of: it may not have been read at all
-                        // (a runner that exits right after answering the task before).
-                        held.push_front(job);
-                    }
+                    gone_during(job, started, held, format!("pool process {pid} {reason}"));
                     return Some(End::Broken { reason, startup: false });
                 }
             },
