@@ -235,14 +235,22 @@ fn value_size(value: &AMQPValue) -> usize {
 
 /// The trace context a task carries, if it carries a valid one (an invalid one is ignored).
 fn read_trace(h: Option<&FieldTable>) -> Option<TraceContext> {
-    let parent = header_str(h, headers::TRACEPARENT)?;
+    // The bytes as they came: read on every traced task, so no copy into a `String` first.
+    let parent = match h?.inner().get(headers::TRACEPARENT)? {
+        AMQPValue::ShortString(s) => s.as_str().as_bytes(),
+        AMQPValue::LongString(s) => s.as_bytes(),
+        _ => return None,
+    };
     let state = header_str(h, headers::TRACESTATE);
-    TraceContext::parse(&parent, state.as_deref())
+    TraceContext::parse_bytes(parent, state.as_deref())
 }
 
 /// Makes `context` the parent of whoever processes the message with headers `h`.
 fn write_trace(h: &mut FieldTable, context: &TraceContext) {
-    set_header_str(h, headers::TRACEPARENT, &context.traceparent());
+    h.insert(
+        ShortString::from(headers::TRACEPARENT),
+        AMQPValue::LongString(context.traceparent_bytes().to_vec().into()),
+    );
     if let Some(state) = &context.state {
         set_header_str(h, headers::TRACESTATE, state);
     }

@@ -91,17 +91,32 @@ pub struct TraceContext {
     pub state: Option<String>,
 }
 
-/// `digits` (at most 16 of them) as a lowercase hex number. By hand: this runs on every task a
+/// The value of each lowercase hex digit, and [`NOT_HEX`] for every other byte.
+const HEX_VALUE: [u8; 256] = {
+    let mut table = [NOT_HEX; 256];
+    let mut digit = 0;
+    while digit < 16 {
+        table[b"0123456789abcdef"[digit] as usize] = digit as u8;
+        digit += 1;
+    }
+    table
+};
+
+/// What [`HEX_VALUE`] holds for a byte that is not a lowercase hex digit.
+const NOT_HEX: u8 = 0xff;
+
+/// `digits` (at most 16 of them) as a lowercase hex number. By table: this runs on every task a
 /// worker takes while spans are exported, and `from_str_radix` costs several times as much.
 fn hex_u64(digits: &[u8]) -> Option<u64> {
-    digits.iter().try_fold(0u64, |value, &b| {
-        let digit = match b {
-            b'0'..=b'9' => b - b'0',
-            b'a'..=b'f' => b - b'a' + 10,
-            _ => return None,
-        };
-        Some(value << 4 | u64::from(digit))
-    })
+    let mut value = 0u64;
+    let mut seen = 0u8;
+    for &b in digits {
+        let digit = HEX_VALUE[usize::from(b)];
+        seen |= digit;
+        value = value << 4 | u64::from(digit & 0x0f);
+    }
+    // Every valid digit is below 16, so one bit above them says some byte was not one.
+    (seen & 0xf0 == 0).then_some(value)
 }
 
 /// Writes `bytes` as lowercase hex into `out` (twice as long).
@@ -127,8 +142,13 @@ impl TraceContext {
     /// Parses a `traceparent` value (version `00`; later versions are read by their first four
     /// fields, as the spec asks). `None` when it is not valid.
     pub fn parse(traceparent: &str, tracestate: Option<&str>) -> Option<Self> {
+        Self::parse_bytes(traceparent.as_bytes(), tracestate)
+    }
+
+    /// [`TraceContext::parse`] of the header's bytes as they came (not UTF-8: not valid).
+    pub fn parse_bytes(traceparent: &[u8], tracestate: Option<&str>) -> Option<Self> {
         // `vv-{32 hex}-{16 hex}-ff`, then only for a later version more fields after a `-`.
-        let text = traceparent.trim().as_bytes();
+        let text = traceparent.trim_ascii();
         let (version, dashes) = (text.get(..2)?, [2, 35, 52]);
         if text.len() < 55
             || dashes.iter().any(|&at| text[at] != b'-')
@@ -143,7 +163,7 @@ impl TraceContext {
         let span_id = SpanId::from_u64(hex_u64(&text[36..52])?)?;
         // The flags as before: two hex digits of either case.
         let flags = std::str::from_utf8(&text[53..55]).ok()?;
-        if version.contains(&b'-') || flags.starts_with('+') {
+        if hex_u64(version).is_none() || flags.starts_with('+') {
             return None;
         }
         Some(Self {
@@ -169,12 +189,21 @@ impl TraceContext {
 
     /// The `traceparent` value naming this span: `00-{trace id}-{span id}-{flags}`.
     pub fn traceparent(&self) -> String {
+        self.traceparent_bytes()
+            .iter()
+            .copied()
+            .map(char::from)
+            .collect()
+    }
+
+    /// [`TraceContext::traceparent`] as the bytes of a header value.
+    pub fn traceparent_bytes(&self) -> [u8; 55] {
         // By hand rather than `format!`: written on every task a client sends while exporting.
         let mut text = *b"00-________________________________-________________-__";
         put_hex(&mut text[3..35], &self.trace_id.0.to_be_bytes());
         put_hex(&mut text[36..52], &self.span_id.0.to_be_bytes());
         put_hex(&mut text[53..55], &[self.flags]);
-        String::from_utf8(text.to_vec()).unwrap_or_default()
+        text
     }
 }
 
@@ -358,6 +387,20 @@ mod tests {
     }
 
     #[test]
+    fn the_hex_table_reads_every_byte_as_from_str_radix_does_lowercase() {
+        for b in 0..=u8::MAX {
+            let expected = char::from(b)
+                .to_digit(16)
+                .filter(|_| !b.is_ascii_uppercase())
+                .map(u64::from);
+            assert_eq!(hex_u64(&[b]), expected, "byte {b}");
+            assert_eq!(hex_u64(&[b'f', b, b'1']), expected.map(|d| 0xf01 | d << 4));
+        }
+        assert_eq!(hex_u64(b"ffffffffffffffff"), Some(u64::MAX));
+        assert_eq!(hex_u64(b"0123456789abcdef"), Some(0x0123_4567_89ab_cdef));
+    }
+
+    #[test]
     fn the_hand_written_hex_is_the_formatted_hex() {
         for flags in [0, 1, 0x0f, 0xff] {
             let context = TraceContext {
@@ -408,9 +451,28 @@ mod tests {
             "00-4bf92f3577b34da6a3ce929d0e0e4736x00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-+1",
             "0-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "zz-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "0A-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b/-01",
         ] {
             assert_eq!(TraceContext::parse(bad, None), None, "{bad}");
         }
+        let mut not_utf8 = *b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        for at in [0, 10, 40, 54] {
+            let kept = not_utf8[at];
+            not_utf8[at] = 0xc3;
+            assert_eq!(TraceContext::parse_bytes(&not_utf8, None), None, "at {at}");
+            not_utf8[at] = kept;
+        }
+        assert!(TraceContext::parse_bytes(&not_utf8, None).is_some());
+        assert!(
+            TraceContext::parse_bytes(
+                b" \t00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n",
+                None
+            )
+            .is_some()
+        );
         let root = TraceContext::new_root();
         assert!(TraceContext::parse(&root.traceparent(), None).is_some());
         // A later version: its first four fields, whatever follows.
