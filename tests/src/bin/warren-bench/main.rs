@@ -1687,6 +1687,43 @@ mod ops_cost {
             }
             println!();
         }
+        // The machine drifts over a run (a round late in it can be a fifth slower than the
+        // first, whatever the mode), so the medians above can hide a cost or invent one. Each
+        // round runs every mode back to back: its own pairs are the steadier comparison.
+        println!();
+        print!("{:<32}", "cost (median of per-round pairs)");
+        for mode in &modes[1..] {
+            print!(" {:>10}", mode.name());
+        }
+        println!();
+        for (key, name, higher_is_better) in FIGURES {
+            let reference = pick(&rounds[0], key);
+            let costs: Vec<f64> = rounds[1..]
+                .iter()
+                .map(|r| {
+                    let pairs: Vec<f64> = pick(r, key)
+                        .iter()
+                        .zip(&reference)
+                        .map(|(value, base)| {
+                            if higher_is_better {
+                                1.0 - value / base
+                            } else {
+                                value / base - 1.0
+                            }
+                        })
+                        .collect();
+                    median(&pairs)
+                })
+                .collect();
+            if costs.iter().any(|c| c.is_nan()) {
+                continue;
+            }
+            print!("{name:<32}");
+            for cost in costs {
+                print!(" {:>9.1}%", cost * 100.0);
+            }
+            println!();
+        }
         println!(
             "the OTLP sink received {} export requests ({} bytes) from the tracing rounds",
             received.requests.load(Ordering::Relaxed),
