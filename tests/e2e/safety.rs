@@ -461,6 +461,8 @@ async fn an_outcome_the_broker_refuses_is_parked_as_refused_not_rerun() {
         "application:set_env(rabbit, max_message_size, 1048576).",
     ]);
     let q = TestQueue::new("refused");
+    // Process-wide; other tests of this binary record into it too, under queues of their own.
+    let metrics = warren_worker::metrics::install().expect("the metrics recorder");
     let runs = Arc::new(Runs::default());
     let registry = with_big(with_neighbour(Registry::new(), &runs), &runs);
     let settings = warren_worker::WorkerSettings {
@@ -500,6 +502,24 @@ async fn an_outcome_the_broker_refuses_is_parked_as_refused_not_rerun() {
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert_eq!(dead[0].reason, "refused");
     assert_eq!(dead[0].kind.as_deref(), Some("refused"));
+    // Counted as what happened to it: parked as `refused`, not as the reply it could not send.
+    let big = format!(
+        r#"warren_worker_tasks_total{{queue="{}",function="big",outcome="dead_lettered",reason="refused"}} 1"#,
+        q.name
+    );
+    let text = metrics.render();
+    assert!(
+        text.lines().any(|line| line == big),
+        "{big} not in:\n{text}"
+    );
+    let queue_label = format!(r#"queue="{}",function="big""#, q.name);
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.starts_with("warren_worker_tasks_total") && l.contains(&queue_label))
+            .count(),
+        1,
+        "the big task is counted once: {text}"
+    );
     worker.shutdown().await.unwrap();
     client.close().await;
 }

@@ -18,7 +18,7 @@ use warren_shared::metrics::{BuildError, PrometheusHandle};
 use warren_shared::protocol::Reply;
 
 use crate::health::Health;
-use crate::outcome::{Outcome, Settled};
+use crate::outcome::{DeadReason, Outcome, Settled};
 
 /// Counter: tasks finished, by `queue`, `function`, `outcome` (and `reason` when dead-lettered).
 pub const TASKS: &str = "warren_worker_tasks_total";
@@ -258,6 +258,7 @@ impl TaskMetrics {
         };
         let verdict = match (outcome, settled) {
             (_, Settled::Requeued) | (Outcome::HandBack, _) => ("handed_back", None),
+            (_, Settled::Parked) => ("dead_lettered", Some(DeadReason::Refused.as_str())),
             (Outcome::Reply(Reply::Ok(_)), _) => ("ok", None),
             (Outcome::Reply(Reply::Err(f)), _) if f.kind == ErrorKind::Expired => ("expired", None),
             (Outcome::Reply(Reply::Err(_)), _) => ("failed", None),

@@ -112,6 +112,20 @@ pub(crate) enum Settled {
     AckLost,
     /// Handed back to the queue, on purpose or because a publish failed.
     Requeued,
+    /// The broker refused the task's outcome twice: the task was parked in the dead-letter
+    /// queue with reason `refused` instead, then acked (or its ack lost, as for `AckLost`).
+    Parked,
+}
+
+/// What became of an outcome the broker refused ([`Settler::settle_refused`]).
+#[derive(Debug, PartialEq, Eq)]
+enum Refusal {
+    /// It went through on a channel of its own: settle as usual.
+    Published,
+    /// Refused again: the task is parked as `refused`.
+    Parked,
+    /// Neither: hand the task back.
+    Failed,
 }
 
 impl Settler {
@@ -128,16 +142,20 @@ impl Settler {
         let published = self
             .publish_outcome(None, delivery, envelope, outcome, Step::First)
             .await;
+        let mut parked = false;
         if let Err((step, e)) = published {
-            let parked_or_published = refused_by_broker(&e, self.link())
-                && self
-                    .settle_refused(delivery, envelope, outcome, step, &e)
-                    .await;
-            if !parked_or_published {
+            let refusal = if refused_by_broker(&e, self.link()) {
+                self.settle_refused(delivery, envelope, outcome, step, &e)
+                    .await
+            } else {
+                Refusal::Failed
+            };
+            if refusal == Refusal::Failed {
                 tracing::warn!(task.id = %envelope.id, error = %e, "could not publish the outcome; handing the task back");
                 self.hand_back(delivery).await;
                 return Settled::Requeued;
             }
+            parked = refusal == Refusal::Parked;
         }
         // Bounded: an ack on a channel that is being recovered must not hold a slot forever.
         let acked = tokio::time::timeout(
@@ -145,12 +163,14 @@ impl Settler {
             delivery.ack(BasicAckOptions::default()),
         )
         .await;
-        match acked {
-            Ok(Ok(true)) => Settled::Acked,
-            Ok(Ok(false) | Err(_)) | Err(_) => {
-                tracing::warn!(task.id = %envelope.id, "ack lost with the consumer channel; the broker will redeliver");
-                Settled::AckLost
-            }
+        let acked = matches!(acked, Ok(Ok(true)));
+        if !acked {
+            tracing::warn!(task.id = %envelope.id, "ack lost with the consumer channel; the broker will redeliver");
+        }
+        match (parked, acked) {
+            (true, _) => Settled::Parked,
+            (false, true) => Settled::Acked,
+            (false, false) => Settled::AckLost,
         }
     }
 
@@ -273,7 +293,7 @@ impl Settler {
     /// again on a channel of its own: if that goes through, settle as usual; if the broker
     /// refuses it again, it is this task's outcome that it refuses, so park the task with
     /// reason `refused` (a copy with Warren's headers only) and answer the caller with a small
-    /// error, instead of handing it back to be run again. Returns whether the task may be acked.
+    /// error, instead of handing it back to be run again.
     async fn settle_refused(
         &self,
         delivery: &Delivery,
@@ -281,14 +301,14 @@ impl Settler {
         outcome: &Outcome,
         step: Step,
         first: &PublishError,
-    ) -> bool {
+    ) -> Refusal {
         tracing::warn!(task.id = %envelope.id, error = %first, "the broker refused an outcome; publishing it again on a channel of its own");
         let alone = pool::isolated(&self.pool.pool(), self.publish_timeout);
         let settled = match self
             .publish_outcome(Some(&alone), delivery, envelope, outcome, step)
             .await
         {
-            Ok(()) => true,
+            Ok(()) => Refusal::Published,
             Err((step, e)) if refused_by_broker(&e, self.link()) => {
                 close_isolated(alone.clone()).await;
                 let failure = TaskFailure::new(
@@ -299,9 +319,9 @@ impl Settler {
                     ),
                 );
                 tracing::warn!(task.id = %envelope.id, error = %e, "the broker refuses this task's outcome; parking it");
-                let parked = if step == Step::Reply && matches!(outcome, Outcome::DeadLetter { .. })
-                {
-                    true // already parked; only its reply was refused
+                let already = step == Step::Reply && matches!(outcome, Outcome::DeadLetter { .. });
+                let parked = if already {
+                    true // already parked with its own reason; only its reply was refused
                 } else {
                     let again = pool::isolated(&self.pool.pool(), self.publish_timeout);
                     let parked = self
@@ -325,9 +345,13 @@ impl Settler {
                         .await;
                     close_isolated(again).await;
                 }
-                return parked;
+                return match (parked, already) {
+                    (false, _) => Refusal::Failed,
+                    (true, true) => Refusal::Published,
+                    (true, false) => Refusal::Parked,
+                };
             }
-            Err(_) => false,
+            Err(_) => Refusal::Failed,
         };
         close_isolated(alone).await;
         settled
