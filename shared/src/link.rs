@@ -53,6 +53,13 @@ impl LinkState {
     pub fn is_up(&self) -> bool {
         matches!(self, Self::Up)
     }
+
+    /// Whether the connection is there: up, or blocked by a broker alarm (publishes wait for
+    /// it to end; deliveries and acks still flow). What readiness and the `connection_up`
+    /// gauges report.
+    pub fn is_connected(&self) -> bool {
+        matches!(self, Self::Up | Self::Blocked { .. })
+    }
 }
 
 impl std::fmt::Display for LinkState {

@@ -18,7 +18,9 @@ use warren_shared::tasks::{Echo, Sleep};
 use warren_tests::node::BrokerNode;
 use warren_tests::relay::Relay;
 use warren_tests::tasks::Record;
-use warren_tests::{TestQueue, amqp_url, enqueue_records, eventually, read_runs, temp_dir};
+use warren_tests::{
+    TestQueue, amqp_url, enqueue_records, eventually, free_addr, http_get, read_runs, temp_dir,
+};
 use warren_worker::{Registry, RunningWorker, WorkerSettings, WorkerState};
 
 /// One fault at a time.
@@ -352,6 +354,25 @@ async fn a_memory_alarm_fails_publishes_clearly_while_consumers_keep_acking() {
     // Work queued before the alarm, slow enough to still be running during it.
     enqueue_records(&client, &log, 0..40, 100, None).await;
     let worker = worker_at(&q, &node.url(), 1).await;
+    // A gateway on the same broker: an alarm blocks its connection, but it stays ready.
+    let (ops, text) = (free_addr(), free_addr());
+    let mut command = std::process::Command::new(warren_tests::binary("warren-gateway"));
+    command
+        .args(["--queue", &q.name, "--allow", "echo"])
+        .args(["--http", &free_addr().to_string()])
+        .args(["--text", &text.to_string()])
+        .args(["--metrics", &ops.to_string()])
+        .env("AMQP_URL", node.url())
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null());
+    let _gateway = warren_tests::ChildGuard::spawn(command);
+    eventually("the gateway ready", Duration::from_secs(20), || async {
+        http_get(format!("http://{ops}/readyz"))
+            .await
+            .map(|(s, _)| s)
+            == Some(200)
+    })
+    .await;
 
     let original = "0.4";
     node.ctl_ok(&["set_vm_memory_high_watermark", "0.0000001"]);
@@ -368,6 +389,36 @@ async fn a_memory_alarm_fails_publishes_clearly_while_consumers_keep_acking() {
         other => panic!("expected a clear unavailable error, got {other:?}"),
     }
     assert!(waited < Duration::from_secs(6), "waited {waited:?}");
+    // The broker blocks a connection when it publishes: a call through the gateway. Then the
+    // gateway says why, and is still ready: its connection is there, and every gateway of the
+    // deployment shares this broker, so none would be better to route to.
+    let mut caller = tokio::net::TcpStream::connect(text).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut caller,
+        b"{\"function\":\"echo\",\"args\":\"during the alarm\"}\n",
+    )
+    .await
+    .unwrap();
+    eventually(
+        "the gateway to see the alarm",
+        Duration::from_secs(10),
+        || async {
+            http_get(format!("http://{ops}/readyz"))
+                .await
+                .is_some_and(|(status, body)| {
+                    status == 200 && body.contains("the broker blocks publishers")
+                })
+        },
+    )
+    .await;
+    let (_, metrics) = http_get(format!("http://{ops}/metrics")).await.unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "warren_gateway_connection_up 1"),
+        "{metrics}"
+    );
+    drop(caller);
     // Consumers on their own connection kept running and acking meanwhile.
     assert!(
         read_runs(&log).len() > done_at_alarm,

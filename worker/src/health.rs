@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
-use warren_shared::link::{Link, LinkState};
+use warren_shared::link::Link;
 
 /// What a worker is doing, for logs and health checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,8 +92,7 @@ impl HealthProbe {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some((consume, publish)) = links.as_ref() {
             health.consume_up = consume.state().is_up();
-            health.publish_up =
-                !matches!(publish.state(), LinkState::Down { .. } | LinkState::Closed);
+            health.publish_up = publish.state().is_connected();
         }
         health
     }

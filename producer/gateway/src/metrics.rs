@@ -52,11 +52,12 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
 }
 
 /// The refusals the gateway counts: its own, not the worker's.
-const REFUSALS: [Kind; 4] = [
+const REFUSALS: [Kind; 5] = [
     Kind::Forbidden,
     Kind::Busy,
     Kind::TooLarge,
     Kind::Unauthorized,
+    Kind::TooManyConnections,
 ];
 
 /// Counts a connection as open until dropped.
@@ -104,7 +105,8 @@ pub(crate) fn task_finished(function: String, result: &Result<Value, Error>) {
 }
 
 /// Binds `addr` and serves `/metrics` (when `handle` is given), `/healthz` (200 while the
-/// process serves) and `/readyz` (200 while `client`'s broker connection is up, 503 otherwise)
+/// process serves) and `/readyz` (200 while `client`'s broker connection is up, also while an
+/// alarm blocks it; 503 otherwise)
 /// until `shutdown` is cancelled.
 ///
 /// # Errors
@@ -140,7 +142,7 @@ async fn render(State((client, handle)): State<OpsState>) -> Response {
     let Some(handle) = handle else {
         return (StatusCode::NOT_FOUND, "metrics are off\n").into_response();
     };
-    let up = client.link_state().is_up();
+    let up = client.link_state().is_connected();
     metrics::gauge!(CONNECTION_UP).set(if up { 1.0 } else { 0.0 });
     (
         [(
@@ -154,7 +156,7 @@ async fn render(State((client, handle)): State<OpsState>) -> Response {
 
 fn details(client: &Client) -> (bool, Value) {
     let state = client.link_state();
-    let ready = state.is_up();
+    let ready = state.is_connected();
     (
         ready,
         json!({
