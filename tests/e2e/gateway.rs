@@ -993,6 +993,16 @@ async fn connections_are_capped_in_total_and_per_peer_address() {
         ..GatewaySettings::default()
     })
     .await;
+    // Process-wide: other tests of this binary count into it too.
+    let metrics = warren_gateway::metrics::install().expect("the metrics recorder");
+    let refusals = || {
+        let text = metrics.render();
+        let series = r#"warren_gateway_rejected_total{reason="too_many_connections"} "#;
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {series}in:\n{text}"))
+    };
+    let refused_before = refusals();
     // Two from one address are served; a third from it is refused with a JSON line, then
     // closed.
     let (a1, _t1) = text_echo_from("127.0.0.1", &env).await;
@@ -1016,6 +1026,8 @@ async fn connections_are_capped_in_total_and_per_peer_address() {
         matches!(&ws, Err(tokio_tungstenite::tungstenite::Error::Http(r)) if r.status() == 503),
         "{ws:?}"
     );
+    // Four refusals: counted as the gateway's own, with their reason.
+    assert!(refusals() - refused_before >= 4, "{}", metrics.render());
 
     // A place freed is a place again.
     drop(_u1);

@@ -55,24 +55,22 @@ impl Gate {
     pub(crate) fn admit(self: &Arc<Self>, peer: SocketAddr) -> Result<Admitted, GatewayError> {
         // An IPv4 client on a dual-stack socket is one peer whichever way it is written.
         let ip = peer.ip().to_canonical();
+        let refused = |message: String| {
+            crate::metrics::rejected(Kind::TooManyConnections);
+            Err(GatewayError::new(Kind::TooManyConnections, message))
+        };
         let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
         if open.total >= self.max_total {
-            return Err(GatewayError::new(
-                Kind::TooManyConnections,
-                format!(
-                    "the gateway already has {} open connections; try again later",
-                    self.max_total
-                ),
+            return refused(format!(
+                "the gateway already has {} open connections; try again later",
+                self.max_total
             ));
         }
         let from_peer = open.per_peer.entry(ip).or_insert(0);
         if *from_peer >= self.max_per_peer {
-            return Err(GatewayError::new(
-                Kind::TooManyConnections,
-                format!(
-                    "{} connections from your address are already open; close one first",
-                    self.max_per_peer
-                ),
+            return refused(format!(
+                "{} connections from your address are already open; close one first",
+                self.max_per_peer
             ));
         }
         *from_peer += 1;
