@@ -330,7 +330,7 @@ pub(crate) mod export {
             .build();
         let mut resource = Resource::builder();
         let named = std::env::var("OTEL_SERVICE_NAME").is_ok_and(|v| !v.trim().is_empty())
-            || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|v| v.contains("service.name"));
+            || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|v| names_the_service(&v));
         if !named {
             resource = resource.with_service_name(default_service_name.to_owned());
         }
@@ -443,6 +443,16 @@ pub(crate) mod export {
         span.end();
     }
 
+    /// Whether `OTEL_RESOURCE_ATTRIBUTES` (`key=value,...`, as the SDK reads it) sets
+    /// `service.name`; `service.namespace` and the like do not.
+    fn names_the_service(attributes: &str) -> bool {
+        attributes.split(',').any(|pair| {
+            pair.split_once('=').is_some_and(|(key, value)| {
+                key.trim() == "service.name" && !value.trim().is_empty()
+            })
+        })
+    }
+
     /// A string attribute.
     pub(crate) fn attribute(key: &'static str, value: impl Into<StringValue>) -> KeyValue {
         KeyValue::new(key, opentelemetry::Value::String(value.into()))
@@ -462,6 +472,16 @@ pub(crate) mod export {
                 flags: u8::from(sampled),
                 ..TraceContext::new_root()
             }
+        }
+
+        #[test]
+        fn only_a_service_name_attribute_names_the_service() {
+            assert!(names_the_service("service.name=shop"));
+            assert!(names_the_service("a=b, service.name = shop ,c=d"));
+            assert!(!names_the_service("service.namespace=shop"));
+            assert!(!names_the_service("service.name.x=shop,deployment=eu"));
+            assert!(!names_the_service("service.name="));
+            assert!(!names_the_service(""));
         }
 
         #[test]

@@ -9,30 +9,9 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use warren_tests::relay::Relay;
-use warren_tests::{ChildGuard, TestQueue, amqp_url, binary, eventually, temp_dir};
-
-/// A loopback address nobody listens on now (bound, read and released).
-fn free_addr() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap()
-}
-
-/// `GET url`: the status and body, whatever the status (none when nothing answers).
-async fn http_get(url: String) -> Option<(u16, String)> {
-    tokio::task::spawn_blocking(move || {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(5)))
-            .build()
-            .into();
-        let mut response = agent.get(&url).call().ok()?;
-        let status = response.status().as_u16();
-        let body = response.body_mut().read_to_string().ok()?;
-        Some((status, body))
-    })
-    .await
-    .unwrap()
-}
+use warren_tests::{
+    ChildGuard, TestQueue, amqp_url, binary, eventually, free_addr, http_get, temp_dir,
+};
 
 /// A Prometheus server of its own (Debian's `prometheus` package), scraping `targets` every
 /// 200 ms; killed and its data removed when dropped.
@@ -757,6 +736,48 @@ async fn otlp_export_joins_the_callers_send_span_and_the_workers_process_span_in
 }
 
 /// `deploy/<path>` in this repository.
+/// An OTLP setting Warren cannot honour stops each of its programs at once with status 2 (as
+/// a bad flag does) and says which variable, before anything else happens.
+#[test]
+fn an_unusable_otlp_setting_stops_every_program_with_status_2() {
+    let queue = TestQueue::new("otlp-grpc");
+    for (program, args) in [
+        (
+            "warren",
+            &["--queue", queue.name.as_str(), "call", "echo", "1"][..],
+        ),
+        ("warren-worker", &["--queue", queue.name.as_str()][..]),
+        (
+            "warren-gateway",
+            &["--http", "127.0.0.1:0", "--text", "127.0.0.1:0"][..],
+        ),
+    ] {
+        for (variable, value) in [
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json"),
+        ] {
+            let mut command = Command::new(binary(program));
+            command
+                .args(args)
+                .env("AMQP_URL", amqp_url())
+                .env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
+                .env(variable, value)
+                .stdin(Stdio::null());
+            let output = command.output().unwrap();
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert_eq!(
+                output.status.code(),
+                Some(2),
+                "{program} with {variable}={value}: {stderr}"
+            );
+            assert!(
+                stderr.contains(&format!("{variable}={value}")),
+                "{program}: {stderr}"
+            );
+        }
+    }
+}
+
 fn deploy_file(path: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../deploy")

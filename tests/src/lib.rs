@@ -241,6 +241,28 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// A loopback address nobody listens on now (a [`free_port`]).
+pub fn free_addr() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+/// `GET url`: the status and body, whatever the status (none when nothing answers within 5 s).
+pub async fn http_get(url: String) -> Option<(u16, String)> {
+    tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(5)))
+            .build()
+            .into();
+        let mut response = agent.get(&url).call().ok()?;
+        let status = response.status().as_u16();
+        let body = response.body_mut().read_to_string().ok()?;
+        Some((status, body))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("GET {e}"))
+}
+
 /// A plain connection to the test broker and a channel on it, for what a test does as an
 /// operator or a foreign client would (declare, delete).
 pub async fn raw_channel() -> (lapin::Connection, lapin::Channel) {

@@ -22,15 +22,18 @@ fn main() {
     // `run` closes its client before it returns, whatever happened.
     // The `send` spans of this command are exported before it ends (when
     // OTEL_EXPORTER_OTLP_ENDPOINT is set).
-    let code = runtime
-        .block_on(warren_shared::otel::exporting_while(
-            "warren",
-            warren_cli::run(cli),
-        ))
-        .unwrap_or_else(|e| {
+    // 0 or 1 from the command; 2 for an unusable OpenTelemetry setting, as a bad flag is.
+    let code = match runtime.block_on(warren_shared::otel::exporting_while(
+        "warren",
+        warren_cli::run(cli),
+    )) {
+        Ok(code) if code == ExitCode::SUCCESS => 0,
+        Ok(_) => 1,
+        Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::from(2)
-        });
+            2
+        }
+    };
     // Then the process ends without tearing the runtime down: after a connection loss, lapin
     // may still be recovering the connection on tasks of that runtime, and dropping them
     // during a runtime shutdown makes tokio panic ("Tokio context is being shutdown") on
@@ -38,5 +41,5 @@ fn main() {
     // printed and the client closed.
     let _ = std::io::stdout().flush();
     let _ = std::io::stderr().flush();
-    std::process::exit(if code == ExitCode::SUCCESS { 0 } else { 1 })
+    std::process::exit(code)
 }
