@@ -38,6 +38,11 @@ const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 /// # Errors
 /// [`BuildError`] when another recorder is already installed in this process.
 pub fn install() -> Result<PrometheusHandle, BuildError> {
+    // One installer at a time: two first callers would both try to set the global recorder.
+    static INSTALLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = INSTALLING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Some(handle) = HANDLE.get() {
         return Ok(handle.clone());
     }

@@ -145,7 +145,8 @@ impl TraceContext {
         Self::parse_bytes(traceparent.as_bytes(), tracestate)
     }
 
-    /// [`TraceContext::parse`] of the header's bytes as they came (not UTF-8: not valid).
+    /// [`TraceContext::parse`] of the header's bytes as they came: its fields must be ASCII
+    /// lowercase hex and dashes (what follows them in a later version is not read).
     pub fn parse_bytes(traceparent: &[u8], tracestate: Option<&str>) -> Option<Self> {
         // `vv-{32 hex}-{16 hex}-ff`, then only for a later version more fields after a `-`.
         let text = traceparent.trim_ascii();
@@ -161,15 +162,12 @@ impl TraceContext {
         let trace_low = hex_u64(&text[19..35])?;
         let trace_id = TraceId::from_u128(u128::from(trace_high) << 64 | u128::from(trace_low))?;
         let span_id = SpanId::from_u64(hex_u64(&text[36..52])?)?;
-        // The flags as before: two hex digits of either case.
-        let flags = std::str::from_utf8(&text[53..55]).ok()?;
-        if hex_u64(version).is_none() || flags.starts_with('+') {
-            return None;
-        }
+        let flags = u8::try_from(hex_u64(&text[53..55])?).ok()?;
+        hex_u64(version)?;
         Some(Self {
             trace_id,
             span_id,
-            flags: u8::from_str_radix(flags, 16).ok()?,
+            flags,
             state: tracestate.map(str::to_owned).filter(|s| !s.is_empty()),
         })
     }
@@ -450,6 +448,7 @@ mod tests {
             "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01x",
             "00-4bf92f3577b34da6a3ce929d0e0e4736x00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-+1",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0A",
             "0-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             "zz-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             "0A-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",

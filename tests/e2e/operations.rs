@@ -735,7 +735,6 @@ async fn otlp_export_joins_the_callers_send_span_and_the_workers_process_span_in
     assert_eq!(span["task.id"], task_id.as_str(), "{done}");
 }
 
-/// `deploy/<path>` in this repository.
 /// An OTLP setting Warren cannot honour stops each of its programs at once with status 2 (as
 /// a bad flag does) and says which variable, before anything else happens.
 #[test]
@@ -778,6 +777,7 @@ fn an_unusable_otlp_setting_stops_every_program_with_status_2() {
     }
 }
 
+/// `deploy/<path>` in this repository.
 fn deploy_file(path: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../deploy")

@@ -507,19 +507,23 @@ async fn an_outcome_the_broker_refuses_is_parked_as_refused_not_rerun() {
         r#"warren_worker_tasks_total{{queue="{}",function="big",outcome="dead_lettered",reason="refused"}} 1"#,
         q.name
     );
+    // Counted once settled, which ends after the caller's answer: wait for it.
+    let queue_label = format!(r#"queue="{}",function="big""#, q.name);
+    let counted = |text: &str| {
+        text.lines()
+            .filter(|l| l.starts_with("warren_worker_tasks_total") && l.contains(&queue_label))
+            .count()
+    };
+    eventually("the big task counted", Duration::from_secs(10), || async {
+        counted(&metrics.render()) > 0
+    })
+    .await;
     let text = metrics.render();
     assert!(
         text.lines().any(|line| line == big),
         "{big} not in:\n{text}"
     );
-    let queue_label = format!(r#"queue="{}",function="big""#, q.name);
-    assert_eq!(
-        text.lines()
-            .filter(|l| l.starts_with("warren_worker_tasks_total") && l.contains(&queue_label))
-            .count(),
-        1,
-        "the big task is counted once: {text}"
-    );
+    assert_eq!(counted(&text), 1, "the big task is counted once: {text}");
     worker.shutdown().await.unwrap();
     client.close().await;
 }

@@ -351,10 +351,8 @@ async fn a_memory_alarm_fails_publishes_clearly_while_consumers_keep_acking() {
     })
     .await;
     client.declare_queue(&q.name).await.unwrap();
-    // Work queued before the alarm, slow enough to still be running during it.
-    enqueue_records(&client, &log, 0..40, 100, None).await;
-    let worker = worker_at(&q, &node.url(), 1).await;
-    // A gateway on the same broker: an alarm blocks its connection, but it stays ready.
+    // A gateway on the same broker: an alarm blocks its connection, but it stays ready. Started
+    // first, so that its start does not eat into the work below.
     let (ops, text) = (free_addr(), free_addr());
     let mut command = std::process::Command::new(warren_tests::binary("warren-gateway"));
     command
@@ -373,6 +371,9 @@ async fn a_memory_alarm_fails_publishes_clearly_while_consumers_keep_acking() {
             == Some(200)
     })
     .await;
+    // Work queued before the alarm, slow enough to still be running during it.
+    enqueue_records(&client, &log, 0..40, 100, None).await;
+    let worker = worker_at(&q, &node.url(), 1).await;
 
     let original = "0.4";
     node.ctl_ok(&["set_vm_memory_high_watermark", "0.0000001"]);

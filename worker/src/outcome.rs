@@ -120,7 +120,8 @@ pub(crate) enum Settled {
 /// What became of an outcome the broker refused ([`Settler::settle_refused`]).
 #[derive(Debug, PartialEq, Eq)]
 enum Refusal {
-    /// It went through on a channel of its own: settle as usual.
+    /// It went through on a channel of its own, or only the reply of a task already parked
+    /// with its own reason was refused: settle as usual.
     Published,
     /// Refused again: the task is parked as `refused`.
     Parked,

@@ -55,30 +55,37 @@ impl Gate {
     pub(crate) fn admit(self: &Arc<Self>, peer: SocketAddr) -> Result<Admitted, GatewayError> {
         // An IPv4 client on a dual-stack socket is one peer whichever way it is written.
         let ip = peer.ip().to_canonical();
-        let refused = |message: String| {
+        let refusal = self.take_place(ip).err();
+        // Counted with the lock released.
+        if let Some(message) = refusal {
             crate::metrics::rejected(Kind::TooManyConnections);
-            Err(GatewayError::new(Kind::TooManyConnections, message))
-        };
+            return Err(GatewayError::new(Kind::TooManyConnections, message));
+        }
+        Ok(Admitted {
+            gate: self.clone(),
+            peer: ip,
+        })
+    }
+
+    /// Counts a connection from `ip` in, or says why there is no place for it.
+    fn take_place(&self, ip: IpAddr) -> Result<(), String> {
         let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
         if open.total >= self.max_total {
-            return refused(format!(
+            return Err(format!(
                 "the gateway already has {} open connections; try again later",
                 self.max_total
             ));
         }
         let from_peer = open.per_peer.entry(ip).or_insert(0);
         if *from_peer >= self.max_per_peer {
-            return refused(format!(
+            return Err(format!(
                 "{} connections from your address are already open; close one first",
                 self.max_per_peer
             ));
         }
         *from_peer += 1;
         open.total += 1;
-        Ok(Admitted {
-            gate: self.clone(),
-            peer: ip,
-        })
+        Ok(())
     }
 
     /// Open connections now.

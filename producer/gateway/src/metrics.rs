@@ -28,9 +28,10 @@ pub const CONNECTIONS_TOTAL: &str = "warren_gateway_connections_total";
 /// (`ok`, `failed`, `timeout`, `unavailable`).
 pub const TASKS: &str = "warren_gateway_tasks_total";
 /// Counter: requests refused by the gateway itself, by `reason`
-/// (`forbidden`, `busy`, `too_large`, `unauthorized`).
+/// (`forbidden`, `busy`, `too_large`, `unauthorized`, `too_many_connections`).
 pub const REJECTED: &str = "warren_gateway_rejected_total";
-/// Gauge: 1 while the gateway's broker connection is up (as `/readyz`).
+/// Gauge: 1 while the gateway's broker connection is up, an alarm blocking it included (as
+/// `/readyz`).
 pub const CONNECTION_UP: &str = "warren_gateway_connection_up";
 
 /// Installs the process-wide Prometheus recorder and describes the gateway's series.
@@ -43,7 +44,10 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
     metrics::describe_counter!(CONNECTIONS_TOTAL, "Connections accepted.");
     metrics::describe_counter!(TASKS, "Tasks called through the gateway, by outcome.");
     metrics::describe_counter!(REJECTED, "Requests the gateway refused, by reason.");
-    metrics::describe_gauge!(CONNECTION_UP, "1 while the broker connection is up.");
+    metrics::describe_gauge!(
+        CONNECTION_UP,
+        "1 while the broker connection is up (also while an alarm blocks it)."
+    );
     // Every refusal reason from 0, so that rates and alerts see the first one.
     for kind in REFUSALS {
         metrics::counter!(REJECTED, "reason" => kind.as_str()).increment(0);

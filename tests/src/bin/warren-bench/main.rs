@@ -1697,13 +1697,15 @@ mod ops_cost {
         }
         println!();
         for (key, name, higher_is_better) in FIGURES {
-            let reference = pick(&rounds[0], key);
+            let figure = |f: &Figures| f.get(key).and_then(Value::as_f64);
             let costs: Vec<f64> = rounds[1..]
                 .iter()
                 .map(|r| {
-                    let pairs: Vec<f64> = pick(r, key)
+                    // Round by round; a round missing either figure is left out.
+                    let pairs: Vec<f64> = r
                         .iter()
-                        .zip(&reference)
+                        .zip(&rounds[0])
+                        .filter_map(|(f, base)| Some((figure(f)?, figure(base)?)))
                         .map(|(value, base)| {
                             if higher_is_better {
                                 1.0 - value / base
