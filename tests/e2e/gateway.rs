@@ -359,6 +359,20 @@ async fn ws_answers_task_errors_and_bad_messages_with_typed_errors() {
     assert_eq!(no_function["id"], "nofn");
     assert_eq!(no_function["error"]["kind"], "bad_request");
 
+    // A batch element that is not an object is refused on its own, an array too (serde would
+    // read one as the task's fields in order and run it).
+    ws_send(&mut ws, json!([["echo", "hi"], 5])).await;
+    for _ in 0..2 {
+        let refused = ws_next(&mut ws).await;
+        assert_eq!(refused["id"], Value::Null, "{refused}");
+        assert_eq!(refused["error"]["kind"], "bad_request", "{refused}");
+    }
+
+    // Without a token configured, any `auth` is ok: `false` is PHP's json_encode of an unset
+    // variable.
+    ws_send(&mut ws, json!({"auth": false})).await;
+    assert_eq!(ws_next(&mut ws).await, json!({"auth": "ok"}));
+
     ws.send(Message::binary(vec![0xff, 0x00, 0x13]))
         .await
         .expect("send");

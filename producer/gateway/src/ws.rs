@@ -239,19 +239,31 @@ impl Connection {
     }
 
     fn on_auth(&mut self, token: &Value) -> Vec<String> {
-        match token.as_str() {
-            Some(token) if self.shared.limits().token_matches(token) => {
-                self.authed = true;
-                vec![json!({"auth": "ok"}).to_string()]
-            }
-            _ => vec![self.unauthorized()],
+        let limits = self.shared.limits();
+        // Without a token configured any `auth` is answered ok, a `false` or `null` too (what
+        // PHP's `json_encode` makes of an unset variable).
+        let matches = match token.as_str() {
+            Some(token) => limits.token_matches(token),
+            None => !limits.requires_token(),
+        };
+        if !matches {
+            return vec![self.unauthorized()];
         }
+        self.authed = true;
+        vec![json!({"auth": "ok"}).to_string()]
     }
 
     /// Starts one task, or returns the error to answer at once.
     fn submit(&mut self, task: Value) -> Option<String> {
         let id = task.get("id").cloned().unwrap_or(Value::Null);
         let refuse = |error: GatewayError| Some(error_event(&id, &error));
+        if !task.is_object() {
+            // serde would read a struct from an array of its fields in order, too.
+            return refuse(GatewayError::new(
+                Kind::BadRequest,
+                "expected {\"id\": ..., \"function\": ..., \"args\": ...}",
+            ));
+        }
         let task: TaskMessage = match serde_json::from_value::<TaskMessage>(task) {
             Ok(task) if !task.function.is_empty() => task,
             Ok(_) => return refuse(GatewayError::new(Kind::BadRequest, "\"function\" is empty")),
