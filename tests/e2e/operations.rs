@@ -10,7 +10,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use warren_tests::relay::Relay;
 use warren_tests::{
-    ChildGuard, TestQueue, amqp_url, binary, eventually, free_addr, http_get, temp_dir,
+    ChildGuard, TestQueue, amqp_url, binary, eventually, free_addr, http_get, percent_encode,
+    temp_dir,
 };
 
 /// A Prometheus server of its own (Debian's `prometheus` package), scraping `targets` every
@@ -84,17 +85,6 @@ impl Prometheus {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-}
-
-fn percent_encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// A `warren-gateway` on `broker` allowing `echo` and `fail`, its operations listener on

@@ -594,6 +594,87 @@ async fn a_worker_configured_to_give_up_exits_with_an_error() {
     );
 }
 
+/// Only the publishing connection lost, and it cannot come back: the worker gives up and ends
+/// with an error, as when its consuming connection gives up, instead of holding its tasks
+/// forever on a consumer that still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_publishing_link_gives_up_exits_with_an_error() {
+    let _serial = SERIAL.lock().await;
+    let relay = Relay::start(warren_tests::broker_addr()).await;
+    let q = TestQueue::new("give-up-publish");
+    let name = format!("give-up-publish-{}", uuid::Uuid::new_v4());
+    let mut settings = WorkerSettings {
+        broker: BrokerSettings::new(relay.url(5)),
+        name: name.clone(),
+        ..q.worker_settings(2)
+    };
+    settings.broker.reconnect.max_attempts = Some(2);
+    let worker = q.worker_with(registry(), settings).await;
+
+    relay.refuse();
+    // Closed by the broker, through its management API (which lists a new connection after
+    // its next statistics round, up to 5 s): RabbitMQ's name for it is `name`, the one Warren
+    // gave it `user_provided_name`.
+    let publishing = format!("{name}/publish");
+    let api = "http://127.0.0.1:15672/api/connections";
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into();
+    let auth = "Basic Z3Vlc3Q6Z3Vlc3Q="; // guest:guest
+    let find = {
+        let agent = agent.clone();
+        move || -> Option<String> {
+            let listed: serde_json::Value = agent
+                .get(api)
+                .header("authorization", auth)
+                .call()
+                .ok()?
+                .body_mut()
+                .read_json()
+                .ok()?;
+            let connection = listed
+                .as_array()?
+                .iter()
+                .find(|c| c["user_provided_name"] == publishing.as_str())?;
+            connection["name"].as_str().map(str::to_owned)
+        }
+    };
+    let found = std::sync::Arc::new(std::sync::Mutex::new(None));
+    eventually(
+        "the publishing connection in the management API",
+        Duration::from_secs(20),
+        || {
+            let (find, found) = (find.clone(), found.clone());
+            async move {
+                let name = tokio::task::spawn_blocking(find).await.unwrap();
+                let listed = name.is_some();
+                *found.lock().unwrap() = name;
+                listed
+            }
+        },
+    )
+    .await;
+    let broker_name = found.lock().unwrap().take().unwrap();
+    tokio::task::spawn_blocking(move || {
+        let url = format!("{api}/{}", warren_tests::percent_encode(&broker_name));
+        agent
+            .delete(&url)
+            .header("authorization", auth)
+            .call()
+            .expect("closing the publishing connection");
+    })
+    .await
+    .unwrap();
+
+    let ended = tokio::time::timeout(Duration::from_secs(30), worker.wait()).await;
+    let result = ended.expect("the worker held its tasks forever on a dead publishing link");
+    assert!(
+        matches!(result, Err(warren_worker::WorkerError::GaveUp { .. })),
+        "{result:?}"
+    );
+}
+
 /// The private-node helper itself: a node of the test's own boots, refuses connections while
 /// its application is stopped, and serves again after it is started.
 #[tokio::test]

@@ -263,6 +263,18 @@ pub async fn http_get(url: String) -> Option<(u16, String)> {
     .unwrap_or_else(|e| panic!("GET {e}"))
 }
 
+/// `text` percent-encoded for a URL path segment or query value (unreserved bytes kept).
+pub fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// A plain connection to the test broker and a channel on it, for what a test does as an
 /// operator or a foreign client would (declare, delete).
 pub async fn raw_channel() -> (lapin::Connection, lapin::Channel) {

@@ -191,6 +191,11 @@ impl Supervisor {
                 LinkState::Up | LinkState::Blocked { .. } => {}
             }
             let publishing = self.publish.state();
+            if publishing == LinkState::Closed && self.publish.gave_up().is_some() {
+                // Holding would wait forever: the rebuild that follows finds the give-up and
+                // ends the worker, as when the consuming link gives up.
+                return End::Lost("the publishing connection stopped reconnecting".into());
+            }
             let cannot_publish = !publishing.is_up();
             if holding != cannot_publish {
                 holding = cannot_publish;
