@@ -93,6 +93,32 @@ async fn cli_reports_an_unreachable_broker_clearly() {
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
+/// Reading parked tasks never declares: a mistyped `--queue` is an error naming the queue it
+/// looked for, and leaves no queue behind.
+#[tokio::test]
+async fn cli_dlq_on_a_queue_that_does_not_exist_says_so_and_creates_nothing() {
+    let q = TestQueue::new("cli-dlq-typo");
+    for command in [
+        &["dlq", "list"][..],
+        &["dlq", "purge"],
+        &["dlq", "replay", "--all"],
+    ] {
+        let out = warren(&[&["--queue", q.name.as_str()][..], command].concat());
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{command:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!("no queue {}.dead", q.name)),
+            "{command:?}: {stderr}"
+        );
+    }
+    for name in [q.name.clone(), format!("{}.dead", q.name)] {
+        // A channel each: a passive declare that finds nothing closes its channel.
+        let (_connection, channel) = warren_tests::raw_channel().await;
+        let found = warren_tests::inspect_queue(&channel, &name).await;
+        assert!(found.is_err(), "{name} was created");
+    }
+}
+
 #[tokio::test]
 async fn cli_dlq_lists_shows_replays_and_purges() {
     use warren_shared::tasks::Echo;

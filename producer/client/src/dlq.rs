@@ -95,6 +95,18 @@ impl DeadLetter {
 }
 
 /// The next parked message, fetched without acking it (closing `channel` puts it back).
+/// Whether the broker answered `404 NOT_FOUND` (a passive declare of a missing queue).
+fn not_found(error: &lapin::Error) -> bool {
+    matches!(
+        error.kind(),
+        lapin::ErrorKind::ProtocolError(amqp)
+            if matches!(
+                amqp.kind(),
+                lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::NOTFOUND)
+            )
+    )
+}
+
 async fn next_dead(channel: &Channel, names: &QueueNames) -> Result<Option<Delivery>, Error> {
     let got = channel
         .basic_get(
@@ -107,6 +119,20 @@ async fn next_dead(channel: &Channel, names: &QueueNames) -> Result<Option<Deliv
 }
 
 impl Client {
+    /// The names of work queue `queue`, once its dead-letter queue is known to exist: looking
+    /// at parked tasks never declares anything, so a mistyped `--queue` creates no queues.
+    async fn parked_for(&self, queue: &str) -> Result<QueueNames, Error> {
+        topology::validate_queue_name(queue).map_err(Error::InvalidQueue)?;
+        let names = QueueNames::new(queue);
+        match self.queue_stats(&names.dead).await {
+            Ok(_) => Ok(names),
+            Err(Error::Broker(BrokerError::Amqp(e))) if not_found(&e) => {
+                Err(Error::NoSuchQueue(names.dead))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     async fn reading_channel(&self) -> Result<Channel, Error> {
         Ok(self
             .connection()
@@ -120,8 +146,7 @@ impl Client {
     /// # Errors
     /// [`Error::Broker`] when the queue does not exist or the broker cannot be read.
     pub async fn dead_letters(&self, queue: &str, limit: usize) -> Result<Vec<DeadLetter>, Error> {
-        self.declare_queue(queue).await?;
-        let names = QueueNames::new(queue);
+        let names = self.parked_for(queue).await?;
         let channel = self.reading_channel().await?;
         let mut found = Vec::new();
         while found.len() < limit {
@@ -146,8 +171,7 @@ impl Client {
     /// # Errors
     /// [`Error::Broker`] or [`Error::Publish`]; a task whose copy was not confirmed stays parked.
     pub async fn replay_dead_letters(&self, queue: &str, which: &Replay) -> Result<usize, Error> {
-        self.declare_queue(queue).await?;
-        let names = QueueNames::new(queue);
+        let names = self.parked_for(queue).await?;
         // What is parked now; copies parked again during the replay queue up behind these.
         let parked = self.queue_stats(&names.dead).await?.ready;
         let channel = self.reading_channel().await?;
@@ -201,8 +225,7 @@ impl Client {
     /// # Errors
     /// [`Error::Broker`].
     pub async fn purge_dead_letters(&self, queue: &str) -> Result<u32, Error> {
-        self.declare_queue(queue).await?;
-        let names = QueueNames::new(queue);
+        let names = self.parked_for(queue).await?;
         let channel = self.reading_channel().await?;
         let purged = channel
             .queue_purge(names.dead.as_str().into(), QueuePurgeOptions::default())

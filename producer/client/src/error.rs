@@ -24,6 +24,14 @@ pub enum Error {
     /// The queue name cannot be used.
     #[error("invalid queue name: {0}")]
     InvalidQueue(String),
+    /// A queue that is only read (the dead-letter commands) does not exist: nothing was sent to
+    /// its work queue yet and no worker consumed it, or the name is wrong. Never created by
+    /// reading.
+    #[error(
+        "no queue {0}: no task was sent to its work queue and no worker consumed it yet, or the \
+         queue name is wrong"
+    )]
+    NoSuchQueue(String),
     /// The arguments do not serialize to JSON.
     #[error("cannot encode the arguments: {0}")]
     Encode(serde_json::Error),
