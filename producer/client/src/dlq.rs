@@ -144,7 +144,8 @@ impl Client {
     /// Up to `limit` tasks parked for work queue `queue`, oldest first; they stay parked.
     ///
     /// # Errors
-    /// [`Error::Broker`] when the queue does not exist or the broker cannot be read.
+    /// [`Error::NoSuchQueue`] when the dead-letter queue does not exist (nothing is declared),
+    /// [`Error::Broker`] when the broker cannot be read.
     pub async fn dead_letters(&self, queue: &str, limit: usize) -> Result<Vec<DeadLetter>, Error> {
         let names = self.parked_for(queue).await?;
         let channel = self.reading_channel().await?;
@@ -169,7 +170,8 @@ impl Client {
     /// again during the replay therefore stays parked, instead of being replayed in a loop.
     ///
     /// # Errors
-    /// [`Error::Broker`] or [`Error::Publish`]; a task whose copy was not confirmed stays parked.
+    /// [`Error::NoSuchQueue`], [`Error::Broker`] or [`Error::Publish`]; a task whose copy was
+    /// not confirmed stays parked.
     pub async fn replay_dead_letters(&self, queue: &str, which: &Replay) -> Result<usize, Error> {
         let names = self.parked_for(queue).await?;
         // What is parked now; copies parked again during the replay queue up behind these.
@@ -223,7 +225,7 @@ impl Client {
     /// Deletes every task parked for `queue`; returns how many there were.
     ///
     /// # Errors
-    /// [`Error::Broker`].
+    /// [`Error::NoSuchQueue`] or [`Error::Broker`].
     pub async fn purge_dead_letters(&self, queue: &str) -> Result<u32, Error> {
         let names = self.parked_for(queue).await?;
         let channel = self.reading_channel().await?;
