@@ -561,6 +561,14 @@ fn client_properties(
     properties
 }
 
+/// The heartbeat in whole seconds, as AMQP negotiates it: a part of a second rounds up, so that
+/// `500ms` is a 1 s heartbeat rather than none (0 turns heartbeats off, and only `0s` asks for
+/// that).
+fn heartbeat_secs(heartbeat: Duration) -> u16 {
+    let secs = heartbeat.as_secs() + u64::from(heartbeat.subsec_nanos() > 0);
+    u16::try_from(secs).unwrap_or(u16::MAX)
+}
+
 /// Opens a named connection with a heartbeat to the broker at `address` (one URL of
 /// [`BrokerSettings::url`]). lapin's auto-recovery is left off: the caller's
 /// [`Link`](crate::link::Link) replaces the connection when it is lost.
@@ -599,7 +607,7 @@ pub async fn connect(
         AMQPScheme::AMQP => OwnedTLSConfig::default(),
     };
     if uri.query.heartbeat.is_none() {
-        uri.query.heartbeat = Some(u16::try_from(settings.heartbeat.as_secs()).unwrap_or(u16::MAX));
+        uri.query.heartbeat = Some(heartbeat_secs(settings.heartbeat));
     }
     if uri.query.connection_timeout.is_none() {
         uri.query.connection_timeout =
@@ -695,6 +703,16 @@ pub async fn connect(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_part_of_a_second_of_heartbeat_rounds_up_and_only_zero_is_off() {
+        assert_eq!(heartbeat_secs(Duration::ZERO), 0);
+        assert_eq!(heartbeat_secs(Duration::from_millis(1)), 1);
+        assert_eq!(heartbeat_secs(Duration::from_millis(500)), 1);
+        assert_eq!(heartbeat_secs(Duration::from_secs(15)), 15);
+        assert_eq!(heartbeat_secs(Duration::from_millis(15_001)), 16);
+        assert_eq!(heartbeat_secs(Duration::from_secs(1 << 20)), u16::MAX);
+    }
 
     #[test]
     fn passwords_are_redacted() {

@@ -229,6 +229,26 @@ async fn worker_takes_its_settings_from_the_file_then_the_environment_then_the_f
     client.close().await;
 }
 
+/// A zero watchdog interval is refused with a message, not a panic in tokio's `interval`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_watchdog_interval_is_refused_clearly() {
+    let q = TestQueue::new("watchdog-zero");
+    let args = ["--queue", q.name.as_str(), "--watchdog-interval", "0s"];
+    let mut command =
+        tokio::process::Command::from(worker_command(&[("AMQP_URL", &amqp_url())], &args));
+    command.stderr(Stdio::piped()).kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(30), command.output())
+        .await
+        .expect("the worker exits")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("watchdog_interval must be more than 0") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_typo_in_the_file_stops_the_worker_with_the_key_and_the_file() {
     let file = tempfile::NamedTempFile::new().unwrap();

@@ -126,6 +126,11 @@ pub async fn start(
             "concurrency must be at least 1".into(),
         ));
     }
+    if settings.watchdog_interval.is_zero() {
+        return Err(WorkerError::Settings(
+            "watchdog_interval must be more than 0 (the default is 10s)".into(),
+        ));
+    }
     topology::validate_queue_name(&settings.queue).map_err(WorkerError::Settings)?;
     topology::validate_functions_exchange(&settings.functions_exchange)
         .map_err(WorkerError::Settings)?;
