@@ -149,13 +149,19 @@ async fn a_call_in_flight_across_a_cut_fails_fast() {
     let worker = q.worker(registry(), 2).await;
     let client = client_at(&q, &relay.url(5), |_| {}).await;
 
+    // Long enough that the cut always comes before the reply could, however slowly this
+    // test sees the task start on a loaded machine (with 3 s, a run once cut just after the
+    // reply had come through).
+    let task_time = Duration::from_secs(10);
     let call = {
         let client = client.clone();
         tokio::spawn(async move {
             let started = Instant::now();
             let result = client
                 .call_with(
-                    &Sleep { ms: 3_000 },
+                    &Sleep {
+                        ms: u64::try_from(task_time.as_millis()).unwrap(),
+                    },
                     &CallOptions::default().timeout(Duration::from_secs(30)),
                 )
                 .await;
@@ -164,7 +170,7 @@ async fn a_call_in_flight_across_a_cut_fails_fast() {
     };
     eventually(
         "the call to reach the worker",
-        Duration::from_secs(10),
+        Duration::from_secs(5),
         || async { worker.health().in_flight == 1 },
     )
     .await;
@@ -172,7 +178,7 @@ async fn a_call_in_flight_across_a_cut_fails_fast() {
     let (elapsed, result) = call.await.unwrap();
     assert!(matches!(result, Err(Error::ConnectionLost)), "{result:?}");
     assert!(
-        elapsed < Duration::from_secs(3),
+        elapsed < task_time,
         "the call waited {elapsed:?} for a reply that could not come"
     );
     assert_eq!(client.pending_calls(), 0);
