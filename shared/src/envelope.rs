@@ -509,6 +509,15 @@ fn read_protocol(h: Option<&FieldTable>) -> Option<Result<i64, String>> {
     Some(as_int(value).ok_or_else(|| describe(value)))
 }
 
+/// The id of the task with properties `p`: its `message_id`, else its `correlation_id`, else a
+/// fresh one.
+fn task_id(p: &BasicProperties) -> TaskId {
+    p.message_id()
+        .as_ref()
+        .or(p.correlation_id().as_ref())
+        .map_or_else(TaskId::new, |id| TaskId::from(id.to_string()))
+}
+
 /// What a worker reads from a delivery before it looks at the body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Incoming {
@@ -541,11 +550,8 @@ impl Incoming {
     /// Reads an envelope from message properties.
     pub fn read(p: &BasicProperties) -> Self {
         let h = p.headers().as_ref();
-        let message_id = p.message_id().as_ref().map(|s| s.to_string());
         let correlation_id = p.correlation_id().as_ref().map(|s| s.to_string());
-        let id = message_id
-            .or_else(|| correlation_id.clone())
-            .map_or_else(TaskId::new, TaskId::from);
+        let id = task_id(p);
         let reply_to = match p.reply_to().as_ref().map(ShortString::as_str) {
             None | Some("") => ReplyTo::None,
             Some(address) => match check_reply_to(address) {
@@ -762,7 +768,7 @@ pub fn replay_copy(parked: &BasicProperties) -> BasicProperties {
     set_header_int(&mut h, headers::ATTEMPT, 1);
     // A copy the broker parked itself may carry `user_id`; one parked by an older worker,
     // `expiration` too.
-    copy_properties(parked, &Incoming::read(parked).id, h)
+    copy_properties(parked, &task_id(parked), h)
 }
 
 /// The `correlation_id` of a reply, which names the call it answers.

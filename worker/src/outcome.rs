@@ -143,21 +143,23 @@ impl Settler {
         let published = self
             .publish_outcome(None, delivery, envelope, outcome, Step::First)
             .await;
-        let mut parked = false;
-        if let Err((step, e)) = published {
-            let refusal = if refused_by_broker(&e, self.link()) {
-                self.settle_refused(delivery, envelope, outcome, step, &e)
-                    .await
-            } else {
-                Refusal::Failed
-            };
-            if refusal == Refusal::Failed {
-                tracing::warn!(task.id = %envelope.id, error = %e, "could not publish the outcome; handing the task back");
-                self.hand_back(delivery).await;
-                return Settled::Requeued;
+        let parked = match published {
+            Ok(()) => false,
+            Err((step, e)) => {
+                let refusal = if refused_by_broker(&e, self.link()) {
+                    self.settle_refused(delivery, envelope, outcome, step, &e)
+                        .await
+                } else {
+                    Refusal::Failed
+                };
+                if refusal == Refusal::Failed {
+                    tracing::warn!(task.id = %envelope.id, error = %e, "could not publish the outcome; handing the task back");
+                    self.hand_back(delivery).await;
+                    return Settled::Requeued;
+                }
+                refusal == Refusal::Parked
             }
-            parked = refusal == Refusal::Parked;
-        }
+        };
         // Bounded: an ack on a channel that is being recovered must not hold a slot forever.
         let acked = tokio::time::timeout(
             self.publish_timeout,

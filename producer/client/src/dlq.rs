@@ -94,7 +94,6 @@ impl DeadLetter {
     }
 }
 
-/// The next parked message, fetched without acking it (closing `channel` puts it back).
 /// Whether the broker answered `404 NOT_FOUND` (a passive declare of a missing queue).
 fn not_found(error: &lapin::Error) -> bool {
     matches!(
@@ -107,6 +106,7 @@ fn not_found(error: &lapin::Error) -> bool {
     )
 }
 
+/// The next parked message, fetched without acking it (closing `channel` puts it back).
 async fn next_dead(channel: &Channel, names: &QueueNames) -> Result<Option<Delivery>, Error> {
     let got = channel
         .basic_get(
@@ -119,13 +119,14 @@ async fn next_dead(channel: &Channel, names: &QueueNames) -> Result<Option<Deliv
 }
 
 impl Client {
-    /// The names of work queue `queue`, once its dead-letter queue is known to exist: looking
-    /// at parked tasks never declares anything, so a mistyped `--queue` creates no queues.
-    async fn parked_for(&self, queue: &str) -> Result<QueueNames, Error> {
+    /// The names of work queue `queue` and how many tasks are parked for it, once its
+    /// dead-letter queue is known to exist: looking at parked tasks never declares anything,
+    /// so a mistyped `--queue` creates no queues.
+    async fn parked_for(&self, queue: &str) -> Result<(QueueNames, u32), Error> {
         topology::validate_queue_name(queue).map_err(Error::InvalidQueue)?;
         let names = QueueNames::new(queue);
         match self.queue_stats(&names.dead).await {
-            Ok(_) => Ok(names),
+            Ok(stats) => Ok((names, stats.ready)),
             Err(Error::Broker(BrokerError::Amqp(e))) if not_found(&e) => {
                 Err(Error::NoSuchQueue(names.dead))
             }
@@ -147,7 +148,7 @@ impl Client {
     /// [`Error::NoSuchQueue`] when the dead-letter queue does not exist (nothing is declared),
     /// [`Error::Broker`] when the broker cannot be read.
     pub async fn dead_letters(&self, queue: &str, limit: usize) -> Result<Vec<DeadLetter>, Error> {
-        let names = self.parked_for(queue).await?;
+        let (names, _) = self.parked_for(queue).await?;
         let channel = self.reading_channel().await?;
         let mut found = Vec::new();
         while found.len() < limit {
@@ -173,9 +174,8 @@ impl Client {
     /// [`Error::NoSuchQueue`], [`Error::Broker`] or [`Error::Publish`]; a task whose copy was
     /// not confirmed stays parked.
     pub async fn replay_dead_letters(&self, queue: &str, which: &Replay) -> Result<usize, Error> {
-        let names = self.parked_for(queue).await?;
         // What is parked now; copies parked again during the replay queue up behind these.
-        let parked = self.queue_stats(&names.dead).await?.ready;
+        let (names, parked) = self.parked_for(queue).await?;
         let channel = self.reading_channel().await?;
         let mut replayed = 0;
         let mut sent_back = std::collections::HashSet::new();
@@ -227,7 +227,7 @@ impl Client {
     /// # Errors
     /// [`Error::NoSuchQueue`] or [`Error::Broker`].
     pub async fn purge_dead_letters(&self, queue: &str) -> Result<u32, Error> {
-        let names = self.parked_for(queue).await?;
+        let (names, _) = self.parked_for(queue).await?;
         let channel = self.reading_channel().await?;
         let purged = channel
             .queue_purge(names.dead.as_str().into(), QueuePurgeOptions::default())

@@ -97,8 +97,8 @@ pub struct GatewayConfig {
     #[arg(long, env = "WARREN_GATEWAY_MAX_CONNECTIONS_PER_PEER")]
     pub max_connections_per_peer: NonZeroUsize,
     /// Serve Prometheus metrics (`/metrics`) and health checks (`/healthz`, `/readyz`: ready
-    /// while the broker connection is up, an alarm blocking it included) on this address, e.g. `127.0.0.1:9465`. Off by
-    /// default; see docs/operations.md.
+    /// while the broker connection is up, an alarm blocking it included) on this address, e.g.
+    /// `127.0.0.1:9465`. Off by default; see docs/operations.md.
     #[arg(long, env = "WARREN_METRICS_ADDR", value_name = "ADDR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics: Option<SocketAddr>,

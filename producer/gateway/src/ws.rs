@@ -239,14 +239,14 @@ impl Connection {
     }
 
     fn on_auth(&mut self, token: &Value) -> Vec<String> {
-        let limits = self.shared.limits();
-        // Without a token configured any `auth` is answered ok, a `false` or `null` too (what
-        // PHP's `json_encode` makes of an unset variable).
-        let matches = match token.as_str() {
-            Some(token) => limits.token_matches(token),
-            None => !limits.requires_token(),
-        };
-        if !matches {
+        // A value that is not a string is an empty token, as on the Text bridge: ok without a
+        // token configured (`false` is PHP's `json_encode` of an unset variable), wrong with one
+        // (a configured token is never empty).
+        if !self
+            .shared
+            .limits()
+            .token_matches(token.as_str().unwrap_or_default())
+        {
             return vec![self.unauthorized()];
         }
         self.authed = true;

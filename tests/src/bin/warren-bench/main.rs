@@ -1621,6 +1621,16 @@ mod ops_cost {
         ("fire_cpu_us", "(c) CPU per task, us", false),
     ];
 
+    /// The cost of `value` against `base`: the share of throughput lost, or of latency or CPU
+    /// added.
+    fn cost(value: f64, base: f64, higher_is_better: bool) -> f64 {
+        if higher_is_better {
+            1.0 - value / base
+        } else {
+            value / base - 1.0
+        }
+    }
+
     pub(super) async fn run(args: &Args) -> Result<()> {
         let modes: Vec<Mode> = args.ops_modes.iter().map(|m| Mode::parse(m)).collect();
         if modes.len() < 2 {
@@ -1676,12 +1686,7 @@ mod ops_cost {
             for (i, value) in medians.iter().enumerate() {
                 print!(" {value:>10.precision$}");
                 if i > 0 {
-                    // Cost: the share of throughput lost, or of latency/CPU added.
-                    let cost = if higher_is_better {
-                        1.0 - value / medians[0]
-                    } else {
-                        value / medians[0] - 1.0
-                    };
+                    let cost = cost(*value, medians[0], higher_is_better);
                     print!(" {:>7.1}%", cost * 100.0);
                 }
             }
@@ -1706,13 +1711,7 @@ mod ops_cost {
                         .iter()
                         .zip(&rounds[0])
                         .filter_map(|(f, base)| Some((figure(f)?, figure(base)?)))
-                        .map(|(value, base)| {
-                            if higher_is_better {
-                                1.0 - value / base
-                            } else {
-                                value / base - 1.0
-                            }
-                        })
+                        .map(|(value, base)| cost(value, base, higher_is_better))
                         .collect();
                     median(&pairs)
                 })
