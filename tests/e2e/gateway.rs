@@ -432,6 +432,7 @@ async fn ws_limits_busy_token_size_and_idle() {
         max_message_bytes: 4096,
         max_in_flight: 2,
         idle_timeout: Duration::from_millis(500),
+        ..Limits::default()
     })
     .await;
 
@@ -689,6 +690,7 @@ async fn text_limits_token_busy_and_slowloris() {
         max_message_bytes: 4096,
         max_in_flight: 1,
         idle_timeout: Duration::from_millis(500),
+        ..Limits::default()
     })
     .await;
 

@@ -26,4 +26,8 @@ def nan(args, ctx):
     return {"value": float("nan"), "pid": os.getpid()}
 
 
-warren.serve({"add": add, "boom": boom, "context": context, "nan": nan})
+def big(args, ctx):
+    return "x" * args["bytes"]
+
+
+warren.serve({"add": add, "boom": boom, "context": context, "nan": nan, "big": big})

@@ -40,6 +40,8 @@ pub(crate) struct Executor {
     /// Policy of functions registered without one of their own.
     pub(crate) policy: Policy,
     pub(crate) max_body_bytes: usize,
+    /// Larger results are not published: the task fails for good as `too_large`.
+    pub(crate) max_result_bytes: usize,
     /// Cancelled when the worker gives up on running tasks (forced shutdown).
     pub(crate) abort: CancellationToken,
 }
@@ -221,6 +223,14 @@ impl Executor {
         let mut run = tokio::spawn((entry.run)(request.args, ctx).in_current_span());
         let failed = tokio::select! {
             joined = &mut run => match joined {
+                Ok(Ok(value)) if value.get().len() > self.max_result_bytes => (
+                    TaskFailure::new(ErrorKind::TooLarge, format!(
+                        "the result is {} bytes of JSON; this worker publishes at most {} (max_result_bytes)",
+                        value.get().len(), self.max_result_bytes,
+                    )),
+                    // The same task would make the same result.
+                    Retry::Permanent,
+                ),
                 Ok(Ok(value)) => {
                     tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "task done");
                     return Outcome::Reply(Reply::Ok(value));
@@ -315,6 +325,7 @@ mod tests {
     use lapin::types::FieldTable;
     use proptest::strategy::Strategy;
     use std::time::Duration;
+    use warren_shared::RawJson;
     use warren_shared::envelope::headers;
 
     fn failure() -> TaskFailure {
@@ -366,6 +377,11 @@ mod tests {
         );
     }
 
+    /// `value` as a handler's result.
+    fn raw(value: &serde_json::Value) -> RawJson {
+        RawJson::to_json(value).expect("test value")
+    }
+
     fn executor() -> Executor {
         use warren_shared::tasks::{Echo, Sleep, Slept};
         let registry = Registry::new()
@@ -382,6 +398,7 @@ mod tests {
                 ..Policy::default()
             },
             max_body_bytes: 4096,
+            max_result_bytes: 4096,
             abort: CancellationToken::new(),
         }
     }
@@ -484,12 +501,12 @@ mod tests {
             ))));
         }
         match request.function.as_str() {
-            "echo" => Ok(Outcome::Reply(Reply::Ok(request.args))),
+            "echo" => Ok(Outcome::Reply(Reply::Ok(raw(&request.args)))),
             "sleep" => match serde_json::from_value::<warren_shared::tasks::Sleep>(request.args) {
                 Err(_) => Ok(rejected(ErrorKind::InvalidArgs, "")),
-                Ok(s) if s.ms == 0 => Ok(Outcome::Reply(Reply::Ok(
-                    serde_json::json!({ "slept_ms": 0 }),
-                ))),
+                Ok(s) if s.ms == 0 => Ok(Outcome::Reply(Reply::Ok(raw(
+                    &serde_json::json!({ "slept_ms": 0 }),
+                )))),
                 Ok(_) => Err(ErrorKind::Timeout),
             },
             _ => Ok(rejected(ErrorKind::UnknownFunction, "")),
@@ -498,7 +515,7 @@ mod tests {
 
     /// `got` is `want`, messages aside.
     fn same_verdict(got: &Outcome, want: &Result<Outcome, ErrorKind>) -> bool {
-        let kind = |reply: &Reply| match reply {
+        let kind = |reply: &Reply<RawJson>| match reply {
             Reply::Ok(v) => Ok(v.clone()),
             Reply::Err(f) => Err(f.kind),
         };
@@ -596,7 +613,7 @@ mod tests {
         envelope::set_header_int(&mut h, headers::ATTEMPT, i64::from(u32::MAX));
         assert_eq!(
             judge(body, Some(h), None),
-            Outcome::Reply(Reply::Ok(serde_json::json!(1)))
+            Outcome::Reply(Reply::Ok(raw(&serde_json::json!(1))))
         );
         assert!(matches!(
             after_failure(&policy(), u32::MAX, None, failure(), Retry::Retryable),
@@ -644,7 +661,7 @@ mod tests {
         // The forms that are integers still work: a decimal string, any integer width.
         assert_eq!(
             with(headers::PROTOCOL, AMQPValue::ShortString("1".into())),
-            Outcome::Reply(Reply::Ok(serde_json::json!(1)))
+            Outcome::Reply(Reply::Ok(raw(&serde_json::json!(1))))
         );
         assert!(matches!(
             with(headers::DEADLINE, AMQPValue::LongLongInt(1)),
@@ -656,13 +673,45 @@ mod tests {
     }
 
     #[test]
+    fn a_result_over_max_result_bytes_fails_for_good_as_too_large() {
+        let mut executor = executor();
+        executor.max_result_bytes = 10;
+        let judge_with = |executor: &Executor, args: &str| {
+            let body = format!(r#"{{"function":"echo","args":{args}}}"#).into_bytes();
+            let delivery = Delivery::mock(1, "".into(), "q".into(), false, body);
+            let envelope = Envelope::of(&delivery);
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime")
+                .block_on(executor.execute(&delivery, &envelope))
+        };
+        // Ten bytes of JSON are published; eleven are not.
+        assert_eq!(
+            judge_with(&executor, r#""12345678""#),
+            Outcome::Reply(Reply::Ok(raw(&serde_json::json!("12345678"))))
+        );
+        let outcome = judge_with(&executor, r#""123456789""#);
+        let Outcome::DeadLetter { reason, failure } = &outcome else {
+            panic!("{outcome:?}")
+        };
+        assert_eq!(*reason, DeadReason::PermanentFailure);
+        assert_eq!(failure.kind, ErrorKind::TooLarge);
+        assert!(
+            failure.message.contains("11 bytes") && failure.message.contains("at most 10"),
+            "{}",
+            failure.message
+        );
+    }
+
+    #[test]
     fn a_reply_address_the_broker_would_choke_on_is_rejected() {
         let body = br#"{"function":"echo","args":1}"#.to_vec();
         let outcome = judge(body.clone(), None, Some("amq.rabbitmq.reply-to.AAAA.x"));
         assert!(rejected_as(&outcome, ErrorKind::BadRequest), "{outcome:?}");
         assert_eq!(
             judge(body, None, Some("my.replies")),
-            Outcome::Reply(Reply::Ok(serde_json::json!(1)))
+            Outcome::Reply(Reply::Ok(raw(&serde_json::json!(1))))
         );
     }
 

@@ -10,15 +10,15 @@ use std::future::Future;
 use std::sync::Arc;
 
 use serde_json::Value;
-use warren_shared::Policy;
 use warren_shared::pool::BoxFuture;
+use warren_shared::{Policy, RawJson};
 
 use crate::handler::{Handler, Run, TaskContext, TaskError, handler_fn};
 use warren_shared::Task;
 
-/// A handler's outcome before it becomes a reply: the result, or the failure with its retry
-/// advice.
-pub(crate) type HandlerResult = Result<Value, HandlerFailure>;
+/// A handler's outcome before it becomes a reply: the result as JSON text (serialized once,
+/// never held as a tree), or the failure with its retry advice.
+pub(crate) type HandlerResult = Result<RawJson, HandlerFailure>;
 
 /// Why a registered function did not produce a result.
 #[derive(Debug, Clone)]
@@ -32,9 +32,9 @@ pub(crate) enum HandlerFailure {
 pub(crate) type ErasedHandler =
     Arc<dyn Fn(Value, TaskContext) -> BoxFuture<HandlerResult> + Send + Sync>;
 
-/// A handler on raw JSON: arguments in, a result or a typed error out.
+/// A handler on raw JSON: arguments in, a result (JSON text) or a typed error out.
 pub(crate) type DynamicHandler =
-    Arc<dyn Fn(Value, TaskContext) -> BoxFuture<Result<Value, TaskError>> + Send + Sync>;
+    Arc<dyn Fn(Value, TaskContext) -> BoxFuture<Result<RawJson, TaskError>> + Send + Sync>;
 
 /// A registered function: how to run it, and its policy when it has one of its own.
 #[derive(Clone)]
@@ -128,7 +128,7 @@ impl Registry {
                     HandlerFailure::InvalidArgs(format!("arguments of {:?}: {e}", T::NAME))
                 })?;
                 let output = handler.run(task, ctx).await.map_err(HandlerFailure::Task)?;
-                serde_json::to_value(output).map_err(|e| {
+                RawJson::to_json(&output).map_err(|e| {
                     HandlerFailure::Task(TaskError::permanent(format!(
                         "result of {:?} does not serialize: {e}",
                         T::NAME
@@ -214,9 +214,12 @@ mod tests {
         }
     }
 
-    async fn run(registry: &Registry, args: Value) -> HandlerResult {
+    /// Runs `add`, with its result parsed back into a `Value`.
+    async fn run(registry: &Registry, args: Value) -> Result<Value, HandlerFailure> {
         let entry = registry.get("add").expect("registered");
-        (entry.run)(args, TaskContext::new(TaskId::new(), "add")).await
+        (entry.run)(args, TaskContext::new(TaskId::new(), "add"))
+            .await
+            .map(|result| result.parse().expect("a result is JSON"))
     }
 
     #[tokio::test]

@@ -157,6 +157,7 @@ pub async fn start(
         registry,
         policy: settings.policy.clone(),
         max_body_bytes: settings.max_body_bytes,
+        max_result_bytes: settings.max_result_bytes,
         abort: abort.clone(),
     };
     let settler = Settler {

@@ -78,6 +78,17 @@ pub struct GatewayConfig {
     /// Tasks one connection may have in flight; more are answered `busy`.
     #[arg(long, env = "WARREN_GATEWAY_MAX_IN_FLIGHT")]
     pub max_in_flight: NonZeroUsize,
+    /// Tasks one websocket batch may hold; a longer batch is refused whole (`bad_request`).
+    #[arg(long, env = "WARREN_GATEWAY_MAX_BATCH")]
+    pub max_batch: NonZeroUsize,
+    /// Bytes one connection's calls may hold (requests, and results until written); a request
+    /// that does not fit is answered `busy`.
+    #[arg(long, env = "WARREN_GATEWAY_MAX_IN_FLIGHT_BYTES")]
+    pub max_in_flight_bytes: usize,
+    /// Bytes the calls of all connections together may hold; a request that does not fit is
+    /// answered `busy`.
+    #[arg(long, env = "WARREN_GATEWAY_MAX_GATEWAY_IN_FLIGHT_BYTES")]
+    pub max_gateway_in_flight_bytes: usize,
     /// Close connections that send nothing for this long with nothing in flight.
     #[arg(long, env = "WARREN_GATEWAY_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
     #[serde(with = "warren_shared::config::humantime_serde")]
@@ -112,6 +123,7 @@ impl Default for GatewayConfig {
             shutdown_grace,
             max_connections,
             max_connections_per_peer,
+            max_gateway_in_flight_bytes,
             ..
         } = GatewaySettings::default();
         let Limits {
@@ -119,6 +131,8 @@ impl Default for GatewayConfig {
             token,
             max_message_bytes,
             max_in_flight,
+            max_batch,
+            max_in_flight_bytes,
             idle_timeout,
         } = limits;
         Self {
@@ -134,6 +148,9 @@ impl Default for GatewayConfig {
             no_declare: !ClientSettings::default().declare,
             max_message_bytes,
             max_in_flight: NonZeroUsize::new(max_in_flight).unwrap_or(NonZeroUsize::MIN),
+            max_batch: NonZeroUsize::new(max_batch).unwrap_or(NonZeroUsize::MIN),
+            max_in_flight_bytes,
+            max_gateway_in_flight_bytes,
             idle_timeout,
             call_timeout,
             shutdown_grace,
@@ -173,6 +190,9 @@ impl GatewayConfig {
             no_declare: _,
             max_message_bytes,
             max_in_flight,
+            max_batch,
+            max_in_flight_bytes,
+            max_gateway_in_flight_bytes,
             idle_timeout,
             call_timeout,
             shutdown_grace,
@@ -186,12 +206,15 @@ impl GatewayConfig {
                 token: token.filter(|t| !t.is_empty()),
                 max_message_bytes,
                 max_in_flight: max_in_flight.get(),
+                max_batch: max_batch.get(),
+                max_in_flight_bytes,
                 idle_timeout,
             },
             call_timeout,
             shutdown_grace,
             max_connections: max_connections.get(),
             max_connections_per_peer: max_connections_per_peer.get(),
+            max_gateway_in_flight_bytes,
             ..GatewaySettings::default()
         }
     }

@@ -17,6 +17,7 @@
 //! and returns. [`config`] holds the `warren-gateway` binary's flags, file and defaults.
 
 mod admission;
+mod budget;
 pub mod config;
 pub mod limits;
 pub mod metrics;
@@ -43,11 +44,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::GatewayConfig;
-pub use limits::{Allowlist, DEMO_FUNCTIONS, GatewayError, Kind, Limits};
+pub use limits::{Allowlist, DEMO_FUNCTIONS, GatewayError, Kind, Limits, MAX_ID_BYTES};
 
 use warren_client::{CallOptions, Client};
 
 use admission::Gate;
+use budget::Budget;
 
 /// The web page served at `/`: plain HTML and JS, no build step.
 const PAGE: &str = include_str!("page.html");
@@ -69,12 +71,17 @@ pub struct GatewaySettings {
     pub max_connections: usize,
     /// Connections one peer IP address may hold open at most, refused the same way.
     pub max_connections_per_peer: usize,
+    /// Bytes the calls of all connections together may hold (each connection also has its
+    /// own [`Limits::max_in_flight_bytes`]); a request that does not fit is answered `busy`.
+    pub max_gateway_in_flight_bytes: usize,
 }
 
 /// The default of [`GatewaySettings::max_connections`].
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// The default of [`GatewaySettings::max_connections_per_peer`].
 pub const DEFAULT_MAX_CONNECTIONS_PER_PEER: usize = 64;
+/// The default of [`GatewaySettings::max_gateway_in_flight_bytes`]: 256 MiB.
+pub const DEFAULT_MAX_GATEWAY_IN_FLIGHT_BYTES: usize = 256 * 1024 * 1024;
 /// The default port of the web page and websocket endpoint.
 pub const DEFAULT_HTTP_PORT: u16 = 8080;
 /// The default port of the Workerman Text bridge.
@@ -132,6 +139,7 @@ impl Default for GatewaySettings {
             queue_poll_interval: Duration::from_secs(1),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_peer: DEFAULT_MAX_CONNECTIONS_PER_PEER,
+            max_gateway_in_flight_bytes: DEFAULT_MAX_GATEWAY_IN_FLIGHT_BYTES,
         }
     }
 }
@@ -156,6 +164,8 @@ struct Shared {
     shutdown: CancellationToken,
     connections: TaskTracker,
     gate: Arc<Gate>,
+    /// Bytes the calls of every connection hold together.
+    budget: Arc<Budget>,
 }
 
 impl Shared {
@@ -185,6 +195,7 @@ pub async fn serve(
     let gate = Gate::new(settings.max_connections, settings.max_connections_per_peer);
     let shared = Arc::new(Shared {
         gate,
+        budget: Budget::new(settings.max_gateway_in_flight_bytes),
         settings,
         client,
         queue: queue_rx,
@@ -199,6 +210,7 @@ pub async fn serve(
         limits = ?shared.settings.limits,
         max_connections = shared.settings.max_connections,
         max_connections_per_peer = shared.settings.max_connections_per_peer,
+        max_gateway_in_flight_bytes = shared.settings.max_gateway_in_flight_bytes,
         "gateway serving"
     );
     let poller = tokio::spawn(poll_queue(shared.clone(), queue_tx));
@@ -339,6 +351,8 @@ async fn info(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response
         "auth_required": limits.token.is_some(),
         "max_in_flight": limits.max_in_flight,
         "max_message_bytes": limits.max_message_bytes,
+        "max_batch": limits.max_batch,
+        "max_in_flight_bytes": limits.max_in_flight_bytes,
     }))
     .into_response()
 }

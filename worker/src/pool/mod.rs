@@ -32,6 +32,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::oneshot;
+use warren_shared::RawJson;
 use warren_shared::protocol::epoch_millis;
 
 use crate::handler::{TaskContext, TaskError};
@@ -363,6 +364,22 @@ impl Pool {
         args: Value,
         ctx: &TaskContext,
     ) -> Result<Value, TaskError> {
+        let result = self.call_raw(function, args, ctx).await?;
+        result
+            .parse()
+            .map_err(|e| TaskError::permanent(format!("the result is not JSON: {e}")))
+    }
+
+    /// [`Pool::call`], the result as the task code wrote it: JSON text, never parsed.
+    ///
+    /// # Errors
+    /// As [`Pool::call`].
+    pub async fn call_raw(
+        &self,
+        function: &str,
+        args: Value,
+        ctx: &TaskContext,
+    ) -> Result<RawJson, TaskError> {
         match &self.inner.backend {
             Backend::Text(forwarder) => forwarder.call(function, args).await,
             Backend::Processes(supervisor) => {
@@ -495,7 +512,7 @@ impl Registry {
             let pool = pool.clone();
             let run: DynamicHandler = Arc::new(move |args: Value, ctx: TaskContext| {
                 let pool = pool.clone();
-                Box::pin(async move { pool.call(ctx.function(), args, &ctx).await })
+                Box::pin(async move { pool.call_raw(ctx.function(), args, &ctx).await })
             });
             // The registry keys functions by &'static str; pools are registered once at
             // start-up, so leaking their few names is bounded.

@@ -13,11 +13,9 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
-use tokio_util::codec::{
-    AnyDelimiterCodec, AnyDelimiterCodecError, FramedRead, LinesCodec, LinesCodecError,
-};
+use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, FramedRead, LinesCodecError};
 
-use super::protocol::{self, Frame, MAX_FRAME_BYTES, PROTOCOL_ENV, RUNNER_PROTOCOL};
+use super::protocol::{self, Frame, FrameLines, MAX_FRAME_BYTES, PROTOCOL_ENV, RUNNER_PROTOCOL};
 
 /// Longest stderr line forwarded as one log record.
 const MAX_LOG_LINE: usize = 64 * 1024;
@@ -49,7 +47,7 @@ pub(crate) struct Process {
     child: Child,
     pid: i32,
     stdin: Option<ChildStdin>,
-    stdout: FramedRead<ChildStdout, LinesCodec>,
+    stdout: FramedRead<ChildStdout, FrameLines>,
     /// The task it runs (or ran last), named in its forwarded log lines.
     task: Arc<Mutex<Option<String>>>,
     pub(crate) started: Instant,
@@ -101,7 +99,7 @@ impl Process {
             child,
             pid,
             stdin: Some(stdin),
-            stdout: FramedRead::new(stdout, LinesCodec::new_with_max_length(MAX_FRAME_BYTES)),
+            stdout: FramedRead::new(stdout, FrameLines::new(MAX_FRAME_BYTES)),
             task,
             started: Instant::now(),
             jobs: 0,
@@ -123,7 +121,7 @@ impl Process {
     pub(crate) async fn next(&mut self) -> Output {
         match self.stdout.next().await {
             None => Output::Closed,
-            Some(Ok(line)) => match protocol::parse(&line) {
+            Some(Ok(line)) => match protocol::parse(line) {
                 Ok(frame) => Output::Frame(frame),
                 Err(e) => Output::Garbage(e.to_string()),
             },

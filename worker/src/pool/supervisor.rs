@@ -17,7 +17,7 @@ use serde_json::Value;
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use warren_shared::ErrorKind;
+use warren_shared::{ErrorKind, RawJson};
 
 use super::PoolConfig;
 use super::process::{Output, Process, Spec};
@@ -44,7 +44,7 @@ pub(crate) struct Job {
     /// Put back in the queue once already, without an attempt, after the process it was
     /// written ahead to went before answering it (see [`release`]).
     pub(crate) spared: bool,
-    pub(crate) reply: oneshot::Sender<Result<Value, TaskError>>,
+    pub(crate) reply: oneshot::Sender<Result<RawJson, TaskError>>,
 }
 
 /// A task failed because its process died or broke the protocol: retried like any transient

@@ -1,0 +1,296 @@
+//! Memory bounded by bytes: what a burst of large messages costs the gateway and the worker,
+//! measured on the real binaries (`target/debug/warren-gateway`, `warren-worker`) from
+//! `/proc/<pid>/status`. Each test resets the process's peak (`clear_refs`) once it is
+//! started, and compares the peak after the burst with the resident size before it.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use warren_client::CallOptions;
+use warren_shared::ErrorKind;
+use warren_tests::{
+    ChildGuard, TestQueue, amqp_url, binary, eventually, free_addr, functions_exchange_of,
+};
+
+/// Bound on any single wait in these tests.
+const WAIT: Duration = Duration::from_secs(120);
+
+const MIB: u64 = 1024 * 1024;
+
+/// A field of `/proc/<pid>/status` (`VmRSS`, `VmHWM`), in bytes.
+fn status_bytes(pid: Pid, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
+    let kib: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    kib * 1024
+}
+
+/// Resets the process's peak resident size (`VmHWM`) to its current size, so that the peak
+/// read later is the burst's.
+fn reset_peak(pid: Pid) {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
+}
+
+/// `warren-gateway` sending every task to `queue`, with `extra` flags; its addresses.
+async fn gateway(queue: &str, extra: &[&str]) -> (ChildGuard, SocketAddr, SocketAddr) {
+    let (http, text) = (free_addr(), free_addr());
+    let mut command = std::process::Command::new(binary("warren-gateway"));
+    command
+        .args(["--queue", queue, "--allow", "echo"])
+        .args(["--http", &http.to_string(), "--text", &text.to_string()])
+        .args(extra)
+        .env("AMQP_URL", amqp_url())
+        .env("WARREN_FUNCTIONS_EXCHANGE", functions_exchange_of(queue))
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdout(std::process::Stdio::null());
+    let child = ChildGuard::spawn(command);
+    eventually("the gateway listens", WAIT, || async {
+        TcpStream::connect(text).await.is_ok() && TcpStream::connect(http).await.is_ok()
+    })
+    .await;
+    (child, http, text)
+}
+
+/// A websocket batch of 1 MiB whose every element is refusable (`[0,0,...]`), sent on four
+/// connections that never read: each is refused once, as one `bad_request` naming the batch
+/// limit, and the gateway grows by less than 64 MB in all (it used to expand each into a list
+/// of half a million refusals before writing any: about 110 MB a message).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_unread_one_mib_websocket_batches_grow_the_gateway_by_less_than_64_mb() {
+    let q = TestQueue::new("mem-ws");
+    let (gw, http, _) = gateway(&q.name, &[]).await;
+    let url = format!("ws://{http}/ws");
+    // Under the default --max-message-bytes (1 MiB).
+    let batch = format!("[{}]", vec!["0"; 524_000].join(","));
+    assert!(batch.len() < 1024 * 1024);
+    let before = status_bytes(gw.pid(), "VmRSS");
+    reset_peak(gw.pid());
+
+    let mut sockets = Vec::new();
+    for _ in 0..4 {
+        let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+        ws.send(Message::text(batch.clone())).await.unwrap();
+        sockets.push(ws);
+    }
+    // Only now read: what a socket holds was all made before the first answer is taken.
+    for ws in &mut sockets {
+        let answer = tokio::time::timeout(WAIT, ws.next()).await.unwrap();
+        let answer: Value = match answer {
+            Some(Ok(Message::Text(text))) => serde_json::from_str(&text).unwrap(),
+            other => panic!("expected one answer, got {other:?}"),
+        };
+        assert_eq!(answer["id"], Value::Null, "{answer}");
+        assert_eq!(answer["error"]["kind"], "bad_request", "{answer}");
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("at most 1000 tasks") && message.contains("max_batch"),
+            "{message}"
+        );
+    }
+    let grown = status_bytes(gw.pid(), "VmHWM").saturating_sub(before);
+    assert!(
+        grown < 64 * MIB,
+        "the gateway grew by {} MiB for 4 MiB of batches",
+        grown / MIB
+    );
+
+    // The connections are still usable, and an overlong id is refused without being echoed.
+    let ws = &mut sockets[0];
+    let id = "i".repeat(300);
+    ws.send(Message::text(
+        json!({"id": id, "function": "echo", "args": 1}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let answer = match tokio::time::timeout(WAIT, ws.next()).await.unwrap() {
+        Some(Ok(Message::Text(text))) => serde_json::from_str::<Value>(&text).unwrap(),
+        other => panic!("expected an answer, got {other:?}"),
+    };
+    assert_eq!(answer["id"], Value::Null, "{answer}");
+    assert_eq!(answer["error"]["kind"], "bad_request", "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("256 bytes")),
+        "{answer}"
+    );
+    drop(gw);
+}
+
+/// A thousand pipelined Text lines of 1 MiB each for a queue nobody consumes: the calls hold
+/// at most the connection's byte budget (`--max-in-flight-bytes`, 16 MiB by default), every
+/// line past it is answered `busy`, and the gateway's peak stays within that budget plus its
+/// buffers (it used to keep every line's parsed arguments, about 40 times the line, for all
+/// 1000 calls).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_one_mib_text_lines_with_no_worker_stay_within_the_byte_budget() {
+    let q = TestQueue::new("mem-text");
+    let (gw, _, text) = gateway(&q.name, &["--call-timeout", "30s"]).await;
+    let args = vec!["0"; 520_000].join(",");
+    let line = format!("{{\"function\":\"echo\",\"args\":[{args}]}}\n");
+    assert!(line.len() < 1024 * 1024);
+    let lines = 1000;
+    let before = status_bytes(gw.pid(), "VmRSS");
+    reset_peak(gw.pid());
+
+    let stream = TcpStream::connect(text).await.unwrap();
+    let (read, mut write) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        for _ in 0..lines {
+            write.write_all(line.as_bytes()).await.unwrap();
+        }
+        write
+    });
+    let mut answers = BufReader::new(read).lines();
+    let (mut busy, mut timed_out) = (0, 0);
+    for n in 0..lines {
+        let answer = tokio::time::timeout(WAIT, answers.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("answer {n} did not come"))
+            .unwrap()
+            .unwrap_or_else(|| panic!("closed before answer {n}"));
+        let answer: Value = serde_json::from_str(&answer).unwrap();
+        match answer["error"]["kind"].as_str() {
+            Some("busy") => {
+                busy += 1;
+                let message = answer["error"]["message"].as_str().unwrap();
+                assert!(message.contains("max_in_flight_bytes"), "{message}");
+            }
+            // Published, then no result: nothing consumes the queue.
+            Some("timeout") => timed_out += 1,
+            _ => panic!("unexpected answer {n}: {answer}"),
+        }
+    }
+    let _write = writer.await.unwrap();
+    let grown = status_bytes(gw.pid(), "VmHWM").saturating_sub(before);
+    // 16 MiB of 1 MiB lines: at most 16 calls at once (some may have ended before the last
+    // lines came in, making room for more).
+    assert!(timed_out >= 1, "no call was made");
+    assert!(
+        busy >= lines / 2,
+        "only {busy} of {lines} lines were answered busy"
+    );
+    let budget = 16 * MIB;
+    assert!(
+        grown < budget + 48 * MIB,
+        "the gateway grew by {} MiB; its budget is {} MiB",
+        grown / MIB,
+        budget / MIB
+    );
+    drop(gw);
+}
+
+fn tasks_py() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("pools/tasks.py")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// `warren-worker` on `queue` serving `big` from a Python pool, with `extra` flags.
+fn big_worker(queue: &str, extra: &[&str]) -> ChildGuard {
+    let exec = format!("python3 {}", tasks_py());
+    let mut args = vec![
+        "--exec",
+        exec.as_str(),
+        "--exec-functions",
+        "big",
+        "--exec-processes",
+        "1",
+        "--max-attempts",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    ChildGuard::worker(queue, &args)
+}
+
+/// A result of almost 16 MiB from a Python pool (the largest a runner line may carry) peaks
+/// the worker at less than 4 times its size: the result is kept as the child wrote it and
+/// published from a borrow (it used to be parsed into a tree and cloned twice, three copies
+/// and more).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_16_mib_pool_result_peaks_the_worker_below_four_times_its_size() {
+    let q = TestQueue::new("mem-result");
+    let worker = big_worker(&q.name, &["--max-result-bytes", "16777216"]);
+    let client = q.client().await;
+    let options = CallOptions::default().timeout(WAIT);
+    // Warmed up: the worker consumes and its Python process answers.
+    eventually("the worker serves big", WAIT, || async {
+        client
+            .call_json_with("big", json!({"bytes": 10}), &options)
+            .await
+            .is_ok()
+    })
+    .await;
+    let before = status_bytes(worker.pid(), "VmRSS");
+    reset_peak(worker.pid());
+
+    let size = 16 * 1024 * 1024 - 1024;
+    let result = client
+        .call_json_with("big", json!({"bytes": size}), &options)
+        .await
+        .unwrap();
+    assert_eq!(result.as_str().map(str::len), Some(size));
+    let grown = status_bytes(worker.pid(), "VmHWM").saturating_sub(before);
+    assert!(
+        grown < 4 * 16 * MIB,
+        "the worker grew by {} MiB for a 16 MiB result",
+        grown / MIB
+    );
+    drop(worker);
+}
+
+/// A result over `--max-result-bytes` is not published: the caller gets `too_large`, and the
+/// task is parked (the same task would make the same result).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_over_max_result_bytes_is_answered_too_large() {
+    let q = TestQueue::new("mem-too-large");
+    let _worker = big_worker(&q.name, &["--max-result-bytes", "1000"]);
+    let client = q.client().await;
+    let options = CallOptions::default().timeout(WAIT);
+    eventually("the worker serves big", WAIT, || async {
+        client
+            .call_json_with("big", json!({"bytes": 10}), &options)
+            .await
+            .is_ok()
+    })
+    .await;
+    // 998 bytes and its two quotes fit; one more does not.
+    let fits = client
+        .call_json_with("big", json!({"bytes": 998}), &options)
+        .await
+        .unwrap();
+    assert_eq!(fits.as_str().map(str::len), Some(998));
+    let refused = client
+        .call_json_with("big", json!({"bytes": 999}), &options)
+        .await
+        .unwrap_err();
+    let failure = refused.failure().expect("the worker's answer");
+    assert_eq!(failure.kind, ErrorKind::TooLarge, "{failure:?}");
+    assert!(
+        failure.message.contains("1001 bytes") && failure.message.contains("max_result_bytes"),
+        "{}",
+        failure.message
+    );
+    eventually("the task parked", WAIT, || async {
+        q.dead_count(&client).await == 1
+    })
+    .await;
+}
