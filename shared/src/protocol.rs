@@ -464,6 +464,46 @@ mod tests {
     }
 
     #[test]
+    fn a_raw_request_keeps_its_arguments_as_text_and_says_what_is_wrong_alike() {
+        let body = br#"{"args": [1, 2.50, {"a":null}], "x": {"function": 1}, "function":"echo"}"#;
+        let raw = Request::decode_raw(body).unwrap();
+        assert_eq!(raw.function, "echo");
+        assert_eq!(raw.args.get(), r#"[1, 2.50, {"a":null}]"#, "text, as sent");
+        assert_eq!(
+            serde_json::from_slice::<Value>(&raw.encode()).unwrap(),
+            json!({"function": "echo", "args": [1, 2.5, {"a": null}]})
+        );
+        assert_eq!(
+            Request::decode_raw(br#"{"function":"ping"}"#).unwrap().args,
+            RawJson::null()
+        );
+        // A repeated key keeps its last value, as a parse into a `Value` does.
+        let twice = br#"{"function":"echo","function":"sleep","args":1,"args":2}"#;
+        assert_eq!(Request::decode_raw(twice).unwrap().function, "sleep");
+        assert_eq!(Request::decode(twice).unwrap().args, json!(2));
+        for body in [
+            &b"{not json"[..],
+            b"[1]",
+            br#"{"function": 7}"#,
+            br#"{"function": ""}"#,
+        ] {
+            assert_eq!(
+                Request::decode_raw(body).unwrap_err(),
+                Request::decode(body).unwrap_err()
+            );
+        }
+    }
+
+    #[test]
+    fn a_raw_reply_is_written_as_its_text() {
+        let result = RawJson::from_string("[0,0, 0]".to_owned()).unwrap();
+        let body = Reply::Ok(result).encode();
+        assert_eq!(body, br#"{"ok":true,"result":[0,0, 0]}"#);
+        assert_eq!(Reply::decode(&body).unwrap(), Reply::Ok(json!([0, 0, 0])));
+        assert!(RawJson::from_string("[0,".to_owned()).is_err());
+    }
+
+    #[test]
     fn request_without_args_means_null() {
         let req = Request::decode(br#"{"function":"ping"}"#).unwrap();
         assert_eq!(req.args, Value::Null);

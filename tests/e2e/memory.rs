@@ -45,8 +45,11 @@ fn reset_peak(pid: Pid) {
     std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
 }
 
-/// `warren-gateway` sending every task to `queue`, with `extra` flags; its addresses.
-async fn gateway(queue: &str, extra: &[&str]) -> (ChildGuard, SocketAddr, SocketAddr) {
+/// `warren-gateway` sending every task to `q`'s queue, with `extra` flags; its addresses.
+async fn gateway(q: &TestQueue, extra: &[&str]) -> (ChildGuard, SocketAddr, SocketAddr) {
+    let queue = q.name.as_str();
+    // Declared (and deleted with `q`) before the gateway polls its depth.
+    q.client().await.declare_queue(queue).await.unwrap();
     let (http, text) = (free_addr(), free_addr());
     let mut command = std::process::Command::new(binary("warren-gateway"));
     command
@@ -75,7 +78,7 @@ async fn gateway(queue: &str, extra: &[&str]) -> (ChildGuard, SocketAddr, Socket
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_unread_one_mib_websocket_batches_grow_the_gateway_by_less_than_64_mb() {
     let q = TestQueue::new("mem-ws");
-    let (gw, http, _) = gateway(&q.name, &[]).await;
+    let (gw, http, _) = gateway(&q, &[]).await;
     let url = format!("ws://{http}/ws");
     // Under the default --max-message-bytes (1 MiB).
     let batch = format!("[{}]", vec!["0"; 524_000].join(","));
@@ -89,20 +92,14 @@ async fn four_unread_one_mib_websocket_batches_grow_the_gateway_by_less_than_64_
         ws.send(Message::text(batch.clone())).await.unwrap();
         sockets.push(ws);
     }
-    // Only now read: what a socket holds was all made before the first answer is taken.
+    // Only now read the first answer of each: what a socket holds was all made before.
+    let mut answers = Vec::new();
     for ws in &mut sockets {
         let answer = tokio::time::timeout(WAIT, ws.next()).await.unwrap();
-        let answer: Value = match answer {
-            Some(Ok(Message::Text(text))) => serde_json::from_str(&text).unwrap(),
-            other => panic!("expected one answer, got {other:?}"),
-        };
-        assert_eq!(answer["id"], Value::Null, "{answer}");
-        assert_eq!(answer["error"]["kind"], "bad_request", "{answer}");
-        let message = answer["error"]["message"].as_str().unwrap();
-        assert!(
-            message.contains("at most 1000 tasks") && message.contains("max_batch"),
-            "{message}"
-        );
+        answers.push(match answer {
+            Some(Ok(Message::Text(text))) => serde_json::from_str::<Value>(&text).unwrap(),
+            other => panic!("expected an answer, got {other:?}"),
+        });
     }
     let grown = status_bytes(gw.pid(), "VmHWM").saturating_sub(before);
     assert!(
@@ -110,6 +107,27 @@ async fn four_unread_one_mib_websocket_batches_grow_the_gateway_by_less_than_64_
         "the gateway grew by {} MiB for 4 MiB of batches",
         grown / MIB
     );
+    for (ws, answer) in sockets.iter_mut().zip(answers) {
+        assert_eq!(answer["id"], Value::Null, "{answer}");
+        assert_eq!(answer["error"]["kind"], "bad_request", "{answer}");
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("at most 1000 tasks") && message.contains("max_batch"),
+            "{message}"
+        );
+        // Once: the next message is the answer to the next request.
+        ws.send(Message::text(
+            json!({"id": "after", "function": "nope"}).to_string(),
+        ))
+        .await
+        .unwrap();
+        let next = match tokio::time::timeout(WAIT, ws.next()).await.unwrap() {
+            Some(Ok(Message::Text(text))) => serde_json::from_str::<Value>(&text).unwrap(),
+            other => panic!("expected an answer, got {other:?}"),
+        };
+        assert_eq!(next["id"], "after", "{next}");
+        assert_eq!(next["error"]["kind"], "forbidden", "{next}");
+    }
 
     // The connections are still usable, and an overlong id is refused without being echoed.
     let ws = &mut sockets[0];
@@ -142,7 +160,7 @@ async fn four_unread_one_mib_websocket_batches_grow_the_gateway_by_less_than_64_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_one_mib_text_lines_with_no_worker_stay_within_the_byte_budget() {
     let q = TestQueue::new("mem-text");
-    let (gw, _, text) = gateway(&q.name, &["--call-timeout", "30s"]).await;
+    let (gw, _, text) = gateway(&q, &["--call-timeout", "30s"]).await;
     let args = vec!["0"; 520_000].join(",");
     let line = format!("{{\"function\":\"echo\",\"args\":[{args}]}}\n");
     assert!(line.len() < 1024 * 1024);
@@ -204,21 +222,28 @@ fn tasks_py() -> String {
         .into_owned()
 }
 
-/// `warren-worker` on `queue` serving `big` from a Python pool, with `extra` flags.
-fn big_worker(queue: &str, extra: &[&str]) -> ChildGuard {
-    let exec = format!("python3 {}", tasks_py());
-    let mut args = vec![
-        "--exec",
-        exec.as_str(),
-        "--exec-functions",
-        "big",
-        "--exec-processes",
-        "1",
-        "--max-attempts",
-        "1",
-    ];
-    args.extend_from_slice(extra);
-    ChildGuard::worker(queue, &args)
+/// `warren-worker` on `queue` serving `big` from a Python pool, with `extra` flags and its
+/// result limit from the environment (`WARREN_MAX_RESULT_BYTES`) when `max_result_bytes` is
+/// given.
+fn big_worker(queue: &str, extra: &[&str], max_result_bytes: Option<usize>) -> ChildGuard {
+    let mut command = std::process::Command::new(binary("warren-worker"));
+    command
+        .args(["--queue", queue, "--exec"])
+        .arg(format!("python3 {}", tasks_py()))
+        .args(["--exec-functions", "big", "--exec-processes", "1"])
+        .args(["--max-attempts", "1"])
+        .args(extra)
+        .env("AMQP_URL", amqp_url())
+        .env("WARREN_FUNCTIONS_EXCHANGE", functions_exchange_of(queue))
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdout(std::process::Stdio::null());
+    if let Some(limit) = max_result_bytes {
+        command.env("WARREN_MAX_RESULT_BYTES", limit.to_string());
+    }
+    ChildGuard::spawn(command)
 }
 
 /// A result of almost 16 MiB from a Python pool (the largest a runner line may carry) peaks
@@ -228,7 +253,7 @@ fn big_worker(queue: &str, extra: &[&str]) -> ChildGuard {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_16_mib_pool_result_peaks_the_worker_below_four_times_its_size() {
     let q = TestQueue::new("mem-result");
-    let worker = big_worker(&q.name, &["--max-result-bytes", "16777216"]);
+    let worker = big_worker(&q.name, &[], Some(16 * 1024 * 1024));
     let client = q.client().await;
     let options = CallOptions::default().timeout(WAIT);
     // Warmed up: the worker consumes and its Python process answers.
@@ -262,7 +287,7 @@ async fn a_16_mib_pool_result_peaks_the_worker_below_four_times_its_size() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_over_max_result_bytes_is_answered_too_large() {
     let q = TestQueue::new("mem-too-large");
-    let _worker = big_worker(&q.name, &["--max-result-bytes", "1000"]);
+    let _worker = big_worker(&q.name, &["--max-result-bytes", "1000"], None);
     let client = q.client().await;
     let options = CallOptions::default().timeout(WAIT);
     eventually("the worker serves big", WAIT, || async {

@@ -9,8 +9,9 @@
 //! - [`text`]: a Workerman Text protocol bridge, a drop-in replacement for a Workerman task
 //!   worker: one JSON request per line in, one JSON line out, in request order.
 //!
-//! Both apply the same [`Limits`] (allowlist, token, sizes, in-flight, idle and write timeout)
-//! and share one cap on open connections, in total and per peer address; all are described
+//! Both apply the same [`Limits`] (allowlist, token, sizes, in-flight calls and bytes, idle and
+//! write timeout), share one budget of bytes held for calls (`budget`) and one cap on open
+//! connections, in total and per peer address; all are described
 //! with the message formats in `docs/gateway.md`. [`listen_addr`] is the binding policy: loopback
 //! unless a token is set or public exposure is asked for explicitly. [`serve`] runs everything until its shutdown
 //! token is cancelled, then stops reading, lets calls in flight finish within the grace period
