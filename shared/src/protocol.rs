@@ -425,6 +425,27 @@ impl<T: Json> Reply<T> {
     }
 }
 
+/// Parses a reply body, its result as `T`.
+fn decode_reply<T: Json>(body: &[u8]) -> Result<Reply<T>, serde_json::Error> {
+    let wire: WireReply<T> = serde_json::from_slice(body)?;
+    match (wire.ok, wire.error) {
+        (true, _) => Ok(Reply::Ok(wire.result.unwrap_or_default())),
+        (false, Some(failure)) => Ok(Reply::Err(failure)),
+        (false, None) => Err(serde::de::Error::missing_field("error")),
+    }
+}
+
+impl Reply<RawJson> {
+    /// [`Reply::decode`], keeping the result as text: checked to be JSON, not parsed into a
+    /// tree.
+    ///
+    /// # Errors
+    /// As [`Reply::decode`].
+    pub fn decode_raw(body: &[u8]) -> Result<Self, serde_json::Error> {
+        decode_reply(body)
+    }
+}
+
 impl Reply {
     /// Parses a reply body.
     ///
@@ -432,12 +453,7 @@ impl Reply {
     /// A [`serde_json::Error`] when the body is not a reply (not JSON, no `ok`, or `ok: false`
     /// without an `error`).
     pub fn decode(body: &[u8]) -> Result<Self, serde_json::Error> {
-        let wire: WireReply<Value> = serde_json::from_slice(body)?;
-        match (wire.ok, wire.error) {
-            (true, _) => Ok(Self::Ok(wire.result.unwrap_or_default())),
-            (false, Some(failure)) => Ok(Self::Err(failure)),
-            (false, None) => Err(serde::de::Error::missing_field("error")),
-        }
+        decode_reply(body)
     }
 }
 

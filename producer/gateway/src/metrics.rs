@@ -98,7 +98,7 @@ pub(crate) fn function_label(allow: &Allowlist, function: &str) -> String {
 }
 
 /// A call through the gateway ended with `result`.
-pub(crate) fn task_finished(function: String, result: &Result<Value, Error>) {
+pub(crate) fn task_finished<T>(function: String, result: &Result<T, Error>) {
     let outcome = match result {
         Ok(_) => "ok",
         Err(Error::Failed(_)) => "failed",

@@ -22,7 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::bytes::{Bytes, BytesMut};
 use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, Decoder, FramedRead};
-use warren_shared::Request;
+use warren_shared::{RawJson, Request};
 
 use super::Shared;
 use super::admission::{self, Admitted};
@@ -330,9 +330,17 @@ fn auth_line(line: &[u8]) -> Option<String> {
     }
 }
 
-/// A success answer: the bare JSON result, as a Workerman task worker sends it.
-fn result_line(result: &Value) -> String {
-    let mut line = result.to_string();
+/// A success answer: the bare JSON result, as a Workerman task worker sends it, as the worker
+/// wrote it. A line break in JSON text can only be whitespace between tokens (one in a string
+/// is escaped), so any is dropped: the answer stays one line.
+fn result_line(result: &RawJson) -> String {
+    let text = result.get();
+    let mut line = String::with_capacity(text.len() + 1);
+    if text.contains(['\n', '\r']) {
+        line.extend(text.chars().filter(|c| !matches!(c, '\n' | '\r')));
+    } else {
+        line.push_str(text);
+    }
     line.push('\n');
     line
 }
@@ -426,7 +434,13 @@ mod tests {
 
     #[test]
     fn answers_are_single_lines() {
-        assert_eq!(result_line(&json!("a\nb")), "\"a\\nb\"\n");
+        let raw = |text: &str| RawJson::from_string(text.to_owned()).expect("test value");
+        assert_eq!(result_line(&raw(r#""a\nb""#)), "\"a\\nb\"\n");
+        assert_eq!(
+            result_line(&raw("{\r\n  \"a\": [1,\n 2]\n}")),
+            "{  \"a\": [1, 2]}\n",
+            "a pretty-printed result from another worker is still one line"
+        );
         assert_eq!(
             error_line(&GatewayError::new(Kind::Busy, "m")),
             "{\"error\":{\"kind\":\"busy\",\"message\":\"m\"}}\n"

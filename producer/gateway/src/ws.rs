@@ -490,7 +490,7 @@ async fn call(
         &result,
     );
     let text = match result {
-        Ok(result) => json!({"id": &id, "ok": true, "result": result}).to_string(),
+        Ok(result) => result_event(&id, &result),
         Err(e) => error_event(&id, &GatewayError::from(e)),
     };
     held.add(text.len());
@@ -514,6 +514,23 @@ async fn send(socket: &mut WebSocket, message: Message, limit: Duration) -> bool
             false
         }
     }
+}
+
+/// `{"id": ..., "ok": true, "result": ...}`, the result written as the worker wrote it.
+fn result_event(id: &RawValue, result: &RawJson) -> String {
+    #[derive(serde::Serialize)]
+    struct ResultEvent<'a> {
+        id: &'a RawValue,
+        ok: bool,
+        result: &'a RawJson,
+    }
+    // Two pieces of JSON text and a bool always serialize.
+    serde_json::to_string(&ResultEvent {
+        id,
+        ok: true,
+        result,
+    })
+    .unwrap_or_default()
 }
 
 /// `{"id": ..., "ok": false, "error": {...}}`.
