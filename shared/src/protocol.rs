@@ -201,8 +201,10 @@ impl Request<RawJson> {
 /// Parses a request body; only the arguments are kept as `A`, the rest is read without a tree.
 fn decode_request<A: Json>(body: &[u8]) -> Result<Request<A>, TaskFailure> {
     let bad = |message: String| TaskFailure::new(ErrorKind::BadRequest, message);
-    let body: &RawValue =
-        serde_json::from_slice(body).map_err(|e| bad(format!("body is not valid JSON: {e}")))?;
+    // Checked as a parse into a tree would check it (nesting depth included), without the tree.
+    let not_json = |e: serde_json::Error| bad(format!("body is not valid JSON: {e}"));
+    serde_json::from_slice::<Checked>(body).map_err(not_json)?;
+    let body: &RawValue = serde_json::from_slice(body).map_err(not_json)?;
     let kind = raw_json_type(body);
     if kind != "an object" {
         return Err(bad(format!(
@@ -267,6 +269,57 @@ impl<'de> Deserialize<'de> for Fields<'de> {
             }
         }
         deserializer.deserialize_map(Visitor)
+    }
+}
+
+/// Any JSON value, read as a parse into a [`Value`] reads it (strings decoded, nesting depth
+/// limited) and dropped as it goes: no tree is built.
+struct Checked;
+
+impl<'de> Deserialize<'de> for Checked {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Checked;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Checked, E> {
+                Ok(Checked)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Checked, E> {
+                Ok(Checked)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Checked, E> {
+                Ok(Checked)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Checked, E> {
+                Ok(Checked)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Checked, E> {
+                Ok(Checked)
+            }
+            fn visit_unit<E>(self) -> Result<Checked, E> {
+                Ok(Checked)
+            }
+            fn visit_seq<S: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: S,
+            ) -> Result<Checked, S::Error> {
+                while seq.next_element::<Checked>()?.is_some() {}
+                Ok(Checked)
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                mut map: M,
+            ) -> Result<Checked, M::Error> {
+                while map.next_key::<Checked>()?.is_some() {
+                    map.next_value::<Checked>()?;
+                }
+                Ok(Checked)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
     }
 }
 

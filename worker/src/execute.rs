@@ -20,7 +20,7 @@ use tracing::Instrument;
 use warren_shared::envelope::{self, ReplyTo};
 use warren_shared::protocol;
 use warren_shared::trace::{Operation, SpanTask, TaskSpan};
-use warren_shared::{ErrorKind, Policy, Reply, Request, TaskFailure};
+use warren_shared::{ErrorKind, Policy, RawJson, Reply, Request, TaskFailure};
 
 use crate::handler::{Retry, TaskContext};
 use crate::outcome::{DeadReason, Envelope, Outcome};
@@ -135,7 +135,9 @@ impl Executor {
             Ok(checked) => checked,
             Err(outcome) => return outcome,
         };
-        let request = match Request::decode(&delivery.data) {
+        // The arguments stay JSON text: a typed handler reads them into its own type, a pool
+        // passes them on.
+        let request = match Request::decode_raw(&delivery.data) {
             Ok(r) => r,
             Err(failure) => {
                 return Outcome::DeadLetter {
@@ -184,7 +186,7 @@ impl Executor {
         &self,
         delivery: &Delivery,
         envelope: &Envelope,
-        request: Request,
+        request: Request<RawJson>,
         attempt: u32,
         deadline: Option<SystemTime>,
     ) -> Outcome {

@@ -29,12 +29,14 @@ pub(crate) enum HandlerFailure {
     Task(TaskError),
 }
 
+/// A registered function on JSON text: the arguments as the task carried them in, the result
+/// out.
 pub(crate) type ErasedHandler =
-    Arc<dyn Fn(Value, TaskContext) -> BoxFuture<HandlerResult> + Send + Sync>;
+    Arc<dyn Fn(RawJson, TaskContext) -> BoxFuture<HandlerResult> + Send + Sync>;
 
-/// A handler on raw JSON: arguments in, a result (JSON text) or a typed error out.
+/// A handler on JSON text: arguments in, passed on unparsed, a result or a typed error out.
 pub(crate) type DynamicHandler =
-    Arc<dyn Fn(Value, TaskContext) -> BoxFuture<Result<RawJson, TaskError>> + Send + Sync>;
+    Arc<dyn Fn(RawJson, TaskContext) -> BoxFuture<Result<RawJson, TaskError>> + Send + Sync>;
 
 /// A registered function: how to run it, and its policy when it has one of its own.
 #[derive(Clone)]
@@ -115,14 +117,14 @@ impl Registry {
 
     fn insert<T: Task, H: Handler<T>>(mut self, handler: H, policy: Option<Policy>) -> Self {
         let handler = Arc::new(handler);
-        let run: ErasedHandler = Arc::new(move |args: Value, ctx: TaskContext| {
+        let run: ErasedHandler = Arc::new(move |args: RawJson, ctx: TaskContext| {
             let handler = handler.clone();
             Box::pin(async move {
                 // Missing arguments (null) also fit a task whose fields all have defaults.
-                let task: T = match args {
-                    Value::Null => serde_json::from_value(Value::Null)
+                let task: T = match args.get() {
+                    "null" => serde_json::from_value(Value::Null)
                         .or_else(|_| serde_json::from_value(Value::Object(Default::default()))),
-                    args => serde_json::from_value(args),
+                    _ => args.parse(),
                 }
                 .map_err(|e| {
                     HandlerFailure::InvalidArgs(format!("arguments of {:?}: {e}", T::NAME))
@@ -154,7 +156,7 @@ impl Registry {
     /// [`Registry::register_pool`](crate::Registry::register_pool)), under the worker's default
     /// [`Policy`].
     pub(crate) fn insert_dynamic(mut self, function: &'static str, run: DynamicHandler) -> Self {
-        let run: ErasedHandler = Arc::new(move |args: Value, ctx: TaskContext| {
+        let run: ErasedHandler = Arc::new(move |args: RawJson, ctx: TaskContext| {
             let run = run.clone();
             Box::pin(async move { run(args, ctx).await.map_err(HandlerFailure::Task) })
         });
@@ -217,6 +219,7 @@ mod tests {
     /// Runs `add`, with its result parsed back into a `Value`.
     async fn run(registry: &Registry, args: Value) -> Result<Value, HandlerFailure> {
         let entry = registry.get("add").expect("registered");
+        let args = RawJson::to_json(&args).expect("test value");
         (entry.run)(args, TaskContext::new(TaskId::new(), "add"))
             .await
             .map(|result| result.parse().expect("a result is JSON"))

@@ -364,20 +364,23 @@ impl Pool {
         args: Value,
         ctx: &TaskContext,
     ) -> Result<Value, TaskError> {
+        let args = RawJson::to_json(&args)
+            .map_err(|e| TaskError::permanent(format!("cannot encode the arguments: {e}")))?;
         let result = self.call_raw(function, args, ctx).await?;
         result
             .parse()
             .map_err(|e| TaskError::permanent(format!("the result is not JSON: {e}")))
     }
 
-    /// [`Pool::call`], the result as the task code wrote it: JSON text, never parsed.
+    /// [`Pool::call`] on JSON text: the arguments are written to the task code as they are,
+    /// and the result comes back as the task code wrote it, neither parsed.
     ///
     /// # Errors
     /// As [`Pool::call`].
     pub async fn call_raw(
         &self,
         function: &str,
-        args: Value,
+        args: RawJson,
         ctx: &TaskContext,
     ) -> Result<RawJson, TaskError> {
         match &self.inner.backend {
@@ -510,7 +513,7 @@ impl Registry {
     pub fn register_pool(self, pool: &Pool) -> Self {
         pool.functions().iter().fold(self, |registry, function| {
             let pool = pool.clone();
-            let run: DynamicHandler = Arc::new(move |args: Value, ctx: TaskContext| {
+            let run: DynamicHandler = Arc::new(move |args: RawJson, ctx: TaskContext| {
                 let pool = pool.clone();
                 Box::pin(async move { pool.call_raw(ctx.function(), args, &ctx).await })
             });

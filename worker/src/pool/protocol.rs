@@ -131,7 +131,7 @@ pub(crate) struct TaskFrame<'a> {
     pub(crate) kind: &'static str,
     pub(crate) id: &'a str,
     pub(crate) function: &'a str,
-    pub(crate) args: &'a Value,
+    pub(crate) args: &'a RawJson,
     pub(crate) attempt: u32,
     pub(crate) max_attempts: u32,
     pub(crate) redelivered: bool,

@@ -36,7 +36,7 @@ const REAP_WAIT: Duration = Duration::from_secs(1);
 pub(crate) struct Job {
     pub(crate) id: String,
     pub(crate) function: String,
-    pub(crate) args: Value,
+    pub(crate) args: RawJson,
     pub(crate) attempt: u32,
     pub(crate) max_attempts: u32,
     pub(crate) redelivered: bool,

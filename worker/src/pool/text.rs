@@ -10,7 +10,6 @@
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
@@ -80,7 +79,7 @@ impl TextForwarder {
     /// # Errors
     /// Retryable when the server cannot be reached or cuts the connection, `timeout` past the
     /// time limit.
-    pub(crate) async fn call(&self, function: &str, args: Value) -> Result<RawJson, TaskError> {
+    pub(crate) async fn call(&self, function: &str, args: RawJson) -> Result<RawJson, TaskError> {
         let _permit = self
             .permits
             .acquire()
@@ -108,8 +107,11 @@ impl TextForwarder {
                 BufReader::new(stream)
             }
         };
-        let mut line = serde_json::to_vec(&serde_json::json!({"function": function, "args": args}))
-            .map_err(|e| TaskError::permanent(format!("cannot encode the task: {e}")))?;
+        let mut line = warren_shared::Request {
+            function: function.to_owned(),
+            args,
+        }
+        .encode();
         line.push(b'\n');
         let exchange = async {
             connection.get_mut().write_all(&line).await?;
