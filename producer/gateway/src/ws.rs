@@ -2,10 +2,15 @@
 //! completion order, each tagged with the client's own id.
 //!
 //! A client sends `{"id": ..., "function": ..., "args": ...}` (or a JSON array of them, a
-//! batch). For each task it gets `{"id": ..., "status": "enqueued", "task_id": ...}` once the
-//! broker holds the task, then `{"id": ..., "ok": true, "result": ...}` or
+//! batch of at most `max_batch`; its refusals are written one by one as they are made, so the
+//! write timeout and TCP push back on a client that does not read them). For each task it gets
+//! `{"id": ..., "status": "enqueued", "task_id": ...}` once the broker holds the task, then
+//! `{"id": ..., "ok": true, "result": ...}` or
 //! `{"id": ..., "ok": false, "error": {"kind": ..., "message": ...}}`. `docs/gateway.md` has
 //! the whole protocol, including `{"auth": ...}` and `{"watch": "queue"}`.
+//!
+//! Ids and arguments are kept as JSON text, never parsed into trees, and every call holds its
+//! bytes of the connection's and the gateway's budgets until its result is written.
 //!
 //! Every call runs on a task of the connection's [`JoinSet`]; when the client goes away the set
 //! is dropped, which aborts the calls and removes them from the client's pending map, so a
