@@ -319,3 +319,65 @@ async fn a_result_over_max_result_bytes_is_answered_too_large() {
     })
     .await;
 }
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+/// The next websocket message, as JSON.
+async fn ws_next(ws: &mut Ws) -> Value {
+    match tokio::time::timeout(WAIT, ws.next()).await.unwrap() {
+        Some(Ok(Message::Text(text))) => serde_json::from_str(&text).unwrap(),
+        other => panic!("expected an answer, got {other:?}"),
+    }
+}
+
+/// The gateway's budget is shared by its connections: while a websocket call holds most of
+/// `--max-gateway-in-flight-bytes`, a Text line that does not fit is answered `busy`, naming
+/// the limit; once that call is answered, the bytes are free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_wide_byte_budget_is_shared_by_every_connection() {
+    let q = TestQueue::new("mem-shared");
+    let flags = [
+        "--max-gateway-in-flight-bytes",
+        "1500",
+        "--call-timeout",
+        "3s",
+    ];
+    let (_gw, http, text) = gateway(&q, &flags).await;
+    let args = "x".repeat(1000);
+    let task = json!({"id": 1, "function": "echo", "args": args}).to_string();
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{http}/ws"))
+        .await
+        .unwrap();
+    ws.send(Message::text(task)).await.unwrap();
+    // Published, so its bytes are held: nobody consumes the queue.
+    assert_eq!(ws_next(&mut ws).await["status"], "enqueued");
+
+    let stream = TcpStream::connect(text).await.unwrap();
+    let (read, mut write) = stream.into_split();
+    let mut answers = BufReader::new(read).lines();
+    let line = format!("{{\"function\":\"echo\",\"args\":\"{args}\"}}\n");
+    write.write_all(line.as_bytes()).await.unwrap();
+    let answer: Value = serde_json::from_str(&answers.next_line().await.unwrap().unwrap()).unwrap();
+    assert_eq!(answer["error"]["kind"], "busy", "{answer}");
+    let message = answer["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("1500 bytes") && message.contains("max_gateway_in_flight_bytes"),
+        "{message}"
+    );
+
+    // The websocket call ends (no worker: timeout) and gives its bytes back.
+    assert_eq!(ws_next(&mut ws).await["error"]["kind"], "timeout");
+    write.write_all(line.as_bytes()).await.unwrap();
+    let answer: Value = serde_json::from_str(
+        &tokio::time::timeout(WAIT, answers.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        answer["error"]["kind"], "timeout",
+        "taken this time, published, and timed out: {answer}"
+    );
+}
