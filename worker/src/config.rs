@@ -37,6 +37,12 @@ pub struct WorkerConfig {
     /// docs/protocol.md, "Routing by function".
     #[arg(long, env = "WARREN_FUNCTIONS_EXCHANGE")]
     pub functions_exchange: String,
+    /// Queues a task's reply may go to besides direct reply-to addresses, comma-separated
+    /// patterns where `*` stands for any run of characters (`*` alone: any queue; an empty
+    /// value: direct reply-to only). A task whose `reply_to` names another queue is rejected
+    /// as `bad_request` and not run. See docs/protocol.md, "Reply addresses".
+    #[arg(long, env = "WARREN_REPLY_QUEUES", value_delimiter = ',')]
+    pub reply_queues: Vec<String>,
     /// Tasks run at once (and the consumer's prefetch).
     #[arg(long, env = "WARREN_CONCURRENCY")]
     pub concurrency: NonZeroU16,
@@ -117,12 +123,14 @@ impl Default for WorkerConfig {
             shutdown_grace,
             watchdog_interval,
             functions_exchange,
+            reply_queues,
             ..
         } = WorkerSettings::default();
         Self {
             broker: BrokerConfig::default(),
             queue,
             functions_exchange,
+            reply_queues,
             concurrency: NonZeroU16::new(concurrency).unwrap_or(NonZeroU16::MIN),
             max_attempts: NonZeroU32::new(policy.max_attempts).unwrap_or(NonZeroU32::MIN),
             backoff: Backoff(policy.backoff),
@@ -191,6 +199,7 @@ impl WorkerConfig {
             broker,
             queue,
             functions_exchange,
+            reply_queues,
             concurrency,
             max_attempts,
             backoff,
@@ -220,6 +229,7 @@ impl WorkerConfig {
             shutdown_grace,
             watchdog_interval,
             functions_exchange,
+            reply_queues: reply_queues.into_iter().filter(|p| !p.is_empty()).collect(),
             ..WorkerSettings::default()
         })
     }
@@ -271,6 +281,7 @@ mod tests {
         assert_eq!(settings.shutdown_grace, library.shutdown_grace);
         assert_eq!(settings.watchdog_interval, library.watchdog_interval);
         assert_eq!(settings.max_body_bytes, library.max_body_bytes);
+        assert_eq!(settings.reply_queues, library.reply_queues);
         assert_eq!(
             format!("{:?}", settings.broker),
             format!("{:?}", library.broker)
@@ -318,6 +329,18 @@ mod tests {
         flags.extend(["--builtins", "echo,send_mail"]);
         assert_eq!(load("", &flags).builtin_names(), ["echo", "send_mail"]);
         assert_eq!(load("builtins = [\"all\"]\n", &pooled).builtin_names(), all);
+    }
+
+    #[test]
+    fn reply_queues_come_from_the_file_or_a_flag_and_empty_means_direct_only() {
+        let default = load("", &[]).settings().unwrap().reply_queues;
+        assert_eq!(default, ["warren.reply.*"]);
+        let file = load("reply_queues = [\"app.replies.*\"]\n", &[]);
+        assert_eq!(file.settings().unwrap().reply_queues, ["app.replies.*"]);
+        let flag = load("", &["--reply-queues", "a.*,b"]);
+        assert_eq!(flag.settings().unwrap().reply_queues, ["a.*", "b"]);
+        let none = load("", &["--reply-queues", ""]);
+        assert!(none.settings().unwrap().reply_queues.is_empty());
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! attempt can settle it; the queue's delivery limit stops that from looping forever. When the
 //! broker refuses a publish by closing the channel, the outcome is published again on a channel
 //! of its own, and an outcome refused there too is parked with reason `refused` instead of
-//! being handed back (it would only be refused again).
+//! being handed back (it would only be refused again). A reply the broker nacks is not handed
+//! back either: the task's work is done, so it is acked without its reply, logged and counted.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -145,6 +146,15 @@ impl Settler {
             .await;
         let parked = match published {
             Ok(()) => false,
+            // The broker refused the reply itself (its queue is at a length limit, say) after
+            // the task's work was done and anything else it publishes went through. Handing
+            // the task back would run a finished handler again (ten `send_mail`s for one call)
+            // and be refused again; the caller, who gets no answer, times out instead.
+            Err((Step::Reply, e @ PublishError::Nacked { .. })) => {
+                tracing::warn!(task.id = %envelope.id, error = %e, "the broker refused the task's reply; acking the task without one (running it again would repeat its work)");
+                crate::metrics::reply_refused(&self.queue);
+                false
+            }
             Err((step, e)) => {
                 let refusal = if refused_by_broker(&e, self.link()) {
                     self.settle_refused(delivery, envelope, outcome, step, &e)
