@@ -10,7 +10,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use warren_client::{Client, ClientSettings, Error};
 use warren_shared::broker::{BrokerError, BrokerSettings};
 use warren_tests::tasks::Flaky;
-use warren_tests::{ChildGuard, TestQueue, amqp_url, binary, deploy, temp_dir};
+use warren_tests::{ChildGuard, TestQueue, amqp_url, binary, deploy, eventually, temp_dir};
 use warren_worker::{Mailer, builtin_registry};
 
 /// A broker user made by `deploy/rabbitmq/users.sh ROLE NAME QUEUE`, deleted when dropped
@@ -483,4 +483,180 @@ async fn the_operator_profile_lists_replays_and_purges_dead_letters() {
     assert_eq!(warren(&["dlq", "purge"]).trim(), "purged 1");
     assert_eq!(queue.dead_count(&client).await, 0);
     client.close().await;
+}
+
+/// The code block in `docs/protocol.md` that follows the heading starting with `heading`, in
+/// language `lang`: the examples are tested as the document shows them.
+fn protocol_example(heading: &str, lang: &str) -> String {
+    let doc = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/protocol.md"),
+    )
+    .unwrap();
+    let mut lines = doc
+        .lines()
+        .skip_while(|l| !l.starts_with(heading))
+        .skip_while(|l| *l != format!("```{lang}"))
+        .skip(1);
+    let code: Vec<&str> = lines.by_ref().take_while(|l| *l != "```").collect();
+    assert!(
+        !code.is_empty(),
+        "docs/protocol.md has no {lang} block under {heading:?}"
+    );
+    code.join("\n") + "\n"
+}
+
+/// Whether `program args` runs successfully (a tool the test needs is installed).
+fn runs(program: &str, args: &[&str]) -> bool {
+    Command::new(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Runs `program args` in `dir` as the broker user at `url` on `queue`, at most 60 s.
+fn run_example(
+    program: &str,
+    args: &[&str],
+    dir: &std::path::Path,
+    url: &str,
+    queue: &str,
+    declare: bool,
+) -> std::process::Output {
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .current_dir(dir)
+        .env("AMQP_URL", url)
+        .env("WARREN_QUEUE", queue)
+        .env_remove("WARREN_DECLARE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if declare {
+        command.env("WARREN_DECLARE", "1");
+    }
+    let child = command.spawn().unwrap();
+    let pid = child.id();
+    // A hung example is killed rather than left behind.
+    let watchdog = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(60));
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(0)),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    });
+    let output = child.wait_with_output().unwrap();
+    drop(watchdog);
+    output
+}
+
+/// The Python (pika) and PHP (php-amqplib) examples of docs/protocol.md §7, extracted from the
+/// document and run unchanged as a producer made by `users.sh producer` (no `configure`): they
+/// check the topology passively and publish, and get their answers. Declaring, which the
+/// examples do on request, is refused to that user, as §1 says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_protocol_examples_run_verbatim_as_the_least_privilege_producer() {
+    const PHP_AUTOLOAD: &str = "/usr/share/php/PhpAmqpLib/autoload.php";
+    // Debian's pika is for Debian's Python, which another `python3` on PATH may hide.
+    let python3 = ["python3", "/usr/bin/python3"]
+        .into_iter()
+        .find(|p| runs(p, &["-c", "import pika"]));
+    let have_python = python3.is_some();
+    let have_php = runs("php", &["-r", &format!("require '{PHP_AUTOLOAD}';")]);
+    let in_ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    let installed = have_python && have_php;
+    if !installed && !in_ci {
+        println!(
+            "SKIPPED the_protocol_examples_run_verbatim_as_the_least_privilege_producer: needs \
+             python3 with pika and php with php-amqplib (apt-get install python3-pika \
+             php-amqplib php-cli, or run deploy/test.sh, which installs them)"
+        );
+        return;
+    }
+    let dir = temp_dir("protocol-examples");
+    let queue = TestQueue::new("protocol-examples");
+    let producer = BrokerUser::create("producer", &queue.name, &dir);
+    let worker = queue
+        .worker(builtin_registry(Mailer::outbox(dir.path())), 2)
+        .await;
+
+    let python = dir.path().join("warren_call.py");
+    std::fs::write(&python, protocol_example("### Python (pika)", "python")).unwrap();
+    let script = python.to_str().unwrap();
+    let python3 = python3.unwrap_or("python3");
+    let out = run_example(
+        python3,
+        &[script, "echo", r#"{"x":1}"#],
+        dir.path(),
+        &producer.url(),
+        &queue.name,
+        false,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "python example failed: {stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), r#"{"x": 1}"#);
+    // Declaring needs configure: the same example, asked to declare, is refused.
+    let out = run_example(
+        python3,
+        &[script, "echo", "1"],
+        dir.path(),
+        &producer.url(),
+        &queue.name,
+        true,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("ACCESS_REFUSED"), "{stderr}");
+
+    // The PHP example: `composer require` puts the library's autoloader in vendor/; here
+    // Debian's php-amqplib stands in for it.
+    std::fs::create_dir(dir.path().join("vendor")).unwrap();
+    std::fs::write(
+        dir.path().join("vendor/autoload.php"),
+        format!("<?php\nrequire '{PHP_AUTOLOAD}';\n"),
+    )
+    .unwrap();
+    let php = dir.path().join("warren_call.php");
+    std::fs::write(&php, protocol_example("### PHP (php-amqplib", "php")).unwrap();
+    let out = run_example(
+        "php",
+        &[php.to_str().unwrap()],
+        dir.path(),
+        &producer.url(),
+        &queue.name,
+        false,
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "php example failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(
+        lines.first().is_some_and(|l| l.starts_with("queued ")),
+        "{stdout}"
+    );
+    assert_eq!(lines.get(1).copied(), Some(r#"{"x":1}"#), "{stdout}");
+    // The enqueued mail was sent (into the outbox) by the worker.
+    let id = lines[0].trim_start_matches("queued ").to_owned();
+    eventually(
+        "the enqueued mail in the outbox",
+        Duration::from_secs(20),
+        || {
+            let dir = dir.path().to_owned();
+            let id = id.clone();
+            async move {
+                std::fs::read_dir(&dir).is_ok_and(|entries| {
+                    entries
+                        .flatten()
+                        .any(|e| e.file_name().to_string_lossy().contains(&id))
+                })
+            }
+        },
+    )
+    .await;
+    worker.shutdown().await.unwrap();
 }
