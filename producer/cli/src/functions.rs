@@ -41,58 +41,66 @@ pub(crate) fn list(
     api: &Management,
     functions_exchange: &str,
 ) -> Result<Vec<FunctionRow>, Unreachable> {
+    if functions_exchange.is_empty() {
+        return Ok(Vec::new()); // workers with no functions exchange claim nothing
+    }
     let exchanges = api.get(&format!("exchanges/{}?columns=name,arguments", api.vhost()))?;
-    let prefix = format!("{functions_exchange}.");
-    let claims: Vec<(String, String)> = exchanges
+    let names = |e: &Value| e.get("name").and_then(Value::as_str).map(str::to_owned);
+    let all: Vec<String> = exchanges
         .as_array()
         .into_iter()
         .flatten()
-        .filter_map(|e| {
-            let name = e.get("name")?.as_str()?;
-            let function = name.strip_prefix(&prefix)?;
-            let owner = e
-                .pointer("/arguments/alternate-exchange")
-                .and_then(Value::as_str)
-                .unwrap_or("?");
-            Some((function.to_owned(), owner.to_owned()))
-        })
+        .filter_map(names)
         .collect();
-    if claims.is_empty() {
+    let prefix = format!("{functions_exchange}.");
+    if !all.iter().any(|name| name.starts_with(&prefix)) {
         return Ok(Vec::new());
     }
-    let exists = exchanges
-        .as_array()
-        .into_iter()
-        .flatten()
-        .any(|e| e.get("name").and_then(Value::as_str) == Some(functions_exchange));
-    let routed: HashSet<String> = if exists {
-        let bindings = api.get(&format!(
+    let bindings = if all.iter().any(|name| name == functions_exchange) {
+        api.get(&format!(
             "exchanges/{}/{}/bindings/source",
             api.vhost(),
             Management::encode(functions_exchange)
-        ))?;
-        bindings
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|b| {
-                b.get("destination_type").and_then(Value::as_str) == Some("exchange")
-                    && b.get("destination")
-                        .and_then(Value::as_str)
-                        .and_then(|d| d.strip_prefix(&prefix))
-                        == b.get("routing_key").and_then(Value::as_str)
-            })
-            .filter_map(|b| Some(b.get("routing_key")?.as_str()?.to_owned()))
-            .collect()
+        ))?
     } else {
-        HashSet::new()
+        Value::Null
     };
     let queues = api.get(&format!(
         "queues/{}?columns=name,messages_ready,messages_unacknowledged,consumers",
         api.vhost()
     ))?;
-    // The consumer list is current; a queue's own consumer count lags by a few seconds.
     let consumers = api.get(&format!("consumers/{}", api.vhost()))?;
+    Ok(claims(
+        functions_exchange,
+        &exchanges,
+        &bindings,
+        &queues,
+        &consumers,
+    ))
+}
+
+/// The claims on `functions_exchange`, from the management API's lists of exchanges, of the
+/// functions exchange's bindings, of queues and of consumers.
+fn claims(
+    functions_exchange: &str,
+    exchanges: &Value,
+    bindings: &Value,
+    queues: &Value,
+    consumers: &Value,
+) -> Vec<FunctionRow> {
+    let prefix = format!("{functions_exchange}.");
+    let routed: HashSet<&str> = bindings
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|b| b.get("destination_type").and_then(Value::as_str) == Some("exchange"))
+        .filter_map(|b| {
+            let function = b.get("routing_key")?.as_str()?;
+            let destination = b.get("destination")?.as_str()?;
+            (destination.strip_prefix(&prefix) == Some(function)).then_some(function)
+        })
+        .collect();
+    // The consumer list is current; a queue's own consumer count lags by a few seconds.
     let consuming = |name: &str| {
         consumers
             .as_array()
@@ -106,28 +114,31 @@ pub(crate) fn list(
             .as_array()?
             .iter()
             .find(|q| q.get("name").and_then(Value::as_str) == Some(name))
-            .cloned()
     };
-    let mut rows: Vec<FunctionRow> = claims
+    let mut rows: Vec<FunctionRow> = exchanges
+        .as_array()
         .into_iter()
-        .map(|(function, owner)| {
-            let q = queue(&owner);
-            let figure = |key: &str| {
-                q.as_ref()
-                    .map(|q| q.get(key).and_then(Value::as_u64).unwrap_or(0))
-            };
-            FunctionRow {
-                routed: routed.contains(&function),
-                consumers: q.as_ref().map(|_| consuming(&owner)),
+        .flatten()
+        .filter_map(|e| {
+            let function = e.get("name")?.as_str()?.strip_prefix(&prefix)?;
+            let owner = e
+                .pointer("/arguments/alternate-exchange")
+                .and_then(Value::as_str)
+                .unwrap_or("?");
+            let q = queue(owner);
+            let figure = |key: &str| q.map(|q| q.get(key).and_then(Value::as_u64).unwrap_or(0));
+            Some(FunctionRow {
+                function: function.to_owned(),
+                queue: owner.to_owned(),
+                routed: routed.contains(function),
+                consumers: q.map(|_| consuming(owner)),
                 ready: figure("messages_ready"),
                 unacked: figure("messages_unacknowledged"),
-                function,
-                queue: owner,
-            }
+            })
         })
         .collect();
     rows.sort_by(|a, b| a.function.cmp(&b.function));
-    Ok(rows)
+    rows
 }
 
 fn or_dash(value: Option<u64>) -> String {
@@ -162,4 +173,61 @@ pub fn render(functions_exchange: &str, rows: &[FunctionRow]) -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn claims_name_their_queue_figures_and_whether_they_are_routed() {
+        let exchanges = json!([
+            {"name": "warren.functions", "arguments": {}},
+            {"name": "warren.functions.echo", "arguments": {"alternate-exchange": "test"}},
+            {"name": "warren.functions.half", "arguments": {"alternate-exchange": "test"}},
+            {"name": "warren.functions.gone", "arguments": {"alternate-exchange": "deleted"}},
+            {"name": "warren.functionsx.no", "arguments": {"alternate-exchange": "test"}},
+            {"name": "other.functions.echo", "arguments": {"alternate-exchange": "test"}},
+        ]);
+        let bindings = json!([
+            {"destination": "warren.functions.echo", "destination_type": "exchange", "routing_key": "echo"},
+            {"destination": "warren.functions.gone", "destination_type": "exchange", "routing_key": "gone"},
+            {"destination": "warren.functions.half", "destination_type": "queue", "routing_key": "half"},
+        ]);
+        let queues = json!([
+            {"name": "test", "messages_ready": 3, "messages_unacknowledged": 1, "consumers": 0},
+        ]);
+        let consumers = json!([{"queue": {"name": "test"}}, {"queue": {"name": "elsewhere"}}]);
+        let rows = claims(
+            "warren.functions",
+            &exchanges,
+            &bindings,
+            &queues,
+            &consumers,
+        );
+        let row = |f: &str, q: &str, routed, figures: Option<(u64, u64, u64)>| FunctionRow {
+            function: f.into(),
+            queue: q.into(),
+            routed,
+            consumers: figures.map(|f| f.0),
+            ready: figures.map(|f| f.1),
+            unacked: figures.map(|f| f.2),
+        };
+        assert_eq!(
+            rows,
+            [
+                row("echo", "test", true, Some((1, 3, 1))),
+                row("gone", "deleted", true, None),
+                row("half", "test", false, Some((1, 3, 1))),
+            ]
+        );
+        let text = render("warren.functions", &rows);
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("gone ") && l.contains(" - "))
+        );
+        assert!(render("f", &[]).contains("no function is claimed"));
+    }
 }

@@ -483,4 +483,31 @@ mod tests {
         assert_eq!(cli.target.queue, None);
         assert_eq!(cli.target.queue(), DEFAULT_QUEUE);
     }
+
+    #[test]
+    fn functions_lists_by_default_and_release_takes_a_name_and_force() {
+        let cli = Cli::try_parse_from(["warren", "functions", "--json"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Functions {
+                json: true,
+                action: None,
+                ..
+            }
+        ));
+        let cli =
+            Cli::try_parse_from(["warren", "functions", "release", "echo", "--force"]).unwrap();
+        let Command::Functions {
+            action: Some(FunctionsAction::Release { function, force }),
+            ..
+        } = cli.command
+        else {
+            panic!("not a release: {:?}", cli.command);
+        };
+        assert_eq!((function.as_str(), force), ("echo", true));
+        assert!(Cli::try_parse_from(["warren", "functions", "release"]).is_err());
+        // `status` without --queue is the whole deployment.
+        let cli = Cli::try_parse_from(["warren", "status"]).unwrap();
+        assert_eq!(cli.target.queue, None);
+    }
 }
