@@ -40,7 +40,7 @@ pub struct WorkerConfig {
     /// Queues a task's reply may go to besides direct reply-to addresses, comma-separated
     /// patterns where `*` stands for any run of characters (`*` alone: any queue; an empty
     /// value: direct reply-to only). A task whose `reply_to` names another queue is rejected
-    /// as `bad_request` and not run. See docs/protocol.md, "Reply addresses".
+    /// as `bad_request` and not run. See docs/protocol.md §2, "Reply queues".
     #[arg(long, env = "WARREN_REPLY_QUEUES", value_delimiter = ',')]
     pub reply_queues: Vec<String>,
     /// Tasks run at once (and the consumer's prefetch).
