@@ -104,8 +104,9 @@ pub enum WorkerError {
     #[error(
         "function {function:?} is already served by queue {owner:?}, not {queue:?}: a function \
          named by callers is routed to one queue. Serve it from {owner:?}, stop serving it here, \
-         or free it by deleting queue {owner:?} (or the exchange {exchange:?}) if nothing \
-         serves it there any more"
+         or, if nothing serves it there any more, free it: `warren functions release \
+         {function}` (with this worker's --functions-exchange) deletes the exchange \
+         {exchange:?}; `warren functions` lists every function's queue"
     )]
     FunctionClaimed {
         /// The function.
