@@ -1196,13 +1196,15 @@ async fn text_burst_of_1000_connections_from_one_address_is_served_with_the_defa
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(u32::MAX);
     let expected = warren_gateway::DEFAULT_LISTEN_BACKLOG.min(somaxconn);
-    assert!(
-        expected >= 1024,
-        "net.core.somaxconn {somaxconn} caps the backlog"
-    );
     for addr in [env.text, env.http] {
         assert_eq!(listen_backlog(addr), expected, "the backlog of {addr}");
     }
+    assert!(
+        expected >= 1024,
+        "a backlog of {expected} (default {}, net.core.somaxconn {somaxconn}) cannot hold a \
+         burst of {BURST} connects",
+        warren_gateway::DEFAULT_LISTEN_BACKLOG
+    );
 
     let overflows_before = listen_overflows();
     let started = tokio::time::Instant::now();
@@ -1247,8 +1249,8 @@ async fn text_burst_of_1000_connections_from_one_address_is_served_with_the_defa
         listen_overflows()
     );
     assert_eq!(mails_in(&env), BURST, "each mail written once");
-    // Generous: a SYN dropped by a full backlog costs its client a 1 s retry (the target is
-    // p99 well under 1 s; see docs/benchmarks.md for measurements).
+    // Generous, not a timing test: the backlog above is the mechanism (a SYN dropped by a full
+    // backlog costs its client a 1 s retry; the target is p99 well under 1 s).
     assert!(p99 < Duration::from_secs(10), "p99 {p99:?}");
     env.finish().await;
 }
@@ -1352,15 +1354,22 @@ async fn unauthenticated_connections_are_closed_at_the_auth_deadline_whatever_th
     // Text: blank lines do not count as activity.
     let mut blank = text_connect(&env).await;
     let mut every = tokio::time::interval(Duration::from_millis(100));
-    let answer = loop {
-        tokio::select! {
-            _ = every.tick() => {
-                let _ = blank.write.write_all(b"\n").await;
+    let blank_lines = async {
+        loop {
+            tokio::select! {
+                _ = every.tick() => {
+                    let _ = blank.write.write_all(b"\n").await;
+                }
+                line = blank.lines.next_line() => break line,
             }
-            answer = blank.next() => break answer,
         }
     };
-    let answer = answer.expect("an answer before the close");
+    let answer = tokio::time::timeout(WAIT, blank_lines)
+        .await
+        .expect("blank lines keep an unauthenticated connection open")
+        .expect("text read")
+        .expect("an answer before the close");
+    let answer: Value = serde_json::from_str(&answer).expect("JSON answer");
     assert_eq!(error_kind(&answer), "unauthorized", "{answer}");
     assert_eq!(blank.next().await, None);
 
