@@ -12,7 +12,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -81,8 +81,13 @@ async fn spawn_with(settings: GatewaySettings) -> Env {
     })
     .await
     .expect("client connects");
-    let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
-    let text = TcpListener::bind("127.0.0.1:0").await.expect("bind text");
+    // Bound as the binary binds them, with the default listen backlog.
+    let listen = |what: &str| {
+        let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
+        warren_gateway::listen(any_port, warren_gateway::DEFAULT_LISTEN_BACKLOG)
+            .unwrap_or_else(|e| panic!("bind {what}: {e}"))
+    };
+    let (http, text) = (listen("http"), listen("text"));
     let (http_addr, text_addr) = (
         http.local_addr().expect("http addr"),
         text.local_addr().expect("text addr"),
@@ -1004,6 +1009,8 @@ async fn connections_are_capped_in_total_and_per_peer_address() {
         limits: limits_allowing(&["echo"]),
         max_connections: 3,
         max_connections_per_peer: 2,
+        // The test's peers are on loopback, which is trusted (total cap only) by default.
+        trusted_networks: Vec::new(),
         ..GatewaySettings::default()
     })
     .await;
@@ -1128,5 +1135,394 @@ async fn ws_pings_do_not_count_as_activity() {
     };
     let close = close.map(|f| (f.code, f.reason.as_str().to_owned()));
     assert_eq!(close, Some((CloseCode::Normal, "idle timeout".to_owned())));
+    env.finish().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bursts, strangers and browsers (issue 24 points 1, 3 and 5)
+
+/// The `.eml` files the worker wrote to the outbox.
+fn mails_in(env: &Env) -> usize {
+    std::fs::read_dir(env.outbox.path())
+        .map(|dir| {
+            dir.filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "eml"))
+            })
+            .count()
+        })
+        .unwrap_or(0)
+}
+
+/// The backlog of the socket listening on `addr`, as the kernel reports it (`ss`'s Send-Q
+/// column of a listening socket).
+fn listen_backlog(addr: SocketAddr) -> u32 {
+    let out = std::process::Command::new("ss")
+        .args(["-Hltn", &format!("sport = :{}", addr.port())])
+        .output()
+        .expect("ss runs (iproute2)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let row = text
+        .lines()
+        .find(|l| l.contains(&addr.to_string()))
+        .unwrap_or_else(|| panic!("no listening socket {addr} in:\n{text}"));
+    row.split_whitespace()
+        .nth(2)
+        .and_then(|q| q.parse().ok())
+        .unwrap_or_else(|| panic!("no Send-Q in {row:?}"))
+}
+
+/// TcpExt ListenOverflows of this network namespace (every process's, so only informative).
+fn listen_overflows() -> Option<u64> {
+    let netstat = std::fs::read_to_string("/proc/net/netstat").ok()?;
+    let mut rows = netstat.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (rows.next()?, rows.next()?);
+    let at = names
+        .split_whitespace()
+        .position(|n| n == "ListenOverflows")?;
+    values.split_whitespace().nth(at)?.parse().ok()
+}
+
+/// A Workerman front relays each websocket message over a Text connection of its own, all from
+/// its own host: a thousand connects at once from 127.0.0.1, one `send_mail` each, must all be
+/// served with the default settings (loopback is trusted, so only the total cap applies, and
+/// the listen backlog holds the burst instead of dropping SYNs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_burst_of_1000_connections_from_one_address_is_served_with_the_defaults() {
+    const BURST: usize = 1000;
+    let env = spawn_with(GatewaySettings::default()).await;
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(u32::MAX);
+    let expected = warren_gateway::DEFAULT_LISTEN_BACKLOG.min(somaxconn);
+    for addr in [env.text, env.http] {
+        assert_eq!(listen_backlog(addr), expected, "the backlog of {addr}");
+    }
+    assert!(
+        expected >= 1024,
+        "a backlog of {expected} (default {}, net.core.somaxconn {somaxconn}) cannot hold a \
+         burst of {BURST} connects",
+        warren_gateway::DEFAULT_LISTEN_BACKLOG
+    );
+
+    let overflows_before = listen_overflows();
+    let started = tokio::time::Instant::now();
+    let text_addr = env.text;
+    let calls: Vec<_> = (0..BURST)
+        .map(|i| {
+            tokio::spawn(async move {
+                let at = tokio::time::Instant::now();
+                let stream = TcpStream::connect(text_addr).await.expect("connect");
+                let (read, write) = stream.into_split();
+                let mut text = Text {
+                    lines: BufReader::new(read).lines(),
+                    write,
+                };
+                text.send(json!({"function": "send_mail", "args": {
+                    "from": "Shop <noreply@shop.example>", "to": format!("user{i}@example.com"),
+                    "subject": "Hi", "body": "Hello"}}))
+                    .await;
+                let answer = text.answer().await;
+                (answer, at.elapsed())
+            })
+        })
+        .collect();
+    let mut latencies = Vec::with_capacity(BURST);
+    for call in calls {
+        let (answer, latency) = call.await.expect("client task");
+        assert!(
+            answer["delivered_to"].is_string(),
+            "every connection is served: {answer}"
+        );
+        latencies.push(latency);
+    }
+    let wall = started.elapsed();
+    latencies.sort();
+    let p99 = latencies[BURST * 99 / 100];
+    println!(
+        "{BURST} Text connections at once, one send_mail each: wall {wall:?}, p50 {:?}, \
+         p99 {p99:?}, max {:?}; ListenOverflows (whole namespace) {:?} -> {:?}",
+        latencies[BURST / 2],
+        latencies[BURST - 1],
+        overflows_before,
+        listen_overflows()
+    );
+    assert_eq!(mails_in(&env), BURST, "each mail written once");
+    // Generous, not a timing test: the backlog above is the mechanism (a SYN dropped by a full
+    // backlog costs its client a 1 s retry; the target is p99 well under 1 s).
+    assert!(p99 < Duration::from_secs(10), "p99 {p99:?}");
+    env.finish().await;
+}
+
+/// With a token, strangers meet the per-peer cap until they present it, and an address that
+/// floods the gateway with connections that never authenticate holds 64 places at most, each
+/// until the authentication deadline; connections that did present the token meet the total
+/// cap only, so a token holder keeps being served, even from one address with many
+/// connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unauthenticated_flood_from_one_address_cannot_take_every_place() {
+    const FLOOD: usize = 200;
+    const AUTHED: usize = 90;
+    let per_peer = warren_gateway::DEFAULT_MAX_CONNECTIONS_PER_PEER;
+    let env = spawn_with(GatewaySettings {
+        limits: Limits {
+            token: Some("s3cret".into()),
+            ..limits_allowing(&["echo"])
+        },
+        // Room for the flood's share and the token holders, not for the whole flood.
+        max_connections: per_peer + AUTHED + 6,
+        // The test's peers are on loopback, trusted by default: here they are strangers.
+        trusted_networks: Vec::new(),
+        ..GatewaySettings::default()
+    })
+    .await;
+    let mut flood = Vec::with_capacity(FLOOD);
+    for _ in 0..FLOOD {
+        let (read, write) = connect_from("127.0.0.2", env.text).await.into_split();
+        flood.push(Text {
+            lines: BufReader::new(read).lines(),
+            write,
+        });
+    }
+    // Token holders, all from one other address, more than the per-peer cap: each presents
+    // the token, then is served, while the flood holds its places.
+    let mut holders = Vec::with_capacity(AUTHED);
+    for i in 0..AUTHED {
+        let (read, write) = connect_from("127.0.0.4", env.text).await.into_split();
+        let mut text = Text {
+            lines: BufReader::new(read).lines(),
+            write,
+        };
+        text.send(json!({"auth": "s3cret"})).await;
+        text.send(json!({"function": "echo", "args": i})).await;
+        assert_eq!(text.answer().await, json!(i), "token holder {i}");
+        holders.push(text);
+    }
+    let (read, write) = connect_from("127.0.0.3", env.text).await.into_split();
+    let mut late = Text {
+        lines: BufReader::new(read).lines(),
+        write,
+    };
+    late.send(json!({"auth": "s3cret"})).await;
+    late.send(json!({"function": "echo", "args": "still served"}))
+        .await;
+    assert_eq!(late.answer().await, json!("still served"));
+
+    // The flood: refused at once past its share; the rest told `unauthorized` at the
+    // deadline and closed.
+    let answers =
+        futures_util::future::join_all(flood.iter_mut().map(|t| async { t.answer().await })).await;
+    let kinds: Vec<&str> = answers.iter().map(error_kind).collect();
+    let refused = kinds
+        .iter()
+        .filter(|k| **k == "too_many_connections")
+        .count();
+    let timed_out = kinds.iter().filter(|k| **k == "unauthorized").count();
+    assert_eq!(
+        (timed_out, refused),
+        (per_peer, FLOOD - per_peer),
+        "{kinds:?}"
+    );
+    for mut text in flood {
+        assert_eq!(text.next().await, None, "closed after its answer");
+    }
+    // The token holders outlive the deadline.
+    let last = holders.last_mut().expect("holders");
+    last.send(json!({"function": "echo", "args": "after"}))
+        .await;
+    assert_eq!(last.answer().await, json!("after"));
+    env.finish().await;
+}
+
+/// With a token, a connection must present it within `auth_timeout`, whatever else it sends:
+/// blank lines, an overlong line, websocket pings, keep-alive requests for the public page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_connections_are_closed_at_the_auth_deadline_whatever_they_send() {
+    let env = spawn_with(GatewaySettings {
+        limits: Limits {
+            token: Some("s3cret".into()),
+            ..limits_allowing(&["echo"])
+        },
+        auth_timeout: Duration::from_secs(1),
+        ..GatewaySettings::default()
+    })
+    .await;
+    let mut authed = text_connect(&env).await;
+    authed.send(json!({"auth": "s3cret"})).await;
+
+    // Text: blank lines do not count as activity.
+    let mut blank = text_connect(&env).await;
+    let mut every = tokio::time::interval(Duration::from_millis(100));
+    let blank_lines = async {
+        loop {
+            tokio::select! {
+                _ = every.tick() => {
+                    let _ = blank.write.write_all(b"\n").await;
+                }
+                line = blank.lines.next_line() => break line,
+            }
+        }
+    };
+    let answer = tokio::time::timeout(WAIT, blank_lines)
+        .await
+        .expect("blank lines keep an unauthenticated connection open")
+        .expect("text read")
+        .expect("an answer before the close");
+    let answer: Value = serde_json::from_str(&answer).expect("JSON answer");
+    assert_eq!(error_kind(&answer), "unauthorized", "{answer}");
+    assert_eq!(blank.next().await, None);
+
+    // Text: an overlong line before the token is refused like anything else.
+    let mut long = text_connect(&env).await;
+    let mut line = vec![b'x'; 1024 * 1024 + 1];
+    line.push(b'\n');
+    long.send_raw(&line).await;
+    assert_eq!(error_kind(&long.answer().await), "unauthorized");
+    assert_eq!(long.next().await, None);
+
+    // Websocket: pings or nothing, then `unauthorized` and 1008.
+    let mut ws = ws_connect(&env).await;
+    ws.send(Message::Ping(vec![1].into())).await.expect("ping");
+    let (close, before) = ws_until_close(&mut ws).await;
+    assert_eq!(close.map(|c| c.0), Some(CloseCode::Policy));
+    assert_eq!(before.len(), 1, "{before:?}");
+    assert_eq!(error_kind(&before[0]), "unauthorized", "{before:?}");
+
+    // HTTP: keep-alive requests for the public page do not hold the connection.
+    let mut http = TcpStream::connect(env.http).await.expect("connect");
+    let closed = tokio::time::timeout(WAIT, async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            if http
+                .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .is_err()
+            {
+                return;
+            }
+            // One whole response (headers, then content-length bytes), or the close.
+            let mut got = Vec::new();
+            loop {
+                match http.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+                if response_complete(&got) {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "a keep-alive HTTP client was never closed");
+
+    // A connection that presented the token is not bound by the deadline.
+    authed.send(json!({"function": "echo", "args": 1})).await;
+    assert_eq!(authed.answer().await, json!(1));
+    env.finish().await;
+}
+
+/// Whether `bytes` hold a whole HTTP response with a `content-length` body.
+fn response_complete(bytes: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(bytes);
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        return false;
+    };
+    let length = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse::<usize>().ok())?
+        })
+        .unwrap_or(0);
+    body.len() >= length
+}
+
+async fn ws_upgrade_with_origin(
+    env: &Env,
+    origin: Option<&str>,
+) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+    let mut request = env.ws_url().into_client_request().expect("request");
+    if let Some(origin) = origin {
+        request
+            .headers_mut()
+            .insert("origin", origin.parse().expect("header value"));
+    }
+    tokio_tungstenite::connect_async(request)
+        .await
+        .map(|(ws, _)| ws)
+}
+
+/// Any web page can make a browser open a websocket to the user's loopback; the gateway
+/// refuses the upgrade unless the page is its own or on `--allow-origin`. Programs, which
+/// send no `Origin`, are not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ws_upgrade_from_another_origin_is_refused() {
+    let env = spawn_with(GatewaySettings {
+        allowed_origins: vec!["https://app.example".into()],
+        ..GatewaySettings::default()
+    })
+    .await;
+    for evil in ["https://evil.example", "null", "http://127.0.0.1:1"] {
+        let refused = ws_upgrade_with_origin(&env, Some(evil)).await;
+        match refused {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status(), 403, "{evil}");
+                let body =
+                    String::from_utf8_lossy(response.body().as_deref().unwrap_or(&[])).into_owned();
+                assert!(
+                    body.contains("\"forbidden\"") && body.contains("--allow-origin"),
+                    "{body}"
+                );
+            }
+            other => panic!("{evil}: upgrade not refused: {other:?}"),
+        }
+    }
+    let own = format!("http://{}", env.http);
+    for ok in [None, Some(own.as_str()), Some("https://app.example")] {
+        let mut ws = ws_upgrade_with_origin(&env, ok)
+            .await
+            .unwrap_or_else(|e| panic!("{ok:?}: {e}"));
+        ws_send(&mut ws, json!({"id": 1, "function": "echo", "args": "x"})).await;
+        assert_eq!(ws_next(&mut ws).await["status"], "enqueued", "{ok:?}");
+        assert_eq!(ws_next(&mut ws).await["result"], "x", "{ok:?}");
+    }
+    env.finish().await;
+}
+
+/// A web page can `fetch()` a POST to the Text port; the connection is closed at its request
+/// line, so the body never runs as a task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_port_closes_an_http_request_before_its_body_runs() {
+    let env = spawn(Limits::default()).await;
+    let body = json!({"function": "send_mail", "args": {
+        "from": "evil@evil.example", "to": "victim@example.com",
+        "subject": "Hi", "body": "from a web page"}})
+    .to_string();
+    let request = format!(
+        "POST / HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Type: text/plain\r\n\
+         Content-Length: {}\r\n\r\n\n{body}\n",
+        env.text.port(),
+        body.len() + 2
+    );
+    let mut text = text_connect(&env).await;
+    text.send_raw(request.as_bytes()).await;
+    let answer = text.answer().await;
+    assert_eq!(error_kind(&answer), "bad_request", "{answer}");
+    assert_eq!(text.next().await, None, "closed after the request line");
+
+    // Had the body run, there would be its mail besides this one.
+    let mut after = text_connect(&env).await;
+    after
+        .send(json!({"function": "send_mail", "args": {
+            "from": "shop@shop.example", "to": "user@example.com",
+            "subject": "Hi", "body": "Hello"}}))
+        .await;
+    assert!(after.answer().await["delivered_to"].is_string());
+    env.no_pending_calls().await;
+    assert_eq!(mails_in(&env), 1, "only the real request sent mail");
     env.finish().await;
 }

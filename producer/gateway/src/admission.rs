@@ -5,12 +5,26 @@
 //! the ticket of the HTTP connection it was upgraded from) and frees its place when dropped. A
 //! connection over a limit is answered at once with a clear refusal and closed: an HTTP 503
 //! with a JSON error body, or one JSON error line on the Text port.
+//!
+//! Two limits, for two kinds of connection:
+//!
+//! - every connection counts toward the total (`max_total`);
+//! - a connection from outside the trusted networks (loopback by default) also counts toward
+//!   its peer's share (`max_per_peer`) until it presents the token
+//!   ([`Admitted::authenticated`]). A peer is an IPv4 address or an IPv6 /64, the block one
+//!   host usually holds.
+//!
+//! So a Workerman front on the gateway's host, which opens one connection per task, hundreds
+//! at once, meets the total only; and strangers who cannot authenticate hold at most
+//! `max_per_peer` places per address, each for at most the authentication deadline the
+//! connections enforce.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use ipnet::IpNet;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -26,12 +40,15 @@ const REFUSAL_BOUND: Duration = Duration::from_secs(1);
 pub(crate) struct Gate {
     max_total: usize,
     max_per_peer: usize,
+    /// Peers in these networks meet the total only.
+    trusted: Vec<IpNet>,
     open: Mutex<Open>,
 }
 
 #[derive(Debug, Default)]
 struct Open {
     total: usize,
+    /// Connections counted toward their peer's share, by [`peer_key`].
     per_peer: HashMap<IpAddr, usize>,
 }
 
@@ -39,14 +56,26 @@ struct Open {
 #[derive(Debug)]
 pub(crate) struct Admitted {
     gate: Arc<Gate>,
-    peer: IpAddr,
+    state: Mutex<Ticket>,
+}
+
+#[derive(Debug)]
+struct Ticket {
+    /// The peer share this connection counts toward ([`peer_key`]), until it authenticates;
+    /// `None` for a trusted peer.
+    share: Option<IpAddr>,
+    /// Whether the connection presented the configured token.
+    authenticated: bool,
 }
 
 impl Gate {
-    pub(crate) fn new(max_total: usize, max_per_peer: usize) -> Arc<Self> {
+    /// A gate for at most `max_total` connections, and `max_per_peer` from one peer outside
+    /// the `trusted` networks that have not authenticated.
+    pub(crate) fn new(max_total: usize, max_per_peer: usize, trusted: Vec<IpNet>) -> Arc<Self> {
         Arc::new(Self {
             max_total,
             max_per_peer,
+            trusted,
             open: Mutex::new(Open::default()),
         })
     }
@@ -55,7 +84,8 @@ impl Gate {
     pub(crate) fn admit(self: &Arc<Self>, peer: SocketAddr) -> Result<Admitted, GatewayError> {
         // An IPv4 client on a dual-stack socket is one peer whichever way it is written.
         let ip = peer.ip().to_canonical();
-        let refusal = self.take_place(ip).err();
+        let share = (!self.trusted.iter().any(|net| net.contains(&ip))).then(|| peer_key(ip));
+        let refusal = self.take_place(share).err();
         // Counted with the lock released.
         if let Some(message) = refusal {
             crate::metrics::rejected(Kind::TooManyConnections);
@@ -63,54 +93,95 @@ impl Gate {
         }
         Ok(Admitted {
             gate: self.clone(),
-            peer: ip,
+            state: Mutex::new(Ticket {
+                share,
+                authenticated: false,
+            }),
         })
     }
 
-    /// Counts a connection from `ip` in, or says why there is no place for it.
-    fn take_place(&self, ip: IpAddr) -> Result<(), String> {
-        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+    /// Counts a connection in (toward `share` too, if any), or says why there is no place.
+    fn take_place(&self, share: Option<IpAddr>) -> Result<(), String> {
+        let mut open = self.lock();
         if open.total >= self.max_total {
             return Err(format!(
                 "the gateway already has {} open connections; try again later",
                 self.max_total
             ));
         }
-        let from_peer = open.per_peer.entry(ip).or_insert(0);
-        if *from_peer >= self.max_per_peer {
-            return Err(format!(
-                "{} connections from your address are already open; close one first",
-                self.max_per_peer
-            ));
+        if let Some(key) = share {
+            let from_peer = open.per_peer.entry(key).or_insert(0);
+            if *from_peer >= self.max_per_peer {
+                return Err(format!(
+                    "{} connections from your address that have not presented the token are \
+                     already open; close one first",
+                    self.max_per_peer
+                ));
+            }
+            *from_peer += 1;
         }
-        *from_peer += 1;
         open.total += 1;
         Ok(())
+    }
+
+    /// Gives back one place of `key`'s share.
+    fn leave_share(open: &mut Open, key: IpAddr) {
+        if let Some(n) = open.per_peer.get_mut(&key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.per_peer.remove(&key);
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Open> {
+        self.open.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Open connections now.
     #[cfg(test)]
     pub(crate) fn open(&self) -> usize {
-        self.open
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .total
+        self.lock().total
+    }
+}
+
+/// The key of a peer's share: an IPv4 address, or the /64 of an IPv6 address (a host is
+/// usually given a whole /64, so counting each /128 would give one host 2^64 shares).
+fn peer_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from_bits(v6.to_bits() & (u128::MAX << 64))),
+    }
+}
+
+impl Admitted {
+    /// Records that the connection presented the configured token: from now on it counts
+    /// toward the total only, and leaves its peer's share to others.
+    pub(crate) fn authenticated(&self) {
+        let mut ticket = self.ticket();
+        ticket.authenticated = true;
+        if let Some(key) = ticket.share.take() {
+            Gate::leave_share(&mut self.gate.lock(), key);
+        }
+    }
+
+    /// Whether the connection presented the configured token.
+    pub(crate) fn is_authenticated(&self) -> bool {
+        self.ticket().authenticated
+    }
+
+    fn ticket(&self) -> std::sync::MutexGuard<'_, Ticket> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
 impl Drop for Admitted {
     fn drop(&mut self) {
-        let mut open = self
-            .gate
-            .open
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let share = self.ticket().share.take();
+        let mut open = self.gate.lock();
         open.total = open.total.saturating_sub(1);
-        if let Some(n) = open.per_peer.get_mut(&self.peer) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                open.per_peer.remove(&self.peer);
-            }
+        if let Some(key) = share {
+            Gate::leave_share(&mut open, key);
         }
     }
 }
@@ -166,7 +237,7 @@ mod tests {
 
     #[test]
     fn limits_total_and_per_peer_and_frees_on_drop() {
-        let gate = Gate::new(3, 2);
+        let gate = Gate::new(3, 2, Vec::new());
         let a1 = gate.admit(addr("10.0.0.1:1000")).expect("first");
         let a2 = gate.admit(addr("10.0.0.1:1001")).expect("second");
         let refused = gate
@@ -185,6 +256,67 @@ mod tests {
         let _a3 = gate.admit(addr("10.0.0.1:1003")).expect("room again");
         drop((a2, b1));
         assert_eq!(gate.open(), 1);
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().expect("test network")
+    }
+
+    #[test]
+    fn ipv6_peers_share_by_64() {
+        let gate = Gate::new(100, 2, Vec::new());
+        let _a = gate.admit(addr("[2001:db8:1:2::1]:1000")).expect("first");
+        let _b = gate
+            .admit(addr("[2001:db8:1:2:ffff:ffff:ffff:ffff]:1000"))
+            .expect("second from the /64");
+        let refused = gate
+            .admit(addr("[2001:db8:1:2:abcd::7]:1000"))
+            .expect_err("a third address of the same /64 is the same peer");
+        assert_eq!(refused.kind, Kind::TooManyConnections);
+        let _c = gate
+            .admit(addr("[2001:db8:1:3::1]:1000"))
+            .expect("the next /64 is another peer");
+    }
+
+    #[test]
+    fn trusted_networks_meet_the_total_only() {
+        let gate = Gate::new(4, 1, vec![net("127.0.0.0/8"), net("::1/128")]);
+        let local: Vec<_> = ["127.0.0.1:1", "127.0.0.1:2", "[::1]:3"]
+            .into_iter()
+            .map(|a| gate.admit(addr(a)).expect("loopback is trusted"))
+            .collect();
+        let _stranger = gate.admit(addr("10.0.0.1:1")).expect("one stranger");
+        let refused = gate
+            .admit(addr("127.0.0.1:4"))
+            .expect_err("the total binds trusted peers too");
+        assert!(refused.message.contains("4 open connections"), "{refused}");
+        drop(local);
+        assert_eq!(gate.open(), 1);
+    }
+
+    #[test]
+    fn an_authenticated_connection_leaves_its_peers_share() {
+        let gate = Gate::new(10, 2, Vec::new());
+        let a = gate.admit(addr("10.0.0.1:1")).expect("first");
+        let b = gate.admit(addr("10.0.0.1:2")).expect("second");
+        gate.admit(addr("10.0.0.1:3"))
+            .expect_err("the share is full");
+        assert!(!a.is_authenticated());
+        a.authenticated();
+        a.authenticated(); // twice is once
+        assert!(a.is_authenticated());
+        let c = gate
+            .admit(addr("10.0.0.1:4"))
+            .expect("a's place in the share is free");
+        gate.admit(addr("10.0.0.1:5"))
+            .expect_err("b and c fill the share");
+        drop(a);
+        gate.admit(addr("10.0.0.1:6"))
+            .expect_err("dropping an authenticated connection frees no share place");
+        drop(b);
+        let _d = gate.admit(addr("10.0.0.1:7")).expect("b's place");
+        assert_eq!(gate.open(), 2);
+        drop(c);
     }
 
     #[test]

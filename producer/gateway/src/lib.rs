@@ -10,11 +10,14 @@
 //!   worker: one JSON request per line in, one JSON line out, in request order.
 //!
 //! Both apply the same [`Limits`] (allowlist, token, sizes, in-flight, idle and write timeout)
-//! and share one cap on open connections, in total and per peer address; all are described
-//! with the message formats in `docs/gateway.md`. [`listen_addr`] is the binding policy: loopback
-//! unless a token is set or public exposure is asked for explicitly. [`serve`] runs everything until its shutdown
-//! token is cancelled, then stops reading, lets calls in flight finish within the grace period
-//! and returns. [`config`] holds the `warren-gateway` binary's flags, file and defaults.
+//! and share one cap on open connections, in total and, for connections from outside the
+//! trusted networks that have not presented the token, per peer address; with a token, a
+//! connection must present it within the authentication deadline. All are described with the
+//! message formats in `docs/gateway.md`. [`listen_addr`] is the binding policy: loopback unless
+//! a token is set or public exposure is asked for explicitly, and [`listen`] binds with a
+//! backlog sized for bursts. [`serve`] runs everything until its shutdown token is cancelled,
+//! then stops reading, lets calls in flight finish within the grace period and returns.
+//! [`config`] holds the `warren-gateway` binary's flags, file and defaults.
 
 mod admission;
 pub mod config;
@@ -23,7 +26,7 @@ pub mod metrics;
 pub mod text;
 pub mod ws;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,9 +38,10 @@ use axum::{Extension, Router};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use ipnet::IpNet;
 use serde::Serialize;
 use serde_json::json;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -47,7 +51,7 @@ pub use limits::{Allowlist, DEMO_FUNCTIONS, GatewayError, Kind, Limits};
 
 use warren_client::{CallOptions, Client};
 
-use admission::Gate;
+use admission::{Admitted, Gate};
 
 /// The web page served at `/`: plain HTML and JS, no build step.
 const PAGE: &str = include_str!("page.html");
@@ -67,8 +71,25 @@ pub struct GatewaySettings {
     /// Connections (HTTP, websocket and Text together) the gateway holds open at most; one
     /// more is refused at once (HTTP 503, or a `too_many_connections` line on the Text port).
     pub max_connections: usize,
-    /// Connections one peer IP address may hold open at most, refused the same way.
+    /// Connections one peer (an IPv4 address, or an IPv6 /64) outside
+    /// [`trusted_networks`](Self::trusted_networks) may hold open at most before they present
+    /// the token, refused the same way. A connection that presents the token counts toward
+    /// [`max_connections`](Self::max_connections) only.
     pub max_connections_per_peer: usize,
+    /// Peers in these networks meet [`max_connections`](Self::max_connections) only (loopback
+    /// by default: a Workerman front on the gateway's host opens a connection per task). Trust
+    /// lifts no other check: with a token, they must present it all the same.
+    pub trusted_networks: Vec<IpNet>,
+    /// With a token configured, how long a connection may take to present it: a Text or
+    /// websocket connection that has not by then is answered `unauthorized` and closed, an
+    /// HTTP connection that has made no request with the token is closed (after the request
+    /// in progress, if any). Nothing but the token extends it.
+    pub auth_timeout: Duration,
+    /// Origins, besides the gateway's own, whose pages may open the websocket (e.g.
+    /// `https://app.example.com`; `*` allows any). An upgrade with an `Origin` header that is
+    /// neither is refused with 403; clients that send no `Origin` (all but browsers) are not
+    /// affected.
+    pub allowed_origins: Vec<String>,
 }
 
 /// The default of [`GatewaySettings::max_connections`].
@@ -79,6 +100,33 @@ pub const DEFAULT_MAX_CONNECTIONS_PER_PEER: usize = 64;
 pub const DEFAULT_HTTP_PORT: u16 = 8080;
 /// The default port of the Workerman Text bridge.
 pub const DEFAULT_TEXT_PORT: u16 = 12345;
+/// Loopback, IPv4 and IPv6: the default of [`GatewaySettings::trusted_networks`].
+const LOOPBACK: [IpNet; 2] = [
+    IpNet::new_assert(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 0)), 8),
+    IpNet::new_assert(IpAddr::V6(Ipv6Addr::LOCALHOST), 128),
+];
+/// The default listen backlog of both ports (see [`listen`]).
+pub const DEFAULT_LISTEN_BACKLOG: u32 = 1024;
+
+/// A listening socket on `addr` whose accept queue holds `backlog` connections.
+///
+/// A Workerman front opens one Text connection per task, so a burst of a thousand messages is
+/// a thousand connects at once. Past the backlog the kernel drops SYNs, and the clients retry
+/// only after a second; so the backlog is sized for bursts ([`DEFAULT_LISTEN_BACKLOG`]), not
+/// the 128 of `std` and tokio's `bind`. Linux caps it at `net.core.somaxconn` (4096 by
+/// default since 5.4). Like tokio's `bind`, it sets `SO_REUSEADDR`.
+///
+/// # Errors
+/// The socket cannot be created, bound or put to listen (the address is in use, say).
+pub fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
 
 /// A listening address the gateway refuses to use.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -132,6 +180,9 @@ impl Default for GatewaySettings {
             queue_poll_interval: Duration::from_secs(1),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_peer: DEFAULT_MAX_CONNECTIONS_PER_PEER,
+            trusted_networks: LOOPBACK.to_vec(),
+            auth_timeout: Duration::from_secs(10),
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -182,7 +233,11 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let (queue_tx, queue_rx) = watch::channel(None);
-    let gate = Gate::new(settings.max_connections, settings.max_connections_per_peer);
+    let gate = Gate::new(
+        settings.max_connections,
+        settings.max_connections_per_peer,
+        settings.trusted_networks.clone(),
+    );
     let shared = Arc::new(Shared {
         gate,
         settings,
@@ -199,6 +254,7 @@ pub async fn serve(
         limits = ?shared.settings.limits,
         max_connections = shared.settings.max_connections,
         max_connections_per_peer = shared.settings.max_connections_per_peer,
+        trusted_networks = ?shared.settings.trusted_networks,
         "gateway serving"
     );
     let poller = tokio::spawn(poll_queue(shared.clone(), queue_tx));
@@ -231,7 +287,9 @@ fn router(shared: Arc<Shared>) -> Router {
 
 /// Accepts HTTP connections; each is served by hyper with a header read timeout, so a client
 /// that dribbles its request headers is dropped after the idle timeout. A connection over the
-/// connection limits gets a 503 at once.
+/// connection limits gets a 503 at once. With a token configured, a connection that has made
+/// no request with it within the authentication deadline is closed (a keep-alive `GET /`
+/// holds no place for long).
 async fn accept_http(listener: TcpListener, shared: Arc<Shared>) {
     let router = router(shared.clone());
     loop {
@@ -256,8 +314,13 @@ async fn accept_http(listener: TcpListener, shared: Arc<Shared>) {
         };
         // The ticket travels with the requests, so that a websocket upgraded from this
         // connection keeps the place after hyper lets go of the connection.
-        let service = TowerToHyperService::new(router.clone().layer(Extension(admitted)));
+        let service = TowerToHyperService::new(router.clone().layer(Extension(admitted.clone())));
         let shutdown = shared.shutdown.clone();
+        let mut auth_deadline = shared
+            .limits()
+            .token
+            .is_some()
+            .then(|| tokio::time::Instant::now() + shared.settings.auth_timeout);
         let mut builder = http1::Builder::new();
         builder
             .timer(TokioTimer::new())
@@ -267,11 +330,20 @@ async fn accept_http(listener: TcpListener, shared: Arc<Shared>) {
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
             tokio::pin!(connection);
-            let served = tokio::select! {
-                served = connection.as_mut() => served,
-                () = shutdown.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
+            let served = loop {
+                tokio::select! {
+                    served = connection.as_mut() => break served,
+                    () = shutdown.cancelled() => {
+                        connection.as_mut().graceful_shutdown();
+                        break connection.await;
+                    }
+                    () = sleep_until_some(auth_deadline), if auth_deadline.is_some() => {
+                        auth_deadline = None;
+                        if !admitted.is_authenticated() {
+                            tracing::debug!("http: no request with the token in time; closing");
+                            connection.as_mut().graceful_shutdown();
+                        }
+                    }
                 }
             };
             if let Err(e) = served {
@@ -328,8 +400,12 @@ async fn page() -> Html<&'static str> {
 
 /// `GET /api/info`: what the page needs to know before it connects (token required when one
 /// is configured; the page learns that from the 401).
-async fn info(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
-    if let Some(refused) = refuse_without_bearer(shared.limits(), &headers) {
+async fn info(
+    State(shared): State<Arc<Shared>>,
+    Extension(admitted): Extension<Arc<Admitted>>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(refused) = refuse_without_bearer(shared.limits(), &headers, &admitted) {
         return refused;
     }
     let limits = shared.limits();
@@ -344,8 +420,12 @@ async fn info(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response
 }
 
 /// `GET /api/queue`: the last queue depth read (token required when one is configured).
-async fn queue(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
-    if let Some(refused) = refuse_without_bearer(shared.limits(), &headers) {
+async fn queue(
+    State(shared): State<Arc<Shared>>,
+    Extension(admitted): Extension<Arc<Admitted>>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(refused) = refuse_without_bearer(shared.limits(), &headers, &admitted) {
         return refused;
     }
     match shared.queue.borrow().clone() {
@@ -367,10 +447,18 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// The refusal of a request whose bearer token is missing or wrong, when a token is configured.
-fn refuse_without_bearer(limits: &Limits, headers: &HeaderMap) -> Option<Response> {
+/// A right token authenticates the connection it came on.
+fn refuse_without_bearer(
+    limits: &Limits,
+    headers: &HeaderMap,
+    admitted: &Admitted,
+) -> Option<Response> {
     limits.token.as_ref()?; // no token configured: nothing to check
     match bearer(headers) {
-        Some(token) if limits.token_matches(token) => None,
+        Some(token) if limits.token_matches(token) => {
+            admitted.authenticated();
+            None
+        }
         _ => Some(error_response(
             StatusCode::UNAUTHORIZED,
             &GatewayError::unauthorized(),

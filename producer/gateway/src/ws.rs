@@ -10,6 +10,11 @@
 //! Every call runs on a task of the connection's [`JoinSet`]; when the client goes away the set
 //! is dropped, which aborts the calls and removes them from the client's pending map, so a
 //! disconnect leaks nothing.
+//!
+//! Browsers let any web page open a websocket to any address, the user's own loopback
+//! included, and they say which page did in `Origin`. So an upgrade whose `Origin` is neither
+//! the gateway's own (its `Host`) nor allowed (`--allow-origin`) is refused; programs send no
+//! `Origin` and are not affected.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +22,7 @@ use std::time::Duration;
 use axum::Extension;
 use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -29,16 +34,25 @@ use super::admission::Admitted;
 use super::limits::{GatewayError, Kind};
 use super::{Shared, bearer, error_response};
 
-/// `GET /ws`: checks an `Authorization: Bearer` header if one is sent, then upgrades. The
-/// websocket keeps the HTTP connection's place among the open connections.
+/// `GET /ws`: checks the `Origin` and an `Authorization: Bearer` header if one is sent, then
+/// upgrades. The websocket keeps the HTTP connection's place among the open connections.
 pub(super) async fn upgrade(
     State(shared): State<Arc<Shared>>,
     Extension(admitted): Extension<Arc<Admitted>>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
+    if let Err(refused) = check_origin(&headers, &shared.settings.allowed_origins) {
+        tracing::debug!(error = %refused, "ws: upgrade refused");
+        return error_response(StatusCode::FORBIDDEN, &refused);
+    }
     let authed = match bearer(&headers) {
-        Some(token) if shared.limits().token_matches(token) => true,
+        Some(token) if shared.limits().token_matches(token) => {
+            if shared.limits().token.is_some() {
+                admitted.authenticated();
+            }
+            true
+        }
         Some(_) => {
             return error_response(StatusCode::UNAUTHORIZED, &GatewayError::unauthorized());
         }
@@ -51,6 +65,43 @@ pub(super) async fn upgrade(
         .on_upgrade(move |socket| {
             connections.track_future(Connection::new(shared, authed, admitted).run(socket))
         })
+}
+
+/// Checks a websocket upgrade's `Origin`: none (not a browser), the gateway's own (the same
+/// `host[:port]` as `Host`, as the page the gateway serves has), or one of `allowed` (`*`:
+/// any). Compared without regard to case, scheme aside: behind a TLS proxy the page is
+/// `https://` while the gateway sees plain HTTP.
+///
+/// # Errors
+/// [`Kind::Forbidden`] naming the origin and `--allow-origin`.
+fn check_origin(headers: &HeaderMap, allowed: &[String]) -> Result<(), GatewayError> {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return Ok(());
+    };
+    let origin = String::from_utf8_lossy(origin.as_bytes());
+    let origin = origin.trim();
+    let own = headers
+        .get(header::HOST)
+        .and_then(|host| host.to_str().ok())
+        .is_some_and(|host| {
+            origin
+                .split_once("://")
+                .is_some_and(|(_, authority)| authority.eq_ignore_ascii_case(host.trim()))
+        });
+    let listed = allowed
+        .iter()
+        .any(|a| a == "*" || a.trim_end_matches('/').eq_ignore_ascii_case(origin));
+    if own || listed {
+        return Ok(());
+    }
+    crate::metrics::rejected(Kind::Forbidden);
+    Err(GatewayError::new(
+        Kind::Forbidden,
+        format!(
+            "a web page from {origin:?} may not use this gateway; add its origin to \
+             --allow-origin if it should"
+        ),
+    ))
 }
 
 /// One task as a websocket client sends it.
@@ -77,7 +128,7 @@ struct Connection {
     /// Set when the connection must close once the current replies are written.
     closing: Option<CloseFrame>,
     /// This connection's place among the gateway's open connections.
-    _admitted: Arc<Admitted>,
+    admitted: Arc<Admitted>,
 }
 
 impl Connection {
@@ -94,7 +145,7 @@ impl Connection {
             events,
             inbox,
             closing: None,
-            _admitted: admitted,
+            admitted,
         }
     }
 
@@ -103,8 +154,9 @@ impl Connection {
     }
 
     /// Runs the connection until the client leaves, it idles out, stops reading (a write that
-    /// makes no progress for the idle timeout), or the gateway shuts down. Pings and pongs
-    /// keep nothing alive: only messages and answers are activity.
+    /// makes no progress for the idle timeout), does not present a required token within the
+    /// authentication deadline, or the gateway shuts down. Pings and pongs keep nothing alive:
+    /// only messages and answers are activity.
     async fn run(mut self, mut socket: WebSocket) {
         let _open = crate::metrics::connection_opened("websocket");
         let limits = self.shared.limits().clone();
@@ -113,6 +165,9 @@ impl Connection {
         let mut queue = self.shared.queue.clone();
         let mut last_activity = Instant::now();
         let mut drain_until: Option<Instant> = None;
+        // From the upgrade (the HTTP request before it took little time, or met hyper's
+        // header timeout); only the token ends the wait for it.
+        let auth_deadline = Instant::now() + self.shared.settings.auth_timeout;
         let close_frame = loop {
             if let Some(frame) = self.closing.take() {
                 break Some(frame);
@@ -168,6 +223,13 @@ impl Connection {
                 }
                 () = tokio::time::sleep_until(idle_at), if idle => {
                     break Some(close(close_code::NORMAL, "idle timeout"));
+                }
+                () = tokio::time::sleep_until(auth_deadline), if !self.authed => {
+                    tracing::debug!("ws: no token in time; closing");
+                    let refusal = self.unauthorized();
+                    if !send(&mut socket, Message::text(refusal), write_timeout).await {
+                        break None;
+                    }
                 }
             }
         };
@@ -250,6 +312,9 @@ impl Connection {
             return vec![self.unauthorized()];
         }
         self.authed = true;
+        if self.shared.limits().token.is_some() {
+            self.admitted.authenticated();
+        }
         vec![json!({"auth": "ok"}).to_string()]
     }
 

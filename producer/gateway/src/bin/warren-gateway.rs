@@ -7,7 +7,6 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Command;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use warren_client::Client;
 use warren_gateway::GatewayConfig;
@@ -61,11 +60,10 @@ async fn run(config: GatewayConfig) -> anyhow::Result<()> {
              the ports may run the allowed functions"
         );
     }
-    let http = TcpListener::bind(http_addr)
-        .await
+    let backlog = config.listen_backlog;
+    let http = warren_gateway::listen(http_addr, backlog)
         .with_context(|| format!("cannot listen on --http {http_addr}"))?;
-    let text = TcpListener::bind(text_addr)
-        .await
+    let text = warren_gateway::listen(text_addr, backlog)
         .with_context(|| format!("cannot listen on --text {text_addr}"))?;
     let handle = match config.metrics {
         Some(_) => Some(warren_gateway::metrics::install()?),
