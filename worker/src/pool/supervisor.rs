@@ -602,6 +602,15 @@ async fn run_job(
             // Its caller gave up while it waited for a process.
             return None;
         }
+        if process.has_exited() {
+            // Gone just as it was given the task: the task is for another process.
+            requeue(shared, job);
+            let how = process.exit_description(REAP_WAIT).await;
+            return Some(End::Broken {
+                reason: format!("{how} between tasks"),
+                startup: process.jobs == 0,
+            });
+        }
         let line = match task_line(&job) {
             Ok(line) => line,
             Err(e) => {
