@@ -109,9 +109,13 @@ pub(crate) struct Plan {
 }
 
 /// The guard plan for the next pool process, or `None` when this executable cannot serve as a
-/// guard ([`serve_if_guard`] was not called) or the lifeline cannot be made.
+/// guard ([`serve_if_guard`] was not called), when it needs none (it is PID 1), or when the
+/// lifeline cannot be made.
 pub(crate) fn plan() -> Option<Plan> {
-    if !CAN_GUARD.load(Ordering::Relaxed) {
+    // As PID 1 (a container's init), the worker takes its whole PID namespace down when it
+    // dies: the kernel kills every process in it. Guards would be of no use, and as orphans of
+    // a dead pool process they would come to the worker, which reaps only its own children.
+    if !CAN_GUARD.load(Ordering::Relaxed) || nix::unistd::getpid().as_raw() == 1 {
         return None;
     }
     let lifeline = LIFELINE.get_or_init(|| match make_lifeline() {

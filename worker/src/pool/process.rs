@@ -201,6 +201,11 @@ impl Process {
         }
     }
 
+    /// Whether its exit has been seen already (see [`next`](Self::next)).
+    pub(crate) fn exit_seen(&self) -> bool {
+        self.exited
+    }
+
     /// Whether it has exited (reaping it if so).
     pub(crate) fn has_exited(&mut self) -> bool {
         if !self.exited && matches!(self.child.try_wait(), Ok(Some(_))) {
