@@ -670,6 +670,41 @@ mod tests {
         assert_eq!(bytes::parse("1G"), Ok(1_000_000_000));
     }
 
+    #[test]
+    fn env_and_env_pass_take_variable_names_only() {
+        let pool = |env_pass: &[&str], env: &[(&str, &str)]| PoolConfig {
+            functions: vec!["a".into()],
+            command: vec!["x".into()],
+            env_pass: env_pass.iter().map(|n| (*n).to_owned()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            ..PoolConfig::default()
+        };
+        assert!(
+            pool(&["DATABASE_URL"], &[("APP_ENV", "a=b")])
+                .validate()
+                .is_ok()
+        );
+        for bad in [
+            pool(&["A=B"], &[]),
+            pool(&[""], &[]),
+            pool(&[], &[("X=", "1")]),
+        ] {
+            let error = bad.validate().unwrap_err().to_string();
+            assert!(
+                error.contains("not an environment variable name"),
+                "{error}"
+            );
+        }
+        let table: PoolConfig = serde_json::from_value(serde_json::json!({
+            "functions": ["a"], "command": ["x"], "env_pass": ["DATABASE_URL"]
+        }))
+        .unwrap();
+        assert_eq!(table.env_pass, ["DATABASE_URL"]);
+    }
+
     #[tokio::test]
     async fn a_function_in_two_pools_is_refused_before_anything_starts() {
         let pool = |name: &str, functions: &[&str]| PoolConfig {
