@@ -10,6 +10,7 @@ mod core;
 mod deploy;
 mod gateway;
 mod interactive;
+mod isolation;
 mod operations;
 mod pools;
 mod processes;
