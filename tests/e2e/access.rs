@@ -241,6 +241,10 @@ fn users_sh_gives_each_role_exactly_the_permissions_of_the_definitions() {
             .find(|p| p["user"] == name)
             .unwrap_or_else(|| panic!("no permissions for {name}"));
         assert_eq!(expected["vhost"], deploy::VHOST);
+        if role == "operator" {
+            // Releasing a function's claim: its exchange, and no other.
+            assert_eq!(expected["configure"], r"^warren\.functions\..+$");
+        }
         // As the file says, and for another queue and functions exchange.
         for (queue, functions, q, f) in [
             (
@@ -460,13 +464,16 @@ async fn the_operator_profile_lists_replays_and_purges_dead_letters() {
 
     let url_file = dir.path().join("operator-url");
     std::fs::write(&url_file, format!("{}\n", operator.url())).unwrap();
+    let fx = queue.functions_exchange();
     let warren = |args: &[&str]| {
         let out = Command::new(binary("warren"))
             .arg("--no-declare")
             .args(args)
             .args(["--queue", &queue.name])
             .env_remove("AMQP_URL")
+            .env_remove("WARREN_MANAGEMENT_URL")
             .env("WARREN_AMQP_URL_FILE", &url_file)
+            .env("WARREN_FUNCTIONS_EXCHANGE", &fx)
             .output()
             .unwrap();
         assert!(
@@ -482,6 +489,38 @@ async fn the_operator_profile_lists_replays_and_purges_dead_letters() {
     assert_eq!(warren(&["dlq", "replay", &first]).trim(), "replayed 1");
     assert_eq!(warren(&["dlq", "purge"]).trim(), "purged 1");
     assert_eq!(queue.dead_count(&client).await, 0);
+
+    // The stopped worker left its functions claimed for the queue: the operator lists the
+    // claims (management API) and gives one back (AMQP, `configure` on its exchange).
+    let claims = |listing: &str| -> Vec<(String, String)> {
+        let rows: Vec<serde_json::Value> = serde_json::from_str(listing).unwrap();
+        rows.iter()
+            .map(|r| (r["function"].to_string(), r["queue"].to_string()))
+            .collect()
+    };
+    let owned = (format!("{:?}", "echo"), format!("{:?}", queue.name));
+    let listed = claims(&warren(&["functions", "--json"]));
+    assert!(listed.contains(&owned), "{listed:?}");
+    // The replayed task waits in the queue: refused unless forced.
+    let refused = Command::new(binary("warren"))
+        .args(["--no-declare", "functions", "release", "echo"])
+        .env_remove("AMQP_URL")
+        .env("WARREN_AMQP_URL_FILE", &url_file)
+        .env("WARREN_FUNCTIONS_EXCHANGE", &fx)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("1 ready task"),
+        "{stderr}"
+    );
+    let released = warren(&["functions", "release", "echo", "--force"]);
+    assert!(
+        released.starts_with(&format!("released echo from queue {}", queue.name)),
+        "{released}"
+    );
+    let listed = claims(&warren(&["functions", "--json"]));
+    assert!(!listed.iter().any(|(f, _)| f == "\"echo\""), "{listed:?}");
     client.close().await;
 }
 

@@ -161,8 +161,8 @@ pub enum DlqAction {
 pub enum FunctionsAction {
     /// Free a function's claim (delete its exchange on the functions exchange), so that the
     /// next worker serving it claims it for its own queue. Refused while the queue that owns it
-    /// has consumers or ready tasks. Needs `configure` on the function's exchange (a worker's
-    /// permissions).
+    /// has consumers or ready tasks. Needs `configure` on the function's exchange (a worker's or
+    /// an operator's permissions).
     Release {
         /// The function, e.g. `echo`.
         function: String,

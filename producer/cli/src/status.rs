@@ -106,8 +106,10 @@ pub(crate) struct Unreachable(pub(crate) String);
 #[derive(Debug)]
 pub(crate) struct Management {
     agent: ureq::Agent,
-    /// `http://user:pass@host:port`.
+    /// `http://host:port`, without credentials.
     base: String,
+    /// The `Authorization` header of the credentials.
+    authorization: Option<String>,
     /// The virtual host, percent-encoded for a path.
     vhost: String,
 }
@@ -121,12 +123,21 @@ impl Management {
             .map_err(|e: String| format!("invalid AMQP URL: {e}"))?;
         let base = management_base(source, &uri);
         let shown = redact(&base);
+        let (base, authorization) = basic_authorization(&base);
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_global(Some(HTTP_TIMEOUT))
             .build()
             .into();
         let vhost = Self::encode(&uri.vhost);
-        Ok((Self { agent, base, vhost }, shown))
+        Ok((
+            Self {
+                agent,
+                base,
+                authorization,
+                vhost,
+            },
+            shown,
+        ))
     }
 
     /// `text` percent-encoded for a path segment.
@@ -141,7 +152,11 @@ impl Management {
 
     /// `GET /api/<path>` as JSON.
     pub(crate) fn get(&self, path: &str) -> Result<Value, Unreachable> {
-        get_json(&self.agent, &format!("{}/api/{path}", self.base))
+        get_json(
+            &self.agent,
+            &format!("{}/api/{path}", self.base),
+            self.authorization.as_deref(),
+        )
     }
 }
 
@@ -219,11 +234,43 @@ fn redact(base: &str) -> String {
     }
 }
 
-fn get_json(agent: &ureq::Agent, url: &str) -> Result<Value, Unreachable> {
-    let mut response = agent
-        .get(url)
-        .call()
-        .map_err(|e| Unreachable(e.to_string()))?;
+/// `base` (`scheme://user:pass@host:port`, its user info percent-encoded) split into the URL
+/// without credentials and their `Authorization: Basic` header, decoded. ureq would send the
+/// user info as written, so a user `warren-ops` (encoded `warren%2Dops`) would be refused.
+fn basic_authorization(base: &str) -> (String, Option<String>) {
+    use base64::Engine as _;
+    let Some((scheme, rest)) = base.split_once("://") else {
+        return (base.to_owned(), None);
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return (base.to_owned(), None);
+    };
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+    let credentials = format!("{}:{}", decode(user), decode(password));
+    (
+        format!("{scheme}://{host}"),
+        Some(format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(credentials)
+        )),
+    )
+}
+
+fn get_json(
+    agent: &ureq::Agent,
+    url: &str,
+    authorization: Option<&str>,
+) -> Result<Value, Unreachable> {
+    let mut request = agent.get(url);
+    if let Some(authorization) = authorization {
+        request = request.header("Authorization", authorization);
+    }
+    let mut response = request.call().map_err(|e| Unreachable(e.to_string()))?;
     let status = response.status();
     if !status.is_success() {
         return Err(Unreachable(format!("HTTP {status}")));
@@ -625,5 +672,18 @@ mod tests {
             "http://a:b@mgmt:1"
         );
         assert_eq!(redact("http://a:b@mgmt:1"), "http://mgmt:1");
+    }
+
+    #[test]
+    fn management_credentials_are_sent_decoded_in_a_header() {
+        use base64::Engine as _;
+        let (url, authorization) = basic_authorization("http://warren%2Dops:p%40ss@mgmt:15672");
+        assert_eq!(url, "http://mgmt:15672");
+        let expected = base64::engine::general_purpose::STANDARD.encode("warren-ops:p@ss");
+        assert_eq!(authorization, Some(format!("Basic {expected}")));
+        assert_eq!(
+            basic_authorization("http://mgmt:1"),
+            ("http://mgmt:1".to_owned(), None)
+        );
     }
 }

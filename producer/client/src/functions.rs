@@ -152,12 +152,29 @@ impl Client {
             .await;
         match declared {
             // The broker checks `read` on the exchange and `write` on its alternate exchange
-            // (`amq.default` here) only when it creates the exchange: a refusal of either
-            // means it was deleted since the passive look, and nothing was created. An
-            // operator (`configure` on the functions' exchanges, no more) gets this refusal.
-            Err(e) if created_refused(&e) => {
+            // (`amq.default` here) only when it creates the exchange, so an operator
+            // (`configure` on the functions' exchanges, no more) is refused when the exchange
+            // was deleted since the passive look; nothing was created then. A refused
+            // `configure` leaves the exchange in place: another passive look tells them apart.
+            Err(e) if access_refused(&e) => {
                 close(probe).await;
-                Ok(None)
+                let probe = self.own_channel().await?;
+                let passive = probe
+                    .exchange_declare(
+                        exchange.as_str().into(),
+                        ExchangeKind::Fanout,
+                        ExchangeDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await;
+                close(probe).await;
+                match passive {
+                    Err(gone) if not_found(&gone) => Ok(None),
+                    _ => Err(e.into()),
+                }
             }
             Err(e) => {
                 close(probe).await;
@@ -297,12 +314,16 @@ impl Client {
     }
 }
 
-/// Whether `error` refuses creating an exchange: `read` or `write` access refused (a missing
-/// `configure` is refused as "configure access").
-fn created_refused(error: &lapin::Error) -> bool {
-    let text = error.to_string();
-    text.contains("ACCESS_REFUSED")
-        && (text.contains("read access") || text.contains("write access"))
+/// Whether the broker refused `error`'s operation for lack of a permission.
+fn access_refused(error: &lapin::Error) -> bool {
+    matches!(
+        error.kind(),
+        lapin::ErrorKind::ProtocolError(amqp)
+            if matches!(
+                amqp.kind(),
+                lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::ACCESSREFUSED)
+            )
+    )
 }
 
 /// The owner's full name: the broker's `reported` one when it is whole, else `listed` when
