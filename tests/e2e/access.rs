@@ -554,8 +554,10 @@ fn runs(program: &str, args: &[&str]) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// Runs `program args` in `dir` as the broker user at `url` on `queue`, at most 60 s.
-fn run_example(
+/// Runs `program args` in `dir` as the broker user at `url` on `queue`, at most 60 s (then it
+/// is stopped and the test fails), on a blocking thread: the test's in-process worker keeps
+/// the runtime's threads.
+async fn run_example(
     program: &str,
     args: &[&str],
     dir: &std::path::Path,
@@ -570,25 +572,42 @@ fn run_example(
         .env("AMQP_URL", url)
         .env("WARREN_QUEUE", queue)
         .env_remove("WARREN_DECLARE")
-        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     if declare {
         command.env("WARREN_DECLARE", "1");
     }
-    let child = command.spawn().unwrap();
-    let pid = child.id();
-    // A hung example is killed rather than left behind.
-    let watchdog = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(60));
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(0)),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    });
-    let output = child.wait_with_output().unwrap();
-    drop(watchdog);
-    output
+    let shown = format!("{program} {args:?}");
+    let ran = tokio::task::spawn_blocking(move || {
+        // The guard stops the example if it hangs (or the test fails), and never signals a
+        // process it has reaped.
+        let mut child = ChildGuard::spawn(command);
+        let read = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut bytes = Vec::new();
+                if let Some(mut pipe) = pipe {
+                    let _ = pipe.read_to_end(&mut bytes);
+                }
+                bytes
+            })
+        };
+        let stdout = read(child.take_stdout().map(|p| Box::new(p) as _));
+        let stderr = read(child.take_stderr().map(|p| Box::new(p) as _));
+        let status = child.wait_timeout(Duration::from_secs(60));
+        drop(child);
+        let (stdout, stderr) = (stdout.join(), stderr.join());
+        status.map(|status| std::process::Output {
+            status,
+            stdout: stdout.unwrap_or_default(),
+            stderr: stderr.unwrap_or_default(),
+        })
+    })
+    .await;
+    match ran {
+        Ok(Some(output)) => output,
+        Ok(None) => panic!("{shown} did not finish within 60 s"),
+        Err(e) => panic!("{shown}: {e}"),
+    }
 }
 
 /// The Python (pika) and PHP (php-amqplib) examples of docs/protocol.md §7, extracted from the
@@ -632,7 +651,8 @@ async fn the_protocol_examples_run_verbatim_as_the_least_privilege_producer() {
         &producer.url(),
         &queue.name,
         false,
-    );
+    )
+    .await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "python example failed: {stderr}");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), r#"{"x": 1}"#);
@@ -644,7 +664,8 @@ async fn the_protocol_examples_run_verbatim_as_the_least_privilege_producer() {
         &producer.url(),
         &queue.name,
         true,
-    );
+    )
+    .await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("ACCESS_REFUSED"), "{stderr}");
@@ -666,7 +687,8 @@ async fn the_protocol_examples_run_verbatim_as_the_least_privilege_producer() {
         &producer.url(),
         &queue.name,
         false,
-    );
+    )
+    .await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
