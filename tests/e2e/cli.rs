@@ -649,3 +649,39 @@ async fn cli_functions_release_checks_an_owner_whose_name_the_broker_cuts() {
     );
     client.close().await;
 }
+
+/// `warren status` without `--queue` and without the management API shows what AMQP can tell,
+/// `warren.tasks` alone, and says so: it neither claims to show every queue that serves a
+/// function nor says that none exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_status_of_the_deployment_without_the_api_says_it_shows_warren_tasks_only() {
+    let queue = TestQueue::new("status-no-api");
+    let fx = queue.functions_exchange();
+    let unreachable = format!("http://127.0.0.1:{}", warren_tests::free_port());
+    let out = warren_on(&fx, &["status", "--management-url", &unreachable]);
+    let shown = text(&out.stdout);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let header = shown.lines().next().unwrap_or_default();
+    assert!(
+        header.starts_with("Warren deployment: warren.tasks only (figures from AMQP only"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("note: management API not reachable"),
+        "{shown}"
+    );
+    assert!(!shown.contains("serves a function yet"), "{shown}");
+    let out = warren_on(&fx, &["status", "--json", "--management-url", &unreachable]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["source"], "amqp", "{status}");
+    let rows = status["queues"].as_array().unwrap();
+    // Whether another test left warren.tasks on the shared broker decides the one row.
+    assert!(rows.iter().all(|r| r["name"] == "warren.tasks"), "{status}");
+    if rows.is_empty() {
+        assert!(
+            shown.contains("(no such queue: nothing has declared warren.tasks yet)"),
+            "{shown}"
+        );
+    }
+}

@@ -63,9 +63,10 @@ pub struct QueueRow {
     /// Age of the oldest ready task, where the broker tells (`head_message_timestamp`, which
     /// RabbitMQ reports for classic queues only; Warren's quorum queues do not have it).
     pub oldest_ready_seconds: Option<u64>,
-    /// The functions the queue serves (claims on the functions exchange; deployment view).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub functions: Vec<String>,
+    /// The functions the queue serves (claims on the functions exchange), possibly none: in
+    /// the deployment view from the management API, absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub functions: Option<Vec<String>>,
 }
 
 /// One worker process (its consuming connection).
@@ -333,11 +334,13 @@ fn deployment_from_management(
                 return None;
             }
             let mut row = queue_row(q, name, "work", now);
-            row.functions = claims
-                .iter()
-                .filter(|c| c.queue == name)
-                .map(|c| c.function.clone())
-                .collect();
+            row.functions = Some(
+                claims
+                    .iter()
+                    .filter(|c| c.queue == name)
+                    .map(|c| c.function.clone())
+                    .collect(),
+            );
             let seen = workers.iter().filter(|w| w.queue == name).count() as u64;
             row.consumers = row.consumers.max(seen);
             Some(row)
@@ -390,7 +393,7 @@ fn queue_row(q: &Value, name: &str, role: &'static str, now: Duration) -> QueueR
             .get("head_message_timestamp")
             .and_then(Value::as_u64)
             .map(|sent| now.as_secs().saturating_sub(sent)),
-        functions: Vec::new(),
+        functions: None,
     }
 }
 
@@ -506,7 +509,7 @@ async fn from_amqp(broker: &BrokerSettings, asked: Option<&str>) -> Result<Statu
                 deliver_rate: None,
                 ack_rate: None,
                 oldest_ready_seconds: None,
-                functions: Vec::new(),
+                functions: None,
             });
         }
     }
@@ -546,6 +549,15 @@ pub fn render(status: &Status) -> String {
         Some(queue) => {
             let _ = writeln!(out, "Warren queue {queue} (figures from {source})");
         }
+        // Which queues serve functions only the management API tells.
+        None if status.source == "amqp" => {
+            let _ = writeln!(
+                out,
+                "Warren deployment: {} only (figures from {source}; --queue shows one queue \
+                 and its dead letters)",
+                topology::DEFAULT_QUEUE
+            );
+        }
         None => {
             let _ = writeln!(
                 out,
@@ -573,21 +585,26 @@ pub fn render(status: &Status) -> String {
         if deployment { "FUNCTIONS" } else { "OLDEST" }
     );
     if status.queues.is_empty() {
-        let _ = writeln!(
-            out,
-            "(no such queue: nothing has declared {} yet)",
-            status
-                .queue
-                .as_deref()
-                .unwrap_or("a queue that serves a function")
-        );
+        let _ = match (&status.queue, status.source) {
+            (Some(queue), _) => writeln!(out, "(no such queue: nothing has declared {queue} yet)"),
+            (None, "amqp") => writeln!(
+                out,
+                "(no such queue: nothing has declared {} yet)",
+                topology::DEFAULT_QUEUE
+            ),
+            (None, _) => writeln!(
+                out,
+                "(no queue: no queue that serves a function exists, and nothing has declared \
+                 {} yet)",
+                topology::DEFAULT_QUEUE
+            ),
+        };
     }
     for q in &status.queues {
         let last = if deployment {
-            if q.functions.is_empty() {
-                "-".to_owned()
-            } else {
-                q.functions.join(",")
+            match q.functions.as_deref() {
+                Some(functions) if !functions.is_empty() => functions.join(","),
+                _ => "-".to_owned(),
             }
         } else {
             age(q.oldest_ready_seconds)
@@ -637,6 +654,28 @@ pub fn render(status: &Status) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deployment_rows_have_functions_even_when_none() {
+        let row = |functions| QueueRow {
+            name: "warren.tasks".into(),
+            role: "work",
+            ready: 0,
+            unacked: None,
+            consumers: 0,
+            publish_rate: None,
+            deliver_rate: None,
+            ack_rate: None,
+            oldest_ready_seconds: None,
+            functions,
+        };
+        let json = |r: QueueRow| serde_json::to_value(r).unwrap_or_default();
+        assert_eq!(
+            json(row(Some(Vec::new())))["functions"],
+            serde_json::json!([])
+        );
+        assert!(json(row(None)).get("functions").is_none());
+    }
 
     #[test]
     fn queues_of_a_work_queue_are_recognised() {
