@@ -241,6 +241,10 @@ fn users_sh_gives_each_role_exactly_the_permissions_of_the_definitions() {
             .find(|p| p["user"] == name)
             .unwrap_or_else(|| panic!("no permissions for {name}"));
         assert_eq!(expected["vhost"], deploy::VHOST);
+        if role == "operator" {
+            // Releasing a function's claim: its exchange, and no other.
+            assert_eq!(expected["configure"], r"^warren\.functions\..+$");
+        }
         // As the file says, and for another queue and functions exchange.
         for (queue, functions, q, f) in [
             (
@@ -460,13 +464,16 @@ async fn the_operator_profile_lists_replays_and_purges_dead_letters() {
 
     let url_file = dir.path().join("operator-url");
     std::fs::write(&url_file, format!("{}\n", operator.url())).unwrap();
+    let fx = queue.functions_exchange();
     let warren = |args: &[&str]| {
         let out = Command::new(binary("warren"))
             .arg("--no-declare")
             .args(args)
             .args(["--queue", &queue.name])
             .env_remove("AMQP_URL")
+            .env_remove("WARREN_MANAGEMENT_URL")
             .env("WARREN_AMQP_URL_FILE", &url_file)
+            .env("WARREN_FUNCTIONS_EXCHANGE", &fx)
             .output()
             .unwrap();
         assert!(
@@ -482,6 +489,38 @@ async fn the_operator_profile_lists_replays_and_purges_dead_letters() {
     assert_eq!(warren(&["dlq", "replay", &first]).trim(), "replayed 1");
     assert_eq!(warren(&["dlq", "purge"]).trim(), "purged 1");
     assert_eq!(queue.dead_count(&client).await, 0);
+
+    // The stopped worker left its functions claimed for the queue: the operator lists the
+    // claims (management API) and gives one back (AMQP, `configure` on its exchange).
+    let claims = |listing: &str| -> Vec<(String, String)> {
+        let rows: Vec<serde_json::Value> = serde_json::from_str(listing).unwrap();
+        rows.iter()
+            .map(|r| (r["function"].to_string(), r["queue"].to_string()))
+            .collect()
+    };
+    let owned = (format!("{:?}", "echo"), format!("{:?}", queue.name));
+    let listed = claims(&warren(&["functions", "--json"]));
+    assert!(listed.contains(&owned), "{listed:?}");
+    // The replayed task waits in the queue: refused unless forced.
+    let refused = Command::new(binary("warren"))
+        .args(["--no-declare", "functions", "release", "echo"])
+        .env_remove("AMQP_URL")
+        .env("WARREN_AMQP_URL_FILE", &url_file)
+        .env("WARREN_FUNCTIONS_EXCHANGE", &fx)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("1 ready task"),
+        "{stderr}"
+    );
+    let released = warren(&["functions", "release", "echo", "--force"]);
+    assert!(
+        released.starts_with(&format!("released echo from queue {}", queue.name)),
+        "{released}"
+    );
+    let listed = claims(&warren(&["functions", "--json"]));
+    assert!(!listed.iter().any(|(f, _)| f == "\"echo\""), "{listed:?}");
     client.close().await;
 }
 
@@ -515,8 +554,10 @@ fn runs(program: &str, args: &[&str]) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// Runs `program args` in `dir` as the broker user at `url` on `queue`, at most 60 s.
-fn run_example(
+/// Runs `program args` in `dir` as the broker user at `url` on `queue`, at most 60 s (then it
+/// is stopped and the test fails), on a blocking thread: the test's in-process worker keeps
+/// the runtime's threads.
+async fn run_example(
     program: &str,
     args: &[&str],
     dir: &std::path::Path,
@@ -531,25 +572,42 @@ fn run_example(
         .env("AMQP_URL", url)
         .env("WARREN_QUEUE", queue)
         .env_remove("WARREN_DECLARE")
-        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     if declare {
         command.env("WARREN_DECLARE", "1");
     }
-    let child = command.spawn().unwrap();
-    let pid = child.id();
-    // A hung example is killed rather than left behind.
-    let watchdog = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(60));
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(0)),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    });
-    let output = child.wait_with_output().unwrap();
-    drop(watchdog);
-    output
+    let shown = format!("{program} {args:?}");
+    let ran = tokio::task::spawn_blocking(move || {
+        // The guard stops the example if it hangs (or the test fails), and never signals a
+        // process it has reaped.
+        let mut child = ChildGuard::spawn(command);
+        let read = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut bytes = Vec::new();
+                if let Some(mut pipe) = pipe {
+                    let _ = pipe.read_to_end(&mut bytes);
+                }
+                bytes
+            })
+        };
+        let stdout = read(child.take_stdout().map(|p| Box::new(p) as _));
+        let stderr = read(child.take_stderr().map(|p| Box::new(p) as _));
+        let status = child.wait_timeout(Duration::from_secs(60));
+        drop(child);
+        let (stdout, stderr) = (stdout.join(), stderr.join());
+        status.map(|status| std::process::Output {
+            status,
+            stdout: stdout.unwrap_or_default(),
+            stderr: stderr.unwrap_or_default(),
+        })
+    })
+    .await;
+    match ran {
+        Ok(Some(output)) => output,
+        Ok(None) => panic!("{shown} did not finish within 60 s"),
+        Err(e) => panic!("{shown}: {e}"),
+    }
 }
 
 /// The Python (pika) and PHP (php-amqplib) examples of docs/protocol.md §7, extracted from the
@@ -593,7 +651,8 @@ async fn the_protocol_examples_run_verbatim_as_the_least_privilege_producer() {
         &producer.url(),
         &queue.name,
         false,
-    );
+    )
+    .await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "python example failed: {stderr}");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), r#"{"x": 1}"#);
@@ -605,7 +664,8 @@ async fn the_protocol_examples_run_verbatim_as_the_least_privilege_producer() {
         &producer.url(),
         &queue.name,
         true,
-    );
+    )
+    .await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("ACCESS_REFUSED"), "{stderr}");
@@ -627,7 +687,8 @@ async fn the_protocol_examples_run_verbatim_as_the_least_privilege_producer() {
         &producer.url(),
         &queue.name,
         false,
-    );
+    )
+    .await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

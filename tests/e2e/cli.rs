@@ -488,13 +488,28 @@ async fn cli_functions_lists_a_stopped_workers_claims_and_release_frees_them_for
     let stopped = worker.wait_timeout(Duration::from_secs(30));
     assert!(stopped.is_some_and(|s| s.success()), "{stopped:?}");
 
-    // The claim outlives the worker: a worker on another queue that serves echo cannot start.
-    let mut refused = ChildGuard::worker(
-        &second.name,
-        &["--builtins", "echo", "--functions-exchange", &fx],
-    );
+    // The claim outlives the worker: a worker on another queue that serves echo cannot start,
+    // and says which queue owns the function and the command that frees it.
+    let dir = temp_dir("claims");
+    let log = dir.path().join("refused.log");
+    let mut command = Command::new(binary("warren-worker"));
+    command
+        .args(["--queue", &second.name, "--builtins", "echo"])
+        .args(["--functions-exchange", &fx])
+        .env("AMQP_URL", amqp_url())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    let mut refused = ChildGuard::spawn(command);
     let exit = refused.wait_timeout(Duration::from_secs(30));
     assert!(exit.is_some_and(|s| !s.success()), "{exit:?}");
+    let said = std::fs::read_to_string(&log).unwrap();
+    // The owner's name as the broker's refusal has it: cut at 255 bytes with the names of
+    // test queues, so only its start is certain.
+    assert!(
+        said.contains("already served by queue \"test.claims-first.")
+            && said.contains("warren functions release echo"),
+        "{said}"
+    );
 
     // `functions` shows the claim with no consumer; `status` without --queue shows the queue.
     eventually(
@@ -577,4 +592,96 @@ async fn cli_functions_lists_a_stopped_workers_claims_and_release_frees_them_for
     assert!(out.status.success(), "stderr: {}", text(&out.stderr));
     assert_eq!(text(&out.stdout).trim(), "\"moved\"");
     client.close().await;
+}
+
+/// A queue whose name the broker cuts: its AMQP refusal, which names a function's owner, is cut
+/// at 255 bytes. `release` does not take the cut name for a queue that does not exist (and so
+/// is not in use): without the management API it refuses unless forced, and with it, it checks
+/// the queue the API names in full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_functions_release_checks_an_owner_whose_name_the_broker_cuts() {
+    // The longest test queue whose functions exchange is valid (74 bytes with `.functions`).
+    let queue = TestQueue::new("a-long-owner-cut-by-broker");
+    let fx = queue.functions_exchange();
+    assert_eq!(
+        fx.len(),
+        warren_shared::topology::MAX_FUNCTIONS_EXCHANGE,
+        "{fx}"
+    );
+    let client = queue.client().await;
+    let _worker = ChildGuard::worker(&queue.name, &["--builtins", "echo"]);
+    eventually("the worker to consume", Duration::from_secs(20), || async {
+        client
+            .queue_stats(&queue.name)
+            .await
+            .is_ok_and(|s| s.consumers >= 1)
+    })
+    .await;
+    let unreachable = format!("http://127.0.0.1:{}", warren_tests::free_port());
+    let out = warren_on(
+        &fx,
+        &[
+            "functions",
+            "--management-url",
+            &unreachable,
+            "release",
+            "echo",
+        ],
+    );
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "released: {}", text(&out.stdout));
+    assert!(
+        stderr.contains("cut at 255 bytes") && stderr.contains("--force"),
+        "{stderr}"
+    );
+    let rows = functions_json(&fx);
+    assert!(
+        claim_of(&rows, "echo").is_some_and(|r| r["queue"] == queue.name.as_str()),
+        "the claim stays: {rows:?}"
+    );
+    // The management API names the owner in full: its consumer refuses the release.
+    let out = warren_on(&fx, &["functions", "release", "echo"]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "released: {}", text(&out.stdout));
+    assert!(
+        stderr.contains(&format!("queue \"{}\", which has 1 consumer", queue.name)),
+        "{stderr}"
+    );
+    client.close().await;
+}
+
+/// `warren status` without `--queue` and without the management API shows what AMQP can tell,
+/// `warren.tasks` alone, and says so: it neither claims to show every queue that serves a
+/// function nor says that none exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_status_of_the_deployment_without_the_api_says_it_shows_warren_tasks_only() {
+    let queue = TestQueue::new("status-no-api");
+    let fx = queue.functions_exchange();
+    let unreachable = format!("http://127.0.0.1:{}", warren_tests::free_port());
+    let out = warren_on(&fx, &["status", "--management-url", &unreachable]);
+    let shown = text(&out.stdout);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let header = shown.lines().next().unwrap_or_default();
+    assert!(
+        header.starts_with("Warren deployment: warren.tasks only (figures from AMQP only"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("note: management API not reachable"),
+        "{shown}"
+    );
+    assert!(!shown.contains("serves a function yet"), "{shown}");
+    let out = warren_on(&fx, &["status", "--json", "--management-url", &unreachable]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["source"], "amqp", "{status}");
+    let rows = status["queues"].as_array().unwrap();
+    // Whether another test left warren.tasks on the shared broker decides the one row.
+    assert!(rows.iter().all(|r| r["name"] == "warren.tasks"), "{status}");
+    if rows.is_empty() {
+        assert!(
+            shown.contains("(no such queue: nothing has declared warren.tasks yet)"),
+            "{shown}"
+        );
+    }
 }

@@ -39,7 +39,7 @@ pub struct WorkerConfig {
     pub functions_exchange: String,
     /// Queues a task's reply may go to besides direct reply-to addresses, comma-separated
     /// patterns where `*` stands for any run of characters (`*` alone: any queue; an empty
-    /// value: direct reply-to only). A task whose `reply_to` names another queue is rejected
+    /// value: direct reply-to only; blanks around a pattern are dropped). A task whose `reply_to` names another queue is rejected
     /// as `bad_request` and not run. See docs/protocol.md §2, "Reply queues".
     #[arg(long, env = "WARREN_REPLY_QUEUES", value_delimiter = ',')]
     pub reply_queues: Vec<String>,
@@ -229,7 +229,13 @@ impl WorkerConfig {
             shutdown_grace,
             watchdog_interval,
             functions_exchange,
-            reply_queues: reply_queues.into_iter().filter(|p| !p.is_empty()).collect(),
+            // `a.*, b` means `b`, not ` b`, which no reply queue would match.
+            reply_queues: reply_queues
+                .iter()
+                .map(|p| p.trim())
+                .filter(|p| !p.is_empty())
+                .map(str::to_owned)
+                .collect(),
             ..WorkerSettings::default()
         })
     }
@@ -339,6 +345,10 @@ mod tests {
         assert_eq!(file.settings().unwrap().reply_queues, ["app.replies.*"]);
         let flag = load("", &["--reply-queues", "a.*,b"]);
         assert_eq!(flag.settings().unwrap().reply_queues, ["a.*", "b"]);
+        let spaced = load("", &["--reply-queues", "a.*, b ,"]);
+        assert_eq!(spaced.settings().unwrap().reply_queues, ["a.*", "b"]);
+        let file = load("reply_queues = [\" app.replies.* \"]\n", &[]);
+        assert_eq!(file.settings().unwrap().reply_queues, ["app.replies.*"]);
         let none = load("", &["--reply-queues", ""]);
         assert!(none.settings().unwrap().reply_queues.is_empty());
     }

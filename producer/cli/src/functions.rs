@@ -20,7 +20,7 @@ use crate::status::{Management, Unreachable};
 pub struct FunctionRow {
     /// The function's name.
     pub function: String,
-    /// The queue that owns it (`?` when its exchange names none).
+    /// The queue that owns it.
     pub queue: String,
     /// Whether the functions exchange routes the function to its exchange (a claim without
     /// this binding routes nothing: callers get `unknown_function`).
@@ -79,6 +79,34 @@ pub(crate) fn list(
     ))
 }
 
+/// The queue that owns `function` on `functions_exchange` as the management API lists it, in
+/// full (the broker's AMQP refusal, which `release` reads otherwise, cuts long names); `None`
+/// when the function's exchange names none.
+///
+/// # Errors
+/// [`Unreachable`] when the management API does not answer, or has no such exchange.
+pub(crate) fn owner(
+    api: &Management,
+    functions_exchange: &str,
+    function: &str,
+) -> Result<Option<String>, Unreachable> {
+    let exchange = warren_shared::topology::function_exchange(functions_exchange, function);
+    let found = api.get(&format!(
+        "exchanges/{}/{}",
+        api.vhost(),
+        Management::encode(&exchange)
+    ))?;
+    Ok(alternate_exchange(&found).map(str::to_owned))
+}
+
+/// The `alternate-exchange` argument of an exchange in the management API's JSON.
+fn alternate_exchange(exchange: &Value) -> Option<&str> {
+    exchange
+        .pointer("/arguments/alternate-exchange")
+        .and_then(Value::as_str)
+        .filter(|owner| !owner.is_empty())
+}
+
 /// The claims on `functions_exchange`, from the management API's lists of exchanges, of the
 /// functions exchange's bindings, of queues and of consumers.
 fn claims(
@@ -121,10 +149,8 @@ fn claims(
         .flatten()
         .filter_map(|e| {
             let function = e.get("name")?.as_str()?.strip_prefix(&prefix)?;
-            let owner = e
-                .pointer("/arguments/alternate-exchange")
-                .and_then(Value::as_str)
-                .unwrap_or("?");
+            // An exchange under the prefix that names no queue is no claim.
+            let owner = alternate_exchange(e)?;
             let q = queue(owner);
             let figure = |key: &str| q.map(|q| q.get(key).and_then(Value::as_u64).unwrap_or(0));
             Some(FunctionRow {
@@ -190,6 +216,8 @@ mod tests {
             {"name": "warren.functions.gone", "arguments": {"alternate-exchange": "deleted"}},
             {"name": "warren.functionsx.no", "arguments": {"alternate-exchange": "test"}},
             {"name": "other.functions.echo", "arguments": {"alternate-exchange": "test"}},
+            {"name": "warren.functions.mine", "arguments": {}},
+            {"name": "warren.functions.blank", "arguments": {"alternate-exchange": ""}},
         ]);
         let bindings = json!([
             {"destination": "warren.functions.echo", "destination_type": "exchange", "routing_key": "echo"},
@@ -229,5 +257,10 @@ mod tests {
                 .any(|l| l.starts_with("gone ") && l.contains(" - "))
         );
         assert!(render("f", &[]).contains("no function is claimed"));
+        assert_eq!(
+            alternate_exchange(&json!({"arguments": {"alternate-exchange": "q"}})),
+            Some("q")
+        );
+        assert_eq!(alternate_exchange(&json!({"arguments": {}})), None);
     }
 }

@@ -161,8 +161,8 @@ pub enum DlqAction {
 pub enum FunctionsAction {
     /// Free a function's claim (delete its exchange on the functions exchange), so that the
     /// next worker serving it claims it for its own queue. Refused while the queue that owns it
-    /// has consumers or ready tasks. Needs `configure` on the function's exchange (a worker's
-    /// permissions).
+    /// has consumers or ready tasks. Needs `configure` on the function's exchange (a worker's or
+    /// an operator's permissions).
     Release {
         /// The function, e.g. `echo`.
         function: String,
@@ -315,13 +315,32 @@ async fn execute(cli: Cli) -> Result<(), String> {
             }
         }
         Command::Functions {
+            management_url,
             action: Some(FunctionsAction::Release { function, force }),
             ..
         } => {
+            // The owner's full name, when the management API answers: the broker's own answer
+            // over AMQP cuts long names, and such a claim is released only when forced.
+            let source = status_source(&broker, management_url);
+            let (api, _) = status::Management::of(&source)?;
+            let (exchange, name) = (target.functions_exchange.clone(), function.clone());
+            let listed =
+                tokio::task::spawn_blocking(move || functions::owner(&api, &exchange, &name))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .ok()
+                    .flatten();
             let client = Client::connect(settings(target, None))
                 .await
                 .map_err(describe)?;
-            let released = client.release_function(function, *force).await;
+            let released = match &listed {
+                Some(owner) => {
+                    client
+                        .release_function_owned_by(function, owner, *force)
+                        .await
+                }
+                None => client.release_function(function, *force).await,
+            };
             client.close().await;
             let released = released.map_err(|e| e.to_string())?;
             println!(

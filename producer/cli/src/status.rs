@@ -63,9 +63,10 @@ pub struct QueueRow {
     /// Age of the oldest ready task, where the broker tells (`head_message_timestamp`, which
     /// RabbitMQ reports for classic queues only; Warren's quorum queues do not have it).
     pub oldest_ready_seconds: Option<u64>,
-    /// The functions the queue serves (claims on the functions exchange; deployment view).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub functions: Vec<String>,
+    /// The functions the queue serves (claims on the functions exchange), possibly none: in
+    /// the deployment view from the management API, absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub functions: Option<Vec<String>>,
 }
 
 /// One worker process (its consuming connection).
@@ -106,8 +107,10 @@ pub(crate) struct Unreachable(pub(crate) String);
 #[derive(Debug)]
 pub(crate) struct Management {
     agent: ureq::Agent,
-    /// `http://user:pass@host:port`.
+    /// `http://host:port`, without credentials.
     base: String,
+    /// The `Authorization` header of the credentials.
+    authorization: Option<String>,
     /// The virtual host, percent-encoded for a path.
     vhost: String,
 }
@@ -121,12 +124,21 @@ impl Management {
             .map_err(|e: String| format!("invalid AMQP URL: {e}"))?;
         let base = management_base(source, &uri);
         let shown = redact(&base);
+        let (base, authorization) = basic_authorization(&base);
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_global(Some(HTTP_TIMEOUT))
             .build()
             .into();
         let vhost = Self::encode(&uri.vhost);
-        Ok((Self { agent, base, vhost }, shown))
+        Ok((
+            Self {
+                agent,
+                base,
+                authorization,
+                vhost,
+            },
+            shown,
+        ))
     }
 
     /// `text` percent-encoded for a path segment.
@@ -141,7 +153,11 @@ impl Management {
 
     /// `GET /api/<path>` as JSON.
     pub(crate) fn get(&self, path: &str) -> Result<Value, Unreachable> {
-        get_json(&self.agent, &format!("{}/api/{path}", self.base))
+        get_json(
+            &self.agent,
+            &format!("{}/api/{path}", self.base),
+            self.authorization.as_deref(),
+        )
     }
 }
 
@@ -219,11 +235,43 @@ fn redact(base: &str) -> String {
     }
 }
 
-fn get_json(agent: &ureq::Agent, url: &str) -> Result<Value, Unreachable> {
-    let mut response = agent
-        .get(url)
-        .call()
-        .map_err(|e| Unreachable(e.to_string()))?;
+/// `base` (`scheme://user:pass@host:port`, its user info percent-encoded) split into the URL
+/// without credentials and their `Authorization: Basic` header, decoded. ureq would send the
+/// user info as written, so a user `warren-ops` (encoded `warren%2Dops`) would be refused.
+fn basic_authorization(base: &str) -> (String, Option<String>) {
+    use base64::Engine as _;
+    let Some((scheme, rest)) = base.split_once("://") else {
+        return (base.to_owned(), None);
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return (base.to_owned(), None);
+    };
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+    let credentials = format!("{}:{}", decode(user), decode(password));
+    (
+        format!("{scheme}://{host}"),
+        Some(format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(credentials)
+        )),
+    )
+}
+
+fn get_json(
+    agent: &ureq::Agent,
+    url: &str,
+    authorization: Option<&str>,
+) -> Result<Value, Unreachable> {
+    let mut request = agent.get(url);
+    if let Some(authorization) = authorization {
+        request = request.header("Authorization", authorization);
+    }
+    let mut response = request.call().map_err(|e| Unreachable(e.to_string()))?;
     let status = response.status();
     if !status.is_success() {
         return Err(Unreachable(format!("HTTP {status}")));
@@ -286,11 +334,13 @@ fn deployment_from_management(
                 return None;
             }
             let mut row = queue_row(q, name, "work", now);
-            row.functions = claims
-                .iter()
-                .filter(|c| c.queue == name)
-                .map(|c| c.function.clone())
-                .collect();
+            row.functions = Some(
+                claims
+                    .iter()
+                    .filter(|c| c.queue == name)
+                    .map(|c| c.function.clone())
+                    .collect(),
+            );
             let seen = workers.iter().filter(|w| w.queue == name).count() as u64;
             row.consumers = row.consumers.max(seen);
             Some(row)
@@ -343,7 +393,7 @@ fn queue_row(q: &Value, name: &str, role: &'static str, now: Duration) -> QueueR
             .get("head_message_timestamp")
             .and_then(Value::as_u64)
             .map(|sent| now.as_secs().saturating_sub(sent)),
-        functions: Vec::new(),
+        functions: None,
     }
 }
 
@@ -459,7 +509,7 @@ async fn from_amqp(broker: &BrokerSettings, asked: Option<&str>) -> Result<Statu
                 deliver_rate: None,
                 ack_rate: None,
                 oldest_ready_seconds: None,
-                functions: Vec::new(),
+                functions: None,
             });
         }
     }
@@ -499,6 +549,15 @@ pub fn render(status: &Status) -> String {
         Some(queue) => {
             let _ = writeln!(out, "Warren queue {queue} (figures from {source})");
         }
+        // Which queues serve functions only the management API tells.
+        None if status.source == "amqp" => {
+            let _ = writeln!(
+                out,
+                "Warren deployment: {} only (figures from {source}; --queue shows one queue \
+                 and its dead letters)",
+                topology::DEFAULT_QUEUE
+            );
+        }
         None => {
             let _ = writeln!(
                 out,
@@ -526,21 +585,26 @@ pub fn render(status: &Status) -> String {
         if deployment { "FUNCTIONS" } else { "OLDEST" }
     );
     if status.queues.is_empty() {
-        let _ = writeln!(
-            out,
-            "(no such queue: nothing has declared {} yet)",
-            status
-                .queue
-                .as_deref()
-                .unwrap_or("a queue that serves a function")
-        );
+        let _ = match (&status.queue, status.source) {
+            (Some(queue), _) => writeln!(out, "(no such queue: nothing has declared {queue} yet)"),
+            (None, "amqp") => writeln!(
+                out,
+                "(no such queue: nothing has declared {} yet)",
+                topology::DEFAULT_QUEUE
+            ),
+            (None, _) => writeln!(
+                out,
+                "(no queue: no queue that serves a function exists, and nothing has declared \
+                 {} yet)",
+                topology::DEFAULT_QUEUE
+            ),
+        };
     }
     for q in &status.queues {
         let last = if deployment {
-            if q.functions.is_empty() {
-                "-".to_owned()
-            } else {
-                q.functions.join(",")
+            match q.functions.as_deref() {
+                Some(functions) if !functions.is_empty() => functions.join(","),
+                _ => "-".to_owned(),
             }
         } else {
             age(q.oldest_ready_seconds)
@@ -592,6 +656,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn deployment_rows_have_functions_even_when_none() {
+        let row = |functions| QueueRow {
+            name: "warren.tasks".into(),
+            role: "work",
+            ready: 0,
+            unacked: None,
+            consumers: 0,
+            publish_rate: None,
+            deliver_rate: None,
+            ack_rate: None,
+            oldest_ready_seconds: None,
+            functions,
+        };
+        let json = |r: QueueRow| serde_json::to_value(r).unwrap_or_default();
+        assert_eq!(
+            json(row(Some(Vec::new())))["functions"],
+            serde_json::json!([])
+        );
+        assert!(json(row(None)).get("functions").is_none());
+    }
+
+    #[test]
     fn queues_of_a_work_queue_are_recognised() {
         assert_eq!(role_of("q", "q"), Some("work"));
         assert_eq!(role_of("q.dead", "q"), Some("dead"));
@@ -625,5 +711,18 @@ mod tests {
             "http://a:b@mgmt:1"
         );
         assert_eq!(redact("http://a:b@mgmt:1"), "http://mgmt:1");
+    }
+
+    #[test]
+    fn management_credentials_are_sent_decoded_in_a_header() {
+        use base64::Engine as _;
+        let (url, authorization) = basic_authorization("http://warren%2Dops:p%40ss@mgmt:15672");
+        assert_eq!(url, "http://mgmt:15672");
+        let expected = base64::engine::general_purpose::STANDARD.encode("warren-ops:p@ss");
+        assert_eq!(authorization, Some(format!("Basic {expected}")));
+        assert_eq!(
+            basic_authorization("http://mgmt:1"),
+            ("http://mgmt:1".to_owned(), None)
+        );
     }
 }

@@ -55,6 +55,21 @@ pub enum ReleaseError {
         /// Tasks ready in the owner queue.
         ready: u32,
     },
+    /// The broker named the owner only in part: its error texts are cut at 255 bytes (the name
+    /// then ends in `...`), or it named none (`?`). Whether that queue is in use cannot be
+    /// checked, so the claim is released only when forced.
+    #[error(
+        "function {function:?} is claimed by a queue the broker names only as {reported:?} \
+         (its error texts are cut at 255 bytes), so whether that queue is in use cannot be \
+         checked: make the management API reachable (--management-url), which names the queue \
+         in full, or pass --force to release the claim anyway"
+    )]
+    OwnerUnknown {
+        /// The function.
+        function: String,
+        /// What the broker named.
+        reported: String,
+    },
     /// The function name cannot be routed by name, so it cannot be claimed either.
     #[error("invalid function name: {0}")]
     InvalidFunction(String),
@@ -75,7 +90,8 @@ impl From<lapin::Error> for ReleaseError {
 pub struct Released {
     /// The function.
     pub function: String,
-    /// The queue that owned it, when the broker named one.
+    /// The queue that owned it; only when forced, it may be the broker's partial name (ending
+    /// in `...`, or `?`: see [`ReleaseError::OwnerUnknown`]).
     pub queue: String,
     /// Consumers the queue had when it was released (more than 0 only when forced).
     pub consumers: u32,
@@ -135,6 +151,31 @@ impl Client {
             )
             .await;
         match declared {
+            // The broker checks `read` on the exchange and `write` on its alternate exchange
+            // (`amq.default` here) only when it creates the exchange, so an operator
+            // (`configure` on the functions' exchanges, no more) is refused when the exchange
+            // was deleted since the passive look; nothing was created then. A refused
+            // `configure` leaves the exchange in place: another passive look tells them apart.
+            Err(e) if access_refused(&e) => {
+                close(probe).await;
+                let probe = self.own_channel().await?;
+                let passive = probe
+                    .exchange_declare(
+                        exchange.as_str().into(),
+                        ExchangeKind::Fanout,
+                        ExchangeDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await;
+                close(probe).await;
+                match passive {
+                    Err(gone) if not_found(&gone) => Ok(None),
+                    _ => Err(e.into()),
+                }
+            }
             Err(e) => {
                 close(probe).await;
                 topology::claimed_by(&e)
@@ -163,6 +204,10 @@ impl Client {
     /// worker consumes. Refused with [`ReleaseError::InUse`] while the owner queue has
     /// consumers or ready tasks, unless `force`.
     ///
+    /// The owner is the broker's answer to [`Client::function_owner`], which names a long queue
+    /// only in part: such a claim is refused with [`ReleaseError::OwnerUnknown`] unless `force`.
+    /// [`Client::release_function_owned_by`] takes the owner's full name from elsewhere.
+    ///
     /// # Errors
     /// [`ReleaseError`].
     pub async fn release_function(
@@ -170,15 +215,51 @@ impl Client {
         function: &str,
         force: bool,
     ) -> Result<Released, ReleaseError> {
+        self.release(function, None, force).await
+    }
+
+    /// [`Client::release_function`], knowing the owner's full name `listed` (the management
+    /// API's `alternate-exchange` argument of the function's exchange). The broker's answer
+    /// still decides: `listed` is used only where that answer is cut and agrees with it.
+    ///
+    /// # Errors
+    /// [`ReleaseError`].
+    pub async fn release_function_owned_by(
+        &self,
+        function: &str,
+        listed: &str,
+        force: bool,
+    ) -> Result<Released, ReleaseError> {
+        self.release(function, Some(listed), force).await
+    }
+
+    async fn release(
+        &self,
+        function: &str,
+        listed: Option<&str>,
+        force: bool,
+    ) -> Result<Released, ReleaseError> {
         let functions_exchange = self.settings().functions_exchange.clone();
-        let Some(queue) = self.function_owner(function).await? else {
+        let Some(reported) = self.function_owner(function).await? else {
             return Err(ReleaseError::NotClaimed {
                 function: function.to_owned(),
                 exchange: functions_exchange,
             });
         };
-        // A claim whose queue was deleted has no consumers and no tasks.
-        let (consumers, ready): (u32, u32) = self.queue_in_use(&queue).await?.unwrap_or_default();
+        let (queue, consumers, ready) = match whole_owner(&reported, listed) {
+            Some(queue) => {
+                // A claim whose queue was deleted has no consumers and no tasks.
+                let (consumers, ready) = self.queue_in_use(&queue).await?.unwrap_or_default();
+                (queue, consumers, ready)
+            }
+            None if force => (reported, 0, 0),
+            None => {
+                return Err(ReleaseError::OwnerUnknown {
+                    function: function.to_owned(),
+                    reported,
+                });
+            }
+        };
         if (consumers > 0 || ready > 0) && !force {
             return Err(ReleaseError::InUse {
                 function: function.to_owned(),
@@ -233,8 +314,55 @@ impl Client {
     }
 }
 
+/// Whether the broker refused `error`'s operation for lack of a permission.
+fn access_refused(error: &lapin::Error) -> bool {
+    matches!(
+        error.kind(),
+        lapin::ErrorKind::ProtocolError(amqp)
+            if matches!(
+                amqp.kind(),
+                lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::ACCESSREFUSED)
+            )
+    )
+}
+
+/// The owner's full name: the broker's `reported` one when it is whole, else `listed` when
+/// that agrees with what the broker reported of it; `None` when the owner is unknown.
+fn whole_owner(reported: &str, listed: Option<&str>) -> Option<String> {
+    let cut = reported.strip_suffix("...");
+    if reported != topology::UNNAMED_OWNER && cut.is_none() {
+        return Some(reported.to_owned());
+    }
+    let listed = listed.filter(|l| !l.is_empty())?;
+    let agrees = cut.is_none_or(|start| listed.starts_with(start) && listed != start);
+    agrees.then(|| listed.to_owned())
+}
+
 async fn close(channel: Channel) {
     if channel.status().connected() {
         let _ = channel.close(200, "done".into()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cut_or_missing_owner_name_is_unknown_unless_listed_in_full() {
+        let long = format!("deployment.{}.work", "q".repeat(200));
+        // AMQP cuts the broker's error text: the owner's name ends in `...`.
+        let reported = format!("{}...", &long[..100]);
+        assert_eq!(whole_owner(&reported, None), None);
+        assert_eq!(whole_owner(&reported, Some(&long)), Some(long.clone()));
+        // A listed name that does not start with what the broker reported is another queue.
+        assert_eq!(whole_owner(&reported, Some("other")), None);
+        assert_eq!(whole_owner(&reported, Some("")), None);
+        // Cut before the name, or no name at all.
+        assert_eq!(whole_owner("?", None), None);
+        assert_eq!(whole_owner("?", Some(&long)), Some(long.clone()));
+        // A whole name is the broker's, whatever was listed (the broker's answer is current).
+        assert_eq!(whole_owner("test", None), Some("test".to_owned()));
+        assert_eq!(whole_owner("test", Some("older")), Some("test".to_owned()));
     }
 }
