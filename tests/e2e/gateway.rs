@@ -772,7 +772,7 @@ async fn http_get(addr: SocketAddr, path: &str) -> String {
 
 async fn http_get_with(addr: SocketAddr, path: &str, headers: &[&str]) -> String {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
-    let mut request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for header in headers {
         request.push_str(header);
         request.push_str("\r\n");
@@ -1524,5 +1524,117 @@ async fn text_port_closes_an_http_request_before_its_body_runs() {
     assert!(after.answer().await["delivered_to"].is_string());
     env.no_pending_calls().await;
     assert_eq!(mails_in(&env), 1, "only the real request sent mail");
+    env.finish().await;
+}
+
+/// The head of the response to the raw HTTP `request` (up to its blank line), or what came
+/// before the server closed.
+async fn http_head(addr: SocketAddr, request: &str) -> String {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(WAIT, async {
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .expect("a response within the wait bound");
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// DNS rebinding: a page from `http://evil.example:PORT` whose name the attacker then points
+/// at 127.0.0.1 sends an `Origin` and a `Host` that match each other. Without a token, the
+/// gateway answers only requests for a host that cannot be rebound (an IP literal,
+/// `localhost`) or that `--allow-origin` names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebound_host_name_is_refused_without_a_token() {
+    let env = spawn_with(GatewaySettings {
+        allowed_origins: vec!["https://app.example".into()],
+        ..GatewaySettings::default()
+    })
+    .await;
+    let port = env.http.port();
+    let upgrade = |host: &str, origin: &str| {
+        format!(
+            "GET /ws HTTP/1.1\r\nHost: {host}\r\nOrigin: {origin}\r\nConnection: Upgrade\r\n\
+             Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+    };
+    let get = |path: &str, host: &str| {
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
+    };
+    let evil = format!("evil.example:{port}");
+    for request in [
+        upgrade(&evil, &format!("http://{evil}")),
+        get("/api/info", &evil),
+        get("/api/queue", &evil),
+        get("/", &evil),
+    ] {
+        let head = http_head(env.http, &request).await;
+        assert!(head.starts_with("HTTP/1.1 403"), "{request}\n-> {head}");
+    }
+    let head = http_head(env.http, &get("/api/info", &evil)).await;
+    assert!(head.contains("application/json"), "{head}");
+    for (host, origin) in [
+        (
+            format!("localhost:{port}"),
+            format!("http://localhost:{port}"),
+        ),
+        (
+            format!("gw.localhost:{port}"),
+            format!("http://gw.localhost:{port}"),
+        ),
+        (
+            format!("127.0.0.1:{port}"),
+            format!("http://127.0.0.1:{port}"),
+        ),
+        (format!("[::1]:{port}"), format!("http://[::1]:{port}")),
+        ("app.example".to_owned(), "https://app.example".to_owned()),
+    ] {
+        let head = http_head(env.http, &upgrade(&host, &origin)).await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{host}: {head}");
+        let head = http_head(env.http, &get("/", &host)).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{host}: {head}");
+    }
+    env.finish().await;
+}
+
+/// With a token, an HTTP connection that has not completed a request with it by
+/// `auth_timeout` is closed, even one that never finishes its first request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_connections_that_never_finish_a_request_are_closed_at_the_auth_deadline() {
+    let env = spawn_with(GatewaySettings {
+        limits: Limits {
+            token: Some("s3cret".into()),
+            ..limits_allowing(&["echo"])
+        },
+        auth_timeout: Duration::from_secs(1),
+        ..GatewaySettings::default()
+    })
+    .await;
+    let silent = TcpStream::connect(env.http).await.expect("connect");
+    let mut half = TcpStream::connect(env.http).await.expect("connect");
+    half.write_all(b"GET / HT").await.expect("write");
+    // Well under the idle timeout (60 s), which bounds the header read otherwise.
+    let bound = Duration::from_secs(10);
+    for (what, mut stream) in [("silent", silent), ("half a request line", half)] {
+        let mut buf = [0u8; 1024];
+        let closed = tokio::time::timeout(bound, async {
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "{what}: still open after {bound:?}");
+    }
     env.finish().await;
 }

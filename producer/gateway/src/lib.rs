@@ -20,6 +20,7 @@
 //! [`config`] holds the `warren-gateway` binary's flags, file and defaults.
 
 mod admission;
+pub mod browser;
 pub mod config;
 pub mod limits;
 pub mod metrics;
@@ -30,8 +31,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Router};
@@ -82,13 +84,14 @@ pub struct GatewaySettings {
     pub trusted_networks: Vec<IpNet>,
     /// With a token configured, how long a connection may take to present it: a Text or
     /// websocket connection that has not by then is answered `unauthorized` and closed, an
-    /// HTTP connection that has made no request with the token is closed (after the request
-    /// in progress, if any). Nothing but the token extends it.
+    /// HTTP connection that has made no request with the token is closed (a request in
+    /// progress included). Nothing but the token extends it.
     pub auth_timeout: Duration,
     /// Origins, besides the gateway's own, whose pages may open the websocket (e.g.
     /// `https://app.example.com`; `*` allows any). An upgrade with an `Origin` header that is
     /// neither is refused with 403; clients that send no `Origin` (all but browsers) are not
-    /// affected.
+    /// affected. Without a token, their hosts are also the only names (besides IP addresses
+    /// and `localhost`) the gateway answers to ([`browser::check_host`]).
     pub allowed_origins: Vec<String>,
 }
 
@@ -282,14 +285,35 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/ws", get(ws::upgrade))
         .route("/api/info", get(info))
         .route("/api/queue", get(queue))
+        .layer(middleware::from_fn_with_state(
+            shared.clone(),
+            refuse_rebound_host,
+        ))
         .with_state(shared)
+}
+
+/// Without a token, refuses (403) a request for a host name a web page could have pointed at
+/// this machine (DNS rebinding); see [`browser::check_host`].
+async fn refuse_rebound_host(
+    State(shared): State<Arc<Shared>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if shared.limits().token.is_none()
+        && let Err(refused) =
+            browser::check_host(request.headers(), &shared.settings.allowed_origins)
+    {
+        tracing::debug!(error = %refused, "http: request refused");
+        return error_response(StatusCode::FORBIDDEN, &refused);
+    }
+    next.run(request).await
 }
 
 /// Accepts HTTP connections; each is served by hyper with a header read timeout, so a client
 /// that dribbles its request headers is dropped after the idle timeout. A connection over the
 /// connection limits gets a 503 at once. With a token configured, a connection that has made
-/// no request with it within the authentication deadline is closed (a keep-alive `GET /`
-/// holds no place for long).
+/// no request with it within the authentication deadline is closed, whatever it is doing (a
+/// keep-alive `GET /` or a request that never ends holds no place for long).
 async fn accept_http(listener: TcpListener, shared: Arc<Shared>) {
     let router = router(shared.clone());
     loop {
@@ -340,8 +364,10 @@ async fn accept_http(listener: TcpListener, shared: Arc<Shared>) {
                     () = sleep_until_some(auth_deadline), if auth_deadline.is_some() => {
                         auth_deadline = None;
                         if !admitted.is_authenticated() {
+                            // Dropped, not shut down gracefully: hyper would wait for the
+                            // request in progress, which a stranger may never finish.
                             tracing::debug!("http: no request with the token in time; closing");
-                            connection.as_mut().graceful_shutdown();
+                            break Ok(());
                         }
                     }
                 }
