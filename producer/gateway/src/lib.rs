@@ -78,6 +78,12 @@ pub struct GatewaySettings {
     /// the token, refused the same way. A connection that presents the token counts toward
     /// [`max_connections`](Self::max_connections) only.
     pub max_connections_per_peer: usize,
+    /// Connections from outside [`trusted_networks`](Self::trusted_networks) that have not
+    /// presented the token (all of them without a token), from all peers together, held open
+    /// at most; more are refused the same way. `None` (the default): half of
+    /// [`max_connections`](Self::max_connections), see
+    /// [`max_unauthenticated`](Self::max_unauthenticated()).
+    pub max_unauthenticated: Option<usize>,
     /// Peers in these networks meet [`max_connections`](Self::max_connections) only (loopback
     /// by default: a Workerman front on the gateway's host opens a connection per task). Trust
     /// lifts no other check: with a token, they must present it all the same.
@@ -174,6 +180,18 @@ pub fn listen_addr(
     }
 }
 
+impl GatewaySettings {
+    /// The cap on connections from outside the trusted networks that have not presented the
+    /// token: [`max_unauthenticated`](Self::max_unauthenticated) if set, else half of
+    /// [`max_connections`](Self::max_connections) (at least 1), so that strangers with many
+    /// addresses leave the other half to trusted and authenticated connections.
+    pub fn max_unauthenticated(&self) -> usize {
+        self.max_unauthenticated
+            .unwrap_or(self.max_connections / 2)
+            .max(1)
+    }
+}
+
 impl Default for GatewaySettings {
     fn default() -> Self {
         Self {
@@ -183,6 +201,7 @@ impl Default for GatewaySettings {
             queue_poll_interval: Duration::from_secs(1),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_peer: DEFAULT_MAX_CONNECTIONS_PER_PEER,
+            max_unauthenticated: None,
             trusted_networks: LOOPBACK.to_vec(),
             auth_timeout: Duration::from_secs(10),
             allowed_origins: Vec::new(),
@@ -236,11 +255,13 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let (queue_tx, queue_rx) = watch::channel(None);
-    let gate = Gate::new(
-        settings.max_connections,
-        settings.max_connections_per_peer,
-        settings.trusted_networks.clone(),
-    );
+    let gate = Gate::new(admission::GateLimits {
+        max_total: settings.max_connections,
+        max_per_peer: settings.max_connections_per_peer,
+        max_unauthenticated: settings.max_unauthenticated(),
+        trusted: settings.trusted_networks.clone(),
+        token_set: settings.limits.token.is_some(),
+    });
     let shared = Arc::new(Shared {
         gate,
         settings,
@@ -257,6 +278,7 @@ pub async fn serve(
         limits = ?shared.settings.limits,
         max_connections = shared.settings.max_connections,
         max_connections_per_peer = shared.settings.max_connections_per_peer,
+        max_unauthenticated = shared.settings.max_unauthenticated(),
         trusted_networks = ?shared.settings.trusted_networks,
         "gateway serving"
     );

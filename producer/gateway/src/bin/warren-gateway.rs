@@ -49,6 +49,7 @@ async fn main() -> ExitCode {
 
 async fn run(config: GatewayConfig) -> anyhow::Result<()> {
     let config = config.read_secret_files()?;
+    config.validate()?;
     let http_addr = config.http_addr().context("--http")?;
     let text_addr = config.text_addr().context("--text")?;
     if config.insecure_public
