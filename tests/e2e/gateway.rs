@@ -1524,6 +1524,26 @@ async fn text_port_closes_an_http_request_before_its_body_runs() {
     assert!(after.answer().await["delivered_to"].is_string());
     env.no_pending_calls().await;
     assert_eq!(mails_in(&env), 1, "only the real request sent mail");
+
+    // Any request line, however written, after a request was served too: a method in lower
+    // case or with a hyphen, HTTP/0.9's bare `GET /`.
+    for request_line in ["get / HTTP/1.1", "M-SEARCH * HTTP/1.1", "GET /"] {
+        let mut text = text_connect(&env).await;
+        text.send(json!({"function": "echo", "args": "first"}))
+            .await;
+        assert_eq!(text.answer().await, json!("first"));
+        text.send_raw(format!("{request_line}\n{body}\n").as_bytes())
+            .await;
+        let answer = text.answer().await;
+        assert_eq!(
+            error_kind(&answer),
+            "bad_request",
+            "{request_line}: {answer}"
+        );
+        assert_eq!(text.next().await, None, "{request_line}: closed");
+    }
+    env.no_pending_calls().await;
+    assert_eq!(mails_in(&env), 1, "no request line let its body run");
     env.finish().await;
 }
 
