@@ -1190,21 +1190,24 @@ fn listen_overflows() -> Option<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_burst_of_1000_connections_from_one_address_is_served_with_the_defaults() {
     const BURST: usize = 1000;
+    // Each connection is two descriptors in this process (client and gateway side); a 1024
+    // soft limit, common elsewhere, would fail the burst for a reason that is not the one
+    // under test. The gateway binary raises its own limit the same way.
+    let files = warren_gateway::host::raise_open_files_limit().expect("the open-files limit");
+    let needed = u64::try_from(2 * BURST).expect("small") + 256;
+    if files < needed {
+        eprintln!(
+            "skipped: this process may open {files} files (hard limit), the burst needs \
+             {needed}; raise `ulimit -Hn`"
+        );
+        return;
+    }
     let env = spawn_with(GatewaySettings::default()).await;
-    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(u32::MAX);
+    let somaxconn = warren_gateway::host::somaxconn().unwrap_or(u32::MAX);
     let expected = warren_gateway::DEFAULT_LISTEN_BACKLOG.min(somaxconn);
     for addr in [env.text, env.http] {
         assert_eq!(listen_backlog(addr), expected, "the backlog of {addr}");
     }
-    assert!(
-        expected >= 1024,
-        "a backlog of {expected} (default {}, net.core.somaxconn {somaxconn}) cannot hold a \
-         burst of {BURST} connects",
-        warren_gateway::DEFAULT_LISTEN_BACKLOG
-    );
 
     let overflows_before = listen_overflows();
     let started = tokio::time::Instant::now();
@@ -1214,6 +1217,7 @@ async fn text_burst_of_1000_connections_from_one_address_is_served_with_the_defa
             tokio::spawn(async move {
                 let at = tokio::time::Instant::now();
                 let stream = TcpStream::connect(text_addr).await.expect("connect");
+                let connected = at.elapsed();
                 let (read, write) = stream.into_split();
                 let mut text = Text {
                     lines: BufReader::new(read).lines(),
@@ -1224,35 +1228,96 @@ async fn text_burst_of_1000_connections_from_one_address_is_served_with_the_defa
                     "subject": "Hi", "body": "Hello"}}))
                     .await;
                 let answer = text.answer().await;
-                (answer, at.elapsed())
+                (answer, connected, at.elapsed())
             })
         })
         .collect();
     let mut latencies = Vec::with_capacity(BURST);
+    let mut slowest_connect = Duration::ZERO;
     for call in calls {
-        let (answer, latency) = call.await.expect("client task");
+        let (answer, connected, latency) = call.await.expect("client task");
         assert!(
             answer["delivered_to"].is_string(),
             "every connection is served: {answer}"
         );
         latencies.push(latency);
+        slowest_connect = slowest_connect.max(connected);
     }
     let wall = started.elapsed();
     latencies.sort();
     let p99 = latencies[BURST * 99 / 100];
     println!(
         "{BURST} Text connections at once, one send_mail each: wall {wall:?}, p50 {:?}, \
-         p99 {p99:?}, max {:?}; ListenOverflows (whole namespace) {:?} -> {:?}",
+         p99 {p99:?}, max {:?}; slowest connect {slowest_connect:?}; ListenOverflows (whole \
+         namespace) {:?} -> {:?}",
         latencies[BURST / 2],
         latencies[BURST - 1],
         overflows_before,
         listen_overflows()
     );
     assert_eq!(mails_in(&env), BURST, "each mail written once");
-    // Generous, not a timing test: the backlog above is the mechanism (a SYN dropped by a full
-    // backlog costs its client a 1 s retry; the target is p99 well under 1 s).
+    // The mechanism: a connect completes on the kernel's SYN-ACK, however fast the gateway
+    // accepts, as long as the backlog has room; a SYN dropped by a full backlog costs its
+    // client a retry after exactly 1 s. So no connect takes a second.
+    if usize::try_from(expected).unwrap_or(usize::MAX) >= BURST {
+        assert!(
+            slowest_connect < Duration::from_secs(1),
+            "a connect took {slowest_connect:?}: a SYN was dropped and retried (backlog \
+             {expected})"
+        );
+    } else {
+        eprintln!(
+            "net.core.somaxconn {somaxconn} caps the backlog below the burst of {BURST}: \
+             connect times not checked"
+        );
+    }
+    // Generous, not a timing test.
     assert!(p99 < Duration::from_secs(10), "p99 {p99:?}");
     env.finish().await;
+}
+
+/// Under systemd's default soft limit of 1024 open files, 1024 connections cannot all be
+/// accepted: the binary raises its soft limit to the hard limit at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_raises_its_open_files_limit() {
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .expect("getrlimit");
+    if hard <= 1024 {
+        eprintln!("skipped: the hard open-files limit is {hard}, nothing to raise to");
+        return;
+    }
+    let mut gateway = tokio::process::Command::new("prlimit")
+        .arg(format!("--nofile=1024:{hard}"))
+        .arg(warren_tests::binary("warren-gateway"))
+        .args(["--http", "127.0.0.1:0", "--text", "127.0.0.1:0"])
+        .env("AMQP_URL", amqp_url())
+        .env_remove("WARREN_GATEWAY_TOKEN")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("prlimit (util-linux) runs the gateway");
+    let pid = gateway.id().expect("pid");
+    let soft_limit = || {
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap_or_default();
+        limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .and_then(|l| l.split_whitespace().nth(3))
+            .and_then(|soft| soft.parse::<u64>().ok())
+    };
+    // prlimit itself starts with this process's limit: read the gateway's, once it runs.
+    let running = || {
+        std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .is_ok_and(|comm| comm.trim() == "warren-gateway")
+    };
+    eventually(
+        "the gateway raises its soft open-files limit",
+        WAIT,
+        || async { running() && soft_limit() == Some(hard) },
+    )
+    .await;
+    gateway.kill().await.expect("stop the gateway");
 }
 
 /// With a token, strangers meet the per-peer cap until they present it, and an address that

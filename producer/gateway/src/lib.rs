@@ -17,11 +17,14 @@
 //! a token is set or public exposure is asked for explicitly, and [`listen`] binds with a
 //! backlog sized for bursts. [`serve`] runs everything until its shutdown token is cancelled,
 //! then stops reading, lets calls in flight finish within the grace period and returns.
-//! [`config`] holds the `warren-gateway` binary's flags, file and defaults.
+//! [`config`] holds the `warren-gateway` binary's flags, file and defaults; [`host`] what it
+//! needs from the host (open files, the kernel's backlog cap); [`browser`] the defences
+//! against web pages.
 
 mod admission;
 pub mod browser;
 pub mod config;
+pub mod host;
 pub mod limits;
 pub mod metrics;
 pub mod text;
