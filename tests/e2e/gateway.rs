@@ -1339,6 +1339,8 @@ async fn an_unauthenticated_flood_from_one_address_cannot_take_every_place() {
         max_connections: per_peer + AUTHED + 6,
         // The test's peers are on loopback, trusted by default: here they are strangers.
         trusted_networks: Vec::new(),
+        // Long enough for the token holders to be served while the flood waits for it.
+        auth_timeout: Duration::from_secs(20),
         ..GatewaySettings::default()
     })
     .await;
@@ -1373,6 +1375,14 @@ async fn an_unauthenticated_flood_from_one_address_cannot_take_every_place() {
     late.send(json!({"function": "echo", "args": "still served"}))
         .await;
     assert_eq!(late.answer().await, json!("still served"));
+    // The flood still holds its share: one more connection from its address is refused.
+    let (read, write) = connect_from("127.0.0.2", env.text).await.into_split();
+    let mut more = Text {
+        lines: BufReader::new(read).lines(),
+        write,
+    };
+    let answer = more.answer().await;
+    assert_eq!(error_kind(&answer), "too_many_connections", "{answer}");
 
     // The flood: refused at once past its share; the rest told `unauthorized` at the
     // deadline and closed.
@@ -1438,13 +1448,24 @@ async fn unauthenticated_connections_are_closed_at_the_auth_deadline_whatever_th
     assert_eq!(error_kind(&answer), "unauthorized", "{answer}");
     assert_eq!(blank.next().await, None);
 
-    // Text: an overlong line before the token is refused like anything else.
-    let mut long = text_connect(&env).await;
+    // Text: an overlong line before the token is refused like anything else, at once: on a
+    // gateway whose deadline is past the wait bound, so that it is not the deadline's answer.
+    let patient = spawn_with(GatewaySettings {
+        limits: Limits {
+            token: Some("s3cret".into()),
+            ..limits_allowing(&["echo"])
+        },
+        auth_timeout: 2 * WAIT,
+        ..GatewaySettings::default()
+    })
+    .await;
+    let mut long = text_connect(&patient).await;
     let mut line = vec![b'x'; 1024 * 1024 + 1];
     line.push(b'\n');
     long.send_raw(&line).await;
     assert_eq!(error_kind(&long.answer().await), "unauthorized");
     assert_eq!(long.next().await, None);
+    patient.finish().await;
 
     // Websocket: pings or nothing, then `unauthorized` and 1008.
     let mut ws = ws_connect(&env).await;
