@@ -89,7 +89,7 @@ async fn run(config: GatewayConfig) -> anyhow::Result<()> {
 }
 
 /// Raises the open-files limit for `--max-connections`, and warns where the host cannot give
-/// the connections or the backlog asked for (docs/gateway.md, "Deployment").
+/// the connections or the backlog asked for (docs/gateway.md, "Security").
 fn check_host_limits(config: &GatewayConfig) {
     use warren_gateway::host;
     let needed = u64::try_from(config.max_connections.get())
