@@ -1744,3 +1744,38 @@ async fn http_connections_that_never_finish_a_request_are_closed_at_the_auth_dea
     }
     env.finish().await;
 }
+
+/// Settings the types allow but that cannot work are refused at start with the flag named,
+/// not met later (every connection closed at once, a backlog of nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_refuses_zero_deadlines_zero_backlogs_and_bad_origins() {
+    for (flag, value) in [
+        ("--auth-timeout", "0s"),
+        ("--listen-backlog", "0"),
+        ("--allow-origin", "app.example"),
+    ] {
+        let output = tokio::process::Command::new(warren_tests::binary("warren-gateway"))
+            .args([
+                "--http",
+                "127.0.0.1:0",
+                "--text",
+                "127.0.0.1:0",
+                flag,
+                value,
+            ])
+            .env("AMQP_URL", amqp_url())
+            .kill_on_drop(true)
+            .output();
+        let output = tokio::time::timeout(WAIT, output)
+            .await
+            .expect("the gateway exits at once")
+            .expect("the gateway runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !output.status.success(),
+            "{flag} {value} was accepted: {stderr}"
+        );
+        assert!(stderr.contains(flag), "{flag} {value}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
