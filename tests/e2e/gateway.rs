@@ -1009,6 +1009,8 @@ async fn connections_are_capped_in_total_and_per_peer_address() {
         limits: limits_allowing(&["echo"]),
         max_connections: 3,
         max_connections_per_peer: 2,
+        // Not half the total, the default: this test is about the other two caps.
+        max_unauthenticated: Some(3),
         // The test's peers are on loopback, which is trusted (total cap only) by default.
         trusted_networks: Vec::new(),
         ..GatewaySettings::default()
@@ -1778,4 +1780,43 @@ async fn the_binary_refuses_zero_deadlines_zero_backlogs_and_bad_origins() {
         assert!(stderr.contains(flag), "{flag} {value}: {stderr}");
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
+}
+
+/// Strangers with many addresses, each within its share, still hold at most
+/// `max_unauthenticated` places together; the others stay for trusted connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_from_many_addresses_cannot_take_every_place() {
+    let env = spawn_with(GatewaySettings {
+        limits: Limits {
+            token: Some("s3cret".into()),
+            ..limits_allowing(&["echo"])
+        },
+        max_connections: 10,
+        max_connections_per_peer: 2,
+        max_unauthenticated: Some(4),
+        trusted_networks: vec!["127.0.0.1/32".parse().expect("network")],
+        auth_timeout: 2 * WAIT,
+        ..GatewaySettings::default()
+    })
+    .await;
+    let mut strangers = Vec::new();
+    for from in ["127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3"] {
+        strangers.push(connect_from(from, env.text).await);
+    }
+    let (refused, _) = text_echo_from("127.0.0.4", &env).await;
+    assert_eq!(error_kind(&refused), "too_many_connections", "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("4 open connections from outside")),
+        "{refused}"
+    );
+    let mut trusted = text_connect(&env).await;
+    trusted.send(json!({"auth": "s3cret"})).await;
+    trusted
+        .send(json!({"function": "echo", "args": "local"}))
+        .await;
+    assert_eq!(trusted.answer().await, json!("local"));
+    drop(strangers);
+    env.finish().await;
 }
