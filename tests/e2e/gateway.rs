@@ -1261,7 +1261,8 @@ async fn text_burst_of_1000_connections_from_one_address_is_served_with_the_defa
     // The mechanism: a connect completes on the kernel's SYN-ACK, however fast the gateway
     // accepts, as long as the backlog has room; a SYN dropped by a full backlog costs its
     // client a retry after exactly 1 s. So no connect takes a second.
-    if usize::try_from(expected).unwrap_or(usize::MAX) >= BURST {
+    // Unless the host caps every backlog below the burst, which is no fault of the gateway's.
+    if usize::try_from(somaxconn).unwrap_or(usize::MAX) >= BURST {
         assert!(
             slowest_connect < Duration::from_secs(1),
             "a connect took {slowest_connect:?}: a SYN was dropped and retried (backlog \
@@ -1269,8 +1270,8 @@ async fn text_burst_of_1000_connections_from_one_address_is_served_with_the_defa
         );
     } else {
         eprintln!(
-            "net.core.somaxconn {somaxconn} caps the backlog below the burst of {BURST}: \
-             connect times not checked"
+            "net.core.somaxconn {somaxconn} caps every backlog below the burst of {BURST}: \
+             connect times not checked (raise it with sysctl to check them)"
         );
     }
     // Generous, not a timing test.
