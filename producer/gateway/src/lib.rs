@@ -15,8 +15,9 @@
 //! token, a connection must present it within the authentication deadline. All are described
 //! with the message formats in `docs/gateway.md`. [`listen_addr`] is the binding policy:
 //! loopback unless a token is set or public exposure is asked for explicitly, and [`listen`]
-//! binds with a backlog sized for bursts. [`serve`] runs everything until its shutdown token is cancelled,
-//! then stops reading, lets calls in flight finish within the grace period and returns.
+//! binds with a backlog sized for bursts. [`serve`] runs everything until its shutdown token
+//! is cancelled, then stops reading, lets calls in flight finish within the grace period and
+//! returns.
 //! [`config`] holds the `warren-gateway` binary's flags, file and defaults; [`host`] what it
 //! needs from the host (open files, the kernel's backlog cap); [`browser`] the defences
 //! against web pages.
