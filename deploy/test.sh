@@ -39,6 +39,10 @@ install_missing() {
 # PHP for the handler pool tests (issue 10): Debian's php-cli (8.2 on Debian 12). Python 3 and
 # Node (below) serve the other runner tests.
 command -v php >/dev/null 2>&1 || install_missing php-cli "the handler pool tests"
+# pika (Debian's, for Debian's Python) and php-amqplib: docs/protocol.md's Python and PHP
+# examples run verbatim as the least-privilege producer (access::the_protocol_examples_...).
+/usr/bin/python3 -c 'import pika' >/dev/null 2>&1 || install_missing python3-pika "the protocol examples test"
+[ -r /usr/share/php/PhpAmqpLib/autoload.php ] || install_missing php-amqplib "the protocol examples test"
 # Prometheus for the metrics test (issue 11): only its binary is used (the test starts its own
 # server on a free loopback port with a temporary config and data dir, and kills it).
 command -v prometheus >/dev/null 2>&1 || install_missing prometheus "the metrics test"

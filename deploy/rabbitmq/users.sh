@@ -10,8 +10,9 @@
 #                    have declared the queue first.
 #          worker    warren-worker: declare its queues, claim its functions, consume the work
 #                    queue, publish replies, retries and delays.
-#          operator  `warren dlq list|replay|purge` and the management UI (tag `monitoring`):
-#                    read the dead-letter queue, publish replays.
+#          operator  `warren dlq list|replay|purge`, `warren functions [release]`, `warren
+#                    status` and the management UI (tag `monitoring`): read the dead-letter
+#                    queue, publish replays, release function claims.
 #   USER   the user name. The password is read from the file named by WARREN_USER_PASSWORD_FILE
 #          (first line), or from standard input, never from this script's arguments.
 #   QUEUE  the work queue (default warren.tasks); the permissions cover it, its `.dead` queue
@@ -46,7 +47,10 @@
 #                              back to Q) needs read on it, and write on amq.default
 #   operator read Q.dead       listing, replaying and purging parked tasks
 #   operator write warren      replaying them to the work queue
-#   operator tag monitoring    the management UI, showing every connection, channel and queue
+#   operator configure F.<function>  releasing a function's claim (deleting its exchange, and
+#                              the declaration by which the broker names the owner)
+#   operator tag monitoring    the management API and UI (`warren functions`, `warren status`),
+#                              showing every connection, channel, exchange and queue
 # Direct reply-to (`amq.rabbitmq.reply-to`) needs no permission. A producer using a reply queue
 # of its own (ReplyMode::Queue) also needs configure and read on ^warren\.reply\..+$.
 set -euo pipefail

@@ -16,11 +16,13 @@
  *   sees (e.g. 'invalid_args').
  * - ctx.id, ctx.function, ctx.attempt, ctx.maxAttempts, ctx.redelivered, ctx.deadline (ms since
  *   the epoch, or null) and ctx.remaining() (seconds left, or null) describe the task.
- * - stdout belongs to the protocol: console.log goes to stderr, which the worker logs.
+ * - The protocol runs on private descriptors that child processes do not inherit: stdin reads
+ *   /dev/null, and stdout (console.log, process.stdout) goes to stderr, which the worker logs.
  * Tasks run one at a time, as the protocol requires.
  */
 
 const fs = require('fs');
+const net = require('net');
 const readline = require('readline');
 
 const PROTOCOL = 1;
@@ -41,17 +43,52 @@ class Permanent extends TaskError {
   }
 }
 
+/** The protocol's descriptors once serve() has started: [input, output]. */
+let proto = null;
+
+/**
+ * Moves the protocol off fds 0 and 1: opens each pipe again through /proc (a descriptor of its
+ * own, blocking whatever libuv does to fd 1, and close-on-exec, so child processes never get
+ * it), then points fd 0 at /dev/null and fd 1 at stderr (the lowest free descriptor is reused).
+ */
+function privateProtocol() {
+  const { O_RDONLY, O_WRONLY, O_APPEND } = fs.constants;
+  const input = fs.openSync('/proc/self/fd/0', O_RDONLY);
+  const output = fs.openSync('/proc/self/fd/1', O_WRONLY | O_APPEND);
+  fs.closeSync(0);
+  fs.openSync('/dev/null', O_RDONLY);
+  fs.closeSync(1);
+  fs.openSync('/proc/self/fd/2', O_WRONLY | O_APPEND);
+  return [input, output];
+}
+
+/** Writes every byte of `text` to the protocol, however many each write takes. */
+function writeAll(text) {
+  const bytes = Buffer.from(text, 'utf8');
+  let at = 0;
+  while (at < bytes.length) {
+    try {
+      at += fs.writeSync(proto[1], bytes, at, bytes.length - at);
+    } catch (e) {
+      // A non-blocking pipe that is full: wait for the worker to read, then go on.
+      if (e.code !== 'EAGAIN') throw e;
+      Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 1);
+    }
+  }
+}
+
 function write(frame) {
   // Synchronous: a frame is out before the next task starts, even if the process dies then.
-  fs.writeSync(1, JSON.stringify(frame) + '\n');
+  writeAll(JSON.stringify(frame) + '\n');
 }
 
 function error(id, kind, message, retryable) {
   write({ type: 'error', id, error: { kind, message, retryable } });
 }
 
-/** Serves tasks from the worker until it closes stdin. */
+/** Serves tasks from the worker until it closes the protocol's input. */
 async function serve(handlers) {
+  proto = privateProtocol();
   // Task code's console output goes to the log, never into the protocol.
   console.log = console.error;
   console.info = console.error;
@@ -62,7 +99,10 @@ async function serve(handlers) {
     functions: Object.keys(handlers),
     runtime: 'node ' + process.version,
   });
-  const lines = readline.createInterface({ input: process.stdin, crlfDelay: Infinity });
+  // A pipe handle on the event loop, not an fs stream: a read blocked in the thread pool would
+  // hold up process.exit() until the worker writes again.
+  const input = new net.Socket({ fd: proto[0], readable: true, writable: false });
+  const lines = readline.createInterface({ input, crlfDelay: Infinity });
   for await (const raw of lines) {
     const line = raw.trim();
     if (line === '') continue;
@@ -102,7 +142,7 @@ async function serve(handlers) {
       } catch (e) {
         throw new Permanent(`the result cannot be encoded as JSON: ${e.message}`);
       }
-      fs.writeSync(1, line + '\n');
+      writeAll(line + '\n');
     } catch (e) {
       if (e instanceof TaskError) {
         error(id, e.kind, e.message, e.retryable);

@@ -18,8 +18,9 @@
  *   (e.g. 'invalid_args').
  * - $ctx->id, ->function, ->attempt, ->maxAttempts, ->redelivered, ->deadline (ms since the
  *   epoch, or null) and ->remaining() (seconds left, or null) describe the task.
- * - stdout belongs to the protocol: whatever the task code echoes goes to stderr, which the
- *   worker writes to its log with the pool, pid and task id.
+ * - The protocol runs on descriptors of its own: STDIN and STDOUT are closed, fd 0 reads
+ *   /dev/null and fd 1 is stderr, so whatever the task code echoes or a subprocess prints goes
+ *   to the log (with the pool, pid and task id), and no subprocess reads task lines.
  *
  * Runs on PHP 8.1+ (Debian 12's php-cli 8.2) with no extension beyond json.
  */
@@ -80,6 +81,35 @@ final class Runner
 {
     public const PROTOCOL = 1;
     public static ?string $current = null;
+    /** @var resource|null the protocol's input (the worker's task lines) */
+    public static $in = null;
+    /** @var resource|null the protocol's output (frames) */
+    public static $out = null;
+    /** @var list<resource> what now sits on fds 0 and 1, kept open */
+    private static array $stdio = [];
+
+    /**
+     * Moves the protocol off fds 0 and 1. PHP cannot dup2, but it can dup (php://fd/N) and
+     * close STDIN and STDOUT, and the next open takes the lowest free descriptor: fd 0 becomes
+     * /dev/null and fd 1 a copy of stderr. Subprocesses (exec, system, proc_open) then inherit
+     * those instead of the protocol's pipes. The copies of the pipes are not close-on-exec (PHP
+     * cannot set it), but nothing reads or writes a descriptor above 2 unless told to.
+     */
+    public static function openProtocol(): void
+    {
+        self::$in = fopen('php://fd/0', 'r');
+        self::$out = fopen('php://fd/1', 'w');
+        if (self::$in === false || self::$out === false) {
+            // No /proc-less fallback is needed on Linux; keep the standard streams.
+            self::$in = STDIN;
+            self::$out = STDOUT;
+            return;
+        }
+        fclose(STDIN);
+        self::$stdio[] = fopen('/dev/null', 'r');
+        fclose(STDOUT);
+        self::$stdio[] = fopen('php://stderr', 'w');
+    }
 
     public static function write(array $frame): void
     {
@@ -97,8 +127,15 @@ final class Runner
                 ],
             ]);
         }
-        fwrite(STDOUT, $line . "\n");
-        fflush(STDOUT);
+        $line .= "\n";
+        // fwrite may write part of a long line; the rest follows.
+        for ($at = 0, $n = strlen($line); $at < $n; $at += $written) {
+            $written = fwrite(self::$out, $at === 0 ? $line : substr($line, $at));
+            if ($written === false || $written === 0) {
+                break;
+            }
+        }
+        fflush(self::$out);
     }
 
     public static function error(string $id, string $kind, string $message, bool $retryable): void
@@ -112,12 +149,13 @@ final class Runner
 }
 
 /**
- * Serves tasks from the worker until it closes stdin.
+ * Serves tasks from the worker until it closes the protocol's input.
  *
  * @param array<string, callable(mixed, Context): mixed> $handlers function name => handler
  */
 function serve(array $handlers): void
 {
+    Runner::openProtocol();
     // Warnings and notices to the log, never into the protocol.
     ini_set('display_errors', 'stderr');
     ini_set('log_errors', '0');
@@ -146,7 +184,7 @@ function serve(array $handlers): void
         'functions' => array_map('strval', array_keys($handlers)),
         'runtime' => 'php ' . PHP_VERSION,
     ]);
-    while (($line = fgets(STDIN)) !== false) {
+    while (($line = fgets(Runner::$in)) !== false) {
         $line = trim($line);
         if ($line === '') {
             continue;

@@ -16,10 +16,13 @@ then run it in a pool: `warren-worker --exec 'python3 tasks.py' --exec-functions
   kind=..., retryable=...) to choose the error kind the caller sees (e.g. "invalid_args").
 - ctx.id, ctx.function, ctx.attempt, ctx.max_attempts, ctx.redelivered, ctx.deadline (ms since
   the epoch, or None) and ctx.remaining() (seconds left, or None) describe the task.
-- stdout belongs to the protocol: print() goes to stderr, which the worker writes to its log.
+- The protocol runs on private descriptors that subprocesses do not inherit: stdin reads
+  /dev/null, and stdout (print(), os.write(1, ...), a subprocess's output) goes to stderr, which
+  the worker writes to its log.
 """
 
 import json
+import os
 import sys
 import time
 import traceback
@@ -64,9 +67,23 @@ class Context:
         self._write(dict(progress, type="progress", id=self.id))
 
 
+def _private_protocol():
+    """Moves the protocol off fds 0 and 1, onto descriptors that subprocesses do not inherit
+    (os.dup's are non-inheritable), and points fd 0 at /dev/null and fd 1 at stderr: a
+    subprocess can neither read task lines nor write into the protocol, nor hold its pipes."""
+    proto_in = os.fdopen(os.dup(0), "r", encoding="utf-8", errors="replace")
+    proto_out = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    sys.stdout.flush()
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    os.dup2(2, 1)
+    return proto_in, proto_out
+
+
 def serve(handlers):
-    """Serves tasks from the worker until it closes stdin."""
-    out = sys.stdout
+    """Serves tasks from the worker until it closes the protocol's input."""
+    proto_in, out = _private_protocol()
     # Task code's print() goes to the log, never into the protocol.
     sys.stdout = sys.stderr
 
@@ -80,7 +97,7 @@ def serve(handlers):
 
     write({"type": "ready", "protocol": PROTOCOL, "functions": list(handlers),
            "runtime": "python " + sys.version.split()[0]})
-    for line in sys.stdin:
+    for line in proto_in:
         line = line.strip()
         if not line:
             continue

@@ -14,7 +14,8 @@
 //! - a copy carries the original's headers only when they fit in [`MAX_HEADERS_BYTES`], and never
 //!   the `CC`/`BCC` sender-selected routing headers (they would route the copy elsewhere);
 //! - a reply address is checked the way RabbitMQ decodes it ([`check_reply_to`]), because a
-//!   malformed direct reply-to address makes the broker close the publishing connection;
+//!   malformed direct reply-to address makes the broker close the publishing connection, and a
+//!   worker may restrict queue-name addresses to its reply queues ([`ReplyTo::restricted_to`]);
 //! - the attempt number is read as a bounded integer or refused ([`BadAttempt`]), never wrapped;
 //!   a deadline that is not an integer is refused too ([`BadDeadline`]), never ignored.
 
@@ -96,6 +97,10 @@ pub const PERSISTENT: u8 = 2;
 
 /// The `reply_to` value that asks RabbitMQ for direct reply-to.
 pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
+/// What the name of every reply queue of Warren's own client starts with
+/// (`warren.reply.<uuid>`, `ReplyMode::Queue`); workers reply to queues named so by default.
+pub const REPLY_QUEUE_PREFIX: &str = "warren.reply.";
 
 /// AMQP short strings (most properties, header names) hold at most this many bytes.
 const SHORT_STRING_MAX: usize = 255;
@@ -399,6 +404,88 @@ impl ReplyTo {
             Self::None | Self::Invalid { .. } => None,
         }
     }
+
+    /// This address, unless it is a queue name that none of `reply_queues` matches: then an
+    /// [`Invalid`](Self::Invalid) one, so that nothing is published to it.
+    ///
+    /// Direct reply-to addresses ([`is_direct_reply_to`]) are always allowed: the broker
+    /// delivers them to the channel that made the call and nowhere else. A queue name is any
+    /// queue of the virtual host, so a worker that replied to every name would publish, on a
+    /// caller's say-so, into queues that are not replies (a dead-letter queue, another
+    /// application's queue). `reply_queues` are patterns in which `*` stands for any run of
+    /// characters and everything else for itself ([`reply_queue_matches`]); none allows no
+    /// queue name, `*` allows every one.
+    #[must_use]
+    pub fn restricted_to(self, reply_queues: &[String]) -> Self {
+        let Self::Address(address) = self else {
+            return self;
+        };
+        if is_direct_reply_to(&address)
+            || reply_queues
+                .iter()
+                .any(|pattern| reply_queue_matches(pattern, &address))
+        {
+            return Self::Address(address);
+        }
+        let allowed = if reply_queues.is_empty() {
+            "this worker replies to direct reply-to addresses only".to_owned()
+        } else {
+            format!(
+                "it is not a direct reply-to address, and this worker replies only to queues \
+                 named like {}",
+                bounded(&reply_queues.join(", "), 200)
+            )
+        };
+        Self::Invalid {
+            address: bounded(&address, SHORT_STRING_MAX).into_owned(),
+            reason: allowed,
+        }
+    }
+}
+
+/// Whether `address` is a direct reply-to address: the pseudo-queue `amq.rabbitmq.reply-to`
+/// or an address the broker issued for it (`amq.rabbitmq.reply-to.<pid>.<key>`; its shape is
+/// [`check_reply_to`]'s business).
+pub fn is_direct_reply_to(address: &str) -> bool {
+    address
+        .strip_prefix(DIRECT_REPLY_TO)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+}
+
+/// Whether queue name `name` matches reply queue pattern `pattern`, in which `*` stands for any
+/// run of characters (none included) and every other character for itself:
+/// `warren.reply.*` matches `warren.reply.5f2c...` and not `warren.tasks.dead`.
+pub fn reply_queue_matches(pattern: &str, name: &str) -> bool {
+    let (pattern, name) = (pattern.as_bytes(), name.as_bytes());
+    let (mut p, mut n) = (0, 0);
+    // Where the last `*` was, and where in `name` its run ends for now.
+    let mut star: Option<(usize, usize)> = None;
+    while n < name.len() {
+        match pattern.get(p) {
+            Some(b'*') => {
+                star = Some((p, n));
+                p += 1;
+            }
+            Some(c) if Some(c) == name.get(n) => {
+                p += 1;
+                n += 1;
+            }
+            _ => match star {
+                // Let the last `*` take one more character, and match the rest again.
+                Some((at, end)) => {
+                    star = Some((at, end + 1));
+                    p = at + 1;
+                    n = end + 1;
+                }
+                None => return false,
+            },
+        }
+    }
+    pattern
+        .get(p..)
+        .unwrap_or_default()
+        .iter()
+        .all(|c| *c == b'*')
 }
 
 /// Checks a reply address before anything is published to it.
@@ -1201,6 +1288,74 @@ mod tests {
             );
             assert_eq!(incoming.reply_to.address(), None);
         }
+    }
+
+    #[test]
+    fn reply_queue_patterns_match_whole_names_with_stars() {
+        let m = reply_queue_matches;
+        assert!(m("warren.reply.*", "warren.reply.5f2c"));
+        assert!(m("warren.reply.*", "warren.reply."));
+        assert!(!m("warren.reply.*", "warren.replyx"));
+        assert!(!m("warren.reply.*", "warren.tasks.dead"));
+        assert!(!m("warren.reply.*", "xwarren.reply.1"));
+        assert!(m("*", "anything at all"));
+        assert!(m("app.*.replies", "app.eu.west.replies"));
+        assert!(!m("app.*.replies", "app.eu.replies.dead"));
+        assert!(m("a*b*c", "aXbYbZc"));
+        assert!(!m("a*b*c", "aXbYbZ"));
+        assert!(m("exact", "exact"));
+        assert!(!m("exact", "exactly"));
+        assert!(!m("", "x"));
+        assert!(m("é*", "éa"));
+    }
+
+    #[test]
+    fn only_direct_addresses_and_matching_queues_stay_reply_addresses() {
+        let patterns = vec![format!("{REPLY_QUEUE_PREFIX}*")];
+        let restricted = |address: &str, patterns: &[String]| {
+            Incoming::read(&BasicProperties::default().with_reply_to(address.into()))
+                .reply_to
+                .restricted_to(patterns)
+        };
+        for allowed in [
+            issued_address(),
+            DIRECT_REPLY_TO.to_owned(),
+            "warren.reply.0123abcd".to_owned(),
+        ] {
+            assert_eq!(
+                restricted(&allowed, &patterns),
+                ReplyTo::Address(allowed.clone())
+            );
+        }
+        for refused in ["warren.tasks.dead", "other-app.orders", "warren.replyx"] {
+            let got = restricted(refused, &patterns);
+            assert!(
+                matches!(&got, ReplyTo::Invalid { address, reason }
+                    if address == refused && reason.contains("warren.reply.*")),
+                "{got:?}"
+            );
+            assert_eq!(got.address(), None);
+        }
+        // No patterns: direct reply-to only; `*`: any queue.
+        assert_eq!(
+            restricted(&issued_address(), &[]),
+            ReplyTo::Address(issued_address())
+        );
+        assert!(matches!(
+            restricted("warren.reply.1", &[]),
+            ReplyTo::Invalid { .. }
+        ));
+        assert_eq!(
+            restricted("any.queue", &["*".to_owned()]),
+            ReplyTo::Address("any.queue".into())
+        );
+        // An address already unusable stays so, and none stays none.
+        assert!(matches!(
+            restricted("amq.rabbitmq.reply-to.AAAA.x", &["*".to_owned()]),
+            ReplyTo::Invalid { .. }
+        ));
+        assert_eq!(ReplyTo::None.restricted_to(&patterns), ReplyTo::None);
+        assert!(!is_direct_reply_to("amq.rabbitmq.reply-tox"));
     }
 
     #[test]

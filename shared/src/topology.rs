@@ -355,8 +355,19 @@ fn claimed_by_text(text: &str) -> Option<String> {
         .find("current is '")
         .map_or("", |at| &text[at + "current is '".len()..]);
     let owner = owner.split_once('\'').map_or(owner, |(name, _)| name);
-    Some(if owner.is_empty() { "?" } else { owner }.to_owned())
+    Some(
+        if owner.is_empty() {
+            UNNAMED_OWNER
+        } else {
+            owner
+        }
+        .to_owned(),
+    )
 }
+
+/// What [`claimed_by`] answers when the broker's text names no owner (cut before the name, or
+/// a function exchange without `alternate-exchange`).
+pub const UNNAMED_OWNER: &str = "?";
 
 fn quorum_args() -> FieldTable {
     let mut args = FieldTable::default();

@@ -10,7 +10,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use warren_client::{Client, ClientSettings, Error};
 use warren_shared::broker::{BrokerError, BrokerSettings};
 use warren_tests::tasks::Flaky;
-use warren_tests::{ChildGuard, TestQueue, amqp_url, binary, deploy, temp_dir};
+use warren_tests::{ChildGuard, TestQueue, amqp_url, binary, deploy, eventually, temp_dir};
 use warren_worker::{Mailer, builtin_registry};
 
 /// A broker user made by `deploy/rabbitmq/users.sh ROLE NAME QUEUE`, deleted when dropped
@@ -241,6 +241,10 @@ fn users_sh_gives_each_role_exactly_the_permissions_of_the_definitions() {
             .find(|p| p["user"] == name)
             .unwrap_or_else(|| panic!("no permissions for {name}"));
         assert_eq!(expected["vhost"], deploy::VHOST);
+        if role == "operator" {
+            // Releasing a function's claim: its exchange, and no other.
+            assert_eq!(expected["configure"], r"^warren\.functions\..+$");
+        }
         // As the file says, and for another queue and functions exchange.
         for (queue, functions, q, f) in [
             (
@@ -460,13 +464,16 @@ async fn the_operator_profile_lists_replays_and_purges_dead_letters() {
 
     let url_file = dir.path().join("operator-url");
     std::fs::write(&url_file, format!("{}\n", operator.url())).unwrap();
+    let fx = queue.functions_exchange();
     let warren = |args: &[&str]| {
         let out = Command::new(binary("warren"))
             .arg("--no-declare")
             .args(args)
             .args(["--queue", &queue.name])
             .env_remove("AMQP_URL")
+            .env_remove("WARREN_MANAGEMENT_URL")
             .env("WARREN_AMQP_URL_FILE", &url_file)
+            .env("WARREN_FUNCTIONS_EXCHANGE", &fx)
             .output()
             .unwrap();
         assert!(
@@ -482,5 +489,235 @@ async fn the_operator_profile_lists_replays_and_purges_dead_letters() {
     assert_eq!(warren(&["dlq", "replay", &first]).trim(), "replayed 1");
     assert_eq!(warren(&["dlq", "purge"]).trim(), "purged 1");
     assert_eq!(queue.dead_count(&client).await, 0);
+
+    // The stopped worker left its functions claimed for the queue: the operator lists the
+    // claims (management API) and gives one back (AMQP, `configure` on its exchange).
+    let claims = |listing: &str| -> Vec<(String, String)> {
+        let rows: Vec<serde_json::Value> = serde_json::from_str(listing).unwrap();
+        rows.iter()
+            .map(|r| (r["function"].to_string(), r["queue"].to_string()))
+            .collect()
+    };
+    let owned = (format!("{:?}", "echo"), format!("{:?}", queue.name));
+    let listed = claims(&warren(&["functions", "--json"]));
+    assert!(listed.contains(&owned), "{listed:?}");
+    // The replayed task waits in the queue: refused unless forced.
+    let refused = Command::new(binary("warren"))
+        .args(["--no-declare", "functions", "release", "echo"])
+        .env_remove("AMQP_URL")
+        .env("WARREN_AMQP_URL_FILE", &url_file)
+        .env("WARREN_FUNCTIONS_EXCHANGE", &fx)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("1 ready task"),
+        "{stderr}"
+    );
+    let released = warren(&["functions", "release", "echo", "--force"]);
+    assert!(
+        released.starts_with(&format!("released echo from queue {}", queue.name)),
+        "{released}"
+    );
+    let listed = claims(&warren(&["functions", "--json"]));
+    assert!(!listed.iter().any(|(f, _)| f == "\"echo\""), "{listed:?}");
     client.close().await;
+}
+
+/// The code block in `docs/protocol.md` that follows the heading starting with `heading`, in
+/// language `lang`: the examples are tested as the document shows them.
+fn protocol_example(heading: &str, lang: &str) -> String {
+    let doc = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/protocol.md"),
+    )
+    .unwrap();
+    let mut lines = doc
+        .lines()
+        .skip_while(|l| !l.starts_with(heading))
+        .skip_while(|l| *l != format!("```{lang}"))
+        .skip(1);
+    let code: Vec<&str> = lines.by_ref().take_while(|l| *l != "```").collect();
+    assert!(
+        !code.is_empty(),
+        "docs/protocol.md has no {lang} block under {heading:?}"
+    );
+    code.join("\n") + "\n"
+}
+
+/// Whether `program args` runs successfully (a tool the test needs is installed).
+fn runs(program: &str, args: &[&str]) -> bool {
+    Command::new(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Runs `program args` in `dir` as the broker user at `url` on `queue`, at most 60 s (then it
+/// is stopped and the test fails), on a blocking thread: the test's in-process worker keeps
+/// the runtime's threads.
+async fn run_example(
+    program: &str,
+    args: &[&str],
+    dir: &std::path::Path,
+    url: &str,
+    queue: &str,
+    declare: bool,
+) -> std::process::Output {
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .current_dir(dir)
+        .env("AMQP_URL", url)
+        .env("WARREN_QUEUE", queue)
+        .env_remove("WARREN_DECLARE")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if declare {
+        command.env("WARREN_DECLARE", "1");
+    }
+    let shown = format!("{program} {args:?}");
+    let ran = tokio::task::spawn_blocking(move || {
+        // The guard stops the example if it hangs (or the test fails), and never signals a
+        // process it has reaped.
+        let mut child = ChildGuard::spawn(command);
+        let read = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut bytes = Vec::new();
+                if let Some(mut pipe) = pipe {
+                    let _ = pipe.read_to_end(&mut bytes);
+                }
+                bytes
+            })
+        };
+        let stdout = read(child.take_stdout().map(|p| Box::new(p) as _));
+        let stderr = read(child.take_stderr().map(|p| Box::new(p) as _));
+        let status = child.wait_timeout(Duration::from_secs(60));
+        drop(child);
+        let (stdout, stderr) = (stdout.join(), stderr.join());
+        status.map(|status| std::process::Output {
+            status,
+            stdout: stdout.unwrap_or_default(),
+            stderr: stderr.unwrap_or_default(),
+        })
+    })
+    .await;
+    match ran {
+        Ok(Some(output)) => output,
+        Ok(None) => panic!("{shown} did not finish within 60 s"),
+        Err(e) => panic!("{shown}: {e}"),
+    }
+}
+
+/// The Python (pika) and PHP (php-amqplib) examples of docs/protocol.md §7, extracted from the
+/// document and run unchanged as a producer made by `users.sh producer` (no `configure`): they
+/// check the topology passively and publish, and get their answers. Declaring, which the
+/// examples do on request, is refused to that user, as §1 says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_protocol_examples_run_verbatim_as_the_least_privilege_producer() {
+    const PHP_AUTOLOAD: &str = "/usr/share/php/PhpAmqpLib/autoload.php";
+    // Debian's pika is for Debian's Python, which another `python3` on PATH may hide.
+    let python3 = ["python3", "/usr/bin/python3"]
+        .into_iter()
+        .find(|p| runs(p, &["-c", "import pika"]));
+    let have_python = python3.is_some();
+    let have_php = runs("php", &["-r", &format!("require '{PHP_AUTOLOAD}';")]);
+    let in_ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    let installed = have_python && have_php;
+    if !installed && !in_ci {
+        println!(
+            "SKIPPED the_protocol_examples_run_verbatim_as_the_least_privilege_producer: needs \
+             python3 with pika and php with php-amqplib (apt-get install python3-pika \
+             php-amqplib php-cli, or run deploy/test.sh, which installs them)"
+        );
+        return;
+    }
+    let dir = temp_dir("protocol-examples");
+    let queue = TestQueue::new("protocol-examples");
+    let producer = BrokerUser::create("producer", &queue.name, &dir);
+    let worker = queue
+        .worker(builtin_registry(Mailer::outbox(dir.path())), 2)
+        .await;
+
+    let python = dir.path().join("warren_call.py");
+    std::fs::write(&python, protocol_example("### Python (pika)", "python")).unwrap();
+    let script = python.to_str().unwrap();
+    let python3 = python3.unwrap_or("python3");
+    let out = run_example(
+        python3,
+        &[script, "echo", r#"{"x":1}"#],
+        dir.path(),
+        &producer.url(),
+        &queue.name,
+        false,
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "python example failed: {stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), r#"{"x": 1}"#);
+    // Declaring needs configure: the same example, asked to declare, is refused.
+    let out = run_example(
+        python3,
+        &[script, "echo", "1"],
+        dir.path(),
+        &producer.url(),
+        &queue.name,
+        true,
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("ACCESS_REFUSED"), "{stderr}");
+
+    // The PHP example: `composer require` puts the library's autoloader in vendor/; here
+    // Debian's php-amqplib stands in for it.
+    std::fs::create_dir(dir.path().join("vendor")).unwrap();
+    std::fs::write(
+        dir.path().join("vendor/autoload.php"),
+        format!("<?php\nrequire '{PHP_AUTOLOAD}';\n"),
+    )
+    .unwrap();
+    let php = dir.path().join("warren_call.php");
+    std::fs::write(&php, protocol_example("### PHP (php-amqplib", "php")).unwrap();
+    let out = run_example(
+        "php",
+        &[php.to_str().unwrap()],
+        dir.path(),
+        &producer.url(),
+        &queue.name,
+        false,
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "php example failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(
+        lines.first().is_some_and(|l| l.starts_with("queued ")),
+        "{stdout}"
+    );
+    assert_eq!(lines.get(1).copied(), Some(r#"{"x":1}"#), "{stdout}");
+    // The enqueued mail was sent (into the outbox) by the worker.
+    let id = lines[0].trim_start_matches("queued ").to_owned();
+    eventually(
+        "the enqueued mail in the outbox",
+        Duration::from_secs(20),
+        || {
+            let dir = dir.path().to_owned();
+            let id = id.clone();
+            async move {
+                std::fs::read_dir(&dir).is_ok_and(|entries| {
+                    entries
+                        .flatten()
+                        .any(|e| e.file_name().to_string_lossy().contains(&id))
+                })
+            }
+        },
+    )
+    .await;
+    worker.shutdown().await.unwrap();
 }

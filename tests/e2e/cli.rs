@@ -412,3 +412,276 @@ async fn cli_dlq_list_into_a_closed_pipe_exits_quietly() {
     })
     .await;
 }
+
+/// `warren <args>` on the functions exchange `functions_exchange`, reading the management API
+/// at its default place.
+fn warren_on(functions_exchange: &str, args: &[&str]) -> Output {
+    let output = Command::new(binary("warren"))
+        .args(args)
+        .env("AMQP_URL", amqp_url())
+        .env("WARREN_FUNCTIONS_EXCHANGE", functions_exchange)
+        .env_remove("WARREN_MANAGEMENT_URL")
+        .env_remove("WARREN_QUEUE")
+        .output();
+    match output {
+        Ok(output) => output,
+        Err(e) => panic!("cannot run warren: {e}"),
+    }
+}
+
+/// `warren functions --json`: the claimed functions by name, as JSON rows.
+fn functions_json(functions_exchange: &str) -> Vec<serde_json::Value> {
+    let out = warren_on(functions_exchange, &["functions", "--json"]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn claim_of<'a>(rows: &'a [serde_json::Value], function: &str) -> Option<&'a serde_json::Value> {
+    rows.iter().find(|r| r["function"] == function)
+}
+
+/// The experiment that left `echo` claimed for good: a worker on a test queue serving the
+/// built-ins, stopped. `warren functions` shows the claim, `status` without `--queue` shows the
+/// queue, `release` is refused while the queue is in use and frees the function otherwise, and
+/// a worker on another queue then starts and serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_functions_lists_a_stopped_workers_claims_and_release_frees_them_for_another_queue() {
+    let first = TestQueue::new("claims-first");
+    let second = TestQueue::new("claims-second");
+    // One deployment of their own: both queues claim on the first queue's functions exchange.
+    let fx = first.functions_exchange();
+    let client = first.client().await;
+
+    let mut worker = ChildGuard::worker(&first.name, &["--builtins", "echo,sleep"]);
+    eventually(
+        "the first worker to consume",
+        Duration::from_secs(20),
+        || async {
+            client
+                .queue_stats(&first.name)
+                .await
+                .is_ok_and(|s| s.consumers >= 1)
+        },
+    )
+    .await;
+    // The management API's figures lag by a few seconds.
+    eventually(
+        "functions to show the consumer",
+        Duration::from_secs(30),
+        || async { claim_of(&functions_json(&fx), "echo").is_some_and(|r| r["consumers"] == 1) },
+    )
+    .await;
+    let rows = functions_json(&fx);
+    let echo = claim_of(&rows, "echo").unwrap_or_else(|| panic!("{rows:?}"));
+    assert_eq!(echo["queue"], first.name.as_str());
+    assert_eq!(echo["routed"], true);
+    // Refused while a worker consumes the queue.
+    let out = warren_on(&fx, &["functions", "release", "echo"]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("1 consumer") && stderr.contains("--force"),
+        "{stderr}"
+    );
+
+    worker.signal(nix::sys::signal::Signal::SIGTERM);
+    let stopped = worker.wait_timeout(Duration::from_secs(30));
+    assert!(stopped.is_some_and(|s| s.success()), "{stopped:?}");
+
+    // The claim outlives the worker: a worker on another queue that serves echo cannot start,
+    // and says which queue owns the function and the command that frees it.
+    let dir = temp_dir("claims");
+    let log = dir.path().join("refused.log");
+    let mut command = Command::new(binary("warren-worker"));
+    command
+        .args(["--queue", &second.name, "--builtins", "echo"])
+        .args(["--functions-exchange", &fx])
+        .env("AMQP_URL", amqp_url())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    let mut refused = ChildGuard::spawn(command);
+    let exit = refused.wait_timeout(Duration::from_secs(30));
+    assert!(exit.is_some_and(|s| !s.success()), "{exit:?}");
+    let said = std::fs::read_to_string(&log).unwrap();
+    // The owner's name as the broker's refusal has it: cut at 255 bytes with the names of
+    // test queues, so only its start is certain.
+    assert!(
+        said.contains("already served by queue \"test.claims-first.")
+            && said.contains("warren functions release echo"),
+        "{said}"
+    );
+
+    // `functions` shows the claim with no consumer; `status` without --queue shows the queue.
+    eventually(
+        "functions to show no consumer",
+        Duration::from_secs(30),
+        || async { claim_of(&functions_json(&fx), "echo").is_some_and(|r| r["consumers"] == 0) },
+    )
+    .await;
+    let rows = functions_json(&fx);
+    let echo = claim_of(&rows, "echo").unwrap_or_else(|| panic!("{rows:?}"));
+    assert_eq!(echo["queue"], first.name.as_str());
+    assert_eq!(echo["consumers"], 0, "{echo}");
+    assert_eq!(echo["ready"], 0, "{echo}");
+    assert!(claim_of(&rows, "sleep").is_some_and(|r| r["queue"] == first.name.as_str()));
+    let text_out = warren_on(&fx, &["functions"]);
+    let listing = text(&text_out.stdout);
+    assert!(
+        listing
+            .lines()
+            .any(|l| l.starts_with("echo ") && l.contains(&first.name)),
+        "{listing}"
+    );
+    let out = warren_on(&fx, &["status", "--json"]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(status["queue"].is_null(), "{status}");
+    let rows = status["queues"].as_array().unwrap();
+    let mine: Vec<_> = rows
+        .iter()
+        .filter(|r| r["name"] == first.name.as_str())
+        .collect();
+    assert_eq!(mine.len(), 1, "one row per queue: {status}");
+    assert_eq!(mine[0]["functions"], serde_json::json!(["echo", "sleep"]));
+    assert!(
+        rows.iter().all(|r| r["role"] == "work"),
+        "work queues only: {status}"
+    );
+
+    // Refused while a task waits in the queue, unless forced.
+    client
+        .enqueue_json("echo", serde_json::json!("waiting"))
+        .await
+        .unwrap();
+    let out = warren_on(&fx, &["functions", "release", "echo"]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("1 ready task"), "{stderr}");
+    let out = warren_on(&fx, &["functions", "release", "echo", "--force"]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains(&format!("released echo from queue {}", first.name)),
+        "{}",
+        text(&out.stdout)
+    );
+    let rows = functions_json(&fx);
+    assert!(claim_of(&rows, "echo").is_none(), "{rows:?}");
+    let out = warren_on(&fx, &["functions", "release", "echo"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("not claimed"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // The function is free: a worker on the second queue claims it and serves calls by name.
+    let _second_worker = ChildGuard::worker(
+        &second.name,
+        &["--builtins", "echo", "--functions-exchange", &fx],
+    );
+    eventually(
+        "echo claimed by the second queue",
+        Duration::from_secs(30),
+        || async {
+            claim_of(&functions_json(&fx), "echo")
+                .is_some_and(|r| r["queue"] == second.name.as_str() && r["consumers"] == 1)
+        },
+    )
+    .await;
+    let out = warren_on(&fx, &["call", "echo", "\"moved\""]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "\"moved\"");
+    client.close().await;
+}
+
+/// A queue whose name the broker cuts: its AMQP refusal, which names a function's owner, is cut
+/// at 255 bytes. `release` does not take the cut name for a queue that does not exist (and so
+/// is not in use): without the management API it refuses unless forced, and with it, it checks
+/// the queue the API names in full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_functions_release_checks_an_owner_whose_name_the_broker_cuts() {
+    // The longest test queue whose functions exchange is valid (74 bytes with `.functions`).
+    let queue = TestQueue::new("a-long-owner-cut-by-broker");
+    let fx = queue.functions_exchange();
+    assert_eq!(
+        fx.len(),
+        warren_shared::topology::MAX_FUNCTIONS_EXCHANGE,
+        "{fx}"
+    );
+    let client = queue.client().await;
+    let _worker = ChildGuard::worker(&queue.name, &["--builtins", "echo"]);
+    eventually("the worker to consume", Duration::from_secs(20), || async {
+        client
+            .queue_stats(&queue.name)
+            .await
+            .is_ok_and(|s| s.consumers >= 1)
+    })
+    .await;
+    let unreachable = format!("http://127.0.0.1:{}", warren_tests::free_port());
+    let out = warren_on(
+        &fx,
+        &[
+            "functions",
+            "--management-url",
+            &unreachable,
+            "release",
+            "echo",
+        ],
+    );
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "released: {}", text(&out.stdout));
+    assert!(
+        stderr.contains("cut at 255 bytes") && stderr.contains("--force"),
+        "{stderr}"
+    );
+    let rows = functions_json(&fx);
+    assert!(
+        claim_of(&rows, "echo").is_some_and(|r| r["queue"] == queue.name.as_str()),
+        "the claim stays: {rows:?}"
+    );
+    // The management API names the owner in full: its consumer refuses the release.
+    let out = warren_on(&fx, &["functions", "release", "echo"]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "released: {}", text(&out.stdout));
+    assert!(
+        stderr.contains(&format!("queue \"{}\", which has 1 consumer", queue.name)),
+        "{stderr}"
+    );
+    client.close().await;
+}
+
+/// `warren status` without `--queue` and without the management API shows what AMQP can tell,
+/// `warren.tasks` alone, and says so: it neither claims to show every queue that serves a
+/// function nor says that none exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_status_of_the_deployment_without_the_api_says_it_shows_warren_tasks_only() {
+    let queue = TestQueue::new("status-no-api");
+    let fx = queue.functions_exchange();
+    let unreachable = format!("http://127.0.0.1:{}", warren_tests::free_port());
+    let out = warren_on(&fx, &["status", "--management-url", &unreachable]);
+    let shown = text(&out.stdout);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let header = shown.lines().next().unwrap_or_default();
+    assert!(
+        header.starts_with("Warren deployment: warren.tasks only (figures from AMQP only"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("note: management API not reachable"),
+        "{shown}"
+    );
+    assert!(!shown.contains("serves a function yet"), "{shown}");
+    let out = warren_on(&fx, &["status", "--json", "--management-url", &unreachable]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["source"], "amqp", "{status}");
+    let rows = status["queues"].as_array().unwrap();
+    // Whether another test left warren.tasks on the shared broker decides the one row.
+    assert!(rows.iter().all(|r| r["name"] == "warren.tasks"), "{status}");
+    if rows.is_empty() {
+        assert!(
+            shown.contains("(no such queue: nothing has declared warren.tasks yet)"),
+            "{shown}"
+        );
+    }
+}

@@ -10,6 +10,7 @@ mod core;
 mod deploy;
 mod gateway;
 mod interactive;
+mod isolation;
 mod memory;
 mod operations;
 mod pools;

@@ -259,7 +259,7 @@ async fn a_16_mib_pool_result_peaks_the_worker_below_four_times_its_size() {
     // Warmed up: the worker consumes and its Python process answers.
     eventually("the worker serves big", WAIT, || async {
         client
-            .call_json_with("big", json!({"bytes": 10}), &options)
+            .call_json_with("big", json!({"n": 10}), &options)
             .await
             .is_ok()
     })
@@ -269,7 +269,7 @@ async fn a_16_mib_pool_result_peaks_the_worker_below_four_times_its_size() {
 
     let size = 16 * 1024 * 1024 - 1024;
     let result = client
-        .call_json_with("big", json!({"bytes": size}), &options)
+        .call_json_with("big", json!({"n": size}), &options)
         .await
         .unwrap();
     assert_eq!(result.as_str().map(str::len), Some(size));
@@ -292,19 +292,19 @@ async fn a_result_over_max_result_bytes_is_answered_too_large() {
     let options = CallOptions::default().timeout(WAIT);
     eventually("the worker serves big", WAIT, || async {
         client
-            .call_json_with("big", json!({"bytes": 10}), &options)
+            .call_json_with("big", json!({"n": 10}), &options)
             .await
             .is_ok()
     })
     .await;
     // 998 bytes and its two quotes fit; one more does not.
     let fits = client
-        .call_json_with("big", json!({"bytes": 998}), &options)
+        .call_json_with("big", json!({"n": 998}), &options)
         .await
         .unwrap();
     assert_eq!(fits.as_str().map(str::len), Some(998));
     let refused = client
-        .call_json_with("big", json!({"bytes": 999}), &options)
+        .call_json_with("big", json!({"n": 999}), &options)
         .await
         .unwrap_err();
     let failure = refused.failure().expect("the worker's answer");

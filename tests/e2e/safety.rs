@@ -239,6 +239,112 @@ async fn a_reply_address_the_broker_would_choke_on_is_parked_unanswered() {
 }
 
 #[tokio::test]
+async fn a_reply_to_naming_a_queue_that_is_no_reply_queue_is_parked_unrun_and_unanswered() {
+    let q = TestQueue::new("foreign-reply-to");
+    let runs = Arc::new(Runs::default());
+    let outbox = temp_dir("foreign-reply-to");
+    let (worker, client) = setup(&q, &runs, &outbox).await;
+    let peer = RawPeer::connect().await;
+    // Another application's queue in the same virtual host, which the caller may not write to.
+    let victim = format!("{}.victim", q.name);
+    q.also_delete(&victim);
+    let (_connection, channel) = warren_tests::raw_channel().await;
+    channel
+        .queue_declare(
+            victim.as_str().into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+
+    let neighbours = start_neighbours(&client);
+    let foreign = BasicProperties::default()
+        .with_message_id("foreign-reply".into())
+        .with_correlation_id("foreign-reply".into())
+        .with_reply_to(victim.as_str().into());
+    let body = json!({"function": "neighbour", "args": {"key": 998, "ms": 1}}).to_string();
+    peer.publish(&q.name, body.as_bytes(), foreign).await;
+    assert_no_harm(neighbours, &runs, &worker).await;
+
+    eventually("the task parked", Duration::from_secs(10), || async {
+        q.dead_count(&client).await >= 1
+    })
+    .await;
+    let dead = client.dead_letters(&q.name, 10).await.unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].reason, "rejected");
+    assert_eq!(dead[0].kind.as_deref(), Some("bad_request"));
+    let error = dead[0].error.clone().unwrap_or_default();
+    assert!(
+        error.contains("reply_to") && error.contains("warren.reply.*"),
+        "{error}"
+    );
+    assert_eq!(runs.count("neighbour-998"), 0, "a rejected task never runs");
+    // The worker is done with the task (parked and acked): nothing went to the victim.
+    worker.shutdown().await.unwrap();
+    let victim_depth = warren_tests::inspect_queue(&channel, &victim)
+        .await
+        .unwrap()
+        .message_count();
+    assert_eq!(victim_depth, 0, "the worker published into {victim}");
+    peer.close().await;
+}
+
+#[tokio::test]
+async fn a_reply_the_broker_refuses_does_not_run_a_finished_task_again() {
+    let q = TestQueue::new("refused-reply");
+    let runs = Arc::new(Runs::default());
+    let outbox = temp_dir("refused-reply");
+    let (worker, client) = setup(&q, &runs, &outbox).await;
+    let peer = RawPeer::connect().await;
+    // A reply queue (named as Warren's are) that refuses every message: the reply is nacked.
+    let full = format!(
+        "{}{}",
+        envelope::REPLY_QUEUE_PREFIX,
+        uuid::Uuid::new_v4().simple()
+    );
+    q.also_delete(&full);
+    let (_connection, channel) = warren_tests::raw_channel().await;
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    channel
+        .queue_declare(full.as_str().into(), QueueDeclareOptions::default(), args)
+        .await
+        .unwrap();
+
+    let properties = BasicProperties::default()
+        .with_message_id("refused-reply".into())
+        .with_correlation_id("refused-reply".into())
+        .with_reply_to(full.as_str().into());
+    let body = json!({"function": "neighbour", "args": {"key": 997, "ms": 1}}).to_string();
+    peer.publish(&q.name, body.as_bytes(), properties).await;
+    eventually("the task ran", Duration::from_secs(10), || async {
+        runs.count("neighbour-997") >= 1
+    })
+    .await;
+    eventually("the task settled", Duration::from_secs(10), || async {
+        worker.health().in_flight == 0
+    })
+    .await;
+    // Stopping drains whatever the worker still holds; a handed-back task would wait in the
+    // queue or have run again by now.
+    worker.shutdown().await.unwrap();
+    assert_eq!(runs.count("neighbour-997"), 1, "a finished task ran again");
+    let ready = warren_tests::inspect_queue(&channel, &q.name)
+        .await
+        .unwrap()
+        .message_count();
+    assert_eq!(ready, 0, "the task was handed back");
+    assert_eq!(q.dead_count(&client).await, 0);
+    peer.close().await;
+}
+
+#[tokio::test]
 async fn an_attempt_number_near_i64_max_is_rejected_without_wrapping() {
     let q = TestQueue::new("attempt-max");
     let runs = Arc::new(Runs::default());

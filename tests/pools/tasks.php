@@ -6,6 +6,7 @@ declare(strict_types=1);
 require __DIR__ . '/../../runners/php/warren.php';
 
 $hog = [];
+$subprocesses = [];
 
 Warren\serve([
     'add' => fn (array $args) => ['sum' => $args['a'] + $args['b'], 'pid' => getmypid()],
@@ -64,7 +65,7 @@ Warren\serve([
     // Writes garbage to stdout on its first attempt.
     'garbage_first' => function ($args, Warren\Context $ctx) {
         if ($ctx->attempt === 1) {
-            fwrite(STDOUT, "this is not a frame\n");
+            fwrite(Warren\Runner::$out, "this is not a frame\n");
             sleep(5);
         }
         return getmypid();
@@ -73,11 +74,40 @@ Warren\serve([
     'garbage_once' => function (array $args, Warren\Context $ctx) {
         if (!file_exists($args['marker'])) {
             touch($args['marker']);
-            fwrite(STDOUT, "this is not a frame\n");
+            fwrite(Warren\Runner::$out, "this is not a frame\n");
             sleep(5);
         }
         return ['attempt' => $ctx->attempt, 'pid' => getmypid()];
     },
+    // The variables named in `names` as the task code sees them (null when unset).
+    'env' => fn (array $args) => array_combine(
+        $args['names'],
+        array_map(static fn (string $n) => getenv($n) === false ? null : getenv($n), $args['names']),
+    ),
+    // Starts `sleep 600` with this process's fds 0, 1 and 2; returns its pid or, with `hang`,
+    // writes it to `pidfile` and never returns.
+    'spawn_sleep' => function (array $args) use (&$subprocesses) {
+        $subprocesses[] = $process = proc_open(['sleep', '600'], [], $pipes);
+        $pid = proc_get_status($process)['pid'];
+        if (isset($args['pidfile'])) {
+            file_put_contents($args['pidfile'], (string) $pid);
+        }
+        while ($args['hang'] ?? false) {
+            sleep(1);
+        }
+        return $pid;
+    },
+    'die' => fn () => exit(3),
+    // Says it has `started`; once `go` exists, runs `cat` with this process's stdin for a
+    // second; returns the bytes it read.
+    'read_stdin' => function (array $args) {
+        touch($args['started']);
+        for ($i = 0; $i < 1000 && !file_exists($args['go']); $i++) {
+            usleep(10000);
+        }
+        return ['read' => strlen((string) shell_exec('timeout 1 cat'))];
+    },
+    'big' => fn (array $args) => str_repeat('x', $args['n']),
     'sleep' => function (array $args) {
         if (isset($args['started'])) {
             file_put_contents($args['started'], getmypid() . "\n", FILE_APPEND | LOCK_EX);
@@ -91,7 +121,7 @@ Warren\serve([
     'next_waiting' => function (array $args) {
         file_put_contents($args['started'] . '.tmp', (string) getmypid());
         rename($args['started'] . '.tmp', $args['started']);
-        $read = [STDIN];
+        $read = [Warren\Runner::$in];
         $none = null;
         $waiting = stream_select($read, $none, $none, (int) $args['seconds']) === 1;
         if ($waiting && ($args['exit'] ?? false)) {

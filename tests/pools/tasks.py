@@ -1,6 +1,8 @@
 # Task code of the Python pool test (tests/e2e/pools.rs).
 import os
+import subprocess
 import sys
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "runners", "python"))
 import warren  # noqa: E402
@@ -26,8 +28,41 @@ def nan(args, ctx):
     return {"value": float("nan"), "pid": os.getpid()}
 
 
+def env(args, ctx):
+    return {name: os.environ.get(name) for name in args["names"]}
+
+
+def spawn_sleep(args, ctx):
+    """Starts `sleep 600` with this process's fds 0, 1 and 2; returns its pid or, with `hang`,
+    writes it to `pidfile` and never returns."""
+    child = subprocess.Popen(["sleep", "600"])
+    if args.get("pidfile"):
+        with open(args["pidfile"], "w") as f:
+            f.write(str(child.pid))
+    while args.get("hang"):
+        time.sleep(1)
+    return child.pid
+
+
+def die(args, ctx):
+    os._exit(3)
+
+
+def read_stdin(args, ctx):
+    """Says it has `started`; once `go` exists, runs `cat` with this process's stdin for a
+    second."""
+    open(args["started"], "w").close()
+    for _ in range(1000):
+        if os.path.exists(args["go"]):
+            break
+        time.sleep(0.01)
+    read = subprocess.run(["timeout", "1", "cat"], stdout=subprocess.PIPE).stdout
+    return {"read": len(read)}
+
+
 def big(args, ctx):
-    return "x" * args["bytes"]
+    return "x" * args["n"]
 
 
-warren.serve({"add": add, "boom": boom, "context": context, "nan": nan, "big": big})
+warren.serve({"add": add, "boom": boom, "context": context, "nan": nan, "env": env,
+              "spawn_sleep": spawn_sleep, "die": die, "read_stdin": read_stdin, "big": big})

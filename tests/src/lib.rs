@@ -378,6 +378,11 @@ impl ChildGuard {
         self.child.as_mut()?.stdout.take()
     }
 
+    /// The process's standard error, once, when its command piped it (`Stdio::piped()`).
+    pub fn take_stderr(&mut self) -> Option<std::process::ChildStderr> {
+        self.child.as_mut()?.stderr.take()
+    }
+
     /// Sends `signal` to the process.
     pub fn signal(&self, signal: Signal) {
         let _ = kill(self.pid(), signal);

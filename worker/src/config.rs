@@ -37,6 +37,12 @@ pub struct WorkerConfig {
     /// docs/protocol.md, "Routing by function".
     #[arg(long, env = "WARREN_FUNCTIONS_EXCHANGE")]
     pub functions_exchange: String,
+    /// Queues a task's reply may go to besides direct reply-to addresses, comma-separated
+    /// patterns where `*` stands for any run of characters (`*` alone: any queue; an empty
+    /// value: direct reply-to only; blanks around a pattern are dropped). A task whose `reply_to` names another queue is rejected
+    /// as `bad_request` and not run. See docs/protocol.md §2, "Reply queues".
+    #[arg(long, env = "WARREN_REPLY_QUEUES", value_delimiter = ',')]
+    pub reply_queues: Vec<String>,
     /// Tasks run at once (and the consumer's prefetch).
     #[arg(long, env = "WARREN_CONCURRENCY")]
     pub concurrency: NonZeroU16,
@@ -122,12 +128,14 @@ impl Default for WorkerConfig {
             shutdown_grace,
             watchdog_interval,
             functions_exchange,
+            reply_queues,
             ..
         } = WorkerSettings::default();
         Self {
             broker: BrokerConfig::default(),
             queue,
             functions_exchange,
+            reply_queues,
             concurrency: NonZeroU16::new(concurrency).unwrap_or(NonZeroU16::MIN),
             max_attempts: NonZeroU32::new(policy.max_attempts).unwrap_or(NonZeroU32::MIN),
             backoff: Backoff(policy.backoff),
@@ -197,6 +205,7 @@ impl WorkerConfig {
             broker,
             queue,
             functions_exchange,
+            reply_queues,
             concurrency,
             max_attempts,
             backoff,
@@ -228,6 +237,13 @@ impl WorkerConfig {
             shutdown_grace,
             watchdog_interval,
             functions_exchange,
+            // `a.*, b` means `b`, not ` b`, which no reply queue would match.
+            reply_queues: reply_queues
+                .iter()
+                .map(|p| p.trim())
+                .filter(|p| !p.is_empty())
+                .map(str::to_owned)
+                .collect(),
             ..WorkerSettings::default()
         })
     }
@@ -279,6 +295,7 @@ mod tests {
         assert_eq!(settings.shutdown_grace, library.shutdown_grace);
         assert_eq!(settings.watchdog_interval, library.watchdog_interval);
         assert_eq!(settings.max_body_bytes, library.max_body_bytes);
+        assert_eq!(settings.reply_queues, library.reply_queues);
         assert_eq!(
             format!("{:?}", settings.broker),
             format!("{:?}", library.broker)
@@ -326,6 +343,22 @@ mod tests {
         flags.extend(["--builtins", "echo,send_mail"]);
         assert_eq!(load("", &flags).builtin_names(), ["echo", "send_mail"]);
         assert_eq!(load("builtins = [\"all\"]\n", &pooled).builtin_names(), all);
+    }
+
+    #[test]
+    fn reply_queues_come_from_the_file_or_a_flag_and_empty_means_direct_only() {
+        let default = load("", &[]).settings().unwrap().reply_queues;
+        assert_eq!(default, ["warren.reply.*"]);
+        let file = load("reply_queues = [\"app.replies.*\"]\n", &[]);
+        assert_eq!(file.settings().unwrap().reply_queues, ["app.replies.*"]);
+        let flag = load("", &["--reply-queues", "a.*,b"]);
+        assert_eq!(flag.settings().unwrap().reply_queues, ["a.*", "b"]);
+        let spaced = load("", &["--reply-queues", "a.*, b ,"]);
+        assert_eq!(spaced.settings().unwrap().reply_queues, ["a.*", "b"]);
+        let file = load("reply_queues = [\" app.replies.* \"]\n", &[]);
+        assert_eq!(file.settings().unwrap().reply_queues, ["app.replies.*"]);
+        let none = load("", &["--reply-queues", ""]);
+        assert!(none.settings().unwrap().reply_queues.is_empty());
     }
 
     #[test]

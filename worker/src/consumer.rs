@@ -254,7 +254,8 @@ impl Supervisor {
         shared.in_flight.fetch_add(1, Ordering::SeqCst);
         let measure = crate::metrics::TaskMetrics::started(&self.settings.queue, &delivery);
         let task = async move {
-            let envelope = Envelope::of(&delivery);
+            let mut envelope = Envelope::of(&delivery);
+            envelope.reply_to = envelope.reply_to.restricted_to(&executor.reply_queues);
             let outcome = executor.execute(&delivery, &envelope).await;
             let measure = measure.judged();
             if let Outcome::DeadLetter {

@@ -3,7 +3,7 @@
 //!
 //! | what happened | outcome |
 //! |---|---|
-//! | bad input: protocol version, size, `reply_to`, attempt or deadline header, body, unknown function, arguments | dead letter (`rejected`) + error reply |
+//! | bad input: protocol version, size, `reply_to` (unusable, or a queue not among the worker's `reply_queues`), attempt or deadline header, body, unknown function, arguments | dead letter (`rejected`) + error reply |
 //! | deadline passed before the start | `expired` reply |
 //! | handler succeeded | result reply |
 //! | retryable failure, panic or time limit, attempts left | retry copy after the backoff delay |
@@ -42,6 +42,10 @@ pub(crate) struct Executor {
     pub(crate) max_body_bytes: usize,
     /// Larger results are not published: the task fails for good as `too_large`.
     pub(crate) max_result_bytes: usize,
+    /// The queues replies may go to besides direct reply-to addresses
+    /// ([`WorkerSettings::reply_queues`](crate::WorkerSettings::reply_queues)); a delivery's
+    /// `reply_to` is [restricted](envelope::ReplyTo::restricted_to) to them before it is judged.
+    pub(crate) reply_queues: Arc<[String]>,
     /// Cancelled when the worker gives up on running tasks (forced shutdown).
     pub(crate) abort: CancellationToken,
 }
@@ -401,6 +405,7 @@ mod tests {
             },
             max_body_bytes: 4096,
             max_result_bytes: 4096,
+            reply_queues: Arc::from([]),
             abort: CancellationToken::new(),
         }
     }

@@ -36,6 +36,9 @@ pub const SLOTS_FREE: &str = "warren_worker_slots_free";
 pub const READY: &str = "warren_worker_ready";
 /// Counter: times the consumer was rebuilt by the supervisor, by `queue`.
 pub const RECOVERIES: &str = "warren_worker_recoveries_total";
+/// Counter: replies the broker refused (nacked) for finished tasks, acked without a reply, by
+/// `queue`.
+pub const REPLIES_REFUSED: &str = "warren_worker_replies_refused_total";
 /// Gauge: 1 when the connection is up, by `connection` (`consume`, `publish`).
 pub const CONNECTION_UP: &str = "warren_worker_connection_up";
 
@@ -121,6 +124,10 @@ fn describe() {
         "1 while consuming with both connections up (as /readyz)."
     );
     describe_counter!(RECOVERIES, "Times the supervisor rebuilt the consumer.");
+    describe_counter!(
+        REPLIES_REFUSED,
+        "Replies the broker refused (nacked); their tasks were acked without a reply."
+    );
     describe_gauge!(CONNECTION_UP, "1 while the connection is up.");
 }
 
@@ -267,6 +274,11 @@ impl TaskMetrics {
         };
         handles.outcome(verdict).increment(1);
     }
+}
+
+/// The broker refused (nacked) the reply of a finished task, which was acked without it.
+pub(crate) fn reply_refused(queue: &str) {
+    metrics::counter!(REPLIES_REFUSED, "queue" => queue.to_owned()).increment(1);
 }
 
 /// The consumer was rebuilt.

@@ -7,7 +7,8 @@
 //! attempt can settle it; the queue's delivery limit stops that from looping forever. When the
 //! broker refuses a publish by closing the channel, the outcome is published again on a channel
 //! of its own, and an outcome refused there too is parked with reason `refused` instead of
-//! being handed back (it would only be refused again).
+//! being handed back (it would only be refused again). A reply the broker nacks is not handed
+//! back either: the task's work is done, so it is acked without its reply, logged and counted.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -103,6 +104,21 @@ fn refused_by_broker(e: &PublishError, link: &Link) -> bool {
     }
 }
 
+/// Whether a failed publish at `step` is the broker refusing the reply itself (`basic.nack`:
+/// its queue at a length limit, say), after the task's work was done and anything else it
+/// publishes went through. Handing the task back would run a finished handler again (ten
+/// `send_mail`s for one call) and be refused again, so the task is acked without its reply and
+/// the caller, who gets no answer, times out. This holds on the first try and on a channel of
+/// its own ([`Settler::settle_refused`]).
+///
+/// A reply whose confirm times out is still handed back: a timeout does not say the broker
+/// refused it (the connection may be going, and then the ack is lost and the broker redelivers
+/// anyway), and [`Settler::publish_outcome`] has already waited out a link that could not
+/// publish.
+fn reply_refused(step: Step, e: &PublishError) -> bool {
+    step == Step::Reply && matches!(e, PublishError::Nacked { .. })
+}
+
 /// How settling ended.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Settled {
@@ -146,6 +162,10 @@ impl Settler {
             .await;
         let parked = match published {
             Ok(()) => false,
+            Err((step, e)) if reply_refused(step, &e) => {
+                self.record_reply_refused(envelope, &e);
+                false
+            }
             Err((step, e)) => {
                 let refusal = if refused_by_broker(&e, self.link()) {
                     self.settle_refused(delivery, envelope, outcome, step, &e)
@@ -176,6 +196,11 @@ impl Settler {
             (false, true) => Settled::Acked,
             (false, false) => Settled::AckLost,
         }
+    }
+
+    fn record_reply_refused(&self, envelope: &Envelope, e: &PublishError) {
+        tracing::warn!(task.id = %envelope.id, error = %e, "the broker refused the task's reply; acking the task without one (running it again would repeat its work)");
+        crate::metrics::reply_refused(&self.queue);
     }
 
     /// `nack` with requeue, bounded in time. `Ok(false)`, an error or silence all mean the
@@ -316,6 +341,11 @@ impl Settler {
             .await
         {
             Ok(()) => Refusal::Published,
+            // On its own channel the reply is nacked: as on the first try, the work is done.
+            Err((step, e)) if reply_refused(step, &e) => {
+                self.record_reply_refused(envelope, &e);
+                Refusal::Published
+            }
             Err((step, e)) if refused_by_broker(&e, self.link()) => {
                 close_isolated(alone.clone()).await;
                 let failure = TaskFailure::new(
@@ -465,5 +495,23 @@ impl Settler {
             mandatory: false,
         };
         publish_confirmed(pool, publication, self.publish_timeout).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_nacked_reply_is_acked_without_its_reply() {
+        let nacked = || PublishError::Nacked {
+            exchange: String::new(),
+            routing_key: "warren.reply.x".into(),
+        };
+        assert!(reply_refused(Step::Reply, &nacked()));
+        // A nacked retry or dead-letter copy: the task is not settled, it goes back.
+        assert!(!reply_refused(Step::First, &nacked()));
+        let timeout = PublishError::Timeout(Duration::from_secs(5));
+        assert!(!reply_refused(Step::Reply, &timeout));
     }
 }

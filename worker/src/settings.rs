@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use warren_shared::broker::{self, BrokerError, BrokerSettings};
-use warren_shared::{Policy, topology};
+use warren_shared::{Policy, envelope, topology};
 
 /// The default of [`WorkerSettings::max_result_bytes`]: 8 MiB, twice the default body limit and
 /// half of RabbitMQ 4's default `max_message_size`, so that an oversized result is refused by
@@ -44,6 +44,12 @@ pub struct WorkerSettings {
     /// nothing (the queue is reached by its name only, as a bulk queue next to an interactive
     /// one would be).
     pub functions_exchange: String,
+    /// The queues replies may go to besides direct reply-to addresses: patterns in which `*`
+    /// stands for any run of characters (Warren's own reply queues, `warren.reply.*`, by
+    /// default). A task whose `reply_to` names another queue is rejected as `bad_request`,
+    /// parked, and not run, so that a caller cannot make the worker publish into any queue of
+    /// the virtual host. Empty: direct reply-to only; `*`: any queue.
+    pub reply_queues: Vec<String>,
 }
 
 impl Default for WorkerSettings {
@@ -60,6 +66,7 @@ impl Default for WorkerSettings {
             watchdog_interval: Duration::from_secs(10),
             name: broker::process_name("warren-worker"),
             functions_exchange: topology::FUNCTIONS_EXCHANGE.to_owned(),
+            reply_queues: vec![format!("{}*", envelope::REPLY_QUEUE_PREFIX)],
         }
     }
 }
@@ -107,8 +114,9 @@ pub enum WorkerError {
     #[error(
         "function {function:?} is already served by queue {owner:?}, not {queue:?}: a function \
          named by callers is routed to one queue. Serve it from {owner:?}, stop serving it here, \
-         or free it by deleting queue {owner:?} (or the exchange {exchange:?}) if nothing \
-         serves it there any more"
+         or, if nothing serves it there any more, free it: `warren functions release \
+         {function}` (with this worker's --functions-exchange) deletes the exchange \
+         {exchange:?}; `warren functions` lists every function's queue"
     )]
     FunctionClaimed {
         /// The function.

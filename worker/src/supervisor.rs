@@ -158,6 +158,7 @@ pub async fn start(
         policy: settings.policy.clone(),
         max_body_bytes: settings.max_body_bytes,
         max_result_bytes: settings.max_result_bytes,
+        reply_queues: settings.reply_queues.iter().cloned().collect(),
         abort: abort.clone(),
     };
     let settler = Settler {

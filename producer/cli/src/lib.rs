@@ -1,12 +1,14 @@
 //! # warren-cli
 //!
-//! The `warren` command line: `call`, `enqueue`, `dlq`, `status` ([`status`]: is it working?)
-//! and `demo` ([`demo`]: the motivating scenario, mail to 1000 users without blocking).
+//! The `warren` command line: `call`, `enqueue`, `dlq`, `status` ([`status`]: is it working?),
+//! `functions` ([`functions`]: which queue serves each function; releasing a claim) and `demo`
+//! ([`demo`]: the motivating scenario, mail to 1000 users without blocking).
 //!
 //! Results go to stdout (JSON, one line); errors go to stderr as `error: <kind>: <message>`,
 //! with a non-zero exit status, so scripts can tell the two apart.
 
 pub mod demo;
+pub mod functions;
 pub mod status;
 
 use std::io::Write;
@@ -75,7 +77,21 @@ pub enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
-    /// Is it working? Depth, consumers, rates and workers of a queue, from the management API.
+    /// Which queue serves each function, with its consumers and depth (management API);
+    /// `release NAME` frees a function for another queue.
+    Functions {
+        /// RabbitMQ's management API, as for `status`.
+        #[arg(long, env = "WARREN_MANAGEMENT_URL", hide_env_values = true)]
+        management_url: Option<String>,
+        /// Print JSON (one array) instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Without one: list the functions.
+        #[command(subcommand)]
+        action: Option<FunctionsAction>,
+    },
+    /// Is it working? Depth, consumers, rates and workers of a queue (`--queue`), or of every
+    /// queue that serves a function and `warren.tasks`, from the management API.
     Status {
         /// RabbitMQ's management API, e.g. `http://host:15672` (default: the broker's host,
         /// port 15672, with the broker URL's credentials unless this URL has its own).
@@ -140,6 +156,23 @@ pub enum DlqAction {
     Purge,
 }
 
+/// `warren functions ...`.
+#[derive(Debug, Subcommand)]
+pub enum FunctionsAction {
+    /// Free a function's claim (delete its exchange on the functions exchange), so that the
+    /// next worker serving it claims it for its own queue. Refused while the queue that owns it
+    /// has consumers or ready tasks. Needs `configure` on the function's exchange (a worker's or
+    /// an operator's permissions).
+    Release {
+        /// The function, e.g. `echo`.
+        function: String,
+        /// Release it even though its queue has consumers or ready tasks (they keep the tasks
+        /// already queued; new ones go to the next queue that claims the function).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
 /// How many parked tasks `warren dlq list` shows unless told otherwise.
 pub const DEFAULT_DLQ_LIMIT: usize = 100;
 
@@ -152,8 +185,8 @@ fn shown(default: Duration) -> String {
 #[derive(Debug, Args)]
 pub struct Target {
     /// Work queue. `call` and `enqueue` send to it whatever function it serves; without it they
-    /// send by function name to the queue that serves the function. `dlq`, `status` and `demo`
-    /// use it, or `warren.tasks`.
+    /// send by function name to the queue that serves the function. `dlq` and `demo` use it, or
+    /// `warren.tasks`; `status` shows it, or without it every queue that serves a function.
     #[arg(long, global = true, env = "WARREN_QUEUE")]
     pub queue: Option<String>,
     /// The exchange that routes tasks by function name (the workers' `functions_exchange`).
@@ -231,19 +264,11 @@ async fn execute(cli: Cli) -> Result<(), String> {
             interval,
             json,
         } => {
-            let source = status::StatusSource {
-                amqp_url: broker
-                    .url
-                    .split(',')
-                    .next()
-                    .unwrap_or_default()
-                    .trim()
-                    .to_owned(),
-                broker: broker.clone(),
-                management_url: management_url.clone(),
-            };
+            let source = status_source(&broker, management_url);
             loop {
-                let report = status::read(&source, target.queue()).await?;
+                let report =
+                    status::read(&source, target.queue.as_deref(), &target.functions_exchange)
+                        .await?;
                 if *json {
                     let line = serde_json::to_string(&report).map_err(|e| e.to_string())?;
                     println!("{line}");
@@ -261,6 +286,67 @@ async fn execute(cli: Cli) -> Result<(), String> {
                     () = tokio::time::sleep(*interval) => {}
                 }
             }
+        }
+        Command::Functions {
+            management_url,
+            json,
+            action: None,
+        } => {
+            let source = status_source(&broker, management_url);
+            let exchange = target.functions_exchange.clone();
+            let (api, shown) = status::Management::of(&source)?;
+            let rows = tokio::task::spawn_blocking(move || functions::list(&api, &exchange))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| {
+                    format!(
+                        "management API not reachable at {shown} ({e}); AMQP cannot list \
+                         functions. Enable the rabbitmq_management plugin or pass \
+                         --management-url."
+                    )
+                })?;
+            if *json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&rows).map_err(|e| e.to_string())?
+                );
+            } else {
+                print!("{}", functions::render(&target.functions_exchange, &rows));
+            }
+        }
+        Command::Functions {
+            management_url,
+            action: Some(FunctionsAction::Release { function, force }),
+            ..
+        } => {
+            // The owner's full name, when the management API answers: the broker's own answer
+            // over AMQP cuts long names, and such a claim is released only when forced.
+            let source = status_source(&broker, management_url);
+            let (api, _) = status::Management::of(&source)?;
+            let (exchange, name) = (target.functions_exchange.clone(), function.clone());
+            let listed =
+                tokio::task::spawn_blocking(move || functions::owner(&api, &exchange, &name))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .ok()
+                    .flatten();
+            let client = Client::connect(settings(target, None))
+                .await
+                .map_err(describe)?;
+            let released = match &listed {
+                Some(owner) => {
+                    client
+                        .release_function_owned_by(function, owner, *force)
+                        .await
+                }
+                None => client.release_function(function, *force).await,
+            };
+            client.close().await;
+            let released = released.map_err(|e| e.to_string())?;
+            println!(
+                "released {} from queue {} ({} consumer(s), {} ready task(s) left there)",
+                released.function, released.queue, released.consumers, released.ready
+            );
         }
         Command::Demo {
             tasks,
@@ -293,6 +379,21 @@ async fn execute(cli: Cli) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Where `status` and `functions` read: the first broker address, and the management API.
+fn status_source(broker: &BrokerSettings, management_url: &Option<String>) -> status::StatusSource {
+    status::StatusSource {
+        amqp_url: broker
+            .url
+            .split(',')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
+        broker: broker.clone(),
+        management_url: management_url.clone(),
+    }
 }
 
 async fn dlq(client: &Client, queue: &str, action: &DlqAction) -> Result<(), String> {
@@ -400,5 +501,32 @@ mod tests {
         let cli = Cli::try_parse_from(["warren", "enqueue", "echo"]).unwrap();
         assert_eq!(cli.target.queue, None);
         assert_eq!(cli.target.queue(), DEFAULT_QUEUE);
+    }
+
+    #[test]
+    fn functions_lists_by_default_and_release_takes_a_name_and_force() {
+        let cli = Cli::try_parse_from(["warren", "functions", "--json"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Functions {
+                json: true,
+                action: None,
+                ..
+            }
+        ));
+        let cli =
+            Cli::try_parse_from(["warren", "functions", "release", "echo", "--force"]).unwrap();
+        let Command::Functions {
+            action: Some(FunctionsAction::Release { function, force }),
+            ..
+        } = cli.command
+        else {
+            panic!("not a release: {:?}", cli.command);
+        };
+        assert_eq!((function.as_str(), force), ("echo", true));
+        assert!(Cli::try_parse_from(["warren", "functions", "release"]).is_err());
+        // `status` without --queue is the whole deployment.
+        let cli = Cli::try_parse_from(["warren", "status"]).unwrap();
+        assert_eq!(cli.target.queue, None);
     }
 }

@@ -27,15 +27,17 @@ const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
 /// What `warren status` reports, also its `--json` output.
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
-    /// The work queue.
-    pub queue: String,
+    /// The work queue; `None` for the whole deployment (every queue that serves a function,
+    /// and `warren.tasks`, one row each).
+    pub queue: Option<String>,
     /// Where the figures come from: `management` or `amqp`.
     pub source: &'static str,
     /// Why figures are missing, when they are.
     pub note: Option<String>,
-    /// The work queue, its retry tiers and its dead-letter queue.
+    /// The work queue, its retry tiers and its dead-letter queue; for the deployment, its work
+    /// queues.
     pub queues: Vec<QueueRow>,
-    /// Processes consuming the work queue (management API only).
+    /// Processes consuming the work queue(s) (management API only).
     pub workers: Vec<WorkerRow>,
 }
 
@@ -61,6 +63,10 @@ pub struct QueueRow {
     /// Age of the oldest ready task, where the broker tells (`head_message_timestamp`, which
     /// RabbitMQ reports for classic queues only; Warren's quorum queues do not have it).
     pub oldest_ready_seconds: Option<u64>,
+    /// The functions the queue serves (claims on the functions exchange), possibly none: in
+    /// the deployment view from the management API, absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub functions: Option<Vec<String>>,
 }
 
 /// One worker process (its consuming connection).
@@ -95,32 +101,99 @@ pub struct StatusSource {
 /// Why the management API gave no answer.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-struct Unreachable(String);
+pub(crate) struct Unreachable(pub(crate) String);
 
-/// Reads the status of `queue`: from the management API, else (with a note) from AMQP.
+/// RabbitMQ's management HTTP API, for one virtual host.
+#[derive(Debug)]
+pub(crate) struct Management {
+    agent: ureq::Agent,
+    /// `http://host:port`, without credentials.
+    base: String,
+    /// The `Authorization` header of the credentials.
+    authorization: Option<String>,
+    /// The virtual host, percent-encoded for a path.
+    vhost: String,
+}
+
+impl Management {
+    /// The management API `source` names, and where it is without its password.
+    pub(crate) fn of(source: &StatusSource) -> Result<(Self, String), String> {
+        let uri: AMQPUri = source
+            .amqp_url
+            .parse()
+            .map_err(|e: String| format!("invalid AMQP URL: {e}"))?;
+        let base = management_base(source, &uri);
+        let shown = redact(&base);
+        let (base, authorization) = basic_authorization(&base);
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(HTTP_TIMEOUT))
+            .build()
+            .into();
+        let vhost = Self::encode(&uri.vhost);
+        Ok((
+            Self {
+                agent,
+                base,
+                authorization,
+                vhost,
+            },
+            shown,
+        ))
+    }
+
+    /// `text` percent-encoded for a path segment.
+    pub(crate) fn encode(text: &str) -> String {
+        utf8_percent_encode(text, NON_ALPHANUMERIC).to_string()
+    }
+
+    /// The virtual host, encoded for a path.
+    pub(crate) fn vhost(&self) -> &str {
+        &self.vhost
+    }
+
+    /// `GET /api/<path>` as JSON.
+    pub(crate) fn get(&self, path: &str) -> Result<Value, Unreachable> {
+        get_json(
+            &self.agent,
+            &format!("{}/api/{path}", self.base),
+            self.authorization.as_deref(),
+        )
+    }
+}
+
+/// Reads the status of `queue`, or with `None` of the deployment (every queue that serves a
+/// function claimed on `functions_exchange`, and `warren.tasks`): from the management API,
+/// else (with a note) from AMQP.
 ///
 /// # Errors
 /// When neither the management API nor the broker answer.
-pub async fn read(source: &StatusSource, queue: &str) -> Result<Status, String> {
-    let uri: AMQPUri = source
-        .amqp_url
-        .parse()
-        .map_err(|e: String| format!("invalid AMQP URL: {e}"))?;
-    let base = management_base(source, &uri);
-    let shown = redact(&base);
-    let vhost = uri.vhost.clone();
-    let q = queue.to_owned();
-    let from_api = tokio::task::spawn_blocking(move || from_management(&base, &vhost, &q))
-        .await
-        .map_err(|e| e.to_string())?;
+pub async fn read(
+    source: &StatusSource,
+    queue: Option<&str>,
+    functions_exchange: &str,
+) -> Result<Status, String> {
+    let (api, shown) = Management::of(source)?;
+    let q = queue.map(str::to_owned);
+    let functions = functions_exchange.to_owned();
+    let from_api = tokio::task::spawn_blocking(move || match &q {
+        Some(q) => from_management(&api, q),
+        None => deployment_from_management(&api, &functions),
+    })
+    .await
+    .map_err(|e| e.to_string())?;
     match from_api {
         Ok(status) => Ok(status),
         Err(Unreachable(reason)) => {
             let mut status = from_amqp(&source.broker, queue).await?;
+            let missing = if queue.is_some() {
+                "no unacked counts, rates, retry tiers or workers"
+            } else {
+                "only warren.tasks: the queues that serve functions are listed by the API"
+            };
             status.note = Some(format!(
                 "management API not reachable at {shown} ({reason}); showing what AMQP tells: \
-                 depth and consumers only (no unacked counts, rates, retry tiers or workers). \
-                 Enable the rabbitmq_management plugin or pass --management-url."
+                 depth and consumers only ({missing}). Enable the rabbitmq_management plugin \
+                 or pass --management-url."
             ));
             Ok(status)
         }
@@ -162,11 +235,43 @@ fn redact(base: &str) -> String {
     }
 }
 
-fn get_json(agent: &ureq::Agent, url: &str) -> Result<Value, Unreachable> {
-    let mut response = agent
-        .get(url)
-        .call()
-        .map_err(|e| Unreachable(e.to_string()))?;
+/// `base` (`scheme://user:pass@host:port`, its user info percent-encoded) split into the URL
+/// without credentials and their `Authorization: Basic` header, decoded. ureq would send the
+/// user info as written, so a user `warren-ops` (encoded `warren%2Dops`) would be refused.
+fn basic_authorization(base: &str) -> (String, Option<String>) {
+    use base64::Engine as _;
+    let Some((scheme, rest)) = base.split_once("://") else {
+        return (base.to_owned(), None);
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return (base.to_owned(), None);
+    };
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+    let credentials = format!("{}:{}", decode(user), decode(password));
+    (
+        format!("{scheme}://{host}"),
+        Some(format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(credentials)
+        )),
+    )
+}
+
+fn get_json(
+    agent: &ureq::Agent,
+    url: &str,
+    authorization: Option<&str>,
+) -> Result<Value, Unreachable> {
+    let mut request = agent.get(url);
+    if let Some(authorization) = authorization {
+        request = request.header("Authorization", authorization);
+    }
+    let mut response = request.call().map_err(|e| Unreachable(e.to_string()))?;
     let status = response.status();
     if !status.is_success() {
         return Err(Unreachable(format!("HTTP {status}")));
@@ -177,19 +282,18 @@ fn get_json(agent: &ureq::Agent, url: &str) -> Result<Value, Unreachable> {
         .map_err(|e| Unreachable(format!("unexpected answer: {e}")))
 }
 
-fn from_management(base: &str, vhost: &str, queue: &str) -> Result<Status, Unreachable> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(HTTP_TIMEOUT))
-        .build()
-        .into();
-    let vh = utf8_percent_encode(vhost, NON_ALPHANUMERIC).to_string();
-    let queues = get_json(&agent, &format!("{base}/api/queues/{vh}"))?;
-    let consumers = get_json(&agent, &format!("{base}/api/consumers/{vh}"))?;
-    let connections = get_json(&agent, &format!("{base}/api/connections"))?;
-    let now = SystemTime::now()
+fn now() -> Duration {
+    SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    let workers = worker_rows(&consumers, &connections, queue, now);
+        .unwrap_or_default()
+}
+
+fn from_management(api: &Management, queue: &str) -> Result<Status, Unreachable> {
+    let queues = api.get(&format!("queues/{}", api.vhost()))?;
+    let consumers = api.get(&format!("consumers/{}", api.vhost()))?;
+    let connections = api.get("connections")?;
+    let now = now();
+    let workers = worker_rows(&consumers, &connections, |q| q == queue, now);
     let mut queues = queue_rows(&queues, queue, now);
     // The queue's own consumer count is refreshed every few seconds; the consumer list may be
     // newer (a worker that just started).
@@ -197,10 +301,58 @@ fn from_management(base: &str, vhost: &str, queue: &str) -> Result<Status, Unrea
         work.consumers = work.consumers.max(workers.len() as u64);
     }
     Ok(Status {
-        queue: queue.to_owned(),
+        queue: Some(queue.to_owned()),
         source: "management",
         note: None,
         queues,
+        workers,
+    })
+}
+
+/// Every queue that owns a function on `functions_exchange`, and `warren.tasks`: one row each.
+fn deployment_from_management(
+    api: &Management,
+    functions_exchange: &str,
+) -> Result<Status, Unreachable> {
+    let claims = crate::functions::list(api, functions_exchange)?;
+    let queues = api.get(&format!("queues/{}", api.vhost()))?;
+    let consumers = api.get(&format!("consumers/{}", api.vhost()))?;
+    let connections = api.get("connections")?;
+    let now = now();
+    let mut names: Vec<&str> = claims.iter().map(|c| c.queue.as_str()).collect();
+    names.push(topology::DEFAULT_QUEUE);
+    names.sort_unstable();
+    names.dedup();
+    let workers = worker_rows(&consumers, &connections, |q| names.contains(&q), now);
+    let rows = queues
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|q| {
+            let name = q.get("name")?.as_str()?;
+            if !names.contains(&name) {
+                return None;
+            }
+            let mut row = queue_row(q, name, "work", now);
+            row.functions = Some(
+                claims
+                    .iter()
+                    .filter(|c| c.queue == name)
+                    .map(|c| c.function.clone())
+                    .collect(),
+            );
+            let seen = workers.iter().filter(|w| w.queue == name).count() as u64;
+            row.consumers = row.consumers.max(seen);
+            Some(row)
+        })
+        .collect::<Vec<_>>();
+    let mut rows = rows;
+    rows.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Status {
+        queue: None,
+        source: "management",
+        note: None,
+        queues: rows,
         workers,
     })
 }
@@ -221,6 +373,30 @@ fn rate(stats: &Value, key: &str) -> Option<f64> {
     stats.get(key)?.get("rate")?.as_f64()
 }
 
+/// The row of queue `q` (an element of the management API's queue list).
+fn queue_row(q: &Value, name: &str, role: &'static str, now: Duration) -> QueueRow {
+    let stats = q.get("message_stats").cloned().unwrap_or(Value::Null);
+    QueueRow {
+        name: name.to_owned(),
+        role,
+        ready: q.get("messages_ready").and_then(Value::as_u64).unwrap_or(0),
+        unacked: Some(
+            q.get("messages_unacknowledged")
+                .and_then(Value::as_u64)
+                .unwrap_or(0),
+        ),
+        consumers: q.get("consumers").and_then(Value::as_u64).unwrap_or(0),
+        publish_rate: Some(rate(&stats, "publish_details").unwrap_or(0.0)),
+        deliver_rate: Some(rate(&stats, "deliver_get_details").unwrap_or(0.0)),
+        ack_rate: Some(rate(&stats, "ack_details").unwrap_or(0.0)),
+        oldest_ready_seconds: q
+            .get("head_message_timestamp")
+            .and_then(Value::as_u64)
+            .map(|sent| now.as_secs().saturating_sub(sent)),
+        functions: None,
+    }
+}
+
 fn queue_rows(queues: &Value, queue: &str, now: Duration) -> Vec<QueueRow> {
     let mut rows: Vec<QueueRow> = queues
         .as_array()
@@ -229,25 +405,7 @@ fn queue_rows(queues: &Value, queue: &str, now: Duration) -> Vec<QueueRow> {
         .filter_map(|q| {
             let name = q.get("name")?.as_str()?;
             let role = role_of(name, queue)?;
-            let stats = q.get("message_stats").cloned().unwrap_or(Value::Null);
-            Some(QueueRow {
-                name: name.to_owned(),
-                role,
-                ready: q.get("messages_ready").and_then(Value::as_u64).unwrap_or(0),
-                unacked: Some(
-                    q.get("messages_unacknowledged")
-                        .and_then(Value::as_u64)
-                        .unwrap_or(0),
-                ),
-                consumers: q.get("consumers").and_then(Value::as_u64).unwrap_or(0),
-                publish_rate: Some(rate(&stats, "publish_details").unwrap_or(0.0)),
-                deliver_rate: Some(rate(&stats, "deliver_get_details").unwrap_or(0.0)),
-                ack_rate: Some(rate(&stats, "ack_details").unwrap_or(0.0)),
-                oldest_ready_seconds: q
-                    .get("head_message_timestamp")
-                    .and_then(Value::as_u64)
-                    .map(|sent| now.as_secs().saturating_sub(sent)),
-            })
+            Some(queue_row(q, name, role, now))
         })
         .collect();
     let order = |r: &QueueRow| match r.role {
@@ -259,10 +417,11 @@ fn queue_rows(queues: &Value, queue: &str, now: Duration) -> Vec<QueueRow> {
     rows
 }
 
+/// The processes consuming the queues that `watched` accepts.
 fn worker_rows(
     consumers: &Value,
     connections: &Value,
-    queue: &str,
+    watched: impl Fn(&str) -> bool,
     now: Duration,
 ) -> Vec<WorkerRow> {
     // Consumers name their connection by its internal name (`peer -> broker`); the connection
@@ -277,8 +436,11 @@ fn worker_rows(
         .as_array()
         .into_iter()
         .flatten()
-        .filter(|c| c.pointer("/queue/name").and_then(Value::as_str) == Some(queue))
         .filter_map(|c| {
+            let queue = c.pointer("/queue/name")?.as_str()?;
+            if !watched(queue) {
+                return None;
+            }
             let internal = c.pointer("/channel_details/connection_name")?.as_str()?;
             let connection = connection_of(internal);
             let property = |key: &str| {
@@ -316,11 +478,12 @@ fn worker_rows(
             })
         })
         .collect();
-    rows.sort_by(|a, b| a.connection.cmp(&b.connection));
+    rows.sort_by(|a, b| (&a.queue, &a.connection).cmp(&(&b.queue, &b.connection)));
     rows
 }
 
-async fn from_amqp(broker: &BrokerSettings, queue: &str) -> Result<Status, String> {
+async fn from_amqp(broker: &BrokerSettings, asked: Option<&str>) -> Result<Status, String> {
+    let queue = asked.unwrap_or(topology::DEFAULT_QUEUE);
     let client = Client::connect(ClientSettings {
         broker: broker.clone(),
         queue: Some(queue.to_owned()),
@@ -330,10 +493,11 @@ async fn from_amqp(broker: &BrokerSettings, queue: &str) -> Result<Status, Strin
     .await
     .map_err(|e| e.to_string())?;
     let mut queues = Vec::new();
-    for (name, role) in [
-        (queue.to_owned(), "work"),
-        (format!("{queue}.dead"), "dead"),
-    ] {
+    let mut names = vec![(queue.to_owned(), "work")];
+    if asked.is_some() {
+        names.push((format!("{queue}.dead"), "dead"));
+    }
+    for (name, role) in names {
         if let Ok(stats) = client.queue_stats(&name).await {
             queues.push(QueueRow {
                 name,
@@ -345,12 +509,13 @@ async fn from_amqp(broker: &BrokerSettings, queue: &str) -> Result<Status, Strin
                 deliver_rate: None,
                 ack_rate: None,
                 oldest_ready_seconds: None,
+                functions: None,
             });
         }
     }
     client.close().await;
     Ok(Status {
-        queue: queue.to_owned(),
+        queue: asked.map(str::to_owned),
         source: "amqp",
         note: None,
         queues,
@@ -380,24 +545,70 @@ pub fn render(status: &Status) -> String {
         "management" => "the management API",
         _ => "AMQP only",
     };
-    let _ = writeln!(out, "Warren queue {} (figures from {source})", status.queue);
+    match &status.queue {
+        Some(queue) => {
+            let _ = writeln!(out, "Warren queue {queue} (figures from {source})");
+        }
+        // Which queues serve functions only the management API tells.
+        None if status.source == "amqp" => {
+            let _ = writeln!(
+                out,
+                "Warren deployment: {} only (figures from {source}; --queue shows one queue \
+                 and its dead letters)",
+                topology::DEFAULT_QUEUE
+            );
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "Warren deployment: every queue that serves a function, and {} (figures from \
+                 {source}; --queue shows one queue with its retry tiers and dead letters)",
+                topology::DEFAULT_QUEUE
+            );
+        }
+    }
     if let Some(note) = &status.note {
         let _ = writeln!(out, "note: {note}");
     }
     let _ = writeln!(out);
+    let deployment = status.queue.is_none();
     let _ = writeln!(
         out,
-        "{:<40} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9}  OLDEST",
-        "QUEUE", "READY", "UNACKED", "CONSUMERS", "PUBLISH/s", "DELIVER/s", "ACK/s"
+        "{:<40} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9}  {}",
+        "QUEUE",
+        "READY",
+        "UNACKED",
+        "CONSUMERS",
+        "PUBLISH/s",
+        "DELIVER/s",
+        "ACK/s",
+        if deployment { "FUNCTIONS" } else { "OLDEST" }
     );
     if status.queues.is_empty() {
-        let _ = writeln!(
-            out,
-            "(no such queue: nothing has declared {} yet)",
-            status.queue
-        );
+        let _ = match (&status.queue, status.source) {
+            (Some(queue), _) => writeln!(out, "(no such queue: nothing has declared {queue} yet)"),
+            (None, "amqp") => writeln!(
+                out,
+                "(no such queue: nothing has declared {} yet)",
+                topology::DEFAULT_QUEUE
+            ),
+            (None, _) => writeln!(
+                out,
+                "(no queue: no queue that serves a function exists, and nothing has declared \
+                 {} yet)",
+                topology::DEFAULT_QUEUE
+            ),
+        };
     }
     for q in &status.queues {
+        let last = if deployment {
+            match q.functions.as_deref() {
+                Some(functions) if !functions.is_empty() => functions.join(","),
+                _ => "-".to_owned(),
+            }
+        } else {
+            age(q.oldest_ready_seconds)
+        };
         let _ = writeln!(
             out,
             "{:<40} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9}  {}",
@@ -408,7 +619,7 @@ pub fn render(status: &Status) -> String {
             rate_text(q.publish_rate),
             rate_text(q.deliver_rate),
             rate_text(q.ack_rate),
-            age(q.oldest_ready_seconds),
+            last,
         );
     }
     let _ = writeln!(out);
@@ -420,9 +631,15 @@ pub fn render(status: &Status) -> String {
             "HOST", "PID", "CONCURRENCY", "UPTIME"
         );
         for w in &status.workers {
+            // In the deployment view each worker says which queue it consumes.
+            let queue = if deployment {
+                format!(" (queue {})", w.queue)
+            } else {
+                String::new()
+            };
             let _ = writeln!(
                 out,
-                "{:<24} {:>8} {:>11} {:>10}  {}",
+                "{:<24} {:>8} {:>11} {:>10}  {}{queue}",
                 or_dash(w.host.as_deref()),
                 or_dash(w.pid),
                 or_dash(w.concurrency),
@@ -437,6 +654,28 @@ pub fn render(status: &Status) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deployment_rows_have_functions_even_when_none() {
+        let row = |functions| QueueRow {
+            name: "warren.tasks".into(),
+            role: "work",
+            ready: 0,
+            unacked: None,
+            consumers: 0,
+            publish_rate: None,
+            deliver_rate: None,
+            ack_rate: None,
+            oldest_ready_seconds: None,
+            functions,
+        };
+        let json = |r: QueueRow| serde_json::to_value(r).unwrap_or_default();
+        assert_eq!(
+            json(row(Some(Vec::new())))["functions"],
+            serde_json::json!([])
+        );
+        assert!(json(row(None)).get("functions").is_none());
+    }
 
     #[test]
     fn queues_of_a_work_queue_are_recognised() {
@@ -472,5 +711,18 @@ mod tests {
             "http://a:b@mgmt:1"
         );
         assert_eq!(redact("http://a:b@mgmt:1"), "http://mgmt:1");
+    }
+
+    #[test]
+    fn management_credentials_are_sent_decoded_in_a_header() {
+        use base64::Engine as _;
+        let (url, authorization) = basic_authorization("http://warren%2Dops:p%40ss@mgmt:15672");
+        assert_eq!(url, "http://mgmt:15672");
+        let expected = base64::engine::general_purpose::STANDARD.encode("warren-ops:p@ss");
+        assert_eq!(authorization, Some(format!("Basic {expected}")));
+        assert_eq!(
+            basic_authorization("http://mgmt:1"),
+            ("http://mgmt:1".to_owned(), None)
+        );
     }
 }

@@ -20,7 +20,7 @@ use warren_shared::broker::{BrokerError, Purpose};
 use warren_shared::link::{Link, LinkState};
 use warren_shared::pool::{ChannelSetup, LinkPool};
 use warren_shared::protocol::DIRECT_REPLY_TO;
-use warren_shared::{ChannelPool, Json, RawJson, Reply, Request, Task, TaskId, topology};
+use warren_shared::{ChannelPool, Json, RawJson, Reply, Request, Task, TaskId, envelope, topology};
 
 use crate::error::Error;
 use crate::options::{CallOptions, ClientSettings, QueueStats, ReplyMode};
@@ -136,7 +136,11 @@ impl Client {
         let pending = Arc::new(Pending::default());
         let reply_to = match &settings.replies {
             ReplyMode::Direct => DIRECT_REPLY_TO.to_owned(),
-            ReplyMode::Queue { .. } => format!("warren.reply.{}", uuid::Uuid::new_v4().simple()),
+            ReplyMode::Queue { .. } => format!(
+                "{}{}",
+                envelope::REPLY_QUEUE_PREFIX,
+                uuid::Uuid::new_v4().simple()
+            ),
         };
         // A client reconnects for as long as it lives; giving up is for workers.
         let mut broker = settings.broker.clone();

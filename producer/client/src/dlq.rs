@@ -95,7 +95,7 @@ impl DeadLetter {
 }
 
 /// Whether the broker answered `404 NOT_FOUND` (a passive declare of a missing queue).
-fn not_found(error: &lapin::Error) -> bool {
+pub(crate) fn not_found(error: &lapin::Error) -> bool {
     matches!(
         error.kind(),
         lapin::ErrorKind::ProtocolError(amqp)

@@ -11,6 +11,7 @@
 //!   publish path and what counts as a publish lost with its connection).
 //! - [`error`]: [`Error`], every way a call can end without a result.
 //! - [`dlq`]: list, show, replay and purge tasks parked in a dead-letter queue.
+//! - [`functions`]: which queue owns a function, and releasing a claim.
 //!
 //! The `warren` command line lives in `warren-cli`, the websocket gateway in `warren-gateway`.
 //!
@@ -27,6 +28,7 @@
 pub mod client;
 pub mod dlq;
 pub mod error;
+pub mod functions;
 pub mod options;
 mod pending;
 mod publish;
@@ -35,4 +37,5 @@ mod replies;
 pub use client::Client;
 pub use dlq::{DeadLetter, Replay};
 pub use error::Error;
+pub use functions::{ReleaseError, Released};
 pub use options::{CallOptions, ClientSettings, QueueStats, ReplyMode};

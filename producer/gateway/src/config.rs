@@ -13,15 +13,17 @@ use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use warren_client::ClientSettings;
 use warren_shared::broker::{BrokerError, read_secret_file};
 use warren_shared::config::BrokerConfig;
 use warren_shared::topology;
 
+use crate::browser::{BadOrigin, normalize_origin};
 use crate::{
-    Allowlist, DEFAULT_HTTP_PORT, DEFAULT_TEXT_PORT, GatewaySettings, Limits, ListenError,
-    listen_addr,
+    Allowlist, DEFAULT_HTTP_PORT, DEFAULT_LISTEN_BACKLOG, DEFAULT_TEXT_PORT, GatewaySettings,
+    Limits, ListenError, listen_addr,
 };
 
 /// Every setting of `warren-gateway`; see the [module](self).
@@ -104,9 +106,32 @@ pub struct GatewayConfig {
     /// Connections (HTTP, websocket and Text together) held open at most; more are refused.
     #[arg(long, env = "WARREN_GATEWAY_MAX_CONNECTIONS")]
     pub max_connections: NonZeroUsize,
-    /// Connections one peer IP address may hold open at most; more are refused.
+    /// Connections one peer (an IPv4 address or an IPv6 /64) outside --trusted-networks may
+    /// hold open at most before they present the token; more are refused.
     #[arg(long, env = "WARREN_GATEWAY_MAX_CONNECTIONS_PER_PEER")]
     pub max_connections_per_peer: NonZeroUsize,
+    /// Connections from outside --trusted-networks that have not presented the token (all of
+    /// them without a token), from all peers together, held open at most; more are refused.
+    /// Default: half of --max-connections.
+    #[arg(long, env = "WARREN_GATEWAY_MAX_UNAUTHENTICATED")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_unauthenticated: Option<NonZeroUsize>,
+    /// Networks whose connections meet --max-connections only, not the per-peer cap
+    /// (comma-separated CIDR blocks). They must still present the token when one is set.
+    #[arg(long, env = "WARREN_GATEWAY_TRUSTED_NETWORKS", value_delimiter = ',')]
+    pub trusted_networks: Vec<IpNet>,
+    /// With a token: how long a connection may take to present it before it is closed.
+    #[arg(long, env = "WARREN_GATEWAY_AUTH_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[serde(with = "warren_shared::config::humantime_serde")]
+    pub auth_timeout: Duration,
+    /// Origins (besides the gateway's own) whose web pages may open the websocket,
+    /// comma-separated, e.g. https://app.example.com; `*` allows any.
+    #[arg(long, env = "WARREN_GATEWAY_ALLOW_ORIGIN", value_delimiter = ',')]
+    pub allow_origin: Vec<String>,
+    /// Listen backlog of both ports: connections the kernel queues before the gateway accepts
+    /// them (capped by net.core.somaxconn).
+    #[arg(long, env = "WARREN_GATEWAY_LISTEN_BACKLOG")]
+    pub listen_backlog: u32,
     /// Serve Prometheus metrics (`/metrics`) and health checks (`/healthz`, `/readyz`: ready
     /// while the broker connection is up, an alarm blocking it included) on this address, e.g.
     /// `127.0.0.1:9465`. Off by default; see docs/operations.md.
@@ -124,6 +149,10 @@ impl Default for GatewayConfig {
             max_connections,
             max_connections_per_peer,
             max_gateway_in_flight_bytes,
+            max_unauthenticated,
+            trusted_networks,
+            auth_timeout,
+            allowed_origins,
             ..
         } = GatewaySettings::default();
         let Limits {
@@ -157,6 +186,11 @@ impl Default for GatewayConfig {
             max_connections: NonZeroUsize::new(max_connections).unwrap_or(NonZeroUsize::MIN),
             max_connections_per_peer: NonZeroUsize::new(max_connections_per_peer)
                 .unwrap_or(NonZeroUsize::MIN),
+            max_unauthenticated: max_unauthenticated.and_then(NonZeroUsize::new),
+            trusted_networks,
+            auth_timeout,
+            allow_origin: allowed_origins,
+            listen_backlog: DEFAULT_LISTEN_BACKLOG,
             metrics: None,
         }
     }
@@ -174,7 +208,43 @@ impl fmt::Debug for GatewayConfig {
     }
 }
 
+/// A setting of `warren-gateway` the binary refuses at start.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SettingsError {
+    /// `--auth-timeout 0s`: with a token, every connection would be closed as it opens.
+    #[error(
+        "--auth-timeout must be longer than 0s: with a token, every connection would be closed \
+         as it opens"
+    )]
+    ZeroAuthTimeout,
+    /// `--listen-backlog 0`: the kernel would queue (almost) no connection.
+    #[error("--listen-backlog must be at least 1 (the default is {DEFAULT_LISTEN_BACKLOG})")]
+    ZeroListenBacklog,
+    /// An `--allow-origin` entry that is not `scheme://host[:port]` or `*`.
+    #[error(transparent)]
+    BadOrigin(#[from] BadOrigin),
+}
+
 impl GatewayConfig {
+    /// Checks what the types do not: no zero durations or backlog, origins that are origins.
+    /// The binary calls it once at start-up.
+    ///
+    /// # Errors
+    /// The first [`SettingsError`] found.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        if self.auth_timeout.is_zero() {
+            return Err(SettingsError::ZeroAuthTimeout);
+        }
+        if self.listen_backlog == 0 {
+            return Err(SettingsError::ZeroListenBacklog);
+        }
+        for origin in &self.allow_origin {
+            normalize_origin(origin)?;
+        }
+        Ok(())
+    }
+
     /// The gateway's settings.
     pub fn settings(&self) -> GatewaySettings {
         let Self {
@@ -198,6 +268,11 @@ impl GatewayConfig {
             shutdown_grace,
             max_connections,
             max_connections_per_peer,
+            max_unauthenticated,
+            trusted_networks,
+            auth_timeout,
+            allow_origin,
+            listen_backlog: _,
             metrics: _,
         } = self.clone();
         GatewaySettings {
@@ -215,6 +290,14 @@ impl GatewayConfig {
             max_connections: max_connections.get(),
             max_connections_per_peer: max_connections_per_peer.get(),
             max_gateway_in_flight_bytes,
+            max_unauthenticated: max_unauthenticated.map(NonZeroUsize::get),
+            trusted_networks,
+            auth_timeout,
+            allowed_origins: allow_origin
+                .into_iter()
+                .map(|o| normalize_origin(&o).unwrap_or_else(|_| o.trim().to_owned()))
+                .filter(|o| !o.is_empty())
+                .collect(),
             ..GatewaySettings::default()
         }
     }
@@ -323,6 +406,82 @@ mod tests {
         let client = config.client_settings().unwrap();
         assert_eq!(client.queue, None, "routes by function");
         assert_eq!(client.functions_exchange, topology::FUNCTIONS_EXCHANGE);
+    }
+
+    #[test]
+    fn trusted_networks_and_origins_come_from_the_file_or_the_flags() {
+        let defaults = GatewayConfig::default().settings();
+        let loopback: Vec<IpNet> = vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()];
+        assert_eq!(defaults.trusted_networks, loopback);
+        assert!(defaults.allowed_origins.is_empty());
+        assert_eq!(
+            GatewayConfig::default().listen_backlog,
+            DEFAULT_LISTEN_BACKLOG
+        );
+        let file = "trusted_networks = [\"10.0.0.0/8\"]\nallow_origin = [\"https://app.example\"]\n\
+                    auth_timeout = \"3s\"\nlisten_backlog = 4096\n";
+        let config = load(Some(file), &[]);
+        let settings = config.settings();
+        assert_eq!(
+            settings.trusted_networks,
+            ["10.0.0.0/8".parse::<IpNet>().unwrap()]
+        );
+        assert_eq!(settings.allowed_origins, ["https://app.example"]);
+        assert_eq!(settings.auth_timeout, Duration::from_secs(3));
+        assert_eq!(config.listen_backlog, 4096);
+        let config = load(
+            Some(file),
+            &[
+                "--trusted-networks",
+                "192.168.0.0/16,fd00::/8",
+                "--allow-origin",
+                "*",
+            ],
+        );
+        assert_eq!(config.settings().trusted_networks.len(), 2);
+        assert_eq!(config.settings().allowed_origins, ["*"]);
+    }
+
+    #[test]
+    fn unauthenticated_connections_default_to_half_the_total() {
+        let defaults = GatewayConfig::default();
+        assert_eq!(defaults.max_unauthenticated, None);
+        assert_eq!(
+            defaults.settings().max_unauthenticated(),
+            crate::DEFAULT_MAX_CONNECTIONS / 2
+        );
+        let config = load(None, &["--max-connections", "100"]);
+        assert_eq!(config.settings().max_unauthenticated(), 50);
+        let config = load(
+            Some("max_unauthenticated = 7\n"),
+            &["--max-connections", "100"],
+        );
+        assert_eq!(config.settings().max_unauthenticated(), 7);
+    }
+
+    #[test]
+    fn zero_deadlines_zero_backlogs_and_bad_origins_are_refused_at_start() {
+        assert_eq!(GatewayConfig::default().validate(), Ok(()));
+        let refused = |flags: &[&str]| load(None, flags).validate().unwrap_err();
+        assert_eq!(
+            refused(&["--auth-timeout", "0s"]),
+            SettingsError::ZeroAuthTimeout
+        );
+        assert_eq!(
+            refused(&["--listen-backlog", "0"]),
+            SettingsError::ZeroListenBacklog
+        );
+        let bad = refused(&["--allow-origin", "https://ok.example,app.example"]);
+        assert!(
+            bad.to_string().contains("\"app.example\"") && bad.to_string().contains("scheme://"),
+            "{bad}"
+        );
+        let config = load(None, &["--allow-origin", "https://App.example:443/,*"]);
+        assert_eq!(config.validate(), Ok(()));
+        assert_eq!(
+            config.settings().allowed_origins,
+            ["https://app.example", "*"]
+        );
     }
 
     #[test]

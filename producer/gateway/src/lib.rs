@@ -11,35 +11,44 @@
 //!
 //! Both apply the same [`Limits`] (allowlist, token, sizes, in-flight calls and bytes, idle and
 //! write timeout), share one budget of bytes held for calls (`budget`) and one cap on open
-//! connections, in total and per peer address; all are described
-//! with the message formats in `docs/gateway.md`. [`listen_addr`] is the binding policy: loopback
-//! unless a token is set or public exposure is asked for explicitly. [`serve`] runs everything until its shutdown
-//! token is cancelled, then stops reading, lets calls in flight finish within the grace period
-//! and returns. [`config`] holds the `warren-gateway` binary's flags, file and defaults.
+//! connections, in total and, for connections from outside the trusted networks that have not
+//! presented the token, per peer address and together; with a token, a connection must present
+//! it within the authentication deadline. All are described with the message formats in
+//! `docs/gateway.md`. [`listen_addr`] is the binding policy: loopback unless a token is set or
+//! public exposure is asked for explicitly, and [`listen`] binds with a backlog sized for
+//! bursts. [`serve`] runs everything until its shutdown token is cancelled, then stops reading,
+//! lets calls in flight finish within the grace period and returns.
+//! [`config`] holds the `warren-gateway` binary's flags, file and defaults; [`host`] what it
+//! needs from the host (open files, the kernel's backlog cap); [`browser`] the defences
+//! against web pages.
 
 mod admission;
+pub mod browser;
 mod budget;
 pub mod config;
+pub mod host;
 pub mod limits;
 pub mod metrics;
 pub mod text;
 pub mod ws;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Router};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use ipnet::IpNet;
 use serde::Serialize;
 use serde_json::json;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -49,7 +58,7 @@ pub use limits::{Allowlist, DEMO_FUNCTIONS, GatewayError, Kind, Limits, MAX_ID_B
 
 use warren_client::{CallOptions, Client};
 
-use admission::Gate;
+use admission::{Admitted, Gate};
 use budget::Budget;
 
 /// The web page served at `/`: plain HTML and JS, no build step.
@@ -70,11 +79,35 @@ pub struct GatewaySettings {
     /// Connections (HTTP, websocket and Text together) the gateway holds open at most; one
     /// more is refused at once (HTTP 503, or a `too_many_connections` line on the Text port).
     pub max_connections: usize,
-    /// Connections one peer IP address may hold open at most, refused the same way.
+    /// Connections one peer (an IPv4 address, or an IPv6 /64) outside
+    /// [`trusted_networks`](Self::trusted_networks) may hold open at most before they present
+    /// the token, refused the same way. A connection that presents the token counts toward
+    /// [`max_connections`](Self::max_connections) only.
     pub max_connections_per_peer: usize,
     /// Bytes the calls of all connections together may hold (each connection also has its
     /// own [`Limits::max_in_flight_bytes`]); a request that does not fit is answered `busy`.
     pub max_gateway_in_flight_bytes: usize,
+    /// Connections from outside [`trusted_networks`](Self::trusted_networks) that have not
+    /// presented the token (all of them without a token), from all peers together, held open
+    /// at most; more are refused the same way. `None` (the default): half of
+    /// [`max_connections`](Self::max_connections), see
+    /// [`max_unauthenticated`](Self::max_unauthenticated()).
+    pub max_unauthenticated: Option<usize>,
+    /// Peers in these networks meet [`max_connections`](Self::max_connections) only (loopback
+    /// by default: a Workerman front on the gateway's host opens a connection per task). Trust
+    /// lifts no other check: with a token, they must present it all the same.
+    pub trusted_networks: Vec<IpNet>,
+    /// With a token configured, how long a connection may take to present it: a Text or
+    /// websocket connection that has not by then is answered `unauthorized` and closed, an
+    /// HTTP connection that has made no request with the token is closed (a request in
+    /// progress included). Nothing but the token extends it.
+    pub auth_timeout: Duration,
+    /// Origins, besides the gateway's own, whose pages may open the websocket (e.g.
+    /// `https://app.example.com`; `*` allows any). An upgrade with an `Origin` header that is
+    /// neither is refused with 403; clients that send no `Origin` (all but browsers) are not
+    /// affected. Without a token, their hosts are also the only names (besides IP addresses
+    /// and `localhost`) the gateway answers to ([`browser::check_host`]).
+    pub allowed_origins: Vec<String>,
 }
 
 /// The default of [`GatewaySettings::max_connections`].
@@ -87,6 +120,33 @@ pub const DEFAULT_MAX_GATEWAY_IN_FLIGHT_BYTES: usize = 256 * 1024 * 1024;
 pub const DEFAULT_HTTP_PORT: u16 = 8080;
 /// The default port of the Workerman Text bridge.
 pub const DEFAULT_TEXT_PORT: u16 = 12345;
+/// Loopback, IPv4 and IPv6: the default of [`GatewaySettings::trusted_networks`].
+const LOOPBACK: [IpNet; 2] = [
+    IpNet::new_assert(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 0)), 8),
+    IpNet::new_assert(IpAddr::V6(Ipv6Addr::LOCALHOST), 128),
+];
+/// The default listen backlog of both ports (see [`listen`]).
+pub const DEFAULT_LISTEN_BACKLOG: u32 = 1024;
+
+/// A listening socket on `addr` whose accept queue holds `backlog` connections.
+///
+/// A Workerman front opens one Text connection per task, so a burst of a thousand messages is
+/// a thousand connects at once. Past the backlog the kernel drops SYNs, and the clients retry
+/// only after a second; so the backlog is sized for bursts ([`DEFAULT_LISTEN_BACKLOG`]), not
+/// the 128 of `std` and tokio's `bind`. Linux caps it at `net.core.somaxconn` (4096 by
+/// default since 5.4). Like tokio's `bind`, it sets `SO_REUSEADDR`.
+///
+/// # Errors
+/// The socket cannot be created, bound or put to listen (the address is in use, say).
+pub fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
 
 /// A listening address the gateway refuses to use.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -131,6 +191,18 @@ pub fn listen_addr(
     }
 }
 
+impl GatewaySettings {
+    /// The cap on connections from outside the trusted networks that have not presented the
+    /// token: [`max_unauthenticated`](Self::max_unauthenticated) if set, else half of
+    /// [`max_connections`](Self::max_connections) (at least 1), so that strangers with many
+    /// addresses leave the other half to trusted and authenticated connections.
+    pub fn max_unauthenticated(&self) -> usize {
+        self.max_unauthenticated
+            .unwrap_or(self.max_connections / 2)
+            .max(1)
+    }
+}
+
 impl Default for GatewaySettings {
     fn default() -> Self {
         Self {
@@ -141,6 +213,10 @@ impl Default for GatewaySettings {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_peer: DEFAULT_MAX_CONNECTIONS_PER_PEER,
             max_gateway_in_flight_bytes: DEFAULT_MAX_GATEWAY_IN_FLIGHT_BYTES,
+            max_unauthenticated: None,
+            trusted_networks: LOOPBACK.to_vec(),
+            auth_timeout: Duration::from_secs(10),
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -193,7 +269,13 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let (queue_tx, queue_rx) = watch::channel(None);
-    let gate = Gate::new(settings.max_connections, settings.max_connections_per_peer);
+    let gate = Gate::new(admission::GateLimits {
+        max_total: settings.max_connections,
+        max_per_peer: settings.max_connections_per_peer,
+        max_unauthenticated: settings.max_unauthenticated(),
+        trusted: settings.trusted_networks.clone(),
+        token_set: settings.limits.token.is_some(),
+    });
     let shared = Arc::new(Shared {
         gate,
         budget: Budget::new(settings.max_gateway_in_flight_bytes),
@@ -212,6 +294,8 @@ pub async fn serve(
         max_connections = shared.settings.max_connections,
         max_connections_per_peer = shared.settings.max_connections_per_peer,
         max_gateway_in_flight_bytes = shared.settings.max_gateway_in_flight_bytes,
+        max_unauthenticated = shared.settings.max_unauthenticated(),
+        trusted_networks = ?shared.settings.trusted_networks,
         "gateway serving"
     );
     let poller = tokio::spawn(poll_queue(shared.clone(), queue_tx));
@@ -239,12 +323,35 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/ws", get(ws::upgrade))
         .route("/api/info", get(info))
         .route("/api/queue", get(queue))
+        .layer(middleware::from_fn_with_state(
+            shared.clone(),
+            refuse_rebound_host,
+        ))
         .with_state(shared)
+}
+
+/// Without a token, refuses (403) a request for a host name a web page could have pointed at
+/// this machine (DNS rebinding); see [`browser::check_host`].
+async fn refuse_rebound_host(
+    State(shared): State<Arc<Shared>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if shared.limits().token.is_none()
+        && let Err(refused) =
+            browser::check_host(request.headers(), &shared.settings.allowed_origins)
+    {
+        tracing::debug!(error = %refused, "http: request refused");
+        return error_response(StatusCode::FORBIDDEN, &refused);
+    }
+    next.run(request).await
 }
 
 /// Accepts HTTP connections; each is served by hyper with a header read timeout, so a client
 /// that dribbles its request headers is dropped after the idle timeout. A connection over the
-/// connection limits gets a 503 at once.
+/// connection limits gets a 503 at once. With a token configured, a connection that has made
+/// no request with it within the authentication deadline is closed, whatever it is doing (a
+/// keep-alive `GET /` or a request that never ends holds no place for long).
 async fn accept_http(listener: TcpListener, shared: Arc<Shared>) {
     let router = router(shared.clone());
     loop {
@@ -269,8 +376,13 @@ async fn accept_http(listener: TcpListener, shared: Arc<Shared>) {
         };
         // The ticket travels with the requests, so that a websocket upgraded from this
         // connection keeps the place after hyper lets go of the connection.
-        let service = TowerToHyperService::new(router.clone().layer(Extension(admitted)));
+        let service = TowerToHyperService::new(router.clone().layer(Extension(admitted.clone())));
         let shutdown = shared.shutdown.clone();
+        let mut auth_deadline = shared
+            .limits()
+            .token
+            .is_some()
+            .then(|| tokio::time::Instant::now() + shared.settings.auth_timeout);
         let mut builder = http1::Builder::new();
         builder
             .timer(TokioTimer::new())
@@ -280,11 +392,22 @@ async fn accept_http(listener: TcpListener, shared: Arc<Shared>) {
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
             tokio::pin!(connection);
-            let served = tokio::select! {
-                served = connection.as_mut() => served,
-                () = shutdown.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
+            let served = loop {
+                tokio::select! {
+                    served = connection.as_mut() => break served,
+                    () = shutdown.cancelled() => {
+                        connection.as_mut().graceful_shutdown();
+                        break connection.await;
+                    }
+                    () = sleep_until_some(auth_deadline), if auth_deadline.is_some() => {
+                        auth_deadline = None;
+                        if !admitted.is_authenticated() {
+                            // Dropped, not shut down gracefully: hyper would wait for the
+                            // request in progress, which a stranger may never finish.
+                            tracing::debug!("http: no request with the token in time; closing");
+                            break Ok(());
+                        }
+                    }
                 }
             };
             if let Err(e) = served {
@@ -341,8 +464,12 @@ async fn page() -> Html<&'static str> {
 
 /// `GET /api/info`: what the page needs to know before it connects (token required when one
 /// is configured; the page learns that from the 401).
-async fn info(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
-    if let Some(refused) = refuse_without_bearer(shared.limits(), &headers) {
+async fn info(
+    State(shared): State<Arc<Shared>>,
+    Extension(admitted): Extension<Arc<Admitted>>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(refused) = refuse_without_bearer(shared.limits(), &headers, &admitted) {
         return refused;
     }
     let limits = shared.limits();
@@ -359,8 +486,12 @@ async fn info(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response
 }
 
 /// `GET /api/queue`: the last queue depth read (token required when one is configured).
-async fn queue(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
-    if let Some(refused) = refuse_without_bearer(shared.limits(), &headers) {
+async fn queue(
+    State(shared): State<Arc<Shared>>,
+    Extension(admitted): Extension<Arc<Admitted>>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(refused) = refuse_without_bearer(shared.limits(), &headers, &admitted) {
         return refused;
     }
     match shared.queue.borrow().clone() {
@@ -382,10 +513,18 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// The refusal of a request whose bearer token is missing or wrong, when a token is configured.
-fn refuse_without_bearer(limits: &Limits, headers: &HeaderMap) -> Option<Response> {
+/// A right token authenticates the connection it came on.
+fn refuse_without_bearer(
+    limits: &Limits,
+    headers: &HeaderMap,
+    admitted: &Admitted,
+) -> Option<Response> {
     limits.token.as_ref()?; // no token configured: nothing to check
     match bearer(headers) {
-        Some(token) if limits.token_matches(token) => None,
+        Some(token) if limits.token_matches(token) => {
+            admitted.authenticated();
+            None
+        }
         _ => Some(error_response(
             StatusCode::UNAUTHORIZED,
             &GatewayError::unauthorized(),

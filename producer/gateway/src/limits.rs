@@ -182,7 +182,8 @@ fn constant_time_eq(expected: &[u8], presented: &[u8]) -> bool {
 pub enum Kind {
     /// The message is not valid JSON, or not a task request.
     BadRequest,
-    /// The function is not on the gateway's allowlist.
+    /// The function is not on the gateway's allowlist, or a web page from an origin the
+    /// gateway does not allow asked for a websocket.
     Forbidden,
     /// The connection already has the maximum number of tasks in flight, or its calls (or the
     /// gateway's) hold the most bytes they may.

@@ -9,6 +9,13 @@
 //! Requests pipelined on one connection run concurrently, but their answers are written in
 //! request order (a [`FuturesOrdered`] bounded by the in-flight limit), because a Text client
 //! has nothing but the order to match answers to requests.
+//!
+//! Two checks come before a line runs. A line that starts with a letter (no request does;
+//! every HTTP request and header line does) is answered `bad_request` once and closes the
+//! connection: a web page can make a browser send a POST to this port, and its body must never
+//! run as a task. With a token configured, a connection must present it within the
+//! authentication deadline; until then only the `{"auth"}` line counts as activity, blank lines
+//! are ignored, and anything else is answered `unauthorized` and closed.
 
 use std::io;
 use std::pin::Pin;
@@ -147,10 +154,10 @@ struct Connection {
     calls: usize,
     /// Bytes this connection's calls hold.
     budget: Arc<Budget>,
-    /// When the last complete line was read or answer written.
+    /// When the last complete line was read or answer written, once authenticated.
     last_activity: Instant,
     /// This connection's place among the gateway's open connections.
-    _admitted: Admitted,
+    admitted: Admitted,
 }
 
 impl Connection {
@@ -162,7 +169,7 @@ impl Connection {
             budget: Budget::new(shared.limits().max_in_flight_bytes),
             shared,
             last_activity: Instant::now(),
-            _admitted: admitted,
+            admitted,
         }
     }
 
@@ -177,6 +184,8 @@ impl Connection {
         let shutdown = self.shared.shutdown.clone();
         let mut reading = true;
         let mut drain_until: Option<Instant> = None;
+        // Fixed when the connection opens: only the token itself ends the wait for it.
+        let auth_deadline = Instant::now() + self.shared.settings.auth_timeout;
         loop {
             if !reading && self.answers.is_empty() {
                 break;
@@ -201,9 +210,12 @@ impl Connection {
                 }
                 frame = lines.next(), if reading && self.answers.len() < backlog => match frame {
                     Some(Ok(frame)) => {
-                        self.last_activity = Instant::now();
                         if !self.on_frame(frame, &mut write).await {
                             return;
+                        }
+                        // Before the token, nothing a client sends keeps it here.
+                        if self.authed {
+                            self.last_activity = Instant::now();
                         }
                     }
                     Some(Err(e)) => {
@@ -222,6 +234,14 @@ impl Connection {
                     tracing::debug!(after = ?limits.idle_timeout, "text: idle connection closed");
                     break;
                 }
+                () = tokio::time::sleep_until(auth_deadline), if !self.authed => {
+                    tracing::debug!(
+                        after = ?self.shared.settings.auth_timeout,
+                        "text: no token in time; closing"
+                    );
+                    write_unauthorized(&mut write, limits.idle_timeout).await;
+                    break;
+                }
             }
         }
         let _ = write.shutdown().await;
@@ -231,6 +251,10 @@ impl Connection {
     async fn on_frame(&mut self, frame: Frame, write: &mut (impl AsyncWriteExt + Unpin)) -> bool {
         let limits = self.shared.limits();
         let line = match frame {
+            Frame::TooLong if !self.authed => {
+                write_unauthorized(write, limits.idle_timeout).await;
+                return false;
+            }
             Frame::TooLong => {
                 let limit = limits.max_message_bytes;
                 self.refuse(&GatewayError::too_large(limit));
@@ -238,12 +262,29 @@ impl Connection {
             }
             Frame::Line(line) => line,
         };
+        if looks_like_http(&line) {
+            tracing::debug!("text: an HTTP request on the Text port; closing");
+            crate::metrics::rejected(Kind::BadRequest);
+            let error = GatewayError::new(
+                Kind::BadRequest,
+                "this is the Workerman Text protocol port (one JSON request per line), not HTTP",
+            );
+            let _ = tokio::time::timeout(
+                limits.idle_timeout,
+                write.write_all(error_line(&error).as_bytes()),
+            )
+            .await;
+            return false;
+        }
         if line.iter().all(u8::is_ascii_whitespace) {
             return true; // a blank line is not a request (nor an answerable one)
         }
         if let Some(token) = auth_line(&line) {
             if limits.token_matches(&token) {
                 self.authed = true;
+                if limits.token.is_some() {
+                    self.admitted.authenticated();
+                }
                 return true;
             }
             write_unauthorized(write, limits.idle_timeout).await;
@@ -313,6 +354,17 @@ impl Connection {
 async fn write_unauthorized(write: &mut (impl AsyncWriteExt + Unpin), limit: std::time::Duration) {
     let line = error_line(&GatewayError::unauthorized());
     let _ = tokio::time::timeout(limit, write.write_all(line.as_bytes())).await;
+}
+
+/// Whether `line` cannot be a Text request but can be HTTP: its first non-blank byte is a
+/// letter. A request is a JSON object (`{`), and no JSON document the bridge answers starts
+/// with a letter, while every HTTP request line (`POST / HTTP/1.1`, `get /`, `M-SEARCH * ...`,
+/// HTTP/0.9's `GET /`) and header line (`Host: ...`) does: what a browser sends when a web
+/// page points `fetch()` or a form at this port.
+fn looks_like_http(line: &[u8]) -> bool {
+    line.iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(u8::is_ascii_alphabetic)
 }
 
 /// The token of an `{"auth": "<token>"}` line.
@@ -419,6 +471,43 @@ mod tests {
             frames(&mut codec, b"{\"function\":\"echo\"", true),
             Vec::<Frame>::new()
         );
+    }
+
+    #[test]
+    fn http_request_lines_and_host_headers_are_recognised() {
+        for http in [
+            &b"POST / HTTP/1.1"[..],
+            b"GET /index.html?x=1 HTTP/1.0",
+            b"OPTIONS * HTTP/1.1",
+            b"PRI * HTTP/2.0",
+            b"Host: 127.0.0.1:12345",
+            b"host:x",
+            b"post / HTTP/1.1",
+            b"M-SEARCH * HTTP/1.1",
+            b"GET /",
+            b"POST / HTTP/1.1 extra",
+            b"POST  HTTP/1.1",
+            b"hostname",
+            b"  \tGET / HTTP/1.1",
+        ] {
+            assert!(looks_like_http(http), "{}", String::from_utf8_lossy(http));
+        }
+        for not_http in [
+            &br#"{"function":"echo","args":"POST / HTTP/1.1"}"#[..],
+            br#"  {"auth":"t"}"#,
+            b"",
+            b"  ",
+            b"[1,2]",
+            b"{not json",
+            b"\xff\xfe",
+            b"42",
+        ] {
+            assert!(
+                !looks_like_http(not_http),
+                "{}",
+                String::from_utf8_lossy(not_http)
+            );
+        }
     }
 
     #[test]

@@ -15,6 +15,11 @@
 //! Every call runs on a task of the connection's [`JoinSet`]; when the client goes away the set
 //! is dropped, which aborts the calls and removes them from the client's pending map, so a
 //! disconnect leaks nothing.
+//!
+//! Browsers let any web page open a websocket to any address, the user's own loopback
+//! included, and they say which page did in `Origin`. So an upgrade whose `Origin` is neither
+//! the gateway's own (its `Host`) nor allowed (`--allow-origin`) is refused; programs send no
+//! `Origin` and are not affected ([`browser`](super::browser)).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,20 +38,30 @@ use tokio::time::Instant;
 use warren_shared::RawJson;
 
 use super::admission::Admitted;
+use super::browser;
 use super::budget::{Budget, Held};
 use super::limits::{GatewayError, Kind, MAX_ID_BYTES};
 use super::{Shared, bearer, error_response};
 
-/// `GET /ws`: checks an `Authorization: Bearer` header if one is sent, then upgrades. The
-/// websocket keeps the HTTP connection's place among the open connections.
+/// `GET /ws`: checks the `Origin` and an `Authorization: Bearer` header if one is sent, then
+/// upgrades. The websocket keeps the HTTP connection's place among the open connections.
 pub(super) async fn upgrade(
     State(shared): State<Arc<Shared>>,
     Extension(admitted): Extension<Arc<Admitted>>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
+    if let Err(refused) = browser::check_origin(&headers, &shared.settings.allowed_origins) {
+        tracing::debug!(error = %refused, "ws: upgrade refused");
+        return error_response(StatusCode::FORBIDDEN, &refused);
+    }
     let authed = match bearer(&headers) {
-        Some(token) if shared.limits().token_matches(token) => true,
+        Some(token) if shared.limits().token_matches(token) => {
+            if shared.limits().token.is_some() {
+                admitted.authenticated();
+            }
+            true
+        }
         Some(_) => {
             return error_response(StatusCode::UNAUTHORIZED, &GatewayError::unauthorized());
         }
@@ -183,7 +198,7 @@ struct Connection {
     /// Set when the connection must close once the current replies are written.
     closing: Option<CloseFrame>,
     /// This connection's place among the gateway's open connections.
-    _admitted: Arc<Admitted>,
+    admitted: Arc<Admitted>,
 }
 
 impl Connection {
@@ -202,7 +217,7 @@ impl Connection {
             events,
             inbox,
             closing: None,
-            _admitted: admitted,
+            admitted,
         }
     }
 
@@ -211,8 +226,9 @@ impl Connection {
     }
 
     /// Runs the connection until the client leaves, it idles out, stops reading (a write that
-    /// makes no progress for the idle timeout), or the gateway shuts down. Pings and pongs
-    /// keep nothing alive: only messages and answers are activity.
+    /// makes no progress for the idle timeout), does not present a required token within the
+    /// authentication deadline, or the gateway shuts down. Pings and pongs keep nothing alive:
+    /// only messages and answers are activity.
     async fn run(mut self, mut socket: WebSocket) {
         let _open = crate::metrics::connection_opened("websocket");
         let limits = self.shared.limits().clone();
@@ -221,6 +237,9 @@ impl Connection {
         let mut queue = self.shared.queue.clone();
         let mut last_activity = Instant::now();
         let mut drain_until: Option<Instant> = None;
+        // From the upgrade (the HTTP request before it took little time, or met hyper's
+        // header timeout); only the token ends the wait for it.
+        let auth_deadline = Instant::now() + self.shared.settings.auth_timeout;
         let close_frame = loop {
             if let Some(frame) = self.closing.take() {
                 break Some(frame);
@@ -276,6 +295,13 @@ impl Connection {
                 }
                 () = tokio::time::sleep_until(idle_at), if idle => {
                     break Some(close(close_code::NORMAL, "idle timeout"));
+                }
+                () = tokio::time::sleep_until(auth_deadline), if !self.authed => {
+                    tracing::debug!("ws: no token in time; closing");
+                    let refusal = self.unauthorized();
+                    if !send(&mut socket, Message::text(refusal), write_timeout).await {
+                        break None;
+                    }
                 }
             }
         };
@@ -375,6 +401,9 @@ impl Connection {
             return self.unauthorized();
         }
         self.authed = true;
+        if self.shared.limits().token.is_some() {
+            self.admitted.authenticated();
+        }
         json!({"auth": "ok"}).to_string()
     }
 

@@ -22,8 +22,19 @@ fn command() -> Command {
         )
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    // First, before any thread starts: this executable is also its pool processes' guard.
+    pool::serve_if_guard();
+    match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime.block_on(async_main()),
+        Err(e) => {
+            eprintln!("warren-worker: error: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn async_main() -> ExitCode {
     let config = match config::load::<WorkerConfig>(command()) {
         Ok(config) => config,
         Err(ConfigError::Cli(e)) => e.exit(),

@@ -5,7 +5,8 @@
 //! - [`PoolConfig`]: what a `[[pool]]` table of the config file (or `--exec`) says.
 //! - [`Pool`]: a started pool; [`Registry::register_pool`] routes its functions to it.
 //! - `protocol`: the runner protocol's frames (docs/runners.md).
-//! - `process`: one child (process group, parent-death signal, stderr to the log).
+//! - `process`: one child (process group, parent-death signal, environment, stderr to the log).
+//! - `guard`: what kills a child's process group when the worker dies ([`serve_if_guard`]).
 //! - `supervisor`: the slots that run children one task at a time and replace them.
 //! - `text`: the forwarder to a Workerman-style Text task server.
 //!
@@ -19,6 +20,7 @@
 //! # Ok(()) }
 //! ```
 
+mod guard;
 mod process;
 pub mod protocol;
 mod supervisor;
@@ -40,6 +42,9 @@ use crate::registry::{DynamicHandler, Registry};
 use supervisor::{Job, Supervisor, crashed};
 use text::TextForwarder;
 
+pub use guard::serve_if_guard;
+pub use process::INHERITED_ENV;
+
 /// Processes of a pool when the configuration does not say.
 pub const DEFAULT_PROCESSES: usize = 4;
 /// How long a process has to exit after its stdin is closed (or after SIGTERM) before SIGKILL.
@@ -55,6 +60,7 @@ pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(30);
 /// command = ["php", "tasks.php"]        # or: connect = "text://127.0.0.1:12345"
 /// cwd = "/srv/app"
 /// env = { APP_ENV = "prod" }
+/// env_pass = ["DATABASE_URL"]
 /// processes = 8
 /// time_limit = "30s"
 /// max_jobs = 1000
@@ -80,9 +86,14 @@ pub struct PoolConfig {
     /// Working directory of the processes (the worker's when absent).
     #[serde(default)]
     pub cwd: Option<PathBuf>,
-    /// Environment added to the worker's for the processes.
+    /// Variables set for the processes. They start from a minimal environment, not the
+    /// worker's: [`INHERITED_ENV`] and `LC_*`, then `env_pass`, then these.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Names of variables of the worker's environment passed through to the processes (when
+    /// set), beyond [`INHERITED_ENV`]; nothing else of it reaches task code.
+    #[serde(default)]
+    pub env_pass: Vec<String>,
     /// Processes (or, with `connect`, connections) at once: tasks run at once on this pool.
     #[serde(default = "default_processes")]
     pub processes: usize,
@@ -136,6 +147,7 @@ impl Default for PoolConfig {
             connect: None,
             cwd: None,
             env: BTreeMap::new(),
+            env_pass: Vec::new(),
             processes: DEFAULT_PROCESSES,
             time_limit: None,
             max_jobs: None,
@@ -225,6 +237,15 @@ impl PoolConfig {
         }
         if self.max_jobs == Some(0) {
             return bad("max_jobs must be at least 1".into());
+        }
+        let bad_name = |n: &String| n.is_empty() || n.contains(['=', '\0']);
+        if let Some(n) = self
+            .env_pass
+            .iter()
+            .chain(self.env.keys())
+            .find(|n| bad_name(n))
+        {
+            return bad(format!("{n:?} is not an environment variable name"));
         }
         Ok(())
     }
@@ -322,6 +343,7 @@ impl Pool {
                     argv: config.command.clone(),
                     cwd: config.cwd.clone(),
                     env: config.env.clone(),
+                    env_pass: config.env_pass.clone(),
                 };
                 let supervisor =
                     Supervisor::start(spec, config)
@@ -666,6 +688,41 @@ mod tests {
                 .contains("prefetch applies to processes")
         );
         assert_eq!(bytes::parse("1G"), Ok(1_000_000_000));
+    }
+
+    #[test]
+    fn env_and_env_pass_take_variable_names_only() {
+        let pool = |env_pass: &[&str], env: &[(&str, &str)]| PoolConfig {
+            functions: vec!["a".into()],
+            command: vec!["x".into()],
+            env_pass: env_pass.iter().map(|n| (*n).to_owned()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            ..PoolConfig::default()
+        };
+        assert!(
+            pool(&["DATABASE_URL"], &[("APP_ENV", "a=b")])
+                .validate()
+                .is_ok()
+        );
+        for bad in [
+            pool(&["A=B"], &[]),
+            pool(&[""], &[]),
+            pool(&[], &[("X=", "1")]),
+        ] {
+            let error = bad.validate().unwrap_err().to_string();
+            assert!(
+                error.contains("not an environment variable name"),
+                "{error}"
+            );
+        }
+        let table: PoolConfig = serde_json::from_value(serde_json::json!({
+            "functions": ["a"], "command": ["x"], "env_pass": ["DATABASE_URL"]
+        }))
+        .unwrap();
+        assert_eq!(table.env_pass, ["DATABASE_URL"]);
     }
 
     #[tokio::test]

@@ -1,6 +1,7 @@
 //! One child process of a pool: started in a process group of its own with a parent-death
-//! signal, its stdout read as runner frames, its stderr forwarded to the worker's log, and its
-//! whole group killed when it is dropped.
+//! signal and a guard (see `guard`), with a minimal environment, its stdout read as runner
+//! frames, its exit noticed as soon as it happens, its stderr forwarded to the worker's log, and
+//! its whole group killed when it is dropped.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -15,10 +16,24 @@ use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, FramedRead, LinesCodecError};
 
+use super::guard;
 use super::protocol::{self, Frame, FrameLines, MAX_FRAME_BYTES, PROTOCOL_ENV, RUNNER_PROTOCOL};
 
 /// Longest stderr line forwarded as one log record.
 const MAX_LOG_LINE: usize = 64 * 1024;
+
+/// Variables of the worker's environment that every child gets when they are set: what a
+/// program needs to find executables, its home, its user, its locale (with every `LC_*`), its
+/// time zone and its temp dir. Nothing else of the worker's environment (the broker URL and its
+/// password, SMTP and gateway secrets) reaches task code unless the pool's `env_pass` names it.
+pub const INHERITED_ENV: &[&str] = &[
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR",
+];
+
+/// After a child has exited, how long its stdout is still read for frames it wrote before it
+/// exited. They are in the pipe already; the wait is bounded because a subprocess of the child
+/// may hold the pipe open.
+const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(200);
 
 /// How to start a child.
 #[derive(Debug, Clone)]
@@ -27,6 +42,36 @@ pub(crate) struct Spec {
     pub(crate) argv: Vec<String>,
     pub(crate) cwd: Option<PathBuf>,
     pub(crate) env: BTreeMap<String, String>,
+    /// Variables passed through from the worker's environment beyond [`INHERITED_ENV`].
+    pub(crate) env_pass: Vec<String>,
+}
+
+impl Spec {
+    /// The child's whole environment: the worker's [`INHERITED_ENV`] and `LC_*` variables and
+    /// those `env_pass` names (when set), then `env`, then the runner protocol's variables.
+    pub(crate) fn environment(
+        &self,
+        worker: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+    ) -> BTreeMap<std::ffi::OsString, std::ffi::OsString> {
+        let mut env: BTreeMap<_, _> = worker
+            .into_iter()
+            .filter(|(name, _)| {
+                name.to_str().is_some_and(|name| {
+                    INHERITED_ENV.contains(&name)
+                        || name.starts_with("LC_")
+                        || self.env_pass.iter().any(|p| p == name)
+                })
+            })
+            .collect();
+        env.extend(
+            self.env
+                .iter()
+                .map(|(name, value)| (name.into(), value.into())),
+        );
+        env.insert(PROTOCOL_ENV.into(), RUNNER_PROTOCOL.to_string().into());
+        env.insert("WARREN_POOL".into(), (*self.pool).into());
+        env
+    }
 }
 
 /// What came out of a child's stdout.
@@ -55,6 +100,8 @@ pub(crate) struct Process {
     pub(crate) jobs: u64,
     /// Its exit status has been collected: its pid may be reused from now on.
     reaped: bool,
+    /// Its exit has been seen (reaped, or waiting for it failed).
+    exited: bool,
 }
 
 impl Process {
@@ -69,9 +116,9 @@ impl Process {
         let mut command = Command::new(program);
         command
             .args(args)
-            .envs(&spec.env)
-            .env(PROTOCOL_ENV, RUNNER_PROTOCOL.to_string())
-            .env("WARREN_POOL", &*spec.pool)
+            // Not the worker's environment: it holds the broker's password and other secrets.
+            .env_clear()
+            .envs(spec.environment(std::env::vars_os()))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -81,7 +128,7 @@ impl Process {
         if let Some(cwd) = &spec.cwd {
             command.current_dir(cwd);
         }
-        die_with_parent(&mut command);
+        die_with_parent(&mut command, guard::plan());
         let mut child = command.spawn()?;
         let pid = child
             .id()
@@ -104,6 +151,7 @@ impl Process {
             started: Instant::now(),
             jobs: 0,
             reaped: false,
+            exited: false,
         })
     }
 
@@ -117,9 +165,28 @@ impl Process {
         *self.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(id.to_owned());
     }
 
-    /// The next thing on stdout. Cancel-safe.
+    /// The next thing on stdout, or [`Output::Closed`] once the process has exited (noticed by
+    /// waiting for it, not by the end of stdout, which a subprocess that inherited the pipe may
+    /// hold open) and the frames it wrote before are read. Cancel-safe.
     pub(crate) async fn next(&mut self) -> Output {
-        match self.stdout.next().await {
+        if !self.exited {
+            tokio::select! {
+                biased;
+                line = self.stdout.next() => return Self::output(line),
+                status = self.child.wait() => {
+                    self.exited = true;
+                    self.reaped = status.is_ok();
+                }
+            }
+        }
+        match tokio::time::timeout(DRAIN_AFTER_EXIT, self.stdout.next()).await {
+            Ok(line) => Self::output(line),
+            Err(_) => Output::Closed,
+        }
+    }
+
+    fn output(line: Option<Result<String, LinesCodecError>>) -> Output {
+        match line {
             None => Output::Closed,
             Some(Ok(line)) => match protocol::parse(line) {
                 Ok(frame) => Output::Frame(frame),
@@ -130,6 +197,20 @@ impl Process {
             }
             Some(Err(LinesCodecError::Io(e))) => Output::Garbage(format!("reading stdout: {e}")),
         }
+    }
+
+    /// Whether its exit has been seen already (see [`next`](Self::next)).
+    pub(crate) fn exit_seen(&self) -> bool {
+        self.exited
+    }
+
+    /// Whether it has exited (reaping it if so).
+    pub(crate) fn has_exited(&mut self) -> bool {
+        if !self.exited && matches!(self.child.try_wait(), Ok(Some(_))) {
+            self.exited = true;
+            self.reaped = true;
+        }
+        self.exited
     }
 
     /// Writes one frame line to its stdin.
@@ -182,6 +263,7 @@ impl Process {
         // SIGKILL cannot be ignored: this returns.
         if self.child.wait().await.is_ok() {
             self.reaped = true;
+            self.exited = true;
         }
     }
 
@@ -193,6 +275,7 @@ impl Process {
         let waited = tokio::time::timeout(limit, self.child.wait()).await;
         if matches!(waited, Ok(Ok(_))) {
             self.reaped = true;
+            self.exited = true;
         }
         waited
     }
@@ -233,14 +316,16 @@ fn describe(status: std::process::ExitStatus) -> String {
     }
 }
 
-/// Makes the child die with SIGKILL when the worker dies, even by `kill -9`, so that no pool
-/// process is ever orphaned.
-fn die_with_parent(command: &mut Command) {
+/// Makes the child die with SIGKILL when the worker dies, even by `kill -9`, and with it its
+/// whole process group through its guard (see `guard`), so that neither a pool process nor
+/// what it started in its group outlives the worker.
+fn die_with_parent(command: &mut Command, guard: Option<guard::Plan>) {
     let parent = nix::unistd::getpid();
-    // SAFETY: the closure runs in the forked child before exec. It calls only prctl(2) and
-    // getppid(2), which are async-signal-safe, and allocates nothing (the error is a raw OS
-    // error). PR_SET_PDEATHSIG is tied to the thread that forks; pools start their processes
-    // from the runtime's worker threads, which live as long as the worker.
+    // SAFETY: the closure runs in the forked child before exec. It calls only prctl(2),
+    // getppid(2), setpgid(2) and what `spawn_guard` documents, all async-signal-safe, and
+    // allocates nothing (errors are raw OS errors). PR_SET_PDEATHSIG is tied to the thread that
+    // forks; pools start their processes from the runtime's worker threads, which live as long
+    // as the worker.
     #[allow(unsafe_code)]
     unsafe {
         command.pre_exec(move || {
@@ -248,6 +333,13 @@ fn die_with_parent(command: &mut Command) {
             // The worker died between fork and prctl: the signal will never come.
             if nix::unistd::getppid() != parent {
                 return Err(std::io::Error::from(nix::errno::Errno::ESRCH));
+            }
+            if let Some(guard) = &guard {
+                // The group exists already (`process_group(0)`); made sure of here because the
+                // guard must be forked into it.
+                nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0))
+                    .map_err(std::io::Error::from)?;
+                guard.spawn_guard()?;
             }
             Ok(())
         });
@@ -293,5 +385,45 @@ async fn forward_log(
             task = %task.as_deref().unwrap_or("-"),
             "{line}"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_childs_environment_is_the_allowlist_then_env_pass_then_env() {
+        let spec = Spec {
+            pool: "p".into(),
+            argv: vec!["x".into()],
+            cwd: None,
+            env: BTreeMap::from([
+                ("APP_ENV".into(), "prod".into()),
+                ("HOME".into(), "/srv".into()),
+            ]),
+            env_pass: vec!["DATABASE_URL".into()],
+        };
+        let worker = [
+            ("PATH", "/bin"),
+            ("HOME", "/root"),
+            ("LC_TIME", "C"),
+            ("AMQP_URL", "amqp://u:secret@h"),
+            ("WARREN_SMTP_URL", "smtp://u:pw@relay"),
+            ("DATABASE_URL", "postgres://db"),
+            ("WARREN_POOL", "spoofed"),
+        ]
+        .map(|(k, v)| (k.into(), v.into()));
+        let env = spec.environment(worker);
+        let get = |k: &str| env.get(std::ffi::OsStr::new(k)).and_then(|v| v.to_str());
+        assert_eq!(get("PATH"), Some("/bin"));
+        assert_eq!(get("LC_TIME"), Some("C"));
+        assert_eq!(get("DATABASE_URL"), Some("postgres://db"));
+        assert_eq!(get("APP_ENV"), Some("prod"));
+        assert_eq!(get("HOME"), Some("/srv"), "env wins over the worker's");
+        assert_eq!(get("AMQP_URL"), None);
+        assert_eq!(get("WARREN_SMTP_URL"), None);
+        assert_eq!(get("WARREN_POOL"), Some("p"));
+        assert_eq!(get("WARREN_RUNNER_PROTOCOL"), Some("1"));
     }
 }

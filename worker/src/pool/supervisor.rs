@@ -496,12 +496,13 @@ fn task_line(job: &Job) -> Result<Vec<u8>, TaskError> {
 }
 
 /// Whether `process`, running a task and holding `held` more, may be written one more: below
-/// `prefetch`, every slot busy (an idle process would start it sooner), and nothing due after
-/// its current task (stopping, a reload, recycling by `max_jobs` or `ttl`) that would leave the
-/// task unstarted. `max_memory` is [`below_max_memory`], kept apart because it reads `/proc`.
+/// `prefetch`, not exited, every slot busy (an idle process would start it sooner), and nothing
+/// due after its current task (stopping, a reload, recycling by `max_jobs` or `ttl`) that would
+/// leave the task unstarted. `max_memory` is [`below_max_memory`], kept apart because it reads `/proc`.
 fn wants_next(shared: &Shared, process: &Process, generation: u64, held: usize) -> bool {
     let config = &shared.config;
     held < config.prefetch
+        && !process.exit_seen()
         && shared.idle.load(Ordering::Relaxed) == 0
         && !shared.stop.is_cancelled()
         && *shared.generation.borrow() == generation
@@ -601,6 +602,15 @@ async fn run_job(
         if job.reply.is_closed() {
             // Its caller gave up while it waited for a process.
             return None;
+        }
+        if process.has_exited() {
+            // Gone just as it was given the task: the task is for another process.
+            requeue(shared, job);
+            let how = process.exit_description(REAP_WAIT).await;
+            return Some(End::Broken {
+                reason: format!("{how} between tasks"),
+                startup: process.jobs == 0,
+            });
         }
         let line = match task_line(&job) {
             Ok(line) => line,
