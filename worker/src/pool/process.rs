@@ -505,6 +505,67 @@ mod tests {
         assert_eq!(get("WARREN_RUNNER_PROTOCOL"), Some("1"));
     }
 
+    fn alive(pid: i32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            !stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+    }
+
+    #[tokio::test]
+    async fn a_process_dropped_after_it_was_reaped_kills_its_guarded_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        let spec = Spec {
+            pool: "p".into(),
+            // A subprocess in its group, then an exit at the end of its input.
+            argv: ["sh", "-c", "sleep 600 & echo $! > \"$0\"; read x"]
+                .map(String::from)
+                .into_iter()
+                .chain([pidfile.to_string_lossy().into_owned()])
+                .collect(),
+            cwd: None,
+            env: BTreeMap::new(),
+            env_pass: Vec::new(),
+        };
+        let mut process = Process::spawn(&spec).unwrap();
+        // A stand-in for the guard (test binaries have none): a live member of the group.
+        let guard = Command::new("sleep")
+            .arg("600")
+            .process_group(process.pid())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        process.guard = Some(guard);
+        let until = Instant::now() + Duration::from_secs(10);
+        let sleep = loop {
+            if let Some(pid) = std::fs::read_to_string(&pidfile)
+                .ok()
+                .and_then(|p| p.trim().parse::<i32>().ok())
+            {
+                break pid;
+            }
+            assert!(Instant::now() < until, "the subprocess did not start");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        // Reaped, as `next` does when it sees the exit, and dropped before any group kill (a
+        // slot future dropped in between).
+        process.stdin = None;
+        assert!(process.wait(Duration::from_secs(10)).await.is_ok());
+        assert!(process.reaped);
+        drop(process);
+        let until = Instant::now() + Duration::from_secs(5);
+        while alive(sleep) && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let outlived = alive(sleep);
+        if outlived {
+            let _ = nix::sys::signal::kill(Pid::from_raw(sleep), Signal::SIGKILL);
+        }
+        assert!(!outlived, "the subprocess outlived its dropped process");
+    }
+
     #[test]
     fn the_withheld_variables_are_named_without_their_values() {
         let spec = Spec {
