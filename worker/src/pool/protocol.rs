@@ -124,6 +124,24 @@ impl Decoder for FrameLines {
     }
 }
 
+/// Makes `json`, one JSON value written by `serde_json`, a line: every `\n` and `\r` in it
+/// becomes a space, then a `\n` ends it.
+///
+/// Arguments are passed on as the producer wrote them, and pretty-printed JSON (PHP's
+/// `JSON_PRETTY_PRINT`, Python's `indent=`) has line breaks between its tokens; a runner reading
+/// lines (a bare `\r` ends one for Python and Node too) would see one task as several. In valid
+/// JSON a raw line break can only be whitespace between tokens (inside a string it is escaped),
+/// so a space there means the same value.
+pub(crate) fn into_line(mut json: Vec<u8>) -> Vec<u8> {
+    for byte in &mut json {
+        if matches!(*byte, b'\n' | b'\r') {
+            *byte = b' ';
+        }
+    }
+    json.push(b'\n');
+    json
+}
+
 /// Worker to child: run this task.
 #[derive(Debug, Serialize)]
 pub(crate) struct TaskFrame<'a> {
@@ -296,6 +314,31 @@ pub(crate) fn parse(line: impl Into<String>) -> Result<Frame, NotAFrame> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_task_with_pretty_printed_args_is_one_line_meaning_the_same() {
+        let args =
+            RawJson::from_string("{\r\n  \"a\": \"x\\ny\",\r  \"b\": [\n    1\n  ]\n}".into())
+                .unwrap();
+        let frame = TaskFrame {
+            kind: "task",
+            id: "t",
+            function: "f",
+            args: &args,
+            attempt: 1,
+            max_attempts: 1,
+            redelivered: false,
+            deadline: None,
+        };
+        let line = into_line(serde_json::to_vec(&frame).unwrap());
+        assert_eq!(
+            line.iter().filter(|&&b| b == b'\n' || b == b'\r').count(),
+            1
+        );
+        assert_eq!(line.last(), Some(&b'\n'));
+        let sent: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(sent["args"], serde_json::json!({"a": "x\ny", "b": [1]}));
+    }
 
     #[test]
     fn frames_parse_and_garbage_does_not() {

@@ -21,7 +21,7 @@ use warren_shared::{ErrorKind, RawJson};
 
 use super::PoolConfig;
 use super::process::{Output, Process, Spec};
-use super::protocol::{Frame, RUNNER_PROTOCOL, TaskFrame};
+use super::protocol::{self, Frame, RUNNER_PROTOCOL, TaskFrame};
 use crate::handler::{Retry, TaskError};
 
 /// First delay before restarting a process that keeps dying at start-up; doubles up to
@@ -489,10 +489,9 @@ fn task_line(job: &Job) -> Result<Vec<u8>, TaskError> {
         redelivered: job.redelivered,
         deadline: job.deadline,
     };
-    let mut line = serde_json::to_vec(&frame)
+    let json = serde_json::to_vec(&frame)
         .map_err(|e| TaskError::permanent(format!("cannot encode the task for the runner: {e}")))?;
-    line.push(b'\n');
-    Ok(line)
+    Ok(protocol::into_line(json))
 }
 
 /// Whether `process`, running a task and holding `held` more, may be written one more: below

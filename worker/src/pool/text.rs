@@ -107,12 +107,13 @@ impl TextForwarder {
                 BufReader::new(stream)
             }
         };
-        let mut line = warren_shared::Request {
-            function: function.to_owned(),
-            args,
-        }
-        .encode();
-        line.push(b'\n');
+        let line = super::protocol::into_line(
+            warren_shared::Request {
+                function: function.to_owned(),
+                args,
+            }
+            .encode(),
+        );
         let exchange = async {
             connection.get_mut().write_all(&line).await?;
             let mut answer = String::new();
