@@ -203,7 +203,7 @@ fn decode_request<A: Json>(body: &[u8]) -> Result<Request<A>, TaskFailure> {
     let bad = |message: String| TaskFailure::new(ErrorKind::BadRequest, message);
     // Checked as a parse into a tree would check it (nesting depth included), without the tree.
     let not_json = |e: serde_json::Error| bad(format!("body is not valid JSON: {e}"));
-    serde_json::from_slice::<Checked>(body).map_err(not_json)?;
+    check_json(body).map_err(not_json)?;
     let body: &RawValue = serde_json::from_slice(body).map_err(not_json)?;
     let kind = raw_json_type(body);
     if kind != "an object" {
@@ -270,6 +270,19 @@ impl<'de> Deserialize<'de> for Fields<'de> {
         }
         deserializer.deserialize_map(Visitor)
     }
+}
+
+/// Checks that `text` is one JSON value as a parse into a [`Value`] would (numbers in range,
+/// strings valid, nesting depth limited), without building the tree.
+///
+/// Reading JSON as a [`RawValue`] only skips over it: `1e400` or a lone `"\ud800"` pass, and
+/// fail later where the text is parsed or re-serialized. Run this first on text taken from
+/// outside and kept as text.
+///
+/// # Errors
+/// The [`serde_json::Error`] the parse into a [`Value`] would give.
+pub fn check_json(text: &[u8]) -> Result<(), serde_json::Error> {
+    serde_json::from_slice::<Checked>(text).map(|Checked| ())
 }
 
 /// Any JSON value, read as a parse into a [`Value`] reads it (strings decoded, nesting depth

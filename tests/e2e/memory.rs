@@ -381,3 +381,42 @@ async fn the_gateway_wide_byte_budget_is_shared_by_every_connection() {
         "taken this time, published, and timed out: {answer}"
     );
 }
+
+/// A websocket message that only looks like JSON (a number out of range, a lone surrogate) is
+/// refused `bad_request` as the Text port refuses it, before anything is published; the
+/// connection goes on (writing such an id back used to panic the connection, or the call
+/// after it had published the task).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_id_out_of_range_or_a_lone_surrogate_is_bad_request() {
+    let q = TestQueue::new("mem-ws-strict");
+    let (_gw, http, _text) = gateway(&q, &[]).await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{http}/ws"))
+        .await
+        .unwrap();
+    for message in [
+        r#"{"id":1e400,"function":"echo","args":1}"#,
+        r#"{"id":"\ud800","function":"echo","args":1}"#,
+        r#"{"id":1,"function":"echo","args":[1e400]}"#,
+        r#"{"id":-1e999,"function":"nope"}"#,
+        r#"[{"id":"\udfff","function":"echo"}]"#,
+    ] {
+        ws.send(Message::text(message)).await.unwrap();
+        let answer = ws_next(&mut ws).await;
+        assert_eq!(answer["id"], Value::Null, "{message}: {answer}");
+        assert_eq!(
+            answer["error"]["kind"], "bad_request",
+            "{message}: {answer}"
+        );
+        let error = answer["error"]["message"].as_str().unwrap();
+        assert!(error.contains("not valid JSON"), "{message}: {error}");
+    }
+    ws.send(Message::text(r#"{"id":2,"function":"echo","args":1}"#))
+        .await
+        .unwrap();
+    let answer = ws_next(&mut ws).await;
+    assert_eq!(answer["status"], "enqueued", "{answer}");
+    assert_eq!(answer["id"], 2, "{answer}");
+    let client = q.client().await;
+    let stats = client.queue_stats(&q.name).await.unwrap();
+    assert_eq!(stats.ready, 1, "only the valid task was published");
+}

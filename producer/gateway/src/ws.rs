@@ -317,7 +317,10 @@ impl Connection {
     /// are made, each under the write timeout: a batch of refusals is never held in memory.
     /// False when the socket is broken or the client stopped reading.
     async fn on_text(&mut self, socket: &mut WebSocket, text: &str, limit: Duration) -> bool {
-        let message = serde_json::from_str::<&RawValue>(text);
+        // Checked as the Text port checks a line: a number out of range or a lone surrogate
+        // is not JSON here either (kept as text, it would fail once written back).
+        let message = warren_shared::protocol::check_json(text.as_bytes())
+            .and_then(|()| serde_json::from_str::<&RawValue>(text));
         let fields = message.as_ref().ok().and_then(|m| Fields::of(m));
         if let Some(token) = fields.as_ref().and_then(|f| f.auth) {
             let reply = self.on_auth(token);
@@ -502,7 +505,7 @@ async fn call(
         .call_raw_with_ack(&function, args, &options, published_tx);
     tokio::pin!(call);
     let enqueued = |task_id: warren_shared::TaskId| Event {
-        text: json!({"id": &id, "status": "enqueued", "task_id": task_id}).to_string(),
+        text: enqueued_event(&id, &task_id),
         held: None,
     };
     let result = tokio::select! {
@@ -567,9 +570,38 @@ fn result_event(id: &RawValue, result: &RawJson) -> String {
     .unwrap_or_default()
 }
 
-/// `{"id": ..., "ok": false, "error": {...}}`.
+/// `{"id": ..., "status": "enqueued", "task_id": ...}`, the id as the client wrote it.
+fn enqueued_event(id: &RawValue, task_id: &warren_shared::TaskId) -> String {
+    #[derive(serde::Serialize)]
+    struct EnqueuedEvent<'a> {
+        id: &'a RawValue,
+        status: &'static str,
+        task_id: &'a warren_shared::TaskId,
+    }
+    // JSON text, a string and an id always serialize.
+    serde_json::to_string(&EnqueuedEvent {
+        id,
+        status: "enqueued",
+        task_id,
+    })
+    .unwrap_or_default()
+}
+
+/// `{"id": ..., "ok": false, "error": {...}}`, the id as the client wrote it.
 fn error_event(id: &RawValue, error: &GatewayError) -> String {
-    json!({"id": id, "ok": false, "error": error}).to_string()
+    #[derive(serde::Serialize)]
+    struct ErrorEvent<'a> {
+        id: &'a RawValue,
+        ok: bool,
+        error: &'a GatewayError,
+    }
+    // JSON text, a bool and a typed error always serialize.
+    serde_json::to_string(&ErrorEvent {
+        id,
+        ok: false,
+        error,
+    })
+    .unwrap_or_default()
 }
 
 /// The JSON `null`: the id of an answer to a message whose id is unknown.
