@@ -320,6 +320,40 @@ async fn a_result_over_max_result_bytes_is_answered_too_large() {
     .await;
 }
 
+/// `--max-result-bytes` bounds what is published: a task enqueued with nobody waiting that
+/// returns more did its work and is done, not parked (a replay would repeat its effects).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_result_of_an_enqueued_task_is_dropped_not_parked() {
+    let q = TestQueue::new("mem-enqueue-large");
+    // One task at a time: the call below runs once the enqueued task is finished.
+    let flags = ["--max-result-bytes", "1000", "--concurrency", "1"];
+    let _worker = big_worker(&q.name, &flags, None);
+    let client = q.client().await;
+    let options = CallOptions::default().timeout(WAIT);
+    eventually("the worker serves big", WAIT, || async {
+        client
+            .call_json_with("big", json!({"n": 10}), &options)
+            .await
+            .is_ok()
+    })
+    .await;
+    client
+        .enqueue_json("big", json!({"n": 5000}))
+        .await
+        .unwrap();
+    let after = client
+        .call_json_with("big", json!({"n": 10}), &options)
+        .await
+        .unwrap();
+    assert_eq!(after.as_str().map(str::len), Some(10));
+    assert_eq!(
+        q.dead_count(&client).await,
+        0,
+        "the enqueued task was parked"
+    );
+    assert_eq!(client.queue_stats(&q.name).await.unwrap().ready, 0);
+}
+
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
 
 /// The next websocket message, as JSON.

@@ -69,7 +69,7 @@ pub struct WorkerConfig {
     #[arg(long, env = "WARREN_MAX_BODY_BYTES")]
     pub max_body_bytes: usize,
     /// Largest result (its JSON text) a handler may return, in bytes; a larger one fails the
-    /// task for good as `too_large`.
+    /// task for good as `too_large` (unless nobody waits for it: then it is dropped).
     #[arg(long, env = "WARREN_MAX_RESULT_BYTES")]
     pub max_result_bytes: usize,
     /// Directory where send_mail writes .eml files when no SMTP relay is set.

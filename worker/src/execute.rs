@@ -227,9 +227,15 @@ impl Executor {
         let started = std::time::Instant::now();
         // Its own tokio task: a panic stays there and comes back as a JoinError.
         let mut run = tokio::spawn((entry.run)(request.args, ctx).in_current_span());
+        // Only a result that would be published is bounded: with nobody waiting, a large one
+        // is dropped and the task, which did its work, is done.
+        let max_result_bytes = match envelope.reply_to.address() {
+            Some(_) => self.max_result_bytes,
+            None => usize::MAX,
+        };
         let failed = tokio::select! {
             joined = &mut run => match joined {
-                Ok(Ok(value)) if value.get().len() > self.max_result_bytes => (
+                Ok(Ok(value)) if value.get().len() > max_result_bytes => (
                     TaskFailure::new(ErrorKind::TooLarge, format!(
                         "the result is {} bytes of JSON; this worker publishes at most {} (max_result_bytes)",
                         value.get().len(), self.max_result_bytes,
@@ -683,9 +689,13 @@ mod tests {
     fn a_result_over_max_result_bytes_fails_for_good_as_too_large() {
         let mut executor = executor();
         executor.max_result_bytes = 10;
-        let judge_with = |executor: &Executor, args: &str| {
+        let judge_to = |executor: &Executor, args: &str, reply_to: Option<&str>| {
             let body = format!(r#"{{"function":"echo","args":{args}}}"#).into_bytes();
-            let delivery = Delivery::mock(1, "".into(), "q".into(), false, body);
+            let mut delivery = Delivery::mock(1, "".into(), "q".into(), false, body);
+            if let Some(reply_to) = reply_to {
+                delivery.properties =
+                    lapin::BasicProperties::default().with_reply_to(reply_to.into());
+            }
             let envelope = Envelope::of(&delivery);
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -693,6 +703,8 @@ mod tests {
                 .expect("a runtime")
                 .block_on(executor.execute(&delivery, &envelope))
         };
+        let judge_with =
+            |executor: &Executor, args: &str| judge_to(executor, args, Some("my.replies"));
         // Ten bytes of JSON are published; eleven are not.
         assert_eq!(
             judge_with(&executor, r#""12345678""#),
@@ -708,6 +720,11 @@ mod tests {
             failure.message.contains("11 bytes") && failure.message.contains("at most 10"),
             "{}",
             failure.message
+        );
+        // With nobody waiting nothing is published: the task did its work and is done.
+        assert_eq!(
+            judge_to(&executor, r#""123456789""#, None),
+            Outcome::Reply(Reply::Ok(raw(&serde_json::json!("123456789"))))
         );
     }
 

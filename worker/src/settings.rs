@@ -26,7 +26,8 @@ pub struct WorkerSettings {
     /// Larger bodies are refused as `too_large` without being parsed.
     pub max_body_bytes: usize,
     /// Largest result (its JSON text) a handler may return; a larger one is not published: the
-    /// task fails for good as `too_large`. The default, [`DEFAULT_MAX_RESULT_BYTES`], keeps a
+    /// task fails for good as `too_large`. A task with nobody waiting (no reply address) is
+    /// not bound by it: its result is dropped. The default, [`DEFAULT_MAX_RESULT_BYTES`], keeps a
     /// reply well inside the broker's `max_message_size` (16 MiB by default on RabbitMQ 4).
     pub max_result_bytes: usize,
     /// On shutdown, how long in-flight tasks may take to finish before they are handed back.
