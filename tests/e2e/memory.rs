@@ -371,6 +371,10 @@ async fn ws_next(ws: &mut Ws) -> Value {
 async fn the_gateway_wide_byte_budget_is_shared_by_every_connection() {
     let q = TestQueue::new("mem-shared");
     let flags = [
+        "--max-message-bytes",
+        "1200",
+        "--max-in-flight-bytes",
+        "1500",
         "--max-gateway-in-flight-bytes",
         "1500",
         "--call-timeout",
@@ -399,21 +403,32 @@ async fn the_gateway_wide_byte_budget_is_shared_by_every_connection() {
         "{message}"
     );
 
-    // The websocket call ends (no worker: timeout) and gives its bytes back.
+    // The websocket call ends (no worker: timeout) and gives its bytes back: its bytes are
+    // freed once its answer is written, just after the client may have read it, so the next
+    // line may still meet them; it is taken once they are back.
     assert_eq!(ws_next(&mut ws).await["error"]["kind"], "timeout");
-    write.write_all(line.as_bytes()).await.unwrap();
-    let answer: Value = serde_json::from_str(
-        &tokio::time::timeout(WAIT, answers.next_line())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap(),
-    )
-    .unwrap();
-    assert_eq!(
-        answer["error"]["kind"], "timeout",
-        "taken this time, published, and timed out: {answer}"
-    );
+    let answers = tokio::sync::Mutex::new(answers);
+    let write = tokio::sync::Mutex::new(write);
+    eventually("the bytes are given back", WAIT, || async {
+        write.lock().await.write_all(line.as_bytes()).await.unwrap();
+        let answer: Value = serde_json::from_str(
+            &tokio::time::timeout(WAIT, answers.lock().await.next_line())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap(),
+        )
+        .unwrap();
+        if answer["error"]["kind"] == "busy" {
+            return false;
+        }
+        assert_eq!(
+            answer["error"]["kind"], "timeout",
+            "taken this time, published, and timed out: {answer}"
+        );
+        true
+    })
+    .await;
 }
 
 /// A websocket message that only looks like JSON (a number out of range, a lone surrogate) is
@@ -453,4 +468,43 @@ async fn a_websocket_id_out_of_range_or_a_lone_surrogate_is_bad_request() {
     let client = q.client().await;
     let stats = client.queue_stats(&q.name).await.unwrap();
     assert_eq!(stats.ready, 1, "only the valid task was published");
+}
+
+/// Byte limits that could never admit a request the size limit lets in (or of 0) stop
+/// `warren-gateway` at start with an error naming them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_refuses_byte_limits_out_of_order_at_start() {
+    for flags in [
+        &["--max-gateway-in-flight-bytes", "1000"][..],
+        &[
+            "--max-message-bytes",
+            "2000",
+            "--max-in-flight-bytes",
+            "1000",
+        ][..],
+        &["--max-in-flight-bytes", "0"][..],
+    ] {
+        let mut command = std::process::Command::new(binary("warren-gateway"));
+        command
+            .args(["--queue", "unused", "--allow", "echo"])
+            .args(["--text", &free_addr().to_string()])
+            .args(flags)
+            .env("AMQP_URL", amqp_url())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        let mut gateway = ChildGuard::spawn(command);
+        let status = gateway
+            .wait_timeout(WAIT)
+            .unwrap_or_else(|| panic!("{flags:?}: the gateway started"));
+        assert!(!status.success(), "{flags:?}");
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut gateway.take_stderr().unwrap(), &mut stderr).unwrap();
+        assert!(
+            stderr.contains(&format!(
+                "--{}",
+                flags[flags.len() - 2].trim_start_matches("--")
+            )),
+            "{flags:?}: {stderr}"
+        );
+    }
 }

@@ -4,7 +4,7 @@
 //! call takes its request's bytes from its connection's [`Budget`] and from the gateway's before
 //! it starts, and holds them until its answer is written (the result comes back into that
 //! room); its result's bytes are counted too, from arrival until written. A request that does
-//! not fit is answered `busy`. Results are counted without being refused (the task already
+//! not fit is answered `busy`; one larger than a whole budget, `too_large`. Results are counted without being refused (the task already
 //! ran), so they only make the next requests wait.
 
 use std::sync::Arc;
@@ -59,6 +59,16 @@ impl Budget {
 /// Which budget a request did not fit in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Spent {
+    /// The request alone is larger than a whole budget, named by its setting: it would never
+    /// fit, so waiting does not help (`too_large`, not `busy`).
+    Exceeds {
+        /// The request's bytes.
+        bytes: usize,
+        /// The budget's limit.
+        limit: usize,
+        /// The setting that sets it.
+        setting: &'static str,
+    },
     /// The connection's (`max_in_flight_bytes`), of this many bytes.
     Connection(usize),
     /// The gateway's (`max_gateway_in_flight_bytes`), of this many bytes.
@@ -83,6 +93,18 @@ impl Held {
         gateway: &Arc<Budget>,
         bytes: usize,
     ) -> Result<Self, Spent> {
+        for (budget, setting) in [
+            (connection, "max_in_flight_bytes"),
+            (gateway, "max_gateway_in_flight_bytes"),
+        ] {
+            if bytes > budget.limit() {
+                return Err(Spent::Exceeds {
+                    bytes,
+                    limit: budget.limit(),
+                    setting,
+                });
+            }
+        }
         if !connection.try_take(bytes) {
             return Err(Spent::Connection(connection.limit()));
         }
@@ -141,5 +163,28 @@ mod tests {
         drop(second);
         assert_eq!((a.used(), b.used(), gateway.used()), (0, 0, 0));
         assert!(Held::take(&a, &gateway, 60).is_ok());
+    }
+
+    #[test]
+    fn a_request_larger_than_a_whole_budget_is_told_so_even_with_room_elsewhere() {
+        let (connection, gateway) = (Budget::new(50), Budget::new(100));
+        assert_eq!(
+            Held::take(&connection, &gateway, 51).unwrap_err(),
+            Spent::Exceeds {
+                bytes: 51,
+                limit: 50,
+                setting: "max_in_flight_bytes"
+            }
+        );
+        let wide = Budget::new(500);
+        assert_eq!(
+            Held::take(&wide, &gateway, 101).unwrap_err(),
+            Spent::Exceeds {
+                bytes: 101,
+                limit: 100,
+                setting: "max_gateway_in_flight_bytes"
+            }
+        );
+        assert_eq!((connection.used(), wide.used(), gateway.used()), (0, 0, 0));
     }
 }

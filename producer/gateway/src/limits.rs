@@ -260,22 +260,37 @@ impl GatewayError {
         )
     }
 
-    /// The `busy` answer for a request whose bytes do not fit in what the connection's calls
-    /// (or the whole gateway's) may hold.
+    /// The answer for a request whose bytes do not fit in what the connection's calls (or the
+    /// whole gateway's) may hold: `busy`, or `too_large` when it is larger than the whole budget
+    /// and would never fit.
     pub(crate) fn busy_bytes(spent: crate::budget::Spent) -> Self {
         use crate::budget::Spent;
-        crate::metrics::rejected(Kind::Busy);
-        let message = match spent {
-            Spent::Connection(limit) => format!(
-                "this connection's calls already hold up to {limit} bytes \
-                 (max_in_flight_bytes); wait for results"
+        let (kind, message) = match spent {
+            Spent::Exceeds {
+                bytes,
+                limit,
+                setting,
+            } => (
+                Kind::TooLarge,
+                format!("the request is {bytes} bytes; calls may hold at most {limit} ({setting})"),
             ),
-            Spent::Gateway(limit) => format!(
-                "the gateway's calls already hold up to {limit} bytes \
-                 (max_gateway_in_flight_bytes); try again shortly"
+            Spent::Connection(limit) => (
+                Kind::Busy,
+                format!(
+                    "this connection's calls already hold up to {limit} bytes \
+                     (max_in_flight_bytes); wait for results"
+                ),
+            ),
+            Spent::Gateway(limit) => (
+                Kind::Busy,
+                format!(
+                    "the gateway's calls already hold up to {limit} bytes \
+                     (max_gateway_in_flight_bytes); try again shortly"
+                ),
             ),
         };
-        Self::new(Kind::Busy, message)
+        crate::metrics::rejected(kind);
+        Self::new(kind, message)
     }
 
     /// The `too_large` answer for a message over the size limit.
