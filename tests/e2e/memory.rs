@@ -152,6 +152,53 @@ async fn four_unread_one_mib_websocket_batches_grow_the_gateway_by_less_than_64_
     drop(gw);
 }
 
+/// The same 1 MiB batches with `--max-batch` above their length: every element is refused on
+/// its own, and the refusals (half a million a message, about 60 MB of answers) are written one
+/// by one as they are made, so four connections that do not read grow the gateway by less than
+/// 64 MB; read later, they come in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_of_unread_one_mib_websocket_batches_are_written_one_by_one() {
+    let q = TestQueue::new("mem-ws-each");
+    let (gw, http, _) = gateway(&q, &["--max-batch", "1000000"]).await;
+    let url = format!("ws://{http}/ws");
+    let batch = format!("[{}]", vec!["0"; 524_000].join(","));
+    assert!(batch.len() < 1024 * 1024);
+    let before = status_bytes(gw.pid(), "VmRSS");
+    reset_peak(gw.pid());
+
+    let mut sockets = Vec::new();
+    for _ in 0..4 {
+        let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+        ws.send(Message::text(batch.clone())).await.unwrap();
+        sockets.push(ws);
+    }
+    // Read one answer from each only once all four were sent; the gateway is by then blocked
+    // on the unread sockets, holding what it made.
+    let mut firsts = Vec::new();
+    for ws in &mut sockets {
+        firsts.push(ws_next(ws).await);
+    }
+    let grown = status_bytes(gw.pid(), "VmHWM").saturating_sub(before);
+    assert!(
+        grown < 64 * MIB,
+        "the gateway grew by {} MiB for 4 MiB of batches refused one by one",
+        grown / MIB
+    );
+    for (ws, first) in sockets.iter_mut().zip(firsts) {
+        for answer in [first, ws_next(ws).await, ws_next(ws).await] {
+            assert_eq!(answer["id"], Value::Null, "{answer}");
+            assert_eq!(answer["error"]["kind"], "bad_request", "{answer}");
+            let message = answer["error"]["message"].as_str().unwrap();
+            assert!(
+                message.contains("expected {"),
+                "one refusal per element: {message}"
+            );
+        }
+    }
+    drop(sockets);
+    drop(gw);
+}
+
 /// A thousand pipelined Text lines of 1 MiB each for a queue nobody consumes: the calls hold
 /// at most the connection's byte budget (`--max-in-flight-bytes`, 16 MiB by default), every
 /// line past it is answered `busy`, and the gateway's peak stays within that budget plus its
