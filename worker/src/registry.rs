@@ -124,7 +124,15 @@ impl Registry {
                 let task: T = match args.get() {
                     "null" => serde_json::from_value(Value::Null)
                         .or_else(|_| serde_json::from_value(Value::Object(Default::default()))),
-                    _ => args.parse(),
+                    // A repeated key is an error for a struct read straight from text; read
+                    // through a tree, as producers' JSON always was, the last value counts.
+                    _ => args.parse().or_else(|e: serde_json::Error| {
+                        if e.to_string().starts_with("duplicate field") {
+                            args.parse::<Value>().and_then(serde_json::from_value)
+                        } else {
+                            Err(e)
+                        }
+                    }),
                 }
                 .map_err(|e| {
                     HandlerFailure::InvalidArgs(format!("arguments of {:?}: {e}", T::NAME))
@@ -237,6 +245,17 @@ mod tests {
             run(&registry, json!({"a": "x"})).await,
             Err(HandlerFailure::InvalidArgs(m)) if m.starts_with("arguments of \"add\"")
         ));
+    }
+
+    #[tokio::test]
+    async fn a_repeated_argument_keeps_its_last_value_as_a_tree_would() {
+        let registry = Registry::new().register_handler::<Add>(Offset(0));
+        let entry = registry.get("add").expect("registered");
+        let args = RawJson::from_string(r#"{"a": 1, "b": 2, "a": 40}"#.into()).expect("JSON");
+        let result = (entry.run)(args, TaskContext::new(TaskId::new(), "add"))
+            .await
+            .expect("runs");
+        assert_eq!(result.get(), "42");
     }
 
     #[tokio::test]
