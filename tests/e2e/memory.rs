@@ -555,3 +555,38 @@ async fn the_gateway_refuses_byte_limits_out_of_order_at_start() {
         );
     }
 }
+
+/// `warren_gateway_held_bytes` shows what calls hold: a call's request while it waits, and
+/// nothing once it is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bytes_calls_hold_are_a_gauge() {
+    let q = TestQueue::new("mem-gauge");
+    let metrics = free_addr();
+    let flags = ["--call-timeout", "3s", "--metrics", &metrics.to_string()];
+    let (_gw, http, _text) = gateway(&q, &flags).await;
+    let held = || async move {
+        let (_, body) = warren_tests::http_get(format!("http://{metrics}/metrics")).await?;
+        body.lines().find_map(|line| {
+            line.strip_prefix("warren_gateway_held_bytes ")?
+                .parse::<f64>()
+                .ok()
+        })
+    };
+    eventually("nothing held", WAIT, || async { held().await == Some(0.0) }).await;
+    let task = json!({"id": 1, "function": "echo", "args": "x".repeat(5000)}).to_string();
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{http}/ws"))
+        .await
+        .unwrap();
+    ws.send(Message::text(task.clone())).await.unwrap();
+    assert_eq!(ws_next(&mut ws).await["status"], "enqueued");
+    let during = held().await.unwrap();
+    #[allow(clippy::cast_precision_loss)]
+    let size = task.len() as f64;
+    assert!(during >= size, "{during} bytes held for a {size}-byte task");
+    // Nobody consumes: the call times out, its answer is written, its bytes given back.
+    assert_eq!(ws_next(&mut ws).await["error"]["kind"], "timeout");
+    eventually("the bytes given back", WAIT, || async {
+        held().await == Some(0.0)
+    })
+    .await;
+}

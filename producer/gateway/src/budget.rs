@@ -112,6 +112,7 @@ impl Held {
             connection.give_back(bytes);
             return Err(Spent::Gateway(gateway.limit()));
         }
+        crate::metrics::held_bytes(signed(bytes));
         Ok(Self {
             connection: connection.clone(),
             gateway: gateway.clone(),
@@ -123,6 +124,7 @@ impl Held {
     pub(crate) fn add(&mut self, bytes: usize) {
         self.connection.force(bytes);
         self.gateway.force(bytes);
+        crate::metrics::held_bytes(signed(bytes));
         self.bytes += bytes;
     }
 }
@@ -131,7 +133,13 @@ impl Drop for Held {
     fn drop(&mut self) {
         self.connection.give_back(self.bytes);
         self.gateway.give_back(self.bytes);
+        crate::metrics::held_bytes(-signed(self.bytes));
     }
+}
+
+/// `bytes` as a gauge delta (a count of bytes in memory always fits).
+fn signed(bytes: usize) -> isize {
+    isize::try_from(bytes).unwrap_or(isize::MAX)
 }
 
 #[cfg(test)]
