@@ -53,7 +53,7 @@ pub mod trace;
 pub use broker::{BrokerError, BrokerSettings};
 pub use policy::Policy;
 pub use pool::{ChannelPool, PublishError};
-pub use protocol::{ErrorKind, Reply, Request, TaskFailure, TaskId};
+pub use protocol::{ErrorKind, Json, RawJson, Reply, Request, TaskFailure, TaskId};
 pub use task::Task;
 
 /// The lapin version Warren is built on, re-exported so users need not pin it themselves.

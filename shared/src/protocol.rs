@@ -11,6 +11,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 use uuid::Uuid;
 
 /// The protocol version this build speaks, sent in [`headers::PROTOCOL`].
@@ -65,78 +66,285 @@ impl From<&str> for TaskId {
     }
 }
 
+/// JSON text kept as text: checked to be one JSON value, never expanded into a tree.
+///
+/// A parsed [`Value`] of number-heavy JSON costs up to 40 times its text; what only passes
+/// JSON through (the gateway's arguments, a worker's results) keeps it as this instead, and
+/// writes it out unchanged.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RawJson(Box<RawValue>);
+
+impl RawJson {
+    /// `null`.
+    pub fn null() -> Self {
+        Self(RawValue::NULL.to_owned())
+    }
+
+    /// Checks that `text` is one JSON value and keeps it.
+    ///
+    /// # Errors
+    /// A [`serde_json::Error`] when `text` is not JSON.
+    pub fn from_string(text: String) -> Result<Self, serde_json::Error> {
+        RawValue::from_string(text).map(Self)
+    }
+
+    /// Serializes `value` straight to text (no intermediate tree).
+    ///
+    /// # Errors
+    /// A [`serde_json::Error`] when `value` does not serialize to JSON (a map with non-string
+    /// keys, say).
+    pub fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<Self, serde_json::Error> {
+        serde_json::value::to_raw_value(value).map(Self)
+    }
+
+    /// The JSON text.
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+
+    /// Parses the text into `T` (a [`Value`], or a typed result).
+    ///
+    /// # Errors
+    /// A [`serde_json::Error`] when the JSON does not fit `T`.
+    pub fn parse<T: serde::de::DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        serde_json::from_str(self.get())
+    }
+}
+
+impl From<Box<RawValue>> for RawJson {
+    fn from(raw: Box<RawValue>) -> Self {
+        Self(raw)
+    }
+}
+
+impl From<&RawValue> for RawJson {
+    fn from(raw: &RawValue) -> Self {
+        Self(raw.to_owned())
+    }
+}
+
+impl Default for RawJson {
+    fn default() -> Self {
+        Self::null()
+    }
+}
+
+impl PartialEq for RawJson {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get()
+    }
+}
+
+impl fmt::Debug for RawJson {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.get())
+    }
+}
+
+/// The JSON that requests and replies carry: a parsed [`Value`] or raw text ([`RawJson`]).
+/// Sealed: both always serialize.
+pub trait Json: Serialize + serde::de::DeserializeOwned + Default + sealed::Sealed {}
+
+impl Json for Value {}
+impl Json for RawJson {}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for serde_json::Value {}
+    impl Sealed for super::RawJson {}
+}
+
 /// A request body: which function to run, with which arguments.
+///
+/// `Request` (the default) parses the arguments; `Request<RawJson>` only checks them, for code
+/// that passes them on.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Request {
+pub struct Request<A = Value> {
     /// The registered function name, e.g. `send_mail`.
     pub function: String,
     /// The function's arguments; any JSON value. Missing means `null`.
     #[serde(default)]
-    pub args: Value,
+    pub args: A,
+}
+
+impl<A: Json> Request<A> {
+    /// Serializes the request body.
+    pub fn encode(&self) -> Vec<u8> {
+        // A String and a `Json` always serialize.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
 }
 
 impl Request {
-    /// Serializes the request body.
-    pub fn encode(&self) -> Vec<u8> {
-        // A struct of a String and a Value always serializes.
-        serde_json::to_vec(self).unwrap_or_default()
-    }
-
     /// Parses a request body, saying precisely what is wrong with one that does not parse.
     ///
     /// # Errors
     /// [`ErrorKind::BadRequest`] when the body is not JSON, not an object, or has no string
     /// `function`.
     pub fn decode(body: &[u8]) -> Result<Self, TaskFailure> {
-        let value: Value = serde_json::from_slice(body).map_err(|e| {
-            TaskFailure::new(
-                ErrorKind::BadRequest,
-                format!("body is not valid JSON: {e}"),
-            )
-        })?;
-        let Value::Object(mut object) = value else {
-            return Err(TaskFailure::new(
-                ErrorKind::BadRequest,
-                format!(
-                    "body must be a JSON object {{\"function\": ..., \"args\": ...}}, got {}",
-                    json_type(&value)
-                ),
-            ));
-        };
-        let function = match object.remove("function") {
-            Some(Value::String(f)) if !f.is_empty() => f,
-            Some(Value::String(_)) => {
-                return Err(TaskFailure::new(
-                    ErrorKind::BadRequest,
-                    "\"function\" is empty",
-                ));
-            }
-            Some(other) => {
-                return Err(TaskFailure::new(
-                    ErrorKind::BadRequest,
-                    format!("\"function\" must be a string, got {}", json_type(&other)),
-                ));
-            }
-            None => {
-                return Err(TaskFailure::new(
-                    ErrorKind::BadRequest,
-                    "body has no \"function\" field",
-                ));
-            }
-        };
-        let args = object.remove("args").unwrap_or(Value::Null);
-        Ok(Self { function, args })
+        decode_request(body)
     }
 }
 
-fn json_type(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
+impl Request<RawJson> {
+    /// [`Request::decode`], keeping the arguments as text: they are checked to be JSON, not
+    /// parsed into a tree.
+    ///
+    /// # Errors
+    /// As [`Request::decode`].
+    pub fn decode_raw(body: &[u8]) -> Result<Self, TaskFailure> {
+        decode_request(body)
+    }
+}
+
+/// Parses a request body; only the arguments are kept as `A`, the rest is read without a tree.
+fn decode_request<A: Json>(body: &[u8]) -> Result<Request<A>, TaskFailure> {
+    let bad = |message: String| TaskFailure::new(ErrorKind::BadRequest, message);
+    // Checked as a parse into a tree would check it (nesting depth included), without the tree.
+    let not_json = |e: serde_json::Error| bad(format!("body is not valid JSON: {e}"));
+    check_json(body).map_err(not_json)?;
+    let body: &RawValue = serde_json::from_slice(body).map_err(not_json)?;
+    let kind = raw_json_type(body);
+    if kind != "an object" {
+        return Err(bad(format!(
+            "body must be a JSON object {{\"function\": ..., \"args\": ...}}, got {kind}"
+        )));
+    }
+    let fields: Fields<'_> =
+        serde_json::from_str(body.get()).map_err(|e| bad(format!("body is not a request: {e}")))?;
+    let function = match fields.function {
+        None => return Err(bad("body has no \"function\" field".to_owned())),
+        Some(raw) if raw_json_type(raw) != "a string" => {
+            return Err(bad(format!(
+                "\"function\" must be a string, got {}",
+                raw_json_type(raw)
+            )));
+        }
+        Some(raw) => serde_json::from_str::<String>(raw.get())
+            .map_err(|e| bad(format!("\"function\" is not a string: {e}")))?,
+    };
+    if function.is_empty() {
+        return Err(bad("\"function\" is empty".to_owned()));
+    }
+    let args = match fields.args {
+        None => A::default(),
+        Some(raw) => serde_json::from_str(raw.get())
+            .map_err(|e| bad(format!("\"args\" do not parse: {e}")))?,
+    };
+    Ok(Request { function, args })
+}
+
+/// The fields a request is read for, as text; anything else is skipped. A repeated field
+/// keeps its last value, as a parse into a [`Value`] does.
+#[derive(Default)]
+struct Fields<'a> {
+    function: Option<&'a RawValue>,
+    args: Option<&'a RawValue>,
+}
+
+impl<'de> Deserialize<'de> for Fields<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Fields<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                mut map: M,
+            ) -> Result<Fields<'de>, M::Error> {
+                let mut fields = Fields::default();
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    match key.as_ref() {
+                        "function" => fields.function = Some(map.next_value()?),
+                        "args" => fields.args = Some(map.next_value()?),
+                        _ => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(fields)
+            }
+        }
+        deserializer.deserialize_map(Visitor)
+    }
+}
+
+/// Checks that `text` is one JSON value as a parse into a [`Value`] would (numbers in range,
+/// strings valid, nesting depth limited), without building the tree.
+///
+/// Reading JSON as a [`RawValue`] only skips over it: `1e400` or a lone `"\ud800"` pass, and
+/// fail later where the text is parsed or re-serialized. Run this first on text taken from
+/// outside and kept as text.
+///
+/// # Errors
+/// The [`serde_json::Error`] the parse into a [`Value`] would give.
+pub fn check_json(text: &[u8]) -> Result<(), serde_json::Error> {
+    serde_json::from_slice::<Checked>(text).map(|Checked| ())
+}
+
+/// Any JSON value, read as a parse into a [`Value`] reads it (strings decoded, nesting depth
+/// limited) and dropped as it goes: no tree is built.
+struct Checked;
+
+impl<'de> Deserialize<'de> for Checked {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Checked;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Checked, E> {
+                Ok(Checked)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Checked, E> {
+                Ok(Checked)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Checked, E> {
+                Ok(Checked)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Checked, E> {
+                Ok(Checked)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Checked, E> {
+                Ok(Checked)
+            }
+            fn visit_unit<E>(self) -> Result<Checked, E> {
+                Ok(Checked)
+            }
+            fn visit_seq<S: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: S,
+            ) -> Result<Checked, S::Error> {
+                while seq.next_element::<Checked>()?.is_some() {}
+                Ok(Checked)
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                mut map: M,
+            ) -> Result<Checked, M::Error> {
+                while map.next_key::<Checked>()?.is_some() {
+                    map.next_value::<Checked>()?;
+                }
+                Ok(Checked)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// What JSON type `raw` holds (`"an object"`, `"a number"`...), from its first byte.
+fn raw_json_type(raw: &RawValue) -> &'static str {
+    match raw.get().as_bytes().first() {
+        Some(b'{') => "an object",
+        Some(b'[') => "an array",
+        Some(b'"') => "a string",
+        Some(b't' | b'f') => "a boolean",
+        Some(b'n') => "null",
+        _ => "a number",
     }
 }
 
@@ -224,61 +432,94 @@ impl TaskFailure {
 }
 
 /// A reply body: the result, or the failure.
+///
+/// `Reply` (the default) holds a parsed result; a worker replies with `Reply<RawJson>`, the
+/// result as its handler's JSON text.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Reply {
+pub enum Reply<T = Value> {
     /// The task succeeded with this result.
-    Ok(Value),
+    Ok(T),
     /// The task failed.
     Err(TaskFailure),
 }
 
-#[derive(Serialize, Deserialize)]
-struct WireReply {
+/// A reply on the wire, serialized from borrowed parts (a result is never copied to be sent).
+#[derive(Serialize)]
+struct WireReplyRef<'a, T> {
     ok: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    result: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result: Option<&'a T>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a TaskFailure>,
+}
+
+#[derive(Deserialize)]
+#[serde(bound = "T: Json")]
+struct WireReply<T> {
+    ok: bool,
+    #[serde(default)]
+    result: Option<T>,
+    #[serde(default)]
     error: Option<TaskFailure>,
 }
 
-impl Reply {
+impl<T: Json> Reply<T> {
     /// Serializes the reply body.
     pub fn encode(&self) -> Vec<u8> {
         let wire = match self {
-            Self::Ok(result) => WireReply {
+            Self::Ok(result) => WireReplyRef {
                 ok: true,
-                result: Some(result.clone()),
+                result: Some(result),
                 error: None,
             },
-            Self::Err(failure) => WireReply {
+            Self::Err(failure) => WireReplyRef {
                 ok: false,
                 result: None,
-                error: Some(failure.clone()),
+                error: Some(failure),
             },
         };
+        // A `Json` and a `TaskFailure` always serialize.
         serde_json::to_vec(&wire).unwrap_or_default()
     }
 
+    /// `Ok(result)` or `Err(failure)`.
+    pub fn into_result(self) -> Result<T, TaskFailure> {
+        match self {
+            Self::Ok(v) => Ok(v),
+            Self::Err(f) => Err(f),
+        }
+    }
+}
+
+/// Parses a reply body, its result as `T`.
+fn decode_reply<T: Json>(body: &[u8]) -> Result<Reply<T>, serde_json::Error> {
+    let wire: WireReply<T> = serde_json::from_slice(body)?;
+    match (wire.ok, wire.error) {
+        (true, _) => Ok(Reply::Ok(wire.result.unwrap_or_default())),
+        (false, Some(failure)) => Ok(Reply::Err(failure)),
+        (false, None) => Err(serde::de::Error::missing_field("error")),
+    }
+}
+
+impl Reply<RawJson> {
+    /// [`Reply::decode`], keeping the result as text: checked to be JSON, not parsed into a
+    /// tree.
+    ///
+    /// # Errors
+    /// As [`Reply::decode`].
+    pub fn decode_raw(body: &[u8]) -> Result<Self, serde_json::Error> {
+        decode_reply(body)
+    }
+}
+
+impl Reply {
     /// Parses a reply body.
     ///
     /// # Errors
     /// A [`serde_json::Error`] when the body is not a reply (not JSON, no `ok`, or `ok: false`
     /// without an `error`).
     pub fn decode(body: &[u8]) -> Result<Self, serde_json::Error> {
-        let wire: WireReply = serde_json::from_slice(body)?;
-        match (wire.ok, wire.error) {
-            (true, _) => Ok(Self::Ok(wire.result.unwrap_or(Value::Null))),
-            (false, Some(failure)) => Ok(Self::Err(failure)),
-            (false, None) => Err(serde::de::Error::missing_field("error")),
-        }
-    }
-
-    /// `Ok(result)` or `Err(failure)`.
-    pub fn into_result(self) -> Result<Value, TaskFailure> {
-        match self {
-            Self::Ok(v) => Ok(v),
-            Self::Err(f) => Err(f),
-        }
+        decode_reply(body)
     }
 }
 
@@ -302,6 +543,46 @@ mod tests {
             json!({"function": "send_mail", "args": {"to": "a@b.c"}})
         );
         assert_eq!(Request::decode(&body).unwrap(), req);
+    }
+
+    #[test]
+    fn a_raw_request_keeps_its_arguments_as_text_and_says_what_is_wrong_alike() {
+        let body = br#"{"args": [1, 2.50, {"a":null}], "x": {"function": 1}, "function":"echo"}"#;
+        let raw = Request::decode_raw(body).unwrap();
+        assert_eq!(raw.function, "echo");
+        assert_eq!(raw.args.get(), r#"[1, 2.50, {"a":null}]"#, "text, as sent");
+        assert_eq!(
+            serde_json::from_slice::<Value>(&raw.encode()).unwrap(),
+            json!({"function": "echo", "args": [1, 2.5, {"a": null}]})
+        );
+        assert_eq!(
+            Request::decode_raw(br#"{"function":"ping"}"#).unwrap().args,
+            RawJson::null()
+        );
+        // A repeated key keeps its last value, as a parse into a `Value` does.
+        let twice = br#"{"function":"echo","function":"sleep","args":1,"args":2}"#;
+        assert_eq!(Request::decode_raw(twice).unwrap().function, "sleep");
+        assert_eq!(Request::decode(twice).unwrap().args, json!(2));
+        for body in [
+            &b"{not json"[..],
+            b"[1]",
+            br#"{"function": 7}"#,
+            br#"{"function": ""}"#,
+        ] {
+            assert_eq!(
+                Request::decode_raw(body).unwrap_err(),
+                Request::decode(body).unwrap_err()
+            );
+        }
+    }
+
+    #[test]
+    fn a_raw_reply_is_written_as_its_text() {
+        let result = RawJson::from_string("[0,0, 0]".to_owned()).unwrap();
+        let body = Reply::Ok(result).encode();
+        assert_eq!(body, br#"{"ok":true,"result":[0,0, 0]}"#);
+        assert_eq!(Reply::decode(&body).unwrap(), Reply::Ok(json!([0, 0, 0])));
+        assert!(RawJson::from_string("[0,".to_owned()).is_err());
     }
 
     #[test]

@@ -437,6 +437,7 @@ async fn ws_limits_busy_token_size_and_idle() {
         max_message_bytes: 4096,
         max_in_flight: 2,
         idle_timeout: Duration::from_millis(500),
+        ..Limits::default()
     })
     .await;
 
@@ -694,6 +695,7 @@ async fn text_limits_token_busy_and_slowloris() {
         max_message_bytes: 4096,
         max_in_flight: 1,
         idle_timeout: Duration::from_millis(500),
+        ..Limits::default()
     })
     .await;
 
@@ -1819,5 +1821,38 @@ async fn strangers_from_many_addresses_cannot_take_every_place() {
         .await;
     assert_eq!(trusted.answer().await, json!("local"));
     drop(strangers);
+    env.finish().await;
+}
+
+/// A request larger than a whole byte budget (possible when the library is given limits out of
+/// order; the binary refuses them at start) is answered `too_large` naming the budget, on both
+/// ports, not `busy` forever; a request that fits is still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_larger_than_a_whole_byte_budget_is_too_large_not_busy() {
+    let env = spawn(Limits {
+        max_message_bytes: 4096,
+        max_in_flight_bytes: 1000,
+        ..Limits::default()
+    })
+    .await;
+    let args = "x".repeat(2000);
+    let mut text = text_connect(&env).await;
+    text.send(json!({"function": "echo", "args": args})).await;
+    let answer = text.answer().await;
+    assert_eq!(error_kind(&answer), "too_large", "{answer}");
+    let message = answer["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("at most 1000") && message.contains("max_in_flight_bytes"),
+        "{message}"
+    );
+    text.send(json!({"function": "echo", "args": "small"}))
+        .await;
+    assert_eq!(text.answer().await, json!("small"));
+
+    let mut ws = ws_connect(&env).await;
+    ws_send(&mut ws, json!({"id": 7, "function": "echo", "args": args})).await;
+    let answer = ws_next(&mut ws).await;
+    assert_eq!(answer["id"], 7, "{answer}");
+    assert_eq!(error_kind(&answer), "too_large", "{answer}");
     env.finish().await;
 }

@@ -126,6 +126,9 @@ async fn setup(
         backoff: vec![Duration::from_millis(100)],
         time_limit: Duration::from_secs(30),
     };
+    // Results up to the 16 MiB frame limit are published (the default `max_result_bytes` is
+    // 8 MiB), so that a long result meets the pipe, not the result limit.
+    settings.max_result_bytes = 16 << 20;
     let w = q
         .worker_with(Registry::new().register_pool(&pool), settings)
         .await;

@@ -11,6 +11,7 @@ mod deploy;
 mod gateway;
 mod interactive;
 mod isolation;
+mod memory;
 mod operations;
 mod pools;
 mod processes;

@@ -1185,3 +1185,60 @@ async fn the_cli_reaches_a_php_pool_and_a_rust_handler_in_one_worker_process() {
     assert_eq!(warren(&["add", r#"{"a":40,"b":2}"#])["sum"], 42);
     assert_eq!(warren(&["echo", r#"{"x":1}"#]), json!({"x": 1}));
 }
+
+/// Arguments pretty-printed by the producer (line breaks between tokens, a bare `\r` among
+/// them) as a PHP, Python or Node producer may send them.
+fn pretty_printed_args() -> warren_shared::RawJson {
+    warren_shared::RawJson::from_string("{\n  \"a\": 2,\r\n  \"b\":\r 3\n}".into()).unwrap()
+}
+
+/// A task whose arguments hold line breaks reaches a Python pool as one line: the runner reads
+/// one task, not several broken ones.
+#[tokio::test]
+async fn pretty_printed_args_reach_a_python_pool_as_one_task() {
+    let script = repo().join("tests/pools/tasks.py");
+    let q = TestQueue::new("pool-python-pretty").with_retry_delays(&[RETRY]);
+    let pool = start_pool(PoolConfig {
+        functions: vec!["add".into()],
+        command: vec!["python3".into(), script.to_string_lossy().into_owned()],
+        processes: 1,
+        ..PoolConfig::default()
+    })
+    .await;
+    let _w = worker(&q, Registry::new().register_pool(&pool), 4).await;
+    let client = q.client().await;
+    let options = CallOptions::default().max_attempts(1);
+    let answer = client
+        .call_raw_with("add", pretty_printed_args(), &options)
+        .await
+        .unwrap();
+    let answer: Value = answer.parse().unwrap();
+    assert_eq!(answer["sum"], json!(5), "{answer}");
+    assert_eq!(pool.stats().started, 1, "the process was never replaced");
+}
+
+/// The same for a Text-protocol task server behind a pool.
+#[tokio::test]
+async fn pretty_printed_args_reach_a_text_protocol_task_server_as_one_line() {
+    let port = free_port();
+    let _server = text_server(port);
+    text_server_listening(port).await;
+    let q = TestQueue::new("pool-text-pretty").with_retry_delays(&[RETRY]);
+    let pool = start_pool(PoolConfig {
+        functions: vec!["add".into()],
+        connect: Some(format!("text://127.0.0.1:{port}")),
+        processes: 1,
+        time_limit: Some(Duration::from_secs(10)),
+        ..PoolConfig::default()
+    })
+    .await;
+    let _w = worker(&q, Registry::new().register_pool(&pool), 4).await;
+    let client = q.client().await;
+    let options = CallOptions::default().max_attempts(1);
+    let answer = client
+        .call_raw_with("add", pretty_printed_args(), &options)
+        .await
+        .unwrap();
+    let answer: Value = answer.parse().unwrap();
+    assert_eq!(answer["sum"], json!(5), "{answer}");
+}

@@ -68,6 +68,10 @@ pub struct WorkerConfig {
     /// Largest task body accepted, in bytes; larger ones are refused as `too_large`.
     #[arg(long, env = "WARREN_MAX_BODY_BYTES")]
     pub max_body_bytes: usize,
+    /// Largest result (its JSON text) a handler may return, in bytes; a larger one fails the
+    /// task for good as `too_large` (unless nobody waits for it: then it is dropped).
+    #[arg(long, env = "WARREN_MAX_RESULT_BYTES")]
+    pub max_result_bytes: usize,
     /// Directory where send_mail writes .eml files when no SMTP relay is set.
     #[arg(long, env = "WARREN_OUTBOX")]
     pub outbox: PathBuf,
@@ -120,6 +124,7 @@ impl Default for WorkerConfig {
             concurrency,
             policy,
             max_body_bytes,
+            max_result_bytes,
             shutdown_grace,
             watchdog_interval,
             functions_exchange,
@@ -138,6 +143,7 @@ impl Default for WorkerConfig {
             shutdown_grace,
             watchdog_interval,
             max_body_bytes,
+            max_result_bytes,
             outbox: PathBuf::from(DEFAULT_OUTBOX),
             smtp_url: None,
             exec: None,
@@ -207,6 +213,7 @@ impl WorkerConfig {
             shutdown_grace,
             watchdog_interval,
             max_body_bytes,
+            max_result_bytes,
             outbox: _,
             smtp_url: _,
             exec: _,
@@ -226,6 +233,7 @@ impl WorkerConfig {
                 time_limit,
             },
             max_body_bytes,
+            max_result_bytes,
             shutdown_grace,
             watchdog_interval,
             functions_exchange,

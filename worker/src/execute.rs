@@ -20,7 +20,7 @@ use tracing::Instrument;
 use warren_shared::envelope::{self, ReplyTo};
 use warren_shared::protocol;
 use warren_shared::trace::{Operation, SpanTask, TaskSpan};
-use warren_shared::{ErrorKind, Policy, Reply, Request, TaskFailure};
+use warren_shared::{ErrorKind, Policy, RawJson, Reply, Request, TaskFailure};
 
 use crate::handler::{Retry, TaskContext};
 use crate::outcome::{DeadReason, Envelope, Outcome};
@@ -40,6 +40,8 @@ pub(crate) struct Executor {
     /// Policy of functions registered without one of their own.
     pub(crate) policy: Policy,
     pub(crate) max_body_bytes: usize,
+    /// Larger results are not published: the task fails for good as `too_large`.
+    pub(crate) max_result_bytes: usize,
     /// The queues replies may go to besides direct reply-to addresses
     /// ([`WorkerSettings::reply_queues`](crate::WorkerSettings::reply_queues)); a delivery's
     /// `reply_to` is [restricted](envelope::ReplyTo::restricted_to) to them before it is judged.
@@ -137,7 +139,9 @@ impl Executor {
             Ok(checked) => checked,
             Err(outcome) => return outcome,
         };
-        let request = match Request::decode(&delivery.data) {
+        // The arguments stay JSON text: a typed handler reads them into its own type, a pool
+        // passes them on.
+        let request = match Request::decode_raw(&delivery.data) {
             Ok(r) => r,
             Err(failure) => {
                 return Outcome::DeadLetter {
@@ -186,7 +190,7 @@ impl Executor {
         &self,
         delivery: &Delivery,
         envelope: &Envelope,
-        request: Request,
+        request: Request<RawJson>,
         attempt: u32,
         deadline: Option<SystemTime>,
     ) -> Outcome {
@@ -223,8 +227,22 @@ impl Executor {
         let started = std::time::Instant::now();
         // Its own tokio task: a panic stays there and comes back as a JoinError.
         let mut run = tokio::spawn((entry.run)(request.args, ctx).in_current_span());
+        // Only a result that would be published is bounded: with nobody waiting, a large one
+        // is dropped and the task, which did its work, is done.
+        let max_result_bytes = match envelope.reply_to.address() {
+            Some(_) => self.max_result_bytes,
+            None => usize::MAX,
+        };
         let failed = tokio::select! {
             joined = &mut run => match joined {
+                Ok(Ok(value)) if value.get().len() > max_result_bytes => (
+                    TaskFailure::new(ErrorKind::TooLarge, format!(
+                        "the result is {} bytes of JSON; this worker publishes at most {} (max_result_bytes)",
+                        value.get().len(), self.max_result_bytes,
+                    )),
+                    // The same task would make the same result.
+                    Retry::Permanent,
+                ),
                 Ok(Ok(value)) => {
                     tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "task done");
                     return Outcome::Reply(Reply::Ok(value));
@@ -319,6 +337,7 @@ mod tests {
     use lapin::types::FieldTable;
     use proptest::strategy::Strategy;
     use std::time::Duration;
+    use warren_shared::RawJson;
     use warren_shared::envelope::headers;
 
     fn failure() -> TaskFailure {
@@ -370,6 +389,11 @@ mod tests {
         );
     }
 
+    /// `value` as a handler's result.
+    fn raw(value: &serde_json::Value) -> RawJson {
+        RawJson::to_json(value).expect("test value")
+    }
+
     fn executor() -> Executor {
         use warren_shared::tasks::{Echo, Sleep, Slept};
         let registry = Registry::new()
@@ -386,6 +410,7 @@ mod tests {
                 ..Policy::default()
             },
             max_body_bytes: 4096,
+            max_result_bytes: 4096,
             reply_queues: Arc::from([]),
             abort: CancellationToken::new(),
         }
@@ -489,12 +514,12 @@ mod tests {
             ))));
         }
         match request.function.as_str() {
-            "echo" => Ok(Outcome::Reply(Reply::Ok(request.args))),
+            "echo" => Ok(Outcome::Reply(Reply::Ok(raw(&request.args)))),
             "sleep" => match serde_json::from_value::<warren_shared::tasks::Sleep>(request.args) {
                 Err(_) => Ok(rejected(ErrorKind::InvalidArgs, "")),
-                Ok(s) if s.ms == 0 => Ok(Outcome::Reply(Reply::Ok(
-                    serde_json::json!({ "slept_ms": 0 }),
-                ))),
+                Ok(s) if s.ms == 0 => Ok(Outcome::Reply(Reply::Ok(raw(
+                    &serde_json::json!({ "slept_ms": 0 }),
+                )))),
                 Ok(_) => Err(ErrorKind::Timeout),
             },
             _ => Ok(rejected(ErrorKind::UnknownFunction, "")),
@@ -503,7 +528,7 @@ mod tests {
 
     /// `got` is `want`, messages aside.
     fn same_verdict(got: &Outcome, want: &Result<Outcome, ErrorKind>) -> bool {
-        let kind = |reply: &Reply| match reply {
+        let kind = |reply: &Reply<RawJson>| match reply {
             Reply::Ok(v) => Ok(v.clone()),
             Reply::Err(f) => Err(f.kind),
         };
@@ -601,7 +626,7 @@ mod tests {
         envelope::set_header_int(&mut h, headers::ATTEMPT, i64::from(u32::MAX));
         assert_eq!(
             judge(body, Some(h), None),
-            Outcome::Reply(Reply::Ok(serde_json::json!(1)))
+            Outcome::Reply(Reply::Ok(raw(&serde_json::json!(1))))
         );
         assert!(matches!(
             after_failure(&policy(), u32::MAX, None, failure(), Retry::Retryable),
@@ -649,7 +674,7 @@ mod tests {
         // The forms that are integers still work: a decimal string, any integer width.
         assert_eq!(
             with(headers::PROTOCOL, AMQPValue::ShortString("1".into())),
-            Outcome::Reply(Reply::Ok(serde_json::json!(1)))
+            Outcome::Reply(Reply::Ok(raw(&serde_json::json!(1))))
         );
         assert!(matches!(
             with(headers::DEADLINE, AMQPValue::LongLongInt(1)),
@@ -661,13 +686,56 @@ mod tests {
     }
 
     #[test]
+    fn a_result_over_max_result_bytes_fails_for_good_as_too_large() {
+        let mut executor = executor();
+        executor.max_result_bytes = 10;
+        let judge_to = |executor: &Executor, args: &str, reply_to: Option<&str>| {
+            let body = format!(r#"{{"function":"echo","args":{args}}}"#).into_bytes();
+            let mut delivery = Delivery::mock(1, "".into(), "q".into(), false, body);
+            if let Some(reply_to) = reply_to {
+                delivery.properties =
+                    lapin::BasicProperties::default().with_reply_to(reply_to.into());
+            }
+            let envelope = Envelope::of(&delivery);
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime")
+                .block_on(executor.execute(&delivery, &envelope))
+        };
+        let judge_with =
+            |executor: &Executor, args: &str| judge_to(executor, args, Some("my.replies"));
+        // Ten bytes of JSON are published; eleven are not.
+        assert_eq!(
+            judge_with(&executor, r#""12345678""#),
+            Outcome::Reply(Reply::Ok(raw(&serde_json::json!("12345678"))))
+        );
+        let outcome = judge_with(&executor, r#""123456789""#);
+        let Outcome::DeadLetter { reason, failure } = &outcome else {
+            panic!("{outcome:?}")
+        };
+        assert_eq!(*reason, DeadReason::PermanentFailure);
+        assert_eq!(failure.kind, ErrorKind::TooLarge);
+        assert!(
+            failure.message.contains("11 bytes") && failure.message.contains("at most 10"),
+            "{}",
+            failure.message
+        );
+        // With nobody waiting nothing is published: the task did its work and is done.
+        assert_eq!(
+            judge_to(&executor, r#""123456789""#, None),
+            Outcome::Reply(Reply::Ok(raw(&serde_json::json!("123456789"))))
+        );
+    }
+
+    #[test]
     fn a_reply_address_the_broker_would_choke_on_is_rejected() {
         let body = br#"{"function":"echo","args":1}"#.to_vec();
         let outcome = judge(body.clone(), None, Some("amq.rabbitmq.reply-to.AAAA.x"));
         assert!(rejected_as(&outcome, ErrorKind::BadRequest), "{outcome:?}");
         assert_eq!(
             judge(body, None, Some("my.replies")),
-            Outcome::Reply(Reply::Ok(serde_json::json!(1)))
+            Outcome::Reply(Reply::Ok(raw(&serde_json::json!(1))))
         );
     }
 

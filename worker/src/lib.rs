@@ -66,5 +66,5 @@ pub use mail::Mailer;
 pub use outcome::{DeadReason, Outcome};
 pub use pool::{Pool, PoolConfig, PoolError};
 pub use registry::Registry;
-pub use settings::{WorkerError, WorkerSettings};
+pub use settings::{DEFAULT_MAX_RESULT_BYTES, WorkerError, WorkerSettings};
 pub use supervisor::{RunningWorker, run, start};

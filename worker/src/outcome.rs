@@ -22,15 +22,16 @@ use warren_shared::link::{Link, LinkState};
 use warren_shared::pool::{
     self, LinkPool, Publication, PublishError, close_isolated, publish_confirmed,
 };
-use warren_shared::{ChannelPool, ErrorKind, Reply, TaskFailure, TaskId, topology};
+use warren_shared::{ChannelPool, ErrorKind, RawJson, Reply, TaskFailure, TaskId, topology};
 
 pub use warren_shared::envelope::DeadReason;
 
 /// The verdict on one delivery.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    /// Final: reply if the caller asked for one, then ack.
-    Reply(Reply),
+    /// Final: reply if the caller asked for one, then ack. A result is the handler's JSON
+    /// text, published as it is.
+    Reply(Reply<RawJson>),
     /// Run it again after `delay`: a copy with the attempt incremented goes to the delay queue;
     /// the caller keeps waiting.
     Retry {
@@ -290,8 +291,10 @@ impl Settler {
         outcome: &Outcome,
         from: Step,
     ) -> Result<(), (Step, PublishError)> {
+        // Borrowed, never cloned: a result can be megabytes.
+        let parked;
         let reply = match outcome {
-            Outcome::Reply(reply) => reply.clone(),
+            Outcome::Reply(reply) => reply,
             Outcome::Retry { delay, failure } => {
                 return self
                     .retry(pool, delivery, envelope, *delay, failure)
@@ -304,12 +307,13 @@ impl Settler {
                         .await
                         .map_err(|e| (Step::First, e))?;
                 }
-                Reply::Err(failure.clone())
+                parked = Reply::Err(failure.clone());
+                &parked
             }
             Outcome::HandBack => return Ok(()),
         };
         if let Some(reply_to) = envelope.reply_to.address() {
-            self.reply(pool, envelope, reply_to, &reply)
+            self.reply(pool, envelope, reply_to, reply)
                 .await
                 .map_err(|e| (Step::Reply, e))?;
         }
@@ -477,7 +481,7 @@ impl Settler {
         pool: &ChannelPool,
         envelope: &Envelope,
         reply_to: &str,
-        reply: &Reply,
+        reply: &Reply<RawJson>,
     ) -> Result<(), PublishError> {
         let properties = envelope::reply_properties(envelope);
         // Not mandatory: RabbitMQ 3.10 returns direct replies it has delivered, and a reply to a

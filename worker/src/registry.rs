@@ -10,15 +10,15 @@ use std::future::Future;
 use std::sync::Arc;
 
 use serde_json::Value;
-use warren_shared::Policy;
 use warren_shared::pool::BoxFuture;
+use warren_shared::{Policy, RawJson};
 
 use crate::handler::{Handler, Run, TaskContext, TaskError, handler_fn};
 use warren_shared::Task;
 
-/// A handler's outcome before it becomes a reply: the result, or the failure with its retry
-/// advice.
-pub(crate) type HandlerResult = Result<Value, HandlerFailure>;
+/// A handler's outcome before it becomes a reply: the result as JSON text (serialized once,
+/// never held as a tree), or the failure with its retry advice.
+pub(crate) type HandlerResult = Result<RawJson, HandlerFailure>;
 
 /// Why a registered function did not produce a result.
 #[derive(Debug, Clone)]
@@ -29,12 +29,14 @@ pub(crate) enum HandlerFailure {
     Task(TaskError),
 }
 
+/// A registered function on JSON text: the arguments as the task carried them in, the result
+/// out.
 pub(crate) type ErasedHandler =
-    Arc<dyn Fn(Value, TaskContext) -> BoxFuture<HandlerResult> + Send + Sync>;
+    Arc<dyn Fn(RawJson, TaskContext) -> BoxFuture<HandlerResult> + Send + Sync>;
 
-/// A handler on raw JSON: arguments in, a result or a typed error out.
+/// A handler on JSON text: arguments in, passed on unparsed, a result or a typed error out.
 pub(crate) type DynamicHandler =
-    Arc<dyn Fn(Value, TaskContext) -> BoxFuture<Result<Value, TaskError>> + Send + Sync>;
+    Arc<dyn Fn(RawJson, TaskContext) -> BoxFuture<Result<RawJson, TaskError>> + Send + Sync>;
 
 /// A registered function: how to run it, and its policy when it has one of its own.
 #[derive(Clone)]
@@ -115,20 +117,28 @@ impl Registry {
 
     fn insert<T: Task, H: Handler<T>>(mut self, handler: H, policy: Option<Policy>) -> Self {
         let handler = Arc::new(handler);
-        let run: ErasedHandler = Arc::new(move |args: Value, ctx: TaskContext| {
+        let run: ErasedHandler = Arc::new(move |args: RawJson, ctx: TaskContext| {
             let handler = handler.clone();
             Box::pin(async move {
                 // Missing arguments (null) also fit a task whose fields all have defaults.
-                let task: T = match args {
-                    Value::Null => serde_json::from_value(Value::Null)
+                let task: T = match args.get() {
+                    "null" => serde_json::from_value(Value::Null)
                         .or_else(|_| serde_json::from_value(Value::Object(Default::default()))),
-                    args => serde_json::from_value(args),
+                    // A repeated key is an error for a struct read straight from text; read
+                    // through a tree, as producers' JSON always was, the last value counts.
+                    _ => args.parse().or_else(|e: serde_json::Error| {
+                        if e.to_string().starts_with("duplicate field") {
+                            args.parse::<Value>().and_then(serde_json::from_value)
+                        } else {
+                            Err(e)
+                        }
+                    }),
                 }
                 .map_err(|e| {
                     HandlerFailure::InvalidArgs(format!("arguments of {:?}: {e}", T::NAME))
                 })?;
                 let output = handler.run(task, ctx).await.map_err(HandlerFailure::Task)?;
-                serde_json::to_value(output).map_err(|e| {
+                RawJson::to_json(&output).map_err(|e| {
                     HandlerFailure::Task(TaskError::permanent(format!(
                         "result of {:?} does not serialize: {e}",
                         T::NAME
@@ -154,7 +164,7 @@ impl Registry {
     /// [`Registry::register_pool`](crate::Registry::register_pool)), under the worker's default
     /// [`Policy`].
     pub(crate) fn insert_dynamic(mut self, function: &'static str, run: DynamicHandler) -> Self {
-        let run: ErasedHandler = Arc::new(move |args: Value, ctx: TaskContext| {
+        let run: ErasedHandler = Arc::new(move |args: RawJson, ctx: TaskContext| {
             let run = run.clone();
             Box::pin(async move { run(args, ctx).await.map_err(HandlerFailure::Task) })
         });
@@ -214,9 +224,13 @@ mod tests {
         }
     }
 
-    async fn run(registry: &Registry, args: Value) -> HandlerResult {
+    /// Runs `add`, with its result parsed back into a `Value`.
+    async fn run(registry: &Registry, args: Value) -> Result<Value, HandlerFailure> {
         let entry = registry.get("add").expect("registered");
-        (entry.run)(args, TaskContext::new(TaskId::new(), "add")).await
+        let args = RawJson::to_json(&args).expect("test value");
+        (entry.run)(args, TaskContext::new(TaskId::new(), "add"))
+            .await
+            .map(|result| result.parse().expect("a result is JSON"))
     }
 
     #[tokio::test]
@@ -231,6 +245,17 @@ mod tests {
             run(&registry, json!({"a": "x"})).await,
             Err(HandlerFailure::InvalidArgs(m)) if m.starts_with("arguments of \"add\"")
         ));
+    }
+
+    #[tokio::test]
+    async fn a_repeated_argument_keeps_its_last_value_as_a_tree_would() {
+        let registry = Registry::new().register_handler::<Add>(Offset(0));
+        let entry = registry.get("add").expect("registered");
+        let args = RawJson::from_string(r#"{"a": 1, "b": 2, "a": 40}"#.into()).expect("JSON");
+        let result = (entry.run)(args, TaskContext::new(TaskId::new(), "add"))
+            .await
+            .expect("runs");
+        assert_eq!(result.get(), "42");
     }
 
     #[tokio::test]

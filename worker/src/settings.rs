@@ -5,6 +5,11 @@ use std::time::Duration;
 use warren_shared::broker::{self, BrokerError, BrokerSettings};
 use warren_shared::{Policy, envelope, topology};
 
+/// The default of [`WorkerSettings::max_result_bytes`]: 8 MiB, twice the default body limit and
+/// half of RabbitMQ 4's default `max_message_size`, so that an oversized result is refused by
+/// the worker with a clear `too_large` rather than by the broker.
+pub const DEFAULT_MAX_RESULT_BYTES: usize = 8 * 1024 * 1024;
+
 /// How a worker runs.
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
@@ -20,6 +25,11 @@ pub struct WorkerSettings {
     pub policy: Policy,
     /// Larger bodies are refused as `too_large` without being parsed.
     pub max_body_bytes: usize,
+    /// Largest result (its JSON text) a handler may return; a larger one is not published: the
+    /// task fails for good as `too_large`. A task with nobody waiting (no reply address) is
+    /// not bound by it: its result is dropped. The default, [`DEFAULT_MAX_RESULT_BYTES`], keeps a
+    /// reply well inside the broker's `max_message_size` (16 MiB by default on RabbitMQ 4).
+    pub max_result_bytes: usize,
     /// On shutdown, how long in-flight tasks may take to finish before they are handed back.
     pub shutdown_grace: Duration,
     /// Bound on publishing one reply, retry or dead letter, confirm included.
@@ -51,6 +61,7 @@ impl Default for WorkerSettings {
             concurrency: 16,
             policy: Policy::default(),
             max_body_bytes: 4 * 1024 * 1024,
+            max_result_bytes: DEFAULT_MAX_RESULT_BYTES,
             shutdown_grace: Duration::from_secs(30),
             publish_timeout: Duration::from_secs(10),
             watchdog_interval: Duration::from_secs(10),

@@ -157,6 +157,7 @@ pub async fn start(
         registry,
         policy: settings.policy.clone(),
         max_body_bytes: settings.max_body_bytes,
+        max_result_bytes: settings.max_result_bytes,
         reply_queues: settings.reply_queues.iter().cloned().collect(),
         abort: abort.clone(),
     };

@@ -9,10 +9,10 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use tokio::sync::{oneshot, watch};
-use warren_shared::Reply;
 use warren_shared::link::LinkState;
 
-pub(crate) type ReplySender = oneshot::Sender<Result<Reply, String>>;
+/// Hands a call its reply's body, decoded by the call into what it returns.
+pub(crate) type ReplySender = oneshot::Sender<Vec<u8>>;
 
 /// Calls waiting for their reply, by correlation id.
 #[derive(Debug, Default)]
@@ -35,7 +35,7 @@ impl Pending {
         n
     }
 
-    pub(crate) fn deliver(&self, correlation_id: &str, reply: Result<Reply, String>) {
+    pub(crate) fn deliver(&self, correlation_id: &str, reply: Vec<u8>) {
         match self.lock().remove(correlation_id) {
             Some(tx) => {
                 let _ = tx.send(reply);

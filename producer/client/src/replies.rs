@@ -14,7 +14,6 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection};
 use tokio::sync::watch;
-use warren_shared::Reply;
 use warren_shared::broker::{BrokerError, Reconnect};
 use warren_shared::envelope;
 use warren_shared::link::{Generation, Link};
@@ -40,7 +39,7 @@ pub(crate) async fn start_reply_consumer(
         .await?;
     tokio::spawn(async move {
         while let Some(next) = replies.next().await {
-            let delivery = match next {
+            let mut delivery = match next {
                 Ok(d) => d,
                 Err(e) => {
                     tracing::debug!(error = %e, "reply consumer failed");
@@ -51,9 +50,9 @@ pub(crate) async fn start_reply_consumer(
                 tracing::warn!("reply without correlation_id ignored");
                 continue;
             };
-            let reply =
-                Reply::decode(&delivery.data).map_err(|e| format!("malformed reply body: {e}"));
-            pending.deliver(correlation_id, reply);
+            // Decoded by the call, into what it returns.
+            let body = std::mem::take(&mut delivery.data);
+            pending.deliver(correlation_id, body);
         }
         tracing::debug!(channel = channel.id(), "reply consumer ended");
     });
@@ -127,11 +126,10 @@ async fn follow_reply_queue(
                 }
                 next = replies.next() => next,
             };
-            let Some(Ok(delivery)) = next else { break };
+            let Some(Ok(mut delivery)) = next else { break };
             if let Some(correlation_id) = envelope::reply_correlation_id(&delivery.properties) {
-                let reply =
-                    Reply::decode(&delivery.data).map_err(|e| format!("malformed reply body: {e}"));
-                pending.deliver(correlation_id, reply);
+                let body = std::mem::take(&mut delivery.data);
+                pending.deliver(correlation_id, body);
             }
             // Acked once handed over (or found to be for nobody): a reply is read once.
             let _ = delivery.ack(BasicAckOptions::default()).await;

@@ -80,6 +80,17 @@ pub struct GatewayConfig {
     /// Tasks one connection may have in flight; more are answered `busy`.
     #[arg(long, env = "WARREN_GATEWAY_MAX_IN_FLIGHT")]
     pub max_in_flight: NonZeroUsize,
+    /// Tasks one websocket batch may hold; a longer batch is refused whole (`bad_request`).
+    #[arg(long, env = "WARREN_GATEWAY_MAX_BATCH")]
+    pub max_batch: NonZeroUsize,
+    /// Bytes one connection's calls may hold (requests, and results until written); a request
+    /// that does not fit is answered `busy`.
+    #[arg(long, env = "WARREN_GATEWAY_MAX_IN_FLIGHT_BYTES")]
+    pub max_in_flight_bytes: usize,
+    /// Bytes the calls of all connections together may hold; a request that does not fit is
+    /// answered `busy`.
+    #[arg(long, env = "WARREN_GATEWAY_MAX_GATEWAY_IN_FLIGHT_BYTES")]
+    pub max_gateway_in_flight_bytes: usize,
     /// Close connections that send nothing for this long with nothing in flight.
     #[arg(long, env = "WARREN_GATEWAY_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
     #[serde(with = "warren_shared::config::humantime_serde")]
@@ -137,6 +148,7 @@ impl Default for GatewayConfig {
             shutdown_grace,
             max_connections,
             max_connections_per_peer,
+            max_gateway_in_flight_bytes,
             max_unauthenticated,
             trusted_networks,
             auth_timeout,
@@ -148,6 +160,8 @@ impl Default for GatewayConfig {
             token,
             max_message_bytes,
             max_in_flight,
+            max_batch,
+            max_in_flight_bytes,
             idle_timeout,
         } = limits;
         Self {
@@ -163,6 +177,9 @@ impl Default for GatewayConfig {
             no_declare: !ClientSettings::default().declare,
             max_message_bytes,
             max_in_flight: NonZeroUsize::new(max_in_flight).unwrap_or(NonZeroUsize::MIN),
+            max_batch: NonZeroUsize::new(max_batch).unwrap_or(NonZeroUsize::MIN),
+            max_in_flight_bytes,
+            max_gateway_in_flight_bytes,
             idle_timeout,
             call_timeout,
             shutdown_grace,
@@ -204,13 +221,31 @@ pub enum SettingsError {
     /// `--listen-backlog 0`: the kernel would queue (almost) no connection.
     #[error("--listen-backlog must be at least 1 (the default is {DEFAULT_LISTEN_BACKLOG})")]
     ZeroListenBacklog,
+    /// A byte limit of 0: nothing would ever be accepted.
+    #[error("--{0} must be at least 1 byte")]
+    ZeroBytes(&'static str),
+    /// Byte limits out of order: a request the size limit lets in would never fit in a budget.
+    #[error(
+        "--max-message-bytes ({message}) must not exceed --max-in-flight-bytes ({connection}), \
+         nor that --max-gateway-in-flight-bytes ({gateway}): a message allowed in must fit in \
+         what calls may hold"
+    )]
+    BytesOutOfOrder {
+        /// `--max-message-bytes`.
+        message: usize,
+        /// `--max-in-flight-bytes`.
+        connection: usize,
+        /// `--max-gateway-in-flight-bytes`.
+        gateway: usize,
+    },
     /// An `--allow-origin` entry that is not `scheme://host[:port]` or `*`.
     #[error(transparent)]
     BadOrigin(#[from] BadOrigin),
 }
 
 impl GatewayConfig {
-    /// Checks what the types do not: no zero durations or backlog, origins that are origins.
+    /// Checks what the types do not: no zero durations, backlog or byte limits, byte limits in
+    /// order (message <= connection <= gateway), origins that are origins.
     /// The binary calls it once at start-up.
     ///
     /// # Errors
@@ -221,6 +256,27 @@ impl GatewayConfig {
         }
         if self.listen_backlog == 0 {
             return Err(SettingsError::ZeroListenBacklog);
+        }
+        let (message, connection, gateway) = (
+            self.max_message_bytes,
+            self.max_in_flight_bytes,
+            self.max_gateway_in_flight_bytes,
+        );
+        for (bytes, flag) in [
+            (message, "max-message-bytes"),
+            (connection, "max-in-flight-bytes"),
+            (gateway, "max-gateway-in-flight-bytes"),
+        ] {
+            if bytes == 0 {
+                return Err(SettingsError::ZeroBytes(flag));
+            }
+        }
+        if message > connection || connection > gateway {
+            return Err(SettingsError::BytesOutOfOrder {
+                message,
+                connection,
+                gateway,
+            });
         }
         for origin in &self.allow_origin {
             normalize_origin(origin)?;
@@ -243,6 +299,9 @@ impl GatewayConfig {
             no_declare: _,
             max_message_bytes,
             max_in_flight,
+            max_batch,
+            max_in_flight_bytes,
+            max_gateway_in_flight_bytes,
             idle_timeout,
             call_timeout,
             shutdown_grace,
@@ -261,12 +320,15 @@ impl GatewayConfig {
                 token: token.filter(|t| !t.is_empty()),
                 max_message_bytes,
                 max_in_flight: max_in_flight.get(),
+                max_batch: max_batch.get(),
+                max_in_flight_bytes,
                 idle_timeout,
             },
             call_timeout,
             shutdown_grace,
             max_connections: max_connections.get(),
             max_connections_per_peer: max_connections_per_peer.get(),
+            max_gateway_in_flight_bytes,
             max_unauthenticated: max_unauthenticated.map(NonZeroUsize::get),
             trusted_networks,
             auth_timeout,
@@ -447,6 +509,40 @@ mod tests {
         assert_eq!(
             refused(&["--listen-backlog", "0"]),
             SettingsError::ZeroListenBacklog
+        );
+        assert_eq!(
+            refused(&["--max-in-flight-bytes", "0"]),
+            SettingsError::ZeroBytes("max-in-flight-bytes")
+        );
+        assert_eq!(
+            refused(&["--max-message-bytes", "0"]),
+            SettingsError::ZeroBytes("max-message-bytes")
+        );
+        let order = refused(&["--max-gateway-in-flight-bytes", "1000"]);
+        assert!(
+            matches!(order, SettingsError::BytesOutOfOrder { gateway: 1000, .. }),
+            "{order:?}"
+        );
+        assert!(
+            order
+                .to_string()
+                .contains("--max-in-flight-bytes (16777216)"),
+            "{order}"
+        );
+        assert_eq!(
+            load(
+                None,
+                &[
+                    "--max-message-bytes",
+                    "100",
+                    "--max-in-flight-bytes",
+                    "100",
+                    "--max-gateway-in-flight-bytes",
+                    "100"
+                ]
+            )
+            .validate(),
+            Ok(())
         );
         let bad = refused(&["--allow-origin", "https://ok.example,app.example"]);
         assert!(

@@ -9,21 +9,22 @@
 //! - [`text`]: a Workerman Text protocol bridge, a drop-in replacement for a Workerman task
 //!   worker: one JSON request per line in, one JSON line out, in request order.
 //!
-//! Both apply the same [`Limits`] (allowlist, token, sizes, in-flight, idle and write timeout)
-//! and share one cap on open connections, in total and, for connections from outside the
-//! trusted networks that have not presented the token, per peer address and together; with a
-//! token, a connection must present it within the authentication deadline. All are described
-//! with the message formats in `docs/gateway.md`. [`listen_addr`] is the binding policy:
-//! loopback unless a token is set or public exposure is asked for explicitly, and [`listen`]
-//! binds with a backlog sized for bursts. [`serve`] runs everything until its shutdown token
-//! is cancelled, then stops reading, lets calls in flight finish within the grace period and
-//! returns.
+//! Both apply the same [`Limits`] (allowlist, token, sizes, in-flight calls and bytes, idle and
+//! write timeout), share one budget of bytes held for calls (`budget`) and one cap on open
+//! connections, in total and, for connections from outside the trusted networks that have not
+//! presented the token, per peer address and together; with a token, a connection must present
+//! it within the authentication deadline. All are described with the message formats in
+//! `docs/gateway.md`. [`listen_addr`] is the binding policy: loopback unless a token is set or
+//! public exposure is asked for explicitly, and [`listen`] binds with a backlog sized for
+//! bursts. [`serve`] runs everything until its shutdown token is cancelled, then stops reading,
+//! lets calls in flight finish within the grace period and returns.
 //! [`config`] holds the `warren-gateway` binary's flags, file and defaults; [`host`] what it
 //! needs from the host (open files, the kernel's backlog cap); [`browser`] the defences
 //! against web pages.
 
 mod admission;
 pub mod browser;
+mod budget;
 pub mod config;
 pub mod host;
 pub mod limits;
@@ -53,11 +54,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::GatewayConfig;
-pub use limits::{Allowlist, DEMO_FUNCTIONS, GatewayError, Kind, Limits};
+pub use limits::{Allowlist, DEMO_FUNCTIONS, GatewayError, Kind, Limits, MAX_ID_BYTES};
 
 use warren_client::{CallOptions, Client};
 
 use admission::{Admitted, Gate};
+use budget::Budget;
 
 /// The web page served at `/`: plain HTML and JS, no build step.
 const PAGE: &str = include_str!("page.html");
@@ -82,6 +84,9 @@ pub struct GatewaySettings {
     /// the token, refused the same way. A connection that presents the token counts toward
     /// [`max_connections`](Self::max_connections) only.
     pub max_connections_per_peer: usize,
+    /// Bytes the calls of all connections together may hold (each connection also has its
+    /// own [`Limits::max_in_flight_bytes`]); a request that does not fit is answered `busy`.
+    pub max_gateway_in_flight_bytes: usize,
     /// Connections from outside [`trusted_networks`](Self::trusted_networks) that have not
     /// presented the token (all of them without a token), from all peers together, held open
     /// at most; more are refused the same way. `None` (the default): half of
@@ -109,6 +114,8 @@ pub struct GatewaySettings {
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// The default of [`GatewaySettings::max_connections_per_peer`].
 pub const DEFAULT_MAX_CONNECTIONS_PER_PEER: usize = 64;
+/// The default of [`GatewaySettings::max_gateway_in_flight_bytes`]: 256 MiB.
+pub const DEFAULT_MAX_GATEWAY_IN_FLIGHT_BYTES: usize = 256 * 1024 * 1024;
 /// The default port of the web page and websocket endpoint.
 pub const DEFAULT_HTTP_PORT: u16 = 8080;
 /// The default port of the Workerman Text bridge.
@@ -205,6 +212,7 @@ impl Default for GatewaySettings {
             queue_poll_interval: Duration::from_secs(1),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_peer: DEFAULT_MAX_CONNECTIONS_PER_PEER,
+            max_gateway_in_flight_bytes: DEFAULT_MAX_GATEWAY_IN_FLIGHT_BYTES,
             max_unauthenticated: None,
             trusted_networks: LOOPBACK.to_vec(),
             auth_timeout: Duration::from_secs(10),
@@ -233,6 +241,8 @@ struct Shared {
     shutdown: CancellationToken,
     connections: TaskTracker,
     gate: Arc<Gate>,
+    /// Bytes the calls of every connection hold together.
+    budget: Arc<Budget>,
 }
 
 impl Shared {
@@ -268,6 +278,7 @@ pub async fn serve(
     });
     let shared = Arc::new(Shared {
         gate,
+        budget: Budget::new(settings.max_gateway_in_flight_bytes),
         settings,
         client,
         queue: queue_rx,
@@ -282,6 +293,7 @@ pub async fn serve(
         limits = ?shared.settings.limits,
         max_connections = shared.settings.max_connections,
         max_connections_per_peer = shared.settings.max_connections_per_peer,
+        max_gateway_in_flight_bytes = shared.settings.max_gateway_in_flight_bytes,
         max_unauthenticated = shared.settings.max_unauthenticated(),
         trusted_networks = ?shared.settings.trusted_networks,
         "gateway serving"
@@ -467,6 +479,8 @@ async fn info(
         "auth_required": limits.token.is_some(),
         "max_in_flight": limits.max_in_flight,
         "max_message_bytes": limits.max_message_bytes,
+        "max_batch": limits.max_batch,
+        "max_in_flight_bytes": limits.max_in_flight_bytes,
     }))
     .into_response()
 }

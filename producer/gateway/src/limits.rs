@@ -15,6 +15,10 @@ use warren_shared::ErrorKind;
 
 use warren_client::Error;
 
+/// Longest `id` (its JSON text) a websocket task may carry: the id is echoed in every answer,
+/// so a longer one is refused as `bad_request`.
+pub const MAX_ID_BYTES: usize = 256;
+
 /// The functions the gateway exposes when not told otherwise: enough for the page's demo.
 pub const DEMO_FUNCTIONS: &[&str] = &["echo", "send_mail"];
 
@@ -83,6 +87,12 @@ pub struct Limits {
     pub max_message_bytes: usize,
     /// Tasks one connection may have in flight; more are answered `busy`.
     pub max_in_flight: usize,
+    /// Tasks one websocket batch may hold; a longer batch is refused whole with one
+    /// `bad_request`, before any of it runs.
+    pub max_batch: usize,
+    /// Bytes one connection's calls may hold: their requests, and their results until written.
+    /// A request that does not fit is answered `busy`.
+    pub max_in_flight_bytes: usize,
     /// A connection that sends no complete message for this long while it has nothing in
     /// flight is closed (this is also what ends a slowloris client).
     pub idle_timeout: Duration,
@@ -95,6 +105,8 @@ impl fmt::Debug for Limits {
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("max_message_bytes", &self.max_message_bytes)
             .field("max_in_flight", &self.max_in_flight)
+            .field("max_batch", &self.max_batch)
+            .field("max_in_flight_bytes", &self.max_in_flight_bytes)
             .field("idle_timeout", &self.idle_timeout)
             .finish()
     }
@@ -107,6 +119,8 @@ impl Default for Limits {
             token: None,
             max_message_bytes: 1024 * 1024,
             max_in_flight: 1000,
+            max_batch: 1000,
+            max_in_flight_bytes: 16 * 1024 * 1024,
             idle_timeout: Duration::from_secs(60),
         }
     }
@@ -171,7 +185,8 @@ pub enum Kind {
     /// The function is not on the gateway's allowlist, or a web page from an origin the
     /// gateway does not allow asked for a websocket.
     Forbidden,
-    /// The connection already has the maximum number of tasks in flight.
+    /// The connection already has the maximum number of tasks in flight, or its calls (or the
+    /// gateway's) hold the most bytes they may.
     Busy,
     /// A token is required and was missing or wrong.
     Unauthorized,
@@ -243,6 +258,39 @@ impl GatewayError {
             Kind::Busy,
             format!("this connection already has {limit} tasks in flight; wait for results"),
         )
+    }
+
+    /// The answer for a request whose bytes do not fit in what the connection's calls (or the
+    /// whole gateway's) may hold: `busy`, or `too_large` when it is larger than the whole budget
+    /// and would never fit.
+    pub(crate) fn busy_bytes(spent: crate::budget::Spent) -> Self {
+        use crate::budget::Spent;
+        let (kind, message) = match spent {
+            Spent::Exceeds {
+                bytes,
+                limit,
+                setting,
+            } => (
+                Kind::TooLarge,
+                format!("the request is {bytes} bytes; calls may hold at most {limit} ({setting})"),
+            ),
+            Spent::Connection(limit) => (
+                Kind::Busy,
+                format!(
+                    "this connection's calls already hold up to {limit} bytes \
+                     (max_in_flight_bytes); wait for results"
+                ),
+            ),
+            Spent::Gateway(limit) => (
+                Kind::Busy,
+                format!(
+                    "the gateway's calls already hold up to {limit} bytes \
+                     (max_gateway_in_flight_bytes); try again shortly"
+                ),
+            ),
+        };
+        crate::metrics::rejected(kind);
+        Self::new(kind, message)
     }
 
     /// The `too_large` answer for a message over the size limit.

@@ -30,6 +30,9 @@ pub const TASKS: &str = "warren_gateway_tasks_total";
 /// Counter: requests refused by the gateway itself, by `reason`
 /// (`forbidden`, `busy`, `too_large`, `unauthorized`, `too_many_connections`).
 pub const REJECTED: &str = "warren_gateway_rejected_total";
+/// Gauge: bytes the calls of all connections hold now (requests, and results until written):
+/// what `--max-gateway-in-flight-bytes` bounds, results counted past it included.
+pub const HELD_BYTES: &str = "warren_gateway_held_bytes";
 /// Gauge: 1 while the gateway's broker connection is up, an alarm blocking it included (as
 /// `/readyz`).
 pub const CONNECTION_UP: &str = "warren_gateway_connection_up";
@@ -44,6 +47,11 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
     metrics::describe_counter!(CONNECTIONS_TOTAL, "Connections accepted.");
     metrics::describe_counter!(TASKS, "Tasks called through the gateway, by outcome.");
     metrics::describe_counter!(REJECTED, "Requests the gateway refused, by reason.");
+    metrics::describe_gauge!(
+        HELD_BYTES,
+        "Bytes the calls of all connections hold now (requests, and results until written)."
+    );
+    metrics::gauge!(HELD_BYTES).set(0.0);
     metrics::describe_gauge!(
         CONNECTION_UP,
         "1 while the broker connection is up (also while an alarm blocks it)."
@@ -63,6 +71,12 @@ const REFUSALS: [Kind; 5] = [
     Kind::Unauthorized,
     Kind::TooManyConnections,
 ];
+
+/// Counts `bytes` more (a positive delta) or fewer held by calls.
+#[allow(clippy::cast_precision_loss)] // a byte count far below 2^52
+pub(crate) fn held_bytes(delta: isize) {
+    metrics::gauge!(HELD_BYTES).increment(delta as f64);
+}
 
 /// Counts a connection as open until dropped.
 #[derive(Debug)]
@@ -98,7 +112,7 @@ pub(crate) fn function_label(allow: &Allowlist, function: &str) -> String {
 }
 
 /// A call through the gateway ended with `result`.
-pub(crate) fn task_finished(function: String, result: &Result<Value, Error>) {
+pub(crate) fn task_finished<T>(function: String, result: &Result<T, Error>) {
     let outcome = match result {
         Ok(_) => "ok",
         Err(Error::Failed(_)) => "failed",

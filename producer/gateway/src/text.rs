@@ -29,10 +29,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::bytes::{Bytes, BytesMut};
 use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, Decoder, FramedRead};
-use warren_shared::Request;
+use warren_shared::{RawJson, Request};
 
 use super::Shared;
 use super::admission::{self, Admitted};
+use super::budget::{Budget, Held};
 use super::limits::{GatewayError, Kind};
 
 /// Accepts Text connections until shutdown; one over the connection limits gets a
@@ -135,8 +136,12 @@ impl Decoder for TextCodec {
     }
 }
 
-/// One answer line, and whether it ends a call (as opposed to an immediate refusal).
-type Answer = (String, bool);
+/// One answer line and, when it ends a call (rather than being an immediate refusal), the
+/// bytes the call holds until the line is written.
+struct Answer {
+    line: String,
+    call: Option<Held>,
+}
 type PendingAnswer = Pin<Box<dyn Future<Output = Answer> + Send>>;
 
 /// One bridge connection.
@@ -147,6 +152,8 @@ struct Connection {
     answers: FuturesOrdered<PendingAnswer>,
     /// How many of `answers` are calls (the in-flight count the limit applies to).
     calls: usize,
+    /// Bytes this connection's calls hold.
+    budget: Arc<Budget>,
     /// When the last complete line was read or answer written, once authenticated.
     last_activity: Instant,
     /// This connection's place among the gateway's open connections.
@@ -157,9 +164,10 @@ impl Connection {
     fn new(shared: Arc<Shared>, admitted: Admitted) -> Self {
         Self {
             authed: shared.limits().token.is_none(),
-            shared,
             answers: FuturesOrdered::new(),
             calls: 0,
+            budget: Budget::new(shared.limits().max_in_flight_bytes),
+            shared,
             last_activity: Instant::now(),
             admitted,
         }
@@ -185,13 +193,15 @@ impl Connection {
             let idle_at = self.last_activity + limits.idle_timeout;
             tokio::select! {
                 biased;
-                Some((line, was_call)) = self.answers.next(), if !self.answers.is_empty() => {
-                    if was_call {
+                Some(Answer { line, call }) = self.answers.next(), if !self.answers.is_empty() => {
+                    if call.is_some() {
                         self.calls -= 1;
                     }
                     let written =
                         tokio::time::timeout(limits.idle_timeout, write.write_all(line.as_bytes()))
                             .await;
+                    // Written (or never to be): the call's bytes are free.
+                    drop(call);
                     if !matches!(written, Ok(Ok(()))) {
                         tracing::debug!("text: client stopped reading; closing");
                         return;
@@ -284,13 +294,24 @@ impl Connection {
             write_unauthorized(write, limits.idle_timeout).await;
             return false;
         }
-        let request = match Request::decode(&line) {
+        // The line's bytes are held from here until its answer is written; one that does not
+        // fit is not even parsed.
+        let mut held = match Held::take(&self.budget, &self.shared.budget, line.len()) {
+            Ok(held) => held,
+            Err(spent) => {
+                self.refuse(&GatewayError::busy_bytes(spent));
+                return true;
+            }
+        };
+        // The arguments stay JSON text, passed on as they are.
+        let request = match Request::decode_raw(&line) {
             Ok(request) => request,
             Err(failure) => {
                 self.refuse(&GatewayError::new(Kind::BadRequest, failure.message));
                 return true;
             }
         };
+        drop(line);
         if let Err(forbidden) = limits.check_function(&request.function) {
             self.refuse(&forbidden);
             return true;
@@ -305,14 +326,18 @@ impl Connection {
         self.calls += 1;
         self.answers.push_back(Box::pin(async move {
             let result = client
-                .call_json_with(&request.function, request.args, &options)
+                .call_raw_with(&request.function, request.args, &options)
                 .await;
             crate::metrics::task_finished(label, &result);
-            let answer = match result {
+            let line = match result {
                 Ok(result) => result_line(&result),
                 Err(e) => error_line(&GatewayError::from(e)),
             };
-            (answer, true)
+            held.add(line.len());
+            Answer {
+                line,
+                call: Some(held),
+            }
         }));
         true
     }
@@ -321,7 +346,7 @@ impl Connection {
     fn refuse(&mut self, error: &GatewayError) {
         let line = error_line(error);
         self.answers
-            .push_back(Box::pin(std::future::ready((line, false))));
+            .push_back(Box::pin(std::future::ready(Answer { line, call: None })));
     }
 }
 
@@ -357,9 +382,17 @@ fn auth_line(line: &[u8]) -> Option<String> {
     }
 }
 
-/// A success answer: the bare JSON result, as a Workerman task worker sends it.
-fn result_line(result: &Value) -> String {
-    let mut line = result.to_string();
+/// A success answer: the bare JSON result, as a Workerman task worker sends it, as the worker
+/// wrote it. A line break in JSON text can only be whitespace between tokens (one in a string
+/// is escaped), so any is dropped: the answer stays one line.
+fn result_line(result: &RawJson) -> String {
+    let text = result.get();
+    let mut line = String::with_capacity(text.len() + 1);
+    if text.contains(['\n', '\r']) {
+        line.extend(text.chars().filter(|c| !matches!(c, '\n' | '\r')));
+    } else {
+        line.push_str(text);
+    }
     line.push('\n');
     line
 }
@@ -490,7 +523,13 @@ mod tests {
 
     #[test]
     fn answers_are_single_lines() {
-        assert_eq!(result_line(&json!("a\nb")), "\"a\\nb\"\n");
+        let raw = |text: &str| RawJson::from_string(text.to_owned()).expect("test value");
+        assert_eq!(result_line(&raw(r#""a\nb""#)), "\"a\\nb\"\n");
+        assert_eq!(
+            result_line(&raw("{\r\n  \"a\": [1,\n 2]\n}")),
+            "{  \"a\": [1, 2]}\n",
+            "a pretty-printed result from another worker is still one line"
+        );
         assert_eq!(
             error_line(&GatewayError::new(Kind::Busy, "m")),
             "{\"error\":{\"kind\":\"busy\",\"message\":\"m\"}}\n"

@@ -2,10 +2,15 @@
 //! completion order, each tagged with the client's own id.
 //!
 //! A client sends `{"id": ..., "function": ..., "args": ...}` (or a JSON array of them, a
-//! batch). For each task it gets `{"id": ..., "status": "enqueued", "task_id": ...}` once the
-//! broker holds the task, then `{"id": ..., "ok": true, "result": ...}` or
+//! batch of at most `max_batch`; its refusals are written one by one as they are made, so the
+//! write timeout and TCP push back on a client that does not read them). For each task it gets
+//! `{"id": ..., "status": "enqueued", "task_id": ...}` once the broker holds the task, then
+//! `{"id": ..., "ok": true, "result": ...}` or
 //! `{"id": ..., "ok": false, "error": {"kind": ..., "message": ...}}`. `docs/gateway.md` has
 //! the whole protocol, including `{"auth": ...}` and `{"watch": "queue"}`.
+//!
+//! Ids and arguments are kept as JSON text, never parsed into trees, and every call holds its
+//! bytes of the connection's and the gateway's budgets until its result is written.
 //!
 //! Every call runs on a task of the connection's [`JoinSet`]; when the client goes away the set
 //! is dropped, which aborts the calls and removes them from the client's pending map, so a
@@ -25,14 +30,17 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgr
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::json;
+use serde_json::value::RawValue;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+use warren_shared::RawJson;
 
 use super::admission::Admitted;
 use super::browser;
-use super::limits::{GatewayError, Kind};
+use super::budget::{Budget, Held};
+use super::limits::{GatewayError, Kind, MAX_ID_BYTES};
 use super::{Shared, bearer, error_response};
 
 /// `GET /ws`: checks the `Origin` and an `Authorization: Bearer` header if one is sent, then
@@ -68,12 +76,108 @@ pub(super) async fn upgrade(
         })
 }
 
-/// One task as a websocket client sends it.
-#[derive(Debug, Deserialize)]
-struct TaskMessage {
-    function: String,
-    #[serde(default)]
-    args: Value,
+/// The fields of a websocket message (or batch element) the gateway reads, as JSON text;
+/// anything else is skipped without a tree. A field sent as `null` is `Some("null")`, and a
+/// repeated field keeps its last value, as a parse into a `Value` would.
+#[derive(Default)]
+struct Fields<'a> {
+    auth: Option<&'a RawValue>,
+    watch: Option<&'a RawValue>,
+    id: Option<&'a RawValue>,
+    function: Option<&'a RawValue>,
+    args: Option<&'a RawValue>,
+}
+
+impl<'de> Deserialize<'de> for Fields<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Fields<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                mut map: M,
+            ) -> Result<Fields<'de>, M::Error> {
+                let mut fields = Fields::default();
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    let slot = match key.as_ref() {
+                        "auth" => &mut fields.auth,
+                        "watch" => &mut fields.watch,
+                        "id" => &mut fields.id,
+                        "function" => &mut fields.function,
+                        "args" => &mut fields.args,
+                        _ => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    *slot = Some(map.next_value()?);
+                }
+                Ok(fields)
+            }
+        }
+        deserializer.deserialize_map(Visitor)
+    }
+}
+
+impl<'a> Fields<'a> {
+    /// The fields of `message`, when it is a JSON object.
+    fn of(message: &'a RawValue) -> Option<Self> {
+        if !message.get().starts_with('{') {
+            return None;
+        }
+        serde_json::from_str(message.get()).ok()
+    }
+}
+
+/// The elements of a batch, at most `max` of them; `None` when there are more (nothing of the
+/// batch is run then).
+fn batch(message: &RawValue, max: usize) -> Option<Vec<&RawValue>> {
+    /// Collects elements, and stops at the first one past `max`.
+    struct Elements<'b> {
+        max: usize,
+        too_long: &'b std::cell::Cell<bool>,
+    }
+    impl<'de> serde::de::Visitor<'de> for Elements<'_> {
+        type Value = Vec<&'de RawValue>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON array")
+        }
+        fn visit_seq<S: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: S,
+        ) -> Result<Self::Value, S::Error> {
+            let mut elements = Vec::new();
+            while let Some(element) = seq.next_element::<&RawValue>()? {
+                if elements.len() == self.max {
+                    self.too_long.set(true);
+                    return Err(serde::de::Error::custom("batch too long"));
+                }
+                elements.push(element);
+            }
+            Ok(elements)
+        }
+    }
+    let too_long = std::cell::Cell::new(false);
+    let mut deserializer = serde_json::Deserializer::from_str(message.get());
+    let elements = serde::Deserializer::deserialize_seq(
+        &mut deserializer,
+        Elements {
+            max,
+            too_long: &too_long,
+        },
+    );
+    // The message was checked to be JSON: only a batch too long fails here.
+    elements.ok().filter(|_| !too_long.get())
+}
+
+/// Something to write to the socket and, for a call's result, the bytes the call holds until
+/// it is written.
+struct Event {
+    text: String,
+    held: Option<Held>,
 }
 
 /// One websocket connection.
@@ -86,9 +190,11 @@ struct Connection {
     calls: JoinSet<()>,
     /// One permit per call in flight, up to the limit.
     permits: Arc<Semaphore>,
+    /// Bytes this connection's calls hold.
+    budget: Arc<Budget>,
     /// Events from the calls (acknowledgements and results), to be written to the socket.
-    events: mpsc::Sender<String>,
-    inbox: mpsc::Receiver<String>,
+    events: mpsc::Sender<Event>,
+    inbox: mpsc::Receiver<Event>,
     /// Set when the connection must close once the current replies are written.
     closing: Option<CloseFrame>,
     /// This connection's place among the gateway's open connections.
@@ -100,12 +206,14 @@ impl Connection {
         let limits = shared.limits();
         let (events, inbox) = mpsc::channel(limits.max_in_flight.clamp(16, 1024));
         let permits = Arc::new(Semaphore::new(limits.max_in_flight));
+        let budget = Budget::new(limits.max_in_flight_bytes);
         Self {
             shared,
             authed,
             watching: false,
             calls: JoinSet::new(),
             permits,
+            budget,
             events,
             inbox,
             closing: None,
@@ -144,18 +252,18 @@ impl Connection {
             tokio::select! {
                 biased;
                 Some(event) = self.inbox.recv() => {
-                    if !send(&mut socket, Message::text(event), write_timeout).await {
+                    if !send(&mut socket, Message::text(event.text), write_timeout).await {
                         break None;
                     }
+                    // Written: a result's bytes are free.
+                    drop(event.held);
                     last_activity = Instant::now();
                 }
                 received = socket.recv(), if drain_until.is_none() => match received {
                     Some(Ok(Message::Text(text))) => {
                         last_activity = Instant::now();
-                        for reply in self.on_text(&text) {
-                            if !send(&mut socket, Message::text(reply), write_timeout).await {
-                                return;
-                            }
+                        if !self.on_text(&mut socket, &text, write_timeout).await {
+                            return;
                         }
                     }
                     Some(Ok(Message::Binary(_))) => {
@@ -205,44 +313,67 @@ impl Connection {
         self.calls.abort_all();
     }
 
-    /// Handles one text message; returns the immediate replies (errors, auth), in order.
-    fn on_text(&mut self, text: &str) -> Vec<String> {
-        let message = serde_json::from_str::<Value>(text);
-        if let Ok(message) = &message
-            && let Some(token) = message.get("auth")
-        {
-            return self.on_auth(token);
+    /// Handles one text message, writing its immediate replies (errors, auth) in order as they
+    /// are made, each under the write timeout: a batch of refusals is never held in memory.
+    /// False when the socket is broken or the client stopped reading.
+    async fn on_text(&mut self, socket: &mut WebSocket, text: &str, limit: Duration) -> bool {
+        // Checked as the Text port checks a line: a number out of range or a lone surrogate
+        // is not JSON here either (kept as text, it would fail once written back).
+        let message = warren_shared::protocol::check_json(text.as_bytes())
+            .and_then(|()| serde_json::from_str::<&RawValue>(text));
+        let fields = message.as_ref().ok().and_then(|m| Fields::of(m));
+        if let Some(token) = fields.as_ref().and_then(|f| f.auth) {
+            let reply = self.on_auth(token);
+            return send(socket, Message::text(reply), limit).await;
         }
         // Before the token, anything else is refused alike, JSON or not (docs/gateway.md).
         if !self.authed {
-            return vec![self.unauthorized()];
+            let reply = self.unauthorized();
+            return send(socket, Message::text(reply), limit).await;
         }
         let message = match message {
             Ok(message) => message,
             Err(e) => {
                 let error = GatewayError::new(Kind::BadRequest, format!("not valid JSON: {e}"));
-                return vec![error_event(&Value::Null, &error)];
+                return send(socket, Message::text(error_event(NULL, &error)), limit).await;
             }
         };
-        if message.get("watch").and_then(Value::as_str) == Some("queue") {
+        if fields
+            .as_ref()
+            .and_then(|f| f.watch)
+            .is_some_and(|watch| watch.get() == "\"queue\"")
+        {
             self.watching = true;
-            return queue_event(&self.shared.queue.borrow())
-                .into_iter()
-                .collect();
+            let event = queue_event(&self.shared.queue.borrow());
+            return match event {
+                Some(event) => send(socket, Message::text(event), limit).await,
+                None => true,
+            };
         }
-        match message {
-            Value::Array(batch) => batch
-                .into_iter()
-                .filter_map(|task| self.submit(task))
-                .collect(),
-            task @ Value::Object(_) => self.submit(task).into_iter().collect(),
-            _ => {
+        if message.get().starts_with('[') {
+            let max = self.shared.limits().max_batch;
+            let Some(tasks) = batch(message, max) else {
                 let error = GatewayError::new(
                     Kind::BadRequest,
-                    "expected {\"id\": ..., \"function\": ..., \"args\": ...} or an array of them",
+                    format!(
+                        "a batch holds at most {max} tasks (max_batch); nothing of this one was \
+                         run"
+                    ),
                 );
-                vec![error_event(&Value::Null, &error)]
+                return send(socket, Message::text(error_event(NULL, &error)), limit).await;
+            };
+            for task in tasks {
+                if let Some(refusal) = self.submit(task)
+                    && !send(socket, Message::text(refusal), limit).await
+                {
+                    return false;
+                }
             }
+            return true;
+        }
+        match self.submit(message) {
+            Some(refusal) => send(socket, Message::text(refusal), limit).await,
+            None => true,
         }
     }
 
@@ -255,66 +386,95 @@ impl Connection {
             Kind::BadRequest,
             "binary messages are not accepted; send JSON text",
         );
-        error_event(&Value::Null, &error)
+        error_event(NULL, &error)
     }
 
     /// The `unauthorized` answer; the socket closes with `1008` after it.
     fn unauthorized(&mut self) -> String {
         self.closing = Some(close(close_code::POLICY, "unauthorized"));
-        error_event(&Value::Null, &GatewayError::unauthorized())
+        error_event(NULL, &GatewayError::unauthorized())
     }
 
-    fn on_auth(&mut self, token: &Value) -> Vec<String> {
+    fn on_auth(&mut self, token: &RawValue) -> String {
         // A value that is not a string is an empty token, as on the Text bridge: ok without a
         // token configured (`false` is PHP's `json_encode` of an unset variable), wrong with one
         // (a configured token is never empty).
-        if !self
-            .shared
-            .limits()
-            .token_matches(token.as_str().unwrap_or_default())
-        {
-            return vec![self.unauthorized()];
+        let token = serde_json::from_str::<String>(token.get()).unwrap_or_default();
+        if !self.shared.limits().token_matches(&token) {
+            return self.unauthorized();
         }
         self.authed = true;
         if self.shared.limits().token.is_some() {
             self.admitted.authenticated();
         }
-        vec![json!({"auth": "ok"}).to_string()]
+        json!({"auth": "ok"}).to_string()
     }
 
     /// Starts one task, or returns the error to answer at once.
-    fn submit(&mut self, task: Value) -> Option<String> {
-        let id = task.get("id").cloned().unwrap_or(Value::Null);
-        let refuse = |error: GatewayError| Some(error_event(&id, &error));
-        if !task.is_object() {
-            // serde would read a struct from an array of its fields in order, too.
-            return refuse(GatewayError::new(
-                Kind::BadRequest,
-                "expected {\"id\": ..., \"function\": ..., \"args\": ...}",
+    fn submit(&mut self, task: &RawValue) -> Option<String> {
+        // Only an object is a task (serde would read a struct from an array of its fields in
+        // order, too).
+        let Some(fields) = Fields::of(task) else {
+            return Some(error_event(
+                NULL,
+                &GatewayError::new(
+                    Kind::BadRequest,
+                    "expected {\"id\": ..., \"function\": ..., \"args\": ...}",
+                ),
+            ));
+        };
+        let id = fields.id.unwrap_or(NULL);
+        if id.get().len() > MAX_ID_BYTES {
+            return Some(error_event(
+                NULL,
+                &GatewayError::new(
+                    Kind::BadRequest,
+                    format!("\"id\" is longer than {MAX_ID_BYTES} bytes of JSON"),
+                ),
             ));
         }
-        let task: TaskMessage = match serde_json::from_value::<TaskMessage>(task) {
-            Ok(task) if !task.function.is_empty() => task,
-            Ok(_) => return refuse(GatewayError::new(Kind::BadRequest, "\"function\" is empty")),
-            Err(e) => {
+        let refuse = |error: GatewayError| Some(error_event(id, &error));
+        let function = match fields.function {
+            None => {
                 return refuse(GatewayError::new(
                     Kind::BadRequest,
-                    format!("not a task {{\"id\", \"function\", \"args\"}}: {e}"),
+                    "not a task {\"id\", \"function\", \"args\"}: no \"function\"",
                 ));
             }
+            Some(raw) => match serde_json::from_str::<String>(raw.get()) {
+                Ok(function) if !function.is_empty() => function,
+                Ok(_) => {
+                    return refuse(GatewayError::new(Kind::BadRequest, "\"function\" is empty"));
+                }
+                Err(_) => {
+                    return refuse(GatewayError::new(
+                        Kind::BadRequest,
+                        "not a task {\"id\", \"function\", \"args\"}: \"function\" is not a string",
+                    ));
+                }
+            },
         };
-        if let Err(forbidden) = self.shared.limits().check_function(&task.function) {
+        if let Err(forbidden) = self.shared.limits().check_function(&function) {
             return refuse(forbidden);
         }
         let Ok(permit) = self.permits.clone().try_acquire_owned() else {
             return refuse(GatewayError::busy(self.shared.limits().max_in_flight));
         };
+        let held = match Held::take(&self.budget, &self.shared.budget, task.get().len()) {
+            Ok(held) => held,
+            Err(spent) => return refuse(GatewayError::busy_bytes(spent)),
+        };
+        let task = Task {
+            id: id.to_owned(),
+            function,
+            args: fields.args.map_or_else(RawJson::null, RawJson::from),
+        };
         self.calls.spawn(call(
             self.shared.clone(),
-            id,
             task,
             self.events.clone(),
             permit,
+            held,
         ));
         // Reap finished calls so the set does not grow with the connection's lifetime.
         while self.calls.try_join_next().is_some() {}
@@ -322,22 +482,31 @@ impl Connection {
     }
 }
 
+/// One task as a websocket client sent it, its id and arguments kept as JSON text.
+struct Task {
+    id: Box<RawValue>,
+    function: String,
+    args: RawJson,
+}
+
 /// Runs one call: "enqueued" once the broker confirms, then the result or the error.
 async fn call(
     shared: Arc<Shared>,
-    id: Value,
-    task: TaskMessage,
-    events: mpsc::Sender<String>,
+    task: Task,
+    events: mpsc::Sender<Event>,
     permit: OwnedSemaphorePermit,
+    mut held: Held,
 ) {
+    let Task { id, function, args } = task;
     let options = shared.call_options();
     let (published_tx, mut published) = oneshot::channel();
     let call = shared
         .client
-        .call_json_with_ack(&task.function, task.args, &options, published_tx);
+        .call_raw_with_ack(&function, args, &options, published_tx);
     tokio::pin!(call);
-    let enqueued = |task_id: warren_shared::TaskId| {
-        json!({"id": id, "status": "enqueued", "task_id": task_id}).to_string()
+    let enqueued = |task_id: warren_shared::TaskId| Event {
+        text: enqueued_event(&id, &task_id),
+        held: None,
     };
     let result = tokio::select! {
         biased;
@@ -354,14 +523,20 @@ async fn call(
         }
     };
     crate::metrics::task_finished(
-        crate::metrics::function_label(&shared.limits().allow, &task.function),
+        crate::metrics::function_label(&shared.limits().allow, &function),
         &result,
     );
-    let event = match result {
-        Ok(result) => json!({"id": id, "ok": true, "result": result}).to_string(),
+    let text = match result {
+        Ok(result) => result_event(&id, &result),
         Err(e) => error_event(&id, &GatewayError::from(e)),
     };
-    let _ = events.send(event).await;
+    held.add(text.len());
+    let _ = events
+        .send(Event {
+            text,
+            held: Some(held),
+        })
+        .await;
     drop(permit);
 }
 
@@ -378,10 +553,59 @@ async fn send(socket: &mut WebSocket, message: Message, limit: Duration) -> bool
     }
 }
 
-/// `{"id": ..., "ok": false, "error": {...}}`.
-fn error_event(id: &Value, error: &GatewayError) -> String {
-    json!({"id": id, "ok": false, "error": error}).to_string()
+/// `{"id": ..., "ok": true, "result": ...}`, the result written as the worker wrote it.
+fn result_event(id: &RawValue, result: &RawJson) -> String {
+    #[derive(serde::Serialize)]
+    struct ResultEvent<'a> {
+        id: &'a RawValue,
+        ok: bool,
+        result: &'a RawJson,
+    }
+    // Two pieces of JSON text and a bool always serialize.
+    serde_json::to_string(&ResultEvent {
+        id,
+        ok: true,
+        result,
+    })
+    .unwrap_or_default()
 }
+
+/// `{"id": ..., "status": "enqueued", "task_id": ...}`, the id as the client wrote it.
+fn enqueued_event(id: &RawValue, task_id: &warren_shared::TaskId) -> String {
+    #[derive(serde::Serialize)]
+    struct EnqueuedEvent<'a> {
+        id: &'a RawValue,
+        status: &'static str,
+        task_id: &'a warren_shared::TaskId,
+    }
+    // JSON text, a string and an id always serialize.
+    serde_json::to_string(&EnqueuedEvent {
+        id,
+        status: "enqueued",
+        task_id,
+    })
+    .unwrap_or_default()
+}
+
+/// `{"id": ..., "ok": false, "error": {...}}`, the id as the client wrote it.
+fn error_event(id: &RawValue, error: &GatewayError) -> String {
+    #[derive(serde::Serialize)]
+    struct ErrorEvent<'a> {
+        id: &'a RawValue,
+        ok: bool,
+        error: &'a GatewayError,
+    }
+    // JSON text, a bool and a typed error always serialize.
+    serde_json::to_string(&ErrorEvent {
+        id,
+        ok: false,
+        error,
+    })
+    .unwrap_or_default()
+}
+
+/// The JSON `null`: the id of an answer to a message whose id is unknown.
+const NULL: &RawValue = RawValue::NULL;
 
 /// `{"queue": {"name": ..., "ready": ..., "consumers": ...}}`, once the depth is known.
 fn queue_event(snapshot: &Option<super::QueueSnapshot>) -> Option<String> {

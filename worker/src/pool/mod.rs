@@ -34,6 +34,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::oneshot;
+use warren_shared::RawJson;
 use warren_shared::protocol::epoch_millis;
 
 use crate::handler::{TaskContext, TaskError};
@@ -394,6 +395,25 @@ impl Pool {
         args: Value,
         ctx: &TaskContext,
     ) -> Result<Value, TaskError> {
+        let args = RawJson::to_json(&args)
+            .map_err(|e| TaskError::permanent(format!("cannot encode the arguments: {e}")))?;
+        let result = self.call_raw(function, args, ctx).await?;
+        result
+            .parse()
+            .map_err(|e| TaskError::permanent(format!("the result is not JSON: {e}")))
+    }
+
+    /// [`Pool::call`] on JSON text: the arguments are written to the task code as they are,
+    /// and the result comes back as the task code wrote it, neither parsed.
+    ///
+    /// # Errors
+    /// As [`Pool::call`].
+    pub async fn call_raw(
+        &self,
+        function: &str,
+        args: RawJson,
+        ctx: &TaskContext,
+    ) -> Result<RawJson, TaskError> {
         match &self.inner.backend {
             Backend::Text(forwarder) => forwarder.call(function, args).await,
             Backend::Processes(supervisor) => {
@@ -524,9 +544,9 @@ impl Registry {
     pub fn register_pool(self, pool: &Pool) -> Self {
         pool.functions().iter().fold(self, |registry, function| {
             let pool = pool.clone();
-            let run: DynamicHandler = Arc::new(move |args: Value, ctx: TaskContext| {
+            let run: DynamicHandler = Arc::new(move |args: RawJson, ctx: TaskContext| {
                 let pool = pool.clone();
-                Box::pin(async move { pool.call(ctx.function(), args, &ctx).await })
+                Box::pin(async move { pool.call_raw(ctx.function(), args, &ctx).await })
             });
             // The registry keys functions by &'static str; pools are registered once at
             // start-up, so leaking their few names is bounded.

@@ -14,12 +14,10 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
-use tokio_util::codec::{
-    AnyDelimiterCodec, AnyDelimiterCodecError, FramedRead, LinesCodec, LinesCodecError,
-};
+use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, FramedRead, LinesCodecError};
 
 use super::guard;
-use super::protocol::{self, Frame, MAX_FRAME_BYTES, PROTOCOL_ENV, RUNNER_PROTOCOL};
+use super::protocol::{self, Frame, FrameLines, MAX_FRAME_BYTES, PROTOCOL_ENV, RUNNER_PROTOCOL};
 
 /// Longest stderr line forwarded as one log record.
 const MAX_LOG_LINE: usize = 64 * 1024;
@@ -112,7 +110,7 @@ pub(crate) struct Process {
     child: Child,
     pid: i32,
     stdin: Option<ChildStdin>,
-    stdout: FramedRead<ChildStdout, LinesCodec>,
+    stdout: FramedRead<ChildStdout, FrameLines>,
     /// The task it runs (or ran last), named in its forwarded log lines.
     task: Arc<Mutex<Option<String>>>,
     pub(crate) started: Instant,
@@ -184,7 +182,7 @@ impl Process {
             child,
             pid,
             stdin: Some(stdin),
-            stdout: FramedRead::new(stdout, LinesCodec::new_with_max_length(MAX_FRAME_BYTES)),
+            stdout: FramedRead::new(stdout, FrameLines::new(MAX_FRAME_BYTES)),
             task,
             started: Instant::now(),
             jobs: 0,
@@ -228,7 +226,7 @@ impl Process {
     fn output(line: Option<Result<String, LinesCodecError>>) -> Output {
         match line {
             None => Output::Closed,
-            Some(Ok(line)) => match protocol::parse(&line) {
+            Some(Ok(line)) => match protocol::parse(line) {
                 Ok(frame) => Output::Frame(frame),
                 Err(e) => Output::Garbage(e.to_string()),
             },

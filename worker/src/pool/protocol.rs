@@ -4,7 +4,10 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use warren_shared::ErrorKind;
+use serde_json::value::RawValue;
+use tokio_util::bytes::{Buf, BytesMut};
+use tokio_util::codec::{Decoder, LinesCodecError};
+use warren_shared::{ErrorKind, RawJson};
 
 use crate::handler::{Retry, TaskError};
 
@@ -18,6 +21,127 @@ pub const PROTOCOL_ENV: &str = "WARREN_RUNNER_PROTOCOL";
 /// Longest frame line accepted from a child; a longer one is a protocol violation.
 pub(crate) const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
 
+/// Splits a child's stdout into lines of at most `max` bytes (`\n` ends a line, a `\r` before
+/// it is dropped), as [`LinesCodec`](tokio_util::codec::LinesCodec) does, except that a long
+/// line is handed over in the buffer it was read into rather than copied: a result of
+/// megabytes is in memory once on its way to [`parse`].
+#[derive(Debug)]
+pub(crate) struct FrameLines {
+    max: usize,
+    /// Where to look for the next `\n`: the bytes before it have been searched.
+    next_index: usize,
+    /// Dropping the rest of an overlong line.
+    discarding: bool,
+}
+
+impl FrameLines {
+    /// Lines past this length get a buffer of their own instead of a copy.
+    const HAND_OVER: usize = 64 * 1024;
+
+    pub(crate) fn new(max: usize) -> Self {
+        Self {
+            max,
+            next_index: 0,
+            discarding: false,
+        }
+    }
+
+    /// The line that ends at `end` (the `\n`'s index).
+    fn take_line(&mut self, buf: &mut BytesMut, end: usize) -> Result<String, LinesCodecError> {
+        self.next_index = 0;
+        let mut line = buf.split_to(end + 1);
+        line.truncate(end);
+        if line.last() == Some(&b'\r') {
+            line.truncate(end - 1);
+        }
+        let bytes = if line.len() > Self::HAND_OVER {
+            // The rest moves to a buffer of its own, so that the line owns its allocation and
+            // becomes a `Vec` without a copy.
+            *buf = BytesMut::from(&buf[..]);
+            Vec::from(line)
+        } else {
+            line.to_vec()
+        };
+        String::from_utf8(bytes).map_err(|_| {
+            LinesCodecError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "a stdout line is not valid UTF-8",
+            ))
+        })
+    }
+}
+
+impl Decoder for FrameLines {
+    type Item = String;
+    type Error = LinesCodecError;
+
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<String>, LinesCodecError> {
+        loop {
+            // A line of `max` bytes has its `\n` at `max` at the latest.
+            let read_to = buf.len().min(self.max.saturating_add(1));
+            let newline = buf[self.next_index.min(read_to)..read_to]
+                .iter()
+                .position(|b| *b == b'\n')
+                .map(|offset| offset + self.next_index);
+            match (self.discarding, newline) {
+                (true, Some(end)) => {
+                    buf.advance(end + 1);
+                    self.discarding = false;
+                    self.next_index = 0;
+                }
+                (true, None) => {
+                    buf.advance(read_to);
+                    self.next_index = 0;
+                    if buf.is_empty() {
+                        return Ok(None);
+                    }
+                }
+                (false, Some(end)) => return self.take_line(buf, end).map(Some),
+                (false, None) if buf.len() > self.max => {
+                    self.discarding = true;
+                    return Err(LinesCodecError::MaxLineLengthExceeded);
+                }
+                (false, None) => {
+                    self.next_index = read_to;
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
+    fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<String>, LinesCodecError> {
+        if let Some(line) = self.decode(buf)? {
+            return Ok(Some(line));
+        }
+        if buf.is_empty() || self.discarding {
+            buf.clear();
+            return Ok(None);
+        }
+        // An unterminated last line, as `LinesCodec` hands it over.
+        let end = buf.len();
+        buf.extend_from_slice(b"\n");
+        self.take_line(buf, end).map(Some)
+    }
+}
+
+/// Makes `json`, one JSON value written by `serde_json`, a line: every `\n` and `\r` in it
+/// becomes a space, then a `\n` ends it.
+///
+/// Arguments are passed on as the producer wrote them, and pretty-printed JSON (PHP's
+/// `JSON_PRETTY_PRINT`, Python's `indent=`) has line breaks between its tokens; a runner reading
+/// lines (a bare `\r` ends one for Python and Node too) would see one task as several. In valid
+/// JSON a raw line break can only be whitespace between tokens (inside a string it is escaped),
+/// so a space there means the same value.
+pub(crate) fn into_line(mut json: Vec<u8>) -> Vec<u8> {
+    for byte in &mut json {
+        if matches!(*byte, b'\n' | b'\r') {
+            *byte = b' ';
+        }
+    }
+    json.push(b'\n');
+    json
+}
+
 /// Worker to child: run this task.
 #[derive(Debug, Serialize)]
 pub(crate) struct TaskFrame<'a> {
@@ -25,7 +149,7 @@ pub(crate) struct TaskFrame<'a> {
     pub(crate) kind: &'static str,
     pub(crate) id: &'a str,
     pub(crate) function: &'a str,
-    pub(crate) args: &'a Value,
+    pub(crate) args: &'a RawJson,
     pub(crate) attempt: u32,
     pub(crate) max_attempts: u32,
     pub(crate) redelivered: bool,
@@ -84,12 +208,10 @@ pub(crate) enum Frame {
         #[serde(default)]
         functions: Vec<String>,
     },
-    /// The task `id` succeeded.
-    Result {
-        id: String,
-        #[serde(default)]
-        result: Value,
-    },
+    /// The task `id` succeeded. Read by [`parse`] apart from the other frames: the result is
+    /// kept as text.
+    #[serde(skip_deserializing)]
+    Result { id: String, result: RawJson },
     /// The task `id` failed.
     Error { id: String, error: ErrorBody },
     /// The task `id` made progress (reserved: logged, not yet forwarded to callers).
@@ -135,8 +257,55 @@ pub(crate) struct NotAFrame {
 
 /// Parses one stdout line. A line must be a JSON object with a string `type`; the fields of a
 /// known type must be right; an unknown type is [`Frame::Unknown`].
-pub(crate) fn parse(line: &str) -> Result<Frame, NotAFrame> {
-    serde_json::from_str(line).map_err(|e| NotAFrame {
+///
+/// A result is kept as JSON text, cut out of the line in place: it can be as long as a frame,
+/// and a tree of it up to 40 times that (serde cannot keep text inside a tagged enum, so its
+/// frame is read apart).
+pub(crate) fn parse(line: impl Into<String>) -> Result<Frame, NotAFrame> {
+    let line: String = line.into();
+    /// Only the `type` of a frame.
+    #[derive(Deserialize)]
+    struct Tag<'a> {
+        #[serde(rename = "type", borrow)]
+        kind: Option<std::borrow::Cow<'a, str>>,
+    }
+    /// A `result` frame, its result borrowed from the line.
+    #[derive(Deserialize)]
+    struct ResultFrame<'a> {
+        id: String,
+        #[serde(borrow, default)]
+        result: Option<&'a RawValue>,
+    }
+    let not_a_frame = |e: serde_json::Error| NotAFrame {
+        reason: e.to_string(),
+        excerpt: line.chars().take(200).collect(),
+    };
+    let is_result = matches!(
+        serde_json::from_str::<Tag<'_>>(&line),
+        Ok(Tag { kind: Some(kind) }) if kind == "result"
+    );
+    if is_result {
+        let frame: ResultFrame<'_> = serde_json::from_str(&line).map_err(not_a_frame)?;
+        let id = frame.id;
+        let Some(result) = frame.result else {
+            return Ok(Frame::Result {
+                id,
+                result: RawJson::null(),
+            });
+        };
+        // Where the result lies in the line; the line becomes the result, without a copy.
+        let start = result.get().as_ptr() as usize - line.as_ptr() as usize;
+        let end = start + result.get().len();
+        let mut text = line;
+        text.truncate(end);
+        text.drain(..start);
+        let result = RawJson::from_string(text).map_err(|e| NotAFrame {
+            reason: e.to_string(),
+            excerpt: String::new(),
+        })?;
+        return Ok(Frame::Result { id, result });
+    }
+    serde_json::from_str(&line).map_err(|e| NotAFrame {
         reason: e.to_string(),
         excerpt: line.chars().take(200).collect(),
     })
@@ -147,6 +316,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_task_with_pretty_printed_args_is_one_line_meaning_the_same() {
+        let args =
+            RawJson::from_string("{\r\n  \"a\": \"x\\ny\",\r  \"b\": [\n    1\n  ]\n}".into())
+                .unwrap();
+        let frame = TaskFrame {
+            kind: "task",
+            id: "t",
+            function: "f",
+            args: &args,
+            attempt: 1,
+            max_attempts: 1,
+            redelivered: false,
+            deadline: None,
+        };
+        let line = into_line(serde_json::to_vec(&frame).unwrap());
+        assert_eq!(
+            line.iter().filter(|&&b| b == b'\n' || b == b'\r').count(),
+            1
+        );
+        assert_eq!(line.last(), Some(&b'\n'));
+        let sent: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(sent["args"], serde_json::json!({"a": "x\ny", "b": [1]}));
+    }
+
+    #[test]
     fn frames_parse_and_garbage_does_not() {
         assert!(matches!(
             parse(r#"{"type":"ready","protocol":1,"functions":["a"]}"#),
@@ -154,7 +348,15 @@ mod tests {
         ));
         assert!(matches!(
             parse(r#"{"type":"result","id":"x","result":{"n":1}}"#),
-            Ok(Frame::Result { id, .. }) if id == "x"
+            Ok(Frame::Result { id, result }) if id == "x" && result.get() == r#"{"n":1}"#
+        ));
+        assert!(matches!(
+            parse(r#"{"type":"result","result": [1, 2] ,"id":"y"}"#),
+            Ok(Frame::Result { id, result }) if id == "y" && result.get() == "[1, 2]"
+        ));
+        assert!(matches!(
+            parse(r#"{"type":"result","id":"z"}"#),
+            Ok(Frame::Result { result, .. }) if result.get() == "null"
         ));
         assert!(matches!(
             parse(r#"{"type":"progress","id":"x","percent":50}"#),
@@ -167,6 +369,43 @@ mod tests {
         for garbage in ["hello", "{}", "[1]", r#"{"type":"result"}"#, "Warning: x"] {
             assert!(parse(garbage).is_err(), "{garbage}");
         }
+    }
+
+    fn lines(codec: &mut FrameLines, input: &[u8]) -> Vec<Result<String, String>> {
+        let mut buf = BytesMut::from(input);
+        let mut out = Vec::new();
+        loop {
+            match codec.decode_eof(&mut buf) {
+                Ok(Some(line)) => out.push(Ok(line)),
+                Ok(None) => return out,
+                Err(e) => out.push(Err(e.to_string())),
+            }
+        }
+    }
+
+    #[test]
+    fn stdout_is_split_into_lines_as_lines_codec_would() {
+        let mut codec = FrameLines::new(8);
+        let long = "y".repeat(100_000);
+        assert_eq!(
+            lines(&mut codec, b"a\r\nbb\n12345678\n123456789\nok\nlast"),
+            [
+                Ok("a".to_owned()),
+                Ok("bb".to_owned()),
+                Ok("12345678".to_owned()),
+                Err("max line length exceeded".to_owned()),
+                Ok("ok".to_owned()),
+                Ok("last".to_owned()),
+            ]
+        );
+        let mut codec = FrameLines::new(200_000);
+        let input = format!("{long}\nnext\n");
+        assert_eq!(
+            lines(&mut codec, input.as_bytes()),
+            [Ok(long), Ok("next".to_owned())],
+            "a long line is handed over whole, and the rest goes on"
+        );
+        assert!(lines(&mut FrameLines::new(8), b"\xff\n")[0].is_err());
     }
 
     #[test]

@@ -17,11 +17,11 @@ use serde_json::Value;
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use warren_shared::ErrorKind;
+use warren_shared::{ErrorKind, RawJson};
 
 use super::PoolConfig;
 use super::process::{Output, Process, Spec};
-use super::protocol::{Frame, RUNNER_PROTOCOL, TaskFrame};
+use super::protocol::{self, Frame, RUNNER_PROTOCOL, TaskFrame};
 use crate::handler::{Retry, TaskError};
 
 /// First delay before restarting a process that keeps dying at start-up; doubles up to
@@ -36,7 +36,7 @@ const REAP_WAIT: Duration = Duration::from_secs(1);
 pub(crate) struct Job {
     pub(crate) id: String,
     pub(crate) function: String,
-    pub(crate) args: Value,
+    pub(crate) args: RawJson,
     pub(crate) attempt: u32,
     pub(crate) max_attempts: u32,
     pub(crate) redelivered: bool,
@@ -44,7 +44,7 @@ pub(crate) struct Job {
     /// Put back in the queue once already, without an attempt, after the process it was
     /// written ahead to went before answering it (see [`release`]).
     pub(crate) spared: bool,
-    pub(crate) reply: oneshot::Sender<Result<Value, TaskError>>,
+    pub(crate) reply: oneshot::Sender<Result<RawJson, TaskError>>,
 }
 
 /// A task failed because its process died or broke the protocol: retried like any transient
@@ -489,10 +489,9 @@ fn task_line(job: &Job) -> Result<Vec<u8>, TaskError> {
         redelivered: job.redelivered,
         deadline: job.deadline,
     };
-    let mut line = serde_json::to_vec(&frame)
+    let json = serde_json::to_vec(&frame)
         .map_err(|e| TaskError::permanent(format!("cannot encode the task for the runner: {e}")))?;
-    line.push(b'\n');
-    Ok(line)
+    Ok(protocol::into_line(json))
 }
 
 /// Whether `process`, running a task and holding `held` more, may be written one more: below

@@ -10,11 +10,11 @@
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use warren_shared::ErrorKind;
+use warren_shared::RawJson;
 
 use super::protocol::MAX_FRAME_BYTES;
 use super::supervisor::crashed;
@@ -79,7 +79,7 @@ impl TextForwarder {
     /// # Errors
     /// Retryable when the server cannot be reached or cuts the connection, `timeout` past the
     /// time limit.
-    pub(crate) async fn call(&self, function: &str, args: Value) -> Result<Value, TaskError> {
+    pub(crate) async fn call(&self, function: &str, args: RawJson) -> Result<RawJson, TaskError> {
         let _permit = self
             .permits
             .acquire()
@@ -107,9 +107,13 @@ impl TextForwarder {
                 BufReader::new(stream)
             }
         };
-        let mut line = serde_json::to_vec(&serde_json::json!({"function": function, "args": args}))
-            .map_err(|e| TaskError::permanent(format!("cannot encode the task: {e}")))?;
-        line.push(b'\n');
+        let line = super::protocol::into_line(
+            warren_shared::Request {
+                function: function.to_owned(),
+                args,
+            }
+            .encode(),
+        );
         let exchange = async {
             connection.get_mut().write_all(&line).await?;
             let mut answer = String::new();
@@ -143,7 +147,10 @@ impl TextForwarder {
                     self.address
                 )));
             }
-            Ok((_, answer)) => answer,
+            Ok((_, mut answer)) => {
+                answer.truncate(answer.trim_end_matches(['\r', '\n']).len());
+                answer
+            }
             Err(e) => {
                 return Err(crashed(format!(
                     "the connection to the task server text://{} failed mid-task: {e}",
@@ -155,7 +162,12 @@ impl TextForwarder {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(connection);
-        let answer = answer.trim_end_matches(['\r', '\n']);
-        Ok(serde_json::from_str(answer).unwrap_or_else(|_| Value::String(answer.to_owned())))
+        // Kept as text, as a child's result is; an answer that is not JSON is a string.
+        if serde_json::from_str::<serde::de::IgnoredAny>(&answer).is_ok() {
+            RawJson::from_string(answer)
+        } else {
+            RawJson::to_json(&answer)
+        }
+        .map_err(|e| TaskError::permanent(format!("cannot keep the answer: {e}")))
     }
 }
