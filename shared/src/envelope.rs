@@ -42,6 +42,12 @@ pub mod headers {
     /// task after it answers `expired` without running it; a value that is not an integer is
     /// answered `bad_request`.
     pub const DEADLINE: &str = "x-warren-deadline";
+    /// When the task is due, milliseconds since the Unix epoch (integer). A task published
+    /// straight to its queue with a time more than a second ahead is put through the delay
+    /// levels ([`crate::delay`]) by the worker that receives it, and runs when due; Warren's
+    /// own producers send it through the levels themselves. A value that is not an integer is
+    /// answered `bad_request`.
+    pub const RUN_AT: &str = "x-warren-run-at";
     /// Attempts the task gets in all (integer, the first included); overrides the worker's
     /// policy for this task.
     pub const MAX_ATTEMPTS: &str = "x-warren-max-attempts";
@@ -312,6 +318,8 @@ pub struct TaskEnvelope {
     pub reply_to: Option<String>,
     /// When the caller stops waiting.
     pub deadline: Option<SystemTime>,
+    /// When the task is due, for a task sent through the delay levels.
+    pub run_at: Option<SystemTime>,
     /// The caller's retry policy for this task.
     pub overrides: PolicyOverrides,
     /// The caller's `send` span (`traceparent`, `tracestate`), parent of the worker's
@@ -327,6 +335,9 @@ impl TaskEnvelope {
         set_header_int(&mut h, headers::ATTEMPT, 1);
         if let Some(deadline) = self.deadline {
             set_header_int(&mut h, headers::DEADLINE, epoch_millis(deadline));
+        }
+        if let Some(run_at) = self.run_at {
+            set_header_int(&mut h, headers::RUN_AT, epoch_millis(run_at));
         }
         self.overrides.write(&mut h);
         if let Some(trace) = &self.trace {
@@ -579,14 +590,26 @@ pub struct BadDeadline {
 }
 
 fn read_deadline(h: Option<&FieldTable>) -> Result<Option<SystemTime>, BadDeadline> {
-    let Some(value) = h.and_then(|h| h.inner().get(headers::DEADLINE)) else {
+    read_time(h, headers::DEADLINE).map_err(|got| BadDeadline { got })
+}
+
+/// Why an `x-warren-run-at` header cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("x-warren-run-at must be a whole number of milliseconds since the Unix epoch, got {got}")]
+pub struct BadRunAt {
+    /// The value as sent, described (cut to 64 bytes).
+    pub got: String,
+}
+
+/// A time header (milliseconds since the Unix epoch), or the description of a value that is
+/// not one.
+fn read_time(h: Option<&FieldTable>, name: &str) -> Result<Option<SystemTime>, String> {
+    let Some(value) = h.and_then(|h| h.inner().get(name)) else {
         return Ok(None);
     };
     as_int(value)
         .map(|ms| Some(from_epoch_millis(ms)))
-        .ok_or_else(|| BadDeadline {
-            got: describe(value),
-        })
+        .ok_or_else(|| describe(value))
 }
 
 /// `x-warren-protocol` as sent: an integer, or the description of a value that is none (which
@@ -620,6 +643,8 @@ pub struct Incoming {
     pub attempt: Result<u32, BadAttempt>,
     /// `x-warren-deadline` (none when missing).
     pub deadline: Result<Option<SystemTime>, BadDeadline>,
+    /// `x-warren-run-at` (none when missing).
+    pub run_at: Result<Option<SystemTime>, BadRunAt>,
     /// The per-task policy headers.
     pub overrides: PolicyOverrides,
     /// The encoded size of all headers, in bytes.
@@ -656,6 +681,7 @@ impl Incoming {
             protocol: read_protocol(h),
             attempt: read_attempt(h),
             deadline: read_deadline(h),
+            run_at: read_time(h, headers::RUN_AT).map_err(|got| BadRunAt { got }),
             overrides: PolicyOverrides::read(h),
             headers_bytes: h.map_or(0, table_size),
             trace: read_trace(h),
@@ -944,6 +970,7 @@ mod tests {
             function: "send_mail".into(),
             reply_to: Some(issued_address()),
             deadline: Some(UNIX_EPOCH + Duration::from_millis(1_763_700_000_123)),
+            run_at: Some(UNIX_EPOCH + Duration::from_millis(1_763_600_000_456)),
             overrides: PolicyOverrides {
                 max_attempts: Some(4),
                 backoff: Some(vec![Duration::from_millis(250), Duration::from_secs(2)]),
@@ -967,6 +994,7 @@ mod tests {
         assert_eq!(got.attempt, Ok(1));
         assert_eq!(got.protocol, Some(Ok(protocol::PROTOCOL_VERSION)));
         assert_eq!(got.deadline, Ok(sent.deadline));
+        assert_eq!(got.run_at, Ok(sent.run_at));
         assert_eq!(got.overrides, sent.overrides);
         assert!(got.trace.is_some());
         assert_eq!(got.trace, sent.trace);
@@ -979,6 +1007,7 @@ mod tests {
             function: "echo".into(),
             reply_to: None,
             deadline: None,
+            run_at: None,
             overrides: PolicyOverrides::default(),
             trace: None,
         }
@@ -996,6 +1025,7 @@ mod tests {
             function: "é".repeat(100_000),
             reply_to: None,
             deadline: None,
+            run_at: None,
             overrides: PolicyOverrides::default(),
             trace: None,
         }
@@ -1098,6 +1128,7 @@ mod tests {
             function: "f".into(),
             reply_to: None,
             deadline: None,
+            run_at: None,
             overrides: PolicyOverrides::default(),
             trace: None,
         }

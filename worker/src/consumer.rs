@@ -17,6 +17,7 @@ use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 use warren_shared::broker::BrokerError;
+use warren_shared::delay;
 use warren_shared::link::{Link, LinkState};
 use warren_shared::topology;
 
@@ -80,6 +81,10 @@ async fn claim(
         topology::route_function(channel, exchange, function, &settings.queue)
             .await
             .map_err(|e| BrokerError::from(e).needing("configure"))?;
+        let function_exchange = topology::function_exchange(exchange, function);
+        delay::bind_function(channel, &function_exchange)
+            .await
+            .map_err(|e| BrokerError::from(e).needing("configure"))?;
     }
     Ok(())
 }
@@ -113,6 +118,14 @@ impl Session {
             .map_err(|e| {
                 queue_mismatch(&settings.queue, BrokerError::from(e).needing("configure"))
             })?;
+        // The delay levels, and this queue's binding to their delivery exchange, so that tasks
+        // due later (from any producer, or deferred here) reach it.
+        delay::declare_levels(&channel)
+            .await
+            .map_err(|e| BrokerError::from(e).needing("configure"))?;
+        delay::bind_queue(&channel, &settings.queue)
+            .await
+            .map_err(|e| BrokerError::from(e).needing("configure"))?;
         claim(link, &channel, settings, functions).await?;
         channel
             .basic_qos(settings.concurrency, BasicQosOptions { global: false })

@@ -270,6 +270,7 @@ impl TaskMetrics {
             (Outcome::Reply(Reply::Err(f)), _) if f.kind == ErrorKind::Expired => ("expired", None),
             (Outcome::Reply(Reply::Err(_)), _) => ("failed", None),
             (Outcome::Retry { .. }, _) => ("retried", None),
+            (Outcome::Later { .. }, _) => ("delayed", None),
             (Outcome::DeadLetter { reason, .. }, _) => ("dead_lettered", Some(reason.as_str())),
         };
         handles.outcome(verdict).increment(1);

@@ -275,8 +275,10 @@ impl Client {
         published: Option<oneshot::Sender<TaskId>>,
     ) -> Result<Value, Error> {
         let timeout = options.timeout.unwrap_or(self.inner.settings.call_timeout);
-        let give_up = tokio::time::Instant::now() + timeout;
-        let deadline = SystemTime::now() + timeout;
+        // A task due later has its timeout from its run-at time on.
+        let due_in = options.delay_from_now();
+        let give_up = tokio::time::Instant::now() + due_in + timeout;
+        let deadline = SystemTime::now() + due_in + timeout;
         let id = TaskId::new();
         let request = Request {
             function: function.to_owned(),
@@ -391,7 +393,10 @@ impl Client {
         options: &CallOptions,
     ) -> Result<TaskId, Error> {
         let id = TaskId::new();
-        let deadline = options.timeout.map(|t| SystemTime::now() + t);
+        // A deadline counts from the run-at time of a task due later.
+        let deadline = options
+            .timeout
+            .map(|t| SystemTime::now() + options.delay_from_now() + t);
         let request = Request {
             function: function.to_owned(),
             args,

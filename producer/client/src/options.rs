@@ -1,7 +1,7 @@
 //! What a client is made with ([`ClientSettings`], [`ReplyMode`]) and what one call may
 //! override ([`CallOptions`]).
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use warren_shared::broker::{self, BrokerSettings};
 use warren_shared::topology;
@@ -88,8 +88,13 @@ pub struct CallOptions {
     pub queue: Option<String>,
     /// For `call`: how long to wait for the reply. For both `call` and `enqueue`: the task's
     /// deadline is now + this, and a worker that gets it later answers `expired` instead of
-    /// running it. `enqueue` sets no deadline unless this is set.
+    /// running it. `enqueue` sets no deadline unless this is set. For a task that runs later
+    /// ([`CallOptions::run_at`]) both count from its run-at time, not from now.
     pub timeout: Option<Duration>,
+    /// When the task is due: it waits in the broker's delay levels (never in a worker) and
+    /// runs no earlier than this, within about a second after (whole seconds, rounded up).
+    /// Unset, or a time less than a second ahead: it runs as soon as a worker is free.
+    pub run_at: Option<SystemTime>,
     /// Attempts the task gets in all (overrides the worker's policy for this task).
     pub max_attempts: Option<u32>,
     /// Delays between attempts (overrides the worker's policy for this task).
@@ -136,6 +141,28 @@ impl CallOptions {
     pub fn queue(mut self, queue: impl Into<String>) -> Self {
         self.queue = Some(queue.into());
         self
+    }
+
+    /// Runs the task no earlier than `at` (see [`CallOptions::run_at`]); at most
+    /// [`warren_shared::delay::MAX_DELAY`] ahead.
+    #[must_use]
+    pub fn run_at(mut self, at: SystemTime) -> Self {
+        self.run_at = Some(at);
+        self
+    }
+
+    /// Runs the task `delay` from now: [`CallOptions::run_at`] now + `delay`.
+    #[must_use]
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.run_at = Some(SystemTime::now() + delay);
+        self
+    }
+
+    /// The time from now until the task is due (zero when it is due now or unset).
+    pub(crate) fn delay_from_now(&self) -> Duration {
+        self.run_at
+            .and_then(|at| at.duration_since(SystemTime::now()).ok())
+            .unwrap_or_default()
     }
 
     /// Waits at most `timeout` (and sets the deadline accordingly).

@@ -294,12 +294,19 @@ impl Connection {
             self.refuse(&forbidden);
             return true;
         }
+        let options =
+            match crate::due::Due::of_line(&line).and_then(|due| self.shared.options_due(&due)) {
+                Ok(options) => options,
+                Err(bad) => {
+                    self.refuse(&bad);
+                    return true;
+                }
+            };
         if self.calls >= limits.max_in_flight {
             self.refuse(&GatewayError::busy(limits.max_in_flight));
             return true;
         }
         let client = self.shared.client.clone();
-        let options = self.shared.call_options();
         let label = crate::metrics::function_label(&limits.allow, &request.function);
         self.calls += 1;
         self.answers.push_back(Box::pin(async move {

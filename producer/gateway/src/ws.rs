@@ -110,6 +110,9 @@ struct TaskMessage {
     function: String,
     #[serde(default)]
     args: Value,
+    /// `run_at` / `delay_ms`: when the task is due.
+    #[serde(flatten)]
+    due: crate::due::Due,
 }
 
 /// One websocket connection.
@@ -342,6 +345,10 @@ impl Connection {
         if let Err(forbidden) = self.shared.limits().check_function(&task.function) {
             return refuse(forbidden);
         }
+        let options = match self.shared.options_due(&task.due) {
+            Ok(options) => options,
+            Err(bad) => return refuse(bad),
+        };
         let Ok(permit) = self.permits.clone().try_acquire_owned() else {
             return refuse(GatewayError::busy(self.shared.limits().max_in_flight));
         };
@@ -349,6 +356,7 @@ impl Connection {
             self.shared.clone(),
             id,
             task,
+            options,
             self.events.clone(),
             permit,
         ));
@@ -363,10 +371,10 @@ async fn call(
     shared: Arc<Shared>,
     id: Value,
     task: TaskMessage,
+    options: warren_client::CallOptions,
     events: mpsc::Sender<String>,
     permit: OwnedSemaphorePermit,
 ) {
-    let options = shared.call_options();
     let (published_tx, mut published) = oneshot::channel();
     let call = shared
         .client

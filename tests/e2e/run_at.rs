@@ -1,0 +1,278 @@
+//! Run at a time: tasks wait in the broker's fixed ladder of delay levels, never in a worker,
+//! and run no earlier than their time; a task nothing can route is parked, never dropped.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, SystemTime};
+
+use futures_lite::StreamExt;
+use lapin::BasicProperties;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::mpsc;
+use warren_client::CallOptions;
+use warren_shared::protocol::headers;
+use warren_shared::{Task, delay, topology};
+use warren_tests::raw::RawPeer;
+use warren_tests::{TestQueue, inspect_queue, raw_channel};
+use warren_worker::{Handler, Registry, TaskContext, TaskError};
+
+/// Reports when it runs.
+#[derive(Debug, Serialize, Deserialize)]
+struct Stamp {
+    label: u32,
+}
+
+impl Task for Stamp {
+    const NAME: &'static str = "stamp";
+    type Output = u32;
+}
+
+struct Stamps(mpsc::UnboundedSender<(u32, SystemTime)>);
+
+impl Handler<Stamp> for Stamps {
+    async fn run(&self, args: Stamp, _ctx: TaskContext) -> Result<u32, TaskError> {
+        let _ = self.0.send((args.label, SystemTime::now()));
+        Ok(args.label)
+    }
+}
+
+fn stamps() -> (Registry, mpsc::UnboundedReceiver<(u32, SystemTime)>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (Registry::new().register_handler::<Stamp>(Stamps(tx)), rx)
+}
+
+/// How late a task may run after its time in these tests: the levels' 1 s resolution plus
+/// delivery lag, generously (the design target is 1 s plus the normal delivery lag).
+const LATE: Duration = Duration::from_millis(2500);
+
+/// The queues and exchanges of the delay ladder and of queue `queue`, from the management API.
+async fn broker_objects(queue: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for kind in ["queues", "exchanges"] {
+        let url = format!("http://127.0.0.1:15672/api/{kind}/%2f?columns=name");
+        let body = tokio::task::spawn_blocking(move || {
+            let agent: ureq::Agent = ureq::Agent::config_builder()
+                .timeout_global(Some(Duration::from_secs(10)))
+                .build()
+                .into();
+            agent
+                .get(&url)
+                .header("Authorization", "Basic Z3Vlc3Q6Z3Vlc3Q=")
+                .call()
+                .and_then(|mut r| r.body_mut().read_to_string())
+        })
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("management API: {e}"));
+        let list: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+        names.extend(
+            list.iter()
+                .filter_map(|o| o["name"].as_str())
+                .filter(|n| n.starts_with(delay::DELIVERY) || n.contains(queue))
+                .map(|n| format!("{kind}/{n}")),
+        );
+    }
+    names
+}
+
+#[tokio::test]
+async fn tasks_of_distinct_delays_run_on_time_through_the_same_broker_objects() {
+    let q = TestQueue::new("runat");
+    let (registry, mut runs) = stamps();
+    let worker = q.worker(registry, 8).await;
+    let by_queue = q.client().await;
+    let by_function = q.client_with(|s| s.queue = None).await;
+    let before = broker_objects(&q.name).await;
+    assert!(before.contains(&format!("queues/{}", delay::PARKED)));
+
+    // Distinct delays, through queue routing and function routing alike.
+    let delays = [1u64, 2, 3, 5, 6, 7];
+    let mut due = Vec::new();
+    for (label, secs) in (0u32..).zip(delays) {
+        let options = CallOptions::default().delay(Duration::from_secs(secs));
+        due.push(options.run_at.unwrap());
+        let client = if label % 2 == 0 {
+            &by_queue
+        } else {
+            &by_function
+        };
+        client
+            .enqueue_with(&Stamp { label }, &options)
+            .await
+            .unwrap();
+    }
+    let mut late = Vec::new();
+    for _ in &delays {
+        let (label, ran) = tokio::time::timeout(Duration::from_secs(20), runs.recv())
+            .await
+            .expect("every delayed task runs")
+            .unwrap();
+        let due = due[label as usize];
+        let after = ran.duration_since(due).unwrap_or_else(|early| {
+            panic!("task {label} ran {:?} before its time", early.duration())
+        });
+        assert!(after < LATE, "task {label} ran {after:?} after its time");
+        late.push(after);
+    }
+    late.sort();
+    eprintln!("run-at lateness (sorted): {late:?}");
+
+    assert_eq!(
+        broker_objects(&q.name).await,
+        before,
+        "delays use no broker objects of their own"
+    );
+    worker.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_deadline_of_a_delayed_call_counts_from_its_run_at_time() {
+    let q = TestQueue::new("runat-deadline");
+    let (registry, mut runs) = stamps();
+    let worker = q.worker(registry, 2).await;
+    let client = q.client().await;
+
+    // Due in 3 s with 2 s to run: counted from now it would have expired before it was due.
+    let options = CallOptions::default()
+        .delay(Duration::from_secs(3))
+        .timeout(Duration::from_secs(2));
+    let due = options.run_at.unwrap();
+    assert_eq!(
+        client
+            .call_with(&Stamp { label: 4 }, &options)
+            .await
+            .unwrap(),
+        4
+    );
+    let (_, ran) = runs.recv().await.unwrap();
+    assert!(
+        ran >= due,
+        "ran {:?} before its time",
+        due.duration_since(ran)
+    );
+    worker.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_foreign_client_delays_a_task_with_the_run_at_header_alone() {
+    let q = TestQueue::new("runat-header");
+    let (registry, mut runs) = stamps();
+    let worker = q.worker(registry, 2).await;
+    let peer = RawPeer::connect().await;
+
+    // Published straight to the work queue, as any AMQP client does, with only the header.
+    let due = SystemTime::now() + Duration::from_secs(2);
+    let mut h = FieldTable::default();
+    let ms = due
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    h.insert(
+        headers::RUN_AT.into(),
+        AMQPValue::LongLongInt(i64::try_from(ms).unwrap()),
+    );
+    let body = json!({"function": "stamp", "args": {"label": 8}}).to_string();
+    peer.publish(
+        &q.name,
+        body.as_bytes(),
+        BasicProperties::default().with_headers(h),
+    )
+    .await;
+
+    let (label, ran) = tokio::time::timeout(Duration::from_secs(15), runs.recv())
+        .await
+        .expect("the task runs")
+        .unwrap();
+    assert_eq!(label, 8);
+    let after = ran
+        .duration_since(due)
+        .unwrap_or_else(|early| panic!("ran {:?} before its time", early.duration()));
+    assert!(after < LATE, "ran {after:?} after its time");
+    peer.close().await;
+    worker.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_delayed_task_nothing_is_bound_for_is_parked_with_its_route_not_dropped() {
+    let q = TestQueue::new("runat-unbound");
+    let (_connection, channel) = raw_channel().await;
+    delay::declare_levels(&channel).await.unwrap();
+    // The work queue exists, but nothing bound it to the ladder's delivery exchange (no worker
+    // ever ran on it; the producer may not declare).
+    topology::declare(&channel, &q.name).await.unwrap();
+    let client = q.client_with(|s| s.declare = false).await;
+    let id = client
+        .enqueue_with(
+            &Stamp { label: 1 },
+            &CallOptions::default().delay(Duration::from_secs(1)),
+        )
+        .await
+        .unwrap();
+
+    channel
+        .basic_qos(1000, BasicQosOptions::default())
+        .await
+        .unwrap();
+    let mut parked = channel
+        .basic_consume(
+            delay::PARKED.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    // Other tests' parked tasks are left unacked: they go back when the channel closes.
+    let found = tokio::time::timeout(Duration::from_secs(15), async {
+        while let Some(Ok(delivery)) = parked.next().await {
+            let ours = delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .is_some_and(|m| m.as_str() == id.as_str());
+            if ours {
+                delivery.ack(BasicAckOptions::default()).await.unwrap();
+                return Some(delivery);
+            }
+        }
+        None
+    })
+    .await
+    .expect("the task is parked")
+    .expect("the consumer stays open");
+    // The reason: its routing key names the destination nothing was bound for, and x-death
+    // records the level it left.
+    let key = found.routing_key.as_str();
+    assert!(
+        key.ends_with(&format!(".q.{}", q.name)),
+        "routing key {key}"
+    );
+    let death = match found
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-death").cloned())
+    {
+        Some(AMQPValue::FieldArray(deaths)) => match deaths.as_slice().first() {
+            Some(AMQPValue::FieldTable(death)) => death.clone(),
+            other => panic!("x-death entry: {other:?}"),
+        },
+        other => panic!("x-death: {other:?}"),
+    };
+    let text = |name: &str| match death.inner().get(name) {
+        Some(AMQPValue::LongString(s)) => s.to_string(),
+        other => panic!("x-death {name}: {other:?}"),
+    };
+    assert_eq!(text("queue"), delay::level_name(0));
+    assert_eq!(text("reason"), "expired");
+    assert_eq!(
+        inspect_queue(&channel, &q.name)
+            .await
+            .unwrap()
+            .message_count(),
+        0
+    );
+    let _ = channel.close(200, "done".into()).await;
+}
