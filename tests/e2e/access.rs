@@ -105,6 +105,16 @@ async fn producer_and_worker_profiles_are_enough_and_a_refused_declare_names_the
         .await
         .expect("call as producer");
     assert_eq!(answer, serde_json::json!("least privilege"));
+    // A task due later goes through the delay levels the worker declared and bound.
+    let later = client
+        .call_json_with(
+            "echo",
+            serde_json::json!("later"),
+            &warren_client::CallOptions::default().delay(Duration::from_secs(1)),
+        )
+        .await
+        .expect("a delayed call as producer");
+    assert_eq!(later, serde_json::json!("later"));
     // The gateway's queue depth (a passive declare) needs no permission either.
     let stats = client
         .queue_stats(&queue.name)
