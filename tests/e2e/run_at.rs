@@ -276,3 +276,61 @@ async fn a_delayed_task_nothing_is_bound_for_is_parked_with_its_route_not_droppe
     );
     let _ = channel.close(200, "done".into()).await;
 }
+
+#[tokio::test]
+async fn warren_enqueue_in_and_at_run_the_task_then_and_refuse_what_cannot_wait() {
+    let q = TestQueue::new("runat-cli");
+    let (registry, mut runs) = stamps();
+    let worker = q.worker(registry, 2).await;
+    let warren = |args: Vec<String>| {
+        tokio::process::Command::new(warren_tests::binary("warren"))
+            .args(["--queue", &q.name, "enqueue", "stamp"])
+            .args(args)
+            .env("AMQP_URL", warren_tests::amqp_url())
+            .output()
+    };
+
+    let due = SystemTime::now() + Duration::from_secs(1);
+    let out = warren(vec![r#"{"label":1}"#.into(), "--in".into(), "1s".into()])
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (label, ran) = tokio::time::timeout(Duration::from_secs(15), runs.recv())
+        .await
+        .expect("the task runs")
+        .unwrap();
+    assert_eq!(label, 1);
+    assert!(ran >= due, "ran before its time");
+
+    // --at, whole seconds in UTC: the next whole second at least 2 s ahead.
+    let at = humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(3));
+    let due = humantime::parse_rfc3339(&at.to_string()).unwrap();
+    let out = warren(vec![r#"{"label":2}"#.into(), "--at".into(), at.to_string()])
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (label, ran) = tokio::time::timeout(Duration::from_secs(15), runs.recv())
+        .await
+        .expect("the task runs")
+        .unwrap();
+    assert_eq!(label, 2);
+    let after = ran.duration_since(due).expect("not before its time");
+    assert!(after < LATE, "{after:?}");
+
+    // Past the longest delay: a typed error, exit 1, nothing queued.
+    let out = warren(vec!["{}".into(), "--in".into(), "9years".into()])
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot delay the task"), "{stderr}");
+    worker.shutdown().await.unwrap();
+}
