@@ -1060,3 +1060,62 @@ async fn connections_move_on_after_their_lifetime_without_failing_a_call() {
     );
     worker.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_tasks_survive_a_broker_kill_and_run_no_earlier_than_their_time() {
+    const TASKS: u64 = 20;
+    let mut node = BrokerNode::start("runat-kill").await;
+    let q = TestQueue::new("runat-kill");
+    let dir = temp_dir("runat-kill");
+    let log = dir.path().join("runs.log");
+    let worker = worker_at(&q, &node.url(), 8).await;
+    let client = client_at(&q, &node.url(), |_| {}).await;
+    let mut due_ms = std::collections::HashMap::new();
+    for key in 0..TASKS {
+        let options = CallOptions::default().delay(Duration::from_secs(20 + key % 5));
+        let due = options.run_at.unwrap();
+        due_ms.insert(
+            key,
+            u64::try_from(
+                due.duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_millis(),
+            )
+            .unwrap(),
+        );
+        let task = warren_tests::tasks::Record {
+            key,
+            log: log.to_string_lossy().into_owned(),
+            work_ms: 0,
+            started: None,
+        };
+        client.enqueue_with(&task, &options).await.unwrap();
+    }
+
+    // Killed (SIGKILL) and booted again with its data, while every task waits in the levels.
+    let killed = Instant::now();
+    node.restart().await;
+    let down = killed.elapsed();
+    eprintln!("broker killed and booted again in {down:?}");
+
+    eventually(
+        "every delayed task to run",
+        Duration::from_secs(120),
+        || async { read_runs(&log).len() as u64 == TASKS },
+    )
+    .await;
+    let mut late = Vec::new();
+    for run in warren_tests::read_run_log(&log) {
+        let due = due_ms[&run.key];
+        assert!(
+            run.started_ms >= due,
+            "task {} ran {} ms before its time",
+            run.key,
+            due - run.started_ms
+        );
+        late.push(run.started_ms - due);
+    }
+    late.sort_unstable();
+    eprintln!("run-at lateness after a broker kill (ms, sorted): {late:?}");
+    worker.shutdown().await.unwrap();
+}
