@@ -334,3 +334,65 @@ async fn warren_enqueue_in_and_at_run_the_task_then_and_refuse_what_cannot_wait(
     assert!(stderr.contains("cannot delay the task"), "{stderr}");
     worker.shutdown().await.unwrap();
 }
+
+/// Fails until attempt `succeed_on`, reporting when each attempt ran.
+#[derive(Debug, Serialize, Deserialize)]
+struct FlakyStamp {
+    succeed_on: u32,
+}
+
+impl Task for FlakyStamp {
+    const NAME: &'static str = "flaky_stamp";
+    type Output = u32;
+}
+
+impl Handler<FlakyStamp> for Stamps {
+    async fn run(&self, args: FlakyStamp, ctx: TaskContext) -> Result<u32, TaskError> {
+        let _ = self.0.send((ctx.attempt(), SystemTime::now()));
+        if ctx.attempt() < args.succeed_on {
+            return Err(TaskError::retryable("not yet"));
+        }
+        Ok(ctx.attempt())
+    }
+}
+
+#[tokio::test]
+async fn a_delayed_task_is_retried_like_any_other_after_its_time() {
+    let backoff = Duration::from_millis(500);
+    let q = TestQueue::new("runat-retry").with_retry_delays(&[backoff]);
+    let (tx, mut runs) = mpsc::unbounded_channel();
+    let worker = q
+        .worker(
+            Registry::new().register_handler::<FlakyStamp>(Stamps(tx)),
+            2,
+        )
+        .await;
+    let client = q.client().await;
+
+    // Celery #10111: delayed tasks stuck after more than two retries.
+    let options = CallOptions::default()
+        .delay(Duration::from_secs(1))
+        .max_attempts(4)
+        .backoff(vec![backoff]);
+    let due = options.run_at.unwrap();
+    let attempts = client
+        .call_with(&FlakyStamp { succeed_on: 4 }, &options)
+        .await
+        .unwrap();
+    assert_eq!(attempts, 4);
+    let mut seen = Vec::new();
+    while let Ok((attempt, ran)) = runs.try_recv() {
+        seen.push((attempt, ran));
+    }
+    assert_eq!(seen.iter().map(|s| s.0).collect::<Vec<_>>(), [1, 2, 3, 4]);
+    assert!(seen[0].1 >= due, "the first attempt ran before its time");
+    for pair in seen.windows(2) {
+        let gap = pair[1].1.duration_since(pair[0].1).unwrap_or_default();
+        // The retries wait their backoff, not the run-at delay again.
+        assert!(
+            gap >= backoff && gap < backoff + Duration::from_secs(1),
+            "{gap:?}"
+        );
+    }
+    worker.shutdown().await.unwrap();
+}
