@@ -93,7 +93,8 @@ pub struct CallOptions {
     pub timeout: Option<Duration>,
     /// When the task is due: it waits in the broker's delay levels (never in a worker) and
     /// runs no earlier than this, within about a second after (whole seconds, rounded up).
-    /// Unset, or a time less than a second ahead: it runs as soon as a worker is free.
+    /// Unset, or a time already past: it runs as soon as a worker is free. The caller's clock
+    /// decides: the delay is measured when the task is sent.
     pub run_at: Option<SystemTime>,
     /// Attempts the task gets in all (overrides the worker's policy for this task).
     pub max_attempts: Option<u32>,
