@@ -18,6 +18,7 @@
  *   the epoch, or null) and ctx.remaining() (seconds left, or null) describe the task.
  * - The protocol runs on private descriptors that child processes do not inherit: stdin reads
  *   /dev/null, and stdout (console.log, process.stdout) goes to stderr, which the worker logs.
+ *   (Run by hand, with stdin or stdout not a pipe, the protocol stays on stdin and stdout.)
  * Tasks run one at a time, as the protocol requires.
  */
 
@@ -47,14 +48,25 @@ class Permanent extends TaskError {
 let proto = null;
 
 /**
- * Moves the protocol off fds 0 and 1: opens each pipe again through /proc (a descriptor of its
- * own, blocking whatever libuv does to fd 1, and close-on-exec, so child processes never get
- * it), then points fd 0 at /dev/null and fd 1 at stderr (the lowest free descriptor is reused).
+ * Moves the protocol off fds 0 and 1 when both are pipes, as under the worker: opens each pipe
+ * again through /proc (a descriptor of its own, blocking whatever libuv does to fd 1, and
+ * close-on-exec, so child processes never get it), then points fd 0 at /dev/null and fd 1 at
+ * stderr (the lowest free descriptor is reused). Returns null, leaving fds 0 and 1 alone, when
+ * they are not pipes (a file, a terminal or a socket, as when a runner is tried by hand) or
+ * /proc cannot reopen them.
  */
 function privateProtocol() {
   const { O_RDONLY, O_WRONLY, O_APPEND } = fs.constants;
-  const input = fs.openSync('/proc/self/fd/0', O_RDONLY);
-  const output = fs.openSync('/proc/self/fd/1', O_WRONLY | O_APPEND);
+  let input;
+  let output;
+  try {
+    if (!fs.fstatSync(0).isFIFO() || !fs.fstatSync(1).isFIFO()) return null;
+    input = fs.openSync('/proc/self/fd/0', O_RDONLY);
+    output = fs.openSync('/proc/self/fd/1', O_WRONLY | O_APPEND);
+  } catch {
+    if (input !== undefined) fs.closeSync(input);
+    return null;
+  }
   fs.closeSync(0);
   fs.openSync('/dev/null', O_RDONLY);
   fs.closeSync(1);
@@ -88,7 +100,9 @@ function error(id, kind, message, retryable) {
 
 /** Serves tasks from the worker until it closes the protocol's input. */
 async function serve(handlers) {
-  proto = privateProtocol();
+  const own = privateProtocol();
+  // Without descriptors of its own, the protocol stays on fds 0 and 1.
+  proto = own || [0, 1];
   // Task code's console output goes to the log, never into the protocol.
   console.log = console.error;
   console.info = console.error;
@@ -101,7 +115,7 @@ async function serve(handlers) {
   });
   // A pipe handle on the event loop, not an fs stream: a read blocked in the thread pool would
   // hold up process.exit() until the worker writes again.
-  const input = new net.Socket({ fd: proto[0], readable: true, writable: false });
+  const input = own ? new net.Socket({ fd: own[0], readable: true, writable: false }) : process.stdin;
   const lines = readline.createInterface({ input, crlfDelay: Infinity });
   for await (const raw of lines) {
     const line = raw.trim();

@@ -109,6 +109,13 @@ final class Runner
         self::$stdio[] = fopen('/dev/null', 'r');
         fclose(STDOUT);
         self::$stdio[] = fopen('php://stderr', 'w');
+        // That the lowest free descriptors were 0 and 1 depends on fclose really closing them
+        // (an extension or a php.ini setting may hold a copy): say so when it did not.
+        $fd = static fn (int $n) => @readlink("/proc/self/fd/$n");
+        if ($fd(1) !== false && ($fd(0) !== '/dev/null' || $fd(1) !== $fd(2))) {
+            fwrite(STDERR, "warren: fds 0 and 1 still hold the protocol's pipes; subprocesses "
+                . "inherit them\n");
+        }
     }
 
     public static function write(array $frame): void

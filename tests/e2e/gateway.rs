@@ -772,7 +772,7 @@ async fn http_get(addr: SocketAddr, path: &str) -> String {
 
 async fn http_get_with(addr: SocketAddr, path: &str, headers: &[&str]) -> String {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
-    let mut request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for header in headers {
         request.push_str(header);
         request.push_str("\r\n");
@@ -1009,6 +1009,8 @@ async fn connections_are_capped_in_total_and_per_peer_address() {
         limits: limits_allowing(&["echo"]),
         max_connections: 3,
         max_connections_per_peer: 2,
+        // Not half the total, the default: this test is about the other two caps.
+        max_unauthenticated: Some(3),
         // The test's peers are on loopback, which is trusted (total cap only) by default.
         trusted_networks: Vec::new(),
         ..GatewaySettings::default()
@@ -1190,21 +1192,24 @@ fn listen_overflows() -> Option<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_burst_of_1000_connections_from_one_address_is_served_with_the_defaults() {
     const BURST: usize = 1000;
+    // Each connection is two descriptors in this process (client and gateway side); a 1024
+    // soft limit, common elsewhere, would fail the burst for a reason that is not the one
+    // under test. The gateway binary raises its own limit the same way.
+    let files = warren_gateway::host::raise_open_files_limit().expect("the open-files limit");
+    let needed = u64::try_from(2 * BURST).expect("small") + 256;
+    if files < needed {
+        eprintln!(
+            "skipped: this process may open {files} files (hard limit), the burst needs \
+             {needed}; raise `ulimit -Hn`"
+        );
+        return;
+    }
     let env = spawn_with(GatewaySettings::default()).await;
-    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(u32::MAX);
+    let somaxconn = warren_gateway::host::somaxconn().unwrap_or(u32::MAX);
     let expected = warren_gateway::DEFAULT_LISTEN_BACKLOG.min(somaxconn);
     for addr in [env.text, env.http] {
         assert_eq!(listen_backlog(addr), expected, "the backlog of {addr}");
     }
-    assert!(
-        expected >= 1024,
-        "a backlog of {expected} (default {}, net.core.somaxconn {somaxconn}) cannot hold a \
-         burst of {BURST} connects",
-        warren_gateway::DEFAULT_LISTEN_BACKLOG
-    );
 
     let overflows_before = listen_overflows();
     let started = tokio::time::Instant::now();
@@ -1214,6 +1219,7 @@ async fn text_burst_of_1000_connections_from_one_address_is_served_with_the_defa
             tokio::spawn(async move {
                 let at = tokio::time::Instant::now();
                 let stream = TcpStream::connect(text_addr).await.expect("connect");
+                let connected = at.elapsed();
                 let (read, write) = stream.into_split();
                 let mut text = Text {
                     lines: BufReader::new(read).lines(),
@@ -1224,35 +1230,97 @@ async fn text_burst_of_1000_connections_from_one_address_is_served_with_the_defa
                     "subject": "Hi", "body": "Hello"}}))
                     .await;
                 let answer = text.answer().await;
-                (answer, at.elapsed())
+                (answer, connected, at.elapsed())
             })
         })
         .collect();
     let mut latencies = Vec::with_capacity(BURST);
+    let mut slowest_connect = Duration::ZERO;
     for call in calls {
-        let (answer, latency) = call.await.expect("client task");
+        let (answer, connected, latency) = call.await.expect("client task");
         assert!(
             answer["delivered_to"].is_string(),
             "every connection is served: {answer}"
         );
         latencies.push(latency);
+        slowest_connect = slowest_connect.max(connected);
     }
     let wall = started.elapsed();
     latencies.sort();
     let p99 = latencies[BURST * 99 / 100];
     println!(
         "{BURST} Text connections at once, one send_mail each: wall {wall:?}, p50 {:?}, \
-         p99 {p99:?}, max {:?}; ListenOverflows (whole namespace) {:?} -> {:?}",
+         p99 {p99:?}, max {:?}; slowest connect {slowest_connect:?}; ListenOverflows (whole \
+         namespace) {:?} -> {:?}",
         latencies[BURST / 2],
         latencies[BURST - 1],
         overflows_before,
         listen_overflows()
     );
     assert_eq!(mails_in(&env), BURST, "each mail written once");
-    // Generous, not a timing test: the backlog above is the mechanism (a SYN dropped by a full
-    // backlog costs its client a 1 s retry; the target is p99 well under 1 s).
+    // The mechanism: a connect completes on the kernel's SYN-ACK, however fast the gateway
+    // accepts, as long as the backlog has room; a SYN dropped by a full backlog costs its
+    // client a retry after exactly 1 s. So no connect takes a second.
+    // Unless the host caps every backlog below the burst, which is no fault of the gateway's.
+    if usize::try_from(somaxconn).unwrap_or(usize::MAX) >= BURST {
+        assert!(
+            slowest_connect < Duration::from_secs(1),
+            "a connect took {slowest_connect:?}: a SYN was dropped and retried (backlog \
+             {expected})"
+        );
+    } else {
+        eprintln!(
+            "net.core.somaxconn {somaxconn} caps every backlog below the burst of {BURST}: \
+             connect times not checked (raise it with sysctl to check them)"
+        );
+    }
+    // Generous, not a timing test.
     assert!(p99 < Duration::from_secs(10), "p99 {p99:?}");
     env.finish().await;
+}
+
+/// Under systemd's default soft limit of 1024 open files, 1024 connections cannot all be
+/// accepted: the binary raises its soft limit to the hard limit at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_raises_its_open_files_limit() {
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .expect("getrlimit");
+    if hard <= 1024 {
+        eprintln!("skipped: the hard open-files limit is {hard}, nothing to raise to");
+        return;
+    }
+    let mut gateway = tokio::process::Command::new("prlimit")
+        .arg(format!("--nofile=1024:{hard}"))
+        .arg(warren_tests::binary("warren-gateway"))
+        .args(["--http", "127.0.0.1:0", "--text", "127.0.0.1:0"])
+        .env("AMQP_URL", amqp_url())
+        .env_remove("WARREN_GATEWAY_TOKEN")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("prlimit (util-linux) runs the gateway");
+    let pid = gateway.id().expect("pid");
+    let soft_limit = || {
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap_or_default();
+        limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .and_then(|l| l.split_whitespace().nth(3))
+            .and_then(|soft| soft.parse::<u64>().ok())
+    };
+    // prlimit itself starts with this process's limit: read the gateway's, once it runs.
+    let running = || {
+        std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .is_ok_and(|comm| comm.trim() == "warren-gateway")
+    };
+    eventually(
+        "the gateway raises its soft open-files limit",
+        WAIT,
+        || async { running() && soft_limit() == Some(hard) },
+    )
+    .await;
+    gateway.kill().await.expect("stop the gateway");
 }
 
 /// With a token, strangers meet the per-peer cap until they present it, and an address that
@@ -1274,6 +1342,8 @@ async fn an_unauthenticated_flood_from_one_address_cannot_take_every_place() {
         max_connections: per_peer + AUTHED + 6,
         // The test's peers are on loopback, trusted by default: here they are strangers.
         trusted_networks: Vec::new(),
+        // Long enough for the token holders to be served while the flood waits for it.
+        auth_timeout: Duration::from_secs(20),
         ..GatewaySettings::default()
     })
     .await;
@@ -1308,6 +1378,14 @@ async fn an_unauthenticated_flood_from_one_address_cannot_take_every_place() {
     late.send(json!({"function": "echo", "args": "still served"}))
         .await;
     assert_eq!(late.answer().await, json!("still served"));
+    // The flood still holds its share: one more connection from its address is refused.
+    let (read, write) = connect_from("127.0.0.2", env.text).await.into_split();
+    let mut more = Text {
+        lines: BufReader::new(read).lines(),
+        write,
+    };
+    let answer = more.answer().await;
+    assert_eq!(error_kind(&answer), "too_many_connections", "{answer}");
 
     // The flood: refused at once past its share; the rest told `unauthorized` at the
     // deadline and closed.
@@ -1373,13 +1451,24 @@ async fn unauthenticated_connections_are_closed_at_the_auth_deadline_whatever_th
     assert_eq!(error_kind(&answer), "unauthorized", "{answer}");
     assert_eq!(blank.next().await, None);
 
-    // Text: an overlong line before the token is refused like anything else.
-    let mut long = text_connect(&env).await;
+    // Text: an overlong line before the token is refused like anything else, at once: on a
+    // gateway whose deadline is past the wait bound, so that it is not the deadline's answer.
+    let patient = spawn_with(GatewaySettings {
+        limits: Limits {
+            token: Some("s3cret".into()),
+            ..limits_allowing(&["echo"])
+        },
+        auth_timeout: 2 * WAIT,
+        ..GatewaySettings::default()
+    })
+    .await;
+    let mut long = text_connect(&patient).await;
     let mut line = vec![b'x'; 1024 * 1024 + 1];
     line.push(b'\n');
     long.send_raw(&line).await;
     assert_eq!(error_kind(&long.answer().await), "unauthorized");
     assert_eq!(long.next().await, None);
+    patient.finish().await;
 
     // Websocket: pings or nothing, then `unauthorized` and 1008.
     let mut ws = ws_connect(&env).await;
@@ -1524,6 +1613,212 @@ async fn text_port_closes_an_http_request_before_its_body_runs() {
     assert!(after.answer().await["delivered_to"].is_string());
     env.no_pending_calls().await;
     assert_eq!(mails_in(&env), 1, "only the real request sent mail");
+
+    // Any request line, however written, after a request was served too: a method in lower
+    // case or with a hyphen, HTTP/0.9's bare `GET /`.
+    for request_line in ["get / HTTP/1.1", "M-SEARCH * HTTP/1.1", "GET /"] {
+        let mut text = text_connect(&env).await;
+        text.send(json!({"function": "echo", "args": "first"}))
+            .await;
+        assert_eq!(text.answer().await, json!("first"));
+        text.send_raw(format!("{request_line}\n{body}\n").as_bytes())
+            .await;
+        let answer = text.answer().await;
+        assert_eq!(
+            error_kind(&answer),
+            "bad_request",
+            "{request_line}: {answer}"
+        );
+        assert_eq!(text.next().await, None, "{request_line}: closed");
+    }
+    env.no_pending_calls().await;
+    assert_eq!(mails_in(&env), 1, "no request line let its body run");
+    env.finish().await;
+}
+
+/// The head of the response to the raw HTTP `request` (up to its blank line), or what came
+/// before the server closed.
+async fn http_head(addr: SocketAddr, request: &str) -> String {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(WAIT, async {
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .expect("a response within the wait bound");
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// DNS rebinding: a page from `http://evil.example:PORT` whose name the attacker then points
+/// at 127.0.0.1 sends an `Origin` and a `Host` that match each other. Without a token, the
+/// gateway answers only requests for a host that cannot be rebound (an IP literal,
+/// `localhost`) or that `--allow-origin` names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebound_host_name_is_refused_without_a_token() {
+    let env = spawn_with(GatewaySettings {
+        allowed_origins: vec!["https://app.example".into()],
+        ..GatewaySettings::default()
+    })
+    .await;
+    let port = env.http.port();
+    let upgrade = |host: &str, origin: &str| {
+        format!(
+            "GET /ws HTTP/1.1\r\nHost: {host}\r\nOrigin: {origin}\r\nConnection: Upgrade\r\n\
+             Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+    };
+    let get = |path: &str, host: &str| {
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
+    };
+    let evil = format!("evil.example:{port}");
+    for request in [
+        upgrade(&evil, &format!("http://{evil}")),
+        get("/api/info", &evil),
+        get("/api/queue", &evil),
+        get("/", &evil),
+    ] {
+        let head = http_head(env.http, &request).await;
+        assert!(head.starts_with("HTTP/1.1 403"), "{request}\n-> {head}");
+    }
+    let head = http_head(env.http, &get("/api/info", &evil)).await;
+    assert!(head.contains("application/json"), "{head}");
+    for (host, origin) in [
+        (
+            format!("localhost:{port}"),
+            format!("http://localhost:{port}"),
+        ),
+        (
+            format!("gw.localhost:{port}"),
+            format!("http://gw.localhost:{port}"),
+        ),
+        (
+            format!("127.0.0.1:{port}"),
+            format!("http://127.0.0.1:{port}"),
+        ),
+        (format!("[::1]:{port}"), format!("http://[::1]:{port}")),
+        ("app.example".to_owned(), "https://app.example".to_owned()),
+    ] {
+        let head = http_head(env.http, &upgrade(&host, &origin)).await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{host}: {head}");
+        let head = http_head(env.http, &get("/", &host)).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{host}: {head}");
+    }
+    env.finish().await;
+}
+
+/// With a token, an HTTP connection that has not completed a request with it by
+/// `auth_timeout` is closed, even one that never finishes its first request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_connections_that_never_finish_a_request_are_closed_at_the_auth_deadline() {
+    let env = spawn_with(GatewaySettings {
+        limits: Limits {
+            token: Some("s3cret".into()),
+            ..limits_allowing(&["echo"])
+        },
+        auth_timeout: Duration::from_secs(1),
+        ..GatewaySettings::default()
+    })
+    .await;
+    let silent = TcpStream::connect(env.http).await.expect("connect");
+    let mut half = TcpStream::connect(env.http).await.expect("connect");
+    half.write_all(b"GET / HT").await.expect("write");
+    // Well under the idle timeout (60 s), which bounds the header read otherwise.
+    let bound = Duration::from_secs(10);
+    for (what, mut stream) in [("silent", silent), ("half a request line", half)] {
+        let mut buf = [0u8; 1024];
+        let closed = tokio::time::timeout(bound, async {
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "{what}: still open after {bound:?}");
+    }
+    env.finish().await;
+}
+
+/// Settings the types allow but that cannot work are refused at start with the flag named,
+/// not met later (every connection closed at once, a backlog of nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_refuses_zero_deadlines_zero_backlogs_and_bad_origins() {
+    for (flag, value) in [
+        ("--auth-timeout", "0s"),
+        ("--listen-backlog", "0"),
+        ("--allow-origin", "app.example"),
+    ] {
+        let output = tokio::process::Command::new(warren_tests::binary("warren-gateway"))
+            .args([
+                "--http",
+                "127.0.0.1:0",
+                "--text",
+                "127.0.0.1:0",
+                flag,
+                value,
+            ])
+            .env("AMQP_URL", amqp_url())
+            .kill_on_drop(true)
+            .output();
+        let output = tokio::time::timeout(WAIT, output)
+            .await
+            .expect("the gateway exits at once")
+            .expect("the gateway runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !output.status.success(),
+            "{flag} {value} was accepted: {stderr}"
+        );
+        assert!(stderr.contains(flag), "{flag} {value}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+/// Strangers with many addresses, each within its share, still hold at most
+/// `max_unauthenticated` places together; the others stay for trusted connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_from_many_addresses_cannot_take_every_place() {
+    let env = spawn_with(GatewaySettings {
+        limits: Limits {
+            token: Some("s3cret".into()),
+            ..limits_allowing(&["echo"])
+        },
+        max_connections: 10,
+        max_connections_per_peer: 2,
+        max_unauthenticated: Some(4),
+        trusted_networks: vec!["127.0.0.1/32".parse().expect("network")],
+        auth_timeout: 2 * WAIT,
+        ..GatewaySettings::default()
+    })
+    .await;
+    let mut strangers = Vec::new();
+    for from in ["127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3"] {
+        strangers.push(connect_from(from, env.text).await);
+    }
+    let (refused, _) = text_echo_from("127.0.0.4", &env).await;
+    assert_eq!(error_kind(&refused), "too_many_connections", "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("4 open connections from outside")),
+        "{refused}"
+    );
+    let mut trusted = text_connect(&env).await;
+    trusted.send(json!({"auth": "s3cret"})).await;
+    trusted
+        .send(json!({"function": "echo", "args": "local"}))
+        .await;
+    assert_eq!(trusted.answer().await, json!("local"));
+    drop(strangers);
     env.finish().await;
 }
 

@@ -55,14 +55,19 @@ fn repo() -> PathBuf {
         .unwrap_or_default()
 }
 
-/// SIGKILLs the processes task code started when dropped, so that none outlives a failed test.
+/// SIGKILLs the `sleep`s task code started when dropped, so that none outlives a failed test;
+/// a pid that is gone, or now belongs to another program, is left alone.
 #[derive(Default)]
 struct Reap(Vec<i32>);
 
 impl Drop for Reap {
     fn drop(&mut self) {
         for pid in &self.0 {
-            let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+            let is_sleep = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|cmdline| cmdline.starts_with(b"sleep\0"));
+            if alive(*pid) && is_sleep {
+                let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+            }
         }
     }
 }
@@ -397,6 +402,10 @@ async fn a_subprocess_reading_stdin_takes_no_task_written_ahead() {
             .await
             .unwrap()
             .unwrap_or_else(|e| panic!("{lang:?}: {e}"));
+        assert_eq!(
+            read["go"], true,
+            "{lang:?}: `cat` ran before the tasks were written"
+        );
         assert_eq!(read["read"], 0, "{lang:?}: the subprocess read task lines");
         while let Some(done) = calls.join_next().await {
             done.unwrap()
@@ -430,4 +439,256 @@ async fn a_node_result_over_64_kib_arrives_whole_after_process_stdout_is_touched
         .unwrap();
     assert_eq!(big.as_str().map(str::len), Some(n));
     assert_eq!(pool.stats().started, 1);
+}
+
+/// The processes running `warren-pool-guard` (its `argv[0]`) whose working directory is `dir`.
+fn guards_in(dir: &Path) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|cmdline| cmdline.starts_with(b"warren-pool-guard\0"))
+                && std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == dir)
+                && alive(*pid)
+        })
+        .collect()
+}
+
+/// Field `n` (1-based, as in proc(5)) of `/proc/<pid>/stat`.
+fn stat_field(pid: i32, n: usize) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(n - 3)?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guard_is_the_workers_child_and_a_failed_start_leaves_none_behind() {
+    let q = TestQueue::new("pool-guard-start");
+    let client = q.client().await;
+    let dir = temp_dir("pool-guard-start");
+    // The worker's working directory: it tells its guards from every other worker's.
+    let dir_path = std::fs::canonicalize(dir.path()).unwrap();
+    let runner = dir_path.join("run.sh");
+    let script = &Lang::Python.command()[1];
+    std::fs::write(&runner, format!("#!/bin/sh\nexec python3 '{script}'\n")).unwrap();
+    let mode = |m| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&runner, std::fs::Permissions::from_mode(m)).unwrap();
+    };
+    mode(0o755);
+    let mut command = Command::new(binary("warren-worker"));
+    command
+        .current_dir(&dir_path)
+        .args(["--queue", &q.name, "--exec"])
+        .arg(&runner)
+        .args(["--exec-functions", "add,children", "--exec-processes", "1"])
+        .env("AMQP_URL", amqp_url())
+        .env("WARREN_FUNCTIONS_EXCHANGE", functions_exchange_of(&q.name))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut worker = ChildGuard::spawn(command);
+    // Counts the failed starts the worker logs (its stderr is read to its end).
+    let failed_starts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let stderr = worker.take_stderr().unwrap();
+    let counter = failed_starts.clone();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            eprintln!("{line}");
+            if line.contains("pool process failed to start") {
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    });
+    consuming(&client, &q.name).await;
+
+    let pid = pid_in(
+        &client
+            .call_json("add", json!({"a": 1, "b": 2}))
+            .await
+            .unwrap()["pid"],
+    );
+    // Task code sees no child it did not start.
+    let children = client.call_json("children", json!({})).await.unwrap();
+    assert_eq!(children, json!([]), "the pool process has children");
+    let guards = guards_in(&dir_path);
+    assert_eq!(guards.len(), 1, "one guard: {guards:?}");
+    let guard = guards[0];
+    assert_eq!(
+        stat_field(guard, 4),
+        Some(worker.pid().as_raw()),
+        "its parent"
+    );
+    assert_eq!(stat_field(guard, 5), Some(pid), "its process group");
+    assert_eq!(
+        std::fs::read_to_string(format!("/proc/{guard}/comm"))
+            .unwrap()
+            .trim(),
+        "warren-guard"
+    );
+
+    // Every start from now on fails at exec (EACCES), as during a botched deploy.
+    mode(0o644);
+    kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+    eventually("four failed starts", Duration::from_secs(20), || async {
+        failed_starts.load(std::sync::atomic::Ordering::Relaxed) >= 4
+    })
+    .await;
+    let left = guards_in(&dir_path);
+    assert!(
+        left.is_empty(),
+        "guards left behind by failed starts: {left:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_is_noticed_while_a_subprocess_holds_the_protocol_output() {
+    // A subprocess that holds the very pipe the worker reads frames from (what a runner without
+    // the helpers hands its subprocesses): its end comes only with the subprocess.
+    let (_q, pool, _w, client) = setup(
+        "pool-crash-output",
+        Lang::Python,
+        &["spawn_holder", "die", "answer_and_exit"],
+        |c| c.time_limit = Some(Duration::from_secs(20)),
+    )
+    .await;
+    let mut reap = Reap::default();
+    let holder = pid_in(&client.call_json("spawn_holder", json!({})).await.unwrap());
+    reap.0.push(holder);
+    let began = Instant::now();
+    let once = CallOptions::default().max_attempts(1);
+    let result = client.call_json_with("die", json!({}), &once).await;
+    assert_eq!(
+        failure_kind(&result),
+        Some(ErrorKind::Crashed),
+        "{result:?}"
+    );
+    assert!(
+        began.elapsed() < Duration::from_secs(10),
+        "the crash took {:?} to be noticed",
+        began.elapsed()
+    );
+    eventually("the holder gone", Duration::from_secs(5), || async {
+        !alive(holder)
+    })
+    .await;
+
+    // A result written just before the exit is still read, though the pipe stays open.
+    let dir = temp_dir("pool-crash-output");
+    let pidfile = dir.path().join("pid");
+    let answered = client
+        .call_json_with("answer_and_exit", json!({"pidfile": pidfile}), &once)
+        .await;
+    if let Ok(pid) = std::fs::read_to_string(&pidfile) {
+        reap.0.extend(pid.trim().parse::<i32>());
+    }
+    assert_eq!(answered.unwrap(), "answered");
+    eventually("a replacement started", Duration::from_secs(10), || async {
+        pool.stats().started == 3 && pool.stats().pids.len() == 1
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_that_exits_while_it_is_written_a_long_task_fails_at_once() {
+    // A runner that leaves a subprocess holding its stdin, reads one byte of the task, and
+    // exits: the rest of a task line longer than a pipe holds can never be written. (`sh` gives
+    // a background command /dev/null as stdin unless it is redirected from another fd.)
+    let dir = temp_dir("pool-exit-mid-write");
+    let runner = dir.path().join("runner.sh");
+    let pidfile = dir.path().join("sleep.pid");
+    std::fs::write(
+        &runner,
+        "printf '%s\\n' '{\"type\":\"ready\",\"protocol\":1,\"functions\":[\"hold\"]}'\n\
+         exec 3<&0\n\
+         sleep 600 <&3 >/dev/null 2>&1 3<&- &\n\
+         echo $! > \"$1\"\n\
+         dd bs=1 count=1 of=/dev/null status=none\n\
+         exit 3\n",
+    )
+    .unwrap();
+    let config = PoolConfig {
+        name: Some("exit-mid-write".into()),
+        functions: vec!["hold".into()],
+        command: vec![
+            "sh".into(),
+            runner.to_string_lossy().into_owned(),
+            pidfile.to_string_lossy().into_owned(),
+        ],
+        processes: 1,
+        time_limit: Some(Duration::from_secs(20)),
+        stop_grace: Duration::from_millis(500),
+        ..PoolConfig::default()
+    };
+    let q = TestQueue::new("pool-exit-mid-write");
+    let pool = Pool::start(config).await.unwrap();
+    let _w = q.worker(Registry::new().register_pool(&pool), 4).await;
+    let client = q.client().await;
+    let mut reap = Reap::default();
+    if let Ok(pid) = std::fs::read_to_string(&pidfile) {
+        reap.0.extend(pid.trim().parse::<i32>());
+    }
+    let began = Instant::now();
+    let result = client
+        .call_json_with(
+            "hold",
+            json!({ "pad": "x".repeat(1 << 20) }),
+            &CallOptions::default().max_attempts(1),
+        )
+        .await;
+    assert_eq!(
+        failure_kind(&result),
+        Some(ErrorKind::Crashed),
+        "{result:?}"
+    );
+    assert!(
+        began.elapsed() < Duration::from_secs(10),
+        "the exit took {:?} to be noticed",
+        began.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn the_node_helper_serves_a_task_file_on_stdin_outside_the_worker() {
+    let dir = temp_dir("node-by-hand");
+    let tasks = dir.path().join("tasks.jsonl");
+    std::fs::write(
+        &tasks,
+        "{\"type\":\"task\",\"id\":\"t1\",\"function\":\"add\",\"args\":{\"a\":1,\"b\":2}}\n",
+    )
+    .unwrap();
+    let command = Lang::Node.command();
+    let run = tokio::process::Command::new(&command[0])
+        .args(&command[1..])
+        .stdin(std::fs::File::open(&tasks).unwrap())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(20), run)
+        .await
+        .expect("node did not finish")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let frames: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        output.status.success(),
+        "{:?}: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(frames.len(), 2, "{stdout}");
+    assert_eq!(frames[0]["type"], "ready");
+    assert_eq!(frames[1]["id"], "t1");
+    assert_eq!(frames[1]["result"]["sum"], 3);
 }

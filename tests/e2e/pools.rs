@@ -127,7 +127,8 @@ fn alive(pid: i32) -> bool {
     }
 }
 
-/// The live children of `parent`, from /proc.
+/// The live children of `parent`, from /proc, leaving out the guards of its pool processes
+/// (its children too, `warren-pool-guard`; docs/runners.md, "Isolation").
 fn children_of(parent: i32) -> Vec<i32> {
     let mut children = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
@@ -143,7 +144,12 @@ fn children_of(parent: i32) -> Vec<i32> {
         };
         let mut fields = rest.split_whitespace();
         let state = fields.next().unwrap_or("");
-        if fields.next().and_then(|p| p.parse::<i32>().ok()) == Some(parent) && state != "Z" {
+        let guard = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|cmdline| cmdline.starts_with(b"warren-pool-guard\0"));
+        if fields.next().and_then(|p| p.parse::<i32>().ok()) == Some(parent)
+            && state != "Z"
+            && !guard
+        {
             children.push(pid);
         }
     }

@@ -22,12 +22,14 @@ warren.serve({
     return args.hang ? new Promise(() => {}) : child.pid;
   },
   die: () => process.exit(3),
-  // Says it has `started`; once `go` exists, runs `cat` with this process's stdin for a second.
+  // Says it has `started`; once `go` exists, runs `cat` with this process's stdin for a second;
+  // returns the bytes it read and whether `go` was seen.
   read_stdin: async (args) => {
     fs.writeFileSync(args.started, '');
-    for (let i = 0; i < 1000 && !fs.existsSync(args.go); i++) await pause(10);
+    let go = false;
+    for (let i = 0; i < 1000 && !(go = fs.existsSync(args.go)); i++) await pause(10);
     const cat = spawnSync('timeout', ['1', 'cat'], { stdio: ['inherit', 'pipe', 'inherit'] });
-    return { read: cat.stdout.length };
+    return { read: cat.stdout.length, go };
   },
   // What a library does at require time (kleur, yargs): it sets O_NONBLOCK on fd 1.
   big: (args) => {

@@ -99,13 +99,13 @@ Warren\serve([
     },
     'die' => fn () => exit(3),
     // Says it has `started`; once `go` exists, runs `cat` with this process's stdin for a
-    // second; returns the bytes it read.
+    // second; returns the bytes it read and whether `go` was seen.
     'read_stdin' => function (array $args) {
         touch($args['started']);
-        for ($i = 0; $i < 1000 && !file_exists($args['go']); $i++) {
+        for ($i = 0; $i < 1000 && !($go = file_exists($args['go'])); $i++) {
             usleep(10000);
         }
-        return ['read' => strlen((string) shell_exec('timeout 1 cat'))];
+        return ['read' => strlen((string) shell_exec('timeout 1 cat')), 'go' => $go];
     },
     'big' => fn (array $args) => str_repeat('x', $args['n']),
     'sleep' => function (array $args) {

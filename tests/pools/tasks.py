@@ -1,4 +1,5 @@
 # Task code of the Python pool test (tests/e2e/pools.rs).
+import json
 import os
 import subprocess
 import sys
@@ -50,14 +51,46 @@ def die(args, ctx):
 
 def read_stdin(args, ctx):
     """Says it has `started`; once `go` exists, runs `cat` with this process's stdin for a
-    second."""
+    second; returns the bytes it read and whether `go` was seen."""
     open(args["started"], "w").close()
+    go = False
     for _ in range(1000):
-        if os.path.exists(args["go"]):
+        go = os.path.exists(args["go"])
+        if go:
             break
         time.sleep(0.01)
     read = subprocess.run(["timeout", "1", "cat"], stdout=subprocess.PIPE).stdout
-    return {"read": len(read)}
+    return {"read": len(read), "go": go}
+
+
+# The protocol's output pipe, kept before serve() moves the protocol off fd 1: what a runner
+# without the helper would hand its subprocesses.
+PROTOCOL_OUT = os.dup(1)
+
+
+def spawn_holder(args, ctx):
+    """Starts `sleep 600` holding the protocol's output pipe open; returns its pid."""
+    return subprocess.Popen(["sleep", "600"], pass_fds=[PROTOCOL_OUT]).pid
+
+
+def answer_and_exit(args, ctx):
+    """Starts `sleep 600` holding the protocol's output pipe (its pid to `pidfile`), writes this
+    task's result itself, then exits at once."""
+    child = subprocess.Popen(["sleep", "600"], pass_fds=[PROTOCOL_OUT])
+    with open(args["pidfile"], "w") as f:
+        f.write(str(child.pid))
+    frame = {"type": "result", "id": ctx.id, "result": "answered"}
+    os.write(PROTOCOL_OUT, (json.dumps(frame) + "\n").encode())
+    os._exit(0)
+
+
+def children(args, ctx):
+    """The pids of this process's children."""
+    pids = []
+    for task in os.listdir("/proc/self/task"):
+        with open("/proc/self/task/%s/children" % task) as f:
+            pids += [int(p) for p in f.read().split()]
+    return pids
 
 
 def big(args, ctx):
@@ -65,4 +98,6 @@ def big(args, ctx):
 
 
 warren.serve({"add": add, "boom": boom, "context": context, "nan": nan, "env": env,
-              "spawn_sleep": spawn_sleep, "die": die, "read_stdin": read_stdin, "big": big})
+              "spawn_sleep": spawn_sleep, "die": die, "read_stdin": read_stdin, "big": big,
+              "spawn_holder": spawn_holder, "answer_and_exit": answer_and_exit,
+              "children": children})

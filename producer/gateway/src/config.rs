@@ -20,6 +20,7 @@ use warren_shared::broker::{BrokerError, read_secret_file};
 use warren_shared::config::BrokerConfig;
 use warren_shared::topology;
 
+use crate::browser::{BadOrigin, normalize_origin};
 use crate::{
     Allowlist, DEFAULT_HTTP_PORT, DEFAULT_LISTEN_BACKLOG, DEFAULT_TEXT_PORT, GatewaySettings,
     Limits, ListenError, listen_addr,
@@ -98,6 +99,12 @@ pub struct GatewayConfig {
     /// hold open at most before they present the token; more are refused.
     #[arg(long, env = "WARREN_GATEWAY_MAX_CONNECTIONS_PER_PEER")]
     pub max_connections_per_peer: NonZeroUsize,
+    /// Connections from outside --trusted-networks that have not presented the token (all of
+    /// them without a token), from all peers together, held open at most; more are refused.
+    /// Default: half of --max-connections.
+    #[arg(long, env = "WARREN_GATEWAY_MAX_UNAUTHENTICATED")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_unauthenticated: Option<NonZeroUsize>,
     /// Networks whose connections meet --max-connections only, not the per-peer cap
     /// (comma-separated CIDR blocks). They must still present the token when one is set.
     #[arg(long, env = "WARREN_GATEWAY_TRUSTED_NETWORKS", value_delimiter = ',')]
@@ -130,6 +137,7 @@ impl Default for GatewayConfig {
             shutdown_grace,
             max_connections,
             max_connections_per_peer,
+            max_unauthenticated,
             trusted_networks,
             auth_timeout,
             allowed_origins,
@@ -161,6 +169,7 @@ impl Default for GatewayConfig {
             max_connections: NonZeroUsize::new(max_connections).unwrap_or(NonZeroUsize::MIN),
             max_connections_per_peer: NonZeroUsize::new(max_connections_per_peer)
                 .unwrap_or(NonZeroUsize::MIN),
+            max_unauthenticated: max_unauthenticated.and_then(NonZeroUsize::new),
             trusted_networks,
             auth_timeout,
             allow_origin: allowed_origins,
@@ -182,7 +191,43 @@ impl fmt::Debug for GatewayConfig {
     }
 }
 
+/// A setting of `warren-gateway` the binary refuses at start.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SettingsError {
+    /// `--auth-timeout 0s`: with a token, every connection would be closed as it opens.
+    #[error(
+        "--auth-timeout must be longer than 0s: with a token, every connection would be closed \
+         as it opens"
+    )]
+    ZeroAuthTimeout,
+    /// `--listen-backlog 0`: the kernel would queue (almost) no connection.
+    #[error("--listen-backlog must be at least 1 (the default is {DEFAULT_LISTEN_BACKLOG})")]
+    ZeroListenBacklog,
+    /// An `--allow-origin` entry that is not `scheme://host[:port]` or `*`.
+    #[error(transparent)]
+    BadOrigin(#[from] BadOrigin),
+}
+
 impl GatewayConfig {
+    /// Checks what the types do not: no zero durations or backlog, origins that are origins.
+    /// The binary calls it once at start-up.
+    ///
+    /// # Errors
+    /// The first [`SettingsError`] found.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        if self.auth_timeout.is_zero() {
+            return Err(SettingsError::ZeroAuthTimeout);
+        }
+        if self.listen_backlog == 0 {
+            return Err(SettingsError::ZeroListenBacklog);
+        }
+        for origin in &self.allow_origin {
+            normalize_origin(origin)?;
+        }
+        Ok(())
+    }
+
     /// The gateway's settings.
     pub fn settings(&self) -> GatewaySettings {
         let Self {
@@ -203,6 +248,7 @@ impl GatewayConfig {
             shutdown_grace,
             max_connections,
             max_connections_per_peer,
+            max_unauthenticated,
             trusted_networks,
             auth_timeout,
             allow_origin,
@@ -221,11 +267,12 @@ impl GatewayConfig {
             shutdown_grace,
             max_connections: max_connections.get(),
             max_connections_per_peer: max_connections_per_peer.get(),
+            max_unauthenticated: max_unauthenticated.map(NonZeroUsize::get),
             trusted_networks,
             auth_timeout,
             allowed_origins: allow_origin
                 .into_iter()
-                .map(|o| o.trim().to_owned())
+                .map(|o| normalize_origin(&o).unwrap_or_else(|_| o.trim().to_owned()))
                 .filter(|o| !o.is_empty())
                 .collect(),
             ..GatewaySettings::default()
@@ -370,6 +417,48 @@ mod tests {
         );
         assert_eq!(config.settings().trusted_networks.len(), 2);
         assert_eq!(config.settings().allowed_origins, ["*"]);
+    }
+
+    #[test]
+    fn unauthenticated_connections_default_to_half_the_total() {
+        let defaults = GatewayConfig::default();
+        assert_eq!(defaults.max_unauthenticated, None);
+        assert_eq!(
+            defaults.settings().max_unauthenticated(),
+            crate::DEFAULT_MAX_CONNECTIONS / 2
+        );
+        let config = load(None, &["--max-connections", "100"]);
+        assert_eq!(config.settings().max_unauthenticated(), 50);
+        let config = load(
+            Some("max_unauthenticated = 7\n"),
+            &["--max-connections", "100"],
+        );
+        assert_eq!(config.settings().max_unauthenticated(), 7);
+    }
+
+    #[test]
+    fn zero_deadlines_zero_backlogs_and_bad_origins_are_refused_at_start() {
+        assert_eq!(GatewayConfig::default().validate(), Ok(()));
+        let refused = |flags: &[&str]| load(None, flags).validate().unwrap_err();
+        assert_eq!(
+            refused(&["--auth-timeout", "0s"]),
+            SettingsError::ZeroAuthTimeout
+        );
+        assert_eq!(
+            refused(&["--listen-backlog", "0"]),
+            SettingsError::ZeroListenBacklog
+        );
+        let bad = refused(&["--allow-origin", "https://ok.example,app.example"]);
+        assert!(
+            bad.to_string().contains("\"app.example\"") && bad.to_string().contains("scheme://"),
+            "{bad}"
+        );
+        let config = load(None, &["--allow-origin", "https://App.example:443/,*"]);
+        assert_eq!(config.validate(), Ok(()));
+        assert_eq!(
+            config.settings().allowed_origins,
+            ["https://app.example", "*"]
+        );
     }
 
     #[test]

@@ -11,17 +11,22 @@
 //!
 //! Both apply the same [`Limits`] (allowlist, token, sizes, in-flight, idle and write timeout)
 //! and share one cap on open connections, in total and, for connections from outside the
-//! trusted networks that have not presented the token, per peer address; with a token, a
-//! connection must present it within the authentication deadline. All are described with the
-//! message formats in `docs/gateway.md`. [`listen_addr`] is the binding policy: loopback unless
-//! a token is set or public exposure is asked for explicitly, and [`listen`] binds with a
-//! backlog sized for bursts. [`serve`] runs everything until its shutdown token is cancelled,
-//! then stops reading, lets calls in flight finish within the grace period and returns.
-//! [`config`] holds the `warren-gateway` binary's flags, file and defaults.
+//! trusted networks that have not presented the token, per peer address and together; with a
+//! token, a connection must present it within the authentication deadline. All are described
+//! with the message formats in `docs/gateway.md`. [`listen_addr`] is the binding policy:
+//! loopback unless a token is set or public exposure is asked for explicitly, and [`listen`]
+//! binds with a backlog sized for bursts. [`serve`] runs everything until its shutdown token
+//! is cancelled, then stops reading, lets calls in flight finish within the grace period and
+//! returns.
+//! [`config`] holds the `warren-gateway` binary's flags, file and defaults; [`host`] what it
+//! needs from the host (open files, the kernel's backlog cap); [`browser`] the defences
+//! against web pages.
 
 mod admission;
+pub mod browser;
 pub mod config;
 mod due;
+pub mod host;
 pub mod limits;
 pub mod metrics;
 pub mod text;
@@ -31,8 +36,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Router};
@@ -77,19 +83,26 @@ pub struct GatewaySettings {
     /// the token, refused the same way. A connection that presents the token counts toward
     /// [`max_connections`](Self::max_connections) only.
     pub max_connections_per_peer: usize,
+    /// Connections from outside [`trusted_networks`](Self::trusted_networks) that have not
+    /// presented the token (all of them without a token), from all peers together, held open
+    /// at most; more are refused the same way. `None` (the default): half of
+    /// [`max_connections`](Self::max_connections), see
+    /// [`max_unauthenticated`](Self::max_unauthenticated()).
+    pub max_unauthenticated: Option<usize>,
     /// Peers in these networks meet [`max_connections`](Self::max_connections) only (loopback
     /// by default: a Workerman front on the gateway's host opens a connection per task). Trust
     /// lifts no other check: with a token, they must present it all the same.
     pub trusted_networks: Vec<IpNet>,
     /// With a token configured, how long a connection may take to present it: a Text or
     /// websocket connection that has not by then is answered `unauthorized` and closed, an
-    /// HTTP connection that has made no request with the token is closed (after the request
-    /// in progress, if any). Nothing but the token extends it.
+    /// HTTP connection that has made no request with the token is closed (a request in
+    /// progress included). Nothing but the token extends it.
     pub auth_timeout: Duration,
     /// Origins, besides the gateway's own, whose pages may open the websocket (e.g.
     /// `https://app.example.com`; `*` allows any). An upgrade with an `Origin` header that is
     /// neither is refused with 403; clients that send no `Origin` (all but browsers) are not
-    /// affected.
+    /// affected. Without a token, their hosts are also the only names (besides IP addresses
+    /// and `localhost`) the gateway answers to ([`browser::check_host`]).
     pub allowed_origins: Vec<String>,
 }
 
@@ -172,6 +185,18 @@ pub fn listen_addr(
     }
 }
 
+impl GatewaySettings {
+    /// The cap on connections from outside the trusted networks that have not presented the
+    /// token: [`max_unauthenticated`](Self::max_unauthenticated) if set, else half of
+    /// [`max_connections`](Self::max_connections) (at least 1), so that strangers with many
+    /// addresses leave the other half to trusted and authenticated connections.
+    pub fn max_unauthenticated(&self) -> usize {
+        self.max_unauthenticated
+            .unwrap_or(self.max_connections / 2)
+            .max(1)
+    }
+}
+
 impl Default for GatewaySettings {
     fn default() -> Self {
         Self {
@@ -181,6 +206,7 @@ impl Default for GatewaySettings {
             queue_poll_interval: Duration::from_secs(1),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_peer: DEFAULT_MAX_CONNECTIONS_PER_PEER,
+            max_unauthenticated: None,
             trusted_networks: LOOPBACK.to_vec(),
             auth_timeout: Duration::from_secs(10),
             allowed_origins: Vec::new(),
@@ -241,11 +267,13 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let (queue_tx, queue_rx) = watch::channel(None);
-    let gate = Gate::new(
-        settings.max_connections,
-        settings.max_connections_per_peer,
-        settings.trusted_networks.clone(),
-    );
+    let gate = Gate::new(admission::GateLimits {
+        max_total: settings.max_connections,
+        max_per_peer: settings.max_connections_per_peer,
+        max_unauthenticated: settings.max_unauthenticated(),
+        trusted: settings.trusted_networks.clone(),
+        token_set: settings.limits.token.is_some(),
+    });
     let shared = Arc::new(Shared {
         gate,
         settings,
@@ -262,6 +290,7 @@ pub async fn serve(
         limits = ?shared.settings.limits,
         max_connections = shared.settings.max_connections,
         max_connections_per_peer = shared.settings.max_connections_per_peer,
+        max_unauthenticated = shared.settings.max_unauthenticated(),
         trusted_networks = ?shared.settings.trusted_networks,
         "gateway serving"
     );
@@ -290,14 +319,35 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/ws", get(ws::upgrade))
         .route("/api/info", get(info))
         .route("/api/queue", get(queue))
+        .layer(middleware::from_fn_with_state(
+            shared.clone(),
+            refuse_rebound_host,
+        ))
         .with_state(shared)
+}
+
+/// Without a token, refuses (403) a request for a host name a web page could have pointed at
+/// this machine (DNS rebinding); see [`browser::check_host`].
+async fn refuse_rebound_host(
+    State(shared): State<Arc<Shared>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if shared.limits().token.is_none()
+        && let Err(refused) =
+            browser::check_host(request.headers(), &shared.settings.allowed_origins)
+    {
+        tracing::debug!(error = %refused, "http: request refused");
+        return error_response(StatusCode::FORBIDDEN, &refused);
+    }
+    next.run(request).await
 }
 
 /// Accepts HTTP connections; each is served by hyper with a header read timeout, so a client
 /// that dribbles its request headers is dropped after the idle timeout. A connection over the
 /// connection limits gets a 503 at once. With a token configured, a connection that has made
-/// no request with it within the authentication deadline is closed (a keep-alive `GET /`
-/// holds no place for long).
+/// no request with it within the authentication deadline is closed, whatever it is doing (a
+/// keep-alive `GET /` or a request that never ends holds no place for long).
 async fn accept_http(listener: TcpListener, shared: Arc<Shared>) {
     let router = router(shared.clone());
     loop {
@@ -348,8 +398,10 @@ async fn accept_http(listener: TcpListener, shared: Arc<Shared>) {
                     () = sleep_until_some(auth_deadline), if auth_deadline.is_some() => {
                         auth_deadline = None;
                         if !admitted.is_authenticated() {
+                            // Dropped, not shut down gracefully: hyper would wait for the
+                            // request in progress, which a stranger may never finish.
                             tracing::debug!("http: no request with the token in time; closing");
-                            connection.as_mut().graceful_shutdown();
+                            break Ok(());
                         }
                     }
                 }

@@ -10,11 +10,12 @@
 //! request order (a [`FuturesOrdered`] bounded by the in-flight limit), because a Text client
 //! has nothing but the order to match answers to requests.
 //!
-//! Two checks come before anything runs. A line that looks like HTTP (a request line, or a
-//! `Host:` header) closes the connection at once: a web page can make a browser send a POST to
-//! this port, and its body must never run as a task. With a token configured, a connection
-//! must present it within the authentication deadline; until then only the `{"auth"}` line
-//! counts as activity, and anything else is answered `unauthorized` and closed.
+//! Two checks come before a line runs. A line that starts with a letter (no request does;
+//! every HTTP request and header line does) is answered `bad_request` once and closes the
+//! connection: a web page can make a browser send a POST to this port, and its body must never
+//! run as a task. With a token configured, a connection must present it within the
+//! authentication deadline; until then only the `{"auth"}` line counts as activity, blank lines
+//! are ignored, and anything else is answered `unauthorized` and closed.
 
 use std::io;
 use std::pin::Pin;
@@ -337,24 +338,15 @@ async fn write_unauthorized(write: &mut (impl AsyncWriteExt + Unpin), limit: std
     let _ = tokio::time::timeout(limit, write.write_all(line.as_bytes())).await;
 }
 
-/// Whether `line` is an HTTP request line (`POST / HTTP/1.1`) or a `Host:` header: what a
-/// browser sends when a web page points `fetch()` or a form at this port. No JSON line is
-/// either.
+/// Whether `line` cannot be a Text request but can be HTTP: its first non-blank byte is a
+/// letter. A request is a JSON object (`{`), and no JSON document the bridge answers starts
+/// with a letter, while every HTTP request line (`POST / HTTP/1.1`, `get /`, `M-SEARCH * ...`,
+/// HTTP/0.9's `GET /`) and header line (`Host: ...`) does: what a browser sends when a web
+/// page points `fetch()` or a form at this port.
 fn looks_like_http(line: &[u8]) -> bool {
-    const HOST: &[u8] = b"host:";
-    if line.len() >= HOST.len() && line[..HOST.len()].eq_ignore_ascii_case(HOST) {
-        return true;
-    }
-    let mut parts = line.split(|&b| b == b' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return false;
-    };
-    !method.is_empty()
-        && method.iter().all(u8::is_ascii_uppercase)
-        && !target.is_empty()
-        && version.starts_with(b"HTTP/")
+    line.iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(u8::is_ascii_alphabetic)
 }
 
 /// The token of an `{"auth": "<token>"}` line.
@@ -464,17 +456,25 @@ mod tests {
             b"PRI * HTTP/2.0",
             b"Host: 127.0.0.1:12345",
             b"host:x",
+            b"post / HTTP/1.1",
+            b"M-SEARCH * HTTP/1.1",
+            b"GET /",
+            b"POST / HTTP/1.1 extra",
+            b"POST  HTTP/1.1",
+            b"hostname",
+            b"  \tGET / HTTP/1.1",
         ] {
             assert!(looks_like_http(http), "{}", String::from_utf8_lossy(http));
         }
         for not_http in [
             &br#"{"function":"echo","args":"POST / HTTP/1.1"}"#[..],
-            br#"{"auth":"t"}"#,
+            br#"  {"auth":"t"}"#,
             b"",
-            b"post / HTTP/1.1",
-            b"POST / HTTP/1.1 extra",
-            b"POST  HTTP/1.1",
-            b"hostname",
+            b"  ",
+            b"[1,2]",
+            b"{not json",
+            b"\xff\xfe",
+            b"42",
         ] {
             assert!(
                 !looks_like_http(not_http),

@@ -14,7 +14,7 @@
 //! Browsers let any web page open a websocket to any address, the user's own loopback
 //! included, and they say which page did in `Origin`. So an upgrade whose `Origin` is neither
 //! the gateway's own (its `Host`) nor allowed (`--allow-origin`) is refused; programs send no
-//! `Origin` and are not affected.
+//! `Origin` and are not affected ([`browser`](super::browser)).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +22,7 @@ use std::time::Duration;
 use axum::Extension;
 use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -31,6 +31,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::admission::Admitted;
+use super::browser;
 use super::limits::{GatewayError, Kind};
 use super::{Shared, bearer, error_response};
 
@@ -42,7 +43,7 @@ pub(super) async fn upgrade(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    if let Err(refused) = check_origin(&headers, &shared.settings.allowed_origins) {
+    if let Err(refused) = browser::check_origin(&headers, &shared.settings.allowed_origins) {
         tracing::debug!(error = %refused, "ws: upgrade refused");
         return error_response(StatusCode::FORBIDDEN, &refused);
     }
@@ -65,43 +66,6 @@ pub(super) async fn upgrade(
         .on_upgrade(move |socket| {
             connections.track_future(Connection::new(shared, authed, admitted).run(socket))
         })
-}
-
-/// Checks a websocket upgrade's `Origin`: none (not a browser), the gateway's own (the same
-/// `host[:port]` as `Host`, as the page the gateway serves has), or one of `allowed` (`*`:
-/// any). Compared without regard to case, scheme aside: behind a TLS proxy the page is
-/// `https://` while the gateway sees plain HTTP.
-///
-/// # Errors
-/// [`Kind::Forbidden`] naming the origin and `--allow-origin`.
-fn check_origin(headers: &HeaderMap, allowed: &[String]) -> Result<(), GatewayError> {
-    let Some(origin) = headers.get(header::ORIGIN) else {
-        return Ok(());
-    };
-    let origin = String::from_utf8_lossy(origin.as_bytes());
-    let origin = origin.trim();
-    let own = headers
-        .get(header::HOST)
-        .and_then(|host| host.to_str().ok())
-        .is_some_and(|host| {
-            origin
-                .split_once("://")
-                .is_some_and(|(_, authority)| authority.eq_ignore_ascii_case(host.trim()))
-        });
-    let listed = allowed
-        .iter()
-        .any(|a| a == "*" || a.trim_end_matches('/').eq_ignore_ascii_case(origin));
-    if own || listed {
-        return Ok(());
-    }
-    crate::metrics::rejected(Kind::Forbidden);
-    Err(GatewayError::new(
-        Kind::Forbidden,
-        format!(
-            "a web page from {origin:?} may not use this gateway; add its origin to \
-             --allow-origin if it should"
-        ),
-    ))
 }
 
 /// One task as a websocket client sends it.

@@ -344,6 +344,15 @@ impl Pool {
                     env: config.env.clone(),
                     env_pass: config.env_pass.clone(),
                 };
+                let withheld = spec.withheld(std::env::vars_os());
+                if !withheld.is_empty() {
+                    // Names only: the values are what is kept from task code.
+                    tracing::info!(
+                        pool = %name,
+                        withheld = %withheld.join(" "),
+                        "worker variables not passed to the pool's processes (name them in env_pass to pass them)"
+                    );
+                }
                 let supervisor =
                     Supervisor::start(spec, config)
                         .await

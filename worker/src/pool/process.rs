@@ -57,13 +57,7 @@ impl Spec {
     ) -> BTreeMap<std::ffi::OsString, std::ffi::OsString> {
         let mut env: BTreeMap<_, _> = worker
             .into_iter()
-            .filter(|(name, _)| {
-                name.to_str().is_some_and(|name| {
-                    INHERITED_ENV.contains(&name)
-                        || name.starts_with("LC_")
-                        || self.env_pass.iter().any(|p| p == name)
-                })
-            })
+            .filter(|(name, _)| self.passes(name))
             .collect();
         env.extend(
             self.env
@@ -73,6 +67,30 @@ impl Spec {
         env.insert(PROTOCOL_ENV.into(), RUNNER_PROTOCOL.to_string().into());
         env.insert("WARREN_POOL".into(), (*self.pool).into());
         env
+    }
+
+    /// Whether the worker's variable `name` reaches the children.
+    fn passes(&self, name: &std::ffi::OsStr) -> bool {
+        name.to_str().is_some_and(|name| {
+            INHERITED_ENV.contains(&name)
+                || name.starts_with("LC_")
+                || self.env_pass.iter().any(|p| p == name)
+        })
+    }
+
+    /// The names (never the values) of the worker's variables that the children do not get,
+    /// sorted: what a pool's `env_pass` might have to name after an upgrade.
+    pub(crate) fn withheld(
+        &self,
+        worker: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+    ) -> Vec<String> {
+        let mut names: Vec<String> = worker
+            .into_iter()
+            .filter(|(name, _)| !self.passes(name))
+            .map(|(name, _)| name.to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
     }
 }
 
@@ -104,6 +122,12 @@ pub(crate) struct Process {
     reaped: bool,
     /// Its exit has been seen (reaped, or waiting for it failed).
     exited: bool,
+    /// Its guard (see `guard`), the worker's child in its group: while it lives, the group's id
+    /// is not reused, even after the process itself was reaped.
+    guard: Option<Child>,
+    /// SIGKILL has gone to its group (by [`terminate`](Self::terminate) or
+    /// [`stop`](Self::stop)): nothing of it is left to kill on drop.
+    group_killed: bool,
 }
 
 impl Process {
@@ -130,7 +154,7 @@ impl Process {
         if let Some(cwd) = &spec.cwd {
             command.current_dir(cwd);
         }
-        die_with_parent(&mut command, guard::plan());
+        die_with_parent(&mut command);
         let mut child = command.spawn()?;
         let pid = child
             .id()
@@ -139,7 +163,19 @@ impl Process {
         let (Some(stdin), Some(stdout), Some(stderr)) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take())
         else {
+            // Unreaped, it still holds its group's id: nothing else can be in that group.
+            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
             return Err(std::io::Error::other("child pipes missing"));
+        };
+        // Only now that the program runs: a start that fails leaves no guard behind. Until the
+        // guard has joined, the process has not been given a task yet.
+        let guard = match guard::spawn(pid) {
+            None => None,
+            Some(Ok(guard)) => Some(guard),
+            Some(Err(e)) => {
+                tracing::warn!(pool = %spec.pool, pid, error = %e, "cannot start the pool process's guard; it runs without one");
+                None
+            }
         };
         let task = Arc::new(Mutex::new(None));
         tokio::spawn(forward_log(stderr, spec.pool.clone(), pid, task.clone()));
@@ -154,6 +190,8 @@ impl Process {
             jobs: 0,
             reaped: false,
             exited: false,
+            guard,
+            group_killed: false,
         })
     }
 
@@ -228,6 +266,33 @@ impl Process {
         stdin.flush().await
     }
 
+    /// [`send`](Self::send), ending as soon as the process exits: a subprocess that holds its
+    /// stdin open without reading it would otherwise keep a long line's write waiting.
+    ///
+    /// # Errors
+    /// The pipe is closed, or the process exited before it took the whole line.
+    pub(crate) async fn send_or_exit(&mut self, line: &[u8]) -> std::io::Result<()> {
+        let exited = || std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the process exited");
+        if self.exited {
+            return Err(exited());
+        }
+        let stdin = self
+            .stdin
+            .as_mut()
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::BrokenPipe))?;
+        tokio::select! {
+            sent = async {
+                stdin.write_all(line).await?;
+                stdin.flush().await
+            } => sent,
+            status = self.child.wait() => {
+                self.exited = true;
+                self.reaped = status.is_ok();
+                Err(exited())
+            }
+        }
+    }
+
     /// Resident set size in bytes, from `/proc/<pid>/statm`.
     pub(crate) fn rss_bytes(&self) -> Option<u64> {
         let statm = std::fs::read_to_string(format!("/proc/{}/statm", self.pid)).ok()?;
@@ -255,13 +320,23 @@ impl Process {
         let _ = killpg(Pid::from_raw(self.pid), signal);
     }
 
+    /// SIGKILL to its group, then reaps its guard (which was in it).
+    async fn kill_group(&mut self) {
+        self.signal_group(Signal::SIGKILL);
+        self.group_killed = true;
+        if let Some(guard) = &mut self.guard {
+            // SIGKILL cannot be blocked: this returns.
+            let _ = guard.wait().await;
+        }
+    }
+
     /// SIGTERM to its group, SIGKILL after `grace`; returns once it is reaped.
     pub(crate) async fn terminate(&mut self, grace: Duration) {
         self.signal_group(Signal::SIGTERM);
         if self.wait(grace).await.is_err() {
             tracing::warn!(pool = %self.pool, pid = self.pid, ?grace, "process ignored SIGTERM; killing it");
         }
-        self.signal_group(Signal::SIGKILL);
+        self.kill_group().await;
         // SIGKILL cannot be ignored: this returns.
         if self.child.wait().await.is_ok() {
             self.reaped = true;
@@ -290,19 +365,28 @@ impl Process {
             self.terminate(grace).await;
         } else {
             // Whatever it started in its group goes with it.
-            self.signal_group(Signal::SIGKILL);
+            self.kill_group().await;
         }
+    }
+
+    /// Whether its guard is still running (reaping it if not).
+    fn guard_alive(&mut self) -> bool {
+        self.guard
+            .as_mut()
+            .is_some_and(|guard| matches!(guard.try_wait(), Ok(None)))
     }
 }
 
 impl Drop for Process {
     fn drop(&mut self) {
         // Whatever happened to the supervisor, no child (nor anything it started) outlives its
-        // handle. Once reaped (and its group killed by terminate/stop), the pid may belong to
-        // someone else: leave it alone.
-        if !self.reaped {
+        // handle: the group goes unless it was killed already. The group's id is still its own
+        // while the process is unreaped or while its guard, a member, lives; otherwise it may
+        // belong to someone else by now: leave it alone.
+        if !self.group_killed && (!self.reaped || self.guard_alive()) {
             self.signal_group(Signal::SIGKILL);
         }
+        // A guard still running is killed above (it is in the group) and reaped by the runtime.
     }
 }
 
@@ -318,16 +402,15 @@ fn describe(status: std::process::ExitStatus) -> String {
     }
 }
 
-/// Makes the child die with SIGKILL when the worker dies, even by `kill -9`, and with it its
-/// whole process group through its guard (see `guard`), so that neither a pool process nor
-/// what it started in its group outlives the worker.
-fn die_with_parent(command: &mut Command, guard: Option<guard::Plan>) {
+/// Makes the child die with SIGKILL when the worker dies, even by `kill -9`. The rest of its
+/// process group goes through its guard (see `guard`), so that neither a pool process nor what
+/// it started in its group outlives the worker.
+fn die_with_parent(command: &mut Command) {
     let parent = nix::unistd::getpid();
-    // SAFETY: the closure runs in the forked child before exec. It calls only prctl(2),
-    // getppid(2), setpgid(2) and what `spawn_guard` documents, all async-signal-safe, and
-    // allocates nothing (errors are raw OS errors). PR_SET_PDEATHSIG is tied to the thread that
-    // forks; pools start their processes from the runtime's worker threads, which live as long
-    // as the worker.
+    // SAFETY: the closure runs in the forked child before exec. It calls only prctl(2) and
+    // getppid(2), both async-signal-safe, and allocates nothing (errors are raw OS errors).
+    // PR_SET_PDEATHSIG is tied to the thread that forks; pools start their processes from the
+    // runtime's worker threads, which live as long as the worker.
     #[allow(unsafe_code)]
     unsafe {
         command.pre_exec(move || {
@@ -335,13 +418,6 @@ fn die_with_parent(command: &mut Command, guard: Option<guard::Plan>) {
             // The worker died between fork and prctl: the signal will never come.
             if nix::unistd::getppid() != parent {
                 return Err(std::io::Error::from(nix::errno::Errno::ESRCH));
-            }
-            if let Some(guard) = &guard {
-                // The group exists already (`process_group(0)`); made sure of here because the
-                // guard must be forked into it.
-                nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0))
-                    .map_err(std::io::Error::from)?;
-                guard.spawn_guard()?;
             }
             Ok(())
         });
@@ -427,5 +503,86 @@ mod tests {
         assert_eq!(get("WARREN_SMTP_URL"), None);
         assert_eq!(get("WARREN_POOL"), Some("p"));
         assert_eq!(get("WARREN_RUNNER_PROTOCOL"), Some("1"));
+    }
+
+    fn alive(pid: i32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            !stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+    }
+
+    #[tokio::test]
+    async fn a_process_dropped_after_it_was_reaped_kills_its_guarded_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        let spec = Spec {
+            pool: "p".into(),
+            // A subprocess in its group, then an exit at the end of its input.
+            argv: ["sh", "-c", "sleep 600 & echo $! > \"$0\"; read x"]
+                .map(String::from)
+                .into_iter()
+                .chain([pidfile.to_string_lossy().into_owned()])
+                .collect(),
+            cwd: None,
+            env: BTreeMap::new(),
+            env_pass: Vec::new(),
+        };
+        let mut process = Process::spawn(&spec).unwrap();
+        // A stand-in for the guard (test binaries have none): a live member of the group.
+        let guard = Command::new("sleep")
+            .arg("600")
+            .process_group(process.pid())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        process.guard = Some(guard);
+        let until = Instant::now() + Duration::from_secs(10);
+        let sleep = loop {
+            if let Some(pid) = std::fs::read_to_string(&pidfile)
+                .ok()
+                .and_then(|p| p.trim().parse::<i32>().ok())
+            {
+                break pid;
+            }
+            assert!(Instant::now() < until, "the subprocess did not start");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        // Reaped, as `next` does when it sees the exit, and dropped before any group kill (a
+        // slot future dropped in between).
+        process.stdin = None;
+        assert!(process.wait(Duration::from_secs(10)).await.is_ok());
+        assert!(process.reaped);
+        drop(process);
+        let until = Instant::now() + Duration::from_secs(5);
+        while alive(sleep) && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let outlived = alive(sleep);
+        if outlived {
+            let _ = nix::sys::signal::kill(Pid::from_raw(sleep), Signal::SIGKILL);
+        }
+        assert!(!outlived, "the subprocess outlived its dropped process");
+    }
+
+    #[test]
+    fn the_withheld_variables_are_named_without_their_values() {
+        let spec = Spec {
+            pool: "p".into(),
+            argv: vec!["x".into()],
+            cwd: None,
+            env: BTreeMap::new(),
+            env_pass: vec!["DATABASE_URL".into()],
+        };
+        let worker = [
+            ("PATH", "/bin"),
+            ("LC_ALL", "C"),
+            ("AMQP_URL", "amqp://u:secret@h"),
+            ("DATABASE_URL", "postgres://db"),
+            ("HTTPS_PROXY", "http://proxy:3128"),
+        ]
+        .map(|(k, v)| (k.into(), v.into()));
+        assert_eq!(spec.withheld(worker), ["AMQP_URL", "HTTPS_PROXY"]);
     }
 }

@@ -622,7 +622,7 @@ async fn run_job(
         process.set_task(&job.id);
         // A child that does not read its stdin must not hold the slot past the limits either.
         let sent = tokio::select! {
-            sent = process.send(&line) => sent.map_err(|e| format!("could not take the task ({e})")),
+            sent = process.send_or_exit(&line) => sent.map_err(|e| format!("could not take the task ({e})")),
             () = &mut limit => Err("did not read the task within the time limit".to_owned()),
             () = job.reply.closed() => Err("did not read the task before the worker gave up on it".to_owned()),
         };

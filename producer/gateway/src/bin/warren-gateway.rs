@@ -49,6 +49,7 @@ async fn main() -> ExitCode {
 
 async fn run(config: GatewayConfig) -> anyhow::Result<()> {
     let config = config.read_secret_files()?;
+    config.validate()?;
     let http_addr = config.http_addr().context("--http")?;
     let text_addr = config.text_addr().context("--text")?;
     if config.insecure_public
@@ -60,6 +61,7 @@ async fn run(config: GatewayConfig) -> anyhow::Result<()> {
              the ports may run the allowed functions"
         );
     }
+    check_host_limits(&config);
     let backlog = config.listen_backlog;
     let http = warren_gateway::listen(http_addr, backlog)
         .with_context(|| format!("cannot listen on --http {http_addr}"))?;
@@ -84,4 +86,35 @@ async fn run(config: GatewayConfig) -> anyhow::Result<()> {
     warren_gateway::serve(config.settings(), client.clone(), http, text, shutdown).await;
     client.close().await;
     Ok(())
+}
+
+/// Raises the open-files limit for `--max-connections`, and warns where the host cannot give
+/// the connections or the backlog asked for (docs/gateway.md, "Security").
+fn check_host_limits(config: &GatewayConfig) {
+    use warren_gateway::host;
+    let needed = u64::try_from(config.max_connections.get())
+        .unwrap_or(u64::MAX)
+        .saturating_add(host::SPARE_FILES);
+    match host::raise_open_files_limit() {
+        Ok(limit) if limit < needed => tracing::warn!(
+            limit,
+            needed,
+            "the open-files limit is below --max-connections plus spare descriptors: accept \
+             will fail with EMFILE before the connection cap is reached; raise the hard limit \
+             (LimitNOFILE= in a systemd unit, ulimit -Hn) or lower --max-connections"
+        ),
+        Ok(limit) => tracing::debug!(limit, "open-files limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-files limit"),
+    }
+    if let Some(cap) = host::somaxconn()
+        && cap < config.listen_backlog
+    {
+        tracing::warn!(
+            somaxconn = cap,
+            listen_backlog = config.listen_backlog,
+            "net.core.somaxconn caps the listen backlog below --listen-backlog: a burst of \
+             connects past it is dropped and retried after 1 s; raise it (sysctl \
+             net.core.somaxconn) or expect that"
+        );
+    }
 }
