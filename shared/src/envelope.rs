@@ -851,6 +851,36 @@ pub fn reply_properties(incoming: &Incoming) -> BasicProperties {
         .with_headers(h)
 }
 
+/// Whether `name` is a header the broker writes itself when it dead-letters or redelivers a
+/// message (`x-death`, `x-first-death-*`, `x-last-death-*`, `x-delivery-count`).
+pub fn is_broker_header(name: &str) -> bool {
+    name.starts_with("x-death")
+        || name.starts_with("x-first-death-")
+        || name.starts_with("x-last-death-")
+        || name == "x-delivery-count"
+}
+
+/// The properties of the copy of task `id` that a worker sends through the delay levels
+/// because it came early: the original's headers without the broker's bookkeeping
+/// ([`is_broker_header`]) and without `CC`/`BCC`, and without `expiration` and `user_id`,
+/// persistent, with `message_id` = `id`.
+///
+/// The broker's `x-death` must go: RabbitMQ treats a message whose `x-death` already names
+/// the queue it is about to be dead-lettered to, with only expiries since, as a cycle, and
+/// with at-least-once dead-lettering such a message never leaves its level queue.
+pub fn later_copy(original: &BasicProperties, id: &TaskId) -> BasicProperties {
+    let mut h = FieldTable::default();
+    if let Some(original) = original.headers().as_ref() {
+        for (key, value) in original.inner() {
+            let k = key.as_str();
+            if !is_broker_header(k) && !ROUTING_HEADERS.contains(&k) {
+                h.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    copy_properties(original, id, h)
+}
+
 /// The properties of a replayed copy of a parked task: its dead-letter and the broker's
 /// bookkeeping headers removed, no deadline, attempt 1, without `expiration` and `user_id`,
 /// persistent, with `message_id` = its task id.
@@ -862,10 +892,7 @@ pub fn replay_copy(parked: &BasicProperties) -> BasicProperties {
         .filter(|key| {
             let k = key.as_str();
             k.starts_with("x-warren-dead-")
-                || k.starts_with("x-death")
-                || k.starts_with("x-first-death-")
-                || k.starts_with("x-last-death-")
-                || k == "x-delivery-count"
+                || is_broker_header(k)
                 || k == headers::DEADLINE
                 || k == headers::LAST_ERROR
         })
@@ -1225,6 +1252,43 @@ mod tests {
         assert!(header_int(out, headers::HEADERS_DROPPED).is_some_and(|n| n > 100_000));
         assert_eq!(header_int(out, headers::ATTEMPT), Some(2));
         assert!(table_size(out.unwrap()) < 2 * MAX_HEADER_TEXT);
+    }
+
+    #[test]
+    fn a_copy_sent_back_through_the_levels_drops_the_brokers_bookkeeping() {
+        let mut h = FieldTable::default();
+        set_header_int(&mut h, headers::RUN_AT, 5);
+        set_header_str(&mut h, "custom", "keep me");
+        set_header_str(&mut h, "CC", "elsewhere");
+        set_header_str(&mut h, "x-first-death-queue", "warren.run-at.0");
+        set_header_str(&mut h, "x-last-death-reason", "expired");
+        set_header_int(&mut h, "x-delivery-count", 1);
+        h.insert("x-death".into(), AMQPValue::FieldArray(Default::default()));
+        let original = BasicProperties::default()
+            .with_headers(h)
+            .with_expiration("1000".into())
+            .with_user_id("someone".into())
+            .with_correlation_id("c".into());
+        let copy = later_copy(&original, &TaskId::from("t"));
+        assert!(copy.expiration().is_none());
+        assert!(copy.user_id().is_none());
+        assert_eq!(copy.message_id().as_ref().map(|m| m.as_str()), Some("t"));
+        assert_eq!(
+            copy.correlation_id().as_ref().map(|m| m.as_str()),
+            Some("c")
+        );
+        let out = copy.headers().as_ref();
+        assert_eq!(header_int(out, headers::RUN_AT), Some(5));
+        assert_eq!(header_str(out, "custom").as_deref(), Some("keep me"));
+        for gone in [
+            "CC",
+            "x-death",
+            "x-first-death-queue",
+            "x-last-death-reason",
+            "x-delivery-count",
+        ] {
+            assert!(out.is_some_and(|t| !t.inner().contains_key(gone)), "{gone}");
+        }
     }
 
     #[test]

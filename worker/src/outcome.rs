@@ -316,7 +316,7 @@ impl Settler {
             Outcome::HandBack => return Ok(()),
             Outcome::Later { seconds } => {
                 return self
-                    .later(pool, delivery, *seconds)
+                    .later(pool, delivery, envelope, *seconds)
                     .await
                     .map_err(|e| (Step::First, e));
             }
@@ -455,11 +455,13 @@ impl Settler {
         publish_confirmed(pool, publication, self.publish_timeout).await
     }
 
-    /// Sends the task, unchanged, through the delay levels back to this queue.
+    /// Sends a copy of the task ([`envelope::later_copy`]) through the delay levels back to
+    /// this queue.
     async fn later(
         &self,
         pool: &ChannelPool,
         delivery: &Delivery,
+        envelope: &Envelope,
         seconds: u32,
     ) -> Result<(), PublishError> {
         let routing_key = delay::routing_key(seconds, delay::Destination::Queue(&self.queue));
@@ -467,7 +469,7 @@ impl Settler {
             exchange: &delay::entry_exchange(),
             routing_key: &routing_key,
             body: &delivery.data,
-            properties: delivery.properties.clone(),
+            properties: envelope::later_copy(&delivery.properties, &envelope.id),
             mandatory: true,
         };
         publish_confirmed(pool, publication, self.publish_timeout).await
