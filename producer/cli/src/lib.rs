@@ -257,7 +257,10 @@ async fn execute(cli: Cli) -> Result<(), String> {
         } => {
             let args = parse_args(args.as_deref())?;
             let options = CallOptions {
-                run_at: delay.map(|d| std::time::SystemTime::now() + d).or(*at),
+                run_at: match delay {
+                    Some(d) => Some(run_at_in(*d)?),
+                    None => *at,
+                },
                 ..CallOptions::default()
             };
             let client = Client::connect(settings(target, target.queue.as_deref()))
@@ -480,6 +483,14 @@ async fn dlq(client: &Client, queue: &str, action: &DlqAction) -> Result<(), Str
     Ok(())
 }
 
+/// The time `delay` from now, or the error sending would give for a delay past the longest
+/// (checked first: a delay past what the clock can represent cannot be added to now).
+fn run_at_in(delay: Duration) -> Result<std::time::SystemTime, String> {
+    warren_shared::delay::delay_seconds(delay)
+        .map_err(|e| describe(Error::InvalidDelay(e.to_string())))?;
+    Ok(std::time::SystemTime::now() + delay)
+}
+
 fn parse_args(args: Option<&str>) -> Result<Value, String> {
     match args {
         None => Ok(Value::Null),
@@ -501,6 +512,14 @@ fn describe(error: Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_delay_past_the_clock_is_an_error_not_a_panic() {
+        let far = humantime::parse_duration("300000000000years").unwrap();
+        let error = run_at_in(far).unwrap_err();
+        assert!(error.starts_with("cannot delay the task"), "{error}");
+        assert!(run_at_in(Duration::from_secs(60)).is_ok());
+    }
 
     #[test]
     fn enqueue_takes_a_delay_or_a_time_but_not_both() {

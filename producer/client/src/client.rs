@@ -394,9 +394,12 @@ impl Client {
     ) -> Result<TaskId, Error> {
         let id = TaskId::new();
         // A deadline counts from the run-at time of a task due later.
-        let deadline = options
-            .timeout
-            .map(|t| SystemTime::now() + options.delay_from_now() + t);
+        // A deadline past what the clock can represent is none.
+        let deadline = options.timeout.and_then(|t| {
+            SystemTime::now()
+                .checked_add(options.delay_from_now())?
+                .checked_add(t)
+        });
         let request = Request {
             function: function.to_owned(),
             args,

@@ -4,7 +4,7 @@
 use std::time::{Duration, SystemTime};
 
 use warren_shared::broker::{self, BrokerSettings};
-use warren_shared::topology;
+use warren_shared::{delay, topology};
 
 /// How a client connects and behaves by default.
 #[derive(Debug, Clone)]
@@ -152,10 +152,16 @@ impl CallOptions {
         self
     }
 
-    /// Runs the task `delay` from now: [`CallOptions::run_at`] now + `delay`.
+    /// Runs the task `delay` from now: [`CallOptions::run_at`] now + `delay`. A delay past
+    /// what the clock can represent becomes one just past [`delay::MAX_DELAY`], which sending
+    /// refuses ([`crate::Error::InvalidDelay`]), like any delay past the longest.
     #[must_use]
     pub fn delay(mut self, delay: Duration) -> Self {
-        self.run_at = Some(SystemTime::now() + delay);
+        let now = SystemTime::now();
+        self.run_at = Some(
+            now.checked_add(delay)
+                .unwrap_or_else(|| now + delay::MAX_DELAY + Duration::from_secs(1)),
+        );
         self
     }
 
@@ -182,4 +188,16 @@ pub struct QueueStats {
     pub ready: u32,
     /// Consumers attached.
     pub consumers: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_delay_past_the_clock_is_refused_not_a_panic() {
+        let options = CallOptions::default().delay(Duration::MAX);
+        assert!(options.delay_from_now() > delay::MAX_DELAY);
+        assert!(delay::delay_seconds(options.delay_from_now()).is_err());
+    }
 }
