@@ -6,16 +6,18 @@ use std::time::{Duration, SystemTime};
 
 use futures_lite::StreamExt;
 use lapin::BasicProperties;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::mpsc;
 use warren_client::CallOptions;
+use warren_shared::BrokerSettings;
 use warren_shared::protocol::headers;
 use warren_shared::{Task, delay, topology};
+use warren_tests::node::BrokerNode;
 use warren_tests::raw::RawPeer;
-use warren_tests::{TestQueue, inspect_queue, raw_channel};
+use warren_tests::{TestQueue, inspect_queue};
 use warren_worker::{Handler, Registry, TaskContext, TaskError};
 
 /// Reports when it runs.
@@ -196,13 +198,25 @@ async fn a_foreign_client_delays_a_task_with_the_run_at_header_alone() {
 
 #[tokio::test]
 async fn a_delayed_task_nothing_is_bound_for_is_parked_with_its_route_not_dropped() {
+    // On a private node: the parked queue is shared by every queue of a broker, and this test
+    // must neither hold other tasks parked there nor leave its own behind.
+    let node = BrokerNode::start("runat-unbound").await;
     let q = TestQueue::new("runat-unbound");
-    let (_connection, channel) = raw_channel().await;
+    let connection = lapin::Connection::connect(&node.url(), Default::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
     delay::declare_levels(&channel).await.unwrap();
     // The work queue exists, but nothing bound it to the ladder's delivery exchange (no worker
     // ever ran on it; the producer may not declare).
     topology::declare(&channel, &q.name).await.unwrap();
-    let client = q.client_with(|s| s.declare = false).await;
+    let url = node.url();
+    let client = q
+        .client_with(move |s| {
+            s.broker = BrokerSettings::new(url);
+            s.declare = false;
+        })
+        .await;
     let id = client
         .enqueue_with(
             &Stamp { label: 1 },
@@ -211,10 +225,6 @@ async fn a_delayed_task_nothing_is_bound_for_is_parked_with_its_route_not_droppe
         .await
         .unwrap();
 
-    channel
-        .basic_qos(1000, BasicQosOptions::default())
-        .await
-        .unwrap();
     let mut parked = channel
         .basic_consume(
             delay::PARKED.into(),
@@ -224,24 +234,16 @@ async fn a_delayed_task_nothing_is_bound_for_is_parked_with_its_route_not_droppe
         )
         .await
         .unwrap();
-    // Other tests' parked tasks are left unacked: they go back when the channel closes.
-    let found = tokio::time::timeout(Duration::from_secs(15), async {
-        while let Some(Ok(delivery)) = parked.next().await {
-            let ours = delivery
-                .properties
-                .message_id()
-                .as_ref()
-                .is_some_and(|m| m.as_str() == id.as_str());
-            if ours {
-                delivery.ack(BasicAckOptions::default()).await.unwrap();
-                return Some(delivery);
-            }
-        }
-        None
-    })
-    .await
-    .expect("the task is parked")
-    .expect("the consumer stays open");
+    let found = tokio::time::timeout(Duration::from_secs(15), parked.next())
+        .await
+        .expect("the task is parked")
+        .expect("the consumer stays open")
+        .unwrap();
+    found.ack(BasicAckOptions::default()).await.unwrap();
+    assert_eq!(
+        found.properties.message_id().as_ref().map(|m| m.as_str()),
+        Some(id.as_str())
+    );
     // The reason: its routing key names the destination nothing was bound for, and x-death
     // records the level it left.
     let key = found.routing_key.as_str();
@@ -274,7 +276,8 @@ async fn a_delayed_task_nothing_is_bound_for_is_parked_with_its_route_not_droppe
             .message_count(),
         0
     );
-    let _ = channel.close(200, "done".into()).await;
+    client.close().await;
+    let _ = connection.close(200, "done".into()).await;
 }
 
 #[tokio::test]
@@ -369,9 +372,10 @@ async fn a_delayed_task_is_retried_like_any_other_after_its_time() {
         .await;
     let client = q.client().await;
 
-    // Celery #10111: delayed tasks stuck after more than two retries.
+    // Celery #10111: delayed tasks stuck after more than two retries. The delay is longer
+    // than the gap allowed between attempts, so a retry that waited it again would show.
     let options = CallOptions::default()
-        .delay(Duration::from_secs(1))
+        .delay(Duration::from_secs(3))
         .max_attempts(4)
         .backoff(vec![backoff]);
     let due = options.run_at.unwrap();
