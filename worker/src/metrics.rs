@@ -39,6 +39,9 @@ pub const RECOVERIES: &str = "warren_worker_recoveries_total";
 /// Counter: replies the broker refused (nacked) for finished tasks, acked without a reply, by
 /// `queue`.
 pub const REPLIES_REFUSED: &str = "warren_worker_replies_refused_total";
+/// Gauge: 1 when the worker declared the delay levels at its last (re)start, 0 when the
+/// broker refused them (tasks due later cannot be deferred), by `queue`.
+pub const DELAYED_DELIVERY: &str = "warren_worker_delayed_delivery_available";
 /// Gauge: 1 when the connection is up, by `connection` (`consume`, `publish`).
 pub const CONNECTION_UP: &str = "warren_worker_connection_up";
 
@@ -129,6 +132,10 @@ fn describe() {
         "Replies the broker refused (nacked); their tasks were acked without a reply."
     );
     describe_gauge!(CONNECTION_UP, "1 while the connection is up.");
+    describe_gauge!(
+        DELAYED_DELIVERY,
+        "1 when the delay levels were declared; 0 when the broker refused them."
+    );
 }
 
 /// The series of one (queue, function), looked up in the registry once and then shared: the
@@ -280,6 +287,15 @@ impl TaskMetrics {
 /// The broker refused (nacked) the reply of a finished task, which was acked without it.
 pub(crate) fn reply_refused(queue: &str) {
     metrics::counter!(REPLIES_REFUSED, "queue" => queue.to_owned()).increment(1);
+}
+
+/// Whether the delay levels were declared ([`DELAYED_DELIVERY`]).
+pub(crate) fn delayed_delivery(queue: &str, available: bool) {
+    metrics::gauge!(DELAYED_DELIVERY, "queue" => queue.to_owned()).set(if available {
+        1.0
+    } else {
+        0.0
+    });
 }
 
 /// The consumer was rebuilt.
