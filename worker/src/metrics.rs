@@ -14,8 +14,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use lapin::message::Delivery;
 use warren_shared::ErrorKind;
+use warren_shared::envelope;
 use warren_shared::metrics::{BuildError, PrometheusHandle};
-use warren_shared::protocol::Reply;
+use warren_shared::protocol::{Reply, headers};
 
 use crate::health::Health;
 use crate::outcome::{DeadReason, Outcome, Settled};
@@ -224,6 +225,20 @@ pub(crate) struct TaskMetrics {
     started: Instant,
 }
 
+/// Seconds from when a task became ready (its AMQP timestamp, or its `x-warren-run-at` when
+/// later: a task due later is not late while it waits) to `now`; `None` without a timestamp.
+/// The AMQP timestamp has whole seconds: the latency is over-estimated by under 1 s.
+fn queue_latency(properties: &lapin::BasicProperties, now: SystemTime) -> Option<f64> {
+    let sent = (*properties.timestamp())?;
+    let now = now.duration_since(UNIX_EPOCH).ok()?;
+    #[allow(clippy::cast_precision_loss)] // seconds since 1970 fit an f64 exactly
+    let sent = sent as f64;
+    #[allow(clippy::cast_precision_loss)] // milliseconds since 1970 fit an f64 exactly
+    let due = envelope::header_int(properties.headers().as_ref(), headers::RUN_AT)
+        .map_or(sent, |ms| (ms as f64 / 1000.0).max(sent));
+    Some((now.as_secs_f64() - due).max(0.0))
+}
+
 impl TaskMetrics {
     /// A delivery arrived for `queue`: records its queue latency and whether it is redelivered.
     pub(crate) fn started(queue: &str, delivery: &Delivery) -> Self {
@@ -241,12 +256,7 @@ impl TaskMetrics {
         if delivery.redelivered {
             handles.redeliveries.increment(1);
         }
-        // The AMQP timestamp has whole seconds: the latency is over-estimated by under 1 s.
-        if let Some(sent) = *delivery.properties.timestamp()
-            && let Ok(now) = SystemTime::now().duration_since(UNIX_EPOCH)
-        {
-            #[allow(clippy::cast_precision_loss)] // seconds since 1970 fit an f64 exactly
-            let latency = (now.as_secs_f64() - sent as f64).max(0.0);
+        if let Some(latency) = queue_latency(&delivery.properties, SystemTime::now()) {
             handles.latency.record(latency);
         }
         Self {
@@ -325,6 +335,22 @@ pub(crate) fn refresh(queue: &str, concurrency: u16, health: &Health) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn queue_latency_counts_from_the_run_at_time_of_a_task_due_later() {
+        let now = UNIX_EPOCH + Duration::from_secs(161);
+        let sent = lapin::BasicProperties::default().with_timestamp(100);
+        assert_eq!(queue_latency(&sent, now), Some(61.0));
+        let mut h = lapin::types::FieldTable::default();
+        envelope::set_header_int(&mut h, headers::RUN_AT, 160_000);
+        assert_eq!(queue_latency(&sent.clone().with_headers(h), now), Some(1.0));
+        // A run-at time before the timestamp changes nothing.
+        let mut h = lapin::types::FieldTable::default();
+        envelope::set_header_int(&mut h, headers::RUN_AT, 50_000);
+        assert_eq!(queue_latency(&sent.with_headers(h), now), Some(61.0));
+        assert_eq!(queue_latency(&lapin::BasicProperties::default(), now), None);
+    }
 
     #[test]
     fn only_registered_functions_become_labels() {
