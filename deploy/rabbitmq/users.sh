@@ -50,6 +50,7 @@
 #                              came early (shared by every queue of the virtual host)
 #   producer write warren.run-at.27  sending a task that runs at a time
 #   operator read Q.dead       listing, replaying and purging parked tasks
+#   operator read warren.run-at.parked  reading tasks due later that nothing could route
 #   operator write warren      replaying them to the work queue
 #   operator configure F.<function>  releasing a function's claim (deleting its exchange, and
 #                              the declaration by which the broker names the owner)

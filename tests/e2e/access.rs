@@ -521,6 +521,34 @@ async fn the_operator_profile_lists_replays_and_purges_dead_letters() {
     })
     .await;
 
+    // The runbook of WarrenDelayedTasksParked reads warren.run-at.parked.
+    {
+        let connection = lapin::Connection::connect(&operator.url(), Default::default())
+            .await
+            .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        let got = channel
+            .basic_get(
+                warren_shared::delay::PARKED.into(),
+                lapin::options::BasicGetOptions { no_ack: false },
+            )
+            .await;
+        match got {
+            // Someone else's parked task: back where it was.
+            Ok(Some(message)) => {
+                let _ = message
+                    .delivery
+                    .nack(lapin::options::BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await;
+            }
+            Ok(None) => {}
+            Err(e) => panic!("the operator cannot read warren.run-at.parked: {e}"),
+        }
+        let _ = connection.close(200, "done".into()).await;
+    }
     let url_file = dir.path().join("operator-url");
     std::fs::write(&url_file, format!("{}\n", operator.url())).unwrap();
     let fx = queue.functions_exchange();
