@@ -222,6 +222,16 @@ pub fn table_size(table: &FieldTable) -> usize {
         .sum::<usize>()
 }
 
+/// The encoded size of `table` without the broker's own headers ([`is_broker_header`]).
+fn senders_headers_size(table: &FieldTable) -> usize {
+    4 + table
+        .inner()
+        .iter()
+        .filter(|(k, _)| !is_broker_header(k.as_str()))
+        .map(|(k, v)| 1 + k.as_str().len() + 1 + value_size(v))
+        .sum::<usize>()
+}
+
 fn value_size(value: &AMQPValue) -> usize {
     match value {
         AMQPValue::Boolean(_) | AMQPValue::ShortShortInt(_) | AMQPValue::ShortShortUInt(_) => 1,
@@ -647,7 +657,8 @@ pub struct Incoming {
     pub run_at: Result<Option<SystemTime>, BadRunAt>,
     /// The per-task policy headers.
     pub overrides: PolicyOverrides,
-    /// The encoded size of all headers, in bytes.
+    /// The encoded size of the headers its senders wrote, in bytes: all but the broker's own
+    /// ([`is_broker_header`]), which grow on every trip through the delay levels.
     pub headers_bytes: usize,
     /// The caller's trace context (`traceparent`, `tracestate`), when valid.
     pub trace: Option<TraceContext>,
@@ -683,7 +694,7 @@ impl Incoming {
             deadline: read_deadline(h),
             run_at: read_time(h, headers::RUN_AT).map_err(|got| BadRunAt { got }),
             overrides: PolicyOverrides::read(h),
-            headers_bytes: h.map_or(0, table_size),
+            headers_bytes: h.map_or(0, senders_headers_size),
             trace: read_trace(h),
         }
     }
@@ -1289,6 +1300,19 @@ mod tests {
         ] {
             assert!(out.is_some_and(|t| !t.inner().contains_key(gone)), "{gone}");
         }
+    }
+
+    #[test]
+    fn the_brokers_headers_do_not_count_against_the_header_limit() {
+        let mut death = FieldTable::default();
+        set_header_str(&mut death, "queue", &"warren.run-at.1".repeat(40));
+        let deaths = vec![AMQPValue::FieldTable(death); 28];
+        let mut h = FieldTable::default();
+        set_header_str(&mut h, "custom", "small");
+        h.insert("x-death".into(), AMQPValue::FieldArray(deaths.into()));
+        assert!(table_size(&h) > MAX_HEADERS_BYTES);
+        let read = Incoming::read(&BasicProperties::default().with_headers(h));
+        assert!(read.headers_bytes < 100, "{}", read.headers_bytes);
     }
 
     #[test]
