@@ -23,8 +23,8 @@
 //!
 //! Nothing is dropped on the way: a key that no binding matches (a destination that nothing
 //! is bound for, a level whose binding was deleted) goes to the alternate exchange and is
-//! parked in [`PARKED`] with its routing key, which names the destination and the delay it had
-//! left, and its `x-death` history; the level queues dead-letter with the broker's
+//! parked in [`PARKED`] with its routing key, which names the destination and the delay it was
+//! sent with (not the time it had left), and its `x-death` history; the level queues dead-letter with the broker's
 //! at-least-once strategy (`reject-publish` overflow), so a task leaves a level only once the
 //! next one holds it. Everything is durable and quorum, so it survives a broker restart and the
 //! loss of a node.
