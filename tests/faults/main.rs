@@ -1098,10 +1098,17 @@ async fn delayed_tasks_survive_a_broker_kill_and_run_no_earlier_than_their_time(
     let down = killed.elapsed();
     eprintln!("broker killed and booted again in {down:?}");
 
+    let every: std::collections::BTreeSet<u64> = (0..TASKS).collect();
     eventually(
         "every delayed task to run",
         Duration::from_secs(120),
-        || async { read_runs(&log).len() as u64 == TASKS },
+        || async {
+            read_runs(&log)
+                .keys()
+                .copied()
+                .collect::<std::collections::BTreeSet<u64>>()
+                == every
+        },
     )
     .await;
     let mut late = Vec::new();
