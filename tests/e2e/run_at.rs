@@ -400,3 +400,32 @@ async fn a_delayed_task_is_retried_like_any_other_after_its_time() {
     }
     worker.shutdown().await.unwrap();
 }
+
+/// A queue whose name the ladder cannot route (a `*` word) is told at worker start: the
+/// worker says delayed delivery is unavailable for it, and still runs.
+#[tokio::test]
+async fn a_worker_on_a_queue_the_ladder_cannot_route_says_so_at_start() {
+    let q = TestQueue::new("runat-star");
+    let queue = format!("{}.*", q.name);
+    q.also_delete(&queue);
+    q.also_delete(&format!("{queue}.dead"));
+    let metrics = warren_tests::free_addr();
+    let mut worker = std::process::Command::new(warren_tests::binary("warren-worker"));
+    worker
+        .args(["--queue", &queue, "--metrics", &metrics.to_string()])
+        .env("AMQP_URL", warren_tests::amqp_url())
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null());
+    let _worker = warren_tests::ChildGuard::spawn(worker);
+    let series = format!("warren_worker_delayed_delivery_available{{queue=\"{queue}\"}} 0");
+    warren_tests::eventually(
+        "the worker to report delayed delivery unavailable",
+        Duration::from_secs(30),
+        || async {
+            warren_tests::http_get(format!("http://{metrics}/metrics"))
+                .await
+                .is_some_and(|(status, body)| status == 200 && body.contains(&series))
+        },
+    )
+    .await;
+}

@@ -105,6 +105,16 @@ pub(crate) struct Session {
 /// that channel, and is logged and shown as [`metrics::DELAYED_DELIVERY`] = 0 instead of
 /// stopping the worker, whose tasks due now keep flowing.
 async fn declare_delayed_delivery(link: &Link, queue: &str, function_exchanges: &[String]) {
+    if let Err(reason) = delay::Destination::Queue(queue).validate() {
+        tracing::warn!(
+            queue,
+            %reason,
+            "delayed delivery is unavailable for this queue: its name cannot be routed through \
+             the delay levels; tasks due later sent to it are parked in warren.run-at.parked"
+        );
+        metrics::delayed_delivery(queue, false);
+        return;
+    }
     let declared = async {
         let channel = link.connection().create_channel().await?;
         delay::declare_levels(&channel).await?;
