@@ -45,7 +45,12 @@
 #   worker read warren, F, Q   binding (read on the source exchange) and consuming Q
 #   worker read Q.delay.*      declaring a queue that dead-letters (a delay queue dead-letters
 #                              back to Q) needs read on it, and write on amq.default
+#   worker all warren.run-at, warren.run-at.*  declaring the delay levels of tasks that run at
+#                              a time, binding Q and its functions to them, deferring a task that
+#                              came early (shared by every queue of the virtual host)
+#   producer write warren.run-at.27  sending a task that runs at a time
 #   operator read Q.dead       listing, replaying and purging parked tasks
+#   operator read warren.run-at.parked  reading tasks due later that nothing could route
 #   operator write warren      replaying them to the work queue
 #   operator configure F.<function>  releasing a function's claim (deleting its exchange, and
 #                              the declaration by which the broker names the owner)

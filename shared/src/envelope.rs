@@ -42,6 +42,12 @@ pub mod headers {
     /// task after it answers `expired` without running it; a value that is not an integer is
     /// answered `bad_request`.
     pub const DEADLINE: &str = "x-warren-deadline";
+    /// When the task is due, milliseconds since the Unix epoch (integer). A task published
+    /// straight to its queue with a time more than a second ahead is put through the delay
+    /// levels ([`crate::delay`]) by the worker that receives it, and runs when due; Warren's
+    /// own producers send it through the levels themselves. A value that is not an integer is
+    /// answered `bad_request`.
+    pub const RUN_AT: &str = "x-warren-run-at";
     /// Attempts the task gets in all (integer, the first included); overrides the worker's
     /// policy for this task.
     pub const MAX_ATTEMPTS: &str = "x-warren-max-attempts";
@@ -216,6 +222,16 @@ pub fn table_size(table: &FieldTable) -> usize {
         .sum::<usize>()
 }
 
+/// The encoded size of `table` without the broker's own headers ([`is_broker_header`]).
+fn senders_headers_size(table: &FieldTable) -> usize {
+    4 + table
+        .inner()
+        .iter()
+        .filter(|(k, _)| !is_broker_header(k.as_str()))
+        .map(|(k, v)| 1 + k.as_str().len() + 1 + value_size(v))
+        .sum::<usize>()
+}
+
 fn value_size(value: &AMQPValue) -> usize {
     match value {
         AMQPValue::Boolean(_) | AMQPValue::ShortShortInt(_) | AMQPValue::ShortShortUInt(_) => 1,
@@ -312,6 +328,8 @@ pub struct TaskEnvelope {
     pub reply_to: Option<String>,
     /// When the caller stops waiting.
     pub deadline: Option<SystemTime>,
+    /// When the task is due, for a task sent through the delay levels.
+    pub run_at: Option<SystemTime>,
     /// The caller's retry policy for this task.
     pub overrides: PolicyOverrides,
     /// The caller's `send` span (`traceparent`, `tracestate`), parent of the worker's
@@ -327,6 +345,9 @@ impl TaskEnvelope {
         set_header_int(&mut h, headers::ATTEMPT, 1);
         if let Some(deadline) = self.deadline {
             set_header_int(&mut h, headers::DEADLINE, epoch_millis(deadline));
+        }
+        if let Some(run_at) = self.run_at {
+            set_header_int(&mut h, headers::RUN_AT, epoch_millis(run_at));
         }
         self.overrides.write(&mut h);
         if let Some(trace) = &self.trace {
@@ -579,14 +600,26 @@ pub struct BadDeadline {
 }
 
 fn read_deadline(h: Option<&FieldTable>) -> Result<Option<SystemTime>, BadDeadline> {
-    let Some(value) = h.and_then(|h| h.inner().get(headers::DEADLINE)) else {
+    read_time(h, headers::DEADLINE).map_err(|got| BadDeadline { got })
+}
+
+/// Why an `x-warren-run-at` header cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("x-warren-run-at must be a whole number of milliseconds since the Unix epoch, got {got}")]
+pub struct BadRunAt {
+    /// The value as sent, described (cut to 64 bytes).
+    pub got: String,
+}
+
+/// A time header (milliseconds since the Unix epoch), or the description of a value that is
+/// not one.
+fn read_time(h: Option<&FieldTable>, name: &str) -> Result<Option<SystemTime>, String> {
+    let Some(value) = h.and_then(|h| h.inner().get(name)) else {
         return Ok(None);
     };
     as_int(value)
         .map(|ms| Some(from_epoch_millis(ms)))
-        .ok_or_else(|| BadDeadline {
-            got: describe(value),
-        })
+        .ok_or_else(|| describe(value))
 }
 
 /// `x-warren-protocol` as sent: an integer, or the description of a value that is none (which
@@ -620,9 +653,12 @@ pub struct Incoming {
     pub attempt: Result<u32, BadAttempt>,
     /// `x-warren-deadline` (none when missing).
     pub deadline: Result<Option<SystemTime>, BadDeadline>,
+    /// `x-warren-run-at` (none when missing).
+    pub run_at: Result<Option<SystemTime>, BadRunAt>,
     /// The per-task policy headers.
     pub overrides: PolicyOverrides,
-    /// The encoded size of all headers, in bytes.
+    /// The encoded size of the headers its senders wrote, in bytes: all but the broker's own
+    /// ([`is_broker_header`]), which grow on every trip through the delay levels.
     pub headers_bytes: usize,
     /// The caller's trace context (`traceparent`, `tracestate`), when valid.
     pub trace: Option<TraceContext>,
@@ -656,8 +692,9 @@ impl Incoming {
             protocol: read_protocol(h),
             attempt: read_attempt(h),
             deadline: read_deadline(h),
+            run_at: read_time(h, headers::RUN_AT).map_err(|got| BadRunAt { got }),
             overrides: PolicyOverrides::read(h),
-            headers_bytes: h.map_or(0, table_size),
+            headers_bytes: h.map_or(0, senders_headers_size),
             trace: read_trace(h),
         }
     }
@@ -825,6 +862,36 @@ pub fn reply_properties(incoming: &Incoming) -> BasicProperties {
         .with_headers(h)
 }
 
+/// Whether `name` is a header the broker writes itself when it dead-letters or redelivers a
+/// message (`x-death`, `x-first-death-*`, `x-last-death-*`, `x-delivery-count`).
+pub fn is_broker_header(name: &str) -> bool {
+    name.starts_with("x-death")
+        || name.starts_with("x-first-death-")
+        || name.starts_with("x-last-death-")
+        || name == "x-delivery-count"
+}
+
+/// The properties of the copy of task `id` that a worker sends through the delay levels
+/// because it came early: the original's headers without the broker's bookkeeping
+/// ([`is_broker_header`]) and without `CC`/`BCC`, and without `expiration` and `user_id`,
+/// persistent, with `message_id` = `id`.
+///
+/// The broker's `x-death` must go: RabbitMQ treats a message whose `x-death` already names
+/// the queue it is about to be dead-lettered to, with only expiries since, as a cycle, and
+/// with at-least-once dead-lettering such a message never leaves its level queue.
+pub fn later_copy(original: &BasicProperties, id: &TaskId) -> BasicProperties {
+    let mut h = FieldTable::default();
+    if let Some(original) = original.headers().as_ref() {
+        for (key, value) in original.inner() {
+            let k = key.as_str();
+            if !is_broker_header(k) && !ROUTING_HEADERS.contains(&k) {
+                h.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    copy_properties(original, id, h)
+}
+
 /// The properties of a replayed copy of a parked task: its dead-letter and the broker's
 /// bookkeeping headers removed, no deadline, attempt 1, without `expiration` and `user_id`,
 /// persistent, with `message_id` = its task id.
@@ -836,10 +903,7 @@ pub fn replay_copy(parked: &BasicProperties) -> BasicProperties {
         .filter(|key| {
             let k = key.as_str();
             k.starts_with("x-warren-dead-")
-                || k.starts_with("x-death")
-                || k.starts_with("x-first-death-")
-                || k.starts_with("x-last-death-")
-                || k == "x-delivery-count"
+                || is_broker_header(k)
                 || k == headers::DEADLINE
                 || k == headers::LAST_ERROR
         })
@@ -944,6 +1008,7 @@ mod tests {
             function: "send_mail".into(),
             reply_to: Some(issued_address()),
             deadline: Some(UNIX_EPOCH + Duration::from_millis(1_763_700_000_123)),
+            run_at: Some(UNIX_EPOCH + Duration::from_millis(1_763_600_000_456)),
             overrides: PolicyOverrides {
                 max_attempts: Some(4),
                 backoff: Some(vec![Duration::from_millis(250), Duration::from_secs(2)]),
@@ -967,6 +1032,7 @@ mod tests {
         assert_eq!(got.attempt, Ok(1));
         assert_eq!(got.protocol, Some(Ok(protocol::PROTOCOL_VERSION)));
         assert_eq!(got.deadline, Ok(sent.deadline));
+        assert_eq!(got.run_at, Ok(sent.run_at));
         assert_eq!(got.overrides, sent.overrides);
         assert!(got.trace.is_some());
         assert_eq!(got.trace, sent.trace);
@@ -979,6 +1045,7 @@ mod tests {
             function: "echo".into(),
             reply_to: None,
             deadline: None,
+            run_at: None,
             overrides: PolicyOverrides::default(),
             trace: None,
         }
@@ -996,6 +1063,7 @@ mod tests {
             function: "é".repeat(100_000),
             reply_to: None,
             deadline: None,
+            run_at: None,
             overrides: PolicyOverrides::default(),
             trace: None,
         }
@@ -1098,6 +1166,7 @@ mod tests {
             function: "f".into(),
             reply_to: None,
             deadline: None,
+            run_at: None,
             overrides: PolicyOverrides::default(),
             trace: None,
         }
@@ -1194,6 +1263,56 @@ mod tests {
         assert!(header_int(out, headers::HEADERS_DROPPED).is_some_and(|n| n > 100_000));
         assert_eq!(header_int(out, headers::ATTEMPT), Some(2));
         assert!(table_size(out.unwrap()) < 2 * MAX_HEADER_TEXT);
+    }
+
+    #[test]
+    fn a_copy_sent_back_through_the_levels_drops_the_brokers_bookkeeping() {
+        let mut h = FieldTable::default();
+        set_header_int(&mut h, headers::RUN_AT, 5);
+        set_header_str(&mut h, "custom", "keep me");
+        set_header_str(&mut h, "CC", "elsewhere");
+        set_header_str(&mut h, "x-first-death-queue", "warren.run-at.0");
+        set_header_str(&mut h, "x-last-death-reason", "expired");
+        set_header_int(&mut h, "x-delivery-count", 1);
+        h.insert("x-death".into(), AMQPValue::FieldArray(Default::default()));
+        let original = BasicProperties::default()
+            .with_headers(h)
+            .with_expiration("1000".into())
+            .with_user_id("someone".into())
+            .with_correlation_id("c".into());
+        let copy = later_copy(&original, &TaskId::from("t"));
+        assert!(copy.expiration().is_none());
+        assert!(copy.user_id().is_none());
+        assert_eq!(copy.message_id().as_ref().map(|m| m.as_str()), Some("t"));
+        assert_eq!(
+            copy.correlation_id().as_ref().map(|m| m.as_str()),
+            Some("c")
+        );
+        let out = copy.headers().as_ref();
+        assert_eq!(header_int(out, headers::RUN_AT), Some(5));
+        assert_eq!(header_str(out, "custom").as_deref(), Some("keep me"));
+        for gone in [
+            "CC",
+            "x-death",
+            "x-first-death-queue",
+            "x-last-death-reason",
+            "x-delivery-count",
+        ] {
+            assert!(out.is_some_and(|t| !t.inner().contains_key(gone)), "{gone}");
+        }
+    }
+
+    #[test]
+    fn the_brokers_headers_do_not_count_against_the_header_limit() {
+        let mut death = FieldTable::default();
+        set_header_str(&mut death, "queue", &"warren.run-at.1".repeat(40));
+        let deaths = vec![AMQPValue::FieldTable(death); 28];
+        let mut h = FieldTable::default();
+        set_header_str(&mut h, "custom", "small");
+        h.insert("x-death".into(), AMQPValue::FieldArray(deaths.into()));
+        assert!(table_size(&h) > MAX_HEADERS_BYTES);
+        let read = Incoming::read(&BasicProperties::default().with_headers(h));
+        assert!(read.headers_bytes < 100, "{}", read.headers_bytes);
     }
 
     #[test]

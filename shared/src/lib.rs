@@ -4,6 +4,7 @@
 //!
 //! - [`protocol`]: the wire format (request and reply bodies, headers, error kinds), version 1.
 //!   `docs/protocol.md` is the same contract written for people using other languages.
+//! - [`delay`]: run at a time: the fixed ladder of 28 binary delay levels and its routing keys.
 //! - [`envelope`]: the only code that writes or reads the AMQP properties and `x-warren-*`
 //!   headers of tasks, replies, retry and dead-letter copies; it bounds what it writes.
 //! - [`task`]: the [`Task`] trait that names a task type and its result, and the built-in task
@@ -36,6 +37,7 @@ pub mod broker;
 pub mod cli;
 #[cfg(feature = "config")]
 pub mod config;
+pub mod delay;
 pub mod envelope;
 pub mod link;
 pub mod metrics;

@@ -105,6 +105,16 @@ async fn producer_and_worker_profiles_are_enough_and_a_refused_declare_names_the
         .await
         .expect("call as producer");
     assert_eq!(answer, serde_json::json!("least privilege"));
+    // A task due later goes through the delay levels the worker declared and bound.
+    let later = client
+        .call_json_with(
+            "echo",
+            serde_json::json!("later"),
+            &warren_client::CallOptions::default().delay(Duration::from_secs(1)),
+        )
+        .await
+        .expect("a delayed call as producer");
+    assert_eq!(later, serde_json::json!("later"));
     // The gateway's queue depth (a passive declare) needs no permission either.
     let stats = client
         .queue_stats(&queue.name)
@@ -333,6 +343,55 @@ async fn a_worker_without_configure_permission_is_told_which_permission() {
     );
 }
 
+/// A worker on a permission profile from before the delay levels (no `warren.run-at*`) still
+/// starts and runs the tasks due now; only delayed delivery is unavailable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_may_not_declare_the_delay_levels_still_runs_tasks_due_now() {
+    let dir = temp_dir("worker-no-levels");
+    let queue = TestQueue::new("worker-no-levels");
+    let worker_user = BrokerUser::create("worker", &queue.name, &dir);
+    let current = Command::new("rabbitmqctl")
+        .args(["--quiet", "list_user_permissions", &worker_user.name])
+        .output()
+        .unwrap();
+    let line = String::from_utf8_lossy(&current.stdout)
+        .lines()
+        .find(|l| l.starts_with('/'))
+        .map(str::to_owned)
+        .expect("the worker's permissions");
+    let strip = |regex: &str| {
+        regex
+            .replace(r"|warren\.run-at\..+", "")
+            .replace(r"|warren\.run-at", "")
+    };
+    let fields: Vec<String> = line.split('\t').skip(1).map(strip).collect();
+    assert_eq!(fields.len(), 3, "{line}");
+    assert!(!fields[0].contains("run-at"), "{fields:?}");
+    let status = Command::new("rabbitmqctl")
+        .args(["--quiet", "set_permissions", "-p", "/", &worker_user.name])
+        .args(&fields)
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    let mut settings = queue.worker_settings(1);
+    settings.broker = BrokerSettings::new(worker_user.url());
+    let worker = warren_worker::start(
+        settings,
+        builtin_registry(Mailer::outbox(dir.path())),
+        Default::default(),
+    )
+    .await
+    .expect("the worker starts without the delay levels");
+    let client = queue.client().await;
+    let reply = client
+        .call(&warren_shared::tasks::Echo(serde_json::json!("now")))
+        .await
+        .unwrap();
+    assert_eq!(reply, serde_json::json!("now"));
+    worker.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_password_is_a_refused_login_not_a_missing_broker() {
     let uri: lapin::uri::AMQPUri = amqp_url().parse().unwrap();
@@ -462,6 +521,34 @@ async fn the_operator_profile_lists_replays_and_purges_dead_letters() {
     })
     .await;
 
+    // The runbook of WarrenDelayedTasksParked reads warren.run-at.parked.
+    {
+        let connection = lapin::Connection::connect(&operator.url(), Default::default())
+            .await
+            .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        let got = channel
+            .basic_get(
+                warren_shared::delay::PARKED.into(),
+                lapin::options::BasicGetOptions { no_ack: false },
+            )
+            .await;
+        match got {
+            // Someone else's parked task: back where it was.
+            Ok(Some(message)) => {
+                let _ = message
+                    .delivery
+                    .nack(lapin::options::BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await;
+            }
+            Ok(None) => {}
+            Err(e) => panic!("the operator cannot read warren.run-at.parked: {e}"),
+        }
+        let _ = connection.close(200, "done".into()).await;
+    }
     let url_file = dir.path().join("operator-url");
     std::fs::write(&url_file, format!("{}\n", operator.url())).unwrap();
     let fx = queue.functions_exchange();

@@ -1856,3 +1856,61 @@ async fn a_request_larger_than_a_whole_byte_budget_is_too_large_not_busy() {
     assert_eq!(error_kind(&answer), "too_large", "{answer}");
     env.finish().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// run at a time
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delay_ms_and_run_at_run_tasks_later_on_both_doors_and_bad_ones_are_refused() {
+    let env = spawn(Limits::default()).await;
+    let late = Duration::from_millis(2500);
+
+    // Text bridge: the answer comes once the task ran, no earlier than its delay.
+    let mut text = text_connect(&env).await;
+    let sent = std::time::Instant::now();
+    text.send(json!({"function": "echo", "args": "later", "delay_ms": 2000}))
+        .await;
+    assert_eq!(text.answer().await, json!("later"));
+    let took = sent.elapsed();
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(2) + late,
+        "{took:?}"
+    );
+    for bad in [
+        json!({"function": "echo", "args": 1, "delay_ms": "soon"}),
+        json!({"function": "echo", "args": 1, "run_at": "tomorrow at nine"}),
+        json!({"function": "echo", "args": 1, "delay_ms": 1, "run_at": "2026-12-08T09:00:00Z"}),
+    ] {
+        text.send(bad.clone()).await;
+        assert_eq!(error_kind(&text.answer().await), "bad_request", "{bad}");
+    }
+    text.send(json!({"function": "echo", "args": "still here"}))
+        .await;
+    assert_eq!(text.answer().await, json!("still here"));
+
+    // Websocket: enqueued at once, the result once it ran, no earlier than its run-at time.
+    let mut ws = ws_connect(&env).await;
+    let due = std::time::SystemTime::now() + Duration::from_secs(2);
+    let run_at = humantime::format_rfc3339_millis(due).to_string();
+    ws_send(
+        &mut ws,
+        json!({"id": 1, "function": "echo", "args": "ws", "run_at": run_at}),
+    )
+    .await;
+    assert_eq!(ws_next(&mut ws).await["status"], "enqueued");
+    let result = ws_next(&mut ws).await;
+    assert_eq!(result["result"], "ws", "{result}");
+    let after = std::time::SystemTime::now()
+        .duration_since(due)
+        .expect("not before its time");
+    assert!(after < late, "{after:?}");
+    ws_send(
+        &mut ws,
+        json!({"id": 2, "function": "echo", "args": 1, "delay_ms": -5}),
+    )
+    .await;
+    let refused = ws_next(&mut ws).await;
+    assert_eq!(refused["id"], 2);
+    assert_eq!(error_kind(&refused), "bad_request");
+    env.finish().await;
+}

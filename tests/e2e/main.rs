@@ -17,5 +17,6 @@ mod pools;
 mod processes;
 mod reliability;
 mod routing;
+mod run_at;
 mod safety;
 mod tls;

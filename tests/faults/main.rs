@@ -1060,3 +1060,171 @@ async fn connections_move_on_after_their_lifetime_without_failing_a_call() {
     );
     worker.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_tasks_survive_a_broker_kill_and_run_no_earlier_than_their_time() {
+    const TASKS: u64 = 20;
+    let mut node = BrokerNode::start("runat-kill").await;
+    let q = TestQueue::new("runat-kill");
+    let dir = temp_dir("runat-kill");
+    let log = dir.path().join("runs.log");
+    let worker = worker_at(&q, &node.url(), 8).await;
+    let client = client_at(&q, &node.url(), |_| {}).await;
+    let mut due_ms = std::collections::HashMap::new();
+    for key in 0..TASKS {
+        let options = CallOptions::default().delay(Duration::from_secs(20 + key % 5));
+        let due = options.run_at.unwrap();
+        due_ms.insert(
+            key,
+            u64::try_from(
+                due.duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_millis(),
+            )
+            .unwrap(),
+        );
+        let task = warren_tests::tasks::Record {
+            key,
+            log: log.to_string_lossy().into_owned(),
+            work_ms: 0,
+            started: None,
+        };
+        client.enqueue_with(&task, &options).await.unwrap();
+    }
+
+    // Killed (SIGKILL) and booted again with its data, while every task waits in the levels.
+    let killed = Instant::now();
+    node.restart().await;
+    let down = killed.elapsed();
+    eprintln!("broker killed and booted again in {down:?}");
+
+    let every: std::collections::BTreeSet<u64> = (0..TASKS).collect();
+    eventually(
+        "every delayed task to run",
+        Duration::from_secs(120),
+        || async {
+            read_runs(&log)
+                .keys()
+                .copied()
+                .collect::<std::collections::BTreeSet<u64>>()
+                == every
+        },
+    )
+    .await;
+    let mut late = Vec::new();
+    for run in warren_tests::read_run_log(&log) {
+        let due = due_ms[&run.key];
+        assert!(
+            run.started_ms >= due,
+            "task {} ran {} ms before its time",
+            run.key,
+            due - run.started_ms
+        );
+        late.push(run.started_ms - due);
+    }
+    late.sort_unstable();
+    eprintln!("run-at lateness after a broker kill (ms, sorted): {late:?}");
+    worker.shutdown().await.unwrap();
+}
+
+/// A task that already went through the delay levels once carries the broker's `x-death`; a
+/// worker that gets it early again must send it on without that record, or the broker takes
+/// the next hop for a dead-lettering cycle and the task never leaves its level. On a private
+/// node, so that a task stuck in a level cannot hold the shared broker's ladder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_task_with_an_x_death_from_an_earlier_trip_through_the_levels_still_runs() {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    use lapin::types::{AMQPValue, FieldArray, FieldTable};
+    use lapin::{BasicProperties, Connection, ConnectionProperties};
+    use warren_shared::delay;
+    use warren_shared::protocol::headers;
+
+    let node = BrokerNode::start("runat-xdeath").await;
+    let q = TestQueue::new("runat-xdeath");
+    let dir = temp_dir("runat-xdeath");
+    let log = dir.path().join("runs.log");
+    let worker = worker_at(&q, &node.url(), 2).await;
+
+    let connection = Connection::connect(&node.url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    // As the broker records a task that expired out of level 0 (the 1 s level) earlier.
+    let mut death = FieldTable::default();
+    death.insert("count".into(), AMQPValue::LongLongInt(1));
+    death.insert("reason".into(), AMQPValue::LongString("expired".into()));
+    death.insert(
+        "queue".into(),
+        AMQPValue::LongString(delay::level_name(0).into()),
+    );
+    death.insert(
+        "exchange".into(),
+        AMQPValue::LongString(delay::level_name(0).into()),
+    );
+    death.insert(
+        "routing-keys".into(),
+        AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::LongString(
+            format!("q.{}", q.name).into(),
+        )])),
+    );
+    let mut h = FieldTable::default();
+    h.insert(
+        "x-death".into(),
+        AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)])),
+    );
+    h.insert(
+        "x-first-death-queue".into(),
+        AMQPValue::LongString(delay::level_name(0).into()),
+    );
+    h.insert(
+        "x-first-death-reason".into(),
+        AMQPValue::LongString("expired".into()),
+    );
+    // Three seconds ahead: through levels 1 (2 s) and 0 (1 s), so level 1 dead-letters it
+    // into level 0, the queue its x-death names.
+    let due = std::time::SystemTime::now() + Duration::from_secs(3);
+    let due_ms = i64::try_from(
+        due.duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap();
+    h.insert(headers::RUN_AT.into(), AMQPValue::LongLongInt(due_ms));
+    let task = Record {
+        key: 7,
+        log: log.to_string_lossy().into_owned(),
+        work_ms: 0,
+        started: None,
+    };
+    let body = serde_json::to_vec(&json!({"function": "record", "args": task})).unwrap();
+    let confirm = channel
+        .basic_publish(
+            "".into(),
+            q.name.as_str().into(),
+            BasicPublishOptions::default(),
+            &body,
+            BasicProperties::default().with_headers(h),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_ack());
+
+    eventually("the task to run", Duration::from_secs(30), || async {
+        read_runs(&log).len() == 1
+    })
+    .await;
+    let run = &warren_tests::read_run_log(&log)[0];
+    assert_eq!(run.key, 7);
+    assert!(
+        i64::try_from(run.started_ms).unwrap() >= due_ms,
+        "ran before its time"
+    );
+    let _ = connection.close(200, "done".into()).await;
+    worker.shutdown().await.unwrap();
+}

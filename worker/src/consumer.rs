@@ -17,9 +17,11 @@ use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 use warren_shared::broker::BrokerError;
+use warren_shared::delay;
 use warren_shared::link::{Link, LinkState};
 use warren_shared::topology;
 
+use crate::metrics;
 use crate::outcome::{DeadReason, Envelope, Outcome};
 use crate::settings::{WorkerError, WorkerSettings};
 use crate::supervisor::Supervisor;
@@ -35,10 +37,10 @@ async fn claim(
     channel: &Channel,
     settings: &WorkerSettings,
     functions: &[&str],
-) -> Result<(), WorkerError> {
+) -> Result<Vec<String>, WorkerError> {
     let exchange = settings.functions_exchange.as_str();
     if exchange.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     topology::declare_functions_exchange(channel, exchange)
         .await
@@ -76,12 +78,15 @@ async fn claim(
         }
         claimed.push(*function);
     }
-    for function in claimed {
+    for function in &claimed {
         topology::route_function(channel, exchange, function, &settings.queue)
             .await
             .map_err(|e| BrokerError::from(e).needing("configure"))?;
     }
-    Ok(())
+    Ok(claimed
+        .into_iter()
+        .map(|function| topology::function_exchange(exchange, function))
+        .collect())
 }
 
 /// One consumer on one channel of one connection generation.
@@ -91,6 +96,50 @@ pub(crate) struct Session {
     pub(crate) tag: String,
     /// The consuming link's generation the session was built on.
     generation: u64,
+}
+
+/// Declares the delay levels, and binds `queue` and the exchanges of its claimed functions to
+/// their delivery exchange, so that tasks due later (from any producer, or deferred here)
+/// reach it. On a channel of its own: a refusal
+/// (a user on an older permission profile, levels declared with other arguments) closes only
+/// that channel, and is logged and shown as [`metrics::DELAYED_DELIVERY`] = 0 instead of
+/// stopping the worker, whose tasks due now keep flowing.
+async fn declare_delayed_delivery(link: &Link, queue: &str, function_exchanges: &[String]) {
+    if let Err(reason) = delay::Destination::Queue(queue).validate() {
+        tracing::warn!(
+            queue,
+            %reason,
+            "delayed delivery is unavailable for this queue: its name cannot be routed through \
+             the delay levels; tasks due later sent to it are parked in warren.run-at.parked"
+        );
+        metrics::delayed_delivery(queue, false);
+        return;
+    }
+    let declared = async {
+        let channel = link.connection().create_channel().await?;
+        delay::declare_levels(&channel).await?;
+        delay::bind_queue(&channel, queue).await?;
+        for function_exchange in function_exchanges {
+            delay::bind_function(&channel, function_exchange).await?;
+        }
+        let _ = channel.close(200, "declared".into()).await;
+        Ok::<(), lapin::Error>(())
+    }
+    .await;
+    let available = match declared {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::error!(
+                queue,
+                error = %BrokerError::from(e).needing("configure"),
+                "delayed delivery is unavailable: cannot declare the delay levels \
+                 (`warren.run-at*`); tasks due now still run, tasks due later that reach this \
+                 worker early are not deferred"
+            );
+            false
+        }
+    };
+    metrics::delayed_delivery(queue, available);
 }
 
 impl Session {
@@ -113,7 +162,8 @@ impl Session {
             .map_err(|e| {
                 queue_mismatch(&settings.queue, BrokerError::from(e).needing("configure"))
             })?;
-        claim(link, &channel, settings, functions).await?;
+        let function_exchanges = claim(link, &channel, settings, functions).await?;
+        declare_delayed_delivery(link, &settings.queue, &function_exchanges).await;
         channel
             .basic_qos(settings.concurrency, BasicQosOptions { global: false })
             .await

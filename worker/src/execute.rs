@@ -3,13 +3,14 @@
 //!
 //! | what happened | outcome |
 //! |---|---|
-//! | bad input: protocol version, size, `reply_to` (unusable, or a queue not among the worker's `reply_queues`), attempt or deadline header, body, unknown function, arguments | dead letter (`rejected`) + error reply |
+//! | bad input: protocol version, size, `reply_to` (unusable, or a queue not among the worker's `reply_queues`), attempt, deadline or run-at header, body, unknown function, arguments | dead letter (`rejected`) + error reply |
 //! | deadline passed before the start | `expired` reply |
 //! | handler succeeded | result reply |
 //! | retryable failure, panic or time limit, attempts left | retry copy after the backoff delay |
 //! | the same with no attempts (or no time before the deadline) left | dead letter (`attempts_exhausted`) + error reply |
 //! | permanent failure | dead letter (`permanent_failure`) + error reply |
 //! | worker forced to stop mid-task | handed back to the queue |
+//! | `x-warren-run-at` a second or more ahead | through the delay levels back to the queue, unrun |
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -17,6 +18,7 @@ use std::time::SystemTime;
 use lapin::message::Delivery;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+use warren_shared::delay;
 use warren_shared::envelope::{self, ReplyTo};
 use warren_shared::protocol;
 use warren_shared::trace::{Operation, SpanTask, TaskSpan};
@@ -49,6 +51,11 @@ pub(crate) struct Executor {
     /// Cancelled when the worker gives up on running tasks (forced shutdown).
     pub(crate) abort: CancellationToken,
 }
+
+/// A task whose `x-warren-run-at` is at least this far ahead goes through the delay levels
+/// rather than run: less would only add a second of delay (and tolerates that much clock skew
+/// between hosts).
+const NOT_DUE: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn rejected(kind: ErrorKind, message: impl Into<String>) -> Outcome {
     Outcome::DeadLetter {
@@ -112,6 +119,18 @@ fn check_envelope(
         .deadline
         .clone()
         .map_err(|e| rejected(ErrorKind::BadRequest, e.to_string()))?;
+    let run_at = envelope
+        .run_at
+        .clone()
+        .map_err(|e| rejected(ErrorKind::BadRequest, e.to_string()))?;
+    if let Some(ahead) = run_at.and_then(|at| at.duration_since(SystemTime::now()).ok())
+        && ahead >= NOT_DUE
+    {
+        return Err(match delay::delay_seconds(ahead) {
+            Ok(seconds) => Outcome::Later { seconds },
+            Err(e) => rejected(ErrorKind::BadRequest, e.to_string()),
+        });
+    }
     Ok((attempt, deadline))
 }
 
@@ -123,7 +142,7 @@ fn failure_of(outcome: &Outcome) -> Option<String> {
         | Outcome::DeadLetter { failure, .. } => {
             Some(format!("{}: {}", failure.kind.as_str(), failure.message))
         }
-        Outcome::Reply(Reply::Ok(_)) | Outcome::HandBack => None,
+        Outcome::Reply(Reply::Ok(_)) | Outcome::HandBack | Outcome::Later { .. } => None,
     }
 }
 

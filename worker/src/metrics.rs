@@ -14,8 +14,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use lapin::message::Delivery;
 use warren_shared::ErrorKind;
+use warren_shared::envelope;
 use warren_shared::metrics::{BuildError, PrometheusHandle};
-use warren_shared::protocol::Reply;
+use warren_shared::protocol::{Reply, headers};
 
 use crate::health::Health;
 use crate::outcome::{DeadReason, Outcome, Settled};
@@ -39,6 +40,9 @@ pub const RECOVERIES: &str = "warren_worker_recoveries_total";
 /// Counter: replies the broker refused (nacked) for finished tasks, acked without a reply, by
 /// `queue`.
 pub const REPLIES_REFUSED: &str = "warren_worker_replies_refused_total";
+/// Gauge: 1 when the worker declared the delay levels at its last (re)start, 0 when the
+/// broker refused them (tasks due later cannot be deferred), by `queue`.
+pub const DELAYED_DELIVERY: &str = "warren_worker_delayed_delivery_available";
 /// Gauge: 1 when the connection is up, by `connection` (`consume`, `publish`).
 pub const CONNECTION_UP: &str = "warren_worker_connection_up";
 
@@ -129,6 +133,10 @@ fn describe() {
         "Replies the broker refused (nacked); their tasks were acked without a reply."
     );
     describe_gauge!(CONNECTION_UP, "1 while the connection is up.");
+    describe_gauge!(
+        DELAYED_DELIVERY,
+        "1 when the delay levels were declared; 0 when the broker refused them."
+    );
 }
 
 /// The series of one (queue, function), looked up in the registry once and then shared: the
@@ -217,6 +225,20 @@ pub(crate) struct TaskMetrics {
     started: Instant,
 }
 
+/// Seconds from when a task became ready (its AMQP timestamp, or its `x-warren-run-at` when
+/// later: a task due later is not late while it waits) to `now`; `None` without a timestamp.
+/// The AMQP timestamp has whole seconds: the latency is over-estimated by under 1 s.
+fn queue_latency(properties: &lapin::BasicProperties, now: SystemTime) -> Option<f64> {
+    let sent = (*properties.timestamp())?;
+    let now = now.duration_since(UNIX_EPOCH).ok()?;
+    #[allow(clippy::cast_precision_loss)] // seconds since 1970 fit an f64 exactly
+    let sent = sent as f64;
+    #[allow(clippy::cast_precision_loss)] // milliseconds since 1970 fit an f64 exactly
+    let due = envelope::header_int(properties.headers().as_ref(), headers::RUN_AT)
+        .map_or(sent, |ms| (ms as f64 / 1000.0).max(sent));
+    Some((now.as_secs_f64() - due).max(0.0))
+}
+
 impl TaskMetrics {
     /// A delivery arrived for `queue`: records its queue latency and whether it is redelivered.
     pub(crate) fn started(queue: &str, delivery: &Delivery) -> Self {
@@ -234,12 +256,7 @@ impl TaskMetrics {
         if delivery.redelivered {
             handles.redeliveries.increment(1);
         }
-        // The AMQP timestamp has whole seconds: the latency is over-estimated by under 1 s.
-        if let Some(sent) = *delivery.properties.timestamp()
-            && let Ok(now) = SystemTime::now().duration_since(UNIX_EPOCH)
-        {
-            #[allow(clippy::cast_precision_loss)] // seconds since 1970 fit an f64 exactly
-            let latency = (now.as_secs_f64() - sent as f64).max(0.0);
+        if let Some(latency) = queue_latency(&delivery.properties, SystemTime::now()) {
             handles.latency.record(latency);
         }
         Self {
@@ -270,6 +287,7 @@ impl TaskMetrics {
             (Outcome::Reply(Reply::Err(f)), _) if f.kind == ErrorKind::Expired => ("expired", None),
             (Outcome::Reply(Reply::Err(_)), _) => ("failed", None),
             (Outcome::Retry { .. }, _) => ("retried", None),
+            (Outcome::Later { .. }, _) => ("delayed", None),
             (Outcome::DeadLetter { reason, .. }, _) => ("dead_lettered", Some(reason.as_str())),
         };
         handles.outcome(verdict).increment(1);
@@ -279,6 +297,15 @@ impl TaskMetrics {
 /// The broker refused (nacked) the reply of a finished task, which was acked without it.
 pub(crate) fn reply_refused(queue: &str) {
     metrics::counter!(REPLIES_REFUSED, "queue" => queue.to_owned()).increment(1);
+}
+
+/// Whether the delay levels were declared ([`DELAYED_DELIVERY`]).
+pub(crate) fn delayed_delivery(queue: &str, available: bool) {
+    metrics::gauge!(DELAYED_DELIVERY, "queue" => queue.to_owned()).set(if available {
+        1.0
+    } else {
+        0.0
+    });
 }
 
 /// The consumer was rebuilt.
@@ -308,6 +335,22 @@ pub(crate) fn refresh(queue: &str, concurrency: u16, health: &Health) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn queue_latency_counts_from_the_run_at_time_of_a_task_due_later() {
+        let now = UNIX_EPOCH + Duration::from_secs(161);
+        let sent = lapin::BasicProperties::default().with_timestamp(100);
+        assert_eq!(queue_latency(&sent, now), Some(61.0));
+        let mut h = lapin::types::FieldTable::default();
+        envelope::set_header_int(&mut h, headers::RUN_AT, 160_000);
+        assert_eq!(queue_latency(&sent.clone().with_headers(h), now), Some(1.0));
+        // A run-at time before the timestamp changes nothing.
+        let mut h = lapin::types::FieldTable::default();
+        envelope::set_header_int(&mut h, headers::RUN_AT, 50_000);
+        assert_eq!(queue_latency(&sent.with_headers(h), now), Some(61.0));
+        assert_eq!(queue_latency(&lapin::BasicProperties::default(), now), None);
+    }
 
     #[test]
     fn only_registered_functions_become_labels() {

@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use tokio_util::sync::CancellationToken;
+use warren_shared::delay;
 use warren_shared::envelope::{self, DeadMark};
 use warren_shared::link::{Link, LinkState};
 use warren_shared::pool::{
@@ -51,6 +52,12 @@ pub enum Outcome {
     /// The worker is stopping and gave up on the task before it finished: hand it back to the
     /// queue (`nack` with requeue) for another worker, without replying.
     HandBack,
+    /// Not due yet (`x-warren-run-at` more than a second ahead): the task, unchanged, goes
+    /// through the delay levels back to this queue, then is acked. It never waits in a worker.
+    Later {
+        /// Whole seconds it waits ([`warren_shared::delay::delay_seconds`]).
+        seconds: u32,
+    },
 }
 
 /// The parts of a delivery the outcome needs: its envelope, read once.
@@ -311,6 +318,12 @@ impl Settler {
                 &parked
             }
             Outcome::HandBack => return Ok(()),
+            Outcome::Later { seconds } => {
+                return self
+                    .later(pool, delivery, envelope, *seconds)
+                    .await
+                    .map_err(|e| (Step::First, e));
+            }
         };
         if let Some(reply_to) = envelope.reply_to.address() {
             self.reply(pool, envelope, reply_to, reply)
@@ -441,6 +454,26 @@ impl Settler {
             routing_key: &routing_key,
             body: &delivery.data,
             properties,
+            mandatory: true,
+        };
+        publish_confirmed(pool, publication, self.publish_timeout).await
+    }
+
+    /// Sends a copy of the task ([`envelope::later_copy`]) through the delay levels back to
+    /// this queue.
+    async fn later(
+        &self,
+        pool: &ChannelPool,
+        delivery: &Delivery,
+        envelope: &Envelope,
+        seconds: u32,
+    ) -> Result<(), PublishError> {
+        let routing_key = delay::routing_key(seconds, delay::Destination::Queue(&self.queue));
+        let publication = Publication {
+            exchange: &delay::entry_exchange(),
+            routing_key: &routing_key,
+            body: &delivery.data,
+            properties: envelope::later_copy(&delivery.properties, &envelope.id),
             mandatory: true,
         };
         publish_confirmed(pool, publication, self.publish_timeout).await

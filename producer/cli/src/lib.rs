@@ -70,6 +70,14 @@ pub enum Command {
         function: String,
         /// JSON arguments (default: null).
         args: Option<String>,
+        /// Run it this long from now (e.g. `90s`, `2h`, `3days`), not before; whole seconds,
+        /// up to 2^28 - 1 s (8.5 years). It waits in the broker, not in a worker.
+        #[arg(long = "in", value_name = "DELAY", value_parser = humantime::parse_duration,
+              conflicts_with = "at")]
+        delay: Option<Duration>,
+        /// Run it at this time, not before (RFC 3339, e.g. `2026-12-08T09:00:00Z`).
+        #[arg(long, value_name = "TIME", value_parser = humantime::parse_rfc3339_weak)]
+        at: Option<std::time::SystemTime>,
     },
     /// Inspect and replay the tasks parked in the dead-letter queue.
     Dlq {
@@ -241,12 +249,24 @@ async fn execute(cli: Cli) -> Result<(), String> {
             client.close().await;
             println!("{}", result.map_err(describe)?);
         }
-        Command::Enqueue { function, args } => {
+        Command::Enqueue {
+            function,
+            args,
+            delay,
+            at,
+        } => {
             let args = parse_args(args.as_deref())?;
+            let options = CallOptions {
+                run_at: match delay {
+                    Some(d) => Some(run_at_in(*d)?),
+                    None => *at,
+                },
+                ..CallOptions::default()
+            };
             let client = Client::connect(settings(target, target.queue.as_deref()))
                 .await
                 .map_err(describe)?;
-            let id = client.enqueue_json(function, args).await;
+            let id = client.enqueue_json_with(function, args, &options).await;
             client.close().await;
             println!("{}", id.map_err(describe)?);
         }
@@ -463,6 +483,14 @@ async fn dlq(client: &Client, queue: &str, action: &DlqAction) -> Result<(), Str
     Ok(())
 }
 
+/// The time `delay` from now, or the error sending would give for a delay past the longest
+/// (checked first: a delay past what the clock can represent cannot be added to now).
+fn run_at_in(delay: Duration) -> Result<std::time::SystemTime, String> {
+    warren_shared::delay::delay_seconds(delay)
+        .map_err(|e| describe(Error::InvalidDelay(e.to_string())))?;
+    Ok(std::time::SystemTime::now() + delay)
+}
+
 fn parse_args(args: Option<&str>) -> Result<Value, String> {
     match args {
         None => Ok(Value::Null),
@@ -484,6 +512,45 @@ fn describe(error: Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_delay_past_the_clock_is_an_error_not_a_panic() {
+        let far = humantime::parse_duration("300000000000years").unwrap();
+        let error = run_at_in(far).unwrap_err();
+        assert!(error.starts_with("cannot delay the task"), "{error}");
+        assert!(run_at_in(Duration::from_secs(60)).is_ok());
+    }
+
+    #[test]
+    fn enqueue_takes_a_delay_or_a_time_but_not_both() {
+        let at = |argv: &[&str]| match Cli::try_parse_from(argv).map(|c| c.command) {
+            Ok(Command::Enqueue { delay, at, .. }) => Ok((delay, at)),
+            Ok(_) => Err("not enqueue".to_owned()),
+            Err(e) => Err(e.to_string()),
+        };
+        assert_eq!(
+            at(&["warren", "enqueue", "f", "--in", "90s"]),
+            Ok((Some(Duration::from_secs(90)), None))
+        );
+        let (_, time) = at(&["warren", "enqueue", "f", "--at", "2026-12-08T09:00:00Z"]).unwrap();
+        assert_eq!(
+            time.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+            Some("2026-12-08T09:00:00Z".to_owned())
+        );
+        assert!(at(&["warren", "enqueue", "f", "--at", "tomorrow"]).is_err());
+        assert!(
+            at(&[
+                "warren",
+                "enqueue",
+                "f",
+                "--in",
+                "1s",
+                "--at",
+                "2026-12-08T09:00:00Z"
+            ])
+            .is_err()
+        );
+    }
 
     #[test]
     fn the_queue_flags_go_before_or_after_the_subcommand() {

@@ -321,8 +321,10 @@ impl Client {
         published: Option<oneshot::Sender<TaskId>>,
     ) -> Result<T, Error> {
         let timeout = options.timeout.unwrap_or(self.inner.settings.call_timeout);
-        let give_up = tokio::time::Instant::now() + timeout;
-        let deadline = SystemTime::now() + timeout;
+        // A task due later has its timeout from its run-at time on.
+        let due_in = options.delay_from_now();
+        let give_up = tokio::time::Instant::now() + due_in + timeout;
+        let deadline = SystemTime::now() + due_in + timeout;
         let id = TaskId::new();
         let work = async {
             loop {
@@ -432,7 +434,13 @@ impl Client {
         options: &CallOptions,
     ) -> Result<TaskId, Error> {
         let id = TaskId::new();
-        let deadline = options.timeout.map(|t| SystemTime::now() + t);
+        // A deadline counts from the run-at time of a task due later.
+        // A deadline past what the clock can represent is none.
+        let deadline = options.timeout.and_then(|t| {
+            SystemTime::now()
+                .checked_add(options.delay_from_now())?
+                .checked_add(t)
+        });
         let request = Request {
             function: function.to_owned(),
             args,

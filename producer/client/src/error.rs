@@ -21,6 +21,10 @@ pub enum Error {
     /// Connecting, or declaring the queue, failed.
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    /// The task cannot wait until its run-at time: too far ahead, or a destination whose name
+    /// cannot be routed through the delay levels.
+    #[error("cannot delay the task: {0}")]
+    InvalidDelay(String),
     /// The queue name cannot be used.
     #[error("invalid queue name: {0}")]
     InvalidQueue(String),

@@ -1,10 +1,10 @@
 //! What a client is made with ([`ClientSettings`], [`ReplyMode`]) and what one call may
 //! override ([`CallOptions`]).
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use warren_shared::broker::{self, BrokerSettings};
-use warren_shared::topology;
+use warren_shared::{delay, topology};
 
 /// How a client connects and behaves by default.
 #[derive(Debug, Clone)]
@@ -88,8 +88,14 @@ pub struct CallOptions {
     pub queue: Option<String>,
     /// For `call`: how long to wait for the reply. For both `call` and `enqueue`: the task's
     /// deadline is now + this, and a worker that gets it later answers `expired` instead of
-    /// running it. `enqueue` sets no deadline unless this is set.
+    /// running it. `enqueue` sets no deadline unless this is set. For a task that runs later
+    /// ([`CallOptions::run_at`]) both count from its run-at time, not from now.
     pub timeout: Option<Duration>,
+    /// When the task is due: it waits in the broker's delay levels (never in a worker) and
+    /// runs no earlier than this, within about a second after (whole seconds, rounded up).
+    /// Unset, or a time already past: it runs as soon as a worker is free. The caller's clock
+    /// decides: the delay is measured when the task is sent.
+    pub run_at: Option<SystemTime>,
     /// Attempts the task gets in all (overrides the worker's policy for this task).
     pub max_attempts: Option<u32>,
     /// Delays between attempts (overrides the worker's policy for this task).
@@ -138,6 +144,34 @@ impl CallOptions {
         self
     }
 
+    /// Runs the task no earlier than `at` (see [`CallOptions::run_at`]); at most
+    /// [`warren_shared::delay::MAX_DELAY`] ahead.
+    #[must_use]
+    pub fn run_at(mut self, at: SystemTime) -> Self {
+        self.run_at = Some(at);
+        self
+    }
+
+    /// Runs the task `delay` from now: [`CallOptions::run_at`] now + `delay`. A delay past
+    /// what the clock can represent becomes one just past [`delay::MAX_DELAY`], which sending
+    /// refuses ([`crate::Error::InvalidDelay`]), like any delay past the longest.
+    #[must_use]
+    pub fn delay(mut self, delay: Duration) -> Self {
+        let now = SystemTime::now();
+        self.run_at = Some(
+            now.checked_add(delay)
+                .unwrap_or_else(|| now + delay::MAX_DELAY + Duration::from_secs(1)),
+        );
+        self
+    }
+
+    /// The time from now until the task is due (zero when it is due now or unset).
+    pub(crate) fn delay_from_now(&self) -> Duration {
+        self.run_at
+            .and_then(|at| at.duration_since(SystemTime::now()).ok())
+            .unwrap_or_default()
+    }
+
     /// Waits at most `timeout` (and sets the deadline accordingly).
     #[must_use]
     pub fn timeout(mut self, timeout: Duration) -> Self {
@@ -154,4 +188,16 @@ pub struct QueueStats {
     pub ready: u32,
     /// Consumers attached.
     pub consumers: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_delay_past_the_clock_is_refused_not_a_panic() {
+        let options = CallOptions::default().delay(Duration::MAX);
+        assert!(options.delay_from_now() > delay::MAX_DELAY);
+        assert!(delay::delay_seconds(options.delay_from_now()).is_err());
+    }
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use lapin::ErrorKind;
 use warren_shared::broker::BrokerError;
+use warren_shared::delay::{self, Destination};
 use warren_shared::envelope::{PolicyOverrides, TaskEnvelope};
 use warren_shared::link::LinkState;
 use warren_shared::pool::{self, Publication, publish_confirmed};
@@ -141,6 +142,11 @@ impl Client {
         deadline: Option<SystemTime>,
         wants_reply: bool,
     ) -> Result<(), Error> {
+        // A task due later waits in the delay levels: whole seconds, rounded up.
+        let wait = match options.delay_from_now() {
+            d if d.is_zero() => None,
+            d => Some(delay::delay_seconds(d).map_err(|e| Error::InvalidDelay(e.to_string()))?),
+        };
         let route = match options
             .queue
             .as_deref()
@@ -159,6 +165,23 @@ impl Client {
             }
         };
         let destination = route.destination(function);
+        let delayed_key = match wait {
+            Some(seconds) => {
+                let function_exchange;
+                let to = match route {
+                    Route::Queue(queue) => Destination::Queue(queue),
+                    Route::Function(exchange) => {
+                        function_exchange = topology::function_exchange(exchange, function);
+                        Destination::Function(&function_exchange)
+                    }
+                };
+                to.validate().map_err(Error::InvalidDelay)?;
+                self.ensure_delay_levels(to).await?;
+                Some(delay::routing_key(seconds, to))
+            }
+            None => None,
+        };
+        let entry = delay::entry_exchange();
         // The `send {destination}` span (the queue, or the function when routed by name): the
         // task's `traceparent` names it, so the worker's `process` span is its child. Only with
         // a trace to continue, or when exporting.
@@ -181,6 +204,7 @@ impl Client {
             function: function.to_owned(),
             reply_to: wants_reply.then(|| self.inner.reply_to.clone()),
             deadline,
+            run_at: wait.and(options.run_at),
             overrides: PolicyOverrides {
                 max_attempts: options.max_attempts,
                 backoff: options.backoff.clone(),
@@ -200,8 +224,12 @@ impl Client {
         let published = publish_confirmed(
             &self.inner.pool.pool(),
             Publication {
-                exchange: route.exchange(),
-                routing_key: destination,
+                exchange: if delayed_key.is_some() {
+                    &entry
+                } else {
+                    route.exchange()
+                },
+                routing_key: delayed_key.as_deref().unwrap_or(destination),
                 body,
                 properties,
                 mandatory: true,
@@ -233,6 +261,22 @@ impl Client {
             }
             other => other.map_err(Error::from),
         }
+    }
+
+    /// Declares the delay levels, and binds a destination queue to their delivery exchange,
+    /// once per connection (unless the client declares nothing: then the workers have).
+    async fn ensure_delay_levels(&self, to: Destination<'_>) -> Result<(), Error> {
+        self.declare_once("delay levels".to_owned(), |channel| async move {
+            delay::declare_levels(&channel).await
+        })
+        .await?;
+        if let Destination::Queue(queue) = to {
+            self.declare_once(format!("delay binding {queue}"), |channel| async move {
+                delay::bind_queue(&channel, queue).await
+            })
+            .await?;
+        }
+        Ok(())
     }
 
     /// Declares the functions exchange once per connection (unless the client declares

@@ -26,6 +26,7 @@ mod admission;
 pub mod browser;
 mod budget;
 pub mod config;
+mod due;
 pub mod host;
 pub mod limits;
 pub mod metrics;
@@ -248,6 +249,13 @@ struct Shared {
 impl Shared {
     fn call_options(&self) -> CallOptions {
         CallOptions::default().timeout(self.settings.call_timeout)
+    }
+
+    /// The call options of a request with these timing fields.
+    fn options_due(&self, due: &due::Due) -> Result<CallOptions, limits::GatewayError> {
+        let mut options = self.call_options();
+        options.run_at = due.run_at()?;
+        Ok(options)
     }
 
     fn limits(&self) -> &Limits {

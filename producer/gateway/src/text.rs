@@ -311,17 +311,25 @@ impl Connection {
                 return true;
             }
         };
+        // Its timing fields, read before the line goes.
+        let due = crate::due::Due::of_line(&line);
         drop(line);
         if let Err(forbidden) = limits.check_function(&request.function) {
             self.refuse(&forbidden);
             return true;
         }
+        let options = match due.and_then(|due| self.shared.options_due(&due)) {
+            Ok(options) => options,
+            Err(bad) => {
+                self.refuse(&bad);
+                return true;
+            }
+        };
         if self.calls >= limits.max_in_flight {
             self.refuse(&GatewayError::busy(limits.max_in_flight));
             return true;
         }
         let client = self.shared.client.clone();
-        let options = self.shared.call_options();
         let label = crate::metrics::function_label(&limits.allow, &request.function);
         self.calls += 1;
         self.answers.push_back(Box::pin(async move {

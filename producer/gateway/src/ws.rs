@@ -86,6 +86,9 @@ struct Fields<'a> {
     id: Option<&'a RawValue>,
     function: Option<&'a RawValue>,
     args: Option<&'a RawValue>,
+    /// `run_at` / `delay_ms`: when the task is due ([`crate::due::Due`]).
+    run_at: Option<&'a RawValue>,
+    delay_ms: Option<&'a RawValue>,
 }
 
 impl<'de> Deserialize<'de> for Fields<'de> {
@@ -108,6 +111,8 @@ impl<'de> Deserialize<'de> for Fields<'de> {
                         "id" => &mut fields.id,
                         "function" => &mut fields.function,
                         "args" => &mut fields.args,
+                        "run_at" => &mut fields.run_at,
+                        "delay_ms" => &mut fields.delay_ms,
                         _ => {
                             map.next_value::<serde::de::IgnoredAny>()?;
                             continue;
@@ -457,6 +462,12 @@ impl Connection {
         if let Err(forbidden) = self.shared.limits().check_function(&function) {
             return refuse(forbidden);
         }
+        let options = match crate::due::Due::of_fields(fields.run_at, fields.delay_ms)
+            .and_then(|due| self.shared.options_due(&due))
+        {
+            Ok(options) => options,
+            Err(bad) => return refuse(bad),
+        };
         let Ok(permit) = self.permits.clone().try_acquire_owned() else {
             return refuse(GatewayError::busy(self.shared.limits().max_in_flight));
         };
@@ -472,6 +483,7 @@ impl Connection {
         self.calls.spawn(call(
             self.shared.clone(),
             task,
+            options,
             self.events.clone(),
             permit,
             held,
@@ -493,12 +505,12 @@ struct Task {
 async fn call(
     shared: Arc<Shared>,
     task: Task,
+    options: warren_client::CallOptions,
     events: mpsc::Sender<Event>,
     permit: OwnedSemaphorePermit,
     mut held: Held,
 ) {
     let Task { id, function, args } = task;
-    let options = shared.call_options();
     let (published_tx, mut published) = oneshot::channel();
     let call = shared
         .client
