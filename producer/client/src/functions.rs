@@ -112,20 +112,7 @@ impl Client {
         topology::validate_function_name(function).map_err(ReleaseError::InvalidFunction)?;
         let exchange = topology::function_exchange(&self.settings().functions_exchange, function);
         // A passive declaration first: the probe below would create a missing exchange.
-        let probe = self.own_channel().await?;
-        let passive = probe
-            .exchange_declare(
-                exchange.as_str().into(),
-                ExchangeKind::Fanout,
-                ExchangeDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await;
-        close(probe).await;
-        match passive {
+        match self.exchange_exists(&exchange).await? {
             Ok(()) => {}
             Err(e) if not_found(&e) => return Ok(None),
             Err(e) => return Err(e.into()),
@@ -158,20 +145,7 @@ impl Client {
             // `configure` leaves the exchange in place: another passive look tells them apart.
             Err(e) if access_refused(&e) => {
                 close(probe).await;
-                let probe = self.own_channel().await?;
-                let passive = probe
-                    .exchange_declare(
-                        exchange.as_str().into(),
-                        ExchangeKind::Fanout,
-                        ExchangeDeclareOptions {
-                            passive: true,
-                            ..Default::default()
-                        },
-                        FieldTable::default(),
-                    )
-                    .await;
-                close(probe).await;
-                match passive {
+                match self.exchange_exists(&exchange).await? {
                     Err(gone) if not_found(&gone) => Ok(None),
                     _ => Err(e.into()),
                 }
@@ -285,6 +259,28 @@ impl Client {
             consumers,
             ready,
         })
+    }
+
+    /// A passive look at fanout `exchange` on a channel of its own: the broker's answer
+    /// (`NOT_FOUND` when it does not exist), or an error opening the channel.
+    async fn exchange_exists(
+        &self,
+        exchange: &str,
+    ) -> Result<Result<(), lapin::Error>, ReleaseError> {
+        let probe = self.own_channel().await?;
+        let passive = probe
+            .exchange_declare(
+                exchange.into(),
+                ExchangeKind::Fanout,
+                ExchangeDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        close(probe).await;
+        Ok(passive)
     }
 
     /// Consumers and ready tasks of `queue`, `None` when it does not exist.
