@@ -75,6 +75,11 @@ pub mod headers {
     pub const DEAD_AT: &str = "x-warren-dead-at";
     /// On a copy whose original headers were too large to carry: their encoded size in bytes.
     pub const HEADERS_DROPPED: &str = "x-warren-headers-dropped";
+    /// Who enqueued the task (a short opaque text, a gateway session id say): copied into every
+    /// event of the task ([`crate::events::Event::origin`]) so that a reader can pick its own.
+    pub const ORIGIN: &str = "x-warren-origin";
+    /// The batch the task belongs to: copied into every event of the task.
+    pub const BATCH: &str = "x-warren-batch";
 }
 
 /// Most bytes of text Warren writes into one header from input (an error message, say).

@@ -5,6 +5,8 @@
 //! - [`protocol`]: the wire format (request and reply bodies, headers, error kinds), version 1.
 //!   `docs/protocol.md` is the same contract written for people using other languages.
 //! - [`delay`]: run at a time: the fixed ladder of 28 binary delay levels and its routing keys.
+//! - [`events`]: task events: their format on the `warren.events` stream, how the stream is
+//!   declared and read.
 //! - [`envelope`]: the only code that writes or reads the AMQP properties and `x-warren-*`
 //!   headers of tasks, replies, retry and dead-letter copies; it bounds what it writes.
 //! - [`task`]: the [`Task`] trait that names a task type and its result, and the built-in task
@@ -39,6 +41,7 @@ pub mod cli;
 pub mod config;
 pub mod delay;
 pub mod envelope;
+pub mod events;
 pub mod link;
 pub mod metrics;
 pub mod otel;

@@ -25,15 +25,27 @@ pub use crate::envelope::{
 
 /// A task's id: the AMQP `message_id` (and, for calls, the `correlation_id`).
 ///
-/// Warren generates UUIDv4 ids; tasks published by other clients may carry any string.
+/// Warren generates UUIDv7 ids, which carry the time they were made: a lookup of a task's
+/// events reads the event stream from there ([`TaskId::created_at`]). Tasks published by
+/// other clients may carry any string.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct TaskId(String);
 
 impl TaskId {
-    /// A fresh random id.
+    /// A fresh id: a UUIDv7 (time-ordered, 74 random bits).
     pub fn new() -> Self {
-        Self(Uuid::new_v4().to_string())
+        Self(Uuid::now_v7().to_string())
+    }
+
+    /// When the id was made, if it is a UUIDv7 (millisecond precision).
+    pub fn created_at(&self) -> Option<std::time::SystemTime> {
+        let uuid = Uuid::parse_str(&self.0).ok()?;
+        if uuid.get_version_num() != 7 {
+            return None;
+        }
+        let (secs, nanos) = uuid.get_timestamp()?.to_unix();
+        Some(std::time::UNIX_EPOCH + std::time::Duration::new(secs, nanos))
     }
 
     /// The id as a string slice.
@@ -526,6 +538,15 @@ impl Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn new_ids_carry_their_time_and_others_do_not() {
+        let before = std::time::SystemTime::now() - std::time::Duration::from_millis(2);
+        let at = TaskId::new().created_at().expect("a v7 id has a time");
+        assert!(at >= before && at <= std::time::SystemTime::now(), "{at:?}");
+        assert_eq!(TaskId::from("order-17").created_at(), None);
+        assert_eq!(TaskId::from(Uuid::new_v4().to_string()).created_at(), None);
+    }
     use lapin::types::{AMQPValue, FieldTable};
     use proptest::strategy::Strategy;
     use serde_json::json;

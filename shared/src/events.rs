@@ -1,0 +1,521 @@
+//! Task events: the life of every task, appended to one RabbitMQ stream per deployment.
+//!
+//! Workers append an event for each step of a task's life (`started`, `progress`, `succeeded`,
+//! `failed`, `dead_lettered`, `expired`, `cancelled`) to the stream `warren.events`, with
+//! publisher confirms and before they ack the task. The stream keeps them for its retention
+//! (24 h and 4 GiB by default), so a caller that went away can still find a task's result, a
+//! websocket that reconnects can resume where it stopped, and an operator can see what the
+//! fleet did. This module is the one definition of that format and of how the stream is
+//! declared and read; `docs/protocol.md` ("Task events") is the same contract for other
+//! languages.
+//!
+//! An event is one AMQP message: a JSON body ([`Event`]), the event's kind in the AMQP `type`
+//! property, the task id in `correlation_id` and `<task id>/<attempt>/<type>[/<seq>]` in
+//! `message_id`. A worker killed between its append and its ack appends the event again when
+//! the task is redelivered: readers dedupe by [`Event::dedupe_key`].
+
+use std::time::{Duration, SystemTime};
+
+use lapin::options::{BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Consumer};
+use serde::{Deserialize, Serialize};
+
+use crate::RawJson;
+use crate::envelope::{APP_ID, CONTENT_TYPE, PERSISTENT, epoch_millis};
+
+/// The format version in every event's `v`.
+pub const EVENT_VERSION: u32 = 1;
+
+/// The stream's default name.
+pub const DEFAULT_STREAM: &str = "warren.events";
+
+/// How long the stream keeps events by default.
+pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+
+/// How many bytes the stream keeps by default (4 GiB); the oldest segments go first.
+pub const DEFAULT_MAX_BYTES: u64 = 4 * 1024 * 1024 * 1024;
+
+/// The size of one stream segment file: retention removes whole segments.
+pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+
+/// The largest result a `succeeded` event carries (64 KiB of JSON text); a larger one is left
+/// out and the event is marked `truncated`.
+pub const DEFAULT_MAX_RESULT_BYTES: usize = 64 * 1024;
+
+/// The AMQP `type` of a progress message sent to a caller's reply address (the final answer
+/// is [`crate::envelope::REPLY_TYPE`]).
+pub const PROGRESS_TYPE: &str = "warren.progress";
+
+/// What happened to a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// An attempt began on a worker.
+    Started,
+    /// The running task reported progress.
+    Progress,
+    /// Final: the task returned a result.
+    Succeeded,
+    /// The attempt failed; final unless [`Event::retry`] says when it runs again.
+    Failed,
+    /// Final: parked in the dead-letter queue ([`Event::reason`] says why).
+    DeadLettered,
+    /// Final: its deadline passed before it could run.
+    Expired,
+    /// Final: cancelled before it finished.
+    Cancelled,
+}
+
+impl EventKind {
+    /// Every kind, in the order of a task's life.
+    pub const ALL: [EventKind; 7] = [
+        Self::Started,
+        Self::Progress,
+        Self::Succeeded,
+        Self::Failed,
+        Self::DeadLettered,
+        Self::Expired,
+        Self::Cancelled,
+    ];
+
+    /// The name on the wire (the AMQP `type` and the body's `type`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Started => "started",
+            Self::Progress => "progress",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::DeadLettered => "dead_lettered",
+            Self::Expired => "expired",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    /// The kind named `name`, if it is one.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Progress a running task reported: a fraction done, a message, a JSON detail, any of them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// How much is done, from 0.0 to 1.0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fraction: Option<f64>,
+    /// What it is doing, for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Anything else, as JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<RawJson>,
+}
+
+/// A failure's kind and message, as in a reply's `error`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventError {
+    /// The error kind (`handler_error`, `timeout`, ...; see `docs/protocol.md`).
+    pub kind: String,
+    /// What went wrong, for people.
+    pub message: String,
+}
+
+/// When a failed attempt runs again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetryAt {
+    /// The next attempt's number.
+    pub attempt: u32,
+    /// When it is due, in milliseconds since the Unix epoch.
+    pub at_ms: i64,
+}
+
+/// One event: the JSON body of a stream message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// The format version, [`EVENT_VERSION`].
+    pub v: u32,
+    /// What happened.
+    #[serde(rename = "type")]
+    pub kind: EventKind,
+    /// The task's id.
+    pub task_id: String,
+    /// The task's function.
+    pub function: String,
+    /// The queue it was consumed from.
+    pub queue: String,
+    /// Its attempt, from 1.
+    pub attempt: u32,
+    /// The worker that appended the event (its `--name`).
+    pub worker: String,
+    /// When it happened, in milliseconds since the Unix epoch (the worker's clock).
+    pub at_ms: i64,
+    /// The batch the task belongs to, if any (`x-warren-batch`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<String>,
+    /// Who enqueued it, if it said (`x-warren-origin`: a gateway session, say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+    /// The task's W3C `traceparent`, if it carried one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+    /// `progress`: its number within the attempt, from 1 (dedupe key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u32>,
+    /// `progress`: what the task reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+    /// `succeeded`: the result, unless it was over the cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<RawJson>,
+    /// `succeeded`: the result was over the cap and is left out.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
+    /// `failed`, `dead_lettered`, `expired`, `cancelled`: the failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<EventError>,
+    /// `failed`: when it runs again; absent when this failure is final.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryAt>,
+    /// `dead_lettered` and `cancelled`: why (`max_attempts`, `permanent`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The fields every event of one attempt shares, from which each event is made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subject {
+    /// The task's id.
+    pub task_id: String,
+    /// Its function.
+    pub function: String,
+    /// The queue it came from.
+    pub queue: String,
+    /// Its attempt.
+    pub attempt: u32,
+    /// The worker's name.
+    pub worker: String,
+    /// Its batch, if any.
+    pub batch: Option<String>,
+    /// Its origin, if any.
+    pub origin: Option<String>,
+    /// Its traceparent, if any.
+    pub traceparent: Option<String>,
+}
+
+impl Subject {
+    /// An event of `kind` about this attempt, happening now, with no kind-specific fields.
+    pub fn event(&self, kind: EventKind) -> Event {
+        Event {
+            v: EVENT_VERSION,
+            kind,
+            task_id: self.task_id.clone(),
+            function: self.function.clone(),
+            queue: self.queue.clone(),
+            attempt: self.attempt,
+            worker: self.worker.clone(),
+            at_ms: epoch_millis(SystemTime::now()),
+            batch: self.batch.clone(),
+            origin: self.origin.clone(),
+            traceparent: self.traceparent.clone(),
+            seq: None,
+            progress: None,
+            result: None,
+            truncated: false,
+            error: None,
+            retry: None,
+            reason: None,
+        }
+    }
+}
+
+impl Event {
+    /// Whether this event settles the task: no other final event follows it for this task
+    /// (`succeeded`, `dead_lettered`, `expired`, `cancelled`, and `failed` without a retry).
+    pub fn is_final(&self) -> bool {
+        match self.kind {
+            EventKind::Started | EventKind::Progress => false,
+            EventKind::Failed => self.retry.is_none(),
+            _ => true,
+        }
+    }
+
+    /// What identifies the event across duplicates: `<task id>/<attempt>/<type>`, plus
+    /// `/<seq>` for progress. The same text is the message's `message_id`.
+    pub fn dedupe_key(&self) -> String {
+        match self.seq {
+            Some(seq) => format!("{}/{}/{}/{seq}", self.task_id, self.attempt, self.kind),
+            None => format!("{}/{}/{}", self.task_id, self.attempt, self.kind),
+        }
+    }
+
+    /// The AMQP properties the event is appended with.
+    pub fn properties(&self) -> BasicProperties {
+        BasicProperties::default()
+            .with_content_type(CONTENT_TYPE.into())
+            .with_delivery_mode(PERSISTENT)
+            .with_app_id(APP_ID.into())
+            .with_type(self.kind.as_str().into())
+            .with_message_id(self.dedupe_key().as_str().into())
+            .with_correlation_id(self.task_id.as_str().into())
+            .with_timestamp(u64::try_from(self.at_ms / 1000).unwrap_or(0))
+    }
+
+    /// The JSON body.
+    pub fn to_body(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("an event always serialises")
+    }
+}
+
+/// The arguments the stream is declared with: a stream queue with retention by age and size.
+/// A stream replicates to every node of the cluster by default.
+pub fn stream_args(max_age: Duration, max_bytes: u64) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("stream".into()),
+    );
+    args.insert(
+        "x-max-age".into(),
+        AMQPValue::LongString(max_age_text(max_age).into()),
+    );
+    args.insert(
+        "x-max-length-bytes".into(),
+        AMQPValue::LongLongInt(i64::try_from(max_bytes).unwrap_or(i64::MAX)),
+    );
+    args.insert(
+        "x-stream-max-segment-size-bytes".into(),
+        AMQPValue::LongLongInt(
+            i64::try_from(SEGMENT_BYTES.min(max_bytes.max(1))).unwrap_or(i64::MAX),
+        ),
+    );
+    args
+}
+
+/// RabbitMQ's `x-max-age` text (`24h`, `90s`...): the largest whole unit that is exact.
+fn max_age_text(age: Duration) -> String {
+    let s = age.as_secs().max(1);
+    for (unit, size) in [("D", 86_400), ("h", 3600), ("m", 60)] {
+        if s % size == 0 {
+            return format!("{}{unit}", s / size);
+        }
+    }
+    format!("{s}s")
+}
+
+/// Declares the stream `name` (durable) with the given retention.
+///
+/// # Errors
+/// The broker's error: `406 PRECONDITION_FAILED - inequivalent arg` when the stream exists with
+/// other retention ([`crate::topology::inequivalent_arg`]), `403` without configure permission.
+pub async fn declare_stream(
+    channel: &Channel,
+    name: &str,
+    max_age: Duration,
+    max_bytes: u64,
+) -> Result<(), lapin::Error> {
+    channel
+        .queue_declare(
+            name.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            stream_args(max_age, max_bytes),
+        )
+        .await
+        .map(drop)
+}
+
+/// Where a reader starts in the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// The oldest event still kept.
+    First,
+    /// Only events appended after the reader attaches.
+    Next,
+    /// At this offset (the event with it, and everything after).
+    Offset(u64),
+    /// At the first chunk written at or after this time (whole seconds, the broker's clock;
+    /// a chunk holds many events, so a few earlier events may come too).
+    Time(SystemTime),
+}
+
+impl Start {
+    fn argument(self) -> AMQPValue {
+        match self {
+            Self::First => AMQPValue::LongString("first".into()),
+            Self::Next => AMQPValue::LongString("next".into()),
+            Self::Offset(o) => AMQPValue::LongLongInt(i64::try_from(o).unwrap_or(i64::MAX)),
+            Self::Time(t) => AMQPValue::Timestamp(
+                t.duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+            ),
+        }
+    }
+}
+
+/// How many events a reader may hold unacknowledged (a stream consumer must set a prefetch;
+/// its acks are credit, not removal).
+pub const READ_PREFETCH: u16 = 500;
+
+/// Starts reading the stream `name` from `start` on `channel` (its prefetch is set to
+/// `prefetch`, which must not be 0). Ack each delivery (acks are credit); decode it with
+/// [`decode`].
+///
+/// # Errors
+/// [`ReadError::NoPrefetch`] for a prefetch of 0; the broker's error otherwise (`404` when the
+/// stream does not exist, which closes the channel).
+pub async fn read(
+    channel: &Channel,
+    name: &str,
+    start: Start,
+    prefetch: u16,
+    consumer_tag: &str,
+) -> Result<Consumer, ReadError> {
+    if prefetch == 0 {
+        return Err(ReadError::NoPrefetch);
+    }
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    let mut args = FieldTable::default();
+    args.insert("x-stream-offset".into(), start.argument());
+    Ok(channel
+        .basic_consume(
+            name.into(),
+            consumer_tag.into(),
+            BasicConsumeOptions::default(),
+            args,
+        )
+        .await?)
+}
+
+/// Why reading the stream could not start, or an event could not be decoded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReadError {
+    /// A stream consumer needs a prefetch above 0 (RabbitMQ refuses it otherwise).
+    #[error("a stream reader needs a prefetch above 0")]
+    NoPrefetch,
+    /// The broker refused (no such stream, no permission...).
+    #[error("could not read the event stream: {0}")]
+    Broker(#[from] lapin::Error),
+    /// A delivery without its `x-stream-offset` header: not from a stream.
+    #[error("a delivery without an x-stream-offset header: the queue is not a stream")]
+    NoOffset,
+    /// A message in the stream that is not a Warren event.
+    #[error("offset {offset}: not a Warren event: {error}")]
+    NotAnEvent {
+        /// Where it is.
+        offset: u64,
+        /// What is wrong with it.
+        error: serde_json::Error,
+    },
+}
+
+/// The stream offset of a delivery from a stream reader.
+pub fn offset_of(properties: &BasicProperties) -> Option<u64> {
+    let headers = properties.headers().as_ref()?;
+    match headers.inner().get(&ShortString::from("x-stream-offset"))? {
+        AMQPValue::LongLongInt(o) => u64::try_from(*o).ok(),
+        AMQPValue::LongUInt(o) => Some(u64::from(*o)),
+        AMQPValue::LongInt(o) => u64::try_from(*o).ok(),
+        _ => None,
+    }
+}
+
+/// The offset and event of a delivery from a stream reader.
+///
+/// # Errors
+/// [`ReadError::NoOffset`] without an offset header; [`ReadError::NotAnEvent`] when the body
+/// is not an event (the offset is still known: skip it and go on).
+pub fn decode(properties: &BasicProperties, body: &[u8]) -> Result<(u64, Event), ReadError> {
+    let offset = offset_of(properties).ok_or(ReadError::NoOffset)?;
+    let event =
+        serde_json::from_slice(body).map_err(|error| ReadError::NotAnEvent { offset, error })?;
+    Ok((offset, event))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn subject() -> Subject {
+        Subject {
+            task_id: "0193a1b2-0000-7000-8000-000000000000".into(),
+            function: "send_mail".into(),
+            queue: "mail".into(),
+            attempt: 2,
+            worker: "w1".into(),
+            batch: None,
+            origin: Some("s1".into()),
+            traceparent: None,
+        }
+    }
+
+    #[test]
+    fn an_event_round_trips_and_leaves_out_empty_fields() {
+        let mut e = subject().event(EventKind::Succeeded);
+        e.result = Some(RawJson::from_string("{\"sent\":true}".into()).unwrap());
+        let text = String::from_utf8(e.to_body()).unwrap();
+        assert!(text.contains("\"type\":\"succeeded\""), "{text}");
+        assert!(
+            !text.contains("truncated") && !text.contains("retry"),
+            "{text}"
+        );
+        let back: Event = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, e);
+        assert!(back.is_final());
+    }
+
+    #[test]
+    fn a_failure_with_a_retry_is_not_final() {
+        let mut e = subject().event(EventKind::Failed);
+        e.retry = Some(RetryAt {
+            attempt: 3,
+            at_ms: 1,
+        });
+        assert!(!e.is_final());
+        e.retry = None;
+        assert!(e.is_final());
+    }
+
+    #[test]
+    fn dedupe_keys_name_the_attempt_and_progress_number() {
+        let mut e = subject().event(EventKind::Progress);
+        e.seq = Some(4);
+        assert_eq!(
+            e.dedupe_key(),
+            "0193a1b2-0000-7000-8000-000000000000/2/progress/4"
+        );
+        let s = subject().event(EventKind::Started);
+        assert_eq!(
+            s.dedupe_key(),
+            "0193a1b2-0000-7000-8000-000000000000/2/started"
+        );
+        assert_eq!(s.properties().kind().as_ref().unwrap().as_str(), "started");
+    }
+
+    #[test]
+    fn kinds_parse_their_own_names() {
+        for k in EventKind::ALL {
+            assert_eq!(EventKind::parse(k.as_str()), Some(k));
+        }
+        assert_eq!(EventKind::parse("done"), None);
+    }
+
+    #[test]
+    fn max_age_uses_the_largest_exact_unit() {
+        assert_eq!(max_age_text(Duration::from_secs(86_400)), "1D");
+        assert_eq!(max_age_text(Duration::from_secs(7200)), "2h");
+        assert_eq!(max_age_text(Duration::from_secs(90)), "90s");
+        assert_eq!(max_age_text(Duration::from_secs(600)), "10m");
+    }
+}
