@@ -328,12 +328,9 @@ async fn a_worker_without_configure_permission_is_told_which_permission() {
     let producer = BrokerUser::create("producer", &queue.name, &dir);
     let mut settings = queue.worker_settings(1);
     settings.broker = BrokerSettings::new(producer.url());
-    let started = warren_worker::start(
-        settings,
-        builtin_registry(Mailer::outbox(dir.path())),
-        Default::default(),
-    )
-    .await;
+    let started = queue
+        .try_worker_with(builtin_registry(Mailer::outbox(dir.path())), settings)
+        .await;
     let err = started
         .expect_err("a worker must declare its queues")
         .to_string();
@@ -376,13 +373,10 @@ async fn a_worker_that_may_not_declare_the_delay_levels_still_runs_tasks_due_now
 
     let mut settings = queue.worker_settings(1);
     settings.broker = BrokerSettings::new(worker_user.url());
-    let worker = warren_worker::start(
-        settings,
-        builtin_registry(Mailer::outbox(dir.path())),
-        Default::default(),
-    )
-    .await
-    .expect("the worker starts without the delay levels");
+    let worker = queue
+        .try_worker_with(builtin_registry(Mailer::outbox(dir.path())), settings)
+        .await
+        .expect("the worker starts without the delay levels");
     let client = queue.client().await;
     let reply = client
         .call(&warren_shared::tasks::Echo(serde_json::json!("now")))

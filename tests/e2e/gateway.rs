@@ -58,21 +58,17 @@ async fn spawn_with(settings: GatewaySettings) -> Env {
     let queue = TestQueue::new("gw");
     let outbox = temp_dir("gw-outbox");
     let broker = BrokerSettings::new(amqp_url());
-    let worker = warren_worker::start(
-        WorkerSettings {
-            broker: broker.clone(),
-            queue: queue.name.clone(),
-            concurrency: 64,
-            functions_exchange: queue.functions_exchange(),
-            // Tests abandon long sleeps on purpose; don't wait for them when stopping.
-            shutdown_grace: Duration::from_secs(1),
-            ..WorkerSettings::default()
-        },
-        builtin_registry(Mailer::outbox(outbox.path())),
-        CancellationToken::new(),
-    )
-    .await
-    .expect("worker starts (is RabbitMQ up? deploy/ensure-broker.sh)");
+    let worker = queue
+        .try_worker_with(
+            builtin_registry(Mailer::outbox(outbox.path())),
+            WorkerSettings {
+                // Tests abandon long sleeps on purpose; don't wait for them when stopping.
+                shutdown_grace: Duration::from_secs(1),
+                ..queue.worker_settings(64)
+            },
+        )
+        .await
+        .expect("worker starts (is RabbitMQ up? deploy/ensure-broker.sh)");
     let client = Client::connect(ClientSettings {
         broker,
         queue: Some(queue.name.clone()),

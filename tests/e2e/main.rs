@@ -9,6 +9,7 @@ mod config;
 mod core;
 mod deploy;
 mod gateway;
+mod hygiene;
 mod interactive;
 mod isolation;
 mod memory;

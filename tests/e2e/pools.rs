@@ -857,7 +857,10 @@ async fn a_text_protocol_task_server_behind_a_pool_survives_a_restart_mid_batch(
     let port = free_port();
     let mut server = text_server(port);
     text_server_listening(port).await;
-    let q = TestQueue::new("pool-text").with_retry_delays(&[Duration::from_millis(200)]);
+    // The callers' backoff: the worker waits it rounded up to the ladder, in that delay queue.
+    let backoff = Duration::from_millis(200);
+    let q = TestQueue::new("pool-text")
+        .with_retry_delays(&[RETRY, warren_shared::policy::round_up_to_ladder(backoff)]);
     let pool = start_pool(PoolConfig {
         functions: vec!["add".into()],
         connect: Some(format!("text://127.0.0.1:{port}")),
@@ -871,7 +874,7 @@ async fn a_text_protocol_task_server_behind_a_pool_survives_a_restart_mid_batch(
     let answered = Arc::new(AtomicUsize::new(0));
     let options = CallOptions::default()
         .max_attempts(20)
-        .backoff(vec![Duration::from_millis(200)]);
+        .backoff(vec![backoff]);
     let mut calls = tokio::task::JoinSet::new();
     for i in 0..300_i64 {
         let client = client.clone();

@@ -240,12 +240,7 @@ async fn a_function_is_claimed_by_one_queue_and_freed_with_it() {
         ..q.worker_settings(2)
     };
     let owner = first.worker_with(registry(), settings(&first)).await;
-    let refused = warren_worker::start(
-        settings(&second),
-        registry(),
-        tokio_util::sync::CancellationToken::new(),
-    )
-    .await;
+    let refused = second.try_worker_with(registry(), settings(&second)).await;
     match refused {
         Err(WorkerError::FunctionClaimed {
             function, owner, ..
@@ -311,12 +306,9 @@ async fn a_refused_worker_leaves_no_function_claimed() {
     };
     let echo_only = || warren_worker::Registry::new().register::<warren_shared::tasks::Echo>();
     let owner = owner_q.worker_with(echo_only(), settings(&owner_q)).await;
-    let refused = warren_worker::start(
-        settings(&refused_q),
-        echo_only().register::<OnlyHere>(),
-        tokio_util::sync::CancellationToken::new(),
-    )
-    .await;
+    let refused = refused_q
+        .try_worker_with(echo_only().register::<OnlyHere>(), settings(&refused_q))
+        .await;
     assert!(
         matches!(&refused, Err(WorkerError::FunctionClaimed { function, .. }) if function == "echo"),
         "{:?}",

@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use warren_client::{Client, ClientSettings};
 use warren_shared::BrokerSettings;
 use warren_shared::broker::DEFAULT_AMQP_URL;
-use warren_worker::{Registry, RunningWorker, WorkerSettings};
+use warren_worker::{Health, Registry, RunningWorker, WorkerError, WorkerSettings, WorkerState};
 
 /// The broker under test.
 pub fn amqp_url() -> String {
@@ -69,12 +69,26 @@ pub fn init_tracing() {
 }
 
 /// A queue name of its own for one test, deleted (with its `.dead` queue) when dropped.
+///
+/// The in-process workers it started ([`TestQueue::worker`]) are stopped first, whether or not
+/// the test shut them down, so that none of them declares the queues again once they are gone.
 #[derive(Debug)]
 pub struct TestQueue {
     /// The work queue's name, `test.<label>.<uuid>`.
     pub name: String,
     retry_delays: std::sync::Mutex<Vec<Duration>>,
     extra: std::sync::Mutex<Vec<String>>,
+    workers: std::sync::Mutex<Vec<Started>>,
+}
+
+/// An in-process worker a [`TestQueue`] started: how to stop it and see it stopped.
+#[derive(Debug)]
+struct Started {
+    stop: CancellationToken,
+    health: tokio::sync::watch::Receiver<Health>,
+    /// Bound on its stopping: its grace for in-flight tasks, then time to hand them back and
+    /// close its connections.
+    stops_within: Duration,
 }
 
 impl TestQueue {
@@ -85,6 +99,7 @@ impl TestQueue {
             name: format!("test.{label}.{}", uuid::Uuid::new_v4().simple()),
             retry_delays: std::sync::Mutex::default(),
             extra: std::sync::Mutex::default(),
+            workers: std::sync::Mutex::default(),
         }
     }
 
@@ -169,10 +184,34 @@ impl TestQueue {
 
     /// Starts an in-process worker with explicit settings.
     pub async fn worker_with(&self, registry: Registry, settings: WorkerSettings) -> RunningWorker {
-        match warren_worker::start(settings, registry, CancellationToken::new()).await {
+        match self.try_worker_with(registry, settings).await {
             Ok(worker) => worker,
             Err(e) => panic!("test worker cannot start: {e}"),
         }
+    }
+
+    /// Starts an in-process worker with explicit settings, or says why it cannot start (for
+    /// tests of a refused start). A worker that starts is stopped when this queue is dropped.
+    ///
+    /// # Errors
+    /// Why [`warren_worker::start`] refused it.
+    pub async fn try_worker_with(
+        &self,
+        registry: Registry,
+        settings: WorkerSettings,
+    ) -> Result<RunningWorker, WorkerError> {
+        let stop = CancellationToken::new();
+        let stops_within = settings.shutdown_grace + Duration::from_secs(30);
+        let worker = warren_worker::start(settings, registry, stop.clone()).await?;
+        self.workers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(Started {
+                stop,
+                health: worker.health_changes(),
+                stops_within,
+            });
+        Ok(worker)
     }
 
     /// Messages ready in the dead-letter queue.
@@ -188,8 +227,27 @@ impl Drop for TestQueue {
     fn drop(&mut self) {
         let names = self.all_names();
         let functions_exchange = self.functions_exchange();
-        // Drop cannot be async and may run inside a runtime: delete from a thread of its own.
-        let cleanup = std::thread::spawn(move || {
+        let mut workers = std::mem::take(
+            &mut *self
+                .workers
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for worker in &workers {
+            worker.stop.cancel();
+        }
+        let flavor = tokio::runtime::Handle::try_current()
+            .ok()
+            .map(|h| h.runtime_flavor());
+        if flavor == Some(tokio::runtime::RuntimeFlavor::CurrentThread) {
+            // Its workers run on this thread, which they cannot have while this blocks, nor
+            // after the test ends: waiting would only time out. Cancelled now, a worker that
+            // runs again (the test goes on) stops without declaring anything.
+            workers.clear();
+        }
+        // Drop cannot be async and may run inside a runtime: stop and delete from a thread of
+        // its own, the workers first, so that none of them declares the queues again.
+        let cleanup = move || {
             let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -197,6 +255,11 @@ impl Drop for TestQueue {
                 return;
             };
             runtime.block_on(async move {
+                for mut worker in workers {
+                    let stopped = worker.health.wait_for(|h| h.state == WorkerState::Stopped);
+                    // Err: its supervisor is gone, stopped too.
+                    let _ = tokio::time::timeout(worker.stops_within, stopped).await;
+                }
                 let props = lapin::ConnectionProperties::default();
                 let Ok(conn) = lapin::Connection::connect(&amqp_url(), props).await else {
                     return;
@@ -220,8 +283,17 @@ impl Drop for TestQueue {
                 }
                 let _ = conn.close(200, "test cleanup".into()).await;
             });
-        });
-        let _ = cleanup.join();
+        };
+        let join = || {
+            let _ = std::thread::spawn(cleanup).join();
+        };
+        if flavor == Some(tokio::runtime::RuntimeFlavor::MultiThread) {
+            // Hands this thread's runtime work to another thread while it waits, so that the
+            // workers' tasks cannot be stuck behind it.
+            tokio::task::block_in_place(join);
+        } else {
+            join();
+        }
     }
 }
 

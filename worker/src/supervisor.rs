@@ -354,6 +354,10 @@ impl Supervisor {
                     _ = generations.changed() => {}
                 }
             }
+            // Asked to stop meanwhile: declare nothing, its queue may be gone on purpose.
+            if shutdown.is_cancelled() {
+                return Ok(None);
+            }
             if let Some(gave_up) = self.gave_up() {
                 tracing::error!(queue = %self.settings.queue, error = %gave_up, "giving up");
                 return Err(gave_up);
