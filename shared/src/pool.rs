@@ -281,6 +281,12 @@ impl std::fmt::Debug for Unconfirmed {
 }
 
 impl Unconfirmed {
+    /// Whether the channel it was sent on is still open: on a closed one (a reconnect since)
+    /// its confirm never comes, and it is to be sent again.
+    pub fn channel_open(&self) -> bool {
+        self.channel.status().connected()
+    }
+
     /// Waits for the broker's confirm, until the deadline the publish started with.
     ///
     /// # Errors

@@ -499,7 +499,8 @@ impl Trail {
     /// # Errors
     /// The append that failed.
     pub(crate) async fn settle(&mut self, outcome: &Outcome) -> Result<(), PublishError> {
-        let (Some(inner), Some(subject)) = (self.appender.inner.clone(), &self.subject) else {
+        let (Some(inner), Some(subject)) = (self.appender.inner.clone(), self.subject.as_ref())
+        else {
             return Ok(());
         };
         if self.registered {
@@ -510,12 +511,27 @@ impl Trail {
                 let _ = tokio::time::timeout(inner.timeout, last).await;
             }
         }
-        // In order on the one channel: `started` (again, if it was not confirmed), then the
-        // final event; then both confirms, which the broker sends in one go.
+        // Once more if a channel closed under it (the publishing link reconnected): the events
+        // go again on the new one.
+        match self.send_last(&inner, outcome).await {
+            Err(PublishError::Channel(e)) => {
+                tracing::debug!(error = %e, "the events' channel closed; appending them again");
+                self.send_last(&inner, outcome).await
+            }
+            done => done,
+        }
+    }
+
+    /// In order on the one channel: `started` (again, if it was not confirmed), then the final
+    /// event; then both confirms, which the broker sends in one go.
+    async fn send_last(&mut self, inner: &Inner, outcome: &Outcome) -> Result<(), PublishError> {
+        let Some(subject) = &self.subject else {
+            return Ok(());
+        };
         let started = match std::mem::take(&mut self.started) {
             Started::No => None,
-            Started::Sent { at_ms, sent } => Some((at_ms, sent)),
-            Started::Unsent { at_ms } => {
+            Started::Sent { at_ms, sent } if sent.channel_open() => Some((at_ms, sent)),
+            Started::Sent { at_ms, .. } | Started::Unsent { at_ms } => {
                 let mut event = subject.event(EventKind::Started);
                 event.at_ms = at_ms;
                 match inner.send(&event).await {
