@@ -20,13 +20,16 @@
 #   VHOST  default /.
 #   WARREN_FUNCTIONS_EXCHANGE (environment) the exchange that routes by function name, as the
 #          binaries take it (default warren.functions; docs/protocol.md §1a).
+#   WARREN_EVENTS_STREAM (environment) the task event stream, as the binaries take it (default
+#          warren.events; docs/protocol.md, "Task events").
 #
 # The permissions and tags of each role are those of its user in definitions.json next to this
 # script (WARREN_DEFINITIONS names another file), the one place they are written down:
 # producer warren-app, worker warren-worker, operator warren-ops. Their regexes are for the queue
-# warren.tasks and the functions exchange warren.functions; this script puts QUEUE and
-# WARREN_FUNCTIONS_EXCHANGE in their place. So `users.sh worker warren-worker warren.tasks warren`
-# gives the user imported from the definitions its password and exactly the file's permissions.
+# warren.tasks, the functions exchange warren.functions and the event stream warren.events; this
+# script puts QUEUE, WARREN_FUNCTIONS_EXCHANGE and WARREN_EVENTS_STREAM in their place. So
+# `users.sh worker warren-worker warren.tasks warren` gives the user imported from the
+# definitions its password and exactly the file's permissions.
 #
 # Runs rabbitmqctl (RABBITMQCTL overrides the command, e.g. "sudo rabbitmqctl" or
 # "docker exec rabbit rabbitmqctl"). rabbitmqctl 3.10 takes the password as an argument, so it
@@ -41,7 +44,10 @@
 #   worker write warren, Q     retrying at once through `warren`; binding Q to `warren` and to
 #                              its function exchanges
 #   worker write F.<function>  binding a function exchange from F (claiming the function)
-#   worker write amq.default   replies, delayed retries and parked tasks (default exchange)
+#   worker write amq.default   replies, delayed retries, parked tasks and task events (default
+#                              exchange)
+#   worker configure warren.events  declaring the task event stream (appending goes through
+#                              the default exchange: no write permission on the stream itself)
 #   worker read warren, F, Q   binding (read on the source exchange) and consuming Q
 #   worker read Q.delay.*      declaring a queue that dead-letters (a delay queue dead-letters
 #                              back to Q) needs read on it, and write on amq.default
@@ -64,6 +70,7 @@ die() { echo "users.sh: $*" >&2; exit 2; }
 [[ $# -ge 2 && $# -le 4 ]] || die "usage: users.sh producer|worker|operator USER [QUEUE] [VHOST]"
 role="$1"; user="$2"; queue="${3:-warren.tasks}"; vhost="${4:-/}"
 functions="${WARREN_FUNCTIONS_EXCHANGE:-warren.functions}"
+events="${WARREN_EVENTS_STREAM:-warren.events}"
 read -r -a ctl <<< "${RABBITMQCTL:-rabbitmqctl}"
 
 if [[ -n "${WARREN_USER_PASSWORD_FILE:-}" ]]; then
@@ -85,12 +92,14 @@ esac
 # backslashes (\\ in JSON).
 user_line="$(grep -F "\"name\": \"$template_user\"," "$defs")" || die "$defs: no user $template_user"
 perm_line="$(grep -F "\"user\": \"$template_user\"," "$defs")" || die "$defs: no permissions for $template_user"
-# field NAME: the permission NAME of the template user, with QUEUE and the functions exchange.
-q="${queue//./\\.}"; f="${functions//./\\.}"
+# field NAME: the permission NAME of the template user, with QUEUE, the functions exchange and
+# the event stream.
+q="${queue//./\\.}"; f="${functions//./\\.}"; e="${events//./\\.}"
 field() {
     local value
     value="$(sed -E -n "s/.*\"$1\": \"([^\"]*)\".*/\1/p" <<< "$perm_line" | sed 's/\\\\/\\/g')"
     value="${value//'warren\.tasks'/"$q"}"
+    value="${value//'warren\.events'/"$e"}"
     printf '%s' "${value//'warren\.functions'/"$f"}"
 }
 configure="$(field configure)"; write="$(field write)"; read_="$(field read)"

@@ -178,6 +178,21 @@ fn describe(value: &AMQPValue) -> String {
     bounded(&text, 64).into_owned()
 }
 
+/// Most bytes of a label header ([`headers::ORIGIN`], [`headers::BATCH`]) a worker copies into
+/// the task's events; a longer one is cut ([`bounded`]).
+pub const MAX_LABEL_BYTES: usize = SHORT_STRING_MAX;
+
+/// A label header (an id, a name), bounded to [`MAX_LABEL_BYTES`]; `None` when missing, empty
+/// or not a string.
+fn read_label(headers: Option<&FieldTable>, name: &str) -> Option<String> {
+    let text = match headers?.inner().get(name)? {
+        AMQPValue::ShortString(s) => s.as_str(),
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?,
+        _ => return None,
+    };
+    (!text.is_empty()).then(|| bounded(text, MAX_LABEL_BYTES).into_owned())
+}
+
 /// Reads a string header.
 pub fn header_str(headers: Option<&FieldTable>, name: &str) -> Option<String> {
     match headers?.inner().get(name)? {
@@ -667,6 +682,10 @@ pub struct Incoming {
     pub headers_bytes: usize,
     /// The caller's trace context (`traceparent`, `tracestate`), when valid.
     pub trace: Option<TraceContext>,
+    /// `x-warren-origin`: who enqueued the task, at most [`MAX_LABEL_BYTES`] of it.
+    pub origin: Option<String>,
+    /// `x-warren-batch`: the batch it belongs to, at most [`MAX_LABEL_BYTES`] of it.
+    pub batch: Option<String>,
 }
 
 impl Incoming {
@@ -701,6 +720,8 @@ impl Incoming {
             overrides: PolicyOverrides::read(h),
             headers_bytes: h.map_or(0, senders_headers_size),
             trace: read_trace(h),
+            origin: read_label(h, headers::ORIGIN),
+            batch: read_label(h, headers::BATCH),
         }
     }
 
@@ -1119,6 +1140,25 @@ mod tests {
         ] {
             assert!(with(hostile.clone()).is_err(), "{hostile:?} accepted");
         }
+    }
+
+    #[test]
+    fn origin_and_batch_are_read_bounded_and_only_as_text() {
+        let mut h = FieldTable::default();
+        set_header_str(&mut h, headers::ORIGIN, "session-1");
+        h.insert(
+            headers::BATCH.into(),
+            AMQPValue::LongString("b".repeat(5000).into()),
+        );
+        let read = Incoming::read(&BasicProperties::default().with_headers(h));
+        assert_eq!(read.origin.as_deref(), Some("session-1"));
+        let batch = read.batch.unwrap();
+        assert!(batch.len() <= MAX_LABEL_BYTES && batch.ends_with(TRUNCATED));
+        let mut h = FieldTable::default();
+        h.insert(headers::ORIGIN.into(), AMQPValue::LongLongInt(7));
+        set_header_str(&mut h, headers::BATCH, "");
+        let read = Incoming::read(&BasicProperties::default().with_headers(h));
+        assert_eq!((read.origin, read.batch), (None, None));
     }
 
     #[test]

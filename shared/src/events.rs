@@ -333,6 +333,35 @@ pub async fn declare_stream(
         .map(drop)
 }
 
+/// Whether the stream (or any queue) `name` exists: a passive declaration, which needs no
+/// permission and leaves the stream as it is.
+///
+/// # Errors
+/// The broker's error other than `404 NOT_FOUND` (a missing queue, which also closes the
+/// channel: use one of its own).
+pub async fn stream_exists(channel: &Channel, name: &str) -> Result<bool, lapin::Error> {
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    match channel
+        .queue_declare(name.into(), passive, FieldTable::default())
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(e) if is_not_found(&e) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether the broker answered `404 NOT_FOUND`.
+fn is_not_found(error: &lapin::Error) -> bool {
+    matches!(
+        error.kind(),
+        lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 404
+    )
+}
+
 /// Where a reader starts in the stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Start {

@@ -101,17 +101,20 @@ pub fn publish_confirmed(started: Instant, result: &Result<(), PublishError>) {
                 .get_or_init(|| metrics::histogram!(PUBLISH_CONFIRM_SECONDS))
                 .record(started.elapsed().as_secs_f64());
         }
-        Err(e) => {
-            let reason = FAILURE_REASONS[match e {
-                PublishError::Timeout(_) => 0,
-                PublishError::NoChannel(_) => 1,
-                PublishError::Nacked { .. } => 2,
-                PublishError::Unroutable { .. } => 3,
-                PublishError::Channel(_) => 4,
-            }];
-            metrics::counter!(PUBLISH_FAILURES, "reason" => reason).increment(1);
-        }
+        Err(e) => publish_failed(e),
     }
+}
+
+/// Records a publish that failed before it could be confirmed.
+pub fn publish_failed(e: &PublishError) {
+    let reason = FAILURE_REASONS[match e {
+        PublishError::Timeout(_) => 0,
+        PublishError::NoChannel(_) => 1,
+        PublishError::Nacked { .. } => 2,
+        PublishError::Unroutable { .. } => 3,
+        PublishError::Channel(_) => 4,
+    }];
+    metrics::counter!(PUBLISH_FAILURES, "reason" => reason).increment(1);
 }
 
 /// Counts the reconnects of `link` under `connection` (e.g. `consume`, `publish`) for as long

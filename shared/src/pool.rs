@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
 
 use crate::link::Link;
 
@@ -248,14 +248,111 @@ pub async fn publish_confirmed(
     timeout: Duration,
 ) -> Result<(), PublishError> {
     let started = std::time::Instant::now();
-    let result = tokio::time::timeout(timeout, publish_inner(pool, publication))
-        .await
-        .unwrap_or(Err(PublishError::Timeout(timeout)));
+    let (exchange, routing_key) = (publication.exchange, publication.routing_key);
+    let result = tokio::time::timeout(timeout, async {
+        let (channel, confirm) = send(pool, publication).await?;
+        confirmed(channel, confirm, exchange, routing_key).await
+    })
+    .await
+    .unwrap_or(Err(PublishError::Timeout(timeout)));
     crate::metrics::publish_confirmed(started, &result);
     result
 }
 
-async fn publish_inner(pool: &ChannelPool, p: Publication<'_>) -> Result<(), PublishError> {
+/// A message handed to the broker whose confirm is still to come: see [`publish_unconfirmed`].
+#[must_use = "a publish is not done until it is confirmed"]
+pub struct Unconfirmed {
+    channel: Channel,
+    confirm: PublisherConfirm,
+    exchange: String,
+    routing_key: String,
+    started: std::time::Instant,
+    deadline: tokio::time::Instant,
+}
+
+impl std::fmt::Debug for Unconfirmed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Unconfirmed")
+            .field("channel", &self.channel.id())
+            .field("exchange", &self.exchange)
+            .field("routing_key", &self.routing_key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Unconfirmed {
+    /// Whether the channel it was sent on is still open: on a closed one (a reconnect since)
+    /// its confirm never comes, and it is to be sent again.
+    pub fn channel_open(&self) -> bool {
+        self.channel.status().connected()
+    }
+
+    /// Waits for the broker's confirm, until the deadline the publish started with.
+    ///
+    /// # Errors
+    /// As [`publish_confirmed`].
+    pub async fn confirmed(self) -> Result<(), PublishError> {
+        let Self {
+            channel,
+            confirm,
+            exchange,
+            routing_key,
+            started,
+            deadline,
+        } = self;
+        let timeout = deadline.saturating_duration_since(tokio::time::Instant::from_std(started));
+        let result = tokio::time::timeout_at(
+            deadline,
+            confirmed(channel, confirm, &exchange, &routing_key),
+        )
+        .await
+        .unwrap_or(Err(PublishError::Timeout(timeout)));
+        crate::metrics::publish_confirmed(started, &result);
+        result
+    }
+}
+
+/// Publishes without waiting for the confirm: returns once the message is on its way on one
+/// channel of `pool`, so that many publishes can be in flight while each is confirmed later
+/// ([`Unconfirmed::confirmed`], which treats a nack or a return as [`publish_confirmed`] does).
+/// Messages published one after the other on a pool of one channel keep their order.
+/// `timeout` bounds the whole operation, the confirm included.
+///
+/// # Errors
+/// [`PublishError::NoChannel`], [`PublishError::Channel`] or [`PublishError::Timeout`] when the
+/// message could not be sent.
+pub async fn publish_unconfirmed(
+    pool: &ChannelPool,
+    publication: Publication<'_>,
+    timeout: Duration,
+) -> Result<Unconfirmed, PublishError> {
+    let started = std::time::Instant::now();
+    let deadline = tokio::time::Instant::from_std(started) + timeout;
+    let (exchange, routing_key) = (publication.exchange, publication.routing_key);
+    let sent = tokio::time::timeout_at(deadline, send(pool, publication))
+        .await
+        .unwrap_or(Err(PublishError::Timeout(timeout)));
+    match sent {
+        Ok((channel, confirm)) => Ok(Unconfirmed {
+            channel,
+            confirm,
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
+            started,
+            deadline,
+        }),
+        Err(e) => {
+            crate::metrics::publish_failed(&e);
+            Err(e)
+        }
+    }
+}
+
+/// Sends `p` on an open channel of `pool`; gives the channel and its confirm to come.
+async fn send(
+    pool: &ChannelPool,
+    p: Publication<'_>,
+) -> Result<(Channel, PublisherConfirm), PublishError> {
     // Checked out only to pick an open channel: lapin channels take concurrent publishes, and
     // holding the pool object while lapin's I/O thread writes the frame would let at most
     // `size` publishes be on their way at once.
@@ -276,8 +373,18 @@ async fn publish_inner(pool: &ChannelPool, p: Publication<'_>) -> Result<(), Pub
             p.body,
             p.properties,
         )
-        .await?
         .await?;
+    Ok((channel, confirm))
+}
+
+/// Waits for the confirm of a message sent on `channel` to `exchange`/`routing_key`.
+async fn confirmed(
+    channel: Channel,
+    confirm: PublisherConfirm,
+    exchange: &str,
+    routing_key: &str,
+) -> Result<(), PublishError> {
+    let confirm = confirm.await?;
     if matches!(confirm, Confirmation::Nack(None)) {
         retire(channel);
     }
@@ -285,15 +392,15 @@ async fn publish_inner(pool: &ChannelPool, p: Publication<'_>) -> Result<(), Pub
         Confirmation::Ack(None) => Ok(()),
         Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
             Err(PublishError::Unroutable {
-                exchange: p.exchange.to_owned(),
-                routing_key: p.routing_key.to_owned(),
+                exchange: exchange.to_owned(),
+                routing_key: routing_key.to_owned(),
                 code: returned.reply_code,
                 reason: returned.reply_text.to_string(),
             })
         }
         Confirmation::Nack(None) => Err(PublishError::Nacked {
-            exchange: p.exchange.to_owned(),
-            routing_key: p.routing_key.to_owned(),
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
         }),
         Confirmation::NotRequested => {
             // Pooled channels are always in confirm mode; treat the impossible as a failure

@@ -15,8 +15,8 @@ use warren_worker::{Mailer, builtin_registry};
 
 /// A broker user made by `deploy/rabbitmq/users.sh ROLE NAME QUEUE`, deleted when dropped
 /// (also when the test fails).
-struct BrokerUser {
-    name: String,
+pub(crate) struct BrokerUser {
+    pub(crate) name: String,
     password: String,
 }
 
@@ -26,6 +26,16 @@ fn users_sh() -> PathBuf {
 
 impl BrokerUser {
     fn create(role: &str, queue: &str, dir: &tempfile::TempDir) -> Self {
+        Self::create_with_events(role, queue, warren_shared::events::DEFAULT_STREAM, dir)
+    }
+
+    /// [`BrokerUser::create`] for a deployment whose event stream is `events`.
+    pub(crate) fn create_with_events(
+        role: &str,
+        queue: &str,
+        events: &str,
+        dir: &tempfile::TempDir,
+    ) -> Self {
         let name = format!("warren-test-{role}-{}", uuid::Uuid::new_v4().simple());
         let password = uuid::Uuid::new_v4().simple().to_string();
         let password_file = dir.path().join(format!("{role}.password"));
@@ -39,6 +49,7 @@ impl BrokerUser {
                 "WARREN_FUNCTIONS_EXCHANGE",
                 warren_tests::functions_exchange_of(queue),
             )
+            .env("WARREN_EVENTS_STREAM", events)
             .stdin(Stdio::null())
             .output()
             .unwrap();
@@ -51,7 +62,7 @@ impl BrokerUser {
     }
 
     /// The shared broker's URL with this user's credentials.
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         let uri: lapin::uri::AMQPUri = amqp_url().parse().unwrap();
         format!(
             "amqp://{}:{}@{}:{}/%2f",
@@ -255,19 +266,23 @@ fn users_sh_gives_each_role_exactly_the_permissions_of_the_definitions() {
             // Releasing a function's claim: its exchange, and no other.
             assert_eq!(expected["configure"], r"^warren\.functions\..+$");
         }
-        // As the file says, and for another queue and functions exchange.
-        for (queue, functions, q, f) in [
+        // As the file says, and for another queue, functions exchange and event stream.
+        for (queue, functions, events, q, f, e) in [
             (
                 deploy::QUEUE,
                 "warren.functions",
+                "warren.events",
                 r"warren\.tasks",
                 r"warren\.functions",
+                r"warren\.events",
             ),
             (
                 "mail.bulk",
                 "mail.functions",
+                "mail.events",
                 r"mail\.bulk",
                 r"mail\.functions",
+                r"mail\.events",
             ),
         ] {
             let _ = std::fs::remove_file(&calls);
@@ -276,6 +291,7 @@ fn users_sh_gives_each_role_exactly_the_permissions_of_the_definitions() {
                 .args([role, name, queue, deploy::VHOST])
                 .env("RABBITMQCTL", &fake)
                 .env("WARREN_FUNCTIONS_EXCHANGE", functions)
+                .env("WARREN_EVENTS_STREAM", events)
                 .stdin(Stdio::piped())
                 .stdout(Stdio::null())
                 .spawn()
@@ -297,6 +313,7 @@ fn users_sh_gives_each_role_exactly_the_permissions_of_the_definitions() {
                     .unwrap()
                     .replace(r"warren\.tasks", q)
                     .replace(r"warren\.functions", f)
+                    .replace(r"warren\.events", e)
             };
             let set = format!(
                 "--quiet set_permissions -p {} {name} {} {} {}",

@@ -8,6 +8,7 @@ mod cli;
 mod config;
 mod core;
 mod deploy;
+mod events;
 mod gateway;
 mod hygiene;
 mod interactive;

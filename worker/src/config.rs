@@ -15,12 +15,29 @@ use serde::{Deserialize, Serialize};
 use warren_shared::Policy;
 use warren_shared::config::{Backoff, BrokerConfig};
 
+use crate::events::EventSettings;
 use crate::mail::Mailer;
 use crate::pool::{self, PoolConfig, PoolError};
 use crate::settings::{WorkerError, WorkerSettings};
 
 /// Where `send_mail` writes `.eml` files when no SMTP relay is set.
 pub const DEFAULT_OUTBOX: &str = "outbox";
+
+/// A setting that is `on` or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Switch {
+    /// On.
+    On,
+    /// Off.
+    Off,
+}
+
+impl From<bool> for Switch {
+    fn from(on: bool) -> Self {
+        if on { Self::On } else { Self::Off }
+    }
+}
 
 /// Every setting of `warren-worker`; see the [module](self).
 #[derive(Clone, PartialEq, clap::Args, Serialize, Deserialize)]
@@ -110,6 +127,34 @@ pub struct WorkerConfig {
     #[arg(long, env = "WARREN_METRICS_ADDR", value_name = "ADDR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics: Option<std::net::SocketAddr>,
+    /// Append every task's events (started, succeeded, failed, ...) to the event stream, with
+    /// confirms and before the task is acked: `on` or `off`. Off, this worker appends nothing
+    /// (results cannot be looked up, nor progress resumed): for a firehose queue whose tasks
+    /// nobody looks up. See docs/operations.md, "Task events".
+    #[arg(
+        long,
+        env = "WARREN_EVENTS",
+        value_name = "on|off",
+        hide_possible_values = true
+    )]
+    pub events: Switch,
+    /// The event stream (a RabbitMQ stream queue, declared by the worker if missing); every
+    /// worker, gateway and `warren` of a deployment use the same one.
+    #[arg(long, env = "WARREN_EVENTS_STREAM", value_name = "NAME")]
+    pub events_stream: String,
+    /// How long the event stream keeps events (`24h`, `7d`), when this worker declares it.
+    /// An existing stream keeps its own retention (a mismatch is logged).
+    #[arg(long, env = "WARREN_EVENTS_MAX_AGE", value_parser = humantime::parse_duration)]
+    #[serde(with = "warren_shared::config::humantime_serde")]
+    pub events_max_age: Duration,
+    /// How many bytes the event stream keeps (the oldest 64 MiB segments go first), when this
+    /// worker declares it.
+    #[arg(long, env = "WARREN_EVENTS_MAX_BYTES", value_name = "BYTES")]
+    pub events_max_bytes: u64,
+    /// Largest result (its JSON text, in bytes) a `succeeded` event carries; a larger one is
+    /// left out and the event marked `truncated` (the caller's reply still has it).
+    #[arg(long, env = "WARREN_EVENTS_MAX_RESULT_BYTES", value_name = "BYTES")]
+    pub events_max_result_bytes: usize,
     /// Handler process pools (`[[pool]]` tables in the file; see docs/runners.md).
     #[arg(skip)]
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -129,6 +174,7 @@ impl Default for WorkerConfig {
             watchdog_interval,
             functions_exchange,
             reply_queues,
+            events,
             ..
         } = WorkerSettings::default();
         Self {
@@ -151,6 +197,11 @@ impl Default for WorkerConfig {
             builtins: None,
             exec_processes: NonZeroUsize::new(pool::DEFAULT_PROCESSES).unwrap_or(NonZeroUsize::MIN),
             metrics: None,
+            events: events.enabled.into(),
+            events_stream: events.stream,
+            events_max_age: events.max_age,
+            events_max_bytes: events.max_bytes,
+            events_max_result_bytes: events.max_result_bytes,
             pool: Vec::new(),
         }
     }
@@ -221,6 +272,11 @@ impl WorkerConfig {
             builtins: _,
             exec_processes: _,
             metrics: _,
+            events,
+            events_stream,
+            events_max_age,
+            events_max_bytes,
+            events_max_result_bytes,
             pool: _,
         } = self.clone();
         Ok(WorkerSettings {
@@ -244,6 +300,13 @@ impl WorkerConfig {
                 .filter(|p| !p.is_empty())
                 .map(str::to_owned)
                 .collect(),
+            events: EventSettings {
+                enabled: events == Switch::On,
+                stream: events_stream,
+                max_age: events_max_age,
+                max_bytes: events_max_bytes,
+                max_result_bytes: events_max_result_bytes,
+            },
             ..WorkerSettings::default()
         })
     }
@@ -296,6 +359,7 @@ mod tests {
         assert_eq!(settings.watchdog_interval, library.watchdog_interval);
         assert_eq!(settings.max_body_bytes, library.max_body_bytes);
         assert_eq!(settings.reply_queues, library.reply_queues);
+        assert_eq!(settings.events, library.events);
         assert_eq!(
             format!("{:?}", settings.broker),
             format!("{:?}", library.broker)
@@ -359,6 +423,29 @@ mod tests {
         assert_eq!(file.settings().unwrap().reply_queues, ["app.replies.*"]);
         let none = load("", &["--reply-queues", ""]);
         assert!(none.settings().unwrap().reply_queues.is_empty());
+    }
+
+    #[test]
+    fn events_can_be_turned_off_and_pointed_at_another_stream() {
+        let on = load("", &[]).settings().unwrap().events;
+        assert!(on.enabled);
+        assert_eq!(on.stream, warren_shared::events::DEFAULT_STREAM);
+        let file = load(
+            "events = \"off\"\nevents_max_age = \"2h\"\n",
+            &[
+                "--events-stream",
+                "app.events",
+                "--events-max-bytes",
+                "1000",
+            ],
+        );
+        let events = file.settings().unwrap().events;
+        assert!(!events.enabled);
+        assert_eq!(events.stream, "app.events");
+        assert_eq!(events.max_age, Duration::from_secs(7200));
+        assert_eq!(events.max_bytes, 1000);
+        let flag = load("events = \"off\"\n", &["--events", "on"]);
+        assert!(flag.settings().unwrap().events.enabled);
     }
 
     #[test]

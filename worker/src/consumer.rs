@@ -143,9 +143,9 @@ async fn declare_delayed_delivery(link: &Link, queue: &str, function_exchanges: 
 }
 
 impl Session {
-    /// Opens a channel on the link's current connection, declares the topology, claims the
-    /// `functions` for the queue (unless routing by function is off), sets the prefetch and
-    /// starts consuming.
+    /// Opens a channel on the link's current connection, declares the topology and the event
+    /// stream, claims the `functions` for the queue (unless routing by function is off), sets
+    /// the prefetch and starts consuming.
     pub(crate) async fn open(
         link: &Link,
         settings: &WorkerSettings,
@@ -162,6 +162,7 @@ impl Session {
             .map_err(|e| {
                 queue_mismatch(&settings.queue, BrokerError::from(e).needing("configure"))
             })?;
+        crate::events::declare(link, &settings.events).await?;
         let function_exchanges = claim(link, &channel, settings, functions).await?;
         declare_delayed_delivery(link, &settings.queue, &function_exchanges).await;
         channel
@@ -306,7 +307,8 @@ impl Supervisor {
         let task = async move {
             let mut envelope = Envelope::of(&delivery);
             envelope.reply_to = envelope.reply_to.restricted_to(&executor.reply_queues);
-            let outcome = executor.execute(&delivery, &envelope).await;
+            let mut trail = settler.events.trail(&envelope);
+            let outcome = executor.execute(&delivery, &envelope, &mut trail).await;
             let measure = measure.judged();
             if let Outcome::DeadLetter {
                 reason: DeadReason::Rejected,
@@ -315,7 +317,9 @@ impl Supervisor {
             {
                 tracing::warn!(task.id = %envelope.id, kind = %failure.kind, error = %failure.message, "rejected task dead-lettered");
             }
-            let settled = settler.settle(&delivery, &envelope, &outcome).await;
+            let settled = settler
+                .settle(&delivery, &envelope, &outcome, &mut trail)
+                .await;
             measure.settled(&outcome, &settled);
             shared.in_flight.fetch_sub(1, Ordering::SeqCst);
         };

@@ -24,6 +24,7 @@ use warren_shared::protocol;
 use warren_shared::trace::{Operation, SpanTask, TaskSpan};
 use warren_shared::{ErrorKind, Policy, RawJson, Reply, Request, TaskFailure};
 
+use crate::events::Trail;
 use crate::handler::{Retry, TaskContext};
 use crate::outcome::{DeadReason, Envelope, Outcome};
 use crate::registry::{HandlerFailure, Registry};
@@ -152,8 +153,14 @@ fn quoted(function: &str) -> String {
 }
 
 impl Executor {
-    /// Judges `delivery`, inside a span that names the task.
-    pub(crate) async fn execute(&self, delivery: &Delivery, envelope: &Envelope) -> Outcome {
+    /// Judges `delivery`, inside a span that names the task; tells `trail` what the task is
+    /// and when its handler begins.
+    pub(crate) async fn execute(
+        &self,
+        delivery: &Delivery,
+        envelope: &Envelope,
+        trail: &mut Trail,
+    ) -> Outcome {
         let (attempt, deadline) = match check_envelope(delivery, envelope, self.max_body_bytes) {
             Ok(checked) => checked,
             Err(outcome) => return outcome,
@@ -169,6 +176,7 @@ impl Executor {
                 };
             }
         };
+        trail.identify(&request.function, attempt);
         // OpenTelemetry messaging conventions: a `process {queue}` span, child of the caller's
         // `send` span when the task carries a `traceparent` (a new trace when it does not and
         // spans are exported); the ids go into every log line.
@@ -196,7 +204,7 @@ impl Executor {
             parent_span_id = trace.as_ref().and_then(TaskSpan::parent_span_id).map(tracing::field::display),
         );
         let outcome = self
-            .run(delivery, envelope, request, attempt, deadline)
+            .run(delivery, envelope, trail, request, attempt, deadline)
             .instrument(span)
             .await;
         if let Some(trace) = trace {
@@ -209,6 +217,7 @@ impl Executor {
         &self,
         delivery: &Delivery,
         envelope: &Envelope,
+        trail: &mut Trail,
         request: Request<RawJson>,
         attempt: u32,
         deadline: Option<SystemTime>,
@@ -243,6 +252,7 @@ impl Executor {
             .with_redelivered(delivery.redelivered)
             .with_deadline(deadline)
             .with_cancellation(cancel.clone());
+        trail.started().await;
         let started = std::time::Instant::now();
         // Its own tokio task: a panic stays there and comes back as a JoinError.
         let mut run = tokio::spawn((entry.run)(request.args, ctx).in_current_span());
@@ -450,7 +460,7 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
-        runtime.block_on(executor().execute(&delivery, &envelope))
+        runtime.block_on(executor().execute(&delivery, &envelope, &mut Trail::off()))
     }
 
     /// The seed corpus of hostile bodies (kept in `worker/tests/decode-corpus`): each gets the
@@ -720,7 +730,7 @@ mod tests {
                 .enable_all()
                 .build()
                 .expect("a runtime")
-                .block_on(executor.execute(&delivery, &envelope))
+                .block_on(executor.execute(&delivery, &envelope, &mut Trail::off()))
         };
         let judge_with =
             |executor: &Executor, args: &str| judge_to(executor, args, Some("my.replies"));

@@ -13,6 +13,8 @@
 //!   one recovery path that rebuilds its consumer on each new connection.
 //! - `consumer`: the consumer loop with prefetch = concurrency, held while outcomes cannot be
 //!   published; `watchdog`: the starving check; `drain`: shutdown.
+//! - [`events`]: appending each task's events to the event stream ([`EventSettings`]), before
+//!   its ack.
 //! - [`health`]: [`Health`], [`HealthProbe`] and [`WorkerState`].
 //! - [`metrics`] and [`ops`]: the Prometheus series, and the `/metrics`, `/healthz`, `/readyz`
 //!   listener (`--metrics ADDR`).
@@ -41,6 +43,7 @@ pub mod builtin;
 pub mod config;
 mod consumer;
 mod drain;
+pub mod events;
 mod execute;
 pub mod handler;
 pub mod health;
@@ -59,6 +62,7 @@ mod watchdog;
 pub use builtin::builtin_registry;
 #[cfg(feature = "builtins")]
 pub use config::WorkerConfig;
+pub use events::EventSettings;
 pub use handler::{Handler, HandlerFn, ResultExt, Retry, Run, TaskContext, TaskError, handler_fn};
 pub use health::{Health, HealthProbe, WorkerState};
 #[cfg(feature = "builtins")]

@@ -43,6 +43,10 @@ pub const REPLIES_REFUSED: &str = "warren_worker_replies_refused_total";
 /// Gauge: 1 when the worker declared the delay levels at its last (re)start, 0 when the
 /// broker refused them (tasks due later cannot be deferred), by `queue`.
 pub const DELAYED_DELIVERY: &str = "warren_worker_delayed_delivery_available";
+/// Counter: task events the worker could not append to the event stream (nacked, returned
+/// because the stream is gone, not confirmed in time), by `queue`. A task whose `started` or
+/// final event failed is handed back, not acked.
+pub const EVENT_APPENDS_FAILED: &str = "warren_worker_event_appends_failed_total";
 /// Gauge: 1 when the connection is up, by `connection` (`consume`, `publish`).
 pub const CONNECTION_UP: &str = "warren_worker_connection_up";
 
@@ -131,6 +135,10 @@ fn describe() {
     describe_counter!(
         REPLIES_REFUSED,
         "Replies the broker refused (nacked); their tasks were acked without a reply."
+    );
+    describe_counter!(
+        EVENT_APPENDS_FAILED,
+        "Task events that could not be appended to the event stream; their tasks were handed back."
     );
     describe_gauge!(CONNECTION_UP, "1 while the connection is up.");
     describe_gauge!(
@@ -299,6 +307,11 @@ pub(crate) fn reply_refused(queue: &str) {
     metrics::counter!(REPLIES_REFUSED, "queue" => queue.to_owned()).increment(1);
 }
 
+/// A task event could not be appended ([`EVENT_APPENDS_FAILED`]).
+pub(crate) fn event_append_failed(queue: &str) {
+    metrics::counter!(EVENT_APPENDS_FAILED, "queue" => queue.to_owned()).increment(1);
+}
+
 /// Whether the delay levels were declared ([`DELAYED_DELIVERY`]).
 pub(crate) fn delayed_delivery(queue: &str, available: bool) {
     metrics::gauge!(DELAYED_DELIVERY, "queue" => queue.to_owned()).set(if available {
@@ -322,8 +335,9 @@ pub(crate) fn refresh(queue: &str, concurrency: u16, health: &Health) {
     metrics::gauge!(SLOTS_FREE, "queue" => queue.clone())
         .set((f64::from(concurrency) - in_flight).max(0.0));
     metrics::gauge!(READY, "queue" => queue.clone()).set(if health.is_ready() { 1.0 } else { 0.0 });
-    // Shown from 0, so that `increase()` sees the first recovery.
-    metrics::counter!(RECOVERIES, "queue" => queue).increment(0);
+    // Shown from 0, so that `increase()` sees the first recovery (and the first failed append).
+    metrics::counter!(RECOVERIES, "queue" => queue.clone()).increment(0);
+    metrics::counter!(EVENT_APPENDS_FAILED, "queue" => queue).increment(0);
     for (connection, up) in [
         ("consume", health.consume_up),
         ("publish", health.publish_up),

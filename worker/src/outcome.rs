@@ -1,7 +1,8 @@
 //! What happens to a delivery once its task has been judged: the only code that acks.
 //!
-//! The order is the delivery contract: first everything the outcome publishes (the retry copy,
-//! the dead-letter copy, the reply) is confirmed by the broker, then the original is acked. A
+//! The order is the delivery contract: first the task's events are appended to the event
+//! stream ([`crate::events`]), then everything the outcome publishes (the retry copy, the
+//! dead-letter copy, the reply) is confirmed by the broker, then the original is acked. A
 //! crash in between means the task is delivered again (at least once), never that it is lost.
 //! When a publish fails the delivery is handed back (`nack` with requeue) so that another
 //! attempt can settle it; the queue's delivery limit stops that from looping forever. When the
@@ -9,6 +10,8 @@
 //! of its own, and an outcome refused there too is parked with reason `refused` instead of
 //! being handed back (it would only be refused again). A reply the broker nacks is not handed
 //! back either: the task's work is done, so it is acked without its reply, logged and counted.
+//! An event that cannot be appended is a failed publish like any other: the task is handed
+//! back (and the failure logged and counted), never acked without its events.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -24,6 +27,8 @@ use warren_shared::pool::{
     self, LinkPool, Publication, PublishError, close_isolated, publish_confirmed,
 };
 use warren_shared::{ChannelPool, ErrorKind, RawJson, Reply, TaskFailure, TaskId, topology};
+
+use crate::events::Trail;
 
 pub use warren_shared::envelope::DeadReason;
 
@@ -77,6 +82,8 @@ pub(crate) struct Settler {
     pub(crate) retry_queues: Arc<Mutex<HashMap<Duration, RetryQueue>>>,
     /// Cancelled when the worker gives up on tasks still running (end of the shutdown grace).
     pub(crate) abort: CancellationToken,
+    /// Appends the tasks' events ([`Trail`]s are made from it).
+    pub(crate) events: crate::events::Appender,
 }
 
 /// Times an outcome publish is tried again after it failed while the link could not publish.
@@ -85,10 +92,12 @@ const PUBLISH_TRIES: usize = 4;
 /// The last declaration of one delay queue.
 pub(crate) type RetryQueue = Arc<tokio::sync::Mutex<Option<std::time::Instant>>>;
 
-/// Where publishing an outcome stopped: at its first publish (the retry or dead-letter copy, or
-/// a plain reply), or at the reply after a dead-letter copy went through.
+/// Where publishing an outcome stopped: at the task's events, at its first publish (the retry
+/// or dead-letter copy, or a plain reply), or at the reply after a dead-letter copy went
+/// through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Step {
+    Events,
     First,
     Reply,
 }
@@ -159,23 +168,30 @@ impl Settler {
         delivery: &Delivery,
         envelope: &Envelope,
         outcome: &Outcome,
+        trail: &mut Trail,
     ) -> Settled {
         if *outcome == Outcome::HandBack {
             self.hand_back(delivery).await;
             return Settled::Requeued;
         }
         let published = self
-            .publish_outcome(None, delivery, envelope, outcome, Step::First)
+            .publish_outcome(None, delivery, envelope, outcome, trail, Step::Events)
             .await;
         let parked = match published {
             Ok(()) => false,
+            Err((Step::Events, e)) => {
+                tracing::warn!(task.id = %envelope.id, error = %e, "could not append the task's event to the event stream; handing the task back (it is not acked without its events)");
+                crate::metrics::event_append_failed(&self.queue);
+                self.hand_back(delivery).await;
+                return Settled::Requeued;
+            }
             Err((step, e)) if reply_refused(step, &e) => {
                 self.record_reply_refused(envelope, &e);
                 false
             }
             Err((step, e)) => {
                 let refusal = if refused_by_broker(&e, self.link()) {
-                    self.settle_refused(delivery, envelope, outcome, step, &e)
+                    self.settle_refused(delivery, envelope, outcome, trail, step, &e)
                         .await
                 } else {
                     Refusal::Failed
@@ -262,6 +278,7 @@ impl Settler {
         delivery: &Delivery,
         envelope: &Envelope,
         outcome: &Outcome,
+        trail: &mut Trail,
         mut from: Step,
     ) -> Result<(), (Step, PublishError)> {
         let mut tries = 0;
@@ -272,7 +289,7 @@ impl Settler {
                 None => self.pool.pool(),
             };
             match self
-                .publish_outcome_once(&current, delivery, envelope, outcome, from)
+                .publish_outcome_once(&current, delivery, envelope, outcome, trail, from)
                 .await
             {
                 Ok(()) => return Ok(()),
@@ -296,8 +313,14 @@ impl Settler {
         delivery: &Delivery,
         envelope: &Envelope,
         outcome: &Outcome,
+        trail: &mut Trail,
         from: Step,
     ) -> Result<(), (Step, PublishError)> {
+        if from == Step::Events {
+            // Before anything the caller or another worker could see: a caller that has its
+            // reply can read the final event.
+            trail.settle(outcome).await.map_err(|e| (Step::Events, e))?;
+        }
         // Borrowed, never cloned: a result can be megabytes.
         let parked;
         let reply = match outcome {
@@ -309,7 +332,7 @@ impl Settler {
                     .map_err(|e| (Step::First, e));
             }
             Outcome::DeadLetter { reason, failure } => {
-                if from == Step::First {
+                if from != Step::Reply {
                     self.dead_letter(pool, delivery, &envelope.id, *reason, failure, false)
                         .await
                         .map_err(|e| (Step::First, e))?;
@@ -344,13 +367,14 @@ impl Settler {
         delivery: &Delivery,
         envelope: &Envelope,
         outcome: &Outcome,
+        trail: &mut Trail,
         step: Step,
         first: &PublishError,
     ) -> Refusal {
         tracing::warn!(task.id = %envelope.id, error = %first, "the broker refused an outcome; publishing it again on a channel of its own");
         let alone = pool::isolated(&self.pool.pool(), self.publish_timeout);
         let settled = match self
-            .publish_outcome(Some(&alone), delivery, envelope, outcome, step)
+            .publish_outcome(Some(&alone), delivery, envelope, outcome, trail, step)
             .await
         {
             Ok(()) => Refusal::Published,
@@ -385,6 +409,9 @@ impl Settler {
                         )
                         .await;
                     close_isolated(again).await;
+                    if parked.is_ok() {
+                        trail.parked_as_refused(outcome, &failure).await;
+                    }
                     parked.is_ok()
                 };
                 if parked && let Some(reply_to) = envelope.reply_to.address() {

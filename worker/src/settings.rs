@@ -5,6 +5,8 @@ use std::time::Duration;
 use warren_shared::broker::{self, BrokerError, BrokerSettings};
 use warren_shared::{Policy, envelope, topology};
 
+use crate::events::EventSettings;
+
 /// The default of [`WorkerSettings::max_result_bytes`]: 8 MiB, twice the default body limit and
 /// half of RabbitMQ 4's default `max_message_size`, so that an oversized result is refused by
 /// the worker with a clear `too_large` rather than by the broker.
@@ -51,6 +53,9 @@ pub struct WorkerSettings {
     /// parked, and not run, so that a caller cannot make the worker publish into any queue of
     /// the virtual host. Empty: direct reply-to only; `*`: any queue.
     pub reply_queues: Vec<String>,
+    /// The task events this worker appends to the event stream (on by default; see
+    /// [`crate::events`] and docs/protocol.md, "Task events").
+    pub events: EventSettings,
 }
 
 impl Default for WorkerSettings {
@@ -68,6 +73,7 @@ impl Default for WorkerSettings {
             name: broker::process_name("warren-worker"),
             functions_exchange: topology::FUNCTIONS_EXCHANGE.to_owned(),
             reply_queues: vec![format!("{}*", envelope::REPLY_QUEUE_PREFIX)],
+            events: EventSettings::default(),
         }
     }
 }
@@ -128,5 +134,20 @@ pub enum WorkerError {
         owner: String,
         /// The function's exchange, which records the owner.
         exchange: String,
+    },
+    /// The event stream cannot be used: missing while this worker may not declare it, or a
+    /// queue of its name that is not a stream. A worker never runs tasks whose events it
+    /// could not append.
+    #[error(
+        "the event stream {stream:?} cannot be used: {problem}. Declare it (start a worker \
+         whose broker user has `configure` permission on it once, see deploy/rabbitmq/users.sh), \
+         point this worker at the stream its deployment uses (--events-stream), or turn task \
+         events off for this worker (--events off)"
+    )]
+    EventStream {
+        /// The stream's name.
+        stream: String,
+        /// What is wrong with it.
+        problem: String,
     },
 }

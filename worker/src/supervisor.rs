@@ -23,6 +23,7 @@ use warren_shared::pool::LinkPool;
 use warren_shared::topology;
 
 use crate::consumer::{End, Session};
+use crate::events::Appender;
 use crate::execute::Executor;
 use crate::health::{self, Health, HealthProbe, Shared, WorkerState};
 use crate::outcome::Settler;
@@ -134,6 +135,7 @@ pub async fn start(
     topology::validate_queue_name(&settings.queue).map_err(WorkerError::Settings)?;
     topology::validate_functions_exchange(&settings.functions_exchange)
         .map_err(WorkerError::Settings)?;
+    settings.events.validate()?;
 
     let details = [
         ("queue".to_owned(), settings.queue.clone()),
@@ -174,6 +176,13 @@ pub async fn start(
         publish_timeout: settings.publish_timeout,
         retry_queues: Arc::default(),
         abort: abort.clone(),
+        events: Appender::new(
+            &settings.events,
+            &publish,
+            &settings.queue,
+            &settings.name,
+            settings.publish_timeout,
+        ),
     };
     let shared = Arc::new(Shared::default());
     shared.track(&consume, &publish);
@@ -371,7 +380,12 @@ impl Supervisor {
                     // Another queue took a function while this worker was away (its queue was
                     // deleted meanwhile): retrying cannot help, and consuming without the claim
                     // would hide it. Stop, as at start-up, naming the owner.
-                    Err(claimed @ WorkerError::FunctionClaimed { .. }) => {
+                    // So is an event stream that is gone and may not be declared again: running
+                    // tasks without their events would lose them.
+                    Err(
+                        claimed @ (WorkerError::FunctionClaimed { .. }
+                        | WorkerError::EventStream { .. }),
+                    ) => {
                         tracing::error!(queue = %self.settings.queue, error = %claimed, "giving up");
                         return Err(claimed);
                     }

@@ -183,14 +183,36 @@ struct Args {
     /// export only), `on` (both).
     #[arg(long, value_delimiter = ',', default_value = "off,on", value_parser = OPS_MODES)]
     ops_modes: Vec<String>,
+    /// Task events on the Warren side's workers (in process, and the `scale` scenario's
+    /// processes): `on` as shipped, or `off`. They go to a stream of the run's own
+    /// (`<queue>.events`), deleted with the queue. `--ops-cost --ops-modes events-off,events-on`
+    /// measures what they cost.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    events: String,
     /// One measured round of the Warren side only, in one of the `--ops-modes`, printed as
     /// one JSON line: what `--ops-cost` runs in its child processes.
     #[arg(long, value_parser = OPS_MODES, hide = true)]
     ops_side: Option<String>,
 }
 
-/// What `--ops-modes` and `--ops-side` accept.
-const OPS_MODES: [&str; 4] = ["off", "metrics", "tracing", "on"];
+/// What `--ops-modes` and `--ops-side` accept: metrics and tracing off, on, or one of them
+/// (with `--events` as given), or both off with task events off or on.
+const OPS_MODES: [&str; 6] = ["off", "metrics", "tracing", "on", "events-off", "events-on"];
+
+/// The queues Warren declares for `queue` in a run (the work and dead-letter queues, and the
+/// run's own event stream), to delete after it.
+fn warren_names(queue: &str) -> [String; 3] {
+    [
+        queue.to_owned(),
+        format!("{queue}.dead"),
+        events_stream(queue),
+    ]
+}
+
+/// The event stream of the run on `queue`.
+fn events_stream(queue: &str) -> String {
+    format!("{queue}.events")
+}
 
 /// The CPUs this process may use (`available_parallelism`: affinity and cgroup quota count),
 /// 1 when it cannot tell.
@@ -267,10 +289,7 @@ async fn run_args(args: Args) -> Result<()> {
 
     // Clean up whatever happened above, on a fresh connection if the broker dropped ours
     // (a broker restart mid-run must not leave durable quorum queues behind).
-    let names: Vec<String> = queues
-        .iter()
-        .flat_map(|q| [q.to_string(), format!("{q}.dead")])
-        .collect();
+    let names: Vec<String> = queues.iter().flat_map(|q| warren_names(q)).collect();
     if delete_queues(&admin_channel, &names).await.is_err() {
         let _ = admin.close(200, "bench done".into()).await;
         cleanup_on_new_connection(&args.url, &names).await;
@@ -958,20 +977,19 @@ impl WarrenSide {
                     completions: completions.clone(),
                 }),
         };
-        let worker = warren_worker::start(
-            WorkerSettings {
-                broker: BrokerSettings::new(args.url.clone()),
-                queue: queue.to_owned(),
-                concurrency: args.concurrency,
-                // Benchmarks send by queue name and claim no functions.
-                functions_exchange: String::new(),
-                ..Default::default()
-            },
-            registry,
-            CancellationToken::new(),
-        )
-        .await
-        .context("starting the Warren worker")?;
+        let mut settings = WorkerSettings {
+            broker: BrokerSettings::new(args.url.clone()),
+            queue: queue.to_owned(),
+            concurrency: args.concurrency,
+            // Benchmarks send by queue name and claim no functions.
+            functions_exchange: String::new(),
+            ..Default::default()
+        };
+        settings.events.enabled = args.events == "on";
+        settings.events.stream = events_stream(queue);
+        let worker = warren_worker::start(settings, registry, CancellationToken::new())
+            .await
+            .context("starting the Warren worker")?;
         let client = client_for(&args.url, queue).await?;
         Ok(Self {
             client,
@@ -1438,6 +1456,8 @@ mod ops_cost {
     pub(super) struct Mode {
         metrics: bool,
         tracing: bool,
+        /// Task events on or off; `None`: as `--events` says.
+        events: Option<bool>,
     }
 
     impl Mode {
@@ -1446,15 +1466,22 @@ mod ops_cost {
             Self {
                 metrics: matches!(name, "metrics" | "on"),
                 tracing: matches!(name, "tracing" | "on"),
+                events: match name {
+                    "events-off" => Some(false),
+                    "events-on" => Some(true),
+                    _ => None,
+                },
             }
         }
 
         fn name(self) -> &'static str {
-            match (self.metrics, self.tracing) {
-                (false, false) => "off",
-                (true, false) => "metrics",
-                (false, true) => "tracing",
-                (true, true) => "on",
+            match (self.metrics, self.tracing, self.events) {
+                (false, false, Some(false)) => "events-off",
+                (false, false, Some(true)) => "events-on",
+                (false, false, _) => "off",
+                (true, false, _) => "metrics",
+                (false, true, _) => "tracing",
+                (true, true, _) => "on",
             }
         }
     }
@@ -1490,7 +1517,7 @@ mod ops_cost {
             figures
         }
         .await;
-        let names = [queue.clone(), format!("{queue}.dead")];
+        let names = super::warren_names(&queue);
         if super::delete_queues(&channel, &names).await.is_err() {
             super::cleanup_on_new_connection(&args.url, &names).await;
         }
@@ -1577,6 +1604,14 @@ mod ops_cost {
             flag("payload-bytes", args.payload_bytes.to_string()),
             flag("scenarios", args.scenarios.join(",")),
             flag("ops-side", mode.name().to_owned()),
+            flag(
+                "events",
+                match mode.events {
+                    Some(true) => "on".to_owned(),
+                    Some(false) => "off".to_owned(),
+                    None => args.events.clone(),
+                },
+            ),
         ]
         .concat()
     }

@@ -65,7 +65,7 @@ pub(crate) async fn run(args: &Args, admin: &Channel) -> Result<()> {
             .await
             .with_context(|| format!("declaring {queue}"))?;
         let run = one_count(args, &worker_binary, &queue, workers, function, &task_args).await;
-        delete_queues(admin, &[queue.clone(), format!("{queue}.dead")]).await?;
+        delete_queues(admin, &super::warren_names(&queue)).await?;
         let run = run?;
         println!(
             "  {:>2} workers: {:>7.0} tasks/s, {:.2} cores per worker, {:.0} us worker CPU per task, broker {:.2} cores, worker RSS {:.1} MiB idle, {:.1} MiB peak",
@@ -121,7 +121,13 @@ struct Worker {
 }
 
 impl Worker {
-    fn start(binary: &PathBuf, url: &str, queue: &str, concurrency: u16) -> Result<Self> {
+    fn start(
+        binary: &PathBuf,
+        url: &str,
+        queue: &str,
+        concurrency: u16,
+        events: &str,
+    ) -> Result<Self> {
         // A free loopback port: bound, read and released (nothing else here takes it meanwhile).
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let metrics = format!("127.0.0.1:{port}");
@@ -133,6 +139,8 @@ impl Worker {
             .env("WARREN_FUNCTIONS_EXCHANGE", "")
             .env("WARREN_CONCURRENCY", concurrency.to_string())
             .env("WARREN_METRICS_ADDR", &metrics)
+            .env("WARREN_EVENTS", events)
+            .env("WARREN_EVENTS_STREAM", super::events_stream(queue))
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null());
         Ok(Self {
@@ -189,7 +197,15 @@ async fn one_count(
     client.close().await;
 
     let started: Vec<Worker> = (0..workers)
-        .map(|_| Worker::start(binary, &args.url, queue, args.worker_concurrency))
+        .map(|_| {
+            Worker::start(
+                binary,
+                &args.url,
+                queue,
+                args.worker_concurrency,
+                &args.events,
+            )
+        })
         .collect::<Result<_>>()?;
     let give_up = Instant::now() + Duration::from_secs(60);
     while !started.iter().all(Worker::ready) {

@@ -1,0 +1,685 @@
+//! Appending every task's events to the deployment's event stream (`warren.events` unless
+//! [`EventSettings::stream`] says otherwise), in the format of [`warren_shared::events`].
+//!
+//! For each delivery the worker keeps a [`Trail`]: when the handler begins it sends `started`
+//! (without waiting for its confirm: the handler is not held up), and when the task is judged
+//! [`Trail::settle`] sends the attempt's last event (`succeeded`, `failed`, `dead_lettered`,
+//! `expired`) and waits until the broker has confirmed both. `outcome.rs` calls it before it
+//! publishes the reply, the retry copy or the dead-letter copy, and acks only after it: a task is
+//! never acked without its events, and a caller that has its reply can already read the final
+//! event. An append that fails (a nack, a return because the stream is gone, a timeout) fails
+//! the settlement like a failed reply would: the task is handed back.
+//!
+//! Cheap by construction: all events go out on one confirm-mode channel of the publishing
+//! connection (one channel keeps a task's events in order), many in flight at once, each
+//! awaited only by its own task while the broker confirms them in batches (`multiple`). A task
+//! pays one confirm round trip, its final event's, before its reply.
+//!
+//! Progress events ([`Appender::progress`]) are appended without the task waiting for them, in
+//! the order reported, and always before the attempt's final event. A progress event that
+//! cannot be appended is logged and counted, not retried: the task's outcome does not depend
+//! on it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use tokio::task::JoinHandle;
+use warren_shared::broker::BrokerError;
+use warren_shared::envelope::{self, epoch_millis};
+use warren_shared::events::{
+    self as format, DEFAULT_MAX_AGE, DEFAULT_MAX_BYTES, DEFAULT_MAX_RESULT_BYTES, DEFAULT_STREAM,
+    Event, EventError, EventKind, Progress, RetryAt, Subject,
+};
+use warren_shared::link::Link;
+use warren_shared::pool::{
+    LinkPool, Publication, PublishError, Unconfirmed, publish_confirmed, publish_unconfirmed,
+};
+use warren_shared::{ErrorKind, Reply, TaskFailure, topology};
+
+use crate::outcome::{Envelope, Outcome};
+use crate::settings::WorkerError;
+
+/// Most bytes of an error message or a progress message an event carries; longer ones are cut
+/// ([`envelope::bounded`]). The reply and the dead-letter copy keep the whole text.
+pub const MAX_EVENT_TEXT: usize = 4 * 1024;
+
+/// Most bytes of a function name an event carries (a task may name any function).
+const MAX_FUNCTION_BYTES: usize = 255;
+
+/// Where and how a worker appends task events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventSettings {
+    /// Append events at all. Off: this worker appends nothing and does not declare the stream
+    /// (for a firehose queue whose tasks nobody looks up).
+    pub enabled: bool,
+    /// The stream's name ([`DEFAULT_STREAM`]).
+    pub stream: String,
+    /// How long the stream keeps events, when this worker declares it ([`DEFAULT_MAX_AGE`]).
+    pub max_age: Duration,
+    /// How many bytes the stream keeps, when this worker declares it ([`DEFAULT_MAX_BYTES`]).
+    pub max_bytes: u64,
+    /// The largest result a `succeeded` event carries ([`DEFAULT_MAX_RESULT_BYTES`]); a larger
+    /// one is left out and the event marked `truncated`.
+    pub max_result_bytes: usize,
+}
+
+impl Default for EventSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            stream: DEFAULT_STREAM.to_owned(),
+            max_age: DEFAULT_MAX_AGE,
+            max_bytes: DEFAULT_MAX_BYTES,
+            max_result_bytes: DEFAULT_MAX_RESULT_BYTES,
+        }
+    }
+}
+
+impl EventSettings {
+    /// Checks what cannot work.
+    ///
+    /// # Errors
+    /// [`WorkerError::Settings`] naming the setting.
+    pub fn validate(&self) -> Result<(), WorkerError> {
+        if !self.enabled {
+            return Ok(());
+        }
+        topology::validate_queue_name(&self.stream)
+            .map_err(|e| WorkerError::Settings(format!("events_stream: {e}")))?;
+        if self.max_age < Duration::from_secs(1) {
+            return Err(WorkerError::Settings(
+                "events_max_age must be at least 1s".into(),
+            ));
+        }
+        if self.max_bytes == 0 {
+            return Err(WorkerError::Settings(
+                "events_max_bytes must be more than 0".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Declares the event stream, or, when the broker refuses (no `configure` permission, or the
+/// stream exists with other retention), checks that it exists and uses it as it is. Nothing
+/// when events are off.
+///
+/// # Errors
+/// [`WorkerError::EventStream`] when the stream is missing and this worker may not declare it,
+/// or a queue of that name is not a stream; [`WorkerError::Broker`] for anything else.
+pub(crate) async fn declare(link: &Link, settings: &EventSettings) -> Result<(), WorkerError> {
+    if !settings.enabled {
+        return Ok(());
+    }
+    let stream = settings.stream.as_str();
+    let channel = link
+        .connection()
+        .create_channel()
+        .await
+        .map_err(BrokerError::from)?;
+    let declared =
+        format::declare_stream(&channel, stream, settings.max_age, settings.max_bytes).await;
+    let refusal = match declared {
+        Ok(()) => {
+            let _ = channel.close(200, "declared".into()).await;
+            return Ok(());
+        }
+        Err(e) => e,
+    };
+    let other_arguments = topology::inequivalent_arg(&refusal);
+    let refused = other_arguments.is_some() || amqp_code(&refusal) == Some(403);
+    if !refused {
+        return Err(BrokerError::from(refusal).into());
+    }
+    if let Some(detail) = &other_arguments
+        && detail.contains("'x-queue-type'")
+    {
+        return Err(WorkerError::EventStream {
+            stream: stream.to_owned(),
+            problem: format!("a queue of that name exists and is not a stream ({detail})"),
+        });
+    }
+    // The refusal closed that channel: look on one of its own.
+    let look = link
+        .connection()
+        .create_channel()
+        .await
+        .map_err(BrokerError::from)?;
+    let exists = format::stream_exists(&look, stream)
+        .await
+        .map_err(BrokerError::from)?;
+    if exists {
+        let _ = look.close(200, "checked".into()).await;
+    }
+    match (exists, other_arguments) {
+        (true, Some(detail)) => {
+            tracing::warn!(stream, %detail, "the event stream exists with other retention than this worker's settings; using it as it is");
+            Ok(())
+        }
+        (true, None) => {
+            tracing::debug!(
+                stream,
+                "may not declare the event stream; it exists: using it"
+            );
+            Ok(())
+        }
+        (false, _) => Err(WorkerError::EventStream {
+            stream: stream.to_owned(),
+            problem: format!(
+                "it does not exist, and this worker may not declare it: {}",
+                BrokerError::from(refusal).needing("configure")
+            ),
+        }),
+    }
+}
+
+/// The AMQP reply code of a broker error (`403`, `404`, `406`...).
+fn amqp_code(error: &lapin::Error) -> Option<u16> {
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => Some(amqp.get_id()),
+        _ => None,
+    }
+}
+
+/// Appends events to the stream: cloned into every task, cheap to clone. Off, it appends
+/// nothing.
+#[derive(Debug, Clone)]
+pub(crate) struct Appender {
+    inner: Option<Arc<Inner>>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// One channel of the publishing link: events sent one after the other keep their order.
+    pool: LinkPool,
+    stream: String,
+    queue: String,
+    worker: String,
+    max_result_bytes: usize,
+    timeout: Duration,
+    /// The attempts running here, by (task id, attempt): the last of their progress appends.
+    attempts: Mutex<HashMap<(String, u32), Running>>,
+}
+
+/// One attempt running on this worker, as far as its progress events go.
+#[derive(Debug, Default)]
+struct Running {
+    /// Trails of this attempt (two when a task was sent twice with the same id).
+    holders: usize,
+    /// Its last progress append, which waits for the one before it.
+    last: Option<JoinHandle<()>>,
+}
+
+impl Appender {
+    /// Appends to `settings.stream` over `publish`, as worker `worker` consuming `queue`.
+    pub(crate) fn new(
+        settings: &EventSettings,
+        publish: &Link,
+        queue: &str,
+        worker: &str,
+        timeout: Duration,
+    ) -> Self {
+        if !settings.enabled {
+            return Self::off();
+        }
+        Self {
+            inner: Some(Arc::new(Inner {
+                pool: LinkPool::new(publish.clone(), 1, timeout, None),
+                stream: settings.stream.clone(),
+                queue: queue.to_owned(),
+                worker: worker.to_owned(),
+                max_result_bytes: settings.max_result_bytes,
+                timeout,
+                attempts: Mutex::default(),
+            })),
+        }
+    }
+
+    /// An appender that appends nothing.
+    pub(crate) fn off() -> Self {
+        Self { inner: None }
+    }
+
+    /// The trail of one delivery, read from its envelope; its function and attempt are set by
+    /// [`Trail::identify`] once the body is read.
+    pub(crate) fn trail(&self, envelope: &Envelope) -> Trail {
+        let subject = self.inner.as_ref().map(|inner| Subject {
+            task_id: envelope.id.as_str().to_owned(),
+            function: String::new(),
+            queue: inner.queue.clone(),
+            attempt: envelope.attempt.clone().unwrap_or(1),
+            worker: inner.worker.clone(),
+            batch: envelope.batch.clone(),
+            origin: envelope.origin.clone(),
+            traceparent: envelope.trace.as_ref().map(|t| t.traceparent()),
+        });
+        Trail {
+            appender: self.clone(),
+            subject,
+            started: Started::No,
+            registered: false,
+        }
+    }
+
+    /// Appends progress event number `seq` (from 1, per attempt) of the running attempt
+    /// `subject`, without waiting: the append runs on its own, after the attempt's earlier
+    /// progress events and before its final event. Ignored when events are off, and after
+    /// the attempt's final event (a report that came too late). A message longer than
+    /// [`MAX_EVENT_TEXT`] is cut, and a detail larger than the result cap
+    /// ([`EventSettings::max_result_bytes`]) is left out. A failed append is logged and
+    /// counted in `warren_worker_event_appends_failed_total`; the task is not affected.
+    ///
+    /// Must be called from within the tokio runtime.
+    #[allow(dead_code)] // wired to `TaskContext::progress` and the pools' progress frames
+    pub(crate) fn progress(&self, subject: &Subject, seq: u32, progress: Progress) {
+        let Some(inner) = &self.inner else {
+            return;
+        };
+        let mut event = subject.event(EventKind::Progress);
+        event.seq = Some(seq);
+        event.progress = Some(bounded_progress(progress, inner.max_result_bytes));
+        let mut attempts = inner
+            .attempts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some(running) = attempts.get_mut(&(subject.task_id.clone(), subject.attempt)) else {
+            tracing::debug!(task.id = %subject.task_id, seq, "progress after the attempt's final event; not appended");
+            return;
+        };
+        let before = running.last.take();
+        let inner = inner.clone();
+        running.last = Some(tokio::spawn(async move {
+            if let Some(before) = before {
+                let _ = before.await;
+            }
+            if let Err(e) = inner.append(&event).await {
+                tracing::warn!(task.id = %event.task_id, seq, stream = %inner.stream, error = %e, "could not append a progress event");
+                crate::metrics::event_append_failed(&inner.queue);
+            }
+        }));
+    }
+}
+
+impl Inner {
+    fn publication<'a>(&'a self, event: &Event, body: &'a [u8]) -> Publication<'a> {
+        Publication {
+            exchange: "",
+            routing_key: &self.stream,
+            body,
+            properties: event.properties(),
+            mandatory: true,
+        }
+    }
+
+    /// Appends `event` and waits for its confirm.
+    async fn append(&self, event: &Event) -> Result<(), PublishError> {
+        let body = event.to_body();
+        publish_confirmed(
+            &self.pool.pool(),
+            self.publication(event, &body),
+            self.timeout,
+        )
+        .await
+    }
+
+    /// Sends `event`; its confirm is to be awaited.
+    async fn send(&self, event: &Event) -> Result<Unconfirmed, PublishError> {
+        let body = event.to_body();
+        publish_unconfirmed(
+            &self.pool.pool(),
+            self.publication(event, &body),
+            self.timeout,
+        )
+        .await
+    }
+
+    fn register(&self, subject: &Subject) {
+        let mut attempts = self.attempts.lock().unwrap_or_else(PoisonError::into_inner);
+        attempts
+            .entry((subject.task_id.clone(), subject.attempt))
+            .or_default()
+            .holders += 1;
+    }
+
+    /// Ends a trail's hold on its attempt; gives the attempt's last progress append, unless
+    /// another trail of the same attempt still runs.
+    fn release(&self, subject: &Subject) -> Option<JoinHandle<()>> {
+        let mut attempts = self.attempts.lock().unwrap_or_else(PoisonError::into_inner);
+        let key = (subject.task_id.clone(), subject.attempt);
+        let running = attempts.get_mut(&key)?;
+        running.holders = running.holders.saturating_sub(1);
+        if running.holders > 0 {
+            return None;
+        }
+        attempts.remove(&key).and_then(|r| r.last)
+    }
+}
+
+/// `progress` with its message cut to [`MAX_EVENT_TEXT`] and, when larger than
+/// `max_detail_bytes`, without its detail.
+fn bounded_progress(mut progress: Progress, max_detail_bytes: usize) -> Progress {
+    if let Some(message) = &mut progress.message
+        && message.len() > MAX_EVENT_TEXT
+    {
+        *message = envelope::bounded(message, MAX_EVENT_TEXT).into_owned();
+    }
+    if progress
+        .detail
+        .as_ref()
+        .is_some_and(|d| d.get().len() > max_detail_bytes)
+    {
+        progress.detail = None;
+    }
+    progress
+}
+
+/// The attempt's last event for `outcome`, if it has one; a result larger than
+/// `max_result_bytes` is left out and the event marked `truncated`.
+fn final_event(subject: &Subject, outcome: &Outcome, max_result_bytes: usize) -> Option<Event> {
+    let failed = |kind: EventKind, failure: &TaskFailure| {
+        let mut event = subject.event(kind);
+        event.error = Some(EventError {
+            kind: failure.kind.as_str().to_owned(),
+            message: envelope::bounded(&failure.message, MAX_EVENT_TEXT).into_owned(),
+        });
+        event
+    };
+    match outcome {
+        Outcome::Reply(Reply::Ok(result)) => {
+            let mut event = subject.event(EventKind::Succeeded);
+            if result.get().len() <= max_result_bytes {
+                event.result = Some(result.clone());
+            } else {
+                event.truncated = true;
+            }
+            Some(event)
+        }
+        Outcome::Reply(Reply::Err(failure)) if failure.kind == ErrorKind::Expired => {
+            Some(failed(EventKind::Expired, failure))
+        }
+        Outcome::Reply(Reply::Err(failure)) => Some(failed(EventKind::Failed, failure)),
+        Outcome::Retry { delay, failure } => {
+            let mut event = failed(EventKind::Failed, failure);
+            event.retry = Some(RetryAt {
+                attempt: subject.attempt.saturating_add(1),
+                at_ms: epoch_millis(SystemTime::now() + *delay),
+            });
+            Some(event)
+        }
+        Outcome::DeadLetter { reason, failure } => {
+            let mut event = failed(EventKind::DeadLettered, failure);
+            event.reason = Some(reason.as_str().to_owned());
+            Some(event)
+        }
+        Outcome::HandBack | Outcome::Later { .. } => None,
+    }
+}
+
+/// Where a trail's `started` event is.
+#[derive(Debug, Default)]
+enum Started {
+    /// Not sent: the handler has not begun (or events are off).
+    #[default]
+    No,
+    /// Sent at `at_ms`; its confirm is to come.
+    Sent { at_ms: i64, sent: Unconfirmed },
+    /// Made at `at_ms` but not sent, or not confirmed: to be sent again before the final event.
+    Unsent { at_ms: i64 },
+}
+
+/// The events of one delivery, from its start to its settlement; see the [module](self).
+#[derive(Debug)]
+pub(crate) struct Trail {
+    appender: Appender,
+    /// `None` when events are off.
+    subject: Option<Subject>,
+    started: Started,
+    /// Whether it holds its attempt in the appender (from `started` until settled or dropped).
+    registered: bool,
+}
+
+impl Trail {
+    /// A trail that appends nothing.
+    #[cfg(test)]
+    pub(crate) fn off() -> Self {
+        Appender::off().trail(&Envelope::read(&lapin::BasicProperties::default()))
+    }
+
+    /// The task's function and attempt, once read.
+    pub(crate) fn identify(&mut self, function: &str, attempt: u32) {
+        if let Some(subject) = &mut self.subject {
+            function.clone_into(&mut subject.function);
+            if subject.function.len() > MAX_FUNCTION_BYTES {
+                subject.function =
+                    envelope::bounded(&subject.function, MAX_FUNCTION_BYTES).into_owned();
+            }
+            subject.attempt = attempt;
+        }
+    }
+
+    /// What every event of this attempt carries (`None` when events are off): with
+    /// [`Trail::appender`], what a progress report needs ([`Appender::progress`]).
+    #[allow(dead_code)] // for `TaskContext::progress`
+    pub(crate) fn subject(&self) -> Option<&Subject> {
+        self.subject.as_ref()
+    }
+
+    /// The appender this trail appends with.
+    #[allow(dead_code)] // for `TaskContext::progress`
+    pub(crate) fn appender(&self) -> &Appender {
+        &self.appender
+    }
+
+    /// The handler begins: sends `started`, without waiting for its confirm (which
+    /// [`Trail::settle`] awaits). A send that fails is tried again by `settle`.
+    pub(crate) async fn started(&mut self) {
+        let (Some(inner), Some(subject)) = (&self.appender.inner, &self.subject) else {
+            return;
+        };
+        if !self.registered {
+            inner.register(subject);
+            self.registered = true;
+        }
+        let event = subject.event(EventKind::Started);
+        let at_ms = event.at_ms;
+        self.started = match inner.send(&event).await {
+            Ok(sent) => Started::Sent { at_ms, sent },
+            Err(e) => {
+                tracing::debug!(task.id = %subject.task_id, error = %e, "could not send the started event yet; sending it again at the end");
+                Started::Unsent { at_ms }
+            }
+        };
+    }
+
+    /// Appends the attempt's last event for `outcome` (none for a hand-back or a task not due
+    /// yet) after its progress events, and waits until the broker has confirmed it and
+    /// `started`. Safe to call again after a failure: what was not confirmed is sent again.
+    ///
+    /// # Errors
+    /// The append that failed.
+    pub(crate) async fn settle(&mut self, outcome: &Outcome) -> Result<(), PublishError> {
+        let (Some(inner), Some(subject)) = (self.appender.inner.clone(), self.subject.as_ref())
+        else {
+            return Ok(());
+        };
+        if self.registered {
+            self.registered = false;
+            if let Some(last) = inner.release(subject) {
+                // Progress is best effort: a chain stuck on a broken link does not hold the
+                // settlement longer than one publish may take.
+                let _ = tokio::time::timeout(inner.timeout, last).await;
+            }
+        }
+        // Once more if a channel closed under it (the publishing link reconnected): the events
+        // go again on the new one.
+        match self.send_last(&inner, outcome).await {
+            Err(PublishError::Channel(e)) => {
+                tracing::debug!(error = %e, "the events' channel closed; appending them again");
+                self.send_last(&inner, outcome).await
+            }
+            done => done,
+        }
+    }
+
+    /// In order on the one channel: `started` (again, if it was not confirmed), then the final
+    /// event; then both confirms, which the broker sends in one go.
+    async fn send_last(&mut self, inner: &Inner, outcome: &Outcome) -> Result<(), PublishError> {
+        let Some(subject) = &self.subject else {
+            return Ok(());
+        };
+        let started = match std::mem::take(&mut self.started) {
+            Started::No => None,
+            Started::Sent { at_ms, sent } if sent.channel_open() => Some((at_ms, sent)),
+            Started::Sent { at_ms, .. } | Started::Unsent { at_ms } => {
+                let mut event = subject.event(EventKind::Started);
+                event.at_ms = at_ms;
+                match inner.send(&event).await {
+                    Ok(sent) => Some((at_ms, sent)),
+                    Err(e) => {
+                        self.started = Started::Unsent { at_ms };
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        let last = match final_event(subject, outcome, inner.max_result_bytes) {
+            Some(event) => Some(inner.send(&event).await),
+            None => None,
+        };
+        let mut result = Ok(());
+        if let Some((at_ms, sent)) = started
+            && let Err(e) = sent.confirmed().await
+        {
+            self.started = Started::Unsent { at_ms };
+            result = Err(e);
+        }
+        if let Some(last) = last {
+            result = result.and(last?.confirmed().await);
+        }
+        result
+    }
+
+    /// The task was parked with reason `refused` after its outcome's own event, which was not
+    /// final (a retry the broker would not take): appends `dead_lettered` so that the task
+    /// still ends with a final event. Best effort: the task is parked whatever happens here.
+    pub(crate) async fn parked_as_refused(&mut self, outcome: &Outcome, failure: &TaskFailure) {
+        let (Some(inner), Some(subject)) = (&self.appender.inner, &self.subject) else {
+            return;
+        };
+        if !matches!(outcome, Outcome::Retry { .. }) {
+            return; // its own event was already final
+        }
+        let parked = Outcome::DeadLetter {
+            reason: envelope::DeadReason::Refused,
+            failure: failure.clone(),
+        };
+        let Some(event) = final_event(subject, &parked, inner.max_result_bytes) else {
+            return;
+        };
+        if let Err(e) = inner.append(&event).await {
+            tracing::warn!(task.id = %subject.task_id, stream = %inner.stream, error = %e, "could not append the dead_lettered event of a task parked as refused");
+            crate::metrics::event_append_failed(&inner.queue);
+        }
+    }
+}
+
+impl Drop for Trail {
+    fn drop(&mut self) {
+        // A trail dropped unsettled (a task handed back) lets its attempt go; its progress
+        // appends finish on their own.
+        if self.registered
+            && let (Some(inner), Some(subject)) = (&self.appender.inner, &self.subject)
+        {
+            drop(inner.release(subject));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use warren_shared::RawJson;
+    use warren_shared::envelope::DeadReason;
+
+    fn subject() -> Subject {
+        Subject {
+            task_id: "0193a1b2-0000-7000-8000-000000000000".into(),
+            function: "resize".into(),
+            queue: "images".into(),
+            attempt: 2,
+            worker: "w1".into(),
+            batch: Some("b1".into()),
+            origin: None,
+            traceparent: None,
+        }
+    }
+
+    fn raw(text: &str) -> RawJson {
+        RawJson::from_string(text.to_owned()).unwrap()
+    }
+
+    #[test]
+    fn a_result_within_the_cap_is_carried_and_a_larger_one_marked_truncated() {
+        let ok = Outcome::Reply(Reply::Ok(raw("\"12345678\"")));
+        let event = final_event(&subject(), &ok, 10).unwrap();
+        assert_eq!(event.kind, EventKind::Succeeded);
+        assert_eq!(event.result.unwrap().get(), "\"12345678\"");
+        assert!(!event.truncated);
+        let event = final_event(&subject(), &ok, 9).unwrap();
+        assert!(event.result.is_none() && event.truncated);
+        assert!(event.is_final());
+    }
+
+    #[test]
+    fn a_retry_says_which_attempt_runs_when() {
+        let before = epoch_millis(SystemTime::now());
+        let retry = Outcome::Retry {
+            delay: Duration::from_secs(10),
+            failure: TaskFailure::new(ErrorKind::HandlerFailed, "x".repeat(10_000)),
+        };
+        let event = final_event(&subject(), &retry, 10).unwrap();
+        assert_eq!(event.kind, EventKind::Failed);
+        let at = event.retry.unwrap();
+        assert_eq!(at.attempt, 3);
+        assert!(at.at_ms >= before + 10_000 && at.at_ms < before + 20_000);
+        let error = event.error.unwrap();
+        assert_eq!(error.kind, "handler_failed");
+        assert!(error.message.len() <= MAX_EVENT_TEXT);
+        assert!(!final_event(&subject(), &retry, 10).unwrap().is_final());
+    }
+
+    #[test]
+    fn each_outcome_has_its_kind() {
+        let failure = || TaskFailure::new(ErrorKind::Expired, "late");
+        let expired = Outcome::Reply(Reply::Err(failure()));
+        let event = final_event(&subject(), &expired, 10).unwrap();
+        assert_eq!(event.kind, EventKind::Expired);
+        assert_eq!(event.error.unwrap().kind, "expired");
+        let parked = Outcome::DeadLetter {
+            reason: DeadReason::AttemptsExhausted,
+            failure: TaskFailure::new(ErrorKind::Timeout, "slow"),
+        };
+        let event = final_event(&subject(), &parked, 10).unwrap();
+        assert_eq!(event.kind, EventKind::DeadLettered);
+        assert_eq!(event.reason.as_deref(), Some("attempts_exhausted"));
+        assert_eq!(event.batch.as_deref(), Some("b1"));
+        assert!(final_event(&subject(), &Outcome::HandBack, 10).is_none());
+        assert!(final_event(&subject(), &Outcome::Later { seconds: 5 }, 10).is_none());
+    }
+
+    #[test]
+    fn progress_is_bounded() {
+        let progress = Progress {
+            fraction: Some(0.5),
+            message: Some("é".repeat(5000)),
+            detail: Some(raw("[1,2,3]")),
+        };
+        let kept = bounded_progress(progress.clone(), 7);
+        assert!(kept.message.as_ref().unwrap().len() <= MAX_EVENT_TEXT);
+        assert_eq!(kept.detail.unwrap().get(), "[1,2,3]");
+        assert!(bounded_progress(progress, 6).detail.is_none());
+    }
+}
