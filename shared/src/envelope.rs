@@ -103,8 +103,11 @@ pub const APP_ID: &str = "warren";
 /// `type` property of replies (requests carry the function name there).
 pub const REPLY_TYPE: &str = "warren.reply";
 
-/// `delivery_mode` of everything Warren publishes: persistent.
+/// `delivery_mode` of everything Warren publishes but progress updates: persistent.
 pub const PERSISTENT: u8 = 2;
+
+/// `delivery_mode` of a progress update to a caller: transient.
+pub const TRANSIENT: u8 = 1;
 
 /// The `reply_to` value that asks RabbitMQ for direct reply-to.
 pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
@@ -867,6 +870,16 @@ pub fn reply_properties(incoming: &Incoming) -> BasicProperties {
         .with_headers(h)
 }
 
+/// The properties of a progress message to the caller of the task read as `incoming`: a
+/// reply's (the same `correlation_id`, so that the caller's waiting call finds it), with
+/// `type` [`crate::events::PROGRESS_TYPE`] and transient (a progress update is worth nothing
+/// after a broker restart).
+pub fn progress_properties(incoming: &Incoming) -> BasicProperties {
+    reply_properties(incoming)
+        .with_type(crate::events::PROGRESS_TYPE.into())
+        .with_delivery_mode(TRANSIENT)
+}
+
 /// Whether `name` is a header the broker writes itself when it dead-letters or redelivers a
 /// message (`x-death`, `x-first-death-*`, `x-last-death-*`, `x-delivery-count`).
 pub fn is_broker_header(name: &str) -> bool {
@@ -1369,6 +1382,14 @@ mod tests {
             reply.kind().as_ref().map(ShortString::as_str),
             Some(REPLY_TYPE)
         );
+        // Progress goes to the same call, told apart by its type.
+        let progress = progress_properties(&incoming);
+        assert_eq!(progress.correlation_id(), reply.correlation_id());
+        assert_eq!(
+            progress.kind().as_ref().map(ShortString::as_str),
+            Some(crate::events::PROGRESS_TYPE)
+        );
+        assert_eq!(*progress.delivery_mode(), Some(TRANSIENT));
     }
 
     #[test]
