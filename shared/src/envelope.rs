@@ -940,6 +940,15 @@ pub fn replay_copy(parked: &BasicProperties) -> BasicProperties {
     copy_properties(parked, &task_id(parked), h)
 }
 
+/// Whether a message to a reply address is a progress update ([`progress_properties`]) rather
+/// than the reply.
+pub fn is_progress(message: &BasicProperties) -> bool {
+    message
+        .kind()
+        .as_ref()
+        .is_some_and(|kind| kind.as_str() == crate::events::PROGRESS_TYPE)
+}
+
 /// The `correlation_id` of a reply, which names the call it answers.
 pub fn reply_correlation_id(reply: &BasicProperties) -> Option<&str> {
     reply.correlation_id().as_ref().map(ShortString::as_str)
@@ -1390,6 +1399,7 @@ mod tests {
             Some(crate::events::PROGRESS_TYPE)
         );
         assert_eq!(*progress.delivery_mode(), Some(TRANSIENT));
+        assert!(is_progress(&progress) && !is_progress(&reply));
     }
 
     #[test]
