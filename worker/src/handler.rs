@@ -419,6 +419,9 @@ impl TaskContext {
     /// It never waits and never fails: the update is stored as the latest, and at most four
     /// updates a second are sent (the first at once, then the latest every 250 ms if it
     /// changed; the last one before the result), so a handler may report in a tight loop.
+    /// They are sent by a tokio task of their own: from a loop that never awaits (CPU-bound
+    /// work, which belongs in `spawn_blocking`, where reporting works as well), only the
+    /// last one may get out before the result.
     /// A fraction outside 0..=1 is clamped into it and a NaN one left out; an update with a
     /// message over 1 KiB or a detail over 4 KiB of JSON
     /// ([`MAX_PROGRESS_MESSAGE_BYTES`](warren_shared::events::MAX_PROGRESS_MESSAGE_BYTES),
