@@ -138,6 +138,10 @@ async function serve(handlers) {
       remaining() {
         return this.deadline === null ? null : this.deadline / 1000 - Date.now() / 1000;
       },
+      // Reports how far the task has got, to the caller waiting for it: `fraction` (0 to 1) or
+      // `percent` (0 to 100), `message` (a string, at most 1 KiB), `detail` (any JSON, at most
+      // 4 KiB); other keys are ignored. Each call writes one line; the worker sends the caller
+      // at most four updates a second (the latest wins) and the last one before the result.
       progress(progress) {
         write({ ...progress, type: 'progress', id });
       },

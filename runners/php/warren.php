@@ -69,7 +69,12 @@ final class Context
         return $this->deadline === null ? null : $this->deadline / 1000 - microtime(true);
     }
 
-    /** Reports progress (a JSON object); logged by the worker for now. */
+    /**
+     * Reports how far the task has got, to the caller waiting for it: `fraction` (0 to 1) or
+     * `percent` (0 to 100), `message` (a string, at most 1 KiB), `detail` (any JSON, at most
+     * 4 KiB); other keys are ignored. Each call writes one line; the worker sends the caller at
+     * most four updates a second (the latest wins) and the last one before the result.
+     */
     public function progress(array $progress): void
     {
         Runner::write(['type' => 'progress', 'id' => $this->id] + $progress);

@@ -63,7 +63,11 @@ class Context:
         return None if self.deadline is None else self.deadline / 1000 - time.time()
 
     def progress(self, progress):
-        """Reports progress (a dict); logged by the worker for now."""
+        """Reports how far the task has got, to the caller waiting for it: a dict with
+        `fraction` (0 to 1) or `percent` (0 to 100), `message` (a str, at most 1 KiB), `detail`
+        (any JSON, at most 4 KiB); other keys are ignored. Each call writes one line; the
+        worker sends the caller at most four updates a second (the latest wins) and the last
+        one before the result."""
         self._write(dict(progress, type="progress", id=self.id))
 
 

@@ -103,8 +103,11 @@ pub const APP_ID: &str = "warren";
 /// `type` property of replies (requests carry the function name there).
 pub const REPLY_TYPE: &str = "warren.reply";
 
-/// `delivery_mode` of everything Warren publishes: persistent.
+/// `delivery_mode` of everything Warren publishes but progress updates: persistent.
 pub const PERSISTENT: u8 = 2;
+
+/// `delivery_mode` of a progress update to a caller: transient.
+pub const TRANSIENT: u8 = 1;
 
 /// The `reply_to` value that asks RabbitMQ for direct reply-to.
 pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
@@ -888,6 +891,16 @@ pub fn reply_properties(incoming: &Incoming) -> BasicProperties {
         .with_headers(h)
 }
 
+/// The properties of a progress message to the caller of the task read as `incoming`: a
+/// reply's (the same `correlation_id`, so that the caller's waiting call finds it), with
+/// `type` [`crate::events::PROGRESS_TYPE`] and transient (a progress update is worth nothing
+/// after a broker restart).
+pub fn progress_properties(incoming: &Incoming) -> BasicProperties {
+    reply_properties(incoming)
+        .with_type(crate::events::PROGRESS_TYPE.into())
+        .with_delivery_mode(TRANSIENT)
+}
+
 /// Whether `name` is a header the broker writes itself when it dead-letters or redelivers a
 /// message (`x-death`, `x-first-death-*`, `x-last-death-*`, `x-delivery-count`).
 pub fn is_broker_header(name: &str) -> bool {
@@ -946,6 +959,15 @@ pub fn replay_copy(parked: &BasicProperties) -> BasicProperties {
     // A copy the broker parked itself may carry `user_id`; one parked by an older worker,
     // `expiration` too.
     copy_properties(parked, &task_id(parked), h)
+}
+
+/// Whether a message to a reply address is a progress update ([`progress_properties`]) rather
+/// than the reply.
+pub fn is_progress(message: &BasicProperties) -> bool {
+    message
+        .kind()
+        .as_ref()
+        .is_some_and(|kind| kind.as_str() == crate::events::PROGRESS_TYPE)
 }
 
 /// The `correlation_id` of a reply, which names the call it answers.
@@ -1409,6 +1431,15 @@ mod tests {
             reply.kind().as_ref().map(ShortString::as_str),
             Some(REPLY_TYPE)
         );
+        // Progress goes to the same call, told apart by its type.
+        let progress = progress_properties(&incoming);
+        assert_eq!(progress.correlation_id(), reply.correlation_id());
+        assert_eq!(
+            progress.kind().as_ref().map(ShortString::as_str),
+            Some(crate::events::PROGRESS_TYPE)
+        );
+        assert_eq!(*progress.delivery_mode(), Some(TRANSIENT));
+        assert!(is_progress(&progress) && !is_progress(&reply));
     }
 
     #[test]

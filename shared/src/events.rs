@@ -118,6 +118,129 @@ pub struct Progress {
     pub detail: Option<RawJson>,
 }
 
+/// The longest progress message, in bytes: an update with a longer one is dropped.
+pub const MAX_PROGRESS_MESSAGE_BYTES: usize = 1024;
+
+/// The largest progress detail, in bytes of JSON text: an update with a larger one is dropped.
+pub const MAX_PROGRESS_DETAIL_BYTES: usize = 4 * 1024;
+
+impl Progress {
+    /// `fraction` done (0.0 to 1.0), and nothing else.
+    pub fn fraction(fraction: f64) -> Self {
+        Self::default().with_fraction(fraction)
+    }
+
+    /// A message for people, and nothing else.
+    pub fn message(message: impl Into<String>) -> Self {
+        Self::default().with_message(message)
+    }
+
+    /// The same, `fraction` done.
+    #[must_use]
+    pub fn with_fraction(mut self, fraction: f64) -> Self {
+        self.fraction = Some(fraction);
+        self
+    }
+
+    /// The same, with `message`.
+    #[must_use]
+    pub fn with_message(mut self, message: impl Into<String>) -> Self {
+        self.message = Some(message.into());
+        self
+    }
+
+    /// The same, with `detail` as its JSON detail; a value that does not serialize to JSON (a
+    /// map with non-string keys) is left out.
+    #[must_use]
+    pub fn with_detail<T: Serialize + ?Sized>(mut self, detail: &T) -> Self {
+        self.detail = RawJson::to_json(detail).ok();
+        self
+    }
+
+    /// The update as it is passed on: a fraction outside 0..=1 clamped into it, a NaN fraction
+    /// left out (the message and detail still count).
+    ///
+    /// # Errors
+    /// [`BadProgress`] for an update with nothing in it, a message over
+    /// [`MAX_PROGRESS_MESSAGE_BYTES`] or a detail over [`MAX_PROGRESS_DETAIL_BYTES`].
+    pub fn checked(mut self) -> Result<Self, BadProgress> {
+        self.fraction = self
+            .fraction
+            .filter(|f| !f.is_nan())
+            .map(|f| f.clamp(0.0, 1.0));
+        if let Some(m) = &self.message
+            && m.len() > MAX_PROGRESS_MESSAGE_BYTES
+        {
+            return Err(BadProgress::MessageTooLong(m.len()));
+        }
+        if let Some(d) = &self.detail
+            && d.get().len() > MAX_PROGRESS_DETAIL_BYTES
+        {
+            return Err(BadProgress::DetailTooLarge(d.get().len()));
+        }
+        if self.fraction.is_none() && self.message.is_none() && self.detail.is_none() {
+            return Err(BadProgress::Empty);
+        }
+        Ok(self)
+    }
+}
+
+/// Why a progress update is not passed on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BadProgress {
+    /// No fraction (or only a NaN), no message, no detail.
+    #[error("a progress update with nothing in it")]
+    Empty,
+    /// The message is over [`MAX_PROGRESS_MESSAGE_BYTES`].
+    #[error("a progress message of {0} bytes; at most {MAX_PROGRESS_MESSAGE_BYTES}")]
+    MessageTooLong(usize),
+    /// The detail is over [`MAX_PROGRESS_DETAIL_BYTES`].
+    #[error("a progress detail of {0} bytes of JSON; at most {MAX_PROGRESS_DETAIL_BYTES}")]
+    DetailTooLarge(usize),
+}
+
+/// A progress message as a caller receives it on its reply address ([`PROGRESS_TYPE`]): what
+/// the task reported, and the attempt that reported it (a retry starts over).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CallerProgress {
+    /// The attempt that reported it, from 1.
+    pub attempt: u32,
+    /// What it reported.
+    #[serde(flatten)]
+    pub progress: Progress,
+}
+
+impl CallerProgress {
+    /// The message body: the [`Progress`] object with `"attempt"` added.
+    pub fn to_body(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a progress update always serialises")
+    }
+
+    /// Reads a message body written by [`CallerProgress::to_body`] (an `attempt` that is
+    /// missing is 0).
+    ///
+    /// # Errors
+    /// A [`serde_json::Error`] when the body is not such an object.
+    pub fn decode(body: &[u8]) -> Result<Self, serde_json::Error> {
+        #[derive(Deserialize)]
+        struct Attempt {
+            #[serde(default)]
+            attempt: u32,
+        }
+        // serde would read a struct from an array of its fields too.
+        if body.trim_ascii_start().first() != Some(&b'{') {
+            return Err(serde::de::Error::custom(
+                "a progress update is a JSON object",
+            ));
+        }
+        // Twice, small as it is: `flatten` cannot read the detail as raw JSON text.
+        let progress: Progress = serde_json::from_slice(body)?;
+        let Attempt { attempt } = serde_json::from_slice(body)?;
+        Ok(Self { attempt, progress })
+    }
+}
+
 /// A failure's kind and message, as in a reply's `error`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventError {
@@ -530,6 +653,58 @@ mod tests {
             "0193a1b2-0000-7000-8000-000000000000/2/started"
         );
         assert_eq!(s.properties().kind().as_ref().unwrap().as_str(), "started");
+    }
+
+    #[test]
+    fn progress_is_clamped_and_bounded() {
+        let p = Progress::fraction(1.5)
+            .with_message("resizing")
+            .checked()
+            .unwrap();
+        assert_eq!(p.fraction, Some(1.0));
+        assert_eq!(
+            Progress::fraction(-2.0).checked().unwrap().fraction,
+            Some(0.0)
+        );
+        // A NaN fraction is left out; with nothing else, there is nothing to pass on.
+        assert_eq!(
+            Progress::fraction(f64::NAN).checked(),
+            Err(BadProgress::Empty)
+        );
+        let p = Progress::fraction(f64::NAN)
+            .with_message("m")
+            .checked()
+            .unwrap();
+        assert_eq!(p.fraction, None);
+        let long = "x".repeat(MAX_PROGRESS_MESSAGE_BYTES + 1);
+        assert_eq!(
+            Progress::message(long).checked(),
+            Err(BadProgress::MessageTooLong(MAX_PROGRESS_MESSAGE_BYTES + 1))
+        );
+        let big = "y".repeat(MAX_PROGRESS_DETAIL_BYTES);
+        assert!(matches!(
+            Progress::default().with_detail(&big).checked(),
+            Err(BadProgress::DetailTooLarge(_))
+        ));
+        assert!(Progress::message("é".repeat(512)).checked().is_ok());
+    }
+
+    #[test]
+    fn a_caller_progress_body_is_the_progress_with_its_attempt() {
+        let update = CallerProgress {
+            attempt: 2,
+            progress: Progress::fraction(0.25)
+                .with_message("page 1")
+                .with_detail(&serde_json::json!({"pages": 4})),
+        };
+        let body = update.to_body();
+        let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            value,
+            serde_json::json!({"attempt": 2, "fraction": 0.25, "message": "page 1", "detail": {"pages": 4}})
+        );
+        assert_eq!(CallerProgress::decode(&body).unwrap(), update);
+        assert!(CallerProgress::decode(b"[1]").is_err());
     }
 
     #[test]

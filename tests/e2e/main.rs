@@ -17,6 +17,7 @@ mod memory;
 mod operations;
 mod pools;
 mod processes;
+mod progress;
 mod reliability;
 mod routing;
 mod run_at;

@@ -36,6 +36,11 @@ warren.serve({
     void process.stdout.isTTY;
     return 'x'.repeat(args.n);
   },
+  // Reports `steps` updates (a fraction and a message), then answers with `steps`.
+  progress: (args, ctx) => {
+    for (let i = 1; i <= args.steps; i++) ctx.progress({ fraction: i / args.steps, message: `step ${i}` });
+    return args.steps;
+  },
   context: (args, ctx) => ({
     id: ctx.id,
     function: ctx.function,

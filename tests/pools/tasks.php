@@ -108,6 +108,13 @@ Warren\serve([
         return ['read' => strlen((string) shell_exec('timeout 1 cat')), 'go' => $go];
     },
     'big' => fn (array $args) => str_repeat('x', $args['n']),
+    // Reports `steps` updates in percent, with a message, then answers with `steps`.
+    'progress' => function (array $args, Warren\Context $ctx) {
+        for ($i = 1; $i <= $args['steps']; $i++) {
+            $ctx->progress(['percent' => 100 * $i / $args['steps'], 'message' => "step $i"]);
+        }
+        return $args['steps'];
+    },
     'sleep' => function (array $args) {
         if (isset($args['started'])) {
             file_put_contents($args['started'], getmypid() . "\n", FILE_APPEND | LOCK_EX);

@@ -97,7 +97,15 @@ def big(args, ctx):
     return "x" * args["n"]
 
 
+def progress(args, ctx):
+    """Reports `steps` updates (a fraction, a message, a detail), then answers with `steps`."""
+    steps = args["steps"]
+    for i in range(1, steps + 1):
+        ctx.progress({"fraction": i / steps, "message": "step %d" % i, "detail": {"step": i}})
+    return steps
+
+
 warren.serve({"add": add, "boom": boom, "context": context, "nan": nan, "env": env,
               "spawn_sleep": spawn_sleep, "die": die, "read_stdin": read_stdin, "big": big,
               "spawn_holder": spawn_holder, "answer_and_exit": answer_and_exit,
-              "children": children})
+              "children": children, "progress": progress})

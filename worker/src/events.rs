@@ -271,7 +271,6 @@ impl Appender {
     /// counted in `warren_worker_event_appends_failed_total`; the task is not affected.
     ///
     /// Must be called from within the tokio runtime.
-    #[allow(dead_code)] // wired to `TaskContext::progress` and the pools' progress frames
     pub(crate) fn progress(&self, subject: &Subject, seq: u32, progress: Progress) {
         let Some(inner) = &self.inner else {
             return;
@@ -458,17 +457,11 @@ impl Trail {
         }
     }
 
-    /// What every event of this attempt carries (`None` when events are off): with
-    /// [`Trail::appender`], what a progress report needs ([`Appender::progress`]).
-    #[allow(dead_code)] // for `TaskContext::progress`
-    pub(crate) fn subject(&self) -> Option<&Subject> {
-        self.subject.as_ref()
-    }
-
-    /// The appender this trail appends with.
-    #[allow(dead_code)] // for `TaskContext::progress`
-    pub(crate) fn appender(&self) -> &Appender {
-        &self.appender
+    /// Where this attempt's progress events go ([`Appender::progress`]): `None` when events
+    /// are off.
+    pub(crate) fn progress_events(&self) -> Option<(Appender, Subject)> {
+        self.appender.inner.as_ref()?;
+        Some((self.appender.clone(), self.subject.clone()?))
     }
 
     /// The handler begins: sends `started`, without waiting for its confirm (which

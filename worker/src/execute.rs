@@ -27,6 +27,7 @@ use warren_shared::{ErrorKind, Policy, RawJson, Reply, Request, TaskFailure};
 use crate::events::Trail;
 use crate::handler::{Retry, TaskContext};
 use crate::outcome::{DeadReason, Envelope, Outcome};
+use crate::progress::{self, Reporter};
 use crate::registry::{HandlerFailure, Registry};
 
 /// How long a handler past its time limit has, after its cancellation fires, before the
@@ -51,6 +52,8 @@ pub(crate) struct Executor {
     pub(crate) reply_queues: Arc<[String]>,
     /// Cancelled when the worker gives up on running tasks (forced shutdown).
     pub(crate) abort: CancellationToken,
+    /// Where handlers' progress goes (none: dropped).
+    pub(crate) progress: Option<Arc<progress::Sink>>,
 }
 
 /// A task whose `x-warren-run-at` is at least this far ahead goes through the delay levels
@@ -247,15 +250,40 @@ impl Executor {
             .unwrap_or(&self.policy)
             .overridden_by(&envelope.overrides);
         let cancel = self.abort.child_token();
+        let progress = self
+            .progress
+            .as_ref()
+            .map_or_else(Reporter::discard, |sink| {
+                sink.reporter(envelope, attempt, trail.progress_events())
+            });
         let ctx = TaskContext::new(envelope.id.clone(), &request.function)
             .with_attempt(attempt, policy.max_attempts)
             .with_redelivered(delivery.redelivered)
             .with_deadline(deadline)
-            .with_cancellation(cancel.clone());
+            .with_cancellation(cancel.clone())
+            .with_progress(progress.clone());
         trail.started().await;
-        let started = std::time::Instant::now();
         // Its own tokio task: a panic stays there and comes back as a JoinError.
-        let mut run = tokio::spawn((entry.run)(request.args, ctx).in_current_span());
+        let run = tokio::spawn((entry.run)(request.args, ctx).in_current_span());
+        let outcome = self
+            .judge_run(run, envelope, &policy, attempt, deadline, &cancel)
+            .await;
+        // The last progress before the outcome's reply.
+        progress.finish().await;
+        outcome
+    }
+
+    /// Awaits the handler's run, within the policy's time limit, and judges how it ended.
+    async fn judge_run(
+        &self,
+        mut run: tokio::task::JoinHandle<Result<RawJson, HandlerFailure>>,
+        envelope: &Envelope,
+        policy: &Policy,
+        attempt: u32,
+        deadline: Option<SystemTime>,
+        cancel: &CancellationToken,
+    ) -> Outcome {
+        let started = std::time::Instant::now();
         // Only a result that would be published is bounded: with nobody waiting, a large one
         // is dropped and the task, which did its work, is done.
         let max_result_bytes = match envelope.reply_to.address() {
@@ -303,7 +331,7 @@ impl Executor {
             }
         };
         let (failure, retry) = failed;
-        let outcome = after_failure(&policy, attempt, deadline, failure, retry);
+        let outcome = after_failure(policy, attempt, deadline, failure, retry);
         match &outcome {
             Outcome::Retry { delay, failure } => {
                 tracing::warn!(kind = %failure.kind, error = %failure.message, retry_in = ?delay, "attempt failed; retrying");
@@ -442,6 +470,7 @@ mod tests {
             max_result_bytes: 4096,
             reply_queues: Arc::from([]),
             abort: CancellationToken::new(),
+            progress: None,
         }
     }
 

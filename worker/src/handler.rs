@@ -13,7 +13,10 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use tokio_util::sync::CancellationToken;
+use warren_shared::events::Progress;
 use warren_shared::{ErrorKind, Policy, Task, TaskFailure, TaskId};
+
+use crate::progress::Reporter;
 
 /// Runs tasks of type `T`. Implement it for a struct that owns what the handler needs (a
 /// connection pool, a mailer, settings): the state is typed and in place when the registry is
@@ -313,6 +316,7 @@ pub struct TaskContext {
     redelivered: bool,
     deadline: Option<SystemTime>,
     cancel: CancellationToken,
+    progress: Reporter,
 }
 
 impl TaskContext {
@@ -327,6 +331,7 @@ impl TaskContext {
             redelivered: false,
             deadline: None,
             cancel: CancellationToken::new(),
+            progress: Reporter::discard(),
         }
     }
 
@@ -357,6 +362,18 @@ impl TaskContext {
     pub fn with_cancellation(mut self, cancel: CancellationToken) -> Self {
         self.cancel = cancel;
         self
+    }
+
+    /// Where this attempt's progress goes.
+    #[must_use]
+    pub(crate) fn with_progress(mut self, progress: Reporter) -> Self {
+        self.progress = progress;
+        self
+    }
+
+    /// This attempt's progress reporter (a pool passes its task code's reports to it).
+    pub(crate) fn reporter(&self) -> &Reporter {
+        &self.progress
     }
 
     /// The task's id (the AMQP `message_id`): use it as an idempotency key.
@@ -393,6 +410,64 @@ impl TaskContext {
     /// Resolves when the worker gives up on this task (time limit or forced shutdown).
     pub async fn cancelled(&self) {
         self.cancel.cancelled().await;
+    }
+
+    /// Reports how far the task has got: a fraction done, a message, a JSON detail, any of
+    /// them ([`Progress`]). The caller waiting for the result sees it (`Client`'s progress
+    /// stream, `warren call`'s bar, the gateway's `progress` message).
+    ///
+    /// It never waits and never fails: the update is stored as the latest, and at most four
+    /// updates a second are sent (the first at once, then the latest every 250 ms if it
+    /// changed; the last one before the result), so a handler may report in a tight loop.
+    /// They are sent by a tokio task of their own: from a loop that never awaits (CPU-bound
+    /// work, which belongs in `spawn_blocking`, where reporting works as well), only the
+    /// last one may get out before the result.
+    /// A fraction outside 0..=1 is clamped into it and a NaN one left out; an update with a
+    /// message over 1 KiB or a detail over 4 KiB of JSON
+    /// ([`MAX_PROGRESS_MESSAGE_BYTES`](warren_shared::events::MAX_PROGRESS_MESSAGE_BYTES),
+    /// [`MAX_PROGRESS_DETAIL_BYTES`](warren_shared::events::MAX_PROGRESS_DETAIL_BYTES)), or
+    /// with nothing in it, is dropped (logged at debug). Without a caller waiting, or in a
+    /// context made by [`TaskContext::new`], it goes nowhere.
+    ///
+    /// ```
+    /// use serde::{Deserialize, Serialize};
+    /// use warren_shared::Task;
+    /// use warren_worker::{Progress, TaskContext, TaskError};
+    ///
+    /// #[derive(Serialize, Deserialize)]
+    /// struct Import { rows: u32 }
+    ///
+    /// impl Task for Import {
+    ///     const NAME: &'static str = "import";
+    ///     type Output = u32;
+    /// }
+    ///
+    /// async fn import(args: Import, ctx: TaskContext) -> Result<u32, TaskError> {
+    ///     ctx.progress_message("reading the file");
+    ///     for row in 0..args.rows {
+    ///         // ... import one row ...
+    ///         ctx.progress(
+    ///             Progress::fraction(f64::from(row + 1) / f64::from(args.rows))
+    ///                 .with_message(format!("row {} of {}", row + 1, args.rows))
+    ///                 .with_detail(&serde_json::json!({ "row": row + 1 })),
+    ///         );
+    ///     }
+    ///     Ok(args.rows)
+    /// }
+    /// # let registry = warren_worker::Registry::new().register_fn(import);
+    /// ```
+    pub fn progress(&self, progress: Progress) {
+        self.progress.report(progress);
+    }
+
+    /// [`TaskContext::progress`] with a fraction done (0.0 to 1.0) only.
+    pub fn progress_fraction(&self, fraction: f64) {
+        self.progress(Progress::fraction(fraction));
+    }
+
+    /// [`TaskContext::progress`] with a message only.
+    pub fn progress_message(&self, message: impl Into<String>) {
+        self.progress(Progress::message(message));
     }
 }
 

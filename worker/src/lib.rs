@@ -22,6 +22,8 @@
 //! - `builtin` and `mail`: the `echo`, `sleep`, `fail` and `send_mail` tasks (feature
 //!   `builtins`, on by default; without it the mailer, lettre, is not compiled).
 //! - [`pool`]: handler pools, task code in any language run by supervised processes.
+//! - [`progress`]: a running task's progress ([`TaskContext::progress`]), coalesced and sent
+//!   to the caller.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), warren_worker::WorkerError> {
@@ -53,6 +55,7 @@ pub mod metrics;
 pub mod ops;
 pub mod outcome;
 pub mod pool;
+pub mod progress;
 pub mod registry;
 pub mod settings;
 pub mod supervisor;
@@ -72,3 +75,4 @@ pub use pool::{Pool, PoolConfig, PoolError};
 pub use registry::Registry;
 pub use settings::{DEFAULT_MAX_RESULT_BYTES, WorkerError, WorkerSettings};
 pub use supervisor::{RunningWorker, run, start};
+pub use warren_shared::events::Progress;

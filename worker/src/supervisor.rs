@@ -154,6 +154,12 @@ pub async fn start(
         "worker consuming"
     );
     let abort = CancellationToken::new();
+    let publishing = Arc::new(LinkPool::new(
+        publish.clone(),
+        PUBLISH_CHANNELS,
+        settings.publish_timeout,
+        None,
+    ));
     let executor = Executor {
         queue: settings.queue.as_str().into(),
         registry,
@@ -162,14 +168,13 @@ pub async fn start(
         max_result_bytes: settings.max_result_bytes,
         reply_queues: settings.reply_queues.iter().cloned().collect(),
         abort: abort.clone(),
+        progress: Some(Arc::new(crate::progress::Sink {
+            pool: publishing.clone(),
+            publish_timeout: settings.publish_timeout,
+        })),
     };
     let settler = Settler {
-        pool: Arc::new(LinkPool::new(
-            publish.clone(),
-            PUBLISH_CHANNELS,
-            settings.publish_timeout,
-            None,
-        )),
+        pool: publishing,
         queue: settings.queue.clone(),
         dead_queue: names.dead,
         worker_name: settings.name.clone(),

@@ -2,13 +2,15 @@
 //!
 //! The `warren` command line: `call`, `enqueue`, `dlq`, `status` ([`status`]: is it working?),
 //! `functions` ([`functions`]: which queue serves each function; releasing a claim) and `demo`
-//! ([`demo`]: the motivating scenario, mail to 1000 users without blocking).
+//! ([`demo`]: the motivating scenario, mail to 1000 users without blocking); [`progress`]:
+//! `call`'s progress bar.
 //!
 //! Results go to stdout (JSON, one line); errors go to stderr as `error: <kind>: <message>`,
 //! with a non-zero exit status, so scripts can tell the two apart.
 
 pub mod demo;
 pub mod functions;
+pub mod progress;
 pub mod status;
 
 use std::io::Write;
@@ -23,6 +25,7 @@ use warren_shared::cli::BrokerArgs;
 use warren_shared::topology::{self, DEFAULT_QUEUE};
 
 use crate::demo::DemoOptions;
+use crate::progress::ProgressMode;
 use warren_client::Error;
 use warren_client::Replay;
 use warren_client::{CallOptions, Client, ClientSettings};
@@ -63,6 +66,10 @@ pub enum Command {
         #[arg(long, default_value = shown(ClientSettings::default().call_timeout),
               value_parser = humantime::parse_duration)]
         timeout: Duration,
+        /// The progress the task reports, on stderr: `auto` draws a bar when stderr is a
+        /// terminal, `lines` writes one JSON line per update, `off` shows nothing.
+        #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
+        progress: ProgressMode,
     },
     /// Queue a task without waiting; print its id once the broker holds it.
     Enqueue {
@@ -239,13 +246,14 @@ async fn execute(cli: Cli) -> Result<(), String> {
             function,
             args,
             timeout,
+            progress,
         } => {
             let args = parse_args(args.as_deref())?;
             let client = Client::connect(settings(target, target.queue.as_deref()))
                 .await
                 .map_err(describe)?;
             let options = CallOptions::default().timeout(*timeout);
-            let result = client.call_json_with(function, args, &options).await;
+            let result = progress::call(&client, function, args, &options, *progress).await;
             client.close().await;
             println!("{}", result.map_err(describe)?);
         }

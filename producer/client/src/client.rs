@@ -24,7 +24,8 @@ use warren_shared::{ChannelPool, Json, RawJson, Reply, Request, Task, TaskId, en
 
 use crate::error::Error;
 use crate::options::{CallOptions, ClientSettings, QueueStats, ReplyMode};
-use crate::pending::{Pending, PendingGuard, fail_calls_on_disconnect};
+use crate::pending::{Pending, PendingGuard, ProgressSender, Waiter, fail_calls_on_disconnect};
+use crate::progress::ProgressCall;
 use crate::replies::{start_reply_consumer, start_reply_queue};
 
 /// Queues declared, by name.
@@ -280,7 +281,7 @@ impl Client {
         options: &CallOptions,
     ) -> Result<RawJson, Error> {
         let body = encode_request(function, args);
-        self.call_body(function, body, options, None).await
+        self.call_body(function, body, options, None, None).await
     }
 
     /// [`Client::call_raw_with`] that tells `published` the task's id once the broker has
@@ -296,7 +297,7 @@ impl Client {
         published: oneshot::Sender<TaskId>,
     ) -> Result<RawJson, Error> {
         let body = encode_request(function, args);
-        self.call_body(function, body, options, Some(published))
+        self.call_body(function, body, options, Some(published), None)
             .await
     }
 
@@ -308,7 +309,8 @@ impl Client {
         published: Option<oneshot::Sender<TaskId>>,
     ) -> Result<Value, Error> {
         let body = encode_request(function, args);
-        self.call_body(function, body, options, published).await
+        self.call_body(function, body, options, published, None)
+            .await
     }
 
     /// Calls `function` with `body`, its encoded request. The body is dropped once the broker
@@ -319,6 +321,7 @@ impl Client {
         body: Vec<u8>,
         options: &CallOptions,
         published: Option<oneshot::Sender<TaskId>>,
+        progress: Option<ProgressSender>,
     ) -> Result<T, Error> {
         let timeout = options.timeout.unwrap_or(self.inner.settings.call_timeout);
         // A task due later has its timeout from its run-at time on.
@@ -333,7 +336,14 @@ impl Client {
                 // requests were already out.
                 self.wait_for_link(give_up).await?;
                 let (tx, mut rx) = oneshot::channel();
-                self.inner.pending.lock().insert(id.as_str().to_owned(), tx);
+                let waiter = Waiter {
+                    reply: tx,
+                    progress: progress.clone(),
+                };
+                self.inner
+                    .pending
+                    .lock()
+                    .insert(id.as_str().to_owned(), waiter);
                 let guard = PendingGuard {
                     pending: &self.inner.pending,
                     id: id.as_str(),
@@ -388,6 +398,100 @@ impl Client {
             Ok(Err(_)) => Err(Error::ConnectionLost),
             Err(_) => Err(Error::Timeout(timeout)),
         }
+    }
+
+    /// Runs a typed task and follows its progress: see [`ProgressCall`].
+    ///
+    /// ```no_run
+    /// # async fn demo(client: warren_client::Client) -> Result<(), warren_client::Error> {
+    /// use warren_client::CallOptions;
+    /// use warren_shared::tasks::Sleep;
+    ///
+    /// let mut call = client.call_with_progress(&Sleep { ms: 2000 }, &CallOptions::default());
+    /// while let Some(update) = call.progress().await {
+    ///     println!("{:?} {:?}", update.progress.fraction, update.progress.message);
+    /// }
+    /// let slept = call.await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn call_with_progress<T: Task>(
+        &self,
+        task: &T,
+        options: &CallOptions,
+    ) -> ProgressCall<T::Output>
+    where
+        T::Output: Unpin,
+    {
+        let options = with_task_queue::<T>(options).into_owned();
+        let body = serde_json::to_value(task).map(|args| encode_request(T::NAME, args));
+        let client = self.clone();
+        ProgressCall::start(move |progress| async move {
+            let body = body.map_err(Error::Encode)?;
+            let result: Value = client
+                .call_body(T::NAME, body, &options, None, Some(progress))
+                .await?;
+            serde_json::from_value(result).map_err(|e| {
+                Error::BadReply(format!("result of {:?} does not decode: {e}", T::NAME))
+            })
+        })
+    }
+
+    /// Runs `function` with JSON `args` and follows its progress: the updates the task reports
+    /// while it runs come from [`ProgressCall::progress`], in order, then the result from
+    /// awaiting the [`ProgressCall`].
+    ///
+    /// ```no_run
+    /// # async fn demo(client: warren_client::Client) -> Result<(), warren_client::Error> {
+    /// use warren_client::CallOptions;
+    ///
+    /// let args = serde_json::json!({"file": "big.csv"});
+    /// let mut call = client.call_json_with_progress("import", args, &CallOptions::default());
+    /// while let Some(update) = call.progress().await {
+    ///     if let Some(fraction) = update.progress.fraction {
+    ///         println!("{:.0} %", fraction * 100.0);
+    ///     }
+    /// }
+    /// let imported = call.await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn call_json_with_progress(
+        &self,
+        function: &str,
+        args: Value,
+        options: &CallOptions,
+    ) -> ProgressCall<Value> {
+        let body = encode_request(function, args);
+        self.start_with_progress(function, body, options, None)
+    }
+
+    /// [`Client::call_raw_with_ack`] that follows the task's progress, as
+    /// [`Client::call_json_with_progress`] does: for code that relays JSON (the gateway).
+    pub fn call_raw_with_progress(
+        &self,
+        function: &str,
+        args: RawJson,
+        options: &CallOptions,
+        published: oneshot::Sender<TaskId>,
+    ) -> ProgressCall<RawJson> {
+        let body = encode_request(function, args);
+        self.start_with_progress(function, body, options, Some(published))
+    }
+
+    fn start_with_progress<T: Returns + Unpin>(
+        &self,
+        function: &str,
+        body: Vec<u8>,
+        options: &CallOptions,
+        published: Option<oneshot::Sender<TaskId>>,
+    ) -> ProgressCall<T> {
+        let client = self.clone();
+        let function = function.to_owned();
+        let options = options.clone();
+        ProgressCall::start(move |progress| async move {
+            client
+                .call_body(&function, body, &options, published, Some(progress))
+                .await
+        })
     }
 
     /// Queues a typed task without waiting for it to run. Returns once the broker has
@@ -577,7 +681,7 @@ fn encode_request<A: Json>(function: &str, args: A) -> Vec<u8> {
 }
 
 /// What a call returns: a parsed result, or its JSON text.
-trait Returns: Json {
+trait Returns: Json + Send + 'static {
     fn decode(body: &[u8]) -> Result<Reply<Self>, serde_json::Error>;
 }
 

@@ -9,6 +9,7 @@
 //! - [`options`]: [`ClientSettings`], [`ReplyMode`], [`CallOptions`].
 //! - `pending` (calls waiting for replies), `replies` (the reply consumers), `publish` (the
 //!   publish path and what counts as a publish lost with its connection).
+//! - [`progress`]: [`ProgressCall`], a call that follows the progress its task reports.
 //! - [`error`]: [`Error`], every way a call can end without a result.
 //! - [`dlq`]: list, show, replay and purge tasks parked in a dead-letter queue.
 //! - [`functions`]: which queue owns a function, and releasing a claim.
@@ -31,6 +32,7 @@ pub mod error;
 pub mod functions;
 pub mod options;
 mod pending;
+pub mod progress;
 mod publish;
 mod replies;
 
@@ -39,3 +41,5 @@ pub use dlq::{DeadLetter, Replay};
 pub use error::Error;
 pub use functions::{ReleaseError, Released};
 pub use options::{CallOptions, ClientSettings, QueueStats, ReplyMode};
+pub use progress::ProgressCall;
+pub use warren_shared::events::{CallerProgress, Progress};

@@ -52,7 +52,11 @@ pub(crate) async fn start_reply_consumer(
             };
             // Decoded by the call, into what it returns.
             let body = std::mem::take(&mut delivery.data);
-            pending.deliver(correlation_id, body);
+            pending.deliver(
+                correlation_id,
+                envelope::is_progress(&delivery.properties),
+                body,
+            );
         }
         tracing::debug!(channel = channel.id(), "reply consumer ended");
     });
@@ -129,7 +133,11 @@ async fn follow_reply_queue(
             let Some(Ok(mut delivery)) = next else { break };
             if let Some(correlation_id) = envelope::reply_correlation_id(&delivery.properties) {
                 let body = std::mem::take(&mut delivery.data);
-                pending.deliver(correlation_id, body);
+                pending.deliver(
+                    correlation_id,
+                    envelope::is_progress(&delivery.properties),
+                    body,
+                );
             }
             // Acked once handed over (or found to be for nobody): a reply is read once.
             let _ = delivery.ack(BasicAckOptions::default()).await;

@@ -120,6 +120,12 @@ impl Held {
         })
     }
 
+    /// Takes `bytes` more from the same budgets, held apart (a progress update on its way to
+    /// the client), or `None` when they do not fit.
+    pub(crate) fn try_more(&self, bytes: usize) -> Option<Self> {
+        Self::take(&self.connection, &self.gateway, bytes).ok()
+    }
+
     /// Counts `bytes` more (a result that arrived), without refusing them.
     pub(crate) fn add(&mut self, bytes: usize) {
         self.connection.force(bytes);

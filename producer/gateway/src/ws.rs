@@ -512,28 +512,40 @@ async fn call(
 ) {
     let Task { id, function, args } = task;
     let (published_tx, mut published) = oneshot::channel();
-    let call = shared
+    let mut call = shared
         .client
-        .call_raw_with_ack(&function, args, &options, published_tx);
-    tokio::pin!(call);
+        .call_raw_with_progress(&function, args, &options, published_tx);
     let enqueued = |task_id: warren_shared::TaskId| Event {
         text: enqueued_event(&id, &task_id),
         held: None,
     };
-    let result = tokio::select! {
-        biased;
-        Ok(task_id) = &mut published => {
-            let _ = events.send(enqueued(task_id)).await;
-            call.await
-        }
-        result = &mut call => {
-            // The confirm and the reply came in one poll: acknowledge first all the same.
-            if let Ok(task_id) = published.try_recv() {
-                let _ = events.send(enqueued(task_id)).await;
+    // "enqueued" first, then the task's progress, then its answer.
+    let mut acknowledged = false;
+    loop {
+        tokio::select! {
+            biased;
+            confirmed = &mut published, if !acknowledged => {
+                acknowledged = true;
+                if let Ok(task_id) = confirmed {
+                    let _ = events.send(enqueued(task_id)).await;
+                }
             }
-            result
+            update = call.progress() => {
+                let Some(update) = update else { break };
+                // Lossy: a client that is behind (or out of room) gets fewer updates, never a
+                // later answer.
+                let text = progress_event(&id, &update);
+                if let Some(bytes) = held.try_more(text.len()) {
+                    let _ = events.try_send(Event { text, held: Some(bytes) });
+                }
+            }
         }
-    };
+    }
+    // The confirm and the reply came in one poll: acknowledge first all the same.
+    if !acknowledged && let Ok(task_id) = published.try_recv() {
+        let _ = events.send(enqueued(task_id)).await;
+    }
+    let result = call.await;
     crate::metrics::task_finished(
         crate::metrics::function_label(&shared.limits().allow, &function),
         &result,
@@ -578,6 +590,22 @@ fn result_event(id: &RawValue, result: &RawJson) -> String {
         id,
         ok: true,
         result,
+    })
+    .unwrap_or_default()
+}
+
+/// `{"id": ..., "progress": {"attempt": ..., "fraction": ..., "message": ..., "detail": ...}}`,
+/// the id as the client wrote it.
+fn progress_event(id: &RawValue, update: &warren_client::CallerProgress) -> String {
+    #[derive(serde::Serialize)]
+    struct ProgressEvent<'a> {
+        id: &'a RawValue,
+        progress: &'a warren_client::CallerProgress,
+    }
+    // JSON text and a progress update always serialize.
+    serde_json::to_string(&ProgressEvent {
+        id,
+        progress: update,
     })
     .unwrap_or_default()
 }

@@ -430,6 +430,7 @@ impl Pool {
                         .and_then(|d| u64::try_from(epoch_millis(d)).ok()),
                     spared: false,
                     reply,
+                    progress: ctx.reporter().clone(),
                 };
                 if !supervisor.submit(job) {
                     return Err(crashed("the pool stopped before running the task"));

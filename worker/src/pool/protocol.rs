@@ -7,6 +7,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 use tokio_util::bytes::{Buf, BytesMut};
 use tokio_util::codec::{Decoder, LinesCodecError};
+use warren_shared::events::Progress;
 use warren_shared::{ErrorKind, RawJson};
 
 use crate::handler::{Retry, TaskError};
@@ -214,7 +215,7 @@ pub(crate) enum Frame {
     Result { id: String, result: RawJson },
     /// The task `id` failed.
     Error { id: String, error: ErrorBody },
-    /// The task `id` made progress (reserved: logged, not yet forwarded to callers).
+    /// The task `id` made progress: its fields are read by [`progress_of`].
     Progress {
         id: String,
         #[serde(flatten)]
@@ -241,6 +242,25 @@ impl Frame {
             Self::Progress { id, .. } => format!("progress for task {}", task(id)),
             Self::Unknown => "a frame of a later protocol version".to_owned(),
         }
+    }
+}
+
+/// What a `progress` frame's fields report (docs/runners.md, "Progress"): `fraction` (a
+/// number, 0 to 1) or, without it, `percent` (a number, 0 to 100); `message` (a string);
+/// `detail` (any JSON but `null`). Other fields, and these with another type, are ignored; the
+/// update is then checked as any handler's ([`Progress::checked`]).
+pub(crate) fn progress_of(fields: &serde_json::Map<String, Value>) -> Progress {
+    let number = |name: &str| fields.get(name).and_then(Value::as_f64);
+    Progress {
+        fraction: number("fraction").or_else(|| number("percent").map(|p| p / 100.0)),
+        message: fields
+            .get("message")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        detail: fields
+            .get("detail")
+            .filter(|d| !d.is_null())
+            .and_then(|d| RawJson::to_json(d).ok()),
     }
 }
 
@@ -406,6 +426,38 @@ mod tests {
             "a long line is handed over whole, and the rest goes on"
         );
         assert!(lines(&mut FrameLines::new(8), b"\xff\n")[0].is_err());
+    }
+
+    #[test]
+    fn progress_frames_map_to_progress() {
+        let progress = |line: &str| match parse(line) {
+            Ok(Frame::Progress { rest, .. }) => progress_of(&rest),
+            other => panic!("{other:?}"),
+        };
+        let p = progress(
+            r#"{"type":"progress","id":"x","fraction":0.25,"message":"page 1","detail":{"pages":4},"eta":9}"#,
+        );
+        assert_eq!(p.fraction, Some(0.25));
+        assert_eq!(p.message.as_deref(), Some("page 1"));
+        assert_eq!(p.detail.as_ref().map(RawJson::get), Some(r#"{"pages":4}"#));
+        // percent when there is no fraction; fraction first when both come.
+        assert_eq!(
+            progress(r#"{"type":"progress","id":"x","percent":40}"#).fraction,
+            Some(0.4)
+        );
+        assert_eq!(
+            progress(r#"{"type":"progress","id":"x","percent":40,"fraction":0.9}"#).fraction,
+            Some(0.9)
+        );
+        // Fields of another type are ignored, as are unknown ones.
+        let p = progress(
+            r#"{"type":"progress","id":"x","fraction":"half","message":7,"detail":null,"step":3}"#,
+        );
+        assert_eq!(p, Progress::default());
+        assert!(p.checked().is_err());
+        // Out of range: clamped when checked.
+        let p = progress(r#"{"type":"progress","id":"x","percent":250}"#);
+        assert_eq!(p.checked().unwrap().fraction, Some(1.0));
     }
 
     #[test]

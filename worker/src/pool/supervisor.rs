@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use serde_json::Value;
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -23,6 +22,7 @@ use super::PoolConfig;
 use super::process::{Output, Process, Spec};
 use super::protocol::{self, Frame, RUNNER_PROTOCOL, TaskFrame};
 use crate::handler::{Retry, TaskError};
+use crate::progress::Reporter;
 
 /// First delay before restarting a process that keeps dying at start-up; doubles up to
 /// [`MAX_RESTART_DELAY`].
@@ -45,6 +45,8 @@ pub(crate) struct Job {
     /// written ahead to went before answering it (see [`release`]).
     pub(crate) spared: bool,
     pub(crate) reply: oneshot::Sender<Result<RawJson, TaskError>>,
+    /// Where the task code's progress frames go.
+    pub(crate) progress: Reporter,
 }
 
 /// A task failed because its process died or broke the protocol: retried like any transient
@@ -669,10 +671,13 @@ async fn run_job(
                     let _ = job.reply.send(Err(error.into_task_error()));
                     return None;
                 }
-                Output::Frame(Frame::Progress { id, rest }) => {
-                    started |= id == job.id;
-                    let progress = Value::Object(rest);
-                    tracing::debug!(pool = %shared.spec.pool, pid, task = %id, %progress, "progress");
+                Output::Frame(Frame::Progress { id, rest }) if id == job.id => {
+                    started = true;
+                    job.progress.report(protocol::progress_of(&rest));
+                }
+                Output::Frame(Frame::Progress { id, .. }) => {
+                    let id = warren_shared::envelope::bounded(&id, 100);
+                    tracing::debug!(pool = %shared.spec.pool, pid, task = %id, "progress for a task this process is not running; ignored");
                 }
                 Output::Frame(Frame::Unknown) => {}
                 Output::Frame(other) => {
