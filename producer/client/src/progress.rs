@@ -42,11 +42,14 @@ pub const PROGRESS_BUFFER: usize = 64;
 /// ```
 pub struct ProgressCall<T> {
     /// The call, until its result is in.
-    call: Option<Pin<Box<dyn Future<Output = Result<T, Error>> + Send>>>,
+    call: Option<Running<T>>,
     /// Its result, once in and before it is taken.
     result: Option<Result<T, Error>>,
     updates: mpsc::Receiver<CallerProgress>,
 }
+
+/// A call on its way to its result.
+type Running<T> = Pin<Box<dyn Future<Output = Result<T, Error>> + Send>>;
 
 impl<T> std::fmt::Debug for ProgressCall<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -87,11 +90,11 @@ impl<T> ProgressCall<T> {
         if let Ok(update) = self.updates.try_recv() {
             return Poll::Ready(Some(update));
         }
-        if let Some(call) = self.call.as_mut() {
-            if let Poll::Ready(result) = call.as_mut().poll(cx) {
-                self.result = Some(result);
-                self.call = None;
-            }
+        if let Some(call) = self.call.as_mut()
+            && let Poll::Ready(result) = call.as_mut().poll(cx)
+        {
+            self.result = Some(result);
+            self.call = None;
         }
         match self.updates.poll_recv(cx) {
             Poll::Ready(Some(update)) => Poll::Ready(Some(update)),
