@@ -698,6 +698,55 @@ async fn a_worker_that_may_not_declare_a_missing_stream_does_not_start_and_says_
     let _ = connection.close(200, "done".into()).await;
 }
 
+/// A stream declared with other retention (by an operator, or by workers with other settings)
+/// is used as it is; a queue of the stream's name that is not a stream is refused at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_with_other_retention_is_used_and_a_queue_that_is_no_stream_is_refused() {
+    let dir = temp_dir("events-existing");
+    let q = TestQueue::new("events-existing");
+    let mut settings = with_stream(&q, 2);
+    let stream = settings.events.stream.clone();
+    let (connection, channel) = raw_channel().await;
+    events::declare_stream(&channel, &stream, Duration::from_secs(600), 1 << 20)
+        .await
+        .unwrap();
+    let worker = q.worker_with(registry(&dir), settings.clone()).await;
+    let client = q.client().await;
+    let (id, outcome) = call(&client, "echo", json!(1), &CallOptions::default()).await;
+    assert_eq!(outcome.unwrap(), json!(1));
+    let read = events_of(&stream, id.as_str(), settled).await;
+    assert_eq!(
+        kinds(&read),
+        [(EventKind::Started, 1), (EventKind::Succeeded, 1)]
+    );
+    worker.shutdown().await.unwrap();
+
+    let classic = format!("{}.classic", stream);
+    q.also_delete(&classic);
+    channel
+        .queue_declare(
+            classic.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    settings.events.stream = classic.clone();
+    let err = warren_worker::start(settings, registry(&dir), Default::default())
+        .await
+        .expect_err("a classic queue is no event stream");
+    assert!(
+        matches!(&err, WorkerError::EventStream { stream, .. } if *stream == classic),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("is not a stream"), "{err}");
+    client.close().await;
+    let _ = connection.close(200, "done".into()).await;
+}
+
 /// Counts its runs; succeeds.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct Counted {}
