@@ -33,6 +33,7 @@ use futures_lite::StreamExt;
 use lapin::options::BasicAckOptions;
 use lapin::{BasicProperties, Channel, Connection, Consumer};
 use serde::Serialize;
+use tokio::sync::oneshot;
 
 use crate::TaskId;
 use crate::events::{self, Event, EventKind, Progress, ReadError, Start};
@@ -353,9 +354,9 @@ impl Reader {
     /// # Errors
     /// [`LookupError::Broker`] when the connection or channel fails; [`LookupError::Ended`]
     /// when the broker cancels the reader.
-    pub async fn next(
+    pub async fn next<F: Fn(&BasicProperties) -> bool>(
         &mut self,
-        wants: &dyn Fn(&BasicProperties) -> bool,
+        wants: F,
     ) -> Result<Step, LookupError> {
         if self.caught_up
             && let Some((offset, event)) = self.held.take()
@@ -601,14 +602,15 @@ impl Tracker {
         None
     }
 
-    fn outcome(self, retention: Duration) -> Outcome {
-        match self.last {
+    fn outcome(&self, retention: Duration) -> Outcome {
+        match &self.last {
             Some(event) => Outcome::Pending {
                 progress: self
                     .progress
+                    .as_ref()
                     .filter(|(attempt, _)| *attempt == event.attempt)
-                    .map(|(_, p)| p),
-                event,
+                    .map(|(_, p)| p.clone()),
+                event: event.clone(),
             },
             None => Outcome::not_found(retention),
         }
@@ -620,7 +622,9 @@ impl Tracker {
 /// Without `wait`, it reads until the task's final event or until it has caught up with the
 /// stream (at most [`LookupSettings::catch_up_timeout`]) and answers settled, pending or not
 /// found. With `wait`, it keeps following the stream for new events until the final one, for
-/// at most `wait` in all, and then answers what it knows (pending or not found).
+/// at most `wait` in all, and then answers what it knows (pending or not found); `caught_up`
+/// is told what it knew when it caught up with the stream and began to wait (a caller can show
+/// it meanwhile).
 ///
 /// # Errors
 /// [`LookupError::BadId`] before asking the broker anything; [`LookupError::NoStream`];
@@ -631,6 +635,7 @@ pub async fn find(
     settings: &LookupSettings,
     id: &TaskId,
     wait: Option<Duration>,
+    mut caught_up: Option<oneshot::Sender<TaskOutcome>>,
 ) -> Result<TaskOutcome, LookupError> {
     check_task_id(id.as_str())?;
     let began = tokio::time::Instant::now();
@@ -645,7 +650,7 @@ pub async fn find(
     };
     let mut tracker = Tracker::default();
     let outcome = loop {
-        let step = match tokio::time::timeout_at(give_up, reader.next(&wants)).await {
+        let step = match tokio::time::timeout_at(give_up, reader.next(wants)).await {
             Ok(step) => step?,
             Err(_) if wait.is_some() => break tracker.outcome(settings.retention),
             Err(_) => {
@@ -664,7 +669,14 @@ pub async fn find(
             }
             Step::Event(..) => {}
             Step::CaughtUp if wait.is_none() => break tracker.outcome(settings.retention),
-            Step::CaughtUp => {}
+            Step::CaughtUp => {
+                if let Some(tell) = caught_up.take() {
+                    let _ = tell.send(TaskOutcome {
+                        task_id: wanted.to_owned(),
+                        outcome: tracker.outcome(settings.retention),
+                    });
+                }
+            }
         }
     };
     reader.close().await;

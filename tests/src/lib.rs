@@ -3,7 +3,8 @@
 //! Helpers for Warren's integration tests and benchmarks, which talk to a real RabbitMQ
 //! (`AMQP_URL`, default `amqp://guest:guest@127.0.0.1:5672/%2f`):
 //!
-//! - unique queue names per test, deleted again by a guard even when the test fails;
+//! - unique queue names per test, deleted again by a guard even when the test fails; task event
+//!   streams of their own ([`stream`]) with events appended as workers append them;
 //! - in-process workers and clients on those queues;
 //! - the built binaries (`warren`, `warren-worker`) as child processes that are always stopped;
 //! - a private RabbitMQ node ([`node`]) for tests that stop a broker or raise an alarm, a
@@ -19,6 +20,7 @@ pub mod node;
 pub mod raw;
 pub mod relay;
 pub mod smtp;
+pub mod stream;
 pub mod tasks;
 pub mod tls;
 

@@ -12,6 +12,8 @@
 //! - [`error`]: [`Error`], every way a call can end without a result.
 //! - [`dlq`]: list, show, replay and purge tasks parked in a dead-letter queue.
 //! - [`functions`]: which queue owns a function, and releasing a claim.
+//! - [`results`]: what became of a task, by its id, after its caller has gone
+//!   ([`Client::result`], [`Client::wait_result`]), from the task event stream.
 //!
 //! The `warren` command line lives in `warren-cli`, the websocket gateway in `warren-gateway`.
 //!
@@ -33,9 +35,11 @@ pub mod options;
 mod pending;
 mod publish;
 mod replies;
+pub mod results;
 
 pub use client::Client;
 pub use dlq::{DeadLetter, Replay};
 pub use error::Error;
 pub use functions::{ReleaseError, Released};
 pub use options::{CallOptions, ClientSettings, QueueStats, ReplyMode};
+pub use warren_shared::lookup::{LookupError, Outcome, TaskOutcome};
