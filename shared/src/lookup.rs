@@ -250,11 +250,22 @@ impl Seen {
     }
 }
 
+/// An event read from the stream.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// Its offset in the stream.
+    pub offset: u64,
+    /// The event.
+    pub event: Event,
+    /// The message body as it was appended (JSON), for readers that pass it on as it is.
+    pub body: Vec<u8>,
+}
+
 /// What [`Reader::next`] found.
 #[derive(Debug)]
 pub enum Step {
-    /// An event (not a duplicate) and its offset.
-    Event(u64, Box<Event>),
+    /// An event (not a duplicate).
+    Event(Box<Entry>),
     /// The reader has caught up with the end of the stream as it was when reading began; said
     /// once. Later calls return the events appended since, as they come.
     CaughtUp,
@@ -282,7 +293,7 @@ pub struct Reader {
     quiet: Duration,
     caught_up: bool,
     /// A delivery that showed the reader had caught up, to be returned next.
-    held: Option<(u64, Box<Event>)>,
+    held: Option<Box<Entry>>,
     last_offset: Option<u64>,
     /// Deliveries not acked yet, and the tag of the last.
     unacked: u16,
@@ -359,9 +370,9 @@ impl Reader {
         wants: F,
     ) -> Result<Step, LookupError> {
         if self.caught_up
-            && let Some((offset, event)) = self.held.take()
+            && let Some(entry) = self.held.take()
         {
-            return Ok(Step::Event(offset, event));
+            return Ok(Step::Event(entry));
         }
         loop {
             let may_end = !self.caught_up
@@ -398,9 +409,13 @@ impl Reader {
                     .properties
                     .timestamp()
                     .is_some_and(|t| t > self.began_s);
-            let event = if wants(&delivery.properties) {
+            let entry = if wants(&delivery.properties) {
                 match events::decode(&delivery.properties, &delivery.data) {
-                    Ok((_, event)) if self.seen.first_time(&event) => Some(Box::new(event)),
+                    Ok((offset, event)) if self.seen.first_time(&event) => Some(Box::new(Entry {
+                        offset,
+                        event,
+                        body: delivery.data,
+                    })),
                     Ok(_) => None,
                     Err(e) => {
                         tracing::debug!(stream = %self.stream, error = %e, "skipping a message");
@@ -412,11 +427,11 @@ impl Reader {
             };
             if fresh {
                 self.caught_up = true;
-                self.held = event.map(|e| (offset, e));
+                self.held = entry;
                 return Ok(Step::CaughtUp);
             }
-            if let Some(event) = event {
-                return Ok(Step::Event(offset, event));
+            if let Some(entry) = entry {
+                return Ok(Step::Event(entry));
             }
         }
     }
@@ -662,12 +677,12 @@ pub async fn find(
             }
         };
         match step {
-            Step::Event(_, event) if event.task_id == wanted => {
-                if let Some(settled) = tracker.push(event) {
+            Step::Event(entry) if entry.event.task_id == wanted => {
+                if let Some(settled) = tracker.push(Box::new(entry.event)) {
                     break settled;
                 }
             }
-            Step::Event(..) => {}
+            Step::Event(_) => {}
             Step::CaughtUp if wait.is_none() => break tracker.outcome(settings.retention),
             Step::CaughtUp => {
                 if let Some(tell) = caught_up.take() {

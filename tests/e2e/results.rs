@@ -262,3 +262,287 @@ async fn bad_ids_and_a_missing_stream_are_typed_errors() {
     ));
     client.close().await;
 }
+
+/// Runs the built `warren` with `args`.
+fn warren(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(warren_tests::binary("warren"))
+        .args(args)
+        .env("AMQP_URL", amqp_url())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run warren: {e}"))
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A final failure of `id`: `handler_error: boom`.
+fn failed_for_good(id: &str) -> warren_shared::events::Event {
+    let mut failed = subject(id, "f", 1).event(EventKind::Failed);
+    failed.error = Some(warren_shared::events::EventError {
+        kind: "handler_error".into(),
+        message: "boom".into(),
+    });
+    failed
+}
+
+#[tokio::test]
+async fn cli_result_prints_each_outcome_with_its_exit_status() {
+    let stream = TestStream::new("cli-result").await;
+    let (ok, failed, pending) = (TaskId::new(), TaskId::new(), TaskId::new());
+    stream
+        .append_all(&[
+            subject(ok.as_str(), "f", 1).event(EventKind::Started),
+            succeeded(ok.as_str(), "f", r#"{"x":1}"#),
+            failed_for_good(failed.as_str()),
+            subject(pending.as_str(), "f", 1).event(EventKind::Started),
+        ])
+        .await;
+    let s = stream.name.as_str();
+
+    let out = warren(&["result", ok.as_str(), "--events-stream", s]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "{\"x\":1}\n");
+    let out = warren(&["result", ok.as_str(), "--events-stream", s, "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["state"], "settled");
+    assert_eq!(json["task_id"], ok.as_str());
+    assert_eq!(json["event"]["result"], serde_json::json!({"x": 1}));
+
+    let out = warren(&["result", failed.as_str(), "--events-stream", s]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(text(&out.stderr), "error: handler_error: boom\n");
+
+    let out = warren(&["result", pending.as_str(), "--events-stream", s]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+    let line = text(&out.stdout);
+    assert!(
+        line.starts_with("pending: ") && line.contains(" started "),
+        "{line}"
+    );
+
+    let unknown = TaskId::new();
+    for (id, age, shown) in [
+        (unknown.as_str(), "24h", "(24h)"),
+        ("order-17", "90m", "(90m)"),
+    ] {
+        let out = warren(&["result", id, "--events-stream", s, "--events-max-age", age]);
+        assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+        let stderr = text(&out.stderr);
+        assert!(stderr.starts_with("error: not_found: "), "{stderr}");
+        assert!(stderr.contains(shown), "{stderr}");
+    }
+
+    // Bad input never reaches the broker; a missing stream is named.
+    let out = warren(&["result", "", "--events-stream", s]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("the task id is empty"),
+        "{}",
+        text(&out.stderr)
+    );
+    let missing = format!("{s}.missing");
+    let out = warren(&["result", ok.as_str(), "--events-stream", &missing]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains(&format!("no event stream {missing}")),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = warren(&["result", ok.as_str(), "--timeout", "1s"]);
+    assert_eq!(out.status.code(), Some(2), "--timeout needs --wait");
+    stream.delete().await;
+}
+
+/// Reads `reader` line by line on a thread, into a channel.
+fn lines_of(reader: impl std::io::Read + Send + 'static) -> tokio::sync::mpsc::Receiver<String> {
+    let (tx, rx) = tokio::sync::mpsc::channel(100);
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(reader).lines() {
+            let Ok(line) = line else { return };
+            if tx.blocking_send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// The next line from `lines` that `wanted` accepts (within the stream bound).
+async fn line_where(
+    lines: &mut tokio::sync::mpsc::Receiver<String>,
+    wanted: impl Fn(&str) -> bool,
+) -> String {
+    loop {
+        let line = tokio::time::timeout(STREAM_WAIT, lines.recv())
+            .await
+            .expect("a line in time")
+            .expect("the process is still writing");
+        if wanted(&line) {
+            return line;
+        }
+    }
+}
+
+#[tokio::test]
+async fn cli_result_wait_returns_when_the_final_event_is_appended() {
+    let stream = TestStream::new("cli-wait").await;
+    let id = TaskId::new();
+    stream
+        .append(&subject(id.as_str(), "slow", 1).event(EventKind::Started))
+        .await;
+    let mut command = std::process::Command::new(warren_tests::binary("warren"));
+    command
+        .args(["result", id.as_str(), "--wait", "--timeout", "60s"])
+        .args(["--events-stream", &stream.name])
+        .env("AMQP_URL", amqp_url())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = warren_tests::ChildGuard::spawn(command);
+    let mut stderr = lines_of(child.take_stderr().unwrap());
+    let mut stdout = lines_of(child.take_stdout().unwrap());
+    // It has read the stream to its end and says what it waits for.
+    let waiting = line_where(&mut stderr, |l| l.starts_with("waiting up to 1m: ")).await;
+    assert!(
+        waiting.contains("pending: ") && waiting.contains(id.as_str()),
+        "{waiting}"
+    );
+    stream
+        .append(&succeeded(id.as_str(), "slow", r#""done""#))
+        .await;
+    assert_eq!(line_where(&mut stdout, |_| true).await, r#""done""#);
+    let status = tokio::task::spawn_blocking(move || child.wait_timeout(STREAM_WAIT))
+        .await
+        .unwrap()
+        .expect("exits");
+    assert_eq!(status.code(), Some(0));
+
+    // A wait that times out says the task is not settled.
+    let out = warren(&[
+        "result",
+        TaskId::new().as_str(),
+        "--wait",
+        "--timeout",
+        "300ms",
+        "--events-stream",
+        &stream.name,
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    stream.delete().await;
+}
+
+#[tokio::test]
+async fn cli_events_filters_by_task_function_queue_and_kind_and_prints_bodies_as_json() {
+    let stream = TestStream::new("cli-events").await;
+    let (a, b) = (TaskId::new(), TaskId::new());
+    let mut on_other_queue = subject(b.as_str(), "resize", 1).event(EventKind::Started);
+    on_other_queue.queue = "images".into();
+    let appended = [
+        subject(a.as_str(), "send_mail", 1).event(EventKind::Started),
+        on_other_queue,
+        succeeded(a.as_str(), "send_mail", r#"{"sent":true}"#),
+        failed_for_good(b.as_str()),
+    ];
+    stream.append_all(&appended).await;
+    let s = stream.name.as_str();
+    let events = |extra: &[&str]| {
+        let out = warren(&[&["events", "--events-stream", s][..], extra].concat());
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{extra:?}: {}",
+            text(&out.stderr)
+        );
+        text(&out.stdout)
+    };
+
+    let all = events(&[]);
+    let lines: Vec<&str> = all.lines().collect();
+    assert_eq!(lines.len(), 4, "{all}");
+    assert!(
+        lines[0].contains(&format!("  started        {a}  send_mail  q  #1  w1")),
+        "{all}"
+    );
+    assert!(lines[2].ends_with(r#"{"sent":true}"#), "{all}");
+    assert!(lines[3].ends_with("handler_error: boom (final)"), "{all}");
+
+    let by_function = events(&["--function", "send_mail"]);
+    assert_eq!(by_function.lines().count(), 2, "{by_function}");
+    assert!(!by_function.contains(b.as_str()), "{by_function}");
+    let by_queue = events(&["--queue", "images"]);
+    assert_eq!(by_queue.lines().count(), 1, "{by_queue}");
+    assert!(by_queue.contains("resize"), "{by_queue}");
+    let by_kind = events(&["--kind", "succeeded,failed"]);
+    assert_eq!(by_kind.lines().count(), 2, "{by_kind}");
+    let by_kinds = events(&[
+        "--kind",
+        "started",
+        "--kind",
+        "failed",
+        "--task",
+        b.as_str(),
+    ]);
+    assert_eq!(by_kinds.lines().count(), 2, "{by_kinds}");
+    assert!(!by_kinds.contains(a.as_str()), "{by_kinds}");
+    assert_eq!(
+        events(&["--since", "1h", "--task", a.as_str()])
+            .lines()
+            .count(),
+        2
+    );
+
+    // --json: each event's body, as it was appended.
+    let json = events(&["--json"]);
+    let bodies: Vec<String> = appended
+        .iter()
+        .map(|e| String::from_utf8(e.to_body()).unwrap())
+        .collect();
+    assert_eq!(json.lines().collect::<Vec<_>>(), bodies);
+
+    let out = warren(&["events", "--events-stream", s, "--kind", "done"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("dead_lettered"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = warren(&["events", "--events-stream", s, "--task", ""]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("bad --task"),
+        "{}",
+        text(&out.stderr)
+    );
+    stream.delete().await;
+}
+
+#[tokio::test]
+async fn cli_events_follow_shows_events_as_they_are_appended() {
+    let stream = TestStream::new("cli-follow").await;
+    let id = TaskId::new();
+    let mut command = std::process::Command::new(warren_tests::binary("warren"));
+    command
+        .args(["events", "--follow", "--task", id.as_str()])
+        .args(["--events-stream", &stream.name])
+        .env("AMQP_URL", amqp_url())
+        .stdout(std::process::Stdio::piped());
+    let mut child = warren_tests::ChildGuard::spawn(command);
+    let mut stdout = lines_of(child.take_stdout().unwrap());
+    stream
+        .append(&subject(id.as_str(), "f", 1).event(EventKind::Started))
+        .await;
+    let first = line_where(&mut stdout, |_| true).await;
+    assert!(first.contains(" started "), "{first}");
+    // Another task's event is not shown; this task's next one is.
+    noise(&stream, 3).await;
+    stream.append(&succeeded(id.as_str(), "f", "7")).await;
+    let second = line_where(&mut stdout, |_| true).await;
+    assert!(
+        second.contains(" succeeded ") && second.ends_with("  7"),
+        "{second}"
+    );
+    drop(child);
+    stream.delete().await;
+}

@@ -6,7 +6,8 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 use warren_shared::TaskId;
-use warren_shared::lookup::{self, LookupSettings, TaskOutcome};
+use warren_shared::events::Start;
+use warren_shared::lookup::{self, LookupSettings, Reader, TaskOutcome};
 
 use crate::client::Client;
 use crate::error::Error;
@@ -61,6 +62,20 @@ impl Client {
             .await?;
         let settings = self.lookup_settings();
         Ok(lookup::find(&self.connection(), &settings, id, wait, caught_up).await?)
+    }
+
+    /// A reader of the task event stream from `start`, on a channel of its own: events in
+    /// order, duplicates dropped, and a [`Step::CaughtUp`](lookup::Step::CaughtUp) when it has
+    /// read to the end of the stream as it was (`warren events`).
+    ///
+    /// # Errors
+    /// [`Error::Lookup`] (no event stream, named; the broker refused); [`Error::Closed`],
+    /// [`Error::Unavailable`].
+    pub async fn read_events(&self, start: Start) -> Result<Reader, Error> {
+        self.wait_for_link(tokio::time::Instant::now() + self.settings().reconnect_wait)
+            .await?;
+        let settings = self.lookup_settings();
+        Ok(Reader::open(&self.connection(), &settings.stream, start, settings.quiet).await?)
     }
 
     /// Where this client looks results up: its events stream and retention.
