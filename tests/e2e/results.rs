@@ -546,3 +546,144 @@ async fn cli_events_follow_shows_events_as_they_are_appended() {
     drop(child);
     stream.delete().await;
 }
+
+/// `GET url` with an optional bearer token: the status and the body as JSON.
+async fn get_json(url: String, bearer: Option<&str>) -> (u16, serde_json::Value) {
+    let bearer = bearer.map(|t| format!("Bearer {t}"));
+    tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(STREAM_WAIT))
+            .build()
+            .into();
+        let mut request = agent.get(&url);
+        if let Some(bearer) = &bearer {
+            request = request.header("Authorization", bearer);
+        }
+        let mut response = request.call().unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        let status = response.status().as_u16();
+        let body = response.body_mut().read_to_string().unwrap();
+        let json = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{body}: {e}"));
+        (status, json)
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_gateway_answers_results_over_http_and_the_websocket() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    const TOKEN: &str = "results-token";
+    let stream = TestStream::new("gateway").await;
+    let (done, running) = (TaskId::new(), TaskId::new());
+    stream
+        .append_all(&[
+            succeeded(done.as_str(), "echo", r#"{"x":1}"#),
+            subject(running.as_str(), "echo", 1).event(EventKind::Started),
+        ])
+        .await;
+    let client = client_of(&stream).await;
+    let listen =
+        || warren_gateway::listen(([127, 0, 0, 1], 0).into(), 128).expect("bind a loopback port");
+    let (http, text) = (listen(), listen());
+    let addr = http.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let settings = warren_gateway::GatewaySettings {
+        limits: warren_gateway::Limits {
+            token: Some(TOKEN.into()),
+            ..warren_gateway::Limits::default()
+        },
+        ..warren_gateway::GatewaySettings::default()
+    };
+    let gateway = tokio::spawn(warren_gateway::serve(
+        settings,
+        client.clone(),
+        http,
+        text,
+        stop.clone(),
+    ));
+    let url = |id: &str| {
+        format!(
+            "http://{addr}/api/tasks/{}",
+            warren_tests::percent_encode(id)
+        )
+    };
+
+    // HTTP: the token as on /api/*; 200 with the outcome, 404 naming the retention, 400.
+    let (status, body) = get_json(url(done.as_str()), None).await;
+    assert_eq!(
+        (status, &body["error"]["kind"]),
+        (401, &"unauthorized".into())
+    );
+    let (status, body) = get_json(url(done.as_str()), Some(TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["state"], "settled");
+    assert_eq!(body["task_id"], done.as_str());
+    assert_eq!(body["event"]["result"], serde_json::json!({"x": 1}));
+    let (status, body) = get_json(url(running.as_str()), Some(TOKEN)).await;
+    assert_eq!((status, &body["state"]), (200, &"pending".into()), "{body}");
+    assert_eq!(body["event"]["type"], "started");
+    let (status, body) = get_json(url(TaskId::new().as_str()), Some(TOKEN)).await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"]["kind"], "not_found");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("(24h)"),
+        "{body}"
+    );
+    for bad in ["x".repeat(300), "a\nb".to_owned()] {
+        let (status, body) = get_json(url(&bad), Some(TOKEN)).await;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(body["error"]["kind"], "bad_request");
+    }
+
+    // The websocket: {"result": "<task id>"} -> {"result": {...}}.
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+        .await
+        .expect("ws connects");
+    let mut ask = async |message: serde_json::Value| -> serde_json::Value {
+        ws.send(Message::text(message.to_string())).await.unwrap();
+        loop {
+            let answer = tokio::time::timeout(STREAM_WAIT, ws.next())
+                .await
+                .expect("an answer in time")
+                .expect("open")
+                .expect("a message");
+            if let Message::Text(text) = answer {
+                return serde_json::from_str(&text).unwrap();
+            }
+        }
+    };
+    assert_eq!(
+        ask(serde_json::json!({"auth": TOKEN})).await,
+        serde_json::json!({"auth": "ok"})
+    );
+    let answer = ask(serde_json::json!({"result": done.as_str()})).await;
+    assert_eq!(answer["result"]["state"], "settled", "{answer}");
+    assert_eq!(
+        answer["result"]["event"]["result"],
+        serde_json::json!({"x": 1})
+    );
+    let answer = ask(serde_json::json!({"result": running.as_str()})).await;
+    assert_eq!(answer["result"]["state"], "pending", "{answer}");
+    let unknown = TaskId::new();
+    let answer = ask(serde_json::json!({"result": unknown.as_str()})).await;
+    assert_eq!(answer["result"]["state"], "not_found", "{answer}");
+    assert_eq!(answer["result"]["task_id"], unknown.as_str());
+    assert_eq!(answer["result"]["retention_s"], 86_400);
+    for bad in [serde_json::json!(5), serde_json::json!("")] {
+        let answer = ask(serde_json::json!({ "result": bad })).await;
+        assert_eq!(answer["result"]["task_id"], bad, "{answer}");
+        assert_eq!(answer["result"]["error"]["kind"], "bad_request", "{answer}");
+    }
+    let _ = ws.close(None).await;
+
+    stop.cancel();
+    tokio::time::timeout(STREAM_WAIT, gateway)
+        .await
+        .expect("the gateway stops")
+        .unwrap();
+    client.close().await;
+    stream.delete().await;
+}
