@@ -18,8 +18,9 @@
 //! stamped after the read began arrives (on a busy stream the quiet never comes). A pause in
 //! deliveries before the tail (a broker that is slow to read its segments) does not end it. A
 //! reader that starts after the tail (a task id made after the last event) has nothing to read
-//! and ends after the quiet period; so does one on an empty stream, after [`TAIL_WAIT`] for
-//! the last chunk. Callers bound the whole with a timeout.
+//! and ends after the quiet period (or, when the stamps cannot tell, after [`TAIL_WAIT`] without
+//! a first delivery); so does one on an empty stream, after [`TAIL_WAIT`] for the last chunk.
+//! Callers bound the whole with a timeout.
 //!
 //! **Duplicates.** A worker killed between its append and its ack appends an event again;
 //! [`Seen`] drops events whose [`Event::dedupe_key`] it has seen, remembering a bounded number
@@ -301,6 +302,8 @@ pub struct Reader {
     prefetch: u16,
     read: u64,
     seen: Seen,
+    /// Closed by [`Reader::close`]: nothing left for the drop to do.
+    closed: bool,
 }
 
 impl Reader {
@@ -345,6 +348,7 @@ impl Reader {
             prefetch: events::READ_PREFETCH,
             read: 0,
             seen: Seen::default(),
+            closed: false,
         })
     }
 
@@ -380,8 +384,18 @@ impl Reader {
                     Tail::Behind => true,
                     Tail::At(tail) => self.last_offset.is_some_and(|o| o >= tail),
                 };
-            let delivery = if may_end {
-                match tokio::time::timeout(self.quiet, self.consumer.next()).await {
+            // A reader that has nothing at all after TAIL_WAIT starts past the tail (its
+            // time is later than the last chunk's, by less than the stamps could tell): the
+            // broker delivers the first chunk of a seek at once.
+            let pause = if may_end {
+                Some(self.quiet)
+            } else if !self.caught_up && self.last_offset.is_none() {
+                Some(TAIL_WAIT.max(self.quiet))
+            } else {
+                None
+            };
+            let delivery = if let Some(pause) = pause {
+                match tokio::time::timeout(pause, self.consumer.next()).await {
                     Ok(delivery) => delivery,
                     Err(_) => {
                         self.caught_up = true;
@@ -461,7 +475,7 @@ impl Reader {
 
 impl Drop for Reader {
     fn drop(&mut self) {
-        if self.channel.status().connected() {
+        if !self.closed && self.channel.status().connected() {
             let channel = self.channel.clone();
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 runtime.spawn(async move {
