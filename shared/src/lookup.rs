@@ -37,6 +37,7 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 
 use crate::TaskId;
+use crate::broker::is_not_found;
 use crate::events::{self, Event, EventKind, Progress, ReadError, Start};
 
 /// How far before a UUIDv7 id's time a lookup starts reading (clocks of callers and brokers
@@ -186,18 +187,6 @@ impl LookupError {
             error,
         }
     }
-}
-
-/// Whether the broker answered `404 NOT_FOUND` (a consumer on a stream that does not exist).
-fn is_not_found(error: &lapin::Error) -> bool {
-    matches!(
-        error.kind(),
-        lapin::ErrorKind::ProtocolError(amqp)
-            if matches!(
-                amqp.kind(),
-                lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::NOTFOUND)
-            )
-    )
 }
 
 /// The dedupe keys of events already seen, bounded by bytes: past the bound, the oldest keys

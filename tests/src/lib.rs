@@ -188,43 +188,48 @@ impl TestQueue {
 
 impl Drop for TestQueue {
     fn drop(&mut self) {
-        let names = self.all_names();
-        let functions_exchange = self.functions_exchange();
-        // Drop cannot be async and may run inside a runtime: delete from a thread of its own.
-        let cleanup = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
+        delete_now(self.all_names(), vec![self.functions_exchange()]);
+    }
+}
+
+/// Deletes `queues` (streams too) and `exchanges` now, each on a channel of its own (deleting a
+/// missing one is fine, but an error would close a shared channel), on a fresh connection
+/// from a thread and runtime of their own: what a guard's `drop` does, which cannot be async
+/// and may run inside a runtime whose thread it blocks.
+pub fn delete_now(queues: Vec<String>, exchanges: Vec<String>) {
+    let cleanup = std::thread::spawn(move || {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        runtime.block_on(async move {
+            let props = lapin::ConnectionProperties::default();
+            let Ok(conn) = lapin::Connection::connect(&amqp_url(), props).await else {
                 return;
             };
-            runtime.block_on(async move {
-                let props = lapin::ConnectionProperties::default();
-                let Ok(conn) = lapin::Connection::connect(&amqp_url(), props).await else {
-                    return;
-                };
-                for name in names {
-                    // A channel per delete: deleting a missing queue is fine, but an error
-                    // would close a shared channel.
-                    if let Ok(channel) = conn.create_channel().await {
-                        let _ = channel
-                            .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
-                            .await;
-                    }
+            for name in queues {
+                if let Ok(channel) = conn.create_channel().await {
+                    let _ = channel
+                        .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+                        .await;
                 }
+            }
+            for name in exchanges {
                 if let Ok(channel) = conn.create_channel().await {
                     let _ = channel
                         .exchange_delete(
-                            functions_exchange.as_str().into(),
+                            name.as_str().into(),
                             lapin::options::ExchangeDeleteOptions::default(),
                         )
                         .await;
                 }
-                let _ = conn.close(200, "test cleanup".into()).await;
-            });
+            }
+            let _ = conn.close(200, "test cleanup".into()).await;
         });
-        let _ = cleanup.join();
-    }
+    });
+    let _ = cleanup.join();
 }
 
 /// The functions exchange a test whose queue is `queue` routes by function through, so that

@@ -111,33 +111,9 @@ impl TestStream {
 
 impl Drop for TestStream {
     fn drop(&mut self) {
-        if self.name.is_empty() {
-            return;
+        if !self.name.is_empty() {
+            crate::delete_now(vec![self.name.clone()], Vec::new());
         }
-        let name = self.name.clone();
-        // Drop cannot be async and may run inside a runtime (whose thread this blocks, the
-        // test's own connection with it): delete on a new connection from a thread of its own.
-        let cleanup = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            runtime.block_on(async move {
-                let props = ConnectionProperties::default();
-                let Ok(conn) = Connection::connect(&amqp_url(), props).await else {
-                    return;
-                };
-                if let Ok(channel) = conn.create_channel().await {
-                    let _ = channel
-                        .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
-                        .await;
-                }
-                let _ = conn.close(200, "test cleanup".into()).await;
-            });
-        });
-        let _ = cleanup.join();
     }
 }
 
