@@ -469,6 +469,19 @@ fn access_refused(error: &lapin::Error) -> Option<String> {
     }
 }
 
+/// Whether the broker answered `404 NOT_FOUND`: a passive declare, a consumer or a `get` on a
+/// queue (or stream) that does not exist. It closes the channel.
+pub fn is_not_found(error: &lapin::Error) -> bool {
+    matches!(
+        error.kind(),
+        lapin::ErrorKind::ProtocolError(amqp)
+            if matches!(
+                amqp.kind(),
+                lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::NOTFOUND)
+            )
+    )
+}
+
 /// RabbitMQ's wording, `[configure ]access to queue 'q' in vhost '/' refused for user 'u'`,
 /// becomes `(Some("configure"), "queue 'q' in vhost '/'", "u")`. RabbitMQ 3.10 names the
 /// permission only for some operations; the caller knows it for the others

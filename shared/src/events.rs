@@ -492,6 +492,8 @@ pub enum Start {
     First,
     /// Only events appended after the reader attaches.
     Next,
+    /// The last chunk written: a few of the newest events (where the stream ends now).
+    Last,
     /// At this offset (the event with it, and everything after).
     Offset(u64),
     /// At the first chunk written at or after this time (whole seconds, the broker's clock;
@@ -504,6 +506,7 @@ impl Start {
         match self {
             Self::First => AMQPValue::LongString("first".into()),
             Self::Next => AMQPValue::LongString("next".into()),
+            Self::Last => AMQPValue::LongString("last".into()),
             Self::Offset(o) => AMQPValue::LongLongInt(i64::try_from(o).unwrap_or(i64::MAX)),
             Self::Time(t) => AMQPValue::Timestamp(
                 t.duration_since(SystemTime::UNIX_EPOCH)

@@ -7,6 +7,8 @@
 //! - [`delay`]: run at a time: the fixed ladder of 28 binary delay levels and its routing keys.
 //! - [`events`]: task events: their format on the `warren.events` stream, how the stream is
 //!   declared and read.
+//! - [`lookup`]: reading the event stream to its end (duplicates dropped) and finding a task's
+//!   outcome there, from the time in its id.
 //! - [`envelope`]: the only code that writes or reads the AMQP properties and `x-warren-*`
 //!   headers of tasks, replies, retry and dead-letter copies; it bounds what it writes.
 //! - [`task`]: the [`Task`] trait that names a task type and its result, and the built-in task
@@ -43,6 +45,7 @@ pub mod delay;
 pub mod envelope;
 pub mod events;
 pub mod link;
+pub mod lookup;
 pub mod metrics;
 pub mod otel;
 pub mod policy;

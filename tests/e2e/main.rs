@@ -19,6 +19,7 @@ mod pools;
 mod processes;
 mod progress;
 mod reliability;
+mod results;
 mod routing;
 mod run_at;
 mod safety;

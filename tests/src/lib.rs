@@ -3,7 +3,8 @@
 //! Helpers for Warren's integration tests and benchmarks, which talk to a real RabbitMQ
 //! (`AMQP_URL`, default `amqp://guest:guest@127.0.0.1:5672/%2f`):
 //!
-//! - unique queue names per test, deleted again by a guard even when the test fails;
+//! - unique queue names per test, deleted again by a guard even when the test fails; task event
+//!   streams of their own ([`stream`]) with events appended as workers append them;
 //! - in-process workers and clients on those queues;
 //! - the built binaries (`warren`, `warren-worker`) as child processes that are always stopped;
 //! - a private RabbitMQ node ([`node`]) for tests that stop a broker or raise an alarm, a
@@ -19,6 +20,7 @@ pub mod node;
 pub mod raw;
 pub mod relay;
 pub mod smtp;
+pub mod stream;
 pub mod tasks;
 pub mod tls;
 
@@ -245,56 +247,76 @@ impl Drop for TestQueue {
             // runs again (the test goes on) stops without declaring anything.
             workers.clear();
         }
-        // Drop cannot be async and may run inside a runtime: stop and delete from a thread of
-        // its own, the workers first, so that none of them declares the queues again.
+        // Drop cannot be async and may run inside a runtime: wait for the workers to stop
+        // from a thread of its own, then delete, so that none of them declares the queues
+        // again.
         let cleanup = move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            runtime.block_on(async move {
-                for mut worker in workers {
-                    let stopped = worker.health.wait_for(|h| h.state == WorkerState::Stopped);
-                    // Err: its supervisor is gone, stopped too.
-                    let _ = tokio::time::timeout(worker.stops_within, stopped).await;
-                }
-                let props = lapin::ConnectionProperties::default();
-                let Ok(conn) = lapin::Connection::connect(&amqp_url(), props).await else {
+            let stopped = std::thread::spawn(move || {
+                let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
                     return;
                 };
-                for name in names {
-                    // A channel per delete: deleting a missing queue is fine, but an error
-                    // would close a shared channel.
-                    if let Ok(channel) = conn.create_channel().await {
-                        let _ = channel
-                            .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
-                            .await;
+                runtime.block_on(async move {
+                    for mut worker in workers {
+                        let stopped = worker.health.wait_for(|h| h.state == WorkerState::Stopped);
+                        // Err: its supervisor is gone, stopped too.
+                        let _ = tokio::time::timeout(worker.stops_within, stopped).await;
                     }
-                }
-                if let Ok(channel) = conn.create_channel().await {
-                    let _ = channel
-                        .exchange_delete(
-                            functions_exchange.as_str().into(),
-                            lapin::options::ExchangeDeleteOptions::default(),
-                        )
-                        .await;
-                }
-                let _ = conn.close(200, "test cleanup".into()).await;
+                });
             });
-        };
-        let join = || {
-            let _ = std::thread::spawn(cleanup).join();
+            let _ = stopped.join();
+            delete_now(names, vec![functions_exchange]);
         };
         if flavor == Some(tokio::runtime::RuntimeFlavor::MultiThread) {
             // Hands this thread's runtime work to another thread while it waits, so that the
             // workers' tasks cannot be stuck behind it.
-            tokio::task::block_in_place(join);
+            tokio::task::block_in_place(cleanup);
         } else {
-            join();
+            cleanup();
         }
     }
+}
+
+/// Deletes `queues` (streams too) and `exchanges` now, each on a channel of its own (deleting a
+/// missing one is fine, but an error would close a shared channel), on a fresh connection
+/// from a thread and runtime of their own: what a guard's `drop` does, which cannot be async
+/// and may run inside a runtime whose thread it blocks.
+pub fn delete_now(queues: Vec<String>, exchanges: Vec<String>) {
+    let cleanup = std::thread::spawn(move || {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        runtime.block_on(async move {
+            let props = lapin::ConnectionProperties::default();
+            let Ok(conn) = lapin::Connection::connect(&amqp_url(), props).await else {
+                return;
+            };
+            for name in queues {
+                if let Ok(channel) = conn.create_channel().await {
+                    let _ = channel
+                        .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+                        .await;
+                }
+            }
+            for name in exchanges {
+                if let Ok(channel) = conn.create_channel().await {
+                    let _ = channel
+                        .exchange_delete(
+                            name.as_str().into(),
+                            lapin::options::ExchangeDeleteOptions::default(),
+                        )
+                        .await;
+                }
+            }
+            let _ = conn.close(200, "test cleanup".into()).await;
+        });
+    });
+    let _ = cleanup.join();
 }
 
 /// The functions exchange a test whose queue is `queue` routes by function through, so that

@@ -1,21 +1,23 @@
 //! # warren-cli
 //!
 //! The `warren` command line: `call`, `enqueue`, `dlq`, `status` ([`status`]: is it working?),
-//! `functions` ([`functions`]: which queue serves each function; releasing a claim) and `demo`
-//! ([`demo`]: the motivating scenario, mail to 1000 users without blocking); [`progress`]:
-//! `call`'s progress bar.
+//! `functions` ([`functions`]: which queue serves each function; releasing a claim), `result`
+//! ([`result`]: what became of a task, after its caller has gone), `events` ([`events`]: what
+//! the fleet did lately) and `demo` ([`demo`]: the motivating scenario, mail to 1000 users
+//! without blocking); [`progress`]: `call`'s progress bar.
 //!
 //! Results go to stdout (JSON, one line); errors go to stderr as `error: <kind>: <message>`,
-//! with a non-zero exit status, so scripts can tell the two apart.
+//! with a non-zero exit status ([`result::exit`]), so scripts can tell the two apart.
 
 pub mod demo;
+pub mod events;
 pub mod functions;
 pub mod progress;
+pub mod result;
 pub mod status;
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -26,6 +28,7 @@ use warren_shared::topology::{self, DEFAULT_QUEUE};
 
 use crate::demo::DemoOptions;
 use crate::progress::ProgressMode;
+use crate::result::exit;
 use warren_client::Error;
 use warren_client::Replay;
 use warren_client::{CallOptions, Client, ClientSettings};
@@ -122,6 +125,55 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// What became of a task, whoever enqueued it: its result, its failure, or how far it got,
+    /// from the task event stream (within its retention). Exit status: 0 succeeded, 1 failed
+    /// (or an error), 3 not found, 4 not settled (yet, or within --timeout).
+    Result {
+        /// The task's id (`warren enqueue` prints it).
+        task_id: String,
+        /// Wait for a task that has not settled yet (or has no event yet), at most --timeout.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits.
+        #[arg(long, default_value = shown(DEFAULT_RESULT_WAIT),
+              value_parser = humantime::parse_duration, requires = "wait")]
+        timeout: Duration,
+        /// Print the whole outcome as one JSON object (`state`: settled, pending or
+        /// not_found; `event`: the final or last event).
+        #[arg(long)]
+        json: bool,
+        /// The event stream.
+        #[command(flatten)]
+        stream: events::StreamArgs,
+    },
+    /// What the fleet did lately: task events from the stream, one line each (time, kind,
+    /// task, function, queue, attempt, worker, what happened), until caught up with the
+    /// stream. `--queue` shows one queue's.
+    Events {
+        /// Keep showing events as they come, until interrupted.
+        #[arg(long, short)]
+        follow: bool,
+        /// Only this task's events (from its creation, for a task id made by Warren, unless
+        /// --since says otherwise).
+        #[arg(long, value_name = "TASK_ID")]
+        task: Option<String>,
+        /// Only this function's events.
+        #[arg(long)]
+        function: Option<String>,
+        /// Only events of these kinds (repeat it or separate them with commas): started,
+        /// progress, succeeded, failed, dead_lettered, expired, cancelled.
+        #[arg(long, value_delimiter = ',', value_parser = events::parse_kind)]
+        kind: Vec<warren_shared::events::EventKind>,
+        /// Start this long ago (e.g. `30s`, `2h`) [default: 10m].
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<Duration>,
+        /// Print each event's JSON body as it was appended, one per line.
+        #[arg(long)]
+        json: bool,
+        /// The event stream.
+        #[command(flatten)]
+        stream: events::StreamArgs,
+    },
     /// Mail 1000 users through workers, without blocking, and report how it went.
     Demo {
         /// How many send_mail tasks to send.
@@ -188,6 +240,9 @@ pub enum FunctionsAction {
     },
 }
 
+/// How long `warren result --wait` waits unless told otherwise.
+pub const DEFAULT_RESULT_WAIT: Duration = Duration::from_secs(30);
+
 /// How many parked tasks `warren dlq list` shows unless told otherwise.
 pub const DEFAULT_DLQ_LIMIT: usize = 100;
 
@@ -201,7 +256,8 @@ fn shown(default: Duration) -> String {
 pub struct Target {
     /// Work queue. `call` and `enqueue` send to it whatever function it serves; without it they
     /// send by function name to the queue that serves the function. `dlq` and `demo` use it, or
-    /// `warren.tasks`; `status` shows it, or without it every queue that serves a function.
+    /// `warren.tasks`; `status` shows it, or without it every queue that serves a function;
+    /// `events` shows only its events.
     #[arg(long, global = true, env = "WARREN_QUEUE")]
     pub queue: Option<String>,
     /// The exchange that routes tasks by function name (the workers' `functions_exchange`).
@@ -217,18 +273,18 @@ impl Target {
     }
 }
 
-/// Runs the parsed command line and returns the process exit status.
-pub async fn run(cli: Cli) -> ExitCode {
+/// Runs the parsed command line and returns the process exit status ([`result::exit`]).
+pub async fn run(cli: Cli) -> u8 {
     match execute(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(status) => status,
         Err(message) => {
             eprintln!("error: {message}");
-            ExitCode::FAILURE
+            exit::FAILED
         }
     }
 }
 
-async fn execute(cli: Cli) -> Result<(), String> {
+async fn execute(cli: Cli) -> Result<u8, String> {
     let broker = cli
         .broker
         .apply(BrokerSettings::new(cli.amqp_url.clone()))
@@ -376,6 +432,43 @@ async fn execute(cli: Cli) -> Result<(), String> {
                 released.function, released.queue, released.consumers, released.ready
             );
         }
+        Command::Result {
+            task_id,
+            wait,
+            timeout,
+            json,
+            stream,
+        } => {
+            let client = Client::connect(with_stream(settings(target, None), stream))
+                .await
+                .map_err(describe)?;
+            let shown = result::show(&client, task_id, wait.then_some(*timeout), *json).await;
+            client.close().await;
+            return shown;
+        }
+        Command::Events {
+            follow,
+            task,
+            function,
+            kind,
+            since,
+            json,
+            stream,
+        } => {
+            let filter = events::Filter {
+                task: task.clone(),
+                function: function.clone(),
+                queue: target.queue.clone(),
+                kinds: kind.clone(),
+            };
+            let start = events::start(*since, task.as_deref());
+            let client = Client::connect(with_stream(settings(target, None), stream))
+                .await
+                .map_err(describe)?;
+            let shown = events::show(&client, start, &filter, *follow, *json).await;
+            client.close().await;
+            shown?;
+        }
         Command::Demo {
             tasks,
             workers,
@@ -406,7 +499,16 @@ async fn execute(cli: Cli) -> Result<(), String> {
             }
         }
     }
-    Ok(())
+    Ok(exit::OK)
+}
+
+/// `settings` reading the event stream of `stream`.
+fn with_stream(settings: ClientSettings, stream: &events::StreamArgs) -> ClientSettings {
+    ClientSettings {
+        events_stream: stream.events_stream.clone(),
+        events_max_age: stream.events_max_age,
+        ..settings
+    }
 }
 
 /// Where `status` and `functions` read: the first broker address, and the management API.

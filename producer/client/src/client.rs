@@ -641,7 +641,7 @@ impl Client {
     }
 
     /// Waits for the link to be up, until `give_up` and at most `reconnect_wait`.
-    async fn wait_for_link(&self, give_up: tokio::time::Instant) -> Result<(), Error> {
+    pub(crate) async fn wait_for_link(&self, give_up: tokio::time::Instant) -> Result<(), Error> {
         if matches!(self.inner.link.state(), LinkState::Closed) {
             return Err(Error::Closed);
         }

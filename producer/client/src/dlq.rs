@@ -95,16 +95,7 @@ impl DeadLetter {
 }
 
 /// Whether the broker answered `404 NOT_FOUND` (a passive declare of a missing queue).
-pub(crate) fn not_found(error: &lapin::Error) -> bool {
-    matches!(
-        error.kind(),
-        lapin::ErrorKind::ProtocolError(amqp)
-            if matches!(
-                amqp.kind(),
-                lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::NOTFOUND)
-            )
-    )
-}
+pub(crate) use warren_shared::broker::is_not_found as not_found;
 
 /// The next parked message, fetched without acking it (closing `channel` puts it back).
 async fn next_dead(channel: &Channel, names: &QueueNames) -> Result<Option<Delivery>, Error> {

@@ -48,6 +48,10 @@ pub enum Error {
     /// [`Client::close`](crate::Client::close) was called: this client sends nothing more.
     #[error("the client is closed")]
     Closed,
+    /// Looking a task's result up in the event stream failed: a bad task id, no stream, or a
+    /// stream that could not be read in time.
+    #[error(transparent)]
+    Lookup(#[from] warren_shared::lookup::LookupError),
     /// The connection carrying the call's reply was lost; the reply cannot arrive.
     #[error("connection to the broker lost while waiting for the reply")]
     ConnectionLost,

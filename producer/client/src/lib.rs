@@ -13,6 +13,8 @@
 //! - [`error`]: [`Error`], every way a call can end without a result.
 //! - [`dlq`]: list, show, replay and purge tasks parked in a dead-letter queue.
 //! - [`functions`]: which queue owns a function, and releasing a claim.
+//! - [`results`]: what became of a task, by its id, after its caller has gone
+//!   ([`Client::result`], [`Client::wait_result`]), from the task event stream.
 //!
 //! The `warren` command line lives in `warren-cli`, the websocket gateway in `warren-gateway`.
 //!
@@ -35,6 +37,7 @@ mod pending;
 pub mod progress;
 mod publish;
 mod replies;
+pub mod results;
 
 pub use client::Client;
 pub use dlq::{DeadLetter, Replay};
@@ -43,3 +46,4 @@ pub use functions::{ReleaseError, Released};
 pub use options::{CallOptions, ClientSettings, QueueStats, ReplyMode};
 pub use progress::ProgressCall;
 pub use warren_shared::events::{CallerProgress, Progress};
+pub use warren_shared::lookup::{LookupError, Outcome, TaskOutcome};

@@ -4,7 +4,7 @@
 use std::time::{Duration, SystemTime};
 
 use warren_shared::broker::{self, BrokerSettings};
-use warren_shared::{delay, topology};
+use warren_shared::{delay, events, topology};
 
 /// How a client connects and behaves by default.
 #[derive(Debug, Clone)]
@@ -42,6 +42,11 @@ pub struct ClientSettings {
     /// a queue that does not exist then fails as unroutable. With it on, a user who lacks the
     /// permission gets [`warren_shared::BrokerError::AccessRefused`] naming it.
     pub declare: bool,
+    /// The task event stream results are looked up in ([`warren_shared::events::DEFAULT_STREAM`]).
+    pub events_stream: String,
+    /// How long that stream keeps events ([`warren_shared::events::DEFAULT_MAX_AGE`]): what a
+    /// task that is not found is told about retention.
+    pub events_max_age: Duration,
 }
 
 /// Where the replies to a client's calls go, and what a dropped connection does to calls in
@@ -76,6 +81,8 @@ impl Default for ClientSettings {
             replies: ReplyMode::Direct,
             name: broker::process_name("warren-client"),
             declare: true,
+            events_stream: events::DEFAULT_STREAM.to_owned(),
+            events_max_age: events::DEFAULT_MAX_AGE,
         }
     }
 }

@@ -132,6 +132,15 @@ pub struct GatewayConfig {
     /// them (capped by net.core.somaxconn).
     #[arg(long, env = "WARREN_GATEWAY_LISTEN_BACKLOG")]
     pub listen_backlog: u32,
+    /// The task event stream that `GET /api/tasks/<id>` and `{"result": ...}` read (the
+    /// workers' `--events-stream`).
+    #[arg(long, env = "WARREN_EVENTS_STREAM")]
+    pub events_stream: String,
+    /// How long that stream keeps events (the workers' `--events-max-age`): what the answer
+    /// for a task not found says.
+    #[arg(long, env = "WARREN_EVENTS_MAX_AGE", value_parser = humantime::parse_duration)]
+    #[serde(with = "warren_shared::config::humantime_serde")]
+    pub events_max_age: Duration,
     /// Serve Prometheus metrics (`/metrics`) and health checks (`/healthz`, `/readyz`: ready
     /// while the broker connection is up, an alarm blocking it included) on this address, e.g.
     /// `127.0.0.1:9465`. Off by default; see docs/operations.md.
@@ -164,6 +173,7 @@ impl Default for GatewayConfig {
             max_in_flight_bytes,
             idle_timeout,
         } = limits;
+        let client = ClientSettings::default();
         Self {
             broker: BrokerConfig::default(),
             queue: None,
@@ -174,7 +184,7 @@ impl Default for GatewayConfig {
             allow: allow.names(),
             token,
             token_file: None,
-            no_declare: !ClientSettings::default().declare,
+            no_declare: !client.declare,
             max_message_bytes,
             max_in_flight: NonZeroUsize::new(max_in_flight).unwrap_or(NonZeroUsize::MIN),
             max_batch: NonZeroUsize::new(max_batch).unwrap_or(NonZeroUsize::MIN),
@@ -191,6 +201,8 @@ impl Default for GatewayConfig {
             auth_timeout,
             allow_origin: allowed_origins,
             listen_backlog: DEFAULT_LISTEN_BACKLOG,
+            events_stream: client.events_stream,
+            events_max_age: client.events_max_age,
             metrics: None,
         }
     }
@@ -312,6 +324,8 @@ impl GatewayConfig {
             auth_timeout,
             allow_origin,
             listen_backlog: _,
+            events_stream: _,
+            events_max_age: _,
             metrics: _,
         } = self.clone();
         GatewaySettings {
@@ -398,6 +412,8 @@ impl GatewayConfig {
             queue: self.queue.clone(),
             functions_exchange: self.functions_exchange.clone(),
             name: warren_shared::broker::process_name("warren-gateway"),
+            events_stream: self.events_stream.clone(),
+            events_max_age: self.events_max_age,
             ..ClientSettings::default()
         })
     }

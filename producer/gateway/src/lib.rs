@@ -18,6 +18,7 @@
 //! public exposure is asked for explicitly, and [`listen`] binds with a backlog sized for
 //! bursts. [`serve`] runs everything until its shutdown token is cancelled, then stops reading,
 //! lets calls in flight finish within the grace period and returns.
+//! `results` answers "what became of task X?" on both the websocket and `/api/tasks/<id>`.
 //! [`config`] holds the `warren-gateway` binary's flags, file and defaults; [`host`] what it
 //! needs from the host (open files, the kernel's backlog cap); [`browser`] the defences
 //! against web pages.
@@ -30,6 +31,7 @@ mod due;
 pub mod host;
 pub mod limits;
 pub mod metrics;
+mod results;
 pub mod text;
 pub mod ws;
 
@@ -324,13 +326,15 @@ pub async fn serve(
     tracing::info!("gateway stopped");
 }
 
-/// The HTTP routes: the page, the websocket and two small JSON endpoints.
+/// The HTTP routes: the page, the websocket and small JSON endpoints (a task's outcome among
+/// them, [`results`]).
 fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/", get(page))
         .route("/ws", get(ws::upgrade))
         .route("/api/info", get(info))
         .route("/api/queue", get(queue))
+        .route("/api/tasks/{id}", get(results::http))
         .layer(middleware::from_fn_with_state(
             shared.clone(),
             refuse_rebound_host,

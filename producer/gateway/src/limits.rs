@@ -197,8 +197,11 @@ pub enum Kind {
     TooManyConnections,
     /// No result came within the call timeout.
     Timeout,
-    /// The broker could not take the task (down, refusing, or the connection was lost).
+    /// The broker could not take the task (down, refusing, or the connection was lost), or the
+    /// task event stream could not be read.
     Unavailable,
+    /// No event of the task within the event stream's retention.
+    NotFound,
     /// A worker ran (or refused) the task and reported this.
     Task(ErrorKind),
 }
@@ -215,6 +218,7 @@ impl Kind {
             Self::TooManyConnections => "too_many_connections",
             Self::Timeout => "timeout",
             Self::Unavailable => "unavailable",
+            Self::NotFound => "not_found",
             Self::Task(kind) => kind.as_str(),
         }
     }

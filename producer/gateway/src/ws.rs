@@ -7,7 +7,8 @@
 //! `{"id": ..., "status": "enqueued", "task_id": ...}` once the broker holds the task, then
 //! `{"id": ..., "ok": true, "result": ...}` or
 //! `{"id": ..., "ok": false, "error": {"kind": ..., "message": ...}}`. `docs/gateway.md` has
-//! the whole protocol, including `{"auth": ...}` and `{"watch": "queue"}`.
+//! the whole protocol, including `{"auth": ...}`, `{"watch": "queue"}` and
+//! `{"result": "<task id>"}` (a task's outcome from the event stream, `crate::results`).
 //!
 //! Ids and arguments are kept as JSON text, never parsed into trees, and every call holds its
 //! bytes of the connection's and the gateway's budgets until its result is written.
@@ -83,6 +84,8 @@ pub(super) async fn upgrade(
 struct Fields<'a> {
     auth: Option<&'a RawValue>,
     watch: Option<&'a RawValue>,
+    /// `{"result": "<task id>"}`: a task's outcome ([`crate::results`]).
+    result: Option<&'a RawValue>,
     id: Option<&'a RawValue>,
     function: Option<&'a RawValue>,
     args: Option<&'a RawValue>,
@@ -108,6 +111,7 @@ impl<'de> Deserialize<'de> for Fields<'de> {
                     let slot = match key.as_ref() {
                         "auth" => &mut fields.auth,
                         "watch" => &mut fields.watch,
+                        "result" => &mut fields.result,
                         "id" => &mut fields.id,
                         "function" => &mut fields.function,
                         "args" => &mut fields.args,
@@ -355,6 +359,12 @@ impl Connection {
                 None => true,
             };
         }
+        if let Some(task) = fields.as_ref().and_then(|f| f.result) {
+            return match self.look_up(task) {
+                Some(refusal) => send(socket, Message::text(refusal), limit).await,
+                None => true,
+            };
+        }
         if message.get().starts_with('[') {
             let max = self.shared.limits().max_batch;
             let Some(tasks) = batch(message, max) else {
@@ -413,6 +423,38 @@ impl Connection {
             self.admitted.authenticated();
         }
         json!({"auth": "ok"}).to_string()
+    }
+
+    /// Starts looking a task's outcome up, a call in flight until it is answered; or returns
+    /// the refusal to answer at once.
+    fn look_up(&mut self, task: &RawValue) -> Option<String> {
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            let busy = GatewayError::busy(self.shared.limits().max_in_flight);
+            return Some(crate::results::ws_error(task, &busy));
+        };
+        let mut held = match Held::take(&self.budget, &self.shared.budget, task.get().len()) {
+            Ok(held) => held,
+            Err(spent) => {
+                return Some(crate::results::ws_error(
+                    task,
+                    &GatewayError::busy_bytes(spent),
+                ));
+            }
+        };
+        let (shared, events, task) = (self.shared.clone(), self.events.clone(), task.to_owned());
+        self.calls.spawn(async move {
+            let text = crate::results::ws_answer(&shared, &task).await;
+            held.add(text.len());
+            let _ = events
+                .send(Event {
+                    text,
+                    held: Some(held),
+                })
+                .await;
+            drop(permit);
+        });
+        while self.calls.try_join_next().is_some() {}
+        None
     }
 
     /// Starts one task, or returns the error to answer at once.

@@ -1,7 +1,6 @@
 //! `warren`: call and enqueue Warren tasks from the shell, and run the demo.
 
 use std::io::Write;
-use std::process::ExitCode;
 
 use clap::Parser;
 use warren_cli::Cli;
@@ -22,16 +21,16 @@ fn main() {
     // `run` closes its client before it returns, whatever happened.
     // The `send` spans of this command are exported before it ends (when
     // OTEL_EXPORTER_OTLP_ENDPOINT is set).
-    // 0 or 1 from the command; 2 for an unusable OpenTelemetry setting, as a bad flag is.
+    // The command's status (warren_cli::result::exit); 2 for an unusable OpenTelemetry
+    // setting, as a bad flag is.
     let code = match runtime.block_on(warren_shared::otel::exporting_while(
         "warren",
         warren_cli::run(cli),
     )) {
-        Ok(code) if code == ExitCode::SUCCESS => 0,
-        Ok(_) => 1,
+        Ok(code) => i32::from(code),
         Err(e) => {
             eprintln!("error: {e}");
-            2
+            i32::from(warren_cli::result::exit::USAGE)
         }
     };
     // Then the process ends without tearing the runtime down: after a connection loss, lapin

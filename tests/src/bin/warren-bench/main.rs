@@ -12,7 +12,8 @@
 //! A fourth scenario, `scale` (run on its own), measures how throughput grows with
 //! `warren-worker` processes: see `scale.rs` and `docs/scaling.md`. A fifth, `seed` (also on
 //! its own), reproduces the seed's Workerman pattern through `warren-gateway` against a
-//! broker-less floor (issue 13): see `seed.rs` and `floor.rs`.
+//! broker-less floor (issue 13): see `seed.rs` and `floor.rs`. A sixth, `lookup` (on its own),
+//! times finding a task's result among a million task events: see `lookup.rs`.
 //!
 //! The Warren side is an in-process `warren_worker` and a `warren_client::Client`; the raw side
 //! is lapin only, on its own queue with the same arguments, the same properties, headers and
@@ -46,6 +47,7 @@ use warren_worker::pool::{Pool, PoolConfig};
 use warren_worker::{Handler, Registry, TaskContext, TaskError, WorkerSettings};
 
 mod floor;
+mod lookup;
 mod scale;
 mod seed;
 
@@ -88,7 +90,8 @@ struct Args {
     #[arg(long, default_value_t = 4)]
     raw_channels: usize,
     /// Scenarios to run (comma separated): rpc, seq, fire, and `pool` (a handler pool against
-    /// the Rust handler, see `--pool-command`); or `scale` alone; or `seed` alone.
+    /// the Rust handler, see `--pool-command`); or `scale` alone; or `seed` alone; or `lookup`
+    /// alone (finding a task's result among a million events, see `lookup.rs`).
     #[arg(long, value_delimiter = ',', default_value = "rpc,seq,fire")]
     scenarios: Vec<String>,
     /// The `pool` scenario's task processes: a no-op `echo` and `bench_count` in any language
@@ -189,6 +192,16 @@ struct Args {
     /// measures what they cost.
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     events: String,
+    /// `lookup`: events appended to the bench stream in all.
+    #[arg(long, default_value_t = 1_000_000)]
+    lookup_events: usize,
+    /// `lookup`: events of other tasks appended between the target's `started` and its
+    /// `succeeded` (what a lookup of the target reads past its own events).
+    #[arg(long, default_value_t = 20_000)]
+    lookup_between: usize,
+    /// `lookup`: timed lookups of the target.
+    #[arg(long, default_value_t = 10)]
+    lookup_runs: usize,
     /// One measured round of the Warren side only, in one of the `--ops-modes`, printed as
     /// one JSON line: what `--ops-cost` runs in its child processes.
     #[arg(long, value_parser = OPS_MODES, hide = true)]
@@ -263,7 +276,7 @@ async fn run_args(args: Args) -> Result<()> {
         .await
         .context("connecting to the broker")?;
     let admin_channel = admin.create_channel().await?;
-    if let Some(alone) = ["scale", "seed"]
+    if let Some(alone) = ["scale", "seed", "lookup"]
         .into_iter()
         .find(|alone| args.scenarios.iter().any(|s| s == alone))
     {
@@ -273,6 +286,9 @@ async fn run_args(args: Args) -> Result<()> {
         let result = if alone == "seed" {
             // Handles Ctrl-C itself, so that it still deletes its queues.
             seed::run(&args, &admin_channel).await
+        } else if alone == "lookup" {
+            // Deletes its stream whatever happened, Ctrl-C aside.
+            lookup::run(&args, &admin_channel).await
         } else {
             tokio::select! {
                 result = scale::run(&args, &admin_channel) => result,
