@@ -77,6 +77,7 @@ pub mod headers {
     pub const HEADERS_DROPPED: &str = "x-warren-headers-dropped";
     /// Who enqueued the task (a short opaque text, a gateway session id say): copied into every
     /// event of the task ([`crate::events::Event::origin`]) so that a reader can pick its own.
+    /// At most [`super::MAX_ORIGIN_BYTES`] bytes.
     pub const ORIGIN: &str = "x-warren-origin";
     /// The batch the task belongs to: copied into every event of the task.
     pub const BATCH: &str = "x-warren-batch";
@@ -90,6 +91,10 @@ pub const MAX_HEADER_TEXT: usize = 1024;
 /// larger carries only Warren's own headers, so that it always fits in one AMQP frame with the
 /// headers Warren adds; a worker rejects such a task as `too_large`.
 pub const MAX_HEADERS_BYTES: usize = 16 * 1024;
+
+/// Most bytes of an `x-warren-origin` header Warren writes: an origin names who enqueued, it
+/// is copied into every event of the task, and a reader compares it whole, so it stays short.
+pub const MAX_ORIGIN_BYTES: usize = 128;
 
 /// Marker that ends truncated text.
 pub const TRUNCATED: &str = "…[truncated]";
@@ -340,6 +345,8 @@ pub struct TaskEnvelope {
     /// The caller's `send` span (`traceparent`, `tracestate`), parent of the worker's
     /// `process` span.
     pub trace: Option<TraceContext>,
+    /// Who enqueued the task (`x-warren-origin`), cut to [`MAX_ORIGIN_BYTES`].
+    pub origin: Option<String>,
 }
 
 impl TaskEnvelope {
@@ -357,6 +364,9 @@ impl TaskEnvelope {
         self.overrides.write(&mut h);
         if let Some(trace) = &self.trace {
             write_trace(&mut h, trace);
+        }
+        if let Some(origin) = &self.origin {
+            set_header_str(&mut h, headers::ORIGIN, &bounded(origin, MAX_ORIGIN_BYTES));
         }
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -1023,6 +1033,7 @@ mod tests {
                 "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
                 Some("congo=t61rcWkgMzE"),
             ),
+            origin: Some("session-1".into()),
         };
         let p = sent.properties();
         assert_eq!(
@@ -1041,6 +1052,36 @@ mod tests {
         assert_eq!(got.overrides, sent.overrides);
         assert!(got.trace.is_some());
         assert_eq!(got.trace, sent.trace);
+        assert_eq!(
+            header_str(p.headers().as_ref(), headers::ORIGIN).as_deref(),
+            Some("session-1")
+        );
+    }
+
+    #[test]
+    fn an_origin_is_bounded_and_travels_on_a_retry_copy() {
+        let original = TaskEnvelope {
+            id: TaskId::from("t"),
+            function: "f".into(),
+            reply_to: None,
+            deadline: None,
+            run_at: None,
+            overrides: PolicyOverrides::default(),
+            trace: None,
+            origin: Some("o".repeat(10_000)),
+        }
+        .properties();
+        let sent = header_str(original.headers().as_ref(), headers::ORIGIN).unwrap_or_default();
+        assert!(
+            sent.len() <= MAX_ORIGIN_BYTES && sent.ends_with(TRUNCATED),
+            "{sent}"
+        );
+        let failure = TaskFailure::new(ErrorKind::HandlerFailed, "x");
+        let copy = retry_copy(&original, &TaskId::from("t"), 2, &failure);
+        assert_eq!(
+            header_str(copy.headers().as_ref(), headers::ORIGIN),
+            Some(sent)
+        );
     }
 
     #[test]
@@ -1053,6 +1094,7 @@ mod tests {
             run_at: None,
             overrides: PolicyOverrides::default(),
             trace: None,
+            origin: None,
         }
         .properties();
         let got = Incoming::read(&p);
@@ -1071,6 +1113,7 @@ mod tests {
             run_at: None,
             overrides: PolicyOverrides::default(),
             trace: None,
+            origin: None,
         }
         .properties();
         let ty = p
@@ -1174,6 +1217,7 @@ mod tests {
             run_at: None,
             overrides: PolicyOverrides::default(),
             trace: None,
+            origin: None,
         }
         .properties();
         let failure = TaskFailure::new(ErrorKind::HandlerFailed, "x".repeat(200_000));
