@@ -340,6 +340,9 @@ pub enum Start {
     First,
     /// Only events appended after the reader attaches.
     Next,
+    /// The last chunk already written (its events, then everything after): a follower that
+    /// must know its position at once starts here, as the gateway's tail does.
+    Last,
     /// At this offset (the event with it, and everything after).
     Offset(u64),
     /// At the first chunk written at or after this time (whole seconds, the broker's clock;
@@ -352,6 +355,7 @@ impl Start {
         match self {
             Self::First => AMQPValue::LongString("first".into()),
             Self::Next => AMQPValue::LongString("next".into()),
+            Self::Last => AMQPValue::LongString("last".into()),
             Self::Offset(o) => AMQPValue::LongLongInt(i64::try_from(o).unwrap_or(i64::MAX)),
             Self::Time(t) => AMQPValue::Timestamp(
                 t.duration_since(SystemTime::UNIX_EPOCH)

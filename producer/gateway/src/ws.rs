@@ -41,6 +41,7 @@ use super::admission::Admitted;
 use super::browser;
 use super::budget::{Budget, Held};
 use super::limits::{GatewayError, Kind, MAX_ID_BYTES};
+use super::resume::{About, Session};
 use super::{Shared, bearer, error_response};
 
 /// `GET /ws`: checks the `Origin` and an `Authorization: Bearer` header if one is sent, then
@@ -83,6 +84,8 @@ pub(super) async fn upgrade(
 struct Fields<'a> {
     auth: Option<&'a RawValue>,
     watch: Option<&'a RawValue>,
+    /// `{"resume": token}` ([`crate::resume`]).
+    resume: Option<&'a RawValue>,
     id: Option<&'a RawValue>,
     function: Option<&'a RawValue>,
     args: Option<&'a RawValue>,
@@ -108,6 +111,7 @@ impl<'de> Deserialize<'de> for Fields<'de> {
                     let slot = match key.as_ref() {
                         "auth" => &mut fields.auth,
                         "watch" => &mut fields.watch,
+                        "resume" => &mut fields.resume,
                         "id" => &mut fields.id,
                         "function" => &mut fields.function,
                         "args" => &mut fields.args,
@@ -179,10 +183,11 @@ fn batch(message: &RawValue, max: usize) -> Option<Vec<&RawValue>> {
 }
 
 /// Something to write to the socket and, for a call's result, the bytes the call holds until
-/// it is written.
+/// it is written; and what it says about its task, for resume's books.
 struct Event {
     text: String,
     held: Option<Held>,
+    about: About,
 }
 
 /// One websocket connection.
@@ -204,6 +209,8 @@ struct Connection {
     closing: Option<CloseFrame>,
     /// This connection's place among the gateway's open connections.
     admitted: Arc<Admitted>,
+    /// Its origin, resume tokens and replays.
+    resume: Session,
 }
 
 impl Connection {
@@ -212,6 +219,7 @@ impl Connection {
         let (events, inbox) = mpsc::channel(limits.max_in_flight.clamp(16, 1024));
         let permits = Arc::new(Semaphore::new(limits.max_in_flight));
         let budget = Budget::new(limits.max_in_flight_bytes);
+        let resume = Session::new(shared.tail.clone(), &shared.settings.resume);
         Self {
             shared,
             authed,
@@ -222,6 +230,7 @@ impl Connection {
             events,
             inbox,
             closing: None,
+            resume,
             admitted,
         }
     }
@@ -257,11 +266,18 @@ impl Connection {
             tokio::select! {
                 biased;
                 Some(event) = self.inbox.recv() => {
-                    if !send(&mut socket, Message::text(event.text), write_timeout).await {
+                    let texts = self.resume.call_message(event.about, event.text);
+                    if !send_all(&mut socket, texts, write_timeout).await {
                         break None;
                     }
                     // Written: a result's bytes are free.
                     drop(event.held);
+                    last_activity = Instant::now();
+                }
+                text = self.resume.next() => {
+                    if !send(&mut socket, Message::text(text), write_timeout).await {
+                        break None;
+                    }
                     last_activity = Instant::now();
                 }
                 received = socket.recv(), if drain_until.is_none() => match received {
@@ -343,6 +359,14 @@ impl Connection {
                 return send(socket, Message::text(error_event(NULL, &error)), limit).await;
             }
         };
+        if let Some(token) = fields.as_ref().and_then(|f| f.resume) {
+            return match self.resume.resume(token) {
+                Ok(()) => true,
+                Err(refused) => {
+                    send(socket, Message::text(error_event(NULL, &refused)), limit).await
+                }
+            };
+        }
         if fields
             .as_ref()
             .and_then(|f| f.watch)
@@ -462,7 +486,7 @@ impl Connection {
         if let Err(forbidden) = self.shared.limits().check_function(&function) {
             return refuse(forbidden);
         }
-        let options = match crate::due::Due::of_fields(fields.run_at, fields.delay_ms)
+        let mut options = match crate::due::Due::of_fields(fields.run_at, fields.delay_ms)
             .and_then(|due| self.shared.options_due(&due))
         {
             Ok(options) => options,
@@ -480,6 +504,7 @@ impl Connection {
             function,
             args: fields.args.map_or_else(RawJson::null, RawJson::from),
         };
+        options.origin = self.resume.origin_for_task();
         self.calls.spawn(call(
             self.shared.clone(),
             task,
@@ -516,20 +541,27 @@ async fn call(
         .client
         .call_raw_with_ack(&function, args, &options, published_tx);
     tokio::pin!(call);
-    let enqueued = |task_id: warren_shared::TaskId| Event {
-        text: enqueued_event(&id, &task_id),
+    let enqueued = |task_id: &warren_shared::TaskId| Event {
+        text: enqueued_event(&id, task_id),
         held: None,
+        about: About::Enqueued {
+            task_id: task_id.as_str().to_owned(),
+            id: id.clone(),
+        },
     };
+    let mut enqueued_as = None;
     let result = tokio::select! {
         biased;
         Ok(task_id) = &mut published => {
-            let _ = events.send(enqueued(task_id)).await;
+            let _ = events.send(enqueued(&task_id)).await;
+            enqueued_as = Some(task_id);
             call.await
         }
         result = &mut call => {
             // The confirm and the reply came in one poll: acknowledge first all the same.
             if let Ok(task_id) = published.try_recv() {
-                let _ = events.send(enqueued(task_id)).await;
+                let _ = events.send(enqueued(&task_id)).await;
+                enqueued_as = Some(task_id);
             }
             result
         }
@@ -543,10 +575,14 @@ async fn call(
         Err(e) => error_event(&id, &GatewayError::from(e)),
     };
     held.add(text.len());
+    let about = enqueued_as.map_or(About::Nothing, |task_id| About::Settled {
+        task_id: task_id.as_str().to_owned(),
+    });
     let _ = events
         .send(Event {
             text,
             held: Some(held),
+            about,
         })
         .await;
     drop(permit);
@@ -563,6 +599,16 @@ async fn send(socket: &mut WebSocket, message: Message, limit: Duration) -> bool
             false
         }
     }
+}
+
+/// Sends `messages` in order; false as soon as one cannot be sent (see [`send`]).
+async fn send_all(socket: &mut WebSocket, messages: Vec<String>, limit: Duration) -> bool {
+    for message in messages {
+        if !send(socket, Message::text(message), limit).await {
+            return false;
+        }
+    }
+    true
 }
 
 /// `{"id": ..., "ok": true, "result": ...}`, the result written as the worker wrote it.
