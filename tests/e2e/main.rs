@@ -16,6 +16,7 @@ mod operations;
 mod pools;
 mod processes;
 mod reliability;
+mod resume;
 mod routing;
 mod run_at;
 mod safety;

@@ -66,6 +66,9 @@ const MAX_RECENT: usize = 4096;
 const LINK_WAIT: Duration = Duration::from_secs(30);
 /// How long a replay waits for the first event kept, to tell a gap from retention.
 const PROBE_WAIT: Duration = Duration::from_secs(5);
+/// The consumer tags of a replay and of its look at the stream's first event.
+const REPLAY_TAG: &str = "warren-gateway-replay";
+const PROBE_TAG: &str = "warren-gateway-probe";
 /// Events a replay hands to its session ahead of it.
 const REPLAY_AHEAD: usize = 256;
 
@@ -347,9 +350,12 @@ impl Session {
         if self.registration.is_none() {
             let (registration, position) = tail.register(&self.origin_text, self.inbox.clone());
             self.registration = Some(registration);
-            // A fresh origin has no event at or before the tail's position.
-            if !self.resumed {
-                self.position = position;
+            // A fresh origin has no event at or before the tail's position. Without one (the
+            // tail is not reading yet, and will start from the stream's last chunk), the
+            // session reads the stream itself up to the tail's first event.
+            self.position = position;
+            if position.is_none() {
+                self.start_replay(&tail, None, false);
             }
         }
         Some(self.origin_text.clone())
@@ -407,7 +413,9 @@ impl Session {
                 let since = i64::try_from(self.since_ms).unwrap_or(i64::MAX);
                 tail.last_at_ms() < since.saturating_sub(millis(CLOCK_SLACK))
             }
-            (_, None) => false,
+            // The tail has read nothing yet: read up to the first event it reads, unless the
+            // stream is empty.
+            (_, None) => tail.is_empty(),
         };
         if nothing_to_read {
             self.position = self.position.max(target);
@@ -521,6 +529,7 @@ impl Session {
                 self.pending.push_back((offset, event));
             }
         }
+
         if drained.overflowed {
             // Events were left out: read them from the stream instead (after the pause).
             self.restart_replay();
@@ -733,14 +742,24 @@ impl Session {
     }
 }
 
-impl Drop for Session {
-    fn drop(&mut self) {
-        if let Some(replaying) = &self.replaying {
+impl Session {
+    /// Ends the session: stops its replay and its routes, and parks the client ids of its
+    /// unanswered tasks for a resume on this gateway. The connection calls it before it
+    /// aborts its calls; dropping the session does it too.
+    pub(crate) fn close(&mut self) {
+        if let Some(replaying) = self.replaying.take() {
             replaying.task.abort();
         }
+        self.registration = None;
         if let Some(tail) = &self.tail {
             tail.park(&self.origin_text, std::mem::take(&mut self.ids));
         }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.close();
     }
 }
 
@@ -815,13 +834,14 @@ impl Replay {
             Err(e) => return Read::Failed(e.to_string()),
         };
         let stream = self.tail.stream().to_owned();
+        tracing::debug!(origin = %self.origin, start = ?self.start, target = ?self.target, "resume: replaying");
         let result = async {
             let mut deliveries = events::read(
                 &channel,
                 &stream,
                 self.start,
                 events::READ_PREFETCH,
-                "warren-gateway-replay",
+                REPLAY_TAG,
             )
             .await
             .map_err(|e| e.to_string())?;
@@ -893,9 +913,7 @@ impl Replay {
             Err("the stream consumer ended".to_owned())
         }
         .await;
-        if channel.status().connected() {
-            let _ = channel.close(200, "replayed".into()).await;
-        }
+        tail::stop_reading(&channel, REPLAY_TAG).await;
         match result {
             Ok(()) => Read::Finished,
             Err(error) => Read::Failed(error),
@@ -907,10 +925,9 @@ impl Replay {
 async fn first_kept(connection: &lapin::Connection, stream: &str) -> Option<u64> {
     let channel = connection.create_channel().await.ok()?;
     let first = async {
-        let mut deliveries =
-            events::read(&channel, stream, Start::First, 1, "warren-gateway-probe")
-                .await
-                .ok()?;
+        let mut deliveries = events::read(&channel, stream, Start::First, 1, PROBE_TAG)
+            .await
+            .ok()?;
         let delivery = tokio::time::timeout(PROBE_WAIT, deliveries.next())
             .await
             .ok()??
@@ -918,9 +935,7 @@ async fn first_kept(connection: &lapin::Connection, stream: &str) -> Option<u64>
         events::offset_of(&delivery.properties)
     }
     .await;
-    if channel.status().connected() {
-        let _ = channel.close(200, "probed".into()).await;
-    }
+    tail::stop_reading(&channel, PROBE_TAG).await;
     first
 }
 

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use lapin::options::BasicAckOptions;
+use lapin::options::{BasicAckOptions, BasicCancelOptions};
 use lapin::{Channel, Connection};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -35,11 +35,21 @@ use warren_shared::broker::{BrokerSettings, Purpose, Reconnect};
 use warren_shared::events::{self, Event, Start};
 use warren_shared::link::Link;
 
+/// The consumer tag of the tail.
+const TAIL_TAG: &str = "warren-gateway-tail";
+
+/// Bound on cancelling a stream consumer and closing its channel.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
 /// No position yet (stored in the atomics as this value).
 const UNKNOWN: u64 = u64::MAX;
 
 /// Deliveries acknowledged together (a stream's acks are credit: one per many is enough).
 pub(crate) const ACK_EVERY: u64 = 64;
+
+/// How long the tail reads from the last chunk with nothing coming before it takes the stream
+/// for empty (the last chunk of a stream that has one comes at once).
+const SETTLE: Duration = Duration::from_secs(5);
 
 /// How long a closed session's unanswered client ids are kept for a resume on this gateway.
 const PARK_FOR: Duration = Duration::from_secs(600);
@@ -164,6 +174,8 @@ pub(crate) struct Tail {
     first: AtomicU64,
     /// The worker's time (`at_ms`) of the last event handled.
     last_at_ms: AtomicU64,
+    /// Since when the tail has been reading (none while it is not).
+    reading_since: Mutex<Option<Instant>>,
     /// The consuming connection, once open: replays read the stream on it too.
     link: watch::Sender<Option<Link>>,
     /// One permit per replay running.
@@ -201,6 +213,7 @@ impl Tail {
             position: AtomicU64::new(UNKNOWN),
             first: AtomicU64::new(UNKNOWN),
             last_at_ms: AtomicU64::new(0),
+            reading_since: Mutex::new(None),
             link: watch::Sender::new(None),
             replays: Arc::new(Semaphore::new(max_replays.max(1))),
             parked: Mutex::new(Parked::default()),
@@ -225,6 +238,13 @@ impl Tail {
     /// The worker's time of the last event handled (0 before the first).
     pub(crate) fn last_at_ms(&self) -> i64 {
         i64::try_from(self.last_at_ms.load(Ordering::Acquire)).unwrap_or(i64::MAX)
+    }
+
+    /// Whether the stream has had no event since the tail began to read it, a while ago: it is
+    /// empty (the tail reads from the last chunk, which comes at once when there is one).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.position().is_none()
+            && lock(&self.reading_since).is_some_and(|since| since.elapsed() >= SETTLE)
     }
 
     /// The consuming connection, waiting at most `bound` for it to be open.
@@ -413,9 +433,8 @@ impl Tail {
     ) -> Result<(), TailError> {
         let channel = connection.create_channel().await?;
         let result = self.consume(&channel, start, shutdown, generations).await;
-        if channel.status().connected() {
-            let _ = channel.close(200, "tail stopped".into()).await;
-        }
+        *lock(&self.reading_since) = None;
+        stop_reading(&channel, TAIL_TAG).await;
         result
     }
 
@@ -431,9 +450,10 @@ impl Tail {
             &self.stream,
             start,
             events::READ_PREFETCH,
-            "warren-gateway-tail",
+            TAIL_TAG,
         )
         .await?;
+        *lock(&self.reading_since) = Some(Instant::now());
         tracing::info!(stream = %self.stream, ?start, "tail: following the event stream");
         let mut unacked = 0_u64;
         loop {
@@ -462,6 +482,17 @@ impl Tail {
             }
         }
     }
+}
+
+/// Stops a stream consumer, then closes its channel (each bounded): cancelled first, so that
+/// no delivery reaches a closing channel (lapin takes one for a connection error).
+pub(crate) async fn stop_reading(channel: &Channel, tag: &str) {
+    if !channel.status().connected() {
+        return;
+    }
+    let cancel = channel.basic_cancel(tag.into(), BasicCancelOptions::default());
+    let _ = tokio::time::timeout(CLOSE_WAIT, cancel).await;
+    let _ = tokio::time::timeout(CLOSE_WAIT, channel.close(200, "done reading".into())).await;
 }
 
 fn known(value: u64) -> Option<u64> {

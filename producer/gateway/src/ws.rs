@@ -329,6 +329,9 @@ impl Connection {
         if let Some(frame) = close_frame {
             let _ = send(&mut socket, Message::Close(Some(frame)), write_timeout).await;
         }
+        // Resume keeps the ids of the calls left unanswered (before they are aborted, so that
+        // a resume that comes once they are gone finds them).
+        self.resume.close();
         // Aborting the calls still running drops their futures, which removes them from the
         // client's pending map: a client that leaves leaks nothing.
         self.calls.abort_all();
