@@ -826,3 +826,168 @@ async fn a_bad_resume_is_a_bad_request() {
     drop(again);
     rig.finish().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// The page, in headless Chromium
+
+/// Plays the workers for the page test: takes each task, appends its `succeeded` event (with
+/// the task's origin), then replies, then acks, as a worker does. After `pause_after` tasks it
+/// waits for the page to write `signal` (it is about to reload), answers `while_away` more at
+/// once, then the rest.
+async fn stand_in_workers(
+    connection: &Connection,
+    queue: &str,
+    stream: &str,
+    signal: &std::path::Path,
+    pause_after: usize,
+    while_away: usize,
+    stop: CancellationToken,
+) {
+    use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm mode");
+    channel
+        .basic_qos(64, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let mut tasks = channel
+        .basic_consume(
+            queue.into(),
+            "stand-in".into(),
+            BasicConsumeOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("consume the queue");
+    let mut handled = 0;
+    loop {
+        let task = tokio::select! {
+            () = stop.cancelled() => return,
+            task = tasks.next() => match task {
+                Some(Ok(task)) => task,
+                _ => return,
+            },
+        };
+        if handled == pause_after {
+            let reloading = eventually("the page to reload", Duration::from_secs(120), || async {
+                signal.exists()
+            });
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = reloading => {}
+            }
+        }
+        let incoming = Incoming::read(&task.properties);
+        let origin = envelope::header_str(task.properties.headers().as_ref(), headers::ORIGIN)
+            .expect("the gateway stamps an origin");
+        let result = json!({"sent": true});
+        let event = succeeded(incoming.id.as_str(), &origin, &result);
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                stream.into(),
+                BasicPublishOptions::default(),
+                &event.to_body(),
+                event.properties(),
+            )
+            .await
+            .expect("append");
+        confirm.await.expect("appended");
+        if let Some(reply_to) = task.properties.reply_to() {
+            let _ = channel
+                .basic_publish(
+                    "".into(),
+                    reply_to.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &Reply::Ok(result).encode(),
+                    envelope::reply_properties(&incoming),
+                )
+                .await;
+        }
+        task.ack(BasicAckOptions::default()).await.expect("ack");
+        handled += 1;
+        if handled == pause_after + while_away {
+            tracing::debug!(
+                handled,
+                "stand-in workers: answered while the page was away"
+            );
+        }
+    }
+}
+
+/// The issue's user: the page mails 1000 users and the person reloads it in the middle. The
+/// page resumes with its saved token and the demo goes on: the count starts from where it
+/// was, only rises, and reaches 1000 with nothing counted twice (tests/browser/resume.mjs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_reloaded_mid_demo_continues_in_chromium() {
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".to_owned());
+    let in_ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    if !std::path::Path::new(&chromium).exists() && !in_ci {
+        println!(
+            "SKIPPED the_page_reloaded_mid_demo_continues_in_chromium: {chromium} is absent \
+             (apt-get install chromium, or run deploy/test.sh, which installs it)"
+        );
+        return;
+    }
+    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate is in the workspace")
+        .to_owned();
+    let browser_dir = workspace.join("tests/browser");
+    assert!(
+        browser_dir.join("node_modules/playwright-core").exists(),
+        "playwright-core is not installed: npm ci --prefix tests/browser (deploy/test.sh does it)"
+    );
+    let output_dir = workspace.join("target/test-output");
+    std::fs::create_dir_all(&output_dir).expect("create target/test-output");
+    let screenshot = output_dir.join("gateway-page-resumed.png");
+    let _ = std::fs::remove_file(&screenshot);
+    let dir = warren_tests::temp_dir("resume-page");
+    let signal = dir.path().join("reloading");
+
+    let mut rig = Rig::new(events::DEFAULT_MAX_BYTES).await;
+    let gw = rig.start_gateway(ResumeSettings::default()).await;
+    let stop_workers = CancellationToken::new();
+    let workers = {
+        let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .expect("connect");
+        let (queue, stream, signal) = (rig.queue.name.clone(), rig.stream.clone(), signal.clone());
+        let stop = stop_workers.clone();
+        tokio::spawn(async move {
+            stand_in_workers(&connection, &queue, &stream, &signal, 400, 200, stop).await;
+            let _ = connection.close(200, "test done".into()).await;
+        })
+    };
+    let url = format!("http://{}/", rig.gateways[gw].http);
+    let run = tokio::process::Command::new("node")
+        .arg(browser_dir.join("resume.mjs"))
+        .arg(&url)
+        .arg(&screenshot)
+        .env("CHROMIUM", &chromium)
+        .env("RESUME_SIGNAL", &signal)
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(240), run).await;
+    stop_workers.cancel();
+    let _ = tokio::time::timeout(WAIT, workers).await;
+    let output = output
+        .expect("the browser run ends within 4 minutes")
+        .expect("node runs (is Node.js installed?)");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!("{stdout}");
+    assert!(
+        output.status.success(),
+        "resume.mjs failed ({}):\n{stdout}\n{stderr}",
+        output.status
+    );
+    assert!(
+        stdout.contains("1000 results, 0 failures, 0 duplicates"),
+        "{stdout}"
+    );
+    rig.finish().await;
+}

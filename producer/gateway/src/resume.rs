@@ -45,7 +45,7 @@ use warren_shared::envelope::epoch_millis;
 use warren_shared::events::{self, Event, EventKind, Progress, Start};
 
 use crate::limits::{GatewayError, Kind};
-use crate::tail::{self, Ids, Inbox, Registration, Tail};
+use crate::tail::{self, CLOCK_SLACK, Ids, Inbox, Registration, Tail};
 
 /// The default of [`ResumeSettings::max_replays`].
 pub const DEFAULT_MAX_REPLAYS: usize = 16;
@@ -58,8 +58,6 @@ pub const DEFAULT_MAX_UNCONFIRMED: usize = 64;
 /// The most tasks a token can list (its count is one byte).
 pub const MAX_UNCONFIRMED: usize = 255;
 
-/// A token without a position replays from its session's start, less this (clocks differ).
-const CLOCK_SLACK: Duration = Duration::from_secs(10);
 /// Task ids (and progress keys) a session remembers having answered, to drop a later copy.
 const MAX_RECENT: usize = 4096;
 /// How long a replay waits for the consuming connection before it retries.
@@ -350,11 +348,11 @@ impl Session {
         if self.registration.is_none() {
             let (registration, position) = tail.register(&self.origin_text, self.inbox.clone());
             self.registration = Some(registration);
-            // A fresh origin has no event at or before the tail's position. Without one (the
-            // tail is not reading yet, and will start from the stream's last chunk), the
-            // session reads the stream itself up to the tail's first event.
+            // A fresh origin has no event at or before the tail's position. Before the tail
+            // first reads (it starts from the stream's last chunk), the session reads the
+            // stream itself up to the tail's first event.
             self.position = position;
-            if position.is_none() {
+            if position.is_none() && !tail.covers_from_now() {
                 self.start_replay(&tail, None, false);
             }
         }
@@ -569,7 +567,9 @@ impl Session {
                 });
             }
             ReplayItem::Failed(error) => {
+                // Only a client that asked to resume hears of it (once).
                 if let Some(replaying) = &mut self.replaying
+                    && replaying.announced
                     && !replaying.told_failure
                 {
                     replaying.told_failure = true;
@@ -793,6 +793,13 @@ impl Replay {
     /// Waits for a place among the replays, then reads until done, retrying (with backoff)
     /// from where it stopped when reading fails.
     async fn run(mut self) {
+        // Nothing to read before the tail reads the stream (it may not exist yet).
+        while !self.tail.wait_attached(LINK_WAIT).await {
+            let failed = ReplayItem::Failed("the gateway is not reading the event stream".into());
+            if self.items.send(failed).await.is_err() {
+                return;
+            }
+        }
         let Ok(_permit) = self.tail.replays.clone().acquire_owned().await else {
             return;
         };

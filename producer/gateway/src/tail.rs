@@ -22,7 +22,7 @@ use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicCancelOptions};
@@ -50,6 +50,9 @@ pub(crate) const ACK_EVERY: u64 = 64;
 /// How long the tail reads from the last chunk with nothing coming before it takes the stream
 /// for empty (the last chunk of a stream that has one comes at once).
 const SETTLE: Duration = Duration::from_secs(5);
+
+/// Read a little before a time taken on this machine: the broker's clock may differ.
+pub(crate) const CLOCK_SLACK: Duration = Duration::from_secs(10);
 
 /// How long a closed session's unanswered client ids are kept for a resume on this gateway.
 const PARK_FOR: Duration = Duration::from_secs(600);
@@ -176,6 +179,10 @@ pub(crate) struct Tail {
     last_at_ms: AtomicU64,
     /// Since when the tail has been reading (none while it is not).
     reading_since: Mutex<Option<Instant>>,
+    /// When it last stopped reading before it had a position (it reads again from then).
+    stopped_at: Mutex<Option<SystemTime>>,
+    /// Whether it has ever read the stream: from then on it reads every event.
+    attached: watch::Sender<bool>,
     /// The consuming connection, once open: replays read the stream on it too.
     link: watch::Sender<Option<Link>>,
     /// One permit per replay running.
@@ -214,6 +221,8 @@ impl Tail {
             first: AtomicU64::new(UNKNOWN),
             last_at_ms: AtomicU64::new(0),
             reading_since: Mutex::new(None),
+            stopped_at: Mutex::new(None),
+            attached: watch::Sender::new(false),
             link: watch::Sender::new(None),
             replays: Arc::new(Semaphore::new(max_replays.max(1))),
             parked: Mutex::new(Parked::default()),
@@ -245,6 +254,21 @@ impl Tail {
     pub(crate) fn is_empty(&self) -> bool {
         self.position().is_none()
             && lock(&self.reading_since).is_some_and(|since| since.elapsed() >= SETTLE)
+    }
+
+    /// Whether the tail reads every event appended from now on: it has read the stream once
+    /// (after a lost connection it reads again from where it stopped). Before that it will
+    /// start from the stream's last chunk, and a session must read what comes before itself.
+    pub(crate) fn covers_from_now(&self) -> bool {
+        *self.attached.borrow()
+    }
+
+    /// Waits until the tail has read the stream once, at most `bound`; whether it has.
+    pub(crate) async fn wait_attached(&self, bound: Duration) -> bool {
+        let mut attached = self.attached.subscribe();
+        tokio::time::timeout(bound, attached.wait_for(|a| *a))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     /// The consuming connection, waiting at most `bound` for it to be open.
@@ -394,9 +418,14 @@ impl Tail {
         let mut failures = 0_u32;
         loop {
             let connection = generations.borrow_and_update().connection.clone();
-            let start = self
-                .position()
-                .map_or(Start::Last, |p| Start::Offset(p + 1));
+            // After the last event read; with none read yet, from when it stopped reading (a
+            // little before: clocks differ), or the first time from the last chunk.
+            let stopped = *lock(&self.stopped_at);
+            let start = match (self.position(), stopped) {
+                (Some(p), _) => Start::Offset(p + 1),
+                (None, Some(at)) => Start::Time(at - CLOCK_SLACK),
+                (None, None) => Start::Last,
+            };
             match self
                 .follow(&connection, start, &shutdown, &mut generations)
                 .await
@@ -433,7 +462,9 @@ impl Tail {
     ) -> Result<(), TailError> {
         let channel = connection.create_channel().await?;
         let result = self.consume(&channel, start, shutdown, generations).await;
-        *lock(&self.reading_since) = None;
+        if lock(&self.reading_since).take().is_some() && self.position().is_none() {
+            *lock(&self.stopped_at) = Some(SystemTime::now());
+        }
         stop_reading(&channel, TAIL_TAG).await;
         result
     }
@@ -454,6 +485,7 @@ impl Tail {
         )
         .await?;
         *lock(&self.reading_since) = Some(Instant::now());
+        self.attached.send_replace(true);
         tracing::info!(stream = %self.stream, ?start, "tail: following the event stream");
         let mut unacked = 0_u64;
         loop {
