@@ -833,7 +833,8 @@ async fn a_bad_resume_is_a_bad_request() {
 /// Plays the workers for the page test: takes each task, appends its `succeeded` event (with
 /// the task's origin), then replies, then acks, as a worker does. After `pause_after` tasks it
 /// waits for the page to write `signal` (it is about to reload), answers `while_away` more at
-/// once, then the rest.
+/// once, waits for the page to write `resumed` there (it is back), then answers the rest a
+/// little apart, so that the page shows them coming.
 async fn stand_in_workers(
     connection: &Connection,
     queue: &str,
@@ -910,10 +911,15 @@ async fn stand_in_workers(
         task.ack(BasicAckOptions::default()).await.expect("ack");
         handled += 1;
         if handled == pause_after + while_away {
-            tracing::debug!(
-                handled,
-                "stand-in workers: answered while the page was away"
-            );
+            let back = eventually("the page to be back", Duration::from_secs(120), || async {
+                std::fs::read_to_string(signal).is_ok_and(|s| s == "resumed")
+            });
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = back => {}
+            }
+        } else if handled > pause_after + while_away {
+            tokio::time::sleep(Duration::from_millis(3)).await; // pacing, not synchronisation
         }
     }
 }
@@ -950,6 +956,11 @@ async fn the_page_reloaded_mid_demo_continues_in_chromium() {
 
     let mut rig = Rig::new(events::DEFAULT_MAX_BYTES).await;
     let gw = rig.start_gateway(ResumeSettings::default()).await;
+    rig.gateways[gw]
+        .client
+        .declare_queue(&rig.queue.name)
+        .await
+        .expect("the work queue is declared");
     let stop_workers = CancellationToken::new();
     let workers = {
         let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
@@ -986,7 +997,7 @@ async fn the_page_reloaded_mid_demo_continues_in_chromium() {
         output.status
     );
     assert!(
-        stdout.contains("1000 results, 0 failures, 0 duplicates"),
+        stdout.contains("to 1000 results, 0 failures, 0 duplicates"),
         "{stdout}"
     );
     rig.finish().await;
