@@ -67,6 +67,8 @@ const PROBE_WAIT: Duration = Duration::from_secs(5);
 /// The consumer tags of a replay and of its look at the stream's first event.
 const REPLAY_TAG: &str = "warren-gateway-replay";
 const PROBE_TAG: &str = "warren-gateway-probe";
+/// How often a replay that reads nothing checks whether there is anything left to read.
+const QUIET_CHECK: Duration = Duration::from_secs(1);
 /// Events a replay hands to its session ahead of it.
 const REPLAY_AHEAD: usize = 256;
 
@@ -229,8 +231,9 @@ enum ReplayItem {
         to: Option<u64>,
         reason: &'static str,
     },
-    /// Everything up to `upto` is replayed; live events take over after it.
-    Done { upto: u64 },
+    /// Everything up to `upto` is replayed (nothing was there to read: none); live events
+    /// take over after it.
+    Done { upto: Option<u64> },
     /// Reading failed; the replay tries again from where it stopped.
     Failed(String),
 }
@@ -586,7 +589,7 @@ impl Session {
                 }
             }
             ReplayItem::Done { upto } => {
-                self.position = self.position.max(Some(upto));
+                self.position = self.position.max(upto);
                 if let Some(replaying) = self.replaying.take() {
                     replaying.task.abort();
                     if replaying.announced {
@@ -830,6 +833,26 @@ impl Replay {
             .or_else(|| self.tail.first().map(|first| first.saturating_sub(1)))
     }
 
+    /// With no event coming: whether there is nothing more to read, and up to where. The
+    /// stream is empty (the tail read nothing since it began, from the last chunk); or a
+    /// replay from a time has read nothing and the newest event the tail read is older than
+    /// that time, so that the events up to the target all are.
+    fn nothing_more(&self) -> Option<Option<u64>> {
+        match self.target() {
+            None if self.tail.is_empty() => Some(self.after),
+            Some(target) => match (self.after, self.start) {
+                (None, Start::Time(from)) => {
+                    let from = from
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .map_or(0, |d| millis(d));
+                    (self.tail.last_at_ms() < from).then_some(Some(target))
+                }
+                _ => None,
+            },
+            None => None,
+        }
+    }
+
     /// One consumer's worth of reading.
     async fn read(&mut self, read: &mut u64, gap_checked: &mut bool) -> Read {
         let Some(link) = self.tail.link(LINK_WAIT).await else {
@@ -853,8 +876,21 @@ impl Replay {
             .await
             .map_err(|e| e.to_string())?;
             let mut unacked = 0_u64;
-            while let Some(delivery) = deliveries.next().await {
-                let delivery = delivery.map_err(|e| e.to_string())?;
+            let mut quiet = tokio::time::interval(QUIET_CHECK);
+            loop {
+                let delivery = tokio::select! {
+                    delivery = deliveries.next() => match delivery {
+                        Some(delivery) => delivery.map_err(|e| e.to_string())?,
+                        None => break,
+                    },
+                    _ = quiet.tick() => {
+                        if let Some(upto) = self.nothing_more() {
+                            let _ = self.items.send(ReplayItem::Done { upto }).await;
+                            return Ok(());
+                        }
+                        continue;
+                    }
+                };
                 unacked += 1;
                 if unacked >= tail::ACK_EVERY {
                     unacked = 0;
@@ -894,7 +930,7 @@ impl Replay {
                     };
                     let upto = to.unwrap_or(offset).max(offset);
                     let _ = self.items.send(expired).await;
-                    let _ = self.items.send(ReplayItem::Done { upto }).await;
+                    let _ = self.items.send(ReplayItem::Done { upto: Some(upto) }).await;
                     return Ok(());
                 }
                 if tail::peek(&delivery.data)
@@ -913,7 +949,8 @@ impl Replay {
                 }
                 self.after = Some(offset);
                 if self.target().is_some_and(|target| offset >= target) {
-                    let _ = self.items.send(ReplayItem::Done { upto: offset }).await;
+                    let done = ReplayItem::Done { upto: Some(offset) };
+                    let _ = self.items.send(done).await;
                     return Ok(());
                 }
             }
