@@ -77,6 +77,7 @@ pub mod headers {
     pub const HEADERS_DROPPED: &str = "x-warren-headers-dropped";
     /// Who enqueued the task (a short opaque text, a gateway session id say): copied into every
     /// event of the task ([`crate::events::Event::origin`]) so that a reader can pick its own.
+    /// At most [`super::MAX_LABEL_BYTES`] bytes.
     pub const ORIGIN: &str = "x-warren-origin";
     /// The batch the task belongs to: copied into every event of the task.
     pub const BATCH: &str = "x-warren-batch";
@@ -358,6 +359,8 @@ pub struct TaskEnvelope {
     /// The caller's `send` span (`traceparent`, `tracestate`), parent of the worker's
     /// `process` span.
     pub trace: Option<TraceContext>,
+    /// Who enqueued the task (`x-warren-origin`), cut to [`MAX_LABEL_BYTES`].
+    pub origin: Option<String>,
 }
 
 impl TaskEnvelope {
@@ -375,6 +378,9 @@ impl TaskEnvelope {
         self.overrides.write(&mut h);
         if let Some(trace) = &self.trace {
             write_trace(&mut h, trace);
+        }
+        if let Some(origin) = &self.origin {
+            set_header_str(&mut h, headers::ORIGIN, &bounded(origin, MAX_LABEL_BYTES));
         }
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -1066,6 +1072,7 @@ mod tests {
                 "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
                 Some("congo=t61rcWkgMzE"),
             ),
+            origin: Some("session-1".into()),
         };
         let p = sent.properties();
         assert_eq!(
@@ -1084,6 +1091,36 @@ mod tests {
         assert_eq!(got.overrides, sent.overrides);
         assert!(got.trace.is_some());
         assert_eq!(got.trace, sent.trace);
+        assert_eq!(
+            header_str(p.headers().as_ref(), headers::ORIGIN).as_deref(),
+            Some("session-1")
+        );
+    }
+
+    #[test]
+    fn an_origin_is_bounded_and_travels_on_a_retry_copy() {
+        let original = TaskEnvelope {
+            id: TaskId::from("t"),
+            function: "f".into(),
+            reply_to: None,
+            deadline: None,
+            run_at: None,
+            overrides: PolicyOverrides::default(),
+            trace: None,
+            origin: Some("o".repeat(10_000)),
+        }
+        .properties();
+        let sent = header_str(original.headers().as_ref(), headers::ORIGIN).unwrap_or_default();
+        assert!(
+            sent.len() <= MAX_LABEL_BYTES && sent.ends_with(TRUNCATED),
+            "{sent}"
+        );
+        let failure = TaskFailure::new(ErrorKind::HandlerFailed, "x");
+        let copy = retry_copy(&original, &TaskId::from("t"), 2, &failure);
+        assert_eq!(
+            header_str(copy.headers().as_ref(), headers::ORIGIN),
+            Some(sent)
+        );
     }
 
     #[test]
@@ -1096,6 +1133,7 @@ mod tests {
             run_at: None,
             overrides: PolicyOverrides::default(),
             trace: None,
+            origin: None,
         }
         .properties();
         let got = Incoming::read(&p);
@@ -1114,6 +1152,7 @@ mod tests {
             run_at: None,
             overrides: PolicyOverrides::default(),
             trace: None,
+            origin: None,
         }
         .properties();
         let ty = p
@@ -1236,6 +1275,7 @@ mod tests {
             run_at: None,
             overrides: PolicyOverrides::default(),
             trace: None,
+            origin: None,
         }
         .properties();
         let failure = TaskFailure::new(ErrorKind::HandlerFailed, "x".repeat(200_000));

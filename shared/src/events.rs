@@ -492,7 +492,8 @@ pub enum Start {
     First,
     /// Only events appended after the reader attaches.
     Next,
-    /// The last chunk written: a few of the newest events (where the stream ends now).
+    /// The last chunk already written (its events, then everything after): a follower that
+    /// must know its position at once starts here, as the gateway's tail does.
     Last,
     /// At this offset (the event with it, and everything after).
     Offset(u64),

@@ -20,6 +20,7 @@ mod processes;
 mod progress;
 mod reliability;
 mod results;
+mod resume;
 mod routing;
 mod run_at;
 mod safety;

@@ -113,6 +113,11 @@ pub struct CallOptions {
     /// is its child, so the worker's `process` span joins the same trace (and keeps it across
     /// retries).
     pub trace: Option<warren_shared::trace::TraceContext>,
+    /// Who enqueues the task (`x-warren-origin`, at most
+    /// [`MAX_LABEL_BYTES`](warren_shared::envelope::MAX_LABEL_BYTES)): copied into every
+    /// event of the task, so that the caller can find its own tasks in the event stream (the
+    /// gateway sets its websocket session's id).
+    pub origin: Option<String>,
 }
 
 impl CallOptions {
@@ -177,6 +182,13 @@ impl CallOptions {
         self.run_at
             .and_then(|at| at.duration_since(SystemTime::now()).ok())
             .unwrap_or_default()
+    }
+
+    /// Marks the task as enqueued by `origin` (see [`CallOptions::origin`]).
+    #[must_use]
+    pub fn origin(mut self, origin: impl Into<String>) -> Self {
+        self.origin = Some(origin.into());
+        self
     }
 
     /// Waits at most `timeout` (and sets the deadline accordingly).

@@ -211,6 +211,7 @@ impl Client {
                 time_limit: options.time_limit,
             },
             trace,
+            origin: options.origin.clone(),
         }
         .properties();
         // Bounded publishes in flight: past the limit, callers wait here.

@@ -23,7 +23,7 @@ use warren_shared::topology;
 use crate::browser::{BadOrigin, normalize_origin};
 use crate::{
     Allowlist, DEFAULT_HTTP_PORT, DEFAULT_LISTEN_BACKLOG, DEFAULT_TEXT_PORT, GatewaySettings,
-    Limits, ListenError, listen_addr,
+    Limits, ListenError, ResumeSettings, listen_addr,
 };
 
 /// Every setting of `warren-gateway`; see the [module](self).
@@ -141,6 +141,23 @@ pub struct GatewayConfig {
     #[arg(long, env = "WARREN_EVENTS_MAX_AGE", value_parser = humantime::parse_duration)]
     #[serde(with = "warren_shared::config::humantime_serde")]
     pub events_max_age: Duration,
+    /// Turn resume off: no resume tokens, no reader of the event stream.
+    #[arg(long, env = "WARREN_GATEWAY_NO_RESUME")]
+    pub no_resume: bool,
+    /// Resume replays running at once; more wait for a place.
+    #[arg(long, env = "WARREN_GATEWAY_RESUME_MAX_REPLAYS")]
+    pub resume_max_replays: NonZeroUsize,
+    /// Bytes of events one websocket session holds while it replays or writes; past them it
+    /// reads the stream again rather than hold more.
+    #[arg(long, env = "WARREN_GATEWAY_RESUME_BUFFER_BYTES")]
+    pub resume_buffer_bytes: usize,
+    /// Events one resume reads at most; a client further behind gets resume_expired for
+    /// the rest.
+    #[arg(long, env = "WARREN_GATEWAY_RESUME_MAX_REPLAY_EVENTS")]
+    pub resume_max_replay_events: u64,
+    /// Tasks a resume token lists as answered before their event was read (at most 255).
+    #[arg(long, env = "WARREN_GATEWAY_RESUME_MAX_UNCONFIRMED")]
+    pub resume_max_unconfirmed: usize,
     /// Serve Prometheus metrics (`/metrics`) and health checks (`/healthz`, `/readyz`: ready
     /// while the broker connection is up, an alarm blocking it included) on this address, e.g.
     /// `127.0.0.1:9465`. Off by default; see docs/operations.md.
@@ -162,6 +179,7 @@ impl Default for GatewayConfig {
             trusted_networks,
             auth_timeout,
             allowed_origins,
+            resume,
             ..
         } = GatewaySettings::default();
         let Limits {
@@ -204,6 +222,11 @@ impl Default for GatewayConfig {
             events_stream: client.events_stream,
             events_max_age: client.events_max_age,
             metrics: None,
+            no_resume: false,
+            resume_max_replays: NonZeroUsize::new(resume.max_replays).unwrap_or(NonZeroUsize::MIN),
+            resume_buffer_bytes: resume.max_buffer_bytes,
+            resume_max_replay_events: resume.max_replay_events,
+            resume_max_unconfirmed: resume.max_unconfirmed,
         }
     }
 }
@@ -250,6 +273,12 @@ pub enum SettingsError {
         /// `--max-gateway-in-flight-bytes`.
         gateway: usize,
     },
+    /// `--resume-max-unconfirmed` above what a token can list.
+    #[error(
+        "--resume-max-unconfirmed {0} is more than a resume token lists (at most {max})",
+        max = crate::resume::MAX_UNCONFIRMED
+    )]
+    TooManyUnconfirmed(usize),
     /// An `--allow-origin` entry that is not `scheme://host[:port]` or `*`.
     #[error(transparent)]
     BadOrigin(#[from] BadOrigin),
@@ -293,6 +322,14 @@ impl GatewayConfig {
         for origin in &self.allow_origin {
             normalize_origin(origin)?;
         }
+        if self.resume_buffer_bytes == 0 {
+            return Err(SettingsError::ZeroBytes("resume-buffer-bytes"));
+        }
+        if self.resume_max_unconfirmed > crate::resume::MAX_UNCONFIRMED {
+            return Err(SettingsError::TooManyUnconfirmed(
+                self.resume_max_unconfirmed,
+            ));
+        }
         Ok(())
     }
 
@@ -324,9 +361,14 @@ impl GatewayConfig {
             auth_timeout,
             allow_origin,
             listen_backlog: _,
-            events_stream: _,
+            events_stream,
             events_max_age: _,
             metrics: _,
+            no_resume,
+            resume_max_replays,
+            resume_buffer_bytes,
+            resume_max_replay_events,
+            resume_max_unconfirmed,
         } = self.clone();
         GatewaySettings {
             limits: Limits {
@@ -351,6 +393,13 @@ impl GatewayConfig {
                 .map(|o| normalize_origin(&o).unwrap_or_else(|_| o.trim().to_owned()))
                 .filter(|o| !o.is_empty())
                 .collect(),
+            resume: ResumeSettings {
+                stream: (!no_resume).then_some(events_stream),
+                max_replays: resume_max_replays.get(),
+                max_buffer_bytes: resume_buffer_bytes,
+                max_replay_events: resume_max_replay_events,
+                max_unconfirmed: resume_max_unconfirmed,
+            },
             ..GatewaySettings::default()
         }
     }

@@ -32,6 +32,8 @@ pub mod host;
 pub mod limits;
 pub mod metrics;
 mod results;
+pub mod resume;
+mod tail;
 pub mod text;
 pub mod ws;
 
@@ -58,6 +60,7 @@ use tokio_util::task::TaskTracker;
 
 pub use config::GatewayConfig;
 pub use limits::{Allowlist, DEMO_FUNCTIONS, GatewayError, Kind, Limits, MAX_ID_BYTES};
+pub use resume::ResumeSettings;
 
 use warren_client::{CallOptions, Client};
 
@@ -111,6 +114,9 @@ pub struct GatewaySettings {
     /// affected. Without a token, their hosts are also the only names (besides IP addresses
     /// and `localhost`) the gateway answers to ([`browser::check_host`]).
     pub allowed_origins: Vec<String>,
+    /// Resume after a reconnect: the event stream the gateway follows, and the limits of
+    /// replaying it ([`resume`]).
+    pub resume: ResumeSettings,
 }
 
 /// The default of [`GatewaySettings::max_connections`].
@@ -220,6 +226,7 @@ impl Default for GatewaySettings {
             trusted_networks: LOOPBACK.to_vec(),
             auth_timeout: Duration::from_secs(10),
             allowed_origins: Vec::new(),
+            resume: ResumeSettings::default(),
         }
     }
 }
@@ -246,6 +253,8 @@ struct Shared {
     gate: Arc<Gate>,
     /// Bytes the calls of every connection hold together.
     budget: Arc<Budget>,
+    /// The follower of the event stream, with resume on.
+    tail: Option<Arc<tail::Tail>>,
 }
 
 impl Shared {
@@ -286,8 +295,18 @@ pub async fn serve(
         trusted: settings.trusted_networks.clone(),
         token_set: settings.limits.token.is_some(),
     });
+    let tail = settings
+        .resume
+        .stream
+        .as_deref()
+        .map(|stream| tail::Tail::new(stream, settings.resume.max_replays));
+    let follower = tail.clone().map(|tail| {
+        let client = client.settings();
+        tokio::spawn(tail.run(client.broker.clone(), client.name.clone(), shutdown.clone()))
+    });
     let shared = Arc::new(Shared {
         gate,
+        tail,
         budget: Budget::new(settings.max_gateway_in_flight_bytes),
         settings,
         client,
@@ -306,6 +325,7 @@ pub async fn serve(
         max_gateway_in_flight_bytes = shared.settings.max_gateway_in_flight_bytes,
         max_unauthenticated = shared.settings.max_unauthenticated(),
         trusted_networks = ?shared.settings.trusted_networks,
+        resume = ?shared.settings.resume,
         "gateway serving"
     );
     let poller = tokio::spawn(poll_queue(shared.clone(), queue_tx));
@@ -322,6 +342,10 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!("connections still open after the shutdown grace period; leaving them");
+    }
+    if let Some(follower) = follower {
+        // It stops with the shutdown token; closing its connection is bounded by the link.
+        let _ = tokio::time::timeout(Duration::from_secs(10), follower).await;
     }
     tracing::info!("gateway stopped");
 }

@@ -42,6 +42,7 @@ use super::admission::Admitted;
 use super::browser;
 use super::budget::{Budget, Held};
 use super::limits::{GatewayError, Kind, MAX_ID_BYTES};
+use super::resume::{About, Session};
 use super::{Shared, bearer, error_response};
 
 /// `GET /ws`: checks the `Origin` and an `Authorization: Bearer` header if one is sent, then
@@ -86,6 +87,8 @@ struct Fields<'a> {
     watch: Option<&'a RawValue>,
     /// `{"result": "<task id>"}`: a task's outcome ([`crate::results`]).
     result: Option<&'a RawValue>,
+    /// `{"resume": token}` ([`crate::resume`]).
+    resume: Option<&'a RawValue>,
     id: Option<&'a RawValue>,
     function: Option<&'a RawValue>,
     args: Option<&'a RawValue>,
@@ -112,6 +115,7 @@ impl<'de> Deserialize<'de> for Fields<'de> {
                         "auth" => &mut fields.auth,
                         "watch" => &mut fields.watch,
                         "result" => &mut fields.result,
+                        "resume" => &mut fields.resume,
                         "id" => &mut fields.id,
                         "function" => &mut fields.function,
                         "args" => &mut fields.args,
@@ -183,10 +187,11 @@ fn batch(message: &RawValue, max: usize) -> Option<Vec<&RawValue>> {
 }
 
 /// Something to write to the socket and, for a call's result, the bytes the call holds until
-/// it is written.
+/// it is written; and what it says about its task, for resume's books.
 struct Event {
     text: String,
     held: Option<Held>,
+    about: About,
 }
 
 /// One websocket connection.
@@ -208,6 +213,8 @@ struct Connection {
     closing: Option<CloseFrame>,
     /// This connection's place among the gateway's open connections.
     admitted: Arc<Admitted>,
+    /// Its origin, resume tokens and replays.
+    resume: Session,
 }
 
 impl Connection {
@@ -216,6 +223,7 @@ impl Connection {
         let (events, inbox) = mpsc::channel(limits.max_in_flight.clamp(16, 1024));
         let permits = Arc::new(Semaphore::new(limits.max_in_flight));
         let budget = Budget::new(limits.max_in_flight_bytes);
+        let resume = Session::new(shared.tail.clone(), &shared.settings.resume);
         Self {
             shared,
             authed,
@@ -226,6 +234,7 @@ impl Connection {
             events,
             inbox,
             closing: None,
+            resume,
             admitted,
         }
     }
@@ -261,11 +270,18 @@ impl Connection {
             tokio::select! {
                 biased;
                 Some(event) = self.inbox.recv() => {
-                    if !send(&mut socket, Message::text(event.text), write_timeout).await {
+                    let texts = self.resume.call_message(event.about, event.text);
+                    if !send_all(&mut socket, texts, write_timeout).await {
                         break None;
                     }
                     // Written: a result's bytes are free.
                     drop(event.held);
+                    last_activity = Instant::now();
+                }
+                text = self.resume.next() => {
+                    if !send(&mut socket, Message::text(text), write_timeout).await {
+                        break None;
+                    }
                     last_activity = Instant::now();
                 }
                 received = socket.recv(), if drain_until.is_none() => match received {
@@ -317,6 +333,9 @@ impl Connection {
         if let Some(frame) = close_frame {
             let _ = send(&mut socket, Message::Close(Some(frame)), write_timeout).await;
         }
+        // Resume keeps the ids of the calls left unanswered (before they are aborted, so that
+        // a resume that comes once they are gone finds them).
+        self.resume.close();
         // Aborting the calls still running drops their futures, which removes them from the
         // client's pending map: a client that leaves leaks nothing.
         self.calls.abort_all();
@@ -347,6 +366,14 @@ impl Connection {
                 return send(socket, Message::text(error_event(NULL, &error)), limit).await;
             }
         };
+        if let Some(token) = fields.as_ref().and_then(|f| f.resume) {
+            return match self.resume.resume(token) {
+                Ok(()) => true,
+                Err(refused) => {
+                    send(socket, Message::text(error_event(NULL, &refused)), limit).await
+                }
+            };
+        }
         if fields
             .as_ref()
             .and_then(|f| f.watch)
@@ -449,6 +476,7 @@ impl Connection {
                 .send(Event {
                     text,
                     held: Some(held),
+                    about: About::Nothing,
                 })
                 .await;
             drop(permit);
@@ -504,7 +532,7 @@ impl Connection {
         if let Err(forbidden) = self.shared.limits().check_function(&function) {
             return refuse(forbidden);
         }
-        let options = match crate::due::Due::of_fields(fields.run_at, fields.delay_ms)
+        let mut options = match crate::due::Due::of_fields(fields.run_at, fields.delay_ms)
             .and_then(|due| self.shared.options_due(&due))
         {
             Ok(options) => options,
@@ -522,6 +550,7 @@ impl Connection {
             function,
             args: fields.args.map_or_else(RawJson::null, RawJson::from),
         };
+        options.origin = self.resume.origin_for_task();
         self.calls.spawn(call(
             self.shared.clone(),
             task,
@@ -557,19 +586,25 @@ async fn call(
     let mut call = shared
         .client
         .call_raw_with_progress(&function, args, &options, published_tx);
-    let enqueued = |task_id: warren_shared::TaskId| Event {
-        text: enqueued_event(&id, &task_id),
+    let enqueued = |task_id: &warren_shared::TaskId| Event {
+        text: enqueued_event(&id, task_id),
         held: None,
+        about: About::Enqueued {
+            task_id: task_id.as_str().to_owned(),
+            id: id.clone(),
+        },
     };
     // "enqueued" first, then the task's progress, then its answer.
     let mut acknowledged = false;
+    let mut enqueued_as = None;
     loop {
         tokio::select! {
             biased;
             confirmed = &mut published, if !acknowledged => {
                 acknowledged = true;
                 if let Ok(task_id) = confirmed {
-                    let _ = events.send(enqueued(task_id)).await;
+                    let _ = events.send(enqueued(&task_id)).await;
+                    enqueued_as = Some(task_id);
                 }
             }
             update = call.progress() => {
@@ -578,14 +613,15 @@ async fn call(
                 // later answer.
                 let text = progress_event(&id, &update);
                 if let Some(bytes) = held.try_more(text.len()) {
-                    let _ = events.try_send(Event { text, held: Some(bytes) });
+                    let _ = events.try_send(Event { text, held: Some(bytes), about: About::Nothing });
                 }
             }
         }
     }
     // The confirm and the reply came in one poll: acknowledge first all the same.
     if !acknowledged && let Ok(task_id) = published.try_recv() {
-        let _ = events.send(enqueued(task_id)).await;
+        let _ = events.send(enqueued(&task_id)).await;
+        enqueued_as = Some(task_id);
     }
     let result = call.await;
     crate::metrics::task_finished(
@@ -597,10 +633,14 @@ async fn call(
         Err(e) => error_event(&id, &GatewayError::from(e)),
     };
     held.add(text.len());
+    let about = enqueued_as.map_or(About::Nothing, |task_id| About::Settled {
+        task_id: task_id.as_str().to_owned(),
+    });
     let _ = events
         .send(Event {
             text,
             held: Some(held),
+            about,
         })
         .await;
     drop(permit);
@@ -617,6 +657,16 @@ async fn send(socket: &mut WebSocket, message: Message, limit: Duration) -> bool
             false
         }
     }
+}
+
+/// Sends `messages` in order; false as soon as one cannot be sent (see [`send`]).
+async fn send_all(socket: &mut WebSocket, messages: Vec<String>, limit: Duration) -> bool {
+    for message in messages {
+        if !send(socket, Message::text(message), limit).await {
+            return false;
+        }
+    }
+    true
 }
 
 /// `{"id": ..., "ok": true, "result": ...}`, the result written as the worker wrote it.
