@@ -132,14 +132,6 @@ pub(crate) async fn declare(link: &Link, settings: &EventSettings) -> Result<(),
     if !refused {
         return Err(BrokerError::from(refusal).into());
     }
-    if let Some(detail) = &other_arguments
-        && detail.contains("'x-queue-type'")
-    {
-        return Err(WorkerError::EventStream {
-            stream: stream.to_owned(),
-            problem: format!("a queue of that name exists and is not a stream ({detail})"),
-        });
-    }
     // The refusal closed that channel: look on one of its own.
     let look = link
         .connection()
@@ -149,29 +141,40 @@ pub(crate) async fn declare(link: &Link, settings: &EventSettings) -> Result<(),
     let exists = format::stream_exists(&look, stream)
         .await
         .map_err(BrokerError::from)?;
-    if exists {
-        let _ = look.close(200, "checked".into()).await;
-    }
-    match (exists, other_arguments) {
-        (true, Some(detail)) => {
-            tracing::warn!(stream, %detail, "the event stream exists with other retention than this worker's settings; using it as it is");
-            Ok(())
-        }
-        (true, None) => {
-            tracing::debug!(
-                stream,
-                "may not declare the event stream; it exists: using it"
-            );
-            Ok(())
-        }
-        (false, _) => Err(WorkerError::EventStream {
+    if !exists {
+        return Err(WorkerError::EventStream {
             stream: stream.to_owned(),
             problem: format!(
                 "it does not exist, and this worker may not declare it: {}",
                 BrokerError::from(refusal).needing("configure")
             ),
-        }),
+        });
     }
+    let Some(detail) = other_arguments else {
+        // Without `configure` permission the worker cannot tell a stream from another queue
+        // of the name: it trusts whoever declared it.
+        let _ = look.close(200, "checked".into()).await;
+        tracing::debug!(
+            stream,
+            "may not declare the event stream; it exists: using it"
+        );
+        return Ok(());
+    };
+    // Other arguments: a stream with other retention, or a queue of another type (whose
+    // refusal may name another argument first).
+    let stream_type = !detail.contains("'x-queue-type'")
+        && format::is_stream(&look, stream)
+            .await
+            .map_err(BrokerError::from)?;
+    if !stream_type {
+        return Err(WorkerError::EventStream {
+            stream: stream.to_owned(),
+            problem: "a queue of that name exists and is not a stream".to_owned(),
+        });
+    }
+    let _ = look.close(200, "checked".into()).await;
+    tracing::warn!(stream, %detail, "the event stream exists with other retention than this worker's settings; using it as it is");
+    Ok(())
 }
 
 /// The AMQP reply code of a broker error (`403`, `404`, `406`...).
