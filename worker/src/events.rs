@@ -47,6 +47,11 @@ pub const MAX_EVENT_TEXT: usize = 4 * 1024;
 /// Most bytes of a function name an event carries (a task may name any function).
 const MAX_FUNCTION_BYTES: usize = 255;
 
+/// How long the handler's start waits for its `started` event to be written to the socket (it
+/// takes microseconds; a connection the broker has blocked takes longer). Past it the handler
+/// starts anyway, and the event is sent again before the final one (a duplicate at worst).
+const STARTED_SEND_WAIT: Duration = Duration::from_millis(250);
+
 /// Where and how a worker appends task events.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventSettings {
@@ -486,10 +491,14 @@ impl Trail {
         }
         let event = subject.event(EventKind::Started);
         let at_ms = event.at_ms;
-        self.started = match inner.send(&event).await {
-            Ok(sent) => Started::Sent { at_ms, sent },
-            Err(e) => {
+        self.started = match tokio::time::timeout(STARTED_SEND_WAIT, inner.send(&event)).await {
+            Ok(Ok(sent)) => Started::Sent { at_ms, sent },
+            Ok(Err(e)) => {
                 tracing::debug!(task.id = %subject.task_id, error = %e, "could not send the started event yet; sending it again at the end");
+                Started::Unsent { at_ms }
+            }
+            Err(_) => {
+                tracing::debug!(task.id = %subject.task_id, "the started event is slow to go out; sending it again at the end");
                 Started::Unsent { at_ms }
             }
         };
