@@ -302,7 +302,7 @@ pub fn stream_args(max_age: Duration, max_bytes: u64) -> FieldTable {
 fn max_age_text(age: Duration) -> String {
     let s = age.as_secs().max(1);
     for (unit, size) in [("D", 86_400), ("h", 3600), ("m", 60)] {
-        if s % size == 0 {
+        if s.is_multiple_of(size) {
             return format!("{}{unit}", s / size);
         }
     }

@@ -431,7 +431,7 @@ enum Started {
     #[default]
     No,
     /// Sent at `at_ms`; its confirm is to come.
-    Sent { at_ms: i64, sent: Unconfirmed },
+    Sent { at_ms: i64, sent: Box<Unconfirmed> },
     /// Made at `at_ms` but not sent, or not confirmed: to be sent again before the final event.
     Unsent { at_ms: i64 },
 }
@@ -492,7 +492,10 @@ impl Trail {
         let event = subject.event(EventKind::Started);
         let at_ms = event.at_ms;
         self.started = match tokio::time::timeout(STARTED_SEND_WAIT, inner.send(&event)).await {
-            Ok(Ok(sent)) => Started::Sent { at_ms, sent },
+            Ok(Ok(sent)) => Started::Sent {
+                at_ms,
+                sent: Box::new(sent),
+            },
             Ok(Err(e)) => {
                 tracing::debug!(task.id = %subject.task_id, error = %e, "could not send the started event yet; sending it again at the end");
                 Started::Unsent { at_ms }
@@ -542,7 +545,7 @@ impl Trail {
         };
         let started = match std::mem::take(&mut self.started) {
             Started::No => None,
-            Started::Sent { at_ms, sent } if sent.channel_open() => Some((at_ms, sent)),
+            Started::Sent { at_ms, sent } if sent.channel_open() => Some((at_ms, *sent)),
             Started::Sent { at_ms, .. } | Started::Unsent { at_ms } => {
                 let mut event = subject.event(EventKind::Started);
                 event.at_ms = at_ms;
