@@ -477,6 +477,36 @@ pub async fn stream_exists(channel: &Channel, name: &str) -> Result<bool, lapin:
     }
 }
 
+/// Whether the existing queue `name` is a stream: it is declared again with `x-queue-type:
+/// stream` alone, which the broker refuses naming `x-queue-type` when the queue is of another
+/// type (and naming another argument when it is a stream with retention arguments). Needs
+/// `configure` permission; call it only for a queue known to exist, which it leaves as it is (a
+/// missing one would be declared, without retention).
+///
+/// # Errors
+/// The broker's error other than `406 PRECONDITION_FAILED` (which also closes the channel:
+/// use one of its own).
+pub async fn is_stream(channel: &Channel, name: &str) -> Result<bool, lapin::Error> {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("stream".into()),
+    );
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    match channel.queue_declare(name.into(), durable, args).await {
+        Ok(_) => Ok(true),
+        Err(e) => match e.kind() {
+            lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 406 => {
+                Ok(!amqp.get_message().as_str().contains("'x-queue-type'"))
+            }
+            _ => Err(e),
+        },
+    }
+}
+
 /// Whether the broker answered `404 NOT_FOUND`.
 fn is_not_found(error: &lapin::Error) -> bool {
     matches!(

@@ -267,7 +267,7 @@ pub struct Unconfirmed {
     exchange: String,
     routing_key: String,
     started: std::time::Instant,
-    deadline: tokio::time::Instant,
+    timeout: Duration,
 }
 
 impl std::fmt::Debug for Unconfirmed {
@@ -287,7 +287,8 @@ impl Unconfirmed {
         self.channel.status().connected()
     }
 
-    /// Waits for the broker's confirm, until the deadline the publish started with.
+    /// Waits for the broker's confirm, at most the publish's `timeout` from now (a confirm that
+    /// came meanwhile is taken at once, however long ago the message was sent).
     ///
     /// # Errors
     /// As [`publish_confirmed`].
@@ -298,11 +299,10 @@ impl Unconfirmed {
             exchange,
             routing_key,
             started,
-            deadline,
+            timeout,
         } = self;
-        let timeout = deadline.saturating_duration_since(tokio::time::Instant::from_std(started));
-        let result = tokio::time::timeout_at(
-            deadline,
+        let result = tokio::time::timeout(
+            timeout,
             confirmed(channel, confirm, &exchange, &routing_key),
         )
         .await
@@ -316,7 +316,7 @@ impl Unconfirmed {
 /// channel of `pool`, so that many publishes can be in flight while each is confirmed later
 /// ([`Unconfirmed::confirmed`], which treats a nack or a return as [`publish_confirmed`] does).
 /// Messages published one after the other on a pool of one channel keep their order.
-/// `timeout` bounds the whole operation, the confirm included.
+/// `timeout` bounds the send, and then the wait for the confirm.
 ///
 /// # Errors
 /// [`PublishError::NoChannel`], [`PublishError::Channel`] or [`PublishError::Timeout`] when the
@@ -327,9 +327,8 @@ pub async fn publish_unconfirmed(
     timeout: Duration,
 ) -> Result<Unconfirmed, PublishError> {
     let started = std::time::Instant::now();
-    let deadline = tokio::time::Instant::from_std(started) + timeout;
     let (exchange, routing_key) = (publication.exchange, publication.routing_key);
-    let sent = tokio::time::timeout_at(deadline, send(pool, publication))
+    let sent = tokio::time::timeout(timeout, send(pool, publication))
         .await
         .unwrap_or(Err(PublishError::Timeout(timeout)));
     match sent {
@@ -339,7 +338,7 @@ pub async fn publish_unconfirmed(
             exchange: exchange.to_owned(),
             routing_key: routing_key.to_owned(),
             started,
-            deadline,
+            timeout,
         }),
         Err(e) => {
             crate::metrics::publish_failed(&e);

@@ -47,6 +47,11 @@ pub const MAX_EVENT_TEXT: usize = 4 * 1024;
 /// Most bytes of a function name an event carries (a task may name any function).
 const MAX_FUNCTION_BYTES: usize = 255;
 
+/// How long the handler's start waits for its `started` event to be written to the socket (it
+/// takes microseconds; a connection the broker has blocked takes longer). Past it the handler
+/// starts anyway, and the event is sent again before the final one (a duplicate at worst).
+const STARTED_SEND_WAIT: Duration = Duration::from_millis(250);
+
 /// Where and how a worker appends task events.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventSettings {
@@ -132,14 +137,6 @@ pub(crate) async fn declare(link: &Link, settings: &EventSettings) -> Result<(),
     if !refused {
         return Err(BrokerError::from(refusal).into());
     }
-    if let Some(detail) = &other_arguments
-        && detail.contains("'x-queue-type'")
-    {
-        return Err(WorkerError::EventStream {
-            stream: stream.to_owned(),
-            problem: format!("a queue of that name exists and is not a stream ({detail})"),
-        });
-    }
     // The refusal closed that channel: look on one of its own.
     let look = link
         .connection()
@@ -149,29 +146,40 @@ pub(crate) async fn declare(link: &Link, settings: &EventSettings) -> Result<(),
     let exists = format::stream_exists(&look, stream)
         .await
         .map_err(BrokerError::from)?;
-    if exists {
-        let _ = look.close(200, "checked".into()).await;
-    }
-    match (exists, other_arguments) {
-        (true, Some(detail)) => {
-            tracing::warn!(stream, %detail, "the event stream exists with other retention than this worker's settings; using it as it is");
-            Ok(())
-        }
-        (true, None) => {
-            tracing::debug!(
-                stream,
-                "may not declare the event stream; it exists: using it"
-            );
-            Ok(())
-        }
-        (false, _) => Err(WorkerError::EventStream {
+    if !exists {
+        return Err(WorkerError::EventStream {
             stream: stream.to_owned(),
             problem: format!(
                 "it does not exist, and this worker may not declare it: {}",
                 BrokerError::from(refusal).needing("configure")
             ),
-        }),
+        });
     }
+    let Some(detail) = other_arguments else {
+        // Without `configure` permission the worker cannot tell a stream from another queue
+        // of the name: it trusts whoever declared it.
+        let _ = look.close(200, "checked".into()).await;
+        tracing::debug!(
+            stream,
+            "may not declare the event stream; it exists: using it"
+        );
+        return Ok(());
+    };
+    // Other arguments: a stream with other retention, or a queue of another type (whose
+    // refusal may name another argument first).
+    let stream_type = !detail.contains("'x-queue-type'")
+        && format::is_stream(&look, stream)
+            .await
+            .map_err(BrokerError::from)?;
+    if !stream_type {
+        return Err(WorkerError::EventStream {
+            stream: stream.to_owned(),
+            problem: "a queue of that name exists and is not a stream".to_owned(),
+        });
+    }
+    let _ = look.close(200, "checked".into()).await;
+    tracing::warn!(stream, %detail, "the event stream exists with other retention than this worker's settings; using it as it is");
+    Ok(())
 }
 
 /// The AMQP reply code of a broker error (`403`, `404`, `406`...).
@@ -422,7 +430,7 @@ enum Started {
     #[default]
     No,
     /// Sent at `at_ms`; its confirm is to come.
-    Sent { at_ms: i64, sent: Unconfirmed },
+    Sent { at_ms: i64, sent: Box<Unconfirmed> },
     /// Made at `at_ms` but not sent, or not confirmed: to be sent again before the final event.
     Unsent { at_ms: i64 },
 }
@@ -476,10 +484,17 @@ impl Trail {
         }
         let event = subject.event(EventKind::Started);
         let at_ms = event.at_ms;
-        self.started = match inner.send(&event).await {
-            Ok(sent) => Started::Sent { at_ms, sent },
-            Err(e) => {
+        self.started = match tokio::time::timeout(STARTED_SEND_WAIT, inner.send(&event)).await {
+            Ok(Ok(sent)) => Started::Sent {
+                at_ms,
+                sent: Box::new(sent),
+            },
+            Ok(Err(e)) => {
                 tracing::debug!(task.id = %subject.task_id, error = %e, "could not send the started event yet; sending it again at the end");
+                Started::Unsent { at_ms }
+            }
+            Err(_) => {
+                tracing::debug!(task.id = %subject.task_id, "the started event is slow to go out; sending it again at the end");
                 Started::Unsent { at_ms }
             }
         };
@@ -523,7 +538,7 @@ impl Trail {
         };
         let started = match std::mem::take(&mut self.started) {
             Started::No => None,
-            Started::Sent { at_ms, sent } if sent.channel_open() => Some((at_ms, sent)),
+            Started::Sent { at_ms, sent } if sent.channel_open() => Some((at_ms, *sent)),
             Started::Sent { at_ms, .. } | Started::Unsent { at_ms } => {
                 let mut event = subject.event(EventKind::Started);
                 event.at_ms = at_ms;
