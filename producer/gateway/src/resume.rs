@@ -844,7 +844,7 @@ impl Replay {
                 (None, Start::Time(from)) => {
                     let from = from
                         .duration_since(SystemTime::UNIX_EPOCH)
-                        .map_or(0, |d| millis(d));
+                        .map_or(0, millis);
                     (self.tail.last_at_ms() < from).then_some(Some(target))
                 }
                 _ => None,
