@@ -207,7 +207,10 @@ async fn a_three_node_cluster_loses_no_task_when_the_clients_node_and_then_the_q
     expect_own_connections(
         |a| cluster.ctl_any(a),
         &worker_pids,
-        &[client_name.clone(), gateway_name],
+        &[
+            (client_name.clone(), &["publish"]),
+            (gateway_name, &["consume", "publish"]),
+        ],
         Duration::from_secs(30),
     )
     .await;

@@ -124,20 +124,23 @@ async fn producer_client(urls: String, name: &str) -> warren_client::Client {
 }
 
 /// Waits until the broker (asked through `ctl`) holds exactly the connections of these
-/// processes, two per worker (consume and publish) and one (publish) for each of `publishers`
-/// (process names), nothing else; then checks one consumer per worker.
+/// processes, two per worker (consume and publish) and, for each of `others` (a process name
+/// and its connections' purposes: a client publishes; a gateway also consumes, reading the
+/// task event stream for resume), those; nothing else. Then checks one consumer of the work
+/// queue per worker.
 async fn expect_own_connections(
     ctl: impl Fn(&[&str]) -> String,
     worker_pids: &[u32],
-    publishers: &[String],
+    others: &[(String, &[&str])],
     timeout: std::time::Duration,
 ) {
     let mut expected: BTreeMap<String, Vec<String>> = worker_pids
         .iter()
         .map(|pid| (worker_name(*pid), vec!["consume".into(), "publish".into()]))
         .collect();
-    for name in publishers {
-        expected.insert(name.clone(), vec!["publish".into()]);
+    for (name, purposes) in others {
+        let purposes = purposes.iter().map(|p| (*p).to_owned()).collect();
+        expected.insert(name.clone(), purposes);
     }
     eventually_eq(
         "every process back to exactly its own connections",

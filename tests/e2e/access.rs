@@ -132,10 +132,16 @@ async fn producer_and_worker_profiles_are_enough_and_a_refused_declare_names_the
         .await
         .expect("queue stats as producer");
     assert_eq!(stats.consumers, 1);
-    client
+    let enqueued = client
         .enqueue_json("echo", serde_json::json!(1))
         .await
         .expect("enqueue as producer");
+    // Its result, read from the task event stream: the producer profile may read it.
+    let found = client
+        .wait_result(&enqueued, Duration::from_secs(20))
+        .await
+        .expect("a result lookup as producer");
+    assert!(found.outcome.succeeded(), "{found:?}");
     // A task that fails twice is retried at once (the worker publishes to `warren`), then
     // after a delay (it declares `<queue>.delay.200ms` and publishes to it), then succeeds.
     let third = client

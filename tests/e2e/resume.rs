@@ -108,7 +108,11 @@ impl Rig {
         let addr = http.local_addr().expect("http addr");
         let stop = CancellationToken::new();
         let settings = GatewaySettings {
-            limits: Limits::default(),
+            // The built-ins (`echo`) and the real workers' `gated`.
+            limits: Limits {
+                allow: warren_gateway::Allowlist::of(&["echo", "gated"]),
+                ..Limits::default()
+            },
             call_timeout: Duration::from_secs(120),
             shutdown_grace: Duration::from_secs(1),
             resume: ResumeSettings {
@@ -1000,5 +1004,134 @@ async fn the_page_reloaded_mid_demo_continues_in_chromium() {
         stdout.contains("to 1000 results, 0 failures, 0 duplicates"),
         "{stdout}"
     );
+    rig.finish().await;
+}
+
+/// Held until the test of real workers lets it go: the tasks of `gated` wait on it.
+static GATE: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(0);
+
+/// A mail that reports half-way progress, then waits for [`GATE`]; returns `n`.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Gated {
+    n: u32,
+}
+
+impl warren_shared::Task for Gated {
+    const NAME: &'static str = "gated";
+    type Output = u32;
+}
+
+async fn gated(
+    args: Gated,
+    ctx: warren_worker::TaskContext,
+) -> Result<u32, warren_worker::TaskError> {
+    ctx.progress(events::Progress::fraction(0.5));
+    GATE.acquire()
+        .await
+        .expect("the gate is never closed")
+        .forget();
+    Ok(args.n)
+}
+
+/// The page of the seed's demo reloads while a real worker runs its mails: the worker appends
+/// progress and results while no socket is open; the resumed socket gets, for every mail, its
+/// missed progress before its one answer (with the page's ids), and nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_while_real_workers_run_gets_each_missed_answer_once_after_its_progress() {
+    const MAILS: u32 = 8;
+    const CONCURRENCY: u16 = 4;
+    let mut rig = Rig::new(events::DEFAULT_MAX_BYTES).await;
+    let gw = rig.start_gateway(ResumeSettings::default()).await;
+    let mut settings = rig.queue.worker_settings(CONCURRENCY);
+    settings.events.stream = rig.stream.clone();
+    let worker = rig
+        .queue
+        .worker_with(warren_worker::Registry::new().register_fn(gated), settings)
+        .await;
+
+    let mut ws = rig.connect(gw).await;
+    let ids: Vec<String> = (0..MAILS).map(|i| format!("mail-{i}")).collect();
+    let batch: Vec<Value> = (0..MAILS)
+        .map(|i| json!({"id": ids[i as usize], "function": "gated", "args": {"n": i}}))
+        .collect();
+    send(&mut ws, Value::Array(batch)).await;
+    // The acknowledgements, then the progress of the mails that started (as many as the
+    // worker runs at once); the last message seen gives the token.
+    let mut acks = 0;
+    let mut started = std::collections::HashSet::new();
+    let mut last = Value::Null;
+    while acks < MAILS || started.len() < usize::from(CONCURRENCY) {
+        let message = next(&mut ws).await;
+        if message["status"] == "enqueued" {
+            acks += 1;
+        } else if message.get("progress").is_some() {
+            started.insert(message["id"].as_str().expect("the page's id").to_owned());
+        } else {
+            panic!("no answer can come before the gate opens: {message}");
+        }
+        last = message;
+    }
+    let token1 = token(&last);
+    drop(ws);
+    rig.no_calls(gw).await;
+
+    // With no socket open, every mail runs to its end.
+    GATE.add_permits(MAILS as usize);
+    let (mut ws, replayed) = resume(&rig, gw, &token1).await;
+    let mut messages = replayed;
+    let answers = |messages: &[Value]| messages.iter().filter(|m| m.get("ok").is_some()).count();
+    while answers(&messages) < MAILS as usize {
+        messages.push(next(&mut ws).await);
+    }
+    // One more mail: its answer comes after anything the stream still held for the others.
+    send(
+        &mut ws,
+        json!({"id": "witness", "function": "gated", "args": {"n": 99}}),
+    )
+    .await;
+    GATE.add_permits(1);
+    loop {
+        let message = next(&mut ws).await;
+        let done = message["id"] == "witness" && message.get("ok").is_some();
+        messages.push(message);
+        if done {
+            break;
+        }
+    }
+
+    for (i, id) in ids.iter().enumerate() {
+        let mine: Vec<&Value> = messages.iter().filter(|m| m["id"] == *id).collect();
+        let finals: Vec<&&Value> = mine.iter().filter(|m| m.get("ok").is_some()).collect();
+        assert_eq!(finals.len(), 1, "{id}: {mine:#?}");
+        assert_eq!(
+            (&finals[0]["ok"], &finals[0]["result"]),
+            (&json!(true), &json!(i)),
+            "{id}"
+        );
+        // Whatever progress of it the socket got came before its answer.
+        let answer_at = mine.iter().position(|m| m.get("ok").is_some()).unwrap();
+        assert!(
+            mine[answer_at + 1..]
+                .iter()
+                .all(|m| m.get("progress").is_none()),
+            "{id}: progress after the answer: {mine:#?}"
+        );
+        assert!(
+            mine.iter().all(|m| m.get("resume_token").is_some()),
+            "{mine:#?}"
+        );
+    }
+    // The mails that had not started when the page closed: their progress was replayed.
+    for id in ids.iter().filter(|id| !started.contains(*id)) {
+        assert!(
+            messages
+                .iter()
+                .any(|m| m["id"] == *id && m.get("progress").is_some()),
+            "{id}: no progress: {messages:#?}"
+        );
+    }
+    drop(ws);
+    worker.stop();
+    worker.wait().await.expect("the worker stops cleanly");
     rig.finish().await;
 }
