@@ -12,7 +12,7 @@
 //! A fourth scenario, `scale` (run on its own), measures how throughput grows with
 //! `warren-worker` processes: see `scale.rs` and `docs/scaling.md`. A fifth, `seed` (also on
 //! its own), reproduces the seed's Workerman pattern through `warren-gateway` against a
-//! broker-less floor (issue 13): see `seed.rs` and `floor.rs`. A sixth, `lookup` (on its own),
+//! broker-less floor: see `seed.rs` and `floor.rs`. A sixth, `lookup` (on its own),
 //! times finding a task's result among a million task events: see `lookup.rs`.
 //!
 //! The Warren side is an in-process `warren_worker` and a `warren_client::Client`; the raw side
