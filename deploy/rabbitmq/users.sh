@@ -55,8 +55,12 @@
 #                              a time, binding Q and its functions to them, deferring a task that
 #                              came early (shared by every queue of the virtual host)
 #   producer write warren.run-at.27  sending a task that runs at a time
+#   producer read warren.events  reading the task event stream: `warren result`, `warren
+#                              events`, the gateway's results and resume (GET /api/tasks/<id>,
+#                              websocket {"result"} and {"resume"})
 #   operator read Q.dead       listing, replaying and purging parked tasks
 #   operator read warren.run-at.parked  reading tasks due later that nothing could route
+#   operator read warren.events  `warren events` and `warren result` (what the fleet did)
 #   operator write warren      replaying them to the work queue
 #   operator configure F.<function>  releasing a function's claim (deleting its exchange, and
 #                              the declaration by which the broker names the owner)
