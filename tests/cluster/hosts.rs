@@ -162,6 +162,7 @@ async fn a_worker_host_cut_off_mid_batch_hands_its_tasks_over_and_rejoins_with_i
         |a| node.ctl_ok(a),
         &pids,
         std::slice::from_ref(&client_name),
+        &[],
         Duration::from_secs(40),
     )
     .await;
