@@ -36,8 +36,17 @@ pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 /// How many bytes the stream keeps by default (4 GiB); the oldest segments go first.
 pub const DEFAULT_MAX_BYTES: u64 = 4 * 1024 * 1024 * 1024;
 
-/// The size of one stream segment file: retention removes whole segments.
+/// The largest stream segment file: retention removes whole segments, the oldest first
+/// ([`segment_bytes`]).
 pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+
+/// The segment size of a stream that keeps `max_bytes`: [`SEGMENT_BYTES`], or a quarter of
+/// `max_bytes` when that is less. RabbitMQ keeps the newest segments that fit in `max_bytes`
+/// and starts a new segment empty, so a stream no larger than one segment would lose every
+/// event each time a segment fills; with four or more, the oldest quarter goes.
+pub fn segment_bytes(max_bytes: u64) -> u64 {
+    SEGMENT_BYTES.min(max_bytes / 4).max(1)
+}
 
 /// The largest result a `succeeded` event carries (64 KiB of JSON text); a larger one is left
 /// out and the event is marked `truncated`.
@@ -396,8 +405,9 @@ impl Event {
     }
 }
 
-/// The arguments the stream is declared with: a stream queue with retention by age and size.
-/// A stream replicates to every node of the cluster by default.
+/// The arguments the stream is declared with: a stream queue with retention by age and size,
+/// in segments of [`segment_bytes`]. A stream replicates to every node of the cluster by
+/// default.
 pub fn stream_args(max_age: Duration, max_bytes: u64) -> FieldTable {
     let mut args = FieldTable::default();
     args.insert(
@@ -414,9 +424,7 @@ pub fn stream_args(max_age: Duration, max_bytes: u64) -> FieldTable {
     );
     args.insert(
         "x-stream-max-segment-size-bytes".into(),
-        AMQPValue::LongLongInt(
-            i64::try_from(SEGMENT_BYTES.min(max_bytes.max(1))).unwrap_or(i64::MAX),
-        ),
+        AMQPValue::LongLongInt(i64::try_from(segment_bytes(max_bytes)).unwrap_or(i64::MAX)),
     );
     args
 }
@@ -747,6 +755,21 @@ mod tests {
             assert_eq!(EventKind::parse(k.as_str()), Some(k));
         }
         assert_eq!(EventKind::parse("done"), None);
+    }
+
+    #[test]
+    fn a_stream_keeps_at_least_four_segments_of_at_most_64_mib() {
+        assert_eq!(segment_bytes(DEFAULT_MAX_BYTES), SEGMENT_BYTES);
+        assert_eq!(segment_bytes(4 * SEGMENT_BYTES), SEGMENT_BYTES);
+        assert_eq!(segment_bytes(2 * SEGMENT_BYTES), SEGMENT_BYTES / 2);
+        assert_eq!(segment_bytes(16 * 1024), 4 * 1024);
+        assert_eq!(segment_bytes(3), 1);
+        let args = stream_args(DEFAULT_MAX_AGE, 16 * 1024);
+        assert_eq!(
+            args.inner()
+                .get(&ShortString::from("x-stream-max-segment-size-bytes")),
+            Some(&AMQPValue::LongLongInt(4 * 1024))
+        );
     }
 
     #[test]

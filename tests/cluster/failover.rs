@@ -1,9 +1,12 @@
 //! Issue 12.3 and 12.6: a 3-node cluster set up from `deploy/rabbitmq/definitions.json`, three
 //! worker processes, a client and the gateway given all three addresses; during a batch of
 //! 10,000 tasks and two streams of calls, the node with the most of their connections is
-//! stopped and started again, then the work queue's leader is killed and restarted.
+//! stopped and started again, then the event stream's leader is killed and restarted (the work
+//! queue's leader with it, when one node leads both). In the end every task that ran has its
+//! final event in the stream, and no task was acked without it.
 
-use std::collections::{BTreeMap, HashSet};
+use std::cell::Cell;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::Arc;
@@ -14,6 +17,9 @@ use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::task::JoinSet;
 use warren_client::{CallOptions, Client, Error};
+use warren_shared::TaskId;
+use warren_shared::events::{self, Event, EventKind, Start};
+use warren_shared::lookup::{self, Reader, Step};
 use warren_shared::tasks::Echo;
 use warren_tests::cluster::Cluster;
 use warren_tests::deploy::{self, QUEUE, VHOST};
@@ -38,6 +44,12 @@ const PUBLISHES_IN_FLIGHT: usize = 64;
 const BACKLOG: usize = 250;
 /// Processing must resume within this after each failure.
 const RESUME_BOUND: Duration = Duration::from_secs(5);
+/// Processing must resume within this after a failure that kills the event stream's leader:
+/// an append in flight to the dead leader may wait out the worker's publish timeout (10 s)
+/// before its task is handed back.
+const STREAM_RESUME_BOUND: Duration = Duration::from_secs(15);
+/// The event stream the workers append to: the definitions' (and the workers' default) name.
+const STREAM: &str = events::DEFAULT_STREAM;
 
 /// What one call (through the client or the gateway) came to.
 #[derive(Debug, Clone)]
@@ -54,6 +66,8 @@ struct CallRecord {
 #[derive(Debug)]
 struct Failure {
     what: &'static str,
+    /// Every worker takes tasks again within this.
+    bound: Duration,
     at_ms: u64,
     observed_until_ms: u64,
 }
@@ -73,6 +87,13 @@ async fn a_three_node_cluster_loses_no_task_when_the_clients_node_and_then_the_q
     )
     .await;
     let booted = began.elapsed();
+    // Where the time goes (the whole binary must stay well within CI's budget).
+    let phase = |what: &str| {
+        eprintln!(
+            "cluster test +{:.1} s: {what}",
+            began.elapsed().as_secs_f64()
+        )
+    };
 
     // The definitions were loaded at boot (no guest user: the node seeds none when it loads
     // definitions); the operator then gives the users passwords with users.sh.
@@ -90,8 +111,16 @@ async fn a_three_node_cluster_loses_no_task_when_the_clients_node_and_then_the_q
 
     let dir = temp_dir("cluster");
     let log = dir.path().join("runs.log");
-    let workers = (0..WORKERS)
-        .map(|_| (Command::new(test_worker_path()), worker_urls.clone()))
+    // Each worker serves its metrics: `warren_worker_event_appends_failed_total` is judged
+    // in the end.
+    let metrics: Vec<SocketAddr> = (0..WORKERS).map(|_| free_port()).collect();
+    let workers = metrics
+        .iter()
+        .map(|addr| {
+            let mut command = Command::new(test_worker_path());
+            command.args(["--metrics", &addr.to_string()]);
+            (command, worker_urls.clone())
+        })
         .collect();
     let (mut workers, worker_pids) =
         start_workers(workers, CONCURRENCY, || consumers(|a| cluster.ctl_any(a))).await;
@@ -100,6 +129,12 @@ async fn a_three_node_cluster_loses_no_task_when_the_clients_node_and_then_the_q
     assert_eq!(members, cluster.names());
     let policy = blocking(|| cluster.queue_item(VHOST, QUEUE, "policy"));
     assert_eq!(policy, json!("warren-leaders"));
+    // The workers declared the event stream (they may: the definitions let them configure
+    // it), with a replica on every node.
+    let stream_type = blocking(|| cluster.queue_item(VHOST, STREAM, "type"));
+    assert_eq!(stream_type, json!("stream"));
+    let replicas = blocking(|| cluster.queue_members(VHOST, STREAM, "members"));
+    assert_eq!(replicas, cluster.names());
 
     // The caller: an in-process client, as the producer user, declaring nothing.
     let client_name = format!("cluster-client-{}", uuid::Uuid::new_v4().simple());
@@ -118,7 +153,7 @@ async fn a_three_node_cluster_loses_no_task_when_the_clients_node_and_then_the_q
     let gateway_calls = tokio::spawn(text_call_stream(text_addr, stop_calls.clone()));
 
     // Failure 1: stop the node that holds most of the processes' connections (not the queue
-    // leader: that is failure 2), then start it again.
+    // leader: a leader dies in failure 2), then start it again.
     eventually(
         "a quarter of the batch",
         Duration::from_secs(120),
@@ -137,29 +172,53 @@ async fn a_three_node_cluster_loses_no_task_when_the_clients_node_and_then_the_q
     let moved = on_each_node.iter().filter(|c| c.node == busiest).count();
     assert!(moved > 0, "no connection on a follower: {on_each_node:?}");
     let victim = cluster.index_of(&busiest).unwrap();
+    phase("failure 1");
     let stopped_at = unix_millis();
     blocking(|| cluster.nodes()[victim].stop_app());
-    let first_failure =
-        observe_resumption("node stopped", stopped_at, &log, &worker_pids, &cluster).await;
+    let first_failure = observe_resumption(
+        "node stopped",
+        RESUME_BOUND,
+        stopped_at,
+        &log,
+        &worker_pids,
+        &cluster,
+    )
+    .await;
+    phase("failure 1: resumed");
     blocking(|| cluster.nodes()[victim].start_app());
     eventually(
-        "the node's queue member back online",
+        "the node's queue member and stream replica back online",
         Duration::from_secs(60),
-        || async { blocking(|| cluster.queue_members(VHOST, QUEUE, "online")) == cluster.names() },
+        || async {
+            blocking(|| {
+                cluster.queue_members(VHOST, QUEUE, "online") == cluster.names()
+                    && cluster.queue_members(VHOST, STREAM, "online") == cluster.names()
+            })
+        },
     )
     .await;
 
-    // Failure 2: kill the queue leader's node (a crash), then boot it again.
+    // Failure 2: kill the event stream leader's node (a crash) mid-load, then boot it again.
+    // When that node leads the work queue too, both elect new leaders; when not, the queue
+    // keeps its leader (it lost a follower) and only the stream elects one.
     eventually("half of the batch", Duration::from_secs(120), || async {
         ran.load(Ordering::SeqCst) as u64 >= TASKS / 2
     })
     .await;
     let leader = blocking(|| cluster.queue_leader(VHOST, QUEUE));
-    let leader_index = cluster.index_of(&leader).unwrap();
+    let stream_leader = blocking(|| cluster.queue_leader(VHOST, STREAM));
+    let both = stream_leader == leader;
+    let victim = cluster.index_of(&stream_leader).unwrap();
+    phase("failure 2");
     let killed_at = unix_millis();
-    cluster.node_mut(leader_index).kill();
+    cluster.node_mut(victim).kill();
     let second_failure = observe_resumption(
-        "queue leader killed",
+        if both {
+            "queue and stream leader killed"
+        } else {
+            "stream leader killed"
+        },
+        STREAM_RESUME_BOUND,
         killed_at,
         &log,
         &worker_pids,
@@ -167,22 +226,36 @@ async fn a_three_node_cluster_loses_no_task_when_the_clients_node_and_then_the_q
     )
     .await;
     let new_leader = blocking(|| cluster.queue_leader(VHOST, QUEUE));
-    assert_ne!(new_leader, leader);
-    cluster.node_mut(leader_index).restart().await;
+    let new_stream_leader = blocking(|| cluster.queue_leader(VHOST, STREAM));
+    assert_ne!(new_stream_leader, stream_leader);
+    if both {
+        assert_ne!(new_leader, leader);
+    } else {
+        assert_eq!(new_leader, leader, "the queue's leader did not fail");
+    }
+    phase("failure 2: resumed");
+    cluster.node_mut(victim).restart().await;
+    phase("failure 2: node booted again");
     // It booted with the definitions settings again; skip_if_unchanged kept the passwords.
     blocking(|| {
-        let rebooted = &cluster.nodes()[leader_index];
+        let rebooted = &cluster.nodes()[victim];
         rebooted.ctl_ok(&["authenticate_user", "warren-worker", &passwords.worker]);
     });
     eventually(
-        "every queue member online again",
+        "every queue member and stream replica online again",
         Duration::from_secs(60),
-        || async { blocking(|| cluster.queue_members(VHOST, QUEUE, "online")) == cluster.names() },
+        || async {
+            blocking(|| {
+                cluster.queue_members(VHOST, QUEUE, "online") == cluster.names()
+                    && cluster.queue_members(VHOST, STREAM, "online") == cluster.names()
+            })
+        },
     )
     .await;
 
     // The end of the batch: every confirmed task ran.
-    let (confirmed, failed_enqueues) = producer.await.unwrap();
+    phase("failures over; the rest of the batch");
+    let (confirmed, confirmed_ids, failed_enqueues) = producer.await.unwrap();
     assert_eq!(
         confirmed.len() as u64,
         TASKS,
@@ -202,15 +275,48 @@ async fn a_three_node_cluster_loses_no_task_when_the_clients_node_and_then_the_q
     let gateway_calls = gateway_calls.await.unwrap();
     watcher.await.unwrap();
 
+    // Every task settled (nothing ready or unacked): each acked task's final event was
+    // confirmed before its ack, so the stream now holds all of them.
+    eventually(
+        "the work queue to drain",
+        Duration::from_secs(60),
+        || async { blocking(|| cluster.queue_item(VHOST, QUEUE, "messages")) == json!(0) },
+    )
+    .await;
+    phase("the queue drained");
+    let read_began = Instant::now();
+    let stream =
+        read_stream(&cluster.nodes()[0].url_as("warren-app", &passwords.producer, VHOST)).await;
+    let read_took = read_began.elapsed();
+    phase("the stream read");
+    let appends_failed: Vec<f64> = metrics
+        .iter()
+        .map(|addr| scrape(*addr, "warren_worker_event_appends_failed_total", &[]))
+        .collect();
+    let ok = |addr: &SocketAddr| scrape(*addr, "warren_worker_tasks_total", &[("outcome", "ok")]);
+    let acked_ok: f64 = metrics.iter().map(ok).sum();
+    let redelivered: f64 = metrics
+        .iter()
+        .map(|addr| scrape(*addr, "warren_worker_redeliveries_total", &[]))
+        .sum();
+    let handed_back: f64 = metrics
+        .iter()
+        .map(|addr| {
+            scrape(
+                *addr,
+                "warren_worker_tasks_total",
+                &[("outcome", "handed_back")],
+            )
+        })
+        .sum();
+
     // Every process is back to exactly its own connections and consumers.
     let gateway_name = format!("warren-gateway@{}:{gateway_pid}", super::gethostname());
     expect_own_connections(
         |a| cluster.ctl_any(a),
         &worker_pids,
-        &[
-            (client_name.clone(), &["publish"]),
-            (gateway_name, &["consume", "publish"]),
-        ],
+        std::slice::from_ref(&client_name),
+        &[gateway_name],
         Duration::from_secs(30),
     )
     .await;
@@ -224,16 +330,55 @@ async fn a_three_node_cluster_loses_no_task_when_the_clients_node_and_then_the_q
     // The figures.
     let runs = read_run_log(&log);
     let report = Report::new(&runs, &worker_pids, &confirmed, &failed_enqueues);
+    let failures = [&first_failure, &second_failure];
     eprintln!(
         "cluster of 3 up in {booted:?}, processes ready after {:?}, whole test {:?}",
         ready - began,
         began.elapsed()
     );
     eprintln!(
-        "failure 1 moved {moved} connections off {busiest}; failure 2 killed leader {leader}, new leader {new_leader}"
+        "failure 1 moved {moved} connections off {busiest}; failure 2 killed stream leader \
+         {stream_leader}, new stream leader {new_stream_leader}; queue leader {leader} before, \
+         {new_leader} after"
     );
-    report.print();
-    for failure in [&first_failure, &second_failure] {
+    let bound = duplicate_bound(
+        &failed_enqueues,
+        failures.len(),
+        appends_failed.iter().sum(),
+    );
+    report.print(bound);
+    eprintln!(
+        "event stream: {} messages read by the producer user in {read_took:?}, {} events \
+         without duplicates, {} tasks; {} succeeded events appended for {acked_ok} tasks \
+         acked ok; appends failed per worker {appends_failed:?}, tasks handed back \
+         {handed_back}, redelivered {redelivered}",
+        stream.read,
+        stream.unique,
+        stream.tasks.len(),
+        stream.succeeded_appended,
+    );
+    stream.check(&runs, &confirmed_ids);
+    // The counters are read: each worker answered with its tasks.
+    assert!(acked_ok >= TASKS as f64, "{acked_ok} tasks acked ok");
+    // No task acked without its event: each `ok` settlement appended a confirmed `succeeded`
+    // event before its ack (a duplicate when the ack was lost and the task ran again).
+    assert!(
+        stream.succeeded_appended as f64 >= acked_ok,
+        "{acked_ok} tasks acked ok, only {} succeeded events in the stream",
+        stream.succeeded_appended
+    );
+    // A failed append hands its task back (and the task ran again: every run has its event,
+    // checked above).
+    let failed: f64 = appends_failed.iter().sum();
+    assert!(
+        failed <= handed_back,
+        "{failed} failed appends, {handed_back} tasks handed back"
+    );
+    assert!(
+        failed <= redelivered,
+        "{failed} failed appends, {redelivered} tasks redelivered"
+    );
+    for failure in &failures {
         let pauses = failure.pauses(&runs, &worker_pids);
         let calls = call_resumption(&client_calls, failure.at_ms);
         let text = call_resumption(&gateway_calls, failure.at_ms);
@@ -247,7 +392,7 @@ async fn a_three_node_cluster_loses_no_task_when_the_clients_node_and_then_the_q
         );
         for pause in &pauses {
             assert!(
-                Duration::from_millis(*pause) <= RESUME_BOUND,
+                Duration::from_millis(*pause) <= failure.bound,
                 "{}: a worker stopped processing for {pause} ms",
                 failure.what
             );
@@ -289,7 +434,6 @@ async fn a_three_node_cluster_loses_no_task_when_the_clients_node_and_then_the_q
             );
         }
     }
-    let bound = duplicate_bound(&failed_enqueues);
     assert!(
         report.duplicates <= bound,
         "{} duplicates (bound {bound})",
@@ -305,15 +449,22 @@ async fn a_three_node_cluster_loses_no_task_when_the_clients_node_and_then_the_q
 
 /// At most this many extra runs: per failure, every worker's in-flight deliveries
 /// (`CONCURRENCY`, when its connection or its queue leader goes) and every unconfirmed publish
-/// of the producer (sent again on its next connection); and each enqueue that failed for a
-/// lost connection and was sent again (a nacked one was not taken).
-fn duplicate_bound(failed_enqueues: &BTreeMap<String, usize>) -> usize {
+/// of the producer (sent again on its next connection); each enqueue that failed for a lost
+/// connection and was sent again (a nacked one was not taken); and each task handed back
+/// because its event could not be appended (`appends_failed`).
+fn duplicate_bound(
+    failed_enqueues: &BTreeMap<String, usize>,
+    failures: usize,
+    appends_failed: f64,
+) -> usize {
     let resent: usize = failed_enqueues
         .iter()
         .filter(|(kind, _)| kind.as_str() != "nacked")
         .map(|(_, n)| n)
         .sum();
-    2 * (WORKERS * usize::from(CONCURRENCY) + PUBLISHES_IN_FLIGHT) + resent
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // a count
+    let handed_back = appends_failed as usize;
+    failures * (WORKERS * usize::from(CONCURRENCY) + PUBLISHES_IN_FLIGHT) + resent + handed_back
 }
 
 /// Counts runs in the log into `ran` until `stop`.
@@ -332,13 +483,15 @@ async fn watch_runs(log: std::path::PathBuf, ran: Arc<AtomicUsize>, stop: Arc<At
 
 /// Enqueues the batch, at most [`PUBLISHES_IN_FLIGHT`] at once and at most [`BACKLOG`] ahead
 /// of the workers, and enqueues again what the broker did not confirm, as a careful producer
-/// does; returns the keys confirmed and the failed enqueues, by error.
+/// does; returns the keys confirmed, the confirmed tasks' keys and ids, and the failed
+/// enqueues, by error.
 async fn produce(
     client: Client,
     log: std::path::PathBuf,
     ran: Arc<AtomicUsize>,
-) -> (Vec<u64>, BTreeMap<String, usize>) {
+) -> (Vec<u64>, Vec<(u64, TaskId)>, BTreeMap<String, usize>) {
     let mut confirmed = Vec::with_capacity(TASKS as usize);
+    let mut ids = Vec::with_capacity(TASKS as usize);
     let mut failed: BTreeMap<String, usize> = BTreeMap::new();
     let mut again = std::collections::VecDeque::new();
     let mut in_flight = JoinSet::new();
@@ -366,14 +519,17 @@ async fn produce(
         }
         if in_flight.is_empty() {
             if next == TASKS && again.is_empty() {
-                return (confirmed, failed);
+                return (confirmed, ids, failed);
             }
             // Waiting for the workers to catch up with the backlog.
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         }
         match in_flight.join_next().await {
-            Some(Ok((key, Ok(_)))) => confirmed.push(key),
+            Some(Ok((key, Ok(id)))) => {
+                confirmed.push(key);
+                ids.push((key, id));
+            }
             Some(Ok((key, Err(e)))) => {
                 *failed.entry(error_kind(&e)).or_default() += 1;
                 again.push_back(key);
@@ -465,14 +621,16 @@ async fn text_call_stream(addr: SocketAddr, stop: Arc<AtomicBool>) -> Vec<CallRe
     calls
 }
 
+/// A loopback address with a port that was free a moment ago.
+fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+}
+
 /// Starts the gateway binary on free loopback ports and waits until its Text port accepts.
 async fn start_gateway(urls: &str) -> (ChildGuard, SocketAddr) {
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .unwrap()
-    };
-    let (http, text) = (free(), free());
+    let (http, text) = (free_port(), free_port());
     let mut command = std::process::Command::new(binary("warren-gateway"));
     command
         .args(["--queue", QUEUE, "--no-declare"])
@@ -498,6 +656,7 @@ async fn start_gateway(urls: &str) -> (ChildGuard, SocketAddr) {
 /// After a minute, with what each worker did since the failure and what `cluster` says.
 async fn observe_resumption(
     what: &'static str,
+    bound: Duration,
     at_ms: u64,
     log: &std::path::Path,
     worker_pids: &[u32],
@@ -535,6 +694,7 @@ async fn observe_resumption(
     }
     Failure {
         what,
+        bound,
         at_ms,
         observed_until_ms: unix_millis(),
     }
@@ -637,16 +797,147 @@ impl Report {
         }
     }
 
-    fn print(&self) {
+    fn print(&self, bound: usize) {
         eprintln!(
             "{TASKS} tasks: {} confirmed, enqueues failed and sent again {:?}, {} ran, {} extra \
              runs (duplicates; bound {}), runs per worker {:?}",
-            self.confirmed,
-            self.failed_enqueues,
-            self.ran,
-            self.duplicates,
-            duplicate_bound(&self.failed_enqueues),
-            self.per_worker
+            self.confirmed, self.failed_enqueues, self.ran, self.duplicates, bound, self.per_worker
+        );
+    }
+}
+
+/// The sum of the samples of counter `name` whose labels include `labels`, in the Prometheus
+/// text a worker serves on `addr` (0 when it has none: a counter appears once counted).
+fn scrape(addr: SocketAddr, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let text = ureq::get(format!("http://{addr}/metrics"))
+        .call()
+        .unwrap_or_else(|e| panic!("the worker's metrics on {addr}: {e}"))
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    text.lines()
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (series_name, rest) = series.split_once('{').unwrap_or((series, ""));
+            let wanted = series_name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+            wanted.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+/// What the event stream holds, read from its first event to its end.
+struct StreamRead {
+    /// Messages read, duplicates included.
+    read: u64,
+    /// `succeeded` events read, duplicates included: one per `ok` settlement.
+    succeeded_appended: u64,
+    /// Events without duplicates (by task id, attempt and type).
+    unique: usize,
+    /// Every task with an event.
+    tasks: HashSet<String>,
+    /// Each task's first final event.
+    finals: HashMap<String, Event>,
+}
+
+/// Reads the whole event stream as the producer user at `url` (the definitions let it read the
+/// stream), with the reader lookups use, until it has caught up.
+async fn read_stream(url: &str) -> StreamRead {
+    let connection = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap_or_else(|e| panic!("the producer user cannot connect to read the stream: {e}"));
+    let mut reader = Reader::open(&connection, STREAM, Start::First, lookup::DEFAULT_QUIET)
+        .await
+        .unwrap_or_else(|e| panic!("the producer user cannot read the stream: {e}"));
+    let succeeded = Cell::new(0u64);
+    let count = |p: &lapin::BasicProperties| {
+        if p.kind().as_ref().map(|k| k.as_str()) == Some(EventKind::Succeeded.as_str()) {
+            succeeded.set(succeeded.get() + 1);
+        }
+        true
+    };
+    let mut keys = HashSet::new();
+    let mut tasks = HashSet::new();
+    let mut finals = HashMap::new();
+    loop {
+        let step = tokio::time::timeout(Duration::from_secs(60), reader.next(&count))
+            .await
+            .unwrap_or_else(|_| panic!("reading the stream took over a minute"))
+            .unwrap_or_else(|e| panic!("reading the stream: {e}"));
+        let event = match step {
+            Step::CaughtUp => break,
+            Step::Event(entry) => entry.event,
+        };
+        if !keys.insert((event.task_id.clone(), event.attempt, event.kind)) {
+            continue;
+        }
+        tasks.insert(event.task_id.clone());
+        if event.is_final() {
+            finals.entry(event.task_id.clone()).or_insert(event);
+        }
+    }
+    let read = reader.read_count();
+    reader.close().await;
+    let _ = connection.close(200, "read".into()).await;
+    StreamRead {
+        read,
+        succeeded_appended: succeeded.get(),
+        unique: keys.len(),
+        tasks,
+        finals,
+    }
+}
+
+impl StreamRead {
+    /// Every confirmed task, and every task that ran (the run log's keys), has its final
+    /// `succeeded` event with its key as the result; no task in the stream lacks a final event
+    /// (the work queue is empty: each task was settled).
+    fn check(&self, runs: &[RecordedRun], confirmed: &[(u64, TaskId)]) {
+        let key_of = |event: &Event| -> Option<u64> {
+            let result = event.result.as_ref()?;
+            (event.function == "record" && event.kind == EventKind::Succeeded)
+                .then(|| serde_json::from_str(result.get()).ok())
+                .flatten()
+        };
+        let missing: Vec<(u64, &str, Option<EventKind>)> = confirmed
+            .iter()
+            .filter_map(|(key, id)| match self.finals.get(id.as_str()) {
+                Some(event) if key_of(event) == Some(*key) => None,
+                other => Some((*key, id.as_str(), other.map(|e| e.kind))),
+            })
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "{} confirmed tasks without their succeeded event (key, id, final kind): {:?}",
+            missing.len(),
+            &missing[..missing.len().min(20)]
+        );
+        let succeeded: HashSet<u64> = self.finals.values().filter_map(key_of).collect();
+        let mut lost: Vec<u64> = runs
+            .iter()
+            .map(|r| r.key)
+            .filter(|k| !succeeded.contains(k))
+            .collect();
+        lost.sort_unstable();
+        lost.dedup();
+        assert!(
+            lost.is_empty(),
+            "{} tasks ran without a succeeded event: keys {:?}",
+            lost.len(),
+            &lost[..lost.len().min(20)]
+        );
+        let unsettled: Vec<&String> = self
+            .tasks
+            .iter()
+            .filter(|t| !self.finals.contains_key(*t))
+            .collect();
+        assert!(
+            unsettled.is_empty(),
+            "{} tasks with events but no final event: {:?}",
+            unsettled.len(),
+            &unsettled[..unsettled.len().min(20)]
         );
     }
 }

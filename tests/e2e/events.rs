@@ -815,6 +815,102 @@ async fn a_stream_deleted_under_a_running_worker_leaves_its_tasks_unacked_and_co
     let _ = connection.close(200, "done".into()).await;
 }
 
+/// The offset of the oldest event `stream` still keeps.
+async fn first_offset(stream: &str) -> u64 {
+    let (connection, channel) = raw_channel().await;
+    let mut reader = events::read(&channel, stream, Start::First, 1, "test-first")
+        .await
+        .unwrap();
+    let offset = match tokio::time::timeout(WAIT, reader.next()).await {
+        Ok(Some(Ok(delivery))) => events::offset_of(&delivery.properties).unwrap(),
+        other => panic!("reading the first event of {stream}: {other:?}"),
+    };
+    let _ = connection.close(200, "read".into()).await;
+    offset
+}
+
+/// Retention (docs/protocol.md, "Task events"): a stream kept to 16 KiB, in segments of 4 KiB,
+/// loses its oldest segments to newer events. The stream itself stays with its newer events,
+/// new appends succeed, and a lookup of a task whose events went answers not found, naming the
+/// retention.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_removes_the_oldest_events_and_never_the_stream() {
+    // RabbitMQ removes whole segments, the oldest first, once the stream holds more than
+    // MAX_BYTES; the worker declares segments of a quarter of that.
+    const MAX_BYTES: u64 = 16 * 1024;
+    let max_age = Duration::from_secs(3600);
+    let d = Deployment::start("events-retention", |s| {
+        s.events.max_bytes = MAX_BYTES;
+        s.events.max_age = max_age;
+    })
+    .await;
+    let lookups =
+        d.q.client_with(|c| {
+            c.events_stream = d.stream.clone();
+            c.events_max_age = max_age;
+        })
+        .await;
+    // Results of 1 KiB: a segment holds the events of about three tasks.
+    let payload = "r".repeat(1024);
+    let echo = |n: usize| json!({ "n": n, "payload": payload });
+    let run = |n: usize| {
+        let (client, args) = (d.client.clone(), echo(n));
+        async move {
+            let (id, outcome) = call(&client, "echo", args.clone(), &CallOptions::default()).await;
+            // The task is acked only after its events are confirmed: an append that failed
+            // would hand it back, and the call would not be answered like this.
+            assert_eq!(outcome.unwrap(), args);
+            id
+        }
+    };
+
+    let first = run(0).await;
+    assert!(lookups.result(&first).await.unwrap().outcome.succeeded());
+    let first_events = d.settled(&first).await;
+    let last_of_first = first_events.iter().map(|r| r.offset).max().unwrap();
+
+    // More tasks, until retention has removed the first task's events.
+    let until = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut tasks = 1;
+    loop {
+        for _ in 0..10 {
+            run(tasks).await;
+            tasks += 1;
+        }
+        let oldest = first_offset(&d.stream).await;
+        if oldest > last_of_first {
+            eprintln!("after {tasks} tasks the oldest event kept is at offset {oldest}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "after {tasks} tasks the stream still keeps offset {oldest}"
+        );
+    }
+
+    // The stream is still there (a passive declaration finds it) ...
+    let (connection, channel) = raw_channel().await;
+    assert!(events::stream_exists(&channel, &d.stream).await.unwrap());
+    let _ = connection.close(200, "checked".into()).await;
+    // ... new appends succeed, and the stream keeps the newer tasks with the newest ...
+    let before_last = run(tasks).await;
+    let last = run(tasks + 1).await;
+    for id in [&before_last, &last] {
+        let found = lookups.result(id).await.unwrap();
+        assert!(found.outcome.succeeded(), "{found:?}");
+    }
+    // ... and the first task is no longer found, with the retention named.
+    let gone = lookups.result(&first).await.unwrap();
+    let json = serde_json::to_value(&gone).unwrap();
+    assert_eq!(json["state"], "not_found", "{json}");
+    assert_eq!(json["retention_s"], 3600, "{json}");
+    let message = json["message"].as_str().unwrap();
+    assert!(message.contains("(1h)"), "{message}");
+
+    lookups.close().await;
+    d.stop().await; // the queue's guard deletes the stream with it
+}
+
 /// A Python program written from docs/protocol.md alone, its example run verbatim: it prints a
 /// task's events, deduplicated, up to the final one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -147,8 +147,8 @@ pub struct WorkerConfig {
     #[arg(long, env = "WARREN_EVENTS_MAX_AGE", value_parser = humantime::parse_duration)]
     #[serde(with = "warren_shared::config::humantime_serde")]
     pub events_max_age: Duration,
-    /// How many bytes the event stream keeps (the oldest 64 MiB segments go first), when this
-    /// worker declares it.
+    /// How many bytes the event stream keeps (the oldest segments go first: 64 MiB each, or a
+    /// quarter of this when less), when this worker declares it.
     #[arg(long, env = "WARREN_EVENTS_MAX_BYTES", value_name = "BYTES")]
     pub events_max_bytes: u64,
     /// Largest result (its JSON text, in bytes) a `succeeded` event carries; a larger one is

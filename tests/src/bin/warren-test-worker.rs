@@ -26,6 +26,10 @@ struct Args {
     concurrency: u16,
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
+    /// Serve `/metrics`, `/healthz` and `/readyz` on this address, as `warren-worker
+    /// --metrics` does.
+    #[arg(long)]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 #[tokio::main]
@@ -51,6 +55,18 @@ async fn main() -> ExitCode {
         },
         ..WorkerSettings::default()
     };
+    let (queue, concurrency) = (settings.queue.clone(), settings.concurrency);
+    // Installed before the worker starts, so that its first tasks are counted.
+    let handle = match args.metrics {
+        Some(_) => match warren_worker::metrics::install() {
+            Ok(handle) => Some(handle),
+            Err(e) => {
+                eprintln!("warren-test-worker: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
     let shutdown = CancellationToken::new();
     let worker = match warren_worker::start(settings, registry, shutdown.clone()).await {
         Ok(worker) => worker,
@@ -59,6 +75,18 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(addr) = args.metrics {
+        let ops = warren_worker::ops::Ops {
+            probe: worker.probe(),
+            metrics: handle,
+            queue,
+            concurrency,
+        };
+        if let Err(e) = warren_worker::ops::bind(addr, ops, CancellationToken::new()).await {
+            eprintln!("warren-test-worker: cannot serve metrics on {addr}: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     tokio::spawn(async move {
         if let Ok(mut term) = signal(SignalKind::terminate()) {
             term.recv().await;
