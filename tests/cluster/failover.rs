@@ -1,6 +1,6 @@
 //! Issue 12.3 and 12.6: a 3-node cluster set up from `deploy/rabbitmq/definitions.json`, three
 //! worker processes, a client and the gateway given all three addresses; during a batch of
-//! 10,000 tasks and two streams of calls, the node with the most of their connections is
+//! 6,000 tasks and two streams of calls, the node with the most of their connections is
 //! stopped and started again, then the event stream's leader is killed and restarted (the work
 //! queue's leader with it, when one node leads both). In the end every task that ran has its
 //! final event in the stream, and no task was acked without it.
@@ -32,7 +32,7 @@ use super::{
     longest_pause, producer_client, start_workers, test_worker_path,
 };
 
-const TASKS: u64 = 10_000;
+const TASKS: u64 = 6_000;
 const WORKERS: usize = 3;
 /// Each task's work: 3 workers x 4 slots / 50 ms, about 240 tasks/s at most, so that the batch
 /// lasts through both failures.
