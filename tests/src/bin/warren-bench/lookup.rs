@@ -204,6 +204,20 @@ async fn measure(args: &Args, stream: &str) -> Result<()> {
         percentile_ms(&times, 50.0),
         times.iter().max().map_or(0.0, |t| t.as_secs_f64() * 1000.0)
     );
+    // The floor: a bare stream consumer reading the same span, from the same time, until the
+    // target's `succeeded` arrives (no decoding, no lookup logic), at Warren's prefetch and at
+    // a larger one.
+    for prefetch in [events::READ_PREFETCH, 2000] {
+        let mut times = Vec::new();
+        for _ in 0..args.lookup_runs.min(5) {
+            times.push(floor(&args.url, stream, &target, prefetch).await?);
+        }
+        println!(
+            "floor: a bare consumer (prefetch {prefetch}) reading from the target's time to its \
+             succeeded: p50 {:.0} ms",
+            percentile_ms(&times, 50.0)
+        );
+    }
     let (time, outcome) = timed(&client, &pending).await?;
     println!(
         "result(pending task): {} in {:.0} ms (reads to the end of the stream: the {half} \
@@ -257,4 +271,51 @@ async fn measure(args: &Args, stream: &str) -> Result<()> {
     let _ = connection.close(200, "bench done".into()).await;
     client.close().await;
     Ok(())
+}
+
+/// How long a bare consumer takes to read `stream` from where a lookup of `target` starts to
+/// the target's `succeeded` event, acking every half `prefetch`.
+async fn floor(url: &str, stream: &str, target: &TaskId, prefetch: u16) -> Result<Duration> {
+    use futures_util::StreamExt;
+    let connection = Connection::connect(url, ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    let started = Instant::now();
+    let mut consumer = events::read(
+        &channel,
+        stream,
+        lookup::start_for(target),
+        prefetch,
+        "floor",
+    )
+    .await?;
+    let mut unacked = 0;
+    loop {
+        let delivery = tokio::time::timeout(Duration::from_secs(60), consumer.next())
+            .await
+            .context("the floor reader got nothing for 60 s")?
+            .context("the floor reader ended")??;
+        unacked += 1;
+        if unacked >= prefetch / 2 {
+            delivery
+                .ack(lapin::options::BasicAckOptions { multiple: true })
+                .await?;
+            unacked = 0;
+        }
+        let ours = delivery
+            .properties
+            .correlation_id()
+            .as_ref()
+            .is_some_and(|c| c.as_str() == target.as_str());
+        let kind = delivery
+            .properties
+            .kind()
+            .as_ref()
+            .map(|k| k.as_str().to_owned());
+        if ours && kind.as_deref() == Some(EventKind::Succeeded.as_str()) {
+            break;
+        }
+    }
+    let took = started.elapsed();
+    let _ = connection.close(200, "floor read".into()).await;
+    Ok(took)
 }
