@@ -730,10 +730,13 @@ pub fn split<'a>(
     }
 }
 
+/// The events of one stream message, in order, each with its JSON text as appended.
+pub type MessageEvents<'a> = Vec<(Event, &'a RawValue)>;
+
 /// Every event of a delivery from a stream reader, in order, with its offset: one for a
 /// message of one event, several for a pack ([`PACK_TYPE`]). Each comes with its index in the
-/// message (from 0) and its JSON text as appended. The one way Warren reads the stream's
-/// messages.
+/// message (its position in the list) and its JSON text as appended. The one way Warren
+/// reads the stream's messages.
 ///
 /// # Errors
 /// [`ReadError::NoOffset`] without an offset header; [`ReadError::NotAnEvent`] when the body
@@ -741,7 +744,7 @@ pub fn split<'a>(
 pub fn decode<'a>(
     properties: &BasicProperties,
     body: &'a [u8],
-) -> Result<(u64, Vec<(Event, &'a RawValue)>), ReadError> {
+) -> Result<(u64, MessageEvents<'a>), ReadError> {
     let offset = offset_of(properties).ok_or(ReadError::NoOffset)?;
     let not_an_event = |error| ReadError::NotAnEvent { offset, error };
     let events = split(properties, body)
@@ -898,7 +901,8 @@ mod tests {
         assert_eq!(events[1].1.get().as_bytes(), done.to_body().as_slice());
 
         let one = delivered(started.properties(), 9);
-        let (offset, events) = decode(&one, &started.to_body()).unwrap();
+        let alone = started.to_body();
+        let (offset, events) = decode(&one, &alone).unwrap();
         assert_eq!((offset, events.len()), (9, 1));
         assert_eq!(events[0].0, started);
         // A pack whose body is no array, and an event body that is an array, are not events.

@@ -44,7 +44,7 @@ use warren_shared::events::{
     Event, EventError, EventKind, Pack, Progress, RetryAt, Subject,
 };
 use warren_shared::link::Link;
-use warren_shared::pool::{LinkPool, Publication, PublishError, publish_confirmed};
+use warren_shared::pool::{LinkPool, Publication, PublishError, Unconfirmed, publish_unconfirmed};
 use warren_shared::{ErrorKind, Reply, TaskFailure, topology};
 
 use crate::outcome::{Envelope, Outcome};
@@ -56,6 +56,11 @@ pub const MAX_EVENT_TEXT: usize = 4 * 1024;
 
 /// Most bytes of a function name an event carries (a task may name any function).
 const MAX_FUNCTION_BYTES: usize = 255;
+
+/// How long the handler's start waits for its `started` event to be on its way when it goes
+/// as a message of its own (it takes microseconds; a connection the broker has blocked takes
+/// longer). Past it the handler starts anyway; the event stays with the writer.
+const STARTED_SEND_WAIT: Duration = Duration::from_millis(250);
 
 /// Where and how a worker appends task events.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -372,12 +377,14 @@ impl Appender {
 impl Inner {
     /// Appends `event` and waits for the confirm of the message that carried it.
     async fn append(self: &Arc<Self>, event: &Event) -> Result<(), PublishError> {
-        self.submit(event).confirmed().await
+        self.submit(event).0.confirmed().await
     }
 
-    /// Hands `event` to the writer, after every event submitted before it; starts the writer
-    /// if none runs. Its confirm is to be awaited.
-    fn submit(self: &Arc<Self>, event: &Event) -> Confirming {
+    /// Hands `event` to the writer, after every event submitted before it; its confirm is to
+    /// be awaited. When no writer runs (nothing in flight), starts one, which publishes the
+    /// event at once as a message of its own; the receiver given then says when it is on its
+    /// way.
+    fn submit(self: &Arc<Self>, event: &Event) -> (Confirming, Option<oneshot::Receiver<()>>) {
         let (done, confirming) = oneshot::channel();
         let queued = Queued {
             body: event.to_body(),
@@ -390,16 +397,20 @@ impl Inner {
             queue.events.push_back(queued);
             !std::mem::replace(&mut queue.writing, true)
         };
-        if start {
-            tokio::spawn(self.clone().write());
+        if !start {
+            return (Confirming(confirming), None);
         }
-        Confirming(confirming)
+        let (sent, on_its_way) = oneshot::channel();
+        tokio::spawn(self.clone().write(sent));
+        (Confirming(confirming), Some(on_its_way))
     }
 
-    /// The writer: publishes what is queued as one message, waits for its confirm, tells
-    /// every submitter of it, and again, until the queue is empty.
-    async fn write(self: Arc<Self>) {
+    /// The writer: publishes what is queued as one message, tells `sent` once the first is on
+    /// its way, waits for its confirm, tells every submitter of it, and again, until the queue
+    /// is empty.
+    async fn write(self: Arc<Self>, sent: oneshot::Sender<()>) {
         let _guard = WriterGuard(&self);
+        let mut sent = Some(sent);
         loop {
             let message = {
                 let mut queue = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
@@ -416,16 +427,25 @@ impl Inner {
                 }
                 message
             };
-            let result = self.publish(&message).await;
+            let result = match self.publish(&message).await {
+                Ok(unconfirmed) => {
+                    if let Some(sent) = sent.take() {
+                        let _ = sent.send(());
+                    }
+                    unconfirmed.confirmed().await
+                }
+                Err(e) => Err(e),
+            };
+            sent = None;
             for queued in message {
                 let _ = queued.done.send(result.clone());
             }
         }
     }
 
-    /// Publishes `events` as one message and waits for its confirm: an event alone as itself,
-    /// several as a pack.
-    async fn publish(&self, events: &[Queued]) -> Result<(), PublishError> {
+    /// Publishes `events` as one message, its confirm to be awaited: an event alone as
+    /// itself, several as a pack.
+    async fn publish(&self, events: &[Queued]) -> Result<Unconfirmed, PublishError> {
         let (properties, packed);
         let body = if let [one] = events {
             properties = one.properties.clone();
@@ -446,7 +466,7 @@ impl Inner {
             properties,
             mandatory: true,
         };
-        publish_confirmed(&self.pool.pool(), publication, self.timeout).await
+        publish_unconfirmed(&self.pool.pool(), publication, self.timeout).await
     }
 
     fn register(&self, subject: &Subject) {
@@ -581,8 +601,11 @@ impl Trail {
     }
 
     /// The handler begins: hands `started` to the writer, without waiting for its confirm
-    /// (which [`Trail::settle`] awaits). One that fails is appended again by `settle`.
-    pub(crate) fn started(&mut self) {
+    /// (which [`Trail::settle`] awaits). With nothing in flight it goes at once, as a message
+    /// of its own, before the handler starts (at most [`STARTED_SEND_WAIT`]); else it waits
+    /// for the next message, and the handler starts meanwhile. One that fails is appended
+    /// again by `settle`.
+    pub(crate) async fn started(&mut self) {
         let (Some(inner), Some(subject)) = (&self.appender.inner, &self.subject) else {
             return;
         };
@@ -591,10 +614,14 @@ impl Trail {
             self.registered = true;
         }
         let event = subject.event(EventKind::Started);
+        let (sent, on_its_way) = inner.submit(&event);
         self.started = Started::Sent {
             at_ms: event.at_ms,
-            sent: inner.submit(&event),
+            sent,
         };
+        if let Some(on_its_way) = on_its_way {
+            let _ = tokio::time::timeout(STARTED_SEND_WAIT, on_its_way).await;
+        }
     }
 
     /// Appends the attempt's last event for `outcome` (none for a hand-back or a task not due
@@ -643,11 +670,11 @@ impl Trail {
             Started::Unsent { at_ms } => {
                 let mut event = subject.event(EventKind::Started);
                 event.at_ms = at_ms;
-                Some((at_ms, inner.submit(&event)))
+                Some((at_ms, inner.submit(&event).0))
             }
         };
-        let last =
-            final_event(subject, outcome, inner.max_result_bytes).map(|event| inner.submit(&event));
+        let last = final_event(subject, outcome, inner.max_result_bytes)
+            .map(|event| inner.submit(&event).0);
         let mut result = Ok(());
         if let Some((at_ms, sent)) = started
             && let Err(e) = sent.confirmed().await

@@ -262,7 +262,7 @@ impl Executor {
             .with_deadline(deadline)
             .with_cancellation(cancel.clone())
             .with_progress(progress.clone());
-        trail.started();
+        trail.started().await;
         // Its own tokio task: a panic stays there and comes back as a JoinError.
         let run = tokio::spawn((entry.run)(request.args, ctx).in_current_span());
         let outcome = self

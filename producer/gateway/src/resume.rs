@@ -974,11 +974,10 @@ impl Replay {
                 });
                 for (index, raw) in (0_u32..).zip(raws) {
                     let place = Place { offset, index };
-                    if self.after.is_some_and(|after| place <= after)
-                        || !tail::peek(raw.get().as_bytes())
-                            .and_then(|p| p.origin)
-                            .is_some_and(|o| o == self.origin)
-                    {
+                    let ours = tail::peek(raw.get().as_bytes())
+                        .and_then(|p| p.origin)
+                        .is_some_and(|o| o == self.origin);
+                    if !ours || self.after.is_some_and(|after| place <= after) {
                         continue;
                     }
                     match serde_json::from_str::<Event>(raw.get()) {
