@@ -3,9 +3,8 @@
 //!
 //! For each delivery the worker keeps a [`Trail`]: when the handler begins it hands `started`
 //! to the writer (without waiting for its confirm: the handler is not held up), and when the
-//! task is judged
-//! [`Trail::settle`] sends the attempt's last event (`succeeded`, `failed`, `dead_lettered`,
-//! `expired`) and waits until the broker has confirmed both. `outcome.rs` calls it before it
+//! task is judged [`Trail::settle`] sends the attempt's last event (`succeeded`, `failed`,
+//! `dead_lettered`, `expired`) and waits until the broker has confirmed both. `outcome.rs` calls it before it
 //! publishes the reply, the retry copy or the dead-letter copy, and acks only after it: a task is
 //! never acked without its events, and a caller that has its reply can already read the final
 //! event. An append that fails (a nack, a return because the stream is gone, a timeout) fails
