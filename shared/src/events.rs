@@ -9,10 +9,15 @@
 //! declared and read; `docs/protocol.md` ("Task events") is the same contract for other
 //! languages.
 //!
-//! An event is one AMQP message: a JSON body ([`Event`]), the event's kind in the AMQP `type`
-//! property, the task id in `correlation_id` and `<task id>/<attempt>/<type>[/<seq>]` in
-//! `message_id`. A worker killed between its append and its ack appends the event again when
-//! the task is redelivered: readers dedupe by [`Event::dedupe_key`].
+//! A message in the stream has one of two shapes. Alone, an event is one AMQP message: a JSON
+//! body ([`Event`]), the event's kind in the AMQP `type` property, the task id in
+//! `correlation_id` and `<task id>/<attempt>/<type>[/<seq>]` in `message_id`. Under load a
+//! worker packs the events submitted while its previous append was confirming into one message
+//! ([`Pack`]): AMQP `type` [`PACK_TYPE`], a JSON array of events as its body, no `message_id`
+//! and no `correlation_id` (a stream's cost is per message, not per byte). Every reader splits
+//! a message into its events with [`decode`] (or [`split`]), whatever its shape. A worker killed
+//! between its append and its ack appends the event again when the task is redelivered:
+//! readers dedupe by [`Event::dedupe_key`], per event.
 
 use std::time::{Duration, SystemTime};
 
@@ -20,6 +25,7 @@ use lapin::options::{BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Consumer};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use crate::RawJson;
 use crate::envelope::{APP_ID, CONTENT_TYPE, PERSISTENT, epoch_millis};
@@ -51,6 +57,17 @@ pub fn segment_bytes(max_bytes: u64) -> u64 {
 /// The largest result a `succeeded` event carries (64 KiB of JSON text); a larger one is left
 /// out and the event is marked `truncated`.
 pub const DEFAULT_MAX_RESULT_BYTES: usize = 64 * 1024;
+
+/// The AMQP `type` of a message that packs several events: its body is a JSON array of
+/// [`Event`] objects, in the order they were appended.
+pub const PACK_TYPE: &str = "events";
+
+/// Most events a writer packs into one message.
+pub const MAX_PACK_EVENTS: usize = 64;
+
+/// Most bytes of event JSON a writer packs into one message; an event larger than this goes
+/// alone.
+pub const MAX_PACK_BYTES: usize = 256 * 1024;
 
 /// The AMQP `type` of a progress message sent to a caller's reply address (the final answer
 /// is [`crate::envelope::REPLY_TYPE`]).
@@ -405,6 +422,78 @@ impl Event {
     }
 }
 
+/// Whether one more event body of `next` bytes fits in a pack of `count` events whose body
+/// has `bytes` bytes so far: within [`MAX_PACK_EVENTS`] and [`MAX_PACK_BYTES`] (brackets and
+/// commas included). The first event always fits: one larger than the bound goes alone.
+pub fn pack_fits(count: usize, bytes: usize, next: usize) -> bool {
+    count == 0 || (count < MAX_PACK_EVENTS && bytes + 1 + next < MAX_PACK_BYTES)
+}
+
+/// Several events packed into one stream message (AMQP `type` [`PACK_TYPE`], a JSON array
+/// body), built from their bodies as [`Event::to_body`] wrote them.
+#[derive(Debug, Clone, Default)]
+pub struct Pack {
+    body: Vec<u8>,
+    count: usize,
+    newest_ms: i64,
+}
+
+impl Pack {
+    /// An empty pack.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Events in it.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Whether it holds no event.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Bytes of its body so far (without the closing bracket).
+    pub fn bytes(&self) -> usize {
+        self.body.len()
+    }
+
+    /// Whether an event body of `bytes` fits within [`MAX_PACK_EVENTS`] and
+    /// [`MAX_PACK_BYTES`] (the first event always does).
+    pub fn fits(&self, bytes: usize) -> bool {
+        pack_fits(self.count, self.body.len(), bytes)
+    }
+
+    /// Adds an event: its JSON body ([`Event::to_body`]) and its time.
+    pub fn push(&mut self, body: &[u8], at_ms: i64) {
+        self.body.push(if self.count == 0 { b'[' } else { b',' });
+        self.body.extend_from_slice(body);
+        self.count += 1;
+        self.newest_ms = self.newest_ms.max(at_ms);
+    }
+
+    /// The message's properties: [`PACK_TYPE`], JSON, persistent, stamped with its newest
+    /// event's time; no `message_id` or `correlation_id` (readers dedupe each event).
+    pub fn properties(&self) -> BasicProperties {
+        BasicProperties::default()
+            .with_content_type(CONTENT_TYPE.into())
+            .with_delivery_mode(PERSISTENT)
+            .with_app_id(APP_ID.into())
+            .with_type(PACK_TYPE.into())
+            .with_timestamp(u64::try_from(self.newest_ms / 1000).unwrap_or(0))
+    }
+
+    /// The message body: the JSON array of its events.
+    pub fn into_body(mut self) -> Vec<u8> {
+        if self.count == 0 {
+            self.body.push(b'[');
+        }
+        self.body.push(b']');
+        self.body
+    }
+}
+
 /// The arguments the stream is declared with: a stream queue with retention by age and size,
 /// in segments of [`segment_bytes`]. A stream replicates to every node of the cluster by
 /// default.
@@ -561,7 +650,7 @@ pub const READ_PREFETCH: u16 = 500;
 
 /// Starts reading the stream `name` from `start` on `channel` (its prefetch is set to
 /// `prefetch`, which must not be 0). Ack each delivery (acks are credit); decode it with
-/// [`decode`].
+/// [`decode`] (a delivery may carry several events).
 ///
 /// # Errors
 /// [`ReadError::NoPrefetch`] for a prefetch of 0; the broker's error otherwise (`404` when the
@@ -604,7 +693,7 @@ pub enum ReadError {
     /// A delivery without its `x-stream-offset` header: not from a stream.
     #[error("a delivery without an x-stream-offset header: the queue is not a stream")]
     NoOffset,
-    /// A message in the stream that is not a Warren event.
+    /// A message in the stream that is not a Warren event (nor a pack of them).
     #[error("offset {offset}: not a Warren event: {error}")]
     NotAnEvent {
         /// Where it is.
@@ -625,16 +714,54 @@ pub fn offset_of(properties: &BasicProperties) -> Option<u64> {
     }
 }
 
-/// The offset and event of a delivery from a stream reader.
+/// Whether a message with these properties packs several events ([`PACK_TYPE`]).
+pub fn is_pack(properties: &BasicProperties) -> bool {
+    properties
+        .kind()
+        .as_ref()
+        .is_some_and(|k| k.as_str() == PACK_TYPE)
+}
+
+/// The JSON text of each event of a message, in order, without decoding the events: the body
+/// itself for a message of one event, each element of the array for a pack ([`PACK_TYPE`]).
+///
+/// # Errors
+/// A [`serde_json::Error`] when a pack's body is not a JSON array.
+pub fn split<'a>(
+    properties: &BasicProperties,
+    body: &'a [u8],
+) -> Result<Vec<&'a RawValue>, serde_json::Error> {
+    if is_pack(properties) {
+        serde_json::from_slice(body)
+    } else {
+        serde_json::from_slice(body).map(|one| vec![one])
+    }
+}
+
+/// The events of one stream message, in order, each with its JSON text as appended.
+pub type MessageEvents<'a> = Vec<(Event, &'a RawValue)>;
+
+/// Every event of a delivery from a stream reader, in order, with its offset: one for a
+/// message of one event, several for a pack ([`PACK_TYPE`]). Each comes with its index in the
+/// message (its position in the list) and its JSON text as appended. The one way Warren
+/// reads the stream's messages.
 ///
 /// # Errors
 /// [`ReadError::NoOffset`] without an offset header; [`ReadError::NotAnEvent`] when the body
-/// is not an event (the offset is still known: skip it and go on).
-pub fn decode(properties: &BasicProperties, body: &[u8]) -> Result<(u64, Event), ReadError> {
+/// is not an event or a pack of them (the offset is still known: skip it and go on).
+pub fn decode<'a>(
+    properties: &BasicProperties,
+    body: &'a [u8],
+) -> Result<(u64, MessageEvents<'a>), ReadError> {
     let offset = offset_of(properties).ok_or(ReadError::NoOffset)?;
-    let event =
-        serde_json::from_slice(body).map_err(|error| ReadError::NotAnEvent { offset, error })?;
-    Ok((offset, event))
+    let not_an_event = |error| ReadError::NotAnEvent { offset, error };
+    let events = split(properties, body)
+        .map_err(not_an_event)?
+        .into_iter()
+        .map(|raw| Ok((serde_json::from_str(raw.get())?, raw)))
+        .collect::<Result<Vec<_>, serde_json::Error>>()
+        .map_err(not_an_event)?;
+    Ok((offset, events))
 }
 
 #[cfg(test)]
@@ -747,6 +874,62 @@ mod tests {
         );
         assert_eq!(CallerProgress::decode(&body).unwrap(), update);
         assert!(CallerProgress::decode(b"[1]").is_err());
+    }
+
+    fn delivered(properties: BasicProperties, offset: i64) -> BasicProperties {
+        let mut headers = FieldTable::default();
+        headers.insert("x-stream-offset".into(), AMQPValue::LongLongInt(offset));
+        properties.with_headers(headers)
+    }
+
+    #[test]
+    fn a_pack_and_a_single_event_decode_alike() {
+        let started = subject().event(EventKind::Started);
+        let mut done = subject().event(EventKind::Succeeded);
+        done.at_ms += 1500;
+        done.result = Some(RawJson::from_string("[1, 2]".into()).unwrap());
+        let mut pack = Pack::new();
+        for e in [&started, &done] {
+            assert!(pack.fits(e.to_body().len()));
+            pack.push(&e.to_body(), e.at_ms);
+        }
+        assert_eq!(pack.len(), 2);
+        let properties = delivered(pack.properties(), 7);
+        assert!(is_pack(&properties));
+        assert!(properties.message_id().is_none() && properties.correlation_id().is_none());
+        assert_eq!(
+            properties.timestamp(),
+            &Some(u64::try_from(done.at_ms / 1000).unwrap())
+        );
+        let body = pack.into_body();
+        let (offset, events) = decode(&properties, &body).unwrap();
+        assert_eq!(offset, 7);
+        let got: Vec<&Event> = events.iter().map(|(e, _)| e).collect();
+        assert_eq!(got, [&started, &done]);
+        assert_eq!(events[1].1.get().as_bytes(), done.to_body().as_slice());
+
+        let one = delivered(started.properties(), 9);
+        let alone = started.to_body();
+        let (offset, events) = decode(&one, &alone).unwrap();
+        assert_eq!((offset, events.len()), (9, 1));
+        assert_eq!(events[0].0, started);
+        // A pack whose body is no array, and an event body that is an array, are not events.
+        assert!(decode(&properties, &started.to_body()).is_err());
+        assert!(decode(&one, b"[]").is_err());
+    }
+
+    #[test]
+    fn a_pack_is_bounded_by_count_and_bytes_and_takes_one_large_event() {
+        let mut pack = Pack::new();
+        assert!(pack.fits(MAX_PACK_BYTES * 2), "the first event always fits");
+        pack.push(b"{}", 0);
+        assert!(!pack.fits(MAX_PACK_BYTES));
+        for _ in 1..MAX_PACK_EVENTS {
+            assert!(pack.fits(2));
+            pack.push(b"{}", 0);
+        }
+        assert!(!pack.fits(2));
+        assert_eq!(Pack::new().into_body(), b"[]");
     }
 
     #[test]

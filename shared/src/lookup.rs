@@ -2,9 +2,10 @@
 //!
 //! Two questions every reader of `warren.events` asks: "what happened to task X?" (a caller that
 //! went away, `warren result`, the gateway's `GET /api/tasks/<id>`) and "what happened lately?"
-//! (`warren events`). Both read the stream with [`events::read`] and [`events::decode`]; this
-//! module adds what they share: where to start, when the reader has caught up with the end of
-//! the stream, and dropping duplicate events.
+//! (`warren events`). Both read the stream with [`events::read`] and [`events::decode`] (a
+//! message holds one event, or several packed together); this module adds what they share:
+//! where to start, when the reader has caught up with the end of the stream, and dropping
+//! duplicate events.
 //!
 //! **Where to start.** A UUIDv7 task id carries the time it was made ([`TaskId::created_at`]):
 //! a lookup starts at the chunk written [`TIME_MARGIN`] before it, so it reads the task's own
@@ -243,11 +244,13 @@ impl Seen {
 /// An event read from the stream.
 #[derive(Debug, Clone)]
 pub struct Entry {
-    /// Its offset in the stream.
+    /// The offset of the message that carried it.
     pub offset: u64,
+    /// Its place in that message, from 0 (a message packs several events under load).
+    pub index: u32,
     /// The event.
     pub event: Event,
-    /// The message body as it was appended (JSON), for readers that pass it on as it is.
+    /// The event's JSON text as it was appended, for readers that pass it on as it is.
     pub body: Vec<u8>,
 }
 
@@ -282,8 +285,9 @@ pub struct Reader {
     began_s: u64,
     quiet: Duration,
     caught_up: bool,
-    /// A delivery that showed the reader had caught up, to be returned next.
-    held: Option<Box<Entry>>,
+    /// Events read and not returned yet: the rest of a message that packed several, or what a
+    /// delivery that showed the reader had caught up carried.
+    held: VecDeque<Box<Entry>>,
     last_offset: Option<u64>,
     /// Deliveries not acked yet, and the tag of the last.
     unacked: u16,
@@ -330,7 +334,7 @@ impl Reader {
             began_s: unix_seconds(began),
             quiet,
             caught_up: false,
-            held: None,
+            held: VecDeque::new(),
             last_offset: None,
             unacked: 0,
             last_tag: 0,
@@ -341,7 +345,8 @@ impl Reader {
         })
     }
 
-    /// Events read so far (duplicates and other messages included).
+    /// Messages read so far (duplicates and other messages included; a message may pack
+    /// several events).
     pub fn read_count(&self) -> u64 {
         self.read
     }
@@ -351,9 +356,10 @@ impl Reader {
         self.last_offset
     }
 
-    /// The next event whose AMQP properties `wants` accepts (others are skipped without
-    /// decoding their bodies), or [`Step::CaughtUp`] once. Messages that are not events are
-    /// skipped.
+    /// The next event whose message's AMQP properties `wants` accepts (others are skipped
+    /// without decoding their bodies), or [`Step::CaughtUp`] once. A message that packs several
+    /// events ([`events::PACK_TYPE`]) is always decoded: its properties do not name a task, so
+    /// the caller filters its events. Messages that are not events are skipped.
     ///
     /// # Errors
     /// [`LookupError::Broker`] when the connection or channel fails; [`LookupError::Ended`]
@@ -362,9 +368,7 @@ impl Reader {
         &mut self,
         wants: F,
     ) -> Result<Step, LookupError> {
-        if self.caught_up
-            && let Some(entry) = self.held.take()
-        {
+        if let Some(entry) = self.held.pop_front() {
             return Ok(Step::Event(entry));
         }
         loop {
@@ -412,28 +416,30 @@ impl Reader {
                     .properties
                     .timestamp()
                     .is_some_and(|t| t > self.began_s);
-            let entry = if wants(&delivery.properties) {
+            if wants(&delivery.properties) || events::is_pack(&delivery.properties) {
                 match events::decode(&delivery.properties, &delivery.data) {
-                    Ok((offset, event)) if self.seen.first_time(&event) => Some(Box::new(Entry {
-                        offset,
-                        event,
-                        body: delivery.data,
-                    })),
-                    Ok(_) => None,
+                    Ok((offset, decoded)) => {
+                        for (index, (event, raw)) in (0_u32..).zip(decoded) {
+                            if self.seen.first_time(&event) {
+                                self.held.push_back(Box::new(Entry {
+                                    offset,
+                                    index,
+                                    event,
+                                    body: raw.get().as_bytes().to_vec(),
+                                }));
+                            }
+                        }
+                    }
                     Err(e) => {
                         tracing::debug!(stream = %self.stream, error = %e, "skipping a message");
-                        None
                     }
                 }
-            } else {
-                None
-            };
+            }
             if fresh {
                 self.caught_up = true;
-                self.held = entry;
                 return Ok(Step::CaughtUp);
             }
-            if let Some(entry) = entry {
+            if let Some(entry) = self.held.pop_front() {
                 return Ok(Step::Event(entry));
             }
         }

@@ -185,8 +185,9 @@ pub struct Publication<'a> {
     pub mandatory: bool,
 }
 
-/// Why a publish did not end in the broker's hands.
-#[derive(Debug, thiserror::Error)]
+/// Why a publish did not end in the broker's hands. Cloned when one message carried the
+/// publishes of several callers (packed task events): each is told the same failure.
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum PublishError {
     /// No open channel could be had (the connection is closed or recovering).

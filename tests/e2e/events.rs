@@ -144,13 +144,15 @@ async fn events_of(stream: &str, task: &str, done: impl Fn(&[Read]) -> bool) -> 
             ),
         };
         delivery.ack(BasicAckOptions::default()).await.unwrap();
-        let (offset, event) = events::decode(&delivery.properties, &delivery.data).unwrap();
-        if event.task_id == task {
-            got.push(Read {
-                offset,
-                properties: delivery.properties.clone(),
-                event,
-            });
+        let (offset, decoded) = events::decode(&delivery.properties, &delivery.data).unwrap();
+        for (event, _) in decoded {
+            if event.task_id == task {
+                got.push(Read {
+                    offset,
+                    properties: delivery.properties.clone(),
+                    event,
+                });
+            }
         }
     }
     let _ = connection.close(200, "read".into()).await;
@@ -204,8 +206,8 @@ async fn appended_so_far(stream: &str) -> (Vec<(u64, Event)>, u64) {
             let _ = connection.close(200, "read".into()).await;
             return (got, offset);
         }
-        let (_, event) = events::decode(&delivery.properties, &delivery.data).unwrap();
-        got.push((offset, event));
+        let (_, decoded) = events::decode(&delivery.properties, &delivery.data).unwrap();
+        got.extend(decoded.into_iter().map(|(event, _)| (offset, event)));
     }
 }
 
@@ -583,18 +585,21 @@ async fn when_the_caller_has_the_reply_the_final_event_is_already_in_the_stream(
         };
         delivery.ack(BasicAckOptions::default()).await.unwrap();
         let offset = events::offset_of(&delivery.properties).unwrap();
+        // A pack of events has no message id.
         let message_id = delivery
             .properties
             .message_id()
             .as_ref()
-            .unwrap()
-            .to_string();
+            .map(ToString::to_string)
+            .unwrap_or_default();
         if let Some(task) = message_id.strip_prefix("marker-") {
             markers.insert(task.to_owned(), offset);
         } else {
-            let (_, event) = events::decode(&delivery.properties, &delivery.data).unwrap();
-            if event.is_final() {
-                finals.insert(event.task_id.clone(), offset);
+            let (_, decoded) = events::decode(&delivery.properties, &delivery.data).unwrap();
+            for (event, _) in decoded {
+                if event.is_final() {
+                    finals.insert(event.task_id.clone(), offset);
+                }
             }
         }
     }
@@ -609,6 +614,121 @@ async fn when_the_caller_has_the_reply_the_final_event_is_already_in_the_stream(
         );
     }
     let _ = reader_connection.close(200, "done".into()).await;
+    let _ = connection.close(200, "done".into()).await;
+    d.stop().await;
+}
+
+/// Under concurrent load the worker packs the events submitted while an append confirms into
+/// one message (AMQP `type` `events`, a JSON array): some messages are packs, and after dedupe
+/// every task has exactly its `started` and `succeeded`, each once. A lookup reads its result
+/// out of a pack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_load_events_are_packed_and_every_event_is_there_once() {
+    const TASKS: usize = 200;
+    let d = Deployment::start("events-pack", |s| s.concurrency = 16).await;
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..TASKS {
+        let client = d.client.clone();
+        calls.spawn(async move {
+            let (id, outcome) = call(&client, "echo", json!(i), &CallOptions::default()).await;
+            assert_eq!(outcome.unwrap(), json!(i));
+            id
+        });
+    }
+    let mut ids = std::collections::HashSet::new();
+    while let Some(id) = calls.join_next().await {
+        ids.insert(id.unwrap().as_str().to_owned());
+    }
+    // Every reply is in hand, so every final event is in the stream: read up to a marker.
+    let (connection, channel) = raw_channel().await;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let marker = uuid::Uuid::new_v4().to_string();
+    let confirm = channel
+        .basic_publish(
+            "".into(),
+            d.stream.as_str().into(),
+            BasicPublishOptions::default(),
+            b"{}",
+            BasicProperties::default().with_message_id(marker.as_str().into()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_ack());
+    let mut reader = events::read(&channel, &d.stream, Start::First, 200, "pack-reader")
+        .await
+        .unwrap();
+    let (mut packs, mut messages) = (0, 0);
+    let mut packed_task = None;
+    let mut seen = std::collections::HashSet::new();
+    let mut per_task: std::collections::HashMap<String, Vec<EventKind>> =
+        std::collections::HashMap::new();
+    loop {
+        let delivery = match tokio::time::timeout(WAIT, reader.next()).await {
+            Ok(Some(Ok(delivery))) => delivery,
+            other => panic!("reading {}: {other:?}", d.stream),
+        };
+        delivery.ack(BasicAckOptions::default()).await.unwrap();
+        let properties = &delivery.properties;
+        if properties.message_id().as_ref().map(|m| m.as_str()) == Some(marker.as_str()) {
+            break;
+        }
+        messages += 1;
+        let (_, decoded) = events::decode(properties, &delivery.data).unwrap();
+        if events::is_pack(properties) {
+            assert_eq!(
+                properties.kind().as_ref().map(|k| k.as_str()),
+                Some(events::PACK_TYPE)
+            );
+            assert!(
+                (2..=events::MAX_PACK_EVENTS).contains(&decoded.len()),
+                "{}",
+                decoded.len()
+            );
+            packs += 1;
+        } else {
+            assert_eq!(decoded.len(), 1);
+        }
+        for (event, _) in decoded {
+            assert!(ids.contains(&event.task_id), "{event:?}");
+            if events::is_pack(properties) && event.kind == EventKind::Succeeded {
+                packed_task = Some(event.task_id.clone());
+            }
+            if seen.insert(event.dedupe_key()) {
+                per_task.entry(event.task_id).or_default().push(event.kind);
+            }
+        }
+    }
+    assert!(packs > 0, "no packed message among {messages}");
+    assert_eq!(per_task.len(), TASKS);
+    for (task, kinds) in &per_task {
+        assert_eq!(
+            kinds,
+            &[EventKind::Started, EventKind::Succeeded],
+            "task {task}"
+        );
+    }
+    assert!(
+        messages < 2 * TASKS,
+        "{messages} messages for {} events",
+        2 * TASKS
+    );
+    // A lookup finds a result that came in a pack.
+    let task = packed_task.expect("a succeeded event in a pack");
+    let lookup = Client::connect(warren_client::ClientSettings {
+        broker: BrokerSettings::new(amqp_url()),
+        events_stream: d.stream.clone(),
+        ..warren_client::ClientSettings::default()
+    })
+    .await
+    .unwrap();
+    let found = lookup.result(&TaskId::from(task.as_str())).await.unwrap();
+    assert!(found.outcome.succeeded(), "{found:?}");
+    lookup.close().await;
     let _ = connection.close(200, "done".into()).await;
     d.stop().await;
 }
@@ -974,12 +1094,103 @@ async fn a_python_reader_written_from_the_protocol_prints_a_tasks_events() {
     assert_eq!(printed[1]["retry"]["attempt"], 2);
     assert_eq!(printed[3]["result"], 2);
 
+    // Under load the events come packed, several to a message, among other tasks' events and
+    // after a duplicate sent alone: the reader prints each event of its task once.
+    let packed = TaskId::new();
+    let subject = events::Subject {
+        task_id: packed.as_str().to_owned(),
+        function: "echo".into(),
+        queue: d.q.name.clone(),
+        attempt: 1,
+        worker: d.name.clone(),
+        batch: None,
+        origin: None,
+        traceparent: None,
+    };
+    let other = events::Subject {
+        task_id: TaskId::new().as_str().to_owned(),
+        ..subject.clone()
+    };
+    let started = subject.event(EventKind::Started);
+    let mut done = subject.event(EventKind::Succeeded);
+    done.result = Some(warren_shared::RawJson::from_string("\"packed\"".into()).unwrap());
+    append_to(&d.stream, std::slice::from_ref(&started)).await;
+    append_to(
+        &d.stream,
+        &[
+            other.event(EventKind::Started),
+            started,
+            done,
+            other.event(EventKind::Expired),
+        ],
+    )
+    .await;
+    let out = run_reader(python3, &script, packed.as_str(), &d.stream, 5).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let steps: Vec<(&str, &str)> = printed
+        .iter()
+        .map(|e| (e["type"].as_str().unwrap(), e["task_id"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        steps,
+        [("started", packed.as_str()), ("succeeded", packed.as_str())]
+    );
+    assert_eq!(printed[1]["result"], "packed");
+
     // A task it cannot find: it says so and fails.
     let out = run_reader(python3, &script, TaskId::new().as_str(), &d.stream, 1).await;
     assert!(!out.status.success());
     assert!(out.stdout.is_empty());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no final event"));
     d.stop().await;
+}
+
+/// Appends `events` to `stream` as a worker does: one alone as a message of its own, several
+/// packed into one message. Waits for the confirm.
+async fn append_to(stream: &str, appended: &[Event]) {
+    let (connection, channel) = raw_channel().await;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let (properties, body) = if let [one] = appended {
+        (one.properties(), one.to_body())
+    } else {
+        let mut pack = events::Pack::new();
+        for event in appended {
+            pack.push(&event.to_body(), event.at_ms);
+        }
+        (pack.properties(), pack.into_body())
+    };
+    let confirm = channel
+        .basic_publish(
+            "".into(),
+            stream.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                immediate: false,
+            },
+            &body,
+            properties,
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(
+        matches!(confirm, lapin::Confirmation::Ack(None)),
+        "{confirm:?}"
+    );
+    let _ = connection.close(200, "appended".into()).await;
 }
 
 /// Runs the reader `script` for `task` on `stream`, waiting `wait_s` for more events, at most 60 s.

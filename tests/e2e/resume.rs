@@ -221,6 +221,17 @@ impl Rig {
             .await;
     }
 
+    /// Appends `events` as ONE message, packed as a worker packs them under load.
+    async fn append_packed(&self, events: &[Event]) {
+        let mut pack = events::Pack::new();
+        for event in events {
+            pack.push(&event.to_body(), event.at_ms);
+        }
+        let properties = pack.properties();
+        self.publish(&self.stream, pack.into_body(), properties)
+            .await;
+    }
+
     /// Replies to `task` with `result`, as a worker does.
     async fn reply(&self, task: &Taken, result: Value) {
         let incoming = Incoming::read(&task.properties);
@@ -664,6 +675,95 @@ async fn never_a_second_final_for_a_task_seen_settled() {
     let (ws, replayed) = resume(&rig, gw, &token(&sentinel)).await;
     assert_eq!(replayed.len(), 1, "{replayed:#?}");
     drop(ws);
+    rig.finish().await;
+}
+
+/// Under load a worker packs several events into one stream message: a replay hands them on
+/// one by one, a token written within such a message resumes after exactly its event, and a
+/// live call's final event in the middle of one holds back only what follows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packed_events_are_replayed_and_resumed_event_by_event() {
+    let mut rig = Rig::new(events::DEFAULT_MAX_BYTES).await;
+    let gw = rig.start_gateway(ResumeSettings::default()).await;
+    let mut ws = rig.connect(gw).await;
+    let (tasks, token1) = submit(&mut ws, &["a", "b"]).await;
+    let origin = rig.take().await.origin.expect("origin");
+    let _ = rig.take().await;
+    drop(ws);
+    rig.no_calls(gw).await;
+    let (a, b) = (&tasks[0], &tasks[1]);
+    let other = uuid::Uuid::new_v4().to_string();
+    rig.append_packed(&[
+        progress(a, &origin, 1, 0.5),
+        succeeded(a, &origin, &json!("a")),
+        succeeded("x-1", &other, &json!("not ours")),
+        failed(b, &origin, false),
+    ])
+    .await;
+    rig.sync_tail(gw).await;
+
+    let (ws, replayed) = resume(&rig, gw, &token1).await;
+    let shape: Vec<(Value, Value, Value)> = replayed
+        .iter()
+        .map(|m| (m["task_id"].clone(), m["ok"].clone(), m["resumed"].clone()))
+        .collect();
+    assert_eq!(
+        shape,
+        vec![
+            (json!(a), Value::Null, Value::Null),
+            (json!(a), json!(true), Value::Null),
+            (json!(b), json!(false), Value::Null),
+            (Value::Null, Value::Null, json!({"replayed": 3})),
+        ],
+        "{replayed:#?}"
+    );
+    drop(ws);
+    rig.no_calls(gw).await;
+
+    // The token of a's answer lies within the pack: only what follows it comes again.
+    let (ws, again) = resume(&rig, gw, &token(&replayed[1])).await;
+    let shape: Vec<(Value, Value)> = again
+        .iter()
+        .map(|m| (m["task_id"].clone(), m["resumed"].clone()))
+        .collect();
+    assert_eq!(
+        shape,
+        vec![
+            (json!(b), Value::Null),
+            (Value::Null, json!({"replayed": 1}))
+        ],
+        "{again:#?}"
+    );
+    drop(ws);
+
+    // A call in flight whose final event comes first in a pack: its answer is the reply's,
+    // and the event packed after it still comes, once.
+    let mut ws = rig.connect(gw).await;
+    let (tasks, _) = submit(&mut ws, &["e"]).await;
+    let late = rig.take().await;
+    let origin = late.origin.clone().expect("origin");
+    rig.append_packed(&[
+        succeeded(&tasks[0], &origin, &json!({"by": "stream"})),
+        succeeded("s2", &origin, &json!("s2")),
+    ])
+    .await;
+    let mut witness = rig.connect(gw).await;
+    let _ = submit(&mut witness, &["w"]).await;
+    let witness_origin = rig.take().await.origin.expect("origin");
+    rig.append(&succeeded("w1", &witness_origin, &json!("w")))
+        .await;
+    assert_eq!(next(&mut witness).await["task_id"], "w1");
+    rig.reply(&late, json!({"by": "reply"})).await;
+    let answer = next(&mut ws).await;
+    assert_eq!(
+        (&answer["id"], &answer["result"]),
+        (&json!("e"), &json!({"by": "reply"})),
+        "{answer}"
+    );
+    let sentinel = next(&mut ws).await;
+    assert_eq!(sentinel["task_id"], "s2", "{sentinel}");
+    drop(ws);
+    drop(witness);
     rig.finish().await;
 }
 

@@ -90,6 +90,40 @@ impl TestStream {
             self.append(event).await;
         }
     }
+
+    /// Appends `events` as ONE message, packed as a worker packs them under load
+    /// ([`events::Pack`]), and waits for the broker's confirm.
+    ///
+    /// # Panics
+    /// When the broker does not confirm it.
+    pub async fn append_packed(&self, events: &[Event]) {
+        let mut pack = events::Pack::new();
+        for event in events {
+            pack.push(&event.to_body(), event.at_ms);
+        }
+        let properties = pack.properties();
+        let confirm = self
+            .channel
+            .basic_publish(
+                "".into(),
+                self.name.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &pack.into_body(),
+                properties,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("cannot append to {}: {e}", self.name))
+            .await
+            .unwrap_or_else(|e| panic!("no confirm from {}: {e}", self.name));
+        assert!(
+            matches!(confirm, Confirmation::Ack(None)),
+            "{} did not take the pack: {confirm:?}",
+            self.name
+        );
+    }
 }
 
 impl TestStream {

@@ -1,40 +1,49 @@
 //! Appending every task's events to the deployment's event stream (`warren.events` unless
 //! [`EventSettings::stream`] says otherwise), in the format of [`warren_shared::events`].
 //!
-//! For each delivery the worker keeps a [`Trail`]: when the handler begins it sends `started`
-//! (without waiting for its confirm: the handler is not held up), and when the task is judged
-//! [`Trail::settle`] sends the attempt's last event (`succeeded`, `failed`, `dead_lettered`,
-//! `expired`) and waits until the broker has confirmed both. `outcome.rs` calls it before it
+//! For each delivery the worker keeps a [`Trail`]: when the handler begins it hands `started`
+//! to the writer (without waiting for its confirm: the handler is not held up), and when the
+//! task is judged [`Trail::settle`] sends the attempt's last event (`succeeded`, `failed`,
+//! `dead_lettered`, `expired`) and waits until the broker has confirmed both. `outcome.rs` calls it before it
 //! publishes the reply, the retry copy or the dead-letter copy, and acks only after it: a task is
 //! never acked without its events, and a caller that has its reply can already read the final
 //! event. An append that fails (a nack, a return because the stream is gone, a timeout) fails
 //! the settlement like a failed reply would: the task is handed back.
 //!
-//! Cheap by construction: all events go out on one confirm-mode channel of the publishing
-//! connection (one channel keeps a task's events in order), many in flight at once, each
-//! awaited only by its own task while the broker confirms them in batches (`multiple`). A task
-//! pays one confirm round trip, its final event's, before its reply.
+//! Cheap by construction ("group commit"): a stream's cost is per message, so each appender
+//! has one writer that keeps one message in flight on one confirm-mode channel of the
+//! publishing connection. Events submitted while that message is confirming wait in a queue;
+//! when its confirm comes, the writer publishes everything queued as ONE message (a pack,
+//! [`format::Pack`], at most [`format::MAX_PACK_EVENTS`] events and
+//! [`format::MAX_PACK_BYTES`]; a larger event goes alone), and so on. With nothing in flight
+//! an event goes at once, as a message of its own: at low load nothing changes. Each submitter
+//! awaits the confirm of the message that carried its event; a failure of that message (a nack,
+//! a return, a timeout, a lost channel) fails every event in it. The queue is first in, first
+//! out, and one message is in flight at a time, so events keep the order they were submitted
+//! in. A task pays one confirm round trip (its final event's) before its reply, plus the wait
+//! for the message ahead of it; the queue holds a few events per running task (its `started`,
+//! one progress event, its final event), so it is bounded by the worker's concurrency.
 //!
 //! Progress events ([`Appender::progress`]) are appended without the task waiting for them, in
 //! the order reported, and always before the attempt's final event. A progress event that
 //! cannot be appended is logged and counted, not retried: the task's outcome does not depend
 //! on it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
+use lapin::BasicProperties;
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use warren_shared::broker::BrokerError;
 use warren_shared::envelope::{self, epoch_millis};
 use warren_shared::events::{
     self as format, DEFAULT_MAX_AGE, DEFAULT_MAX_BYTES, DEFAULT_MAX_RESULT_BYTES, DEFAULT_STREAM,
-    Event, EventError, EventKind, Progress, RetryAt, Subject,
+    Event, EventError, EventKind, Pack, Progress, RetryAt, Subject,
 };
 use warren_shared::link::Link;
-use warren_shared::pool::{
-    LinkPool, Publication, PublishError, Unconfirmed, publish_confirmed, publish_unconfirmed,
-};
+use warren_shared::pool::{LinkPool, Publication, PublishError, Unconfirmed, publish_unconfirmed};
 use warren_shared::{ErrorKind, Reply, TaskFailure, topology};
 
 use crate::outcome::{Envelope, Outcome};
@@ -47,9 +56,9 @@ pub const MAX_EVENT_TEXT: usize = 4 * 1024;
 /// Most bytes of a function name an event carries (a task may name any function).
 const MAX_FUNCTION_BYTES: usize = 255;
 
-/// How long the handler's start waits for its `started` event to be written to the socket (it
-/// takes microseconds; a connection the broker has blocked takes longer). Past it the handler
-/// starts anyway, and the event is sent again before the final one (a duplicate at worst).
+/// How long the handler's start waits for its `started` event to be on its way when it goes
+/// as a message of its own (it takes microseconds; a connection the broker has blocked takes
+/// longer). Past it the handler starts anyway; the event stays with the writer.
 const STARTED_SEND_WAIT: Duration = Duration::from_millis(250);
 
 /// Where and how a worker appends task events.
@@ -208,6 +217,61 @@ struct Inner {
     timeout: Duration,
     /// The attempts running here, by (task id, attempt): the last of their progress appends.
     attempts: Mutex<HashMap<(String, u32), Running>>,
+    /// Events submitted and not yet published, for the writer.
+    pending: Mutex<Queue>,
+}
+
+/// The writer's queue; see the [module](self).
+#[derive(Debug, Default)]
+struct Queue {
+    events: VecDeque<Queued>,
+    /// Whether a writer runs: it publishes until the queue is empty, then ends.
+    writing: bool,
+}
+
+/// An event waiting for the writer.
+#[derive(Debug)]
+struct Queued {
+    /// Its JSON body.
+    body: Vec<u8>,
+    /// Its properties, when it goes alone.
+    properties: BasicProperties,
+    at_ms: i64,
+    /// Told the outcome of the message that carries it.
+    done: oneshot::Sender<Result<(), PublishError>>,
+}
+
+/// An event handed to the writer: [`Confirming::confirmed`] waits for the confirm of the
+/// message that carries it.
+#[derive(Debug)]
+struct Confirming(oneshot::Receiver<Result<(), PublishError>>);
+
+impl Confirming {
+    async fn confirmed(self) -> Result<(), PublishError> {
+        self.0.await.unwrap_or_else(|_| {
+            Err(PublishError::NoChannel(
+                "the event writer stopped before appending the event".into(),
+            ))
+        })
+    }
+}
+
+/// Ends a writer: lets the next submission start another, and, when the writer panicked, fails
+/// what it left queued (dropping their senders) rather than leaving them waiting.
+struct WriterGuard<'a>(&'a Inner);
+
+impl Drop for WriterGuard<'_> {
+    fn drop(&mut self) {
+        let mut queue = self
+            .0
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        queue.writing = false;
+        if std::thread::panicking() {
+            queue.events.clear();
+        }
+    }
 }
 
 /// One attempt running on this worker, as far as its progress events go.
@@ -240,6 +304,7 @@ impl Appender {
                 max_result_bytes: settings.max_result_bytes,
                 timeout,
                 attempts: Mutex::default(),
+                pending: Mutex::default(),
             })),
         }
     }
@@ -309,36 +374,98 @@ impl Appender {
 }
 
 impl Inner {
-    fn publication<'a>(&'a self, event: &Event, body: &'a [u8]) -> Publication<'a> {
-        Publication {
-            exchange: "",
-            routing_key: &self.stream,
-            body,
+    /// Appends `event` and waits for the confirm of the message that carried it.
+    async fn append(self: &Arc<Self>, event: &Event) -> Result<(), PublishError> {
+        self.submit(event).0.confirmed().await
+    }
+
+    /// Hands `event` to the writer, after every event submitted before it; its confirm is to
+    /// be awaited. When no writer runs (nothing in flight), starts one, which publishes the
+    /// event at once as a message of its own; the receiver given then says when it is on its
+    /// way.
+    fn submit(self: &Arc<Self>, event: &Event) -> (Confirming, Option<oneshot::Receiver<()>>) {
+        let (done, confirming) = oneshot::channel();
+        let queued = Queued {
+            body: event.to_body(),
             properties: event.properties(),
-            mandatory: true,
+            at_ms: event.at_ms,
+            done,
+        };
+        let start = {
+            let mut queue = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+            queue.events.push_back(queued);
+            !std::mem::replace(&mut queue.writing, true)
+        };
+        if !start {
+            return (Confirming(confirming), None);
+        }
+        let (sent, on_its_way) = oneshot::channel();
+        tokio::spawn(self.clone().write(sent));
+        (Confirming(confirming), Some(on_its_way))
+    }
+
+    /// The writer: publishes what is queued as one message, tells `sent` once the first is on
+    /// its way, waits for its confirm, tells every submitter of it, and again, until the queue
+    /// is empty.
+    async fn write(self: Arc<Self>, sent: oneshot::Sender<()>) {
+        let _guard = WriterGuard(&self);
+        let mut sent = Some(sent);
+        loop {
+            let message = {
+                let mut queue = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+                let (mut message, mut bytes) = (Vec::new(), 0);
+                while let Some(next) = queue.events.front()
+                    && format::pack_fits(message.len(), bytes, next.body.len())
+                {
+                    bytes += 1 + next.body.len();
+                    message.extend(queue.events.pop_front());
+                }
+                if message.is_empty() {
+                    queue.writing = false;
+                    return;
+                }
+                message
+            };
+            let result = match self.publish(&message).await {
+                Ok(unconfirmed) => {
+                    if let Some(sent) = sent.take() {
+                        let _ = sent.send(());
+                    }
+                    unconfirmed.confirmed().await
+                }
+                Err(e) => Err(e),
+            };
+            sent = None;
+            for queued in message {
+                let _ = queued.done.send(result.clone());
+            }
         }
     }
 
-    /// Appends `event` and waits for its confirm.
-    async fn append(&self, event: &Event) -> Result<(), PublishError> {
-        let body = event.to_body();
-        publish_confirmed(
-            &self.pool.pool(),
-            self.publication(event, &body),
-            self.timeout,
-        )
-        .await
-    }
-
-    /// Sends `event`; its confirm is to be awaited.
-    async fn send(&self, event: &Event) -> Result<Unconfirmed, PublishError> {
-        let body = event.to_body();
-        publish_unconfirmed(
-            &self.pool.pool(),
-            self.publication(event, &body),
-            self.timeout,
-        )
-        .await
+    /// Publishes `events` as one message, its confirm to be awaited: an event alone as
+    /// itself, several as a pack.
+    async fn publish(&self, events: &[Queued]) -> Result<Unconfirmed, PublishError> {
+        let (properties, packed);
+        let body = if let [one] = events {
+            properties = one.properties.clone();
+            one.body.as_slice()
+        } else {
+            let mut pack = Pack::new();
+            for queued in events {
+                pack.push(&queued.body, queued.at_ms);
+            }
+            properties = pack.properties();
+            packed = pack.into_body();
+            packed.as_slice()
+        };
+        let publication = Publication {
+            exchange: "",
+            routing_key: &self.stream,
+            body,
+            properties,
+            mandatory: true,
+        };
+        publish_unconfirmed(&self.pool.pool(), publication, self.timeout).await
     }
 
     fn register(&self, subject: &Subject) {
@@ -429,8 +556,8 @@ enum Started {
     /// Not sent: the handler has not begun (or events are off).
     #[default]
     No,
-    /// Sent at `at_ms`; its confirm is to come.
-    Sent { at_ms: i64, sent: Box<Unconfirmed> },
+    /// Submitted at `at_ms`; its confirm is to come.
+    Sent { at_ms: i64, sent: Confirming },
     /// Made at `at_ms` but not sent, or not confirmed: to be sent again before the final event.
     Unsent { at_ms: i64 },
 }
@@ -472,8 +599,11 @@ impl Trail {
         Some((self.appender.clone(), self.subject.clone()?))
     }
 
-    /// The handler begins: sends `started`, without waiting for its confirm (which
-    /// [`Trail::settle`] awaits). A send that fails is tried again by `settle`.
+    /// The handler begins: hands `started` to the writer, without waiting for its confirm
+    /// (which [`Trail::settle`] awaits). With nothing in flight it goes at once, as a message
+    /// of its own, before the handler starts (at most [`STARTED_SEND_WAIT`]); else it waits
+    /// for the next message, and the handler starts meanwhile. One that fails is appended
+    /// again by `settle`.
     pub(crate) async fn started(&mut self) {
         let (Some(inner), Some(subject)) = (&self.appender.inner, &self.subject) else {
             return;
@@ -483,21 +613,14 @@ impl Trail {
             self.registered = true;
         }
         let event = subject.event(EventKind::Started);
-        let at_ms = event.at_ms;
-        self.started = match tokio::time::timeout(STARTED_SEND_WAIT, inner.send(&event)).await {
-            Ok(Ok(sent)) => Started::Sent {
-                at_ms,
-                sent: Box::new(sent),
-            },
-            Ok(Err(e)) => {
-                tracing::debug!(task.id = %subject.task_id, error = %e, "could not send the started event yet; sending it again at the end");
-                Started::Unsent { at_ms }
-            }
-            Err(_) => {
-                tracing::debug!(task.id = %subject.task_id, "the started event is slow to go out; sending it again at the end");
-                Started::Unsent { at_ms }
-            }
+        let (sent, on_its_way) = inner.submit(&event);
+        self.started = Started::Sent {
+            at_ms: event.at_ms,
+            sent,
         };
+        if let Some(on_its_way) = on_its_way {
+            let _ = tokio::time::timeout(STARTED_SEND_WAIT, on_its_way).await;
+        }
     }
 
     /// Appends the attempt's last event for `outcome` (none for a hand-back or a task not due
@@ -530,31 +653,27 @@ impl Trail {
         }
     }
 
-    /// In order on the one channel: `started` (again, if it was not confirmed), then the final
-    /// event; then both confirms, which the broker sends in one go.
-    async fn send_last(&mut self, inner: &Inner, outcome: &Outcome) -> Result<(), PublishError> {
+    /// In order through the writer: `started` (again, if it was not confirmed), then the final
+    /// event (often in the same message); then both confirms.
+    async fn send_last(
+        &mut self,
+        inner: &Arc<Inner>,
+        outcome: &Outcome,
+    ) -> Result<(), PublishError> {
         let Some(subject) = &self.subject else {
             return Ok(());
         };
         let started = match std::mem::take(&mut self.started) {
             Started::No => None,
-            Started::Sent { at_ms, sent } if sent.channel_open() => Some((at_ms, *sent)),
-            Started::Sent { at_ms, .. } | Started::Unsent { at_ms } => {
+            Started::Sent { at_ms, sent } => Some((at_ms, sent)),
+            Started::Unsent { at_ms } => {
                 let mut event = subject.event(EventKind::Started);
                 event.at_ms = at_ms;
-                match inner.send(&event).await {
-                    Ok(sent) => Some((at_ms, sent)),
-                    Err(e) => {
-                        self.started = Started::Unsent { at_ms };
-                        return Err(e);
-                    }
-                }
+                Some((at_ms, inner.submit(&event).0))
             }
         };
-        let last = match final_event(subject, outcome, inner.max_result_bytes) {
-            Some(event) => Some(inner.send(&event).await),
-            None => None,
-        };
+        let last = final_event(subject, outcome, inner.max_result_bytes)
+            .map(|event| inner.submit(&event).0);
         let mut result = Ok(());
         if let Some((at_ms, sent)) = started
             && let Err(e) = sent.confirmed().await
@@ -563,7 +682,7 @@ impl Trail {
             result = Err(e);
         }
         if let Some(last) = last {
-            result = result.and(last?.confirmed().await);
+            result = result.and(last.confirmed().await);
         }
         result
     }

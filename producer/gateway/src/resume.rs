@@ -9,7 +9,8 @@
 //! - the origin;
 //! - the stream position up to which the client has been sent everything of its origin (every
 //!   event of the origin at or before it was either written to the socket or stood for by an
-//!   answer the client already had);
+//!   answer the client already had): a message's offset, and the index of an event in it when
+//!   the position lies within a message that packs several events ([`Place`]);
 //! - the tasks (an 8-byte hash of each id) whose final answer the client got by the reply path,
 //!   which is faster than the stream, while their final event lies after that position. The
 //!   workers append the final event before they reply, so the gateway's tail reads it moments
@@ -45,7 +46,7 @@ use warren_shared::envelope::epoch_millis;
 use warren_shared::events::{self, Event, EventKind, Progress, Start};
 
 use crate::limits::{GatewayError, Kind};
-use crate::tail::{self, CLOCK_SLACK, Ids, Inbox, Registration, Tail};
+use crate::tail::{self, CLOCK_SLACK, Ids, Inbox, Place, Registration, Tail};
 
 /// The default of [`ResumeSettings::max_replays`].
 pub const DEFAULT_MAX_REPLAYS: usize = 16;
@@ -109,10 +110,15 @@ impl Default for ResumeSettings {
 // ---------------------------------------------------------------------------------------------
 // The token
 
-/// The version byte every token starts with.
+/// The version byte of a token whose position is a whole message (its offset alone).
 const TOKEN_VERSION: u8 = 1;
-/// Bytes of a token before its list: version, origin, since, flags, position, count.
+/// The version byte of a token whose position lies within a message: its offset and the
+/// index of the last event accounted for in it.
+const TOKEN_VERSION_PLACE: u8 = 2;
+/// Bytes of a version 1 token before its list: version, origin, since, flags, position, count.
 const TOKEN_HEAD: usize = 1 + 16 + 8 + 1 + 8 + 1;
+/// The same for version 2, which adds the index (4 bytes) after the position.
+const TOKEN_HEAD_PLACE: usize = TOKEN_HEAD + 4;
 /// The longest token text read (a full list is about 2,770 characters).
 const MAX_TOKEN_CHARS: usize = 4096;
 
@@ -122,8 +128,8 @@ struct Token {
     origin: Uuid,
     /// When the session began, milliseconds since the Unix epoch.
     since_ms: u64,
-    /// Everything of the origin at or before this offset has been sent.
-    position: Option<u64>,
+    /// Everything of the origin at or before this place has been sent.
+    position: Option<Place>,
     /// Hashes of tasks answered whose final event is after `position`.
     settled: Vec<u64>,
 }
@@ -131,12 +137,21 @@ struct Token {
 impl Token {
     fn encode(&self) -> String {
         let count = self.settled.len().min(MAX_UNCONFIRMED);
-        let mut bytes = Vec::with_capacity(TOKEN_HEAD + 8 * count);
-        bytes.push(TOKEN_VERSION);
+        // Version 1 when the position is a whole message: gateways that know no other read it.
+        let within = self.position.filter(|p| !p.is_whole());
+        let mut bytes = Vec::with_capacity(TOKEN_HEAD_PLACE + 8 * count);
+        bytes.push(if within.is_some() {
+            TOKEN_VERSION_PLACE
+        } else {
+            TOKEN_VERSION
+        });
         bytes.extend_from_slice(self.origin.as_bytes());
         bytes.extend_from_slice(&self.since_ms.to_be_bytes());
         bytes.push(u8::from(self.position.is_some()));
-        bytes.extend_from_slice(&self.position.unwrap_or(0).to_be_bytes());
+        bytes.extend_from_slice(&self.position.map_or(0, |p| p.offset).to_be_bytes());
+        if let Some(place) = within {
+            bytes.extend_from_slice(&place.index.to_be_bytes());
+        }
         bytes.push(u8::try_from(count).unwrap_or(u8::MAX));
         // The newest, when there are more than a token holds.
         for hash in &self.settled[self.settled.len() - count..] {
@@ -152,11 +167,14 @@ impl Token {
         let bytes = URL_SAFE_NO_PAD
             .decode(text)
             .map_err(|_| BadToken("not base64url"))?;
-        if bytes.len() < TOKEN_HEAD {
+        let head = match bytes.first() {
+            Some(&TOKEN_VERSION) => TOKEN_HEAD,
+            Some(&TOKEN_VERSION_PLACE) => TOKEN_HEAD_PLACE,
+            Some(_) => return Err(BadToken("unknown version")),
+            None => return Err(BadToken("too short")),
+        };
+        if bytes.len() < head {
             return Err(BadToken("too short"));
-        }
-        if bytes[0] != TOKEN_VERSION {
-            return Err(BadToken("unknown version"));
         }
         let u64_at = |at: usize| {
             let mut word = [0; 8];
@@ -166,16 +184,26 @@ impl Token {
         let mut origin = [0; 16];
         origin.copy_from_slice(&bytes[1..17]);
         let since_ms = u64_at(17);
+        let index = if head == TOKEN_HEAD_PLACE {
+            let mut word = [0; 4];
+            word.copy_from_slice(&bytes[34..38]);
+            u32::from_be_bytes(word)
+        } else {
+            u32::MAX
+        };
         let position = match bytes[25] {
             0 => None,
-            1 => Some(u64_at(26)),
+            1 => Some(Place {
+                offset: u64_at(26),
+                index,
+            }),
             _ => return Err(BadToken("bad flags")),
         };
-        let count = usize::from(bytes[34]);
-        if bytes.len() != TOKEN_HEAD + 8 * count {
+        let count = usize::from(bytes[head - 1]);
+        if bytes.len() != head + 8 * count {
             return Err(BadToken("wrong length"));
         }
-        let settled = (0..count).map(|i| u64_at(TOKEN_HEAD + 8 * i)).collect();
+        let settled = (0..count).map(|i| u64_at(head + 8 * i)).collect();
         Ok(Self {
             origin: Uuid::from_bytes(origin),
             since_ms,
@@ -224,7 +252,7 @@ pub(crate) enum About {
 #[derive(Debug)]
 enum ReplayItem {
     /// An event of the origin.
-    Event(u64, Box<Event>),
+    Event(Place, Box<Event>),
     /// Events from `from` to `to` (offsets) could not be replayed.
     Expired {
         from: u64,
@@ -233,7 +261,7 @@ enum ReplayItem {
     },
     /// Everything up to `upto` is replayed (nothing was there to read: none); live events
     /// take over after it.
-    Done { upto: Option<u64> },
+    Done { upto: Option<Place> },
     /// Reading failed; the replay tries again from where it stopped.
     Failed(String),
 }
@@ -290,8 +318,8 @@ pub(crate) struct Session {
     registration: Option<Registration>,
     inbox: Arc<Inbox>,
     rings: mpsc::Receiver<()>,
-    /// Everything of the origin at or before this offset is accounted for.
-    position: Option<u64>,
+    /// Everything of the origin at or before this place is accounted for.
+    position: Option<Place>,
     /// Hashes of tasks answered whose final event is after `position`, oldest first.
     unconfirmed: VecDeque<u64>,
     /// Tasks whose final answer the client has had.
@@ -306,7 +334,7 @@ pub(crate) struct Session {
     /// Waiting for the reply of this call, whose final event was read.
     paused: Option<String>,
     /// Events read while paused, in stream order.
-    pending: VecDeque<(u64, Arc<Event>)>,
+    pending: VecDeque<(Place, Arc<Event>)>,
     /// Messages made and not yet written, each with its token.
     outbox: VecDeque<String>,
     /// A task was submitted (a resume must come first).
@@ -354,7 +382,7 @@ impl Session {
             // A fresh origin has no event at or before the tail's position. Before the tail
             // first reads (it starts from the stream's last chunk), the session reads the
             // stream itself up to the tail's first event.
-            self.position = position;
+            self.position = position.map(Place::whole);
             if position.is_none() && !tail.covers_from_now() {
                 self.start_replay(&tail, None, false);
             }
@@ -407,7 +435,7 @@ impl Session {
     /// the inbox began to gather), unless there is nothing to read.
     fn start_replay(&mut self, tail: &Arc<Tail>, target: Option<u64>, announced: bool) {
         let nothing_to_read = match (self.position, target) {
-            (Some(position), Some(target)) => target <= position,
+            (Some(position), Some(target)) => Place::whole(target) <= position,
             // No position: everything of the origin since the session began. The tail's last
             // event before it means there is none up to the target.
             (None, Some(_)) => {
@@ -419,7 +447,7 @@ impl Session {
             (_, None) => tail.is_empty(),
         };
         if nothing_to_read {
-            self.position = self.position.max(target);
+            self.position = self.position.max(target.map(Place::whole));
             if announced {
                 self.push_resumed(0);
             }
@@ -427,7 +455,7 @@ impl Session {
         }
         let (sender, items) = mpsc::channel(REPLAY_AHEAD);
         let start = match self.position {
-            Some(position) => Start::Offset(position + 1),
+            Some(position) => position.next_start(),
             None => Start::Time(
                 SystemTime::UNIX_EPOCH + Duration::from_millis(self.since_ms)
                     - CLOCK_SLACK.min(Duration::from_millis(self.since_ms)),
@@ -502,9 +530,9 @@ impl Session {
             return false;
         }
         let mut handled = false;
-        while let Some((offset, event)) = self.pending.pop_front() {
-            if !self.on_event(offset, &event) {
-                self.pending.push_front((offset, event));
+        while let Some((place, event)) = self.pending.pop_front() {
+            if !self.on_event(place, &event) {
+                self.pending.push_front((place, event));
                 return true;
             }
             handled = true;
@@ -525,9 +553,9 @@ impl Session {
         let position = tail.position();
         let drained = self.inbox.drain();
         handled |= !drained.events.is_empty();
-        for (offset, event) in drained.events {
-            if self.paused.is_some() || !self.on_event(offset, &event) {
-                self.pending.push_back((offset, event));
+        for (place, event) in drained.events {
+            if self.paused.is_some() || !self.on_event(place, &event) {
+                self.pending.push_back((place, event));
             }
         }
 
@@ -539,18 +567,18 @@ impl Session {
         if self.pending.is_empty()
             && let Some(position) = position
         {
-            self.position = self.position.max(Some(position));
+            self.position = self.position.max(Some(Place::whole(position)));
         }
         handled
     }
 
     fn on_replay_item(&mut self, item: ReplayItem) {
         match item {
-            ReplayItem::Event(offset, event) => {
+            ReplayItem::Event(place, event) => {
                 let before = self.outbox.len();
                 let event = Arc::from(event);
-                if !self.on_event(offset, &event) {
-                    self.pending.push_back((offset, event));
+                if !self.on_event(place, &event) {
+                    self.pending.push_back((place, event));
                 }
                 if let Some(replaying) = &mut self.replaying {
                     replaying.replayed += (self.outbox.len() - before) as u64;
@@ -558,7 +586,7 @@ impl Session {
             }
             ReplayItem::Expired { from, to, reason } => {
                 if let Some(to) = to {
-                    self.position = self.position.max(Some(to));
+                    self.position = self.position.max(Some(Place::whole(to)));
                 }
                 self.push(Envelope {
                     resume_expired: Some(Expired {
@@ -612,12 +640,12 @@ impl Session {
     /// final event of a call in flight here: its answer comes by reply, with the whole result
     /// (an event leaves out a large one), so the session holds everything after it (and its
     /// position before it) until that answer is written.
-    fn on_event(&mut self, offset: u64, event: &Event) -> bool {
-        if self.position.is_some_and(|p| offset <= p) {
+    fn on_event(&mut self, place: Place, event: &Event) -> bool {
+        if self.position.is_some_and(|p| place <= p) {
             return true;
         }
         if event.origin.as_deref() != Some(self.origin_text.as_str()) {
-            self.position = Some(offset);
+            self.position = Some(place);
             return true;
         }
         let task = event.task_id.as_str();
@@ -632,17 +660,17 @@ impl Session {
                 return false;
             } else if self.settled.insert(task.to_owned()) {
                 let id = self.ids.remove(task);
-                self.push_event(offset, event, id.as_deref());
+                self.push_event(place, event, id.as_deref());
             }
         } else if event.kind == EventKind::Progress {
             // A call in flight here has its progress by reply.
             let answered = self.settled.contains(task) || self.unconfirmed.contains(&hash);
             if !answered && !self.live.contains(task) && self.seen.insert(event.dedupe_key()) {
                 let id = self.ids.get(task).cloned();
-                self.push_event(offset, event, id.as_deref());
+                self.push_event(place, event, id.as_deref());
             }
         }
-        self.position = Some(offset);
+        self.position = Some(place);
         true
     }
 
@@ -708,9 +736,9 @@ impl Session {
     }
 
     /// A replayed or tailed event as the message a live call would have had, its token
-    /// taking the session to the event's offset.
-    fn push_event(&mut self, offset: u64, event: &Event, id: Option<&RawValue>) {
-        self.position = Some(offset);
+    /// taking the session to the event's place.
+    fn push_event(&mut self, place: Place, event: &Event, id: Option<&RawValue>) {
+        self.position = Some(place);
         let mut message = Envelope {
             id,
             task_id: Some(&event.task_id),
@@ -775,8 +803,8 @@ struct Replay {
     tail: Arc<Tail>,
     origin: String,
     start: Start,
-    /// The last offset accounted for (events at or before it are skipped).
-    after: Option<u64>,
+    /// The last place accounted for (events at or before it are skipped).
+    after: Option<Place>,
     /// Read up to this offset (the tail's position when the session's inbox began to
     /// gather); unknown: up to just before the first event the tail read.
     target: Option<u64>,
@@ -820,7 +848,7 @@ impl Replay {
                 }
             }
             if let Some(after) = self.after {
-                self.start = Start::Offset(after + 1);
+                self.start = after.next_start();
             }
             tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(10))).await;
         }
@@ -837,7 +865,7 @@ impl Replay {
     /// stream is empty (the tail read nothing since it began, from the last chunk); or a
     /// replay from a time has read nothing and the newest event the tail read is older than
     /// that time, so that the events up to the target all are.
-    fn nothing_more(&self) -> Option<Option<u64>> {
+    fn nothing_more(&self) -> Option<Option<Place>> {
         match self.target() {
             None if self.tail.is_empty() => Some(self.after),
             Some(target) => match (self.after, self.start) {
@@ -845,7 +873,7 @@ impl Replay {
                     let from = from
                         .duration_since(SystemTime::UNIX_EPOCH)
                         .map_or(0, millis);
-                    (self.tail.last_at_ms() < from).then_some(Some(target))
+                    (self.tail.last_at_ms() < from).then_some(Some(Place::whole(target)))
                 }
                 _ => None,
             },
@@ -900,18 +928,22 @@ impl Replay {
                 let Some(offset) = events::offset_of(&delivery.properties) else {
                     continue;
                 };
-                if self.after.is_some_and(|after| offset <= after) {
+                if self.after.is_some_and(|after| Place::whole(offset) <= after) {
                     continue;
                 }
                 if !*gap_checked {
                     *gap_checked = true;
-                    if let Some(after) = self.after
-                        && offset > after + 1
+                    let next = self.after.map(|after| match after.next_start() {
+                        Start::Offset(next) => next,
+                        _ => after.offset,
+                    });
+                    if let Some(next) = next
+                        && offset > next
                         && let Some(first) = first_kept(&connection, &stream).await
-                        && first > after + 1
+                        && first > next
                     {
                         let expired = ReplayItem::Expired {
-                            from: after + 1,
+                            from: next,
                             to: Some(first - 1),
                             reason: "retention",
                         };
@@ -930,16 +962,27 @@ impl Replay {
                     };
                     let upto = to.unwrap_or(offset).max(offset);
                     let _ = self.items.send(expired).await;
-                    let _ = self.items.send(ReplayItem::Done { upto: Some(upto) }).await;
+                    let done = ReplayItem::Done {
+                        upto: Some(Place::whole(upto)),
+                    };
+                    let _ = self.items.send(done).await;
                     return Ok(());
                 }
-                if tail::peek(&delivery.data)
-                    .and_then(|p| p.origin)
-                    .is_some_and(|o| o == self.origin)
-                {
-                    match serde_json::from_slice::<Event>(&delivery.data) {
+                let raws = events::split(&delivery.properties, &delivery.data).unwrap_or_else(|e| {
+                    tracing::debug!(offset, error = %e, "resume: not a Warren event; skipped");
+                    Vec::new()
+                });
+                for (index, raw) in (0_u32..).zip(raws) {
+                    let place = Place { offset, index };
+                    let ours = tail::peek(raw.get().as_bytes())
+                        .and_then(|p| p.origin)
+                        .is_some_and(|o| o == self.origin);
+                    if !ours || self.after.is_some_and(|after| place <= after) {
+                        continue;
+                    }
+                    match serde_json::from_str::<Event>(raw.get()) {
                         Ok(event) => {
-                            let item = ReplayItem::Event(offset, Box::new(event));
+                            let item = ReplayItem::Event(place, Box::new(event));
                             if self.items.send(item).await.is_err() {
                                 return Ok(());
                             }
@@ -947,9 +990,11 @@ impl Replay {
                         Err(e) => tracing::debug!(offset, error = %e, "resume: not a Warren event; skipped"),
                     }
                 }
-                self.after = Some(offset);
+                self.after = Some(Place::whole(offset));
                 if self.target().is_some_and(|target| offset >= target) {
-                    let done = ReplayItem::Done { upto: Some(offset) };
+                    let done = ReplayItem::Done {
+                        upto: Some(Place::whole(offset)),
+                    };
                     let _ = self.items.send(done).await;
                     return Ok(());
                 }
@@ -1070,10 +1115,29 @@ mod tests {
         let token = Token {
             origin: Uuid::new_v4(),
             since_ms: 1_763_700_000_123,
-            position: Some(4_000_000_000_123),
+            position: Some(Place::whole(4_000_000_000_123)),
             settled: vec![1, 2, u64::MAX],
         };
         assert_eq!(Token::decode(&token.encode()), Ok(token.clone()));
+        // A position within a packed message keeps the event's index (version 2).
+        let within = Token {
+            position: Some(Place {
+                offset: 17,
+                index: 3,
+            }),
+            ..token.clone()
+        };
+        let text = within.encode();
+        assert_eq!(
+            URL_SAFE_NO_PAD.decode(&text).unwrap()[0],
+            TOKEN_VERSION_PLACE
+        );
+        assert_eq!(Token::decode(&text), Ok(within));
+        assert_eq!(
+            URL_SAFE_NO_PAD.decode(token.encode()).unwrap()[0],
+            TOKEN_VERSION,
+            "a whole message's position is written as before"
+        );
         let none = Token {
             position: None,
             settled: Vec::new(),
@@ -1094,7 +1158,7 @@ mod tests {
         let good = Token {
             origin: Uuid::new_v4(),
             since_ms: 1,
-            position: Some(7),
+            position: Some(Place::whole(7)),
             settled: vec![9],
         }
         .encode();
@@ -1102,7 +1166,9 @@ mod tests {
         let mut flags = bytes.clone();
         flags[25] = 7;
         let mut version = bytes.clone();
-        version[0] = 2;
+        version[0] = 3;
+        let mut shorter = bytes.clone();
+        shorter[0] = TOKEN_VERSION_PLACE;
         let mut count = bytes.clone();
         count[34] = 200;
         let cases = [
@@ -1113,6 +1179,7 @@ mod tests {
             URL_SAFE_NO_PAD.encode(&bytes[..bytes.len() - 1]),
             URL_SAFE_NO_PAD.encode(flags),
             URL_SAFE_NO_PAD.encode(version),
+            URL_SAFE_NO_PAD.encode(shorter),
             URL_SAFE_NO_PAD.encode(count),
             format!("{good}=="),
         ];

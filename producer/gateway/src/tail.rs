@@ -4,13 +4,16 @@
 //! One consumer per gateway process, on a connection of its own (a [`Link`] for consuming: a
 //! broker alarm that blocks the publishing connection does not stop it), attached at the last
 //! chunk ([`Start::Last`]) so that it knows its position at once, and after a lost connection
-//! again right after the last event it handled, so a reconnect loses nothing. For each event
-//! it reads only the `origin`; an event of an origin no session here has is dropped unparsed.
+//! again right after the last message it handled, so a reconnect loses nothing. A message
+//! holds one event or, under load, several packed together ([`events::split`]): the tail
+//! handles all of a message's events at once, and hands each on with its [`Place`] (the
+//! message's offset and the event's index in it). For each event it reads only the `origin`;
+//! an event of an origin no session here has is dropped unparsed.
 //!
 //! A session registers its origin with an [`Inbox`]: the tail pushes the session's events into
 //! it (bounded by bytes; past the bound it marks the inbox overflowed and pushes no more, and
 //! the session catches up by reading the stream itself, see `resume.rs`). The tail's position
-//! (the offset of the last event it handled) is stored under the same lock as the routes, after
+//! (the offset of the last message it handled, all its events) is stored under the same lock as the routes, after
 //! the pushes: so a session that registers, or resets its inbox, and reads the position under
 //! that lock knows that every later event reaches its inbox, and one that reads the position
 //! before draining its inbox knows that every event up to it is in what it drained.
@@ -26,7 +29,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicCancelOptions};
-use lapin::{Channel, Connection};
+use lapin::{BasicProperties, Channel, Connection};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::sync::{Semaphore, mpsc, watch};
@@ -60,6 +63,42 @@ const PARK_FOR: Duration = Duration::from_secs(600);
 /// Most client ids kept for closed sessions, all sessions together.
 const MAX_PARKED_IDS: usize = 65_536;
 
+/// Where an event is in the stream: the offset of the message that carried it and its index in
+/// that message (from 0). Places order as the stream does; [`Place::whole`] stands for every
+/// event of a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Place {
+    /// The message's offset.
+    pub(crate) offset: u64,
+    /// The event's index in it ([`u32::MAX`]: its last, whatever their number).
+    pub(crate) index: u32,
+}
+
+impl Place {
+    /// The last event of the message at `offset`: at or before it is the whole message.
+    pub(crate) fn whole(offset: u64) -> Self {
+        Self {
+            offset,
+            index: u32::MAX,
+        }
+    }
+
+    /// Whether it stands for the whole of its message.
+    pub(crate) fn is_whole(self) -> bool {
+        self.index == u32::MAX
+    }
+
+    /// Where a reader starts to read what comes after this place: the next message, or this
+    /// one again when only part of it is behind.
+    pub(crate) fn next_start(self) -> Start {
+        if self.is_whole() {
+            Start::Offset(self.offset + 1)
+        } else {
+            Start::Offset(self.offset)
+        }
+    }
+}
+
 /// The client ids (`task id -> id`) of a session's calls.
 pub(crate) type Ids = HashMap<String, Box<RawValue>>;
 
@@ -74,7 +113,7 @@ pub(crate) struct Inbox {
 
 #[derive(Debug, Default)]
 struct Queued {
-    events: VecDeque<(u64, Arc<Event>)>,
+    events: VecDeque<(Place, Arc<Event>)>,
     bytes: usize,
     /// Set when an event did not fit: the inbox misses events from then on.
     overflowed: bool,
@@ -83,7 +122,7 @@ struct Queued {
 /// What a session drained from its inbox.
 pub(crate) struct Drained {
     /// The events, in stream order.
-    pub(crate) events: Vec<(u64, Arc<Event>)>,
+    pub(crate) events: Vec<(Place, Arc<Event>)>,
     /// Whether events were left out for lack of room.
     pub(crate) overflowed: bool,
 }
@@ -100,7 +139,7 @@ impl Inbox {
         (inbox, rings)
     }
 
-    fn push(&self, offset: u64, event: &Arc<Event>, bytes: usize) {
+    fn push(&self, place: Place, event: &Arc<Event>, bytes: usize) {
         {
             let mut queue = lock(&self.queue);
             if queue.overflowed {
@@ -110,7 +149,7 @@ impl Inbox {
                 queue.overflowed = true;
             } else {
                 queue.bytes += bytes;
-                queue.events.push_back((offset, event.clone()));
+                queue.events.push_back((place, event.clone()));
             }
         }
         let _ = self.bell.try_send(());
@@ -171,9 +210,9 @@ struct Parked {
 pub(crate) struct Tail {
     stream: String,
     routes: Mutex<Routes>,
-    /// The offset of the last event handled ([`UNKNOWN`] before the first).
+    /// The offset of the last message handled ([`UNKNOWN`] before the first).
     position: AtomicU64,
-    /// The offset of the first event handled since the gateway started.
+    /// The offset of the first message handled since the gateway started.
     first: AtomicU64,
     /// The worker's time (`at_ms`) of the last event handled.
     last_at_ms: AtomicU64,
@@ -353,21 +392,35 @@ impl Tail {
         }
     }
 
-    /// Hands one event to the sessions of its origin, then moves the position to it.
-    fn handle(&self, offset: u64, body: &[u8]) {
+    /// Hands the events of one message to the sessions of their origins, then moves the
+    /// position to it.
+    fn handle(&self, offset: u64, properties: &BasicProperties, body: &[u8]) {
         if self.position().is_some_and(|p| offset <= p) {
             return; // read again from the start of its chunk
         }
-        let peeked = peek(body);
+        let raws = events::split(properties, body).unwrap_or_else(|e| {
+            tracing::debug!(offset, error = %e, "tail: not a Warren event; skipped");
+            Vec::new()
+        });
+        let mut newest = None;
         let mut routes = lock(&self.routes);
-        if let Some(origin) = peeked.as_ref().and_then(|p| p.origin.as_deref())
-            && let Some(inboxes) = routes.by_origin.get_mut(origin)
-        {
-            match serde_json::from_slice::<Event>(body) {
+        for (index, raw) in (0_u32..).zip(&raws) {
+            let peeked = peek(raw.get().as_bytes());
+            if let Some(peeked) = &peeked {
+                newest = newest.max(Some(peeked.at_ms));
+            }
+            let Some(inboxes) = peeked
+                .as_ref()
+                .and_then(|p| p.origin.as_deref())
+                .and_then(|origin| routes.by_origin.get_mut(origin))
+            else {
+                continue;
+            };
+            match serde_json::from_str::<Event>(raw.get()) {
                 Ok(event) => {
                     let event = Arc::new(event);
                     for (_, inbox) in inboxes.iter() {
-                        inbox.push(offset, &event, body.len());
+                        inbox.push(Place { offset, index }, &event, raw.get().len());
                     }
                 }
                 Err(e) => tracing::debug!(offset, error = %e, "tail: not a Warren event; skipped"),
@@ -379,9 +432,9 @@ impl Tail {
         // Under the routes lock: see the module.
         self.position.store(offset, Ordering::Release);
         drop(routes);
-        if let Some(peeked) = peeked {
+        if let Some(at_ms) = newest {
             self.last_at_ms
-                .store(u64::try_from(peeked.at_ms).unwrap_or(0), Ordering::Release);
+                .store(u64::try_from(at_ms).unwrap_or(0), Ordering::Release);
         }
     }
 
@@ -501,7 +554,7 @@ impl Tail {
                 },
             };
             match events::offset_of(&delivery.properties) {
-                Some(offset) => self.handle(offset, &delivery.data),
+                Some(offset) => self.handle(offset, &delivery.properties, &delivery.data),
                 None => tracing::debug!("tail: a delivery without an offset; skipped"),
             }
             unacked += 1;
