@@ -8,6 +8,7 @@ mod cli;
 mod config;
 mod core;
 mod deploy;
+mod election;
 mod events;
 mod gateway;
 mod hygiene;
