@@ -110,7 +110,7 @@ impl Rig {
         let settings = GatewaySettings {
             // The built-ins (`echo`) and the real workers' `gated`.
             limits: Limits {
-                allow: warren_gateway::Allowlist::of(&["echo", "gated"]),
+                allow: warren_gateway::Allowlist::of(["echo", "gated"]),
                 ..Limits::default()
             },
             call_timeout: Duration::from_secs(120),
