@@ -7,6 +7,7 @@ mod access;
 mod cli;
 mod config;
 mod core;
+mod cron;
 mod deploy;
 mod election;
 mod events;
