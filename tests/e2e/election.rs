@@ -327,3 +327,59 @@ async fn a_queue_of_the_role_with_other_arguments_is_refused_by_name() {
     );
     link.close().await;
 }
+
+/// A leader whose host goes silent (no FIN: its connection half-open) is replaced once the
+/// broker's heartbeat check gives up on it; the silent leader's own link notices too and ends
+/// its leadership. Returns (failover, old leadership lost) after the stall.
+async fn silent_leader_failover(heartbeat_secs: u16) -> (Duration, Duration) {
+    let role = Role::new(&format!("silent-{heartbeat_secs}"));
+    let relay = warren_tests::relay::Relay::start(warren_tests::broker_addr()).await;
+    let settings = BrokerSettings::new(relay.url(heartbeat_secs));
+    let link = Link::open(&settings, "silent", Purpose::Consume, &[])
+        .await
+        .unwrap();
+    let mut silent = Election::join(&link, &role.0, ElectionSettings::default())
+        .await
+        .unwrap();
+    let lost = tokio::time::timeout(Duration::from_secs(10), silent.leading())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut other = candidate(&role, "other", election::DEFAULT_RENEW_EVERY).await;
+    let stalled = Instant::now();
+    relay.stall();
+    let (failover, gone) = tokio::join!(
+        async {
+            tokio::time::timeout(Duration::from_secs(90), other.election.leading())
+                .await
+                .expect("the other candidate leads")
+                .unwrap();
+            stalled.elapsed()
+        },
+        async {
+            tokio::time::timeout(Duration::from_secs(90), lost.lost())
+                .await
+                .expect("the silent leader's leadership ends");
+            stalled.elapsed()
+        }
+    );
+    println!(
+        "heartbeat {heartbeat_secs}s: the other leads after {failover:?}; the silent one stopped leading after {gone:?}"
+    );
+    link.close().await;
+    other.link.close().await;
+    (failover, gone)
+}
+
+#[tokio::test]
+async fn a_silent_leader_is_replaced_within_ten_seconds_with_a_three_second_heartbeat() {
+    let (failover, gone) = silent_leader_failover(3).await;
+    assert!(failover < Duration::from_secs(10), "{failover:?}");
+    assert!(gone < Duration::from_secs(10), "{gone:?}");
+}
+
+#[tokio::test]
+#[ignore = "measures the default heartbeat's failover (about a minute)"]
+async fn a_silent_leader_is_replaced_with_the_default_heartbeat() {
+    silent_leader_failover(15).await;
+}
