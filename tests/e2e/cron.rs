@@ -1,5 +1,6 @@
-//! Cron schedules fired by the elected worker: two workers, the leader stopped three times,
-//! every tick run at most once and none missed beyond the misfire policy.
+//! Cron schedules fired by the elected worker: two workers, the leader stopped (or its
+//! connections cut) three times, every tick run at most once and none missed beyond the misfire
+//! policy.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -98,6 +99,12 @@ async fn the_elected_worker_fires_each_tick_once_across_three_failovers() {
     for worker in workers {
         worker.shutdown().await.unwrap();
     }
+    assert_each_tick_ran_once(&ran, 3);
+}
+
+/// No tick ran twice, at least 16 ran, and each failover left at most one gap (`once`
+/// coalesces the ticks a failover missed into the latest), none otherwise.
+fn assert_each_tick_ran_once(ran: &Ran, failovers: usize) {
     let ids = ran.lock().unwrap().clone();
     let mut ticks: Vec<DateTime<Utc>> = ids
         .iter()
@@ -114,12 +121,62 @@ async fn the_elected_worker_fires_each_tick_once_across_three_failovers() {
     ticks.dedup();
     assert_eq!(ticks.len(), total, "a tick ran twice: {ids:?}");
     assert!(total >= 16, "{total} ticks ran");
-    // `once`: a failover may coalesce the ticks it missed into the latest; each of the three
-    // failovers leaves at most one gap, and there is none otherwise.
     let gaps = ticks
         .windows(2)
         .filter(|pair| pair[1] - pair[0] > chrono::Duration::seconds(1))
         .count();
-    println!("{total} ticks ran, {gaps} gaps over 3 failovers");
-    assert!(gaps <= 3, "{gaps} gaps in {ticks:?}");
+    println!("{total} ticks ran, {gaps} gaps over {failovers} failovers");
+    assert!(gaps <= failovers, "{gaps} gaps in {ticks:?}");
+}
+
+#[tokio::test]
+async fn cutting_every_workers_connections_hands_the_schedules_on_without_running_a_tick_twice() {
+    let q = TestQueue::new("cron-cut");
+    let role = format!("test-{}", uuid::Uuid::new_v4().simple());
+    let log = format!("{}.cron.log", q.name);
+    q.also_delete(&election::queue_name(&role));
+    q.also_delete(&log);
+    let ran: Ran = Arc::default();
+    // Each worker through a relay of its own; cutting both cuts the leader, whichever it is.
+    let relays = [
+        warren_tests::relay::Relay::start(warren_tests::broker_addr()).await,
+        warren_tests::relay::Relay::start(warren_tests::broker_addr()).await,
+    ];
+    let mut workers = Vec::new();
+    for relay in &relays {
+        let mut settings = settings(&q, &role, &log);
+        settings.broker = warren_shared::BrokerSettings::new(relay.url(15));
+        workers.push(q.worker_with(recording(&ran), settings).await);
+    }
+    for _ in 0..3 {
+        let before = count(&ran);
+        eventually("four more ticks ran", Duration::from_secs(10), || {
+            let n = count(&ran);
+            async move { n >= before + 4 }
+        })
+        .await;
+        // Cut half-way between two ticks, away from the milliseconds in which a tick is
+        // published and logged: a cut inside them is the one documented duplicate (a
+        // successor publishes the tick again, with the same id), not what this test checks.
+        let now = Utc::now();
+        let into_second = u64::from(now.timestamp_subsec_millis());
+        tokio::time::sleep(Duration::from_millis((1500 - into_second) % 1000)).await;
+        for relay in &relays {
+            relay.cut();
+        }
+    }
+    let before = count(&ran);
+    eventually(
+        "four more ticks ran after the last cut",
+        Duration::from_secs(15),
+        || {
+            let n = count(&ran);
+            async move { n >= before + 4 }
+        },
+    )
+    .await;
+    for worker in workers {
+        worker.shutdown().await.unwrap();
+    }
+    assert_each_tick_ran_once(&ran, 3);
 }
