@@ -180,3 +180,42 @@ async fn cutting_every_workers_connections_hands_the_schedules_on_without_runnin
     }
     assert_each_tick_ran_once(&ran, 3);
 }
+
+#[tokio::test]
+async fn a_schedule_whose_task_no_queue_takes_does_not_stop_the_others() {
+    let q = TestQueue::new("cron-unroutable");
+    let role = format!("test-{}", uuid::Uuid::new_v4().simple());
+    let log = format!("{}.cron.log", q.name);
+    q.also_delete(&election::queue_name(&role));
+    q.also_delete(&log);
+    let ran: Ran = Arc::default();
+    let mut settings = settings(&q, &role, &log);
+    let lost = ScheduleConfig {
+        name: "nowhere".into(),
+        cron: "* * * * * *".into(),
+        timezone: "UTC".into(),
+        function: "tick".into(),
+        args: serde_json::json!({}),
+        misfire: Misfire::Skip,
+        queue: Some(format!("{}.missing", q.name)),
+    };
+    settings.schedules.insert(0, lost.check().unwrap());
+    let worker = q.worker_with(recording(&ran), settings).await;
+    eventually(
+        "three ticks of the routable schedule ran",
+        Duration::from_secs(10),
+        || {
+            let n = count(&ran);
+            async move { n >= 3 }
+        },
+    )
+    .await;
+    worker.shutdown().await.unwrap();
+    assert!(
+        ran.lock()
+            .unwrap()
+            .iter()
+            .all(|id| id.starts_with("every-second@")),
+        "{ran:?}"
+    );
+}

@@ -438,7 +438,20 @@ async fn fire_while_leading(
             if !leadership.is_held() {
                 return Ok(());
             }
-            fire(channels, settings, schedule, due).await?;
+            match fire(channels, settings, schedule, due).await {
+                Ok(()) => {}
+                // Refused for this schedule alone (no queue takes it, or the queue is full):
+                // the tick is lost, the other schedules go on.
+                Err(CronError::Publish {
+                    what,
+                    source: source @ (PublishError::Unroutable { .. } | PublishError::Nacked { .. }),
+                }) => {
+                    tracing::error!(schedule = %schedule.name, error = %source, to = %what, "tick not fired: the broker refused its task");
+                    next[index] = next_after(schedule, due);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
             append(
                 channels,
                 settings,
