@@ -105,11 +105,11 @@ pub enum WorkerError {
     #[error(transparent)]
     Broker(#[from] BrokerError),
     /// A `[[schedule]]` table cannot work (a bad expression, zone, name...).
-    #[error("invalid schedule: {0}")]
+    #[error(transparent)]
     Schedule(#[from] ScheduleError),
     /// The worker cannot take part in the election of the cron leader (a 403 names the
     /// permission on `warren.leader.cron`).
-    #[error("cannot join the election of the cron leader: {0}")]
+    #[error(transparent)]
     Election(#[from] warren_shared::election::ElectionError),
     /// The consumer could not be re-established within the configured reconnect attempts.
     /// The process should exit non-zero so its supervisor restarts it.
