@@ -51,6 +51,12 @@
 #   worker read warren, F, Q   binding (read on the source exchange) and consuming Q
 #   worker read Q.delay.*      declaring a queue that dead-letters (a delay queue dead-letters
 #                              back to Q) needs read on it, and write on amq.default
+#   worker configure, read warren.leader.*  the elections of elected roles (the cron leader):
+#                              declaring and consuming warren.leader.<role> (batons are
+#                              published through the default exchange)
+#   worker configure, read warren.cron.log  declaring and reading the log of fired schedule
+#                              ticks (appended through the default exchange)
+#   worker write F             the cron leader sending a schedule's task by function name
 #   worker all warren.run-at, warren.run-at.*  declaring the delay levels of tasks that run at
 #                              a time, binding Q and its functions to them, deferring a task that
 #                              came early (shared by every queue of the virtual host)

@@ -21,6 +21,9 @@
 //!   broker address, with jittered backoff), its generations and its live state (up, down,
 //!   blocked, closed), for publishers that must wait for it and for whoever rebuilds channels and
 //!   consumers on each new connection.
+//! - [`election`]: one election mechanism for the elected roles (cron firing): a baton held
+//!   unacked on a single-active-consumer quorum queue `warren.leader.<role>`; a
+//!   [`election::Leadership`] that is cancelled the moment it is lost.
 //! - [`pool`]: a `deadpool` pool of confirm-mode channels over one publishing connection (and
 //!   [`pool::LinkPool`], one such pool per generation of a link), and the
 //!   only publish path ([`pool::publish_confirmed`]) that treats a nack or a return as an error.
@@ -42,6 +45,7 @@ pub mod cli;
 #[cfg(feature = "config")]
 pub mod config;
 pub mod delay;
+pub mod election;
 pub mod envelope;
 pub mod events;
 pub mod link;

@@ -825,3 +825,69 @@ async fn the_protocol_examples_run_verbatim_as_the_least_privilege_producer() {
     .await;
     worker.shutdown().await.unwrap();
 }
+
+/// The election refuses a user without configure permission on `warren.leader.*` by naming the
+/// permission; the worker profile of the definitions may join it and fire schedules (declaring
+/// and reading `warren.cron.log`, sending ticks).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_profile_may_fire_schedules_and_others_are_told_which_permission() {
+    use warren_shared::election::{self, Election, ElectionError, ElectionSettings};
+    use warren_shared::link::Link;
+
+    let dir = temp_dir("cron-access");
+    let queue = TestQueue::new("cron-access");
+    let role = format!("test-{}", uuid::Uuid::new_v4().simple());
+    queue.also_delete(&election::queue_name(&role));
+    queue.also_delete(warren_worker::cron::LOG_STREAM);
+    let producer = BrokerUser::create("producer", &queue.name, &dir);
+    let link = Link::open(
+        &BrokerSettings::new(producer.url()),
+        "refused",
+        warren_shared::broker::Purpose::Consume,
+        &[],
+    )
+    .await
+    .unwrap();
+    let refused = Election::join(&link, &role, ElectionSettings::default())
+        .await
+        .expect_err("a producer may not declare an election's queue");
+    assert!(
+        matches!(&refused, ElectionError::Broker(BrokerError::AccessRefused { permission, .. }) if permission == "configure"),
+        "{refused}"
+    );
+    link.close().await;
+
+    let worker_user = BrokerUser::create("worker", &queue.name, &dir);
+    let mut settings = queue.worker_settings(2);
+    settings.broker = BrokerSettings::new(worker_user.url());
+    settings.cron_role = role.clone();
+    let schedule = warren_worker::cron::ScheduleConfig {
+        name: "access".into(),
+        cron: "* * * * * *".into(),
+        timezone: "UTC".into(),
+        function: "echo".into(),
+        args: serde_json::json!("tick"),
+        misfire: warren_worker::cron::Misfire::Skip,
+        queue: None,
+    };
+    settings.schedules = vec![schedule.check().unwrap()];
+    let ran = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = ran.clone();
+    let registry = warren_worker::Registry::new().register_fn(
+        move |args: warren_shared::tasks::Echo, _ctx: warren_worker::TaskContext| {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move { Ok(args.0) }
+        },
+    );
+    let worker = queue.worker_with(registry, settings).await;
+    eventually(
+        "two ticks ran by function name",
+        Duration::from_secs(10),
+        || {
+            let n = ran.load(std::sync::atomic::Ordering::SeqCst);
+            async move { n >= 2 }
+        },
+    )
+    .await;
+    worker.shutdown().await.unwrap();
+}

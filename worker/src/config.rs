@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use warren_shared::Policy;
 use warren_shared::config::{Backoff, BrokerConfig};
 
+use crate::cron::ScheduleConfig;
 use crate::events::EventSettings;
 use crate::mail::Mailer;
 use crate::pool::{self, PoolConfig, PoolError};
@@ -159,6 +160,11 @@ pub struct WorkerConfig {
     #[arg(skip)]
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub pool: Vec<PoolConfig>,
+    /// Cron schedules (`[[schedule]]` tables in the file; see docs/operations.md,
+    /// "Schedules").
+    #[arg(skip)]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub schedule: Vec<ScheduleConfig>,
 }
 
 impl Default for WorkerConfig {
@@ -203,6 +209,7 @@ impl Default for WorkerConfig {
             events_max_bytes: events.max_bytes,
             events_max_result_bytes: events.max_result_bytes,
             pool: Vec::new(),
+            schedule: Vec::new(),
         }
     }
 }
@@ -250,7 +257,8 @@ impl WorkerConfig {
     /// The runtime's settings.
     ///
     /// # Errors
-    /// [`WorkerError::Broker`] when the broker URL file cannot be read.
+    /// [`WorkerError::Broker`] when the broker URL file cannot be read;
+    /// [`WorkerError::Schedule`] for a `[[schedule]]` table that cannot work.
     pub fn settings(&self) -> Result<WorkerSettings, WorkerError> {
         let Self {
             broker,
@@ -278,6 +286,7 @@ impl WorkerConfig {
             events_max_bytes,
             events_max_result_bytes,
             pool: _,
+            schedule,
         } = self.clone();
         Ok(WorkerSettings {
             broker: broker.to_settings()?,
@@ -307,6 +316,7 @@ impl WorkerConfig {
                 max_bytes: events_max_bytes,
                 max_result_bytes: events_max_result_bytes,
             },
+            schedules: crate::cron::check_all(&schedule)?,
             ..WorkerSettings::default()
         })
     }
@@ -446,6 +456,49 @@ mod tests {
         assert_eq!(events.max_bytes, 1000);
         let flag = load("events = \"off\"\n", &["--events", "on"]);
         assert!(flag.settings().unwrap().events.enabled);
+    }
+
+    #[test]
+    fn schedule_tables_become_checked_schedules() {
+        let config = load(
+            "[[schedule]]\nname = \"nightly\"\ncron = \"0 3 * * *\"\ntimezone = \"Europe/Paris\"\nfunction = \"echo\"\nargs = { to = \"ops\" }\nmisfire = \"once\"\n\n[[schedule]]\nname = \"beat\"\ncron = \"*/10 * * * * *\"\nfunction = \"echo\"\nqueue = \"beats\"\n",
+            &[],
+        );
+        let schedules = config.settings().unwrap().schedules;
+        assert_eq!(schedules.len(), 2);
+        assert_eq!(schedules[0].zone, chrono_tz::Europe::Paris);
+        assert_eq!(schedules[0].args, serde_json::json!({"to": "ops"}));
+        assert_eq!(schedules[0].misfire, crate::cron::Misfire::Once);
+        assert_eq!(schedules[1].zone, chrono_tz::UTC);
+        assert_eq!(schedules[1].args, serde_json::json!({}));
+        assert_eq!(schedules[1].queue.as_deref(), Some("beats"));
+        let bad = load(
+            "[[schedule]]\nname = \"x\"\ncron = \"0 3 * *\"\nfunction = \"echo\"\n",
+            &[],
+        );
+        let error = bad.settings().unwrap_err().to_string();
+        assert!(
+            error.contains("schedule \"x\"") && error.contains("fields"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_misspelt_key_of_a_schedule_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("worker.toml");
+        std::fs::write(
+            &path,
+            "[[schedule]]\nname = \"x\"\ncron = \"0 3 * * *\"\nfunction = \"echo\"\nmisfyre = \"once\"\n",
+        )
+        .unwrap();
+        let error = load_from::<WorkerConfig, _, _>(
+            Command::new("warren-worker"),
+            ["warren-worker", "--config", path.to_str().unwrap()],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("misfyre"), "{error}");
     }
 
     #[test]

@@ -18,6 +18,8 @@
 //! - [`health`]: [`Health`], [`HealthProbe`] and [`WorkerState`].
 //! - [`metrics`] and [`ops`]: the Prometheus series, and the `/metrics`, `/healthz`, `/readyz`
 //!   listener (`--metrics ADDR`).
+//! - [`cron`]: `[[schedule]]` tables fired by the one worker elected for role `cron`, each
+//!   tick a task with the id `<name>@<tick>`, recorded in `warren.cron.log`.
 //! - [`config`]: the `warren-worker` binary's flags, `--config` file and defaults.
 //! - `builtin` and `mail`: the `echo`, `sleep`, `fail` and `send_mail` tasks (feature
 //!   `builtins`, on by default; without it the mailer, lettre, is not compiled).
@@ -44,6 +46,7 @@ pub mod builtin;
 #[cfg(feature = "builtins")]
 pub mod config;
 mod consumer;
+pub mod cron;
 mod drain;
 pub mod events;
 mod execute;

@@ -5,6 +5,7 @@ use std::time::Duration;
 use warren_shared::broker::{self, BrokerError, BrokerSettings};
 use warren_shared::{Policy, envelope, topology};
 
+use crate::cron::{Schedule, ScheduleError};
 use crate::events::EventSettings;
 
 /// The default of [`WorkerSettings::max_result_bytes`]: 8 MiB, twice the default body limit and
@@ -56,6 +57,17 @@ pub struct WorkerSettings {
     /// The task events this worker appends to the event stream (on by default; see
     /// [`crate::events`] and docs/protocol.md, "Task events").
     pub events: EventSettings,
+    /// Cron schedules ([`crate::cron`]): with any, the worker joins the election of the cron
+    /// leader, and fires them while it leads. None by default.
+    pub schedules: Vec<Schedule>,
+    /// How often the cron leader renews its baton
+    /// ([`warren_shared::election::DEFAULT_RENEW_EVERY`]; keep it below `consumer_timeout`).
+    pub election_renew_every: Duration,
+    /// The stream that records fired ticks ([`crate::cron::LOG_STREAM`]).
+    pub cron_log: String,
+    /// The election role of the cron leader ([`crate::cron::ROLE`]): every worker of a virtual
+    /// host with schedules must use the same one (tests give each their own).
+    pub cron_role: String,
 }
 
 impl Default for WorkerSettings {
@@ -74,6 +86,10 @@ impl Default for WorkerSettings {
             functions_exchange: topology::FUNCTIONS_EXCHANGE.to_owned(),
             reply_queues: vec![format!("{}*", envelope::REPLY_QUEUE_PREFIX)],
             events: EventSettings::default(),
+            schedules: Vec::new(),
+            election_renew_every: warren_shared::election::DEFAULT_RENEW_EVERY,
+            cron_log: crate::cron::LOG_STREAM.to_owned(),
+            cron_role: crate::cron::ROLE.to_owned(),
         }
     }
 }
@@ -88,6 +104,13 @@ pub enum WorkerError {
     /// Connecting or declaring failed.
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    /// A `[[schedule]]` table cannot work (a bad expression, zone, name...).
+    #[error(transparent)]
+    Schedule(#[from] ScheduleError),
+    /// The worker cannot take part in the election of the cron leader (a 403 names the
+    /// permission on `warren.leader.cron`).
+    #[error(transparent)]
+    Election(#[from] warren_shared::election::ElectionError),
     /// The consumer could not be re-established within the configured reconnect attempts.
     /// The process should exit non-zero so its supervisor restarts it.
     #[error("gave up consuming {queue:?} after {attempts} attempts: {reason}")]

@@ -50,6 +50,8 @@ const PUBLISH_CHANNELS: usize = 4;
 pub struct RunningWorker {
     shutdown: CancellationToken,
     join: JoinHandle<Result<(), WorkerError>>,
+    /// Fires the schedules while this worker is the cron leader.
+    cron: Option<JoinHandle<()>>,
     health: watch::Receiver<Health>,
     shared: Arc<Shared>,
 }
@@ -90,7 +92,13 @@ impl RunningWorker {
     /// # Panics
     /// When the worker's supervisor panicked (a bug), the panic is resumed here.
     pub async fn wait(self) -> Result<(), WorkerError> {
-        match self.join.await {
+        let joined = self.join.await;
+        if let Some(cron) = self.cron {
+            // It ends with the worker's shutdown or its links (bounded: a publish in flight).
+            self.shutdown.cancel();
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(15), cron).await;
+        }
+        match joined {
             Ok(result) => result,
             Err(e) => Err(WorkerError::Panicked(match e.try_into_panic() {
                 Ok(payload) => crate::execute::panic_message(payload),
@@ -146,6 +154,25 @@ pub async fn start(
     warren_shared::metrics::watch_link(&consume, "consume");
     warren_shared::metrics::watch_link(&publish, "publish");
     let (session, names) = Session::open(&consume, &settings, &registry.functions()).await?;
+    let cron = match settings.schedules.as_slice() {
+        [] => None,
+        schedules => {
+            let cron_settings = crate::cron::CronSettings {
+                schedules: schedules.to_vec(),
+                queue: settings.queue.clone(),
+                functions_exchange: settings.functions_exchange.clone(),
+                log: settings.cron_log.clone(),
+                role: settings.cron_role.clone(),
+                election: warren_shared::election::ElectionSettings {
+                    renew_every: settings.election_renew_every,
+                    publish_timeout: settings.publish_timeout,
+                    name: settings.name.clone(),
+                },
+                publish_timeout: settings.publish_timeout,
+            };
+            Some(crate::cron::start(&consume, cron_settings, shutdown.clone()).await?)
+        }
+    };
     tracing::info!(
         queue = %settings.queue,
         concurrency = settings.concurrency,
@@ -209,6 +236,7 @@ pub async fn start(
     Ok(RunningWorker {
         shutdown,
         join,
+        cron,
         health,
         shared,
     })
@@ -428,6 +456,7 @@ mod tests {
         let worker = RunningWorker {
             shutdown: CancellationToken::new(),
             join: tokio::spawn(async { panic!("supervisor bug") }),
+            cron: None,
             health,
             shared: Arc::default(),
         };

@@ -49,9 +49,14 @@ async fn async_main() -> ExitCode {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
             eprintln!("warren-worker: error: {e:#}");
-            // A pool table that cannot work is a bad value in the configuration, like the
+            // A pool or schedule table that cannot work is a bad value in the configuration, like the
             // ones `config::load` refuses: the same status.
-            if matches!(e.downcast_ref(), Some(pool::PoolError::Config(_))) {
+            if matches!(e.downcast_ref(), Some(pool::PoolError::Config(_)))
+                || matches!(
+                    e.downcast_ref(),
+                    Some(warren_worker::WorkerError::Schedule(_))
+                )
+            {
                 ExitCode::from(2)
             } else {
                 ExitCode::FAILURE
