@@ -1,11 +1,10 @@
 //! Issue 12.3 and 12.6: a 3-node cluster set up from `deploy/rabbitmq/definitions.json`, three
 //! worker processes, a client and the gateway given all three addresses; during a batch of
-//! 6,000 tasks and two streams of calls, the node with the most of their connections is
+//! tasks that lasts until both failures are over and two streams of calls, the node with the most of their connections is
 //! stopped and started again, then the event stream's leader is killed and restarted (the work
 //! queue's leader with it, when one node leads both). In the end every task that ran has its
 //! final event in the stream, and no task was acked without it.
 
-use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::process::Command;
@@ -19,7 +18,6 @@ use tokio::task::JoinSet;
 use warren_client::{CallOptions, Client, Error};
 use warren_shared::TaskId;
 use warren_shared::events::{self, Event, EventKind, Start};
-use warren_shared::lookup::{self, Reader, Step};
 use warren_shared::tasks::Echo;
 use warren_tests::cluster::Cluster;
 use warren_tests::deploy::{self, QUEUE, VHOST};
@@ -32,7 +30,14 @@ use super::{
     longest_pause, producer_client, start_workers, test_worker_path,
 };
 
-const TASKS: u64 = 6_000;
+/// Runs before the first failure, and between the first node's return and the second failure:
+/// the producer keeps sending until both failures are over, so that the load lasts through
+/// them however fast the machine runs the tasks.
+const RUNS_BEFORE_FAILURE: u64 = 2_000;
+/// A bound on the batch, should the failures never end.
+const MAX_TASKS: u64 = 40_000;
+/// Reading the event stream after the batch: its end is where nothing more comes for this long.
+const STREAM_END_QUIET: Duration = Duration::from_secs(5);
 const WORKERS: usize = 3;
 /// Each task's work: 3 workers x 4 slots / 50 ms, about 240 tasks/s at most, so that the batch
 /// lasts through both failures.
@@ -148,16 +153,22 @@ async fn a_three_node_cluster_loses_no_task_when_the_clients_node_and_then_the_q
     let ran = Arc::new(AtomicUsize::new(0));
     let stop_calls = Arc::new(AtomicBool::new(false));
     let watcher = tokio::spawn(watch_runs(log.clone(), ran.clone(), stop_calls.clone()));
-    let producer = tokio::spawn(produce(client.clone(), log.clone(), ran.clone()));
+    let stop_producing = Arc::new(AtomicBool::new(false));
+    let producer = tokio::spawn(produce(
+        client.clone(),
+        log.clone(),
+        ran.clone(),
+        stop_producing.clone(),
+    ));
     let client_calls = tokio::spawn(call_stream(client.clone(), stop_calls.clone()));
     let gateway_calls = tokio::spawn(text_call_stream(text_addr, stop_calls.clone()));
 
     // Failure 1: stop the node that holds most of the processes' connections (not the queue
     // leader: a leader dies in failure 2), then start it again.
     eventually(
-        "a quarter of the batch",
+        "the first runs of the batch",
         Duration::from_secs(120),
-        || async { ran.load(Ordering::SeqCst) as u64 >= TASKS / 4 },
+        || async { ran.load(Ordering::SeqCst) as u64 >= RUNS_BEFORE_FAILURE },
     )
     .await;
     let leader = blocking(|| cluster.queue_leader(VHOST, QUEUE));
@@ -201,9 +212,12 @@ async fn a_three_node_cluster_loses_no_task_when_the_clients_node_and_then_the_q
     // Failure 2: kill the event stream leader's node (a crash) mid-load, then boot it again.
     // When that node leads the work queue too, both elect new leaders; when not, the queue
     // keeps its leader (it lost a follower) and only the stream elects one.
-    eventually("half of the batch", Duration::from_secs(120), || async {
-        ran.load(Ordering::SeqCst) as u64 >= TASKS / 2
-    })
+    let back = ran.load(Ordering::SeqCst) as u64;
+    eventually(
+        "more runs of the batch",
+        Duration::from_secs(120),
+        || async { ran.load(Ordering::SeqCst) as u64 >= back + RUNS_BEFORE_FAILURE },
+    )
     .await;
     let leader = blocking(|| cluster.queue_leader(VHOST, QUEUE));
     let stream_leader = blocking(|| cluster.queue_leader(VHOST, STREAM));
@@ -255,10 +269,11 @@ async fn a_three_node_cluster_loses_no_task_when_the_clients_node_and_then_the_q
 
     // The end of the batch: every confirmed task ran.
     phase("failures over; the rest of the batch");
-    let (confirmed, confirmed_ids, failed_enqueues) = producer.await.unwrap();
+    stop_producing.store(true, Ordering::SeqCst);
+    let (confirmed, confirmed_ids, failed_enqueues, tasks) = producer.await.unwrap();
     assert_eq!(
         confirmed.len() as u64,
-        TASKS,
+        tasks,
         "every task confirmed in the end"
     );
     eventually(
@@ -359,7 +374,7 @@ async fn a_three_node_cluster_loses_no_task_when_the_clients_node_and_then_the_q
     );
     stream.check(&runs, &confirmed_ids);
     // The counters are read: each worker answered with its tasks.
-    assert!(acked_ok >= TASKS as f64, "{acked_ok} tasks acked ok");
+    assert!(acked_ok >= tasks as f64, "{acked_ok} tasks acked ok");
     // No task acked without its event: each `ok` settlement appended a confirmed `succeeded`
     // event before its ack (a duplicate when the ack was lost and the task ran again).
     assert!(
@@ -489,9 +504,10 @@ async fn produce(
     client: Client,
     log: std::path::PathBuf,
     ran: Arc<AtomicUsize>,
-) -> (Vec<u64>, Vec<(u64, TaskId)>, BTreeMap<String, usize>) {
-    let mut confirmed = Vec::with_capacity(TASKS as usize);
-    let mut ids = Vec::with_capacity(TASKS as usize);
+    stop: Arc<AtomicBool>,
+) -> (Vec<u64>, Vec<(u64, TaskId)>, BTreeMap<String, usize>, u64) {
+    let mut confirmed = Vec::new();
+    let mut ids = Vec::new();
     let mut failed: BTreeMap<String, usize> = BTreeMap::new();
     let mut again = std::collections::VecDeque::new();
     let mut in_flight = JoinSet::new();
@@ -502,7 +518,7 @@ async fn produce(
         {
             let key = match again.pop_front() {
                 Some(key) => key,
-                None if next < TASKS => {
+                None if next < MAX_TASKS && !stop.load(Ordering::SeqCst) => {
                     next += 1;
                     next - 1
                 }
@@ -518,8 +534,8 @@ async fn produce(
             in_flight.spawn(async move { (key, client.enqueue(&task).await) });
         }
         if in_flight.is_empty() {
-            if next == TASKS && again.is_empty() {
-                return (confirmed, ids, failed);
+            if (next == MAX_TASKS || stop.load(Ordering::SeqCst)) && again.is_empty() {
+                return (confirmed, ids, failed, next);
             }
             // Waiting for the workers to catch up with the backlog.
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -799,7 +815,7 @@ impl Report {
 
     fn print(&self, bound: usize) {
         eprintln!(
-            "{TASKS} tasks: {} confirmed, enqueues failed and sent again {:?}, {} ran, {} extra \
+            "{} tasks confirmed, enqueues failed and sent again {:?}, {} ran, {} extra \
              runs (duplicates; bound {}), runs per worker {:?}",
             self.confirmed, self.failed_enqueues, self.ran, self.duplicates, bound, self.per_worker
         );
@@ -843,47 +859,63 @@ struct StreamRead {
 }
 
 /// Reads the whole event stream as the producer user at `url` (the definitions let it read the
-/// stream), with the reader lookups use, until it has caught up.
+/// stream) with a plain stream consumer, splitting packed messages with [`events::decode`] and
+/// counting every `succeeded` event, duplicates included. Called once the work queue is empty:
+/// every event was appended before its task's ack, so the stream's end is reached when nothing
+/// more comes for [`STREAM_END_QUIET`].
 async fn read_stream(url: &str) -> StreamRead {
+    use futures_util::StreamExt;
     let connection = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
         .await
         .unwrap_or_else(|e| panic!("the producer user cannot connect to read the stream: {e}"));
-    let mut reader = Reader::open(&connection, STREAM, Start::First, lookup::DEFAULT_QUIET)
-        .await
-        .unwrap_or_else(|e| panic!("the producer user cannot read the stream: {e}"));
-    let succeeded = Cell::new(0u64);
-    let count = |p: &lapin::BasicProperties| {
-        if p.kind().as_ref().map(|k| k.as_str()) == Some(EventKind::Succeeded.as_str()) {
-            succeeded.set(succeeded.get() + 1);
-        }
-        true
-    };
+    let channel = connection.create_channel().await.expect("a channel");
+    let mut deliveries = events::read(
+        &channel,
+        STREAM,
+        Start::First,
+        events::READ_PREFETCH,
+        "cluster-test",
+    )
+    .await
+    .unwrap_or_else(|e| panic!("the producer user cannot read the stream: {e}"));
+    let mut read = 0u64;
+    let mut succeeded = 0u64;
     let mut keys = HashSet::new();
     let mut tasks = HashSet::new();
     let mut finals = HashMap::new();
-    loop {
-        let step = tokio::time::timeout(Duration::from_secs(60), reader.next(&count))
-            .await
-            .unwrap_or_else(|_| panic!("reading the stream took over a minute"))
+    let mut unacked = 0u16;
+    while let Ok(delivery) = tokio::time::timeout(STREAM_END_QUIET, deliveries.next()).await {
+        let delivery = delivery
+            .expect("the stream consumer ends only when cancelled")
             .unwrap_or_else(|e| panic!("reading the stream: {e}"));
-        let event = match step {
-            Step::CaughtUp => break,
-            Step::Event(entry) => entry.event,
-        };
-        if !keys.insert((event.task_id.clone(), event.attempt, event.kind)) {
-            continue;
+        read += 1;
+        unacked += 1;
+        if unacked >= events::READ_PREFETCH / 2 {
+            delivery
+                .ack(lapin::options::BasicAckOptions { multiple: true })
+                .await
+                .expect("credit");
+            unacked = 0;
         }
-        tasks.insert(event.task_id.clone());
-        if event.is_final() {
-            finals.entry(event.task_id.clone()).or_insert(event);
+        let (_, decoded) = events::decode(&delivery.properties, &delivery.data)
+            .unwrap_or_else(|e| panic!("a message in the stream is no event: {e}"));
+        for (event, _) in decoded {
+            if event.kind == EventKind::Succeeded {
+                succeeded += 1;
+            }
+            if !keys.insert((event.task_id.clone(), event.attempt, event.kind)) {
+                continue;
+            }
+            tasks.insert(event.task_id.clone());
+            if event.is_final() {
+                finals.entry(event.task_id.clone()).or_insert(event);
+            }
         }
     }
-    let read = reader.read_count();
-    reader.close().await;
     let _ = connection.close(200, "read".into()).await;
     StreamRead {
         read,
-        succeeded_appended: succeeded.get(),
+        succeeded_appended: succeeded,
         unique: keys.len(),
         tasks,
         finals,
