@@ -108,9 +108,9 @@ impl Rig {
         let addr = http.local_addr().expect("http addr");
         let stop = CancellationToken::new();
         let settings = GatewaySettings {
-            // The built-ins (`echo`) and the real workers' `gated`.
+            // The demo's functions and the real workers' `gated`.
             limits: Limits {
-                allow: warren_gateway::Allowlist::of(["echo", "gated"]),
+                allow: warren_gateway::Allowlist::of(["echo", "send_mail", "gated"]),
                 ..Limits::default()
             },
             call_timeout: Duration::from_secs(120),
